@@ -1,0 +1,146 @@
+"""What differs between SQLite and PostgreSQL: engine set-up, the append lock, error translation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import StaticPool
+
+from .errors import DatabaseError, EventStoreError, InvalidArgument
+
+DEFAULT_URL = "sqlite:///./eventstore.db"
+
+# One 64-bit key for the transaction-level advisory lock that serializes appends on PostgreSQL.
+APPEND_LOCK_KEY = 0x6576_656E_7473_7431  # "eventst1"
+MIGRATE_LOCK_KEY = 0x6576_656E_7473_6D31  # "eventsm1"
+
+_SQLITE_OPTIONS = ("synchronous", "busy_timeout")
+
+
+def resolve_url(url: str | URL | None) -> URL:
+    """The URL from the argument, else ``EVENTSTORE_URL``, else the embedded SQLite default."""
+    raw = url if url is not None else os.environ.get("EVENTSTORE_URL") or DEFAULT_URL
+    try:
+        parsed = make_url(raw)
+    except (sa_exc.ArgumentError, ValueError, TypeError) as e:
+        raise InvalidArgument(f"not a database URL: {raw!r}") from e
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise InvalidArgument(
+            f"unsupported database {parsed.drivername!r}: use sqlite:///path or "
+            "postgresql+psycopg://user@host/db"
+        )
+    return parsed
+
+
+def is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
+    """An engine set up for the store on either backend."""
+    if is_sqlite(url):
+        return _sqlite_engine(url)
+    kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10}
+    return create_engine(url, **kwargs)
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    synchronous = str(url.query.get("synchronous", "FULL")).upper()
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise InvalidArgument(
+            f"sqlite synchronous must be FULL, NORMAL or EXTRA, not {synchronous}")
+    busy_ms = int(str(url.query.get("busy_timeout", "30000")))
+    clean = url.difference_update_query(_SQLITE_OPTIONS)
+    memory = clean.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    engine = create_engine(clean, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Turn off the sqlite3 module's own implicit transactions: the store begins them itself
+        # (see _on_begin), so that writers can take the write lock up front.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        if not memory:
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute(f"PRAGMA synchronous = {synchronous}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers say BEGIN IMMEDIATE: they take SQLite's single write lock before they read the
+        # stream version, so the check and the insert cannot interleave with another writer and no
+        # deferred transaction fails late with SQLITE_BUSY on its first write.
+        if conn.get_execution_options().get("sqlite_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    engine.info = {"synchronous": synchronous}  # type: ignore[attr-defined]
+    return engine
+
+
+def begin_write(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
+    """A write transaction: on SQLite it holds the write lock from its first statement."""
+    return _begin(engine, write=True)
+
+
+def begin_read(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
+    return _begin(engine, write=False)
+
+
+@contextlib.contextmanager
+def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
+    with translate(), engine.connect() as conn:
+        if write and engine.dialect.name == "sqlite":
+            conn = conn.execution_options(sqlite_write=True)
+        with conn.begin():
+            yield conn
+
+
+def lock_appends(conn: Connection) -> None:
+    """Serialize appenders on PostgreSQL for the rest of the transaction.
+
+    Why: positions must be visible in the order they were assigned, or a reader that resumes from
+    the last position it saw would skip an event that commits later with a lower position.  With
+    this transaction-scoped advisory lock, an appender reads the last position and inserts after it
+    only once the previous appender has committed (PostgreSQL releases the lock after the commit is
+    visible), so position order is commit order.  SQLite needs nothing: BEGIN IMMEDIATE already
+    admits one writer at a time.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _signed(APPEND_LOCK_KEY)})
+
+
+def lock_migrations(conn: Connection) -> None:
+    """Take the migration lock for the rest of the transaction (see lock_appends for SQLite)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _signed(MIGRATE_LOCK_KEY)})
+
+
+def _signed(key: int) -> int:
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+@contextlib.contextmanager
+def translate() -> Iterator[None]:
+    """Translate driver errors into the store's error tree, in one place."""
+    try:
+        yield
+    except EventStoreError:
+        raise
+    except sa_exc.DBAPIError as e:
+        raise DatabaseError(f"database error: {e.orig or e}") from e
+    except sa_exc.SQLAlchemyError as e:
+        raise DatabaseError(f"database error: {e}") from e

@@ -1,0 +1,99 @@
+"""Applying the Alembic migrations in ``migrations/`` and checking a database's schema on open."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import structlog
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import URL
+
+from ._backend import begin_write, create_store_engine, lock_migrations, resolve_url, translate
+from ._schema import VERSION_TABLE
+from .errors import SchemaVersionMismatch
+
+_log = structlog.get_logger("eventstore.migrate")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _config() -> Config:
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise SchemaVersionMismatch(f"eventstore migrations not found at {MIGRATIONS_DIR}")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("version_table", VERSION_TABLE)
+    return cfg
+
+
+@functools.cache
+def known_revisions() -> tuple[str, frozenset[str]]:
+    """The head revision and every revision the code knows."""
+    script = ScriptDirectory.from_config(_config())
+    head = script.get_current_head()
+    if head is None:
+        raise SchemaVersionMismatch("eventstore ships no migrations")
+    return head, frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def current_revision(conn: Connection) -> str | None:
+    ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return ctx.get_current_revision()
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the database to the newest schema; safe when several processes do it at once.
+
+    The whole upgrade runs in one transaction that first takes the migration lock (an advisory
+    lock on PostgreSQL, the write lock on SQLite): a second migrator waits, then finds the schema
+    current and does nothing.
+    """
+    head, known = known_revisions()
+    with begin_write(engine) as conn:
+        lock_migrations(conn)
+        before = current_revision(conn)
+        if before is not None and before not in known:
+            raise _newer(before, head)
+        if before != head:
+            cfg = _config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            _log.info("schema_migrated", from_revision=before, to_revision=head)
+    return head
+
+
+def migrate_url(url: str | URL | None) -> str:
+    engine = create_store_engine(resolve_url(url))
+    try:
+        return migrate(engine)
+    finally:
+        engine.dispose()
+
+
+def check(engine: Engine, url: URL) -> None:
+    """Raise :class:`SchemaVersionMismatch` unless the database is at this code's schema."""
+    head, known = known_revisions()
+    with translate(), engine.connect() as conn:
+        rev = current_revision(conn)
+        conn.rollback()
+    if rev == head:
+        return
+    if rev is not None and rev not in known:
+        raise _newer(rev, head)
+    shown = url.render_as_string(hide_password=True)
+    state = "has no eventstore schema" if rev is None else f"is at schema {rev}, older than {head}"
+    raise SchemaVersionMismatch(
+        f"database {shown} {state}: run `eventstore migrate --url '{shown}'`"
+    )
+
+
+def _newer(rev: str, head: str) -> SchemaVersionMismatch:
+    return SchemaVersionMismatch(
+        f"database schema {rev} is newer than this eventstore code (newest known: {head}): "
+        "upgrade the eventstore package before opening this database"
+    )

@@ -1,0 +1,71 @@
+"""SQLAlchemy Core tables of the store.
+
+These mirror what the Alembic migrations in ``migrations/`` create; the migrations, not
+``metadata.create_all``, are what builds and upgrades a database.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    Uuid,
+)
+
+MAX_ID_LENGTH = 255
+VERSION_TABLE = "eventstore_alembic_version"
+
+metadata = MetaData()
+
+# Position: assigned by the store as last position + 1 while it holds the append lock, so
+# positions are gap-free and their order is the commit order (see store._append_locked).
+events = Table(
+    "es_events",
+    metadata,
+    Column("position", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+           autoincrement=False),
+    Column("tenant_id", String(MAX_ID_LENGTH), nullable=False),
+    Column("stream_id", String(MAX_ID_LENGTH), nullable=False),
+    Column("category", String(MAX_ID_LENGTH), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("event_id", Uuid(as_uuid=True), nullable=False),
+    Column("type", String(MAX_ID_LENGTH), nullable=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("metadata", LargeBinary, nullable=True),
+    # Microseconds since the Unix epoch, UTC: one integer compares and converts fastest on both
+    # backends, and time-travel queries compare integers.
+    Column("recorded_at", BigInteger, nullable=False),
+    UniqueConstraint("tenant_id", "stream_id", "version", name="es_events_stream_version"),
+)
+Index("es_events_category_position", events.c.category, events.c.position)
+
+streams = Table(
+    "es_streams",
+    metadata,
+    Column("tenant_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("stream_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+idempotency = Table(
+    "es_idempotency",
+    metadata,
+    Column("tenant_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("key", String(MAX_ID_LENGTH), primary_key=True),
+    Column("stream_id", String(MAX_ID_LENGTH), nullable=False),
+    Column("fingerprint", LargeBinary, nullable=False),
+    Column("first_position", BigInteger, nullable=False),
+    Column("last_position", BigInteger, nullable=False),
+    Column("stream_version", BigInteger, nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
+)

@@ -1,0 +1,103 @@
+"""Encoding events and metadata to bytes, and decoding them back to typed values.
+
+One encoder and one JSON decoder per event type, built once.  Stored data is msgspec's JSON of the
+event struct (the tag included, so a row is self-describing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .errors import EventStoreError, InvalidEvent
+from .events import Event, RawEvent, _decoder_for, _registry, _upcast
+
+_encoder = msgspec.json.Encoder()
+_any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class EventDecodeError(EventStoreError):
+    """A stored event could not be decoded into its registered type."""
+
+
+def encode_event(event: object) -> tuple[str, int, bytes]:
+    """Return ``(type, schema_version, data)`` for an event, or raise :class:`InvalidEvent`."""
+    if isinstance(event, Event):
+        cls = type(event)
+        tag = cls.__struct_config__.tag
+        if not isinstance(tag, str):
+            raise InvalidEvent(f"{cls.__qualname__} has no tag and cannot be stored")
+        try:
+            return tag, cls.__event_schema_version__, _encoder.encode(event)
+        except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
+            raise InvalidEvent(f"cannot encode {tag} event: {e}") from e
+    if isinstance(event, RawEvent):
+        if not isinstance(event.type, str) or not event.type:
+            raise InvalidEvent("a raw event needs a non-empty string type")
+        if not isinstance(event.data, dict):
+            raise InvalidEvent(f"raw event {event.type} data must be a JSON object")
+        if not isinstance(event.schema_version, int) or event.schema_version < 1:
+            raise InvalidEvent(f"raw event {event.type} schema_version must be an int >= 1")
+        try:
+            return event.type, event.schema_version, _encoder.encode(event.data)
+        except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
+            raise InvalidEvent(f"cannot encode {event.type} event data: {e}") from e
+    raise InvalidEvent(
+        f"expected an Event or RawEvent instance, got {type(event).__name__}: {event!r:.80}"
+    )
+
+
+def encode_metadata(metadata: object) -> bytes | None:
+    """Encode a metadata mapping (``None`` or empty stores nothing)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidEvent(f"metadata must be a dict, got {type(metadata).__name__}")
+    if not metadata:
+        return None
+    for key in metadata:
+        if not isinstance(key, str):
+            raise InvalidEvent(f"metadata keys must be strings, got {key!r}")
+    try:
+        return _encoder.encode(metadata)
+    except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
+        raise InvalidEvent(f"cannot encode metadata: {e}") from e
+
+
+def decode_metadata(raw: bytes | None) -> dict[str, Any]:
+    return {} if raw is None else _dict_decoder.decode(raw)
+
+
+def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
+    """Decode stored data: the registered type (upcast when older), else a :class:`RawEvent`."""
+    cls = _registry.get(tag)
+    if cls is None:
+        return RawEvent(type=tag, data=_dict_decoder.decode(raw), schema_version=schema_version)
+    try:
+        current = cls.__event_schema_version__
+        if schema_version == current:
+            event: Event = _decoder_for(tag, cls).decode(raw)
+            return event
+        if schema_version > current:
+            raise EventDecodeError(
+                f"{tag} event has schema version {schema_version}, newer than this code's "
+                f"{current}: upgrade the code that reads it"
+            )
+        data = _upcast(tag, _dict_decoder.decode(raw), schema_version, current)
+        data.pop("type", None)
+        upcasted: Event = msgspec.convert(data, cls)
+        return upcasted
+    except (msgspec.DecodeError, msgspec.ValidationError, LookupError) as e:
+        raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): {e}") from e
+
+
+def dumps(value: Any) -> bytes:
+    """JSON-encode a value with the shared encoder."""
+    return _encoder.encode(value)
+
+
+def loads(raw: bytes | str) -> Any:
+    """JSON-decode with the shared decoder."""
+    return _any_decoder.decode(raw)

@@ -1,0 +1,225 @@
+"""Event types, their registry by stable tag, upcasters, and the records the store returns.
+
+An event type is a frozen, keyword-only :class:`msgspec.Struct` that subclasses :class:`Event`
+with an explicit ``tag``::
+
+    class NoteAdded(Event, tag="NoteAdded"):
+        text: str
+
+Defining the class registers it; the tag is what is stored, so renaming the class never changes
+stored data.  A type whose fields change incompatibly bumps ``schema_version`` and registers an
+upcaster that turns the stored dict of the old version into the dict of the next one::
+
+    class NoteAdded(Event, tag="NoteAdded", schema_version=2):
+        text: str
+        author: str
+
+    @upcaster("NoteAdded", from_version=1)
+    def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "author": "unknown"}
+
+Schema evolution rules (msgspec's): a new field gets a default; a field never changes type.
+Following them needs no upcaster at all.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, ClassVar
+from uuid import UUID
+
+import msgspec
+import structlog
+
+__all__ = [
+    "ANY",
+    "STREAM_EXISTS",
+    "AppendResult",
+    "Event",
+    "ExpectedState",
+    "RawEvent",
+    "RecordedEvent",
+    "event_type",
+    "registered_types",
+    "upcaster",
+]
+
+_log = structlog.get_logger("eventstore.events")
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_registry: dict[str, type[Event]] = {}
+_upcasters: dict[tuple[str, int], Upcaster] = {}
+_registry_lock = threading.Lock()
+
+
+class _EventMeta(msgspec.StructMeta):
+    """Registers each tagged subclass of :class:`Event` under its tag.
+
+    A metaclass (rather than ``__init_subclass__``) because msgspec applies the ``tag`` option only
+    after ``__init_subclass__`` has run, and because only here can we see whether the tag was given
+    explicitly: the default tag is the class name, which would tie stored data to a Python name.
+    """
+
+    def __new__(
+        mcls,
+        name: str,
+        bases: tuple[type, ...],
+        namespace: dict[str, Any],
+        *,
+        schema_version: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        is_base = not any(isinstance(b, _EventMeta) for b in bases)
+        tag = kwargs.get("tag")
+        if not is_base:
+            if "tag_field" in kwargs:
+                raise TypeError(f"{name}: event types share the tag field 'type'")
+            if tag is not None and (not isinstance(tag, str) or not tag):
+                raise TypeError(f"{name}: an event tag must be a non-empty string, got {tag!r}")
+            if tag is None and not namespace.get("__abstract_event__", False):
+                raise TypeError(
+                    f"{name}: give the event a stable tag, e.g. class {name}(Event, "
+                    f'tag="{name}"), or set __abstract_event__ = True for a base class'
+                )
+        if schema_version is not None and (
+            not isinstance(schema_version, int) or isinstance(schema_version, bool)
+            or schema_version < 1
+        ):
+            raise TypeError(f"{name}: schema_version must be an int >= 1")
+        cls: Any = super().__new__(mcls, name, bases, namespace, **kwargs)
+        if schema_version is not None:
+            cls.__event_schema_version__ = schema_version
+        elif tag is not None:
+            cls.__event_schema_version__ = 1
+        if not is_base and tag is not None:
+            with _registry_lock:
+                previous = _registry.get(tag)
+                if previous is not None and previous is not cls:
+                    _log.warning(
+                        "event_type_replaced", tag=tag,
+                        previous=f"{previous.__module__}.{previous.__qualname__}",
+                        current=f"{cls.__module__}.{cls.__qualname__}",
+                    )
+                _registry[tag] = cls
+                _decoders.pop(tag, None)
+        return cls
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", metaclass=_EventMeta):
+    """Base class of every event type; subclass it with ``tag="PastTenseFact"``."""
+
+    __abstract_event__: ClassVar[bool] = True
+    __event_schema_version__: ClassVar[int] = 1
+
+    @classmethod
+    def event_tag(cls) -> str:
+        """The stable name this type is stored under."""
+        tag = cls.__struct_config__.tag
+        if not isinstance(tag, str):
+            raise TypeError(f"{cls.__qualname__} is not a concrete event type")
+        return tag
+
+
+class RawEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as type name and JSON-compatible data.
+
+    Reads return this for a type the reading code does not know (instead of failing); appends
+    accept it for events whose Python type is not at hand (the command line, tooling).
+    """
+
+    type: str
+    data: dict[str, Any]
+    schema_version: int = 1
+
+
+class ExpectedState(enum.Enum):
+    """Expected-version checks that are not a number."""
+
+    ANY = "any"
+    STREAM_EXISTS = "stream_exists"
+
+
+ANY = ExpectedState.ANY
+"""Append whatever the stream's version is."""
+STREAM_EXISTS = ExpectedState.STREAM_EXISTS
+"""Append only to a stream that holds at least one event."""
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """One committed event as read back from the store."""
+
+    position: int
+    stream_id: str
+    version: int
+    tenant_id: str
+    event_id: UUID
+    type: str
+    schema_version: int
+    data: Event | RawEvent
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+    @property
+    def category(self) -> str:
+        """The part of the stream id before the first ``-``."""
+        return self.stream_id.split("-", 1)[0]
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    """What an append wrote (or, with ``duplicate=True``, what the first append wrote)."""
+
+    first_position: int
+    last_position: int
+    stream_version: int
+    duplicate: bool = False
+
+
+def event_type(tag: str) -> type[Event] | None:
+    """The registered event class for ``tag``, or ``None``."""
+    return _registry.get(tag)
+
+
+def registered_types() -> dict[str, type[Event]]:
+    """A copy of the registry: tag -> event class."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+def upcaster(tag: str, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register a function that upgrades ``tag``'s stored data from ``from_version`` to the next."""
+    if not isinstance(tag, str) or not tag:
+        raise TypeError("upcaster tag must be a non-empty string")
+    if not isinstance(from_version, int) or from_version < 1:
+        raise TypeError("from_version must be an int >= 1")
+
+    def register(fn: Upcaster) -> Upcaster:
+        with _registry_lock:
+            _upcasters[(tag, from_version)] = fn
+        return fn
+
+    return register
+
+
+# Decoders are built once per type and cached; the registry drops a type's entry when the type is
+# redefined.
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder_for(tag: str, cls: type[Event]) -> msgspec.json.Decoder[Any]:
+    dec = _decoders.get(tag)
+    if dec is None:
+        dec = _decoders[tag] = msgspec.json.Decoder(cls)
+    return dec
+
+
+def _upcast(tag: str, data: dict[str, Any], from_version: int, to_version: int) -> dict[str, Any]:
+    for v in range(from_version, to_version):
+        fn = _upcasters.get((tag, v))
+        if fn is None:
+            raise LookupError(f"no upcaster registered for {tag} from schema version {v}")
+        data = fn(data)
+    return data

@@ -1,0 +1,1 @@
+"""Projections of the agent-state domain (conversations, continuations, sessions, jobs, flows)."""

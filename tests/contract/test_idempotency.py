@@ -1,0 +1,93 @@
+"""Idempotency keys: durable, per tenant, race-safe, and strict about reuse."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from eventstore import EventStore, IdempotencyKeyReused, WrongExpectedVersion
+from tests._events import NoteAdded
+
+
+def test_duplicate_returns_first_result_and_writes_nothing(store: EventStore) -> None:
+    """A repeated key returns the first append's positions with duplicate=True."""
+    store.append("other-1", [NoteAdded(text="before")])
+    first = store.append("conversation-42", [NoteAdded(text="hi"), NoteAdded(text="yo")],
+                         expected_version=0, idempotency_key="req-9f1", tenant_id="acme")
+    again = store.append("conversation-42", [NoteAdded(text="hi"), NoteAdded(text="yo")],
+                         expected_version=0, idempotency_key="req-9f1", tenant_id="acme")
+    assert again.duplicate and not first.duplicate
+    assert (again.first_position, again.last_position, again.stream_version) == (
+        first.first_position, first.last_position, first.stream_version) == (2, 3, 2)
+    assert store.stream_version("conversation-42", tenant_id="acme") == 2
+    assert len(list(store.read_all())) == 3
+
+
+def test_duplicate_survives_reopening(url: str) -> None:
+    """Keys are durable: a new store object still recognises them."""
+    with EventStore.open(url) as s:
+        first = s.append("c-1", [NoteAdded(text="a")], idempotency_key="k")
+    with EventStore.open(url) as s:
+        again = s.append("c-1", [NoteAdded(text="a")], idempotency_key="k")
+        assert again.duplicate and again.first_position == first.first_position
+        assert s.stream_version("c-1") == 1
+
+
+def test_key_reused_for_another_stream_raises(store: EventStore) -> None:
+    """The same key on another stream is IdempotencyKeyReused, and nothing is written."""
+    store.append("c-1", [NoteAdded(text="a")], idempotency_key="k")
+    with pytest.raises(IdempotencyKeyReused) as info:
+        store.append("c-2", [NoteAdded(text="a")], idempotency_key="k")
+    assert info.value.first_stream_id == "c-1" and info.value.key == "k"
+    assert store.stream_version("c-2") == 0
+
+
+def test_key_reused_for_other_events_raises(store: EventStore) -> None:
+    """The same key with different event data is IdempotencyKeyReused."""
+    store.append("c-1", [NoteAdded(text="a")], idempotency_key="k")
+    with pytest.raises(IdempotencyKeyReused):
+        store.append("c-1", [NoteAdded(text="b")], idempotency_key="k")
+    with pytest.raises(IdempotencyKeyReused):
+        store.append("c-1", [NoteAdded(text="a"), NoteAdded(text="a")], idempotency_key="k")
+    assert store.stream_version("c-1") == 1
+
+
+def test_keys_are_scoped_per_tenant(store: EventStore) -> None:
+    """Two tenants may use the same key independently."""
+    a = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k", tenant_id="t1")
+    b = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k", tenant_id="t2")
+    assert not a.duplicate and not b.duplicate
+    assert b.first_position == a.first_position + 1
+
+
+def test_duplicate_wins_over_version_conflict(store: EventStore) -> None:
+    """A retried append whose first try succeeded is a duplicate, not a version conflict."""
+    store.append("c-1", [NoteAdded(text="a")], expected_version=0, idempotency_key="k")
+    store.append("c-1", [NoteAdded(text="b")])
+    again = store.append("c-1", [NoteAdded(text="a")], expected_version=0, idempotency_key="k")
+    assert again.duplicate and again.stream_version == 1
+    with pytest.raises(WrongExpectedVersion):
+        store.append("c-1", [NoteAdded(text="a")], expected_version=0, idempotency_key="k2")
+
+
+def test_racing_appends_with_one_key_write_once(store: EventStore) -> None:
+    """Eight threads append with one key: one write, seven duplicates with the same result."""
+    barrier = threading.Barrier(8)
+    results = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        barrier.wait()
+        r = store.append("c-race", [NoteAdded(text="once")], idempotency_key="same")
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.duplicate for r in results) == [False] + [True] * 7
+    assert len({(r.first_position, r.last_position) for r in results}) == 1
+    assert store.stream_version("c-race") == 1

@@ -1,0 +1,155 @@
+"""Reading: stream ranges, the global log, unknown types, upcasting, paging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import eventstore.store as store_module
+from eventstore import Event, EventStore, RawEvent, upcaster
+from eventstore.events import _registry
+from tests._events import CounterIncremented, NoteAdded
+
+
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of 3 rows, so paging boundaries are crossed with few events."""
+    monkeypatch.setattr(store_module, "_PAGE", 3)
+
+
+def versions(events: Any) -> list[int]:
+    return [e.version for e in events]
+
+
+def test_read_stream_ranges(store: EventStore, small_pages: None) -> None:
+    """from_version and to_version are inclusive; limit caps the count."""
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(10)])
+    assert versions(store.read_stream("c-1")) == list(range(1, 11))
+    assert versions(store.read_stream("c-1", from_version=4)) == list(range(4, 11))
+    assert versions(store.read_stream("c-1", from_version=4, to_version=8)) == [4, 5, 6, 7, 8]
+    assert versions(store.read_stream("c-1", from_version=2, limit=4)) == [2, 3, 4, 5]
+    assert versions(store.read_stream("c-1", limit=0)) == []
+    assert versions(store.read_stream("c-1", from_version=11)) == []
+
+
+def test_read_stream_backwards(store: EventStore, small_pages: None) -> None:
+    """backwards=True starts at to_version (or the end) and goes down."""
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(10)])
+    assert versions(store.read_stream("c-1", backwards=True)) == list(range(10, 0, -1))
+    assert versions(store.read_stream("c-1", backwards=True, limit=1)) == [10]
+    assert versions(store.read_stream("c-1", backwards=True, to_version=7, from_version=3)) == [
+        7, 6, 5, 4, 3]
+
+
+def test_read_stream_of_unknown_stream_is_empty(store: EventStore) -> None:
+    """An absent stream reads as empty, not an error."""
+    assert list(store.read_stream("nothing-1")) == []
+
+
+def test_recorded_event_fields(store: EventStore) -> None:
+    """A recorded event carries every documented field."""
+    store.append("conversation-7", [NoteAdded(text="hi")], tenant_id="acme",
+                 metadata={"correlation_id": "c1"})
+    (ev,) = store.read_stream("conversation-7", tenant_id="acme")
+    assert ev.position == 1 and ev.version == 1
+    assert ev.stream_id == "conversation-7" and ev.tenant_id == "acme"
+    assert ev.type == "test.NoteAdded" and ev.schema_version == 1
+    assert ev.data == NoteAdded(text="hi")
+    assert ev.metadata == {"correlation_id": "c1"}
+    assert ev.recorded_at.tzinfo is not None
+    assert ev.event_id.version == 4
+    assert ev.category == "conversation"
+
+
+def test_read_all_in_position_order_with_filters(store: EventStore, small_pages: None) -> None:
+    """read_all returns every stream in position order; filters keep categories and types."""
+    store.append("conversation-1", [NoteAdded(text="a")])
+    store.append("job-1", [CounterIncremented()])
+    store.append("conversation-2", [CounterIncremented(), NoteAdded(text="b")])
+    store.append("flow-1", [NoteAdded(text="c")])
+    store.append("jobs-1", [NoteAdded(text="d")])
+    allev = list(store.read_all())
+    assert [e.position for e in allev] == [1, 2, 3, 4, 5, 6]
+    assert [e.position for e in store.read_all(from_position=4)] == [4, 5, 6]
+    assert [e.position for e in store.read_all(from_position=2, limit=2)] == [2, 3]
+    assert [e.stream_id for e in store.read_all(categories=["job"])] == ["job-1"]
+    assert [e.position for e in store.read_all(categories=["conversation", "flow"])] == [
+        1, 3, 4, 5]
+    assert [e.position for e in store.read_all(types=["test.CounterIncremented"])] == [2, 3]
+    assert [e.position for e in store.read_all(categories=["conversation"],
+                                               types=["test.NoteAdded"])] == [1, 4]
+
+
+def test_category_filter_is_not_a_pattern(store: EventStore) -> None:
+    """A category with % or _ matches only itself."""
+    store.append("a_b-1", [NoteAdded(text="x")])
+    store.append("axb-1", [NoteAdded(text="y")])
+    store.append("a%-1", [NoteAdded(text="z")])
+    assert [e.stream_id for e in store.read_all(categories=["a_b"])] == ["a_b-1"]
+    assert [e.stream_id for e in store.read_all(categories=["a%"])] == ["a%-1"]
+
+
+def test_unknown_type_reads_as_raw_event(store: EventStore) -> None:
+    """An event type the reader does not know comes back as a RawEvent, not an error."""
+    store.append("c-1", [RawEvent(type="Mystery", data={"x": 1, "y": ["a"]})])
+    (ev,) = store.read_stream("c-1")
+    assert isinstance(ev.data, RawEvent)
+    assert ev.type == "Mystery" and ev.data.data == {"x": 1, "y": ["a"]}
+
+
+def test_raw_event_of_a_known_type_reads_typed(store: EventStore) -> None:
+    """A raw append of a registered type reads back as the typed struct."""
+    store.append("c-1", [RawEvent(type="test.NoteAdded", data={"text": "hi"})])
+    (ev,) = store.read_stream("c-1")
+    assert ev.data == NoteAdded(text="hi")
+
+
+def test_old_schema_version_is_upcast_on_read(store: EventStore) -> None:
+    """Events stored at schema 1 are upgraded by registered upcasters when read."""
+    store.append("c-1", [RawEvent(type="test.Renamed", data={"name": "Ada"},
+                                  schema_version=1)])
+    store.append("c-1", [RawEvent(type="test.Renamed", data={"full_name": "Bo", "n": 3},
+                                  schema_version=2)])
+
+    class Renamed(Event, tag="test.Renamed", schema_version=3):
+        full_name: str
+        n: int
+
+    @upcaster("test.Renamed", from_version=1)
+    def _v1(data: dict[str, Any]) -> dict[str, Any]:
+        return {"full_name": data["name"]}
+
+    @upcaster("test.Renamed", from_version=2)
+    def _v2(data: dict[str, Any]) -> dict[str, Any]:
+        return {"n": 0, **data}
+
+    try:
+        got = [e.data for e in store.read_stream("c-1")]
+        assert got == [Renamed(full_name="Ada", n=0), Renamed(full_name="Bo", n=3)]
+        store.append("c-1", [Renamed(full_name="Cy", n=1)])
+        assert list(store.read_stream("c-1"))[-1].schema_version == 3
+    finally:
+        _registry.pop("test.Renamed", None)
+
+
+def test_adding_a_field_with_a_default_keeps_old_events_readable(store: EventStore) -> None:
+    """An event written before a field was added reads with the field's default."""
+    store.append("c-1", [RawEvent(type="test.Grown", data={"a": 1})])
+
+    class Grown(Event, tag="test.Grown"):
+        a: int
+        b: str = "default"
+
+    try:
+        (ev,) = store.read_stream("c-1")
+        assert ev.data == Grown(a=1, b="default")
+    finally:
+        _registry.pop("test.Grown", None)
+
+
+def test_event_type_without_tag_is_rejected() -> None:
+    """Defining an event type without an explicit tag is a TypeError."""
+    with pytest.raises(TypeError, match="stable tag"):
+        class NoTag(Event):
+            x: int

@@ -1,0 +1,113 @@
+"""Catch-up subscriptions: every event exactly once, in order, and a prompt stop."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import Connection
+
+from eventstore import EventStore, RecordedEvent
+from tests._events import CounterIncremented, NoteAdded
+
+
+def test_subscribe_catches_up_then_follows(store: EventStore) -> None:
+    """A subscriber gets past events, then new ones as they commit."""
+    store.append("c-1", [NoteAdded(text="old")])
+    stop = threading.Event()
+    seen: list[RecordedEvent] = []
+
+    def follow() -> None:
+        for ev in store.subscribe(from_position=0, stop=stop):
+            seen.append(ev)
+            if len(seen) == 3:
+                stop.set()
+
+    t = threading.Thread(target=follow)
+    t.start()
+    time.sleep(0.3)
+    store.append("c-2", [NoteAdded(text="new1"), NoteAdded(text="new2")])
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert [e.position for e in seen] == [1, 2, 3]
+
+
+def test_subscribe_resumes_from_position_inclusive(store: EventStore) -> None:
+    """from_position is inclusive: resuming with last + 1 continues after the last seen."""
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(5)])
+    stop = threading.Event()
+    got = []
+    for ev in store.subscribe(from_position=3, stop=stop):
+        got.append(ev.position)
+        if ev.position == 5:
+            stop.set()
+    assert got == [3, 4, 5]
+
+
+def test_subscribe_stops_within_half_a_second(store: EventStore) -> None:
+    """Setting stop ends an idle subscription within 0.5 s."""
+    stop = threading.Event()
+    done = threading.Event()
+
+    def follow() -> None:
+        for _ in store.subscribe(stop=stop):
+            pass
+        done.set()
+
+    t = threading.Thread(target=follow)
+    t.start()
+    time.sleep(0.2)
+    stop.set()
+    t0 = time.monotonic()
+    assert done.wait(2)
+    assert time.monotonic() - t0 < 0.6
+    t.join()
+
+
+def test_subscribe_filters_categories(store: EventStore) -> None:
+    """subscribe(categories=…) yields only those streams."""
+    store.append("job-1", [NoteAdded(text="j")])
+    store.append("c-1", [NoteAdded(text="c")])
+    store.append("job-2", [NoteAdded(text="k")])
+    stop = threading.Event()
+    got = []
+    for ev in store.subscribe(categories=["job"], stop=stop):
+        got.append(ev.stream_id)
+        if len(got) == 2:
+            stop.set()
+    assert got == ["job-1", "job-2"]
+
+
+def test_subscriber_sees_every_event_once_while_writers_commit_late(store: EventStore) -> None:
+    """Writers that hold their transactions open at random never make a subscriber skip."""
+    writers, per_writer = 6, 25
+    total = writers * per_writer
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def slow_commit(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        time.sleep(random.uniform(0, 0.004))
+
+    def follow() -> None:
+        for ev in store.subscribe(stop=stop):
+            seen.append(ev.position)
+            if len(seen) >= total:
+                stop.set()
+
+    def write(w: int) -> None:
+        for i in range(per_writer):
+            store.append_with(f"c-{w}-{i % 3}", [CounterIncremented(writer=str(w))],
+                              before_commit=slow_commit)
+
+    sub = threading.Thread(target=follow)
+    sub.start()
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sub.join(timeout=20)
+    stop.set()
+    assert seen == list(range(1, total + 1))

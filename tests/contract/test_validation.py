@@ -1,0 +1,111 @@
+"""Bad input gets a typed error and writes nothing; hostile strings are data, never SQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from eventstore import (
+    EventStore,
+    EventStoreError,
+    InvalidArgument,
+    InvalidEvent,
+    InvalidStreamId,
+    RawEvent,
+)
+from tests._events import Anything, NoteAdded
+
+HOSTILE = [
+    "conversation-'; DROP TABLE es_events; --",
+    'conversation-"quoted" \\ back\\slash',
+    "conversation-żółw-🐢-中文-\u202e",
+    "conversation-%_*?[]{}$1 :name ?",
+    "x" * 255,
+]
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "error"),
+    [("", InvalidStreamId), ("x" * 256, InvalidStreamId), (None, InvalidStreamId),
+     (42, InvalidStreamId), (b"bytes", InvalidStreamId), ("nul\x00byte", InvalidStreamId)],
+)
+def test_bad_stream_id_is_rejected(store: EventStore, stream_id: Any,
+                                   error: type[Exception]) -> None:
+    """Empty, over-long and non-string stream ids raise InvalidStreamId."""
+    with pytest.raises(error):
+        store.append(stream_id, [NoteAdded(text="a")])
+    with pytest.raises(error):
+        list(store.read_stream(stream_id))
+    assert list(store.read_all()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"expected_version": -1},
+        {"expected_version": "3"},
+        {"expected_version": 1.5},
+        {"expected_version": True},
+        {"tenant_id": ""},
+        {"tenant_id": 7},
+        {"idempotency_key": ""},
+        {"idempotency_key": 5},
+        {"metadata": ["not", "a", "dict"]},
+        {"metadata": {1: "non-string key"}},
+    ],
+)
+def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, Any]) -> None:
+    """Negative or mistyped arguments raise InvalidArgument and write nothing."""
+    with pytest.raises(InvalidArgument):
+        store.append("c-1", [NoteAdded(text="a")], **kwargs)
+    assert store.stream_version("c-1") == 0
+
+
+@pytest.mark.parametrize(
+    "events",
+    [[], None, "text", [{"type": "NoteAdded"}], [NoteAdded(text="ok"), object()],
+     [Anything(value=object())], [Anything(value={1, 2, object()})],
+     [RawEvent(type="", data={})], [RawEvent(type="X", data={"d": dt.timedelta})]],
+)
+def test_bad_events_are_rejected(store: EventStore, events: Any) -> None:
+    """An empty batch, a non-event or an unencodable payload raises InvalidEvent."""
+    with pytest.raises(InvalidEvent):
+        store.append("c-1", events)
+    assert store.stream_version("c-1") == 0
+    assert list(store.read_all()) == []
+
+
+def test_errors_share_one_base_class() -> None:
+    """Every input error is an EventStoreError and a ValueError."""
+    for cls in (InvalidArgument, InvalidEvent, InvalidStreamId):
+        assert issubclass(cls, EventStoreError) and issubclass(cls, ValueError)
+
+
+def test_bad_read_arguments_are_rejected(store: EventStore) -> None:
+    """Read arguments are checked when called, before iteration."""
+    with pytest.raises(InvalidArgument):
+        store.read_stream("c-1", from_version=-1)
+    with pytest.raises(InvalidArgument):
+        store.read_stream("c-1", limit=-5)
+    with pytest.raises(InvalidArgument):
+        store.read_all(from_position="0")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        store.read_all(categories=[""])
+    with pytest.raises(InvalidArgument):
+        store.subscribe(stop="not an event")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stream_id", HOSTILE)
+def test_hostile_stream_ids_round_trip_verbatim(store: EventStore, stream_id: str) -> None:
+    """Quotes, SQL and unicode in stream ids and payloads are stored and read back verbatim."""
+    payload = stream_id + " ' \" ; -- \\x00 \u0000 %s {} 😀"
+    store.append(stream_id, [NoteAdded(text=payload)], tenant_id=stream_id[:200],
+                 idempotency_key=stream_id[:200], metadata={stream_id[:50]: payload})
+    (ev,) = store.read_stream(stream_id, tenant_id=stream_id[:200])
+    assert ev.stream_id == stream_id and ev.tenant_id == stream_id[:200]
+    assert ev.data == NoteAdded(text=payload)
+    assert ev.metadata == {stream_id[:50]: payload}
+    assert store.stream_version(stream_id, tenant_id=stream_id[:200]) == 1
+    assert store.stats()["events"] == 1
