@@ -15,6 +15,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     Uuid,
 )
@@ -68,4 +69,59 @@ idempotency = Table(
     Column("last_position", BigInteger, nullable=False),
     Column("stream_version", BigInteger, nullable=False),
     Column("recorded_at", BigInteger, nullable=False),
+)
+
+# -- projections (migration 0002) --------------------------------------------------------------
+
+projections = Table(
+    "es_projections",
+    metadata,
+    Column("name", String(MAX_ID_LENGTH), primary_key=True),
+    # Queries read rows of the active generation; a rebuild fills the next one and swaps.
+    Column("generation", Integer, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("code_version", Integer, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("error", Text, nullable=True),
+    Column("failed_position", BigInteger, nullable=True),
+    Column("owner", String(MAX_ID_LENGTH), nullable=True),
+    Column("lease_until", BigInteger, nullable=True),
+    Column("rebuild_generation", Integer, nullable=True),
+    Column("rebuild_position", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+projection_rows = Table(
+    "es_projection_rows",
+    metadata,
+    Column("projection", String(MAX_ID_LENGTH), primary_key=True),
+    Column("generation", Integer, primary_key=True),
+    Column("tenant_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("stream_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("status", String(64), nullable=True),
+    Column("group_key", String(MAX_ID_LENGTH), nullable=True),
+    Column("sort_key", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+Index("es_projection_rows_query", projection_rows.c.projection, projection_rows.c.generation,
+      projection_rows.c.tenant_id, projection_rows.c.status, projection_rows.c.group_key,
+      projection_rows.c.sort_key)
+Index("es_projection_rows_status", projection_rows.c.projection, projection_rows.c.generation,
+      projection_rows.c.status, projection_rows.c.sort_key)
+
+snapshots = Table(
+    "es_snapshots",
+    metadata,
+    Column("tenant_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("stream_id", String(MAX_ID_LENGTH), primary_key=True),
+    Column("projection", String(MAX_ID_LENGTH), primary_key=True),
+    Column("code_version", Integer, primary_key=True),
+    Column("version", BigInteger, primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
 )

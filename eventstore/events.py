@@ -28,7 +28,7 @@ import enum
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, dataclass_transform
 from uuid import UUID
 
 import msgspec
@@ -56,6 +56,7 @@ _upcasters: dict[tuple[str, int], Upcaster] = {}
 _registry_lock = threading.Lock()
 
 
+@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(msgspec.field,))
 class _EventMeta(msgspec.StructMeta):
     """Registers each tagged subclass of :class:`Event` under its tag.
 

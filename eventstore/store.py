@@ -25,6 +25,7 @@ from ._backend import (
 )
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
+from ._time import from_micros, to_micros
 from .codec import decode_event, decode_metadata, encode_event, encode_metadata
 from .errors import (
     IdempotencyKeyReused,
@@ -44,7 +45,6 @@ DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
 _PAGE = 2000
 _NO_END = 2**62
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 ExpectedVersion = int | ExpectedState | None
 
@@ -56,17 +56,6 @@ class InlineHandler(Protocol):
     """
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None: ...
-
-
-def _to_micros(when: datetime) -> int:
-    if when.tzinfo is None:
-        raise InvalidArgument("times must be timezone-aware (UTC)")
-    delta = when - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_micros(us: int) -> datetime:
-    return datetime.fromtimestamp(us / 1_000_000, UTC)
 
 
 def _check_id(value: object, what: str, error: type[InvalidArgument]) -> str:
@@ -344,7 +333,7 @@ class EventStore:
         elif expected != current:
             raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
                                        expected=expected, actual=current)
-        stamp = _to_micros(now)
+        stamp = to_micros(now)
         category = category_of(stream_id)
         rows = []
         recorded = []
@@ -494,14 +483,45 @@ class EventStore:
     def _fetch(self, query: Compiled, params: dict[str, Any]) -> list[RecordedEvent]:
         self._check_open()
         with begin_read(self._engine) as conn:
-            cur = query.run(conn, params)
-            rows = cur.fetchall()
-            cur.close()
+            return self._fetch_on(conn, query, params)
+
+    def read_page(
+        self,
+        conn: Connection,
+        *,
+        from_position: int,
+        limit: int,
+        categories: Iterable[str] | None = None,
+        tenant_id: str | None = None,
+        stream_id: str | None = None,
+        to_version: int | None = None,
+    ) -> list[RecordedEvent]:
+        """One page of events read on ``conn``, inside the caller's transaction.
+
+        For projectors, which must read events and write their rows and checkpoint in one
+        transaction.  With ``stream_id`` (and ``tenant_id``) it reads that stream by version from
+        ``from_position`` taken as a version; otherwise the log by position.
+        """
+        if stream_id is not None:
+            query = read_query(conn.dialect, by_stream=True, backwards=False,
+                               upper=to_version is not None, tenant=True, n_categories=0,
+                               n_types=0)
+            params: dict[str, Any] = {"tenant_id": tenant_id or DEFAULT_TENANT,
+                                      "stream_id": stream_id, "hi": to_version}
+        else:
+            query, params = self._all_query(from_position, categories, None, tenant_id)
+        return self._fetch_on(conn, query, {**params, "lo": from_position, "page": limit})
+
+    def _fetch_on(self, conn: Connection, query: Compiled, params: dict[str, Any]
+                  ) -> list[RecordedEvent]:
+        cur = query.run(conn, params)
+        rows = cur.fetchall()
+        cur.close()
         return [
             RecordedEvent(
                 pos, stream_id, version, tenant, as_uuid(event_id), tag, sv,
                 decode_event(tag, sv, data), decode_metadata(meta),
-                _from_micros(at),
+                from_micros(at),
             )
             for (pos, tenant, stream_id, _cat, version, event_id, tag, sv, data, meta, at)
             in rows

@@ -1,0 +1,808 @@
+"""The projection engine: pure folds run live, inline, or by a projector, plus rebuild and verify.
+
+A projection folds the events of one stream into one state: ``evolve(state, event) -> state``.
+Persisted projections keep that state per stream as a row of ``es_projection_rows`` (the state as
+JSON, plus three indexed columns the projection derives from it: ``status``, ``group_key`` and
+``sort_key``, which serve queries across streams such as "pending pauses of a user").  One generic
+table instead of a table per projection: every projection gets rebuild, verify, snapshots and the
+replay-equals-rows check for free, and the schema stays owned by the migrations.
+
+Generations instead of table swaps: ``es_projections.generation`` names the rows queries read.  A
+rebuild fills the next generation while queries keep reading the current one, then switches the
+number in one transaction and deletes the old rows.  No DDL at run time, so the migrations stay
+the only thing that creates tables.
+
+Exactly once: every writer of a projection's rows (inline handler, projector batch, rebuild swap)
+first locks the projection's ``es_projections`` row (``SELECT … FOR UPDATE`` on PostgreSQL; the
+single write lock on SQLite) and stores the checkpoint in the same transaction as the rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import structlog
+from sqlalchemy import Connection, and_, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from eventstore import EventStore, RecordedEvent
+from eventstore._backend import begin_read, begin_write, translate
+from eventstore._schema import projection_rows, projections, snapshots
+from eventstore._time import from_micros, to_micros
+from eventstore.errors import EventStoreError, InvalidArgument
+
+__all__ = [
+    "Projection",
+    "ProjectionFailed",
+    "ProjectionStatus",
+    "Projector",
+    "RowIndex",
+    "fold_live",
+    "inline",
+    "rebuild",
+    "register",
+    "registered",
+    "status",
+    "verify",
+]
+
+S = TypeVar("S")
+
+_log = structlog.get_logger("eventstore.projections")
+
+_PAGE = 1000
+
+
+class ProjectionFailed(EventStoreError):
+    """A projection raised on an event; it stays stopped at that event until restarted."""
+
+    def __init__(self, *, projection: str, position: int, type: str, stream_id: str,
+                 tenant_id: str, cause: BaseException) -> None:
+        super().__init__(
+            f"projection {projection} failed on event at position {position} "
+            f"(type {type}, stream {stream_id}, tenant {tenant_id}): "
+            f"{type_name(cause)}: {cause}"
+        )
+        self.projection = projection
+        self.position = position
+        self.type = type
+        self.stream_id = stream_id
+        self.tenant_id = tenant_id
+
+
+def type_name(e: BaseException) -> str:
+    return type(e).__name__
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """The indexed columns of a projection row, derived from its state."""
+
+    status: str | None = None
+    group_key: str | None = None
+    sort_key: int | None = None
+
+
+class Projection(Generic[S]):
+    """A fold of one stream's events into a state, and how that state is indexed.
+
+    Subclasses set ``name``, ``categories`` and ``state_type`` and implement :meth:`initial` and
+    :meth:`evolve` (pure: no I/O, no clock, no randomness; everything comes from the event).
+    Bump ``version`` when the fold changes: rows and snapshots of another version are rebuilt,
+    never trusted.
+    """
+
+    name: str = ""
+    version: int = 1
+    categories: tuple[str, ...] = ()
+    state_type: type[Any] = object
+    snapshot_every: int | None = 100
+
+    def initial(self, tenant_id: str, stream_id: str) -> S:
+        raise NotImplementedError
+
+    def evolve(self, state: S, event: RecordedEvent) -> S:
+        raise NotImplementedError
+
+    def index(self, state: S) -> RowIndex:
+        return RowIndex()
+
+    # -- helpers the engine uses ------------------------------------------------------------
+
+    def handles(self, event: RecordedEvent) -> bool:
+        return not self.categories or event.category in self.categories
+
+    def encode(self, state: S) -> bytes:
+        return msgspec.json.encode(state)
+
+    def decode(self, raw: bytes) -> S:
+        result: S = msgspec.json.decode(raw, type=self.state_type)
+        return result
+
+    def renamed(self, name: str) -> Projection[S]:
+        """A copy under another name (the same fold kept in its own rows)."""
+        other = copy.copy(self)
+        other.name = name
+        return other
+
+
+# -- the registry, for the command line --
+
+_registry: dict[str, Callable[[], Projection[Any]]] = {}
+
+
+def register(name: str, factory: Callable[[], Projection[Any]]) -> None:
+    """Make a projection known to ``eventstore projections …`` by name."""
+    _registry[name] = factory
+
+
+def registered() -> dict[str, Callable[[], Projection[Any]]]:
+    return dict(_registry)
+
+
+# -- bookkeeping rows --
+
+
+@dataclass(frozen=True)
+class ProjectionStatus:
+    """One projection's bookkeeping row, and its lag behind the log."""
+
+    name: str
+    generation: int
+    position: int
+    code_version: int
+    status: str
+    error: str | None
+    failed_position: int | None
+    owner: str | None
+    lease_until: datetime | None
+    rebuild_generation: int | None
+    rebuild_position: int | None
+    head: int = 0
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.position)
+
+
+def _now_us(store: EventStore) -> int:
+    return to_micros(store.now())
+
+
+def _ensure_row(conn: Connection, projection: Projection[Any], now_us: int) -> None:
+    exists = conn.execute(select(projections.c.name)
+                          .where(projections.c.name == projection.name)).first()
+    if exists is None:
+        values = {"name": projection.name, "generation": 1, "position": 0,
+                  "code_version": projection.version, "status": "running",
+                  "updated_at": now_us}
+        if conn.dialect.name == "postgresql":
+            conn.execute(postgresql.insert(projections).values(**values)
+                         .on_conflict_do_nothing(index_elements=["name"]))
+        else:
+            conn.execute(sqlite.insert(projections).values(**values)
+                         .on_conflict_do_nothing(index_elements=["name"]))
+
+
+def _lock_row(conn: Connection, name: str) -> Any:
+    """Lock and return the projection's bookkeeping row (see the module docstring)."""
+    q = select(projections).where(projections.c.name == name)
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update()
+    row = conn.execute(q).first()
+    if row is None:
+        raise InvalidArgument(f"projection {name} is not registered in this store")
+    return row
+
+
+def ensure_registered(store: EventStore, projection: Projection[Any]) -> None:
+    """Create the projection's bookkeeping row when it does not exist yet."""
+    if not projection.name:
+        raise InvalidArgument("a projection needs a name")
+    with begin_write(store.engine) as conn:
+        _ensure_row(conn, projection, _now_us(store))
+
+
+def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]:
+    """The bookkeeping of every projection (or of one), with the log's head position."""
+    q = select(projections).order_by(projections.c.name)
+    if name is not None:
+        q = q.where(projections.c.name == name)
+    head = store.last_position()
+    with begin_read(store.engine) as conn:
+        rows = conn.execute(q).all()
+    return [
+        ProjectionStatus(
+            name=r.name, generation=r.generation, position=r.position,
+            code_version=r.code_version, status=r.status, error=r.error,
+            failed_position=r.failed_position, owner=r.owner,
+            lease_until=from_micros(r.lease_until) if r.lease_until is not None else None,
+            rebuild_generation=r.rebuild_generation, rebuild_position=r.rebuild_position,
+            head=head,
+        )
+        for r in rows
+    ]
+
+
+def restart(store: EventStore, name: str) -> None:
+    """Clear a failed projection so its projector retries from the failed event."""
+    with begin_write(store.engine) as conn:
+        _lock_row(conn, name)
+        conn.execute(update(projections).where(projections.c.name == name)
+                     .values(status="running", error=None, failed_position=None,
+                             updated_at=_now_us(store)))
+    _log.info("projection_restarted", projection=name)
+
+
+def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None:
+    with begin_write(store.engine) as conn:
+        conn.execute(update(projections).where(projections.c.name == name)
+                     .values(status="failed", error=str(err), failed_position=err.position,
+                             updated_at=_now_us(store)))
+    _log.error("projection_failed", projection=name, position=err.position,
+               type=err.type, stream=err.stream_id, tenant=err.tenant_id, error=str(err))
+
+
+# -- folding into rows --
+
+
+class _Rows(Generic[S]):
+    """States of one generation's rows, loaded on demand and written back in one go."""
+
+    def __init__(self, projection: Projection[S], generation: int) -> None:
+        self.p = projection
+        self.generation = generation
+        self.cache: dict[tuple[str, str], tuple[S, int, int]] = {}
+        self.dirty: set[tuple[str, str]] = set()
+
+    def load(self, conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
+        missing = [k for k in keys if k not in self.cache]
+        pr = projection_rows.c
+        for i in range(0, len(missing), 200):
+            chunk = missing[i:i + 200]
+            cond = [and_(pr.tenant_id == t, pr.stream_id == s) for t, s in chunk]
+            rows = conn.execute(
+                select(pr.tenant_id, pr.stream_id, pr.state, pr.version, pr.position)
+                .where(pr.projection == self.p.name, pr.generation == self.generation,
+                       or_(*cond))
+            ).all()
+            found = {(r.tenant_id, r.stream_id): r for r in rows}
+            for key in chunk:
+                r = found.get(key)
+                if r is None:
+                    self.cache[key] = (self.p.initial(*key), 0, 0)
+                else:
+                    self.cache[key] = (self.p.decode(r.state), r.version, r.position)
+
+    def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> int:
+        """Fold the relevant events; returns how many were applied."""
+        relevant = [e for e in events if self.p.handles(e)]
+        if not relevant:
+            return 0
+        self.load(conn, {(e.tenant_id, e.stream_id) for e in relevant})
+        applied = 0
+        for ev in relevant:
+            key = (ev.tenant_id, ev.stream_id)
+            state, version, _pos = self.cache[key]
+            if ev.version <= version:
+                continue  # already folded (a catch-up overlapping what was applied)
+            try:
+                state = self.p.evolve(state, ev)
+            except Exception as e:
+                raise ProjectionFailed(projection=self.p.name, position=ev.position,
+                                       type=ev.type, stream_id=ev.stream_id,
+                                       tenant_id=ev.tenant_id, cause=e) from e
+            self.cache[key] = (state, ev.version, ev.position)
+            self.dirty.add(key)
+            applied += 1
+        return applied
+
+    def flush(self, conn: Connection, now_us: int) -> None:
+        if not self.dirty:
+            return
+        rows = []
+        for key in self.dirty:
+            state, version, position = self.cache[key]
+            idx = self.p.index(state)
+            rows.append({
+                "projection": self.p.name, "generation": self.generation,
+                "tenant_id": key[0], "stream_id": key[1], "version": version,
+                "position": position, "state": self.p.encode(state), "status": idx.status,
+                "group_key": idx.group_key, "sort_key": idx.sort_key, "updated_at": now_us,
+            })
+        _upsert_rows(conn, rows)
+        self.dirty.clear()
+        if len(self.cache) > 50_000:
+            self.cache.clear()
+
+
+def _upsert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    ins = (postgresql.insert(projection_rows) if conn.dialect.name == "postgresql"
+           else sqlite.insert(projection_rows))
+    stmt = ins.on_conflict_do_update(
+        index_elements=["projection", "generation", "tenant_id", "stream_id"],
+        set_={c: ins.excluded[c] for c in ("version", "position", "state", "status",
+                                           "group_key", "sort_key", "updated_at")},
+    )
+    conn.execute(stmt, rows)
+
+
+def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,
+              until: int | None) -> int:
+    """Fold events with ``after < position <= until`` (all when ``until`` is None) on ``conn``.
+
+    Returns the last position folded (``after`` when there was nothing).
+    """
+    p = rows.p
+    cats = p.categories or None
+    last = after
+    while until is None or last < until:
+        page = store.read_page(conn, from_position=last + 1, limit=_PAGE, categories=cats)
+        if until is not None:
+            page = [e for e in page if e.position <= until]
+        if not page:
+            break
+        rows.apply(conn, page)
+        last = page[-1].position
+        if len(page) < _PAGE:
+            break
+    return last
+
+
+# -- inline --
+
+
+class _InlineHandler:
+    """Keeps a projection's rows current inside every append's transaction."""
+
+    def __init__(self, store: EventStore, projection: Projection[Any]) -> None:
+        self.store = store
+        self.p = projection
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        relevant = [e for e in recorded if self.p.handles(e)]
+        if not relevant:
+            return
+        row = _lock_row(conn, self.p.name)
+        if row.status == "failed":
+            raise EventStoreError(
+                f"projection {self.p.name} is stopped after a failure ({row.error}); fix it and "
+                f"run `eventstore projections restart {self.p.name}` before appending")
+        rows: _Rows[Any] = _Rows(self.p, row.generation)
+        # Catch up what appends without this handler (another process, or before it was
+        # registered) left behind, then fold this batch.
+        _catch_up(self.store, conn, rows, row.position, relevant[0].position - 1)
+        rows.apply(conn, relevant)
+        rows.flush(conn, to_micros(relevant[0].recorded_at))
+        conn.execute(update(projections).where(projections.c.name == self.p.name)
+                     .values(position=recorded[-1].position))
+
+
+def inline(store: EventStore, projection: Projection[Any]) -> None:
+    """Run ``projection`` inline: its rows change in the same transaction as each append.
+
+    Rows are then current for any query right after ``append`` returns (read-your-writes).  A
+    projection that raises makes the append fail: nothing is written.
+    """
+    ensure_registered(store, projection)
+    for h in store._inline:
+        if isinstance(h, _InlineHandler) and h.p.name == projection.name:
+            return
+    store.add_inline_handler(_InlineHandler(store, projection))
+
+
+# -- reading rows --
+
+
+def active_generation(conn: Connection, name: str) -> int | None:
+    return conn.execute(select(projections.c.generation)
+                        .where(projections.c.name == name)).scalar()
+
+
+def load_row(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str
+             ) -> tuple[S, int] | None:
+    """The persisted state of one stream and the version it reflects, or ``None``."""
+    pr = projection_rows.c
+    gen = (select(projections.c.generation).where(projections.c.name == projection.name)
+           .scalar_subquery())
+    with begin_read(store.engine) as conn:
+        r = conn.execute(select(pr.state, pr.version).where(
+            pr.projection == projection.name, pr.generation == gen,
+            pr.tenant_id == tenant_id, pr.stream_id == stream_id)).first()
+    if r is None:
+        return None
+    return projection.decode(r.state), r.version
+
+
+def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str | None,
+               status: str | Sequence[str] | None = None, group_key: str | None = None,
+               sort_before: int | None = None, limit: int | None = None,
+               conn: Connection | None = None) -> list[tuple[str, str, S, int]]:
+    """Rows of the active generation by indexed columns, oldest ``sort_key`` first.
+
+    Returns ``(tenant_id, stream_id, state, version)`` tuples.
+    """
+    pr = projection_rows.c
+    gen = (select(projections.c.generation).where(projections.c.name == projection.name)
+           .scalar_subquery())
+    q = select(pr.tenant_id, pr.stream_id, pr.state, pr.version).where(
+        pr.projection == projection.name, pr.generation == gen)
+    if tenant_id is not None:
+        q = q.where(pr.tenant_id == tenant_id)
+    if isinstance(status, str):
+        q = q.where(pr.status == status)
+    elif status is not None:
+        q = q.where(pr.status.in_(list(status)))
+    if group_key is not None:
+        q = q.where(pr.group_key == group_key)
+    if sort_before is not None:
+        q = q.where(pr.sort_key < sort_before)
+    q = q.order_by(pr.sort_key, pr.tenant_id, pr.stream_id)
+    if limit is not None:
+        q = q.limit(limit)
+    if conn is not None:
+        rows = conn.execute(q).all()
+    else:
+        with begin_read(store.engine) as c:
+            rows = c.execute(q).all()
+    return [(r.tenant_id, r.stream_id, projection.decode(r.state), r.version) for r in rows]
+
+
+# -- live folds and snapshots --
+
+
+def fold_live(
+    store: EventStore,
+    projection: Projection[S],
+    stream_id: str,
+    *,
+    tenant_id: str,
+    at_version: int | None = None,
+    at_time: datetime | None = None,
+    use_snapshots: bool = True,
+) -> tuple[S, int]:
+    """Fold one stream on read, from the newest usable snapshot; returns (state, version).
+
+    ``at_version`` / ``at_time`` stop the fold there (time travel).  A snapshot is saved when the
+    fold went ``snapshot_every`` events past the last one (current reads only).
+    """
+    limit_us = to_micros(at_time) if at_time is not None else None
+    state: S = projection.initial(tenant_id, stream_id)
+    version = 0
+    snap_version = 0
+    if use_snapshots and projection.snapshot_every is not None:
+        snap = _newest_snapshot(store, projection, tenant_id, stream_id, at_version, limit_us)
+        if snap is not None:
+            state, version = snap
+            snap_version = version
+    last: RecordedEvent | None = None
+    for ev in store.read_stream(stream_id, tenant_id=tenant_id, from_version=version + 1,
+                                to_version=at_version):
+        if limit_us is not None and to_micros(ev.recorded_at) > limit_us:
+            break
+        try:
+            state = projection.evolve(state, ev)
+        except Exception as e:
+            raise ProjectionFailed(projection=projection.name, position=ev.position,
+                                   type=ev.type, stream_id=ev.stream_id,
+                                   tenant_id=ev.tenant_id, cause=e) from e
+        version = ev.version
+        last = ev
+    every = projection.snapshot_every
+    if (use_snapshots and every is not None and last is not None and at_version is None
+            and at_time is None and version - snap_version >= every):
+        save_snapshot(store, projection, tenant_id, stream_id, state, last)
+    return state, version
+
+
+def _newest_snapshot(store: EventStore, projection: Projection[S], tenant_id: str,
+                     stream_id: str, at_version: int | None, at_us: int | None
+                     ) -> tuple[S, int] | None:
+    sc = snapshots.c
+    q = (select(sc.state, sc.version)
+         .where(sc.tenant_id == tenant_id, sc.stream_id == stream_id,
+                sc.projection == projection.name, sc.code_version == projection.version)
+         .order_by(sc.version.desc()).limit(1))
+    if at_version is not None:
+        q = q.where(sc.version <= at_version)
+    if at_us is not None:
+        q = q.where(sc.recorded_at <= at_us)
+    with begin_read(store.engine) as conn:
+        r = conn.execute(q).first()
+    if r is None:
+        return None
+    return projection.decode(r.state), r.version
+
+
+def save_snapshot(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str,
+                  state: S, last: RecordedEvent) -> None:
+    """Store ``state`` as the stream's state at ``last.version`` (a cache: never an event)."""
+    values = {"tenant_id": tenant_id, "stream_id": stream_id, "projection": projection.name,
+              "code_version": projection.version, "version": last.version,
+              "position": last.position, "recorded_at": to_micros(last.recorded_at),
+              "state": projection.encode(state), "created_at": _now_us(store)}
+    with begin_write(store.engine) as conn:
+        ins = (postgresql.insert(snapshots) if conn.dialect.name == "postgresql"
+               else sqlite.insert(snapshots))
+        conn.execute(ins.values(**values).on_conflict_do_nothing())
+        # Snapshots of older fold code are never read again.
+        conn.execute(delete(snapshots).where(
+            snapshots.c.tenant_id == tenant_id, snapshots.c.stream_id == stream_id,
+            snapshots.c.projection == projection.name,
+            snapshots.c.code_version != projection.version))
+
+
+def snapshot_now(store: EventStore, projection: Projection[Any], stream_id: str, *,
+                 tenant_id: str) -> int:
+    """Fold the stream and save a snapshot at its current version (on demand); returns it."""
+    state, version = fold_live(store, projection, stream_id, tenant_id=tenant_id,
+                               use_snapshots=True)
+    if version == 0:
+        return 0
+    (last,) = store.read_stream(stream_id, tenant_id=tenant_id, from_version=version,
+                                to_version=version)
+    save_snapshot(store, projection, tenant_id, stream_id, state, last)
+    return version
+
+
+# -- the asynchronous projector --
+
+
+class Projector:
+    """Runs persisted projections from the log, with a lease per projection.
+
+    Several projectors (processes, hosts) may run the same projections: a lease in
+    ``es_projections`` makes one of them active per projection, and another takes over once the
+    lease runs out (``lease_seconds``) when the active one dies.  Each batch locks the
+    projection's row, checks the lease is still ours, and writes rows and checkpoint in one
+    transaction, so a projector that crashes at any point applies every event exactly once.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        projections_: Sequence[Projection[Any]],
+        *,
+        worker_id: str | None = None,
+        lease_seconds: float = 10.0,
+        batch_size: int = 500,
+        poll_interval: float = 0.2,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise InvalidArgument("lease_seconds must be positive")
+        names = [p.name for p in projections_]
+        if len(set(names)) != len(names) or not all(names):
+            raise InvalidArgument(f"projections need distinct names, got {names}")
+        self.store = store
+        self.projections = list(projections_)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_us = int(lease_seconds * 1_000_000)
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self._log = _log.bind(worker=self.worker_id)
+        for p in self.projections:
+            ensure_registered(store, p)
+
+    def _acquire(self, conn: Connection, p: Projection[Any], row: Any, now_us: int) -> bool:
+        mine = row.owner == self.worker_id
+        if not mine and row.owner is not None and (row.lease_until or 0) > now_us:
+            return False
+        conn.execute(update(projections).where(projections.c.name == p.name)
+                     .values(owner=self.worker_id, lease_until=now_us + self.lease_us))
+        if not mine:
+            self._log.info("projection_lease_taken", projection=p.name,
+                           previous=row.owner, position=row.position)
+        return True
+
+    def run_once(self, projection: Projection[Any]) -> int:
+        """Apply one batch of new events if this worker holds (or can take) the lease.
+
+        Returns the number of events read (0 when idle, not leased, or failed).  Raises
+        :class:`ProjectionFailed` when the fold raises; the projection is then marked failed.
+        """
+        p = projection
+        try:
+            with begin_write(self.store.engine) as conn:
+                row = _lock_row(conn, p.name)
+                now_us = _now_us(self.store)
+                if row.status == "failed" or not self._acquire(conn, p, row, now_us):
+                    return 0
+                if row.code_version != p.version and row.rebuild_generation is None:
+                    self._log.warning("projection_code_changed", projection=p.name,
+                                      stored=row.code_version, code=p.version)
+                rows: _Rows[Any] = _Rows(p, row.generation)
+                page = self.store.read_page(conn, from_position=row.position + 1,
+                                            limit=self.batch_size,
+                                            categories=p.categories or None)
+                if not page:
+                    return 0
+                rows.apply(conn, page)
+                rows.flush(conn, now_us)
+                conn.execute(update(projections).where(projections.c.name == p.name)
+                             .values(position=page[-1].position, updated_at=now_us))
+                return len(page)
+        except ProjectionFailed as e:
+            _record_failure(self.store, p.name, e)
+            raise
+
+    def catch_up(self) -> int:
+        """Run every projection until it has applied the whole log; returns events applied."""
+        total = 0
+        for p in self.projections:
+            while True:
+                n = self.run_once(p)
+                total += n
+                if n < self.batch_size:
+                    break
+        return total
+
+    def run(self, stop: threading.Event) -> None:
+        """Project until ``stop`` is set; a failed projection is left stopped, the rest go on."""
+        failed: set[str] = set()
+        while not stop.is_set():
+            busy = False
+            for p in self.projections:
+                if p.name in failed:
+                    continue
+                try:
+                    busy = self.run_once(p) >= self.batch_size or busy
+                except ProjectionFailed:
+                    failed.add(p.name)
+            if not busy:
+                stop.wait(self.poll_interval)
+        self.release()
+
+    def release(self) -> None:
+        """Give up this worker's leases (a clean shutdown lets another take over at once)."""
+        with translate(), begin_write(self.store.engine) as conn:
+            conn.execute(update(projections)
+                         .where(projections.c.owner == self.worker_id,
+                                projections.c.name.in_([p.name for p in self.projections]))
+                         .values(owner=None, lease_until=None))
+
+
+# -- rebuild and verify --
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _fill(store: EventStore, projection: Projection[Any], generation: int, start: int,
+          until: Callable[[], int], progress: ProgressFn | None, *, track: bool) -> int:
+    """Fold the log into ``generation`` page by page from ``start``; returns the last position.
+
+    Each page commits its rows (and, when ``track``, the rebuild position) in one transaction, so
+    an interrupted rebuild resumes where it stopped.
+    """
+    rows: _Rows[Any] = _Rows(projection, generation)
+    last = start
+    cats = projection.categories or None
+    while True:
+        bound = until()
+        if last >= bound:
+            return last
+        with begin_write(store.engine) as conn:
+            page = store.read_page(conn, from_position=last + 1, limit=_PAGE * 5,
+                                   categories=cats)
+            page = [e for e in page if e.position <= bound]
+            if not page:
+                return last
+            rows.apply(conn, page)
+            rows.flush(conn, _now_us(store))
+            last = page[-1].position
+            if track:
+                conn.execute(update(projections).where(projections.c.name == projection.name)
+                             .values(rebuild_position=last))
+        if progress is not None:
+            progress(last, bound)
+
+
+def rebuild(store: EventStore, projection: Projection[Any], *,
+            progress: ProgressFn | None = None) -> int:
+    """Replay the log from position 0 into a new generation and swap it in when caught up.
+
+    Queries keep reading the current generation until the swap, which happens in one
+    transaction holding the projection's lock (so inline appends and projector batches wait for
+    it and then continue on the new rows).  Returns the new generation.
+    """
+    ensure_registered(store, projection)
+    name = projection.name
+    with begin_write(store.engine) as conn:
+        row = _lock_row(conn, name)
+        gen: int
+        start: int
+        if row.rebuild_generation is not None:
+            gen, start = int(row.rebuild_generation), int(row.rebuild_position or 0)  # resume
+        else:
+            gen = int(row.generation) + 1
+            start = 0
+            conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
+                                                       projection_rows.c.generation == gen))
+            conn.execute(update(projections).where(projections.c.name == name)
+                         .values(rebuild_generation=gen, rebuild_position=0))
+    _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
+    last = _fill(store, projection, gen, start, store.last_position, progress, track=True)
+    with begin_write(store.engine) as conn:
+        row = _lock_row(conn, name)
+        rows: _Rows[Any] = _Rows(projection, gen)
+        last = _catch_up(store, conn, rows, last, None)
+        rows.flush(conn, _now_us(store))
+        old = row.generation
+        conn.execute(update(projections).where(projections.c.name == name).values(
+            generation=gen, position=max(last, 0), code_version=projection.version,
+            status="running", error=None, failed_position=None, rebuild_generation=None,
+            rebuild_position=None, updated_at=_now_us(store)))
+    with begin_write(store.engine) as conn:
+        conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
+                                                   projection_rows.c.generation == old))
+    _log.info("projection_rebuilt", projection=name, generation=gen, position=last)
+    if progress is not None:
+        progress(last, last)
+    return gen
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One stream whose rebuilt state differs from the live row."""
+
+    tenant_id: str
+    stream_id: str
+    live: Any
+    rebuilt: Any
+
+
+def verify(store: EventStore, projection: Projection[Any], *,
+           progress: ProgressFn | None = None) -> list[Difference]:
+    """Rebuild into scratch rows and compare them with the live rows; returns the differences."""
+    ensure_registered(store, projection)
+    name = projection.name
+    scratch = -1 - int(time.time()) % 1_000_000_000  # negative: never an active generation
+
+    def live_position() -> int:
+        with begin_read(store.engine) as c:
+            return int(c.execute(select(projections.c.position)
+                                 .where(projections.c.name == name)).scalar() or 0)
+
+    try:
+        last = _fill(store, projection, scratch, 0, live_position, progress, track=False)
+        with begin_write(store.engine) as conn:
+            row = _lock_row(conn, name)
+            rows: _Rows[Any] = _Rows(projection, scratch)
+            _catch_up(store, conn, rows, last, row.position)
+            rows.flush(conn, _now_us(store))
+            return _compare(conn, projection, row.generation, scratch)
+    finally:
+        with begin_write(store.engine) as conn:
+            conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
+                                                       projection_rows.c.generation == scratch))
+
+
+def _compare(conn: Connection, projection: Projection[Any], live_gen: int, scratch: int
+             ) -> list[Difference]:
+    pr = projection_rows.c
+
+    def states(gen: int) -> dict[tuple[str, str], bytes]:
+        rows = conn.execute(select(pr.tenant_id, pr.stream_id, pr.state)
+                            .where(pr.projection == projection.name, pr.generation == gen))
+        return {(r.tenant_id, r.stream_id): bytes(r.state) for r in rows}
+
+    live, rebuilt = states(live_gen), states(scratch)
+    out = []
+    for key in sorted(set(live) | set(rebuilt)):
+        a, b = live.get(key), rebuilt.get(key)
+        da = projection.decode(a) if a is not None else None
+        db = projection.decode(b) if b is not None else None
+        if da != db:
+            out.append(Difference(key[0], key[1], da, db))
+    return out
+

@@ -1,0 +1,291 @@
+"""Conversation variables: assigned by workflow runs, folded into the current state.
+
+Stream per conversation: ``conversation-<conversation_id>``.  The projection runs inline, so
+``get`` right after ``assign`` sees the write; past states come from live folds (with snapshots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from eventstore import EventStore, RecordedEvent
+from eventstore.errors import InvalidArgument
+from eventstore.events import Event
+
+from ._engine import Projection, fold_live, inline, load_row, register, snapshot_now
+from .events import VariablesAssigned, VariablesDeleted, VariablesReset, VariableValue
+
+__all__ = ["ConversationProjection", "ConversationState", "Conversations", "VariableChange",
+           "value_type_of"]
+
+CATEGORY = "conversation"
+
+
+class ConversationState(msgspec.Struct, kw_only=True):
+    """A conversation's variables at one version."""
+
+    conversation_id: str
+    variables: dict[str, Any] = msgspec.field(default_factory=dict)
+    value_types: dict[str, str] = msgspec.field(default_factory=dict)
+    version: int = 0
+    updated_at: datetime | None = None
+    workflow_run_id: str | None = None
+    node_id: str | None = None
+
+
+class VariableChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One change of one variable: who made it, when, and old -> new."""
+
+    name: str
+    kind: str  # "assigned", "reset" or "deleted"
+    old: Any
+    new: Any
+    value_type: str | None
+    version: int
+    position: int
+    at: datetime
+    workflow_run_id: str | None
+    node_id: str | None
+
+
+def value_type_of(value: Any) -> str:
+    """The value type recorded for a variable's value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    return "object"
+
+
+def _conversation_id(stream_id: str) -> str:
+    return stream_id[len(CATEGORY) + 1:]
+
+
+class ConversationProjection(Projection[ConversationState]):
+    """Folds variable events into the conversation's current variables."""
+
+    name = "conversations"
+    version = 1
+    categories = (CATEGORY,)
+    state_type = ConversationState
+
+    def __init__(self, *, snapshot_every: int | None = 100) -> None:
+        self.snapshot_every = snapshot_every
+
+    def initial(self, tenant_id: str, stream_id: str) -> ConversationState:
+        return ConversationState(conversation_id=_conversation_id(stream_id))
+
+    def evolve(self, state: ConversationState, event: RecordedEvent) -> ConversationState:
+        data = event.data
+        variables = dict(state.variables)
+        types = dict(state.value_types)
+        if isinstance(data, (VariablesAssigned, VariablesReset)):
+            for v in data.variables:
+                variables[v.name] = v.value
+                types[v.name] = v.value_type
+        elif isinstance(data, VariablesDeleted):
+            for name in data.names:
+                variables.pop(name, None)
+                types.pop(name, None)
+        else:
+            return state
+        return ConversationState(
+            conversation_id=state.conversation_id, variables=variables, value_types=types,
+            version=event.version, updated_at=event.recorded_at,
+            workflow_run_id=data.workflow_run_id, node_id=data.node_id,
+        )
+
+
+register("conversations", ConversationProjection)
+
+
+def _check_conversation_id(conversation_id: object) -> str:
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise InvalidArgument("conversation_id must be a non-empty string")
+    return conversation_id
+
+
+def _check_names(names: Iterable[object]) -> list[str]:
+    out = []
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise InvalidArgument(f"variable names must be non-empty strings, got {n!r}")
+        out.append(n)
+    return out
+
+
+class Conversations:
+    """Conversation variables on the event log.
+
+    ``assign``/``reset``/``delete`` append one event each; ``get`` answers from the inline
+    projection rows (topped up from the log if another writer left them behind), or folds the
+    stream live for ``at_version`` / ``at_time``.
+    """
+
+    def __init__(self, store: EventStore, *, snapshot_every: int | None = 100) -> None:
+        self.store = store
+        self.projection = ConversationProjection(snapshot_every=snapshot_every)
+        inline(store, self.projection)
+
+    @staticmethod
+    def stream_id(conversation_id: str) -> str:
+        return f"{CATEGORY}-{conversation_id}"
+
+    def _append(self, conversation_id: str, event: Event, *, tenant_id: str,
+                expected_version: int | None, idempotency_key: str | None,
+                metadata: dict[str, Any] | None) -> int:
+        result = self.store.append(
+            self.stream_id(conversation_id), [event], tenant_id=tenant_id,
+            expected_version=expected_version, idempotency_key=idempotency_key,
+            metadata=metadata)
+        return result.stream_version
+
+    def assign(
+        self,
+        conversation_id: str,
+        variables: Mapping[str, Any],
+        *,
+        tenant_id: str = "default",
+        expected_version: int | None = None,
+        workflow_run_id: str | None = None,
+        node_id: str | None = None,
+        value_types: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> int:
+        """Set variables (add or overwrite) as one ``VariablesAssigned``; returns the version.
+
+        With ``expected_version`` the write succeeds only if nobody wrote since that version
+        (read-modify-write), else :class:`eventstore.WrongExpectedVersion`.
+        """
+        cid = _check_conversation_id(conversation_id)
+        values = self._values(variables, value_types)
+        return self._append(cid, VariablesAssigned(
+            conversation_id=cid, variables=values, workflow_run_id=workflow_run_id,
+            node_id=node_id), tenant_id=tenant_id, expected_version=expected_version,
+            idempotency_key=idempotency_key, metadata=metadata)
+
+    def reset(
+        self,
+        conversation_id: str,
+        defaults: Mapping[str, Any],
+        *,
+        tenant_id: str = "default",
+        expected_version: int | None = None,
+        workflow_run_id: str | None = None,
+        node_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Put variables back to their defaults (``{name: default}``) as one event."""
+        cid = _check_conversation_id(conversation_id)
+        return self._append(cid, VariablesReset(
+            conversation_id=cid, variables=self._values(defaults, None),
+            workflow_run_id=workflow_run_id, node_id=node_id), tenant_id=tenant_id,
+            expected_version=expected_version, idempotency_key=idempotency_key, metadata=None)
+
+    def delete(
+        self,
+        conversation_id: str,
+        names: Iterable[str],
+        *,
+        tenant_id: str = "default",
+        expected_version: int | None = None,
+        workflow_run_id: str | None = None,
+        node_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Remove variables as one ``VariablesDeleted`` event."""
+        cid = _check_conversation_id(conversation_id)
+        if isinstance(names, str):
+            names = [names]
+        checked = _check_names(names)
+        if not checked:
+            raise InvalidArgument("delete needs at least one variable name")
+        return self._append(cid, VariablesDeleted(
+            conversation_id=cid, names=checked, workflow_run_id=workflow_run_id,
+            node_id=node_id), tenant_id=tenant_id, expected_version=expected_version,
+            idempotency_key=idempotency_key, metadata=None)
+
+    @staticmethod
+    def _values(variables: Mapping[str, Any], types: Mapping[str, str] | None
+                ) -> list[VariableValue]:
+        if not isinstance(variables, Mapping):
+            raise InvalidArgument("variables must be a mapping of name to value")
+        if not variables:
+            raise InvalidArgument("assign needs at least one variable")
+        names = _check_names(variables.keys())
+        types = types or {}
+        return [VariableValue(name=n, value=variables[n],
+                              value_type=types.get(n) or value_type_of(variables[n]))
+                for n in names]
+
+    def get(
+        self,
+        conversation_id: str,
+        *,
+        tenant_id: str = "default",
+        at_version: int | None = None,
+        at_time: datetime | None = None,
+    ) -> ConversationState:
+        """The variables now, at a version, or as they were at a time (empty when unknown)."""
+        cid = _check_conversation_id(conversation_id)
+        stream = self.stream_id(cid)
+        if at_version is not None or at_time is not None:
+            state, _ = fold_live(self.store, self.projection, stream, tenant_id=tenant_id,
+                                 at_version=at_version, at_time=at_time)
+            return state
+        row = load_row(self.store, self.projection, tenant_id, stream)
+        state, version = row if row is not None else (
+            self.projection.initial(tenant_id, stream), 0)
+        # Top up from the log if a writer without the inline projection appended since.
+        for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=version + 1):
+            state = self.projection.evolve(state, ev)
+        return state
+
+    def snapshot(self, conversation_id: str, *, tenant_id: str = "default") -> int:
+        """Save a snapshot of the conversation now (on demand); returns its version."""
+        return snapshot_now(self.store, self.projection,
+                            self.stream_id(_check_conversation_id(conversation_id)),
+                            tenant_id=tenant_id)
+
+    def history(self, conversation_id: str, *, tenant_id: str = "default",
+                name: str | None = None) -> list[VariableChange]:
+        """Every change of every variable (or of ``name``), oldest first, with old -> new."""
+        cid = _check_conversation_id(conversation_id)
+        current: dict[str, Any] = {}
+        out: list[VariableChange] = []
+        for ev in self.store.read_stream(self.stream_id(cid), tenant_id=tenant_id):
+            data = ev.data
+            changes: list[tuple[str, Any, str | None]]
+            if isinstance(data, (VariablesAssigned, VariablesReset)):
+                kind = "assigned" if isinstance(data, VariablesAssigned) else "reset"
+                changes = [(v.name, v.value, v.value_type) for v in data.variables]
+            elif isinstance(data, VariablesDeleted):
+                kind = "deleted"
+                changes = [(n, None, None) for n in data.names]
+            else:
+                continue
+            for var, new, vtype in changes:
+                old = current.get(var)
+                if kind == "deleted":
+                    current.pop(var, None)
+                else:
+                    current[var] = new
+                if name is None or var == name:
+                    out.append(VariableChange(
+                        name=var, kind=kind, old=old, new=new, value_type=vtype,
+                        version=ev.version, position=ev.position, at=ev.recorded_at,
+                        workflow_run_id=data.workflow_run_id, node_id=data.node_id))
+        return out
