@@ -74,7 +74,10 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
     """Decode stored data: the registered type (upcast when older), else a :class:`RawEvent`."""
     cls = _registry.get(tag)
     if cls is None:
-        return RawEvent(type=tag, data=_dict_decoder.decode(raw), schema_version=schema_version)
+        data = _dict_decoder.decode(raw)
+        if data.get("type") == tag:
+            del data["type"]  # the tag typed events carry; a raw event's data is the rest
+        return RawEvent(type=tag, data=data, schema_version=schema_version)
     try:
         current = cls.__event_schema_version__
         if schema_version == current:

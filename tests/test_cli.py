@@ -1,0 +1,365 @@
+"""The ``eventstore`` command line, in-process through ``main()`` and as a real process."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from eventstore import EventStore, RawEvent
+from eventstore._migrate import known_revisions
+from eventstore.cli import EXTRA_COMMANDS, add_command, main
+from tests.conftest import fresh_pg_database, pg_url
+
+EVENTS: list[dict[str, Any]] = [
+    {"type": "NoteAdded", "data": {"text": "héllo", "tags": ["a", "b"]}},
+    {"type": "NoteEdited", "data": {"text": "world", "n": 2}, "schema_version": 2},
+]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what set-up printed (unconfigured structlog logs to stdout)
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def stored(url: str, stream: str, tenant: str = "default") -> list[tuple[str, int, object]]:
+    with EventStore.open(url) as store:
+        return [(e.type, e.schema_version, e.data)
+                for e in store.read_stream(stream, tenant_id=tenant)]
+
+
+def seed(url: str, stream: str, n: int, tenant: str = "default") -> None:
+    with EventStore.open(url) as store:
+        store.append(stream, [RawEvent(type="Seeded", data={"i": i}) for i in range(n)],
+                     tenant_id=tenant)
+
+
+@pytest.fixture
+def fresh_pg() -> Iterator[str]:
+    """A new PostgreSQL database without the eventstore schema, dropped afterwards."""
+    url = fresh_pg_database()
+    try:
+        yield url
+    finally:
+        admin = create_engine(make_url(pg_url()).set(database="postgres"),
+                              isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                name = make_url(url).database
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _no_auto_migrate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVENTSTORE_AUTO_MIGRATE", raising=False)
+    monkeypatch.delenv("EVENTSTORE_URL", raising=False)
+    monkeypatch.setenv("COLUMNS", "120")
+
+
+def test_append_from_file(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """append --file writes a JSON list as one batch and prints the AppendResult as JSON."""
+    path = tmp_path / "events.json"
+    path.write_text(json.dumps(EVENTS), encoding="utf-8")
+    code, out, err = run(capsys, "append", "note-1", "--file", str(path), "--url", url, "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"stream_id": "note-1", "tenant_id": "default",
+                               "first_position": 1, "last_position": 2, "stream_version": 2,
+                               "duplicate": False}
+    assert stored(url, "note-1") == [
+        ("NoteAdded", 1, RawEvent(type="NoteAdded", data=EVENTS[0]["data"])),
+        ("NoteEdited", 2, RawEvent(type="NoteEdited", data=EVENTS[1]["data"], schema_version=2)),
+    ]
+
+
+def test_append_from_stdin_json_lines(url: str, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """append reads JSON lines from stdin, with tenant, metadata and expected version."""
+    lines = "\n".join(json.dumps(e) for e in EVENTS) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code, out, _ = run(capsys, "--url", url, "append", "note-1", "--tenant", "acme",
+                       "--expected-version", "0", "--metadata", '{"by": "cli"}')
+    assert code == 0
+    assert out == "appended 2 events to note-1: positions 1-2, stream version 2\n"
+    assert [t for t, _, _ in stored(url, "note-1", tenant="acme")] == ["NoteAdded", "NoteEdited"]
+    assert stored(url, "note-1") == []
+    with EventStore.open(url) as store:
+        assert next(store.read_stream("note-1", tenant_id="acme")).metadata == {"by": "cli"}
+
+
+def test_read_table(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """read prints a header and one row per event, data as compact JSON cut to the width."""
+    with EventStore.open(url) as store:
+        store.append("note-1", [RawEvent(type="NoteAdded", data={"text": "hi"}),
+                                RawEvent(type="Big", data={"text": "x" * 500})])
+    code, out, _ = run(capsys, "read", "note-1", "--url", url)
+    assert code == 0
+    header, first, second = out.splitlines()
+    assert header.split() == ["POSITION", "VERSION", "TYPE", "RECORDED_AT", "DATA"]
+    assert first.split()[:3] == ["1", "1", "NoteAdded"]
+    assert first.endswith('{"text":"hi"}')
+    assert second.split()[:3] == ["2", "2", "Big"]
+    assert second.endswith("…")
+    assert len(second) <= 120
+
+
+def test_read_json_round_trip(url: str, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """read --json gives every field, and its output appends back to identical events."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS)))
+    assert main(["append", "note-1", "--url", url]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "read", "note-1", "--url", url, "--json")
+    assert code == 0
+    records = json_lines(out)
+    assert set(records[0]) == {"position", "stream_id", "version", "tenant_id", "event_id",
+                               "type", "schema_version", "data", "metadata", "recorded_at"}
+    assert [(r["position"], r["version"], r["stream_id"]) for r in records] == [
+        (1, 1, "note-1"), (2, 2, "note-1")]
+    assert [{"type": r["type"], "data": r["data"], "schema_version": r["schema_version"]}
+            for r in records] == [{**e, "schema_version": e.get("schema_version", 1)}
+                                  for e in EVENTS]
+
+    again = [{k: r[k] for k in ("type", "data", "schema_version")} for r in records]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(map(json.dumps, again))))
+    assert main(["append", "note-2", "--url", url]) == 0
+    assert stored(url, "note-2") == stored(url, "note-1")
+
+
+def test_read_backwards_with_limit(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """read --backwards --limit N gives the newest N events, newest first."""
+    seed(url, "s-1", 5)
+    code, out, _ = run(capsys, "read", "s-1", "--backwards", "--limit", "2", "--url", url,
+                       "--json")
+    assert code == 0
+    assert [r["version"] for r in json_lines(out)] == [5, 4]
+
+
+def test_wrong_expected_version_exits_3(url: str, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong --expected-version exits 3 with one error line and writes nothing."""
+    seed(url, "s-1", 2)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, out, err = run(capsys, "append", "s-1", "--expected-version", "1", "--url", url)
+    assert code == 3
+    assert out == ""
+    assert err == ("eventstore: error: expected version 1 for stream s-1 (tenant default), "
+                   "stream is at 2\n")
+    assert len(stored(url, "s-1")) == 2
+
+
+def test_reused_idempotency_key_exits_3(url: str, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idempotency key reused for other events exits 3; a true retry is a duplicate, 0."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    assert main(["append", "s-1", "--idempotency-key", "k1", "--url", url]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, out, _ = run(capsys, "append", "s-1", "--idempotency-key", "k1", "--url", url,
+                       "--json")
+    assert code == 0 and json.loads(out)["duplicate"] is True
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[1])))
+    code, _, err = run(capsys, "append", "s-1", "--idempotency-key", "k1", "--url", url)
+    assert code == 3 and "idempotency key 'k1'" in err
+    assert len(stored(url, "s-1")) == 1
+
+
+@pytest.mark.parametrize("payload", [
+    '{"type": "A", "data": {"x": 1}',  # truncated document
+    '{"type": "A", "data": {}}\n{"type": oops}\n',  # a bad JSON line
+    '{"type": "A", "data": [1]}',  # data not an object
+    '{"data": {}}',  # no type
+    "",  # nothing at all
+])
+def test_bad_input_exits_2(url: str, payload: str, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invalid JSON or event shapes exit 2 with one error line and write nothing."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(payload))
+    code, out, err = run(capsys, "append", "s-1", "--url", url)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("eventstore: error: ") and err.count("\n") == 1
+    assert stored(url, "s-1") == []
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Argparse errors (here a bad --expected-version) exit 2 with the eventstore prefix."""
+    code, _, err = run(capsys, "append", "s-1", "--expected-version", "soon")
+    assert code == 2
+    assert "eventstore: error: argument --expected-version" in err
+
+
+def test_unmigrated_postgres_exits_4(fresh_pg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PostgreSQL database without the schema exits 4, naming `eventstore migrate`."""
+    code, out, err = run(capsys, "stats", "--url", fresh_pg)
+    assert code == 4
+    assert out == ""
+    assert err.startswith("eventstore: error: ") and err.count("\n") == 1
+    assert "has no eventstore schema" in err and "`eventstore migrate --url" in err
+
+
+def test_migrate_makes_database_usable(fresh_pg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """migrate prints the head revision; afterwards the store opens (and migrate is a no-op)."""
+    head, _ = known_revisions()
+    code, out, _ = run(capsys, "migrate", "--url", fresh_pg, "--json")
+    assert code == 0
+    assert json.loads(out)["revision"] == head
+    code, out, _ = run(capsys, "migrate", "--url", fresh_pg)
+    assert code == 0 and out.strip().endswith(f"schema at revision {head}")
+    code, out, _ = run(capsys, "stats", "--url", fresh_pg, "--json")
+    assert code == 0
+    assert json.loads(out) == {"events": 0, "streams": 0, "tenants": 0, "last_position": 0}
+
+
+def test_stats(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """stats counts events, streams and tenants (all, or one with --tenant)."""
+    seed(url, "a-1", 3)
+    seed(url, "a-2", 1)
+    seed(url, "a-1", 2, tenant="acme")
+    code, out, _ = run(capsys, "stats", "--url", url, "--json")
+    assert code == 0
+    assert json.loads(out) == {"events": 6, "streams": 3, "tenants": 2, "last_position": 6}
+    code, out, _ = run(capsys, "stats", "--url", url, "--tenant", "acme")
+    assert code == 0
+    assert [line.split() for line in out.splitlines()] == [
+        ["events", "2"], ["streams", "1"], ["tenants", "1"], ["last_position", "6"]]
+
+
+def test_tail_from_position_with_limit(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """tail --from-position N --limit K prints K events from N on, filtered, then exits 0."""
+    seed(url, "a-1", 2)
+    seed(url, "b-1", 1)
+    seed(url, "a-2", 2)
+    seed(url, "a-3", 1, tenant="acme")
+    code, out, _ = run(capsys, "tail", "--from-position", "2", "--category", "a",
+                       "--limit", "3", "--url", url, "--json")
+    assert code == 0
+    assert [(r["position"], r["stream_id"]) for r in json_lines(out)] == [
+        (2, "a-1"), (4, "a-2"), (5, "a-2")]
+    code, out, _ = run(capsys, "tail", "--from-position", "1", "--all-tenants", "--limit", "6",
+                       "--url", url, "--json")
+    assert code == 0
+    assert json_lines(out)[-1]["tenant_id"] == "acme"
+
+
+def test_tail_defaults_to_new_events(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --from-position tail skips existing events and prints those appended later."""
+    seed(url, "s-1", 3)
+    stop = threading.Event()
+
+    def keep_appending() -> None:
+        with EventStore.open(url) as store:
+            while not stop.wait(0.05):
+                store.append("s-2", [RawEvent(type="Late", data={})])
+
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        code, out, _ = run(capsys, "tail", "--limit", "1", "--url", url)
+    finally:
+        stop.set()
+        writer.join(timeout=5)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["POSITION", "STREAM", "VERSION"]
+    position, stream, _version, kind = row.split()[:4]
+    assert int(position) > 3 and (stream, kind) == ("s-2", "Late")
+
+
+def test_extra_commands_are_registered(capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callable in EXTRA_COMMANDS adds a subcommand that main dispatches to."""
+
+    def hello(args: argparse.Namespace) -> int:
+        print(f"hello {args.name} json={args.json}")
+        return 7
+
+    def register(subparsers: Any) -> None:
+        add_command(subparsers, "hello", help="say hello", func=hello).add_argument("name")
+
+    monkeypatch.setattr("eventstore.cli.EXTRA_COMMANDS", [*EXTRA_COMMANDS, register])
+    assert run(capsys, "--json", "hello", "you")[:2] == (7, "hello you json=True\n")
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help exits 0 and its epilog lists the exit codes."""
+    code, out, _ = run(capsys, "read", "--help")
+    assert code == 0
+    assert "3  conflict" in out and "4  schema mismatch" in out
+
+
+def _cli(*argv: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("EVENTSTORE_URL", None)
+    return subprocess.Popen([sys.executable, "-m", "eventstore.cli", *argv], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **kwargs)
+
+
+def test_console_script_append_and_conflict(url: str) -> None:
+    """`python -m eventstore.cli` appends from stdin (exit 0), then a conflict exits 3."""
+    proc = _cli("append", "s-1", "--url", url, "--json")
+    out, err = proc.communicate(json.dumps(EVENTS), timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["last_position"] == 2
+    proc = _cli("append", "s-1", "--url", url, "--expected-version", "0")
+    out, err = proc.communicate(json.dumps(EVENTS), timeout=30)
+    assert (proc.returncode, out) == (3, "")
+    assert err.startswith("eventstore: error: expected version 0") and "Traceback" not in err
+    assert [data for _, _, data in stored(url, "s-1")] == [
+        RawEvent(type=e["type"], data=e["data"], schema_version=e.get("schema_version", 1))
+        for e in EVENTS]
+
+
+def test_console_script_tail_stops_on_sigterm(tmp_path: Path) -> None:
+    """A real `tail` process prints events as they come and exits 0 on SIGTERM."""
+    url = f"sqlite:///{tmp_path / 'tail.db'}"
+    seed(url, "s-1", 1)
+    proc = _cli("tail", "--url", url, "--json")
+    assert proc.stdout is not None
+    try:
+        _check_tail_process(proc, url)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _check_tail_process(proc: subprocess.Popen[str], url: str) -> None:
+    assert proc.stdout is not None
+    stop = threading.Event()
+
+    def keep_appending() -> None:
+        with EventStore.open(url) as store:
+            while not stop.wait(0.05):
+                store.append("s-2", [RawEvent(type="Late", data={})])
+
+    writer = threading.Thread(target=keep_appending)
+    writer.start()
+    try:
+        first = json.loads(proc.stdout.readline())
+    finally:
+        stop.set()
+        writer.join(timeout=5)
+    assert first["stream_id"] == "s-2" and first["position"] > 1
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err

@@ -1,0 +1,183 @@
+"""Conversation variables: assign, reset, delete, get, time travel and history."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from eventstore import EventStore, InvalidArgument, WrongExpectedVersion
+from eventstore.store import DEFAULT_TENANT
+from projections import Conversations
+from projections.events import VariablesAssigned
+
+
+class Clock:
+    """A settable clock for the store's recorded_at."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def conv_store(url: str, clock: Clock) -> EventStore:
+    s = EventStore.open(url, clock=clock)
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+@pytest.fixture
+def conversations(conv_store: EventStore) -> Conversations:
+    return Conversations(conv_store)
+
+
+def test_assign_upserts_variables(conversations: Conversations) -> None:
+    """A second assign overwrites existing variables and keeps the others."""
+    v = conversations.assign("c-42", {"count": 1, "topic": "billing"}, tenant_id="acme",
+                             workflow_run_id="run-7", node_id="assigner-1")
+    assert v == 1
+    assert conversations.assign("c-42", {"count": 2}, tenant_id="acme", expected_version=v) == 2
+    state = conversations.get("c-42", tenant_id="acme")
+    assert state.variables == {"count": 2, "topic": "billing"}
+    assert state.version == 2
+    assert state.value_types == {"count": "integer", "topic": "string"}
+
+
+def test_assign_is_one_event_with_names_values_types_and_origin(
+        conversations: Conversations, conv_store: EventStore) -> None:
+    """A batch assign appends exactly one VariablesAssigned with run and node."""
+    conversations.assign("c-1", {"a": 1, "b": [1, 2], "c": None, "d": {"x": 1.5}},
+                         workflow_run_id="run-1", node_id="node-1")
+    (ev,) = conv_store.read_stream("conversation-c-1")
+    assert isinstance(ev.data, VariablesAssigned)
+    assert [(v.name, v.value, v.value_type) for v in ev.data.variables] == [
+        ("a", 1, "integer"), ("b", [1, 2], "array"), ("c", None, "null"),
+        ("d", {"x": 1.5}, "object")]
+    assert (ev.data.workflow_run_id, ev.data.node_id) == ("run-1", "node-1")
+
+
+def test_read_modify_write_race_has_one_winner(conversations: Conversations) -> None:
+    """Two writers that both read count=0 and write count+1: exactly one succeeds."""
+    conversations.assign("c-1", {"count": 0})
+    state = conversations.get("c-1")
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def bump() -> None:
+        barrier.wait()
+        try:
+            conversations.assign("c-1", {"count": state.variables["count"] + 1},
+                                 expected_version=state.version)
+            results.append("ok")
+        except WrongExpectedVersion:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=bump) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["conflict", "ok"]
+    assert conversations.get("c-1").variables == {"count": 1}
+
+
+def test_reset_and_delete_are_events(conversations: Conversations,
+                                     conv_store: EventStore) -> None:
+    """Reset puts defaults back, delete removes; both are recorded as events."""
+    conversations.assign("c-1", {"count": 5, "topic": "x", "tmp": True})
+    conversations.reset("c-1", {"count": 0})
+    conversations.delete("c-1", ["tmp"])
+    assert conversations.get("c-1").variables == {"count": 0, "topic": "x"}
+    assert [e.type for e in conv_store.read_stream("conversation-c-1")] == [
+        "VariablesAssigned", "VariablesReset", "VariablesDeleted"]
+
+
+def test_get_at_version_and_at_time(conversations: Conversations, clock: Clock) -> None:
+    """Time travel by version and by time returns the past variables."""
+    t0 = clock.now
+    conversations.assign("c-1", {"count": 1})
+    clock.now = t0 + timedelta(minutes=5)
+    conversations.assign("c-1", {"count": 2, "topic": "billing"})
+    clock.now = t0 + timedelta(minutes=10)
+    conversations.delete("c-1", ["topic"])
+    assert conversations.get("c-1", at_version=1).variables == {"count": 1}
+    assert conversations.get("c-1", at_version=2).variables == {"count": 2, "topic": "billing"}
+    assert conversations.get("c-1", at_time=t0 + timedelta(minutes=1)).variables == {"count": 1}
+    assert conversations.get("c-1", at_time=t0 + timedelta(minutes=7)).version == 2
+    assert conversations.get("c-1", at_time=t0 - timedelta(minutes=1)).variables == {}
+    assert conversations.get("c-1").variables == {"count": 2}
+
+
+def test_history_lists_who_when_old_and_new(conversations: Conversations, clock: Clock) -> None:
+    """history() gives every change with run, node, time and old -> new."""
+    conversations.assign("c-1", {"count": 1}, workflow_run_id="r1", node_id="n1")
+    clock.now += timedelta(seconds=30)
+    conversations.assign("c-1", {"count": 2}, workflow_run_id="r2", node_id="n2")
+    conversations.delete("c-1", ["count"], workflow_run_id="r3")
+    hist = conversations.history("c-1")
+    assert [(h.kind, h.old, h.new, h.workflow_run_id, h.version) for h in hist] == [
+        ("assigned", None, 1, "r1", 1), ("assigned", 1, 2, "r2", 2),
+        ("deleted", 2, None, "r3", 3)]
+    assert hist[1].at - hist[0].at == timedelta(seconds=30)
+    assert conversations.history("c-1", name="other") == []
+
+
+def test_unknown_conversation_is_empty(conversations: Conversations) -> None:
+    """get of a conversation with no events has no variables and version 0."""
+    state = conversations.get("nobody")
+    assert state.variables == {} and state.version == 0
+
+
+def test_tenants_do_not_see_each_other(conversations: Conversations) -> None:
+    """Variables are per tenant."""
+    conversations.assign("c-1", {"secret": "a"}, tenant_id="a")
+    assert conversations.get("c-1", tenant_id="b").variables == {}
+    assert conversations.get("c-1", tenant_id=DEFAULT_TENANT).variables == {}
+    assert conversations.history("c-1", tenant_id="b") == []
+
+
+def test_bad_input_writes_nothing(conversations: Conversations, conv_store: EventStore) -> None:
+    """Empty or malformed variables raise InvalidArgument and append nothing."""
+    for bad in ({}, {"": 1}, {1: "x"}, ["a"]):
+        with pytest.raises(InvalidArgument):
+            conversations.assign("c-1", bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        conversations.assign("", {"a": 1})
+    with pytest.raises(InvalidArgument):
+        conversations.delete("c-1", [])
+    with pytest.raises(InvalidArgument):
+        conversations.assign("c-1", {"a": object()})
+    assert conv_store.stream_version("conversation-c-1") == 0
+
+
+def test_failed_append_raises_and_leaves_state(conversations: Conversations) -> None:
+    """A stale expected_version raises to the caller; the state is unchanged."""
+    conversations.assign("c-1", {"a": 1})
+    with pytest.raises(WrongExpectedVersion):
+        conversations.assign("c-1", {"a": 2}, expected_version=0)
+    assert conversations.get("c-1").variables == {"a": 1}
+
+
+def test_get_sees_writes_from_a_writer_without_the_projection(
+        conversations: Conversations, conv_store: EventStore) -> None:
+    """Events appended by a process that did not run the inline projection still show."""
+    conversations.assign("c-1", {"a": 1})
+    with EventStore.open(conv_store.url) as bare:
+        bare.append("conversation-c-1", [VariablesAssigned(conversation_id="c-1",
+                                                           variables=[])])
+        from projections.events import VariableValue
+        bare.append("conversation-c-1", [VariablesAssigned(
+            conversation_id="c-1", variables=[VariableValue(name="b", value=2,
+                                                            value_type="integer")])])
+    assert conversations.get("c-1").variables == {"a": 1, "b": 2}
+    conversations.assign("c-1", {"c": 3})
+    assert conversations.get("c-1").version == 4

@@ -1,0 +1,220 @@
+"""The projection engine: inline, projector, failures, snapshots, rebuild and verify."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from eventstore import EventStore
+from eventstore._backend import begin_write
+from eventstore._schema import projection_rows
+from projections import Projector, ProjectionFailed, fold_live, inline, rebuild, status, verify
+from projections._engine import load_row, query_rows, snapshot_now
+from tests._events import CounterIncremented
+from tests._projections import Tally, TallyProjection
+
+
+def bump(store: EventStore, stream: str, n: int, by: int = 1, tenant: str = "default") -> None:
+    for _ in range(n):
+        store.append(f"counter-{stream}", [CounterIncremented(by=by, writer=stream)],
+                     tenant_id=tenant)
+
+
+def rows_of(store: EventStore, p: TallyProjection) -> dict[tuple[str, str], Tally]:
+    return {(t, s): st for t, s, st, _v in query_rows(store, p, tenant_id=None)}
+
+
+def test_inline_rows_are_current_right_after_append(store: EventStore) -> None:
+    """An inline projection's row reflects an append as soon as append returns."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3, by=2)
+    row = load_row(store, p, "default", "counter-a")
+    assert row is not None and row[0].total == 6 and row[1] == 3
+
+
+def test_inline_projection_catches_up_on_history(store: EventStore) -> None:
+    """An inline projection added to a store with history folds the history first."""
+    bump(store, "a", 4)
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 1)
+    row = load_row(store, p, "default", "counter-a")
+    assert row is not None and row[0].count == 5
+
+
+def test_inline_failure_rejects_the_append(store: EventStore) -> None:
+    """A fold that raises inline makes the append fail, writing nothing."""
+    inline(store, TallyProjection(poison=13))
+    bump(store, "a", 1)
+    with pytest.raises(ProjectionFailed) as info:
+        store.append("counter-a", [CounterIncremented(by=13)])
+    assert info.value.position == 2 and info.value.stream_id == "counter-a"
+    assert store.stream_version("counter-a") == 1
+
+
+def test_projector_applies_every_event_once_and_checkpoints(store: EventStore) -> None:
+    """The projector folds all events; a second catch-up applies nothing more."""
+    bump(store, "a", 5)
+    bump(store, "b", 3, by=4)
+    store.append("other-1", [CounterIncremented()])
+    p = TallyProjection("tally_async")
+    proj = Projector(store, [p], batch_size=3)
+    assert proj.catch_up() == 8
+    assert proj.catch_up() == 0
+    rows = rows_of(store, p)
+    assert rows[("default", "counter-a")].count == 5
+    assert rows[("default", "counter-b")].total == 12
+    (st,) = status(store, "tally_async")
+    assert st.position == 8 and st.owner == proj.worker_id and st.lag == 1
+
+
+def test_second_projector_waits_for_the_lease(store: EventStore) -> None:
+    """While one projector holds the lease, another applies nothing."""
+    bump(store, "a", 2)
+    p = TallyProjection("tally_async")
+    first = Projector(store, [p], worker_id="w1", lease_seconds=30)
+    second = Projector(store, [p], worker_id="w2", lease_seconds=30)
+    assert first.run_once(p) == 2
+    bump(store, "a", 1)
+    assert second.run_once(p) == 0
+    first.release()
+    assert second.run_once(p) == 1
+    assert rows_of(store, p)[("default", "counter-a")].count == 3
+
+
+def test_expired_lease_is_taken_over(store: EventStore) -> None:
+    """A projector whose lease ran out is replaced by another."""
+    p = TallyProjection("tally_async")
+    bump(store, "a", 1)
+    Projector(store, [p], worker_id="dead", lease_seconds=0.05).run_once(p)
+    bump(store, "a", 1)
+    import time
+
+    time.sleep(0.1)
+    assert Projector(store, [p], worker_id="alive").run_once(p) == 1
+    assert status(store, "tally_async")[0].owner == "alive"
+
+
+def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
+    """A fold error names position, type and stream, shows in status, and resumes on restart."""
+    bump(store, "a", 2)
+    store.append("counter-b", [CounterIncremented(by=13)])
+    bump(store, "a", 1)
+    bad = TallyProjection("tally_async", poison=13)
+    proj = Projector(store, [bad])
+    with pytest.raises(ProjectionFailed) as info:
+        proj.catch_up()
+    err = info.value
+    assert (err.position, err.type, err.stream_id) == (3, "test.CounterIncremented",
+                                                        "counter-b")
+    (st,) = status(store, "tally_async")
+    assert st.status == "failed" and st.failed_position == 3 and "position 3" in (st.error or "")
+    assert st.position == 0  # the failed batch was rolled back
+    assert proj.run_once(bad) == 0
+    from projections import restart
+
+    restart(store, "tally_async")
+    fixed = TallyProjection("tally_async")
+    assert Projector(store, [fixed]).catch_up() == 4
+    assert rows_of(store, fixed)[("default", "counter-a")].count == 3
+
+
+def test_snapshots_are_taken_and_used(store: EventStore) -> None:
+    """Live folds save a snapshot every N events and later start from it."""
+    p = TallyProjection(snapshot_every=10)
+    bump(store, "a", 25)
+    state, version = fold_live(store, p, "counter-a", tenant_id="default")
+    assert (state.count, version) == (25, 25)
+    from eventstore._schema import snapshots
+    from sqlalchemy import select
+
+    with store.engine.connect() as c:
+        snaps = c.execute(select(snapshots.c.version)).scalars().all()
+    assert snaps == [25]
+    bump(store, "a", 2)
+    assert fold_live(store, p, "counter-a", tenant_id="default")[0].count == 27
+    assert fold_live(store, p, "counter-a", tenant_id="default", at_version=20)[0].count == 20
+
+
+def test_snapshot_of_changed_code_is_ignored(store: EventStore) -> None:
+    """A snapshot written by another projection version is not trusted."""
+    p = TallyProjection(snapshot_every=5)
+    bump(store, "a", 6)
+    assert snapshot_now(store, p, "counter-a", tenant_id="default") == 6
+    from eventstore._schema import snapshots
+
+    with begin_write(store.engine) as conn:  # corrupt the snapshot's state
+        conn.execute(update(snapshots).values(state=b'{"count":999,"total":0,"writers":[],'
+                                                    b'"last_version":6}'))
+    assert fold_live(store, p, "counter-a", tenant_id="default")[0].count == 999
+
+    class TallyV2(TallyProjection):
+        version = 2
+
+    assert fold_live(store, TallyV2(snapshot_every=5), "counter-a",
+                     tenant_id="default")[0].count == 6
+
+
+def test_rebuild_swaps_in_new_rows_while_old_ones_answer(store: EventStore) -> None:
+    """Rebuild keeps queries on the old rows until the swap, and appends during it count."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 30)
+    with begin_write(store.engine) as conn:  # damage the live rows
+        conn.execute(update(projection_rows).values(
+            state=b'{"count":-1,"total":0,"writers":[],"last_version":30}'))
+    seen_during: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        row = load_row(store, p, "default", "counter-a")
+        assert row is not None
+        seen_during.append(row[0].count)
+        if len(seen_during) == 1:
+            bump(store, "a", 2)  # appends while the rebuild runs
+
+    gen = rebuild(store, p, progress=progress)
+    assert gen == 2
+    assert seen_during and seen_during[0] == -1
+    row = load_row(store, p, "default", "counter-a")
+    assert row is not None and row[0].count == 32
+    assert verify(store, p) == []
+
+
+def test_verify_reports_differences(store: EventStore) -> None:
+    """verify rebuilds into scratch rows and lists the streams that differ."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3)
+    bump(store, "b", 2)
+    assert verify(store, p) == []
+    with begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows)
+                     .where(projection_rows.c.stream_id == "counter-b")
+                     .values(state=b'{"count":7}'))
+    diffs = verify(store, p)
+    assert [(d.stream_id, d.live.count, d.rebuilt.count) for d in diffs] == [("counter-b", 7, 2)]
+    with store.engine.connect() as c:  # the scratch rows are gone
+        from sqlalchemy import select
+
+        gens = set(c.execute(select(projection_rows.c.generation)).scalars())
+    assert gens == {1}
+
+
+def test_query_rows_by_index(store: EventStore) -> None:
+    """Rows are queryable by their indexed status, ordered by sort key."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 1, by=20)
+    bump(store, "b", 1, by=3)
+    bump(store, "c", 1, by=11)
+    bump(store, "d", 1, by=50, tenant="other")
+    big = query_rows(store, p, tenant_id="default", status="big")
+    assert [(s, st.total) for _t, s, st, _v in big] == [("counter-c", 11), ("counter-a", 20)]
+    assert len(query_rows(store, p, tenant_id=None, status="big")) == 3
+
+
+def _states(store: EventStore, p: Any) -> dict[str, Any]:
+    return {s: st for _t, s, st, _v in query_rows(store, p, tenant_id=None)}
