@@ -648,4 +648,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main: plugins register their commands on `eventstore.cli`, which
+    # is another module object than this `__main__`.
+    from eventstore.cli import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,5 @@
+"""``python -m eventstore``: the command line."""
+
+from eventstore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""``eventstore projections …``: status, rebuild, verify, restart and run projectors.
+
+Imported by :mod:`eventstore.cli` (listed in its ``PLUGIN_MODULES``).  Projections are found by
+name in :func:`projections.registered`; ``--module`` imports more modules that register theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import threading
+import time
+from typing import Any
+
+import msgspec
+
+from eventstore import cli
+from eventstore.cli import CliError, add_command, open_store, print_json
+
+from ._engine import Projection, Projector, rebuild, registered, restart, status, verify
+
+
+def _projection(args: argparse.Namespace, name: str) -> Projection[Any]:
+    for module in args.module or ():
+        importlib.import_module(module)
+    factories = registered()
+    if name not in factories:
+        known = ", ".join(sorted(factories)) or "none"
+        raise CliError(f"unknown projection {name!r} (known: {known})", cli.EXIT_USAGE)
+    return factories[name]()
+
+
+class _Progress:
+    """A one-line progress bar with events/s and ETA, drawn only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.first: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.first is None:
+            self.first = 0
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = done / elapsed
+        frac = done / total if total else 1.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        width = 30
+        bar = "#" * int(frac * width)
+        sys.stderr.write(f"\r[{bar:<{width}}] {frac:6.1%} {done:,}/{total:,} events "
+                         f"{rate:,.0f} ev/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        rows = status(store, args.name)
+    if args.json:
+        for r in rows:
+            print_json({**dataclasses.asdict(r), "lag": r.lag})
+        return cli.EXIT_OK
+    if not rows:
+        print("no projections registered in this store")
+        return cli.EXIT_OK
+    print(f"{'NAME':<24} {'STATUS':<10} {'GEN':>4} {'POSITION':>10} {'LAG':>8}  OWNER / ERROR")
+    for r in rows:
+        extra = r.error if r.status == "failed" else (r.owner or "-")
+        if r.rebuild_generation is not None:
+            extra = f"rebuilding gen {r.rebuild_generation} at {r.rebuild_position}; {extra}"
+        print(f"{r.name:<24} {r.status:<10} {r.generation:>4} {r.position:>10} {r.lag:>8}  "
+              f"{extra}")
+    return cli.EXIT_OK
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    p = _projection(args, args.name)
+    progress = _Progress(sys.stderr.isatty() and not args.json)
+    with open_store(args) as store:
+        t0 = time.monotonic()
+        gen = rebuild(store, p, progress=progress)
+        progress.done()
+        (st,) = status(store, p.name)
+    secs = time.monotonic() - t0
+    if args.json:
+        print_json({"projection": p.name, "generation": gen, "position": st.position,
+                    "seconds": round(secs, 3)})
+    else:
+        print(f"rebuilt {p.name}: generation {gen}, position {st.position}, {secs:.1f}s")
+    return cli.EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    p = _projection(args, args.name)
+    progress = _Progress(sys.stderr.isatty() and not args.json)
+    with open_store(args) as store:
+        diffs = verify(store, p, progress=progress)
+        progress.done()
+    if args.json:
+        for d in diffs:
+            print_json({"tenant_id": d.tenant_id, "stream_id": d.stream_id,
+                        "live": d.live, "rebuilt": d.rebuilt})
+    elif not diffs:
+        print(f"{p.name}: live rows equal the replay of the log")
+    else:
+        for d in diffs:
+            print(f"{d.tenant_id}/{d.stream_id}:\n  live:    "
+                  f"{msgspec.json.encode(d.live).decode()}\n  rebuilt: "
+                  f"{msgspec.json.encode(d.rebuilt).decode()}")
+        print(f"{p.name}: {len(diffs)} stream(s) differ")
+    return cli.EXIT_OK if not diffs else cli.EXIT_ERROR
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        if not status(store, args.name):
+            raise CliError(f"projection {args.name!r} is not registered in this store",
+                           cli.EXIT_USAGE)
+        restart(store, args.name)
+    print(f"{args.name}: restarted")
+    return cli.EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    names = args.names or sorted(registered())
+    chosen = [_projection(args, n) for n in names]
+    stop = threading.Event()
+    with open_store(args) as store:
+        projector = Projector(store, chosen, worker_id=args.worker_id,
+                              lease_seconds=args.lease_seconds)
+        if args.once:
+            n = projector.catch_up()
+            print(f"applied {n} events")
+            return cli.EXIT_OK
+        with cli._stop_on_signals(stop):
+            projector.run(stop)
+    return cli.EXIT_OK
+
+
+def _add(subparsers: cli.Subparsers) -> None:
+    group = subparsers.add_parser(
+        "projections", help="status, rebuild, verify, restart or run projections",
+        description="Operate persisted projections.")
+    sub = group.add_subparsers(title="commands", dest="projections_command", metavar="COMMAND",
+                               required=True)
+
+    def module_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--module", action="append", metavar="MOD",
+                       help="import MOD first (it registers more projections)")
+
+    p = add_command(sub, "status", func=cmd_status, help="each projection's position and lag")
+    p.add_argument("name", nargs="?", help="only this projection")
+    p = add_command(sub, "rebuild", func=cmd_rebuild,
+                    help="replay the log into fresh rows and swap them in when caught up")
+    p.add_argument("name")
+    module_option(p)
+    p = add_command(sub, "verify", func=cmd_verify,
+                    help="rebuild into scratch rows and print differences from the live rows")
+    p.add_argument("name")
+    module_option(p)
+    p = add_command(sub, "restart", func=cmd_restart,
+                    help="clear a failed projection so its projector retries")
+    p.add_argument("name")
+    p = add_command(sub, "run", func=cmd_run, help="run a projector until interrupted")
+    p.add_argument("names", nargs="*", help="projections to run (default: all registered)")
+    p.add_argument("--worker-id", help="this worker's id (default: host:pid:random)")
+    p.add_argument("--lease-seconds", type=float, default=10.0)
+    p.add_argument("--once", action="store_true", help="catch up once and exit")
+    module_option(p)
+
+
+cli.EXTRA_COMMANDS.append(_add)
