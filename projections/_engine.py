@@ -424,6 +424,21 @@ def load_row(store: EventStore, projection: Projection[S], tenant_id: str, strea
     return projection.decode(r.state), r.version
 
 
+def current(store: EventStore, projection: Projection[S], stream_id: str, *, tenant_id: str
+            ) -> tuple[S, int]:
+    """A stream's state now and its version: the persisted row, topped up from the log.
+
+    The top-up covers events appended by a writer that did not run this projection inline (or
+    before it was registered), so a command layer always decides on the latest state.
+    """
+    row = load_row(store, projection, tenant_id, stream_id)
+    state, version = row if row is not None else (projection.initial(tenant_id, stream_id), 0)
+    for ev in store.read_stream(stream_id, tenant_id=tenant_id, from_version=version + 1):
+        state = projection.evolve(state, ev)
+        version = ev.version
+    return state, version
+
+
 def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str | None,
                status: str | Sequence[str] | None = None, group_key: str | None = None,
                sort_before: int | None = None, limit: int | None = None,

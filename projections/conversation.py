@@ -16,7 +16,7 @@ from eventstore import EventStore, RecordedEvent
 from eventstore.errors import InvalidArgument
 from eventstore.events import Event
 
-from ._engine import Projection, fold_live, inline, load_row, register, snapshot_now
+from ._engine import Projection, current, fold_live, inline, register, snapshot_now
 from .events import VariablesAssigned, VariablesDeleted, VariablesReset, VariableValue
 
 __all__ = ["ConversationProjection", "ConversationState", "Conversations", "VariableChange",
@@ -246,13 +246,7 @@ class Conversations:
             state, _ = fold_live(self.store, self.projection, stream, tenant_id=tenant_id,
                                  at_version=at_version, at_time=at_time)
             return state
-        row = load_row(self.store, self.projection, tenant_id, stream)
-        state, version = row if row is not None else (
-            self.projection.initial(tenant_id, stream), 0)
-        # Top up from the log if a writer without the inline projection appended since.
-        for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=version + 1):
-            state = self.projection.evolve(state, ev)
-        return state
+        return current(self.store, self.projection, stream, tenant_id=tenant_id)[0]
 
     def snapshot(self, conversation_id: str, *, tenant_id: str = "default") -> int:
         """Save a snapshot of the conversation now (on demand); returns its version."""

@@ -22,12 +22,42 @@ BACKENDS = ["sqlite", "postgres"]
 _migrated: set[str] = set()
 
 
-def pg_url() -> str:
+_session_db: list[str] = []
+
+
+def server_url() -> str:
+    """The test server's database from ``EVENTSTORE_TEST_PG_URL`` (fails when unset)."""
     url = os.environ.get("EVENTSTORE_TEST_PG_URL")
     if not url:
         pytest.fail("EVENTSTORE_TEST_PG_URL is not set: run the suite with scripts/test.sh, "
                     "which starts a throwaway PostgreSQL", pytrace=False)
     return url
+
+
+def pg_url() -> str:
+    """This test session's own database on the test server, created on first use.
+
+    A database per session, so that two test runs against one server never empty each other's
+    tables.
+    """
+    if not _session_db:
+        _session_db.append(fresh_pg_database())
+    return _session_db[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for url in _session_db:
+        drop_pg_database(url)
+
+
+def drop_pg_database(url: str) -> None:
+    target = make_url(url)
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def reset_pg(url: str) -> None:
@@ -48,7 +78,7 @@ def reset_pg(url: str) -> None:
 
 def fresh_pg_database() -> str:
     """A new, empty PostgreSQL database on the test server; returns its URL."""
-    base = make_url(pg_url())
+    base = make_url(server_url())
     name = f"es_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
@@ -82,3 +112,13 @@ def store(url: str) -> Iterator[EventStore]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def fresh_pg() -> Iterator[str]:
+    """A new PostgreSQL database that was never migrated (dropped afterwards)."""
+    url = fresh_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)

@@ -10,18 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from eventstore import EventStore, RawEvent
 from eventstore._migrate import known_revisions
 from eventstore.cli import EXTRA_COMMANDS, add_command, main
-from tests.conftest import fresh_pg_database, pg_url
 
 EVENTS: list[dict[str, Any]] = [
     {"type": "NoteAdded", "data": {"text": "héllo", "tags": ["a", "b"]}},
@@ -50,23 +46,6 @@ def seed(url: str, stream: str, n: int, tenant: str = "default") -> None:
     with EventStore.open(url) as store:
         store.append(stream, [RawEvent(type="Seeded", data={"i": i}) for i in range(n)],
                      tenant_id=tenant)
-
-
-@pytest.fixture
-def fresh_pg() -> Iterator[str]:
-    """A new PostgreSQL database without the eventstore schema, dropped afterwards."""
-    url = fresh_pg_database()
-    try:
-        yield url
-    finally:
-        admin = create_engine(make_url(pg_url()).set(database="postgres"),
-                              isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                name = make_url(url).database
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
 
 
 @pytest.fixture(autouse=True)

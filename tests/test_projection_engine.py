@@ -10,7 +10,7 @@ from sqlalchemy import update
 from eventstore import EventStore
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows
-from projections import Projector, ProjectionFailed, fold_live, inline, rebuild, status, verify
+from projections import ProjectionFailed, Projector, fold_live, inline, rebuild, status, verify
 from projections._engine import load_row, query_rows, snapshot_now
 from tests._events import CounterIncremented
 from tests._projections import Tally, TallyProjection
@@ -128,8 +128,9 @@ def test_snapshots_are_taken_and_used(store: EventStore) -> None:
     bump(store, "a", 25)
     state, version = fold_live(store, p, "counter-a", tenant_id="default")
     assert (state.count, version) == (25, 25)
-    from eventstore._schema import snapshots
     from sqlalchemy import select
+
+    from eventstore._schema import snapshots
 
     with store.engine.connect() as c:
         snaps = c.execute(select(snapshots.c.version)).scalars().all()

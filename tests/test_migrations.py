@@ -1,0 +1,214 @@
+"""Schema migrations: concurrent migrators, refusing unmigrated or newer schemas, defaults."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_mod
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, text
+from structlog.testing import capture_logs
+
+from eventstore import EventStore, SchemaVersionMismatch, _migrate
+from eventstore._migrate import known_revisions, migrate_url
+from eventstore._schema import VERSION_TABLE
+from tests import _workers
+from tests._events import NoteAdded
+from tests.conftest import drop_pg_database, fresh_pg_database
+
+CTX = multiprocessing.get_context("spawn")
+STORE_TABLES = {"es_events", "es_streams", "es_idempotency"}
+
+
+@pytest.fixture
+def fresh_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database of the backend under test that no migration has touched."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    url = fresh_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVENTSTORE_AUTO_MIGRATE", raising=False)
+    monkeypatch.delenv("EVENTSTORE_URL", raising=False)
+
+
+def head() -> str:
+    return known_revisions()[0]
+
+
+def version_rows(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))]
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def set_version(url: str, revision: str) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = :v"), {"v": revision})
+    finally:
+        engine.dispose()
+
+
+def migrate_to(url: str, revision: str) -> None:
+    """Upgrade a database to ``revision`` only, with Alembic directly."""
+    cfg = _migrate._config()
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def assert_appends_work(url: str, **open_kwargs: object) -> None:
+    with EventStore.open(url, **open_kwargs) as store:  # type: ignore[arg-type]
+        r = store.append("check-1", [NoteAdded(text="hello")], expected_version=0)
+        assert (r.first_position, r.stream_version) == (1, 1)
+        assert [e.data.text for e in store.read_stream("check-1")] == ["hello"]  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_four_processes_migrating_at_once_all_succeed_once(fresh_url: str) -> None:
+    """Four processes migrating one fresh database together all succeed; the schema is at head."""
+    n = 4
+    barrier = CTX.Barrier(n)
+    q = CTX.Queue()
+    procs = [CTX.Process(target=_workers.migrator, args=(fresh_url, barrier, q), daemon=True)
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        reports = []
+        for _ in range(n):
+            try:
+                reports.append(q.get(timeout=60))
+            except queue_mod.Empty:
+                pytest.fail(f"migrators did not report; exit codes {[p.exitcode for p in procs]}")
+        errors = [payload for kind, payload in reports if kind == "error"]
+        assert not errors, "\n".join(errors)
+        assert reports == [("ok", head())] * n
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+    assert version_rows(fresh_url) == [head()]
+    assert table_names(fresh_url) >= STORE_TABLES | {VERSION_TABLE}
+    assert_appends_work(fresh_url, migrate=False)
+
+
+def test_unmigrated_postgres_refuses_to_open_until_migrated(fresh_pg: str) -> None:
+    """PostgreSQL never migrated: open raises SchemaVersionMismatch naming `eventstore migrate`."""
+    with pytest.raises(SchemaVersionMismatch) as info:
+        EventStore.open(fresh_pg)
+    assert "eventstore migrate" in str(info.value)
+    assert table_names(fresh_pg) == set(), "a refused open must not create tables"
+    assert migrate_url(fresh_pg) == head()
+    assert_appends_work(fresh_pg)
+
+
+def test_sqlite_migrates_itself_on_first_open(tmp_path: Path) -> None:
+    """A new SQLite file is migrated by the first open without being asked to."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    with EventStore.open(url) as store:
+        assert set(inspect(store.engine).get_table_names()) >= STORE_TABLES
+    assert version_rows(url) == [head()]
+    assert_appends_work(url)
+
+
+@pytest.mark.parametrize("migrate", [True, False], ids=["migrate", "no-migrate"])
+def test_newer_schema_revision_is_refused(fresh_url: str, migrate: bool) -> None:
+    """A revision unknown to the code raises SchemaVersionMismatch saying the schema is newer."""
+    migrate_url(fresh_url)
+    set_version(fresh_url, "9999_future")
+    with pytest.raises(SchemaVersionMismatch) as info:
+        EventStore.open(fresh_url, migrate=migrate)
+    assert "9999_future" in str(info.value) and "newer" in str(info.value)
+    assert version_rows(fresh_url) == ["9999_future"]
+
+
+def test_older_schema_revision_is_refused_until_migrated(fresh_url: str) -> None:
+    """A database at an older revision: open(migrate=False) names the fix, migrate=True upgrades."""
+    oldest = ScriptDirectory.from_config(_migrate._config()).get_base()
+    if oldest is None or oldest == head():
+        pytest.skip("the code ships a single revision")
+    migrate_to(fresh_url, oldest)
+    with pytest.raises(SchemaVersionMismatch) as info:
+        EventStore.open(fresh_url, migrate=False)
+    assert "eventstore migrate" in str(info.value) and f"is at schema {oldest}" in str(info.value)
+    assert version_rows(fresh_url) == [oldest]
+    assert_appends_work(fresh_url, migrate=True)
+    assert version_rows(fresh_url) == [head()]
+
+
+def test_second_migrate_is_a_no_op(fresh_url: str) -> None:
+    """Migrating an up-to-date database changes nothing and keeps its data."""
+    with capture_logs() as first_logs:
+        assert migrate_url(fresh_url) == head()
+    assert [e["event"] for e in first_logs] == ["schema_migrated"]
+    with EventStore.open(fresh_url, migrate=False) as store:
+        store.append("keep-1", [NoteAdded(text="kept")])
+    tables = table_names(fresh_url)
+    with capture_logs() as second_logs:
+        assert migrate_url(fresh_url) == head()
+    assert [e["event"] for e in second_logs] == []
+    assert version_rows(fresh_url) == [head()]
+    assert table_names(fresh_url) == tables
+    with EventStore.open(fresh_url, migrate=False) as store:
+        assert [e.data.text for e in store.read_stream("keep-1")] == ["kept"]  # type: ignore[union-attr]
+
+
+def test_open_without_url_uses_eventstore_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EventStore.open() with no argument opens the database named by EVENTSTORE_URL."""
+    path = tmp_path / "from-env.db"
+    monkeypatch.setenv("EVENTSTORE_URL", f"sqlite:///{path}")
+    monkeypatch.chdir(tmp_path)
+    with EventStore.open() as store:
+        assert store.url.database == str(path)
+        store.append("env-1", [NoteAdded(text="x")])
+    assert path.is_file() and not (tmp_path / "eventstore.db").exists()
+    with EventStore.open(f"sqlite:///{path}") as store:
+        assert store.stream_version("env-1") == 1
+
+
+def test_open_without_url_or_env_uses_eventstore_db_in_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without an argument or EVENTSTORE_URL, open() uses sqlite:///./eventstore.db."""
+    monkeypatch.chdir(tmp_path)
+    with EventStore.open() as store:
+        assert store.url.render_as_string() == "sqlite:///./eventstore.db"
+        store.append("default-1", [NoteAdded(text="x")])
+    assert (tmp_path / "eventstore.db").is_file()
+    with EventStore.open(f"sqlite:///{tmp_path / 'eventstore.db'}") as store:
+        assert store.stream_version("default-1") == 1

@@ -1,0 +1,216 @@
+"""Several OS processes on one store: version and idempotency races, a writer killed mid-batch.
+
+Workers live in tests/_workers.py and run under the "spawn" start method, so each is a fresh
+interpreter with its own engine and connections, as separate application processes would be.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue as queue_mod
+import signal
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from eventstore import EventStore, RecordedEvent
+from tests import _workers
+from tests._events import NoteAdded
+
+pytestmark = pytest.mark.slow
+
+CTX = multiprocessing.get_context("spawn")
+WORKERS = 4
+RESULT_TIMEOUT = 60.0
+
+
+class Children:
+    """The child processes a test started; any still alive at the end are killed and reaped."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+
+    def start(self, target: Callable[..., None], *args: Any) -> Any:
+        p = CTX.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    c = Children()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def collect(q: Any, procs: Sequence[Any], n: int) -> list[Any]:
+    """Wait for ``n`` ("ok", payload) reports; fail with the child's traceback on an error."""
+    out: list[Any] = []
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while len(out) < n:
+        try:
+            kind, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue_mod.Empty:
+            codes = [p.exitcode for p in procs]
+            pytest.fail(f"only {len(out)} of {n} workers reported; exit codes {codes}")
+        if kind == "error":
+            pytest.fail(f"worker failed:\n{payload}")
+        out.append(payload)
+    for p in procs:
+        p.join(RESULT_TIMEOUT)
+        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+    return out
+
+
+def assert_log_gap_free(events: Sequence[RecordedEvent]) -> None:
+    """Positions run 1..N and every stream's versions run 1..n, in log order."""
+    assert [e.position for e in events] == list(range(1, len(events) + 1))
+    by_stream: dict[str, list[int]] = defaultdict(list)
+    for e in events:
+        by_stream[e.stream_id].append(e.version)
+    for stream, versions in by_stream.items():
+        assert versions == list(range(1, len(versions) + 1)), stream
+
+
+def test_version_races_across_processes_lose_nothing_and_duplicate_nothing(
+    url: str, children: Children,
+) -> None:
+    """Four processes racing expected-version appends leave a gap-free log of exactly the wins."""
+    EventStore.open(url, migrate=True).close()
+    streams = ["counter-1", "counter-2", "counter-3"]
+    barrier = CTX.Barrier(WORKERS)
+    q = CTX.Queue()
+    procs = [children.start(_workers.version_racer, url, f"w{i}", streams, 120, 5.0, barrier, q)
+             for i in range(WORKERS)]
+    reports = collect(q, procs, WORKERS)
+
+    for r in reports:
+        assert r["wins"] + r["losses"] == r["attempts"] > 0
+    total_wins = sum(r["wins"] for r in reports)
+    with EventStore.open(url) as store:
+        events = list(store.read_all())
+        assert_log_gap_free(events)
+        assert len(events) == total_wins
+        for s in streams:
+            assert store.stream_version(s) == sum(r["wins_by_stream"][s] for r in reports)
+    writers = Counter(e.data.writer for e in events)  # type: ignore[union-attr]
+    assert writers == Counter({r["worker"]: r["wins"] for r in reports if r["wins"]})
+
+
+def test_idempotency_key_races_across_processes_write_once(
+    url: str, children: Children,
+) -> None:
+    """Four processes using each key at once: one write per key, the rest get its positions."""
+    EventStore.open(url, migrate=True).close()
+    keys = [(f"req-{i}", f"conversation-{i % 3}") for i in range(8)]
+    barrier = CTX.Barrier(WORKERS)
+    q = CTX.Queue()
+    procs = [children.start(_workers.idempotency_racer, url, f"w{i}", keys, barrier, q)
+             for i in range(WORKERS)]
+    reports = collect(q, procs, WORKERS)
+
+    by_key: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for r in reports:
+        for key, duplicate, first, last, version in r["results"]:
+            by_key[key].append((duplicate, first, last, version))
+    assert sorted(by_key) == sorted(k for k, _ in keys)
+    with EventStore.open(url) as store:
+        events = list(store.read_all())
+    assert_log_gap_free(events)
+    assert len(events) == 2 * len(keys)
+    at = {e.position: e for e in events}
+    for key, stream in keys:
+        answers = by_key[key]
+        assert len(answers) == WORKERS
+        assert sorted(dup for dup, *_ in answers) == [False] + [True] * (WORKERS - 1), key
+        assert len({tuple(rest) for _, *rest in answers}) == 1, (key, answers)
+        _, first, last, version = answers[0]
+        assert last == first + 1
+        assert [(at[p].stream_id, at[p].data.text, at[p].version)  # type: ignore[union-attr]
+                for p in (first, last)] == [(stream, f"{key}/a", version - 1),
+                                            (stream, f"{key}/b", version)]
+    texts = Counter(e.data.text for e in events)  # type: ignore[union-attr]
+    assert set(texts.values()) == {1}
+
+
+BATCH = 500
+BULK = "bulk-1"
+# (batches to see committed before the kill, then seconds to wait): kills at different moments.
+KILLS = [(1, 0.0), (2, 0.004), (1, 0.013), (3, 0.03), (1, 0.08)]
+
+
+def check_batches_atomic(store: EventStore, committed: set[int]) -> set[int]:
+    """Every batch in the bulk stream is whole and contiguous; returns the batches present."""
+    events = list(store.read_all())
+    assert_log_gap_free(events)
+    batches: dict[int, list[RecordedEvent]] = defaultdict(list)
+    markers = 0
+    for e in events:
+        if e.stream_id != BULK:
+            continue
+        if isinstance(e.data, NoteAdded):
+            markers += 1
+        else:
+            batches[e.data.value["batch"]].append(e)  # type: ignore[union-attr]
+    for n, evs in batches.items():
+        assert [e.data.value["index"] for e in evs] == list(range(BATCH)), n  # type: ignore[union-attr]
+        first = evs[0]
+        assert [e.version for e in evs] == list(range(first.version, first.version + BATCH)), n
+        assert [e.position for e in evs] == list(range(first.position, first.position + BATCH))
+        assert all(e.data.value["pad"] == _workers.PAD for e in evs)  # type: ignore[union-attr]
+    assert committed <= set(batches), f"committed batches lost: {committed - set(batches)}"
+    assert store.stream_version(BULK) == BATCH * len(batches) + markers
+    return set(batches)
+
+
+def test_writer_killed_mid_batch_leaves_whole_batches_only(url: str, children: Children) -> None:
+    """SIGKILL of a process appending big batches: the store opens, batches are all-or-nothing."""
+    EventStore.open(url, migrate=True).close()
+    committed: set[int] = set()
+    for round_no, (wait_batches, delay) in enumerate(KILLS):
+        q = CTX.Queue()
+        p = children.start(_workers.batch_appender, url, BULK, round_no * 1000, BATCH, q)
+        seen = 0
+        while seen < wait_batches:
+            kind, payload = q.get(timeout=RESULT_TIMEOUT)
+            if kind == "error":
+                pytest.fail(f"writer failed:\n{payload}")
+            if kind == "batch":
+                committed.add(payload)
+                seen += 1
+        time.sleep(delay)
+        assert p.pid is not None and p.is_alive()
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(10)
+        assert p.exitcode == -signal.SIGKILL
+        while True:  # batches reported between our last read and the kill were committed too
+            try:
+                kind, payload = q.get(timeout=0.2)
+            except queue_mod.Empty:
+                break
+            assert kind == "batch", payload
+            committed.add(payload)
+
+        with EventStore.open(url) as store:
+            present = check_batches_atomic(store, committed)
+            assert len(present) >= len(committed) > 0
+            r = store.append(f"after-kill-{round_no}", [NoteAdded(text="still works")],
+                             expected_version=0)
+            assert r.stream_version == 1 and r.last_position == store.last_position()
+            v = store.stream_version(BULK)
+            r = store.append(BULK, [NoteAdded(text="marker")], expected_version=v)
+            assert r.stream_version == v + 1
+            check_batches_atomic(store, committed)
