@@ -77,6 +77,9 @@ class _EventMeta(msgspec.StructMeta):
         is_base = not any(isinstance(b, _EventMeta) for b in bases)
         tag = kwargs.get("tag")
         if not is_base:
+            # msgspec applies kw_only per class; every event type is keyword-only (so a field
+            # without a default may follow one with a default, and call sites stay explicit).
+            kwargs.setdefault("kw_only", True)
             if "tag_field" in kwargs:
                 raise TypeError(f"{name}: event types share the tag field 'type'")
             if tag is not None and (not isinstance(tag, str) or not tag):

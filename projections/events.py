@@ -6,6 +6,7 @@ events written today stay readable after fields are added (msgspec's evolution r
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -48,3 +49,200 @@ class VariablesDeleted(Event, tag="VariablesDeleted"):
     names: list[str]
     workflow_run_id: str | None = None
     node_id: str | None = None
+
+
+# -- tool-call continuations: a paused agent waiting for approval or client tools -----------------
+
+
+class ToolCallsPaused(Event, tag="ToolCallsPaused"):
+    """The engine paused on tool calls; the whole execution state to resume with is kept."""
+
+    conversation_id: str
+    user_id: str
+    pause_id: str
+    messages: list[Any]
+    pending_tool_calls: list[Any]
+    tools: list[Any]
+    tool_schemas: list[Any]
+    agent_config: dict[str, Any]
+    expires_at: datetime
+    client_tools: list[Any] | None = None
+
+
+class ResumeStarted(Event, tag="ResumeStarted"):
+    """A resumer claimed the pending pause (pending -> resuming)."""
+
+    pause_id: str
+    claim_id: str
+    claimed_at: datetime
+
+
+class ToolCallsResumed(Event, tag="ToolCallsResumed"):
+    """The resumer delivered the tool results; the continuation is consumed."""
+
+    pause_id: str
+    claim_id: str
+    tool_results: list[Any]
+
+
+class ResumeReleased(Event, tag="ResumeReleased"):
+    """The resumer gave the claim back (resuming -> pending) with a fresh time to live."""
+
+    pause_id: str
+    claim_id: str
+    expires_at: datetime
+    error: str | None = None
+
+
+class ResumeTimedOut(Event, tag="ResumeTimedOut"):
+    """A claim outlived the claim timeout (the resumer died); the pause is pending again."""
+
+    pause_id: str
+    claim_id: str
+    expires_at: datetime
+
+
+class ContinuationExpired(Event, tag="ContinuationExpired"):
+    """A pending pause outlived its time to live and can no longer be resumed."""
+
+    pause_id: str
+    expired_at: datetime
+
+
+# -- agent sessions: snapshots carried between runs of one node -----------------------------------
+
+
+class SessionSnapshotSaved(Event, tag="SessionSnapshotSaved"):
+    """An agent run saved its session snapshot and the specs to rebuild its composition."""
+
+    tenant_id: str
+    workflow_run_id: str
+    node_id: str
+    binding_id: str
+    agent_id: str
+    snapshot: Any
+    layer_specs: Any
+    saved_at: datetime
+    pending_form_id: str | None = None
+    pending_tool_call_id: str | None = None
+
+
+class SessionRetired(Event, tag="SessionRetired"):
+    """The session may not be resumed any more (failed or cancelled run, or the run ended)."""
+
+    reason: str
+    retired_at: datetime
+
+
+# -- background jobs -------------------------------------------------------------------------------
+
+
+class JobSubmitted(Event, tag="JobSubmitted"):
+    """A job to run a workflow in the background was queued."""
+
+    job_id: str
+    workflow_id: str
+    inputs: Any
+    user_id: str
+    submitted_at: datetime
+    dedupe_key: str | None = None
+    max_attempts: int = 3
+
+
+class JobClaimed(Event, tag="JobClaimed"):
+    """A worker took the job with a lease (queued -> running)."""
+
+    worker_id: str
+    attempt: int
+    lease_until: datetime
+
+
+class JobHeartbeat(Event, tag="JobHeartbeat"):
+    """The owning worker extended its lease."""
+
+    worker_id: str
+    lease_until: datetime
+
+
+class MilestoneRecorded(Event, tag="MilestoneRecorded"):
+    """The owning worker reported durable progress."""
+
+    worker_id: str
+    milestone: Any
+    at: datetime
+
+
+class JobSuspended(Event, tag="JobSuspended"):
+    """The job waits for human input (running -> suspended); the lease is given up."""
+
+    worker_id: str
+    request_id: str
+    prompt: Any
+    deadline: datetime | None = None
+
+
+class JobResumed(Event, tag="JobResumed"):
+    """Input for the pending request arrived (suspended -> queued, to be claimed again)."""
+
+    request_id: str
+    input: Any
+    at: datetime
+
+
+class JobRequeued(Event, tag="JobRequeued"):
+    """The job's lease expired and it was put back in the queue for another attempt."""
+
+    reason: str
+    at: datetime
+
+
+class JobCompleted(Event, tag="JobCompleted"):
+    """The job finished successfully (terminal)."""
+
+    worker_id: str
+    at: datetime
+    result: Any = None
+
+
+class JobFailed(Event, tag="JobFailed"):
+    """The job failed (terminal): an error, a lost worker past max attempts, or a deadline."""
+
+    error: str
+    at: datetime
+    worker_id: str | None = None
+
+
+class JobCancelled(Event, tag="JobCancelled"):
+    """The job was cancelled (terminal)."""
+
+    at: datetime
+    reason: str | None = None
+
+
+# -- flows: state saved after each step, and human feedback ---------------------------------------
+
+
+class FlowStateSaved(Event, tag="FlowStateSaved"):
+    """A flow step completed; the flow's whole state after it (type-tagged JSON)."""
+
+    flow_id: str
+    method_name: str
+    state: Any
+    at: datetime
+
+
+class FeedbackRequested(Event, tag="FeedbackRequested"):
+    """The flow paused for human feedback."""
+
+    flow_id: str
+    context: Any
+    state: Any
+    at: datetime
+
+
+class FeedbackResolved(Event, tag="FeedbackResolved"):
+    """The pending feedback was answered; the flow may go on."""
+
+    flow_id: str
+    feedback: Any
+    at: datetime

@@ -1,0 +1,78 @@
+"""The command layer the facades share: read the state, decide, append with expected version.
+
+A decision is a pure function of the current state; on a version conflict the state is read
+again and the decision made again, so concurrent commands serialize on the stream's version (the
+store's optimistic concurrency) instead of on locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
+from eventstore.errors import InvalidArgument
+
+from ._engine import Projection, current
+
+S = TypeVar("S")
+
+Clock = Callable[[], datetime]
+
+MAX_ATTEMPTS = 50
+
+
+def decide(
+    store: EventStore,
+    projection: Projection[S],
+    stream_id: str,
+    *,
+    tenant_id: str,
+    decision: Callable[[S, int], Sequence[Event]],
+    metadata: dict[str, Any] | None = None,
+) -> tuple[S, int, AppendResult | None]:
+    """Run ``decision(state, version)`` and append its events at that version, retrying.
+
+    Returns the state and version the decision saw and the append's result (``None`` when the
+    decision produced no events).  Errors the decision raises (domain refusals) pass through.
+    """
+    last: WrongExpectedVersion | None = None
+    for _ in range(MAX_ATTEMPTS):
+        state, version = current(store, projection, stream_id, tenant_id=tenant_id)
+        events = decision(state, version)
+        if not events:
+            return state, version, None
+        try:
+            result = store.append(stream_id, list(events), expected_version=version,
+                                  tenant_id=tenant_id, metadata=metadata)
+        except WrongExpectedVersion as e:
+            last = e
+            continue
+        return state, version, result
+    assert last is not None
+    raise last
+
+
+def utc_clock(clock: Clock | None) -> Clock:
+    """The facade's clock: the one given (tests inject one), else the real UTC time."""
+    return clock if clock is not None else (lambda: datetime.now(UTC))
+
+
+def check_time(when: datetime, what: str) -> datetime:
+    if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidArgument(f"{what} must be a timezone-aware datetime")
+    return when.astimezone(UTC)
+
+
+def check_text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > 200:
+        raise InvalidArgument(f"{what} is longer than 200 characters")
+    return value
+
+
+def composite_id(*parts: str) -> str:
+    """An unambiguous stream id suffix from several ids (each length-prefixed)."""
+    return ".".join(f"{len(p)}:{p}" for p in parts)

@@ -1,0 +1,42 @@
+"""Errors of the agent-state facades: every refused transition says why."""
+
+from __future__ import annotations
+
+from eventstore.errors import EventStoreError
+
+__all__ = ["Conflict", "LeaseLost", "NoPendingContinuation", "NoPendingFeedback", "NotFound",
+           "ResumeInProgress"]
+
+
+class Conflict(EventStoreError):
+    """A state transition was refused because the state does not allow it; ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotFound(Conflict):
+    """The entity does not exist (for this tenant)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="not_found")
+
+
+class ResumeInProgress(Conflict):
+    """Another resumer already claimed the continuation."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="resuming")
+
+
+class NoPendingContinuation(Conflict):
+    """No pending continuation: ``reason`` is ``absent``, ``expired`` or ``consumed``."""
+
+
+class LeaseLost(Conflict):
+    """The worker no longer owns the job."""
+
+
+class NoPendingFeedback(Conflict):
+    """The flow has no pending feedback request (none, or already resolved)."""
