@@ -1,7 +1,9 @@
 """Projections of the agent-state domain, and the engine that runs them.
 
-``Conversations`` keeps conversation variables; the engine (``Projection``, ``Projector``,
-``rebuild``, ``verify``) runs any fold live, inline or from a projector.
+Facades: ``Conversations`` (variables), ``Continuations`` (tool-call pauses and resumes),
+``AgentSessions`` (session snapshots), ``Jobs`` (durable background jobs), ``Flows`` (flow state
+and human feedback).  The engine (``Projection``, ``Projector``, ``rebuild``, ``verify``) runs
+any fold live, inline or from a projector.
 """
 
 from ._engine import (
@@ -20,9 +22,33 @@ from ._engine import (
     status,
     verify,
 )
+from .continuations import Continuation, Continuations
 from .conversation import ConversationProjection, Conversations, ConversationState, VariableChange
+from .errors import (
+    Conflict,
+    LeaseLost,
+    NoPendingContinuation,
+    NoPendingFeedback,
+    NotFound,
+    ResumeInProgress,
+)
+from .flows import Flows, PendingFeedback
+from .sessions import AgentSessions, SessionKey, SessionSnapshot
 
 __all__ = [
+    "AgentSessions",
+    "Conflict",
+    "Continuation",
+    "Continuations",
+    "Flows",
+    "LeaseLost",
+    "NoPendingContinuation",
+    "NoPendingFeedback",
+    "NotFound",
+    "PendingFeedback",
+    "ResumeInProgress",
+    "SessionKey",
+    "SessionSnapshot",
     "ConversationProjection",
     "ConversationState",
     "Conversations",

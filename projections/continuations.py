@@ -1,0 +1,312 @@
+"""Tool-call continuations: an agent paused on tool calls, kept until the client resumes it.
+
+One stream per (conversation, user): ``continuation-<len>:<conversation>.<len>:<user>``.  The
+lifecycle is pending -> resuming -> consumed, with ``release`` (resuming -> pending), expiry
+(pending past its time to live) and ``sweep`` (claims older than the claim timeout go back to
+pending; pending pauses past their time to live are recorded as expired).  Every transition is a
+compare-and-set on the stream version, so of two concurrent claims exactly one wins.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from eventstore import Event, EventStore, RecordedEvent
+from eventstore._time import to_micros
+from eventstore.errors import InvalidArgument
+
+from ._command import Clock, check_text, composite_id, decide, utc_clock
+from ._engine import Projection, RowIndex, current, inline, query_rows, register
+from .errors import NoPendingContinuation, ResumeInProgress
+from .events import (
+    ContinuationExpired,
+    ResumeReleased,
+    ResumeStarted,
+    ResumeTimedOut,
+    ToolCallsPaused,
+    ToolCallsResumed,
+)
+
+__all__ = ["Continuation", "ContinuationProjection", "Continuations", "SweepResult"]
+
+CATEGORY = "continuation"
+
+
+class Continuation(msgspec.Struct, kw_only=True):
+    """A paused agent's execution state and where it is in its lifecycle.
+
+    ``status`` is ``absent``, ``pending``, ``resuming``, ``consumed`` or ``expired``.
+    """
+
+    conversation_id: str = ""
+    user_id: str = ""
+    status: str = "absent"
+    pause_id: str | None = None
+    messages: list[Any] = msgspec.field(default_factory=list)
+    pending_tool_calls: list[Any] = msgspec.field(default_factory=list)
+    tools: list[Any] = msgspec.field(default_factory=list)
+    tool_schemas: list[Any] = msgspec.field(default_factory=list)
+    agent_config: dict[str, Any] = msgspec.field(default_factory=dict)
+    client_tools: list[Any] | None = None
+    expires_at: datetime | None = None
+    claim_id: str | None = None
+    claimed_at: datetime | None = None
+    tool_results: list[Any] | None = None
+    last_error: str | None = None
+    paused_at: datetime | None = None
+
+
+class ContinuationProjection(Projection[Continuation]):
+    """Folds a (conversation, user) stream into its current continuation."""
+
+    name = "continuations"
+    version = 1
+    categories = (CATEGORY,)
+    state_type = Continuation
+    snapshot_every = None
+
+    def initial(self, tenant_id: str, stream_id: str) -> Continuation:
+        return Continuation()
+
+    def evolve(self, state: Continuation, event: RecordedEvent) -> Continuation:
+        d = event.data
+        if isinstance(d, ToolCallsPaused):
+            return Continuation(
+                conversation_id=d.conversation_id, user_id=d.user_id, status="pending",
+                pause_id=d.pause_id, messages=d.messages, pending_tool_calls=d.pending_tool_calls,
+                tools=d.tools, tool_schemas=d.tool_schemas, agent_config=d.agent_config,
+                client_tools=d.client_tools, expires_at=d.expires_at,
+                paused_at=event.recorded_at)
+        if state.pause_id is None or getattr(d, "pause_id", None) != state.pause_id:
+            return state
+        if isinstance(d, ResumeStarted):
+            return msgspec.structs.replace(state, status="resuming", claim_id=d.claim_id,
+                                           claimed_at=d.claimed_at)
+        if isinstance(d, ToolCallsResumed):
+            return msgspec.structs.replace(state, status="consumed",
+                                           tool_results=d.tool_results)
+        if isinstance(d, (ResumeReleased, ResumeTimedOut)):
+            error = d.error if isinstance(d, ResumeReleased) else "claim timed out"
+            return msgspec.structs.replace(state, status="pending", claim_id=None,
+                                           claimed_at=None, expires_at=d.expires_at,
+                                           last_error=error)
+        if isinstance(d, ContinuationExpired):
+            return msgspec.structs.replace(state, status="expired")
+        return state
+
+    def index(self, state: Continuation) -> RowIndex:
+        # Sweeps look for claims by claim time and for pending pauses by expiry.
+        when = state.claimed_at if state.status == "resuming" else state.expires_at
+        return RowIndex(status=state.status, group_key=state.user_id or None,
+                        sort_key=to_micros(when) if when is not None else None)
+
+
+register("continuations", ContinuationProjection)
+
+
+class SweepResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one sweep changed."""
+
+    reverted: list[tuple[str, str, str]]  # (tenant, conversation, user) claims put back
+    expired: list[tuple[str, str, str]]  # (tenant, conversation, user) pauses expired
+
+
+class Continuations:
+    """Pause, get, claim, complete, release and sweep tool-call continuations."""
+
+    def __init__(self, store: EventStore, *, ttl: timedelta = timedelta(minutes=30),
+                 claim_timeout: timedelta = timedelta(minutes=10),
+                 clock: Clock | None = None) -> None:
+        if ttl <= timedelta(0) or claim_timeout <= timedelta(0):
+            raise InvalidArgument("ttl and claim_timeout must be positive")
+        self.store = store
+        self.ttl = ttl
+        self.claim_timeout = claim_timeout
+        self.now = utc_clock(clock)
+        self.projection = ContinuationProjection()
+        inline(store, self.projection)
+
+    @staticmethod
+    def stream_id(conversation_id: str, user_id: str) -> str:
+        return f"{CATEGORY}-{composite_id(conversation_id, user_id)}"
+
+    def _ids(self, conversation_id: str, user_id: str) -> str:
+        check_text(conversation_id, "conversation_id")
+        check_text(user_id, "user_id")
+        return self.stream_id(conversation_id, user_id)
+
+    def pause(
+        self,
+        conversation_id: str,
+        user_id: str,
+        *,
+        messages: Sequence[Any],
+        pending_tool_calls: Sequence[Any],
+        tools: Sequence[Any],
+        tool_schemas: Sequence[Any],
+        agent_config: dict[str, Any],
+        client_tools: Sequence[Any] | None = None,
+        tenant_id: str = "default",
+        ttl: timedelta | None = None,
+    ) -> Continuation:
+        """Keep the execution state until the client resumes; replaces a pending pause."""
+        stream = self._ids(conversation_id, user_id)
+        if not isinstance(agent_config, dict):
+            raise InvalidArgument("agent_config must be a dict")
+        for what, value in (("messages", messages), ("pending_tool_calls", pending_tool_calls),
+                            ("tools", tools), ("tool_schemas", tool_schemas)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise InvalidArgument(f"{what} must be a list")
+        life = ttl if ttl is not None else self.ttl
+        if life <= timedelta(0):
+            raise InvalidArgument("ttl must be positive")
+        event = ToolCallsPaused(
+            conversation_id=conversation_id, user_id=user_id, pause_id=uuid.uuid4().hex,
+            messages=list(messages), pending_tool_calls=list(pending_tool_calls),
+            tools=list(tools), tool_schemas=list(tool_schemas), agent_config=agent_config,
+            client_tools=list(client_tools) if client_tools is not None else None,
+            expires_at=self.now() + life)
+        self.store.append(stream, [event], tenant_id=tenant_id)
+        return self._state(stream, tenant_id)
+
+    def _state(self, stream: str, tenant_id: str) -> Continuation:
+        return current(self.store, self.projection, stream, tenant_id=tenant_id)[0]
+
+    def _expired(self, state: Continuation, now: datetime) -> bool:
+        return state.status == "expired" or (
+            state.status == "pending" and state.expires_at is not None
+            and state.expires_at <= now)
+
+    def get(self, conversation_id: str, user_id: str, *,
+            tenant_id: str = "default") -> Continuation | None:
+        """The pending (or resuming) continuation; ``None`` when absent, consumed or expired."""
+        state = self._state(self._ids(conversation_id, user_id), tenant_id)
+        if state.status in ("absent", "consumed") or self._expired(state, self.now()):
+            return None
+        return state
+
+    def claim(self, conversation_id: str, user_id: str, *,
+              tenant_id: str = "default") -> Continuation:
+        """pending -> resuming, atomically; returns the continuation with its ``claim_id``.
+
+        Raises :class:`ResumeInProgress` when another resumer holds it and
+        :class:`NoPendingContinuation` (``reason``: absent, expired or consumed) otherwise.
+        """
+        stream = self._ids(conversation_id, user_id)
+        claim_id = uuid.uuid4().hex
+        now = self.now()
+
+        def decision(state: Continuation, version: int) -> list[Event]:
+            self._require_pending(state, now, conversation_id, user_id)
+            assert state.pause_id is not None
+            return [ResumeStarted(pause_id=state.pause_id, claim_id=claim_id, claimed_at=now)]
+
+        decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
+        return self._state(stream, tenant_id)
+
+    def _require_pending(self, state: Continuation, now: datetime, cid: str, uid: str) -> None:
+        where = f"conversation {cid}, user {uid}"
+        if state.status == "resuming":
+            raise ResumeInProgress(f"continuation of {where} is already being resumed")
+        if state.status == "absent":
+            raise NoPendingContinuation(f"no paused tool calls for {where}", reason="absent")
+        if state.status == "consumed":
+            raise NoPendingContinuation(f"the continuation of {where} was already resumed",
+                                        reason="consumed")
+        if self._expired(state, now):
+            raise NoPendingContinuation(f"the continuation of {where} expired at "
+                                        f"{state.expires_at}", reason="expired")
+
+    def _require_claim(self, state: Continuation, claim_id: str | None, cid: str,
+                       uid: str) -> None:
+        where = f"conversation {cid}, user {uid}"
+        if state.status != "resuming":
+            reason = state.status if state.status in ("absent", "consumed", "expired") else (
+                "not_claimed")
+            raise NoPendingContinuation(f"the continuation of {where} is {state.status}, "
+                                        "not being resumed", reason=reason)
+        if claim_id is not None and claim_id != state.claim_id:
+            raise ResumeInProgress(f"the continuation of {where} is claimed by another resumer")
+
+    def complete(self, conversation_id: str, user_id: str, *, tool_results: Sequence[Any],
+                 claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
+        """resuming -> consumed, recording the tool results."""
+        stream = self._ids(conversation_id, user_id)
+        if isinstance(tool_results, (str, bytes)) or not isinstance(tool_results, Sequence):
+            raise InvalidArgument("tool_results must be a list")
+
+        def decision(state: Continuation, version: int) -> list[Event]:
+            self._require_claim(state, claim_id, conversation_id, user_id)
+            assert state.pause_id is not None and state.claim_id is not None
+            return [ToolCallsResumed(pause_id=state.pause_id, claim_id=state.claim_id,
+                                     tool_results=list(tool_results))]
+
+        decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
+        return self._state(stream, tenant_id)
+
+    def release(self, conversation_id: str, user_id: str, *, error: str | None = None,
+                claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
+        """resuming -> pending with a fresh time to live (the resume failed)."""
+        stream = self._ids(conversation_id, user_id)
+
+        def decision(state: Continuation, version: int) -> list[Event]:
+            self._require_claim(state, claim_id, conversation_id, user_id)
+            assert state.pause_id is not None and state.claim_id is not None
+            return [ResumeReleased(pause_id=state.pause_id, claim_id=state.claim_id,
+                                   error=error, expires_at=self.now() + self.ttl)]
+
+        decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
+        return self._state(stream, tenant_id)
+
+    def pending_for_user(self, user_id: str, *, tenant_id: str = "default"
+                         ) -> list[Continuation]:
+        """The user's pending (not expired) continuations, soonest to expire first."""
+        check_text(user_id, "user_id")
+        now = self.now()
+        rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status="pending",
+                          group_key=user_id)
+        return [st for _t, _s, st, _v in rows if not self._expired(st, now)]
+
+    def sweep(self, now: datetime | None = None, *, tenant_id: str | None = None) -> SweepResult:
+        """Put stale claims back to pending and record expiries as events; returns them.
+
+        Safe to run from several processes at once: each change is a compare-and-set, so each
+        claim is reverted and each pause expired exactly once.
+        """
+        at = now if now is not None else self.now()
+        reverted: list[tuple[str, str, str]] = []
+        expired: list[tuple[str, str, str]] = []
+        stale = query_rows(self.store, self.projection, tenant_id=tenant_id, status="resuming",
+                           sort_before=to_micros(at - self.claim_timeout))
+        for tenant, stream, st, _v in stale:
+            if self._sweep_one(stream, tenant, at, "claim"):
+                reverted.append((tenant, st.conversation_id, st.user_id))
+        old = query_rows(self.store, self.projection, tenant_id=tenant_id, status="pending",
+                         sort_before=to_micros(at) + 1)
+        for tenant, stream, st, _v in old:
+            if self._sweep_one(stream, tenant, at, "expiry"):
+                expired.append((tenant, st.conversation_id, st.user_id))
+        return SweepResult(reverted=reverted, expired=expired)
+
+    def _sweep_one(self, stream: str, tenant_id: str, at: datetime, kind: str) -> bool:
+        def decision(state: Continuation, version: int) -> list[Event]:
+            if kind == "claim":
+                if (state.status != "resuming" or state.claimed_at is None
+                        or state.claimed_at > at - self.claim_timeout):
+                    return []
+                assert state.pause_id is not None and state.claim_id is not None
+                return [ResumeTimedOut(pause_id=state.pause_id, claim_id=state.claim_id,
+                                       expires_at=at + self.ttl)]
+            if state.status != "pending" or state.expires_at is None or state.expires_at > at:
+                return []
+            assert state.pause_id is not None
+            return [ContinuationExpired(pause_id=state.pause_id, expired_at=at)]
+
+        _s, _v, result = decide(self.store, self.projection, stream, tenant_id=tenant_id,
+                                decision=decision)
+        return result is not None

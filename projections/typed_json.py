@@ -1,0 +1,99 @@
+"""JSON that keeps Python types: datetimes, dates, times, UUIDs, decimals, sets, tuples, bytes.
+
+Flow state is arbitrary Python data; plain JSON would turn a ``set`` into a list and a
+``datetime`` into a string.  Values JSON cannot hold are written as ``{"$type": name, "value":
+…}``; a dict whose keys are not all strings, or that itself has a ``$type`` key, is written as
+``{"$type": "dict", "value": [[key, value], …]}``, so decoding never misreads user data.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import uuid
+from typing import Any
+
+from eventstore.errors import InvalidArgument
+
+__all__ = ["from_json", "to_json"]
+
+_TAG = "$type"
+
+
+def to_json(value: Any) -> Any:
+    """A JSON-compatible form of ``value`` that :func:`from_json` turns back into it."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {_TAG: "float", "value": repr(value)}
+        return value
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and _TAG not in value:
+            return {k: to_json(v) for k, v in value.items()}
+        return {_TAG: "dict", "value": [[to_json(k), to_json(v)] for k, v in value.items()]}
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    if isinstance(value, tuple):
+        return {_TAG: "tuple", "value": [to_json(v) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        kind = "set" if isinstance(value, set) else "frozenset"
+        # Sorted so that equal sets store equal JSON (and idempotency fingerprints match).
+        return {_TAG: kind, "value": sorted((to_json(v) for v in value), key=repr)}
+    if isinstance(value, dt.datetime):
+        return {_TAG: "datetime", "value": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {_TAG: "date", "value": value.isoformat()}
+    if isinstance(value, dt.time):
+        return {_TAG: "time", "value": value.isoformat()}
+    if isinstance(value, dt.timedelta):
+        return {_TAG: "timedelta", "value": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, uuid.UUID):
+        return {_TAG: "uuid", "value": str(value)}
+    if isinstance(value, decimal.Decimal):
+        return {_TAG: "decimal", "value": str(value)}
+    if isinstance(value, (bytes, bytearray)):
+        return {_TAG: "bytes", "value": base64.b64encode(bytes(value)).decode()}
+    dump = getattr(value, "model_dump", None)  # pydantic models (CrewAI flow state)
+    if callable(dump):
+        return to_json(dump())
+    raise InvalidArgument(f"cannot store a value of type {type(value).__name__} in flow state")
+
+
+def from_json(value: Any) -> Any:
+    """Undo :func:`to_json`."""
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    kind = value.get(_TAG)
+    if kind is None:
+        return {k: from_json(v) for k, v in value.items()}
+    raw = value["value"]
+    if kind == "dict":
+        return {from_json(k): from_json(v) for k, v in raw}
+    if kind == "tuple":
+        return tuple(from_json(v) for v in raw)
+    if kind == "set":
+        return {from_json(v) for v in raw}
+    if kind == "frozenset":
+        return frozenset(from_json(v) for v in raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "datetime":
+        return dt.datetime.fromisoformat(raw)
+    if kind == "date":
+        return dt.date.fromisoformat(raw)
+    if kind == "time":
+        return dt.time.fromisoformat(raw)
+    if kind == "timedelta":
+        return dt.timedelta(days=raw[0], seconds=raw[1], microseconds=raw[2])
+    if kind == "uuid":
+        return uuid.UUID(raw)
+    if kind == "decimal":
+        return decimal.Decimal(raw)
+    if kind == "bytes":
+        return base64.b64decode(raw)
+    raise InvalidArgument(f"unknown stored value type {kind!r}")
+

@@ -1,0 +1,200 @@
+"""Tool-call continuations: pause, claim, complete, release, expiry, sweep and isolation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from eventstore import EventStore, InvalidArgument
+from projections.continuations import Continuations
+from projections.errors import NoPendingContinuation, ResumeInProgress
+from tests._clock import Clock
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def conts(store: EventStore, clock: Clock) -> Iterator[Continuations]:
+    yield Continuations(store, clock=clock)
+
+
+def pause(c: Continuations, conv: str = "conv-1", user: str = "u1", **kw: Any) -> Any:
+    return c.pause(conv, user, messages=[{"role": "user", "content": "hi"}],
+                   pending_tool_calls=[{"id": "call-1", "name": "approve"}],
+                   tools=["approve"], tool_schemas=[{"name": "approve"}],
+                   agent_config={"model": "m"}, **kw)
+
+
+def test_pause_then_get_returns_the_full_state(conts: Continuations, clock: Clock) -> None:
+    """A pause keeps messages, tool calls, tools, schemas and config until resumed."""
+    pause(conts, client_tools=[{"name": "browser"}])
+    got = conts.get("conv-1", "u1")
+    assert got is not None and got.status == "pending"
+    assert got.pending_tool_calls == [{"id": "call-1", "name": "approve"}]
+    assert got.agent_config == {"model": "m"} and got.client_tools == [{"name": "browser"}]
+    assert got.expires_at == clock.now + timedelta(minutes=30)
+
+
+def test_claim_complete_consumes(conts: Continuations) -> None:
+    """claim -> complete consumes the continuation; get is then None."""
+    pause(conts)
+    claimed = conts.claim("conv-1", "u1")
+    assert claimed.status == "resuming" and claimed.claim_id
+    done = conts.complete("conv-1", "u1", tool_results=[{"id": "call-1", "ok": True}])
+    assert done.status == "consumed" and done.tool_results == [{"id": "call-1", "ok": True}]
+    assert conts.get("conv-1", "u1") is None
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.claim("conv-1", "u1")
+    assert info.value.reason == "consumed"
+
+
+def test_second_claim_gets_resume_in_progress(conts: Continuations) -> None:
+    """A claim on a resuming continuation raises ResumeInProgress."""
+    pause(conts)
+    conts.claim("conv-1", "u1")
+    with pytest.raises(ResumeInProgress):
+        conts.claim("conv-1", "u1")
+
+
+def test_concurrent_claims_exactly_one_wins(conts: Continuations) -> None:
+    """Of eight threads claiming at once, one wins and seven get ResumeInProgress."""
+    pause(conts)
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            conts.claim("conv-1", "u1")
+            outcomes.append("won")
+        except ResumeInProgress:
+            outcomes.append("busy")
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["busy"] * 7 + ["won"]
+
+
+def test_absent_and_expired_are_told_apart(conts: Continuations, clock: Clock) -> None:
+    """Claiming nothing says absent; claiming after the time to live says expired."""
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.claim("conv-1", "u1")
+    assert info.value.reason == "absent"
+    pause(conts)
+    clock.advance(minutes=31)
+    assert conts.get("conv-1", "u1") is None
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.claim("conv-1", "u1")
+    assert info.value.reason == "expired"
+
+
+def test_release_returns_to_pending_with_fresh_ttl(conts: Continuations, clock: Clock) -> None:
+    """release puts the claim back with a new time to live and the error."""
+    pause(conts)
+    conts.claim("conv-1", "u1")
+    clock.advance(minutes=20)
+    back = conts.release("conv-1", "u1", error="client crashed")
+    assert back.status == "pending" and back.last_error == "client crashed"
+    assert back.expires_at == clock.now + timedelta(minutes=30)
+    clock.advance(minutes=25)  # past the first ttl, within the fresh one
+    assert conts.claim("conv-1", "u1").status == "resuming"
+
+
+def test_new_pause_replaces_pending_one(conts: Continuations) -> None:
+    """A loop that pauses again replaces the pending pause."""
+    first = pause(conts)
+    second = conts.pause("conv-1", "u1", messages=[], pending_tool_calls=[{"id": "call-2"}],
+                         tools=[], tool_schemas=[], agent_config={})
+    assert second.pause_id != first.pause_id
+    got = conts.get("conv-1", "u1")
+    assert got is not None and got.pending_tool_calls == [{"id": "call-2"}]
+
+
+def test_sweep_reverts_stale_claims_and_records_expiry(conts: Continuations, clock: Clock,
+                                                       store: EventStore) -> None:
+    """sweep puts claims past the claim timeout back and expires pauses past their ttl."""
+    pause(conts, "conv-a")
+    conts.claim("conv-a", "u1")
+    pause(conts, "conv-b")
+    clock.advance(minutes=11)
+    res = conts.sweep()
+    assert res.reverted == [("default", "conv-a", "u1")] and res.expired == []
+    assert conts.get("conv-a", "u1").status == "pending"  # type: ignore[union-attr]
+    clock.advance(minutes=25)
+    res = conts.sweep()
+    assert res.expired == [("default", "conv-b", "u1")]
+    assert conts.sweep().expired == []
+    types = [e.type for e in store.read_stream(Continuations.stream_id("conv-b", "u1"))]
+    assert types == ["ToolCallsPaused", "ContinuationExpired"]
+
+
+def test_racing_sweepers_record_each_expiry_once(conts: Continuations, clock: Clock,
+                                                 store: EventStore) -> None:
+    """Four sweepers at once expire each pause exactly once."""
+    for i in range(3):
+        pause(conts, f"conv-{i}")
+    clock.advance(hours=1)
+    barrier = threading.Barrier(4)
+    counts: list[int] = []
+
+    def sweep() -> None:
+        barrier.wait()
+        counts.append(len(conts.sweep().expired))
+
+    threads = [threading.Thread(target=sweep) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(counts) == 3
+    expiries = [e for e in store.read_all() if e.type == "ContinuationExpired"]
+    assert len(expiries) == 3
+
+
+def test_users_and_tenants_are_isolated(conts: Continuations) -> None:
+    """Another user or tenant can neither read nor claim a continuation."""
+    pause(conts, user="alice", tenant_id="acme")
+    assert conts.get("conv-1", "bob", tenant_id="acme") is None
+    assert conts.get("conv-1", "alice", tenant_id="other") is None
+    with pytest.raises(NoPendingContinuation):
+        conts.claim("conv-1", "bob", tenant_id="acme")
+    with pytest.raises(NoPendingContinuation):
+        conts.claim("conv-1", "alice")
+    assert conts.claim("conv-1", "alice", tenant_id="acme").status == "resuming"
+
+
+def test_ids_cannot_be_confused(conts: Continuations) -> None:
+    """(conversation "a.b", user "c") and ("a", "b.c") are different continuations."""
+    pause(conts, "a.b", "c")
+    assert conts.get("a", "b.c") is None
+
+
+def test_pending_for_user_lists_pending_pauses(conts: Continuations) -> None:
+    """pending_for_user lists only that user's pending pauses."""
+    pause(conts, "conv-1", "alice")
+    pause(conts, "conv-2", "alice")
+    pause(conts, "conv-3", "bob")
+    conts.claim("conv-2", "alice")
+    assert [c.conversation_id for c in conts.pending_for_user("alice")] == ["conv-1"]
+
+
+def test_bad_input_is_rejected(conts: Continuations, store: EventStore) -> None:
+    """Empty ids or malformed state raise InvalidArgument and write nothing."""
+    with pytest.raises(InvalidArgument):
+        pause(conts, "", "u1")
+    with pytest.raises(InvalidArgument):
+        conts.pause("conv-1", "u1", messages="nope", pending_tool_calls=[], tools=[],
+                    tool_schemas=[], agent_config={})
+    with pytest.raises(InvalidArgument):
+        conts.complete("conv-1", "u1", tool_results="x")  # type: ignore[arg-type]
+    assert store.stats()["events"] == 0

@@ -1,0 +1,104 @@
+"""Flow state: save, load, history, typed round trips and feedback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from eventstore import EventStore, InvalidArgument
+from projections.errors import NoPendingFeedback
+from projections.flows import Flows
+from tests._clock import Clock
+
+
+@pytest.fixture
+def flows(store: EventStore) -> Flows:
+    return Flows(store, clock=Clock())
+
+
+def test_save_and_load_latest(flows: Flows) -> None:
+    """load returns the state of the last completed step; history lists every step."""
+    assert flows.load("f1") is None
+    flows.save("f1", "start", {"step": 1})
+    flows.save("f1", "next", {"step": 2})
+    assert flows.load("f1") == {"step": 2}
+    assert [(h.method_name, h.state) for h in flows.history("f1")] == [
+        ("start", {"step": 1}), ("next", {"step": 2})]
+
+
+def test_typed_state_round_trips_equal(flows: Flows) -> None:
+    """Datetimes, UUIDs, decimals, sets, tuples and non-string keys come back equal."""
+    state = {
+        "when": dt.datetime(2026, 5, 1, 10, 30, tzinfo=dt.UTC),
+        "naive": dt.datetime(2026, 5, 1, 10, 30),
+        "day": dt.date(2026, 5, 1),
+        "id": uuid.uuid4(),
+        "price": Decimal("19.990"),
+        "tags": {"a", "b"},
+        "frozen": frozenset({1, 2}),
+        "pair": (1, "x"),
+        "by_int": {1: "one", 2: "two"},
+        "raw": b"\x00\xff",
+        "nested": [{"$type": "not a tag"}, {"s": {dt.date(2020, 1, 1)}}],
+        "nan": float("inf"),
+    }
+    flows.save("f1", "step", state)
+    assert flows.load("f1") == state
+    assert flows.history("f1")[0].state == state
+
+
+def test_unstorable_state_is_rejected(flows: Flows, store: EventStore) -> None:
+    """A value that cannot be stored raises InvalidArgument and writes nothing."""
+    with pytest.raises(InvalidArgument):
+        flows.save("f1", "step", {"x": object()})
+    assert store.stats()["events"] == 0
+
+
+def test_feedback_request_and_resolve(flows: Flows) -> None:
+    """A pending request is visible until resolved; resolving twice is refused."""
+    assert flows.pending_feedback("f1") is None
+    flows.request_feedback("f1", {"question": "ok?"}, {"draft": "text"})
+    pending = flows.pending_feedback("f1")
+    assert pending is not None and pending.context == {"question": "ok?"}
+    assert pending.state == {"draft": "text"}
+    resolved = flows.resolve_feedback("f1", "approved")
+    assert resolved.context == {"question": "ok?"}
+    assert flows.pending_feedback("f1") is None
+    with pytest.raises(NoPendingFeedback):
+        flows.resolve_feedback("f1", "again")
+
+
+def test_concurrent_resolutions_exactly_one_wins(flows: Flows) -> None:
+    """Of six threads resolving the same request, exactly one succeeds."""
+    flows.request_feedback("f1", "ctx", {"s": 1})
+    barrier = threading.Barrier(6)
+    outcomes: list[str] = []
+
+    def resolve(i: int) -> None:
+        barrier.wait()
+        try:
+            flows.resolve_feedback("f1", f"answer {i}")
+            outcomes.append("won")
+        except NoPendingFeedback:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=resolve, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["lost"] * 5 + ["won"]
+
+
+def test_flows_are_per_tenant(flows: Flows) -> None:
+    """Another tenant sees neither state nor feedback."""
+    flows.save("f1", "s", {"a": 1}, tenant_id="t1")
+    flows.request_feedback("f1", "c", {}, tenant_id="t1")
+    assert flows.load("f1", tenant_id="t2") is None
+    assert flows.pending_feedback("f1", tenant_id="t2") is None
+    with pytest.raises(NoPendingFeedback):
+        flows.resolve_feedback("f1", "x", tenant_id="t2")

@@ -1,0 +1,125 @@
+"""Agent-session snapshots: save, active, retire, finish_run, history and races."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from eventstore import EventStore, InvalidArgument
+from projections.sessions import AgentSessions, SessionKey
+from tests._clock import Clock
+
+
+def key(run: str = "run-1", node: str = "node-1", agent: str = "agent-1",
+        tenant: str = "acme") -> SessionKey:
+    return SessionKey(tenant, run, node, "binding-1", agent)
+
+
+@pytest.fixture
+def sessions(store: EventStore) -> AgentSessions:
+    return AgentSessions(store, clock=Clock())
+
+
+def test_save_then_active_returns_newest(sessions: AgentSessions) -> None:
+    """active() returns the newest snapshot with its layer specs."""
+    sessions.save(key(), snapshot={"layers": [1]}, layer_specs=[{"kind": "memory"}])
+    sessions.save(key(), snapshot={"layers": [1, 2]}, layer_specs=[{"kind": "memory"}])
+    snap = sessions.active(key())
+    assert snap is not None and snap.snapshot == {"layers": [1, 2]} and snap.version == 2
+    assert snap.layer_specs == [{"kind": "memory"}]
+
+
+def test_unknown_session_is_none(sessions: AgentSessions) -> None:
+    """active() of a key never saved is None."""
+    assert sessions.active(key()) is None
+
+
+def test_retire_makes_active_none(sessions: AgentSessions) -> None:
+    """After retire, active() is None, so a loop never resumes a stale snapshot."""
+    sessions.save(key(), snapshot={"s": 1}, layer_specs=[])
+    assert sessions.retire(key(), reason="run failed") is True
+    assert sessions.active(key()) is None
+    assert sessions.retire(key(), reason="again") is False
+    assert [e.kind for e in sessions.history(key())] == ["saved", "retired"]
+
+
+def test_pause_keeps_session_active_with_pending_ids(sessions: AgentSessions) -> None:
+    """A save with pending form and tool-call ids keeps the session active."""
+    sessions.save(key(), snapshot={"s": 1}, layer_specs=[], pending_form_id="form-1",
+                  pending_tool_call_id="call-9")
+    snap = sessions.active(key())
+    assert snap is not None
+    assert (snap.pending_form_id, snap.pending_tool_call_id) == ("form-1", "call-9")
+
+
+def test_finish_run_retires_each_active_session_once(sessions: AgentSessions) -> None:
+    """finish_run retires the run's active sessions and returns them; a second call none."""
+    sessions.save(key(agent="a"), snapshot={}, layer_specs=[])
+    sessions.save(key(agent="b"), snapshot={}, layer_specs=[])
+    sessions.save(key(agent="c"), snapshot={}, layer_specs=[])
+    sessions.retire(key(agent="c"), reason="cancelled")
+    sessions.save(key(run="run-2"), snapshot={}, layer_specs=[])
+    retired = sessions.finish_run("acme", "run-1", "succeeded")
+    assert sorted(k.agent_id for k in retired) == ["a", "b"]
+    assert sessions.finish_run("acme", "run-1", "succeeded") == []
+    assert sessions.active(key(run="run-2")) is not None
+    assert sessions.history(key(agent="a"))[-1].reason == "run succeeded"
+
+
+def test_concurrent_finish_run_retires_exactly_once(sessions: AgentSessions,
+                                                    store: EventStore) -> None:
+    """Four concurrent finish_run calls retire every session exactly once between them."""
+    for i in range(6):
+        sessions.save(key(agent=f"a{i}"), snapshot={}, layer_specs=[])
+    barrier = threading.Barrier(4)
+    results: list[list[SessionKey]] = []
+
+    def finish() -> None:
+        barrier.wait()
+        results.append(sessions.finish_run("acme", "run-1", "failed"))
+
+    threads = [threading.Thread(target=finish) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    retired = [k.agent_id for r in results for k in r]
+    assert sorted(retired) == [f"a{i}" for i in range(6)]
+    assert sum(1 for e in store.read_all() if e.type == "SessionRetired") == 6
+
+
+def test_racing_first_saves_keep_every_snapshot(sessions: AgentSessions) -> None:
+    """Eight simultaneous first saves of one key all land; none collides or is lost."""
+    barrier = threading.Barrier(8)
+
+    def save(i: int) -> None:
+        barrier.wait()
+        sessions.save(key(), snapshot={"writer": i}, layer_specs=[])
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hist = sessions.history(key())
+    assert sorted(e.snapshot.snapshot["writer"] for e in hist if e.snapshot) == list(range(8))
+    snap = sessions.active(key())
+    assert snap is not None and snap.version == 8
+
+
+def test_tenants_are_isolated(sessions: AgentSessions) -> None:
+    """The same run and node in another tenant is another session."""
+    sessions.save(key(tenant="a"), snapshot={"t": "a"}, layer_specs=[])
+    assert sessions.active(key(tenant="b")) is None
+    assert sessions.finish_run("b", "run-1", "done") == []
+    assert sessions.active(key(tenant="a")) is not None
+
+
+def test_bad_key_is_rejected(sessions: AgentSessions, store: EventStore) -> None:
+    """A key with an empty part raises InvalidArgument and writes nothing."""
+    with pytest.raises(InvalidArgument):
+        sessions.save(SessionKey("acme", "", "n", "b", "a"), snapshot={}, layer_specs=[])
+    with pytest.raises(InvalidArgument):
+        sessions.save("not a key", snapshot={}, layer_specs=[])  # type: ignore[arg-type]
+    assert store.stats()["events"] == 0
