@@ -13,7 +13,7 @@ fi
 
 source scripts/pg.sh
 
-echo "== ruff" && .venv/bin/ruff check eventstore projections tests benchmarks migrations
+echo "== ruff" && .venv/bin/ruff check .
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"
