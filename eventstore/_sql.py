@@ -44,13 +44,15 @@ class Compiled:
 
     def run(self, conn: Connection, values: Mapping[str, Any]) -> Any:
         """Execute on the connection's DBAPI cursor; returns the cursor."""
-        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        # dbapi_connection: the DBAPI connection itself, or SQLAlchemy's adapter over an async
+        # driver when the connection runs inside AsyncConnection.run_sync.
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         cur.execute(self.sql, self.args(values))
         return cur
 
     def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        cur.executemany(self.sql, [self.args(r) for r in rows])
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur.executemany(self.sql, [self.args(r) for r in rows])  # type: ignore[arg-type]
         cur.close()
 
 

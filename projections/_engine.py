@@ -395,7 +395,7 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     projection that raises makes the append fail: nothing is written.
     """
     ensure_registered(store, projection)
-    for h in store._inline:
+    for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             return
     store.add_inline_handler(_InlineHandler(store, projection))

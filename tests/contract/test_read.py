@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-import eventstore.store as store_module
+import eventstore._core as core_module
 from eventstore import Event, EventStore, RawEvent, upcaster
 from eventstore.events import _registry
 from tests._events import CounterIncremented, NoteAdded
@@ -15,7 +15,7 @@ from tests._events import CounterIncremented, NoteAdded
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pages of 3 rows, so paging boundaries are crossed with few events."""
-    monkeypatch.setattr(store_module, "_PAGE", 3)
+    monkeypatch.setattr(core_module, "PAGE", 3)
 
 
 def versions(events: Any) -> list[int]:

@@ -1,0 +1,440 @@
+"""What the sync and the async store share: argument checks, the append transaction body,
+paging, and the reads, all written against a SQLAlchemy ``Connection``.
+
+:class:`eventstore.EventStore` runs these on a connection it opens; :class:`eventstore.aio.
+AsyncEventStore` runs the very same functions inside ``AsyncConnection.run_sync`` (SQLAlchemy's
+greenlet bridge over psycopg's async driver and aiosqlite), so the SQL exists once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, func, select
+from sqlalchemy.engine import Dialect
+
+from ._backend import lock_appends
+from ._schema import MAX_ID_LENGTH, events, streams
+from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
+from ._time import from_micros, to_micros
+from .codec import decode_event, decode_metadata, encode_event, encode_metadata
+from .errors import (
+    EventTooLarge,
+    IdempotencyKeyReused,
+    InvalidArgument,
+    InvalidEvent,
+    InvalidStreamId,
+    StoreClosed,
+    WrongExpectedVersion,
+)
+from .events import ANY, STREAM_EXISTS, AppendResult, Event, ExpectedState, RawEvent, RecordedEvent
+
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+DEFAULT_TENANT = "default"
+PAGE = 2000
+_NO_END = 2**62
+
+ExpectedVersion = int | ExpectedState | None
+BeforeCommit = Callable[[Connection, Sequence[RecordedEvent]], None]
+
+
+class InlineHandler(Protocol):
+    """Called inside an append's transaction with the events it is about to commit.
+
+    Raising aborts the append: the events and every row the handler wrote roll back together.
+    """
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None: ...
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+
+def check_id(value: object, what: str, error: type[InvalidArgument]) -> str:
+    if not isinstance(value, str):
+        raise error(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise error(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise error(f"{what} is {len(value)} characters long, the limit is {MAX_ID_LENGTH}")
+    if "\x00" in value:
+        raise error(f"{what} must not contain NUL characters")
+    return value
+
+
+def check_int(value: object, what: str, *, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise InvalidArgument(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_limit(limit: object) -> int | None:
+    return None if limit is None else check_int(limit, "limit", minimum=0)
+
+
+def check_names(values: object, what: str) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = (values,)
+    if not isinstance(values, Iterable):
+        raise InvalidArgument(f"{what} must be a list of strings")
+    out = tuple(values)
+    for v in out:
+        if not isinstance(v, str) or not v:
+            raise InvalidArgument(f"{what} must be non-empty strings, got {v!r}")
+    return out
+
+
+def category_of(stream_id: str) -> str:
+    """The category of a stream id: the part before the first ``-`` (the whole id without one)."""
+    return stream_id.split("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Settings shared by both stores, from arguments first, then ``EVENTSTORE_*`` variables."""
+
+    max_event_bytes: int
+    poll_interval: float
+    clock: Callable[[], datetime] | None
+
+    @classmethod
+    def resolve(cls, *, max_event_bytes: int | None, poll_interval: float | None,
+                clock: Callable[[], datetime] | None) -> Options:
+        limit = max_event_bytes
+        if limit is None:
+            env = os.environ.get("EVENTSTORE_MAX_EVENT_BYTES")
+            limit = int(env) if env else DEFAULT_MAX_EVENT_BYTES
+        check_int(limit, "max_event_bytes", minimum=1)
+        if poll_interval is None:
+            poll_interval = float(os.environ.get("EVENTSTORE_POLL_INTERVAL", "0.2"))
+        if not 0 < poll_interval <= 0.5:
+            raise InvalidArgument("poll_interval must be in (0, 0.5] seconds")
+        return cls(limit, poll_interval, clock)
+
+
+def auto_migrate(migrate: bool | None, sqlite: bool) -> bool:
+    if migrate is not None:
+        return migrate
+    env = os.environ.get("EVENTSTORE_AUTO_MIGRATE")
+    return env.lower() in ("1", "true", "yes") if env else sqlite
+
+
+# -- appending ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppendPlan:
+    """A checked, encoded append, ready to run in a transaction."""
+
+    stream_id: str
+    tenant_id: str
+    originals: Sequence[Event | RawEvent]
+    encoded: list[tuple[str, int, bytes]]
+    meta_raw: bytes | None
+    metadata: dict[str, Any]
+    expected: int | ExpectedState
+    key: str | None
+    fingerprint: bytes
+    now: datetime
+
+
+class StoreCore:
+    """State and logic common to :class:`EventStore` and :class:`AsyncEventStore`."""
+
+    def __init__(self, options: Options) -> None:
+        self._options = options
+        self._closed = False
+        self._inline: list[InlineHandler] = []
+
+    def now(self) -> datetime:
+        """The store's clock (UTC)."""
+        clock = self._options.clock
+        return clock() if clock is not None else datetime.now(UTC)
+
+    def add_inline_handler(self, handler: InlineHandler) -> None:
+        """Run ``handler`` inside every append's transaction (read-your-writes projections)."""
+        if handler not in self._inline:
+            self._inline.append(handler)
+
+    def remove_inline_handler(self, handler: InlineHandler) -> None:
+        if handler in self._inline:
+            self._inline.remove(handler)
+
+    @property
+    def inline_handlers(self) -> tuple[InlineHandler, ...]:
+        return tuple(self._inline)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the event store is closed")
+
+    def _plan_append(self, stream_id: object, events: object, expected_version: object,
+                     idempotency_key: object, tenant_id: object, metadata: object) -> AppendPlan:
+        """Check and encode everything before any I/O: bad input never reaches the database."""
+        self._check_open()
+        stream = check_id(stream_id, "stream id", InvalidStreamId)
+        tenant = check_id(tenant_id, "tenant id", InvalidArgument)
+        key = None
+        if idempotency_key is not None:
+            key = check_id(idempotency_key, "idempotency key", InvalidArgument)
+        expected: int | ExpectedState
+        if expected_version is None:
+            expected = ANY
+        elif isinstance(expected_version, ExpectedState):
+            expected = expected_version
+        else:
+            expected = check_int(expected_version, "expected_version", minimum=0)
+        if isinstance(events, (Event, RawEvent)):
+            events = [events]
+        if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
+            raise InvalidEvent("events must be a list of Event instances")
+        if not events:
+            raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
+        meta_raw = encode_metadata(metadata)
+        encoded = [encode_event(ev) for ev in events]
+        limit = self._options.max_event_bytes
+        for tag, _sv, raw in encoded:
+            if len(raw) > limit:
+                raise _too_large(tag, len(raw), limit)
+        if meta_raw is not None and len(meta_raw) > limit:
+            raise _too_large("metadata", len(meta_raw), limit)
+        fingerprint = _fingerprint(stream, encoded) if key is not None else b""
+        return AppendPlan(stream, tenant, events, encoded, meta_raw,
+                          metadata if isinstance(metadata, dict) else {}, expected, key,
+                          fingerprint, self.now())
+
+    def _append_locked(self, conn: Connection, plan: AppendPlan,
+                       before_commit: BeforeCommit | None) -> AppendResult:
+        """The body of the append transaction (see ``_backend.lock_appends`` for the order)."""
+        dialect = conn.dialect
+        stream_id, tenant_id, key = plan.stream_id, plan.tenant_id, plan.key
+        lock_appends(conn)
+        ids = {"tenant_id": tenant_id, "stream_id": stream_id}
+        # Idempotency first: a retried request must get its first answer back, not a version
+        # conflict caused by its own earlier success.
+        if key is not None:
+            cur = statement("find_key", dialect).run(conn, {"tenant_id": tenant_id, "key": key})
+            row = cur.fetchone()
+            cur.close()
+            if row is not None:
+                first_stream, first_print, first_pos, last_pos, version = row
+                if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
+                    raise IdempotencyKeyReused(key=key, tenant_id=tenant_id, stream_id=stream_id,
+                                               first_stream_id=first_stream)
+                return AppendResult(first_pos, last_pos, version, True)
+        cur = statement("probe", dialect).run(conn, ids)
+        probed = cur.fetchone()
+        cur.close()
+        current: int = probed[0] or 0
+        last_position: int = probed[1] or 0
+        expected = plan.expected
+        if expected is STREAM_EXISTS:
+            if current == 0:
+                raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
+                                           expected=STREAM_EXISTS, actual=0)
+        elif expected is not ANY and expected != current:
+            raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
+                                       expected=expected, actual=current)
+        now = plan.now
+        stamp = to_micros(now)
+        category = category_of(stream_id)
+        rows = []
+        recorded = []
+        dialect_name = dialect.name
+        for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
+            event_id = uuid.uuid4()
+            rows.append({
+                "position": last_position + i, "tenant_id": tenant_id, "stream_id": stream_id,
+                "category": category, "version": current + i,
+                "event_id": uuid_param(event_id, dialect_name), "type": tag,
+                "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
+                "recorded_at": stamp,
+            })
+            recorded.append(RecordedEvent(
+                last_position + i, stream_id, current + i, tenant_id, event_id, tag,
+                schema_version, plan.originals[i - 1], plan.metadata, now,
+            ))
+        insert = statement("insert_events", dialect)
+        if len(rows) == 1:
+            insert.run(conn, rows[0]).close()
+        else:
+            insert.run_many(conn, rows)
+        new_version = current + len(rows)
+        if current == 0:
+            statement("insert_stream", dialect).run(conn, {
+                **ids, "version": new_version, "created_at": stamp, "updated_at": stamp,
+            }).close()
+        else:
+            statement("update_stream", dialect).run(conn, {
+                **ids, "new_version": new_version, "updated_at": stamp,
+            }).close()
+        result = AppendResult(last_position + 1, last_position + len(rows), new_version, False)
+        if key is not None:
+            statement("insert_key", dialect).run(conn, {
+                "tenant_id": tenant_id, "key": key, "stream_id": stream_id,
+                "fingerprint": plan.fingerprint, "first_position": result.first_position,
+                "last_position": result.last_position, "stream_version": new_version,
+                "recorded_at": stamp,
+            }).close()
+        for handler in self._inline:
+            handler(conn, recorded)
+        if before_commit is not None:
+            before_commit(conn, recorded)
+        return result
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _stream_pager(self, dialect: Dialect, stream_id: object, tenant_id: object,
+                      from_version: object, to_version: object, backwards: object,
+                      limit: object) -> Pager:
+        self._check_open()
+        stream = check_id(stream_id, "stream id", InvalidStreamId)
+        tenant = check_id(tenant_id, "tenant id", InvalidArgument)
+        lo = check_int(from_version, "from_version", minimum=0)
+        hi = None if to_version is None else check_int(to_version, "to_version", minimum=0)
+        if not isinstance(backwards, bool):
+            raise InvalidArgument("backwards must be a bool")
+        lim = check_limit(limit)
+        if backwards and hi is None:
+            hi = _NO_END  # backwards paging moves the upper bound down page by page
+        query = read_query(dialect, by_stream=True, backwards=backwards, upper=hi is not None,
+                           tenant=True, n_categories=0, n_types=0)
+        return Pager(query, {"tenant_id": tenant, "stream_id": stream}, "version", lo, hi,
+                     backwards, lim)
+
+    def _all_pager(self, dialect: Dialect, from_position: object, limit: object,
+                   categories: object, types: object, tenant_id: object) -> Pager:
+        self._check_open()
+        lim = check_limit(limit)
+        start = check_int(from_position, "from_position", minimum=0)
+        query, params = self._all_query(dialect, start, categories, types, tenant_id)
+        return Pager(query, params, "position", start, None, False, lim)
+
+    def _all_query(self, dialect: Dialect, from_position: object, categories: object,
+                   types: object, tenant_id: object) -> tuple[Compiled, dict[str, Any]]:
+        check_int(from_position, "from_position", minimum=0)
+        cats = check_names(categories, "categories")
+        kinds = check_names(types, "types")
+        params: dict[str, Any] = {}
+        if tenant_id is not None:
+            params["tenant_id"] = check_id(tenant_id, "tenant id", InvalidArgument)
+        for i, c in enumerate(cats):
+            params[f"cat{i}"] = c
+        for i, t in enumerate(kinds):
+            params[f"type{i}"] = t
+        query = read_query(dialect, by_stream=False, backwards=False, upper=False,
+                           tenant=tenant_id is not None, n_categories=len(cats),
+                           n_types=len(kinds))
+        return query, params
+
+    def _fetch_on(self, conn: Connection, query: Compiled, params: dict[str, Any]
+                  ) -> list[RecordedEvent]:
+        cur = query.run(conn, params)
+        rows = cur.fetchall()
+        cur.close()
+        return [
+            RecordedEvent(
+                pos, stream_id, version, tenant, as_uuid(event_id), tag, sv,
+                decode_event(tag, sv, data), decode_metadata(meta), from_micros(at),
+            )
+            for (pos, tenant, stream_id, _cat, version, event_id, tag, sv, data, meta, at)
+            in rows
+        ]
+
+    def read_page(
+        self,
+        conn: Connection,
+        *,
+        from_position: int,
+        limit: int,
+        categories: Iterable[str] | None = None,
+        tenant_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        """One page of the log read on ``conn``, inside the caller's transaction.
+
+        For projectors, which must read events and write their rows and checkpoint in one
+        transaction.
+        """
+        query, params = self._all_query(conn.dialect, from_position, categories, None,
+                                        tenant_id)
+        return self._fetch_on(conn, query, {**params, "lo": from_position, "page": limit})
+
+    def _stream_version_on(self, conn: Connection, stream_id: object, tenant_id: object) -> int:
+        stream = check_id(stream_id, "stream id", InvalidStreamId)
+        tenant = check_id(tenant_id, "tenant id", InvalidArgument)
+        v = conn.execute(select(streams.c.version).where(
+            streams.c.tenant_id == tenant, streams.c.stream_id == stream)).scalar()
+        return int(v or 0)
+
+    @staticmethod
+    def _last_position_on(conn: Connection) -> int:
+        return int(conn.execute(select(func.max(events.c.position))).scalar() or 0)
+
+    @staticmethod
+    def _stats_on(conn: Connection, tenant_id: object) -> dict[str, int]:
+        ev_q = select(func.count(), func.max(events.c.position))
+        st_q = select(func.count(), func.count(streams.c.tenant_id.distinct()))
+        if tenant_id is not None:
+            tenant = check_id(tenant_id, "tenant id", InvalidArgument)
+            ev_q = ev_q.where(events.c.tenant_id == tenant)
+            st_q = st_q.where(streams.c.tenant_id == tenant)
+        count, last = conn.execute(ev_q.select_from(events)).one()
+        n_streams, n_tenants = conn.execute(st_q.select_from(streams)).one()
+        return {"events": int(count), "streams": int(n_streams), "tenants": int(n_tenants),
+                "last_position": int(last or 0)}
+
+
+@dataclass
+class Pager:
+    """Where a paged read stands: the next page's parameters, and moving past a page."""
+
+    query: Compiled
+    params: dict[str, Any]
+    key: str  # "version" or "position": the column pages move along
+    lo: int
+    hi: int | None
+    backwards: bool
+    remaining: int | None
+
+    def next_params(self) -> dict[str, Any] | None:
+        """Parameters of the next page, or ``None`` when the read is complete."""
+        if self.remaining is not None and self.remaining <= 0:
+            return None
+        page = PAGE if self.remaining is None else min(PAGE, self.remaining)
+        return {**self.params, "lo": self.lo, "hi": self.hi, "page": page}
+
+    def advance(self, batch: Sequence[RecordedEvent], page: int) -> bool:
+        """Move past ``batch``; returns whether more may follow."""
+        if len(batch) < page:
+            return False
+        if self.remaining is not None:
+            self.remaining -= len(batch)
+        last = getattr(batch[-1], self.key)
+        if self.backwards:
+            self.hi = last - 1
+        else:
+            self.lo = last + 1
+        return True
+
+
+def _too_large(what: str, size: int, limit: int) -> InvalidEvent:
+    return EventTooLarge(f"{what} is {size} bytes encoded, over the limit of {limit} bytes",
+                         size=size, limit=limit)
+
+
+def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:
+    h = hashlib.sha256(stream_id.encode())
+    for tag, sv, raw in encoded:
+        h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(raw)))
+        h.update(raw)
+    return h.digest()
