@@ -52,19 +52,31 @@ def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
     return create_engine(url, **kwargs)
 
 
-def _sqlite_engine(url: URL) -> Engine:
+def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
     synchronous = str(url.query.get("synchronous", "FULL")).upper()
     if synchronous not in ("FULL", "NORMAL", "EXTRA"):
         raise InvalidArgument(
             f"sqlite synchronous must be FULL, NORMAL or EXTRA, not {synchronous}")
-    busy_ms = int(str(url.query.get("busy_timeout", "30000")))
+    try:
+        busy_ms = int(str(url.query.get("busy_timeout", "30000")))
+    except ValueError as e:
+        raise InvalidArgument("sqlite busy_timeout must be milliseconds") from e
     clean = url.difference_update_query(_SQLITE_OPTIONS)
     memory = clean.database in (None, "", ":memory:")
+    return clean, synchronous, busy_ms, memory
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    clean, synchronous, busy_ms, memory = _sqlite_settings(url)
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
     if memory:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(clean, **kwargs)
+    _sqlite_listeners(engine, synchronous, busy_ms, memory)
+    return engine
 
+
+def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Turn off the sqlite3 module's own implicit transactions: the store begins them itself
@@ -86,9 +98,6 @@ def _sqlite_engine(url: URL) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
-
-    engine.info = {"synchronous": synchronous}  # type: ignore[attr-defined]
-    return engine
 
 
 def begin_write(engine: Engine) -> contextlib.AbstractContextManager[Connection]:

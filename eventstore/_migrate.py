@@ -53,17 +53,22 @@ def migrate(engine: Engine) -> str:
     lock on PostgreSQL, the write lock on SQLite): a second migrator waits, then finds the schema
     current and does nothing.
     """
-    head, known = known_revisions()
     with begin_write(engine) as conn:
-        lock_migrations(conn)
-        before = current_revision(conn)
-        if before is not None and before not in known:
-            raise _newer(before, head)
-        if before != head:
-            cfg = _config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-            _log.info("schema_migrated", from_revision=before, to_revision=head)
+        return migrate_on(conn)
+
+
+def migrate_on(conn: Connection) -> str:
+    """:func:`migrate` on a connection already in a write transaction (also for run_sync)."""
+    head, known = known_revisions()
+    lock_migrations(conn)
+    before = current_revision(conn)
+    if before is not None and before not in known:
+        raise _newer(before, head)
+    if before != head:
+        cfg = _config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        _log.info("schema_migrated", from_revision=before, to_revision=head)
     return head
 
 
@@ -77,10 +82,15 @@ def migrate_url(url: str | URL | None) -> str:
 
 def check(engine: Engine, url: URL) -> None:
     """Raise :class:`SchemaVersionMismatch` unless the database is at this code's schema."""
-    head, known = known_revisions()
     with translate(), engine.connect() as conn:
-        rev = current_revision(conn)
+        check_on(conn, url)
         conn.rollback()
+
+
+def check_on(conn: Connection, url: URL) -> None:
+    """:func:`check` on an open connection (also for run_sync)."""
+    head, known = known_revisions()
+    rev = current_revision(conn)
     if rev == head:
         return
     if rev is not None and rev not in known:

@@ -36,7 +36,8 @@ from sqlalchemy import Connection, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventstore import EventStore, RecordedEvent
-from eventstore._backend import begin_read, begin_write, translate
+from eventstore._backend import translate
+from eventstore._bound import transaction
 from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._time import from_micros, to_micros
 from eventstore.errors import EventStoreError, InvalidArgument
@@ -194,13 +195,13 @@ def _ensure_row(conn: Connection, projection: Projection[Any], now_us: int) -> N
                          .on_conflict_do_nothing(index_elements=["name"]))
 
 
-def _lock_row(conn: Connection, name: str) -> Any:
+def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
     """Lock and return the projection's bookkeeping row (see the module docstring)."""
     q = select(projections).where(projections.c.name == name)
     if conn.dialect.name == "postgresql":
         q = q.with_for_update()
     row = conn.execute(q).first()
-    if row is None:
+    if row is None and not missing_ok:
         raise InvalidArgument(f"projection {name} is not registered in this store")
     return row
 
@@ -209,7 +210,7 @@ def ensure_registered(store: EventStore, projection: Projection[Any]) -> None:
     """Create the projection's bookkeeping row when it does not exist yet."""
     if not projection.name:
         raise InvalidArgument("a projection needs a name")
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         _ensure_row(conn, projection, _now_us(store))
 
 
@@ -219,7 +220,7 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
     if name is not None:
         q = q.where(projections.c.name == name)
     head = store.last_position()
-    with begin_read(store.engine) as conn:
+    with transaction(store, write=False) as conn:
         rows = conn.execute(q).all()
     return [
         ProjectionStatus(
@@ -236,7 +237,7 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
 
 def restart(store: EventStore, name: str) -> None:
     """Clear a failed projection so its projector retries from the failed event."""
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         _lock_row(conn, name)
         conn.execute(update(projections).where(projections.c.name == name)
                      .values(status="running", error=None, failed_position=None,
@@ -245,7 +246,7 @@ def restart(store: EventStore, name: str) -> None:
 
 
 def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None:
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         conn.execute(update(projections).where(projections.c.name == name)
                      .values(status="failed", error=str(err), failed_position=err.position,
                              updated_at=_now_us(store)))
@@ -373,7 +374,10 @@ class _InlineHandler:
         relevant = [e for e in recorded if self.p.handles(e)]
         if not relevant:
             return
-        row = _lock_row(conn, self.p.name)
+        row = _lock_row(conn, self.p.name, missing_ok=True)
+        if row is None:  # first use in this database
+            _ensure_row(conn, self.p, to_micros(relevant[0].recorded_at))
+            row = _lock_row(conn, self.p.name)
         if row.status == "failed":
             raise EventStoreError(
                 f"projection {self.p.name} is stopped after a failure ({row.error}); fix it and "
@@ -394,7 +398,8 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     Rows are then current for any query right after ``append`` returns (read-your-writes).  A
     projection that raises makes the append fail: nothing is written.
     """
-    ensure_registered(store, projection)
+    if not projection.name:
+        raise InvalidArgument("a projection needs a name")
     for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             return
@@ -415,7 +420,7 @@ def load_row(store: EventStore, projection: Projection[S], tenant_id: str, strea
     pr = projection_rows.c
     gen = (select(projections.c.generation).where(projections.c.name == projection.name)
            .scalar_subquery())
-    with begin_read(store.engine) as conn:
+    with transaction(store, write=False) as conn:
         r = conn.execute(select(pr.state, pr.version).where(
             pr.projection == projection.name, pr.generation == gen,
             pr.tenant_id == tenant_id, pr.stream_id == stream_id)).first()
@@ -468,7 +473,7 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
     if conn is not None:
         rows = conn.execute(q).all()
     else:
-        with begin_read(store.engine) as c:
+        with transaction(store, write=False) as c:
             rows = c.execute(q).all()
     return [(r.tenant_id, r.stream_id, projection.decode(r.state), r.version) for r in rows]
 
@@ -532,7 +537,7 @@ def _newest_snapshot(store: EventStore, projection: Projection[S], tenant_id: st
         q = q.where(sc.version <= at_version)
     if at_us is not None:
         q = q.where(sc.recorded_at <= at_us)
-    with begin_read(store.engine) as conn:
+    with transaction(store, write=False) as conn:
         r = conn.execute(q).first()
     if r is None:
         return None
@@ -546,7 +551,7 @@ def save_snapshot(store: EventStore, projection: Projection[S], tenant_id: str, 
               "code_version": projection.version, "version": last.version,
               "position": last.position, "recorded_at": to_micros(last.recorded_at),
               "state": projection.encode(state), "created_at": _now_us(store)}
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         ins = (postgresql.insert(snapshots) if conn.dialect.name == "postgresql"
                else sqlite.insert(snapshots))
         conn.execute(ins.values(**values).on_conflict_do_nothing())
@@ -627,7 +632,7 @@ class Projector:
         """
         p = projection
         try:
-            with begin_write(self.store.engine) as conn:
+            with transaction(self.store, write=True) as conn:
                 row = _lock_row(conn, p.name)
                 now_us = _now_us(self.store)
                 if row.status == "failed" or not self._acquire(conn, p, row, now_us):
@@ -679,7 +684,7 @@ class Projector:
 
     def release(self) -> None:
         """Give up this worker's leases (a clean shutdown lets another take over at once)."""
-        with translate(), begin_write(self.store.engine) as conn:
+        with translate(), transaction(self.store, write=True) as conn:
             conn.execute(update(projections)
                          .where(projections.c.owner == self.worker_id,
                                 projections.c.name.in_([p.name for p in self.projections]))
@@ -706,7 +711,7 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
         bound = until()
         if last >= bound:
             return last
-        with begin_write(store.engine) as conn:
+        with transaction(store, write=True) as conn:
             page = store.read_page(conn, from_position=last + 1, limit=_PAGE * 5,
                                    categories=cats)
             page = [e for e in page if e.position <= bound]
@@ -732,7 +737,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     """
     ensure_registered(store, projection)
     name = projection.name
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         row = _lock_row(conn, name)
         gen: int
         start: int
@@ -747,7 +752,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
                          .values(rebuild_generation=gen, rebuild_position=0))
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
     last = _fill(store, projection, gen, start, store.last_position, progress, track=True)
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         row = _lock_row(conn, name)
         rows: _Rows[Any] = _Rows(projection, gen)
         last = _catch_up(store, conn, rows, last, None)
@@ -757,7 +762,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
             generation=gen, position=max(last, 0), code_version=projection.version,
             status="running", error=None, failed_position=None, rebuild_generation=None,
             rebuild_position=None, updated_at=_now_us(store)))
-    with begin_write(store.engine) as conn:
+    with transaction(store, write=True) as conn:
         conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
                                                    projection_rows.c.generation == old))
     _log.info("projection_rebuilt", projection=name, generation=gen, position=last)
@@ -784,20 +789,20 @@ def verify(store: EventStore, projection: Projection[Any], *,
     scratch = -1 - int(time.time()) % 1_000_000_000  # negative: never an active generation
 
     def live_position() -> int:
-        with begin_read(store.engine) as c:
+        with transaction(store, write=False) as c:
             return int(c.execute(select(projections.c.position)
                                  .where(projections.c.name == name)).scalar() or 0)
 
     try:
         last = _fill(store, projection, scratch, 0, live_position, progress, track=False)
-        with begin_write(store.engine) as conn:
+        with transaction(store, write=True) as conn:
             row = _lock_row(conn, name)
             rows: _Rows[Any] = _Rows(projection, scratch)
             _catch_up(store, conn, rows, last, row.position)
             rows.flush(conn, _now_us(store))
             return _compare(conn, projection, row.generation, scratch)
     finally:
-        with begin_write(store.engine) as conn:
+        with transaction(store, write=True) as conn:
             conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
                                                        projection_rows.c.generation == scratch))
 

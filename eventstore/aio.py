@@ -1,0 +1,282 @@
+"""``AsyncEventStore``: the store for asyncio applications, with the same API and guarantees.
+
+Native on both backends: psycopg's async driver on PostgreSQL, aiosqlite on SQLite, both through
+SQLAlchemy's asyncio extension.  The SQL is not written twice: every transaction body is the
+sync store's own code (:mod:`eventstore._core`), run with ``AsyncConnection.run_sync``, which
+drives it on SQLAlchemy's greenlet bridge without blocking the event loop.  Inline projection
+handlers therefore work unchanged in both stores.
+
+::
+
+    store = await AsyncEventStore.open("postgresql+psycopg://app@db/app")
+    await store.append("conversation-42", [NoteAdded(text="hi")], expected_version=0)
+    async for ev in store.read_stream("conversation-42"):
+        ...
+    async for ev in store.subscribe(from_position=1, stop=stop):  # an asyncio.Event
+        ...
+    await store.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from . import _migrate
+from ._backend import _sqlite_listeners, _sqlite_settings, is_sqlite, resolve_url, translate
+from ._core import (
+    DEFAULT_TENANT,
+    PAGE,
+    BeforeCommit,
+    ExpectedVersion,
+    Options,
+    Pager,
+    StoreCore,
+    auto_migrate,
+)
+from ._sql import Compiled
+from .errors import InvalidArgument
+from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
+
+__all__ = ["AsyncEventStore"]
+
+T = TypeVar("T")
+
+StopEvent = asyncio.Event | threading.Event
+
+
+class AsyncEventStore(StoreCore):
+    """An append-only event log for asyncio code; see :class:`eventstore.EventStore`.
+
+    Safe to share between the tasks of one event loop.
+    """
+
+    def __init__(self, engine: AsyncEngine, url: URL, options: Options) -> None:
+        super().__init__(options)
+        self._engine = engine
+        self._url = url
+
+    @classmethod
+    async def open(
+        cls,
+        url: str | URL | None = None,
+        *,
+        max_event_bytes: int | None = None,
+        migrate: bool | None = None,
+        clock: Callable[[], datetime] | None = None,
+        poll_interval: float | None = None,
+        pool_size: int | None = None,
+    ) -> AsyncEventStore:
+        """Open a store; the arguments and defaults are those of :meth:`EventStore.open`."""
+        resolved = resolve_url(url)
+        options = Options.resolve(max_event_bytes=max_event_bytes, poll_interval=poll_interval,
+                                  clock=clock)
+        engine = create_async_store_engine(resolved, pool_size=pool_size)
+        try:
+            if auto_migrate(migrate, is_sqlite(resolved)):
+                async with abegin(engine, write=True) as conn:
+                    await conn.run_sync(_migrate.migrate_on)
+            else:
+                async with abegin(engine, write=False) as conn:
+                    await conn.run_sync(_migrate.check_on, resolved)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine, resolved, options)
+
+    async def close(self) -> None:
+        """Release every connection; later calls raise :class:`StoreClosed`."""
+        if not self._closed:
+            self._closed = True
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> AsyncEventStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        self._check_open()
+        return self._engine
+
+    @property
+    def url(self) -> URL:
+        return self._url
+
+    @property
+    def backend(self) -> str:
+        return self._engine.dialect.name
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run ``fn(conn, *args)`` in one transaction (a write transaction with ``write``).
+
+        The way to use the sync projection code (which takes a ``Connection``) from async code.
+        """
+        self._check_open()
+        async with abegin(self._engine, write=write) as conn:
+            return await conn.run_sync(fn, *args)
+
+    # -- appending --------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event | RawEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        idempotency_key: str | None = None,
+        tenant_id: str = DEFAULT_TENANT,
+        metadata: dict[str, Any] | None = None,
+    ) -> AppendResult:
+        """Append ``events`` as one atomic batch; see :meth:`EventStore.append`."""
+        return await self.append_with(stream_id, events, expected_version=expected_version,
+                                      idempotency_key=idempotency_key, tenant_id=tenant_id,
+                                      metadata=metadata)
+
+    async def append_with(
+        self,
+        stream_id: str,
+        events: Sequence[Event | RawEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        idempotency_key: str | None = None,
+        tenant_id: str = DEFAULT_TENANT,
+        metadata: dict[str, Any] | None = None,
+        before_commit: BeforeCommit | None = None,
+    ) -> AppendResult:
+        """:meth:`append`, calling the sync ``before_commit(conn, recorded)`` in its transaction."""
+        plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
+                                 tenant_id, metadata)
+        async with abegin(self._engine, write=True) as conn:
+            return await conn.run_sync(self._append_locked, plan, before_commit)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def stream_version(self, stream_id: str, *, tenant_id: str = DEFAULT_TENANT) -> int:
+        """The number of events in the stream; 0 when it does not exist."""
+        return await self.run_sync(self._stream_version_on, stream_id, tenant_id)
+
+    def read_stream(
+        self,
+        stream_id: str,
+        *,
+        tenant_id: str = DEFAULT_TENANT,
+        from_version: int = 1,
+        to_version: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> AsyncIterator[RecordedEvent]:
+        """``async for`` over a stream's events; see :meth:`EventStore.read_stream`."""
+        return self._paged(self._stream_pager(self._engine.dialect, stream_id, tenant_id,
+                                              from_version, to_version, backwards, limit))
+
+    def read_all(
+        self,
+        *,
+        from_position: int = 0,
+        limit: int | None = None,
+        categories: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
+        tenant_id: str | None = None,
+    ) -> AsyncIterator[RecordedEvent]:
+        """``async for`` over the log in position order; see :meth:`EventStore.read_all`."""
+        return self._paged(self._all_pager(self._engine.dialect, from_position, limit,
+                                           categories, types, tenant_id))
+
+    async def _paged(self, pager: Pager) -> AsyncIterator[RecordedEvent]:
+        while (params := pager.next_params()) is not None:
+            batch = await self._fetch(pager.query, params)
+            for ev in batch:
+                yield ev
+            if not pager.advance(batch, params["page"]):
+                return
+
+    async def _fetch(self, query: Compiled, params: dict[str, Any]) -> list[RecordedEvent]:
+        return await self.run_sync(self._fetch_on, query, params)
+
+    async def last_position(self) -> int:
+        """The highest committed position (0 for an empty store)."""
+        return await self.run_sync(self._last_position_on)
+
+    async def stats(self, *, tenant_id: str | None = None) -> dict[str, int]:
+        """Counts of events, streams and tenants, and the last position."""
+        return await self.run_sync(self._stats_on, tenant_id)
+
+    def subscribe(
+        self,
+        *,
+        from_position: int = 0,
+        categories: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
+        tenant_id: str | None = None,
+        stop: StopEvent | None = None,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event from ``from_position`` on, waiting for new ones until ``stop`` is set.
+
+        ``stop`` is an :class:`asyncio.Event` (or a :class:`threading.Event`); the wait for new
+        events polls every ``poll_interval`` seconds (at most 0.5 s).
+        """
+        pager = self._all_pager(self._engine.dialect, from_position, None, categories, types,
+                                tenant_id)
+        if stop is not None and not isinstance(stop, (asyncio.Event, threading.Event)):
+            raise InvalidArgument("stop must be an asyncio.Event or a threading.Event")
+        return self._follow(pager, stop if stop is not None else asyncio.Event())
+
+    async def _follow(self, pager: Pager, stop: StopEvent) -> AsyncIterator[RecordedEvent]:
+        while not stop.is_set():
+            batch = await self._fetch(pager.query, {**pager.params, "lo": pager.lo,
+                                                    "page": PAGE})
+            for ev in batch:
+                yield ev
+                if stop.is_set():
+                    return
+            if batch:
+                pager.lo = batch[-1].position + 1
+            if len(batch) < PAGE:
+                await _wait(stop, self._options.poll_interval)
+
+    def __repr__(self) -> str:
+        return f"AsyncEventStore({self._url.render_as_string(hide_password=True)!r})"
+
+
+async def _wait(stop: StopEvent, seconds: float) -> None:
+    if isinstance(stop, asyncio.Event):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+    else:
+        await asyncio.sleep(seconds)
+
+
+# -- the asyncio engine (here, so that the sync store never imports SQLAlchemy's asyncio) --
+
+
+def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> AsyncEngine:
+    """An asyncio engine: psycopg's async driver, or aiosqlite, set up like the sync one."""
+    if is_sqlite(url):
+        clean, synchronous, busy_ms, memory = _sqlite_settings(url)
+        engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
+                                     **({"poolclass": StaticPool} if memory else {}))
+        _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
+        return engine
+    return create_async_engine(url, pool_size=pool_size or 5, max_overflow=10)
+
+
+@contextlib.asynccontextmanager
+async def abegin(engine: AsyncEngine, *, write: bool) -> AsyncIterator[AsyncConnection]:
+    """The async twin of :func:`begin_write` / :func:`begin_read`."""
+    with translate():
+        async with engine.connect() as conn:
+            if write and engine.dialect.name == "sqlite":
+                conn = await conn.execution_options(sqlite_write=True)
+            async with conn.begin():
+                yield conn
