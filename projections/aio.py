@@ -1,0 +1,220 @@
+"""Async twins of the facades, for engines written with asyncio.
+
+Each method runs the sync facade's own logic (the same decide-and-append command layer and
+projection code) in one transaction of an :class:`eventstore.aio.AsyncEventStore`, through
+``AsyncConnection.run_sync``: no thread pool, no blocking of the event loop, and no second copy
+of the rules.  Commands run in a write transaction, queries in a read transaction.
+
+::
+
+    store = await AsyncEventStore.open(url)
+    conversations = AsyncConversations(store)
+    version = await conversations.assign("c-42", {"count": 1}, tenant_id="acme")
+    state = await conversations.get("c-42", tenant_id="acme")
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection
+
+from eventstore._bound import BoundStore
+from eventstore.aio import AsyncEventStore
+
+from .continuations import Continuation, Continuations, SweepResult
+from .conversation import Conversations, ConversationState, VariableChange
+from .flows import Flows, FlowSave, PendingFeedback
+from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot
+
+__all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows"]
+
+F = TypeVar("F")
+
+
+class _Twin(Generic[F]):
+    """Runs methods of a sync facade inside transactions of an async store."""
+
+    def __init__(self, store: AsyncEventStore, facade: F) -> None:
+        self.store = store
+        self._facade = facade
+
+    async def _run(self, method: str, *args: Any, write: bool, **kwargs: Any) -> Any:
+        def call(conn: Connection) -> Any:
+            bound = copy.copy(self._facade)
+            bound.store = BoundStore(self.store, conn)  # type: ignore[attr-defined]
+            return getattr(bound, method)(*args, **kwargs)
+
+        return await self.store.run_sync(call, write=write)
+
+
+class AsyncConversations(_Twin[Conversations]):
+    """:class:`projections.Conversations` for asyncio."""
+
+    def __init__(self, store: AsyncEventStore, *, snapshot_every: int | None = 100) -> None:
+        super().__init__(store, Conversations(store, snapshot_every=snapshot_every))  # type: ignore[arg-type]
+
+    async def assign(self, conversation_id: str, variables: Mapping[str, Any],
+                     **kwargs: Any) -> int:
+        """See :meth:`Conversations.assign`."""
+        result: int = await self._run("assign", conversation_id, variables, write=True, **kwargs)
+        return result
+
+    async def reset(self, conversation_id: str, defaults: Mapping[str, Any],
+                    **kwargs: Any) -> int:
+        """See :meth:`Conversations.reset`."""
+        result: int = await self._run("reset", conversation_id, defaults, write=True, **kwargs)
+        return result
+
+    async def delete(self, conversation_id: str, names: Iterable[str], **kwargs: Any) -> int:
+        """See :meth:`Conversations.delete`."""
+        result: int = await self._run("delete", conversation_id, list(names), write=True,
+                                      **kwargs)
+        return result
+
+    async def get(self, conversation_id: str, *, tenant_id: str = "default",
+                  at_version: int | None = None,
+                  at_time: datetime | None = None) -> ConversationState:
+        """See :meth:`Conversations.get` (time travel reads without saving snapshots)."""
+        result: ConversationState = await self._run(
+            "get", conversation_id, write=False, tenant_id=tenant_id, at_version=at_version,
+            at_time=at_time)
+        return result
+
+    async def history(self, conversation_id: str, **kwargs: Any) -> list[VariableChange]:
+        """See :meth:`Conversations.history`."""
+        result: list[VariableChange] = await self._run("history", conversation_id, write=False,
+                                                       **kwargs)
+        return result
+
+
+class AsyncContinuations(_Twin[Continuations]):
+    """:class:`projections.Continuations` for asyncio."""
+
+    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
+        super().__init__(store, Continuations(store, **kwargs))  # type: ignore[arg-type]
+
+    async def pause(self, conversation_id: str, user_id: str, **kwargs: Any) -> Continuation:
+        """See :meth:`Continuations.pause`."""
+        result: Continuation = await self._run("pause", conversation_id, user_id, write=True,
+                                               **kwargs)
+        return result
+
+    async def get(self, conversation_id: str, user_id: str, *,
+                  tenant_id: str = "default") -> Continuation | None:
+        """See :meth:`Continuations.get`."""
+        result: Continuation | None = await self._run("get", conversation_id, user_id,
+                                                      write=False, tenant_id=tenant_id)
+        return result
+
+    async def claim(self, conversation_id: str, user_id: str, *,
+                    tenant_id: str = "default") -> Continuation:
+        """See :meth:`Continuations.claim`."""
+        result: Continuation = await self._run("claim", conversation_id, user_id, write=True,
+                                               tenant_id=tenant_id)
+        return result
+
+    async def complete(self, conversation_id: str, user_id: str, *,
+                       tool_results: Sequence[Any], **kwargs: Any) -> Continuation:
+        """See :meth:`Continuations.complete`."""
+        result: Continuation = await self._run("complete", conversation_id, user_id,
+                                               write=True, tool_results=tool_results, **kwargs)
+        return result
+
+    async def release(self, conversation_id: str, user_id: str, **kwargs: Any) -> Continuation:
+        """See :meth:`Continuations.release`."""
+        result: Continuation = await self._run("release", conversation_id, user_id, write=True,
+                                               **kwargs)
+        return result
+
+    async def pending_for_user(self, user_id: str, *,
+                               tenant_id: str = "default") -> list[Continuation]:
+        """See :meth:`Continuations.pending_for_user`."""
+        result: list[Continuation] = await self._run("pending_for_user", user_id, write=False,
+                                                     tenant_id=tenant_id)
+        return result
+
+    async def sweep(self, now: datetime | None = None, *,
+                    tenant_id: str | None = None) -> SweepResult:
+        """See :meth:`Continuations.sweep`."""
+        result: SweepResult = await self._run("sweep", now, write=True, tenant_id=tenant_id)
+        return result
+
+
+class AsyncAgentSessions(_Twin[AgentSessions]):
+    """:class:`projections.AgentSessions` for asyncio."""
+
+    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
+        super().__init__(store, AgentSessions(store, **kwargs))  # type: ignore[arg-type]
+
+    async def save(self, key: SessionKey, **kwargs: Any) -> SessionSnapshot:
+        """See :meth:`AgentSessions.save`."""
+        result: SessionSnapshot = await self._run("save", key, write=True, **kwargs)
+        return result
+
+    async def active(self, key: SessionKey) -> SessionSnapshot | None:
+        """See :meth:`AgentSessions.active`."""
+        result: SessionSnapshot | None = await self._run("active", key, write=False)
+        return result
+
+    async def history(self, key: SessionKey) -> list[SessionEntry]:
+        """See :meth:`AgentSessions.history`."""
+        result: list[SessionEntry] = await self._run("history", key, write=False)
+        return result
+
+    async def retire(self, key: SessionKey, *, reason: str) -> bool:
+        """See :meth:`AgentSessions.retire`."""
+        result: bool = await self._run("retire", key, write=True, reason=reason)
+        return result
+
+    async def finish_run(self, tenant_id: str, workflow_run_id: str,
+                         status: str) -> list[SessionKey]:
+        """See :meth:`AgentSessions.finish_run`."""
+        result: list[SessionKey] = await self._run("finish_run", tenant_id, workflow_run_id,
+                                                   status, write=True)
+        return result
+
+
+class AsyncFlows(_Twin[Flows]):
+    """:class:`projections.Flows` for asyncio."""
+
+    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
+        super().__init__(store, Flows(store, **kwargs))  # type: ignore[arg-type]
+
+    async def save(self, flow_id: str, method_name: str, state: Any, **kwargs: Any) -> int:
+        """See :meth:`Flows.save`."""
+        result: int = await self._run("save", flow_id, method_name, state, write=True,
+                                      **kwargs)
+        return result
+
+    async def load(self, flow_id: str, **kwargs: Any) -> Any | None:
+        """See :meth:`Flows.load`."""
+        return await self._run("load", flow_id, write=False, **kwargs)
+
+    async def history(self, flow_id: str, **kwargs: Any) -> list[FlowSave]:
+        """See :meth:`Flows.history`."""
+        result: list[FlowSave] = await self._run("history", flow_id, write=False, **kwargs)
+        return result
+
+    async def request_feedback(self, flow_id: str, context: Any, state: Any,
+                               **kwargs: Any) -> int:
+        """See :meth:`Flows.request_feedback`."""
+        result: int = await self._run("request_feedback", flow_id, context, state, write=True,
+                                      **kwargs)
+        return result
+
+    async def pending_feedback(self, flow_id: str, **kwargs: Any) -> PendingFeedback | None:
+        """See :meth:`Flows.pending_feedback`."""
+        result: PendingFeedback | None = await self._run("pending_feedback", flow_id,
+                                                         write=False, **kwargs)
+        return result
+
+    async def resolve_feedback(self, flow_id: str, feedback: Any,
+                               **kwargs: Any) -> PendingFeedback:
+        """See :meth:`Flows.resolve_feedback`."""
+        result: PendingFeedback = await self._run("resolve_feedback", flow_id, feedback,
+                                                  write=True, **kwargs)
+        return result

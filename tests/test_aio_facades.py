@@ -1,0 +1,83 @@
+"""The async facade twins: same rules, run on an AsyncEventStore."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eventstore import WrongExpectedVersion
+from eventstore.aio import AsyncEventStore
+from projections.aio import AsyncAgentSessions, AsyncContinuations, AsyncConversations, AsyncFlows
+from projections.errors import NoPendingFeedback, ResumeInProgress
+from projections.sessions import SessionKey
+from tests._clock import Clock
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_conversations_assign_get_and_conflict(url: str) -> None:
+    """assign/get/history work, and a stale expected version raises."""
+    async with await AsyncEventStore.open(url) as store:
+        conv = AsyncConversations(store)
+        v = await conv.assign("c-1", {"count": 1, "topic": "x"}, tenant_id="acme")
+        await conv.assign("c-1", {"count": 2}, tenant_id="acme", expected_version=v)
+        state = await conv.get("c-1", tenant_id="acme")
+        assert state.variables == {"count": 2, "topic": "x"} and state.version == 2
+        assert (await conv.get("c-1", tenant_id="acme", at_version=1)).variables["count"] == 1
+        assert len(await conv.history("c-1", tenant_id="acme")) == 3
+        with pytest.raises(WrongExpectedVersion):
+            await conv.assign("c-1", {"count": 3}, tenant_id="acme", expected_version=1)
+
+
+async def test_concurrent_claims_one_task_wins(url: str) -> None:
+    """Of six tasks claiming one continuation, exactly one wins."""
+    async with await AsyncEventStore.open(url) as store:
+        conts = AsyncContinuations(store, clock=Clock())
+        await conts.pause("c-1", "u1", messages=[], pending_tool_calls=[{"id": "t"}],
+                          tools=[], tool_schemas=[], agent_config={})
+
+        async def claim() -> str:
+            try:
+                await conts.claim("c-1", "u1")
+                return "won"
+            except ResumeInProgress:
+                return "busy"
+
+        outcomes = await asyncio.gather(*(claim() for _ in range(6)))
+        assert sorted(outcomes) == ["busy"] * 5 + ["won"]
+        done = await conts.complete("c-1", "u1", tool_results=[{"ok": True}])
+        assert done.status == "consumed" and await conts.get("c-1", "u1") is None
+
+
+async def test_sessions_finish_run_concurrently_retires_once(url: str) -> None:
+    """Concurrent finish_run tasks retire each session exactly once between them."""
+    async with await AsyncEventStore.open(url) as store:
+        sessions = AsyncAgentSessions(store)
+        for agent in "abc":
+            await sessions.save(SessionKey("t", "run-1", "n", "b", agent), snapshot={},
+                                layer_specs=[])
+        results = await asyncio.gather(*(sessions.finish_run("t", "run-1", "done")
+                                         for _ in range(3)))
+        assert sorted(k.agent_id for r in results for k in r) == ["a", "b", "c"]
+        assert await sessions.active(SessionKey("t", "run-1", "n", "b", "a")) is None
+
+
+async def test_flows_feedback_race_one_wins(url: str) -> None:
+    """Of four tasks resolving one feedback request, exactly one wins."""
+    async with await AsyncEventStore.open(url) as store:
+        flows = AsyncFlows(store)
+        await flows.save("f1", "start", {"tags": {"a"}})
+        assert await flows.load("f1") == {"tags": {"a"}}
+        await flows.request_feedback("f1", "ok?", {"draft": 1})
+
+        async def resolve() -> bool:
+            try:
+                await flows.resolve_feedback("f1", "yes")
+                return True
+            except NoPendingFeedback:
+                return False
+
+        assert sorted(await asyncio.gather(*(resolve() for _ in range(4)))) == [
+            False, False, False, True]
+        assert await flows.pending_feedback("f1") is None
