@@ -32,13 +32,14 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 import structlog
-from sqlalchemy import Connection, and_, delete, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventstore import EventStore, RecordedEvent
 from eventstore._backend import translate
 from eventstore._bound import transaction
 from eventstore._schema import projection_rows, projections, snapshots
+from eventstore._sql import Compiled
 from eventstore._time import from_micros, to_micros
 from eventstore.errors import EventStoreError, InvalidArgument
 
@@ -254,6 +255,43 @@ def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None
                type=err.type, stream=err.stream_id, tenant=err.tenant_id, error=str(err))
 
 
+# -- compiled statements for the inline path (run on every append) --
+
+_fast_cache: dict[tuple[str, str], Compiled] = {}
+
+
+def _fast(name: str, conn: Connection) -> Compiled:
+    """A statement of the inline path, compiled once per dialect (see eventstore._sql)."""
+    key = (name, conn.dialect.name)
+    c = _fast_cache.get(key)
+    if c is None:
+        c = _fast_cache[key] = Compiled(_build_fast(name, conn.dialect.name), conn.dialect)
+    return c
+
+
+def _build_fast(name: str, dialect_name: str) -> Any:
+    pc, pr = projections.c, projection_rows.c
+    if name == "lock":
+        q = (select(pc.generation, pc.position, pc.status, pc.error)
+             .where(pc.name == bindparam("name")))
+        return q.with_for_update() if dialect_name == "postgresql" else q
+    if name == "get_row":
+        return select(pr.state, pr.version, pr.position).where(
+            pr.projection == bindparam("projection"), pr.generation == bindparam("generation"),
+            pr.tenant_id == bindparam("tenant_id"), pr.stream_id == bindparam("stream_id"))
+    if name == "upsert":
+        ins = (postgresql.insert(projection_rows) if dialect_name == "postgresql"
+               else sqlite.insert(projection_rows))
+        return ins.on_conflict_do_update(
+            index_elements=["projection", "generation", "tenant_id", "stream_id"],
+            set_={c: ins.excluded[c] for c in ("version", "position", "state", "status",
+                                               "group_key", "sort_key", "updated_at")})
+    if name == "advance":
+        return (update(projections).where(pc.name == bindparam("name"))
+                .values(position=bindparam("new_position")))
+    raise KeyError(name)
+
+
 # -- folding into rows --
 
 
@@ -268,6 +306,16 @@ class _Rows(Generic[S]):
 
     def load(self, conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self.cache]
+        if len(missing) == 1:  # the inline case: one stream per append
+            key = missing[0]
+            cur = _fast("get_row", conn).run(conn, {
+                "projection": self.p.name, "generation": self.generation,
+                "tenant_id": key[0], "stream_id": key[1]})
+            found = cur.fetchone()
+            cur.close()
+            self.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
+                               (self.p.decode(found[0]), found[1], found[2]))
+            return
         pr = projection_rows.c
         for i in range(0, len(missing), 200):
             chunk = missing[i:i + 200]
@@ -321,21 +369,14 @@ class _Rows(Generic[S]):
                 "position": position, "state": self.p.encode(state), "status": idx.status,
                 "group_key": idx.group_key, "sort_key": idx.sort_key, "updated_at": now_us,
             })
-        _upsert_rows(conn, rows)
+        upsert = _fast("upsert", conn)
+        if len(rows) == 1:
+            upsert.run(conn, rows[0]).close()
+        else:
+            upsert.run_many(conn, rows)
         self.dirty.clear()
         if len(self.cache) > 50_000:
             self.cache.clear()
-
-
-def _upsert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    ins = (postgresql.insert(projection_rows) if conn.dialect.name == "postgresql"
-           else sqlite.insert(projection_rows))
-    stmt = ins.on_conflict_do_update(
-        index_elements=["projection", "generation", "tenant_id", "stream_id"],
-        set_={c: ins.excluded[c] for c in ("version", "position", "state", "status",
-                                           "group_key", "sort_key", "updated_at")},
-    )
-    conn.execute(stmt, rows)
 
 
 def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,
@@ -374,22 +415,28 @@ class _InlineHandler:
         relevant = [e for e in recorded if self.p.handles(e)]
         if not relevant:
             return
-        row = _lock_row(conn, self.p.name, missing_ok=True)
+        lock = _fast("lock", conn)
+        cur = lock.run(conn, {"name": self.p.name})
+        row = cur.fetchone()
+        cur.close()
         if row is None:  # first use in this database
             _ensure_row(conn, self.p, to_micros(relevant[0].recorded_at))
-            row = _lock_row(conn, self.p.name)
-        if row.status == "failed":
+            cur = lock.run(conn, {"name": self.p.name})
+            row = cur.fetchone()
+            cur.close()
+        generation, position, status_, error = row
+        if status_ == "failed":
             raise EventStoreError(
-                f"projection {self.p.name} is stopped after a failure ({row.error}); fix it and "
+                f"projection {self.p.name} is stopped after a failure ({error}); fix it and "
                 f"run `eventstore projections restart {self.p.name}` before appending")
-        rows: _Rows[Any] = _Rows(self.p, row.generation)
+        rows: _Rows[Any] = _Rows(self.p, generation)
         # Catch up what appends without this handler (another process, or before it was
         # registered) left behind, then fold this batch.
-        _catch_up(self.store, conn, rows, row.position, relevant[0].position - 1)
+        _catch_up(self.store, conn, rows, position, relevant[0].position - 1)
         rows.apply(conn, relevant)
         rows.flush(conn, to_micros(relevant[0].recorded_at))
-        conn.execute(update(projections).where(projections.c.name == self.p.name)
-                     .values(position=recorded[-1].position))
+        _fast("advance", conn).run(conn, {"name": self.p.name,
+                                          "new_position": recorded[-1].position}).close()
 
 
 def inline(store: EventStore, projection: Projection[Any]) -> None:
