@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import structlog
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import Dialect
 
@@ -34,6 +35,8 @@ from .errors import (
     WrongExpectedVersion,
 )
 from .events import ANY, STREAM_EXISTS, AppendResult, Event, ExpectedState, RawEvent, RecordedEvent
+
+_log = structlog.get_logger("eventstore")
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
@@ -213,6 +216,12 @@ class StoreCore:
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
 
+    @staticmethod
+    def _log_appended(plan: AppendPlan, result: AppendResult) -> None:
+        _log.debug("events_appended", tenant=plan.tenant_id, stream=plan.stream_id,
+                   position=result.last_position, version=result.stream_version,
+                   count=len(plan.encoded), duplicate=result.duplicate)
+
     def _append_locked(self, conn: Connection, plan: AppendPlan,
                        before_commit: BeforeCommit | None) -> AppendResult:
         """The body of the append transaction (see ``_backend.lock_appends`` for the order)."""
@@ -238,11 +247,10 @@ class StoreCore:
         current: int = probed[0] or 0
         last_position: int = probed[1] or 0
         expected = plan.expected
-        if expected is STREAM_EXISTS:
-            if current == 0:
-                raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
-                                           expected=STREAM_EXISTS, actual=0)
-        elif expected is not ANY and expected != current:
+        if (expected is STREAM_EXISTS and current == 0) or (
+                isinstance(expected, int) and expected != current):
+            _log.info("append_conflict", tenant=tenant_id, stream=stream_id,
+                      expected=getattr(expected, "name", expected), actual=current)
             raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
                                        expected=expected, actual=current)
         now = plan.now

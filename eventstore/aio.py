@@ -158,7 +158,9 @@ class AsyncEventStore(StoreCore):
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
         async with abegin(self._engine, write=True) as conn:
-            return await conn.run_sync(self._append_locked, plan, before_commit)
+            result = await conn.run_sync(self._append_locked, plan, before_commit)
+        self._log_appended(plan, result)
+        return result
 
     # -- reading ----------------------------------------------------------------------------------
 

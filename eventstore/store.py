@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-import structlog
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
@@ -32,8 +31,6 @@ from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_TENANT", "EventStore", "InlineHandler",
            "category_of"]
-
-_log = structlog.get_logger("eventstore")
 
 
 class EventStore(StoreCore):
@@ -163,7 +160,9 @@ class EventStore(StoreCore):
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
         with begin_write(self._engine) as conn:
-            return self._append_locked(conn, plan, before_commit)
+            result = self._append_locked(conn, plan, before_commit)
+        self._log_appended(plan, result)
+        return result
 
     # -- reading ----------------------------------------------------------------------------------
 
