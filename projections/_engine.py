@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -272,7 +272,7 @@ def _fast(name: str, conn: Connection) -> Compiled:
 def _build_fast(name: str, dialect_name: str) -> Any:
     pc, pr = projections.c, projection_rows.c
     if name == "lock":
-        q = (select(pc.generation, pc.position, pc.status, pc.error)
+        q = (select(pc.generation, pc.position, pc.status, pc.error, pc.code_version)
              .where(pc.name == bindparam("name")))
         return q.with_for_update() if dialect_name == "postgresql" else q
     if name == "get_row":
@@ -410,6 +410,7 @@ class _InlineHandler:
     def __init__(self, store: EventStore, projection: Projection[Any]) -> None:
         self.store = store
         self.p = projection
+        self.warned = False
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
         relevant = [e for e in recorded if self.p.handles(e)]
@@ -424,7 +425,15 @@ class _InlineHandler:
             cur = lock.run(conn, {"name": self.p.name})
             row = cur.fetchone()
             cur.close()
-        generation, position, status_, error = row
+        generation, position, status_, error, code_version = row
+        if code_version != self.p.version:
+            # Rows of another fold version are never extended with this one: reads fall back to
+            # live folds until a rebuild (run by inline() at start-up, or by a projector).
+            if not self.warned:
+                self.warned = True
+                _log.warning("projection_stale", projection=self.p.name,
+                             stored=code_version, code=self.p.version)
+            return
         if status_ == "failed":
             raise EventStoreError(
                 f"projection {self.p.name} is stopped after a failure ({error}); fix it and "
@@ -450,6 +459,13 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             return
+    if isinstance(store, EventStore):
+        # Rows built by another version of the fold are rebuilt before they are used.
+        existing = status(store, projection.name)
+        if existing and existing[0].code_version != projection.version:
+            _log.info("projection_code_changed", projection=projection.name,
+                      stored=existing[0].code_version, code=projection.version)
+            rebuild(store, projection)
     store.add_inline_handler(_InlineHandler(store, projection))
 
 
@@ -461,12 +477,19 @@ def active_generation(conn: Connection, name: str) -> int | None:
                         .where(projections.c.name == name)).scalar()
 
 
+def _usable_generation(projection: Projection[Any]) -> Any:
+    """The active generation, if its rows were built by this version of the fold (else NULL)."""
+    return (select(projections.c.generation)
+            .where(projections.c.name == projection.name,
+                   projections.c.code_version == projection.version)
+            .scalar_subquery())
+
+
 def load_row(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str
              ) -> tuple[S, int] | None:
     """The persisted state of one stream and the version it reflects, or ``None``."""
     pr = projection_rows.c
-    gen = (select(projections.c.generation).where(projections.c.name == projection.name)
-           .scalar_subquery())
+    gen = _usable_generation(projection)
     with transaction(store, write=False) as conn:
         r = conn.execute(select(pr.state, pr.version).where(
             pr.projection == projection.name, pr.generation == gen,
@@ -500,8 +523,7 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
     Returns ``(tenant_id, stream_id, state, version)`` tuples.
     """
     pr = projection_rows.c
-    gen = (select(projections.c.generation).where(projections.c.name == projection.name)
-           .scalar_subquery())
+    gen = _usable_generation(projection)
     q = select(pr.tenant_id, pr.stream_id, pr.state, pr.version).where(
         pr.projection == projection.name, pr.generation == gen)
     if tenant_id is not None:
@@ -684,20 +706,24 @@ class Projector:
                 now_us = _now_us(self.store)
                 if row.status == "failed" or not self._acquire(conn, p, row, now_us):
                     return 0
-                if row.code_version != p.version and row.rebuild_generation is None:
-                    self._log.warning("projection_code_changed", projection=p.name,
-                                      stored=row.code_version, code=p.version)
-                rows: _Rows[Any] = _Rows(p, row.generation)
-                page = self.store.read_page(conn, from_position=row.position + 1,
-                                            limit=self.batch_size,
-                                            categories=p.categories or None)
-                if not page:
-                    return 0
-                rows.apply(conn, page)
-                rows.flush(conn, now_us)
-                conn.execute(update(projections).where(projections.c.name == p.name)
-                             .values(position=page[-1].position, updated_at=now_us))
-                return len(page)
+                stale = row.code_version != p.version
+                if not stale:
+                    rows: _Rows[Any] = _Rows(p, row.generation)
+                    page = self.store.read_page(conn, from_position=row.position + 1,
+                                                limit=self.batch_size,
+                                                categories=p.categories or None)
+                    if not page:
+                        return 0
+                    rows.apply(conn, page)
+                    rows.flush(conn, now_us)
+                    conn.execute(update(projections).where(projections.c.name == p.name)
+                                 .values(position=page[-1].position, updated_at=now_us))
+                    return len(page)
+            # Rows of another fold version: replay them with this one (the lease is ours).
+            self._log.info("projection_code_changed", projection=p.name,
+                           stored=row.code_version, code=p.version)
+            rebuild(self.store, p)
+            return status(self.store, p.name)[0].position  # the events it replayed
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)
             raise
@@ -833,7 +859,8 @@ def verify(store: EventStore, projection: Projection[Any], *,
     """Rebuild into scratch rows and compare them with the live rows; returns the differences."""
     ensure_registered(store, projection)
     name = projection.name
-    scratch = -1 - int(time.time()) % 1_000_000_000  # negative: never an active generation
+    # Negative: never an active generation; random: concurrent verifies never share rows.
+    scratch = -1 - secrets.randbelow(2**31 - 2)
 
     def live_position() -> int:
         with transaction(store, write=False) as c:

@@ -136,7 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         projector = Projector(store, chosen, worker_id=args.worker_id,
                               lease_seconds=args.lease_seconds)
         if args.once:
-            n = projector.catch_up()
+            try:
+                n = projector.catch_up()
+            finally:
+                projector.release()  # let the next worker (or the next --once) in at once
             print(f"applied {n} events")
             return cli.EXIT_OK
         with cli._stop_on_signals(stop):

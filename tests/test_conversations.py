@@ -156,6 +156,10 @@ def test_bad_input_writes_nothing(conversations: Conversations, conv_store: Even
         conversations.delete("c-1", [])
     with pytest.raises(InvalidArgument):
         conversations.assign("c-1", {"a": object()})
+    with pytest.raises(InvalidArgument):
+        conversations.assign("c-1", {"a": float("nan")})
+    with pytest.raises(InvalidArgument):
+        conversations.assign("c-1", {"a": {"deep": [1.0, float("inf")]}})
     assert conv_store.stream_version("conversation-c-1") == 0
 
 

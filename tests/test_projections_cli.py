@@ -1,0 +1,261 @@
+"""``eventstore projections …`` run in-process: status, rebuild, verify, restart and run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from eventstore import EventStore
+from eventstore._backend import begin_write
+from eventstore._schema import projection_rows
+from eventstore.cli import main
+from projections import Conversations, Projector
+from projections import _engine as engine
+from projections.conversation import ConversationProjection
+from projections.events import VariablesAssigned, VariableValue
+from tests._events import CounterIncremented
+from tests._projections import TallyProjection
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what set-up printed (unconfigured structlog logs to stdout)
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def seed_conversations(url: str) -> None:
+    """Three inline-projected variable events: c1 twice (tenant default), c2 once (acme)."""
+    with EventStore.open(url) as store:
+        conv = Conversations(store)
+        conv.assign("c1", {"topic": "billing", "n": 1})
+        conv.assign("c1", {"n": 2})
+        conv.assign("c2", {"lang": "fr"}, tenant_id="acme")
+
+
+def append_without_projection(url: str, conversation_id: str, n: int) -> None:
+    """Variable events appended by a writer that does not run the inline projection."""
+    with EventStore.open(url) as store:
+        for i in range(n):
+            store.append(f"conversation-{conversation_id}", [VariablesAssigned(
+                conversation_id=conversation_id,
+                variables=[VariableValue(name="i", value=i, value_type="integer")])])
+
+
+def damage_c2(url: str) -> None:
+    """Overwrite the live row of conversation c2 (tenant acme) with a wrong state."""
+    with EventStore.open(url) as store, begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).where(
+            projection_rows.c.projection == "conversations",
+            projection_rows.c.stream_id == "conversation-c2",
+        ).values(state=b'{"conversation_id":"c2","variables":{"lang":"xx"},"version":1}'))
+
+
+def row_of(url: str, stream: str, tenant: str = "default") -> tuple[Any, int] | None:
+    with EventStore.open(url) as store:
+        return engine.load_row(store, ConversationProjection(), tenant, stream)
+
+
+def status_json(capsys: pytest.CaptureFixture[str], url: str, name: str) -> dict[str, Any]:
+    code, out, _ = run(capsys, "projections", "status", name, "--url", url, "--json")
+    assert code == 0
+    (line,) = json_lines(out)
+    return line
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A registered tally projection that fails on increments by 13 (unregistered after)."""
+    monkeypatch.setitem(engine._registry, "tally_cli",
+                        lambda: TallyProjection("tally_cli", poison=13))
+    return "tally_cli"
+
+
+def test_status_prints_a_table_of_projections(url: str, capsys: pytest.CaptureFixture[str]
+                                               ) -> None:
+    """status prints one row per projection with its status, generation, position and lag."""
+    seed_conversations(url)
+    code, out, err = run(capsys, "projections", "status", "--url", url)
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:5] == ["NAME", "STATUS", "GEN", "POSITION", "LAG"]
+    (line,) = [r for r in rows if r.startswith("conversations ")]
+    assert line.split()[:5] == ["conversations", "running", "1", "3", "0"]
+
+
+def test_status_json_has_position_lag_and_owner(url: str, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    """status --json prints a JSON line with position, head, lag and the lease holder."""
+    seed_conversations(url)
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=2)])
+        Projector(store, [TallyProjection("tally_async")], worker_id="w-cli").catch_up()
+        store.append("counter-a", [CounterIncremented(by=3)])
+    code, out, err = run(capsys, "projections", "status", "--url", url, "--json")
+    assert code == 0, err
+    by_name = {line["name"]: line for line in json_lines(out)}
+    assert by_name["conversations"]["position"] == 3
+    tally = by_name["tally_async"]
+    assert (tally["status"], tally["position"], tally["head"], tally["lag"]) == (
+        "running", 4, 5, 1)
+    assert tally["owner"] == "w-cli" and tally["lease_until"] is not None
+    assert tally["generation"] == 1 and tally["error"] is None
+
+
+def test_status_of_an_empty_store_says_none_registered(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """status on a store without projections says so and exits 0."""
+    EventStore.open(url).close()
+    code, out, _ = run(capsys, "projections", "status", "--url", url)
+    assert code == 0
+    assert out.strip() == "no projections registered in this store"
+
+
+def test_rebuild_swaps_in_the_next_generation(url: str, capsys: pytest.CaptureFixture[str]
+                                              ) -> None:
+    """rebuild conversations replays the log into generation 2 with the same states."""
+    seed_conversations(url)
+    before = row_of(url, "conversation-c1")
+    code, out, err = run(capsys, "projections", "rebuild", "conversations", "--url", url)
+    assert code == 0, err
+    assert out.startswith("rebuilt conversations: generation 2, position 3,")
+    assert status_json(capsys, url, "conversations")["generation"] == 2
+    after = row_of(url, "conversation-c1")
+    assert after is not None and after == before
+    assert after[0].variables == {"topic": "billing", "n": 2}
+
+
+def test_rebuild_json_reports_generation_and_position(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """rebuild --json prints one object with projection, generation and position."""
+    seed_conversations(url)
+    code, out, err = run(capsys, "projections", "rebuild", "conversations", "--url", url,
+                         "--json")
+    assert code == 0, err
+    (obj,) = json_lines(out)
+    assert (obj["projection"], obj["generation"], obj["position"]) == ("conversations", 2, 3)
+
+
+def test_verify_of_intact_rows_exits_0(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify conversations exits 0 and says the live rows equal the replay."""
+    seed_conversations(url)
+    code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url)
+    assert code == 0, err
+    assert out.strip() == "conversations: live rows equal the replay of the log"
+
+
+def test_verify_of_a_damaged_row_exits_1(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify exits 1 and names the stream whose live row differs from the replay."""
+    seed_conversations(url)
+    damage_c2(url)
+    code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url)
+    assert code == 1, err
+    assert "acme/conversation-c2:" in out and '"xx"' in out and '"fr"' in out
+    assert "conversation-c1" not in out
+    assert out.splitlines()[-1] == "conversations: 1 stream(s) differ"
+
+
+def test_verify_json_lists_each_difference(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify --json prints one line per differing stream with the live and rebuilt states."""
+    seed_conversations(url)
+    damage_c2(url)
+    code, out, _ = run(capsys, "projections", "verify", "conversations", "--url", url, "--json")
+    assert code == 1
+    (diff,) = json_lines(out)
+    assert (diff["tenant_id"], diff["stream_id"]) == ("acme", "conversation-c2")
+    assert diff["live"]["variables"] == {"lang": "xx"}
+    assert diff["rebuilt"]["variables"] == {"lang": "fr"}
+
+
+def test_run_once_projects_what_was_appended(url: str, capsys: pytest.CaptureFixture[str]
+                                             ) -> None:
+    """run NAME --once catches up on events appended without the projection, and exits."""
+    append_without_projection(url, "c9", 4)
+    code, out, err = run(capsys, "projections", "run", "conversations", "--once", "--url", url)
+    assert code == 0, err
+    assert out.strip() == "applied 4 events"
+    row = row_of(url, "conversation-c9")
+    assert row is not None and row[1] == 4 and row[0].variables == {"i": 3}
+    code, out, _ = run(capsys, "projections", "verify", "conversations", "--url", url)
+    assert code == 0, out
+
+
+def test_run_once_again_applies_only_new_events(url: str, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    """A second run --once by the same worker applies just the events appended since."""
+    append_without_projection(url, "c9", 2)
+    argv = ("projections", "run", "conversations", "--once", "--worker-id", "cron", "--url", url)
+    assert run(capsys, *argv)[:2] == (0, "applied 2 events\n")
+    assert run(capsys, *argv)[:2] == (0, "applied 0 events\n")
+    append_without_projection(url, "c9", 3)
+    assert run(capsys, *argv)[:2] == (0, "applied 3 events\n")
+    row = row_of(url, "conversation-c9")
+    assert row is not None and row[1] == 5
+
+
+def test_run_once_releases_its_lease(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """After run --once exits, the next run --once (a new worker) applies the new events."""
+    append_without_projection(url, "c9", 2)
+    argv = ("projections", "run", "conversations", "--once", "--url", url)
+    assert run(capsys, *argv)[:2] == (0, "applied 2 events\n")
+    append_without_projection(url, "c9", 1)
+    assert run(capsys, *argv)[:2] == (0, "applied 1 events\n")
+
+
+def test_run_once_of_a_failing_projection_exits_1_and_shows_failed(
+        url: str, poisoned: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fold that raises makes run --once exit 1, and status shows the failed event."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        store.append("counter-a", [CounterIncremented(by=13)])
+    code, _, err = run(capsys, "projections", "run", poisoned, "--once", "--url", url)
+    assert code == 1
+    assert "failed on event at position 2" in err and "poison value 13" in err
+    st = status_json(capsys, url, poisoned)
+    assert (st["status"], st["failed_position"], st["position"]) == ("failed", 2, 0)
+    code, out, _ = run(capsys, "projections", "status", "--url", url)
+    (line,) = [r for r in out.splitlines() if r.startswith(poisoned)]
+    assert " failed " in line and "poison value 13" in line
+
+
+def test_restart_clears_a_failure(url: str, poisoned: str, capsys: pytest.CaptureFixture[str]
+                                  ) -> None:
+    """restart sets a failed projection running again, and its projector retries the event."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=13)])
+    assert run(capsys, "projections", "run", poisoned, "--once", "--url", url)[0] == 1
+    code, out, err = run(capsys, "projections", "restart", poisoned, "--url", url)
+    assert code == 0, err
+    assert out.strip() == f"{poisoned}: restarted"
+    st = status_json(capsys, url, poisoned)
+    assert (st["status"], st["error"], st["failed_position"]) == ("running", None, None)
+    assert run(capsys, "projections", "run", poisoned, "--once", "--worker-id", "again",
+               "--url", url)[0] == 1  # still poisoned: it retried and failed again
+    assert status_json(capsys, url, poisoned)["status"] == "failed"
+
+
+def test_restart_of_an_unregistered_projection_exits_2(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """restart of a projection the store does not know is a usage error."""
+    EventStore.open(url).close()
+    code, out, err = run(capsys, "projections", "restart", "nope", "--url", url)
+    assert code == 2 and out == ""
+    assert err.strip() == "eventstore: error: projection 'nope' is not registered in this store"
+
+
+@pytest.mark.parametrize("command", ["rebuild", "verify", "run"])
+def test_unknown_projection_name_exits_2(url: str, command: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """rebuild, verify and run of a name no module registered exit 2, listing known names."""
+    EventStore.open(url).close()
+    code, out, err = run(capsys, "projections", command, "nope", "--url", url)
+    assert code == 2 and out == ""
+    assert err.startswith("eventstore: error: unknown projection 'nope' (known: ")
+    assert "conversations" in err
