@@ -94,10 +94,11 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         # Writers say BEGIN IMMEDIATE: they take SQLite's single write lock before they read the
         # stream version, so the check and the insert cannot interleave with another writer and no
         # deferred transaction fails late with SQLITE_BUSY on its first write.
-        if conn.get_execution_options().get("sqlite_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # Straight on the DBAPI cursor: exec_driver_sql's bookkeeping costs more than BEGIN.
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur.execute("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_write")
+                    else "BEGIN")
+        cur.close()
 
 
 def begin_write(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
@@ -129,7 +130,9 @@ def lock_appends(conn: Connection) -> None:
     admits one writer at a time.
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _signed(APPEND_LOCK_KEY)})
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur.execute(_APPEND_LOCK_SQL)
+        cur.close()
 
 
 def lock_migrations(conn: Connection) -> None:
@@ -140,6 +143,10 @@ def lock_migrations(conn: Connection) -> None:
 
 def _signed(key: int) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
+
+
+# A constant (no parameters), run on the DBAPI cursor like the other hot-path statements.
+_APPEND_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_signed(APPEND_LOCK_KEY)})"
 
 
 @contextlib.contextmanager

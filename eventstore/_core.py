@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import structlog
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import Dialect
 
@@ -35,8 +34,9 @@ from .errors import (
     WrongExpectedVersion,
 )
 from .events import ANY, STREAM_EXISTS, AppendResult, Event, ExpectedState, RawEvent, RecordedEvent
+from .logs import get_logger
 
-_log = structlog.get_logger("eventstore")
+_log = get_logger("eventstore")
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
@@ -350,14 +350,15 @@ class StoreCore:
         cur = query.run(conn, params)
         rows = cur.fetchall()
         cur.close()
-        return [
-            RecordedEvent(
-                pos, stream_id, version, tenant, as_uuid(event_id), tag, sv,
-                decode_event(tag, sv, data), decode_metadata(meta), from_micros(at),
-            )
-            for (pos, tenant, stream_id, _cat, version, event_id, tag, sv, data, meta, at)
-            in rows
-        ]
+        out = []
+        last_at, when = None, None
+        for pos, tenant, stream_id, _cat, version, event_id, tag, sv, data, meta, at in rows:
+            if at != last_at:  # the events of one batch share their time: convert it once
+                last_at, when = at, from_micros(at)
+            out.append(RecordedEvent(pos, stream_id, version, tenant, as_uuid(event_id), tag,
+                                     sv, decode_event(tag, sv, data), decode_metadata(meta),
+                                     when))  # type: ignore[arg-type]
+        return out
 
     def read_page(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -16,8 +15,9 @@ from sqlalchemy.engine import URL
 from ._backend import begin_write, create_store_engine, lock_migrations, resolve_url, translate
 from ._schema import VERSION_TABLE
 from .errors import SchemaVersionMismatch
+from .logs import get_logger
 
-_log = structlog.get_logger("eventstore.migrate")
+_log = get_logger("eventstore.migrate")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 

@@ -67,6 +67,8 @@ def encode_metadata(metadata: object) -> bytes | None:
 
 
 def decode_metadata(raw: bytes | None) -> dict[str, Any]:
+    # A fresh {} per event (an empty dict is not tracked by the garbage collector, and callers
+    # may encode or change it like any dict).
     return {} if raw is None else _dict_decoder.decode(raw)
 
 

@@ -31,7 +31,6 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import msgspec
-import structlog
 from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -42,6 +41,7 @@ from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
 from eventstore._time import from_micros, to_micros
 from eventstore.errors import EventStoreError, InvalidArgument
+from eventstore.logs import get_logger
 
 __all__ = [
     "Projection",
@@ -60,7 +60,7 @@ __all__ = [
 
 S = TypeVar("S")
 
-_log = structlog.get_logger("eventstore.projections")
+_log = get_logger("eventstore.projections")
 
 _PAGE = 1000
 

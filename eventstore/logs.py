@@ -1,0 +1,51 @@
+"""The library's loggers: structlog, silent until the application configures structlog.
+
+The library never configures logging and never prints.  An unconfigured structlog would print
+every line to stdout, so these loggers stay silent until ``structlog.is_configured()``; from then
+on each call goes to ``structlog.get_logger(name)`` with the bound context, and callers' context
+(``structlog.contextvars.bound_contextvars``) is merged by the application's processors as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+__all__ = ["get_logger"]
+
+
+class Logger:
+    """A structlog logger that emits only once the application has configured structlog."""
+
+    __slots__ = ("_context", "_name")
+
+    def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
+        self._name = name
+        self._context = context or {}
+
+    def bind(self, **kwargs: Any) -> Logger:
+        return Logger(self._name, {**self._context, **kwargs})
+
+    def _emit(self, level: str, event: str, kwargs: dict[str, Any]) -> None:
+        if not structlog.is_configured():
+            return
+        logger = structlog.get_logger(self._name)
+        getattr(logger, level)(event, **self._context, **kwargs)
+
+    def debug(self, event: str, **kwargs: Any) -> None:
+        self._emit("debug", event, kwargs)
+
+    def info(self, event: str, **kwargs: Any) -> None:
+        self._emit("info", event, kwargs)
+
+    def warning(self, event: str, **kwargs: Any) -> None:
+        self._emit("warning", event, kwargs)
+
+    def error(self, event: str, **kwargs: Any) -> None:
+        self._emit("error", event, kwargs)
+
+
+def get_logger(name: str) -> Logger:
+    """The logger for ``name`` (``eventstore``, ``eventstore.projections`` …)."""
+    return Logger(name)
