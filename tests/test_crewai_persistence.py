@@ -1,0 +1,454 @@
+"""CrewAI flow persistence on the store: the FlowPersistence contract and real CrewAI flows.
+
+Every test runs on SQLite and PostgreSQL, offline: CrewAI's telemetry, tracing and version
+check are switched off and a guard refuses (and the test then fails on) any connection or name
+lookup that is not loopback, in this process and in the worker processes.  No flow calls a
+model: the flows are deterministic and their human-feedback step has no ``emit``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue as queue_mod
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from crewai.flow import HumanFeedbackPending, PendingFeedbackContext
+from crewai.flow.flow import FlowState
+from crewai.flow.persistence import SQLiteFlowPersistence
+from sqlalchemy.engine import make_url
+
+from eventstore import EventStore, InvalidArgument
+from projections.crewai_persistence import EventStoreFlowPersistence, import_crewai_sqlite
+from projections.errors import Conflict, NoPendingFeedback
+from projections.flows import Flows
+from tests import _crewai_workers
+from tests._crewai_flows import (
+    STARTED_AT,
+    CounterState,
+    counter_flow,
+    offline,
+    review_flow,
+)
+
+CTX = multiprocessing.get_context("spawn")
+RACERS = 3
+RESULT_TIMEOUT = 180.0
+
+
+@pytest.fixture(autouse=True)
+def no_network() -> Iterator[None]:
+    """CrewAI's opt-outs set, and no connection or lookup beyond loopback during the test."""
+    with offline() as guard:
+        yield
+    assert guard.attempts == [], f"network access: {guard.attempts}"
+
+
+@pytest.fixture
+def persistence(store: EventStore) -> EventStoreFlowPersistence:
+    return EventStoreFlowPersistence(store)
+
+
+def event_types(store: EventStore, flow_id: str) -> list[str]:
+    return [e.type for e in store.read_stream(Flows.stream_id(flow_id))]
+
+
+# -- the FlowPersistence contract -----------------------------------------------------------
+
+
+def test_state_round_trips_and_load_returns_the_newest(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """save_state takes a pydantic model or a dict; load_state returns the newest as a dict,
+    with datetimes, sets and decimals as themselves; None for a flow that saved nothing."""
+    assert persistence.load_state("f-1") is None
+    model = CounterState(id="f-1", topic="billing", count=3, tags={"a", "b"},
+                         started_at=STARTED_AT, budget=Decimal("19.990"))
+    persistence.save_state("f-1", "begin", model)
+    loaded = persistence.load_state("f-1")
+    assert loaded == model.model_dump()
+    assert CounterState.model_validate(loaded) == model
+
+    persistence.save_state("f-1", "finish", {"id": "f-1", "when": STARTED_AT, "ids": {1, 2}})
+    assert persistence.load_state("f-1") == {"id": "f-1", "when": STARTED_AT, "ids": {1, 2}}
+    assert [h.method_name for h in Flows(store).history("f-1")] == ["begin", "finish"]
+    assert event_types(store, "f-1") == ["FlowStateSaved", "FlowStateSaved"]
+
+
+class Mood(Enum):
+    CALM = "calm"
+
+
+class ExoticState(FlowState):
+    mood: Mood = Mood.CALM
+    home: PurePosixPath = PurePosixPath("/srv/app")
+    when: datetime = STARTED_AT
+
+
+def test_state_json_cannot_type_is_stored_in_pydantic_json_form(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """Values type-keeping JSON cannot hold (enums, paths) are stored the way CrewAI's SQLite
+    backend stores them, and validate back into the model; unstorable state writes nothing."""
+    state = ExoticState(id="f-3")
+    persistence.save_state("f-3", "step", state)
+    loaded = persistence.load_state("f-3")
+    assert loaded == state.model_dump(mode="json")
+    assert ExoticState.model_validate(loaded) == state
+
+    with pytest.raises(InvalidArgument):
+        persistence.save_state("f-4", "step", {"id": "f-4", "x": object()})
+    with pytest.raises(InvalidArgument):
+        persistence.save_state("f-4", "step", ["not", "a", "state"])  # type: ignore[arg-type]
+    assert event_types(store, "f-4") == []
+
+
+def pending_context(flow_id: str) -> PendingFeedbackContext:
+    return PendingFeedbackContext(
+        flow_id=flow_id, flow_class="app.flows.ReviewFlow", method_name="review",
+        method_output={"draft": "text", "score": 0.5}, message="Publish?",
+        emit=["approved", "rejected"], default_outcome="rejected", metadata={"channel": "#r"},
+        llm="gpt-4o-mini", requested_at=datetime(2026, 5, 1, 10, 0), execution_uuid="exec-1",
+        trace_context=(11, 22))
+
+
+def test_pending_feedback_is_peeked_freely_and_claimed_once(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """save_pending_feedback stores the context and state (also as the newest state);
+    peek_pending_feedback reads without claiming; load_pending_feedback claims exactly once."""
+    with pytest.raises(NoPendingFeedback) as never:
+        persistence.load_pending_feedback("f-2")
+    assert never.value.reason == "none"
+    assert persistence.peek_pending_feedback("f-2") is None
+
+    context = pending_context("f-2")
+    persistence.save_pending_feedback("f-2", context, {"id": "f-2", "draft": "text"})
+    assert persistence.load_state("f-2") == {"id": "f-2", "draft": "text"}
+    peeked = persistence.peek_pending_feedback("f-2")
+    assert peeked == ({"id": "f-2", "draft": "text"}, context)
+    assert persistence.peek_pending_feedback("f-2") == peeked
+
+    assert persistence.load_pending_feedback("f-2") == peeked
+    with pytest.raises(NoPendingFeedback) as again:
+        persistence.load_pending_feedback("f-2")
+    assert again.value.reason == "resolved"
+    assert persistence.peek_pending_feedback("f-2") is None
+
+    version = store.stream_version(Flows.stream_id("f-2"))
+    persistence.clear_pending_feedback("f-2")  # after a claim: nothing left to clear
+    persistence.clear_pending_feedback("never-paused")
+    assert store.stream_version(Flows.stream_id("f-2")) == version
+    assert event_types(store, "f-2") == ["FeedbackRequested", "FlowStateSaved",
+                                         "FeedbackResolved"]
+    resolved = list(store.read_stream(Flows.stream_id("f-2")))[-1].data
+    assert resolved.feedback == {  # type: ignore[union-attr]
+        "resumed_by": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def test_clear_withdraws_an_open_request_and_tenants_are_apart(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """clear_pending_feedback resolves an open request; another tenant sees none of it."""
+    other = EventStoreFlowPersistence(store, tenant_id="other")
+    persistence.save_pending_feedback("f-5", pending_context("f-5"), {"id": "f-5"})
+    assert other.peek_pending_feedback("f-5") is None
+    assert other.load_state("f-5") is None
+    assert other.history("f-5") == []
+    with pytest.raises(NoPendingFeedback):
+        other.load_pending_feedback("f-5")
+    other.clear_pending_feedback("f-5")
+    assert persistence.peek_pending_feedback("f-5") is not None
+
+    persistence.clear_pending_feedback("f-5")
+    assert persistence.peek_pending_feedback("f-5") is None
+    with pytest.raises(Conflict) as withdrawn:
+        persistence.reopen_pending_feedback("f-5")  # withdrawn on purpose: not reopened
+    assert withdrawn.value.reason == "resolved"
+    with pytest.raises(NoPendingFeedback) as cleared:
+        persistence.load_pending_feedback("f-5")
+    assert cleared.value.reason == "resolved"
+
+    later = pending_context("f-5")  # the flow pauses again later: a new request to claim
+    later.method_name = "second_review"
+    persistence.save_pending_feedback("f-5", later, {"id": "f-5", "round": 2})
+    assert persistence.load_pending_feedback("f-5") == ({"id": "f-5", "round": 2}, later)
+    assert [h.method_name for h in Flows(store).history("f-5")] == ["review", "second_review"]
+
+
+def test_concurrent_claims_in_one_process_exactly_one_wins(
+    persistence: EventStoreFlowPersistence,
+) -> None:
+    """Eight threads claiming one request through one persistence: one gets it."""
+    persistence.save_pending_feedback("f-6", pending_context("f-6"), {"id": "f-6"})
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            persistence.load_pending_feedback("f-6")
+            outcomes.append("won")
+        except NoPendingFeedback as e:
+            outcomes.append(e.reason)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["resolved"] * 7 + ["won"]
+
+
+def test_opened_by_url_serializes_and_is_rebuilt_by_crewai(url: str) -> None:
+    """Built from a URL it opens the store on first use; its JSON form (what CrewAI writes into
+    flow checkpoints) rebuilds an equivalent persistence, through CrewAI's own registry."""
+    persistence = EventStoreFlowPersistence(url, tenant_id="acme")
+    try:
+        dumped = persistence.model_dump(mode="json")
+        assert dumped == {"persistence_type": "EventStoreFlowPersistence", "url": url,
+                          "tenant_id": "acme"}
+        persistence.init_db()
+        persistence.save_state("f-7", "step", {"id": "f-7", "n": 1})
+
+        flow = counter_flow(persistence)(persistence=dumped)
+        rebuilt = flow.persistence
+        assert isinstance(rebuilt, EventStoreFlowPersistence) and rebuilt is not persistence
+        assert (rebuilt.url, rebuilt.tenant_id) == (url, "acme")
+        assert rebuilt.load_state("f-7") == {"id": "f-7", "n": 1}
+        rebuilt.close()
+    finally:
+        persistence.close()
+
+    with EventStore.open(url) as store:
+        from_store = EventStoreFlowPersistence(store)
+        assert from_store.url == make_url(url).render_as_string(hide_password=True)
+        assert from_store.load_state("f-7") is None  # tenant "default"
+        from_store.close()  # a store passed in stays open
+        assert store.stream_version(Flows.stream_id("f-7"), tenant_id="acme") == 1
+
+
+# -- real CrewAI flows ----------------------------------------------------------------------
+
+
+def test_flow_state_is_saved_after_each_step(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """A @persist flow runs; the store holds its state after begin and after finish."""
+    flow = counter_flow(persistence)()
+    assert flow.kickoff(inputs={"topic": "billing"}) == "billing:1"
+    flow_id = flow.state.id
+    history = Flows(store).history(flow_id)
+    assert [h.method_name for h in history] == ["begin", "finish"]
+    assert [h.state["steps"] for h in history] == [["begin"], ["begin", "finish"]]
+    assert history[-1].state["tags"] == {"billing"}
+    assert history[-1].state["started_at"] == STARTED_AT
+    assert history[-1].state["budget"] == Decimal("0.10")
+    assert persistence.load_state(flow_id) == flow.state.model_dump()
+
+
+def test_flow_is_restored_by_id_with_new_inputs_overriding(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """kickoff(inputs={"id": ..., ...}) on a new instance restores the stored state, the new
+    inputs override their fields, the rest is kept, and the run goes on from there."""
+    first = counter_flow(persistence)()
+    first.kickoff(inputs={"topic": "billing"})
+    flow_id = first.state.id
+
+    again = counter_flow(persistence)()
+    assert again.kickoff(inputs={"id": flow_id, "topic": "refunds"}) == "refunds:2"
+    state = again.state
+    assert state.id == flow_id
+    assert state.topic == "refunds"
+    assert state.count == 2
+    assert state.steps == ["begin", "finish", "begin", "finish"]
+    assert state.tags == {"billing", "refunds"}
+    assert state.started_at == STARTED_AT
+    assert state.budget == Decimal("0.20")
+    assert [h.method_name for h in persistence.history(flow_id)] == [
+        "begin", "finish", "begin", "finish"]
+    assert persistence.load_state(flow_id) == state.model_dump()
+
+
+class Children:
+    """Child processes of a test; any still alive at the end are killed and reaped."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+
+    def start(self, target: Callable[..., None], *args: Any) -> Any:
+        p = CTX.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    c = Children()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def collect(q: Any, procs: Sequence[Any], n: int) -> list[dict[str, Any]]:
+    """Wait for ``n`` reports; fail with a child's traceback when one failed."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while len(out) < n:
+        try:
+            kind, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue_mod.Empty:
+            pytest.fail(f"only {len(out)} of {n} workers reported; "
+                        f"exit codes {[p.exitcode for p in procs]}")
+        if kind == "error":
+            pytest.fail(f"worker failed:\n{payload}")
+        out.append(payload)
+    for p in procs:
+        p.join(RESULT_TIMEOUT)
+        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+    return out
+
+
+@pytest.mark.slow
+def test_paused_flow_is_resumed_from_another_process_exactly_once(
+    url: str, store: EventStore, persistence: EventStoreFlowPersistence, children: Children,
+) -> None:
+    """The flow pauses for asynchronous feedback; three other processes race to resume it with
+    their own answers: exactly one runs the rest of the flow, the others get NoPendingFeedback
+    before writing anything, and the store holds the winner's outcome only."""
+    flow = review_flow(persistence)()
+    paused = flow.kickoff(inputs={"topic": "eventstore"})
+    assert isinstance(paused, HumanFeedbackPending)
+    assert paused.callback_info == {"ticket": f"review-{flow.state.id}"}
+    flow_id = flow.state.id
+    pending = persistence.peek_pending_feedback(flow_id)
+    assert pending is not None
+    state, context = pending
+    assert state["draft"] == "Draft about eventstore" and state["published"] == ""
+    assert (context.flow_id, context.method_name, context.method_output, context.message,
+            context.metadata) == (flow_id, "review", "Draft about eventstore",
+                                  "Publish this draft?", {"channel": "#reviews"})
+    assert context.flow_class.endswith("ReviewFlow")
+    assert persistence.load_state(flow_id) == state
+    assert event_types(store, flow_id) == ["FlowStateSaved", "FeedbackRequested",
+                                           "FlowStateSaved"]
+
+    barrier = CTX.Barrier(RACERS)
+    q = CTX.Queue()
+    procs = [children.start(_crewai_workers.resume_racer, url, flow_id, f"approved by {i}",
+                            barrier, q)
+             for i in range(RACERS)]
+    reports = collect(q, procs, RACERS)
+
+    assert all(r["network"] == [] for r in reports), reports
+    won = [r for r in reports if r["outcome"] == "won"]
+    lost = [r for r in reports if r["outcome"] == "lost"]
+    assert len(won) == 1 and len(lost) == RACERS - 1, reports
+    assert {r["reason"] for r in lost} == {"resolved"}
+    winner = won[0]
+    assert winner["pid"] != os.getpid()
+    published = f"Draft about eventstore [{winner['feedback']}]"
+    assert winner["result"] == published
+    assert winner["state"]["published_by"] == winner["pid"]
+
+    final = persistence.load_state(flow_id)
+    assert final == winner["state"]
+    assert final is not None and final["published"] == published
+    assert [h.method_name for h in Flows(store).history(flow_id)] == [
+        "draft", "review", "review", "publish"]
+    assert event_types(store, flow_id) == [
+        "FlowStateSaved", "FeedbackRequested", "FlowStateSaved",   # paused
+        "FeedbackResolved", "FlowStateSaved", "FlowStateSaved"]    # claimed once, went on
+    resolved = list(store.read_stream(Flows.stream_id(flow_id)))[3].data
+    assert resolved.feedback == {  # type: ignore[union-attr]
+        "resumed_by": f"{socket.gethostname()}:{winner['pid']}"}
+
+    with pytest.raises(NoPendingFeedback) as late:
+        review_flow(persistence).from_pending(flow_id, persistence)
+    assert late.value.reason == "resolved"
+
+
+def test_a_claimed_but_abandoned_resume_can_be_reopened(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """A resumer that claimed the request and died leaves no open request; reopening it lets
+    one more resumer finish the flow, once."""
+    with pytest.raises(NoPendingFeedback) as never:
+        persistence.reopen_pending_feedback("nope")
+    assert never.value.reason == "none"
+
+    review = review_flow(persistence)
+    flow = review()
+    assert isinstance(flow.kickoff(inputs={"topic": "ops"}), HumanFeedbackPending)
+    flow_id = flow.state.id
+    with pytest.raises(Conflict) as still_open:
+        persistence.reopen_pending_feedback(flow_id)
+    assert still_open.value.reason == "pending"
+
+    abandoned = review.from_pending(flow_id, persistence)  # claimed; its process "dies" here
+    assert abandoned.pending_feedback is not None
+    assert persistence.peek_pending_feedback(flow_id) is None
+
+    context = persistence.reopen_pending_feedback(flow_id)
+    assert context == abandoned.pending_feedback
+    resumed = review.from_pending(flow_id, persistence)
+    assert resumed.resume("ship it") == "Draft about ops [ship it]"
+    assert resumed.state.published == "Draft about ops [ship it]"
+
+    with pytest.raises(Conflict) as progressed:
+        persistence.reopen_pending_feedback(flow_id)
+    assert progressed.value.reason == "progressed"
+    assert [h.method_name for h in Flows(store).history(flow_id)] == [
+        "draft", "review", "review", "publish"]
+
+
+def test_flows_of_crewai_sqlite_backend_are_imported_and_go_on_here(
+    tmp_path: Path, persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """import_crewai_sqlite copies what CrewAI's SQLiteFlowPersistence stored -- every saved
+    state and the pending request -- once; the imported flows are then restored and resumed
+    from the store."""
+    db = tmp_path / "flow_states.db"
+    legacy = SQLiteFlowPersistence(str(db))
+    counter = counter_flow(legacy)()
+    counter.kickoff(inputs={"topic": "old"})
+    paused = review_flow(legacy)()
+    assert isinstance(paused.kickoff(inputs={"topic": "legacy"}), HumanFeedbackPending)
+    counter_id, review_id = counter.state.id, paused.state.id
+
+    result = import_crewai_sqlite(db, persistence)
+    assert sorted(result.imported) == sorted([counter_id, review_id])
+    assert (result.skipped, result.states, result.pending) == ([], 4, 1)
+    for flow_id in (counter_id, review_id):
+        assert persistence.load_state(flow_id) == legacy.load_state(flow_id)
+    assert persistence.peek_pending_feedback(review_id) == legacy.load_pending_feedback(review_id)
+    assert [h.method_name for h in Flows(store).history(counter_id)] == ["begin", "finish"]
+    assert [h.method_name for h in Flows(store).history(review_id)] == ["draft", "review"]
+
+    again = import_crewai_sqlite(db, persistence)
+    assert again.imported == [] and sorted(again.skipped) == sorted([counter_id, review_id])
+
+    restored = counter_flow(persistence)()
+    assert restored.kickoff(inputs={"id": counter_id, "topic": "new"}) == "new:2"
+    assert restored.state.started_at == STARTED_AT and restored.state.tags == {"old", "new"}
+    resumed = review_flow(persistence).from_pending(review_id, persistence)
+    assert resumed.resume("ok") == "Draft about legacy [ok]"
+    assert legacy.load_pending_feedback(review_id) is not None  # the SQLite file is untouched
