@@ -33,6 +33,7 @@ from .errors import (
     ResumeInProgress,
 )
 from .flows import Flows, PendingFeedback
+from .jobs import Job, JobEvent, Jobs
 from .sessions import AgentSessions, SessionKey, SessionSnapshot
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "Continuation",
     "Continuations",
     "Flows",
+    "Job",
+    "JobEvent",
+    "Jobs",
     "LeaseLost",
     "NoPendingContinuation",
     "NoPendingFeedback",

@@ -15,8 +15,10 @@ of the rules.  Commands run in a write transaction, queries in a read transactio
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -28,11 +30,14 @@ from eventstore.aio import AsyncEventStore
 from .continuations import Continuation, Continuations, SweepResult
 from .conversation import Conversations, ConversationState, VariableChange
 from .flows import Flows, FlowSave, PendingFeedback
+from .jobs import TERMINAL_EVENTS, Job, JobEvent, Jobs
 from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot
 
-__all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows"]
+__all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows",
+           "AsyncJobs"]
 
 F = TypeVar("F")
+T = TypeVar("T")
 
 
 class _Twin(Generic[F]):
@@ -43,10 +48,15 @@ class _Twin(Generic[F]):
         self._facade = facade
 
     async def _run(self, method: str, *args: Any, write: bool, **kwargs: Any) -> Any:
-        def call(conn: Connection) -> Any:
+        return await self._call(lambda facade: getattr(facade, method)(*args, **kwargs),
+                                write=write)
+
+    async def _call(self, fn: Callable[[F], T], *, write: bool) -> T:
+        """Run ``fn(facade)`` with the facade bound to one transaction of the async store."""
+        def call(conn: Connection) -> T:
             bound = copy.copy(self._facade)
             bound.store = BoundStore(self.store, conn)  # type: ignore[attr-defined]
-            return getattr(bound, method)(*args, **kwargs)
+            return fn(bound)
 
         return await self.store.run_sync(call, write=write)
 
@@ -218,3 +228,95 @@ class AsyncFlows(_Twin[Flows]):
         result: PendingFeedback = await self._run("resolve_feedback", flow_id, feedback,
                                                   write=True, **kwargs)
         return result
+
+
+class AsyncJobs(_Twin[Jobs]):
+    """:class:`projections.Jobs` for asyncio; ``events(follow=True)`` waits with asyncio."""
+
+    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
+        super().__init__(store, Jobs(store, **kwargs))  # type: ignore[arg-type]
+
+    async def _job(self, method: str, *args: Any, **kwargs: Any) -> Job:
+        result: Job = await self._run(method, *args, write=True, **kwargs)
+        return result
+
+    async def submit(self, workflow_id: str, inputs: Any, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.submit`."""
+        return await self._job("submit", workflow_id, inputs, **kwargs)
+
+    async def claim(self, worker_id: str, **kwargs: Any) -> Job | None:
+        """See :meth:`Jobs.claim`."""
+        result: Job | None = await self._run("claim", worker_id, write=True, **kwargs)
+        return result
+
+    async def heartbeat(self, job_id: str, worker_id: str, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.heartbeat`."""
+        return await self._job("heartbeat", job_id, worker_id, **kwargs)
+
+    async def record(self, job_id: str, worker_id: str, milestone: Any, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.record`."""
+        return await self._job("record", job_id, worker_id, milestone, **kwargs)
+
+    async def complete(self, job_id: str, worker_id: str, result: Any = None,
+                       **kwargs: Any) -> Job:
+        """See :meth:`Jobs.complete`."""
+        return await self._job("complete", job_id, worker_id, result, **kwargs)
+
+    async def fail(self, job_id: str, worker_id: str, error: str, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.fail`."""
+        return await self._job("fail", job_id, worker_id, error, **kwargs)
+
+    async def suspend(self, job_id: str, worker_id: str, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.suspend`."""
+        return await self._job("suspend", job_id, worker_id, **kwargs)
+
+    async def resume(self, job_id: str, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.resume`."""
+        return await self._job("resume", job_id, **kwargs)
+
+    async def cancel(self, job_id: str, reason: str | None = None, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.cancel`."""
+        return await self._job("cancel", job_id, reason, **kwargs)
+
+    async def sweep(self, now: datetime | None = None, **kwargs: Any) -> list[Any]:
+        """See :meth:`Jobs.sweep`."""
+        result: list[Any] = await self._run("sweep", now, write=True, **kwargs)
+        return result
+
+    async def get(self, job_id: str, **kwargs: Any) -> Job:
+        """See :meth:`Jobs.get`."""
+        result: Job = await self._run("get", job_id, write=False, **kwargs)
+        return result
+
+    async def list(self, status: str | Sequence[str] | None = None,
+                   **kwargs: Any) -> list[Job]:
+        """See :meth:`Jobs.list`."""
+        result: list[Job] = await self._run("list", status, write=False, **kwargs)
+        return result
+
+    async def events(self, job_id: str, *, after: int = 0, follow: bool = False,
+                     tenant_id: str = "default", timeout: float | None = None,
+                     poll_interval: float = 0.05) -> AsyncIterator[JobEvent]:
+        """See :meth:`Jobs.events`: each poll is one read transaction, the wait an asyncio sleep.
+
+        With ``follow`` it ends after the terminal event, at once when re-attached after it.
+        """
+        ends = time.monotonic() + timeout if timeout is not None else None
+        seq = after
+        while True:
+            def poll(jobs: Jobs, since: int = seq) -> tuple[list[JobEvent], bool]:
+                got = list(jobs.events(job_id, after=since, tenant_id=tenant_id))
+                return got, jobs.get(job_id, tenant_id=tenant_id).finished
+
+            batch, finished = await self._call(poll, write=False)
+            for ev in batch:
+                yield ev
+                seq = ev.seq
+                if follow and ev.type in TERMINAL_EVENTS:
+                    return
+            if not follow or (finished and not batch):
+                return
+            left = None if ends is None else ends - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            await asyncio.sleep(poll_interval if left is None else min(poll_interval, left))

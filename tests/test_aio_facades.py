@@ -81,3 +81,30 @@ async def test_flows_feedback_race_one_wins(url: str) -> None:
         assert sorted(await asyncio.gather(*(resolve() for _ in range(4)))) == [
             False, False, False, True]
         assert await flows.pending_feedback("f1") is None
+
+
+async def test_jobs_lifecycle_and_follow(url: str) -> None:
+    """Submit, claim, milestone and complete; events(follow=True) ends after the terminal one."""
+    from projections.aio import AsyncJobs
+
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store)
+        job = await jobs.submit("wf-1", {"x": 1}, user_id="u1", dedupe_key="k1")
+        assert (await jobs.submit("wf-1", {"x": 1}, user_id="u1", dedupe_key="k1")).job_id == (
+            job.job_id)
+        claimed = await jobs.claim("w1")
+        assert claimed is not None and claimed.job_id == job.job_id
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for ev in jobs.events(job.job_id, follow=True, timeout=10):
+                seen.append(ev.type)
+
+        task = asyncio.create_task(follow())
+        await jobs.record(job.job_id, "w1", {"step": 1})
+        await jobs.complete(job.job_id, "w1", {"ok": True})
+        await asyncio.wait_for(task, 10)
+        assert seen == ["JobSubmitted", "JobClaimed", "MilestoneRecorded", "JobCompleted"]
+        assert (await jobs.get(job.job_id)).status == "completed"
+        again = [ev.seq async for ev in jobs.events(job.job_id, after=4, follow=True)]
+        assert again == []

@@ -1,0 +1,698 @@
+"""Durable background jobs: submit, claim, leases, milestones, suspend/resume, sweep, events.
+
+Every race runs real threads on both backends; the clock is injected (tests never sleep).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
+from typing import Any
+
+import pytest
+
+from eventstore import EventStore, InvalidArgument
+from projections import fold_live, verify
+from projections.errors import Conflict, LeaseLost, NotFound
+from projections.events import JobFailed, JobResumed
+from projections.jobs import Job, JobProjection, Jobs
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=30)
+
+
+class Clock:
+    """A settable clock shared by the store (recorded_at) and the facade."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> datetime:
+        self.now += timedelta(**kwargs)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def job_store(url: str, clock: Clock) -> Iterator[EventStore]:
+    s = EventStore.open(url, clock=clock)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def jobs(job_store: EventStore, clock: Clock) -> Jobs:
+    return Jobs(job_store, lease=LEASE, max_attempts=3, clock=clock)
+
+
+def types(store: EventStore, job_id: str, tenant_id: str = "default") -> list[str]:
+    """The event types of a job's stream, in order."""
+    return [e.type for e in store.read_stream(Jobs.stream_id(job_id), tenant_id=tenant_id)]
+
+
+def race(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run the calls at once on threads; each result is its return value or its exception."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int, call: Callable[[], Any]) -> None:
+        barrier.wait()
+        try:
+            results[i] = call()
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a racing thread hung"
+    return results
+
+
+def running(jobs: Jobs, worker_id: str = "w1", **submit: Any) -> Job:
+    """Submit a job and claim it for ``worker_id``."""
+    job = jobs.submit(submit.pop("workflow_id", "wf"), submit.pop("inputs", {}),
+                      user_id="u1", **submit)
+    claimed = jobs.claim(worker_id, tenant_id=job.tenant_id)
+    assert claimed is not None and claimed.job_id == job.job_id
+    return claimed
+
+
+# -- submit --
+
+
+def test_submit_queues_a_job_with_its_fields(jobs: Jobs, clock: Clock) -> None:
+    """A submitted job is queued with its workflow, inputs, user and submit time."""
+    job = jobs.submit("wf-report", {"month": "2026-01"}, user_id="u1")
+    assert (job.status, job.workflow_id, job.inputs, job.user_id) == (
+        "queued", "wf-report", {"month": "2026-01"}, "u1")
+    assert (job.attempt, job.worker_id, job.lease_until, job.milestones) == (0, None, None, [])
+    assert job.submitted_at == job.queued_at == T0 and job.version == 1
+    assert len(job.job_id) == 32
+    assert jobs.get(job.job_id) == job
+
+
+def test_same_dedupe_key_returns_the_unfinished_job(jobs: Jobs, job_store: EventStore) -> None:
+    """Submitting a dedupe key again returns the open job, queued, running or suspended."""
+    first = jobs.submit("wf", {"n": 1}, user_id="u1", dedupe_key="order-7")
+    assert jobs.submit("wf", {"n": 2}, user_id="u1", dedupe_key="order-7").job_id == first.job_id
+    jobs.claim("w1")
+    assert jobs.submit("wf", {}, user_id="u1", dedupe_key="order-7").status == "running"
+    jobs.suspend(first.job_id, "w1", request_id="r1", prompt="ok?")
+    again = jobs.submit("wf", {}, user_id="u1", dedupe_key="order-7")
+    assert (again.job_id, again.status, again.inputs) == (first.job_id, "suspended", {"n": 1})
+    assert types(job_store, first.job_id).count("JobSubmitted") == 1
+
+
+def test_dedupe_key_after_a_finished_job_starts_a_new_job(jobs: Jobs) -> None:
+    """Once the key's job finished, the same key submits a new job with the next number."""
+    first = running(jobs, dedupe_key="k")
+    jobs.complete(first.job_id, "w1", {"ok": True})
+    second = jobs.submit("wf", {}, user_id="u1", dedupe_key="k")
+    assert second.job_id != first.job_id and second.status == "queued"
+    assert (first.job_id.rsplit("-", 1)[1], second.job_id.rsplit("-", 1)[1]) == ("1", "2")
+    jobs.cancel(second.job_id)
+    third = jobs.submit("wf", {}, user_id="u1", dedupe_key="k")
+    assert third.job_id.endswith("-3") and jobs.get(first.job_id).status == "completed"
+
+
+def test_concurrent_submits_with_one_dedupe_key_make_one_job(jobs: Jobs,
+                                                             job_store: EventStore) -> None:
+    """Eight threads submitting one dedupe key at once all get the same single job."""
+    results = race([partial(jobs.submit, "wf", {"i": i}, user_id="u1", dedupe_key="once")
+                    for i in range(8)])
+    assert all(isinstance(r, Job) for r in results), results
+    assert len({r.job_id for r in results}) == 1
+    assert len(jobs.list()) == 1
+    assert types(job_store, results[0].job_id) == ["JobSubmitted"]
+
+
+# -- claim --
+
+
+def test_claim_takes_the_oldest_queued_job_with_a_lease(jobs: Jobs, clock: Clock) -> None:
+    """claim leases the job queued first, counts the attempt and sets lease_until."""
+    older = jobs.submit("wf", {"n": 1}, user_id="u1")
+    clock.advance(seconds=1)
+    newer = jobs.submit("wf", {"n": 2}, user_id="u1")
+    clock.advance(seconds=1)
+    job = jobs.claim("w1")
+    assert job is not None and job.job_id == older.job_id
+    assert (job.status, job.worker_id, job.attempt) == ("running", "w1", 1)
+    assert job.lease_until == clock.now + LEASE and job.started_at == clock.now
+    nxt = jobs.claim("w2")
+    assert nxt is not None and nxt.job_id == newer.job_id
+
+
+def test_claim_returns_none_when_nothing_is_queued(jobs: Jobs) -> None:
+    """With no queued job, claim returns None and writes nothing."""
+    assert jobs.claim("w1") is None
+    running(jobs)
+    assert jobs.claim("w2") is None
+
+
+def test_concurrent_claims_take_each_job_once(jobs: Jobs, job_store: EventStore,
+                                              clock: Clock) -> None:
+    """Eight workers claiming at once from six jobs: each job is claimed by exactly one."""
+    submitted = []
+    for i in range(6):
+        submitted.append(jobs.submit("wf", {"i": i}, user_id="u1").job_id)
+        clock.advance(milliseconds=1)
+
+    def drain(worker: str) -> list[str]:
+        got = []
+        while (job := jobs.claim(worker)) is not None:
+            got.append(job.job_id)
+        return got
+
+    results = race([partial(drain, f"w{i}") for i in range(8)])
+    claimed = [j for r in results for j in r]
+    assert sorted(claimed) == sorted(submitted)
+    for job_id in submitted:
+        assert types(job_store, job_id) == ["JobSubmitted", "JobClaimed"]
+
+
+# -- the owner's calls --
+
+
+def test_heartbeat_extends_the_lease(jobs: Jobs, clock: Clock) -> None:
+    """A heartbeat moves lease_until to now + lease."""
+    job = running(jobs)
+    clock.advance(seconds=20)
+    beat = jobs.heartbeat(job.job_id, "w1")
+    assert beat.lease_until == clock.now + LEASE and beat.status == "running"
+
+
+def test_live_heartbeat_is_never_swept(jobs: Jobs, clock: Clock) -> None:
+    """A job whose lease was renewed in time is left alone by a sweep after the old lease."""
+    job = running(jobs)
+    assert job.lease_until is not None
+    clock.advance(seconds=25)
+    jobs.heartbeat(job.job_id, "w1")
+    assert jobs.sweep(job.lease_until + timedelta(seconds=1)) == []
+    assert jobs.sweep(job.lease_until) == [] and jobs.get(job.job_id).status == "running"
+
+
+def test_heartbeat_of_another_worker_raises_lease_lost(jobs: Jobs,
+                                                       job_store: EventStore) -> None:
+    """Only the owning worker may heartbeat; another gets LeaseLost naming the owner."""
+    job = running(jobs)
+    with pytest.raises(LeaseLost, match="worker w1 owns it") as e:
+        jobs.heartbeat(job.job_id, "w2")
+    assert e.value.reason == "other_worker"
+    assert types(job_store, job.job_id) == ["JobSubmitted", "JobClaimed"]
+
+
+def test_expired_lease_nobody_took_can_be_renewed(jobs: Jobs, clock: Clock) -> None:
+    """A heartbeat after the lease ran out still renews it while no sweep requeued the job."""
+    job = running(jobs)
+    clock.advance(minutes=5)
+    assert jobs.heartbeat(job.job_id, "w1").lease_until == clock.now + LEASE
+
+
+def test_heartbeat_after_a_requeue_raises_lease_lost(jobs: Jobs, clock: Clock) -> None:
+    """Once swept, the old owner's heartbeat raises LeaseLost; after a new claim too."""
+    job = running(jobs)
+    clock.advance(seconds=31)
+    assert [s.action for s in jobs.sweep()] == ["requeued"]
+    with pytest.raises(LeaseLost, match="requeued after its lease expired") as e:
+        jobs.heartbeat(job.job_id, "w1")
+    assert e.value.reason == "queued"
+    jobs.claim("w2")
+    with pytest.raises(LeaseLost) as e:
+        jobs.heartbeat(job.job_id, "w1")
+    assert e.value.reason == "other_worker"
+
+
+def test_record_appends_milestones_in_order(jobs: Jobs, clock: Clock) -> None:
+    """Milestones keep their order, value, worker, time and stream seq."""
+    job = running(jobs)
+    jobs.record(job.job_id, "w1", {"step": "fetch"})
+    clock.advance(seconds=2)
+    done = jobs.record(job.job_id, "w1", "summarize")
+    assert [(m.milestone, m.worker_id, m.seq, m.at) for m in done.milestones] == [
+        ({"step": "fetch"}, "w1", 3, T0), ("summarize", "w1", 4, T0 + timedelta(seconds=2))]
+    assert jobs.get(job.job_id).milestones == done.milestones
+
+
+def test_record_by_a_non_owner_raises_and_writes_nothing(jobs: Jobs,
+                                                         job_store: EventStore) -> None:
+    """A worker that does not own the job cannot record milestones."""
+    job = running(jobs)
+    with pytest.raises(LeaseLost):
+        jobs.record(job.job_id, "w2", "x")
+    jobs.cancel(job.job_id)
+    with pytest.raises(LeaseLost) as e:
+        jobs.record(job.job_id, "w1", "x")
+    assert e.value.reason == "cancelled"
+    assert "MilestoneRecorded" not in types(job_store, job.job_id)
+
+
+def test_complete_finishes_with_the_result(jobs: Jobs, clock: Clock) -> None:
+    """complete stores the result and finish time; the job is terminal."""
+    job = running(jobs)
+    clock.advance(seconds=3)
+    done = jobs.complete(job.job_id, "w1", {"rows": 42})
+    assert (done.status, done.result, done.finished_at, done.lease_until) == (
+        "completed", {"rows": 42}, clock.now, None)
+    assert done.finished
+    with pytest.raises(LeaseLost) as e:
+        jobs.complete(job.job_id, "w1")
+    assert e.value.reason == "completed"
+
+
+def test_fail_finishes_with_the_error(jobs: Jobs) -> None:
+    """fail stores the error; the job is terminal and is not retried."""
+    job = running(jobs)
+    failed = jobs.fail(job.job_id, "w1", "boom: division by zero")
+    assert (failed.status, failed.error, failed.worker_id) == (
+        "failed", "boom: division by zero", "w1")
+    assert jobs.claim("w2") is None
+
+
+def test_cancel_stops_queued_and_running_jobs(jobs: Jobs) -> None:
+    """A queued or running job can be cancelled; its worker then gets LeaseLost(cancelled)."""
+    active = running(jobs)
+    queued = jobs.submit("wf", {}, user_id="u1")
+    assert jobs.cancel(queued.job_id, "not needed").cancel_reason == "not needed"
+    assert jobs.cancel(active.job_id).status == "cancelled"
+    with pytest.raises(LeaseLost) as e:
+        jobs.heartbeat(active.job_id, "w1")
+    assert e.value.reason == "cancelled"
+    assert jobs.claim("w2") is None
+
+
+def test_cancel_of_a_finished_job_raises_conflict(jobs: Jobs, job_store: EventStore) -> None:
+    """Cancelling a completed, failed or cancelled job raises Conflict with its status."""
+    job = running(jobs)
+    jobs.complete(job.job_id, "w1")
+    with pytest.raises(Conflict, match="already completed") as e:
+        jobs.cancel(job.job_id)
+    assert e.value.reason == "completed"
+    assert types(job_store, job.job_id)[-1] == "JobCompleted"
+
+
+# -- suspend and resume --
+
+
+def test_suspend_and_resume_requeue_the_job_with_the_input(jobs: Jobs, clock: Clock) -> None:
+    """suspend gives up the lease; resume queues the job and the next claim gets the input."""
+    job = running(jobs)
+    deadline = T0 + timedelta(hours=1)
+    held = jobs.suspend(job.job_id, "w1", request_id="r1", prompt={"ask": "approve?"},
+                        deadline=deadline)
+    assert (held.status, held.worker_id, held.lease_until) == ("suspended", None, None)
+    assert held.pending is not None
+    assert (held.pending.request_id, held.pending.prompt, held.pending.deadline) == (
+        "r1", {"ask": "approve?"}, deadline)
+    assert jobs.sweep(clock.advance(minutes=30)) == []
+    resumed = jobs.resume(job.job_id, request_id="r1", input={"approved": True})
+    assert (resumed.status, resumed.pending, resumed.queued_at) == ("queued", None, clock.now)
+    again = jobs.claim("w2")
+    assert again is not None and again.job_id == job.job_id
+    assert (again.attempt, again.resume_input, again.resumed_request_id) == (
+        2, {"approved": True}, "r1")
+
+
+def test_suspend_by_a_non_owner_raises_lease_lost(jobs: Jobs) -> None:
+    """Only the running owner can suspend its job."""
+    job = running(jobs)
+    with pytest.raises(LeaseLost):
+        jobs.suspend(job.job_id, "w2", request_id="r1", prompt="?")
+    assert jobs.get(job.job_id).status == "running"
+
+
+def test_suspend_reusing_an_answered_request_id_is_refused(jobs: Jobs) -> None:
+    """A request id answered before cannot be used again on the same job."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.resume(job.job_id, request_id="r1", input=1)
+    jobs.claim("w1")
+    with pytest.raises(Conflict) as e:
+        jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    assert e.value.reason == "duplicate_request_id"
+
+
+def test_resume_of_a_stale_request_id_is_refused(jobs: Jobs) -> None:
+    """Resuming an old request while another is pending names both ids."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="first?")
+    jobs.resume(job.job_id, request_id="r1", input="yes")
+    jobs.claim("w1")
+    jobs.suspend(job.job_id, "w1", request_id="r2", prompt="second?")
+    with pytest.raises(Conflict, match="stale request id r1, pending r2") as e:
+        jobs.resume(job.job_id, request_id="r1", input="late")
+    assert e.value.reason == "stale_request"
+    assert jobs.get(job.job_id).status == "suspended"
+
+
+def test_resume_twice_is_refused_as_already_resumed(jobs: Jobs, job_store: EventStore) -> None:
+    """The second resume of one request raises Conflict(already_resumed), writing nothing."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.resume(job.job_id, request_id="r1", input=1)
+    with pytest.raises(Conflict, match="already resumed") as e:
+        jobs.resume(job.job_id, request_id="r1", input=2)
+    assert e.value.reason == "already_resumed"
+    assert types(job_store, job.job_id).count("JobResumed") == 1
+    assert jobs.get(job.job_id).resume_input == 1
+
+
+def test_resume_after_the_deadline_is_refused(jobs: Jobs, clock: Clock) -> None:
+    """A resume after the deadline raises Conflict(deadline_passed), before and after a sweep."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
+                 deadline=T0 + timedelta(minutes=10))
+    clock.advance(minutes=11)
+    with pytest.raises(Conflict, match="deadline passed") as e:
+        jobs.resume(job.job_id, request_id="r1", input=1)
+    assert e.value.reason == "deadline_passed"
+    jobs.sweep()
+    with pytest.raises(Conflict) as e:
+        jobs.resume(job.job_id, request_id="r1", input=1)
+    assert e.value.reason == "deadline_passed"
+
+
+def test_resume_of_a_cancelled_job_is_refused(jobs: Jobs) -> None:
+    """A cancelled suspended job cannot be resumed."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.cancel(job.job_id, "user gave up")
+    with pytest.raises(Conflict, match="cancelled") as e:
+        jobs.resume(job.job_id, request_id="r1", input=1)
+    assert e.value.reason == "cancelled"
+
+
+def test_resume_of_a_job_that_is_not_suspended_is_refused(jobs: Jobs) -> None:
+    """Resuming a running job raises Conflict(not_suspended)."""
+    job = running(jobs)
+    with pytest.raises(Conflict, match="job is running, no request is pending") as e:
+        jobs.resume(job.job_id, request_id="r1", input=1)
+    assert e.value.reason == "not_suspended"
+
+
+def test_concurrent_resumes_cancel_and_deadline_have_one_winner(
+        jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
+    """Resumes, a stale resume, a late resume, a cancel and a sweep race: one ends the wait."""
+    deadline = T0 + timedelta(minutes=5)
+    late = Jobs(job_store, lease=LEASE, clock=lambda: deadline + timedelta(seconds=1))
+    says = {"already_resumed": "already resumed", "cancelled": "cancelled",
+            "stale_request": "stale request id r1, pending r2",
+            "deadline_passed": "deadline passed"}
+
+    def contenders(job_id: str) -> list[Callable[[], Any]]:
+        return [
+            *(partial(jobs.resume, job_id, request_id="r2", input=i) for i in range(4)),
+            partial(jobs.resume, job_id, request_id="r1", input="stale"),
+            partial(late.resume, job_id, request_id="r2", input="late"),
+            partial(jobs.cancel, job_id, "race"),
+            partial(jobs.sweep, deadline + timedelta(seconds=1)),
+        ]
+
+    for _ in range(3):
+        clock.now = T0
+        job = running(jobs)
+        jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+        jobs.resume(job.job_id, request_id="r1", input=0)
+        jobs.claim("w1")
+        jobs.suspend(job.job_id, "w1", request_id="r2", prompt="?", deadline=deadline)
+        before = job_store.stream_version(Jobs.stream_id(job.job_id))
+        results = race(contenders(job.job_id))
+        resumes, cancel = results[:6], results[6]
+        (first,) = job_store.read_stream(Jobs.stream_id(job.job_id), from_version=before + 1,
+                                         limit=1)
+        winner = first.data
+        won = [r for r in resumes if isinstance(r, Job)]
+        for r in resumes:
+            if not isinstance(r, Job):
+                assert isinstance(r, Conflict) and r.reason in says, r
+                assert says[r.reason] in str(r)
+        if isinstance(winner, JobResumed):
+            assert len(won) == 1 and winner.input == won[0].resume_input
+            assert isinstance(cancel, Job)
+        else:
+            assert won == [] and first.type in ("JobCancelled", "JobFailed")
+        if isinstance(winner, JobFailed):
+            assert winner.error == "deadline passed"
+            assert isinstance(cancel, Conflict) and cancel.reason == "failed"
+        assert types(job_store, job.job_id).count("JobResumed") == 1 + len(won)
+
+
+# -- sweep --
+
+
+def test_sweep_requeues_expired_leases_then_fails_the_job(jobs: Jobs, clock: Clock) -> None:
+    """An expired lease is requeued until max_attempts leases were lost, then failed."""
+    job = jobs.submit("wf", {}, user_id="u1")
+    actions = []
+    for attempt in (1, 2, 3):
+        claimed = jobs.claim(f"w{attempt}")
+        assert claimed is not None and claimed.attempt == attempt
+        clock.advance(seconds=31)
+        (swept,) = jobs.sweep()
+        assert (swept.job_id, swept.tenant_id, swept.attempt) == (job.job_id, "default", attempt)
+        actions.append((swept.action, swept.reason if swept.action == "failed" else None))
+    assert actions == [("requeued", None), ("requeued", None), ("failed", "worker lost")]
+    final = jobs.get(job.job_id)
+    assert (final.status, final.error, final.lost) == ("failed", "worker lost", 2)
+
+
+def test_sweep_fails_a_suspended_job_past_its_deadline(jobs: Jobs, clock: Clock) -> None:
+    """A suspended job past its deadline fails with "deadline passed"; one without waits."""
+    timed = running(jobs)
+    jobs.suspend(timed.job_id, "w1", request_id="r1", prompt="?",
+                 deadline=T0 + timedelta(minutes=1))
+    patient = running(jobs)
+    jobs.suspend(patient.job_id, "w1", request_id="r1", prompt="?")
+    assert jobs.sweep(T0 + timedelta(minutes=1)) == []
+    (swept,) = jobs.sweep(clock.advance(days=30))
+    assert (swept.job_id, swept.action, swept.reason) == (timed.job_id, "failed",
+                                                          "deadline passed")
+    assert jobs.get(timed.job_id).error == "deadline passed"
+    assert jobs.get(patient.job_id).status == "suspended"
+
+
+def test_concurrent_sweepers_sweep_each_job_once(jobs: Jobs, job_store: EventStore,
+                                                 clock: Clock) -> None:
+    """Six sweepers racing over expired leases and deadlines write one event per job."""
+    expired = [running(jobs, f"w{i}").job_id for i in range(4)]
+    doomed = running(jobs, "wd")
+    jobs.suspend(doomed.job_id, "wd", request_id="r", prompt="?",
+                 deadline=T0 + timedelta(seconds=10))
+    when = clock.advance(minutes=1)
+    results = race([lambda: jobs.sweep(when) for _ in range(6)])
+    swept = [s for r in results for s in r]
+    assert sorted(s.job_id for s in swept) == sorted([*expired, doomed.job_id])
+    for job_id in expired:
+        assert types(job_store, job_id)[2:] == ["JobRequeued"]
+    assert types(job_store, doomed.job_id)[-1] == "JobFailed"
+    assert types(job_store, doomed.job_id).count("JobFailed") == 1
+
+
+def test_heartbeats_racing_sweepers_have_one_outcome_per_job(
+        jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
+    """A late heartbeat and a sweep race: either the lease is renewed or the job is requeued."""
+    ids = [running(jobs, f"w{i}").job_id for i in range(4)]
+    when = clock.advance(seconds=31)
+    calls: list[Callable[[], Any]] = [
+        *(lambda i=i, j=j: jobs.heartbeat(j, f"w{i}") for i, j in enumerate(ids)),
+        lambda: jobs.sweep(when), lambda: jobs.sweep(when)]
+    results = race(calls)
+    swept = {s.job_id for r in results[4:] for s in r}
+    for job_id, beat in zip(ids, results[:4], strict=True):
+        tail = types(job_store, job_id)[2:]
+        if isinstance(beat, Job):
+            assert tail == ["JobHeartbeat"] and job_id not in swept
+            assert jobs.get(job_id).status == "running"
+        else:
+            assert isinstance(beat, LeaseLost) and beat.reason == "queued", beat
+            assert tail == ["JobRequeued"] and job_id in swept
+    assert sum(len(r) for r in results[4:]) == len(swept)
+
+
+# -- events --
+
+
+def lifecycle(jobs: Jobs) -> Job:
+    """A job taken through suspend, resume and completion (9 events)."""
+    job = running(jobs)
+    jobs.record(job.job_id, "w1", 1)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.resume(job.job_id, request_id="r1", input="go")
+    jobs.claim("w2")
+    jobs.heartbeat(job.job_id, "w2")
+    jobs.record(job.job_id, "w2", 2)
+    return jobs.complete(job.job_id, "w2", "done")
+
+
+def test_events_after_a_seq_reattach_without_gaps(jobs: Jobs) -> None:
+    """Reading after the last seen seq continues exactly where the first read stopped."""
+    job = lifecycle(jobs)
+    every = list(jobs.events(job.job_id))
+    assert [e.seq for e in every] == list(range(1, 10))
+    assert every[0].type == "JobSubmitted" and every[-1].type == "JobCompleted"
+    head = list(jobs.events(job.job_id))[:4]
+    tail = list(jobs.events(job.job_id, after=head[-1].seq))
+    assert head + tail == every
+    assert all(e.at.tzinfo is not None and e.at.utcoffset() == timedelta(0) for e in every)
+
+
+def test_events_follow_ends_after_the_terminal_event(jobs: Jobs) -> None:
+    """A follower sees every event as the job runs and stops after its completion."""
+    job = jobs.submit("wf", {}, user_id="u1")
+    seen: list[Any] = []
+    follower = threading.Thread(target=lambda: seen.extend(
+        jobs.events(job.job_id, follow=True, timeout=20, poll_interval=0.01)))
+    follower.start()
+    jobs.claim("w1")
+    jobs.record(job.job_id, "w1", "half")
+    jobs.complete(job.job_id, "w1")
+    follower.join(20)
+    assert not follower.is_alive()
+    assert [(e.seq, e.type) for e in seen] == [
+        (1, "JobSubmitted"), (2, "JobClaimed"), (3, "MilestoneRecorded"), (4, "JobCompleted")]
+
+
+def test_events_follow_of_a_finished_job_ends_at_once(jobs: Jobs) -> None:
+    """Following a finished job from its end, or re-attaching at it, returns at once."""
+    job = lifecycle(jobs)
+    started = time.monotonic()
+    assert len(list(jobs.events(job.job_id, follow=True))) == 9
+    assert list(jobs.events(job.job_id, after=9, follow=True)) == []
+    assert time.monotonic() - started < 5
+
+
+def test_events_follow_stops_at_the_timeout(jobs: Jobs) -> None:
+    """Following a job that does not finish ends quietly after the timeout."""
+    job = running(jobs)
+    started = time.monotonic()
+    seen = list(jobs.events(job.job_id, after=1, follow=True, timeout=0.1,
+                            poll_interval=0.02))
+    assert [e.type for e in seen] == ["JobClaimed"]
+    assert 0.1 <= time.monotonic() - started < 5
+
+
+# -- tenancy, queries, input checks --
+
+
+def test_tenants_never_see_each_others_jobs(jobs: Jobs, clock: Clock) -> None:
+    """get, claim, list, events and sweep of one tenant never touch another's jobs."""
+    job = jobs.submit("wf", {}, user_id="u1", tenant_id="acme")
+    with pytest.raises(NotFound):
+        jobs.get(job.job_id, tenant_id="globex")
+    with pytest.raises(NotFound):
+        jobs.events(job.job_id, tenant_id="globex")
+    with pytest.raises(NotFound):
+        jobs.cancel(job.job_id, tenant_id="globex")
+    assert jobs.claim("w1", tenant_id="globex") is None and jobs.list(tenant_id="globex") == []
+    assert jobs.claim("w1") is None
+    claimed = jobs.claim("w1", tenant_id="acme")
+    assert claimed is not None and claimed.tenant_id == "acme"
+    when = clock.advance(minutes=1)
+    assert jobs.sweep(when, tenant_id="globex") == []
+    assert [(s.tenant_id, s.action) for s in jobs.sweep(when, tenant_id="acme")] == [
+        ("acme", "requeued")]
+
+
+def test_same_dedupe_key_in_two_tenants_makes_two_jobs(jobs: Jobs) -> None:
+    """Dedupe keys are per tenant."""
+    a = jobs.submit("wf", {}, user_id="u1", dedupe_key="k", tenant_id="a")
+    b = jobs.submit("wf", {}, user_id="u1", dedupe_key="k", tenant_id="b")
+    jobs.cancel(a.job_id, tenant_id="a")
+    assert jobs.get(b.job_id, tenant_id="b").status == "queued"
+
+
+def test_unknown_job_raises_not_found(jobs: Jobs) -> None:
+    """get and every command on a job that does not exist raise NotFound."""
+    for call in (lambda: jobs.get("nope"), lambda: jobs.heartbeat("nope", "w1"),
+                 lambda: jobs.resume("nope", request_id="r", input=1),
+                 lambda: jobs.cancel("nope"), lambda: jobs.events("nope")):
+        with pytest.raises(NotFound) as e:
+            call()
+        assert e.value.reason == "not_found"
+
+
+def test_list_filters_by_status(jobs: Jobs, clock: Clock) -> None:
+    """list returns the tenant's jobs, of the given statuses, oldest submitted first."""
+    a = running(jobs)
+    clock.advance(seconds=1)
+    b = jobs.submit("wf", {}, user_id="u1")
+    clock.advance(seconds=1)
+    c = jobs.submit("wf", {}, user_id="u1")
+    assert [j.job_id for j in jobs.list()] == [a.job_id, b.job_id, c.job_id]
+    assert [j.job_id for j in jobs.list("queued")] == [b.job_id, c.job_id]
+    assert [j.job_id for j in jobs.list(["running", "completed"])] == [a.job_id]
+    assert jobs.list(tenant_id="other") == []
+
+
+def test_times_are_aware_utc(job_store: EventStore) -> None:
+    """A clock in another time zone still yields UTC times on the job."""
+    plus2 = timezone(timedelta(hours=2))
+    jobs = Jobs(job_store, clock=lambda: datetime(2026, 1, 1, 14, 0, tzinfo=plus2))
+    job = jobs.submit("wf", {}, user_id="u1")
+    claimed = jobs.claim("w1")
+    assert claimed is not None and claimed.lease_until is not None
+    for t in (job.submitted_at, claimed.lease_until, claimed.started_at):
+        assert t is not None and t.tzinfo == UTC
+    assert job.submitted_at == T0
+
+
+def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
+                                                              job_store: EventStore) -> None:
+    """Malformed arguments raise InvalidArgument before anything is appended."""
+    job = running(jobs)
+    written = job_store.stats()["events"]
+    naive = datetime(2026, 1, 2, 12, 0)
+    bad: list[Callable[[], Any]] = [
+        lambda: Jobs(job_store, lease=timedelta(0)),
+        lambda: Jobs(job_store, max_attempts=0),
+        lambda: jobs.submit("", {}, user_id="u1"),
+        lambda: jobs.submit("wf", {}, user_id=""),
+        lambda: jobs.submit("wf", {"x": object()}, user_id="u1"),
+        lambda: jobs.submit("wf", {}, user_id="u1", dedupe_key=""),
+        lambda: jobs.submit("wf", {}, user_id="u1", tenant_id=""),
+        lambda: jobs.claim(""),
+        lambda: jobs.record(job.job_id, "w1", {"at": object()}),
+        lambda: jobs.fail(job.job_id, "w1", ""),
+        lambda: jobs.suspend(job.job_id, "w1", request_id="r", prompt="?", deadline=naive),
+        lambda: jobs.suspend(job.job_id, "w1", request_id="r", prompt="?",
+                             deadline=T0 - timedelta(seconds=1)),
+        lambda: jobs.suspend(job.job_id, "w1", request_id="", prompt="?"),
+        lambda: jobs.sweep(naive),
+        lambda: jobs.events(job.job_id, after=-1),
+        lambda: jobs.events(job.job_id, poll_interval=0),
+        lambda: jobs.list("paused"),
+        lambda: Jobs(job_store, clock=lambda: naive).submit("wf", {}, user_id="u1"),
+    ]
+    for call in bad:
+        with pytest.raises(InvalidArgument):
+            call()
+    assert job_store.stats()["events"] == written
+    assert jobs.get(job.job_id).status == "running"
+
+
+def test_rows_equal_the_replayed_log(jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
+    """The inline rows equal a rebuild from the log and the live fold of each stream."""
+    done = lifecycle(jobs)
+    requeued = running(jobs, dedupe_key="k")
+    clock.advance(minutes=2)
+    jobs.sweep()
+    assert verify(job_store, JobProjection()) == []
+    for job_id in (done.job_id, requeued.job_id):
+        live, _version = fold_live(job_store, JobProjection(), Jobs.stream_id(job_id),
+                                  tenant_id="default", use_snapshots=False)
+        assert live == jobs.get(job_id)
