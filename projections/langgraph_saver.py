@@ -1,0 +1,1634 @@
+"""LangGraph checkpoint savers on the event store: ``EventStoreSaver`` and ``AsyncEventStoreSaver``.
+
+Every checkpoint, every pending write (interrupts and resume values included) and every retention
+operation is an event on the thread's stream ``lgthread-<thread id>`` (tenant: the saver's
+``tenant_id``).  The saver's reads are projections of those events: three index tables
+(migration 0003), filled by an inline handler in the append's transaction, say which event holds
+which checkpoint, channel value and pending write.  Checkpoints, values and writes themselves live
+only in the log; :func:`rebuild_index` replays the log into the index.
+
+Storage is linear in the thread's length: a ``CheckpointSaved`` event carries only the values of
+the channels whose version changed (``new_versions``).  A checkpoint's value of a channel is the
+value the first event of the thread namespace stored for that ``(channel, version)`` (LangGraph
+gives a value one version, and :meth:`get_next_version` makes versions unique across forks);
+``es_lg_blobs`` finds that event, one row per version.  ``get_tuple`` is two statements whatever
+the length of the thread: the checkpoint with its event, then its versions' and its pending
+writes' rows with their events.
+
+Retention (``delete_thread``, ``prune``, ``delete_for_runs``) is recorded as an event
+(``ThreadDeleted``, ``CheckpointsPruned``, ``RunsDeleted``) and removes index rows only: the
+events stay in the log, as every event does.  Physically trimming or crypto-shredding the log is
+out of scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import itertools
+import secrets
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import msgspec
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    PendingWrite,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    literal,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import ClauseElement
+
+from eventstore import Event, EventStore, RecordedEvent
+from eventstore._backend import begin_read, begin_write
+from eventstore._schema import events as es_events
+from eventstore._schema import streams as es_streams
+from eventstore._sql import Compiled
+from eventstore.codec import decode_event
+from eventstore.errors import EventTooLarge, WrongExpectedVersion
+
+if TYPE_CHECKING:
+    from eventstore.aio import AsyncEventStore
+
+__all__ = [
+    "CATEGORY",
+    "AsyncEventStoreSaver",
+    "ChannelValuesSaved",
+    "CheckpointSaved",
+    "CheckpointsPruned",
+    "EventStoreSaver",
+    "RunsDeleted",
+    "ThreadCopied",
+    "ThreadDeleted",
+    "WritesSaved",
+    "index_events",
+    "rebuild_index",
+    "stream_id_of",
+]
+
+CATEGORY = "lgthread"
+_PREFIX = CATEGORY + "-"
+DEFAULT_TENANT = "default"
+PRUNE_STRATEGIES = ("keep_latest", "delete")
+_CHUNK = 256  # values per IN list: event positions, versions, checkpoint ids
+_LIST_PAGE = 128  # checkpoints whose values a list() loads per transaction
+_RETRIES = 20
+
+Version = str | int | float
+_T = TypeVar("_T")
+
+
+def stream_id_of(thread_id: str) -> str:
+    """The stream of a LangGraph thread."""
+    return _PREFIX + thread_id
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+class Blob(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """One channel value: ``serde.dumps_typed`` output (``type`` "empty": the channel has none).
+
+    ``version`` None: the version the checkpoint of the event gives the channel.
+    """
+
+    channel: str
+    data: bytes
+    type: str = "msgpack"
+    version: Version | None = None
+
+
+class Write(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """One pending write; ``idx`` follows ``WRITES_IDX_MAP`` (negative for special channels)."""
+
+    idx: int
+    channel: str
+    data: bytes
+    type: str = "msgpack"
+
+
+# Short JSON names: these events are most of what a thread stores.
+class CheckpointSaved(Event, tag="lg.CheckpointSaved", omit_defaults=True, gc=False):
+    """A checkpoint, with the values of the channels whose version changed (``new_versions``)."""
+
+    id: str
+    v: int
+    ts: str
+    ns: str = ""
+    parent: str | None = None
+    versions: dict[str, Version] = msgspec.field(default_factory=dict, name="cv")
+    seen: dict[str, dict[str, Version]] = msgspec.field(default_factory=dict, name="vs")
+    # True: the channels of ``blobs``, sorted (what LangGraph's updated_channels usually is).
+    updated: builtins.list[str] | bool | None = msgspec.field(default=None, name="uc")
+    extra: dict[str, Any] = msgspec.field(default_factory=dict, name="x")
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict, name="md")
+    blobs: builtins.list[Blob] = msgspec.field(default_factory=builtins.list, name="b")
+
+    def version_of(self, blob: Blob) -> Version | None:
+        return blob.version if blob.version is not None else self.versions.get(blob.channel)
+
+    def updated_channels(self) -> builtins.list[str] | None:
+        if self.updated is True:
+            return sorted(b.channel for b in self.blobs)
+        return self.updated if isinstance(self.updated, builtins.list) else None
+
+
+class ChannelValuesSaved(Event, tag="lg.ChannelValuesSaved", omit_defaults=True,
+                         gc=False):
+    """Channel values of a checkpoint too large to travel in its ``CheckpointSaved`` event
+    (each blob with its version)."""
+
+    checkpoint_id: str = msgspec.field(name="cp")
+    blobs: builtins.list[Blob] = msgspec.field(name="b")
+    ns: str = ""
+
+    def version_of(self, blob: Blob) -> Version | None:
+        return blob.version
+
+
+class WritesSaved(Event, tag="lg.WritesSaved", omit_defaults=True, gc=False):
+    """A task's pending writes for a checkpoint (``upsert``: special channels only, which replace
+    earlier writes at their index; other writes never replace one)."""
+
+    checkpoint_id: str = msgspec.field(name="cp")
+    task_id: str = msgspec.field(name="task")
+    writes: builtins.list[Write] = msgspec.field(name="w")
+    ns: str = ""
+    task_path: str = msgspec.field(default="", name="path")
+    upsert: bool = False
+
+
+class ThreadDeleted(Event, tag="lg.ThreadDeleted", omit_defaults=True):
+    """``delete_thread``: the thread's checkpoints and writes leave the index (not the log)."""
+
+
+class CheckpointsPruned(Event, tag="lg.CheckpointsPruned", omit_defaults=True):
+    """``prune``: every checkpoint but ``kept`` (namespace -> ids) leaves the index, with its
+    writes; channel values no kept checkpoint uses leave it too."""
+
+    strategy: str
+    kept: dict[str, builtins.list[str]] = msgspec.field(default_factory=dict)
+
+
+class RunsDeleted(Event, tag="lg.RunsDeleted", omit_defaults=True):
+    """``delete_for_runs``: the thread's checkpoints of these runs leave the index."""
+
+    run_ids: builtins.list[str]
+
+
+class ThreadCopied(Event, tag="lg.ThreadCopied", omit_defaults=True):
+    """``copy_thread``: the source thread's index rows, as of this event, were copied here."""
+
+    source_thread_id: str
+    source_version: int = 0
+
+
+# -- index tables (created by migrations/versions/0003_langgraph.py) ------------------------------
+
+metadata = MetaData()
+
+checkpoints = Table(
+    "es_lg_checkpoints",
+    metadata,
+    Column("tenant_id", String(255), primary_key=True),
+    Column("thread_id", String(255), primary_key=True),
+    Column("checkpoint_ns", Text, primary_key=True),
+    Column("checkpoint_id", LargeBinary, primary_key=True),  # checkpoint_key()
+    Column("parent_id", LargeBinary, nullable=True),
+    Column("position", BigInteger, nullable=False),
+    Column("run_id", Text, nullable=True),
+    sqlite_with_rowid=False,
+)
+
+# channel "": the first event that stored any channel at this version (see the migration).
+blobs = Table(
+    "es_lg_blobs",
+    metadata,
+    Column("tenant_id", String(255), primary_key=True),
+    Column("thread_id", String(255), primary_key=True),
+    Column("checkpoint_ns", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("channel", Text, primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+writes = Table(
+    "es_lg_writes",
+    metadata,
+    Column("tenant_id", String(255), primary_key=True),
+    Column("thread_id", String(255), primary_key=True),
+    Column("checkpoint_ns", Text, primary_key=True),
+    Column("checkpoint_id", LargeBinary, primary_key=True),
+    Column("position", BigInteger, primary_key=True),
+    sqlite_with_rowid=False,
+)
+
+_TABLES = (checkpoints, blobs, writes)
+
+
+def version_key(version: Version) -> str:
+    """A channel version as the index stores it (strings as they are; numbers tagged)."""
+    if isinstance(version, str):
+        return version
+    if isinstance(version, bool) or not isinstance(version, (int, float)):
+        raise TypeError(f"channel versions are str, int or float, got {version!r}")
+    return f"i:{version}" if isinstance(version, int) else f"f:{version!r}"
+
+
+def checkpoint_key(checkpoint_id: str) -> bytes:
+    """A checkpoint id as the index stores it: 17 bytes for a UUID (LangGraph's ids), else the
+    text.  Keys sort as the ids do (UUIDs among themselves, other ids among themselves)."""
+    if len(checkpoint_id) == 36 and checkpoint_id == checkpoint_id.lower():
+        try:
+            return b"\x00" + uuid.UUID(checkpoint_id).bytes
+        except ValueError:
+            pass
+    return b"\x01" + checkpoint_id.encode()
+
+
+def checkpoint_id_of(key: bytes) -> str:
+    raw = bytes(key)
+    if raw[:1] == b"\x00":
+        return str(uuid.UUID(bytes=raw[1:]))
+    return raw[1:].decode()
+
+
+def _key_or_none(checkpoint_id: str | None) -> bytes | None:
+    return None if checkpoint_id is None else checkpoint_key(checkpoint_id)
+
+
+# -- statements: SQLAlchemy Core, compiled once per dialect and shape ----------------------------
+
+_compiled: dict[tuple[Any, ...], Compiled] = {}
+
+
+def _stmt(conn: Connection, key: tuple[Any, ...], build: Callable[[str], ClauseElement]
+          ) -> Compiled:
+    name = conn.dialect.name
+    c = _compiled.get((name, *key))
+    if c is None:
+        if len(_compiled) > 1024:
+            _compiled.clear()
+        c = _compiled[(name, *key)] = Compiled(build(name), conn.dialect)
+    return c
+
+
+def _args(c: Compiled, values: Mapping[str, Any]) -> Any:
+    """Parameters in the compiled statement's style; names it does not use are left out."""
+    d = c.defaults
+    if c.names is None:
+        return {**d, **values}
+    return tuple(values[n] if n in values else d[n] for n in c.names)
+
+
+def _run(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> builtins.list[Any]:
+    """Execute on the connection's DBAPI cursor (sync or SQLAlchemy's async adapter)."""
+    cur = conn.connection.cursor()
+    try:
+        cur.execute(c.sql, _args(c, params))
+        return builtins.list(cur.fetchall()) if cur.description is not None else []
+    finally:
+        cur.close()
+
+
+def _run_many(conn: Connection, c: Compiled, rows: Sequence[Mapping[str, Any]]) -> None:
+    if not rows:
+        return
+    cur = conn.connection.cursor()
+    try:
+        if len(rows) == 1:
+            cur.execute(c.sql, _args(c, rows[0]))
+        else:
+            cur.executemany(c.sql, [_args(c, r) for r in rows])
+    finally:
+        cur.close()
+
+
+def _bucket(n: int) -> int:
+    """IN lists come in power-of-two lengths (padded by repeating a value): few shapes."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _padded(prefix: str, values: Sequence[Any]) -> dict[str, Any]:
+    if not values:
+        return {}
+    n = _bucket(len(values))
+    return {f"{prefix}{i}": values[min(i, len(values) - 1)] for i in range(n)}
+
+
+def _insert_fn(dialect_name: str) -> Any:
+    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+
+
+def _upsert_checkpoint(dialect_name: str) -> ClauseElement:
+    ins = _insert_fn(dialect_name)(checkpoints)
+    return cast(ClauseElement, ins.on_conflict_do_update(
+        index_elements=[c.name for c in checkpoints.primary_key],
+        set_={"parent_id": ins.excluded.parent_id, "position": ins.excluded.position,
+              "run_id": ins.excluded.run_id},
+    ))
+
+
+def _insert_ignore(table: Table) -> Callable[[str], ClauseElement]:
+    def build(dialect_name: str) -> ClauseElement:
+        return cast(ClauseElement, _insert_fn(dialect_name)(table).on_conflict_do_nothing())
+    return build
+
+
+def _thread_where(table: Table, ids: Mapping[str, str]) -> Any:
+    return and_(table.c.tenant_id == ids["tenant_id"], table.c.thread_id == ids["thread_id"])
+
+
+# -- the inline handler: events -> index rows ------------------------------------------------------
+
+
+def index_events(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+    """Project ``lg.*`` events into the index tables, in the append's transaction.
+
+    Registered on the store by every saver; also what :func:`rebuild_index` replays.
+    """
+    for rec in recorded:
+        if not rec.stream_id.startswith(_PREFIX):
+            continue
+        data = rec.data
+        thread_id = rec.stream_id[len(_PREFIX):]
+        ids = {"tenant_id": rec.tenant_id, "thread_id": thread_id}
+        if isinstance(data, CheckpointSaved):
+            _index_checkpoint(conn, ids, rec.position, data)
+        elif isinstance(data, WritesSaved):
+            _index_writes(conn, ids, rec.position, data)
+        elif isinstance(data, ChannelValuesSaved):
+            _index_blobs(conn, ids, data.ns, rec.position, data)
+        elif isinstance(data, (ThreadDeleted, CheckpointsPruned, RunsDeleted, ThreadCopied)):
+            _index_retention(conn, ids, data)
+
+
+def _index_checkpoint(conn: Connection, ids: dict[str, str], position: int,
+                      ev: CheckpointSaved) -> None:
+    run_id = ev.metadata.get("run_id")
+    row = {**ids, "checkpoint_ns": ev.ns, "checkpoint_id": checkpoint_key(ev.id),
+           "parent_id": _key_or_none(ev.parent),
+           "position": position, "run_id": None if run_id is None else str(run_id)}
+    by_version = _versions_stored(ev)
+    n = len(by_version)
+    if conn.dialect.name == "postgresql" and 0 < n <= 32:
+        # One round trip: the checkpoint row and the versions' rows in one statement.
+        c = _stmt(conn, ("cp_blobs", n), _checkpoint_and_versions(n))
+        params = {f"c_{k}": v for k, v in row.items()}
+        for i, vkey in enumerate(by_version):
+            params.update({f"b{i}_tenant_id": ids["tenant_id"],
+                           f"b{i}_thread_id": ids["thread_id"], f"b{i}_checkpoint_ns": ev.ns,
+                           f"b{i}_version": vkey, f"b{i}_channel": "",
+                           f"b{i}_position": position})
+        inserted = {r[0] for r in _run(conn, c, params)}
+        for vkey, channels in by_version.items():
+            if vkey not in inserted:
+                _index_channels(conn, ids, ev.ns, position, vkey, channels)
+        return
+    _run(conn, _stmt(conn, ("upsert_cp",), _upsert_checkpoint), row)
+    _index_versions(conn, ids, ev.ns, position, by_version)
+
+
+def _checkpoint_and_versions(n: int) -> Callable[[str], ClauseElement]:
+    def build(dialect_name: str) -> ClauseElement:
+        ins = postgresql.insert(checkpoints).values(
+            {c.name: bindparam(f"c_{c.name}") for c in checkpoints.c})
+        ins = ins.on_conflict_do_update(
+            index_elements=[c.name for c in checkpoints.primary_key],
+            set_={"parent_id": ins.excluded.parent_id, "position": ins.excluded.position,
+                  "run_id": ins.excluded.run_id})
+        rows: builtins.list[dict[str, Any]] = [
+            {c.name: bindparam(f"b{i}_{c.name}") for c in blobs.c} for i in range(n)]
+        return cast(ClauseElement, postgresql.insert(blobs).values(rows).on_conflict_do_nothing()
+                    .returning(blobs.c.version).add_cte(ins.cte("cp")))
+    return build
+
+
+def _versions_stored(ev: CheckpointSaved | ChannelValuesSaved) -> dict[str, builtins.list[str]]:
+    """Version (as the index keys it) -> the channels the event stored at that version."""
+    by_version: dict[str, builtins.list[str]] = defaultdict(builtins.list)
+    for b in ev.blobs:
+        version = ev.version_of(b)
+        if version is not None:
+            by_version[version_key(version)].append(b.channel)
+    return by_version
+
+
+def _index_blobs(conn: Connection, ids: dict[str, str], ns: str, position: int,
+                 ev: CheckpointSaved | ChannelValuesSaved) -> None:
+    _index_versions(conn, ids, ns, position, _versions_stored(ev))
+
+
+def _index_versions(conn: Connection, ids: dict[str, str], ns: str, position: int,
+                    by_version: Mapping[str, Sequence[str]]) -> None:
+    for vkey, channels in by_version.items():
+        row = {**ids, "checkpoint_ns": ns, "version": vkey, "position": position}
+        if _insert_count(conn, _stmt(conn, ("ins_blob",), _insert_ignore(blobs)),
+                         {**row, "channel": ""}) == 0:
+            _index_channels(conn, ids, ns, position, vkey, channels)
+
+
+def _index_channels(conn: Connection, ids: dict[str, str], ns: str, position: int, vkey: str,
+                    channels: Sequence[str]) -> None:
+    """An earlier event stored this version (of other channels, or a re-put): rows of its own
+    for each channel (the earlier event's row keeps answering for the channels it holds)."""
+    _run_many(conn, _stmt(conn, ("ins_blob",), _insert_ignore(blobs)), [
+        {**ids, "checkpoint_ns": ns, "version": vkey, "channel": ch, "position": position}
+        for ch in channels])
+
+
+def _insert_count(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> int:
+    cur = conn.connection.cursor()
+    try:
+        cur.execute(c.sql, _args(c, params))
+        return int(cur.rowcount)
+    finally:
+        cur.close()
+
+
+def _index_writes(conn: Connection, ids: dict[str, str], position: int, ev: WritesSaved
+                  ) -> None:
+    _run(conn, _stmt(conn, ("ins_write",), _insert_ignore(writes)), {
+        **ids, "checkpoint_ns": ev.ns, "checkpoint_id": checkpoint_key(ev.checkpoint_id),
+        "position": position})
+
+
+def _index_retention(conn: Connection, ids: dict[str, str], ev: Event) -> None:
+    if isinstance(ev, ThreadDeleted) or (
+            isinstance(ev, CheckpointsPruned) and ev.strategy == "delete"):
+        for table in _TABLES:
+            conn.execute(delete(table).where(_thread_where(table, ids)))
+    elif isinstance(ev, CheckpointsPruned):
+        _prune_rows(conn, ids, ev.kept)
+    elif isinstance(ev, RunsDeleted):
+        _delete_runs_rows(conn, ids, ev.run_ids)
+    elif isinstance(ev, ThreadCopied):
+        _copy_rows(conn, ids, ev.source_thread_id)
+
+
+def _prune_rows(conn: Connection, ids: dict[str, str], kept: Mapping[str, Sequence[str]]
+                ) -> None:
+    cp = checkpoints
+    rows = conn.execute(select(cp.c.checkpoint_ns, cp.c.checkpoint_id, cp.c.position)
+                        .where(_thread_where(cp, ids))).all()
+    gone: dict[str, builtins.list[bytes]] = defaultdict(builtins.list)
+    kept_positions: dict[str, builtins.list[int]] = defaultdict(builtins.list)
+    kept_keys = {ns: {checkpoint_key(cid) for cid in ids_} for ns, ids_ in kept.items()}
+    for ns, cid, position in rows:
+        if cid in kept_keys.get(ns, ()):
+            kept_positions[ns].append(position)
+        else:
+            gone[ns].append(cid)
+    for ns, cids in gone.items():
+        for part in _chunks(cids, 500):
+            for table in (writes, checkpoints):
+                conn.execute(delete(table).where(
+                    _thread_where(table, ids), table.c.checkpoint_ns == ns,
+                    table.c.checkpoint_id.in_(part)))
+    namespaces = {ns for ns, _cid, _p in rows}
+    # Writes of namespaces that keep no checkpoint at all go with them.
+    for ns in namespaces - set(kept_positions):
+        conn.execute(delete(writes).where(_thread_where(writes, ids),
+                                          writes.c.checkpoint_ns == ns))
+    _null_dangling_parents(conn, ids)
+    # Channel values no kept checkpoint refers to leave the index.
+    referenced: set[tuple[str, str]] = set()
+    for ns, positions in kept_positions.items():
+        for ev in _events_at(conn, positions).values():
+            if isinstance(ev, CheckpointSaved):
+                referenced.update((ns, version_key(v)) for v in ev.versions.values())
+    stored = conn.execute(select(blobs.c.checkpoint_ns, blobs.c.version).distinct()
+                          .where(_thread_where(blobs, ids))).all()
+    garbage = [(ns, ver) for ns, ver in stored if (ns, ver) not in referenced]
+    if garbage:
+        conn.execute(delete(blobs).where(
+            _thread_where(blobs, ids), blobs.c.checkpoint_ns == bindparam("g_ns"),
+            blobs.c.version == bindparam("g_ver")),
+            [{"g_ns": ns, "g_ver": ver} for ns, ver in garbage])
+
+
+def _delete_runs_rows(conn: Connection, ids: dict[str, str], run_ids: Sequence[str]) -> None:
+    cp = checkpoints
+    for part in _chunks(builtins.list(run_ids), 500):
+        doomed = conn.execute(select(cp.c.checkpoint_ns, cp.c.checkpoint_id).where(
+            _thread_where(cp, ids), cp.c.run_id.in_(part))).all()
+        for ns, cid in doomed:
+            for table in (writes, checkpoints):
+                conn.execute(delete(table).where(
+                    _thread_where(table, ids), table.c.checkpoint_ns == ns,
+                    table.c.checkpoint_id == cid))
+    _null_dangling_parents(conn, ids)
+
+
+def _null_dangling_parents(conn: Connection, ids: dict[str, str]) -> None:
+    """A checkpoint whose parent left the index is left with no parent (as PostgresSaver does)."""
+    cp = checkpoints
+    parent = checkpoints.alias("parent")
+    conn.execute(update(cp).where(
+        _thread_where(cp, ids), cp.c.parent_id.is_not(None),
+        ~exists().where(parent.c.tenant_id == cp.c.tenant_id,
+                        parent.c.thread_id == cp.c.thread_id,
+                        parent.c.checkpoint_ns == cp.c.checkpoint_ns,
+                        parent.c.checkpoint_id == cp.c.parent_id),
+    ).values(parent_id=None))
+
+
+def _copy_rows(conn: Connection, ids: dict[str, str], source: str) -> None:
+    insert = _insert_fn(conn.dialect.name)
+    for table in _TABLES:
+        cols = [c for c in table.c if c.name != "thread_id"]
+        sel = select(*cols, literal(ids["thread_id"], String).label("thread_id")).where(
+            table.c.tenant_id == ids["tenant_id"], table.c.thread_id == source)
+        stmt = insert(table).from_select([c.name for c in cols] + ["thread_id"], sel)
+        conn.execute(stmt.on_conflict_do_nothing())
+
+
+def _events_at(conn: Connection, positions: Iterable[int]) -> dict[int, Event]:
+    """The events at these positions, decoded (``lg.*`` events are always known types)."""
+    wanted = sorted(set(positions))
+    out: dict[int, Event] = {}
+    for part in _chunks(wanted):
+        c = _stmt(conn, ("events_at", _bucket(len(part))), _events_at_query(_bucket(len(part))))
+        for position, tag, schema_version, data in _run(conn, c, _padded("p", part)):
+            ev = decode_event(tag, schema_version, bytes(data))
+            if isinstance(ev, Event):
+                out[position] = ev
+    return out
+
+
+def _events_at_query(n: int) -> Callable[[str], ClauseElement]:
+    def build(_dialect: str) -> ClauseElement:
+        e = es_events
+        return select(e.c.position, e.c.type, e.c.schema_version, e.c.data).where(
+            e.c.position.in_([bindparam(f"p{i}") for i in range(n)]))
+    return build
+
+
+def rebuild_index(store: EventStore) -> int:
+    """Empty the index tables and replay every ``lgthread`` event into them, in one transaction.
+
+    Returns the number of events replayed.  Appends wait while it runs (it holds the write lock).
+    """
+    from eventstore._backend import lock_appends
+
+    replayed = 0
+    with begin_write(store.engine) as conn:
+        lock_appends(conn)
+        for table in _TABLES:
+            conn.execute(delete(table))
+        position = 0
+        while True:
+            page = store.read_page(conn, from_position=position + 1, limit=2000,
+                                   categories=[CATEGORY])
+            if not page:
+                break
+            index_events(conn, page)
+            replayed += len(page)
+            position = page[-1].position
+    return replayed
+
+
+# -- reads: raw rows and events on a connection (shared by the sync and the async saver) ---------
+
+
+class Loaded(msgspec.Struct, gc=False):
+    """A checkpoint as the index and the log hold it, before the serde turns bytes into values.
+
+    ``found`` (shared by a batch of one thread namespace) maps each ``(channel, version)`` to
+    the blob the index points at: the first value any event of the namespace stored for it.
+    ``writes``: ``(task_id, channel, type, data)`` in ``writes_sort_key`` order.
+    """
+
+    thread_id: str
+    ns: str
+    checkpoint_id: str
+    parent_id: str | None
+    event: CheckpointSaved
+    found: dict[tuple[str, Version], Blob]
+    writes: builtins.list[tuple[str, str, str, bytes]]
+    # Immutable decoded values by (channel, version), filled by the saver (shared like found).
+    decoded: dict[tuple[str, Version], Any] = msgspec.field(default_factory=dict)
+
+    def blobs(self) -> Iterator[tuple[str, Blob | None]]:
+        """Each channel of the checkpoint and the blob holding its value (None: not found)."""
+        found = self.found
+        for pair in self.event.versions.items():
+            yield pair[0], found.get(pair)
+
+
+# thread, ns, checkpoint key, parent key (None: no parent, or it left the index), position
+_CpRow = tuple[str, str, bytes, bytes | None, int]
+
+
+def _latest_query(with_id: bool) -> Callable[[str], ClauseElement]:
+    def build(_dialect: str) -> ClauseElement:
+        cp, e = checkpoints, es_events
+        q = select(cp.c.checkpoint_id, cp.c.parent_id, cp.c.position, e.c.type,
+                   e.c.schema_version, e.c.data).join(e, e.c.position == cp.c.position).where(
+            cp.c.tenant_id == bindparam("tenant_id"), cp.c.thread_id == bindparam("thread_id"),
+            cp.c.checkpoint_ns == bindparam("ns"))
+        if with_id:
+            return q.where(cp.c.checkpoint_id == bindparam("cid"))
+        return q.order_by(cp.c.checkpoint_id.desc()).limit(1)
+    return build
+
+
+def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
+               checkpoint_id: str | None) -> Loaded | None:
+    """One checkpoint (the latest of the namespace without an id), with values and writes.
+
+    Two statements: the checkpoint's row with its event, then the index rows of its channel
+    versions and its pending writes, each with the event it points at.
+    """
+    c = _stmt(conn, ("latest", checkpoint_id is not None), _latest_query(checkpoint_id is not None))
+    ids = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns}
+    rows = _run(conn, c, {**ids, "cid": _key_or_none(checkpoint_id)})
+    if not rows:
+        return None
+    cid, parent_key, position, tag, schema_version, data = rows[0]
+    ev = decode_event(tag, schema_version, bytes(data))
+    if not isinstance(ev, CheckpointSaved):
+        raise TypeError(f"event at {position} is {tag}, not a checkpoint")
+    loaded: dict[int, Event] = {position: ev}
+    vkeys = sorted({ver if ver.__class__ is str else version_key(ver)
+                    for ver in ev.versions.values()})
+    versions_at: dict[str, dict[str, int]] = defaultdict(dict)
+    write_positions: builtins.list[int] = []
+    for part in _chunks(vkeys) if vkeys else [()]:
+        n = _bucket(len(part)) if part else 0
+        q = _stmt(conn, ("refs", n), _refs_query(n))
+        params = {**ids, "cid": cid, "own": position, **_padded("v", part)}
+        for kind, key, channel, at, etag, esv, edata in _run(conn, q, params):
+            if edata is not None and at not in loaded:
+                held = decode_event(etag, esv, bytes(edata))
+                if isinstance(held, Event):
+                    loaded[at] = held
+            if kind == "b":
+                versions_at[key][channel] = at
+            elif at not in write_positions:
+                write_positions.append(at)
+    found = _found(ev.versions.items(), versions_at, loaded)
+    pending = _fold_writes(loaded, write_positions) if write_positions else []
+    result = Loaded(thread_id, ns, ev.id, ev.parent if parent_key is not None else None, ev,
+                    found, pending)
+    # A value the index cannot find: either the checkpoint was stored without it, or a retention
+    # operation removed the checkpoint between our two statements (PostgreSQL reads each
+    # statement's own snapshot).  In the second case the checkpoint is gone.
+    missing = any(b is None for _ch, b in result.blobs())
+    if missing and not _run(conn, c, {**ids, "cid": cid}):
+        return None
+    return result
+
+
+def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
+    """The rows of ``n_versions`` channel versions (kind "b") and of a checkpoint's writes
+    ("w"), each with its event's data (none for the checkpoint's own event)."""
+    def build(_dialect: str) -> ClauseElement:
+        b, w, e = blobs, writes, es_events
+        writes_part = select(literal("w").label("kind"), literal("").label("key"),
+                             literal("").label("channel"), w.c.position, e.c.type,
+                             e.c.schema_version, e.c.data).join(
+            e, e.c.position == w.c.position).where(
+            w.c.tenant_id == bindparam("tenant_id"), w.c.thread_id == bindparam("thread_id"),
+            w.c.checkpoint_ns == bindparam("ns"), w.c.checkpoint_id == bindparam("cid"))
+        if not n_versions:
+            return writes_part
+        blobs_part = select(literal("b").label("kind"), b.c.version.label("key"), b.c.channel,
+                            b.c.position, e.c.type, e.c.schema_version, e.c.data).outerjoin(
+            e, and_(e.c.position == b.c.position, b.c.position != bindparam("own"))).where(
+            b.c.tenant_id == bindparam("tenant_id"), b.c.thread_id == bindparam("thread_id"),
+            b.c.checkpoint_ns == bindparam("ns"),
+            b.c.version.in_([bindparam(f"v{i}") for i in range(n_versions)]))
+        return union_all(blobs_part, writes_part)
+    return build
+
+
+def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str | None,
+              checkpoint_id: str | None, before: str | None,
+              after: tuple[bytes, str, str] | None, size: int
+              ) -> tuple[builtins.list[Loaded], tuple[bytes, str, str] | None]:
+    """One page of a ``list``, newest first, loaded; and the key to the next page (or None).
+
+    The checkpoints' events come with their index rows (one query); ``after`` is the last
+    (checkpoint id, thread id, namespace) of the previous page.
+    """
+    fixed = thread_id is not None and ns is not None
+    key = ("page", thread_id is not None, ns is not None, checkpoint_id is not None,
+           before is not None, after is not None)
+
+    def build(_dialect: str) -> ClauseElement:
+        cp, e = checkpoints, es_events
+        q = select(cp.c.thread_id, cp.c.checkpoint_ns, cp.c.checkpoint_id, cp.c.parent_id,
+                   cp.c.position, e.c.type, e.c.schema_version, e.c.data).join(
+            e, e.c.position == cp.c.position).where(cp.c.tenant_id == bindparam("tenant_id"))
+        if thread_id is not None:
+            q = q.where(cp.c.thread_id == bindparam("thread_id"))
+        if ns is not None:
+            q = q.where(cp.c.checkpoint_ns == bindparam("ns"))
+        if checkpoint_id is not None:
+            q = q.where(cp.c.checkpoint_id == bindparam("cid"))
+        if before is not None:
+            q = q.where(cp.c.checkpoint_id < bindparam("before"))
+        if after is not None:
+            if fixed:  # ids are unique within a thread's namespace
+                q = q.where(cp.c.checkpoint_id < bindparam("after_id"))
+            else:
+                q = q.where(tuple_(cp.c.checkpoint_id, cp.c.thread_id, cp.c.checkpoint_ns)
+                            < tuple_(bindparam("after_id"), bindparam("after_thread"),
+                                     bindparam("after_ns")))
+        q = q.order_by(cp.c.checkpoint_id.desc(), cp.c.thread_id.desc(),
+                       cp.c.checkpoint_ns.desc())
+        return q.limit(bindparam("size"))
+
+    params = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns,
+              "cid": _key_or_none(checkpoint_id), "before": _key_or_none(before), "size": size}
+    if after is not None:
+        params.update(after_id=after[0], after_thread=after[1], after_ns=after[2])
+    rows = _run(conn, _stmt(conn, key, build), params)
+    items = []
+    for t, n, cid, parent, position, tag, schema_version, data in rows:
+        ev = decode_event(tag, schema_version, bytes(data))
+        if isinstance(ev, CheckpointSaved):
+            items.append(((t, n, cid, parent, position), ev))
+    following = None
+    if len(rows) == size:
+        following = (rows[-1][2], rows[-1][0], rows[-1][1])
+    span = (rows[-1][2], rows[0][2]) if fixed and rows else None
+    return _resolve(conn, tenant_id, items, span), following
+
+
+def _resolve(conn: Connection, tenant_id: str,
+             items: Sequence[tuple[_CpRow, CheckpointSaved]],
+             span: tuple[str, str] | None = None) -> builtins.list[Loaded]:
+    """Find every checkpoint's channel values and pending writes (few queries per batch).
+
+    ``span``: the items are every checkpoint of one thread namespace between these two ids,
+    so their writes are one range read.
+    """
+    loaded: dict[int, Event] = {r[4]: ev for r, ev in items}
+    # Every (channel, version) the batch's checkpoints use, per thread namespace.
+    groups: dict[tuple[str, str], set[tuple[str, Version]]] = {}
+    for (thread_id, ns, _cid, _parent, _pos), ev in items:
+        wanted = groups.get((thread_id, ns))
+        if wanted is None:
+            wanted = groups[(thread_id, ns)] = set()
+        wanted.update(ev.versions.items())
+    # Where each version's values are: the first event storing the version (channel ""), and
+    # events storing a channel that first one did not hold.
+    where: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+    for (thread_id, ns), wanted in groups.items():
+        located = where[(thread_id, ns)] = defaultdict(dict)
+        base: dict[str, Any] = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns}
+        rest = sorted({ver if ver.__class__ is str else version_key(ver) for _ch, ver in wanted})
+        if len(rest) > 16:
+            # Most of a batch's versions lie between the lowest and the highest version its
+            # own events stored: one range read of the index finds them all.
+            own_keys = sorted(version_key(v) for (r, ev) in items
+                              if r[0] == thread_id and r[1] == ns for b in ev.blobs
+                              if (v := ev.version_of(b)) is not None)
+            if own_keys:
+                lo, hi = own_keys[0], own_keys[-1]
+                rest = [v for v in rest if not lo <= v <= hi]
+                c = _stmt(conn, ("blob_range",), _blob_range_query)
+                for vkey, ch, position in _run(conn, c, {**base, "lo": lo, "hi": hi}):
+                    located[vkey][ch] = position
+        for part in _chunks(rest):
+            n = _bucket(len(part))
+            c = _stmt(conn, ("blob_versions", n), _blob_versions_query(n))
+            for vkey, ch, position in _run(conn, c, {**base, **_padded("v", part)}):
+                located[vkey][ch] = position
+    # Pending writes: the WritesSaved events of each checkpoint.
+    write_events: dict[tuple[str, str, bytes], builtins.list[int]] = defaultdict(builtins.list)
+    if span is not None and items:
+        thread_id, ns = items[0][0][0], items[0][0][1]
+        c = _stmt(conn, ("writes_span",), _writes_span_query)
+        params = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns, "lo": span[0],
+                  "hi": span[1]}
+        _take_writes(_run(conn, c, params), thread_id, ns, write_events, loaded)
+    else:
+        by_group: dict[tuple[str, str], set[bytes]] = defaultdict(set)
+        for (thread_id, ns, cid, _parent, _pos), _ev in items:
+            by_group[(thread_id, ns)].add(cid)
+        for (thread_id, ns), cids in by_group.items():
+            for ids_part in _chunks(sorted(cids)):
+                n = _bucket(len(ids_part))
+                c = _stmt(conn, ("writes_of", n), _writes_query(n))
+                params = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns,
+                          **_padded("k", ids_part)}
+                _take_writes(_run(conn, c, params), thread_id, ns, write_events, loaded)
+    need = {p for located in where.values() for chans in located.values()
+            for p in chans.values() if p not in loaded}
+    if need:
+        loaded.update(_events_at(conn, need))
+    # The blob each (channel, version) resolves to, per thread namespace.
+    found = {group: _found(wanted, where.get(group, {}), loaded)
+             for group, wanted in groups.items()}
+    decoded: dict[tuple[str, str], dict[tuple[str, Version], Any]] = {g: {} for g in groups}
+    seen_positions: set[int] = set()
+    out = []
+    empty: dict[tuple[str, Version], Blob] = {}
+    for (thread_id, ns, cid, parent, position), ev in items:
+        if position in seen_positions:  # one event, two rows (a copied thread): own objects
+            ev = msgspec.json.decode(msgspec.json.encode(ev), type=CheckpointSaved)
+        seen_positions.add(position)
+        positions = write_events.get((thread_id, ns, cid))
+        pending = _fold_writes(loaded, positions) if positions else []
+        out.append(Loaded(thread_id, ns, ev.id, ev.parent if parent is not None else None, ev,
+                          found.get((thread_id, ns), empty), pending,
+                          decoded.get((thread_id, ns), {})))
+    return out
+
+
+def _found(wanted: Iterable[tuple[str, Version]], versions_at: Mapping[str, Mapping[str, int]],
+           loaded: Mapping[int, Event]) -> dict[tuple[str, Version], Blob]:
+    """(channel, version) -> its blob: in the first event that stored the version if that one
+    holds the channel, else in the first event that stored that channel at that version."""
+    table: dict[tuple[str, Version], Blob] = {}
+    for pair in wanted:
+        ch, ver = pair
+        chans = versions_at.get(ver if ver.__class__ is str else version_key(ver))
+        if not chans:
+            continue
+        for key in ("", ch):
+            holder = loaded.get(chans[key]) if key in chans else None
+            if isinstance(holder, (CheckpointSaved, ChannelValuesSaved)):
+                b = next((b for b in holder.blobs
+                          if b.channel == ch and holder.version_of(b) == ver), None)
+                if b is not None:
+                    table[pair] = b
+                    break
+    return table
+
+
+def _fold_writes(loaded: Mapping[int, Event], positions: Sequence[int]
+                 ) -> builtins.list[tuple[str, str, str, bytes]]:
+    """A checkpoint's pending writes from its WritesSaved events, in the order they were
+    recorded: a (task, idx) is written once, except by special-channel writes, which replace.
+    Returned in ``writes_sort_key`` order."""
+    if len(positions) == 1:
+        # The usual case: one task's writes, in one event, at increasing indexes.
+        only = loaded.get(positions[0])
+        if isinstance(only, WritesSaved):
+            idxs = [w.idx for w in only.writes]
+            if all(a < b for a, b in itertools.pairwise(idxs)):
+                task = only.task_id
+                return [(task, w.channel, w.type, w.data) for w in only.writes]
+    live: dict[tuple[str, int], tuple[tuple[str, str, int], tuple[str, str, str, bytes]]] = {}
+    for position in sorted(positions):
+        ev = loaded.get(position)
+        if not isinstance(ev, WritesSaved):
+            continue
+        task_id, path = ev.task_id, ev.task_path
+        for w in ev.writes:
+            key = (task_id, w.idx)
+            if ev.upsert or key not in live:
+                live[key] = ((path, task_id, w.idx), (task_id, w.channel, w.type, w.data))
+    ordered = builtins.list(live.values())
+    if len(ordered) > 1:
+        ordered.sort(key=_first)
+    return [item[1] for item in ordered]
+
+
+def _first(item: tuple[Any, Any]) -> Any:
+    return item[0]
+
+
+def _blob_versions_query(n: int) -> Callable[[str], ClauseElement]:
+    def build(_dialect: str) -> ClauseElement:
+        b = blobs
+        return select(b.c.version, b.c.channel, b.c.position).where(
+            b.c.tenant_id == bindparam("tenant_id"), b.c.thread_id == bindparam("thread_id"),
+            b.c.checkpoint_ns == bindparam("ns"),
+            b.c.version.in_([bindparam(f"v{i}") for i in range(n)]))
+    return build
+
+
+def _blob_range_query(_dialect: str) -> ClauseElement:
+    b = blobs
+    return select(b.c.version, b.c.channel, b.c.position).where(
+        b.c.tenant_id == bindparam("tenant_id"), b.c.thread_id == bindparam("thread_id"),
+        b.c.checkpoint_ns == bindparam("ns"), b.c.version >= bindparam("lo"),
+        b.c.version <= bindparam("hi"))
+
+
+def _take_writes(rows: Iterable[Any], thread_id: str, ns: str,
+                 into: dict[tuple[str, str, bytes], builtins.list[int]],
+                 loaded: dict[int, Event]) -> None:
+    """Write rows, each with its event's data."""
+    for cid, position, tag, schema_version, data in rows:
+        if position not in loaded:
+            ev = decode_event(tag, schema_version, bytes(data))
+            if isinstance(ev, Event):
+                loaded[position] = ev
+        into[(thread_id, ns, cid)].append(position)
+
+
+def _writes_select() -> Any:
+    w, e = writes, es_events
+    return select(w.c.checkpoint_id, w.c.position, e.c.type, e.c.schema_version,
+                  e.c.data).join(e, e.c.position == w.c.position).where(
+        w.c.tenant_id == bindparam("tenant_id"), w.c.thread_id == bindparam("thread_id"),
+        w.c.checkpoint_ns == bindparam("ns"))
+
+
+def _writes_span_query(_dialect: str) -> ClauseElement:
+    w = writes
+    return cast(ClauseElement, _writes_select().where(
+        w.c.checkpoint_id >= bindparam("lo"), w.c.checkpoint_id <= bindparam("hi")))
+
+
+def _writes_query(n: int) -> Callable[[str], ClauseElement]:
+    def build(_dialect: str) -> ClauseElement:
+        return cast(ClauseElement, _writes_select().where(
+            writes.c.checkpoint_id.in_([bindparam(f"k{i}") for i in range(n)])))
+    return build
+
+
+# -- retention decisions (what to record), on a connection ----------------------------------------
+
+
+def thread_state(conn: Connection, tenant_id: str, thread_id: str) -> tuple[int, bool]:
+    """The thread stream's version, and whether the index holds any row of the thread."""
+    version = conn.execute(select(es_streams.c.version).where(
+        es_streams.c.tenant_id == tenant_id,
+        es_streams.c.stream_id == stream_id_of(thread_id))).scalar()
+    has_rows = any(
+        conn.execute(select(t.c.thread_id).where(
+            t.c.tenant_id == tenant_id, t.c.thread_id == thread_id).limit(1)).first() is not None
+        for t in _TABLES)
+    return int(version or 0), has_rows
+
+
+def plan_keep_latest(conn: Connection, tenant_id: str, thread_id: str
+                     ) -> tuple[int, dict[str, builtins.list[str]] | None]:
+    """The stream version and, per namespace, the checkpoints ``keep_latest`` keeps.
+
+    ``None`` when there is nothing to prune.  Kept: each namespace's latest checkpoint; for a
+    thread using ``DeltaChannel``, also its ancestors back to the last snapshot of every delta
+    channel (so the kept checkpoint's delta channels still rebuild); a subgraph call's namespace
+    (``node:task``) goes entirely once the root checkpoint it started from is pruned.
+    """
+    version, _rows = thread_state(conn, tenant_id, thread_id)
+    cp = checkpoints
+    rows = conn.execute(select(cp.c.checkpoint_ns, cp.c.checkpoint_id, cp.c.parent_id,
+                               cp.c.position).where(
+        cp.c.tenant_id == tenant_id, cp.c.thread_id == thread_id)).all()
+    if not rows:
+        return version, None
+    by_ns: dict[str, dict[bytes, tuple[bytes | None, int]]] = defaultdict(dict)
+    for ns, key, parent, position in rows:
+        by_ns[ns][bytes(key)] = (None if parent is None else bytes(parent), position)
+    heads = {ns: max(keys) for ns, keys in by_ns.items()}
+    head_events = _events_at(conn, [by_ns[ns][key][1] for ns, key in heads.items()])
+    kept: dict[str, builtins.list[bytes]] = {}
+    for ns, head in heads.items():
+        keep = [head]
+        ev = head_events.get(by_ns[ns][head][1])
+        meta = ev.metadata if isinstance(ev, CheckpointSaved) else {}
+        counters = meta.get("counters_since_delta_snapshot") or {}
+        if counters:
+            keep = _delta_chain(conn, by_ns[ns], head, set(counters))
+        kept[ns] = keep
+    root_kept = set(kept.get("", ()))
+    for ns, head in heads.items():
+        if ns == "" or ":" not in ns:
+            continue
+        ev = head_events.get(by_ns[ns][head][1])
+        parents = ev.metadata.get("parents") if isinstance(ev, CheckpointSaved) else None
+        root = parents.get("") if isinstance(parents, dict) else None
+        if isinstance(root, str):
+            root_key = checkpoint_key(root)
+            if root_key in by_ns.get("", {}) and root_key not in root_kept:
+                del kept[ns]
+    if all(len(by_ns[ns]) == len(kept.get(ns, ())) for ns in by_ns):
+        return version, None
+    return version, {ns: [checkpoint_id_of(k) for k in keys] for ns, keys in kept.items()}
+
+
+def _delta_chain(conn: Connection, ns_rows: Mapping[bytes, tuple[bytes | None, int]],
+                 head: bytes, channels: set[str]) -> builtins.list[bytes]:
+    """``head`` and its ancestors back to where every delta channel last snapshotted."""
+    chain = [head]
+    needed = set(channels)
+    key = ns_rows[head][0]
+    while key is not None and key in ns_rows and needed:
+        chain.append(key)
+        ev = _events_at(conn, [ns_rows[key][1]]).get(ns_rows[key][1])
+        counters = (ev.metadata.get("counters_since_delta_snapshot") or {}
+                    if isinstance(ev, CheckpointSaved) else {})
+        needed = {ch for ch in needed if ch in counters}
+        key = ns_rows[key][0]
+    return chain
+
+
+def threads_of_runs(conn: Connection, tenant_id: str, run_ids: Sequence[str]
+                    ) -> dict[str, builtins.list[str]]:
+    """Thread id -> the given run ids it has checkpoints of."""
+    out: dict[str, set[str]] = defaultdict(set)
+    cp = checkpoints
+    for part in _chunks(builtins.list(run_ids), 500):
+        for thread_id, run_id in conn.execute(select(cp.c.thread_id, cp.c.run_id).distinct()
+                                              .where(cp.c.tenant_id == tenant_id,
+                                                     cp.c.run_id.in_(part))):
+            out[thread_id].add(run_id)
+    return {t: sorted(r) for t, r in out.items()}
+
+
+# -- the savers ------------------------------------------------------------------------------------
+
+class _Base(BaseCheckpointSaver[str]):
+    """Encoding and decoding shared by both savers (no I/O here)."""
+
+    tenant_id: str
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """``<counter>.<random>``, 15 characters: a 6-digit base-62 counter (so versions sort
+        as they increase) and 47 random bits (so two forks from one checkpoint never share a
+        version, which ``es_lg_blobs`` relies on)."""
+        if current is None:
+            n = 0
+        elif isinstance(current, (int, float)):
+            n = int(current)
+        else:
+            head = str(current).split(".", 1)[0]
+            n = _from_b62(head) if len(head) == 6 else int(head)
+        return f"{_to_b62(n + 1, 6)}.{_to_b62(secrets.randbelow(_B62_MAX8), 8)}"
+
+    # -- writing --
+
+    def _checkpoint_events(self, config: RunnableConfig, checkpoint: Checkpoint,
+                           metadata: CheckpointMetadata, new_versions: ChannelVersions
+                           ) -> tuple[str, CheckpointSaved, RunnableConfig]:
+        conf = config["configurable"]
+        thread_id = str(conf["thread_id"])
+        ns = str(conf.get("checkpoint_ns") or "")
+        values = checkpoint["channel_values"]
+        items = []
+        current = checkpoint["channel_versions"]
+        for ch, ver in new_versions.items():
+            t, data = self.serde.dumps_typed(values[ch]) if ch in values else ("empty", b"")
+            # The version is the checkpoint's own for the channel (not repeated), as LangGraph
+            # always passes it; kept explicitly for a new_versions entry that differs.
+            items.append(Blob(ch, data, t, None if current.get(ch) == ver else ver))
+        extra = {k: v for k, v in checkpoint.items() if k not in _CHECKPOINT_KEYS}
+        ev = CheckpointSaved(
+            ns=ns, id=checkpoint["id"], parent=conf.get("checkpoint_id"), v=checkpoint["v"],
+            ts=checkpoint["ts"], versions=dict(checkpoint["channel_versions"]),
+            seen={k: dict(v) for k, v in checkpoint["versions_seen"].items()},
+            updated=_compact_updated(checkpoint.get("updated_channels"), items), extra=extra,
+            metadata=cast(dict[str, Any], get_serializable_checkpoint_metadata(config, metadata)),
+            blobs=items)
+        next_config: RunnableConfig = {"configurable": {
+            "thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
+        return thread_id, ev, next_config
+
+    def _writes_event(self, config: RunnableConfig, items: Sequence[tuple[str, Any]],
+                      task_id: str, task_path: str) -> tuple[str, WritesSaved]:
+        conf = config["configurable"]
+        out = []
+        for i, (ch, value) in enumerate(items):
+            t, data = self.serde.dumps_typed(value)
+            out.append(Write(WRITES_IDX_MAP.get(ch, i), ch, data, t))
+        ev = WritesSaved(ns=str(conf.get("checkpoint_ns") or ""),
+                         checkpoint_id=str(conf["checkpoint_id"]), task_id=task_id,
+                         task_path=task_path, writes=out,
+                         upsert=all(ch in WRITES_IDX_MAP for ch, _v in items))
+        return str(conf["thread_id"]), ev
+
+    # -- reading --
+
+    def _tuple(self, loaded: Loaded) -> CheckpointTuple:
+        ev = loaded.event
+        loads = self.serde.loads_typed
+        values = {}
+        found, cache = loaded.found, loaded.decoded
+        for pair in ev.versions.items():
+            value = cache.get(pair, _MISSING)
+            if value is _MISSING:
+                b = found.get(pair)
+                if b is None or b.type == "empty":
+                    cache[pair] = value = _ABSENT
+                else:
+                    value = loads((b.type, b.data))
+                    if value.__class__ in _IMMUTABLE:
+                        # Shared by every checkpoint of the batch with this version: safe, as
+                        # nothing can change it.
+                        cache[pair] = value
+            if value is not _ABSENT:
+                values[pair[0]] = value
+        checkpoint = cast(Checkpoint, {
+            **ev.extra, "v": ev.v, "id": ev.id, "ts": ev.ts, "channel_values": values,
+            "channel_versions": ev.versions, "versions_seen": ev.seen,
+            "updated_channels": ev.updated_channels(),
+        } if ev.extra else {
+            "v": ev.v, "id": ev.id, "ts": ev.ts, "channel_values": values,
+            "channel_versions": ev.versions, "versions_seen": ev.seen,
+            "updated_channels": ev.updated_channels(),
+        })
+        pending: builtins.list[PendingWrite] = [
+            (task_id, ch, loads((t, data))) for task_id, ch, t, data in loaded.writes]
+        thread_id, ns = loaded.thread_id, loaded.ns
+        config: RunnableConfig = {"configurable": {
+            "thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": loaded.checkpoint_id}}
+        parent: RunnableConfig | None = None
+        if loaded.parent_id:
+            parent = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                                       "checkpoint_id": loaded.parent_id}}
+        return CheckpointTuple(config, checkpoint, cast(CheckpointMetadata, ev.metadata),
+                               parent, pending)
+
+    @staticmethod
+    def _get_args(config: RunnableConfig) -> tuple[str, str, str | None]:
+        conf = config["configurable"]
+        return (str(conf["thread_id"]), str(conf.get("checkpoint_ns") or ""),
+                get_checkpoint_id(config))
+
+    @staticmethod
+    def _list_args(config: RunnableConfig | None, before: RunnableConfig | None
+                   ) -> tuple[str | None, str | None, str | None, str | None]:
+        thread_id = ns = cid = None
+        if config is not None:
+            conf = config.get("configurable") or {}
+            if conf.get("thread_id") is not None:
+                thread_id = str(conf["thread_id"])
+            if conf.get("checkpoint_ns") is not None:
+                ns = str(conf["checkpoint_ns"])
+            cid = get_checkpoint_id(config)
+        before_id = get_checkpoint_id(before) if before is not None else None
+        return thread_id, ns, cid, before_id
+
+    @staticmethod
+    def _matches(loaded_meta: Mapping[str, Any], filter: Mapping[str, Any] | None) -> bool:
+        return not filter or all(loaded_meta.get(k) == v for k, v in filter.items())
+
+    @staticmethod
+    def _check_prune(thread_ids: Sequence[str], strategy: str) -> builtins.list[str]:
+        if isinstance(thread_ids, str):
+            raise TypeError("thread_ids must be a sequence of thread IDs, not a str")
+        if strategy not in PRUNE_STRATEGIES:
+            raise ValueError(f"Unknown prune strategy: {strategy!r}")
+        return [str(t) for t in thread_ids]
+
+
+def _page_size(limit: int | None, filter: Mapping[str, Any] | None) -> int:
+    """Checkpoints a list() reads per transaction."""
+    if limit is not None and not filter:
+        return max(1, min(limit, _LIST_PAGE))
+    return _LIST_PAGE
+
+
+_MISSING = object()
+_ABSENT = object()
+_IMMUTABLE = frozenset({str, int, float, bool, bytes, type(None)})
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # ASCII order
+_B62_INDEX = {c: i for i, c in enumerate(_B62)}
+_B62_MAX8 = 62**8
+
+
+def _to_b62(value: int, width: int) -> str:
+    digits = []
+    n = value
+    while n:
+        n, r = divmod(n, 62)
+        digits.append(_B62[r])
+    if len(digits) > width:
+        raise OverflowError(f"channel version counter {value} does not fit {width} digits")
+    return "".join(reversed(digits)).rjust(width, "0")
+
+
+def _from_b62(text: str) -> int:
+    n = 0
+    for c in text:
+        n = n * 62 + _B62_INDEX[c]
+    return n
+
+
+_CHECKPOINT_KEYS = frozenset({"v", "id", "ts", "channel_values", "channel_versions",
+                              "versions_seen", "updated_channels"})
+
+
+def _compact_updated(updated: Any, items: Sequence[Blob]) -> builtins.list[str] | bool | None:
+    if updated is None:
+        return None
+    listed = builtins.list(updated)
+    return True if listed and listed == sorted(b.channel for b in items) else listed
+
+
+def _split(ev: CheckpointSaved, limit: int) -> builtins.list[Event]:
+    """A checkpoint over the store's event size limit: its values in events of their own."""
+    budget = max(1, int(limit * 0.7))
+    out: builtins.list[Event] = []
+    batch: builtins.list[Blob] = []
+    size = 0
+    for b in sorted(ev.blobs, key=lambda b: len(b.data)):
+        cost = len(b.data) * 4 // 3 + len(b.channel) + 80
+        if batch and size + cost > budget:
+            out.append(ChannelValuesSaved(ns=ev.ns, checkpoint_id=ev.id, blobs=batch))
+            batch, size = [], 0
+        batch.append(msgspec.structs.replace(b, version=ev.version_of(b)))
+        size += cost
+    if batch:
+        out.append(ChannelValuesSaved(ns=ev.ns, checkpoint_id=ev.id, blobs=batch))
+    return [*out, msgspec.structs.replace(ev, blobs=[], updated=ev.updated_channels())]
+
+
+def _split_writes(ev: WritesSaved, limit: int) -> builtins.list[Event]:
+    budget = max(1, int(limit * 0.7))
+    out: builtins.list[Event] = []
+    batch: builtins.list[Write] = []
+    size = 0
+    for w in ev.writes:
+        cost = len(w.data) * 4 // 3 + len(w.channel) + 60
+        if batch and size + cost > budget:
+            out.append(msgspec.structs.replace(ev, writes=batch))
+            batch, size = [], 0
+        batch.append(w)
+        size += cost
+    if batch:
+        out.append(msgspec.structs.replace(ev, writes=batch))
+    return out
+
+
+class EventStoreSaver(_Base):
+    """A LangGraph checkpointer on an :class:`EventStore` (SQLite or PostgreSQL).
+
+    ``tenant_id`` is the store tenant of every thread this saver sees.  The ``a*`` methods run the
+    sync ones in a worker thread; for asyncio applications use :class:`AsyncEventStoreSaver`.
+    """
+
+    def __init__(self, store: EventStore, *, tenant_id: str = DEFAULT_TENANT,
+                 serde: SerializerProtocol | None = None) -> None:
+        super().__init__(serde=serde)
+        self.store = store
+        self.tenant_id = tenant_id
+        store.add_inline_handler(index_events)
+
+    @classmethod
+    @contextlib.contextmanager
+    def from_url(cls, url: str | None = None, *, tenant_id: str = DEFAULT_TENANT,
+                 serde: SerializerProtocol | None = None) -> Iterator[EventStoreSaver]:
+        """A saver on a store it opens (and closes afterwards)."""
+        with EventStore.open(url) as store:
+            yield cls(store, tenant_id=tenant_id, serde=serde)
+
+    def setup(self) -> None:
+        """Nothing to do: migration 0003 (``eventstore migrate``) creates the index tables."""
+
+    # -- writes --
+
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint,
+            metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
+        thread_id, ev, next_config = self._checkpoint_events(config, checkpoint, metadata,
+                                                             new_versions)
+        self._append(thread_id, [ev], lambda limit: _split(ev, limit))
+        return next_config
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                   task_id: str, task_path: str = "") -> None:
+        if not writes:
+            return
+        thread_id, ev = self._writes_event(config, writes, task_id, task_path)
+        self._append(thread_id, [ev], lambda limit: _split_writes(ev, limit))
+
+    def _append(self, thread_id: str, evs: builtins.list[Event],
+                split: Callable[[int], builtins.list[Event]] | None = None,
+                expected_version: int | None = None) -> None:
+        stream = stream_id_of(thread_id)
+        try:
+            self.store.append(stream, evs, tenant_id=self.tenant_id,
+                              expected_version=expected_version)
+        except EventTooLarge as e:
+            if split is None:
+                raise
+            self.store.append(stream, split(e.limit), tenant_id=self.tenant_id,
+                              expected_version=expected_version)
+
+    # -- reads --
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        thread_id, ns, cid = self._get_args(config)
+        with begin_read(self.store.engine) as conn:
+            loaded = read_tuple(conn, self.tenant_id, thread_id, ns, cid)
+        return None if loaded is None else self._tuple(loaded)
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None
+             ) -> Iterator[CheckpointTuple]:
+        thread_id, ns, cid, before_id = self._list_args(config, before)
+        remaining = limit
+        after: tuple[bytes, str, str] | None = None
+        size = _page_size(limit, filter)
+        while True:
+            with begin_read(self.store.engine) as conn:
+                loaded, after = list_page(conn, self.tenant_id, thread_id, ns, cid, before_id,
+                                          after, size)
+            for item in loaded:
+                if filter and not self._matches(item.event.metadata, filter):
+                    continue
+                yield self._tuple(item)
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining <= 0:
+                        return
+            if after is None:
+                return
+
+    # -- retention --
+
+    def delete_thread(self, thread_id: str) -> None:
+        thread_id = str(thread_id)
+        with begin_read(self.store.engine) as conn:
+            _version, has_rows = thread_state(conn, self.tenant_id, thread_id)
+        if has_rows:
+            self._append(thread_id, [ThreadDeleted()])
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        for thread_id in self._check_prune(thread_ids, strategy):
+            if strategy == "delete":
+                with begin_read(self.store.engine) as conn:
+                    _version, has_rows = thread_state(conn, self.tenant_id, thread_id)
+                if has_rows:
+                    self._append(thread_id, [CheckpointsPruned(strategy="delete")])
+                continue
+            for attempt in range(_RETRIES):
+                with begin_read(self.store.engine) as conn:
+                    version, kept = plan_keep_latest(conn, self.tenant_id, thread_id)
+                if kept is None:
+                    break
+                try:
+                    self._append(thread_id, [CheckpointsPruned(strategy=strategy, kept=kept)],
+                                 expected_version=version)
+                    break
+                except WrongExpectedVersion:
+                    if attempt == _RETRIES - 1:
+                        raise
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        ids = [str(r) for r in run_ids]
+        if not ids:
+            return
+        with begin_read(self.store.engine) as conn:
+            affected = threads_of_runs(conn, self.tenant_id, ids)
+        for thread_id, runs in sorted(affected.items()):
+            self._append(thread_id, [RunsDeleted(run_ids=runs)])
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        source, target = str(source_thread_id), str(target_thread_id)
+        with begin_read(self.store.engine) as conn:
+            version, has_rows = thread_state(conn, self.tenant_id, source)
+        if has_rows and source != target:
+            self._append(target, [ThreadCopied(source_thread_id=source, source_version=version)])
+
+    # -- asyncio: the sync methods in a worker thread --
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(self, config: RunnableConfig | None, *,
+                    filter: dict[str, Any] | None = None, before: RunnableConfig | None = None,
+                    limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
+        items = await asyncio.to_thread(
+            lambda: builtins.list(self.list(config, filter=filter, before=before, limit=limit)))
+        for item in items:
+            yield item
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
+                   metadata: CheckpointMetadata, new_versions: ChannelVersions
+                   ) -> RunnableConfig:
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                          task_id: str, task_path: str = "") -> None:
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.delete_for_runs, run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await asyncio.to_thread(lambda: self.prune(thread_ids, strategy=strategy))
+
+
+class AsyncEventStoreSaver(_Base):
+    """A LangGraph checkpointer on an :class:`eventstore.aio.AsyncEventStore`.
+
+    Native asyncio: every transaction runs on the async store's driver (psycopg async,
+    aiosqlite) through ``AsyncEventStore.append`` / ``run_sync``; nothing blocks the event loop.
+    The sync methods are for code on other threads (``graph.invoke`` from a worker thread): they
+    run the async ones on the loop the saver was created on.
+    """
+
+    def __init__(self, store: AsyncEventStore, *, tenant_id: str = DEFAULT_TENANT,
+                 serde: SerializerProtocol | None = None) -> None:
+        super().__init__(serde=serde)
+        self.store = store
+        self.tenant_id = tenant_id
+        store.add_inline_handler(index_events)
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def from_url(cls, url: str | None = None, *, tenant_id: str = DEFAULT_TENANT,
+                       serde: SerializerProtocol | None = None
+                       ) -> AsyncIterator[AsyncEventStoreSaver]:
+        """A saver on an async store it opens (and closes afterwards)."""
+        from eventstore.aio import AsyncEventStore
+
+        async with await AsyncEventStore.open(url) as store:
+            yield cls(store, tenant_id=tenant_id, serde=serde)
+
+    async def setup(self) -> None:
+        """Nothing to do: migration 0003 (``eventstore migrate``) creates the index tables."""
+
+    async def _append(self, thread_id: str, evs: builtins.list[Event],
+                      split: Callable[[int], builtins.list[Event]] | None = None,
+                      expected_version: int | None = None) -> None:
+        stream = stream_id_of(thread_id)
+        try:
+            await self.store.append(stream, evs, tenant_id=self.tenant_id,
+                                    expected_version=expected_version)
+        except EventTooLarge as e:
+            if split is None:
+                raise
+            await self.store.append(stream, split(e.limit), tenant_id=self.tenant_id,
+                                    expected_version=expected_version)
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
+                   metadata: CheckpointMetadata, new_versions: ChannelVersions
+                   ) -> RunnableConfig:
+        thread_id, ev, next_config = self._checkpoint_events(config, checkpoint, metadata,
+                                                             new_versions)
+        await self._append(thread_id, [ev], lambda limit: _split(ev, limit))
+        return next_config
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                          task_id: str, task_path: str = "") -> None:
+        if not writes:
+            return
+        thread_id, ev = self._writes_event(config, writes, task_id, task_path)
+        await self._append(thread_id, [ev], lambda limit: _split_writes(ev, limit))
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        thread_id, ns, cid = self._get_args(config)
+        loaded = await self.store.run_sync(read_tuple, self.tenant_id, thread_id, ns, cid)
+        return None if loaded is None else self._tuple(loaded)
+
+    async def alist(self, config: RunnableConfig | None, *,
+                    filter: dict[str, Any] | None = None, before: RunnableConfig | None = None,
+                    limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
+        thread_id, ns, cid, before_id = self._list_args(config, before)
+        remaining = limit
+        after: tuple[bytes, str, str] | None = None
+        size = _page_size(limit, filter)
+        while True:
+            loaded, after = await self.store.run_sync(list_page, self.tenant_id, thread_id, ns,
+                                                      cid, before_id, after, size)
+            for item in loaded:
+                if filter and not self._matches(item.event.metadata, filter):
+                    continue
+                yield self._tuple(item)
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining <= 0:
+                        return
+            if after is None:
+                return
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        thread_id = str(thread_id)
+        _version, has_rows = await self.store.run_sync(thread_state, self.tenant_id, thread_id)
+        if has_rows:
+            await self._append(thread_id, [ThreadDeleted()])
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        for thread_id in self._check_prune(thread_ids, strategy):
+            if strategy == "delete":
+                _v, has_rows = await self.store.run_sync(thread_state, self.tenant_id, thread_id)
+                if has_rows:
+                    await self._append(thread_id, [CheckpointsPruned(strategy="delete")])
+                continue
+            for attempt in range(_RETRIES):
+                version, kept = await self.store.run_sync(plan_keep_latest, self.tenant_id,
+                                                          thread_id)
+                if kept is None:
+                    break
+                try:
+                    await self._append(thread_id,
+                                       [CheckpointsPruned(strategy=strategy, kept=kept)],
+                                       expected_version=version)
+                    break
+                except WrongExpectedVersion:
+                    if attempt == _RETRIES - 1:
+                        raise
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        ids = [str(r) for r in run_ids]
+        if not ids:
+            return
+        affected = await self.store.run_sync(threads_of_runs, self.tenant_id, ids)
+        for thread_id, runs in sorted(affected.items()):
+            await self._append(thread_id, [RunsDeleted(run_ids=runs)])
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        source, target = str(source_thread_id), str(target_thread_id)
+        version, has_rows = await self.store.run_sync(thread_state, self.tenant_id, source)
+        if has_rows and source != target:
+            await self._append(target,
+                               [ThreadCopied(source_thread_id=source, source_version=version)])
+
+    # -- sync entry points for other threads --
+
+    def _sync(self, coro: Any) -> Any:
+        loop = self.loop
+        if loop is None:
+            coro.close()
+            raise RuntimeError("AsyncEventStoreSaver was created outside a running event loop; "
+                               "its sync methods need that loop")
+        try:
+            if asyncio.get_running_loop() is loop:
+                coro.close()
+                raise asyncio.InvalidStateError(
+                    "Synchronous calls to AsyncEventStoreSaver are only allowed from a different "
+                    "thread. From the main thread, use the async interface. For example, use "
+                    "`checkpointer.alist(...)` or `await graph.ainvoke(...)`.")
+        except RuntimeError:
+            pass
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return cast(CheckpointTuple | None, self._sync(self.aget_tuple(config)))
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None
+             ) -> Iterator[CheckpointTuple]:
+        async def collect() -> builtins.list[CheckpointTuple]:
+            return [t async for t in self.alist(config, filter=filter, before=before,
+                                                limit=limit)]
+        yield from cast(builtins.list[CheckpointTuple], self._sync(collect()))
+
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint,
+            metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
+        return cast(RunnableConfig,
+                    self._sync(self.aput(config, checkpoint, metadata, new_versions)))
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                   task_id: str, task_path: str = "") -> None:
+        self._sync(self.aput_writes(config, writes, task_id, task_path))
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._sync(self.adelete_thread(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._sync(self.adelete_for_runs(run_ids))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._sync(self.acopy_thread(source_thread_id, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._sync(self.aprune(thread_ids, strategy=strategy))
+

@@ -1,0 +1,432 @@
+"""LangGraph savers: conformance (all capabilities), events as the record, index as projection."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata, empty_checkpoint
+from langgraph.checkpoint.conformance import checkpointer_test, validate
+from langgraph.checkpoint.conformance.capabilities import Capability
+from langgraph.checkpoint.serde.types import INTERRUPT, RESUME
+from sqlalchemy import select
+
+from eventstore import EventStore
+from eventstore.aio import AsyncEventStore
+from projections.langgraph_saver import (
+    AsyncEventStoreSaver,
+    ChannelValuesSaved,
+    CheckpointSaved,
+    CheckpointsPruned,
+    EventStoreSaver,
+    RunsDeleted,
+    ThreadCopied,
+    ThreadDeleted,
+    WritesSaved,
+    blobs,
+    checkpoints,
+    rebuild_index,
+    stream_id_of,
+    writes,
+)
+
+ALL_CAPABILITIES = {c.value for c in Capability}
+
+
+@pytest.fixture
+def saver(store: EventStore) -> EventStoreSaver:
+    return EventStoreSaver(store)
+
+
+def config(thread_id: str, checkpoint_id: str | None = None, ns: str = "") -> RunnableConfig:
+    conf: dict[str, Any] = {"thread_id": thread_id, "checkpoint_ns": ns}
+    if checkpoint_id is not None:
+        conf["checkpoint_id"] = checkpoint_id
+    return {"configurable": conf}
+
+
+def put(saver: EventStoreSaver, thread_id: str, parent: RunnableConfig | None,
+        values: dict[str, Any], versions: dict[str, int], new: dict[str, int],
+        metadata: dict[str, Any] | None = None, ns: str = "") -> RunnableConfig:
+    """Store one checkpoint whose channels ``new`` changed (LangGraph's put contract)."""
+    cp: Checkpoint = empty_checkpoint()
+    cp["channel_values"] = values
+    cp["channel_versions"] = dict(versions)
+    parent_id = parent["configurable"]["checkpoint_id"] if parent else None
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    md.update(metadata or {})  # type: ignore[typeddict-item]
+    return saver.put(config(thread_id, parent_id, ns), cp, md, new)
+
+
+def stream_types(store: EventStore, thread_id: str) -> list[type[Any]]:
+    return [type(e.data) for e in store.read_stream(stream_id_of(thread_id))]
+
+
+def index_rows(store: EventStore) -> dict[str, list[tuple[Any, ...]]]:
+    with store.engine.connect() as conn:
+        return {t.name: sorted(tuple(r) for r in conn.execute(select(t)))
+                for t in (checkpoints, blobs, writes)}
+
+
+def assert_conformant(report: Any) -> None:
+    report.print_report()
+    assert {name for name, r in report.results.items() if r.detected} == ALL_CAPABILITIES
+    failures = {n: r.failures for n, r in report.results.items() if r.passed is not True}
+    assert failures == {}
+
+
+# -- conformance -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_sync_saver_passes_conformance_with_every_capability(store: EventStore) -> None:
+    """EventStoreSaver passes langgraph-checkpoint-conformance: base and extended capabilities."""
+
+    @checkpointer_test(name="EventStoreSaver")
+    async def factory() -> Any:
+        yield EventStoreSaver(store)
+
+    assert_conformant(await validate(factory))
+
+
+@pytest.mark.asyncio
+async def test_async_saver_passes_conformance_with_every_capability(url: str) -> None:
+    """AsyncEventStoreSaver passes langgraph-checkpoint-conformance: every capability."""
+    store = await AsyncEventStore.open(url, migrate=True)
+
+    @checkpointer_test(name="AsyncEventStoreSaver")
+    async def factory() -> Any:
+        yield AsyncEventStoreSaver(store)
+
+    try:
+        assert_conformant(await validate(factory))
+    finally:
+        await store.close()
+
+
+# -- events are the record ------------------------------------------------------------------------
+
+
+def test_checkpoint_event_carries_only_changed_channels(saver: EventStoreSaver,
+                                                        store: EventStore) -> None:
+    """A CheckpointSaved event holds only new_versions' values; the unchanged ones still load."""
+    c1 = put(saver, "t", None, {"doc": "x" * 1000, "n": 1}, {"doc": 1, "n": 1},
+             {"doc": 1, "n": 1})
+    c2 = put(saver, "t", c1, {"doc": "x" * 1000, "n": 2}, {"doc": 1, "n": 2}, {"n": 2})
+    events = [e.data for e in store.read_stream(stream_id_of("t"))]
+    assert [type(e) for e in events] == [CheckpointSaved, CheckpointSaved]
+    assert isinstance(events[1], CheckpointSaved)
+    assert [b.channel for b in events[1].blobs] == ["n"]
+    loaded = saver.get_tuple(c2)
+    assert loaded is not None
+    assert loaded.checkpoint["channel_values"] == {"doc": "x" * 1000, "n": 2}
+    assert loaded.parent_config == c1
+
+
+def test_storage_grows_linearly_with_thread_length(saver: EventStoreSaver,
+                                                   store: EventStore) -> None:
+    """200 steps with a 20 kB channel that never changes store that channel's bytes once."""
+    big = "y" * 20_000
+    parent = put(saver, "long", None, {"big": big, "n": 0}, {"big": 1, "n": 1},
+                 {"big": 1, "n": 1})
+    for i in range(1, 200):
+        parent = put(saver, "long", parent, {"big": big, "n": i}, {"big": 1, "n": i + 1},
+                     {"n": i + 1})
+    with store.engine.connect() as conn:
+        from eventstore._schema import events
+        total = sum(len(d) for (d,) in conn.execute(select(events.c.data)))
+        blob_rows = conn.execute(select(blobs.c.version, blobs.c.channel)).all()
+    assert total < 20_000 * 4 // 3 + 200 * 600
+    assert sorted(blob_rows) == sorted((f"i:{v}", "") for v in range(1, 201))
+    latest = saver.get_tuple(config("long"))
+    assert latest is not None and latest.checkpoint["channel_values"]["big"] == big
+
+
+def test_pending_writes_interrupts_and_resumes_are_events(saver: EventStoreSaver,
+                                                          store: EventStore) -> None:
+    """put_writes appends WritesSaved; special channels replace, regular writes never do."""
+    c1 = put(saver, "w", None, {}, {}, {})
+    saver.put_writes(c1, [("out", 1), (INTERRUPT, {"q": "ok?"})], "task-1", "path-1")
+    saver.put_writes(c1, [("out", 2)], "task-1", "path-1")      # same (task, idx): ignored
+    saver.put_writes(c1, [(RESUME, "first")], "task-1")
+    saver.put_writes(c1, [(RESUME, "second")], "task-1")        # special: replaces
+    assert stream_types(store, "w") == [CheckpointSaved] + [WritesSaved] * 4
+    loaded = saver.get_tuple(c1)
+    assert loaded is not None
+    assert sorted(loaded.pending_writes or [], key=repr) == sorted(
+        [("task-1", "out", 1), ("task-1", INTERRUPT, {"q": "ok?"}),
+         ("task-1", RESUME, "second")], key=repr)
+
+
+def test_delete_thread_is_a_recorded_event(saver: EventStoreSaver, store: EventStore) -> None:
+    """delete_thread appends ThreadDeleted and empties the index; the events stay in the log."""
+    c1 = put(saver, "d", None, {"a": 1}, {"a": 1}, {"a": 1})
+    saver.put_writes(c1, [("a", 2)], "task")
+    put(saver, "keep", None, {"a": 1}, {"a": 1}, {"a": 1})
+    saver.delete_thread("d")
+    assert stream_types(store, "d") == [CheckpointSaved, WritesSaved, ThreadDeleted]
+    assert saver.get_tuple(config("d")) is None
+    assert list(saver.list(config("d"))) == []
+    assert saver.get_tuple(config("keep")) is not None
+    saver.delete_thread("never-existed")
+    assert store.stream_version(stream_id_of("never-existed")) == 0
+
+
+def test_prune_keep_latest_leaves_the_latest_checkpoint_whole(saver: EventStoreSaver,
+                                                              store: EventStore) -> None:
+    """keep_latest: one recorded event; the kept checkpoint loads every value, even old ones."""
+    c1 = put(saver, "p", None, {"doc": "old", "n": 1}, {"doc": 1, "n": 1}, {"doc": 1, "n": 1})
+    c2 = put(saver, "p", c1, {"doc": "old", "n": 2}, {"doc": 1, "n": 2}, {"n": 2})
+    c3 = put(saver, "p", c2, {"doc": "old", "n": 3}, {"doc": 1, "n": 3}, {"n": 3})
+    saver.put_writes(c3, [("n", 4)], "task")
+    saver.put_writes(c2, [("n", 3)], "task")
+    saver.prune(["p"])
+    assert stream_types(store, "p")[-1] is CheckpointsPruned
+    remaining = list(saver.list(config("p")))
+    assert [t.config for t in remaining] == [c3]
+    latest = remaining[0]
+    assert latest.checkpoint["channel_values"] == {"doc": "old", "n": 3}
+    assert latest.pending_writes == [("task", "n", 4)]
+    assert latest.parent_config is None
+    assert saver.get_tuple(c2) is None
+    with store.engine.connect() as conn:
+        left = sorted((r.version, r.channel) for r in conn.execute(select(blobs)))
+    assert left == [("i:1", ""), ("i:3", "")]
+    saver.prune(["p"])  # nothing left to prune: nothing recorded
+    assert stream_types(store, "p").count(CheckpointsPruned) == 1
+
+
+def test_prune_keeps_the_ancestors_a_delta_channel_rebuilds_from(saver: EventStoreSaver) -> None:
+    """keep_latest keeps a DeltaChannel thread's chain back to the channel's last snapshot."""
+    c0 = put(saver, "delta", None, {}, {}, {})
+    c1 = put(saver, "delta", c0, {}, {}, {})  # snapshot: no counter for "msgs"
+    counters = {"counters_since_delta_snapshot": {"msgs": [1, 1]}}
+    c2 = put(saver, "delta", c1, {}, {}, {}, counters)
+    c3 = put(saver, "delta", c2, {}, {}, {},
+             {"counters_since_delta_snapshot": {"msgs": [2, 2]}})
+    saver.prune(["delta"])
+    kept = [t.config for t in saver.list(config("delta"))]
+    assert kept == [c3, c2, c1]
+    tup = saver.get_tuple(c1)
+    assert tup is not None and tup.parent_config is None
+
+
+def test_delete_for_runs_keeps_other_runs_loadable(saver: EventStoreSaver,
+                                                   store: EventStore) -> None:
+    """delete_for_runs records RunsDeleted; a later run's checkpoint still loads older values."""
+    r1 = put(saver, "runs", None, {"doc": "from run 1"}, {"doc": 1}, {"doc": 1},
+             {"run_id": "run-1"})
+    r2 = put(saver, "runs", r1, {"doc": "from run 1", "n": 1}, {"doc": 1, "n": 1}, {"n": 1},
+             {"run_id": "run-2"})
+    put(saver, "other", None, {}, {}, {}, {"run_id": "run-1"})
+    saver.delete_for_runs(["run-1", "run-unknown"])
+    assert stream_types(store, "runs")[-1] is RunsDeleted
+    assert stream_types(store, "other")[-1] is RunsDeleted
+    assert list(saver.list(config("other"))) == []
+    tup = saver.get_tuple(config("runs"))
+    assert tup is not None and tup.config == r2
+    assert tup.checkpoint["channel_values"] == {"doc": "from run 1", "n": 1}
+    assert tup.parent_config is None
+
+
+def test_copy_thread_copies_as_of_the_copy(saver: EventStoreSaver, store: EventStore) -> None:
+    """copy_thread records ThreadCopied; the copy keeps values and writes, the source goes on."""
+    c1 = put(saver, "src", None, {"a": "v1"}, {"a": 1}, {"a": 1})
+    saver.put_writes(c1, [("a", "w")], "task")
+    saver.copy_thread("src", "dst")
+    put(saver, "src", c1, {"a": "v2"}, {"a": 2}, {"a": 2})
+    assert stream_types(store, "dst") == [ThreadCopied]
+    copied = list(saver.list(config("dst")))
+    assert len(copied) == 1
+    assert copied[0].checkpoint["channel_values"] == {"a": "v1"}
+    assert copied[0].pending_writes == [("task", "a", "w")]
+    assert len(list(saver.list(config("src")))) == 2
+    saver.delete_thread("src")
+    dst = saver.get_tuple(config("dst"))
+    assert dst is not None and dst.checkpoint["channel_values"] == {"a": "v1"}
+
+
+def test_index_is_rebuilt_from_the_events_alone(saver: EventStoreSaver, store: EventStore
+                                                ) -> None:
+    """rebuild_index replays the log into exactly the rows the inline handler wrote."""
+    c1 = put(saver, "x", None, {"a": 1, "b": [1]}, {"a": 1, "b": 1}, {"a": 1, "b": 1},
+             {"run_id": "r1"})
+    c2 = put(saver, "x", c1, {"a": 2, "b": [1]}, {"a": 2, "b": 1}, {"a": 2}, {"run_id": "r2"})
+    saver.put_writes(c2, [("a", 3), (INTERRUPT, "why")], "t1")
+    put(saver, "x", None, {"s": "sub"}, {"s": 1}, {"s": 1}, ns="child:1")
+    saver.copy_thread("x", "y")
+    put(saver, "x", c2, {"a": 3, "b": [1]}, {"a": 3, "b": 1}, {"a": 3}, {"run_id": "r3"})
+    saver.prune(["x"])
+    saver.delete_for_runs(["r1"])
+    put(saver, "z", None, {"q": 1}, {"q": 1}, {"q": 1})
+    saver.delete_thread("z")
+    before = index_rows(store)
+    assert before["es_lg_checkpoints"]
+    assert rebuild_index(store) == store.stats()["events"]
+    assert index_rows(store) == before
+
+
+def test_tenants_do_not_see_each_other(store: EventStore) -> None:
+    """Two savers of different tenants keep the same thread id apart."""
+    acme, other = EventStoreSaver(store, tenant_id="acme"), EventStoreSaver(store)
+    put(acme, "shared", None, {"who": "acme"}, {"who": 1}, {"who": 1})
+    put(other, "shared", None, {"who": "default"}, {"who": 1}, {"who": 1})
+    a, b = acme.get_tuple(config("shared")), other.get_tuple(config("shared"))
+    assert a is not None and b is not None
+    assert a.checkpoint["channel_values"] == {"who": "acme"}
+    assert b.checkpoint["channel_values"] == {"who": "default"}
+    acme.delete_thread("shared")
+    assert acme.get_tuple(config("shared")) is None
+    assert other.get_tuple(config("shared")) is not None
+
+
+def test_values_over_the_event_size_limit_travel_in_their_own_events(url: str) -> None:
+    """A checkpoint or writes larger than max_event_bytes are split into several events."""
+    with EventStore.open(url, migrate=True, max_event_bytes=8192) as small:
+        saver = EventStoreSaver(small)
+        values = {f"c{i}": str(i) * 3000 for i in range(4)}
+        versions = {k: 1 for k in values}
+        c1 = put(saver, "big", None, values, versions, versions)
+        saver.put_writes(c1, [(k, v) for k, v in values.items()], "task")
+        types = stream_types(small, "big")
+        assert types.count(ChannelValuesSaved) >= 2 and types.count(WritesSaved) >= 2
+        loaded = saver.get_tuple(c1)
+        assert loaded is not None
+        assert loaded.checkpoint["channel_values"] == values
+        assert sorted(w[2] for w in loaded.pending_writes or []) == sorted(values.values())
+
+
+def test_next_version_is_increasing_and_unique_across_forks(saver: EventStoreSaver) -> None:
+    """Versions sort in counter order, and two forks from one version never collide."""
+    chain = [saver.get_next_version(None, None)]
+    for _ in range(20):
+        chain.append(saver.get_next_version(chain[-1], None))
+    assert chain == sorted(chain) and len(set(chain)) == len(chain)
+    forks = {saver.get_next_version(chain[5], None) for _ in range(1000)}
+    assert len(forks) == 1000
+    assert all(f > chain[5] and f < chain[7] for f in forks)
+    assert saver.get_next_version(61, None).startswith("000010.")  # type: ignore[arg-type]
+    assert saver.get_next_version("00000000000000000000000000000041.5", None) > "000000"
+
+
+def test_list_across_threads_with_filter_and_before(saver: EventStoreSaver) -> None:
+    """list(None) spans threads; filter, before and limit combine."""
+    first = put(saver, "l1", None, {}, {}, {}, {"run_id": "a", "step": 1})
+    put(saver, "l2", None, {}, {}, {}, {"run_id": "b", "step": 1})
+    last = put(saver, "l1", first, {}, {}, {}, {"run_id": "a", "step": 2})
+    assert len(list(saver.list(None))) == 3
+    assert [t.config for t in saver.list(None, filter={"run_id": "a"})] == [last, first]
+    assert [t.config for t in saver.list(config("l1"), before=last)] == [first]
+    (newest_step_1,) = saver.list(None, filter={"step": 1}, limit=1)
+    assert newest_step_1.config["configurable"]["thread_id"] == "l2"
+    (newest,) = saver.list({"configurable": {"thread_id": "l1"}}, limit=1)
+    assert newest.config == last
+
+
+@pytest.mark.asyncio
+async def test_async_saver_sync_methods_work_from_other_threads(url: str) -> None:
+    """The async saver's sync methods run on its loop from a worker thread, not on the loop."""
+    store = await AsyncEventStore.open(url, migrate=True)
+    try:
+        saver = AsyncEventStoreSaver(store)
+        cp = empty_checkpoint()
+        stored = await saver.aput(config("async"), cp, {"source": "input", "step": -1}, {})
+        found: list[Any] = []
+        worker = threading.Thread(target=lambda: found.append(saver.get_tuple(stored)))
+        worker.start()
+        while worker.is_alive():
+            await asyncio.sleep(0.01)
+        assert found and found[0].config == stored
+        with pytest.raises(asyncio.InvalidStateError):
+            saver.get_tuple(stored)
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def many_threads(saver: EventStoreSaver) -> Iterator[list[str]]:
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for t in ids:
+        put(saver, t, None, {"v": t}, {"v": 1}, {"v": 1})
+    yield ids
+
+
+def test_prune_delete_strategy_removes_every_checkpoint(saver: EventStoreSaver,
+                                                        store: EventStore,
+                                                        many_threads: list[str]) -> None:
+    """prune(strategy="delete") records the deletion for each thread it empties."""
+    saver.prune(many_threads[:2], strategy="delete")
+    for t in many_threads[:2]:
+        assert stream_types(store, t) == [CheckpointSaved, CheckpointsPruned]
+        assert saver.get_tuple(config(t)) is None
+    assert saver.get_tuple(config(many_threads[2])) is not None
+    with pytest.raises(ValueError, match="Unknown prune strategy"):
+        saver.prune(many_threads, strategy="everything")
+    with pytest.raises(TypeError):
+        saver.prune(many_threads[0])
+
+
+def test_get_tuple_cost_does_not_grow_with_the_thread(saver: EventStoreSaver,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_tuple runs two statements and reads the same rows on a 3- and a 300-step thread."""
+    import projections.langgraph_saver as module
+
+    def grow(thread_id: str, steps: int) -> None:
+        parent = put(saver, thread_id, None, {"doc": "d", "n": 0}, {"doc": 1, "n": 1},
+                     {"doc": 1, "n": 1})
+        for i in range(1, steps):
+            parent = put(saver, thread_id, parent, {"doc": "d", "n": i},
+                         {"doc": 1, "n": i + 1}, {"n": i + 1})
+            saver.put_writes(parent, [("n", i + 1)], f"task-{i}")
+
+    grow("short", 3)
+    grow("long", 300)
+    seen: list[int] = []
+    real_run = module._run
+
+    def counting(conn: Any, c: Any, params: Any) -> list[Any]:
+        rows = real_run(conn, c, params)
+        seen.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(module, "_run", counting)
+    reads = {}
+    for thread_id in ("short", "long"):
+        seen.clear()
+        tup = saver.get_tuple(config(thread_id))
+        assert tup is not None and tup.checkpoint["channel_values"]["doc"] == "d"
+        reads[thread_id] = list(seen)
+    assert reads["short"] == reads["long"]
+    assert len(reads["long"]) == 2
+
+
+def test_from_url_opens_and_closes_a_store_of_its_own(url: str, store: EventStore) -> None:
+    """EventStoreSaver.from_url works on a store it opens; the data is the same database's."""
+    with EventStoreSaver.from_url(url, tenant_id="t1") as own:
+        stored = put(own, "own", None, {"a": 1}, {"a": 1}, {"a": 1})
+    again = EventStoreSaver(store, tenant_id="t1").get_tuple(stored)
+    assert again is not None and again.checkpoint["channel_values"] == {"a": 1}
+    with pytest.raises(Exception, match="closed"):
+        own.get_tuple(stored)
+
+
+def test_checkpoint_ids_that_are_not_uuids_work_and_sort(saver: EventStoreSaver) -> None:
+    """Ids other than UUIDs are stored as text: latest, before and parents still work."""
+    parent = None
+    for i in range(3):
+        cp = empty_checkpoint()
+        cp["id"] = f"step-{i:04d}"
+        cp["channel_values"] = {"n": i}
+        cp["channel_versions"] = {"n": i + 1}
+        pid = parent["configurable"]["checkpoint_id"] if parent else None
+        parent = saver.put(config("ids", pid), cp, {"source": "loop", "step": i}, {"n": i + 1})
+    latest = saver.get_tuple(config("ids"))
+    assert latest is not None and latest.checkpoint["id"] == "step-0002"
+    assert latest.parent_config == config("ids", "step-0001")
+    assert [t.checkpoint["id"] for t in saver.list(config("ids"), before=config("ids",
+            "step-0002"))] == ["step-0001", "step-0000"]
