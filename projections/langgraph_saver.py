@@ -82,6 +82,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CATEGORY",
+    "import_checkpoints",
     "AsyncEventStoreSaver",
     "ChannelValuesSaved",
     "CheckpointSaved",
@@ -1632,3 +1633,46 @@ class AsyncEventStoreSaver(_Base):
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._sync(self.aprune(thread_ids, strategy=strategy))
 
+
+# -- migrating from another saver --
+
+
+def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver, *,
+                       thread_ids: Iterable[str] | None = None) -> int:
+    """Copy threads from another saver (``SqliteSaver``, ``PostgresSaver`` …) into ``target``.
+
+    Every checkpoint is put oldest first with its metadata, parent and pending writes (interrupts
+    and resume values included), storing only the channels whose version changed from the
+    parent, so an imported thread is as small as one written by this saver.  ``thread_ids``
+    defaults to every thread of ``source``.  Returns the number of checkpoints copied.  Import
+    into threads that do not exist in ``target`` yet (the puts are appended as they come).
+    """
+    if thread_ids is None:
+        seen: dict[str, None] = {}
+        for t in source.list(None):
+            seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
+        thread_ids = seen
+    copied = 0
+    for thread_id in thread_ids:
+        tuples = builtins.list(source.list({"configurable": {"thread_id": thread_id}}))
+        versions: dict[tuple[str, str], ChannelVersions] = {}
+        for t in reversed(tuples):  # list() gives newest first
+            conf = t.config["configurable"]
+            ns = str(conf.get("checkpoint_ns") or "")
+            checkpoint = t.checkpoint
+            parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+            before = versions.get((ns, str(parent_id)), {}) if parent_id else {}
+            changed = {ch: v for ch, v in checkpoint["channel_versions"].items()
+                       if before.get(ch) != v}
+            put_config: RunnableConfig = {"configurable": {
+                "thread_id": thread_id, "checkpoint_ns": ns,
+                **({"checkpoint_id": parent_id} if parent_id else {})}}
+            stored = target.put(put_config, checkpoint, t.metadata, changed)
+            versions[(ns, str(checkpoint["id"]))] = dict(checkpoint["channel_versions"])
+            by_task: dict[str, builtins.list[tuple[str, Any]]] = {}
+            for task_id, channel, value in t.pending_writes or ():
+                by_task.setdefault(task_id, []).append((channel, value))
+            for task_id, task_writes in by_task.items():
+                target.put_writes(stored, task_writes, task_id)
+            copied += 1
+    return copied

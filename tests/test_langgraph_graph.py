@@ -78,3 +78,30 @@ async def test_async_graph_time_travel_matches_sqlite_saver(url: str,
     async with scripts.open_async_saver(url) as saver:
         ours = await scripts.atime_travel(saver, "travel-async")
     assert ours == reference["travel"]
+
+
+def test_threads_import_from_sqlite_saver_and_resume(url: str) -> None:
+    """A thread interrupted on SqliteSaver is imported, with equal history, and resumes here."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.types import Command
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints
+
+    source = SqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    config = {"configurable": {"thread_id": "imported-1"}}
+    scripts.approval_graph(source).invoke({"value": 1}, config)  # stops at the interrupt
+    with EventStore.open(url) as store:
+        target = EventStoreSaver(store)
+        copied = import_checkpoints(source, target)
+        assert copied == len(list(source.list(config))) > 0
+        theirs = [(s.values, s.next) for s in
+                  scripts.approval_graph(source).get_state_history(config)]
+        ours_graph = scripts.approval_graph(target)
+        ours = [(s.values, s.next) for s in ours_graph.get_state_history(config)]
+        assert ours == theirs
+        assert ours_graph.get_state(config).tasks[0].interrupts[0].value == {
+            "question": "approve?", "value": 2}
+        result = ours_graph.invoke(Command(resume="yes"), config)
+        assert result["value"] == 20 and result["log"][-1] == "finish:yes"
