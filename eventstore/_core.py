@@ -8,13 +8,14 @@ greenlet bridge over psycopg's async driver and aiosqlite), so the SQL exists on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import Dialect
@@ -227,23 +228,30 @@ class StoreCore:
         """The body of the append transaction (see ``_backend.lock_appends`` for the order)."""
         dialect = conn.dialect
         stream_id, tenant_id, key = plan.stream_id, plan.tenant_id, plan.key
-        lock_appends(conn)
         ids = {"tenant_id": tenant_id, "stream_id": stream_id}
+        # One round trip on psycopg: the lock, the key lookup and the probe go out in a pipeline.
+        # The server runs them in order, so the probe's snapshot (READ COMMITTED: taken when the
+        # statement starts) is taken after the lock is granted, as lock_appends requires.
+        with _pipeline(conn):
+            lock_appends(conn)
+            key_cur = None
+            if key is not None:
+                key_cur = statement("find_key", dialect).run(
+                    conn, {"tenant_id": tenant_id, "key": key})
+            probe_cur = statement("probe", dialect).run(conn, ids)
+            row = key_cur.fetchone() if key_cur is not None else None
+            probed = probe_cur.fetchone()
+        if key_cur is not None:
+            key_cur.close()
+        probe_cur.close()
         # Idempotency first: a retried request must get its first answer back, not a version
         # conflict caused by its own earlier success.
-        if key is not None:
-            cur = statement("find_key", dialect).run(conn, {"tenant_id": tenant_id, "key": key})
-            row = cur.fetchone()
-            cur.close()
-            if row is not None:
-                first_stream, first_print, first_pos, last_pos, version = row
-                if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
-                    raise IdempotencyKeyReused(key=key, tenant_id=tenant_id, stream_id=stream_id,
-                                               first_stream_id=first_stream)
-                return AppendResult(first_pos, last_pos, version, True)
-        cur = statement("probe", dialect).run(conn, ids)
-        probed = cur.fetchone()
-        cur.close()
+        if row is not None:
+            first_stream, first_print, first_pos, last_pos, version = row
+            if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
+                raise IdempotencyKeyReused(key=key or "", tenant_id=tenant_id,
+                                           stream_id=stream_id, first_stream_id=first_stream)
+            return AppendResult(first_pos, last_pos, version, True)
         current: int = probed[0] or 0
         last_position: int = probed[1] or 0
         expected = plan.expected
@@ -272,28 +280,29 @@ class StoreCore:
                 last_position + i, stream_id, current + i, tenant_id, event_id, tag,
                 schema_version, plan.originals[i - 1], plan.metadata, now,
             ))
-        insert = statement("insert_events", dialect)
-        if len(rows) == 1:
-            insert.run(conn, rows[0]).close()
-        else:
-            insert.run_many(conn, rows)
         new_version = current + len(rows)
-        if current == 0:
-            statement("insert_stream", dialect).run(conn, {
-                **ids, "version": new_version, "created_at": stamp, "updated_at": stamp,
-            }).close()
-        else:
-            statement("update_stream", dialect).run(conn, {
-                **ids, "new_version": new_version, "updated_at": stamp,
-            }).close()
         result = AppendResult(last_position + 1, last_position + len(rows), new_version, False)
-        if key is not None:
-            statement("insert_key", dialect).run(conn, {
-                "tenant_id": tenant_id, "key": key, "stream_id": stream_id,
-                "fingerprint": plan.fingerprint, "first_position": result.first_position,
-                "last_position": result.last_position, "stream_version": new_version,
-                "recorded_at": stamp,
-            }).close()
+        writes = []  # the writes go out together too (their errors surface when it ends)
+        with _pipeline(conn):
+            insert = statement("insert_events", dialect)
+            if len(rows) == 1:
+                writes.append(insert.run(conn, rows[0]))
+            else:
+                insert.run_many(conn, rows)
+            if current == 0:
+                writes.append(statement("insert_stream", dialect).run(conn, {
+                    **ids, "version": new_version, "created_at": stamp, "updated_at": stamp}))
+            else:
+                writes.append(statement("update_stream", dialect).run(conn, {
+                    **ids, "new_version": new_version, "updated_at": stamp}))
+            if key is not None:
+                writes.append(statement("insert_key", dialect).run(conn, {
+                    "tenant_id": tenant_id, "key": key, "stream_id": stream_id,
+                    "fingerprint": plan.fingerprint, "first_position": result.first_position,
+                    "last_position": result.last_position, "stream_version": new_version,
+                    "recorded_at": stamp}))
+        for cur in writes:
+            cur.close()
         for handler in self._inline:
             handler(conn, recorded)
         if before_commit is not None:
@@ -447,3 +456,11 @@ def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes
         h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(raw)))
         h.update(raw)
     return h.digest()
+
+
+def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
+    """psycopg's pipeline mode on the sync driver (statements sent together), else nothing."""
+    dbapi: Any = conn.connection.dbapi_connection
+    if conn.dialect.name == "postgresql" and type(dbapi).__module__.startswith("psycopg"):
+        return cast("contextlib.AbstractContextManager[Any]", dbapi.pipeline())
+    return contextlib.nullcontext()
