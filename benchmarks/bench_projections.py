@@ -79,20 +79,32 @@ def reset_pg(url: str) -> None:
 # -- eventsourcing, the peer ----------------------------------------------------------------------
 
 
+_PEER: list[Any] = []
+
+
+def _peer_aggregate() -> Any:
+    """The eventsourcing aggregate, defined once (the library registers each class's topic)."""
+    if not _PEER:
+        from eventsourcing.domain import Aggregate, event
+
+        class Conversation(Aggregate):
+            def __init__(self) -> None:
+                self.variables: dict[str, Any] = {}
+
+            @event("Assigned")
+            def assign(self, name: str, value: Any, topic: str) -> None:
+                self.variables[name] = value
+                self.variables["topic"] = topic
+
+        _PEER.append(Conversation)
+    return _PEER[0]
+
+
 def eventsourcing_replay(backend: str, url: str, workdir: str) -> float:
     """Events/s of eventsourcing's repository.get on a 10,000-event aggregate."""
     from eventsourcing.application import Application
-    from eventsourcing.domain import Aggregate, event
 
-    class Conversation(Aggregate):
-        def __init__(self) -> None:
-            self.variables: dict[str, Any] = {}
-
-        @event("Assigned")
-        def assign(self, name: str, value: Any, topic: str) -> None:
-            self.variables[name] = value
-            self.variables["topic"] = topic
-
+    Conversation = _peer_aggregate()
     if backend == "sqlite":
         env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite",
                "SQLITE_DBNAME": os.path.join(workdir, "es_peer.db")}
