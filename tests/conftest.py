@@ -6,9 +6,11 @@ and sets it).  Without it the PostgreSQL half of the suite fails loudly rather t
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -122,3 +124,34 @@ def fresh_pg() -> Iterator[str]:
         yield url
     finally:
         drop_pg_database(url)
+
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+class Children:
+    """Processes a test spawned; any still alive at the end are killed and reaped."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+
+    def start(self, target: Callable[..., None], *args: Any) -> Any:
+        p = SPAWN.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    c = Children()
+    try:
+        yield c
+    finally:
+        c.cleanup()

@@ -14,7 +14,7 @@ import queue as queue_mod
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from enum import Enum
@@ -39,6 +39,7 @@ from tests._crewai_flows import (
     offline,
     review_flow,
 )
+from tests.conftest import Children
 
 CTX = multiprocessing.get_context("spawn")
 RACERS = 3
@@ -278,34 +279,6 @@ def test_flow_is_restored_by_id_with_new_inputs_overriding(
     assert [h.method_name for h in persistence.history(flow_id)] == [
         "begin", "finish", "begin", "finish"]
     assert persistence.load_state(flow_id) == state.model_dump()
-
-
-class Children:
-    """Child processes of a test; any still alive at the end are killed and reaped."""
-
-    def __init__(self) -> None:
-        self.procs: list[Any] = []
-
-    def start(self, target: Callable[..., None], *args: Any) -> Any:
-        p = CTX.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    c = Children()
-    try:
-        yield c
-    finally:
-        c.cleanup()
 
 
 def collect(q: Any, procs: Sequence[Any], n: int) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import queue as queue_mod
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -20,40 +20,13 @@ import pytest
 from eventstore import EventStore, RecordedEvent
 from tests import _workers
 from tests._events import NoteAdded
+from tests.conftest import Children
 
 pytestmark = pytest.mark.slow
 
 CTX = multiprocessing.get_context("spawn")
 WORKERS = 4
 RESULT_TIMEOUT = 60.0
-
-
-class Children:
-    """The child processes a test started; any still alive at the end are killed and reaped."""
-
-    def __init__(self) -> None:
-        self.procs: list[Any] = []
-
-    def start(self, target: Callable[..., None], *args: Any) -> Any:
-        p = CTX.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    c = Children()
-    try:
-        yield c
-    finally:
-        c.cleanup()
 
 
 def collect(q: Any, procs: Sequence[Any], n: int) -> list[Any]:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -158,23 +156,13 @@ def row_state(store: EventStore, projection: Projection[ConversationState], tena
     return row if row is not None else (projection.initial(tenant, stream), 0)
 
 
-@pytest.fixture
-def conv_store(url: str) -> Iterator[EventStore]:
-    s = EventStore.open(url, migrate=True)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(history=histories())
 def test_every_reading_of_a_conversation_equals_its_replay(
-        conv_store: EventStore, history: dict[str, Any]) -> None:
+        store: EventStore, history: dict[str, Any]) -> None:
     """Live fold, inline rows, projector rows, snapshot+tail and rebuilt rows equal the model."""
-    store = conv_store
     tenant = f"t-{uuid.uuid4().hex}"
     conversations = Conversations(store)
     inline_p = conversations.projection
