@@ -93,3 +93,10 @@ async def test_sync_and_async_stores_share_one_log(url: str) -> None:
             assert [e.data.text async for e in store.read_stream("c-1")] == [  # type: ignore[union-attr]
                 "sync", "async"]
         assert sync_store.stream_version("c-1") == 2
+
+
+async def test_async_store_is_exported_from_the_package() -> None:
+    """``from eventstore import AsyncEventStore`` gives the asyncio store."""
+    from eventstore import AsyncEventStore as Exported
+
+    assert Exported is AsyncEventStore
