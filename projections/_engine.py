@@ -472,11 +472,6 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
 # -- reading rows --
 
 
-def active_generation(conn: Connection, name: str) -> int | None:
-    return conn.execute(select(projections.c.generation)
-                        .where(projections.c.name == name)).scalar()
-
-
 def _usable_generation(projection: Projection[Any]) -> Any:
     """The active generation, if its rows were built by this version of the fold (else NULL)."""
     return (select(projections.c.generation)

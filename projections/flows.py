@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 
 from eventstore import Event, EventStore, RecordedEvent
-from eventstore.errors import InvalidArgument
 
 from ._command import Clock, check_text, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, register
@@ -168,8 +167,7 @@ class Flows:
 
         st, _v, _r = decide(self.store, self.projection, stream, tenant_id=tenant_id,
                             decision=decision)
-        if st.feedback_requested_at is None:
-            raise InvalidArgument("feedback request without a time")  # pragma: no cover
+        assert st.feedback_requested_at is not None  # a pending request always has its time
         return PendingFeedback(flow_id=flow_id, context=from_json(st.feedback_context),
                                state=from_json(st.feedback_state),
                                requested_at=st.feedback_requested_at)
