@@ -221,7 +221,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Subparsers]:
             "Append events to STREAM in one atomic batch.  Input (a file or stdin) is JSON: one\n"
             "object, a list of objects, or JSON lines, each\n"
             '  {"type": "SomeType", "data": {...}, "schema_version": 1}\n'
-            "(schema_version is optional, default 1)."
+            "(schema_version is optional, default 1).  The flat form\n"
+            '  {"type": "SomeType", "field": "value", ...}\n'
+            "is accepted too: every key but type and schema_version is a field."
         ),
     )
     p.add_argument("stream", metavar="STREAM", help="stream id")
@@ -419,20 +421,22 @@ _EVENT_KEYS = frozenset({"type", "data", "schema_version"})
 
 
 def _raw_event(item: object, n: int) -> RawEvent:
+    """One input object: ``{"type": T, "data": {...}}``, or flat ``{"type": T, field: value, …}``."""
     where = f"event {n}"
     if not isinstance(item, dict):
         raise CliError(f"{where}: expected an object like "
                        f'{{"type": "SomeType", "data": {{...}}}}, got {type(item).__name__}')
-    unknown = sorted(set(item) - _EVENT_KEYS)
-    if unknown:
-        raise CliError(f"{where}: unknown keys {', '.join(unknown)} "
-                       "(allowed: type, data, schema_version)")
     kind = item.get("type")
     if not isinstance(kind, str) or not kind:
         raise CliError(f"{where}: 'type' must be a non-empty string")
-    if "data" not in item:
-        raise CliError(f"{where} ({kind}): 'data' is missing (use {{}} for no data)")
-    data = item["data"]
+    if "data" in item:
+        unknown = sorted(set(item) - _EVENT_KEYS)
+        if unknown:
+            raise CliError(f"{where}: unknown keys {', '.join(unknown)} next to 'data' "
+                           "(allowed: type, data, schema_version)")
+        data = item["data"]
+    else:  # the flat form: every other key is a field of the event
+        data = {k: v for k, v in item.items() if k not in _EVENT_KEYS}
     if not isinstance(data, dict):
         raise CliError(f"{where} ({kind}): 'data' must be a JSON object")
     version = item.get("schema_version", 1)

@@ -342,3 +342,13 @@ def _check_tail_process(proc: subprocess.Popen[str], url: str) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
+
+
+def test_append_accepts_flat_events(url: str, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event given flat ({"type": T, "field": v}) is stored with those fields as its data."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"type": "Flat", "text": "hi", "n": 2}'))
+    assert main(["append", "flat-1", "--url", url]) == 0
+    with EventStore.open(url) as store:
+        (ev,) = store.read_stream("flat-1")
+    assert ev.type == "Flat" and ev.data == RawEvent(type="Flat", data={"text": "hi", "n": 2})
