@@ -421,7 +421,7 @@ _EVENT_KEYS = frozenset({"type", "data", "schema_version"})
 
 
 def _raw_event(item: object, n: int) -> RawEvent:
-    """One input object: ``{"type": T, "data": {...}}``, or flat ``{"type": T, field: value, …}``."""
+    """One input object: ``{"type": T, "data": {...}}`` or flat ``{"type": T, field: v}``."""
     where = f"event {n}"
     if not isinstance(item, dict):
         raise CliError(f"{where}: expected an object like "
