@@ -24,7 +24,11 @@ if ! PGBIN=$(pg_bindir); then
 fi
 
 PGTEST_DIR=$(mktemp -d /tmp/eventstore-pg.XXXXXX)
-PGTEST_PORT=${EVENTSTORE_TEST_PG_PORT:-$(( 20000 + RANDOM % 20000 ))}
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' \
+    2>/dev/null || echo $(( 20000 + RANDOM % 20000 ))
+}
+PGTEST_PORT=${EVENTSTORE_TEST_PG_PORT:-$(free_port)}
 as_pg() {
   if [[ $(id -u) -eq 0 ]]; then
     chown -R postgres:postgres "$PGTEST_DIR"
