@@ -15,14 +15,30 @@ import structlog
 __all__ = ["get_logger"]
 
 
-class Logger:
-    """A structlog logger that emits only once the application has configured structlog."""
+def _config_key() -> tuple[int, ...] | None:
+    """Identifies structlog's current configuration (None if it cannot be told)."""
+    try:
+        c = structlog._config._CONFIG
+        return (id(c.default_processors), id(c.default_wrapper_class), id(c.logger_factory),
+                id(c.default_context_class))
+    except AttributeError:  # pragma: no cover - another structlog layout: no caching
+        return None
 
-    __slots__ = ("_context", "_name")
+
+class Logger:
+    """A structlog logger that emits only once the application has configured structlog.
+
+    The concrete logger is built once per configuration (structlog's lazy proxy would build one
+    on every call, which cost more than a filtered-out debug line on the append path).
+    """
+
+    __slots__ = ("_cached", "_context", "_key", "_name")
 
     def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
         self._name = name
         self._context = context or {}
+        self._cached: Any = None
+        self._key: tuple[int, ...] | None = None
 
     def bind(self, **kwargs: Any) -> Logger:
         return Logger(self._name, {**self._context, **kwargs})
@@ -30,7 +46,11 @@ class Logger:
     def _emit(self, level: str, event: str, kwargs: dict[str, Any]) -> None:
         if not structlog.is_configured():
             return
-        logger = structlog.get_logger(self._name)
+        key = _config_key()
+        logger = self._cached
+        if key is None or key != self._key or logger is None:
+            logger = structlog.get_logger(self._name).bind()
+            self._cached, self._key = logger, key
         getattr(logger, level)(event, **self._context, **kwargs)
 
     def debug(self, event: str, **kwargs: Any) -> None:
