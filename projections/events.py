@@ -155,6 +155,7 @@ class JobClaimed(Event, tag="JobClaimed"):
     worker_id: str
     attempt: int
     lease_until: datetime
+    at: datetime | None = None  # added later: older events use their recorded_at
 
 
 class JobHeartbeat(Event, tag="JobHeartbeat"):
@@ -162,6 +163,7 @@ class JobHeartbeat(Event, tag="JobHeartbeat"):
 
     worker_id: str
     lease_until: datetime
+    at: datetime | None = None  # added later: older events use their recorded_at
 
 
 class MilestoneRecorded(Event, tag="MilestoneRecorded"):
@@ -179,6 +181,7 @@ class JobSuspended(Event, tag="JobSuspended"):
     request_id: str
     prompt: Any
     deadline: datetime | None = None
+    at: datetime | None = None  # added later: older events use their recorded_at
 
 
 class JobResumed(Event, tag="JobResumed"):

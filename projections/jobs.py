@@ -21,7 +21,7 @@ Rows are only a way to find candidates; every decision is made on the stream's c
 (the row topped up from the log), never on the row alone.
 
 A lease counts as expired, and a deadline as passed, once ``now`` is strictly after it.  Times
-come from the facade's clock (pass the store's clock too, so ``recorded_at`` agrees).
+come from the facade's clock and are carried by the events themselves.
 """
 
 from __future__ import annotations
@@ -222,6 +222,8 @@ class JobProjection(Projection[Job]):
             return new(state, status=QUEUED, workflow_id=d.workflow_id, inputs=d.inputs,
                        user_id=d.user_id, dedupe_key=d.dedupe_key, max_attempts=d.max_attempts,
                        submitted_at=t, queued_at=t, updated_at=t, version=v)
+        if isinstance(d, (JobClaimed, JobHeartbeat, JobSuspended)) and d.at is not None:
+            at = _utc(d.at)
         if isinstance(d, JobClaimed):
             return new(state, status=RUNNING, worker_id=d.worker_id, attempt=d.attempt,
                        lease_until=_utc(d.lease_until), started_at=at, updated_at=at, version=v)
@@ -464,7 +466,7 @@ class Jobs:
             if state.status != QUEUED:
                 return []
             return [JobClaimed(worker_id=worker_id, attempt=state.attempt + 1,
-                               lease_until=until)]
+                               lease_until=until, at=now)]
 
         while True:
             rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status=QUEUED,
@@ -491,10 +493,11 @@ class Jobs:
         check_text(job_id, "job_id")
         check_text(worker_id, "worker_id")
         check_text(tenant_id, "tenant_id")
-        until = self._now() + self.lease
+        now = self._now()
+        until = now + self.lease
         return self._owner_command(
             job_id, worker_id, tenant_id, "heartbeat",
-            lambda s: [JobHeartbeat(worker_id=worker_id, lease_until=until)])
+            lambda s: [JobHeartbeat(worker_id=worker_id, lease_until=until, at=now)])
 
     def record(self, job_id: str, worker_id: str, milestone: Any, *,
                tenant_id: str = _DEFAULT_TENANT) -> Job:
@@ -556,7 +559,7 @@ class Jobs:
                 raise Conflict(f"job {job_id} (tenant {tenant_id}): request id {request_id} "
                                "was already used and answered", reason="duplicate_request_id")
             return [JobSuspended(worker_id=worker_id, request_id=request_id, prompt=prompt,
-                                 deadline=deadline)]
+                                 deadline=deadline, at=now)]
 
         return self._owner_command(job_id, worker_id, tenant_id, "suspend", events)
 

@@ -696,3 +696,17 @@ def test_rows_equal_the_replayed_log(jobs: Jobs, job_store: EventStore, clock: C
         live, _version = fold_live(job_store, JobProjection(), Jobs.stream_id(job_id),
                                   tenant_id="default", use_snapshots=False)
         assert live == jobs.get(job_id)
+
+
+def test_job_times_come_from_the_facade_clock_not_the_store(url: str) -> None:
+    """With the store on the real clock, start and request times still follow Jobs' clock."""
+    clock = Clock()
+    with EventStore.open(url) as real_time_store:
+        jobs = Jobs(real_time_store, clock=clock)
+        job = jobs.submit("wf", {}, user_id="u")
+        clock.advance(seconds=5)
+        started = jobs.claim("w1")
+        assert started is not None and started.started_at == clock.now
+        clock.advance(seconds=5)
+        suspended = jobs.suspend(job.job_id, "w1", request_id="r1", prompt="ok?")
+        assert suspended.pending is not None and suspended.pending.requested_at == clock.now
