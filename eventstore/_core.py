@@ -116,14 +116,23 @@ class Options:
                 clock: Callable[[], datetime] | None) -> Options:
         limit = max_event_bytes
         if limit is None:
-            env = os.environ.get("EVENTSTORE_MAX_EVENT_BYTES")
-            limit = int(env) if env else DEFAULT_MAX_EVENT_BYTES
+            limit = _env_number("EVENTSTORE_MAX_EVENT_BYTES", int, DEFAULT_MAX_EVENT_BYTES)
         check_int(limit, "max_event_bytes", minimum=1)
         if poll_interval is None:
-            poll_interval = float(os.environ.get("EVENTSTORE_POLL_INTERVAL", "0.2"))
-        if not 0 < poll_interval <= 0.5:
+            poll_interval = _env_number("EVENTSTORE_POLL_INTERVAL", float, 0.2)
+        if not isinstance(poll_interval, (int, float)) or not 0 < poll_interval <= 0.5:
             raise InvalidArgument("poll_interval must be in (0, 0.5] seconds")
         return cls(limit, poll_interval, clock)
+
+
+def _env_number(name: str, kind: type[Any], default: Any) -> Any:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise InvalidArgument(f"{name}={raw!r} is not a valid {kind.__name__}") from e
 
 
 def auto_migrate(migrate: bool | None, sqlite: bool) -> bool:

@@ -212,3 +212,21 @@ def test_open_without_url_or_env_uses_eventstore_db_in_cwd(
     assert (tmp_path / "eventstore.db").is_file()
     with EventStore.open(f"sqlite:///{tmp_path / 'eventstore.db'}") as store:
         assert store.stream_version("default-1") == 1
+
+
+def test_bad_environment_settings_raise_typed_errors(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVENTSTORE_MAX_EVENT_BYTES / _POLL_INTERVAL that are not numbers raise InvalidArgument."""
+    from eventstore import InvalidArgument
+
+    url = f"sqlite:///{tmp_path}/env.db"
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "lots")
+    with pytest.raises(InvalidArgument, match="EVENTSTORE_MAX_EVENT_BYTES"):
+        EventStore.open(url)
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "100")
+    monkeypatch.setenv("EVENTSTORE_POLL_INTERVAL", "soon")
+    with pytest.raises(InvalidArgument, match="EVENTSTORE_POLL_INTERVAL"):
+        EventStore.open(url)
+    monkeypatch.delenv("EVENTSTORE_POLL_INTERVAL")
+    with EventStore.open(url) as store, pytest.raises(InvalidArgument):
+        store.append("c-1", [NoteAdded(text="x" * 200)])
