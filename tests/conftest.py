@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -155,3 +157,22 @@ def children() -> Iterator[Children]:
         yield c
     finally:
         c.cleanup()
+
+
+def collect(q: Any, procs: Sequence[Any], n: int, timeout: float) -> list[Any]:
+    """Wait for ``n`` ("ok", payload) reports from children; fail with a child's traceback."""
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        try:
+            kind, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            codes = [p.exitcode for p in procs]
+            pytest.fail(f"only {len(out)} of {n} workers reported; exit codes {codes}")
+        if kind == "error":
+            pytest.fail(f"worker failed:\n{payload}")
+        out.append(payload)
+    for p in procs:
+        p.join(timeout)
+        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+    return out

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue as queue_mod
 import socket
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pytest
 from crewai.flow import HumanFeedbackPending, PendingFeedbackContext
@@ -39,7 +36,7 @@ from tests._crewai_flows import (
     offline,
     review_flow,
 )
-from tests.conftest import Children
+from tests.conftest import Children, collect
 
 CTX = multiprocessing.get_context("spawn")
 RACERS = 3
@@ -281,25 +278,6 @@ def test_flow_is_restored_by_id_with_new_inputs_overriding(
     assert persistence.load_state(flow_id) == state.model_dump()
 
 
-def collect(q: Any, procs: Sequence[Any], n: int) -> list[dict[str, Any]]:
-    """Wait for ``n`` reports; fail with a child's traceback when one failed."""
-    out: list[dict[str, Any]] = []
-    deadline = time.monotonic() + RESULT_TIMEOUT
-    while len(out) < n:
-        try:
-            kind, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue_mod.Empty:
-            pytest.fail(f"only {len(out)} of {n} workers reported; "
-                        f"exit codes {[p.exitcode for p in procs]}")
-        if kind == "error":
-            pytest.fail(f"worker failed:\n{payload}")
-        out.append(payload)
-    for p in procs:
-        p.join(RESULT_TIMEOUT)
-        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
-    return out
-
-
 @pytest.mark.slow
 def test_paused_flow_is_resumed_from_another_process_exactly_once(
     url: str, store: EventStore, persistence: EventStoreFlowPersistence, children: Children,
@@ -329,7 +307,7 @@ def test_paused_flow_is_resumed_from_another_process_exactly_once(
     procs = [children.start(_crewai_workers.resume_racer, url, flow_id, f"approved by {i}",
                             barrier, q)
              for i in range(RACERS)]
-    reports = collect(q, procs, RACERS)
+    reports = collect(q, procs, RACERS, RESULT_TIMEOUT)
 
     assert all(r["network"] == [] for r in reports), reports
     won = [r for r in reports if r["outcome"] == "won"]

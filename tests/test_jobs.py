@@ -19,28 +19,15 @@ from projections import fold_live, verify
 from projections.errors import Conflict, LeaseLost, NotFound
 from projections.events import JobFailed, JobResumed
 from projections.jobs import Job, JobProjection, Jobs
+from tests._clock import Clock
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=30)
 
 
-class Clock:
-    """A settable clock shared by the store (recorded_at) and the facade."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kwargs: float) -> datetime:
-        self.now += timedelta(**kwargs)
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
@@ -700,7 +687,7 @@ def test_rows_equal_the_replayed_log(jobs: Jobs, job_store: EventStore, clock: C
 
 def test_job_times_come_from_the_facade_clock_not_the_store(url: str) -> None:
     """With the store on the real clock, start and request times still follow Jobs' clock."""
-    clock = Clock()
+    clock = Clock(T0)
     with EventStore.open(url) as real_time_store:
         jobs = Jobs(real_time_store, clock=clock)
         job = jobs.submit("wf", {}, user_id="u")

@@ -20,32 +20,13 @@ import pytest
 from eventstore import EventStore, RecordedEvent
 from tests import _workers
 from tests._events import NoteAdded
-from tests.conftest import Children
+from tests.conftest import Children, collect
 
 pytestmark = pytest.mark.slow
 
 CTX = multiprocessing.get_context("spawn")
 WORKERS = 4
 RESULT_TIMEOUT = 60.0
-
-
-def collect(q: Any, procs: Sequence[Any], n: int) -> list[Any]:
-    """Wait for ``n`` ("ok", payload) reports; fail with the child's traceback on an error."""
-    out: list[Any] = []
-    deadline = time.monotonic() + RESULT_TIMEOUT
-    while len(out) < n:
-        try:
-            kind, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue_mod.Empty:
-            codes = [p.exitcode for p in procs]
-            pytest.fail(f"only {len(out)} of {n} workers reported; exit codes {codes}")
-        if kind == "error":
-            pytest.fail(f"worker failed:\n{payload}")
-        out.append(payload)
-    for p in procs:
-        p.join(RESULT_TIMEOUT)
-        assert p.exitcode == 0, f"worker exited with {p.exitcode}"
-    return out
 
 
 def assert_log_gap_free(events: Sequence[RecordedEvent]) -> None:
@@ -68,7 +49,7 @@ def test_version_races_across_processes_lose_nothing_and_duplicate_nothing(
     q = CTX.Queue()
     procs = [children.start(_workers.version_racer, url, f"w{i}", streams, 120, 5.0, barrier, q)
              for i in range(WORKERS)]
-    reports = collect(q, procs, WORKERS)
+    reports = collect(q, procs, WORKERS, RESULT_TIMEOUT)
 
     for r in reports:
         assert r["wins"] + r["losses"] == r["attempts"] > 0
@@ -93,7 +74,7 @@ def test_idempotency_key_races_across_processes_write_once(
     q = CTX.Queue()
     procs = [children.start(_workers.idempotency_racer, url, f"w{i}", keys, barrier, q)
              for i in range(WORKERS)]
-    reports = collect(q, procs, WORKERS)
+    reports = collect(q, procs, WORKERS, RESULT_TIMEOUT)
 
     by_key: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for r in reports:
