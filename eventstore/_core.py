@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 from sqlalchemy import Connection, func, select
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import URL, Dialect
 
 from ._backend import lock_appends
 from ._schema import MAX_ID_LENGTH, events, streams
@@ -168,6 +168,18 @@ class StoreCore:
         self._options = options
         self._closed = False
         self._inline: list[InlineHandler] = []
+
+    _url: URL
+    _engine: Any  # an Engine or an AsyncEngine
+
+    @property
+    def url(self) -> URL:
+        return self._url
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return str(self._engine.dialect.name)
 
     def now(self) -> datetime:
         """The store's clock (UTC)."""

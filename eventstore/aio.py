@@ -59,6 +59,8 @@ class AsyncEventStore(StoreCore):
     Safe to share between the tasks of one event loop.
     """
 
+    _engine: AsyncEngine
+
     def __init__(self, engine: AsyncEngine, url: URL, options: Options) -> None:
         super().__init__(options)
         self._engine = engine
@@ -108,14 +110,6 @@ class AsyncEventStore(StoreCore):
     def engine(self) -> AsyncEngine:
         self._check_open()
         return self._engine
-
-    @property
-    def url(self) -> URL:
-        return self._url
-
-    @property
-    def backend(self) -> str:
-        return self._engine.dialect.name
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
         """Run ``fn(conn, *args)`` in one transaction (a write transaction with ``write``).

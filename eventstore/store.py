@@ -40,6 +40,8 @@ class EventStore(StoreCore):
     stream also takes ``tenant_id`` (default ``"default"``) and only ever sees that tenant's data.
     """
 
+    _engine: Engine
+
     def __init__(
         self,
         engine: Engine,
@@ -108,15 +110,6 @@ class EventStore(StoreCore):
         """The SQLAlchemy engine (for projections that keep tables beside the log)."""
         self._check_open()
         return self._engine
-
-    @property
-    def url(self) -> URL:
-        return self._url
-
-    @property
-    def backend(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        return self._engine.dialect.name
 
     # -- appending --------------------------------------------------------------------------------
 
