@@ -70,6 +70,10 @@ class SchemaVersionMismatch(EventStoreError):
     """The database schema is older or newer than this code; the message names the fix."""
 
 
+class EventDecodeError(EventStoreError):
+    """A stored event could not be decoded into its registered type."""
+
+
 class StoreClosed(EventStoreError):
     """The store was closed and cannot be used any more."""
 
