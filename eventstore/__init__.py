@@ -19,6 +19,7 @@ from .events import (
     Event,
     RawEvent,
     RecordedEvent,
+    StreamSlice,
     event_type,
     upcaster,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "RawEvent",
     "RecordedEvent",
     "SchemaVersionMismatch",
+    "StreamSlice",
     "WrongExpectedVersion",
     "event_type",
     "upcaster",

@@ -24,7 +24,7 @@ from ._backend import lock_appends
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
-from .codec import decode_event, decode_metadata, encode_event, encode_metadata
+from .codec import decode_event, decode_events, decode_metadata, encode_event, encode_metadata
 from .errors import (
     EventTooLarge,
     IdempotencyKeyReused,
@@ -34,7 +34,16 @@ from .errors import (
     StoreClosed,
     WrongExpectedVersion,
 )
-from .events import ANY, STREAM_EXISTS, AppendResult, Event, ExpectedState, RawEvent, RecordedEvent
+from .events import (
+    ANY,
+    STREAM_EXISTS,
+    AppendResult,
+    Event,
+    ExpectedState,
+    RawEvent,
+    RecordedEvent,
+    StreamSlice,
+)
 from .logs import get_logger
 
 _log = get_logger("eventstore")
@@ -377,7 +386,7 @@ class StoreCore:
 
     def _fetch_on(self, conn: Connection, query: Compiled, params: dict[str, Any]
                   ) -> list[RecordedEvent]:
-        cur = query.run(conn, params)
+        cur = query.run(conn, params, binary=True)
         rows = cur.fetchall()
         cur.close()
         out = []
@@ -389,6 +398,23 @@ class StoreCore:
                                      sv, decode_event(tag, sv, data), decode_metadata(meta),
                                      when))  # type: ignore[arg-type]
         return out
+
+    def read_slice_on(self, conn: Connection, stream_id: str, tenant_id: str, lo: int,
+                      hi: int | None, page: int) -> StreamSlice:
+        """Up to ``page`` events of one stream from version ``lo`` to ``hi``, as columns.
+
+        The stream and tenant ids must already be checked (the engine's live fold does).
+        """
+        cur = statement("read_slice", conn.dialect).run(conn, {
+            "tenant_id": tenant_id, "stream_id": stream_id, "lo": lo,
+            "hi": _NO_END if hi is None else hi, "page": page}, binary=True)
+        rows = cur.fetchall()
+        cur.close()
+        if not rows:
+            return StreamSlice(tenant_id, stream_id, [], [], [], [])
+        versions, tags, svs, raws, at = zip(*rows, strict=True)
+        return StreamSlice(tenant_id, stream_id, versions, tags, decode_events(tags, svs, raws),
+                           at)
 
     def read_page(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from eventstore import EventStore, RecordedEvent
+from eventstore import EventStore, RecordedEvent, StreamSlice
 from eventstore.errors import InvalidArgument
 from eventstore.events import Event
 
@@ -105,6 +105,33 @@ class ConversationProjection(Projection[ConversationState]):
         return ConversationState(
             conversation_id=state.conversation_id, variables=variables, value_types=types,
             version=event.version, updated_at=event.recorded_at,
+            workflow_run_id=data.workflow_run_id, node_id=data.node_id,
+        )
+
+    def evolve_slice(self, state: ConversationState, events: StreamSlice) -> ConversationState:
+        """:meth:`evolve` over a slice, copying the variables once instead of once per event."""
+        variables = dict(state.variables)
+        types = dict(state.value_types)
+        last = -1
+        for i, data in enumerate(events.data):
+            if isinstance(data, (VariablesAssigned, VariablesReset)):
+                for v in data.variables:
+                    variables[v.name] = v.value
+                    types[v.name] = v.value_type
+            elif isinstance(data, VariablesDeleted):
+                for name in data.names:
+                    variables.pop(name, None)
+                    types.pop(name, None)
+            else:
+                continue
+            last = i
+        if last < 0:
+            return state
+        data = events.data[last]
+        assert isinstance(data, (VariablesAssigned, VariablesReset, VariablesDeleted))
+        return ConversationState(
+            conversation_id=state.conversation_id, variables=variables, value_types=types,
+            version=events.versions[last], updated_at=events.recorded_at(last),
             workflow_run_id=data.workflow_run_id, node_id=data.node_id,
         )
 

@@ -16,7 +16,7 @@ from eventstore import Event
 # -- conversations: variables a workflow assigns ------------------------------------------------
 
 
-class VariableValue(msgspec.Struct, frozen=True, kw_only=True):
+class VariableValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One variable's new value and its value type (``string``, ``integer``, ``object`` …)."""
 
     name: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from eventstore import RecordedEvent
+from eventstore import RecordedEvent, StreamSlice
 from projections import Projection, RowIndex
 from tests._events import CounterIncremented
 
@@ -45,3 +45,30 @@ class TallyProjection(Projection[Tally]):
 
     def index(self, state: Tally) -> RowIndex:
         return RowIndex(status="big" if state.total >= 10 else "small", sort_key=state.total)
+
+
+class SlicedTally(TallyProjection):
+    """TallyProjection with a batch fold: folds slices, and must agree with ``evolve``.
+
+    ``seen`` collects the types of the decoded events each slice carried.
+    """
+
+    def __init__(self, name: str = "tally", *, poison: int | None = None,
+                 snapshot_every: int | None = 10) -> None:
+        super().__init__(name, poison=poison, snapshot_every=snapshot_every)
+        self.seen: list[str] = []
+        self.slices = 0
+
+    def evolve_slice(self, state: Tally, events: StreamSlice) -> Tally:
+        self.slices += 1
+        count, total, writers, last = state.count, state.total, list(state.writers), \
+            state.last_version
+        for version, data in zip(events.versions, events.data, strict=True):
+            self.seen.append(type(data).__name__)
+            if not isinstance(data, CounterIncremented):
+                continue
+            if self.poison is not None and data.by == self.poison:
+                raise ValueError(f"poison value {data.by}")
+            count, total, last = count + 1, total + data.by, version
+            writers = [*writers, data.writer][-3:]
+        return Tally(count=count, total=total, writers=writers, last_version=last)

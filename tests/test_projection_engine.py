@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
-from eventstore import EventStore
+from eventstore import Event, EventStore
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows
+from eventstore._time import to_micros
 from projections import ProjectionFailed, Projector, fold_live, inline, rebuild, status, verify
 from projections._engine import load_row, query_rows, snapshot_now
-from tests._events import CounterIncremented
-from tests._projections import Tally, TallyProjection
+from tests._events import CounterIncremented, NoteAdded
+from tests._projections import SlicedTally, Tally, TallyProjection
 
 
 def bump(store: EventStore, stream: str, n: int, by: int = 1, tenant: str = "default") -> None:
@@ -274,3 +276,125 @@ def test_projector_rebuilds_rows_of_another_fold_version(store: EventStore) -> N
     Projector(store, [v2], worker_id="w2").catch_up()
     assert rows_of(store, v2)[("default", "counter-a")].total == 4
     assert status(store, "tally_async")[0].code_version == 2
+
+
+# -- live folds through evolve_slice --
+
+
+def test_slice_fold_equals_the_record_fold_across_pages(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of columns give what evolve gives record by record, time travel included."""
+    import projections._engine as engine
+
+    monkeypatch.setattr(engine, "SLICE_PAGE", 4)  # many pages, one partly filled at the end
+    for i in range(11):
+        store.append("counter-a", [CounterIncremented(by=i, writer=f"w{i}")])
+    sliced = SlicedTally(snapshot_every=None)
+    plain = TallyProjection(snapshot_every=None)
+    assert fold_live(store, sliced, "counter-a", tenant_id="default") == \
+        fold_live(store, plain, "counter-a", tenant_id="default")
+    assert sliced.slices == 3 and len(sliced.seen) == 11
+    for v in (1, 4, 5, 7, 11):
+        assert fold_live(store, sliced, "counter-a", tenant_id="default", at_version=v) == \
+            fold_live(store, plain, "counter-a", tenant_id="default", at_version=v)
+    events = list(store.read_stream("counter-a"))
+    for ev in (events[0], events[4], events[9], events[-1]):
+        assert fold_live(store, sliced, "counter-a", tenant_id="default",
+                         at_time=ev.recorded_at) == \
+            fold_live(store, plain, "counter-a", tenant_id="default", at_time=ev.recorded_at)
+    before = events[0].recorded_at - timedelta(seconds=1)
+    assert fold_live(store, sliced, "counter-a", tenant_id="default", at_time=before) == \
+        (Tally(), 0)
+
+
+def test_slice_fold_failure_names_the_event(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When evolve_slice raises, the error names the event evolve fails on, not the slice."""
+    import projections._engine as engine
+
+    monkeypatch.setattr(engine, "SLICE_PAGE", 100)
+    bump(store, "a", 3)
+    store.append("counter-a", [CounterIncremented(by=13)])
+    bump(store, "a", 2)
+    failing = store.read_stream("counter-a", from_version=4, to_version=4)
+    (culprit,) = list(failing)
+    with pytest.raises(ProjectionFailed) as info:
+        fold_live(store, SlicedTally(poison=13, snapshot_every=None), "counter-a",
+                  tenant_id="default")
+    err = info.value
+    assert (err.position, err.type, err.stream_id) == (culprit.position, culprit.type,
+                                                        "counter-a")
+    assert isinstance(err.__cause__, ValueError)
+
+
+def test_slice_fold_saves_snapshots_at_the_right_position(store: EventStore) -> None:
+    """A snapshot saved by a slice fold records the last event's version and position."""
+    from sqlalchemy import select
+
+    from eventstore._schema import snapshots
+
+    store.append("other-x", [NoteAdded(text="moves positions away from versions")] * 3)
+    bump(store, "a", 12)
+    p = SlicedTally(snapshot_every=10)
+    assert fold_live(store, p, "counter-a", tenant_id="default")[1] == 12
+    (last,) = store.read_stream("counter-a", backwards=True, limit=1)
+    with store.engine.connect() as c:
+        row = c.execute(select(snapshots.c.version, snapshots.c.position,
+                               snapshots.c.recorded_at)).one()
+    assert (row.version, row.position) == (12, last.position)
+    assert row.recorded_at == to_micros(last.recorded_at)
+    bump(store, "a", 1)
+    p.slices = 0
+    state, version = fold_live(store, p, "counter-a", tenant_id="default")
+    assert (state.count, version, p.slices) == (13, 13, 1)  # from the snapshot + one event
+
+
+def test_slice_fold_decodes_upcast_unknown_and_mixed_rows(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of several types, old schema versions and unknown types decode as records do."""
+    import projections._engine as engine
+    from eventstore import RawEvent, upcaster
+
+    class Counted(Event, tag="test.SliceCounted", schema_version=2):
+        by: int
+        note: str
+
+    @upcaster("test.SliceCounted", from_version=1)
+    def _v1(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "note": "upcast"}
+
+    store.append("counter-m", [RawEvent(type="test.SliceCounted", data={"by": 4},
+                                        schema_version=1),
+                               Counted(by=5, note="new"),
+                               RawEvent(type="test.NeverRegistered", data={"x": 1}),
+                               CounterIncremented(by=2)])
+    monkeypatch.setattr(engine, "SLICE_PAGE", 10)
+    sliced = SlicedTally(snapshot_every=None)
+    state, version = fold_live(store, sliced, "counter-m", tenant_id="default")
+    assert (state.count, state.total, version) == (1, 2, 4)
+    assert sliced.seen == ["Counted", "Counted", "RawEvent", "CounterIncremented"]
+    records = [ev.data for ev in store.read_stream("counter-m")]
+    assert records[0] == Counted(by=4, note="upcast")
+
+    # one type throughout, at an older schema version: the per-type fast path must not apply
+    store.append("counter-old", [RawEvent(type="test.SliceCounted", data={"by": i},
+                                          schema_version=1) for i in range(3)])
+    only_old = SlicedTally(snapshot_every=None)
+    fold_live(store, only_old, "counter-old", tenant_id="default")
+    assert only_old.seen == ["Counted"] * 3
+
+
+def test_slice_fold_reports_undecodable_rows(store: EventStore) -> None:
+    """A stored row that no longer decodes raises the typed decode error, as a read does."""
+    from eventstore.errors import EventDecodeError
+
+    bump(store, "a", 3)
+    with begin_write(store.engine) as conn:
+        from eventstore._schema import events
+
+        conn.execute(update(events).where(events.c.version == 2)
+                     .values(data=b'{"type":"test.CounterIncremented","by":"two"}'))
+    with pytest.raises(EventDecodeError):
+        fold_live(store, SlicedTally(snapshot_every=None), "counter-a", tenant_id="default")
+    with pytest.raises(EventDecodeError):
+        list(store.read_stream("counter-a"))
