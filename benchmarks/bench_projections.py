@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import structlog
 from sqlalchemy import create_engine, inspect, text
 
@@ -83,18 +84,30 @@ _PEER: list[Any] = []
 
 
 def _peer_aggregate() -> Any:
-    """The eventsourcing aggregate, defined once (the library registers each class's topic)."""
+    """The eventsourcing aggregate, defined once (the library registers each class's topic).
+
+    Its event carries what our ``VariablesAssigned`` carries (conversation id, each variable's
+    name, value and value type, run and node), so both replay the same history.
+    """
     if not _PEER:
         from eventsourcing.domain import Aggregate, event
 
         class Conversation(Aggregate):
-            def __init__(self) -> None:
+            def __init__(self, conversation_id: str) -> None:
+                self.conversation_id = conversation_id
                 self.variables: dict[str, Any] = {}
+                self.value_types: dict[str, str] = {}
+                self.workflow_run_id: str | None = None
+                self.node_id: str | None = None
 
-            @event("Assigned")
-            def assign(self, name: str, value: Any, topic: str) -> None:
-                self.variables[name] = value
-                self.variables["topic"] = topic
+            @event("VariablesAssigned")
+            def assign(self, conversation_id: str, variables: list[dict[str, Any]],
+                       workflow_run_id: str, node_id: str) -> None:
+                for v in variables:
+                    self.variables[v["name"]] = v["value"]
+                    self.value_types[v["name"]] = v["value_type"]
+                self.workflow_run_id = workflow_run_id
+                self.node_id = node_id
 
         _PEER.append(Conversation)
     return _PEER[0]
@@ -117,10 +130,12 @@ def eventsourcing_replay(backend: str, url: str, workdir: str) -> float:
                "POSTGRES_USER": u.username or "postgres", "POSTGRES_PASSWORD": u.password or "",
                "POSTGRES_SCHEMA": "public"}
     app = Application(env=env)
-    agg = Conversation()
+    agg = Conversation("peer")
     app.save(agg)
     for i in range(1, REPLAY_EVENTS):
-        agg.assign(f"v{i % 20}", i, "billing question")
+        ev = assigned("peer", i)
+        agg.assign(ev.conversation_id, [msgspec.to_builtins(v) for v in ev.variables],
+                   ev.workflow_run_id, ev.node_id)
         if i % 100 == 0:
             app.save(agg)
     app.save(agg)
