@@ -172,6 +172,11 @@ class Writer:
             conn = self._engine.connect()
             if self._engine.dialect.name == "sqlite":
                 conn.execution_options(sqlite_write=True)
+            else:
+                # The append sends its own BEGIN with its first statements (see
+                # StoreCore._append_locked); commit and rollback still reach the server, as
+                # psycopg's commit() and rollback() act on the server's transaction state.
+                conn.execution_options(isolation_level="AUTOCOMMIT")
             self._conn, self._pid = conn, os.getpid()
         return conn
 
