@@ -30,7 +30,8 @@ connection gets the same pragma; ``--synchronous NORMAL`` changes both).  Postgr
 server of ``--pg-url`` (default ``$EVENTSTORE_BENCH_PG_URL``, else ``$EVENTSTORE_TEST_PG_URL``):
 a scratch database per contender, dropped afterwards; the output shows the server's ``fsync``.
 
-Run ``python benchmarks/bench_langgraph.py --help``.
+Run ``python benchmarks/bench_langgraph.py --help``; ``--rows put,invoke`` runs only those rows
+(``get_tuple`` includes ``history``).
 """
 
 from __future__ import annotations
@@ -364,8 +365,11 @@ def invokes_per_second(saver: BaseCheckpointSaver[Any], n: int) -> float:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, str, str]]
-                ) -> None:
+ROWS = ("put", "get_tuple", "bytes", "invoke")
+
+
+def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, str, str]],
+                rows: tuple[str, ...] = ROWS) -> None:
     n_put = max(50, int(2000 * scale))
     n_small, n_big = 100, max(200, int(10_000 * scale))
     n_steps = max(50, int(1000 * scale))
@@ -382,12 +386,34 @@ def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, s
         print(f"  {b} {label} {theirs}: {their:.6g}", file=sys.stderr)
         return ours, their
 
-    ours, their = both("put", lambda s: fill(s, "puts", n_put))
-    out.append((b, "puts/s", f"{ours:,.0f}", f"{their:,.0f}", ratio(ours, their, True)))
-    with backend.ours() as s:
-        alone = store_alone(s, n_put)
-    out.append((b, "  ours: the store's append alone (same events, no index)",
-                f"{alone:,.0f}", "", ""))
+    if "put" in rows:
+        ours, their = both("put", lambda s: fill(s, "puts", n_put))
+        out.append((b, "puts/s", f"{ours:,.0f}", f"{their:,.0f}", ratio(ours, their, True)))
+        with backend.ours() as s:
+            alone = store_alone(s, n_put)
+        out.append((b, "  ours: the store's append alone (same events, no index)",
+                    f"{alone:,.0f}", "", ""))
+    if "get_tuple" in rows:
+        latency_rows(backend, n_small, n_big, out)
+    if "bytes" in rows:
+        ours, their = both("bytes", lambda s: bytes_after_thread(s, n_steps))
+        out.append((b, f"bytes after a {n_steps:,}-step thread (4 kB document in the state)",
+                    f"{ours:,.0f}", f"{their:,.0f}", ratio(their, ours, True)))
+        ours, their = both("bytes-small",
+                           lambda s: bytes_after_thread(s, n_steps, document=False))
+        out.append((b, f"bytes after a {n_steps:,}-step thread (counter and note only)",
+                    f"{ours:,.0f}", f"{their:,.0f}", ratio(their, ours, True)))
+    if "invoke" in rows:
+        ours, their = both("invoke", lambda s: invokes_per_second(s, n_invoke))
+        out.append((b, "invokes/s (one-node graph)", f"{ours:,.0f}", f"{their:,.0f}",
+                    ratio(ours, their, True)))
+
+
+def latency_rows(backend: Backend, n_small: int, n_big: int,
+                 out: list[tuple[str, str, str, str, str]]) -> None:
+    """The get_tuple and history rows (they share their threads)."""
+    theirs = backend.their_name
+    b = backend.name
 
     def latency(s: BaseCheckpointSaver[Any]) -> tuple[float, float, float]:
         fill(s, "small", n_small, writes=True)
@@ -413,16 +439,6 @@ def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, s
     out.append((b, f"history of {n_big:,} checkpoints (s)", f"{o_hist:.3f}", f"{t_hist:.3f}",
                 ratio(t_hist, o_hist, True)))
 
-    ours, their = both("bytes", lambda s: bytes_after_thread(s, n_steps))
-    out.append((b, f"bytes after a {n_steps:,}-step thread (4 kB document in the state)",
-                f"{ours:,.0f}", f"{their:,.0f}", ratio(their, ours, True)))
-    ours, their = both("bytes-small", lambda s: bytes_after_thread(s, n_steps, document=False))
-    out.append((b, f"bytes after a {n_steps:,}-step thread (counter and note only)",
-                f"{ours:,.0f}", f"{their:,.0f}", ratio(their, ours, True)))
-    ours, their = both("invoke", lambda s: invokes_per_second(s, n_invoke))
-    out.append((b, "invokes/s (one-node graph)", f"{ours:,.0f}", f"{their:,.0f}",
-                ratio(ours, their, True)))
-
 
 def ratio(good: float, other: float, higher_is_better: bool) -> str:
     return f"{good / other:.2f}x" if other else "-"
@@ -434,6 +450,9 @@ def main() -> int:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma-separated subset of put,get_tuple,bytes,invoke (get_tuple "
+                             "includes history; default: all)")
     parser.add_argument("--pg-url", default=os.environ.get("EVENTSTORE_BENCH_PG_URL")
                         or os.environ.get("EVENTSTORE_TEST_PG_URL"))
     args = parser.parse_args()
@@ -455,7 +474,7 @@ def main() -> int:
                 eng.dispose()
             else:
                 print(f"sqlite synchronous={args.synchronous}, journal_mode=WAL")
-            run_backend(backend, args.scale, rows)
+            run_backend(backend, args.scale, rows, tuple(args.rows.split(",")))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()

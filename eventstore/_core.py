@@ -61,6 +61,12 @@ class InlineHandler(Protocol):
     """Called inside an append's transaction with the events it is about to commit.
 
     Raising aborts the append: the events and every row the handler wrote roll back together.
+
+    A handler may also have a method ``writes_only(conn, recorded) -> bool``, returning true when,
+    for these events, it only executes statements on the DBAPI cursor and never looks at their
+    results (no rows, no ``rowcount``, no ``description``).  On PostgreSQL the store then runs it
+    inside psycopg's pipeline with the append's own writes and the COMMIT, so the whole append
+    is two round trips (see ``StoreCore._append_locked``).
     """
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None: ...
@@ -254,15 +260,29 @@ class StoreCore:
                    count=len(plan.encoded), duplicate=result.duplicate)
 
     def _append_locked(self, conn: Connection, plan: AppendPlan,
-                       before_commit: BeforeCommit | None) -> AppendResult:
-        """The body of the append transaction (see ``_backend.lock_appends`` for the order)."""
+                       before_commit: BeforeCommit | None, *, commit: bool = False
+                       ) -> AppendResult:
+        """The body of the append transaction (see ``_backend.lock_appends`` for the order).
+
+        ``commit``: the transaction is the append's own, so on psycopg it may be committed here,
+        in the pipeline of the writes (the caller's commit then finds nothing left to do).
+        """
         dialect = conn.dialect
         stream_id, tenant_id, key = plan.stream_id, plan.tenant_id, plan.key
         ids = {"tenant_id": tenant_id, "stream_id": stream_id}
-        # One round trip on psycopg: the lock, the key lookup and the probe go out in a pipeline.
-        # The server runs them in order, so the probe's snapshot (READ COMMITTED: taken when the
-        # statement starts) is taken after the lock is granted, as lock_appends requires.
-        with _pipeline(conn):
+        psycopg_conn = _psycopg(conn)
+        with contextlib.ExitStack() as pipeline:
+            # On psycopg the whole append is one pipeline and two round trips: BEGIN, the lock,
+            # the key lookup and the probe; then the writes (with the COMMIT, see below) and the
+            # sync that ends the pipeline.  The server runs them in order, so the probe's
+            # snapshot (READ COMMITTED: taken when the statement starts) is taken after the lock
+            # is granted, as lock_appends requires.
+            if psycopg_conn is not None:
+                pipeline.enter_context(psycopg_conn.pipeline())
+                if psycopg_conn.autocommit and psycopg_conn.info.transaction_status.name == "IDLE":
+                    # The store's own write connection runs in autocommit mode so that its BEGIN
+                    # goes out with the statements (psycopg's own BEGIN costs a round trip).
+                    _execute(psycopg_conn, "BEGIN")
             lock_appends(conn)
             key_cur = None
             if key is not None:
@@ -271,49 +291,55 @@ class StoreCore:
             probe_cur = statement("probe", dialect).run(conn, ids)
             row = key_cur.fetchone() if key_cur is not None else None
             probed = probe_cur.fetchone()
-        if key_cur is not None:
-            key_cur.close()
-        probe_cur.close()
-        # Idempotency first: a retried request must get its first answer back, not a version
-        # conflict caused by its own earlier success.
-        if row is not None:
-            first_stream, first_print, first_pos, last_pos, version = row
-            if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
-                raise IdempotencyKeyReused(key=key or "", tenant_id=tenant_id,
-                                           stream_id=stream_id, first_stream_id=first_stream)
-            return AppendResult(first_pos, last_pos, version, True)
-        current: int = probed[0] or 0
-        last_position: int = probed[1] or 0
-        expected = plan.expected
-        if (expected is STREAM_EXISTS and current == 0) or (
-                isinstance(expected, int) and expected != current):
-            _log.info("append_conflict", tenant=tenant_id, stream=stream_id,
-                      expected=getattr(expected, "name", expected), actual=current)
-            raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
-                                       expected=expected, actual=current)
-        now = plan.now
-        stamp = to_micros(now)
-        category = category_of(stream_id)
-        rows = []
-        recorded = []
-        dialect_name = dialect.name
-        for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
-            event_id = uuid.uuid4()
-            rows.append({
-                "position": last_position + i, "tenant_id": tenant_id, "stream_id": stream_id,
-                "category": category, "version": current + i,
-                "event_id": uuid_param(event_id, dialect_name), "type": tag,
-                "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
-                "recorded_at": stamp,
-            })
-            recorded.append(RecordedEvent(
-                last_position + i, stream_id, current + i, tenant_id, event_id, tag,
-                schema_version, plan.originals[i - 1], plan.metadata, now,
-            ))
-        new_version = current + len(rows)
-        result = AppendResult(last_position + 1, last_position + len(rows), new_version, False)
-        writes = []  # the writes go out together too (their errors surface when it ends)
-        with _pipeline(conn):
+            if key_cur is not None:
+                key_cur.close()
+            probe_cur.close()
+            # Idempotency first: a retried request must get its first answer back, not a version
+            # conflict caused by its own earlier success.
+            if row is not None:
+                first_stream, first_print, first_pos, last_pos, version = row
+                if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
+                    raise IdempotencyKeyReused(key=key or "", tenant_id=tenant_id,
+                                               stream_id=stream_id, first_stream_id=first_stream)
+                return AppendResult(first_pos, last_pos, version, True)
+            current: int = probed[0] or 0
+            last_position: int = probed[1] or 0
+            expected = plan.expected
+            if (expected is STREAM_EXISTS and current == 0) or (
+                    isinstance(expected, int) and expected != current):
+                _log.info("append_conflict", tenant=tenant_id, stream=stream_id,
+                          expected=getattr(expected, "name", expected), actual=current)
+                raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
+                                           expected=expected, actual=current)
+            now = plan.now
+            stamp = to_micros(now)
+            category = category_of(stream_id)
+            rows = []
+            recorded = []
+            dialect_name = dialect.name
+            for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
+                event_id = uuid.uuid4()
+                rows.append({
+                    "position": last_position + i, "tenant_id": tenant_id,
+                    "stream_id": stream_id, "category": category, "version": current + i,
+                    "event_id": uuid_param(event_id, dialect_name), "type": tag,
+                    "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
+                    "recorded_at": stamp,
+                })
+                recorded.append(RecordedEvent(
+                    last_position + i, stream_id, current + i, tenant_id, event_id, tag,
+                    schema_version, plan.originals[i - 1], plan.metadata, now,
+                ))
+            new_version = current + len(rows)
+            result = AppendResult(last_position + 1, last_position + len(rows), new_version,
+                                  False)
+            # When the transaction is ours and every inline handler only writes, the handlers'
+            # statements and the COMMIT join the writes in the pipeline.  If any statement
+            # fails, PostgreSQL skips the rest of the pipeline, COMMIT included, and psycopg
+            # raises when the pipeline ends: nothing half-written, nothing swallowed.
+            pipelined = commit and before_commit is None and psycopg_conn is not None and all(
+                _writes_only(h, conn, recorded) for h in self._inline)
+            writes = []
             insert = statement("insert_events", dialect)
             if len(rows) == 1:
                 writes.append(insert.run(conn, rows[0]))
@@ -331,12 +357,19 @@ class StoreCore:
                     "fingerprint": plan.fingerprint, "first_position": result.first_position,
                     "last_position": result.last_position, "stream_version": new_version,
                     "recorded_at": stamp}))
+            if pipelined:
+                for handler in self._inline:
+                    handler(conn, recorded)
+                # A plain statement, not psycopg's commit(), which would sync once more; the
+                # caller's commit then finds the transaction over and does nothing.
+                _execute(psycopg_conn, "COMMIT")
         for cur in writes:
             cur.close()
-        for handler in self._inline:
-            handler(conn, recorded)
-        if before_commit is not None:
-            before_commit(conn, recorded)
+        if not pipelined:
+            for handler in self._inline:
+                handler(conn, recorded)
+            if before_commit is not None:
+                before_commit(conn, recorded)
         return result
 
     # -- reading ----------------------------------------------------------------------------------
@@ -505,9 +538,29 @@ def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes
     return h.digest()
 
 
-def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
-    """psycopg's pipeline mode on the sync driver (statements sent together), else nothing."""
+def _psycopg(conn: Connection) -> Any:
+    """The psycopg connection under ``conn`` on the sync driver, else ``None``."""
     dbapi: Any = conn.connection.dbapi_connection
     if conn.dialect.name == "postgresql" and type(dbapi).__module__.startswith("psycopg"):
+        return dbapi
+    return None
+
+
+def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
+    """psycopg's pipeline mode on the sync driver (statements sent together), else nothing."""
+    dbapi = _psycopg(conn)
+    if dbapi is not None:
         return cast("contextlib.AbstractContextManager[Any]", dbapi.pipeline())
     return contextlib.nullcontext()
+
+
+def _execute(dbapi: Any, sql: str) -> None:
+    cur = dbapi.cursor()
+    cur.execute(sql)
+    cur.close()
+
+
+def _writes_only(handler: InlineHandler, conn: Connection,
+                 recorded: Sequence[RecordedEvent]) -> bool:
+    check = getattr(handler, "writes_only", None)
+    return check is not None and bool(check(conn, recorded))

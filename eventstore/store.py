@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from . import _migrate
-from ._backend import begin_read, begin_write, create_store_engine, is_sqlite, resolve_url
+from ._backend import Writer, begin_read, create_store_engine, is_sqlite, resolve_url
 from ._core import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_TENANT,
@@ -55,6 +55,7 @@ class EventStore(StoreCore):
                                          poll_interval=poll_interval, clock=clock))
         self._engine = engine
         self._url = url
+        self._writer = Writer(engine)
 
     # -- opening and closing ----------------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class EventStore(StoreCore):
         """Release every connection; later calls raise :class:`StoreClosed`."""
         if not self._closed:
             self._closed = True
+            self._writer.close()
             self._engine.dispose()
 
     def __enter__(self) -> EventStore:
@@ -152,8 +154,8 @@ class EventStore(StoreCore):
         """
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
-        with begin_write(self._engine) as conn:
-            result = self._append_locked(conn, plan, before_commit)
+        with self._writer.begin() as conn:
+            result = self._append_locked(conn, plan, before_commit, commit=True)
         self._log_appended(plan, result)
         return result
 

@@ -379,25 +379,55 @@ def _thread_where(table: Table, ids: Mapping[str, str]) -> Any:
 # -- the inline handler: events -> index rows ------------------------------------------------------
 
 
-def index_events(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+class _IndexEvents:
     """Project ``lg.*`` events into the index tables, in the append's transaction.
 
     Registered on the store by every saver; also what :func:`rebuild_index` replays.
     """
-    for rec in recorded:
-        if not rec.stream_id.startswith(_PREFIX):
-            continue
-        data = rec.data
-        thread_id = rec.stream_id[len(_PREFIX):]
-        ids = {"tenant_id": rec.tenant_id, "thread_id": thread_id}
-        if isinstance(data, CheckpointSaved):
-            _index_checkpoint(conn, ids, rec.position, data)
-        elif isinstance(data, WritesSaved):
-            _index_writes(conn, ids, rec.position, data)
-        elif isinstance(data, ChannelValuesSaved):
-            _index_blobs(conn, ids, data.ns, rec.position, data)
-        elif isinstance(data, (ThreadDeleted, CheckpointsPruned, RunsDeleted, ThreadCopied)):
-            _index_retention(conn, ids, data)
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        for rec in recorded:
+            if not rec.stream_id.startswith(_PREFIX):
+                continue
+            data = rec.data
+            thread_id = rec.stream_id[len(_PREFIX):]
+            ids = {"tenant_id": rec.tenant_id, "thread_id": thread_id}
+            if isinstance(data, CheckpointSaved):
+                _index_checkpoint(conn, ids, rec.position, data)
+            elif isinstance(data, WritesSaved):
+                _index_writes(conn, ids, rec.position, data)
+            elif isinstance(data, ChannelValuesSaved):
+                _index_blobs(conn, ids, data.ns, rec.position, data)
+            elif isinstance(data, (ThreadDeleted, CheckpointsPruned, RunsDeleted, ThreadCopied)):
+                _index_retention(conn, ids, data)
+
+    @staticmethod
+    def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
+        """Whether indexing these events reads no result (see ``eventstore.InlineHandler``):
+        on PostgreSQL, checkpoints (of up to 32 versions) and pending writes."""
+        if conn.dialect.name != "postgresql":
+            return False
+        for rec in recorded:
+            if not rec.stream_id.startswith(_PREFIX):
+                continue
+            data = rec.data
+            if isinstance(data, CheckpointSaved):
+                if not _one_statement(data):
+                    return False
+            elif not isinstance(data, WritesSaved):
+                return False
+        return True
+
+
+index_events = _IndexEvents()
+
+
+def _one_statement(ev: CheckpointSaved) -> bool:
+    """Whether the PostgreSQL index rows of ``ev`` fit the one-statement shapes."""
+    return 0 < len(ev.blobs) <= _MAX_PAIRS
+
+
+_MAX_PAIRS = 32  # (version, channel) pairs of a checkpoint indexed in one statement
 
 
 def _index_checkpoint(conn: Connection, ids: dict[str, str], position: int,
@@ -407,26 +437,31 @@ def _index_checkpoint(conn: Connection, ids: dict[str, str], position: int,
            "parent_id": _key_or_none(ev.parent),
            "position": position, "run_id": None if run_id is None else str(run_id)}
     by_version = _versions_stored(ev)
-    n = len(by_version)
-    if conn.dialect.name == "postgresql" and 0 < n <= 32:
-        # One round trip: the checkpoint row and the versions' rows in one statement.
-        c = _stmt(conn, ("cp_blobs", n), _checkpoint_and_versions(n))
+    if conn.dialect.name == "postgresql" and by_version and _one_statement(ev):
+        # One statement whose result nobody reads (so it can go out in the append's pipeline):
+        # the checkpoint row, each version's first row, and the versions' per-channel rows for
+        # the versions an earlier event already stored (what _index_versions does in steps).
+        pairs = [(vkey, ch) for vkey, channels in by_version.items() for ch in channels]
+        c = _stmt(conn, ("cp_blobs", len(by_version), len(pairs)),
+                  _checkpoint_and_versions(len(by_version), len(pairs)))
         params = {f"c_{k}": v for k, v in row.items()}
         for i, vkey in enumerate(by_version):
-            params.update({f"b{i}_tenant_id": ids["tenant_id"],
-                           f"b{i}_thread_id": ids["thread_id"], f"b{i}_checkpoint_ns": ev.ns,
-                           f"b{i}_version": vkey, f"b{i}_channel": "",
-                           f"b{i}_position": position})
-        inserted = {r[0] for r in _run(conn, c, params)}
-        for vkey, channels in by_version.items():
-            if vkey not in inserted:
-                _index_channels(conn, ids, ev.ns, position, vkey, channels)
+            params[f"v{i}"] = vkey
+        for j, (vkey, ch) in enumerate(pairs):
+            params[f"p{j}_v"] = vkey
+            params[f"p{j}_c"] = ch
+        cur = conn.connection.cursor()
+        cur.execute(c.sql, _args(c, params))
+        cur.close()
         return
     _run(conn, _stmt(conn, ("upsert_cp",), _upsert_checkpoint), row)
     _index_versions(conn, ids, ev.ns, position, by_version)
 
 
-def _checkpoint_and_versions(n: int) -> Callable[[str], ClauseElement]:
+def _checkpoint_and_versions(n: int, m: int) -> Callable[[str], ClauseElement]:
+    """PostgreSQL: upsert the checkpoint row, insert the first row of each of ``n`` versions
+    (channel ""), and of the ``m`` (version, channel) pairs those of the versions that were
+    there already (the "" insert returned nothing for them)."""
     def build(dialect_name: str) -> ClauseElement:
         ins = postgresql.insert(checkpoints).values(
             {c.name: bindparam(f"c_{c.name}") for c in checkpoints.c})
@@ -434,10 +469,24 @@ def _checkpoint_and_versions(n: int) -> Callable[[str], ClauseElement]:
             index_elements=[c.name for c in checkpoints.primary_key],
             set_={"parent_id": ins.excluded.parent_id, "position": ins.excluded.position,
                   "run_id": ins.excluded.run_id})
-        rows: builtins.list[dict[str, Any]] = [
-            {c.name: bindparam(f"b{i}_{c.name}") for c in blobs.c} for i in range(n)]
-        return cast(ClauseElement, postgresql.insert(blobs).values(rows).on_conflict_do_nothing()
-                    .returning(blobs.c.version).add_cte(ins.cte("cp")))
+        shared: dict[str, Any] = {
+            "tenant_id": bindparam("c_tenant_id"), "thread_id": bindparam("c_thread_id"),
+            "checkpoint_ns": bindparam("c_checkpoint_ns"), "position": bindparam("c_position")}
+        firsts = (postgresql.insert(blobs)
+                  .values([{**shared, "version": bindparam(f"v{i}"), "channel": ""}
+                           for i in range(n)])
+                  .on_conflict_do_nothing().returning(blobs.c.version).cte("firsts"))
+        pair_rows = [select(bindparam(f"p{j}_v", type_=Text).label("version"),
+                            bindparam(f"p{j}_c", type_=Text).label("channel"))
+                     for j in range(m)]
+        pairs = (pair_rows[0] if m == 1 else union_all(*pair_rows)).subquery("pairs")
+        rest = select(shared["tenant_id"], shared["thread_id"], shared["checkpoint_ns"],
+                      pairs.c.version, pairs.c.channel, shared["position"]).where(
+            pairs.c.version.not_in(select(firsts.c.version)))
+        cols = ["tenant_id", "thread_id", "checkpoint_ns", "version", "channel", "position"]
+        stmt = (postgresql.insert(blobs).from_select(cols, rest).on_conflict_do_nothing()
+                .add_cte(ins.cte("cp")).add_cte(firsts))
+        return cast(ClauseElement, stmt)
     return build
 
 
