@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
@@ -225,6 +227,9 @@ def _signed(key: int) -> int:
 _APPEND_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_signed(APPEND_LOCK_KEY)})"
 
 
+_DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+
+
 @contextlib.contextmanager
 def translate() -> Iterator[None]:
     """Translate driver errors into the store's error tree, in one place."""
@@ -236,3 +241,5 @@ def translate() -> Iterator[None]:
         raise DatabaseError(f"database error: {e.orig or e}") from e
     except sa_exc.SQLAlchemyError as e:
         raise DatabaseError(f"database error: {e}") from e
+    except _DRIVER_ERRORS as e:  # statements the store runs on the DBAPI cursor itself
+        raise DatabaseError(f"database error: {type(e).__name__}: {e}") from e

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Connection
 
 from eventstore import EventStore, RecordedEvent
-from eventstore.errors import WrongExpectedVersion
+from eventstore.errors import DatabaseError, WrongExpectedVersion
 
 from ._events import NoteAdded
 
@@ -30,7 +30,7 @@ def test_failed_write_in_append_writes_nothing_and_store_recovers(store: EventSt
     """A write that fails inside the append raises; nothing is written; the next append works."""
     handler = _FailingWriter()
     store.add_inline_handler(handler)
-    with pytest.raises(Exception, match="no_such_table"):
+    with pytest.raises(DatabaseError, match="no_such_table"):
         store.append("x-1", [NoteAdded(text="1")], expected_version=0)
     store.remove_inline_handler(handler)
     assert store.stream_version("x-1") == 0
