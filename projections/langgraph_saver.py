@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import itertools
 import secrets
@@ -1045,6 +1046,51 @@ def thread_state(conn: Connection, tenant_id: str, thread_id: str) -> tuple[int,
     return int(version or 0), has_rows
 
 
+def namespaces_of(conn: Connection, tenant_id: str, thread_id: str) -> builtins.list[str]:
+    """The checkpoint namespaces a thread has checkpoints in."""
+    cp = checkpoints.c
+    return builtins.list(conn.execute(
+        select(cp.checkpoint_ns).where(cp.tenant_id == tenant_id, cp.thread_id == thread_id)
+        .distinct()).scalars())
+
+
+class _ListMerge:
+    """The pages of a ``list()``, merged newest first.
+
+    A thread listed without a namespace is read one namespace at a time (each page then walks
+    the index in order; ordering a whole thread by checkpoint id across namespaces made every
+    page sort the thread), and the namespaces' pages are merged here: by checkpoint id, then
+    namespace, both descending, as one query would order them.  Other lists are one source.
+    """
+
+    def __init__(self, sources: Iterable[str | None]) -> None:
+        self.buffers: dict[str | None, collections.deque[Loaded]] = {
+            ns: collections.deque() for ns in sources}
+        self.after: dict[str | None, tuple[bytes, str, str] | None] = dict.fromkeys(
+            self.buffers)
+        self.done: set[str | None] = set()
+
+    def wanting(self) -> builtins.list[str | None]:
+        """Sources whose next page must be read before the next item is known."""
+        return [ns for ns, buf in self.buffers.items() if not buf and ns not in self.done]
+
+    def feed(self, ns: str | None, loaded: Sequence[Loaded],
+             after: tuple[bytes, str, str] | None) -> None:
+        self.buffers[ns].extend(loaded)
+        self.after[ns] = after
+        if after is None:
+            self.done.add(ns)
+
+    def pop(self) -> Loaded | None:
+        heads = [(ns, buf[0]) for ns, buf in self.buffers.items() if buf]
+        if not heads:
+            return None
+        if len(heads) == 1:
+            return self.buffers[heads[0][0]].popleft()
+        ns, _ = max(heads, key=lambda h: (checkpoint_key(h[1].checkpoint_id), h[1].ns))
+        return self.buffers[ns].popleft()
+
+
 def plan_keep_latest(conn: Connection, tenant_id: str, thread_id: str
                      ) -> tuple[int, dict[str, builtins.list[str]] | None]:
     """The stream version and, per namespace, the checkpoints ``keep_latest`` keeps.
@@ -1403,22 +1449,27 @@ class EventStoreSaver(_Base):
              ) -> Iterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before)
         remaining = limit
-        after: tuple[bytes, str, str] | None = None
         size = _page_size(limit, filter)
-        while True:
+        if thread_id is not None and ns is None:
             with begin_read(self.store.engine) as conn:
-                loaded, after = list_page(conn, self.tenant_id, thread_id, ns, cid, before_id,
-                                          after, size)
-            for item in loaded:
-                if filter and not self._matches(item.event.metadata, filter):
-                    continue
-                yield self._tuple(item)
-                if remaining is not None:
-                    remaining -= 1
-                    if remaining <= 0:
-                        return
-            if after is None:
+                merge = _ListMerge(namespaces_of(conn, self.tenant_id, thread_id))
+        else:
+            merge = _ListMerge([ns])
+        while True:
+            for source in merge.wanting():
+                with begin_read(self.store.engine) as conn:
+                    merge.feed(source, *list_page(conn, self.tenant_id, thread_id, source, cid,
+                                                  before_id, merge.after[source], size))
+            item = merge.pop()
+            if item is None:
                 return
+            if filter and not self._matches(item.event.metadata, filter):
+                continue
+            yield self._tuple(item)
+            if remaining is not None:
+                remaining -= 1
+                if remaining <= 0:
+                    return
 
     # -- retention --
 
@@ -1573,21 +1624,27 @@ class AsyncEventStoreSaver(_Base):
                     limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before)
         remaining = limit
-        after: tuple[bytes, str, str] | None = None
         size = _page_size(limit, filter)
+        if thread_id is not None and ns is None:
+            merge = _ListMerge(await self.store.run_sync(namespaces_of, self.tenant_id,
+                                                         thread_id))
+        else:
+            merge = _ListMerge([ns])
         while True:
-            loaded, after = await self.store.run_sync(list_page, self.tenant_id, thread_id, ns,
-                                                      cid, before_id, after, size)
-            for item in loaded:
-                if filter and not self._matches(item.event.metadata, filter):
-                    continue
-                yield self._tuple(item)
-                if remaining is not None:
-                    remaining -= 1
-                    if remaining <= 0:
-                        return
-            if after is None:
+            for source in merge.wanting():
+                merge.feed(source, *await self.store.run_sync(
+                    list_page, self.tenant_id, thread_id, source, cid, before_id,
+                    merge.after[source], size))
+            item = merge.pop()
+            if item is None:
                 return
+            if filter and not self._matches(item.event.metadata, filter):
+                continue
+            yield self._tuple(item)
+            if remaining is not None:
+                remaining -= 1
+                if remaining <= 0:
+                    return
 
     async def adelete_thread(self, thread_id: str) -> None:
         thread_id = str(thread_id)

@@ -328,6 +328,49 @@ def test_list_across_threads_with_filter_and_before(saver: EventStoreSaver) -> N
     assert newest.config == last
 
 
+@pytest.mark.parametrize("page", [1, 2, 128])
+@pytest.mark.asyncio
+async def test_listing_a_thread_without_namespace_merges_its_namespaces(
+        url: str, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    """list({thread_id}) gives every namespace's checkpoints newest first, as one query would
+    order them, across page boundaries, with before, limit and filter; sync and async alike."""
+    import projections.langgraph_saver as lg
+
+    monkeypatch.setattr(lg, "_LIST_PAGE", page)
+    store = await AsyncEventStore.open(url, migrate=True)
+    sync_store = EventStore.open(url)
+    try:
+        saver = EventStoreSaver(sync_store)
+        thread = f"ns-{uuid.uuid4().hex}"
+        made: list[tuple[str, str]] = []  # (checkpoint id, ns), in the order they were put
+        parents: dict[str, RunnableConfig | None] = {"": None, "child:1": None, "child:2": None}
+        for i, ns in enumerate(["", "child:1", "", "", "child:2", "child:1", "", "child:2"]):
+            parents[ns] = put(saver, thread, parents[ns], {"i": i}, {"i": i + 1}, {"i": i + 1},
+                              {"step": i, "odd": i % 2}, ns=ns)
+            made.append((parents[ns]["configurable"]["checkpoint_id"], ns))  # type: ignore
+        expected = sorted(made, reverse=True)  # checkpoint ids (uuid6) sort by time
+        conf: RunnableConfig = {"configurable": {"thread_id": thread}}
+
+        def ids(tuples: Any) -> list[tuple[str, str]]:
+            return [(t.config["configurable"]["checkpoint_id"],
+                     t.config["configurable"]["checkpoint_ns"]) for t in tuples]
+
+        assert ids(saver.list(conf)) == expected
+        assert [t.checkpoint["channel_values"]["i"] for t in saver.list(conf)] == \
+            list(range(7, -1, -1))
+        assert ids(saver.list(conf, limit=3)) == expected[:3]
+        assert ids(saver.list(conf, filter={"odd": 1})) == expected[0::2]
+        middle = {"configurable": {"thread_id": thread, "checkpoint_id": expected[3][0]}}
+        assert ids(saver.list(conf, before=middle)) == expected[4:]  # type: ignore[arg-type]
+        asaver = AsyncEventStoreSaver(store)
+        assert ids([t async for t in asaver.alist(conf)]) == expected
+        assert ids([t async for t in asaver.alist(conf, limit=5)]) == expected[:5]
+        assert ids(saver.list({"configurable": {"thread_id": "no-such-thread"}})) == []
+    finally:
+        sync_store.close()
+        await store.close()
+
+
 @pytest.mark.asyncio
 async def test_async_saver_sync_methods_work_from_other_threads(url: str) -> None:
     """The async saver's sync methods run on its loop from a worker thread, not on the loop."""
