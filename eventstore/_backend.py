@@ -116,8 +116,14 @@ def begin_read(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
 @contextlib.contextmanager
 def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
     with translate(), engine.connect() as conn:
-        if write and engine.dialect.name == "sqlite":
-            conn = conn.execution_options(sqlite_write=True)
+        if engine.dialect.name == "sqlite":
+            if write:
+                conn = conn.execution_options(sqlite_write=True)
+        elif not write:
+            # PostgreSQL reads run in autocommit: under READ COMMITTED every statement takes its
+            # own snapshot, in a transaction or not, so BEGIN and COMMIT would only add two
+            # round trips.  (SQLite keeps its read transaction: there it is one snapshot.)
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         with conn.begin():
             yield conn
 
