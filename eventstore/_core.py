@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -432,22 +432,31 @@ class StoreCore:
                                      when))  # type: ignore[arg-type]
         return out
 
-    def read_slice_on(self, conn: Connection, stream_id: str, tenant_id: str, lo: int,
-                      hi: int | None, page: int) -> StreamSlice:
-        """Up to ``page`` events of one stream from version ``lo`` to ``hi``, as columns.
+    def iter_slices_on(self, conn: Connection, stream_id: str, tenant_id: str, lo: int,
+                       hi: int | None, page: int) -> Iterator[StreamSlice]:
+        """One stream's events from version ``lo`` to ``hi`` as slices of up to ``page``.
 
+        On psycopg (sync) the query for the next page goes out, in a pipeline, before the
+        current page is decoded, so the server reads ahead while this process decodes and folds.
         The stream and tenant ids must already be checked (the engine's live fold does).
         """
-        cur = statement("read_slice", conn.dialect).run(conn, {
-            "tenant_id": tenant_id, "stream_id": stream_id, "lo": lo,
-            "hi": _NO_END if hi is None else hi, "page": page}, binary=True)
-        rows = cur.fetchall()
-        cur.close()
-        if not rows:
-            return StreamSlice(tenant_id, stream_id, [], [], [], [])
-        versions, tags, svs, raws, at = zip(*rows, strict=True)
-        return StreamSlice(tenant_id, stream_id, versions, tags, decode_events(tags, svs, raws),
-                           at)
+        query = statement("read_slice", conn.dialect)
+        params = {"tenant_id": tenant_id, "stream_id": stream_id,
+                  "hi": _NO_END if hi is None else hi, "page": page}
+
+        def send(start: int) -> Any:
+            return query.run(conn, {**params, "lo": start}, binary=True)
+
+        with _pipeline(conn):
+            cur = send(lo)
+            while cur is not None:
+                rows = cur.fetchall()
+                cur.close()
+                cur = send(rows[-1][0] + 1) if len(rows) == page else None
+                if rows:
+                    versions, tags, svs, raws, at = zip(*rows, strict=True)
+                    yield StreamSlice(tenant_id, stream_id, versions, tags,
+                                      decode_events(tags, svs, raws), at)
 
     def read_page(
         self,
