@@ -24,7 +24,7 @@ from ._backend import lock_appends
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
-from .codec import decode_event, decode_events, decode_metadata, encode_event, encode_metadata
+from .codec import decode_events, decode_metadata, encode_event, encode_metadata
 from .errors import (
     EventTooLarge,
     IdempotencyKeyReused,
@@ -422,14 +422,18 @@ class StoreCore:
         cur = query.run(conn, params, binary=True)
         rows = cur.fetchall()
         cur.close()
+        if not rows:
+            return []
+        cols = tuple(zip(*rows, strict=True))
+        data = decode_events(cols[5], cols[6], cols[7])
         out = []
         last_at, when = None, None
-        for pos, tenant, stream_id, _cat, version, event_id, tag, sv, data, meta, at in rows:
+        for (pos, tenant, stream_id, version, event_id, tag, sv, _raw, meta, at), event in zip(
+                rows, data, strict=True):
             if at != last_at:  # the events of one batch share their time: convert it once
                 last_at, when = at, from_micros(at)
             out.append(RecordedEvent(pos, stream_id, version, tenant, as_uuid(event_id), tag,
-                                     sv, decode_event(tag, sv, data), decode_metadata(meta),
-                                     when))  # type: ignore[arg-type]
+                                     sv, event, decode_metadata(meta), when))  # type: ignore[arg-type]
         return out
 
     def iter_slices_on(self, conn: Connection, stream_id: str, tenant_id: str, lo: int,

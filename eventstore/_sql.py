@@ -133,7 +133,8 @@ def read_query(dialect: Dialect, *, by_stream: bool, backwards: bool, upper: boo
 
 def _build_read(dialect: Dialect, by_stream: bool, backwards: bool, upper: bool, tenant: bool,
                 n_categories: int, n_types: int) -> Compiled:
-    stmt = select(*events.c)
+    # Every column but the category (a record derives it from the stream id).
+    stmt = select(*(c for c in events.c if c.name != "category"))
     col = events.c.version if by_stream else events.c.position
     if by_stream:
         stmt = _stream_where(stmt)
@@ -152,7 +153,9 @@ def _build_read(dialect: Dialect, by_stream: bool, backwards: bool, upper: bool,
 
 
 _new_object = object.__new__
-_set = object.__setattr__
+# UUID's slot descriptors, called directly: cheaper than object.__setattr__.
+_set_int = UUID.__dict__["int"].__set__
+_set_safe = UUID.__dict__["is_safe"].__set__
 _UNKNOWN = SafeUUID.unknown
 
 
@@ -165,8 +168,8 @@ def as_uuid(value: Any) -> UUID:
     if isinstance(value, UUID):
         return value
     u: UUID = _new_object(UUID)
-    _set(u, "int", int(value, 16))
-    _set(u, "is_safe", _UNKNOWN)
+    _set_int(u, int(value, 16))
+    _set_safe(u, _UNKNOWN)
     return u
 
 
