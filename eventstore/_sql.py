@@ -35,6 +35,8 @@ class Compiled:
         self.defaults: dict[str, Any] = dict(c.params)
 
     def args(self, values: Mapping[str, Any]) -> tuple[Any, ...] | Mapping[str, Any]:
+        """``values`` in the driver's parameter style; names they leave out take the
+        statement's defaults.  ``values`` must not hold names the statement does not use."""
         if self.names is None:
             if len(values) == len(self.defaults):
                 return values

@@ -639,20 +639,25 @@ def fold_live(
     fold went ``snapshot_every`` events past the last one (current reads only).
     """
     limit_us = to_micros(at_time) if at_time is not None else None
-    state: S = projection.initial(tenant_id, stream_id)
+    stream = check_id(stream_id, "stream id", InvalidStreamId)
+    tenant = check_id(tenant_id, "tenant id", InvalidArgument)
+    state: S = projection.initial(tenant, stream)
     version = 0
     snap_version = 0
-    if use_snapshots and projection.snapshot_every is not None:
-        snap = _newest_snapshot(store, projection, tenant_id, stream_id, at_version, limit_us)
-        if snap is not None:
-            state, version = snap
-            snap_version = version
-    if projection.evolve_slice is not None:
-        state, version, last = _fold_slices(store, projection, state, version, stream_id,
-                                            tenant_id, at_version, limit_us)
-    else:
-        state, version, last = _fold_records(store, projection, state, version, stream_id,
-                                             tenant_id, at_version, limit_us)
+    snapshots_on = use_snapshots and projection.snapshot_every is not None
+    # One read transaction for the snapshot and the events after it.
+    with transaction(store, write=False) as conn:
+        if snapshots_on:
+            snap = _newest_snapshot(conn, projection, tenant, stream, at_version, limit_us)
+            if snap is not None:
+                state, version = snap
+                snap_version = version
+        if projection.evolve_slice is not None:
+            state, version, last = _fold_slices(store, conn, projection, state, version, stream,
+                                                tenant, at_version, limit_us)
+    if projection.evolve_slice is None:
+        state, version, last = _fold_records(store, projection, state, version, stream, tenant,
+                                             at_version, limit_us)
     every = projection.snapshot_every
     if (use_snapshots and every is not None and last is not None and at_version is None
             and at_time is None and version - snap_version >= every):
@@ -703,30 +708,26 @@ def _slice_of(key: tuple[str, str], records: Sequence[RecordedEvent]) -> StreamS
                        [r.data for r in records], micros)
 
 
-def _fold_slices(store: EventStore, projection: Projection[S], state: S, version: int,
-                 stream_id: str, tenant_id: str, at_version: int | None, limit_us: int | None
-                 ) -> tuple[S, int, _Last | None]:
-    """The live fold through ``evolve_slice``: pages of columns, read in one transaction."""
+def _fold_slices(store: EventStore, conn: Connection, projection: Projection[S], state: S,
+                 version: int, stream: str, tenant: str, at_version: int | None,
+                 limit_us: int | None) -> tuple[S, int, _Last | None]:
+    """The live fold through ``evolve_slice``: pages of columns, read on ``conn``."""
     evolve_slice = projection.evolve_slice
     assert evolve_slice is not None
     core = store.core if isinstance(store, BoundStore) else store
-    stream = check_id(stream_id, "stream id", InvalidStreamId)
-    tenant = check_id(tenant_id, "tenant id", InvalidArgument)
     last: _Last | None = None
-    with transaction(store, write=False) as conn:
-        for page in core.iter_slices_on(conn, stream, tenant, version + 1, at_version,
-                                        SLICE_PAGE):
-            batch = page if limit_us is None else _until(page, limit_us)
-            if not len(batch):
-                break
-            try:
-                state = evolve_slice(state, batch)
-            except Exception as e:
-                _blame(store, projection, state, batch, e)
-            version = batch.versions[-1]
-            last = (version, batch.recorded_at(len(batch) - 1))
-            if len(batch) < len(page):  # the time limit cut the page
-                break
+    for page in core.iter_slices_on(conn, stream, tenant, version + 1, at_version, SLICE_PAGE):
+        batch = page if limit_us is None else _until(page, limit_us)
+        if not len(batch):
+            break
+        try:
+            state = evolve_slice(state, batch)
+        except Exception as e:
+            _blame(store, projection, state, batch, e)
+        version = batch.versions[-1]
+        last = (version, batch.recorded_at(len(batch) - 1))
+        if len(batch) < len(page):  # the time limit cut the page
+            break
     return state, version, last
 
 
@@ -757,23 +758,46 @@ def _blame(store: EventStore, projection: Projection[S], state: S, batch: Stream
                            cause=cause) from cause
 
 
-def _newest_snapshot(store: EventStore, projection: Projection[S], tenant_id: str,
+def _newest_snapshot(conn: Connection, projection: Projection[S], tenant_id: str,
                      stream_id: str, at_version: int | None, at_us: int | None
                      ) -> tuple[S, int] | None:
-    sc = snapshots.c
-    q = (select(sc.state, sc.version)
-         .where(sc.tenant_id == tenant_id, sc.stream_id == stream_id,
-                sc.projection == projection.name, sc.code_version == projection.version)
-         .order_by(sc.version.desc()).limit(1))
+    c = _snapshot_query(conn, at_version is not None, at_us is not None)
+    params: dict[str, Any] = {"tenant_id": tenant_id, "stream_id": stream_id,
+                              "projection": projection.name,
+                              "code_version": projection.version}
     if at_version is not None:
-        q = q.where(sc.version <= at_version)
+        params["at_version"] = at_version
     if at_us is not None:
-        q = q.where(sc.recorded_at <= at_us)
-    with transaction(store, write=False) as conn:
-        r = conn.execute(q).first()
+        params["at_us"] = at_us
+    cur = c.run(conn, params)
+    r = cur.fetchone()
+    cur.close()
     if r is None:
         return None
-    return projection.decode(r.state), r.version
+    return projection.decode(bytes(r[0])), r[1]
+
+
+_snapshot_queries: dict[tuple[str, bool, bool], Compiled] = {}
+
+
+def _snapshot_query(conn: Connection, by_version: bool, by_time: bool) -> Compiled:
+    """The newest usable snapshot of a stream, compiled once per dialect and shape."""
+    key = (conn.dialect.name, by_version, by_time)
+    c = _snapshot_queries.get(key)
+    if c is None:
+        sc = snapshots.c
+        q = (select(sc.state, sc.version)
+             .where(sc.tenant_id == bindparam("tenant_id"),
+                    sc.stream_id == bindparam("stream_id"),
+                    sc.projection == bindparam("projection"),
+                    sc.code_version == bindparam("code_version"))
+             .order_by(sc.version.desc()).limit(1))
+        if by_version:
+            q = q.where(sc.version <= bindparam("at_version"))
+        if by_time:
+            q = q.where(sc.recorded_at <= bindparam("at_us"))
+        c = _snapshot_queries[key] = Compiled(q, conn.dialect)
+    return c
 
 
 def save_snapshot(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str,
