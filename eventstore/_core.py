@@ -9,6 +9,7 @@ greenlet bridge over psycopg's async driver and aiosqlite), so the SQL exists on
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import uuid
@@ -67,6 +68,11 @@ class InlineHandler(Protocol):
     results (no rows, no ``rowcount``, no ``description``).  On PostgreSQL the store then runs it
     inside psycopg's pipeline with the append's own writes and the COMMIT, so the whole append
     is two round trips (see ``StoreCore._append_locked``).
+
+    Or a method ``prepare(conn, recorded) -> Callable[[Connection], None] | None``: it does the
+    handler's reads (before the append's own rows are written, so it must not look for them) and
+    returns the handler's writes, a function that only executes statements as above (``None``:
+    nothing to write).  The store sends those writes with its own and the COMMIT.
     """
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None: ...
@@ -272,11 +278,10 @@ class StoreCore:
         ids = {"tenant_id": tenant_id, "stream_id": stream_id}
         psycopg_conn = _psycopg(conn)
         with contextlib.ExitStack() as pipeline:
-            # On psycopg the whole append is one pipeline and two round trips: BEGIN, the lock,
-            # the key lookup and the probe; then the writes (with the COMMIT, see below) and the
-            # sync that ends the pipeline.  The server runs them in order, so the probe's
-            # snapshot (READ COMMITTED: taken when the statement starts) is taken after the lock
-            # is granted, as lock_appends requires.
+            # On psycopg the append is two round trips: BEGIN, the lock, the key lookup and the
+            # probe; then the writes with the COMMIT (see below).  The server runs them in
+            # order, so the probe's snapshot (READ COMMITTED: taken when the statement starts)
+            # is taken after the lock is granted, as lock_appends requires.
             if psycopg_conn is not None:
                 pipeline.enter_context(psycopg_conn.pipeline())
                 if psycopg_conn.autocommit and psycopg_conn.info.transaction_status.name == "IDLE":
@@ -289,57 +294,69 @@ class StoreCore:
                 key_cur = statement("find_key", dialect).run(
                     conn, {"tenant_id": tenant_id, "key": key})
             probe_cur = statement("probe", dialect).run(conn, ids)
-            row = key_cur.fetchone() if key_cur is not None else None
-            probed = probe_cur.fetchone()
-            if key_cur is not None:
-                key_cur.close()
-            probe_cur.close()
-            # Idempotency first: a retried request must get its first answer back, not a version
-            # conflict caused by its own earlier success.
-            if row is not None:
-                first_stream, first_print, first_pos, last_pos, version = row
-                if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
-                    raise IdempotencyKeyReused(key=key or "", tenant_id=tenant_id,
-                                               stream_id=stream_id, first_stream_id=first_stream)
-                return AppendResult(first_pos, last_pos, version, True)
-            current: int = probed[0] or 0
-            last_position: int = probed[1] or 0
-            expected = plan.expected
-            if (expected is STREAM_EXISTS and current == 0) or (
-                    isinstance(expected, int) and expected != current):
-                _log.info("append_conflict", tenant=tenant_id, stream=stream_id,
-                          expected=getattr(expected, "name", expected), actual=current)
-                raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
-                                           expected=expected, actual=current)
-            now = plan.now
-            stamp = to_micros(now)
-            category = category_of(stream_id)
-            rows = []
-            recorded = []
-            dialect_name = dialect.name
-            for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
-                event_id = uuid.uuid4()
-                rows.append({
-                    "position": last_position + i, "tenant_id": tenant_id,
-                    "stream_id": stream_id, "category": category, "version": current + i,
-                    "event_id": uuid_param(event_id, dialect_name), "type": tag,
-                    "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
-                    "recorded_at": stamp,
-                })
-                recorded.append(RecordedEvent(
-                    last_position + i, stream_id, current + i, tenant_id, event_id, tag,
-                    schema_version, plan.originals[i - 1], plan.metadata, now,
-                ))
-            new_version = current + len(rows)
-            result = AppendResult(last_position + 1, last_position + len(rows), new_version,
-                                  False)
-            # When the transaction is ours and every inline handler only writes, the handlers'
-            # statements and the COMMIT join the writes in the pipeline.  If any statement
-            # fails, PostgreSQL skips the rest of the pipeline, COMMIT included, and psycopg
-            # raises when the pipeline ends: nothing half-written, nothing swallowed.
-            pipelined = commit and before_commit is None and psycopg_conn is not None and all(
-                _writes_only(h, conn, recorded) for h in self._inline)
-            writes = []
+        # Leaving the pipeline synced it (the one round trip): the results are here.
+        row = key_cur.fetchone() if key_cur is not None else None
+        probed = probe_cur.fetchone()
+        if key_cur is not None:
+            key_cur.close()
+        probe_cur.close()
+        # Idempotency first: a retried request must get its first answer back, not a version
+        # conflict caused by its own earlier success.
+        if row is not None:
+            first_stream, first_print, first_pos, last_pos, version = row
+            if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
+                raise IdempotencyKeyReused(key=key or "", tenant_id=tenant_id,
+                                           stream_id=stream_id, first_stream_id=first_stream)
+            return AppendResult(first_pos, last_pos, version, True)
+        current: int = probed[0] or 0
+        last_position: int = probed[1] or 0
+        expected = plan.expected
+        if (expected is STREAM_EXISTS and current == 0) or (
+                isinstance(expected, int) and expected != current):
+            _log.info("append_conflict", tenant=tenant_id, stream=stream_id,
+                      expected=getattr(expected, "name", expected), actual=current)
+            raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
+                                       expected=expected, actual=current)
+        now = plan.now
+        stamp = to_micros(now)
+        category = category_of(stream_id)
+        rows = []
+        recorded = []
+        dialect_name = dialect.name
+        for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
+            event_id = uuid.uuid4()
+            rows.append({
+                "position": last_position + i, "tenant_id": tenant_id,
+                "stream_id": stream_id, "category": category, "version": current + i,
+                "event_id": uuid_param(event_id, dialect_name), "type": tag,
+                "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
+                "recorded_at": stamp,
+            })
+            recorded.append(RecordedEvent(
+                last_position + i, stream_id, current + i, tenant_id, event_id, tag,
+                schema_version, plan.originals[i - 1], plan.metadata, now,
+            ))
+        new_version = current + len(rows)
+        result = AppendResult(last_position + 1, last_position + len(rows), new_version, False)
+        # When the transaction is ours, the handlers' writes and the COMMIT join the append's
+        # writes in one pipeline, provided every handler can say what it writes up front: it
+        # only writes (writes_only), or it reads first and hands back its writes (prepare).  If
+        # any statement fails, PostgreSQL skips the rest of the pipeline, COMMIT included, and
+        # psycopg raises when the pipeline ends: nothing half-written, nothing swallowed.
+        pipelined = (commit and before_commit is None and psycopg_conn is not None
+                     and all(_writes_only(h, conn, recorded) or hasattr(h, "prepare")
+                             for h in self._inline))
+        late_writes: list[Callable[[Connection], None]] = []
+        if pipelined:
+            for handler in self._inline:
+                if _writes_only(handler, conn, recorded):
+                    late_writes.append(functools.partial(_call, handler, recorded))
+                else:
+                    writes_of = handler.prepare(conn, recorded)  # type: ignore[attr-defined]
+                    if writes_of is not None:
+                        late_writes.append(writes_of)
+        writes = []
+        with _pipeline(conn):
             insert = statement("insert_events", dialect)
             if len(rows) == 1:
                 writes.append(insert.run(conn, rows[0]))
@@ -358,8 +375,8 @@ class StoreCore:
                     "last_position": result.last_position, "stream_version": new_version,
                     "recorded_at": stamp}))
             if pipelined:
-                for handler in self._inline:
-                    handler(conn, recorded)
+                for write in late_writes:
+                    write(conn)
                 # A plain statement, not psycopg's commit(), which would sync once more; the
                 # caller's commit then finds the transaction over and does nothing.
                 _execute(psycopg_conn, "COMMIT")
@@ -560,9 +577,12 @@ def _psycopg(conn: Connection) -> Any:
 
 
 def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
-    """psycopg's pipeline mode on the sync driver (statements sent together), else nothing."""
+    """psycopg's pipeline mode on the sync driver (statements sent together), else nothing.
+
+    Inside a pipeline already, nothing: leaving a nested pipeline would sync (a round trip).
+    """
     dbapi = _psycopg(conn)
-    if dbapi is not None:
+    if dbapi is not None and not dbapi.pgconn.pipeline_status:
         return cast("contextlib.AbstractContextManager[Any]", dbapi.pipeline())
     return contextlib.nullcontext()
 
@@ -571,6 +591,10 @@ def _execute(dbapi: Any, sql: str) -> None:
     cur = dbapi.cursor()
     cur.execute(sql)
     cur.close()
+
+
+def _call(handler: InlineHandler, recorded: Sequence[RecordedEvent], conn: Connection) -> None:
+    handler(conn, recorded)
 
 
 def _writes_only(handler: InlineHandler, conn: Connection,

@@ -473,24 +473,37 @@ class _InlineHandler:
         self.warned = False
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        write = self.prepare(conn, recorded)
+        if write is not None:
+            write(conn)
+
+    def prepare(self, conn: Connection, recorded: Sequence[RecordedEvent]
+                ) -> Callable[[Connection], None] | None:
+        """Lock the projection, fold the events into their rows; returns the rows' writes.
+
+        Runs before the append's own rows are written (see ``eventstore.InlineHandler``): it
+        reads only the projection's rows and, to catch up, events below this append's.
+        """
         relevant = [e for e in recorded if self.p.handles(e)]
         if not relevant:
-            return
+            return None
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
         lock = _fast("lock", conn)
-        found: Any = None
+        row_cur: Any = None
         # One round trip on psycopg: the projection's lock and, for the usual one-stream
-        # append, the stream's current row.
+        # append, the stream's current row (leaving the pipeline syncs it).
         with _pipeline(conn):
             cur = lock.run(conn, {"name": self.p.name})
             if len(keys) == 1:
                 ((tenant, stream),) = keys
                 row_cur = _fast("current_row", conn).run(conn, {
                     "projection": self.p.name, "tenant_id": tenant, "stream_id": stream})
-                found = row_cur.fetchone()
-                row_cur.close()
-            row = cur.fetchone()
-            cur.close()
+        row = cur.fetchone()
+        cur.close()
+        found = None
+        if row_cur is not None:
+            found = row_cur.fetchone()
+            row_cur.close()
         if row is None:  # first use in this database
             _ensure_row(conn, self.p, to_micros(relevant[0].recorded_at))
             cur = lock.run(conn, {"name": self.p.name})
@@ -504,7 +517,7 @@ class _InlineHandler:
                 self.warned = True
                 _log.warning("projection_stale", projection=self.p.name,
                              stored=code_version, code=self.p.version)
-            return
+            return None
         if status_ == "failed":
             raise EventStoreError(
                 f"projection {self.p.name} is stopped after a failure ({error}); fix it and "
@@ -518,12 +531,18 @@ class _InlineHandler:
         key = next(iter(keys))
         if len(keys) == 1 and key not in rows.cache:  # (a catch-up may have loaded it)
             rows.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
-                               (self.p.decode(found[0]), found[1], found[2]))
+                               (self.p.decode(bytes(found[0])), found[1], found[2]))
         rows.apply(conn, relevant)
-        with _pipeline(conn):  # the row and the checkpoint: one round trip on psycopg
-            rows.flush(conn, to_micros(relevant[0].recorded_at))
-            _fast("advance", conn).run(conn, {"name": self.p.name,
-                                              "new_position": recorded[-1].position}).close()
+        now_us = to_micros(relevant[0].recorded_at)
+        new_position = recorded[-1].position
+
+        def write(conn: Connection) -> None:
+            with _pipeline(conn):  # the rows and the checkpoint: one round trip on psycopg
+                rows.flush(conn, now_us)
+                _fast("advance", conn).run(conn, {"name": self.p.name,
+                                                  "new_position": new_position}).close()
+
+        return write
 
 
 def inline(store: EventStore, projection: Projection[Any]) -> None:
