@@ -1449,20 +1449,7 @@ class EventStoreSaver(_Base):
              ) -> Iterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before)
         remaining = limit
-        size = _page_size(limit, filter)
-        if thread_id is not None and ns is None:
-            with begin_read(self.store.engine) as conn:
-                merge = _ListMerge(namespaces_of(conn, self.tenant_id, thread_id))
-        else:
-            merge = _ListMerge([ns])
-        while True:
-            for source in merge.wanting():
-                with begin_read(self.store.engine) as conn:
-                    merge.feed(source, *list_page(conn, self.tenant_id, thread_id, source, cid,
-                                                  before_id, merge.after[source], size))
-            item = merge.pop()
-            if item is None:
-                return
+        for item in self._listed(thread_id, ns, cid, before_id, _page_size(limit, filter)):
             if filter and not self._matches(item.event.metadata, filter):
                 continue
             yield self._tuple(item)
@@ -1470,6 +1457,30 @@ class EventStoreSaver(_Base):
                 remaining -= 1
                 if remaining <= 0:
                     return
+
+    def _listed(self, thread_id: str | None, ns: str | None, cid: str | None,
+                before_id: str | None, size: int) -> Iterator[Loaded]:
+        """The checkpoints a list() gives, newest first, read page by page."""
+        if thread_id is not None and ns is None:
+            with begin_read(self.store.engine) as conn:
+                merge = _ListMerge(namespaces_of(conn, self.tenant_id, thread_id))
+            while True:
+                for source in merge.wanting():
+                    with begin_read(self.store.engine) as conn:
+                        merge.feed(source, *list_page(conn, self.tenant_id, thread_id, source,
+                                                      cid, before_id, merge.after[source], size))
+                item = merge.pop()
+                if item is None:
+                    return
+                yield item
+        after: tuple[bytes, str, str] | None = None
+        while True:
+            with begin_read(self.store.engine) as conn:
+                loaded, after = list_page(conn, self.tenant_id, thread_id, ns, cid, before_id,
+                                          after, size)
+            yield from loaded
+            if after is None:
+                return
 
     # -- retention --
 
@@ -1624,20 +1635,8 @@ class AsyncEventStoreSaver(_Base):
                     limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before)
         remaining = limit
-        size = _page_size(limit, filter)
-        if thread_id is not None and ns is None:
-            merge = _ListMerge(await self.store.run_sync(namespaces_of, self.tenant_id,
-                                                         thread_id))
-        else:
-            merge = _ListMerge([ns])
-        while True:
-            for source in merge.wanting():
-                merge.feed(source, *await self.store.run_sync(
-                    list_page, self.tenant_id, thread_id, source, cid, before_id,
-                    merge.after[source], size))
-            item = merge.pop()
-            if item is None:
-                return
+        async for item in self._alisted(thread_id, ns, cid, before_id,
+                                        _page_size(limit, filter)):
             if filter and not self._matches(item.event.metadata, filter):
                 continue
             yield self._tuple(item)
@@ -1645,6 +1644,30 @@ class AsyncEventStoreSaver(_Base):
                 remaining -= 1
                 if remaining <= 0:
                     return
+
+    async def _alisted(self, thread_id: str | None, ns: str | None, cid: str | None,
+                       before_id: str | None, size: int) -> AsyncIterator[Loaded]:
+        """The checkpoints an alist() gives, newest first, read page by page."""
+        if thread_id is not None and ns is None:
+            merge = _ListMerge(await self.store.run_sync(namespaces_of, self.tenant_id,
+                                                         thread_id))
+            while True:
+                for source in merge.wanting():
+                    merge.feed(source, *await self.store.run_sync(
+                        list_page, self.tenant_id, thread_id, source, cid, before_id,
+                        merge.after[source], size))
+                item = merge.pop()
+                if item is None:
+                    return
+                yield item
+        after: tuple[bytes, str, str] | None = None
+        while True:
+            loaded, after = await self.store.run_sync(list_page, self.tenant_id, thread_id, ns,
+                                                      cid, before_id, after, size)
+            for item in loaded:
+                yield item
+            if after is None:
+                return
 
     async def adelete_thread(self, thread_id: str) -> None:
         thread_id = str(thread_id)
