@@ -6,16 +6,16 @@ import contextlib
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
-from .errors import DatabaseError, EventStoreError, InvalidArgument
+from .errors import DatabaseError, EventStoreError, InvalidArgument, StoreClosed
 
 DEFAULT_URL = "sqlite:///./eventstore.db"
 
@@ -136,17 +136,31 @@ class Writer:
     this connection (a lock in this process); that costs no concurrency, since appends already
     run one at a time (SQLite's write lock, the advisory lock on PostgreSQL, see
     :func:`lock_appends`).  An append started from inside an append (a handler appending on the
-    same thread) gets a pooled connection instead, as before.  A connection that failed for a
-    reason other than the store's own errors is closed and replaced; after a fork the child
-    opens its own.
+    same thread) gets a pooled connection instead, as before.  After an error the transaction
+    is rolled back and the connection kept, unless the connection itself broke; then it is
+    closed and replaced.  A forked child starts with a fresh lock and opens its own connection.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
         self._conn: Connection | None = None
-        self._pid = 0
+        self._pid = os.getpid()
         self._owner: int | None = None
+        self._closed = False
+        # A parent's connection seen in a forked child: never used, closed or let go (letting
+        # it go would check the parent's DBAPI connection into the child's copy of the pool).
+        self._inherited: list[Connection] = []
+        _writers.add(self)
+
+    def _after_fork(self) -> None:
+        # A parent thread may have held the lock at the fork: the child's copy stays locked.
+        self._lock = threading.Lock()
+        self._owner = None
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+            self._conn = None
+        self._pid = os.getpid()
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -157,6 +171,8 @@ class Writer:
                 yield conn
             return
         with self._lock:
+            if self._closed:
+                raise StoreClosed("the event store is closed")
             self._owner = me
             try:
                 with translate():
@@ -164,19 +180,16 @@ class Writer:
                     try:
                         with conn.begin():
                             yield conn
-                    except EventStoreError:
-                        raise
                     except BaseException:
-                        self._discard()
+                        if _broken(conn):
+                            self._discard()
                         raise
             finally:
                 self._owner = None
 
     def _connection(self) -> Connection:
         conn = self._conn
-        if conn is None or self._pid != os.getpid() or conn.invalidated or conn.closed:
-            # After a fork the parent's connection is left alone (never closed here: it is the
-            # parent's), and the child opens its own.
+        if conn is None or conn.invalidated or conn.closed:
             conn = self._engine.connect()
             if self._engine.dialect.name == "sqlite":
                 conn.execution_options(sqlite_write=True)
@@ -185,22 +198,44 @@ class Writer:
                 # StoreCore._append_locked); commit and rollback still reach the server, as
                 # psycopg's commit() and rollback() act on the server's transaction state.
                 conn.execution_options(isolation_level="AUTOCOMMIT")
-            self._conn, self._pid = conn, os.getpid()
+            self._conn = conn
         return conn
 
     def _discard(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
+        if conn is not None:
             with contextlib.suppress(Exception):
                 conn.invalidate()
                 conn.close()
 
     def close(self) -> None:
-        """Release the kept connection (waits for an append in progress)."""
+        """Release the kept connection (waits for an append in progress); later appends
+        raise :class:`StoreClosed`."""
         with self._lock:
+            self._closed = True
             conn, self._conn = self._conn, None
-            if conn is not None and self._pid == os.getpid():
+            if conn is not None:
                 conn.close()
+
+
+def _broken(conn: Connection) -> bool:
+    """Whether an append's connection can no longer be used (else it is kept after an error:
+    for an in-memory SQLite database, the connection is the database)."""
+    if conn.invalidated or conn.closed:
+        return True
+    dbapi: Any = conn.connection.dbapi_connection
+    return bool(getattr(dbapi, "closed", False) or getattr(dbapi, "broken", False))
+
+
+_writers: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+def _reset_writers_after_fork() -> None:
+    for writer in list(_writers):
+        writer._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_writers_after_fork)
 
 
 def lock_appends(conn: Connection) -> None:
@@ -233,7 +268,18 @@ def _signed(key: int) -> int:
 _APPEND_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_signed(APPEND_LOCK_KEY)})"
 
 
-_DRIVER_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+def _driver_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [sqlite3.Error]
+    try:  # psycopg is optional (the "postgres" extra)
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)
+
+
+_DRIVER_ERRORS = _driver_errors()
 
 
 @contextlib.contextmanager

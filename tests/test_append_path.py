@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +18,8 @@ from eventstore import EventStore, RecordedEvent
 from eventstore.errors import DatabaseError, WrongExpectedVersion
 
 from ._events import NoteAdded
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class _FailingWriter:
@@ -105,3 +113,93 @@ def test_inline_projection_rows_commit_with_the_append(store: EventStore) -> Non
     assert conversations.get("c-1").variables == {"n": 1}
     assert conversations.assign("c-1", {"n": 3}, expected_version=v) == v + 1
     assert conversations.get("c-1").variables == {"n": 3}
+
+
+def test_a_failing_hook_keeps_an_in_memory_store() -> None:
+    """An error raised inside an append (a hook, a handler) rolls it back and keeps the kept
+    connection: for an in-memory SQLite database the connection is the database."""
+    store = EventStore.open("sqlite://")
+    store.append("x-1", [NoteAdded(text="kept")])
+
+    def refuse(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        raise ValueError("business rule says no")
+
+    with pytest.raises(ValueError, match="business rule"):
+        store.append_with("x-1", [NoteAdded(text="refused")], before_commit=refuse)
+    store.add_inline_handler(refuse)
+    with pytest.raises(ValueError):
+        store.append("x-1", [NoteAdded(text="refused too")])
+    store.remove_inline_handler(refuse)
+    assert [e.data.text for e in store.read_stream("x-1")] == ["kept"]  # type: ignore[attr-defined]
+    assert store.append("x-1", [NoteAdded(text="next")]).stream_version == 2
+    store.close()
+
+
+def test_append_after_close_is_refused(store: EventStore) -> None:
+    """Appends after close raise StoreClosed, also one that got past the first check."""
+    from eventstore.errors import StoreClosed
+
+    store.append("x-1", [NoteAdded(text="1")])
+    writer = store._writer
+    store.close()
+    with pytest.raises(StoreClosed), writer.begin():
+        pass
+    with pytest.raises(StoreClosed):
+        store.append("x-1", [NoteAdded(text="2")])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_appends_while_a_parent_thread_was_appending(fresh_pg: str) -> None:
+    """A fork taken while another thread holds the append lock leaves the child a working
+    store (its own lock and connection), not a lock held forever.
+
+    PostgreSQL only: SQLite keeps its file locks' state in process memory, so a child forked
+    while the parent is inside a write transaction cannot write that file (SQLite's own rule:
+    no fork with a transaction open)."""
+    store = EventStore.open(fresh_pg, migrate=True)
+    store.append("fork-1", [NoteAdded(text="warm")])
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        inside.set()
+        release.wait(10)
+
+    t = threading.Thread(target=lambda: store.append_with(
+        "fork-1", [NoteAdded(text="parent")], before_commit=slow))
+    t.start()
+    assert inside.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: append, report by exit status
+        code = 1
+        try:
+            signal.alarm(20)
+            child = store.append("fork-child", [NoteAdded(text="child")])
+            code = 0 if child.stream_version == 1 else 2
+        finally:
+            os._exit(code)
+    release.set()
+    t.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.stream_version("fork-1") == 2
+    assert store.stream_version("fork-child") == 1
+    store.close()
+
+
+def test_eventstore_imports_and_runs_without_psycopg(tmp_path: Any) -> None:
+    """psycopg is optional (the postgres extra): a SQLite-only install imports and appends."""
+    script = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None\n"
+        "from eventstore import EventStore, Event\n"
+        "class N(Event, tag='N'):\n"
+        "    text: str\n"
+        f"s = EventStore.open('sqlite:///{tmp_path}/p.db')\n"
+        "s.append('n-1', [N(text='x')])\n"
+        "print(len(list(s.read_stream('n-1'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
