@@ -319,6 +319,12 @@ class StoreCore:
                                        expected=expected, actual=current)
         now = plan.now
         stamp = to_micros(now)
+        if probed[2] is not None and stamp < probed[2]:
+            # A stream's times never go back: the clock was read before the lock, so a
+            # concurrent append (or a clock stepping back) could otherwise commit an earlier
+            # time after a later one, and "the stream as of time T" would not be a prefix.
+            stamp = probed[2]
+            now = from_micros(stamp)
         category = category_of(stream_id)
         rows = []
         recorded = []

@@ -74,12 +74,17 @@ def _stream_where(stmt: Any) -> Any:
 
 STATEMENTS: dict[str, ClauseElement] = {
     "insert_events": events.insert(),
+    # The stream's version and last time, and the log's last position.
     "probe": select(
         select(streams.c.version)
         .where(streams.c.tenant_id == bindparam("tenant_id"),
                streams.c.stream_id == bindparam("stream_id"))
         .scalar_subquery(),
         select(func.max(events.c.position)).scalar_subquery(),
+        select(streams.c.updated_at)
+        .where(streams.c.tenant_id == bindparam("tenant_id"),
+               streams.c.stream_id == bindparam("stream_id"))
+        .scalar_subquery(),
     ),
     "find_key": select(idempotency.c.stream_id, idempotency.c.fingerprint,
                        idempotency.c.first_position, idempotency.c.last_position,

@@ -120,10 +120,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=Fals
             metaclass=_EventMeta):
     """Base class of every event type; subclass it with ``tag="PastTenseFact"``.
 
-    Events are not tracked by the garbage collector (``gc=False``): a replay decodes thousands,
-    and tracking each one made collections run over and over during the fold.  Decoded events
-    cannot be part of a reference cycle; do not build one through an event's mutable field
-    (``event.items.append(event)``), as it would never be collected.
+    Events are not tracked by the garbage collector (``gc=False``, inherited by every event
+    type): a replay decodes thousands, and tracking each one made collections run over and over
+    during the fold.  Decoded events cannot be part of a reference cycle; do not build one
+    through an event's mutable field (``event.items.append(event)``), as it would never be
+    collected (such an event could not be encoded either).
     """
 
     __abstract_event__: ClassVar[bool] = True

@@ -19,7 +19,6 @@ single write lock on SQLite) and stores the checkpoint in the same transaction a
 
 from __future__ import annotations
 
-import bisect
 import copy
 import os
 import secrets
@@ -380,25 +379,28 @@ class _Rows(Generic[S]):
             return self._apply_each(relevant)
         before = {key: self.cache[key] for key in by_stream}
         applied = 0
+        folding: list[RecordedEvent] = []
         try:
-            for key, group in by_stream.items():
+            for key, folding in by_stream.items():
                 state, version, _pos = self.cache[key]
-                if group[0].version <= version:  # a catch-up overlapping what was applied
-                    group = [e for e in group if e.version > version]
-                    if not group:
+                if folding[0].version <= version:  # a catch-up overlapping what was applied
+                    folding = [e for e in folding if e.version > version]
+                    if not folding:
                         continue
-                if len(group) == 1:  # an inline append's usual case: no slice to build
-                    state = _evolve_one(self.p, state, group[0])
+                if len(folding) == 1:  # an inline append's usual case: no slice to build
+                    state = _evolve_one(self.p, state, folding[0])
                 else:
-                    state = evolve_slice(state, _slice_of(key, group))
-                last = group[-1]
+                    state = evolve_slice(state, _slice_of(key, folding))
+                last = folding[-1]
                 self.cache[key] = (state, last.version, last.position)
                 self.dirty.add(key)
-                applied += len(group)
+                applied += len(folding)
         except Exception as e:
             self.cache.update(before)
             self._apply_each(relevant)  # raises ProjectionFailed at the first failing event
-            first = relevant[0]  # evolve passed where evolve_slice failed: the two disagree
+            # evolve passed where evolve_slice failed (the two disagree): name the first event
+            # of the slice that failed.
+            first = folding[0]
             raise ProjectionFailed(projection=self.p.name, position=first.position,
                                    type=first.type, stream_id=first.stream_id,
                                    tenant_id=first.tenant_id, cause=e) from e
@@ -751,8 +753,9 @@ def _fold_slices(store: EventStore, conn: Connection, projection: Projection[S],
 
 
 def _until(batch: StreamSlice, limit_us: int) -> StreamSlice:
-    """The events of ``batch`` committed at or before ``limit_us``."""
-    n = bisect.bisect_right(batch.recorded_at_us, limit_us)
+    """The events of ``batch`` before the first one committed after ``limit_us`` (as a record
+    fold stops: a stream's times never go back, but rows written before that rule may)."""
+    n = next((i for i, at in enumerate(batch.recorded_at_us) if at > limit_us), len(batch))
     if n == len(batch):
         return batch
     return StreamSlice(batch.tenant_id, batch.stream_id, batch.versions[:n], batch.types[:n],
