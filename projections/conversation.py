@@ -92,16 +92,9 @@ class ConversationProjection(Projection[ConversationState]):
         data = event.data
         variables = dict(state.variables)
         types = dict(state.value_types)
-        if isinstance(data, (VariablesAssigned, VariablesReset)):
-            for v in data.variables:
-                variables[v.name] = v.value
-                types[v.name] = v.value_type
-        elif isinstance(data, VariablesDeleted):
-            for name in data.names:
-                variables.pop(name, None)
-                types.pop(name, None)
-        else:
+        if not _change(variables, types, data):
             return state
+        assert isinstance(data, _CHANGES)
         return ConversationState(
             conversation_id=state.conversation_id, variables=variables, value_types=types,
             version=event.version, updated_at=event.recorded_at,
@@ -114,26 +107,35 @@ class ConversationProjection(Projection[ConversationState]):
         types = dict(state.value_types)
         last = -1
         for i, data in enumerate(events.data):
-            if isinstance(data, (VariablesAssigned, VariablesReset)):
-                for v in data.variables:
-                    variables[v.name] = v.value
-                    types[v.name] = v.value_type
-            elif isinstance(data, VariablesDeleted):
-                for name in data.names:
-                    variables.pop(name, None)
-                    types.pop(name, None)
-            else:
-                continue
-            last = i
+            if _change(variables, types, data):
+                last = i
         if last < 0:
             return state
         data = events.data[last]
-        assert isinstance(data, (VariablesAssigned, VariablesReset, VariablesDeleted))
+        assert isinstance(data, _CHANGES)
         return ConversationState(
             conversation_id=state.conversation_id, variables=variables, value_types=types,
             version=events.versions[last], updated_at=events.recorded_at(last),
             workflow_run_id=data.workflow_run_id, node_id=data.node_id,
         )
+
+
+_CHANGES = (VariablesAssigned, VariablesReset, VariablesDeleted)
+
+
+def _change(variables: dict[str, Any], types: dict[str, str], data: object) -> bool:
+    """Apply one event to the variables and their types in place; False: not a change."""
+    if isinstance(data, (VariablesAssigned, VariablesReset)):
+        for v in data.variables:
+            variables[v.name] = v.value
+            types[v.name] = v.value_type
+        return True
+    if isinstance(data, VariablesDeleted):
+        for name in data.names:
+            variables.pop(name, None)
+            types.pop(name, None)
+        return True
+    return False
 
 
 register("conversations", ConversationProjection)
