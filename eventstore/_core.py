@@ -474,16 +474,30 @@ class StoreCore:
         def send(start: int) -> Any:
             return query.run(conn, {**params, "lo": start}, binary=True)
 
+        def fetch(cur: Any) -> list[Any]:
+            rows: list[Any] = cur.fetchall()
+            cur.close()
+            return rows
+
+        def columns(rows: list[Any]) -> StreamSlice:
+            versions, tags, svs, raws, at = zip(*rows, strict=True)
+            return StreamSlice(tenant_id, stream_id, versions, tags,
+                               decode_events(tags, svs, raws), at)
+
+        rows = fetch(send(lo))
+        if len(rows) < page:  # one page (a tail after a snapshot, a short stream): no pipeline
+            if rows:
+                yield columns(rows)
+            return
         with _pipeline(conn):
-            cur = send(lo)
-            while cur is not None:
-                rows = cur.fetchall()
-                cur.close()
-                cur = send(rows[-1][0] + 1) if len(rows) == page else None
-                if rows:
-                    versions, tags, svs, raws, at = zip(*rows, strict=True)
-                    yield StreamSlice(tenant_id, stream_id, versions, tags,
-                                      decode_events(tags, svs, raws), at)
+            while True:
+                ahead = send(rows[-1][0] + 1) if len(rows) == page else None
+                yield columns(rows)
+                if ahead is None:
+                    return
+                rows = fetch(ahead)
+                if not rows:
+                    return
 
     def read_page(
         self,
