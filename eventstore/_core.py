@@ -349,13 +349,14 @@ class StoreCore:
         # only writes (writes_only), or it reads first and hands back its writes (prepare).  If
         # any statement fails, PostgreSQL skips the rest of the pipeline, COMMIT included, and
         # psycopg raises when the pipeline ends: nothing half-written, nothing swallowed.
-        pipelined = (commit and before_commit is None and psycopg_conn is not None
-                     and all(_writes_only(h, conn, recorded) or hasattr(h, "prepare")
-                             for h in self._inline))
+        pipelined = commit and before_commit is None and psycopg_conn is not None
+        if pipelined:
+            kinds = [(h, _writes_only(h, conn, recorded)) for h in self._inline]
+            pipelined = all(only or hasattr(h, "prepare") for h, only in kinds)
         late_writes: list[Callable[[Connection], None]] = []
         if pipelined:
-            for handler in self._inline:
-                if _writes_only(handler, conn, recorded):
+            for handler, only in kinds:
+                if only:
                     late_writes.append(functools.partial(_call, handler, recorded))
                 else:
                     writes_of = handler.prepare(conn, recorded)  # type: ignore[attr-defined]
