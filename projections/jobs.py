@@ -287,6 +287,13 @@ register("jobs", JobProjection)
 # -- checks ---------------------------------------------------------------------------------------
 
 
+def _check_owner_ids(job_id: object, worker_id: object, tenant_id: object) -> None:
+    """The ids every call of the worker that owns a job passes."""
+    check_text(job_id, "job_id")
+    check_text(worker_id, "worker_id")
+    check_text(tenant_id, "tenant_id")
+
+
 def _check_json(value: object, what: str) -> None:
     try:
         msgspec.json.encode(value)
@@ -490,9 +497,7 @@ class Jobs:
         A lease that expired is renewed too while nobody took the job over (no sweep requeued
         it); otherwise :class:`LeaseLost`.
         """
-        check_text(job_id, "job_id")
-        check_text(worker_id, "worker_id")
-        check_text(tenant_id, "tenant_id")
+        _check_owner_ids(job_id, worker_id, tenant_id)
         now = self._now()
         until = now + self.lease
         return self._owner_command(
@@ -502,9 +507,7 @@ class Jobs:
     def record(self, job_id: str, worker_id: str, milestone: Any, *,
                tenant_id: str = _DEFAULT_TENANT) -> Job:
         """Append a durable milestone (any JSON value) of the job ``worker_id`` runs."""
-        check_text(job_id, "job_id")
-        check_text(worker_id, "worker_id")
-        check_text(tenant_id, "tenant_id")
+        _check_owner_ids(job_id, worker_id, tenant_id)
         _check_json(milestone, "milestone")
         now = self._now()
         return self._owner_command(
@@ -514,9 +517,7 @@ class Jobs:
     def complete(self, job_id: str, worker_id: str, result: Any = None, *,
                  tenant_id: str = _DEFAULT_TENANT) -> Job:
         """Finish the job ``worker_id`` runs with ``result`` (terminal)."""
-        check_text(job_id, "job_id")
-        check_text(worker_id, "worker_id")
-        check_text(tenant_id, "tenant_id")
+        _check_owner_ids(job_id, worker_id, tenant_id)
         _check_json(result, "result")
         now = self._now()
         return self._owner_command(
@@ -526,9 +527,7 @@ class Jobs:
     def fail(self, job_id: str, worker_id: str, error: str, *,
              tenant_id: str = _DEFAULT_TENANT) -> Job:
         """Fail the job ``worker_id`` runs with ``error`` (terminal, no retry)."""
-        check_text(job_id, "job_id")
-        check_text(worker_id, "worker_id")
-        check_text(tenant_id, "tenant_id")
+        _check_owner_ids(job_id, worker_id, tenant_id)
         _check_error(error)
         now = self._now()
         return self._owner_command(
@@ -542,10 +541,8 @@ class Jobs:
         The lease is given up.  With a ``deadline`` (in the future), a sweep after it fails the
         job with ``deadline passed``.  A request id may be used once per job.
         """
-        check_text(job_id, "job_id")
-        check_text(worker_id, "worker_id")
+        _check_owner_ids(job_id, worker_id, tenant_id)
         check_text(request_id, "request_id")
-        check_text(tenant_id, "tenant_id")
         _check_json(prompt, "prompt")
         now = self._now()
         if deadline is not None:
