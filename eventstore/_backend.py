@@ -265,7 +265,8 @@ def _signed(key: int) -> int:
 
 
 # A constant (no parameters), run on the DBAPI cursor like the other hot-path statements.
-_APPEND_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_signed(APPEND_LOCK_KEY)})"
+APPEND_LOCK_ID = _signed(APPEND_LOCK_KEY)  # as pg_advisory_xact_lock takes it
+_APPEND_LOCK_SQL = f"SELECT pg_advisory_xact_lock({APPEND_LOCK_ID})"
 
 
 def _driver_errors() -> tuple[type[Exception], ...]:

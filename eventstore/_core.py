@@ -8,6 +8,7 @@ greenlet bridge over psycopg's async driver and aiosqlite), so the SQL exists on
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, literal_column, select
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import URL, Dialect
 
-from ._backend import lock_appends
+from ._backend import APPEND_LOCK_ID, lock_appends
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
@@ -189,6 +191,7 @@ class StoreCore:
         self._options = options
         self._closed = False
         self._inline: list[InlineHandler] = []
+        self._tail = _Tail()
 
     _url: URL
     _engine: Any  # an Engine or an AsyncEngine
@@ -273,10 +276,19 @@ class StoreCore:
         ``commit``: the transaction is the append's own, so on psycopg it may be committed here,
         in the pipeline of the writes (the caller's commit then finds nothing left to do).
         """
+        psycopg_conn = _psycopg(conn)
+        if (commit and psycopg_conn is not None and before_commit is None and plan.key is None
+                and psycopg_conn.autocommit and psycopg_conn.pgconn.transaction_status == 0):
+            # Autocommit and idle: the implicit transaction below is the append's own, and
+            # it has committed when the pipeline ends.
+            guess = self._tail.guess(plan.tenant_id, plan.stream_id)
+            if guess is not None:
+                done = self._append_guessed(conn, psycopg_conn, plan, *guess)
+                if done is not None:
+                    return done
         dialect = conn.dialect
         stream_id, tenant_id, key = plan.stream_id, plan.tenant_id, plan.key
         ids = {"tenant_id": tenant_id, "stream_id": stream_id}
-        psycopg_conn = _psycopg(conn)
         with contextlib.ExitStack() as pipeline:
             # On psycopg the append is two round trips: BEGIN, the lock, the key lookup and the
             # probe; then the writes with the COMMIT (see below).  The server runs them in
@@ -310,6 +322,8 @@ class StoreCore:
             return AppendResult(first_pos, last_pos, version, True)
         current: int = probed[0] or 0
         last_position: int = probed[1] or 0
+        if commit:
+            self._tail.probed(last_position)
         expected = plan.expected
         if (expected is STREAM_EXISTS and current == 0) or (
                 isinstance(expected, int) and expected != current):
@@ -317,31 +331,8 @@ class StoreCore:
                       expected=getattr(expected, "name", expected), actual=current)
             raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
                                        expected=expected, actual=current)
-        now = plan.now
-        stamp = to_micros(now)
-        if probed[2] is not None and stamp < probed[2]:
-            # A stream's times never go back: the clock was read before the lock, so a
-            # concurrent append (or a clock stepping back) could otherwise commit an earlier
-            # time after a later one, and "the stream as of time T" would not be a prefix.
-            stamp = probed[2]
-            now = from_micros(stamp)
-        category = category_of(stream_id)
-        rows = []
-        recorded = []
-        dialect_name = dialect.name
-        for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
-            event_id = uuid.uuid4()
-            rows.append({
-                "position": last_position + i, "tenant_id": tenant_id,
-                "stream_id": stream_id, "category": category, "version": current + i,
-                "event_id": uuid_param(event_id, dialect_name), "type": tag,
-                "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
-                "recorded_at": stamp,
-            })
-            recorded.append(RecordedEvent(
-                last_position + i, stream_id, current + i, tenant_id, event_id, tag,
-                schema_version, plan.originals[i - 1], plan.metadata, now,
-            ))
+        rows, recorded, stamp = _event_rows(plan, current, last_position, probed[2],
+                                            dialect.name)
         new_version = current + len(rows)
         result = AppendResult(last_position + 1, last_position + len(rows), new_version, False)
         # When the transaction is ours, the handlers' writes and the COMMIT join the append's
@@ -364,17 +355,7 @@ class StoreCore:
                         late_writes.append(writes_of)
         writes = []
         with _pipeline(conn):
-            insert = statement("insert_events", dialect)
-            if len(rows) == 1:
-                writes.append(insert.run(conn, rows[0]))
-            else:
-                insert.run_many(conn, rows)
-            if current == 0:
-                writes.append(statement("insert_stream", dialect).run(conn, {
-                    **ids, "version": new_version, "created_at": stamp, "updated_at": stamp}))
-            else:
-                writes.append(statement("update_stream", dialect).run(conn, {
-                    **ids, "new_version": new_version, "updated_at": stamp}))
+            writes.extend(_write_events(conn, plan, rows, current, stamp))
             if key is not None:
                 writes.append(statement("insert_key", dialect).run(conn, {
                     "tenant_id": tenant_id, "key": key, "stream_id": stream_id,
@@ -389,12 +370,67 @@ class StoreCore:
                 _execute(psycopg_conn, "COMMIT")
         for cur in writes:
             cur.close()
-        if not pipelined:
+        if pipelined:
+            self._tail.committed(tenant_id, stream_id, new_version, result.last_position, stamp)
+        else:
+            if commit:
+                # Committed (or not) by the caller, after this returns: unknown here.
+                self._tail.forget()
             for handler in self._inline:
                 handler(conn, recorded)
             if before_commit is not None:
                 before_commit(conn, recorded)
         return result
+
+    def _append_guessed(self, conn: Connection, psycopg_conn: Any, plan: AppendPlan,
+                        current: int, last_position: int, updated_at: int
+                        ) -> AppendResult | None:
+        """The append in one round trip, on what this process last committed (``_Tail``).
+
+        The lock, the writes and the handlers' writes go out in one pipeline with no BEGIN and
+        no COMMIT: PostgreSQL runs the statements up to the pipeline's sync as one implicit
+        transaction.  Nothing is read: the guess that the log still ends at ``last_position``
+        and the stream at version ``current`` is checked by the unique keys themselves.  Under
+        the append lock, the event at ``last_position + 1`` can be inserted only if the log ends
+        at ``last_position`` (positions are dense and never removed), and the stream's event
+        ``current + 1`` only if the stream is at ``current`` (which it was, and versions only
+        grow); then its last time is ``updated_at`` too.  A wrong guess (another process
+        appended) breaks one of those keys, the transaction rolls back, and ``None`` sends the
+        caller down the probing path.  A handler that must read first declines it too.
+        """
+        expected = plan.expected
+        if isinstance(expected, int) and expected != current:
+            return None  # the probing path raises, with the version it reads
+        rows, recorded, stamp = _event_rows(plan, current, last_position, updated_at,
+                                            conn.dialect.name)
+        if not all(_writes_only(h, conn, recorded) for h in self._inline):
+            return None
+        writes: list[Any] = []
+
+        def send() -> None:
+            if len(rows) == 1:
+                writes.append(_append_one(conn.dialect).run(conn, rows[0]))
+            else:
+                lock_appends(conn)
+                writes.extend(_write_events(conn, plan, rows, current, stamp))
+            for handler in self._inline:
+                handler(conn, recorded)
+
+        try:
+            _in_implicit_transaction(psycopg_conn, send)
+        except Exception as e:
+            if getattr(getattr(e, "diag", None), "constraint_name", None) not in _GUESS_KEYS:
+                raise
+            _log.debug("append_guess_missed", tenant=plan.tenant_id, stream=plan.stream_id,
+                       position=last_position)
+            self._tail.missed()
+            return None
+        for cur in writes:
+            cur.close()
+        new_version = current + len(rows)
+        self._tail.committed(plan.tenant_id, plan.stream_id, new_version,
+                             last_position + len(rows), stamp)
+        return AppendResult(last_position + 1, last_position + len(rows), new_version, False)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -576,6 +612,135 @@ class Pager:
         return True
 
 
+# The unique keys that a stale guess of the log's end breaks (see _append_guessed).
+_GUESS_KEYS = frozenset({"es_events_pkey", "es_events_stream_version"})
+
+
+def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: int | None,
+                dialect_name: str) -> tuple[list[dict[str, Any]], list[RecordedEvent], int]:
+    """The event rows and records of an append after ``last_position`` and stream version
+    ``current``; and its time, never before the stream's last (``updated_at``)."""
+    now = plan.now
+    stamp = to_micros(now)
+    if updated_at is not None and stamp < updated_at:
+        # A stream's times never go back: the clock was read before the lock, so a
+        # concurrent append (or a clock stepping back) could otherwise commit an earlier
+        # time after a later one, and "the stream as of time T" would not be a prefix.
+        stamp = updated_at
+        now = from_micros(stamp)
+    stream_id, tenant_id = plan.stream_id, plan.tenant_id
+    category = category_of(stream_id)
+    rows = []
+    recorded = []
+    for i, (tag, schema_version, raw) in enumerate(plan.encoded, start=1):
+        event_id = uuid.uuid4()
+        rows.append({
+            "position": last_position + i, "tenant_id": tenant_id,
+            "stream_id": stream_id, "category": category, "version": current + i,
+            "event_id": uuid_param(event_id, dialect_name), "type": tag,
+            "schema_version": schema_version, "data": raw, "metadata": plan.meta_raw,
+            "recorded_at": stamp,
+        })
+        recorded.append(RecordedEvent(
+            last_position + i, stream_id, current + i, tenant_id, event_id, tag,
+            schema_version, plan.originals[i - 1], plan.metadata, now,
+        ))
+    return rows, recorded, stamp
+
+
+def _write_events(conn: Connection, plan: AppendPlan, rows: list[dict[str, Any]], current: int,
+                  stamp: int) -> list[Any]:
+    """Insert the event rows and create or move the stream's row; returns open cursors."""
+    dialect = conn.dialect
+    ids = {"tenant_id": plan.tenant_id, "stream_id": plan.stream_id}
+    writes = []
+    insert = statement("insert_events", dialect)
+    if len(rows) == 1:
+        writes.append(insert.run(conn, rows[0]))
+    else:
+        insert.run_many(conn, rows)
+    new_version = current + len(rows)
+    if current == 0:
+        writes.append(statement("insert_stream", dialect).run(conn, {
+            **ids, "version": new_version, "created_at": stamp, "updated_at": stamp}))
+    else:
+        writes.append(statement("update_stream", dialect).run(conn, {
+            **ids, "new_version": new_version, "updated_at": stamp}))
+    return writes
+
+
+_append_one_pg: Compiled | None = None
+
+
+def _append_one(dialect: Dialect) -> Compiled:
+    """PostgreSQL: one statement that takes the append lock, inserts one event row and moves
+    its stream's row (which must exist) to the event's version and time.
+
+    The lock comes first because the insert reads from it, and the update second because it
+    reads the insert's result; the event row's parameters are those of ``insert_events``.
+    """
+    global _append_one_pg
+    if _append_one_pg is None:
+        lock = select(func.pg_advisory_xact_lock(literal_column(str(APPEND_LOCK_ID)))
+                      .label("locked")).cte("append_lock")
+        row = select(*[sql_cast(bindparam(c.name), c.type) for c in events.c]).select_from(lock)
+        appended = (events.insert().from_select([c.name for c in events.c], row)
+                    .returning(events.c.version).cte("appended"))
+        stmt = (streams.update()
+                .where(streams.c.tenant_id == bindparam("tenant_id"),
+                       streams.c.stream_id == bindparam("stream_id"),
+                       streams.c.version < appended.c.version)
+                .values(version=appended.c.version, updated_at=bindparam("recorded_at")))
+        _append_one_pg = Compiled(stmt, dialect)
+    return _append_one_pg
+
+
+class _Tail:
+    """What this process last committed on PostgreSQL: the log's last position and, for recent
+    streams, their version and last time; the guess of :meth:`StoreCore._append_guessed`.
+
+    Only committed facts go in (positions and versions never go back, so a fact may grow stale
+    but never wrong the other way).  ``contended``: the last probe found another process's
+    events after ours, so guessing would mostly miss; the next probe that finds none resumes it.
+    """
+
+    MAX_STREAMS = 4096
+
+    def __init__(self) -> None:
+        self.position: int | None = None
+        self.streams: collections.OrderedDict[tuple[str, str], tuple[int, int]] = (
+            collections.OrderedDict())
+        self.contended = False
+
+    def guess(self, tenant_id: str, stream_id: str) -> tuple[int, int, int] | None:
+        if self.contended or self.position is None:
+            return None
+        known = self.streams.get((tenant_id, stream_id))
+        if known is None:
+            return None
+        return known[0], self.position, known[1]
+
+    def probed(self, last_position: int) -> None:
+        self.contended = self.position is not None and last_position != self.position
+
+    def committed(self, tenant_id: str, stream_id: str, version: int, position: int,
+                  stamp: int) -> None:
+        self.position = position
+        key = (tenant_id, stream_id)
+        streams = self.streams
+        streams[key] = (version, stamp)
+        streams.move_to_end(key)
+        if len(streams) > self.MAX_STREAMS:
+            streams.popitem(last=False)
+
+    def missed(self) -> None:
+        # The position stays: still a committed fact, and the next probe compares against it.
+        self.contended = True
+
+    def forget(self) -> None:
+        self.position = None
+
+
 def _too_large(what: str, size: int, limit: int) -> InvalidEvent:
     return EventTooLarge(f"{what} is {size} bytes encoded, over the limit of {limit} bytes",
                          size=size, limit=limit)
@@ -612,6 +777,39 @@ def _execute(dbapi: Any, sql: str) -> None:
     cur = dbapi.cursor()
     cur.execute(sql)
     cur.close()
+
+
+# Fails on the server, so that the transaction it is part of rolls back.
+_ABANDON_SQL = "SELECT 1/0 AS abandon_append"
+
+
+def _in_implicit_transaction(dbapi: Any, send: Callable[[], None]) -> None:
+    """Run ``send`` (statements, results unread) in one psycopg pipeline on an autocommit
+    connection: the statements up to the pipeline's sync are one implicit transaction, which
+    the sync commits, or rolls back if any statement failed (psycopg then raises).
+
+    The sync comes even when ``send`` raises in Python after some statements went out (psycopg
+    leaves the pipeline that way), and it would commit them: so a statement that fails goes out
+    first, the sync rolls back, and ``send``'s own error is raised.  Should even that statement
+    not go out, the connection is closed instead, which also rolls back.
+    """
+    failed: BaseException | None = None
+    try:
+        with dbapi.pipeline():
+            try:
+                send()
+            except BaseException as exc:
+                failed = exc
+                try:
+                    _execute(dbapi, _ABANDON_SQL)
+                except Exception as abandon_error:
+                    if type(abandon_error).__name__ != "PipelineAborted":
+                        dbapi.close()  # the server rolls back a client that went away
+    except Exception:
+        if failed is None:
+            raise
+    if failed is not None:
+        raise failed
 
 
 def _call(handler: InlineHandler, recorded: Sequence[RecordedEvent], conn: Connection) -> None:

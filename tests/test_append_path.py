@@ -203,3 +203,126 @@ def test_eventstore_imports_and_runs_without_psycopg(tmp_path: Any) -> None:
                          timeout=60, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+# -- the one-round-trip append on PostgreSQL (StoreCore._append_guessed) --------------------------
+
+
+def _count_guesses(store: EventStore) -> list[bool | str]:
+    """Per append that tried the one-round-trip path: whether it committed there (False: the
+    guess was stale; "raised": the append failed there)."""
+    seen: list[bool | str] = []
+    original = store._append_guessed
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = original(*args, **kwargs)
+        except BaseException:
+            seen.append("raised")
+            raise
+        seen.append(result is not None)
+        return result
+
+    store._append_guessed = spy  # type: ignore[method-assign]
+    return seen
+
+
+def _texts(store: EventStore, stream: str) -> list[str]:
+    return [e.data.text for e in store.read_stream(stream)]  # type: ignore[attr-defined]
+
+
+def test_two_stores_on_one_database_interleave_without_gaps(url: str) -> None:
+    """Two stores (two processes' worth) append to one database: every append lands once, at
+    the next position and version, and version checks still see the other store's events.
+
+    On PostgreSQL the first store appends in one round trip on what it committed last; the
+    other store's appends make that guess stale, which must be noticed, not written over."""
+    a = EventStore.open(url, migrate=True)
+    b = EventStore.open(url)
+    try:
+        guesses = _count_guesses(a)
+        a.append("s-1", [NoteAdded(text="a1")], expected_version=0)
+        a.append("s-1", [NoteAdded(text="a2")], expected_version=1)
+        b.append("s-2", [NoteAdded(text="b1")])  # the log moves on under a's guess
+        a.append("s-1", [NoteAdded(text="a3")], expected_version=2)
+        b.append("s-1", [NoteAdded(text="b2")])  # and so does s-1
+        with pytest.raises(WrongExpectedVersion) as conflict:
+            a.append("s-1", [NoteAdded(text="late")], expected_version=3)
+        assert conflict.value.actual == 4
+        a.append("s-1", [NoteAdded(text="a4"), NoteAdded(text="a5")], expected_version=4)
+        a.append("s-1", [NoteAdded(text="a6")])
+        a.append("s-1", [NoteAdded(text="a7")])
+        assert [e.position for e in a.read_all()] == list(range(1, 10))
+        assert _texts(b, "s-1") == ["a1", "a2", "a3", "b2", "a4", "a5", "a6", "a7"]
+        assert [e.version for e in b.read_stream("s-1")] == list(range(1, 9))
+        assert b.stream_version("s-1") == 8
+        assert b.append("s-2", [NoteAdded(text="b3")]).first_position == 10
+        if a.backend == "postgresql":
+            # a2 in one round trip; a3's guess missed; then, once a probe found no other
+            # store's events since a's own, the one-round-trip path again (a7).
+            assert guesses[:2] == [True, False]
+            assert guesses[-1] is True
+        else:
+            assert guesses == []
+    finally:
+        a.close()
+        b.close()
+
+
+class _RaisingWriter:
+    """A write-only handler that sends its statement, then raises in Python."""
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        cur = conn.connection.cursor()
+        cur.execute("UPDATE es_streams SET version = version WHERE stream_id = 'none'")
+        cur.close()
+        raise ValueError("handler bug after its statement went out")
+
+    @staticmethod
+    def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("handler", [_FailingWriter(), _RaisingWriter()],
+                         ids=["statement-fails", "python-raises"])
+def test_a_failing_handler_on_a_known_stream_writes_nothing(store: EventStore,
+                                                            handler: Any) -> None:
+    """On a stream this store appended to before (PostgreSQL: the one-round-trip path, whose
+    statements commit together at the pipeline's end), a handler whose statement fails, or
+    that raises in Python after its statement went out, leaves nothing written."""
+    store.append("k-1", [NoteAdded(text="1")], expected_version=0)
+    store.append("k-1", [NoteAdded(text="2")], expected_version=1)
+    guesses = _count_guesses(store)
+    store.add_inline_handler(handler)
+    error = DatabaseError if isinstance(handler, _FailingWriter) else ValueError
+    for _ in range(2):
+        with pytest.raises(error):
+            store.append("k-1", [NoteAdded(text="refused")])
+        with pytest.raises(error):
+            store.append("k-1", [NoteAdded(text="refused"), NoteAdded(text="too")])
+    store.remove_inline_handler(handler)
+    assert store.stream_version("k-1") == 2
+    assert store.last_position() == 2
+    assert _texts(store, "k-1") == ["1", "2"]
+    result = store.append("k-1", [NoteAdded(text="3")], expected_version=2)
+    assert (result.first_position, result.stream_version) == (3, 3)
+    assert store.append("k-1", [NoteAdded(text="4"), NoteAdded(text="5")]).last_position == 5
+    assert _texts(store, "k-1") == ["1", "2", "3", "4", "5"]
+    if store.backend == "postgresql":
+        assert guesses == ["raised"] * 4 + [True, True]
+
+
+def test_idempotent_and_conflicting_appends_on_a_known_stream(store: EventStore) -> None:
+    """Appends to a stream the store knows still answer idempotency keys and version
+    conflicts exactly as the probing path does."""
+    store.append("i-1", [NoteAdded(text="1")], expected_version=0)
+    first = store.append("i-1", [NoteAdded(text="2")], idempotency_key="k-2")
+    again = store.append("i-1", [NoteAdded(text="2")], idempotency_key="k-2")
+    assert again.duplicate and again.last_position == first.last_position
+    with pytest.raises(WrongExpectedVersion) as conflict:
+        store.append("i-1", [NoteAdded(text="x")], expected_version=1)
+    assert conflict.value.actual == 2
+    with pytest.raises(WrongExpectedVersion):
+        store.append("i-1", [NoteAdded(text="x")], expected_version=0)
+    assert store.append("i-1", [NoteAdded(text="3")], expected_version=2).stream_version == 3
+    assert _texts(store, "i-1") == ["1", "2", "3"]
