@@ -72,6 +72,7 @@ from sqlalchemy.sql import ClauseElement
 
 from eventstore import Event, EventStore, RecordedEvent
 from eventstore._backend import begin_read, begin_write
+from eventstore._core import _pipeline, _psycopg
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
@@ -271,11 +272,16 @@ def version_key(version: Version) -> str:
 def checkpoint_key(checkpoint_id: str) -> bytes:
     """A checkpoint id as the index stores it: 17 bytes for a UUID (LangGraph's ids), else the
     text.  Keys sort as the ids do (UUIDs among themselves, other ids among themselves)."""
-    if len(checkpoint_id) == 36 and checkpoint_id == checkpoint_id.lower():
+    if (len(checkpoint_id) == 36 and checkpoint_id[8] == checkpoint_id[13] == checkpoint_id[18]
+            == checkpoint_id[23] == "-" and checkpoint_id == checkpoint_id.lower()):
+        # The canonical text of a UUID (what checkpoint_id_of gives back), without the cost of
+        # uuid.UUID(): four dashes where str(UUID) puts them, 32 lowercase hex digits.
         try:
-            return b"\x00" + uuid.UUID(checkpoint_id).bytes
+            raw = bytes.fromhex(checkpoint_id.replace("-", ""))
         except ValueError:
-            pass
+            raw = b""
+        if len(raw) == 16:  # (fromhex also skips spaces)
+            return b"\x00" + raw
     return b"\x01" + checkpoint_id.encode()
 
 
@@ -322,6 +328,13 @@ def _run(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> builtins.l
         return builtins.list(cur.fetchall()) if cur.description is not None else []
     finally:
         cur.close()
+
+
+def _send(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> Any:
+    """Execute; the caller fetches from (and closes) the cursor, e.g. after a pipeline."""
+    cur = conn.connection.cursor()
+    cur.execute(c.sql, _args(c, params))
+    return cur
 
 
 def _run_many(conn: Connection, c: Compiled, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -429,6 +442,9 @@ def _one_statement(ev: CheckpointSaved) -> bool:
 
 
 _MAX_PAIRS = 32  # (version, channel) pairs of a checkpoint indexed in one statement
+_V_NAMES = [f"v{i}" for i in range(_MAX_PAIRS)]
+_PV_NAMES = [f"p{j}_v" for j in range(_MAX_PAIRS)]
+_PC_NAMES = [f"p{j}_c" for j in range(_MAX_PAIRS)]
 
 
 def _index_checkpoint(conn: Connection, ids: dict[str, str], position: int,
@@ -446,13 +462,12 @@ def _index_checkpoint(conn: Connection, ids: dict[str, str], position: int,
         c = _stmt(conn, ("cp_blobs", len(by_version), len(pairs)),
                   _checkpoint_and_versions(len(by_version), len(pairs)))
         params = {f"c_{k}": v for k, v in row.items()}
-        for i, vkey in enumerate(by_version):
-            params[f"v{i}"] = vkey
+        params.update(zip(_V_NAMES, by_version, strict=False))
         for j, (vkey, ch) in enumerate(pairs):
-            params[f"p{j}_v"] = vkey
-            params[f"p{j}_c"] = ch
-        cur = conn.connection.cursor()
-        cur.execute(c.sql, _args(c, params))
+            params[_PV_NAMES[j]] = vkey
+            params[_PC_NAMES[j]] = ch
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur.execute(c.sql, c.args(params))
         cur.close()
         return
     _run(conn, _stmt(conn, ("upsert_cp",), _upsert_checkpoint), row)
@@ -720,16 +735,41 @@ def _latest_query(with_id: bool) -> Callable[[str], ClauseElement]:
     return build
 
 
+# What a saver last put in a thread namespace: checkpoint key, sorted version keys, position.
+Hint = tuple[bytes, tuple[str, ...], int]
+_MAX_HINTS = 4096
+
+
+def _version_keys(ev: CheckpointSaved) -> tuple[str, ...]:
+    return tuple(sorted({ver if ver.__class__ is str else version_key(ver)
+                         for ver in ev.versions.values()}))
+
+
 def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
-               checkpoint_id: str | None) -> Loaded | None:
+               checkpoint_id: str | None, hint: Hint | None = None) -> Loaded | None:
     """One checkpoint (the latest of the namespace without an id), with values and writes.
 
     Two statements: the checkpoint's row with its event, then the index rows of its channel
-    versions and its pending writes, each with the event it points at.
+    versions and its pending writes, each with the event it points at.  With a ``hint`` (the
+    checkpoint this process put last there) on psycopg, the second statement is sent with the
+    first for the hinted checkpoint, and used if the first finds that very checkpoint: one round
+    trip; otherwise it is sent again for the checkpoint found.
     """
     c = _stmt(conn, ("latest", checkpoint_id is not None), _latest_query(checkpoint_id is not None))
     ids = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns}
-    rows = _run(conn, c, {**ids, "cid": _key_or_none(checkpoint_id)})
+    first = {**ids, "cid": _key_or_none(checkpoint_id)}
+    guessed: builtins.list[Any] | None = None
+    if hint is not None and (checkpoint_id is None or first["cid"] == hint[0]) \
+            and len(hint[1]) <= _CHUNK and _psycopg(conn) is not None:
+        with _pipeline(conn):
+            cur = _send(conn, c, first)
+            refs = _send(*_refs_args(conn, ids, hint[0], hint[2], hint[1]))
+        rows = builtins.list(cur.fetchall())
+        guessed = builtins.list(refs.fetchall())
+        cur.close()
+        refs.close()
+    else:
+        rows = _run(conn, c, first)
     if not rows:
         return None
     cid, parent_key, position, tag, schema_version, data = rows[0]
@@ -737,15 +777,17 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
     if not isinstance(ev, CheckpointSaved):
         raise TypeError(f"event at {position} is {tag}, not a checkpoint")
     loaded: dict[int, Event] = {position: ev}
-    vkeys = sorted({ver if ver.__class__ is str else version_key(ver)
-                    for ver in ev.versions.values()})
+    vkeys = _version_keys(ev)
     versions_at: dict[str, dict[str, int]] = defaultdict(dict)
     write_positions: builtins.list[int] = []
-    for part in _chunks(vkeys) if vkeys else [()]:
-        n = _bucket(len(part)) if part else 0
-        q = _stmt(conn, ("refs", n), _refs_query(n))
-        params = {**ids, "cid": cid, "own": position, **_padded("v", part)}
-        for kind, key, channel, at, etag, esv, edata in _run(conn, q, params):
+    if guessed is not None and hint is not None and (cid, position) == (hint[0], hint[2]) \
+            and vkeys == hint[1]:
+        results: Iterable[builtins.list[Any]] = [guessed]
+    else:
+        results = (_run(*_refs_args(conn, ids, cid, position, part))
+                   for part in (_chunks(vkeys) if vkeys else [()]))
+    for result_rows in results:
+        for kind, key, channel, at, etag, esv, edata in result_rows:
             if edata is not None and at not in loaded:
                 held = decode_event(etag, esv, bytes(edata))
                 if isinstance(held, Event):
@@ -765,6 +807,14 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
     if missing and not _run(conn, c, {**ids, "cid": cid}):
         return None
     return result
+
+
+def _refs_args(conn: Connection, ids: Mapping[str, str], cid: bytes, position: int,
+               vkeys: Sequence[str]) -> tuple[Connection, Compiled, dict[str, Any]]:
+    """The refs statement for a checkpoint and (a chunk of) its version keys, with arguments."""
+    n = _bucket(len(vkeys)) if vkeys else 0
+    return (conn, _stmt(conn, ("refs", n), _refs_query(n)),
+            {**ids, "cid": cid, "own": position, **_padded("v", vkeys)})
 
 
 def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
@@ -1394,6 +1444,8 @@ class EventStoreSaver(_Base):
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id
+        # (thread, namespace) -> the checkpoint this saver put there last (see read_tuple).
+        self._hints: dict[tuple[str, str], Hint] = {}
         store.add_inline_handler(index_events)
 
     @classmethod
@@ -1413,7 +1465,11 @@ class EventStoreSaver(_Base):
             metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
         thread_id, ev, next_config = self._checkpoint_events(config, checkpoint, metadata,
                                                              new_versions)
-        self._append(thread_id, [ev], lambda limit: _split(ev, limit))
+        position = self._append(thread_id, [ev], lambda limit: _split(ev, limit))
+        hints = self._hints
+        if len(hints) >= _MAX_HINTS:
+            hints.clear()
+        hints[(thread_id, ev.ns)] = (checkpoint_key(ev.id), _version_keys(ev), position)
         return next_config
 
     def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
@@ -1425,23 +1481,26 @@ class EventStoreSaver(_Base):
 
     def _append(self, thread_id: str, evs: builtins.list[Event],
                 split: Callable[[int], builtins.list[Event]] | None = None,
-                expected_version: int | None = None) -> None:
+                expected_version: int | None = None) -> int:
+        """Append; returns the last event's position."""
         stream = stream_id_of(thread_id)
         try:
-            self.store.append(stream, evs, tenant_id=self.tenant_id,
-                              expected_version=expected_version)
+            result = self.store.append(stream, evs, tenant_id=self.tenant_id,
+                                       expected_version=expected_version)
         except EventTooLarge as e:
             if split is None:
                 raise
-            self.store.append(stream, split(e.limit), tenant_id=self.tenant_id,
-                              expected_version=expected_version)
+            result = self.store.append(stream, split(e.limit), tenant_id=self.tenant_id,
+                                       expected_version=expected_version)
+        return result.last_position
 
     # -- reads --
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, ns, cid = self._get_args(config)
+        hint = self._hints.get((thread_id, ns))
         with begin_read(self.store.engine) as conn:
-            loaded = read_tuple(conn, self.tenant_id, thread_id, ns, cid)
+            loaded = read_tuple(conn, self.tenant_id, thread_id, ns, cid, hint)
         return None if loaded is None else self._tuple(loaded)
 
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,

@@ -416,7 +416,8 @@ def test_prune_delete_strategy_removes_every_checkpoint(saver: EventStoreSaver,
 
 def test_get_tuple_cost_does_not_grow_with_the_thread(saver: EventStoreSaver,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """get_tuple runs two statements and reads the same rows on a 3- and a 300-step thread."""
+    """get_tuple runs two statements and reads the same rows on a 3- and a 300-step thread
+    (on PostgreSQL, for the checkpoint this saver put last, both in one round trip)."""
     import projections.langgraph_saver as module
 
     def grow(thread_id: str, steps: int) -> None:
@@ -437,7 +438,21 @@ def test_get_tuple_cost_does_not_grow_with_the_thread(saver: EventStoreSaver,
         seen.append(len(rows))
         return rows
 
+    class Counted:
+        def __init__(self, cur: Any) -> None:
+            self.cur = cur
+
+        def fetchall(self) -> list[Any]:
+            rows = list(self.cur.fetchall())
+            seen.append(len(rows))
+            return rows
+
+        def close(self) -> None:
+            self.cur.close()
+
+    real_send = module._send
     monkeypatch.setattr(module, "_run", counting)
+    monkeypatch.setattr(module, "_send", lambda *a: Counted(real_send(*a)))
     reads = {}
     for thread_id in ("short", "long"):
         seen.clear()
@@ -446,6 +461,41 @@ def test_get_tuple_cost_does_not_grow_with_the_thread(saver: EventStoreSaver,
         reads[thread_id] = list(seen)
     assert reads["short"] == reads["long"]
     assert len(reads["long"]) == 2
+
+
+def test_get_tuple_finds_checkpoints_another_saver_put(url: str) -> None:
+    """A saver's get_tuple is right when another saver (another process) has since put a newer
+    checkpoint on the thread, re-put the same checkpoint with other channels, or written its
+    pending writes: what this saver put last is only a guess that the read checks."""
+    a_store = EventStore.open(url, migrate=True)
+    b_store = EventStore.open(url)
+    try:
+        a, b = EventStoreSaver(a_store), EventStoreSaver(b_store)
+        first = put(a, "shared", None, {"doc": "d", "n": 0}, {"doc": 1, "n": 1},
+                    {"doc": 1, "n": 1})
+        got = a.get_tuple(config("shared"))
+        assert got is not None and got.checkpoint["channel_values"] == {"doc": "d", "n": 0}
+        b.put_writes(first, [("n", 5)], "task-b")
+        got = a.get_tuple(config("shared"))
+        assert got is not None and [w[1:] for w in got.pending_writes or []] == [("n", 5)]
+        second = put(b, "shared", first, {"doc": "d", "n": 1}, {"doc": 1, "n": 2}, {"n": 2})
+        for who in (a, b):
+            got = who.get_tuple(config("shared"))
+            assert got is not None and got.config == second
+            assert got.checkpoint["channel_values"] == {"doc": "d", "n": 1}
+            assert got.pending_writes == []
+        # b re-puts a's first checkpoint with another channel: a's guess has the old versions
+        cp = empty_checkpoint()
+        cp["id"] = first["configurable"]["checkpoint_id"]
+        cp["channel_values"] = {"doc": "d", "n": 0, "extra": "x"}
+        cp["channel_versions"] = {"doc": 1, "n": 1, "extra": 1}
+        b.put(config("shared"), cp, {"source": "loop", "step": 0, "parents": {}}, {"extra": 1})
+        got = a.get_tuple(first)
+        assert got is not None
+        assert got.checkpoint["channel_values"] == {"doc": "d", "n": 0, "extra": "x"}
+    finally:
+        a_store.close()
+        b_store.close()
 
 
 def test_from_url_opens_and_closes_a_store_of_its_own(url: str, store: EventStore) -> None:
