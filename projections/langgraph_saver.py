@@ -550,9 +550,10 @@ def _insert_count(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> i
 
 def _index_writes(conn: Connection, ids: dict[str, str], position: int, ev: WritesSaved
                   ) -> None:
-    _run(conn, _stmt(conn, ("ins_write",), _insert_ignore(writes)), {
+    # Results unread: this write may go out in the append's pipeline (writes_only).
+    _send(conn, _stmt(conn, ("ins_write",), _insert_ignore(writes)), {
         **ids, "checkpoint_ns": ev.ns, "checkpoint_id": checkpoint_key(ev.checkpoint_id),
-        "position": position})
+        "position": position}).close()
 
 
 def _index_retention(conn: Connection, ids: dict[str, str], ev: Event) -> None:
@@ -981,19 +982,33 @@ def _found(wanted: Iterable[tuple[str, Version]], versions_at: Mapping[str, Mapp
     """(channel, version) -> its blob: in the first event that stored the version if that one
     holds the channel, else in the first event that stored that channel at that version."""
     table: dict[tuple[str, Version], Blob] = {}
+    held: dict[int, dict[tuple[str, Version], Blob]] = {}  # position -> that event's blobs
+
+    def blobs_at(position: int) -> dict[tuple[str, Version], Blob]:
+        by_pair = held.get(position)
+        if by_pair is None:
+            holder = loaded.get(position)
+            by_pair = held[position] = {}
+            if isinstance(holder, (CheckpointSaved, ChannelValuesSaved)):
+                for b in reversed(holder.blobs):  # the first of duplicates wins, as before
+                    version = holder.version_of(b)
+                    if version is not None:
+                        by_pair[(b.channel, version)] = b
+        return by_pair
+
     for pair in wanted:
-        ch, ver = pair
+        ver = pair[1]
         chans = versions_at.get(ver if ver.__class__ is str else version_key(ver))
         if not chans:
             continue
-        for key in ("", ch):
-            holder = loaded.get(chans[key]) if key in chans else None
-            if isinstance(holder, (CheckpointSaved, ChannelValuesSaved)):
-                b = next((b for b in holder.blobs
-                          if b.channel == ch and holder.version_of(b) == ver), None)
-                if b is not None:
-                    table[pair] = b
-                    break
+        first = chans.get("")
+        b = blobs_at(first).get(pair) if first is not None else None
+        if b is None:
+            other = chans.get(pair[0])
+            if other is not None:
+                b = blobs_at(other).get(pair)
+        if b is not None:
+            table[pair] = b
     return table
 
 
