@@ -69,7 +69,9 @@ class InlineHandler(Protocol):
     for these events, it only executes statements on the DBAPI cursor and never looks at their
     results (no rows, no ``rowcount``, no ``description``).  On PostgreSQL the store then runs it
     inside psycopg's pipeline with the append's own writes and the COMMIT, so the whole append
-    is two round trips (see ``StoreCore._append_locked``).
+    is two round trips (see ``StoreCore._append_locked``), or one when the store knows the end
+    of the log (``StoreCore._append_guessed``).  Its statements may then go out in an implicit
+    transaction: if it raises after sending some, the store makes that transaction fail.
 
     Or a method ``prepare(conn, recorded) -> Callable[[Connection], None] | None``: it does the
     handler's reads (before the append's own rows are written, so it must not look for them) and

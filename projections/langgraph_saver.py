@@ -324,16 +324,29 @@ def _run(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> builtins.l
     """Execute on the connection's DBAPI cursor (sync or SQLAlchemy's async adapter)."""
     cur = conn.connection.cursor()
     try:
-        cur.execute(c.sql, _args(c, params))
+        if _binary(conn):
+            # PostgreSQL's binary results: bytea arrives as is, not as hex text to decode.
+            cur.execute(c.sql, _args(c, params), binary=True)
+        else:
+            cur.execute(c.sql, _args(c, params))
         return builtins.list(cur.fetchall()) if cur.description is not None else []
     finally:
         cur.close()
 
 
+def _binary(conn: Connection) -> bool:
+    """Whether the connection's cursors take psycopg's ``binary`` option (the sync driver)."""
+    dialect = conn.dialect
+    return dialect.name == "postgresql" and not dialect.is_async
+
+
 def _send(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> Any:
     """Execute; the caller fetches from (and closes) the cursor, e.g. after a pipeline."""
     cur = conn.connection.cursor()
-    cur.execute(c.sql, _args(c, params))
+    if _binary(conn):
+        cur.execute(c.sql, _args(c, params), binary=True)
+    else:
+        cur.execute(c.sql, _args(c, params))
     return cur
 
 
