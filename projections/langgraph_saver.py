@@ -326,7 +326,7 @@ def _run(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> builtins.l
     try:
         if _binary(conn):
             # PostgreSQL's binary results: bytea arrives as is, not as hex text to decode.
-            cur.execute(c.sql, _args(c, params), binary=True)
+            cur.execute(c.sql, _args(c, params), binary=True)  # type: ignore[call-arg]
         else:
             cur.execute(c.sql, _args(c, params))
         return builtins.list(cur.fetchall()) if cur.description is not None else []
@@ -344,7 +344,7 @@ def _send(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> Any:
     """Execute; the caller fetches from (and closes) the cursor, e.g. after a pipeline."""
     cur = conn.connection.cursor()
     if _binary(conn):
-        cur.execute(c.sql, _args(c, params), binary=True)
+        cur.execute(c.sql, _args(c, params), binary=True)  # type: ignore[call-arg]
     else:
         cur.execute(c.sql, _args(c, params))
     return cur
