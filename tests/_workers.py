@@ -63,6 +63,32 @@ def version_racer(url: str, worker: str, streams: list[str], attempts: int, seco
     _guard(queue, f"version_racer {worker}", body)
 
 
+def mixed_appender(url: str, worker: str, rounds: int, barrier: Any, queue: Any) -> None:
+    """Unchecked appends, interleaved with other workers': to a stream of its own (which this
+    store then knows, so on PostgreSQL it appends on what it committed last and must notice
+    the others' events), to a shared stream, and two-event batches.  Reports what it wrote:
+    ``{"worker", "own": n, "shared": n}``."""
+
+    def body() -> None:
+        own = shared = 0
+        with EventStore.open(url) as store:
+            barrier.wait(BARRIER_TIMEOUT)
+            for i in range(rounds):
+                if i % 3 == 2:
+                    store.append("mixed-shared", [CounterIncremented(by=1, writer=worker)])
+                    shared += 1
+                elif i % 5 == 4:
+                    store.append(f"mixed-{worker}", [CounterIncremented(by=1, writer=worker),
+                                                     CounterIncremented(by=2, writer=worker)])
+                    own += 2
+                else:
+                    store.append(f"mixed-{worker}", [CounterIncremented(by=1, writer=worker)])
+                    own += 1
+        queue.put(("ok", {"worker": worker, "own": own, "shared": shared}))
+
+    _guard(queue, f"mixed_appender {worker}", body)
+
+
 def idempotency_racer(url: str, worker: str, keys: list[tuple[str, str]], barrier: Any,
                       queue: Any) -> None:
     """For each ``(key, stream)``: wait for every worker, then append the same two events with it.
