@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, func, literal_column, select
 from sqlalchemy import cast as sql_cast
@@ -297,7 +297,7 @@ class StoreCore:
             # order, so the probe's snapshot (READ COMMITTED: taken when the statement starts)
             # is taken after the lock is granted, as lock_appends requires.
             if psycopg_conn is not None:
-                pipeline.enter_context(psycopg_conn.pipeline())
+                pipeline.enter_context(_psycopg_pipeline(psycopg_conn))
                 if psycopg_conn.autocommit and psycopg_conn.info.transaction_status.name == "IDLE":
                     # The store's own write connection runs in autocommit mode so that its BEGIN
                     # goes out with the statements (psycopg's own BEGIN costs a round trip).
@@ -374,6 +374,7 @@ class StoreCore:
             cur.close()
         if pipelined:
             self._tail.committed(tenant_id, stream_id, new_version, result.last_position, stamp)
+            self._committed(recorded)
         else:
             if commit:
                 # Committed (or not) by the caller, after this returns: unknown here.
@@ -383,6 +384,14 @@ class StoreCore:
             if before_commit is not None:
                 before_commit(conn, recorded)
         return result
+
+    def _committed(self, recorded: Sequence[RecordedEvent]) -> None:
+        """Tell the inline handlers that care that the append of ``recorded`` has committed
+        (called only where that is known: the append committed in its own pipeline)."""
+        for handler in self._inline:
+            committed = getattr(handler, "committed", None)
+            if committed is not None:
+                committed(recorded)
 
     def _append_guessed(self, conn: Connection, psycopg_conn: Any, plan: AppendPlan,
                         current: int, last_position: int, updated_at: int
@@ -405,8 +414,16 @@ class StoreCore:
             return None  # the probing path raises, with the version it reads
         rows, recorded, stamp = _event_rows(plan, current, last_position, updated_at,
                                             conn.dialect.name)
-        if not all(_writes_only(h, conn, recorded) for h in self._inline):
-            return None
+        late_writes: list[Callable[[Connection], None]] = []
+        for handler in self._inline:
+            if _writes_only(handler, conn, recorded):
+                late_writes.append(functools.partial(_call, handler, recorded))
+                continue
+            guess = getattr(handler, "guess", None)
+            writes_of = guess(conn, recorded) if guess is not None else None
+            if writes_of is None:
+                return None
+            late_writes.append(writes_of)
         writes: list[Any] = []
 
         def send() -> None:
@@ -415,13 +432,13 @@ class StoreCore:
             else:
                 lock_appends(conn)
                 writes.extend(_write_events(conn, plan, rows, current, stamp))
-            for handler in self._inline:
-                handler(conn, recorded)
+            for write in late_writes:
+                write(conn)
 
         try:
             _in_implicit_transaction(psycopg_conn, send)
         except Exception as e:
-            if getattr(getattr(e, "diag", None), "constraint_name", None) not in _GUESS_KEYS:
+            if not _stale_guess(e):
                 raise
             _log.debug("append_guess_missed", tenant=plan.tenant_id, stream=plan.stream_id,
                        position=last_position)
@@ -429,6 +446,7 @@ class StoreCore:
             return None
         for cur in writes:
             cur.close()
+        self._committed(recorded)
         new_version = current + len(rows)
         self._tail.committed(plan.tenant_id, plan.stream_id, new_version,
                              last_position + len(rows), stamp)
@@ -618,6 +636,14 @@ class Pager:
 _GUESS_KEYS = frozenset({"es_events_pkey", "es_events_stream_version"})
 
 
+def _stale_guess(error: Exception) -> bool:
+    """Whether the one-round-trip append failed because what it guessed was stale: one of the
+    unique keys above, or a handler's guard (``InlineHandler.guess``: division by zero)."""
+    if getattr(getattr(error, "diag", None), "constraint_name", None) in _GUESS_KEYS:
+        return True
+    return getattr(error, "sqlstate", None) == "22012"
+
+
 def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: int | None,
                 dialect_name: str) -> tuple[list[dict[str, Any]], list[RecordedEvent], int]:
     """The event rows and records of an append after ``last_position`` and stream version
@@ -771,8 +797,38 @@ def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
     """
     dbapi = _psycopg(conn)
     if dbapi is not None and not dbapi.pgconn.pipeline_status:
-        return cast("contextlib.AbstractContextManager[Any]", dbapi.pipeline())
+        return _psycopg_pipeline(dbapi)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
+    """``dbapi.pipeline()``, keeping psycopg's prepared statements in step when it fails.
+
+    psycopg prepares a statement on the server the fifth time it runs.  When that run is in a
+    pipeline that fails, psycopg can count the statement as prepared though the server does
+    not have it, and its next run fails ("prepared statement does not exist"; seen with
+    psycopg 3.3 in tests/test_append_path.py).
+    psycopg forgets its prepared statements, and deallocates them, on ``rollback()``; a
+    failure that left no transaction to roll back (autocommit, a pipeline's implicit
+    transaction) gets one opened here for that ``rollback()`` to end.
+    """
+    try:
+        with dbapi.pipeline() as p:
+            yield p
+    except BaseException:
+        _forget_prepared(dbapi)
+        raise
+
+
+def _forget_prepared(dbapi: Any) -> None:
+    if dbapi.closed or dbapi.pgconn.transaction_status != 0:  # not idle: rollback() will
+        return
+    try:
+        dbapi.execute("BEGIN", prepare=False)  # not a prepared statement: it may be the lost one
+        dbapi.rollback()
+    except Exception:
+        dbapi.close()  # unsure of its state: the owner replaces a closed connection
 
 
 def _execute(dbapi: Any, sql: str) -> None:
@@ -797,7 +853,7 @@ def _in_implicit_transaction(dbapi: Any, send: Callable[[], None]) -> None:
     """
     failed: BaseException | None = None
     try:
-        with dbapi.pipeline():
+        with _psycopg_pipeline(dbapi):
             try:
                 send()
             except BaseException as exc:

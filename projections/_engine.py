@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
-from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventstore import EventStore, RecordedEvent, StreamSlice
@@ -311,6 +311,16 @@ def _build_fast(name: str, dialect_name: str) -> Any:
     if name == "advance":
         return (update(projections).where(pc.name == bindparam("name"))
                 .values(position=bindparam("new_position")))
+    if name == "advance_from":
+        # PostgreSQL, _InlineHandler.guess: move the checkpoint from where this process left it,
+        # and fail (division by zero) if it is not there any more.
+        moved = (update(projections)
+                 .where(pc.name == bindparam("name"), pc.position == bindparam("prev"),
+                        pc.generation == bindparam("generation"),
+                        pc.code_version == bindparam("code_version"), pc.status != "failed")
+                 .values(position=bindparam("new_position"))
+                 .returning(pc.position).cte("moved"))
+        return select(literal(1) / select(func.count()).select_from(moved).scalar_subquery())
     raise KeyError(name)
 
 
@@ -465,6 +475,8 @@ def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,
 
 # -- inline --
 
+_KNOWN_ROWS = 4096  # streams' rows an inline handler remembers (see _InlineHandler.guess)
+
 
 class _InlineHandler:
     """Keeps a projection's rows current inside every append's transaction."""
@@ -473,11 +485,77 @@ class _InlineHandler:
         self.store = store
         self.p = projection
         self.warned = False
+        # What this process last committed (see guess): the checkpoint's generation and
+        # position, and recent streams' rows; and what the append under way will commit.
+        self._mark: tuple[int, int] | None = None
+        self._known: dict[tuple[str, str], tuple[bytes, int, int]] = {}  # encoded state
+        self._pending: tuple[tuple[int, int], dict[tuple[str, str], Any], bool] | None = None
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
         write = self.prepare(conn, recorded)
         if write is not None:
             write(conn)
+
+    def writes_only(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
+        """None of these events is the projection's: the handler then writes nothing at all."""
+        return not any(self.p.handles(e) for e in recorded)
+
+    def guess(self, conn: Connection, recorded: Sequence[RecordedEvent]
+              ) -> Callable[[Connection], None] | None:
+        """The rows' writes without reading anything, from what this process committed last
+        (PostgreSQL, see ``StoreCore._append_guessed``); ``None`` when it knows too little.
+
+        The fold starts from the stream's row as this process wrote it.  That is the row in
+        the database if the projection's checkpoint is still where this process left it
+        (every writer of the projection's rows moves it, a rebuild changes its generation):
+        the checkpoint's update says so, or fails and takes the append's transaction with it.
+        Events between that checkpoint and this append are not this projection's: they went
+        through this handler in this process (the store's own guess that nobody else appended
+        is checked in the same transaction).
+        """
+        self._pending = None
+        relevant = [e for e in recorded if self.p.handles(e)]
+        keys = {(e.tenant_id, e.stream_id) for e in relevant}
+        mark = self._mark
+        if mark is None or len(keys) != 1:
+            return None
+        (key,) = keys
+        known = self._known.get(key)
+        if known is None:
+            return None
+        generation, prev = mark
+        rows: _Rows[Any] = _Rows(self.p, generation)
+        # A state of its own (decoded afresh), so a fold that changes its state in place and
+        # then fails, or whose transaction fails, leaves what is remembered as it was.
+        rows.cache[key] = (self.p.decode(known[0]), known[1], known[2])
+        rows.apply(conn, relevant)
+        now_us = to_micros(relevant[0].recorded_at)
+        new_position = recorded[-1].position
+        self._pending = ((generation, new_position), {key: rows.cache[key]}, False)
+
+        def write(conn: Connection) -> None:
+            # The checkpoint first: it is locked before the row, as prepare() locks it.
+            _fast("advance_from", conn).run(conn, {
+                "name": self.p.name, "prev": prev, "generation": generation,
+                "code_version": self.p.version, "new_position": new_position}).close()
+            rows.flush(conn, now_us)
+
+        return write
+
+    def committed(self, recorded: Sequence[RecordedEvent]) -> None:
+        """The append these events came in has committed (the store says so only when it
+        knows): what prepare or guess folded is now the projection's state."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        mark, rows, others_changed = pending
+        known = self._known
+        if others_changed or len(known) >= _KNOWN_ROWS:
+            known.clear()
+        encode = self.p.encode
+        for key, (state, version, position) in rows.items():
+            known[key] = (encode(state), version, position)
+        self._mark = mark
 
     def prepare(self, conn: Connection, recorded: Sequence[RecordedEvent]
                 ) -> Callable[[Connection], None] | None:
@@ -486,6 +564,7 @@ class _InlineHandler:
         Runs before the append's own rows are written (see ``eventstore.InlineHandler``): it
         reads only the projection's rows and, to catch up, events below this append's.
         """
+        self._pending = None
         relevant = [e for e in recorded if self.p.handles(e)]
         if not relevant:
             return None
@@ -526,10 +605,15 @@ class _InlineHandler:
                 f"run `eventstore projections restart {self.p.name}` before appending")
         rows: _Rows[Any] = _Rows(self.p, generation)
         first = relevant[0].position
+        # Rows this process remembers (see guess) are the database's only while nobody else
+        # moved the checkpoint and no catch-up folded other appends into them.
+        others_changed = (generation, position) != self._mark
         if position < first - 1:
             # Catch up what appends without this handler (another process, or before it was
             # registered) left behind, then fold this batch.
             _catch_up(self.store, conn, rows, position, first - 1)
+            if rows.dirty:
+                others_changed = True
         key = next(iter(keys))
         if len(keys) == 1 and key not in rows.cache:  # (a catch-up may have loaded it)
             rows.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
@@ -537,6 +621,8 @@ class _InlineHandler:
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
+        self._pending = ((generation, new_position), {k: rows.cache[k] for k in keys},
+                         others_changed)
 
         def write(conn: Connection) -> None:
             with _pipeline(conn):  # the rows and the checkpoint: one round trip on psycopg

@@ -326,3 +326,50 @@ def test_idempotent_and_conflicting_appends_on_a_known_stream(store: EventStore)
         store.append("i-1", [NoteAdded(text="x")], expected_version=0)
     assert store.append("i-1", [NoteAdded(text="3")], expected_version=2).stream_version == 3
     assert _texts(store, "i-1") == ["1", "2", "3"]
+
+
+class _ConstantWriter:
+    """A write-only handler that runs one statement (which writes nothing) per append."""
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        cur = conn.connection.cursor()
+        cur.execute("UPDATE es_streams SET version = version WHERE stream_id = '-none-'")
+        cur.close()
+
+    @staticmethod
+    def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
+        return True
+
+
+def test_failed_pipelines_leave_prepared_statements_in_step(url: str) -> None:
+    """psycopg prepares a statement on its fifth run; when that run sits in a pipeline that
+    fails first (here: a stale guess, the first statement), the server never prepares it
+    though psycopg counts it as prepared.  Appends must keep working after such failures."""
+    a = EventStore.open(url, migrate=True)
+    b = EventStore.open(url)
+    try:
+        a.add_inline_handler(_ConstantWriter())
+        guesses = _count_guesses(a)
+        texts = []
+
+        def a_appends(n: int) -> None:
+            for _ in range(n):
+                texts.append(f"a{len(texts)}")
+                a.append("p-1", [NoteAdded(text=texts[-1])])
+
+        # a's first append probes; the next four run the one-statement append four times; b's
+        # append makes the fifth (the run psycopg prepares) fail; then a appends on.
+        a_appends(5)
+        b.append("p-2", [NoteAdded(text="b")])
+        a_appends(4)
+        # and so on, after other numbers of a's own appends
+        for gap in (1, 2, 3, 6):
+            b.append("p-2", [NoteAdded(text="b")])
+            a_appends(gap)
+        assert _texts(a, "p-1") == texts
+        assert [e.position for e in a.read_all()] == list(range(1, len(texts) + 6))
+        if a.backend == "postgresql":
+            assert guesses[:6] == [True] * 4 + [False, True]
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,175 @@
+"""Inline projections on the one-round-trip append (PostgreSQL): the handler folds onto the row
+it committed last and guards the projection's checkpoint instead of reading.
+
+Every test runs on both backends (SQLite never guesses, so there it checks the plain path gives
+the same answers); on PostgreSQL each also checks that the guessed path was really taken.
+``verify`` (a rebuild from the log into scratch rows, compared with the live rows) is the
+oracle: whatever path an append took, the rows must be what replaying the log gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import pytest
+from sqlalchemy import Connection
+
+from eventstore import EventStore, RecordedEvent
+from eventstore.errors import DatabaseError
+from projections import Projection, inline, rebuild, verify
+from projections._engine import load_row
+from tests._events import CounterIncremented
+from tests._projections import Tally, TallyProjection
+
+
+def _spy(store: EventStore) -> list[bool | str]:
+    """Per append that tried the one-round-trip path: committed there (True), went the
+    probing way (False), or failed there ("raised")."""
+    seen: list[bool | str] = []
+    original = store._append_guessed
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = original(*args, **kwargs)
+        except BaseException:
+            seen.append("raised")
+            raise
+        seen.append(result is not None)
+        return result
+
+    store._append_guessed = spy  # type: ignore[method-assign]
+    return seen
+
+
+def _bump(store: EventStore, stream: str, by: int = 1, writer: str = "w") -> None:
+    store.append(stream, [CounterIncremented(by=by, writer=writer)])
+
+
+def test_inline_rows_stay_right_over_guessed_appends(store: EventStore) -> None:
+    """Many appends to a few streams: after the first append to each stream, PostgreSQL folds
+    in one round trip; the rows are always what a replay gives, and queries see them at once."""
+    p = TallyProjection(snapshot_every=None)
+    inline(store, p)
+    seen = _spy(store)
+    for i in range(30):
+        _bump(store, f"counter-{i % 3}", by=i)
+        got = load_row(store, p, "default", f"counter-{i % 3}")
+        assert got is not None and got[1] == i // 3 + 1
+    assert load_row(store, p, "default", "counter-1") == (
+        Tally(count=10, total=sum(range(1, 30, 3)), writers=["w", "w", "w"], last_version=10), 10)
+    assert verify(store, p) == []
+    if store.backend == "postgresql":
+        assert seen.count(True) >= 25 and "raised" not in seen
+
+
+def test_other_stores_and_rebuilds_between_guessed_appends(url: str) -> None:
+    """Another store (another process) with the projection inline, another without it (its
+    events are caught up later), and a rebuild (a new generation) all move the projection
+    under what a store remembers: its guard must notice each time, and the rows stay right."""
+    a = EventStore.open(url, migrate=True)
+    b = EventStore.open(url)
+    c = EventStore.open(url)
+    p = TallyProjection(snapshot_every=None)
+    try:
+        inline(a, p)
+        inline(b, TallyProjection(snapshot_every=None))
+        seen = _spy(a)
+        for _ in range(3):
+            _bump(a, "counter-x", writer="a")
+            _bump(a, "counter-z", writer="a")
+        _bump(b, "counter-z", writer="b")          # b changes a row a remembers, then a
+        _bump(a, "counter-x", writer="a")          # appends elsewhere (reads the checkpoint)
+        _bump(a, "counter-z", writer="a")          # and must not fold onto what it remembered
+        assert load_row(a, p, "default", "counter-z") == (
+            Tally(count=5, total=5, writers=["a", "b", "a"], last_version=5), 5)
+        _bump(b, "counter-x", writer="b")          # b moves the row and the checkpoint
+        _bump(a, "counter-x", writer="a")
+        _bump(a, "counter-x", writer="a")
+        _bump(c, "counter-x", by=5, writer="c")   # c has no inline handler: a catches up
+        _bump(a, "counter-y", writer="a")
+        _bump(a, "counter-x", writer="a")
+        _bump(a, "counter-x", writer="a")
+        rebuild(a, p)                              # a new generation
+        _bump(a, "counter-x", writer="a")
+        _bump(a, "counter-x", writer="a")
+        state, version = load_row(a, p, "default", "counter-x") or (None, 0)
+        assert version == 12
+        assert state == Tally(count=12, total=16, writers=["a", "a", "a"], last_version=12)
+        assert verify(a, p) == []
+        if a.backend == "postgresql":
+            assert True in seen and False in seen and "raised" not in seen
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
+class _Bag(msgspec.Struct):
+    items: list[int] = msgspec.field(default_factory=list)
+
+
+class _MutatingBag(Projection[_Bag]):
+    """A fold that changes its state in place (allowed: it returns it too)."""
+
+    name = "bag"
+    categories = ("bag",)
+    state_type = _Bag
+
+    def initial(self, tenant_id: str, stream_id: str) -> _Bag:
+        return _Bag()
+
+    def evolve(self, state: _Bag, event: RecordedEvent) -> _Bag:
+        assert isinstance(event.data, CounterIncremented)
+        state.items.append(event.data.by)
+        return state
+
+
+class _FailingWrite:
+    """A write-only handler whose statement fails (the append's transaction with it)."""
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        cur = conn.connection.cursor()
+        cur.execute("INSERT INTO no_such_table VALUES (1)")
+        cur.close()
+
+    @staticmethod
+    def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
+        return True
+
+
+def test_a_failed_append_leaves_no_trace_in_what_the_handler_remembers(
+        store: EventStore) -> None:
+    """An append whose transaction fails after the projection folded it (in place) leaves the
+    projection's memory as before: the next append folds onto the committed row."""
+    p = _MutatingBag()
+    inline(store, p)
+    store.append("bag-1", [CounterIncremented(by=1, writer="w")])
+    store.append("bag-1", [CounterIncremented(by=2, writer="w")])
+    seen = _spy(store)
+    failing = _FailingWrite()
+    store.add_inline_handler(failing)
+    with pytest.raises(DatabaseError, match="no_such_table"):
+        store.append("bag-1", [CounterIncremented(by=99, writer="w")])
+    store.remove_inline_handler(failing)
+    store.append("bag-1", [CounterIncremented(by=3, writer="w")])
+    assert load_row(store, p, "default", "bag-1") == (_Bag(items=[1, 2, 3]), 3)
+    assert verify(store, p) == []
+    if store.backend == "postgresql":
+        assert seen == ["raised", True]
+
+
+def test_appends_the_projection_ignores_take_the_one_round_trip_path(store: EventStore) -> None:
+    """With an inline projection registered, appends to streams it does not fold write nothing
+    of it, so on PostgreSQL they go in one round trip too; its own appends still fold."""
+    p = TallyProjection(snapshot_every=None)
+    inline(store, p)
+    seen = _spy(store)
+    for i in range(4):
+        store.append("other-1", [CounterIncremented(by=i, writer="w")])
+        _bump(store, "counter-1")
+    assert load_row(store, p, "default", "counter-1") is not None
+    assert load_row(store, p, "default", "other-1") is None
+    assert verify(store, p) == []
+    if store.backend == "postgresql":
+        assert seen.count(True) >= 6
