@@ -77,6 +77,14 @@ class InlineHandler(Protocol):
     handler's reads (before the append's own rows are written, so it must not look for them) and
     returns the handler's writes, a function that only executes statements as above (``None``:
     nothing to write).  The store sends those writes with its own and the COMMIT.
+
+    A handler with ``prepare`` may also have ``guess(conn, recorded)``, for the one-round-trip
+    append: the same writes computed without reading, from what the handler remembers of the
+    appends it saw commit, guarded so that a statement fails with division by zero (SQLSTATE
+    22012) when that memory is stale; ``None``: it cannot say.  The store then falls back to
+    the probing path, where ``prepare`` runs.  ``committed(recorded)``, if present, is called
+    once the store knows that an append of these events committed (not after every commit:
+    a handler must treat its memory as a guess).
     """
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None: ...
