@@ -598,6 +598,7 @@ class _InlineHandler:
                 self.warned = True
                 _log.warning("projection_stale", projection=self.p.name,
                              stored=code_version, code=self.p.version)
+            self._mark = None  # nothing to guess from until this code folds the rows again
             return None
         if status_ == "failed":
             raise EventStoreError(
