@@ -291,7 +291,7 @@ class StoreCore:
                 and psycopg_conn.autocommit and psycopg_conn.pgconn.transaction_status == 0):
             # Autocommit and idle: the implicit transaction below is the append's own, and
             # it has committed when the pipeline ends.
-            guess = self._tail.guess(plan.tenant_id, plan.stream_id)
+            guess = self._tail.guess(psycopg_conn, plan.tenant_id, plan.stream_id)
             if guess is not None:
                 done = self._append_guessed(conn, psycopg_conn, plan, *guess)
                 if done is not None:
@@ -381,7 +381,8 @@ class StoreCore:
         for cur in writes:
             cur.close()
         if pipelined:
-            self._tail.committed(tenant_id, stream_id, new_version, result.last_position, stamp)
+            self._tail.committed(psycopg_conn, tenant_id, stream_id, new_version,
+                                 result.last_position, stamp)
             self._committed(recorded)
         else:
             if commit:
@@ -428,7 +429,14 @@ class StoreCore:
                 late_writes.append(functools.partial(_call, handler, recorded))
                 continue
             guess = getattr(handler, "guess", None)
-            writes_of = guess(conn, recorded) if guess is not None else None
+            if guess is None:
+                return None
+            try:
+                writes_of = guess(conn, recorded)
+            except Exception:
+                # Its memory may be stale (this is a guess): the probing path folds the events
+                # onto the rows as they are, and raises there if the failure is real.
+                return None
             if writes_of is None:
                 return None
             late_writes.append(writes_of)
@@ -447,6 +455,7 @@ class StoreCore:
             _in_implicit_transaction(psycopg_conn, send)
         except Exception as e:
             if not _stale_guess(e):
+                self._tail.reset()  # unsure what the database holds now: learn it again
                 raise
             _log.debug("append_guess_missed", tenant=plan.tenant_id, stream=plan.stream_id,
                        position=last_position)
@@ -456,7 +465,7 @@ class StoreCore:
             cur.close()
         self._committed(recorded)
         new_version = current + len(rows)
-        self._tail.committed(plan.tenant_id, plan.stream_id, new_version,
+        self._tail.committed(psycopg_conn, plan.tenant_id, plan.stream_id, new_version,
                              last_position + len(rows), stamp)
         return AppendResult(last_position + 1, last_position + len(rows), new_version, False)
 
@@ -738,18 +747,24 @@ class _Tail:
     Only committed facts go in (positions and versions never go back, so a fact may grow stale
     but never wrong the other way).  ``contended``: the last probe found another process's
     events after ours, so guessing would mostly miss; the next probe that finds none resumes it.
+
+    The facts hold for the database the connection that learned them talks to: a new write
+    connection (after a failover or a restore, the database may have lost commits, and then
+    positions do go back) starts from nothing, and so does any failure of a guessed append
+    other than a stale guess.
     """
 
     MAX_STREAMS = 4096
 
     def __init__(self) -> None:
+        self.conn: Any = None  # the connection the facts were learned on
         self.position: int | None = None
         self.streams: collections.OrderedDict[tuple[str, str], tuple[int, int]] = (
             collections.OrderedDict())
         self.contended = False
 
-    def guess(self, tenant_id: str, stream_id: str) -> tuple[int, int, int] | None:
-        if self.contended or self.position is None:
+    def guess(self, conn: Any, tenant_id: str, stream_id: str) -> tuple[int, int, int] | None:
+        if self.contended or self.position is None or conn is not self.conn:
             return None
         known = self.streams.get((tenant_id, stream_id))
         if known is None:
@@ -759,8 +774,11 @@ class _Tail:
     def probed(self, last_position: int) -> None:
         self.contended = self.position is not None and last_position != self.position
 
-    def committed(self, tenant_id: str, stream_id: str, version: int, position: int,
-                  stamp: int) -> None:
+    def committed(self, conn: Any, tenant_id: str, stream_id: str, version: int,
+                  position: int, stamp: int) -> None:
+        if conn is not self.conn:
+            self.reset()
+            self.conn = conn
         self.position = position
         key = (tenant_id, stream_id)
         streams = self.streams
@@ -775,6 +793,12 @@ class _Tail:
 
     def forget(self) -> None:
         self.position = None
+
+    def reset(self) -> None:
+        self.conn = None
+        self.position = None
+        self.streams.clear()
+        self.contended = False
 
 
 def _too_large(what: str, size: int, limit: int) -> InvalidEvent:

@@ -488,6 +488,9 @@ class _InlineHandler:
         # What this process last committed (see guess): the checkpoint's generation and
         # position, and recent streams' rows; and what the append under way will commit.
         self._mark: tuple[int, int] | None = None
+        # The last position of the last append this handler was told committed: a guess needs
+        # every event since its mark to have come through it (none it did not see).
+        self._seen_to: int | None = None
         self._known: dict[tuple[str, str], tuple[bytes, int, int]] = {}  # encoded state
         self._pending: tuple[tuple[int, int], dict[tuple[str, str], Any], bool] | None = None
 
@@ -517,7 +520,7 @@ class _InlineHandler:
         relevant = [e for e in recorded if self.p.handles(e)]
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
         mark = self._mark
-        if mark is None or len(keys) != 1:
+        if mark is None or len(keys) != 1 or recorded[0].position != (self._seen_to or 0) + 1:
             return None
         (key,) = keys
         known = self._known.get(key)
@@ -546,7 +549,12 @@ class _InlineHandler:
         """The append these events came in has committed (the store says so only when it
         knows): what prepare or guess folded is now the projection's state."""
         pending, self._pending = self._pending, None
+        seen_to, self._seen_to = self._seen_to, recorded[-1].position
         if pending is None:
+            if seen_to is None or recorded[0].position != seen_to + 1:
+                # Events this handler never saw lie between: they may be the projection's
+                # (another writer without it), and only prepare() catches them up.
+                self._mark = None
             return
         mark, rows, others_changed = pending
         known = self._known

@@ -152,8 +152,9 @@ def test_a_failed_append_leaves_no_trace_in_what_the_handler_remembers(
     with pytest.raises(DatabaseError, match="no_such_table"):
         store.append("bag-1", [CounterIncremented(by=99, writer="w")])
     store.remove_inline_handler(failing)
-    store.append("bag-1", [CounterIncremented(by=3, writer="w")])
-    assert load_row(store, p, "default", "bag-1") == (_Bag(items=[1, 2, 3]), 3)
+    store.append("bag-1", [CounterIncremented(by=3, writer="w")])  # probes again
+    store.append("bag-1", [CounterIncremented(by=4, writer="w")])
+    assert load_row(store, p, "default", "bag-1") == (_Bag(items=[1, 2, 3, 4]), 4)
     assert verify(store, p) == []
     if store.backend == "postgresql":
         assert seen == ["raised", True]
@@ -173,3 +174,90 @@ def test_appends_the_projection_ignores_take_the_one_round_trip_path(store: Even
     assert verify(store, p) == []
     if store.backend == "postgresql":
         assert seen.count(True) >= 6
+
+
+def test_a_writer_without_the_projection_is_caught_up_not_skipped(url: str) -> None:
+    """Another writer appends an event the projection folds, without running the projection;
+    this process then appends events the projection ignores (and so learns the log's end),
+    then one it folds: the projection must catch up the other writer's event, not skip it."""
+    a = EventStore.open(url, migrate=True)
+    c = EventStore.open(url)
+    p = TallyProjection(snapshot_every=None)
+    try:
+        inline(a, p)
+        _bump(a, "counter-x", writer="a")
+        _bump(a, "counter-x", writer="a")
+        _bump(c, "counter-y", by=7, writer="c")  # the projection's, not folded yet
+        a.append("other-1", [CounterIncremented(by=0, writer="a")])
+        a.append("other-1", [CounterIncremented(by=0, writer="a")])
+        _bump(a, "counter-x", writer="a")
+        assert load_row(a, p, "default", "counter-y") == (
+            Tally(count=1, total=7, writers=["c"], last_version=1), 1)
+        assert verify(a, p) == []
+    finally:
+        a.close()
+        c.close()
+
+
+class _Balance(TallyProjection):
+    """A fold with a rule: the total may not go negative."""
+
+    def evolve(self, state: Tally, event: RecordedEvent) -> Tally:
+        new = super().evolve(state, event)
+        if new.total < 0:
+            raise ValueError(f"balance would go negative: {new.total}")
+        return new
+
+
+def test_a_fold_failing_on_stale_memory_falls_back_to_the_rows(url: str) -> None:
+    """What the handler remembers may be stale; a fold that fails on it must not fail the
+    append: the probing path folds onto the rows as they are (and raises only if the failure
+    is real)."""
+    a = EventStore.open(url, migrate=True)
+    b = EventStore.open(url)
+    p = _Balance(snapshot_every=None)
+    try:
+        inline(a, p)
+        _bump(a, "counter-x", by=1, writer="a")
+        _bump(a, "counter-x", by=1, writer="a")
+        _bump(b, "counter-x", by=10, writer="b")  # not folded by a's memory
+        _bump(a, "counter-x", by=-5, writer="a")  # -3 on the memory, 7 on the rows
+        assert load_row(a, p, "default", "counter-x") == (
+            Tally(count=4, total=7, writers=["a", "b", "a"], last_version=4), 4)
+        from projections import ProjectionFailed
+        with pytest.raises(ProjectionFailed):
+            _bump(a, "counter-x", by=-50, writer="a")  # a real failure still fails
+        assert verify(a, p) == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_after_the_database_lost_commits_appends_leave_no_gaps(url: str) -> None:
+    """A failover to a standby that lacks the last commits (simulated: they are deleted and
+    every connection is cut) must not leave appends guessed from what this process committed
+    before: positions and versions go on from what the database holds."""
+    from sqlalchemy import text
+
+    a = EventStore.open(url, migrate=True)
+    try:
+        for _ in range(4):
+            _bump(a, "counter-x")
+        with a.engine.begin() as conn:
+            conn.execute(text("DELETE FROM es_events WHERE position > 2"))
+            conn.execute(text("UPDATE es_streams SET version = 2"))
+            if a.backend == "postgresql":
+                conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+        try:  # the probing path (an idempotency key) meets the cut connection first
+            a.append("counter-x", [CounterIncremented(by=1, writer="w")], idempotency_key="k")
+        except DatabaseError:
+            assert a.backend == "postgresql"
+        for _ in range(3):
+            _bump(a, "counter-x")
+        got = [(e.position, e.version) for e in a.read_stream("counter-x")]
+        assert got == [(i, i) for i in range(1, len(got) + 1)]
+        assert a.stream_version("counter-x") == len(got) >= 4
+    finally:
+        a.close()
