@@ -9,12 +9,8 @@ oracle: whatever path an append took, the rows must be what replaying the log gi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import msgspec
 import pytest
-from sqlalchemy import Connection
 
 from eventstore import EventStore, RecordedEvent
 from eventstore.errors import DatabaseError
@@ -22,25 +18,7 @@ from projections import Projection, inline, rebuild, verify
 from projections._engine import load_row
 from tests._events import CounterIncremented
 from tests._projections import Tally, TallyProjection
-
-
-def _spy(store: EventStore) -> list[bool | str]:
-    """Per append that tried the one-round-trip path: committed there (True), went the
-    probing way (False), or failed there ("raised")."""
-    seen: list[bool | str] = []
-    original = store._append_guessed
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        try:
-            result = original(*args, **kwargs)
-        except BaseException:
-            seen.append("raised")
-            raise
-        seen.append(result is not None)
-        return result
-
-    store._append_guessed = spy  # type: ignore[method-assign]
-    return seen
+from tests.test_append_path import _count_guesses, _FailingWriter
 
 
 def _bump(store: EventStore, stream: str, by: int = 1, writer: str = "w") -> None:
@@ -52,7 +30,7 @@ def test_inline_rows_stay_right_over_guessed_appends(store: EventStore) -> None:
     in one round trip; the rows are always what a replay gives, and queries see them at once."""
     p = TallyProjection(snapshot_every=None)
     inline(store, p)
-    seen = _spy(store)
+    seen = _count_guesses(store)
     for i in range(30):
         _bump(store, f"counter-{i % 3}", by=i)
         got = load_row(store, p, "default", f"counter-{i % 3}")
@@ -75,7 +53,7 @@ def test_other_stores_and_rebuilds_between_guessed_appends(url: str) -> None:
     try:
         inline(a, p)
         inline(b, TallyProjection(snapshot_every=None))
-        seen = _spy(a)
+        seen = _count_guesses(a)
         for _ in range(3):
             _bump(a, "counter-x", writer="a")
             _bump(a, "counter-z", writer="a")
@@ -125,19 +103,6 @@ class _MutatingBag(Projection[_Bag]):
         return state
 
 
-class _FailingWrite:
-    """A write-only handler whose statement fails (the append's transaction with it)."""
-
-    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
-        cur = conn.connection.cursor()
-        cur.execute("INSERT INTO no_such_table VALUES (1)")
-        cur.close()
-
-    @staticmethod
-    def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
-        return True
-
-
 def test_a_failed_append_leaves_no_trace_in_what_the_handler_remembers(
         store: EventStore) -> None:
     """An append whose transaction fails after the projection folded it (in place) leaves the
@@ -146,8 +111,8 @@ def test_a_failed_append_leaves_no_trace_in_what_the_handler_remembers(
     inline(store, p)
     store.append("bag-1", [CounterIncremented(by=1, writer="w")])
     store.append("bag-1", [CounterIncremented(by=2, writer="w")])
-    seen = _spy(store)
-    failing = _FailingWrite()
+    seen = _count_guesses(store)
+    failing = _FailingWriter()
     store.add_inline_handler(failing)
     with pytest.raises(DatabaseError, match="no_such_table"):
         store.append("bag-1", [CounterIncremented(by=99, writer="w")])
@@ -165,7 +130,7 @@ def test_appends_the_projection_ignores_take_the_one_round_trip_path(store: Even
     of it, so on PostgreSQL they go in one round trip too; its own appends still fold."""
     p = TallyProjection(snapshot_every=None)
     inline(store, p)
-    seen = _spy(store)
+    seen = _count_guesses(store)
     for i in range(4):
         store.append("other-1", [CounterIncremented(by=i, writer="w")])
         _bump(store, "counter-1")
