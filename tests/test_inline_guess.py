@@ -2,7 +2,7 @@
 it committed last and guards the projection's checkpoint instead of reading.
 
 Every test runs on both backends (SQLite never guesses, so there it checks the plain path gives
-the same answers); on PostgreSQL each also checks that the guessed path was really taken.
+the same answers); on PostgreSQL most also check that the guessed path was really taken.
 ``verify`` (a rebuild from the log into scratch rows, compared with the live rows) is the
 oracle: whatever path an append took, the rows must be what replaying the log gives.
 """
