@@ -512,9 +512,9 @@ class _InlineHandler:
         the database if the projection's checkpoint is still where this process left it
         (every writer of the projection's rows moves it, a rebuild changes its generation):
         the checkpoint's update says so, or fails and takes the append's transaction with it.
-        Events between that checkpoint and this append are not this projection's: they went
-        through this handler in this process (the store's own guess that nobody else appended
-        is checked in the same transaction).
+        Events between that checkpoint and this append need no catch-up only if they all went
+        through this handler (it was told of every commit since its mark: ``_seen_to``), so
+        they were not this projection's; otherwise ``None``, and prepare() catches them up.
         """
         self._pending = None
         relevant = [e for e in recorded if self.p.handles(e)]
