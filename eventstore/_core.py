@@ -848,6 +848,8 @@ def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
     try:
         with dbapi.pipeline() as p:
             yield p
+    except GeneratorExit:
+        raise  # a reader that stopped early (a fold cut at a version): nothing failed
     except BaseException:
         _forget_prepared(dbapi)
         raise

@@ -478,3 +478,32 @@ def test_projector_names_the_slice_that_failed_when_evolve_disagrees(store: Even
         Projector(store, [_SliceBug("tally_async")]).catch_up()
     assert (info.value.stream_id, info.value.position) == ("counter-b", 3)
     assert "slice bug" in str(info.value)
+
+
+def test_a_fold_cut_short_leaves_prepared_statements_alone(url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live fold that stops inside its read-ahead (time travel cut in the second page) ends
+    the pipeline as a reader that is done, not as a failure: psycopg's prepared statements are
+    kept (the failure path drops them all, which costs round trips and re-preparing)."""
+    from datetime import UTC, datetime
+
+    import eventstore._core as core
+
+    forgets: list[Any] = []
+    monkeypatch.setattr(core, "_forget_prepared", forgets.append)
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    clock = {"now": base}
+    store = EventStore.open(url, migrate=True, clock=lambda: clock["now"])
+    try:
+        for i in range(12):
+            clock["now"] = base + timedelta(seconds=i)
+            store.append("counter-cut", [CounterIncremented(by=1) for _ in range(100)])
+        p = SlicedTally(snapshot_every=None)
+        for _ in range(3):
+            state, version = fold_live(store, p, "counter-cut", tenant_id="default",
+                                       at_time=base + timedelta(seconds=6, milliseconds=500),
+                                       use_snapshots=False)
+            assert (state.count, version) == (700, 700)
+        assert forgets == []
+    finally:
+        store.close()
