@@ -288,7 +288,7 @@ class StoreCore:
         """
         psycopg_conn = _psycopg(conn)
         if (commit and psycopg_conn is not None and before_commit is None and plan.key is None
-                and psycopg_conn.autocommit and psycopg_conn.pgconn.transaction_status == 0):
+                and _idle_autocommit(psycopg_conn)):
             # Autocommit and idle: the implicit transaction below is the append's own, and
             # it has committed when the pipeline ends.
             guess = self._tail.guess(psycopg_conn, plan.tenant_id, plan.stream_id)
@@ -306,7 +306,7 @@ class StoreCore:
             # is taken after the lock is granted, as lock_appends requires.
             if psycopg_conn is not None:
                 pipeline.enter_context(_psycopg_pipeline(psycopg_conn))
-                if psycopg_conn.autocommit and psycopg_conn.info.transaction_status.name == "IDLE":
+                if _idle_autocommit(psycopg_conn):
                     # The store's own write connection runs in autocommit mode so that its BEGIN
                     # goes out with the statements (psycopg's own BEGIN costs a round trip).
                     _execute(psycopg_conn, "BEGIN")
@@ -822,6 +822,15 @@ def _psycopg(conn: Connection) -> Any:
     return None
 
 
+_IDLE = 0  # libpq's PQTRANS_IDLE: no transaction open
+
+
+def _idle_autocommit(dbapi: Any) -> bool:
+    """Whether a psycopg connection is in autocommit mode with no transaction open (so a
+    pipeline's statements are a transaction of their own)."""
+    return bool(dbapi.autocommit) and dbapi.pgconn.transaction_status == _IDLE
+
+
 def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
     """psycopg's pipeline mode on the sync driver (statements sent together), else nothing.
 
@@ -856,7 +865,7 @@ def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
 
 
 def _forget_prepared(dbapi: Any) -> None:
-    if dbapi.closed or dbapi.pgconn.transaction_status != 0:  # not idle: rollback() will
+    if dbapi.closed or dbapi.pgconn.transaction_status != _IDLE:  # rollback() will
         return
     try:
         dbapi.execute("BEGIN", prepare=False)  # not a prepared statement: it may be the lost one
