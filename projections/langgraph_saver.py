@@ -322,13 +322,8 @@ def _args(c: Compiled, values: Mapping[str, Any]) -> Any:
 
 def _run(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> builtins.list[Any]:
     """Execute on the connection's DBAPI cursor (sync or SQLAlchemy's async adapter)."""
-    cur = conn.connection.cursor()
+    cur = _send(conn, c, params)
     try:
-        if _binary(conn):
-            # PostgreSQL's binary results: bytea arrives as is, not as hex text to decode.
-            cur.execute(c.sql, _args(c, params), binary=True)  # type: ignore[call-arg]
-        else:
-            cur.execute(c.sql, _args(c, params))
         return builtins.list(cur.fetchall()) if cur.description is not None else []
     finally:
         cur.close()
@@ -344,6 +339,7 @@ def _send(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> Any:
     """Execute; the caller fetches from (and closes) the cursor, e.g. after a pipeline."""
     cur = conn.connection.cursor()
     if _binary(conn):
+        # PostgreSQL's binary results: bytea arrives as is, not as hex text to decode.
         cur.execute(c.sql, _args(c, params), binary=True)  # type: ignore[call-arg]
     else:
         cur.execute(c.sql, _args(c, params))
