@@ -78,7 +78,7 @@ from eventstore._core import _pipeline, _psycopg
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
-from eventstore.codec import decode_event
+from eventstore.codec import decode_event, decode_events
 from eventstore.errors import EventTooLarge, WrongExpectedVersion
 
 if TYPE_CHECKING:
@@ -917,10 +917,12 @@ def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str |
         params.update(after_id=after[0], after_thread=after[1], after_ns=after[2])
     rows = _run(conn, _stmt(conn, key, build), params)
     items = []
-    for t, n, cid, parent, position, tag, schema_version, data in rows:
-        ev = decode_event(tag, schema_version, bytes(data))
-        if isinstance(ev, CheckpointSaved):
-            items.append(((t, n, cid, parent, position), ev))
+    if rows:
+        cols = builtins.list(zip(*rows, strict=True))
+        decoded = decode_events(cols[5], cols[6], builtins.list(map(bytes, cols[7])))
+        for t, n, cid, parent, position, ev in zip(*cols[:5], decoded, strict=True):
+            if ev.__class__ is CheckpointSaved:
+                items.append(((t, n, cid, parent, position), ev))
     following = None
     if len(rows) == size:
         following = (rows[-1][2], rows[-1][0], rows[-1][1])
@@ -1095,16 +1097,20 @@ def _blob_range_query(_dialect: str) -> ClauseElement:
         b.c.version <= bindparam("hi"))
 
 
-def _take_writes(rows: Iterable[Any], thread_id: str, ns: str,
+def _take_writes(rows: Sequence[Any], thread_id: str, ns: str,
                  into: dict[tuple[str, str, bytes], builtins.list[int]],
                  loaded: dict[int, Event]) -> None:
     """Write rows, each with its event's data."""
-    for cid, position, tag, schema_version, data in rows:
-        if position not in loaded:
-            ev = decode_event(tag, schema_version, bytes(data))
+    fresh = [row for row in rows if row[1] not in loaded]
+    if fresh:
+        cols = builtins.list(zip(*fresh, strict=True))
+        for position, ev in zip(cols[1], decode_events(cols[2], cols[3],
+                                                       builtins.list(map(bytes, cols[4]))),
+                                strict=True):
             if isinstance(ev, Event):
                 loaded[position] = ev
-        into[(thread_id, ns, cid)].append(position)
+    for row in rows:
+        into[(thread_id, ns, row[0])].append(row[1])
 
 
 def _writes_select() -> Any:
