@@ -107,6 +107,8 @@ DEFAULT_TENANT = "default"
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 _CHUNK = 256  # values per IN list: event positions, versions, checkpoint ids
 _LIST_PAGE = 128  # checkpoints whose values a list() loads per transaction
+# Across threads, each page sorts the index rows after the last one: pages double up to this.
+_LIST_PAGE_MAX = 1024
 _RETRIES = 20
 
 Version = str | int | float
@@ -890,8 +892,7 @@ def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str |
     def build(_dialect: str) -> ClauseElement:
         cp, e = checkpoints, es_events
         q = select(cp.c.thread_id, cp.c.checkpoint_ns, cp.c.checkpoint_id, cp.c.parent_id,
-                   cp.c.position, e.c.type, e.c.schema_version, e.c.data).join(
-            e, e.c.position == cp.c.position).where(cp.c.tenant_id == bindparam("tenant_id"))
+                   cp.c.position).where(cp.c.tenant_id == bindparam("tenant_id"))
         if thread_id is not None:
             q = q.where(cp.c.thread_id == bindparam("thread_id"))
         if ns is not None:
@@ -908,8 +909,17 @@ def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str |
                             < tuple_(bindparam("after_id"), bindparam("after_thread"),
                                      bindparam("after_ns")))
         q = q.order_by(cp.c.checkpoint_id.desc(), cp.c.thread_id.desc(),
-                       cp.c.checkpoint_ns.desc())
-        return q.limit(bindparam("size"))
+                       cp.c.checkpoint_ns.desc()).limit(bindparam("size"))
+        if fixed:
+            # The primary key gives one namespace's checkpoints in order: join as they come.
+            return q.add_columns(e.c.type, e.c.schema_version, e.c.data).join(
+                e, e.c.position == cp.c.position)
+        # Across threads no index gives this order: the page's keys are picked (and sorted)
+        # from the index rows alone, and only that page's events are read.
+        page = q.subquery("page")
+        return select(*page.c, e.c.type, e.c.schema_version, e.c.data).join(
+            e, e.c.position == page.c.position).order_by(
+            page.c.checkpoint_id.desc(), page.c.thread_id.desc(), page.c.checkpoint_ns.desc())
 
     params = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns,
               "cid": _key_or_none(checkpoint_id), "before": _key_or_none(before), "size": size}
@@ -1405,10 +1415,17 @@ class _Base(BaseCheckpointSaver[str]):
 
 
 def _page_size(limit: int | None, filter: Mapping[str, Any] | None) -> int:
-    """Checkpoints a list() reads per transaction."""
+    """Checkpoints a list() reads per transaction (its first page)."""
     if limit is not None and not filter:
         return max(1, min(limit, _LIST_PAGE))
     return _LIST_PAGE
+
+
+def _next_page_size(size: int, thread_id: str | None) -> int:
+    """A thread's pages come in index order; pages across threads are picked by a sort of the
+    index rows after the previous page, so they double (a long listing sorts a few times, not
+    once per page)."""
+    return size if thread_id is not None else min(2 * size, _LIST_PAGE_MAX)
 
 
 _MISSING = object()
@@ -1592,6 +1609,7 @@ class EventStoreSaver(_Base):
             yield from loaded
             if after is None:
                 return
+            size = _next_page_size(size, thread_id)
 
     # -- retention --
 
@@ -1779,6 +1797,7 @@ class AsyncEventStoreSaver(_Base):
                 yield item
             if after is None:
                 return
+            size = _next_page_size(size, thread_id)
 
     async def adelete_thread(self, thread_id: str) -> None:
         thread_id = str(thread_id)

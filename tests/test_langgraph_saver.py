@@ -329,6 +329,39 @@ def test_list_across_threads_with_filter_and_before(saver: EventStoreSaver) -> N
     assert newest.config == last
 
 
+@pytest.mark.asyncio
+async def test_list_across_threads_pages_through_every_checkpoint_in_order(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across threads, pages grow (each picks its rows by a sort): every checkpoint still comes
+    once, newest first, values and writes with it, for list and alist, with limit and before."""
+    import projections.langgraph_saver as module
+
+    monkeypatch.setattr(module, "_LIST_PAGE", 3)
+    monkeypatch.setattr(module, "_LIST_PAGE_MAX", 16)
+    with EventStore.open(url, migrate=True) as store:
+        saver = EventStoreSaver(store)
+        parents: dict[str, RunnableConfig | None] = {"x": None, "y": None, "z": None}
+        for i in range(40):
+            thread_id = "xyz"[i % 3] if i % 5 else "x"
+            parents[thread_id] = put(saver, thread_id, parents[thread_id], {"n": i}, {"n": i + 1},
+                                     {"n": i + 1}, {"step": i})
+            saver.put_writes(parents[thread_id], [("n", -i)], f"task-{i}")
+        listed = list(saver.list(None))
+        steps = [t.metadata["step"] for t in listed]
+        assert steps == list(range(39, -1, -1))
+        assert [t.checkpoint["channel_values"]["n"] for t in listed] == steps
+        assert [t.pending_writes for t in listed] == [[(f"task-{i}", "n", -i)] for i in steps]
+        assert [t.metadata["step"] for t in saver.list(None, limit=25)] == steps[:25]
+        middle = listed[17].config
+        assert [t.metadata["step"] for t in saver.list(None, before=middle)] == steps[18:]
+    astore = await AsyncEventStore.open(url)
+    try:
+        asaver = AsyncEventStoreSaver(astore)
+        assert [t.metadata["step"] async for t in asaver.alist(None)] == steps
+    finally:
+        await astore.close()
+
+
 @pytest.mark.parametrize("page", [1, 2, 128])
 @pytest.mark.asyncio
 async def test_listing_a_thread_without_namespace_merges_its_namespaces(
