@@ -98,7 +98,7 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         # stream version, so the check and the insert cannot interleave with another writer and no
         # deferred transaction fails late with SQLITE_BUSY on its first write.
         # Straight on the DBAPI cursor: exec_driver_sql's bookkeeping costs more than BEGIN.
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur = dbapi_cursor(conn)
         cur.execute("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_write")
                     else "BEGIN")
         cur.close()
@@ -238,6 +238,18 @@ def _reset_writers_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_writers_after_fork)
 
 
+def dbapi_cursor(conn: Connection) -> Any:
+    """A cursor of the connection's DBAPI connection, for the statements the store runs on it
+    directly (see :mod:`eventstore._sql`)."""
+    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+def one_trip_possible(aio: Any) -> bool:
+    """Whether a function can be run on this aiosqlite connection's thread (its ``_execute``,
+    stable since aiosqlite 0.17 though not documented; see ``aio._SQLiteThreadTransactions``)."""
+    return callable(getattr(aio, "_execute", None)) and hasattr(aio, "_conn")
+
+
 def lock_appends(conn: Connection) -> None:
     """Serialize appenders on PostgreSQL for the rest of the transaction.
 
@@ -249,7 +261,7 @@ def lock_appends(conn: Connection) -> None:
     admits one writer at a time.
     """
     if conn.dialect.name == "postgresql":
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur = dbapi_cursor(conn)
         cur.execute(_APPEND_LOCK_SQL)
         cur.close()
 

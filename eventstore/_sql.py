@@ -18,6 +18,7 @@ from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 
+from ._backend import dbapi_cursor
 from ._schema import events, idempotency, streams
 
 
@@ -53,7 +54,7 @@ class Compiled:
         """
         # dbapi_connection: the DBAPI connection itself, or SQLAlchemy's adapter over an async
         # driver when the connection runs inside AsyncConnection.run_sync.
-        cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur = dbapi_cursor(conn)
         dialect = conn.dialect
         if binary and dialect.name == "postgresql" and not dialect.is_async:
             cur.execute(self.sql, self.args(values), binary=True)
@@ -62,8 +63,8 @@ class Compiled:
         return cur
 
     def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cur.executemany(self.sql, [self.args(r) for r in rows])  # type: ignore[arg-type]
+        cur = dbapi_cursor(conn)
+        cur.executemany(self.sql, [self.args(r) for r in rows])
         cur.close()
 
 

@@ -73,7 +73,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ClauseElement
 
 from eventstore import Event, EventStore, RecordedEvent
-from eventstore._backend import begin_read, begin_write
+from eventstore._backend import begin_read, begin_write, dbapi_cursor
 from eventstore._core import _pipeline, _psycopg
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
@@ -341,7 +341,7 @@ def _binary(conn: Connection) -> bool:
 
 def _send(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> Any:
     """Execute; the caller fetches from (and closes) the cursor, e.g. after a pipeline."""
-    cur = conn.connection.cursor()
+    cur = dbapi_cursor(conn)
     if _binary(conn):
         # PostgreSQL's binary results: bytea arrives as is, not as hex text to decode.
         cur.execute(c.sql, _args(c, params), binary=True)  # type: ignore[call-arg]
@@ -353,7 +353,7 @@ def _send(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> Any:
 def _run_many(conn: Connection, c: Compiled, rows: Sequence[Mapping[str, Any]]) -> None:
     if not rows:
         return
-    cur = conn.connection.cursor()
+    cur = dbapi_cursor(conn)
     try:
         if len(rows) == 1:
             cur.execute(c.sql, _args(c, rows[0]))
@@ -501,7 +501,7 @@ def _index_checkpoint(conn: Connection, ids: dict[str, str], position: int,
         for j, (vkey, ch) in enumerate(pairs):
             params[_PV_NAMES[j]] = vkey
             params[_PC_NAMES[j]] = ch
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cur = dbapi_cursor(conn)
         cur.execute(c.sql, c.args(params))
         cur.close()
         return
@@ -575,7 +575,7 @@ def _index_channels(conn: Connection, ids: dict[str, str], ns: str, position: in
 
 
 def _insert_count(conn: Connection, c: Compiled, params: Mapping[str, Any]) -> int:
-    cur = conn.connection.cursor()
+    cur = dbapi_cursor(conn)
     try:
         cur.execute(c.sql, _args(c, params))
         return int(cur.rowcount)

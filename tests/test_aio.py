@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,75 @@ async def test_async_store_is_exported_from_the_package() -> None:
     from eventstore import AsyncEventStore as Exported
 
     assert Exported is AsyncEventStore
+
+
+async def test_sqlite_transactions_take_one_trip_to_aiosqlites_thread(tmp_path: Any) -> None:
+    """On SQLite an async append or read runs whole on the aiosqlite connection's thread: one
+    hand-over for the transaction and one for the pool's reset, not one per statement."""
+    import aiosqlite
+
+    trips: list[str] = []
+    real = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(getattr(fn, "__name__", repr(fn)))
+        return await real(self, fn, *args, **kwargs)
+
+    async with await AsyncEventStore.open(f"sqlite:///{tmp_path / 'trips.db'}") as store:
+        await store.append("c-1", [NoteAdded(text="warm")])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(aiosqlite.Connection, "_execute", counted)
+            r = await store.append("c-1", [NoteAdded(text="a"), NoteAdded(text="b")],
+                                   expected_version=1)
+            appended = list(trips)
+            trips.clear()
+            texts = [e.data.text async for e in store.read_stream("c-1")]  # type: ignore
+            read = list(trips)
+        assert (r.first_position, r.stream_version) == (2, 3)
+        assert texts == ["warm", "a", "b"]
+        assert len(appended) <= 2, appended
+        assert len(read) <= 2, read
+
+
+async def test_async_transactions_see_the_callers_context_variables(url: str) -> None:
+    """Inline handlers run with the context of the task that appends (structlog's bound
+    context lives there), on SQLite's worker thread as on PostgreSQL's event loop."""
+    import contextvars
+
+    request: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+
+    def handler(conn: Any, recorded: Any) -> None:
+        seen.append(request.get())
+
+    async with await AsyncEventStore.open(url) as store:
+        store.add_inline_handler(handler)
+
+        async def append_as(name: str) -> None:
+            request.set(name)
+            await store.append(f"c-{name}", [NoteAdded(text=name)])
+
+        await asyncio.gather(append_as("first"), append_as("second"))
+    assert sorted(seen) == ["first", "second"]
+
+
+async def test_failing_handler_in_async_append_writes_nothing_and_store_goes_on(
+        url: str) -> None:
+    """A handler's error reaches the caller of an async append, which then wrote nothing; the
+    connection is fine for the next append."""
+    calls: list[int] = []
+
+    def handler(conn: Any, recorded: Any) -> None:
+        calls.append(len(recorded))
+        if len(calls) == 1:
+            raise RuntimeError("projection broke")
+
+    async with await AsyncEventStore.open(url) as store:
+        store.add_inline_handler(handler)
+        with pytest.raises(RuntimeError, match="projection broke"):
+            await store.append("c-1", [NoteAdded(text="lost")])
+        assert await store.stream_version("c-1") == 0
+        assert await store.last_position() == 0
+        r = await store.append("c-1", [NoteAdded(text="kept")], expected_version=0)
+        assert r.stream_version == 1
+        assert [e.data.text async for e in store.read_stream("c-1")] == ["kept"]  # type: ignore
