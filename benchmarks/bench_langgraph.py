@@ -24,6 +24,10 @@ Rows (counts at ``--scale 1``), each contender on a fresh database of its own:
                  ``checkpoint_writes`` and their indexes);
 * ``invoke``     invokes/s: 300 ``invoke()`` calls of a compiled one-node graph on one thread,
                  one call per incoming event (LangGraph's default durability).
+* ``async``      the async savers (``AsyncEventStoreSaver`` on ``AsyncEventStore`` beside
+                 ``AsyncSqliteSaver`` / ``AsyncPostgresSaver``): ``aput`` puts/s (the ``put``
+                 row's checkpoints), ``aget_tuple`` latency on that thread afterwards (median of
+                 300) and ``ainvoke()`` invokes/s of the one-node graph.
 
 SQLite runs with ``synchronous=FULL`` for every contender (our store's default; SqliteSaver's
 connection gets the same pragma; ``--synchronous NORMAL`` changes both).  PostgreSQL uses the
@@ -31,12 +35,14 @@ server of ``--pg-url`` (default ``$EVENTSTORE_BENCH_PG_URL``, else ``$EVENTSTORE
 a scratch database per contender, dropped afterwards; the output shows the server's ``fsync``.
 
 Run ``python benchmarks/bench_langgraph.py --help``; ``--rows put,invoke`` runs only those rows
-(``get_tuple`` includes ``history``).
+(``get_tuple`` includes ``history``).  On PostgreSQL the ``get_tuple`` rows are measured after
+``ANALYZE``; ours is also shown before it (a new table, as before autovacuum's first pass).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import operator
 import os
@@ -48,21 +54,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import structlog
 from langgraph.checkpoint.base import BaseCheckpointSaver, Checkpoint, empty_checkpoint
 from langgraph.checkpoint.postgres import PostgresSaver
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import END, START, StateGraph
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from eventstore import EventStore
-from projections.langgraph_saver import EventStoreSaver
+from eventstore.aio import AsyncEventStore
+from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
 
 
 def _document(size: int = 4096, seed: int = 7) -> str:
@@ -137,6 +146,41 @@ class Backend:
                     saver.size = lambda: pg_size(url, THEIR_TABLES)  # type: ignore[attr-defined]
                     saver.analyze = lambda: pg_analyze(url)  # type: ignore[attr-defined]
                     yield saver
+
+    @asynccontextmanager
+    async def ours_async(self) -> AsyncIterator[AsyncEventStoreSaver]:
+        with self._database("ours-async") as url:
+            store = await AsyncEventStore.open(url, migrate=True)
+            try:
+                yield AsyncEventStoreSaver(store)
+            finally:
+                await store.close()
+
+    @asynccontextmanager
+    async def theirs_async(self) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+        if self.name == "sqlite":
+            path = self.workdir / f"theirs-async-{uuid.uuid4().hex[:8]}.db"
+            async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+                await saver.setup()
+                await saver.conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                yield saver
+        else:
+            with self._database("theirs-async") as url:
+                raw = make_url(url).set(drivername="postgresql").render_as_string(
+                    hide_password=False)
+                async with AsyncPostgresSaver.from_conn_string(raw) as saver:
+                    await saver.setup()
+                    yield saver
+
+    @contextmanager
+    def _database(self, prefix: str) -> Iterator[str]:
+        if self.name == "sqlite":
+            path = self.workdir / f"{prefix}-{uuid.uuid4().hex[:8]}.db"
+            yield f"sqlite:///{path}?synchronous={self.synchronous}"
+        else:
+            assert self.pg_url
+            with scratch_pg(self.pg_url) as url:
+                yield url
 
     @property
     def their_name(self) -> str:
@@ -362,10 +406,58 @@ def invokes_per_second(saver: BaseCheckpointSaver[Any], n: int) -> float:
     return n / dt
 
 
+async def async_rows(saver: BaseCheckpointSaver[Any], n_put: int, n_invoke: int
+                     ) -> tuple[float, float, float]:
+    """aput puts/s, aget_tuple median seconds on that thread, ainvoke invokes/s."""
+    steps = Steps(saver)
+    config: Any = {"configurable": {"thread_id": "puts", "checkpoint_ns": ""}}
+    prepared = [steps.next() for _ in range(n_put)]
+    gc.collect()
+    t = time.perf_counter()
+    for cp, md, new in prepared:
+        config = await saver.aput(config, cp, md, new)
+    puts = n_put / (time.perf_counter() - t)
+    latest: Any = {"configurable": {"thread_id": "puts", "checkpoint_ns": ""}}
+    times = []
+    for _ in range(300):
+        t = time.perf_counter()
+        assert await saver.aget_tuple(latest) is not None
+        times.append(time.perf_counter() - t)
+
+    def handle(state: EventState) -> EventState:
+        return {"count": state.get("count", 0) + 1}
+
+    g = StateGraph(EventState)
+    g.add_node("handle", handle)
+    g.add_edge(START, "handle")
+    g.add_edge("handle", END)
+    graph = g.compile(checkpointer=saver)
+    thread: Any = {"configurable": {"thread_id": "events"}}
+    await graph.ainvoke({"last": "warm-up"}, thread)
+    gc.collect()
+    t = time.perf_counter()
+    for i in range(n_invoke):
+        await graph.ainvoke({"last": f"event {i}"}, thread)
+    invokes = n_invoke / (time.perf_counter() - t)
+    assert (await graph.aget_state(thread)).values["count"] == n_invoke + 1
+    return puts, statistics.median(times), invokes
+
+
+async def async_both(backend: Backend, n_put: int, n_invoke: int
+                     ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    async with backend.ours_async() as ours:
+        o = await async_rows(ours, n_put, n_invoke)
+    print(f"  {backend.name} async ours: {o}", file=sys.stderr)
+    async with backend.theirs_async() as theirs:
+        t = await async_rows(theirs, n_put, n_invoke)
+    print(f"  {backend.name} async theirs: {t}", file=sys.stderr)
+    return o, t
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
-ROWS = ("put", "get_tuple", "bytes", "invoke")
+ROWS = ("put", "get_tuple", "bytes", "invoke", "async")
 
 
 def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, str, str]],
@@ -407,6 +499,15 @@ def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, s
         ours, their = both("invoke", lambda s: invokes_per_second(s, n_invoke))
         out.append((b, "invokes/s (one-node graph)", f"{ours:,.0f}", f"{their:,.0f}",
                     ratio(ours, their, True)))
+    if "async" in rows:
+        (o_put, o_get, o_inv), (t_put, t_get, t_inv) = asyncio.run(
+            async_both(backend, n_put, n_invoke))
+        out.append((b, "async: aput puts/s", f"{o_put:,.0f}", f"{t_put:,.0f}",
+                    ratio(o_put, t_put, True)))
+        out.append((b, f"async: aget_tuple, {n_put:,}-checkpoint thread (ms)",
+                    f"{o_get * 1e3:.3f}", f"{t_get * 1e3:.3f}", ratio(t_get, o_get, True)))
+        out.append((b, "async: ainvoke invokes/s (one-node graph)", f"{o_inv:,.0f}",
+                    f"{t_inv:,.0f}", ratio(o_inv, t_inv, True)))
 
 
 def latency_rows(backend: Backend, n_small: int, n_big: int,
@@ -418,12 +519,15 @@ def latency_rows(backend: Backend, n_small: int, n_big: int,
     def latency(s: BaseCheckpointSaver[Any]) -> tuple[float, float, float]:
         fill(s, "small", n_small, writes=True)
         fill(s, "big", n_big, writes=True)
+        if backend.name == "postgresql":
+            fresh.append(get_latency(s, "big", 300))
         s.analyze()  # type: ignore[attr-defined]
         small = get_latency(s, "small", 300)
         big = get_latency(s, "big", 300)
         hist = history_seconds(s, "big", n_big)
         return small, big, hist
 
+    fresh: list[float] = []  # PostgreSQL: big-thread get_tuple before ANALYZE (ours, theirs)
     with backend.ours() as s:
         o_small, o_big, o_hist = latency(s)
     print(f"  {b} latency ours: {o_small:.6f} {o_big:.6f} {o_hist:.4f}", file=sys.stderr)
@@ -436,6 +540,10 @@ def latency_rows(backend: Backend, n_small: int, n_big: int,
                 f"{t_big * 1e3:.3f}", ratio(t_big, o_big, True)))
     out.append((b, f"  ours: {n_big:,} vs {n_small} checkpoints", f"{o_big / o_small:.2f}x",
                 f"{t_big / t_small:.2f}x", ""))
+    if fresh:
+        out.append((b, f"  get_tuple, {n_big:,}-checkpoint thread, before ANALYZE (ms)",
+                    f"{fresh[0] * 1e3:.3f}", f"{fresh[1] * 1e3:.3f}",
+                    ratio(fresh[1], fresh[0], True)))
     out.append((b, f"history of {n_big:,} checkpoints (s)", f"{o_hist:.3f}", f"{t_hist:.3f}",
                 ratio(t_hist, o_hist, True)))
 
@@ -451,8 +559,8 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
     parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma-separated subset of put,get_tuple,bytes,invoke (get_tuple "
-                             "includes history; default: all)")
+                        help="comma-separated subset of put,get_tuple,bytes,invoke,async "
+                             "(get_tuple includes history; default: all)")
     parser.add_argument("--pg-url", default=os.environ.get("EVENTSTORE_BENCH_PG_URL")
                         or os.environ.get("EVENTSTORE_TEST_PG_URL"))
     args = parser.parse_args()
