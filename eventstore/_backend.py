@@ -15,6 +15,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
+from ._pg_async import facade_of, is_async_psycopg
 from .errors import DatabaseError, EventStoreError, InvalidArgument, StoreClosed
 
 DEFAULT_URL = "sqlite:///./eventstore.db"
@@ -240,8 +241,17 @@ os.register_at_fork(after_in_child=_reset_writers_after_fork)
 
 def dbapi_cursor(conn: Connection) -> Any:
     """A cursor of the connection's DBAPI connection, for the statements the store runs on it
-    directly (see :mod:`eventstore._sql`)."""
-    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    directly (see :mod:`eventstore._sql`).
+
+    On psycopg's async driver (inside ``AsyncConnection.run_sync``), a cursor of the driver's
+    own connection rather than SQLAlchemy's adapter, which fetches every result at once and
+    so breaks psycopg's pipelines (see :mod:`eventstore._pg_async`).
+    """
+    pooled = conn.connection
+    dbapi: Any = pooled.dbapi_connection
+    if is_async_psycopg(dbapi):
+        return facade_of(pooled.driver_connection).cursor()
+    return dbapi.cursor()
 
 
 def one_trip_possible(aio: Any) -> bool:

@@ -3,7 +3,8 @@ paging, and the reads, all written against a SQLAlchemy ``Connection``.
 
 :class:`eventstore.EventStore` runs these on a connection it opens; :class:`eventstore.aio.
 AsyncEventStore` runs the very same functions inside ``AsyncConnection.run_sync`` (SQLAlchemy's
-greenlet bridge over psycopg's async driver and aiosqlite), so the SQL exists once.
+greenlet bridge over psycopg's async driver; ``_pg_async`` gives them psycopg's pipelines there)
+or, on SQLite, on aiosqlite's thread, so the SQL exists once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import URL, Dialect
 
 from ._backend import APPEND_LOCK_ID, lock_appends
+from ._pg_async import facade_of, is_async_psycopg
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
@@ -815,10 +817,16 @@ def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes
 
 
 def _psycopg(conn: Connection) -> Any:
-    """The psycopg connection under ``conn`` on the sync driver, else ``None``."""
-    dbapi: Any = conn.connection.dbapi_connection
-    if conn.dialect.name == "postgresql" and type(dbapi).__module__.startswith("psycopg"):
+    """The psycopg connection under ``conn`` (on the async driver, its sync facade, see
+    :mod:`eventstore._pg_async`), else ``None``."""
+    pooled = conn.connection
+    dbapi: Any = pooled.dbapi_connection
+    if conn.dialect.name != "postgresql":
+        return None
+    if type(dbapi).__module__.startswith("psycopg"):
         return dbapi
+    if is_async_psycopg(dbapi):
+        return facade_of(pooled.driver_connection)
     return None
 
 

@@ -2,9 +2,12 @@
 
 Native on both backends: psycopg's async driver on PostgreSQL, aiosqlite on SQLite, both through
 SQLAlchemy's asyncio extension.  The SQL is not written twice: every transaction body is the
-sync store's own code (:mod:`eventstore._core`), run with ``AsyncConnection.run_sync``, which
-drives it on SQLAlchemy's greenlet bridge without blocking the event loop.  Inline projection
-handlers therefore work unchanged in both stores.
+sync store's own code (:mod:`eventstore._core`).  On PostgreSQL it runs with
+``AsyncConnection.run_sync``, on SQLAlchemy's greenlet bridge, where :mod:`eventstore._pg_async`
+lets it drive psycopg's async pipelines (an append is one or two round trips, as on the sync
+store).  On SQLite it runs whole on the pooled aiosqlite connection's own thread
+(:class:`_SQLiteThreadTransactions`).  Neither blocks the event loop, and inline projection
+handlers work unchanged in both stores.
 
 ::
 
@@ -47,6 +50,7 @@ from ._backend import (
 from ._core import (
     DEFAULT_TENANT,
     PAGE,
+    AppendPlan,
     BeforeCommit,
     ExpectedVersion,
     Options,
@@ -180,9 +184,35 @@ class AsyncEventStore(StoreCore):
         """:meth:`append`, calling the sync ``before_commit(conn, recorded)`` in its transaction."""
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
-        result = await self._transact(self._append_locked, (plan, before_commit), write=True)
+        if self._sqlite is None:
+            result = await self._append_pg(plan, before_commit)
+        else:
+            result = await self._transact(self._append_locked, (plan, before_commit),
+                                          write=True)
         self._log_appended(plan, result)
         return result
+
+    async def _append_pg(self, plan: AppendPlan, before_commit: BeforeCommit | None
+                         ) -> AppendResult:
+        """The append on PostgreSQL, as the sync store's: on a connection in autocommit mode,
+        so that the append sends its own BEGIN and COMMIT in its pipelines (two round trips,
+        or one when this process knows the end of the log; see ``_core``), driven through the
+        greenlet bridge by :mod:`eventstore._pg_async`."""
+        with translate():
+            async with self._engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                try:
+                    async with conn.begin():
+                        return await conn.run_sync(self._append_committed, plan, before_commit)
+                except BaseException:
+                    raw = await conn.get_raw_connection()
+                    if getattr(raw.driver_connection, "closed", False):
+                        await conn.invalidate()  # closed after a failed pipeline: replace it
+                    raise
+
+    def _append_committed(self, conn: Any, plan: AppendPlan,
+                          before_commit: BeforeCommit | None) -> AppendResult:
+        return self._append_locked(conn, plan, before_commit, commit=True)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -358,7 +388,12 @@ async def abegin(engine: AsyncEngine, *, write: bool) -> AsyncIterator[AsyncConn
     """The async twin of :func:`begin_write` / :func:`begin_read`."""
     with translate():
         async with engine.connect() as conn:
-            if write and engine.dialect.name == "sqlite":
-                conn = await conn.execution_options(sqlite_write=True)
+            if engine.dialect.name == "sqlite":
+                if write:
+                    conn = await conn.execution_options(sqlite_write=True)
+            elif not write:
+                # As the sync store's reads (see _backend._begin): no BEGIN and COMMIT round
+                # trips for statements that each take their own snapshot anyway.
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             async with conn.begin():
                 yield conn

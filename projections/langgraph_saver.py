@@ -1284,6 +1284,8 @@ class _Base(BaseCheckpointSaver[str]):
     """Encoding and decoding shared by both savers (no I/O here)."""
 
     tenant_id: str
+    # (thread, namespace) -> the checkpoint this saver put there last (see read_tuple).
+    _hints: dict[tuple[str, str], Hint]
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """``<counter>.<random>``, 15 characters: a 6-digit base-62 counter (so versions sort
@@ -1338,6 +1340,13 @@ class _Base(BaseCheckpointSaver[str]):
                          task_path=task_path, writes=out,
                          upsert=all(ch in WRITES_IDX_MAP for ch, _v in items))
         return str(conf["thread_id"]), ev
+
+    def _remember(self, thread_id: str, ev: CheckpointSaved, position: int) -> None:
+        """Note the checkpoint just put, for ``get_tuple``'s one-round-trip read."""
+        hints = self._hints
+        if len(hints) >= _MAX_HINTS:
+            hints.clear()
+        hints[(thread_id, ev.ns)] = (checkpoint_key(ev.id), _version_keys(ev), position)
 
     # -- reading --
 
@@ -1513,8 +1522,7 @@ class EventStoreSaver(_Base):
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id
-        # (thread, namespace) -> the checkpoint this saver put there last (see read_tuple).
-        self._hints: dict[tuple[str, str], Hint] = {}
+        self._hints = {}
         store.add_inline_handler(index_events)
 
     @classmethod
@@ -1535,10 +1543,7 @@ class EventStoreSaver(_Base):
         thread_id, ev, next_config = self._checkpoint_events(config, checkpoint, metadata,
                                                              new_versions)
         position = self._append(thread_id, [ev], lambda limit: _split(ev, limit))
-        hints = self._hints
-        if len(hints) >= _MAX_HINTS:
-            hints.clear()
-        hints[(thread_id, ev.ns)] = (checkpoint_key(ev.id), _version_keys(ev), position)
+        self._remember(thread_id, ev, position)
         return next_config
 
     def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
@@ -1706,6 +1711,7 @@ class AsyncEventStoreSaver(_Base):
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id
+        self._hints = {}
         store.add_inline_handler(index_events)
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -1728,23 +1734,26 @@ class AsyncEventStoreSaver(_Base):
 
     async def _append(self, thread_id: str, evs: builtins.list[Event],
                       split: Callable[[int], builtins.list[Event]] | None = None,
-                      expected_version: int | None = None) -> None:
+                      expected_version: int | None = None) -> int:
+        """Append; returns the last event's position."""
         stream = stream_id_of(thread_id)
         try:
-            await self.store.append(stream, evs, tenant_id=self.tenant_id,
-                                    expected_version=expected_version)
+            result = await self.store.append(stream, evs, tenant_id=self.tenant_id,
+                                             expected_version=expected_version)
         except EventTooLarge as e:
             if split is None:
                 raise
-            await self.store.append(stream, split(e.limit), tenant_id=self.tenant_id,
-                                    expected_version=expected_version)
+            result = await self.store.append(stream, split(e.limit), tenant_id=self.tenant_id,
+                                             expected_version=expected_version)
+        return result.last_position
 
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
                    metadata: CheckpointMetadata, new_versions: ChannelVersions
                    ) -> RunnableConfig:
         thread_id, ev, next_config = self._checkpoint_events(config, checkpoint, metadata,
                                                              new_versions)
-        await self._append(thread_id, [ev], lambda limit: _split(ev, limit))
+        position = await self._append(thread_id, [ev], lambda limit: _split(ev, limit))
+        self._remember(thread_id, ev, position)
         return next_config
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
@@ -1756,7 +1765,8 @@ class AsyncEventStoreSaver(_Base):
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, ns, cid = self._get_args(config)
-        loaded = await self.store.run_sync(read_tuple, self.tenant_id, thread_id, ns, cid)
+        hint = self._hints.get((thread_id, ns))
+        loaded = await self.store.run_sync(read_tuple, self.tenant_id, thread_id, ns, cid, hint)
         return None if loaded is None else self._tuple(loaded)
 
     async def alist(self, config: RunnableConfig | None, *,

@@ -173,3 +173,120 @@ async def test_failing_handler_in_async_append_writes_nothing_and_store_goes_on(
         r = await store.append("c-1", [NoteAdded(text="kept")], expected_version=0)
         assert r.stream_version == 1
         assert [e.data.text async for e in store.read_stream("c-1")] == ["kept"]  # type: ignore
+
+
+async def test_postgresql_async_append_pipelines_like_the_sync_store() -> None:
+    """On psycopg's async driver the append's statements go out in pipelines as on the sync
+    store: the second append to a stream is one pipeline and no statement on its own (one
+    round trip), its events and the inline projection's rows committed together."""
+    import psycopg
+
+    from tests.conftest import pg_url, reset_pg
+
+    url = pg_url()
+    reset_pg(url)
+    alone: list[str] = []  # statements sent outside a pipeline: a round trip each
+    pipelines: list[int] = []
+    real_execute = psycopg.AsyncCursor.execute
+    real_pipeline = psycopg.AsyncConnection.pipeline
+
+    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._conn._pipeline is None:
+            alone.append(str(query)[:40])
+        return await real_execute(self, query, *args, **kwargs)
+
+    def pipeline(self: Any) -> Any:
+        pipelines.append(1)
+        return real_pipeline(self)
+
+    with EventStore.open(url) as sync_store:
+        projection = ConversationProjection()
+        inline(sync_store, projection)
+    async with await AsyncEventStore.open(url) as store:
+        inline(store, projection)  # type: ignore[arg-type]
+
+        def assigned(n: int) -> VariablesAssigned:
+            return VariablesAssigned(conversation_id="x", variables=[
+                VariableValue(name="n", value=n, value_type="integer")])
+
+        await store.append("conversation-x", [assigned(1)])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(psycopg.AsyncCursor, "execute", execute)
+            mp.setattr(psycopg.AsyncConnection, "pipeline", pipeline)
+            r = await store.append("conversation-x", [assigned(2)], expected_version=1)
+            appended = (len(pipelines), list(alone))
+        assert r.stream_version == 2
+        assert appended == (1, []), appended
+        assert await store.stream_version("conversation-x") == 2
+    with EventStore.open(url) as sync_store:
+        row = load_row(sync_store, projection, "default", "conversation-x")
+        assert row is not None and row[0].variables == {"n": 2}
+
+
+@pytest.mark.parametrize("failing", ["statement-fails", "python-raises"])
+async def test_failing_handler_on_a_known_stream_writes_nothing_async(url: str,
+                                                                      failing: str) -> None:
+    """The async store's one-round-trip and pipelined appends (PostgreSQL) and its
+    transactions on aiosqlite's thread (SQLite) leave nothing written when a handler's
+    statement fails or the handler raises after its statement went out; appends go on."""
+    from eventstore.errors import DatabaseError
+    from tests.test_append_path import _count_guesses, _FailingWriter, _RaisingWriter
+
+    handler: Any = _FailingWriter() if failing == "statement-fails" else _RaisingWriter()
+    error = DatabaseError if failing == "statement-fails" else ValueError
+    async with await AsyncEventStore.open(url) as store:
+        guesses = _count_guesses(store)  # type: ignore[arg-type]
+        texts: list[str] = []
+
+        async def texts_of(stream: str) -> list[str]:
+            return [e.data.text async for e in store.read_stream(stream)]  # type: ignore
+
+        for refused in ([NoteAdded(text="refused")],
+                        [NoteAdded(text="refused"), NoteAdded(text="too")]):
+            for _ in range(2):
+                texts.append(str(len(texts) + 1))
+                await store.append("k-1", [NoteAdded(text=texts[-1])],
+                                   expected_version=len(texts) - 1)
+            store.add_inline_handler(handler)
+            with pytest.raises(error):
+                await store.append("k-1", refused)
+            store.remove_inline_handler(handler)
+            assert await store.stream_version("k-1") == len(texts)
+            assert await store.last_position() == len(texts)
+            assert await texts_of("k-1") == texts
+        result = await store.append("k-1", [NoteAdded(text="5")], expected_version=4)
+        assert (result.first_position, result.stream_version) == (5, 5)
+        assert (await store.append("k-1", [NoteAdded(text="6"),
+                                           NoteAdded(text="7")])).last_position == 7
+        assert await texts_of("k-1") == [*texts, "5", "6", "7"]
+        if store.engine.dialect.name == "postgresql":
+            assert guesses == [True, "raised", True, "raised", True]
+
+
+async def test_two_async_stores_interleave_and_keep_prepared_statements_in_step(
+        url: str) -> None:
+    """Two async stores append to one database: stale guesses (PostgreSQL) fall back, failed
+    pipelines leave psycopg's prepared statements usable, and every event lands once, in
+    order."""
+    from tests.test_append_path import _ConstantWriter
+
+    a = await AsyncEventStore.open(url)
+    b = await AsyncEventStore.open(url)
+    try:
+        a.add_inline_handler(_ConstantWriter())
+        texts: list[str] = []
+
+        async def a_appends(n: int) -> None:
+            for _ in range(n):
+                texts.append(f"a{len(texts)}")
+                await a.append("p-1", [NoteAdded(text=texts[-1])])
+
+        await a_appends(5)
+        for gap in (4, 1, 2, 3, 6):
+            await b.append("p-2", [NoteAdded(text="b")])
+            await a_appends(gap)
+        assert [e.data.text async for e in a.read_stream("p-1")] == texts  # type: ignore
+        assert [e.position async for e in a.read_all()] == list(range(1, len(texts) + 6))
+    finally:
+        await a.close()
+        await b.close()
