@@ -386,7 +386,8 @@ class EventState(TypedDict, total=False):
     last: str
 
 
-def invokes_per_second(saver: BaseCheckpointSaver[Any], n: int) -> float:
+def one_node_graph(saver: BaseCheckpointSaver[Any]) -> Any:
+    """A compiled graph of one node that counts the events it was invoked with."""
     def handle(state: EventState) -> EventState:
         return {"count": state.get("count", 0) + 1}
 
@@ -394,7 +395,11 @@ def invokes_per_second(saver: BaseCheckpointSaver[Any], n: int) -> float:
     g.add_node("handle", handle)
     g.add_edge(START, "handle")
     g.add_edge("handle", END)
-    graph = g.compile(checkpointer=saver)
+    return g.compile(checkpointer=saver)
+
+
+def invokes_per_second(saver: BaseCheckpointSaver[Any], n: int) -> float:
+    graph = one_node_graph(saver)
     config: Any = {"configurable": {"thread_id": "events"}}
     graph.invoke({"last": "warm-up"}, config)
     gc.collect()
@@ -423,15 +428,7 @@ async def async_rows(saver: BaseCheckpointSaver[Any], n_put: int, n_invoke: int
         t = time.perf_counter()
         assert await saver.aget_tuple(latest) is not None
         times.append(time.perf_counter() - t)
-
-    def handle(state: EventState) -> EventState:
-        return {"count": state.get("count", 0) + 1}
-
-    g = StateGraph(EventState)
-    g.add_node("handle", handle)
-    g.add_edge(START, "handle")
-    g.add_edge("handle", END)
-    graph = g.compile(checkpointer=saver)
+    graph = one_node_graph(saver)
     thread: Any = {"configurable": {"thread_id": "events"}}
     await graph.ainvoke({"last": "warm-up"}, thread)
     gc.collect()
