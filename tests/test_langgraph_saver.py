@@ -531,6 +531,41 @@ def test_get_tuple_finds_checkpoints_another_saver_put(url: str) -> None:
         b_store.close()
 
 
+@pytest.mark.asyncio
+async def test_async_get_tuple_finds_checkpoints_another_saver_put(url: str) -> None:
+    """The async saver reads the checkpoint it put last in one round trip on PostgreSQL (as
+    the sync saver does); another saver's newer checkpoint, writes or re-put still win."""
+    a_store = await AsyncEventStore.open(url, migrate=True)
+    b_store = EventStore.open(url)
+    try:
+        a, b = AsyncEventStoreSaver(a_store), EventStoreSaver(b_store)
+        cp = empty_checkpoint()
+        cp["channel_values"] = {"doc": "d", "n": 0}
+        cp["channel_versions"] = {"doc": 1, "n": 1}
+        md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+        first = await a.aput(config("shared"), cp, md, {"doc": 1, "n": 1})
+        got = await a.aget_tuple(config("shared"))
+        assert got is not None and got.checkpoint["channel_values"] == {"doc": "d", "n": 0}
+        b.put_writes(first, [("n", 5)], "task-b")
+        got = await a.aget_tuple(config("shared"))
+        assert got is not None and [w[1:] for w in got.pending_writes or []] == [("n", 5)]
+        second = put(b, "shared", first, {"doc": "d", "n": 1}, {"doc": 1, "n": 2}, {"n": 2})
+        got = await a.aget_tuple(config("shared"))
+        assert got is not None and got.config == second and got.pending_writes == []
+        assert got.checkpoint["channel_values"] == {"doc": "d", "n": 1}
+        again = empty_checkpoint()
+        again["id"] = first["configurable"]["checkpoint_id"]
+        again["channel_values"] = {"doc": "d", "n": 0, "extra": "x"}
+        again["channel_versions"] = {"doc": 1, "n": 1, "extra": 1}
+        b.put(config("shared"), again, md, {"extra": 1})
+        got = await a.aget_tuple(first)
+        assert got is not None
+        assert got.checkpoint["channel_values"] == {"doc": "d", "n": 0, "extra": "x"}
+    finally:
+        await a_store.close()
+        b_store.close()
+
+
 def test_from_url_opens_and_closes_a_store_of_its_own(url: str, store: EventStore) -> None:
     """EventStoreSaver.from_url works on a store it opens; the data is the same database's."""
     with EventStoreSaver.from_url(url, tenant_id="t1") as own:
