@@ -179,7 +179,7 @@ class Writer:
                 with translate():
                     conn = self._connection()
                     try:
-                        with conn.begin():
+                        with own_transaction(conn):
                             yield conn
                     except BaseException:
                         if _broken(conn):
@@ -217,6 +217,25 @@ class Writer:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+
+
+@contextlib.contextmanager
+def own_transaction(conn: Connection) -> Iterator[None]:
+    """``conn.begin()``, except that after an error a rollback that fails too (the connection
+    closed under the transaction: a failed pipeline's clean-up, a cancelled query) does not
+    replace that error; the connection is invalidated instead."""
+    trans = conn.begin()
+    try:
+        yield
+    except BaseException:
+        try:
+            if trans.is_active:
+                trans.rollback()
+        except Exception:
+            conn.invalidate()
+        raise
+    if trans.is_active:
+        trans.commit()
 
 
 def _broken(conn: Connection) -> bool:

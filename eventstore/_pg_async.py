@@ -40,12 +40,23 @@ def is_async_psycopg(dbapi: Any) -> bool:
 
 
 class SyncOverAsync:
-    """The sync psycopg connection methods the store uses, over an async connection."""
+    """The sync psycopg connection methods the store uses, over an async connection.
 
-    __slots__ = ("__weakref__", "_a")
+    It holds its connection weakly: the cache of facades is keyed weakly by the connection, and
+    a strong reference back would keep every connection the pool ever opened alive.
+    """
+
+    __slots__ = ("__weakref__", "_ref")
 
     def __init__(self, aconn: Any) -> None:
-        self._a = aconn
+        self._ref = weakref.ref(aconn)
+
+    @property
+    def _a(self) -> Any:
+        aconn = self._ref()
+        if aconn is None:  # only reachable through a stale reference to the facade
+            raise RuntimeError("the psycopg connection behind this facade is gone")
+        return aconn
 
     @property
     def autocommit(self) -> bool:

@@ -132,16 +132,28 @@ class AsyncEventStore(StoreCore):
         """Run ``fn(conn, *args)`` in one transaction (a write transaction with ``write``).
 
         The way to use the sync projection code (which takes a ``Connection``) from async code.
+        On SQLite ``fn`` runs on the aiosqlite connection's worker thread (see
+        :class:`_SQLiteThreadTransactions`), so it must not use the event loop; on PostgreSQL
+        it runs on the event loop's thread.
         """
         self._check_open()
         return await self._transact(fn, args, write=write)
 
-    async def _transact(self, fn: Callable[..., T], args: Sequence[Any], *, write: bool) -> T:
-        """``fn(conn, *args)`` in one transaction.
+    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)``, which only reads, as the sync store runs its reads: on
+        PostgreSQL without a transaction (no BEGIN and COMMIT round trips; each statement reads
+        its own snapshot, as it would in a READ COMMITTED transaction), on SQLite in one read
+        transaction (one snapshot)."""
+        self._check_open()
+        return await self._transact(fn, args, write=False, autocommit=True)
+
+    async def _transact(self, fn: Callable[..., T], args: Sequence[Any], *, write: bool,
+                        autocommit: bool = False) -> T:
+        """``fn(conn, *args)`` in one transaction (``autocommit``: PostgreSQL reads without).
 
         On SQLite the whole transaction runs on the thread of the pooled aiosqlite connection,
         in one trip (see :class:`_SQLiteThreadTransactions`); elsewhere on SQLAlchemy's greenlet
-        bridge, where each statement is one await.
+        bridge.
         """
         if self._sqlite is not None:
             with translate():
@@ -150,7 +162,7 @@ class AsyncEventStore(StoreCore):
                     aio = raw.driver_connection
                     if one_trip_possible(aio):
                         return await self._sqlite.run(aio, fn, args, write=write)
-        async with abegin(self._engine, write=write) as conn:
+        async with abegin(self._engine, write=write, autocommit=autocommit) as conn:
             return await conn.run_sync(fn, *args)
 
     # -- appending --------------------------------------------------------------------------------
@@ -201,14 +213,22 @@ class AsyncEventStore(StoreCore):
         with translate():
             async with self._engine.connect() as conn:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                trans = await conn.begin()
                 try:
-                    async with conn.begin():
-                        return await conn.run_sync(self._append_committed, plan, before_commit)
+                    result = await conn.run_sync(self._append_committed, plan, before_commit)
                 except BaseException:
-                    raw = await conn.get_raw_connection()
-                    if getattr(raw.driver_connection, "closed", False):
-                        await conn.invalidate()  # closed after a failed pipeline: replace it
+                    # As _backend.own_transaction: a rollback that fails too (psycopg closed
+                    # the connection: a failed pipeline's clean-up, a cancelled query) must not
+                    # replace the error, or a cancellation would come out as a DatabaseError.
+                    try:
+                        if trans.is_active:
+                            await trans.rollback()
+                    except Exception:
+                        await conn.invalidate()
                     raise
+                if trans.is_active:
+                    await trans.commit()
+                return result
 
     def _append_committed(self, conn: Any, plan: AppendPlan,
                           before_commit: BeforeCommit | None) -> AppendResult:
@@ -218,7 +238,7 @@ class AsyncEventStore(StoreCore):
 
     async def stream_version(self, stream_id: str, *, tenant_id: str = DEFAULT_TENANT) -> int:
         """The number of events in the stream; 0 when it does not exist."""
-        return await self.run_sync(self._stream_version_on, stream_id, tenant_id)
+        return await self.run_read(self._stream_version_on, stream_id, tenant_id)
 
     def read_stream(
         self,
@@ -256,15 +276,15 @@ class AsyncEventStore(StoreCore):
                 return
 
     async def _fetch(self, query: Compiled, params: dict[str, Any]) -> list[RecordedEvent]:
-        return await self.run_sync(self._fetch_on, query, params)
+        return await self.run_read(self._fetch_on, query, params)
 
     async def last_position(self) -> int:
         """The highest committed position (0 for an empty store)."""
-        return await self.run_sync(self._last_position_on)
+        return await self.run_read(self._last_position_on)
 
     async def stats(self, *, tenant_id: str | None = None) -> dict[str, int]:
         """Counts of events, streams and tenants, and the last position."""
-        return await self.run_sync(self._stats_on, tenant_id)
+        return await self.run_read(self._stats_on, tenant_id)
 
     def subscribe(
         self,
@@ -336,7 +356,15 @@ class _SQLiteThreadTransactions:
         if engine is None:
             engine = self._engines[aio] = self._engine_over(aio._conn)
         context = contextvars.copy_context()
-        result: T = await aio._execute(context.run, _in_transaction, engine, write, fn, args)
+        abandoned = threading.Event()
+        try:
+            result: T = await aio._execute(context.run, _in_transaction, engine, write, fn,
+                                           args, abandoned)
+        except BaseException:
+            # Cancelled (a timeout, a task cancelled) while the function runs on: it rolls
+            # back at its next check instead of committing what its caller gave up on.
+            abandoned.set()
+            raise
         return result
 
     def _engine_over(self, raw: sqlite3.Connection) -> Engine:
@@ -347,10 +375,22 @@ class _SQLiteThreadTransactions:
         return engine
 
 
-def _in_transaction(engine: Engine, write: bool, fn: Callable[..., T], args: Sequence[Any]
-                    ) -> T:
+def _in_transaction(engine: Engine, write: bool, fn: Callable[..., T], args: Sequence[Any],
+                    abandoned: threading.Event) -> T:
+    """On aiosqlite's thread: ``fn`` in a transaction, rolled back if its caller gave up
+    (checked once the transaction has begun, possibly after waiting for the write lock, and
+    again before the commit)."""
     with _begin(engine, write=write) as conn:
-        return fn(conn, *args)
+        if abandoned.is_set():
+            raise _Abandoned
+        result = fn(conn, *args)
+        if abandoned.is_set():
+            raise _Abandoned
+        return result
+
+
+class _Abandoned(Exception):
+    """The caller of a transaction on aiosqlite's thread was cancelled: roll it back."""
 
 
 class _Borrowed:
@@ -384,16 +424,16 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
 
 
 @contextlib.asynccontextmanager
-async def abegin(engine: AsyncEngine, *, write: bool) -> AsyncIterator[AsyncConnection]:
-    """The async twin of :func:`begin_write` / :func:`begin_read`."""
+async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
+                 ) -> AsyncIterator[AsyncConnection]:
+    """The async twin of :func:`begin_write` / :func:`begin_read` (``autocommit``: a
+    PostgreSQL read without a transaction, as ``begin_read``'s)."""
     with translate():
         async with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
                 if write:
                     conn = await conn.execution_options(sqlite_write=True)
-            elif not write:
-                # As the sync store's reads (see _backend._begin): no BEGIN and COMMIT round
-                # trips for statements that each take their own snapshot anyway.
+            elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             async with conn.begin():
                 yield conn

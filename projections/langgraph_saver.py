@@ -1766,7 +1766,7 @@ class AsyncEventStoreSaver(_Base):
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, ns, cid = self._get_args(config)
         hint = self._hints.get((thread_id, ns))
-        loaded = await self.store.run_sync(read_tuple, self.tenant_id, thread_id, ns, cid, hint)
+        loaded = await self.store.run_read(read_tuple, self.tenant_id, thread_id, ns, cid, hint)
         return None if loaded is None else self._tuple(loaded)
 
     async def alist(self, config: RunnableConfig | None, *,
@@ -1788,11 +1788,11 @@ class AsyncEventStoreSaver(_Base):
                        before_id: str | None, size: int) -> AsyncIterator[Loaded]:
         """The checkpoints an alist() gives, newest first, read page by page."""
         if thread_id is not None and ns is None:
-            merge = _ListMerge(await self.store.run_sync(namespaces_of, self.tenant_id,
+            merge = _ListMerge(await self.store.run_read(namespaces_of, self.tenant_id,
                                                          thread_id))
             while True:
                 for source in merge.wanting():
-                    merge.feed(source, *await self.store.run_sync(
+                    merge.feed(source, *await self.store.run_read(
                         list_page, self.tenant_id, thread_id, source, cid, before_id,
                         merge.after[source], size))
                 item = merge.pop()
@@ -1801,7 +1801,7 @@ class AsyncEventStoreSaver(_Base):
                 yield item
         after: tuple[bytes, str, str] | None = None
         while True:
-            loaded, after = await self.store.run_sync(list_page, self.tenant_id, thread_id, ns,
+            loaded, after = await self.store.run_read(list_page, self.tenant_id, thread_id, ns,
                                                       cid, before_id, after, size)
             for item in loaded:
                 yield item

@@ -290,3 +290,149 @@ async def test_two_async_stores_interleave_and_keep_prepared_statements_in_step(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_async_postgresql_connections_are_not_kept_alive_by_the_store() -> None:
+    """The pipeline facades the async store keeps per psycopg connection do not keep the
+    connections alive: after bursts of concurrent appends (the pool opens and drops overflow
+    connections) and close(), every psycopg connection it used can be collected."""
+    import gc
+    import weakref
+
+    import eventstore._pg_async as pg_async
+    from tests.conftest import pg_url, reset_pg
+
+    url = pg_url()
+    reset_pg(url)
+    seen: list[weakref.ref[Any]] = []
+    real = pg_async.facade_of
+
+    def tracking(aconn: Any) -> Any:
+        seen.append(weakref.ref(aconn))
+        return real(aconn)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pg_async, "facade_of", tracking)
+        import eventstore._backend as backend
+        import eventstore._core as core
+        mp.setattr(backend, "facade_of", tracking)
+        mp.setattr(core, "facade_of", tracking)
+        store = await AsyncEventStore.open(url, pool_size=1)
+        for round_ in range(3):
+            await asyncio.gather(*(store.append(f"c-{round_}-{i}", [NoteAdded(text="x")])
+                                   for i in range(6)))
+        assert await store.last_position() == 18
+        await store.close()
+    del store
+    gc.collect()
+    assert len({id(r) for r in seen}) > 1  # overflow connections came and went
+    assert [r for r in seen if r() is not None] == []
+
+
+async def test_cancelled_async_appends_roll_back_or_complete_never_fail_otherwise(
+        url: str) -> None:
+    """Cancelling async appends at random moments (PostgreSQL: also while a stale
+    one-round-trip guess fails) gives either a completed append or CancelledError, never a
+    DatabaseError; every completed append committed (a cancellation that comes after the
+    commit may hide one that did), and the log stays dense."""
+    import random
+
+    rng = random.Random(5)
+    a = await AsyncEventStore.open(url)
+    b = await AsyncEventStore.open(url)
+    try:
+        await a.append("x-1", [NoteAdded(text="first")])
+        completed = 0
+        for _ in range(40):
+            await a.append("x-1", [NoteAdded(text="a")])  # a learns the end of the log
+            await b.append("x-2", [NoteAdded(text="b")])  # a's next guess is stale
+            task = asyncio.create_task(a.append("x-1", [NoteAdded(text="maybe")]))
+            await asyncio.sleep(rng.random() * 0.003)
+            task.cancel()
+            try:
+                await task
+                completed += 1
+            except asyncio.CancelledError:
+                pass
+        maybe = [e async for e in a.read_stream("x-1")
+                 if e.data.text == "maybe"]  # type: ignore[attr-defined]
+        assert completed <= len(maybe) <= 40
+        assert [e.position async for e in a.read_all()] == list(
+            range(1, await a.last_position() + 1))
+        assert await a.last_position() == 1 + 40 + 40 + len(maybe)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_cancelled_sqlite_append_waiting_for_the_write_lock_rolls_back(
+        tmp_path: Any) -> None:
+    """On SQLite the append runs on aiosqlite's thread; when its caller gives up (a timeout)
+    while it waits for the write lock, it rolls back instead of committing later."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "lock.db"
+    async with await AsyncEventStore.open(f"sqlite:///{path}") as store:
+        await store.append("s-1", [NoteAdded(text="before")])
+        holder = sqlite3.connect(path, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.5, holder.commit)
+        release.start()
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await store.append("s-1", [NoteAdded(text="given up")])
+        finally:
+            release.join()
+            holder.close()
+        await asyncio.sleep(0.1)
+        assert await store.stream_version("s-1") == 1
+        assert (await store.append("s-1", [NoteAdded(text="after")])).stream_version == 2
+
+
+async def test_run_sync_is_one_transaction_on_both_backends(url: str) -> None:
+    """run_sync(fn) (a read transaction by default) rolls back what fn wrote when fn raises;
+    run_read runs reads only."""
+    from sqlalchemy import text
+
+    async with await AsyncEventStore.open(url) as store:
+        await store.append("r-1", [NoteAdded(text="x")])
+
+        def writes_then_fails(conn: Any) -> None:
+            conn.execute(text("UPDATE es_streams SET version = 99"))
+            raise ValueError("after a write")
+
+        with pytest.raises(ValueError):
+            await store.run_sync(writes_then_fails)
+        assert await store.stream_version("r-1") == 1
+        assert await store.run_read(
+            lambda conn: conn.execute(text("SELECT count(*) FROM es_events")).scalar()) == 1
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_handler_that_breaks_the_connection_keeps_its_own_error(url: str,
+                                                                      flavour: str) -> None:
+    """When a handler's failure also closes the connection, the append raises the handler's
+    error (not the failed rollback's), writes nothing, and the store appends on afterwards on
+    a new connection."""
+    def breaks(conn: Any, recorded: Any) -> None:
+        conn.connection.dbapi_connection.close()
+        raise ValueError("handler broke the connection")
+
+    if flavour == "sync":
+        with EventStore.open(url) as sync_store:
+            sync_store.append("b-1", [NoteAdded(text="1")])
+            sync_store.add_inline_handler(breaks)
+            with pytest.raises(ValueError, match="broke the connection"):
+                sync_store.append("b-1", [NoteAdded(text="lost")])
+            sync_store.remove_inline_handler(breaks)
+            assert sync_store.append("b-1", [NoteAdded(text="2")]).stream_version == 2
+        return
+    async with await AsyncEventStore.open(url) as store:
+        await store.append("b-1", [NoteAdded(text="1")])
+        store.add_inline_handler(breaks)
+        with pytest.raises(ValueError, match="broke the connection"):
+            await store.append("b-1", [NoteAdded(text="lost")])
+        store.remove_inline_handler(breaks)
+        assert (await store.append("b-1", [NoteAdded(text="2")])).stream_version == 2
