@@ -193,7 +193,8 @@ class AsyncEventStore(StoreCore):
         metadata: dict[str, Any] | None = None,
         before_commit: BeforeCommit | None = None,
     ) -> AppendResult:
-        """:meth:`append`, calling the sync ``before_commit(conn, recorded)`` in its transaction."""
+        """:meth:`append`, calling the sync ``before_commit(conn, recorded)`` in its transaction
+        (on SQLite on aiosqlite's worker thread, as :meth:`run_sync`'s functions)."""
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
         if self._sqlite is None:
