@@ -166,7 +166,9 @@ def bench_backend(backend: str, url: str, scale: float, workdir: str) -> list[tu
     snapping = ConversationProjection(snapshot_every=SNAPSHOT_EVERY)
     fold_live(store, snapping, stream, tenant_id="default")  # saves the snapshot at 10,000
     store.append(stream, [assigned(conv, i) for i in range(50)])  # 50 events past it
-    with_snap = timed(lambda: fold_live(store, snapping, stream, tenant_id="default"))
+    # A fold from the snapshot takes well under a millisecond: the median of three moved
+    # 0.54-0.98 ms between runs of the same code on this machine, so take it of 31.
+    with_snap = timed(lambda: fold_live(store, snapping, stream, tenant_id="default"), 31)
     rows.append(("replay 10k, snapshot every 100", f"{with_snap * 1000:.2f} ms vs "
                  f"{no_snap * 1000:.1f} ms: {no_snap / with_snap:.0f}x faster (target >= 20x)"))
 
