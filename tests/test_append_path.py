@@ -188,10 +188,13 @@ def test_forked_child_appends_while_a_parent_thread_was_appending(fresh_pg: str)
 
 
 def test_eventstore_imports_and_runs_without_psycopg(tmp_path: Any) -> None:
-    """psycopg is optional (the postgres extra): a SQLite-only install imports and appends."""
+    """psycopg is optional (the postgres extra), and so are greenlet and aiosqlite (the async
+    extra): a SQLite-only install imports and appends."""
     script = (
         "import sys\n"
         "sys.modules['psycopg'] = None\n"
+        "sys.modules['greenlet'] = None\n"
+        "sys.modules['aiosqlite'] = None\n"
         "from eventstore import EventStore, Event\n"
         "class N(Event, tag='N'):\n"
         "    text: str\n"
