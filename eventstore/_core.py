@@ -840,7 +840,8 @@ def _idle_autocommit(dbapi: Any) -> bool:
 
 
 def _pipeline(conn: Connection) -> contextlib.AbstractContextManager[Any]:
-    """psycopg's pipeline mode on the sync driver (statements sent together), else nothing.
+    """psycopg's pipeline mode (statements sent together; on the async driver through
+    ``_pg_async``'s facade), else nothing.
 
     Inside a pipeline already, nothing: leaving a nested pipeline would sync (a round trip).
     """

@@ -52,8 +52,7 @@ class Compiled:
         client's cost of a large read (``bytea`` arrives as is instead of as hex text).  Only the
         sync psycopg connection takes the option; elsewhere the flag changes nothing.
         """
-        # dbapi_connection: the DBAPI connection itself, or SQLAlchemy's adapter over an async
-        # driver when the connection runs inside AsyncConnection.run_sync.
+        # The DBAPI connection's cursor (on psycopg's async driver, the _pg_async facade's).
         cur = dbapi_cursor(conn)
         dialect = conn.dialect
         if binary and dialect.name == "postgresql" and not dialect.is_async:
