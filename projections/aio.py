@@ -31,7 +31,7 @@ from .continuations import Continuation, Continuations, SweepResult
 from .conversation import Conversations, ConversationState, VariableChange
 from .flows import Flows, FlowSave, PendingFeedback
 from .jobs import TERMINAL_EVENTS, Job, JobEvent, Jobs
-from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot
+from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot, SessionState
 
 __all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows",
            "AsyncJobs"]
@@ -64,6 +64,8 @@ class _Twin(Generic[F]):
 class AsyncConversations(_Twin[Conversations]):
     """:class:`projections.Conversations` for asyncio."""
 
+    stream_id = staticmethod(Conversations.stream_id)
+
     def __init__(self, store: AsyncEventStore, *, snapshot_every: int | None = 100) -> None:
         super().__init__(store, Conversations(store, snapshot_every=snapshot_every))  # type: ignore[arg-type]
 
@@ -94,6 +96,12 @@ class AsyncConversations(_Twin[Conversations]):
             at_time=at_time)
         return result
 
+    async def snapshot(self, conversation_id: str, *, tenant_id: str = "default") -> int:
+        """See :meth:`Conversations.snapshot`."""
+        result: int = await self._run("snapshot", conversation_id, write=True,
+                                      tenant_id=tenant_id)
+        return result
+
     async def history(self, conversation_id: str, **kwargs: Any) -> list[VariableChange]:
         """See :meth:`Conversations.history`."""
         result: list[VariableChange] = await self._run("history", conversation_id, write=False,
@@ -103,6 +111,8 @@ class AsyncConversations(_Twin[Conversations]):
 
 class AsyncContinuations(_Twin[Continuations]):
     """:class:`projections.Continuations` for asyncio."""
+
+    stream_id = staticmethod(Continuations.stream_id)
 
     def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
         super().__init__(store, Continuations(store, **kwargs))  # type: ignore[arg-type]
@@ -170,6 +180,17 @@ class AsyncAgentSessions(_Twin[AgentSessions]):
         result: SessionSnapshot | None = await self._run("active", key, write=False)
         return result
 
+    async def state(self, key: SessionKey) -> SessionState:
+        """See :meth:`AgentSessions.state`."""
+        result: SessionState = await self._run("state", key, write=False)
+        return result
+
+    async def active_in_run(self, tenant_id: str, workflow_run_id: str) -> list[SessionKey]:
+        """See :meth:`AgentSessions.active_in_run`."""
+        result: list[SessionKey] = await self._run("active_in_run", tenant_id, workflow_run_id,
+                                                   write=False)
+        return result
+
     async def history(self, key: SessionKey) -> list[SessionEntry]:
         """See :meth:`AgentSessions.history`."""
         result: list[SessionEntry] = await self._run("history", key, write=False)
@@ -190,6 +211,8 @@ class AsyncAgentSessions(_Twin[AgentSessions]):
 
 class AsyncFlows(_Twin[Flows]):
     """:class:`projections.Flows` for asyncio."""
+
+    stream_id = staticmethod(Flows.stream_id)
 
     def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
         super().__init__(store, Flows(store, **kwargs))  # type: ignore[arg-type]
@@ -232,6 +255,8 @@ class AsyncFlows(_Twin[Flows]):
 
 class AsyncJobs(_Twin[Jobs]):
     """:class:`projections.Jobs` for asyncio; ``events(follow=True)`` waits with asyncio."""
+
+    stream_id = staticmethod(Jobs.stream_id)
 
     def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
         super().__init__(store, Jobs(store, **kwargs))  # type: ignore[arg-type]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import pytest
 
+import projections
+import projections.aio
 from eventstore import WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
 from projections.aio import AsyncAgentSessions, AsyncContinuations, AsyncConversations, AsyncFlows
@@ -13,9 +16,8 @@ from projections.errors import NoPendingFeedback, ResumeInProgress
 from projections.sessions import SessionKey
 from tests._clock import Clock
 
-pytestmark = pytest.mark.asyncio
 
-
+@pytest.mark.asyncio
 async def test_conversations_assign_get_and_conflict(url: str) -> None:
     """assign/get/history work, and a stale expected version raises."""
     async with await AsyncEventStore.open(url) as store:
@@ -30,6 +32,7 @@ async def test_conversations_assign_get_and_conflict(url: str) -> None:
             await conv.assign("c-1", {"count": 3}, tenant_id="acme", expected_version=1)
 
 
+@pytest.mark.asyncio
 async def test_concurrent_claims_one_task_wins(url: str) -> None:
     """Of six tasks claiming one continuation, exactly one wins."""
     async with await AsyncEventStore.open(url) as store:
@@ -50,6 +53,7 @@ async def test_concurrent_claims_one_task_wins(url: str) -> None:
         assert done.status == "consumed" and await conts.get("c-1", "u1") is None
 
 
+@pytest.mark.asyncio
 async def test_sessions_finish_run_concurrently_retires_once(url: str) -> None:
     """Concurrent finish_run tasks retire each session exactly once between them."""
     async with await AsyncEventStore.open(url) as store:
@@ -63,6 +67,56 @@ async def test_sessions_finish_run_concurrently_retires_once(url: str) -> None:
         assert await sessions.active(SessionKey("t", "run-1", "n", "b", "a")) is None
 
 
+@pytest.mark.asyncio
+async def test_sessions_active_in_run_and_state(url: str) -> None:
+    """active_in_run lists the run's active sessions; state shows a retired one too."""
+    async with await AsyncEventStore.open(url) as store:
+        sessions = AsyncAgentSessions(store)
+        keys = [SessionKey("t", "run-2", "n", "b", agent) for agent in "xyz"]
+        for key in keys:
+            await sessions.save(key, snapshot={"turn": key.agent_id}, layer_specs=[])
+        await sessions.save(SessionKey("t", "run-3", "n", "b", "x"), snapshot={},
+                            layer_specs=[])
+        assert await sessions.retire(keys[1], reason="done")
+        active = await sessions.active_in_run("t", "run-2")
+        assert sorted(k.agent_id for k in active) == ["x", "z"]
+        state = await sessions.state(keys[1])
+        assert not state.active and state.latest is not None
+        assert state.latest.snapshot == {"turn": "y"}
+
+
+@pytest.mark.asyncio
+async def test_conversations_snapshot(url: str) -> None:
+    """An on-demand snapshot is saved at the current version and reads still agree."""
+    async with await AsyncEventStore.open(url) as store:
+        conv = AsyncConversations(store)
+        for i in range(3):
+            await conv.assign("c-9", {"n": i})
+        assert await conv.snapshot("c-9") == 3
+        await conv.assign("c-9", {"m": 1})
+        assert (await conv.get("c-9")).variables == {"n": 2, "m": 1}
+        assert AsyncConversations.stream_id("c-9") == projections.Conversations.stream_id("c-9")
+
+
+@pytest.mark.parametrize("name", ["Conversations", "Continuations", "AgentSessions", "Flows",
+                                  "Jobs"])
+def test_every_facade_method_has_an_async_twin(name: str) -> None:
+    """Each public method of a sync facade exists on its async twin (as a coroutine function,
+    or a static helper that touches no store)."""
+    sync, twin = getattr(projections, name), getattr(projections.aio, f"Async{name}")
+    for method in (m for m in dir(sync) if not m.startswith("_")):
+        attr = getattr(sync, method)
+        if not callable(attr):
+            continue
+        assert hasattr(twin, method), f"Async{name}.{method} is missing"
+        if isinstance(sync.__dict__.get(method), staticmethod):
+            assert getattr(twin, method) is attr
+        else:
+            assert inspect.iscoroutinefunction(getattr(twin, method)) or (
+                inspect.isasyncgenfunction(getattr(twin, method))), method
+
+
+@pytest.mark.asyncio
 async def test_flows_feedback_race_one_wins(url: str) -> None:
     """Of four tasks resolving one feedback request, exactly one wins."""
     async with await AsyncEventStore.open(url) as store:
@@ -83,6 +137,7 @@ async def test_flows_feedback_race_one_wins(url: str) -> None:
         assert await flows.pending_feedback("f1") is None
 
 
+@pytest.mark.asyncio
 async def test_jobs_lifecycle_and_follow(url: str) -> None:
     """Submit, claim, milestone and complete; events(follow=True) ends after the terminal one."""
     from projections.aio import AsyncJobs
