@@ -59,7 +59,7 @@ from ._core import (
     auto_migrate,
 )
 from ._sql import Compiled
-from .errors import InvalidArgument
+from .errors import InvalidArgument, StoreClosed
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
 
 __all__ = ["AsyncEventStore"]
@@ -82,6 +82,7 @@ class AsyncEventStore(StoreCore):
         self._engine = engine
         self._url = url
         self._sqlite = _SQLiteThreadTransactions(url) if is_sqlite(url) else None
+        self._writer = _KeptWriter(engine) if self._sqlite is None else None
 
     @classmethod
     async def open(
@@ -115,6 +116,8 @@ class AsyncEventStore(StoreCore):
         """Release every connection; later calls raise :class:`StoreClosed`."""
         if not self._closed:
             self._closed = True
+            if self._writer is not None:
+                await self._writer.close()
             await self._engine.dispose()
 
     async def __aenter__(self) -> AsyncEventStore:
@@ -210,26 +213,16 @@ class AsyncEventStore(StoreCore):
         """The append on PostgreSQL, as the sync store's: on a connection in autocommit mode,
         so that the append sends its own BEGIN and COMMIT in its pipelines (two round trips,
         or one when this process knows the end of the log; see ``_core``), driven through the
-        greenlet bridge by :mod:`eventstore._pg_async`."""
+        greenlet bridge by :mod:`eventstore._pg_async`.  On the kept write connection
+        (:class:`_KeptWriter`) when called from its event loop."""
         with translate():
+            writer = self._writer
+            if writer is not None and writer.serves_this_loop():
+                return await writer.run(self._append_committed, plan, before_commit)
             async with self._engine.connect() as conn:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                trans = await conn.begin()
-                try:
-                    result = await conn.run_sync(self._append_committed, plan, before_commit)
-                except BaseException:
-                    # As _backend.own_transaction: a rollback that fails too (psycopg closed
-                    # the connection: a failed pipeline's clean-up, a cancelled query) must not
-                    # replace the error, or a cancellation would come out as a DatabaseError.
-                    try:
-                        if trans.is_active:
-                            await trans.rollback()
-                    except Exception:
-                        await conn.invalidate()
-                    raise
-                if trans.is_active:
-                    await trans.commit()
-                return result
+                return await _own_transaction(conn, self._append_committed, plan,
+                                              before_commit)
 
     def _append_committed(self, conn: Any, plan: AppendPlan,
                           before_commit: BeforeCommit | None) -> AppendResult:
@@ -333,6 +326,114 @@ async def _wait(stop: StopEvent, seconds: float) -> None:
 
 
 # -- the asyncio engine (here, so that the sync store never imports SQLAlchemy's asyncio) --
+
+
+async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(conn, *args)`` on the bridge in a transaction of its own, as
+    ``_backend.own_transaction``: a rollback that fails too (psycopg closed the connection: a
+    failed pipeline's clean-up, a cancelled query) must not replace the error, or a
+    cancellation would come out as a DatabaseError; the connection is invalidated instead."""
+    trans = await conn.begin()
+    try:
+        result = await conn.run_sync(fn, *args)
+    except BaseException:
+        try:
+            if trans.is_active:
+                await trans.rollback()
+        except Exception:
+            await conn.invalidate()
+        raise
+    if trans.is_active:
+        await trans.commit()
+    return result
+
+
+class _KeptWriter:
+    """One connection kept for the async store's appends on PostgreSQL, as the sync store's
+    ``_backend.Writer``.
+
+    Why: an append on a pooled connection paid a checkout, an autocommit switch and a return
+    (about 85 us of CPU); worse, the one-round-trip append (``_core._Tail``) guesses only on the
+    connection it learned on.  Where appends overlap (a LangGraph run's puts go on in the
+    background while its next step writes), they were spread over the pool's connections, and
+    almost every append paid a missed guess and then the two-round-trip path.  Appends take
+    turns on this connection (an asyncio lock): that costs no concurrency, as appends run one
+    at a time under the append lock anyway (``_backend.lock_appends``).
+
+    The connection belongs to the event loop that first appended; appends from another loop use
+    a pooled connection, as before.  After an error the transaction is rolled back and the
+    connection kept; after a cancellation, a failed rollback or a broken connection it is
+    dropped, and the next append opens another.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+        self._conn: AsyncConnection | None = None
+        self._closed = False
+
+    def serves_this_loop(self) -> bool:
+        loop = asyncio.get_running_loop()
+        if self._loop is None or (self._loop.is_closed() and self._conn is None):
+            self._loop, self._lock = loop, asyncio.Lock()
+        return self._loop is loop
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in a transaction of its own on the kept connection."""
+        async with self._lock:
+            if self._closed:
+                raise StoreClosed("the event store is closed")
+            conn = self._conn
+            if conn is None or conn.invalidated or conn.closed:
+                conn = self._conn = await self._open()
+            try:
+                return await _own_transaction(conn, fn, *args)
+            except BaseException as e:
+                if not isinstance(e, Exception) or _abroken(conn):
+                    await self._drop()
+                raise
+
+    async def _open(self) -> AsyncConnection:
+        conn = await self._engine.connect()
+        try:
+            # The append sends its own BEGIN with its first statements (see _append_locked).
+            return await conn.execution_options(isolation_level="AUTOCOMMIT")
+        except BaseException:
+            await conn.close()
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+                await conn.close()
+
+    async def close(self) -> None:
+        """Release the kept connection (after an append in progress); later appends raise
+        :class:`StoreClosed`."""
+        self._closed = True
+        if self._conn is None:
+            return
+        if self._loop is not asyncio.get_running_loop():
+            self._conn = None  # another loop's connection: the engine's dispose lets it go
+            return
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await conn.close()
+
+
+def _abroken(conn: AsyncConnection) -> bool:
+    """Whether the kept connection can no longer be used (see ``_backend._broken``)."""
+    if conn.invalidated or conn.closed:
+        return True
+    try:
+        driver: Any = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+    except Exception:
+        return True
+    return bool(getattr(driver, "closed", False) or getattr(driver, "broken", False))
 
 
 class _SQLiteThreadTransactions:

@@ -12,6 +12,7 @@ from eventstore import EventStore, WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
 from projections import ConversationProjection, inline
 from projections._engine import load_row
+from projections.aio import AsyncConversations
 from projections.events import VariablesAssigned, VariableValue
 from tests._events import NoteAdded
 
@@ -294,7 +295,8 @@ async def test_two_async_stores_interleave_and_keep_prepared_statements_in_step(
 
 async def test_async_postgresql_connections_are_not_kept_alive_by_the_store() -> None:
     """The pipeline facades the async store keeps per psycopg connection do not keep the
-    connections alive: after bursts of concurrent appends (the pool opens and drops overflow
+    connections alive: after bursts of concurrent appends (the kept write connection's, and
+    facade commands' in transactions of their own, for which the pool opens and drops overflow
     connections) and close(), every psycopg connection it used can be collected."""
     import gc
     import weakref
@@ -318,10 +320,13 @@ async def test_async_postgresql_connections_are_not_kept_alive_by_the_store() ->
         mp.setattr(backend, "facade_of", tracking)
         mp.setattr(core, "facade_of", tracking)
         store = await AsyncEventStore.open(url, pool_size=1)
+        conversations = AsyncConversations(store)
         for round_ in range(3):
             await asyncio.gather(*(store.append(f"c-{round_}-{i}", [NoteAdded(text="x")])
+                                   for i in range(6)),
+                                 *(conversations.assign(f"v-{round_}-{i}", {"n": i})
                                    for i in range(6)))
-        assert await store.last_position() == 18
+        assert await store.last_position() == 36
         await store.close()
     del store
     gc.collect()
@@ -436,3 +441,160 @@ async def test_handler_that_breaks_the_connection_keeps_its_own_error(url: str,
             await store.append("b-1", [NoteAdded(text="lost")])
         store.remove_inline_handler(breaks)
         assert (await store.append("b-1", [NoteAdded(text="2")])).stream_version == 2
+
+
+def _count_trips(mp: pytest.MonkeyPatch) -> tuple[list[int], list[str]]:
+    """Count psycopg async pipelines, and statements sent outside one (a round trip each)."""
+    import psycopg
+
+    alone: list[str] = []
+    pipelines: list[int] = []
+    real_execute = psycopg.AsyncCursor.execute
+    real_pipeline = psycopg.AsyncConnection.pipeline
+
+    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._conn._pipeline is None:
+            alone.append(str(query)[:40])
+        return await real_execute(self, query, *args, **kwargs)
+
+    def pipeline(self: Any) -> Any:
+        pipelines.append(1)
+        return real_pipeline(self)
+
+    mp.setattr(psycopg.AsyncCursor, "execute", execute)
+    mp.setattr(psycopg.AsyncConnection, "pipeline", pipeline)
+    return pipelines, alone
+
+
+async def test_overlapping_async_appends_each_take_one_round_trip() -> None:
+    """Appends that overlap (as a LangGraph run's background puts overlap its next step), with
+    reads going on beside them, each still take one round trip: they share the store's kept
+    write connection, on which the store knows the end of the log.  (On pooled connections
+    they were spread over several, and nearly every one missed its guess: three trips.)"""
+    from tests.conftest import pg_url, reset_pg
+
+    url = pg_url()
+    reset_pg(url)
+    async with await AsyncEventStore.open(url) as store:
+        for s in ("o-1", "o-2"):
+            await store.append(s, [NoteAdded(text="first")])
+        with pytest.MonkeyPatch.context() as mp:
+            pipelines, alone = _count_trips(mp)
+            for _ in range(10):
+                await asyncio.gather(store.append("o-1", [NoteAdded(text="a")]),
+                                     store.append("o-1", [NoteAdded(text="b")]),
+                                     store.append("o-2", [NoteAdded(text="c")]))
+            appends = (len(pipelines), list(alone))
+            pipelines.clear()
+            await asyncio.gather(*(store.stream_version("o-1") for _ in range(3)))
+        assert appends == (30, []), appends
+        assert await store.stream_version("o-1") == 21
+        assert await store.stream_version("o-2") == 11
+        assert [e.position async for e in store.read_all()] == list(range(1, 33))
+
+
+async def test_kept_write_connection_outlives_errors_and_is_replaced_when_killed() -> None:
+    """A conflict or a failing handler leaves the kept connection usable (the next append is
+    one round trip again); a connection the server killed fails the append that finds it, with
+    a DatabaseError, and the next append opens a new one."""
+    from sqlalchemy import create_engine, text
+
+    from eventstore.errors import DatabaseError
+    from tests.conftest import pg_url, reset_pg
+
+    url = pg_url()
+    reset_pg(url)
+    async with await AsyncEventStore.open(url) as store:
+        await store.append("k-1", [NoteAdded(text="1")])
+        with pytest.raises(WrongExpectedVersion):
+            await store.append("k-1", [NoteAdded(text="stale")], expected_version=0)
+
+        def fails(conn: Any, recorded: Any) -> None:
+            raise ValueError("handler failed")
+
+        store.add_inline_handler(fails)
+        with pytest.raises(ValueError, match="handler failed"):
+            await store.append("k-1", [NoteAdded(text="lost")])
+        store.remove_inline_handler(fails)
+        await store.append("k-1", [NoteAdded(text="2")])
+        with pytest.MonkeyPatch.context() as mp:
+            pipelines, alone = _count_trips(mp)
+            await store.append("k-1", [NoteAdded(text="3")])
+            assert (len(pipelines), alone) == (1, [])
+
+        killer = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with killer.connect() as conn:
+                killed = conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend'")).scalars().all()
+            assert killed and all(killed)
+        finally:
+            killer.dispose()
+        with pytest.raises(DatabaseError):
+            await store.append("k-1", [NoteAdded(text="on a dead connection")])
+        assert (await store.append("k-1", [NoteAdded(text="4")])).stream_version == 4
+        assert [e.data.text async for e in store.read_stream("k-1")] == [  # type: ignore[attr-defined]
+            "1", "2", "3", "4"]
+
+
+async def test_close_waits_for_an_append_on_the_kept_connection() -> None:
+    """close() lets an append in progress finish; appends after it raise StoreClosed."""
+    from eventstore.errors import StoreClosed
+    from tests.conftest import pg_url, reset_pg
+
+    url = pg_url()
+    reset_pg(url)
+    store = await AsyncEventStore.open(url)
+    await store.append("w-1", [NoteAdded(text="1")])
+    slow_started = asyncio.Event()
+
+    def slow(conn: Any, recorded: Any) -> None:
+        slow_started.set()
+        time.sleep(0.2)  # a slow handler, inside the append's transaction
+
+    store.add_inline_handler(slow)
+    appending = asyncio.create_task(store.append("w-1", [NoteAdded(text="2")]))
+    while not slow_started.is_set():
+        await asyncio.sleep(0.001)
+    await store.close()
+    assert appending.done() and (await appending).stream_version == 2
+    with pytest.raises(StoreClosed):
+        await store.append("w-1", [NoteAdded(text="3")])
+    async with await AsyncEventStore.open(url) as again:
+        assert await again.stream_version("w-1") == 2
+
+
+async def test_appends_from_another_event_loop_use_a_pooled_connection() -> None:
+    """The kept connection belongs to the loop that first appended; a store used from a second
+    loop (another thread) appends there on pooled connections, both correctly."""
+    import threading
+
+    from tests.conftest import pg_url, reset_pg
+
+    url = pg_url()
+    reset_pg(url)
+    async with await AsyncEventStore.open(url) as store:
+        await store.append("l-1", [NoteAdded(text="main")])
+        errors: list[BaseException] = []
+
+        def other_loop() -> None:
+            async def appends() -> None:
+                for i in range(5):
+                    await store.append("l-2", [NoteAdded(text=f"other {i}")])
+            try:
+                asyncio.run(appends())
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        for i in range(5):
+            await store.append("l-1", [NoteAdded(text=f"main {i}")])
+            await asyncio.sleep(0)
+        await asyncio.to_thread(thread.join)
+        assert errors == []
+        assert await store.stream_version("l-1") == 6
+        assert await store.stream_version("l-2") == 5
+        assert [e.position async for e in store.read_all()] == list(range(1, 12))
