@@ -104,6 +104,11 @@ def check_id(value: object, what: str, error: type[InvalidArgument]) -> str:
         raise error(f"{what} is {len(value)} characters long, the limit is {MAX_ID_LENGTH}")
     if "\x00" in value:
         raise error(f"{what} must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise error(f"{what} is not valid Unicode text (a lone surrogate?)") from e
     return value
 
 
@@ -127,9 +132,12 @@ def check_names(values: object, what: str) -> tuple[str, ...]:
     if not isinstance(values, Iterable):
         raise InvalidArgument(f"{what} must be a list of strings")
     out = tuple(values)
+    if not out:
+        raise InvalidArgument(f"{what} must name at least one (None means no filter)")
     for v in out:
         if not isinstance(v, str) or not v:
             raise InvalidArgument(f"{what} must be non-empty strings, got {v!r}")
+        check_id(v, what, InvalidArgument)
     return out
 
 
@@ -157,7 +165,15 @@ class Options:
             poll_interval = _env_number("EVENTSTORE_POLL_INTERVAL", float, 0.2)
         if not isinstance(poll_interval, (int, float)) or not 0 < poll_interval <= 0.5:
             raise InvalidArgument("poll_interval must be in (0, 0.5] seconds")
+        if clock is not None and not callable(clock):
+            raise InvalidArgument(f"clock must be a callable returning a datetime, got {clock!r}")
         return cls(limit, poll_interval, clock)
+
+
+def check_pool_size(pool_size: object) -> int | None:
+    if pool_size is None:
+        return None
+    return check_int(pool_size, "pool_size", minimum=1)
 
 
 def _env_number(name: str, kind: type[Any], default: Any) -> Any:
@@ -172,6 +188,8 @@ def _env_number(name: str, kind: type[Any], default: Any) -> Any:
 
 def auto_migrate(migrate: bool | None, sqlite: bool) -> bool:
     if migrate is not None:
+        if not isinstance(migrate, bool):
+            raise InvalidArgument(f"migrate must be True, False or None, got {migrate!r}")
         return migrate
     env = os.environ.get("EVENTSTORE_AUTO_MIGRATE")
     return env.lower() in ("1", "true", "yes") if env else sqlite
@@ -218,9 +236,15 @@ class StoreCore:
         return str(self._engine.dialect.name)
 
     def now(self) -> datetime:
-        """The store's clock (UTC)."""
+        """The store's clock, in UTC (a clock giving naive times raises InvalidArgument)."""
         clock = self._options.clock
-        return clock() if clock is not None else datetime.now(UTC)
+        if clock is None:
+            return datetime.now(UTC)
+        when = clock()
+        if not isinstance(when, datetime) or when.utcoffset() is None:
+            raise InvalidArgument(f"the store's clock must give timezone-aware datetimes, "
+                                  f"got {when!r}")
+        return when.astimezone(UTC)
 
     def add_inline_handler(self, handler: InlineHandler) -> None:
         """Run ``handler`` inside every append's transaction (read-your-writes projections)."""

@@ -57,6 +57,7 @@ from ._core import (
     Pager,
     StoreCore,
     auto_migrate,
+    check_pool_size,
 )
 from ._sql import Compiled
 from .errors import InvalidArgument, StoreClosed
@@ -99,7 +100,7 @@ class AsyncEventStore(StoreCore):
         resolved = resolve_url(url)
         options = Options.resolve(max_event_bytes=max_event_bytes, poll_interval=poll_interval,
                                   clock=clock)
-        engine = create_async_store_engine(resolved, pool_size=pool_size)
+        engine = create_async_store_engine(resolved, pool_size=check_pool_size(pool_size))
         try:
             if auto_migrate(migrate, is_sqlite(resolved)):
                 async with abegin(engine, write=True) as conn:

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from ._schema import MAX_ID_LENGTH
 from .errors import EventDecodeError, InvalidEvent
 from .events import Event, RawEvent, _decoder_for, _registry, _upcast
 
@@ -27,23 +28,55 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         if not isinstance(tag, str):
             raise InvalidEvent(f"{cls.__qualname__} has no tag and cannot be stored")
         try:
-            return tag, cls.__event_schema_version__, _encoder.encode(event)
+            data = _encoder.encode(event)
         except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
             raise InvalidEvent(f"cannot encode {tag} event: {e}") from e
+        # msgspec does not check a struct's field types when it is built: an event whose data
+        # does not fit its own type (``NoteAdded(text=5)``, NaN in a float field, which JSON
+        # stores as null) would be stored and then fail every read of the log after it.
+        try:
+            _decoder_for(tag, cls).decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise InvalidEvent(f"{tag} event does not match its type: {e}") from e
+        return tag, cls.__event_schema_version__, data
     if isinstance(event, RawEvent):
         if not isinstance(event.type, str) or not event.type:
             raise InvalidEvent("a raw event needs a non-empty string type")
+        _check_type_name(event.type)
         if not isinstance(event.data, dict):
             raise InvalidEvent(f"raw event {event.type} data must be a JSON object")
         if not isinstance(event.schema_version, int) or event.schema_version < 1:
             raise InvalidEvent(f"raw event {event.type} schema_version must be an int >= 1")
         try:
-            return event.type, event.schema_version, _encoder.encode(event.data)
+            data = _encoder.encode(event.data)
         except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
             raise InvalidEvent(f"cannot encode {event.type} event data: {e}") from e
+        known = _registry.get(event.type)
+        if known is not None and event.schema_version <= known.__event_schema_version__:
+            # Data of a type this code knows must read back as that type (upcast when older);
+            # a newer schema version is left to the code that knows it.
+            try:
+                decode_event(event.type, event.schema_version, data)
+            except EventDecodeError as e:
+                raise InvalidEvent(f"raw {event.type} event does not match its type: "
+                                   f"{e.__cause__ or e}") from e
+        return event.type, event.schema_version, data
     raise InvalidEvent(
         f"expected an Event or RawEvent instance, got {type(event).__name__}: {event!r:.80}"
     )
+
+
+def _check_type_name(name: str) -> None:
+    """A type name is stored in a column of ``MAX_ID_LENGTH`` characters, as UTF-8 text."""
+    if len(name) > MAX_ID_LENGTH:
+        raise InvalidEvent(f"event type {name[:40]!r}... is {len(name)} characters long, the "
+                           f"limit is {MAX_ID_LENGTH}")
+    if "\x00" in name:
+        raise InvalidEvent("an event type must not contain NUL characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidEvent("an event type must be valid Unicode text") from e
 
 
 def encode_metadata(metadata: object) -> bytes | None:

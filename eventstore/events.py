@@ -87,6 +87,11 @@ class _EventMeta(msgspec.StructMeta):
                 raise TypeError(f"{name}: event types share the tag field 'type'")
             if tag is not None and (not isinstance(tag, str) or not tag):
                 raise TypeError(f"{name}: an event tag must be a non-empty string, got {tag!r}")
+            if tag is not None and (len(tag) > 255 or "\x00" in tag
+                                    or not tag.encode("utf-8", "surrogatepass").decode(
+                                        "utf-8", "ignore") == tag):
+                raise TypeError(f"{name}: an event tag must be at most 255 characters of "
+                                f"Unicode text without NUL, got {tag[:60]!r}")
             if tag is None and not namespace.get("__abstract_event__", False):
                 raise TypeError(
                     f"{name}: give the event a stable tag, e.g. class {name}(Event, "

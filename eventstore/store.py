@@ -24,6 +24,7 @@ from ._core import (
     StoreCore,
     auto_migrate,
     category_of,
+    check_pool_size,
 )
 from ._sql import Compiled
 from .errors import InvalidArgument
@@ -82,7 +83,7 @@ class EventStore(StoreCore):
         resolved = resolve_url(url)
         options = Options.resolve(max_event_bytes=max_event_bytes, poll_interval=poll_interval,
                                   clock=clock)
-        engine = create_store_engine(resolved, pool_size=pool_size)
+        engine = create_store_engine(resolved, pool_size=check_pool_size(pool_size))
         try:
             if auto_migrate(migrate, is_sqlite(resolved)):
                 _migrate.migrate(engine)

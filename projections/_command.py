@@ -55,8 +55,20 @@ def decide(
 
 
 def utc_clock(clock: Clock | None) -> Clock:
-    """The facade's clock: the one given (tests inject one), else the real UTC time."""
-    return clock if clock is not None else (lambda: datetime.now(UTC))
+    """The facade's clock: the one given (tests inject one), else the real UTC time.
+
+    A given clock's times come back in UTC, as every time the facades record and return; a
+    clock that gives a naive time makes the command that asked raise :class:`InvalidArgument`.
+    """
+    if clock is None:
+        return lambda: datetime.now(UTC)
+    if not callable(clock):
+        raise InvalidArgument(f"clock must be a callable returning a datetime, got {clock!r}")
+    given = clock
+
+    def now() -> datetime:
+        return check_time(given(), "the clock's time")
+    return now
 
 
 def check_time(when: datetime, what: str) -> datetime:

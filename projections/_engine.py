@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from eventstore import EventStore, RecordedEvent, StreamSlice
 from eventstore._backend import translate
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import _pipeline, check_id
+from eventstore._core import _pipeline, check_id, check_int
 from eventstore._schema import events as event_table
 from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
@@ -755,6 +755,8 @@ def fold_live(
     fold went ``snapshot_every`` events past the last one (current reads only).
     """
     limit_us = to_micros(at_time) if at_time is not None else None
+    if at_version is not None:
+        check_int(at_version, "at_version", minimum=0)
     stream = check_id(stream_id, "stream id", InvalidStreamId)
     tenant = check_id(tenant_id, "tenant id", InvalidArgument)
     state: S = projection.initial(tenant, stream)

@@ -122,6 +122,8 @@ class Continuations:
     def __init__(self, store: EventStore, *, ttl: timedelta = timedelta(minutes=30),
                  claim_timeout: timedelta = timedelta(minutes=10),
                  clock: Clock | None = None) -> None:
+        if not isinstance(ttl, timedelta) or not isinstance(claim_timeout, timedelta):
+            raise InvalidArgument("ttl and claim_timeout must be timedeltas")
         if ttl <= timedelta(0) or claim_timeout <= timedelta(0):
             raise InvalidArgument("ttl and claim_timeout must be positive")
         self.store = store
@@ -159,10 +161,13 @@ class Continuations:
         if not isinstance(agent_config, dict):
             raise InvalidArgument("agent_config must be a dict")
         for what, value in (("messages", messages), ("pending_tool_calls", pending_tool_calls),
-                            ("tools", tools), ("tool_schemas", tool_schemas)):
+                            ("tools", tools), ("tool_schemas", tool_schemas),
+                            ("client_tools", [] if client_tools is None else client_tools)):
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                 raise InvalidArgument(f"{what} must be a list")
         life = ttl if ttl is not None else self.ttl
+        if not isinstance(life, timedelta):
+            raise InvalidArgument("ttl must be a timedelta")
         if life <= timedelta(0):
             raise InvalidArgument("ttl must be positive")
         event = ToolCallsPaused(

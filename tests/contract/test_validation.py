@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from eventstore import (
+    Event,
     EventStore,
     EventStoreError,
     InvalidArgument,
@@ -15,7 +16,7 @@ from eventstore import (
     InvalidStreamId,
     RawEvent,
 )
-from tests._events import Anything, NoteAdded
+from tests._events import Anything, CounterIncremented, NoteAdded
 
 HOSTILE = [
     "conversation-'; DROP TABLE es_events; --",
@@ -74,6 +75,58 @@ def test_bad_events_are_rejected(store: EventStore, events: Any) -> None:
     with pytest.raises(InvalidEvent):
         store.append("c-1", events)
     assert store.stream_version("c-1") == 0
+    assert list(store.read_all()) == []
+
+
+class Measured(Event, tag="test.Measured"):
+    value: float
+
+
+@pytest.mark.parametrize(
+    "event",
+    [NoteAdded(text=5),  # type: ignore[arg-type]  # msgspec does not check types when built
+     CounterIncremented(by="two"),  # type: ignore[arg-type]
+     Measured(value=float("nan")),  # JSON keeps NaN as null, which is no float
+     Measured(value=float("inf")),
+     RawEvent(type="test.NoteAdded", data={"text": 5}),
+     RawEvent(type="test.NoteAdded", data={})],
+    ids=["wrong-field-type", "wrong-int", "nan", "inf", "raw-wrong-type", "raw-missing-field"])
+def test_an_event_that_would_not_read_back_as_its_type_is_rejected(store: EventStore,
+                                                                    event: Any) -> None:
+    """Data that does not fit its own registered type raises InvalidEvent and writes nothing:
+    stored, it would fail every later read of the log, every subscriber and projector."""
+    store.append("c-0", [NoteAdded(text="before")])
+    with pytest.raises(InvalidEvent, match="does not match its type"):
+        store.append("c-1", [NoteAdded(text="fine"), event])
+    assert store.stream_version("c-1") == 0
+    assert [e.stream_id for e in store.read_all()] == ["c-0"]
+    # A raw event of a known type whose data fits it is fine (and reads back typed).
+    store.append("c-1", [RawEvent(type="test.NoteAdded", data={"text": "raw"})])
+    assert [e.data for e in store.read_stream("c-1")] == [NoteAdded(text="raw")]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda s: s.append("c-\ud800", [NoteAdded(text="a")]),
+     lambda s: s.append("c-1", [NoteAdded(text="a")], tenant_id="t\udfff"),
+     lambda s: s.append("c-1", [NoteAdded(text="a")], idempotency_key="k\ud800"),
+     lambda s: s.append("c-1", [RawEvent(type="T\ud800", data={})]),
+     lambda s: s.append("c-1", [RawEvent(type="T" * 256, data={})]),
+     lambda s: s.append("c-1", [RawEvent(type="T\x00", data={})]),
+     lambda s: list(s.read_stream("c-\ud800")),
+     lambda s: list(s.read_all(types=["T\ud800"])),
+     lambda s: list(s.read_all(types=[])),
+     lambda s: list(s.read_all(categories=[]))],
+    ids=["stream-surrogate", "tenant-surrogate", "key-surrogate", "type-surrogate",
+         "type-too-long", "type-nul", "read-surrogate", "filter-surrogate", "no-types",
+         "no-categories"])
+def test_ids_and_names_the_database_cannot_hold_are_rejected(store: EventStore,
+                                                              call: Any) -> None:
+    """Ids, type names and filters that are no valid text, too long for their column, or an
+    empty filter list (which would silently mean "everything") raise InvalidArgument, the same
+    on both backends, and write nothing."""
+    with pytest.raises(InvalidArgument):
+        call(store)
     assert list(store.read_all()) == []
 
 

@@ -1,0 +1,116 @@
+"""Arguments the facades and the store take are checked up front, with typed errors, and the
+times they record are UTC whatever the clock's zone."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from eventstore import EventStore, InvalidArgument, InvalidEvent
+from projections import AgentSessions, Continuations, Conversations, Flows, Jobs, SessionKey
+
+PLUS2 = dt.timezone(dt.timedelta(hours=2))
+PAUSE: dict[str, Any] = {"messages": [], "pending_tool_calls": [{"id": "t"}], "tools": [],
+                         "tool_schemas": [], "agent_config": {}}
+
+
+def _at(tz: dt.tzinfo | None) -> dt.datetime:
+    return dt.datetime(2026, 1, 1, 12, 0, tzinfo=tz)
+
+
+def test_facade_times_are_utc_whatever_the_clocks_zone(store: EventStore) -> None:
+    """A clock in +02:00 gives the same instants, returned (and stored) in UTC."""
+    def clock() -> dt.datetime:
+        return _at(PLUS2)
+
+    noon_utc = dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC)
+    paused = Continuations(store, clock=clock).pause("c-1", "u", **PAUSE)
+    assert paused.expires_at == noon_utc + dt.timedelta(minutes=30)
+    assert paused.expires_at is not None and paused.expires_at.tzinfo == dt.UTC
+    saved = AgentSessions(store, clock=clock).save(SessionKey("t", "r", "n", "b", "a"),
+                                                   snapshot={}, layer_specs=[])
+    assert saved.saved_at == noon_utc and saved.saved_at.tzinfo == dt.UTC
+    flows = Flows(store, clock=clock)
+    flows.request_feedback("f-1", {"q": 1}, {})
+    pending = flows.pending_feedback("f-1")
+    assert pending is not None and pending.requested_at.tzinfo == dt.UTC
+    job = Jobs(store, clock=clock).submit("wf", {}, user_id="u")
+    assert job.submitted_at == noon_utc
+
+
+def test_a_clock_giving_naive_times_is_refused_and_writes_nothing(store: EventStore) -> None:
+    def naive() -> dt.datetime:
+        return _at(None)
+
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        Continuations(store, clock=naive).pause("c-1", "u", **PAUSE)
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        AgentSessions(store, clock=naive).save(SessionKey("t", "r", "n", "b", "a"),
+                                               snapshot={}, layer_specs=[])
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        Flows(store, clock=naive).request_feedback("f-1", {}, {})
+    with pytest.raises(InvalidArgument):
+        Continuations(store, clock=5)  # type: ignore[arg-type]
+    assert list(store.read_all()) == []
+
+
+def test_the_stores_clock_is_checked_and_kept_in_utc(url: str) -> None:
+    with pytest.raises(InvalidArgument, match="clock"):
+        EventStore.open(url, migrate=True, clock=5)  # type: ignore[arg-type]
+    with EventStore.open(url, migrate=True, clock=lambda: _at(PLUS2)) as s:
+        s.append("n-1", [_note()])
+        (ev,) = list(s.read_stream("n-1"))
+        assert ev.recorded_at == dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC)
+    with EventStore.open(url, migrate=True, clock=lambda: _at(None)) as s:
+        with pytest.raises(InvalidArgument, match="timezone-aware"):
+            s.append("n-2", [_note()])
+        assert s.stream_version("n-2") == 0
+
+
+def _note() -> Any:
+    from tests._events import NoteAdded
+    return NoteAdded(text="x")
+
+
+@pytest.mark.parametrize("kwargs", [{"pool_size": 0}, {"pool_size": "5"}, {"migrate": "no"},
+                                    {"max_event_bytes": 0}, {"poll_interval": 2}])
+def test_bad_open_arguments_are_refused(url: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        EventStore.open(url, **kwargs)
+
+
+@pytest.mark.parametrize("at_version", [-1, "1", 1.5, True])
+def test_time_travel_by_version_checks_the_version(store: EventStore, at_version: Any) -> None:
+    """The same InvalidArgument on both backends (it used to be a DatabaseError on PostgreSQL,
+    and a silently rounded or ignored version on SQLite)."""
+    conversations = Conversations(store)
+    conversations.assign("c-1", {"n": 1})
+    conversations.assign("c-1", {"n": 2})
+    with pytest.raises(InvalidArgument, match="at_version"):
+        conversations.get("c-1", at_version=at_version)
+    assert conversations.get("c-1", at_version=0).variables == {}
+    assert conversations.get("c-1", at_version=1).variables == {"n": 1}
+
+
+def test_facade_values_that_do_not_fit_their_event_are_refused(store: EventStore) -> None:
+    """A mistyped facade argument raises InvalidEvent before anything is written (it was
+    written, and then broke every read of the log)."""
+    with pytest.raises(InvalidEvent):
+        Conversations(store).assign("c-1", {"a": 1}, value_types={"a": 5})  # type: ignore[dict-item]
+    with pytest.raises(InvalidEvent):
+        Conversations(store).assign("c-1", {"a": 1}, workflow_run_id=7)  # type: ignore[arg-type]
+    with pytest.raises(InvalidEvent):
+        AgentSessions(store).save(SessionKey("t", "r", "n", "b", "a"), snapshot={},
+                                  layer_specs=[], pending_form_id=7)  # type: ignore[arg-type]
+    continuations = Continuations(store)
+    continuations.pause("c-1", "u", **PAUSE)
+    continuations.claim("c-1", "u")
+    with pytest.raises(InvalidEvent):
+        continuations.release("c-1", "u", error=500)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="client_tools"):
+        continuations.pause("c-2", "u", **PAUSE, client_tools="abc")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="timedelta"):
+        Continuations(store, ttl=60)  # type: ignore[arg-type]
+    assert [e.type for e in store.read_all()] == ["ToolCallsPaused", "ResumeStarted"]
