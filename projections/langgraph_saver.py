@@ -73,7 +73,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ClauseElement
 
 from eventstore import Event, EventStore, RecordedEvent
-from eventstore._backend import begin_read, begin_write, dbapi_cursor
+from eventstore._backend import begin_read, begin_write, dbapi_cursor, lock_appends
+from eventstore._bound import BoundStore, transaction
 from eventstore._core import _pipeline, _psycopg
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
@@ -109,7 +110,9 @@ _CHUNK = 256  # values per IN list: event positions, versions, checkpoint ids
 _LIST_PAGE = 128  # checkpoints whose values a list() loads per transaction
 # Across threads, each page sorts the index rows after the last one: pages double up to this.
 _LIST_PAGE_MAX = 1024
-_RETRIES = 20
+# keep_latest plans read without the append lock before the plan and its event go into one
+# transaction holding it (a busy thread can move on between an unlocked plan and its append).
+_OPTIMISTIC_PRUNES = 3
 
 Version = str | int | float
 _T = TypeVar("_T")
@@ -1203,6 +1206,20 @@ class _ListMerge:
         return self.buffers[ns].popleft()
 
 
+def prune_locked(conn: Connection, store: Any, tenant_id: str, thread_id: str,
+                 strategy: str) -> None:
+    """``keep_latest``'s plan and its ``CheckpointsPruned`` in one write transaction that holds
+    the append lock from the start, so the thread cannot move between the two (what a saver
+    falls back to when a busy thread kept moving under its unlocked plans).  Appends elsewhere
+    wait for it: it reads the thread's checkpoint rows."""
+    lock_appends(conn)
+    version, kept = plan_keep_latest(conn, tenant_id, thread_id)
+    if kept is not None:
+        BoundStore(store, conn).append(stream_id_of(thread_id),
+                                       [CheckpointsPruned(strategy=strategy, kept=kept)],
+                                       tenant_id=tenant_id, expected_version=version)
+
+
 def plan_keep_latest(conn: Connection, tenant_id: str, thread_id: str
                      ) -> tuple[int, dict[str, builtins.list[str]] | None]:
     """The stream version and, per namespace, the checkpoints ``keep_latest`` keeps.
@@ -1633,7 +1650,7 @@ class EventStoreSaver(_Base):
                 if has_rows:
                     self._append(thread_id, [CheckpointsPruned(strategy="delete")])
                 continue
-            for attempt in range(_RETRIES):
+            for _attempt in range(_OPTIMISTIC_PRUNES):
                 with begin_read(self.store.engine) as conn:
                     version, kept = plan_keep_latest(conn, self.tenant_id, thread_id)
                 if kept is None:
@@ -1643,8 +1660,10 @@ class EventStoreSaver(_Base):
                                  expected_version=version)
                     break
                 except WrongExpectedVersion:
-                    if attempt == _RETRIES - 1:
-                        raise
+                    continue
+            else:
+                with transaction(self.store, write=True) as conn:
+                    prune_locked(conn, self.store, self.tenant_id, thread_id, strategy)
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         ids = [str(r) for r in run_ids]
@@ -1822,7 +1841,7 @@ class AsyncEventStoreSaver(_Base):
                 if has_rows:
                     await self._append(thread_id, [CheckpointsPruned(strategy="delete")])
                 continue
-            for attempt in range(_RETRIES):
+            for _attempt in range(_OPTIMISTIC_PRUNES):
                 version, kept = await self.store.run_sync(plan_keep_latest, self.tenant_id,
                                                           thread_id)
                 if kept is None:
@@ -1833,8 +1852,10 @@ class AsyncEventStoreSaver(_Base):
                                        expected_version=version)
                     break
                 except WrongExpectedVersion:
-                    if attempt == _RETRIES - 1:
-                        raise
+                    continue
+            else:
+                await self.store.run_sync(prune_locked, self.store, self.tenant_id, thread_id,
+                                          strategy, write=True)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         ids = [str(r) for r in run_ids]

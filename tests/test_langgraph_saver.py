@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -200,6 +200,78 @@ def test_prune_keep_latest_leaves_the_latest_checkpoint_whole(saver: EventStoreS
     assert left == [("i:1", ""), ("i:3", "")]
     saver.prune(["p"])  # nothing left to prune: nothing recorded
     assert stream_types(store, "p").count(CheckpointsPruned) == 1
+
+
+def _busy_thread_planner(monkeypatch: pytest.MonkeyPatch, busy: Callable[[int], None]
+                         ) -> list[bool]:
+    """Make every keep_latest plan read without the append lock stale: ``busy(n)`` puts a
+    checkpoint right after plan ``n`` was read, as a graph running on the thread does.
+    Returns the plans, each True when it was read under the lock."""
+    import projections.langgraph_saver as lg
+
+    real_plan, real_locked = lg.plan_keep_latest, getattr(lg, "prune_locked", None)
+    plans: list[bool] = []
+    locked = [False]
+
+    def planning(conn: Any, tenant_id: str, thread_id: str) -> Any:
+        plan = real_plan(conn, tenant_id, thread_id)
+        plans.append(locked[0])
+        if not locked[0] and len(plans) < 50:
+            busy(len(plans))
+        return plan
+
+    def under_lock(*args: Any) -> Any:
+        locked[0] = True
+        try:
+            return real_locked(*args)  # type: ignore[misc]
+        finally:
+            locked[0] = False
+
+    monkeypatch.setattr(lg, "plan_keep_latest", planning)
+    monkeypatch.setattr(lg, "prune_locked", under_lock, raising=False)
+    return plans
+
+
+def test_prune_succeeds_on_a_thread_that_keeps_moving(saver: EventStoreSaver, store: EventStore,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph putting checkpoints while keep_latest plans (each unlocked plan is stale by its
+    append) does not make prune fail: the plan and its event then go into one transaction
+    holding the append lock, and keep the checkpoint that is latest by then."""
+    other = EventStoreSaver(store)
+    last = [put(saver, "busy", None, {"n": -1}, {"n": 0}, {"n": 0})]
+    last.append(put(saver, "busy", last[-1], {"n": 0}, {"n": 1}, {"n": 1}))
+
+    def busy(n: int) -> None:
+        last.append(put(other, "busy", last[-1], {"n": n}, {"n": n + 1}, {"n": n + 1}))
+
+    plans = _busy_thread_planner(monkeypatch, busy)
+    saver.prune(["busy"])
+    assert plans == [False, False, False, True]  # three stale plans, then the locked one
+    assert [t.config for t in saver.list(config("busy"))] == [last[-1]]
+    tup = saver.get_tuple(config("busy"))
+    assert tup is not None and tup.checkpoint["channel_values"] == {"n": 3}
+    assert stream_types(store, "busy").count(CheckpointsPruned) == 1
+
+
+@pytest.mark.asyncio
+async def test_async_prune_succeeds_on_a_thread_that_keeps_moving(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for the async saver (the locked plan runs in ``run_sync``)."""
+    async with await AsyncEventStore.open(url, migrate=True) as astore:
+        asaver = AsyncEventStoreSaver(astore)
+        with EventStore.open(url) as sync_store:
+            other = EventStoreSaver(sync_store)
+            last = [put(other, "abusy", None, {"n": -1}, {"n": 0}, {"n": 0})]
+            last.append(put(other, "abusy", last[-1], {"n": 0}, {"n": 1}, {"n": 1}))
+
+            def busy(n: int) -> None:
+                last.append(put(other, "abusy", last[-1], {"n": n}, {"n": n + 1},
+                                {"n": n + 1}))
+
+            plans = _busy_thread_planner(monkeypatch, busy)
+            await asaver.aprune(["abusy"])
+        assert plans == [False, False, False, True]
+        assert [t.config async for t in asaver.alist(config("abusy"))] == [last[-1]]
 
 
 def test_prune_keeps_the_ancestors_a_delta_channel_rebuilds_from(saver: EventStoreSaver) -> None:
