@@ -38,5 +38,8 @@ class LeaseLost(Conflict):
     """The worker no longer owns the job."""
 
 
-class NoPendingFeedback(Conflict):
-    """The flow has no pending feedback request (none, or already resolved)."""
+class NoPendingFeedback(Conflict, ValueError):
+    """The flow has no pending feedback request (none, or already resolved).
+
+    Also a ``ValueError``: what CrewAI's ``Flow.from_pending`` raises when nothing is pending,
+    so code written against CrewAI's own persistence catches it unchanged."""

@@ -37,6 +37,7 @@ class FlowState(msgspec.Struct, kw_only=True):
     feedback_state: Any = None
     feedback_requested_at: datetime | None = None
     last_feedback: Any = None
+    resolutions: int = 0  # feedback requests resolved so far (an answer may be None)
 
 
 class FlowSave(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,7 +62,7 @@ class FlowProjection(Projection[FlowState]):
     """Folds a flow stream into its latest state and pending feedback."""
 
     name = "flows"
-    version = 1
+    version = 2  # 2: FlowState.resolutions
     categories = (CATEGORY,)
     state_type = FlowState
     snapshot_every = None
@@ -81,7 +82,8 @@ class FlowProjection(Projection[FlowState]):
         if isinstance(d, FeedbackResolved):
             return msgspec.structs.replace(state, feedback_pending=False, feedback_context=None,
                                            feedback_state=None, feedback_requested_at=None,
-                                           last_feedback=d.feedback)
+                                           last_feedback=d.feedback,
+                                           resolutions=state.resolutions + 1)
         return state
 
     def index(self, state: FlowState) -> RowIndex:
@@ -161,8 +163,7 @@ class Flows:
         def decision(st: FlowState, version: int) -> list[Event]:
             if not st.feedback_pending:
                 raise NoPendingFeedback(f"flow {flow_id} has no pending feedback request",
-                                        reason="resolved" if st.last_feedback is not None
-                                        else "none")
+                                        reason="resolved" if st.resolutions else "none")
             return [FeedbackResolved(flow_id=flow_id, feedback=encoded, at=now)]
 
         st, _v, _r = decide(self.store, self.projection, stream, tenant_id=tenant_id,

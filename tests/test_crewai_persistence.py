@@ -127,6 +127,7 @@ def test_pending_feedback_is_peeked_freely_and_claimed_once(
     with pytest.raises(NoPendingFeedback) as never:
         persistence.load_pending_feedback("f-2")
     assert never.value.reason == "none"
+    assert isinstance(never.value, ValueError)  # what CrewAI documents for from_pending
     assert persistence.peek_pending_feedback("f-2") is None
 
     context = pending_context("f-2")
@@ -345,6 +346,7 @@ def test_a_claimed_but_abandoned_resume_can_be_reopened(
     with pytest.raises(NoPendingFeedback) as never:
         persistence.reopen_pending_feedback("nope")
     assert never.value.reason == "none"
+    assert isinstance(never.value, ValueError)  # what CrewAI documents for from_pending
 
     review = review_flow(persistence)
     flow = review()

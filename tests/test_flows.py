@@ -102,3 +102,16 @@ def test_flows_are_per_tenant(flows: Flows) -> None:
     assert flows.pending_feedback("f1", tenant_id="t2") is None
     with pytest.raises(NoPendingFeedback):
         flows.resolve_feedback("f1", "x", tenant_id="t2")
+
+
+def test_a_request_resolved_with_no_answer_still_counts_as_resolved(flows: Flows) -> None:
+    """Resolving with ``None`` (an answer may be empty) is a resolution: a second attempt says
+    ``resolved``, not ``none`` (which means the flow never asked)."""
+    with pytest.raises(NoPendingFeedback) as never:
+        flows.resolve_feedback("f-none", None)
+    assert never.value.reason == "none"
+    flows.request_feedback("f-none", {"q": "ok?"}, {})
+    flows.resolve_feedback("f-none", None)
+    with pytest.raises(NoPendingFeedback) as again:
+        flows.resolve_feedback("f-none", "late")
+    assert again.value.reason == "resolved"
