@@ -29,8 +29,9 @@ from ._pg_async import facade_of, is_async_psycopg
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
-from .codec import decode_events, decode_metadata, encode_event, encode_metadata
+from .codec import decode_event, decode_events, decode_metadata, encode_event, encode_metadata
 from .errors import (
+    EventDecodeError,
     EventTooLarge,
     IdempotencyKeyReused,
     InvalidArgument,
@@ -548,7 +549,11 @@ class StoreCore:
         if not rows:
             return []
         cols = tuple(zip(*rows, strict=True))
-        data = decode_events(cols[5], cols[6], cols[7])
+        try:
+            data = decode_events(cols[5], cols[6], cols[7])
+        except EventDecodeError:
+            _name_undecodable(rows)
+            raise
         out = []
         last_at, when = None, None
         for (pos, tenant, stream_id, version, event_id, tag, sv, _raw, meta, at), event in zip(
@@ -677,6 +682,16 @@ class Pager:
 
 # The unique keys that a stale guess of the log's end breaks (see _append_guessed).
 _GUESS_KEYS = frozenset({"es_events_pkey", "es_events_stream_version"})
+
+
+def _name_undecodable(rows: Sequence[Any]) -> None:
+    """Raise the decode error of the first row that does not decode, naming that event."""
+    for pos, tenant, stream_id, _version, _event_id, tag, sv, raw, *_rest in rows:
+        try:
+            decode_event(tag, sv, raw)
+        except EventDecodeError as e:
+            raise EventDecodeError.at(e, position=pos, type=tag, stream_id=stream_id,
+                                      tenant_id=tenant) from e
 
 
 def _stale_guess(error: Exception) -> bool:

@@ -71,7 +71,25 @@ class SchemaVersionMismatch(EventStoreError):
 
 
 class EventDecodeError(EventStoreError):
-    """A stored event could not be decoded into its registered type."""
+    """A stored event could not be decoded into its registered type.
+
+    Raised by a read of the log, it names the event: ``position``, ``type``, ``stream_id`` and
+    ``tenant_id`` (``None`` where the decode had no row to name).
+    """
+
+    position: int | None = None
+    type: str | None = None
+    stream_id: str | None = None
+    tenant_id: str | None = None
+
+    @classmethod
+    def at(cls, cause: EventDecodeError, *, position: int, type: str, stream_id: str,
+           tenant_id: str) -> EventDecodeError:
+        err = cls(f"event at position {position} (type {type}, stream {stream_id}, tenant "
+                  f"{tenant_id}): {cause}")
+        err.position, err.type, err.stream_id, err.tenant_id = (position, type, stream_id,
+                                                                tenant_id)
+        return err
 
 
 class StoreClosed(EventStoreError):

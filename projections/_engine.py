@@ -42,7 +42,7 @@ from eventstore._schema import events as event_table
 from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
 from eventstore._time import from_micros, to_micros
-from eventstore.errors import EventStoreError, InvalidArgument, InvalidStreamId
+from eventstore.errors import EventDecodeError, EventStoreError, InvalidArgument, InvalidStreamId
 from eventstore.logs import get_logger
 
 __all__ = [
@@ -1044,6 +1044,16 @@ class Projector:
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)
             raise
+        except EventDecodeError as e:
+            if e.position is None:
+                raise
+            # An event this code cannot read stops the projection there, as a failing fold
+            # does: named in the error and in ``status``, until an operator restarts it.
+            failed = ProjectionFailed(projection=p.name, position=e.position, type=e.type or "",
+                                      stream_id=e.stream_id or "", tenant_id=e.tenant_id or "",
+                                      cause=e)
+            _record_failure(self.store, p.name, failed)
+            raise failed from e
 
     def catch_up(self) -> int:
         """Run every projection until it has applied the whole log; returns events applied."""

@@ -124,6 +124,34 @@ def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
     assert rows_of(store, fixed)[("default", "counter-a")].count == 3
 
 
+def test_an_event_the_code_cannot_read_stops_the_projector_there(store: EventStore) -> None:
+    """An undecodable event (stored by code whose type had another shape) fails the projection
+    at that event as a failing fold does: position, type and stream in the error and in
+    status; a plain read names the event too."""
+    from eventstore._schema import events as event_table
+    from eventstore.errors import EventDecodeError
+
+    bump(store, "a", 2)
+    store.append("counter-b", [CounterIncremented(by=1)])
+    bump(store, "a", 1)
+    with begin_write(store.engine) as conn:  # as if written when `by` was a string
+        conn.execute(update(event_table).where(event_table.c.position == 3).values(
+            data=b'{"type":"test.CounterIncremented","by":"one"}'))
+    with pytest.raises(EventDecodeError) as read:
+        list(store.read_all())
+    assert (read.value.position, read.value.type, read.value.stream_id,
+            read.value.tenant_id) == (3, "test.CounterIncremented", "counter-b", "default")
+    assert "position 3" in str(read.value)
+    projection = TallyProjection("tally_decode")
+    with pytest.raises(ProjectionFailed) as info:
+        Projector(store, [projection]).catch_up()
+    assert (info.value.position, info.value.type, info.value.stream_id) == (
+        3, "test.CounterIncremented", "counter-b")
+    (st,) = status(store, "tally_decode")
+    assert st.status == "failed" and st.failed_position == 3
+    assert "EventDecodeError" in (st.error or "")
+
+
 def test_snapshots_are_taken_and_used(store: EventStore) -> None:
     """Live folds save a snapshot every N events and later start from it."""
     p = TallyProjection(snapshot_every=10)
