@@ -184,9 +184,15 @@ class ProjectionStatus:
     rebuild_generation: int | None
     rebuild_position: int | None
     head: int = 0
+    # Events of the projection's categories after its position, when status() knows them.
+    behind: int | None = None
 
     @property
     def lag(self) -> int:
+        """Events the projection has yet to apply: those of its categories after its position
+        when the projection is registered, else every event after it."""
+        if self.behind is not None:
+            return self.behind
         return max(0, self.head - self.position)
 
 
@@ -236,6 +242,7 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
     head = store.last_position()
     with transaction(store, write=False) as conn:
         rows = conn.execute(q).all()
+        behind = {r.name: _behind(conn, r.name, r.position) for r in rows}
     return [
         ProjectionStatus(
             name=r.name, generation=r.generation, position=r.position,
@@ -243,10 +250,24 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
             failed_position=r.failed_position, owner=r.owner,
             lease_until=from_micros(r.lease_until) if r.lease_until is not None else None,
             rebuild_generation=r.rebuild_generation, rebuild_position=r.rebuild_position,
-            head=head,
+            head=head, behind=behind[r.name],
         )
         for r in rows
     ]
+
+
+def _behind(conn: Connection, name: str, position: int) -> int | None:
+    """Events of a registered projection's categories after ``position`` (an index range per
+    category); ``None`` when the projection is not registered or takes every category."""
+    factory = _registry.get(name)
+    if factory is None:
+        return None
+    categories = factory().categories
+    if not categories:
+        return None
+    e = event_table.c
+    return int(conn.execute(select(func.count()).where(
+        e.category.in_(list(categories)), e.position > position)).scalar() or 0)
 
 
 def restart(store: EventStore, name: str) -> None:

@@ -12,7 +12,16 @@ from eventstore import Event, EventStore
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows
 from eventstore._time import to_micros
-from projections import ProjectionFailed, Projector, fold_live, inline, rebuild, status, verify
+from projections import (
+    Conversations,
+    ProjectionFailed,
+    Projector,
+    fold_live,
+    inline,
+    rebuild,
+    status,
+    verify,
+)
 from projections._engine import load_row, query_rows, snapshot_now
 from tests._events import CounterIncremented, NoteAdded
 from tests._projections import SlicedTally, Tally, TallyProjection
@@ -150,6 +159,29 @@ def test_an_event_the_code_cannot_read_stops_the_projector_there(store: EventSto
     (st,) = status(store, "tally_decode")
     assert st.status == "failed" and st.failed_position == 3
     assert "EventDecodeError" in (st.error or "")
+
+
+def test_lag_counts_the_events_a_registered_projection_has_yet_to_apply(
+        store: EventStore) -> None:
+    """A caught-up projection has lag 0 even when the log goes on with other categories (its
+    position is its last event's, the head the log's); events of its categories count."""
+    from projections import register
+
+    register("tally_lag", lambda: TallyProjection("tally_lag"))
+    conversations = Conversations(store)
+    conversations.assign("c-1", {"n": 1})
+    bump(store, "a", 2)
+    store.append("note-1", [NoteAdded(text="other category")])
+    Projector(store, [TallyProjection("tally_lag"), TallyProjection("tally_unregistered")]
+              ).catch_up()
+    lags = {st.name: st.lag for st in status(store)}
+    assert lags["tally_lag"] == 0 and lags["conversations"] == 0
+    assert lags["tally_unregistered"] == 1  # unknown categories: every event after it
+    bump(store, "b", 3)
+    store.append("note-2", [NoteAdded(text="other category")])
+    conversations.assign("c-1", {"n": 2})
+    lags = {st.name: st.lag for st in status(store)}
+    assert lags["tally_lag"] == 3 and lags["conversations"] == 0
 
 
 def test_snapshots_are_taken_and_used(store: EventStore) -> None:
