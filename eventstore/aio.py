@@ -28,7 +28,7 @@ import contextvars
 import sqlite3
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -83,7 +83,9 @@ class AsyncEventStore(StoreCore):
         self._engine = engine
         self._url = url
         self._sqlite = _SQLiteThreadTransactions(url) if is_sqlite(url) else None
-        self._writer = _KeptWriter(engine) if self._sqlite is None else None
+        # An in-memory SQLite database is one connection that every transaction shares.
+        self._writer = None if self._sqlite is not None and self._sqlite.memory else (
+            _KeptWriter(engine, sqlite=self._sqlite is not None))
 
     @classmethod
     async def open(
@@ -162,12 +164,23 @@ class AsyncEventStore(StoreCore):
         if self._sqlite is not None:
             with translate():
                 async with self._engine.connect() as aconn:
-                    raw = await aconn.get_raw_connection()
-                    aio = raw.driver_connection
-                    if one_trip_possible(aio):
-                        return await self._sqlite.run(aio, fn, args, write=write)
+                    return await self._on_sqlite(aconn, fn, args, write=write)
         async with abegin(self._engine, write=write, autocommit=autocommit) as conn:
             return await conn.run_sync(fn, *args)
+
+    async def _on_sqlite(self, aconn: AsyncConnection, fn: Callable[..., T],
+                         args: Sequence[Any], *, write: bool) -> T:
+        """``fn(conn, *args)`` in a transaction on this aiosqlite connection: whole on its
+        thread when possible, else on the greenlet bridge."""
+        assert self._sqlite is not None
+        raw = await aconn.get_raw_connection()
+        aio = raw.driver_connection
+        if one_trip_possible(aio):
+            return await self._sqlite.run(aio, fn, args, write=write)
+        if write:
+            aconn = await aconn.execution_options(sqlite_write=True)
+        async with aconn.begin():
+            return await aconn.run_sync(fn, *args)
 
     # -- appending --------------------------------------------------------------------------------
 
@@ -204,10 +217,20 @@ class AsyncEventStore(StoreCore):
         if self._sqlite is None:
             result = await self._append_pg(plan, before_commit)
         else:
-            result = await self._transact(self._append_locked, (plan, before_commit),
-                                          write=True)
+            result = await self._append_sqlite(plan, before_commit)
         self._log_appended(plan, result)
         return result
+
+    async def _append_sqlite(self, plan: AppendPlan, before_commit: BeforeCommit | None
+                             ) -> AppendResult:
+        """The append on SQLite: on the kept write connection (:class:`_KeptWriter`) when
+        called from its event loop, whole on that connection's aiosqlite thread."""
+        writer = self._writer
+        if writer is not None and writer.serves_this_loop():
+            with translate():
+                return await writer.run(lambda conn: self._on_sqlite(
+                    conn, self._append_locked, (plan, before_commit), write=True))
+        return await self._transact(self._append_locked, (plan, before_commit), write=True)
 
     async def _append_pg(self, plan: AppendPlan, before_commit: BeforeCommit | None
                          ) -> AppendResult:
@@ -219,7 +242,8 @@ class AsyncEventStore(StoreCore):
         with translate():
             writer = self._writer
             if writer is not None and writer.serves_this_loop():
-                return await writer.run(self._append_committed, plan, before_commit)
+                return await writer.run(lambda conn: _own_transaction(
+                    conn, self._append_committed, plan, before_commit))
             async with self._engine.connect() as conn:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 return await _own_transaction(conn, self._append_committed, plan,
@@ -350,25 +374,29 @@ async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: A
 
 
 class _KeptWriter:
-    """One connection kept for the async store's appends on PostgreSQL, as the sync store's
+    """One connection kept for the async store's appends, as the sync store's
     ``_backend.Writer``.
 
     Why: an append on a pooled connection paid a checkout, an autocommit switch and a return
     (about 85 us of CPU); worse, the one-round-trip append (``_core._Tail``) guesses only on the
     connection it learned on.  Where appends overlap (a LangGraph run's puts go on in the
     background while its next step writes), they were spread over the pool's connections, and
-    almost every append paid a missed guess and then the two-round-trip path.  Appends take
-    turns on this connection (an asyncio lock): that costs no concurrency, as appends run one
-    at a time under the append lock anyway (``_backend.lock_appends``).
+    almost every append paid a missed guess and then the two-round-trip path.  On SQLite the
+    pool's reset cost a second hand-over to aiosqlite's thread per append, and overlapping
+    appends on two connections waited for the write lock in SQLite's busy handler, which
+    sleeps.  Appends take turns on this connection (an asyncio lock): that costs no
+    concurrency, as appends run one at a time under the append lock anyway
+    (``_backend.lock_appends``; SQLite's write lock).
 
     The connection belongs to the event loop that first appended; appends from another loop use
     a pooled connection, as before.  After an error the transaction is rolled back and the
-    connection kept; after a cancellation, a failed rollback or a broken connection it is
-    dropped, and the next append opens another.
+    connection kept; after a failed rollback, a broken connection or (PostgreSQL) a
+    cancellation it is dropped, and the next append opens another.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, sqlite: bool) -> None:
         self._engine = engine
+        self._sqlite = sqlite
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._conn: AsyncConnection | None = None
@@ -380,8 +408,9 @@ class _KeptWriter:
             self._loop, self._lock = loop, asyncio.Lock()
         return self._loop is loop
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(conn, *args)`` in a transaction of its own on the kept connection."""
+    async def run(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``await body(conn)`` (an append in a transaction of its own) on the kept
+        connection."""
         async with self._lock:
             if self._closed:
                 raise StoreClosed("the event store is closed")
@@ -389,14 +418,19 @@ class _KeptWriter:
             if conn is None or conn.invalidated or conn.closed:
                 conn = self._conn = await self._open()
             try:
-                return await _own_transaction(conn, fn, *args)
+                return await body(conn)
             except BaseException as e:
-                if not isinstance(e, Exception) or _abroken(conn):
+                # After a cancellation a PostgreSQL connection's state is unknown (psycopg may
+                # have cancelled the query mid-pipeline); an abandoned SQLite transaction rolls
+                # back on aiosqlite's thread, ahead of anything queued there after it.
+                if _abroken(conn) or (not isinstance(e, Exception) and not self._sqlite):
                     await self._drop()
                 raise
 
     async def _open(self) -> AsyncConnection:
         conn = await self._engine.connect()
+        if self._sqlite:
+            return conn
         try:
             # The append sends its own BEGIN with its first statements (see _append_locked).
             return await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -451,6 +485,7 @@ class _SQLiteThreadTransactions:
 
     def __init__(self, url: URL) -> None:
         self._settings = _sqlite_settings(url)
+        self.memory = self._settings[3]
         self._engines: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
 
     async def run(self, aio: Any, fn: Callable[..., T], args: Sequence[Any], *, write: bool
