@@ -773,7 +773,7 @@ def fold_live(
     """Fold one stream on read, from the newest usable snapshot; returns (state, version).
 
     ``at_version`` / ``at_time`` stop the fold there (time travel).  A snapshot is saved when the
-    fold went ``snapshot_every`` events past the newest one it started from.
+    fold went ``snapshot_every`` events past the last one (current reads only).
     """
     limit_us = to_micros(at_time) if at_time is not None else None
     if at_version is not None:
@@ -798,13 +798,8 @@ def fold_live(
         state, version, last = _fold_records(store, projection, state, version, stream, tenant,
                                              at_version, limit_us)
     every = projection.snapshot_every
-    # A time-travel fold's state is the stream's true state at the version it stopped at (the
-    # log never changes below it), so it is saved as well; except inside a caller's read
-    # transaction (a BoundStore, e.g. an async twin's query), which must not start writing.
-    travel = at_version is not None or at_time is not None
-    if (use_snapshots and every is not None and last is not None
-            and version - snap_version >= every
-            and not (travel and isinstance(store, BoundStore))):
+    if (use_snapshots and every is not None and last is not None and at_version is None
+            and at_time is None and version - snap_version >= every):
         save_snapshot(store, projection, tenant_id, stream_id, state, last)
     return state, version
 

@@ -185,32 +185,3 @@ def test_get_sees_writes_from_a_writer_without_the_projection(
     assert conversations.get("c-1").variables == {"a": 1, "b": 2}
     conversations.assign("c-1", {"c": 3})
     assert conversations.get("c-1").version == 4
-
-
-def test_time_travel_saves_snapshots_every_n_events_and_reads_from_them(
-        conv_store: EventStore) -> None:
-    """The facade's snapshot policy works for the reads that fold (current values come from
-    the inline rows): a time-travel fold that went ``snapshot_every`` events past the newest
-    snapshot saves one at the version it stopped at, and later folds start from it with the
-    same answers."""
-    from sqlalchemy import select
-
-    from eventstore._schema import snapshots
-
-    def saved() -> list[int]:
-        with conv_store.engine.connect() as conn:
-            return sorted(conn.execute(select(snapshots.c.version)).scalars())
-
-    conversations = Conversations(conv_store, snapshot_every=10)
-    for i in range(1, 26):
-        conversations.assign("c-snap", {"n": i})
-    assert saved() == []
-    assert conversations.get("c-snap", at_version=25).variables == {"n": 25}
-    assert saved() == [25]
-    assert conversations.get("c-snap", at_version=12).variables == {"n": 12}  # before it
-    assert saved() == [12, 25]
-    assert conversations.get("c-snap", at_version=20).variables == {"n": 20}  # 8 past 12
-    assert saved() == [12, 25]
-    without = Conversations(conv_store, snapshot_every=None)
-    for v in (5, 12, 20, 25):
-        assert without.get("c-snap", at_version=v) == conversations.get("c-snap", at_version=v)
