@@ -449,11 +449,12 @@ class _KeptWriter:
         """Release the kept connection (after an append in progress); later appends raise
         :class:`StoreClosed`."""
         self._closed = True
-        if self._conn is None:
-            return
+        if self._loop is None:
+            return  # never appended
         if self._loop is not asyncio.get_running_loop():
             self._conn = None  # another loop's connection: the engine's dispose lets it go
             return
+        # Always through the lock: an append may hold it while it opens the connection.
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:

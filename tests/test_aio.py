@@ -593,3 +593,27 @@ async def test_appends_from_another_event_loop_use_a_pooled_connection(url: str)
         assert await store.stream_version("l-1") == 6
         assert await store.stream_version("l-2") == 5
         assert [e.position async for e in store.read_all()] == list(range(1, 12))
+
+
+async def test_close_while_the_first_append_opens_the_kept_connection(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() called while the first append is still opening the kept connection waits for
+    that append (which commits) and then closes the connection: none is left checked out."""
+    from eventstore import aio
+
+    real_open = aio._KeptWriter._open
+
+    async def slow_open(self: Any) -> Any:
+        await asyncio.sleep(0.05)  # a server slow to accept the connection
+        return await real_open(self)
+
+    monkeypatch.setattr(aio._KeptWriter, "_open", slow_open)
+    store = await AsyncEventStore.open(url, migrate=True)
+    task = asyncio.create_task(store.append("r-1", [NoteAdded(text="racing close")]))
+    await asyncio.sleep(0.01)  # the append holds the writer's lock, opening its connection
+    await store.close()
+    assert task.done()
+    assert (await task).stream_version == 1
+    assert store._engine.pool.checkedout() == 0
+    async with await AsyncEventStore.open(url) as again:
+        assert await again.stream_version("r-1") == 1
