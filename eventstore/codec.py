@@ -34,10 +34,17 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         # msgspec does not check a struct's field types when it is built: an event whose data
         # does not fit its own type (``NoteAdded(text=5)``, NaN in a float field, which JSON
         # stores as null) would be stored and then fail every read of the log after it.
+        # The registered class's cached decoder; another class under the same tag (one
+        # redefined since, as a re-run notebook cell does) gets a decoder of its own, so that
+        # the cache keeps decoding reads into the registered class.
         try:
-            _decoder_for(tag, cls).decode(data)
+            decoder = (_decoder_for(tag, cls) if _registry.get(tag) is cls
+                       else msgspec.json.Decoder(cls))
+            decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise InvalidEvent(f"{tag} event does not match its type: {e}") from e
+        except TypeError as e:  # a field type msgspec cannot decode into
+            raise InvalidEvent(f"{tag} events cannot be read back: {e}") from e
         return tag, cls.__event_schema_version__, data
     if isinstance(event, RawEvent):
         if not isinstance(event.type, str) or not event.type:
@@ -57,7 +64,7 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             # a newer schema version is left to the code that knows it.
             try:
                 decode_event(event.type, event.schema_version, data)
-            except EventDecodeError as e:
+            except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(f"raw {event.type} event does not match its type: "
                                    f"{e.__cause__ or e}") from e
         return event.type, event.schema_version, data
@@ -116,10 +123,12 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
             event: Event = _decoder_for(tag, cls).decode(raw)
             return event
         if schema_version > current:
-            raise EventDecodeError(
+            newer = EventDecodeError(
                 f"{tag} event has schema version {schema_version}, newer than this code's "
                 f"{current}: upgrade the code that reads it"
             )
+            newer.newer_schema = True
+            raise newer
         data = _upcast(tag, _dict_decoder.decode(raw), schema_version, current)
         data.pop("type", None)
         upcasted: Event = msgspec.convert(data, cls)

@@ -81,6 +81,9 @@ class EventDecodeError(EventStoreError):
     type: str | None = None
     stream_id: str | None = None
     tenant_id: str | None = None
+    # The event's schema version is newer than this code's: newer code reads it (a rolling
+    # deploy), so it is this process that is out of date, not the event that is bad.
+    newer_schema: bool = False
 
     @classmethod
     def at(cls, cause: EventDecodeError, *, position: int, type: str, stream_id: str,
@@ -89,6 +92,7 @@ class EventDecodeError(EventStoreError):
                   f"{tenant_id}): {cause}")
         err.position, err.type, err.stream_id, err.tenant_id = (position, type, stream_id,
                                                                 tenant_id)
+        err.newer_schema = cause.newer_schema
         return err
 
 

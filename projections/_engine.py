@@ -262,7 +262,10 @@ def _behind(conn: Connection, name: str, position: int) -> int | None:
     factory = _registry.get(name)
     if factory is None:
         return None
-    categories = factory().categories
+    try:
+        categories = factory().categories
+    except Exception:  # a factory that cannot build here: status still answers
+        return None
     if not categories:
         return None
     e = event_table.c
@@ -1066,7 +1069,9 @@ class Projector:
             _record_failure(self.store, p.name, e)
             raise
         except EventDecodeError as e:
-            if e.position is None:
+            if e.position is None or e.newer_schema:
+                # Newer code can read it (a rolling deploy): this worker stops, and the
+                # projection stays running for one that is up to date (the lease passes on).
                 raise
             # An event this code cannot read stops the projection there, as a failing fold
             # does: named in the error and in ``status``, until an operator restarts it.

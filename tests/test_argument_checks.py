@@ -114,3 +114,26 @@ def test_facade_values_that_do_not_fit_their_event_are_refused(store: EventStore
     with pytest.raises(InvalidArgument, match="timedelta"):
         Continuations(store, ttl=60)  # type: ignore[arg-type]
     assert [e.type for e in store.read_all()] == ["ToolCallsPaused", "ResumeStarted"]
+
+
+def test_an_event_of_a_class_redefined_since_still_reads_as_the_registered_one(
+        store: EventStore) -> None:
+    """Appending an instance of an event class that was redefined under the same tag (a
+    notebook cell run again) checks it against its own class without touching the decoder
+    that reads use: every read gives the registered (newest) class."""
+    from eventstore import Event
+
+    class Note(Event, tag="test.Redefined"):
+        text: str
+
+    made_before = Note(text="made before the cell ran again")
+
+    class Note(Event, tag="test.Redefined"):  # type: ignore[no-redef]
+        text: str
+        author: str = "nobody"
+
+    store.append("n-1", [made_before])
+    store.append("n-1", [Note(text="new", author="me")])
+    read = [e.data for e in store.read_stream("n-1")]
+    assert all(type(d) is Note for d in read)
+    assert read == [Note(text="made before the cell ran again"), Note(text="new", author="me")]
