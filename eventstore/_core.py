@@ -189,9 +189,9 @@ def _env_number(name: str, kind: type[Any], default: Any) -> Any:
 
 def auto_migrate(migrate: bool | None, sqlite: bool) -> bool:
     if migrate is not None:
-        if not isinstance(migrate, bool):
+        if not isinstance(migrate, int):  # bool, or 0 / 1
             raise InvalidArgument(f"migrate must be True, False or None, got {migrate!r}")
-        return migrate
+        return bool(migrate)
     env = os.environ.get("EVENTSTORE_AUTO_MIGRATE")
     return env.lower() in ("1", "true", "yes") if env else sqlite
 

@@ -62,7 +62,7 @@ class FlowProjection(Projection[FlowState]):
     """Folds a flow stream into its latest state and pending feedback."""
 
     name = "flows"
-    version = 2  # 2: FlowState.resolutions
+    version = 1  # rows without ``resolutions`` read it as 0 (see resolve_feedback)
     categories = (CATEGORY,)
     state_type = FlowState
     snapshot_every = None
@@ -163,7 +163,8 @@ class Flows:
         def decision(st: FlowState, version: int) -> list[Event]:
             if not st.feedback_pending:
                 raise NoPendingFeedback(f"flow {flow_id} has no pending feedback request",
-                                        reason="resolved" if st.resolutions else "none")
+                                        reason="resolved" if st.resolutions
+                                        or st.last_feedback is not None else "none")
             return [FeedbackResolved(flow_id=flow_id, feedback=encoded, at=now)]
 
         st, _v, _r = decide(self.store, self.projection, stream, tenant_id=tenant_id,
