@@ -33,7 +33,12 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             raise InvalidEvent(f"cannot encode {tag} event: {e}") from e
         # msgspec does not check a struct's field types when it is built: an event whose data
         # does not fit its own type (``NoteAdded(text=5)``, NaN in a float field, which JSON
-        # stores as null) would be stored and then fail every read of the log after it.
+        # stores as null) would be stored and then fail every read of the log after it.  A type
+        # whose instances only library code builds, from values it checked, may opt out
+        # (``__check_on_append__ = False``: the LangGraph saver's checkpoints and writes, where
+        # decoding a large value again would cost as much as encoding it).
+        if not cls.__check_on_append__:
+            return tag, cls.__event_schema_version__, data
         # The registered class's cached decoder; another class under the same tag (one
         # redefined since, as a re-run notebook cell does) gets a decoder of its own, so that
         # the cache keeps decoding reads into the registered class.

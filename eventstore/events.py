@@ -134,6 +134,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=Fals
 
     __abstract_event__: ClassVar[bool] = True
     __event_schema_version__: ClassVar[int] = 1
+    # Appends decode each event back into its type to refuse data that would not read back
+    # (see ``codec.encode_event``); only types built by library code from checked values
+    # turn this off.
+    __check_on_append__: ClassVar[bool] = True
 
     @classmethod
     def event_tag(cls) -> str:

@@ -80,7 +80,7 @@ from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
 from eventstore.codec import decode_event, decode_events
-from eventstore.errors import EventTooLarge, WrongExpectedVersion
+from eventstore.errors import EventTooLarge, InvalidArgument, WrongExpectedVersion
 
 if TYPE_CHECKING:
     from eventstore.aio import AsyncEventStore
@@ -151,6 +151,8 @@ class Write(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc
 class CheckpointSaved(Event, tag="lg.CheckpointSaved", omit_defaults=True, gc=False):
     """A checkpoint, with the values of the channels whose version changed (``new_versions``)."""
 
+    __check_on_append__ = False  # built from values _check_checkpoint/_check_writes checked
+
     id: str
     v: int
     ts: str
@@ -178,6 +180,8 @@ class ChannelValuesSaved(Event, tag="lg.ChannelValuesSaved", omit_defaults=True,
     """Channel values of a checkpoint too large to travel in its ``CheckpointSaved`` event
     (each blob with its version)."""
 
+    __check_on_append__ = False  # built from values _check_checkpoint/_check_writes checked
+
     checkpoint_id: str = msgspec.field(name="cp")
     blobs: builtins.list[Blob] = msgspec.field(name="b")
     ns: str = ""
@@ -189,6 +193,8 @@ class ChannelValuesSaved(Event, tag="lg.ChannelValuesSaved", omit_defaults=True,
 class WritesSaved(Event, tag="lg.WritesSaved", omit_defaults=True, gc=False):
     """A task's pending writes for a checkpoint (``upsert``: special channels only, which replace
     earlier writes at their index; other writes never replace one)."""
+
+    __check_on_append__ = False  # built from values _check_checkpoint/_check_writes checked
 
     checkpoint_id: str = msgspec.field(name="cp")
     task_id: str = msgspec.field(name="task")
@@ -1325,6 +1331,7 @@ class _Base(BaseCheckpointSaver[str]):
         conf = config["configurable"]
         thread_id = str(conf["thread_id"])
         ns = str(conf.get("checkpoint_ns") or "")
+        _check_checkpoint(checkpoint, conf.get("checkpoint_id"), new_versions)
         values = checkpoint["channel_values"]
         items = []
         current = checkpoint["channel_versions"]
@@ -1348,8 +1355,12 @@ class _Base(BaseCheckpointSaver[str]):
     def _writes_event(self, config: RunnableConfig, items: Sequence[tuple[str, Any]],
                       task_id: str, task_path: str) -> tuple[str, WritesSaved]:
         conf = config["configurable"]
+        if not isinstance(task_id, str) or not isinstance(task_path, str):
+            raise InvalidArgument("task_id and task_path must be strings")
         out = []
         for i, (ch, value) in enumerate(items):
+            if not isinstance(ch, str):
+                raise InvalidArgument(f"a write's channel must be a string, got {ch!r}")
             t, data = self.serde.dumps_typed(value)
             out.append(Write(WRITES_IDX_MAP.get(ch, i), ch, data, t))
         ev = WritesSaved(ns=str(conf.get("checkpoint_ns") or ""),
@@ -1485,10 +1496,43 @@ _CHECKPOINT_KEYS = frozenset({"v", "id", "ts", "channel_values", "channel_versio
                               "versions_seen", "updated_channels"})
 
 
+_VERSION_TYPES = frozenset({str, int, float})
+_STR = frozenset({str})
+
+
+def _is_version(value: object) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _check_checkpoint(checkpoint: Checkpoint, parent: object,
+                      new_versions: ChannelVersions) -> None:
+    """What ``put`` stores must read back (its events skip the store's round-trip check, see
+    ``CheckpointSaved.__check_on_append__``): refuse the few fields JSON would change."""
+    if not isinstance(checkpoint.get("id"), str) or not isinstance(checkpoint.get("ts"), str):
+        raise InvalidArgument("a checkpoint's id and ts must be strings")
+    v = checkpoint.get("v")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise InvalidArgument(f"a checkpoint's v must be an int, got {v!r}")
+    if parent is not None and not isinstance(parent, str):
+        raise InvalidArgument(f"checkpoint_id must be a string, got {parent!r}")
+    seen = checkpoint["versions_seen"]
+    for versions in (checkpoint["channel_versions"], new_versions, *seen.values()):
+        if set(map(type, versions)) <= _STR and set(map(type, versions.values())) <= (
+                _VERSION_TYPES):
+            continue  # the usual case, checked in C
+        if not all(isinstance(ch, str) and _is_version(ver) for ch, ver in versions.items()):
+            raise InvalidArgument(f"channel versions map names to str, int or float versions, "
+                                  f"got {versions!r:.200}")
+    if not all(isinstance(node, str) for node in seen):
+        raise InvalidArgument("versions_seen must be keyed by node names (strings)")
+
+
 def _compact_updated(updated: Any, items: Sequence[Blob]) -> builtins.list[str] | bool | None:
     if updated is None:
         return None
     listed = builtins.list(updated)
+    if not all(isinstance(ch, str) for ch in listed):
+        raise InvalidArgument(f"updated_channels must be channel names, got {listed!r}")
     return True if listed and listed == sorted(b.channel for b in items) else listed
 
 

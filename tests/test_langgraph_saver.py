@@ -725,3 +725,31 @@ def test_reads_use_the_index_before_postgresql_has_statistics() -> None:
         assert not wasteful, wasteful[:2]
     finally:
         drop_pg_database(url)
+
+
+@pytest.mark.parametrize("bad", [
+    {"v": "4"}, {"v": True}, {"id": 5}, {"ts": None},
+    {"channel_versions": {"a": None}}, {"channel_versions": {"a": True}},
+    {"versions_seen": {"node": {"a": [1]}}}, {"versions_seen": {1: {}}},
+    {"updated_channels": [1]},
+], ids=["v-str", "v-bool", "id-int", "ts-none", "version-none", "version-bool",
+        "seen-list", "seen-node-int", "updated-int"])
+def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSaver,
+                                                           store: EventStore,
+                                                           bad: dict[str, Any]) -> None:
+    """The saver's events skip the store's round-trip check (decoding a large value again is
+    as dear as encoding it), so put checks the fields JSON would change: a malformed checkpoint
+    raises InvalidArgument and writes nothing (stored, it would fail every read of the log)."""
+    from eventstore import InvalidArgument
+
+    cp: Any = empty_checkpoint()
+    cp["channel_values"] = {"a": 1}
+    cp["channel_versions"] = {"a": 1}
+    cp.update(bad)
+    md: Any = {"source": "loop", "step": 0, "parents": {}}
+    with pytest.raises(InvalidArgument):
+        saver.put(config("bad"), cp, md, {"a": 1})
+    with pytest.raises(InvalidArgument):
+        saver.put_writes(config("bad", "1f0e4b2a-0000-6000-8000-000000000001"),
+                         [(7, "x")], "task")  # type: ignore[list-item]
+    assert list(store.read_all()) == []
