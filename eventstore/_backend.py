@@ -6,6 +6,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -89,7 +90,7 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
         if not memory:
-            cur.execute("PRAGMA journal_mode = WAL")
+            _wal_mode(cur, busy_ms)
         cur.execute(f"PRAGMA synchronous = {synchronous}")
         cur.close()
 
@@ -103,6 +104,27 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         cur.execute("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_write")
                     else "BEGIN")
         cur.close()
+
+
+def _wal_mode(cur: Any, busy_ms: int) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the lock it needs.
+
+    Why: the first connections to a new database file race to switch it to WAL, and SQLite
+    answers "database is locked" there without waiting in the busy handler (seen with four
+    processes opening one fresh file at once).  Retried for up to the busy timeout.
+    """
+    deadline = time.monotonic() + busy_ms / 1000
+    pause = 0.001
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as e:
+            text = str(e).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def begin_write(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
