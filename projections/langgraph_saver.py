@@ -79,8 +79,9 @@ from eventstore._core import _pipeline, _psycopg
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
-from eventstore.codec import decode_event, decode_events
+from eventstore.codec import decode_event, decode_events, encode_event
 from eventstore.errors import EventTooLarge, InvalidArgument, WrongExpectedVersion
+from eventstore.logs import get_logger
 
 if TYPE_CHECKING:
     from eventstore.aio import AsyncEventStore
@@ -116,6 +117,8 @@ _OPTIMISTIC_PRUNES = 3
 
 Version = str | int | float
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=Event)
+_log = get_logger("eventstore.langgraph")
 
 
 def stream_id_of(thread_id: str) -> str:
@@ -1975,20 +1978,26 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
                        thread_ids: Iterable[str] | None = None) -> int:
     """Copy threads from another saver (``SqliteSaver``, ``PostgresSaver`` …) into ``target``.
 
-    Every checkpoint is put oldest first with its metadata, parent and pending writes (interrupts
-    and resume values included), storing only the channels whose version changed from the
-    parent, so an imported thread is as small as one written by this saver.  ``thread_ids``
-    defaults to every thread of ``source``.  Returns the number of checkpoints copied.  Import
-    into threads that do not exist in ``target`` yet (the puts are appended as they come).
+    Every checkpoint goes over oldest first with its metadata, parent and pending writes
+    (interrupts and resume values included), storing only the channels whose version changed
+    from the parent, so an imported thread is as small as one written by this saver.
+    ``thread_ids`` defaults to every thread of ``source``.  Each thread goes over whole, in one
+    atomic append, and only into a thread ``target`` does not have yet: threads already there
+    are skipped, so an interrupted import can simply be run again.  Returns the number of
+    checkpoints copied.
     """
     if thread_ids is None:
         seen: dict[str, None] = {}
         for t in source.list(None):
             seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
         thread_ids = seen
+    limit = target.store._options.max_event_bytes
     copied = 0
     for thread_id in thread_ids:
         tuples = builtins.list(source.list({"configurable": {"thread_id": thread_id}}))
+        if not tuples:
+            continue
+        events: builtins.list[Event] = []
         versions: dict[tuple[str, str], ChannelVersions] = {}
         for t in reversed(tuples):  # list() gives newest first
             conf = t.config["configurable"]
@@ -2001,12 +2010,29 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
             put_config: RunnableConfig = {"configurable": {
                 "thread_id": thread_id, "checkpoint_ns": ns,
                 **({"checkpoint_id": parent_id} if parent_id else {})}}
-            stored = target.put(put_config, checkpoint, t.metadata, changed)
+            _t, ev, stored = target._checkpoint_events(put_config, checkpoint, t.metadata,
+                                                        changed)
+            events.extend(_fitted(ev, limit, _split))
             versions[(ns, str(checkpoint["id"]))] = dict(checkpoint["channel_versions"])
             by_task: dict[str, builtins.list[tuple[str, Any]]] = {}
             for task_id, channel, value in t.pending_writes or ():
                 by_task.setdefault(task_id, []).append((channel, value))
             for task_id, task_writes in by_task.items():
-                target.put_writes(stored, task_writes, task_id)
-            copied += 1
+                _t, wev = target._writes_event(stored, task_writes, task_id, "")
+                events.extend(_fitted(wev, limit, _split_writes))
+        try:
+            target.store.append(stream_id_of(thread_id), events, tenant_id=target.tenant_id,
+                                expected_version=0)
+        except WrongExpectedVersion:
+            _log.info("import_thread_skipped", thread=thread_id, tenant=target.tenant_id)
+            continue
+        copied += len(tuples)
     return copied
+
+
+def _fitted(ev: _E, limit: int, split: Callable[[_E, int], builtins.list[Event]]
+            ) -> builtins.list[Event]:
+    """``ev``, or its parts when it is over the store's event size limit (as ``_append``)."""
+    if len(encode_event(ev)[2]) <= limit:
+        return [ev]
+    return split(ev, limit)

@@ -106,6 +106,23 @@ def linear_graph(saver: BaseCheckpointSaver[Any]) -> CompiledStateGraph[Any, Any
 # -- savers ---------------------------------------------------------------------------------------
 
 
+class Big(TypedDict, total=False):
+    doc: str
+    notes: Annotated[list[str], operator.add]
+
+
+def big_graph(saver: BaseCheckpointSaver[Any]) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """One node that writes a 6 kB document and a 6 kB note in one step."""
+    def grow(state: Big) -> Big:
+        return {"doc": "D" * 6000, "notes": ["n" * 6000]}
+
+    g = StateGraph(Big)
+    g.add_node("grow", grow)
+    g.add_edge(START, "grow")
+    g.add_edge("grow", END)
+    return g.compile(checkpointer=saver)
+
+
 @contextlib.contextmanager
 def open_saver(kind: str, url: str) -> Iterator[BaseCheckpointSaver[Any]]:
     """``ours``: EventStoreSaver on the store at ``url``; ``sqlite``: SqliteSaver on the file."""

@@ -105,3 +105,50 @@ def test_threads_import_from_sqlite_saver_and_resume(url: str) -> None:
             "question": "approve?", "value": 2}
         result = ours_graph.invoke(Command(resume="yes"), config)
         assert result["value"] == 20 and result["log"][-1] == "finish:yes"
+
+
+def test_import_goes_thread_by_thread_atomically_and_can_run_again(url: str) -> None:
+    """Each thread is one atomic append into a thread the target does not have: running the
+    import again (after an interruption, say) copies only the threads not there yet."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints, stream_id_of
+
+    source = SqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    for name in ("t-a", "t-b"):
+        scripts.approval_graph(source).invoke({"value": 1}, {"configurable": {"thread_id": name}})
+    per_thread = len(list(source.list({"configurable": {"thread_id": "t-a"}})))
+    with EventStore.open(url) as store:
+        target = EventStoreSaver(store)
+        assert import_checkpoints(source, target, thread_ids=["t-a"]) == per_thread
+        versions = store.stream_version(stream_id_of("t-a"))
+        assert import_checkpoints(source, target) == per_thread  # only t-b is new
+        assert import_checkpoints(source, target) == 0
+        assert store.stream_version(stream_id_of("t-a")) == versions
+        for name in ("t-a", "t-b"):
+            config = {"configurable": {"thread_id": name}}
+            assert [t.config for t in target.list(config)] == [
+                t.config for t in source.list(config)]
+
+
+def test_import_splits_values_over_the_targets_event_size_limit(url: str) -> None:
+    """A checkpoint whose values exceed the target store's event size limit goes over in
+    several events of the thread's one append, as put() would store it."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints
+
+    source = InMemorySaver()
+    config: Any = {"configurable": {"thread_id": "big"}}
+    scripts.big_graph(source).invoke({"doc": "x", "notes": []}, config)
+    with EventStore.open(url, max_event_bytes=10_000) as store:  # one value fits, not both
+        target = EventStoreSaver(store)
+        assert import_checkpoints(source, target) == len(list(source.list(config)))
+        got = target.get_tuple(config)
+        assert got is not None
+        assert got.checkpoint["channel_values"]["doc"] == "D" * 6000
+        assert got.checkpoint["channel_values"]["notes"] == ["n" * 6000]
+        types = [e.type for e in store.read_stream(stream_id_of("big"))]
+        assert "lg.ChannelValuesSaved" in types and types.count("lg.WritesSaved") >= 2
