@@ -45,6 +45,8 @@ from eventstore._time import from_micros, to_micros
 from eventstore.errors import EventDecodeError, EventStoreError, InvalidArgument, InvalidStreamId
 from eventstore.logs import get_logger
 
+from .errors import RebuildInProgress
+
 __all__ = [
     "Projection",
     "ProjectionFailed",
@@ -683,7 +685,12 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
         if existing and existing[0].code_version != projection.version:
             _log.info("projection_code_changed", projection=projection.name,
                       stored=existing[0].code_version, code=projection.version)
-            rebuild(store, projection)
+            try:
+                rebuild(store, projection)
+            except RebuildInProgress:
+                # Another process (a worker of the same deploy) is rebuilding: its swap folds
+                # in what this one appends meanwhile.
+                _log.info("projection_rebuild_elsewhere", projection=projection.name)
     store.add_inline_handler(_InlineHandler(store, projection))
 
 
@@ -1143,6 +1150,8 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
             page = [e for e in page if e.position <= bound]
             if not page:
                 return last
+            if track:
+                _own_rebuild(conn, projection.name, generation, last)
             rows.apply(conn, page)
             rows.flush(conn, _now_us(store))
             last = page[-1].position
@@ -1179,7 +1188,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
     last = _fill(store, projection, gen, start, store.last_position, progress, track=True)
     with transaction(store, write=True) as conn:
-        row = _lock_row(conn, name)
+        row = _own_rebuild(conn, name, gen, last)
         rows: _Rows[Any] = _Rows(projection, gen)
         last = _catch_up(store, conn, rows, last, None)
         rows.flush(conn, _now_us(store))
@@ -1195,6 +1204,24 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     if progress is not None:
         progress(last, last)
     return gen
+
+
+def _own_rebuild(conn: Connection, name: str, generation: int, position: int) -> Any:
+    """Lock the projection's row and check that this rebuild still owns ``generation`` at
+    ``position``; raises :class:`RebuildInProgress` otherwise.
+
+    Two rebuilds of one projection (two operators, or workers of a new code version each
+    rebuilding at start-up) resume the same generation: whichever moves it first carries on,
+    and the other stops before it writes a row, so it can neither overwrite rows the first
+    one wrote nor, once the first has swapped that generation in, delete the live rows.
+    """
+    row = _lock_row(conn, name)
+    if row.rebuild_generation != generation or (row.rebuild_position or 0) != position:
+        raise RebuildInProgress(
+            f"projection {name} is being rebuilt by another process (generation "
+            f"{row.rebuild_generation if row.rebuild_generation is not None else generation})",
+            reason="rebuilding")
+    return row
 
 
 @dataclass(frozen=True)

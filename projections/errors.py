@@ -5,7 +5,7 @@ from __future__ import annotations
 from eventstore.errors import EventStoreError
 
 __all__ = ["Conflict", "LeaseLost", "NoPendingContinuation", "NoPendingFeedback", "NotFound",
-           "ResumeInProgress"]
+           "RebuildInProgress", "ResumeInProgress"]
 
 
 class Conflict(EventStoreError):
@@ -32,6 +32,11 @@ class ResumeInProgress(Conflict):
 
 class NoPendingContinuation(Conflict):
     """No pending continuation: ``reason`` is ``absent``, ``expired`` or ``consumed``."""
+
+
+class RebuildInProgress(Conflict):
+    """Another process is rebuilding the projection (``reason``: ``rebuilding``); its rows are
+    swapped in when it is done."""
 
 
 class LeaseLost(Conflict):

@@ -586,3 +586,31 @@ def test_a_fold_cut_short_leaves_prepared_statements_alone(url: str,
         assert forgets == []
     finally:
         store.close()
+
+
+def test_a_second_rebuild_started_meanwhile_never_loses_the_live_rows(store: EventStore) -> None:
+    """Two rebuilds of one projection resume the same generation. When one starts while the
+    other is filling (here: from the first one's progress callback), whichever moves the
+    generation first carries on, and the other stops with RebuildInProgress: the rows the
+    winner swapped in stay (they used to be deleted as the loser's "old" generation)."""
+    from projections._engine import _PAGE
+    from projections.errors import RebuildInProgress
+
+    bump(store, "a", 5 * _PAGE + 7)
+    bump(store, "b", 5 * _PAGE + 3)
+    projection = TallyProjection("tally_twice")
+    Projector(store, [projection]).catch_up()
+    second: list[int] = []
+
+    def start_another(done: int, total: int) -> None:
+        if not second and done < total:
+            second.append(rebuild(store, TallyProjection("tally_twice")))
+
+    with pytest.raises(RebuildInProgress):
+        rebuild(store, projection, progress=start_another)
+    (st,) = status(store, "tally_twice")
+    assert st.generation == second[0] and st.rebuild_generation is None
+    rows = rows_of(store, projection)
+    assert rows[("default", "counter-a")].count == 5 * _PAGE + 7
+    assert rows[("default", "counter-b")].count == 5 * _PAGE + 3
+    assert verify(store, projection) == []
