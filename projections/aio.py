@@ -30,7 +30,7 @@ from eventstore.aio import AsyncEventStore
 from .continuations import Continuation, Continuations, SweepResult
 from .conversation import Conversations, ConversationState, VariableChange
 from .flows import Flows, FlowSave, PendingFeedback
-from .jobs import TERMINAL_EVENTS, Job, JobEvent, Jobs
+from .jobs import TERMINAL_EVENTS, Job, JobEvent, Jobs, check_events_args
 from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot, SessionState
 
 __all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows",
@@ -83,8 +83,9 @@ class AsyncConversations(_Twin[Conversations]):
 
     async def delete(self, conversation_id: str, names: Iterable[str], **kwargs: Any) -> int:
         """See :meth:`Conversations.delete`."""
-        result: int = await self._run("delete", conversation_id, list(names), write=True,
-                                      **kwargs)
+        # A str is one name, as for the sync facade (a list of it would be its characters).
+        listed = names if isinstance(names, str) else list(names)
+        result: int = await self._run("delete", conversation_id, listed, write=True, **kwargs)
         return result
 
     async def get(self, conversation_id: str, *, tenant_id: str = "default",
@@ -325,7 +326,9 @@ class AsyncJobs(_Twin[Jobs]):
         """See :meth:`Jobs.events`: each poll is one read transaction, the wait an asyncio sleep.
 
         With ``follow`` it ends after the terminal event, at once when re-attached after it.
+        The arguments are checked when iteration starts (an async generator's first step).
         """
+        check_events_args(job_id, tenant_id, after, follow, timeout, poll_interval)
         ends = time.monotonic() + timeout if timeout is not None else None
         seq = after
         while True:

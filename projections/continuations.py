@@ -272,6 +272,7 @@ class Continuations:
                          ) -> list[Continuation]:
         """The user's pending (not expired) continuations, soonest to expire first."""
         check_text(user_id, "user_id")
+        check_text(tenant_id, "tenant_id")  # None would read every tenant's
         now = self.now()
         rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status="pending",
                           group_key=user_id)

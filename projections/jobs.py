@@ -287,6 +287,22 @@ register("jobs", JobProjection)
 # -- checks ---------------------------------------------------------------------------------------
 
 
+def check_events_args(job_id: object, tenant_id: object, after: object, follow: object,
+                      timeout: object, poll_interval: object) -> None:
+    """The arguments of ``events`` (sync and async)."""
+    check_text(job_id, "job_id")
+    check_text(tenant_id, "tenant_id")
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise InvalidArgument(f"after must be an int >= 0, got {after!r}")
+    if not isinstance(follow, bool):
+        raise InvalidArgument("follow must be a bool")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise InvalidArgument(f"timeout must be a number >= 0 or None, got {timeout!r}")
+    if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
+        raise InvalidArgument(f"poll_interval must be a positive number, got "
+                              f"{poll_interval!r}")
+
+
 def _check_owner_ids(job_id: object, worker_id: object, tenant_id: object) -> None:
     """The ids every call of the worker that owns a job passes."""
     check_text(job_id, "job_id")
@@ -500,9 +516,12 @@ class Jobs:
         _check_owner_ids(job_id, worker_id, tenant_id)
         now = self._now()
         until = now + self.lease
+        # Never shorter than the lease it extends: a worker whose clock stepped back must not
+        # hand a sweeper with a right clock a live job.
         return self._owner_command(
             job_id, worker_id, tenant_id, "heartbeat",
-            lambda s: [JobHeartbeat(worker_id=worker_id, lease_until=until, at=now)])
+            lambda s: [JobHeartbeat(worker_id=worker_id, at=now, lease_until=(
+                max(until, s.lease_until) if s.lease_until is not None else until))])
 
     def record(self, job_id: str, worker_id: str, milestone: Any, *,
                tenant_id: str = _DEFAULT_TENANT) -> Job:
@@ -701,17 +720,7 @@ class Jobs:
         (completed, failed or cancelled) — at once if the job already finished — or, without
         raising, once ``timeout`` seconds have passed.  Arguments are checked when called.
         """
-        check_text(job_id, "job_id")
-        check_text(tenant_id, "tenant_id")
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-            raise InvalidArgument(f"after must be an int >= 0, got {after!r}")
-        if not isinstance(follow, bool):
-            raise InvalidArgument("follow must be a bool")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-            raise InvalidArgument(f"timeout must be a number >= 0 or None, got {timeout!r}")
-        if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
-            raise InvalidArgument(f"poll_interval must be a positive number, got "
-                                  f"{poll_interval!r}")
+        check_events_args(job_id, tenant_id, after, follow, timeout, poll_interval)
         stream = self.stream_id(job_id)
         if self.store.stream_version(stream, tenant_id=tenant_id) == 0:
             raise NotFound(f"job {job_id} not found (tenant {tenant_id})")

@@ -192,6 +192,7 @@ class AgentSessions:
 
     def active_in_run(self, tenant_id: str, workflow_run_id: str) -> list[SessionKey]:
         """Keys of the run's active sessions."""
+        check_text(tenant_id, "tenant_id")  # None would read every tenant's
         check_text(workflow_run_id, "workflow_run_id")
         rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status="active",
                           group_key=workflow_run_id)

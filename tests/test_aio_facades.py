@@ -86,6 +86,19 @@ async def test_sessions_active_in_run_and_state(url: str) -> None:
 
 
 @pytest.mark.asyncio
+async def test_conversations_delete_takes_one_name_as_the_sync_facade_does(url: str) -> None:
+    """delete("topic") removes the variable "topic" on both facades (the async twin used to
+    split the string into the names t, o, p, i, c)."""
+    async with await AsyncEventStore.open(url) as store:
+        conv = AsyncConversations(store)
+        await conv.assign("c-d", {"topic": "billing", "t": 1, "count": 3})
+        await conv.delete("c-d", "topic")
+        assert (await conv.get("c-d")).variables == {"t": 1, "count": 3}
+        await conv.delete("c-d", (n for n in ["t"]))
+        assert (await conv.get("c-d")).variables == {"count": 3}
+
+
+@pytest.mark.asyncio
 async def test_conversations_snapshot(url: str) -> None:
     """An on-demand snapshot is saved at the current version and reads still agree."""
     async with await AsyncEventStore.open(url) as store:

@@ -137,3 +137,26 @@ def test_an_event_of_a_class_redefined_since_still_reads_as_the_registered_one(
     read = [e.data for e in store.read_stream("n-1")]
     assert all(type(d) is Note for d in read)
     assert read == [Note(text="made before the cell ran again"), Note(text="new", author="me")]
+
+
+def test_queries_that_take_a_tenant_refuse_none(store: EventStore) -> None:
+    """tenant_id=None read every tenant's rows: refused like every other query's."""
+    with pytest.raises(InvalidArgument):
+        Continuations(store).pending_for_user("alice", tenant_id=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        AgentSessions(store).active_in_run(None, "run-1")  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_async_job_events_check_timeout_and_poll_interval(url: str) -> None:
+    """As the sync facade's: poll_interval=0 would poll the database without pause."""
+    from eventstore.aio import AsyncEventStore
+    from projections.aio import AsyncJobs
+
+    async with await AsyncEventStore.open(url, migrate=True) as astore:
+        jobs = AsyncJobs(astore)
+        job = await jobs.submit("wf", {}, user_id="u")
+        for kwargs in ({"poll_interval": 0}, {"timeout": -1}, {"after": -1}):
+            with pytest.raises(InvalidArgument):
+                async for _ev in jobs.events(job.job_id, follow=True, **kwargs):
+                    pass

@@ -697,3 +697,17 @@ def test_job_times_come_from_the_facade_clock_not_the_store(url: str) -> None:
         clock.advance(seconds=5)
         suspended = jobs.suspend(job.job_id, "w1", request_id="r1", prompt="ok?")
         assert suspended.pending is not None and suspended.pending.requested_at == clock.now
+
+
+def test_a_heartbeat_never_shortens_the_lease(jobs: Jobs, clock: Clock) -> None:
+    """A worker whose clock stepped back heartbeats: the lease keeps its later end, so a
+    sweeper with a right clock does not requeue the live job."""
+    job = jobs.submit("wf", {}, user_id="u")
+    assert jobs.claim("w1") is not None
+    clock.advance(seconds=10)
+    ends = jobs.heartbeat(job.job_id, "w1").lease_until
+    assert ends == clock.now + LEASE
+    clock.advance(minutes=-5)  # the worker's clock steps back
+    assert jobs.heartbeat(job.job_id, "w1").lease_until == ends
+    clock.advance(minutes=5, seconds=2)  # a sweep just after the earlier lease's end
+    assert jobs.sweep() == [] and jobs.get(job.job_id).status == "running"
