@@ -35,7 +35,7 @@ from sqlalchemy import Connection, and_, bindparam, delete, func, literal, or_, 
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventstore import EventStore, RecordedEvent, StreamSlice
-from eventstore._backend import translate
+from eventstore._backend import _sqlite_settings, is_sqlite, translate
 from eventstore._bound import BoundStore, transaction
 from eventstore._core import _pipeline, check_id, check_int
 from eventstore._schema import events as event_table
@@ -672,7 +672,9 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     """Run ``projection`` inline: its rows change in the same transaction as each append.
 
     Rows are then current for any query right after ``append`` returns (read-your-writes).  A
-    projection that raises makes the append fail: nothing is written.
+    projection that raises makes the append fail: nothing is written.  Rows built by another
+    version of the fold are rebuilt first; for an ``AsyncEventStore`` on a sync store of the
+    same database, which blocks the calling thread for that one rebuild.
     """
     if not projection.name:
         raise InvalidArgument("a projection needs a name")
@@ -680,18 +682,27 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             return
     if isinstance(store, EventStore):
-        # Rows built by another version of the fold are rebuilt before they are used.
-        existing = status(store, projection.name)
-        if existing and existing[0].code_version != projection.version:
-            _log.info("projection_code_changed", projection=projection.name,
-                      stored=existing[0].code_version, code=projection.version)
-            try:
-                rebuild(store, projection)
-            except RebuildInProgress:
-                # Another process (a worker of the same deploy) is rebuilding: its swap folds
-                # in what this one appends meanwhile.
-                _log.info("projection_rebuild_elsewhere", projection=projection.name)
+        _rebuild_if_stale(store, projection)
+    elif not isinstance(store, BoundStore) and hasattr(store, "run_sync"):  # AsyncEventStore
+        url = store.url
+        if not (is_sqlite(url) and _sqlite_settings(url)[3]):  # in memory: not reachable
+            with EventStore.open(url, migrate=False) as sync:
+                _rebuild_if_stale(sync, projection)
     store.add_inline_handler(_InlineHandler(store, projection))
+
+
+def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
+    """Rebuild rows built by another version of the fold before they are used."""
+    existing = status(store, projection.name)
+    if existing and existing[0].code_version != projection.version:
+        _log.info("projection_code_changed", projection=projection.name,
+                  stored=existing[0].code_version, code=projection.version)
+        try:
+            rebuild(store, projection)
+        except RebuildInProgress:
+            # Another process (a worker of the same deploy) is rebuilding: its swap folds
+            # in what this one appends meanwhile.
+            _log.info("projection_rebuild_elsewhere", projection=projection.name)
 
 
 # -- reading rows --

@@ -176,3 +176,27 @@ async def test_jobs_lifecycle_and_follow(url: str) -> None:
         assert (await jobs.get(job.job_id)).status == "completed"
         again = [ev.seq async for ev in jobs.events(job.job_id, after=4, follow=True)]
         assert again == []
+
+
+@pytest.mark.asyncio
+async def test_async_facades_rebuild_rows_of_another_fold_version(url: str) -> None:
+    """As the sync facades do at construction: rows built by another version of the fold are
+    rebuilt before use (an async-only deployment used to see an empty queue)."""
+    from sqlalchemy import create_engine, text
+
+    from eventstore import EventStore
+    from projections import Jobs
+    from projections.aio import AsyncJobs
+
+    with EventStore.open(url, migrate=True) as store:
+        Jobs(store).submit("wf", {}, user_id="u", tenant_id="acme")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:  # as if an older version of the fold built the rows
+            conn.execute(text("UPDATE es_projections SET code_version = 0 WHERE name = 'jobs'"))
+    finally:
+        engine.dispose()
+    async with await AsyncEventStore.open(url) as astore:
+        jobs = AsyncJobs(astore)
+        claimed = await jobs.claim("w1", tenant_id="acme")
+        assert claimed is not None and claimed.workflow_id == "wf"
