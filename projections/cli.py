@@ -61,6 +61,8 @@ class _Progress:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    for module in args.module or ():  # its projections' categories give their lag
+        importlib.import_module(module)
     with open_store(args) as store:
         rows = status(store, args.name)
     if args.json:
@@ -160,6 +162,7 @@ def _add(subparsers: cli.Subparsers) -> None:
 
     p = add_command(sub, "status", func=cmd_status, help="each projection's position and lag")
     p.add_argument("name", nargs="?", help="only this projection")
+    module_option(p)
     p = add_command(sub, "rebuild", func=cmd_rebuild,
                     help="replay the log into fresh rows and swap them in when caught up")
     p.add_argument("name")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -107,6 +108,29 @@ def test_status_json_has_position_lag_and_owner(url: str, capsys: pytest.Capture
         "running", 4, 5, 1)
     assert tally["owner"] == "w-cli" and tally["lease_until"] is not None
     assert tally["generation"] == 1 and tally["error"] is None
+
+
+def test_status_module_gives_a_registered_projections_lag(
+        url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """status --module imports the application module that registers a projection, so its lag
+    counts only its own categories (0 once caught up, whatever else the log holds)."""
+    (tmp_path / "status_mod.py").write_text(
+        "from projections import register\n"
+        "from tests._projections import TallyProjection\n"
+        "register('tally_mod', lambda: TallyProjection('tally_mod'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine, "_registry", dict(engine._registry))  # undone afterwards
+    monkeypatch.delitem(sys.modules, "status_mod", raising=False)  # imported afresh
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=2)])
+        Projector(store, [TallyProjection("tally_mod")]).catch_up()
+        seed_conversations(url)  # three events of another category after it
+    code, out, err = run(capsys, "projections", "status", "tally_mod", "--url", url, "--json",
+                         "--module", "status_mod")
+    assert code == 0, err
+    (line,) = json_lines(out)
+    assert (line["position"], line["head"], line["lag"]) == (1, 4, 0)
 
 
 def test_status_of_an_empty_store_says_none_registered(
