@@ -161,7 +161,8 @@ class Writer:
     :func:`lock_appends`).  An append started from inside an append (a handler appending on the
     same thread) gets a pooled connection instead, as before.  After an error the transaction
     is rolled back and the connection kept, unless the connection itself broke; then it is
-    closed and replaced.  A forked child starts with a fresh lock and opens its own connection.
+    closed and replaced.  A forked child starts with a fresh lock and opens its own connections
+    (the engine's pool too, see _after_fork).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -177,6 +178,9 @@ class Writer:
         _writers.add(self)
 
     def _after_fork(self) -> None:
+        # The pool's connections are the parent's sockets: the child opens its own, and
+        # leaves the parent's alone (close=False: closing would end the parent's sessions).
+        self._engine.dispose(close=False)
         # A parent thread may have held the lock at the fork: the child's copy stays locked.
         self._lock = threading.Lock()
         self._owner = None

@@ -192,3 +192,32 @@ def test_writer_killed_mid_batch_leaves_whole_batches_only(url: str, children: C
             r = store.append(BULK, [NoteAdded(text="marker")], expected_version=v)
             assert r.stream_version == v + 1
             check_batches_atomic(store, committed)
+
+
+def test_a_store_used_before_fork_works_in_parent_and_child(url: str) -> None:
+    """A prefork server (gunicorn, celery) opens the store, then forks: parent and child each
+    read and append on connections of their own (the child's pool and kept write connection
+    start empty; sharing the parent's sockets broke reads on both sides)."""
+    with EventStore.open(url, migrate=True) as store:
+        store.append("f-0", [NoteAdded(text=str(i)) for i in range(50)])
+        assert sum(1 for _ in store.read_stream("f-0")) == 50  # a pooled connection, kept
+
+        def work(stream: str) -> None:
+            for i in range(30):
+                assert sum(1 for _ in store.read_stream("f-0")) == 50
+                store.append(stream, [NoteAdded(text=str(i))])
+
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit code only, never return into pytest
+            code = 1
+            try:
+                work("f-child")
+                code = 0
+            finally:
+                os._exit(code)
+        work("f-parent")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.stream_version("f-child") == 30
+        assert store.stream_version("f-parent") == 30
+        assert [e.position for e in store.read_all()] == list(range(1, 111))
