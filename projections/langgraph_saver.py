@@ -121,8 +121,16 @@ _E = TypeVar("_E", bound=Event)
 _log = get_logger("eventstore.langgraph")
 
 
+MAX_THREAD_ID_LENGTH = 255 - len(_PREFIX)  # a stream id is at most 255 characters
+
+
 def stream_id_of(thread_id: str) -> str:
-    """The stream of a LangGraph thread."""
+    """The stream of a LangGraph thread (``InvalidArgument`` for a thread id over
+    ``MAX_THREAD_ID_LENGTH`` characters, 246)."""
+    if len(thread_id) > MAX_THREAD_ID_LENGTH:
+        raise InvalidArgument(f"thread_id is {len(thread_id)} characters long; this saver keeps "
+                              f"threads of up to {MAX_THREAD_ID_LENGTH} (its stream "
+                              f"{_PREFIX}<thread_id> is at most 255)")
     return _PREFIX + thread_id
 
 

@@ -753,3 +753,18 @@ def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSave
         saver.put_writes(config("bad", "1f0e4b2a-0000-6000-8000-000000000001"),
                          [(7, "x")], "task")  # type: ignore[list-item]
     assert list(store.read_all()) == []
+
+
+def test_a_thread_id_too_long_for_its_stream_is_refused_by_name(saver: EventStoreSaver,
+                                                                store: EventStore) -> None:
+    """Thread ids up to 246 characters work; a longer one gets an error that names the thread
+    id and its limit (not the stream id's), and nothing is written."""
+    from eventstore import InvalidArgument
+    from projections.langgraph_saver import MAX_THREAD_ID_LENGTH
+
+    longest = "t" * MAX_THREAD_ID_LENGTH
+    put(saver, longest, None, {"a": 1}, {"a": 1}, {"a": 1})
+    assert saver.get_tuple(config(longest)) is not None
+    with pytest.raises(InvalidArgument, match="thread_id is 247 characters long"):
+        put(saver, longest + "x", None, {"a": 1}, {"a": 1}, {"a": 1})
+    assert [e.stream_id for e in store.read_all()] == [f"lgthread-{longest}"]
