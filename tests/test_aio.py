@@ -182,26 +182,10 @@ async def test_postgresql_async_append_pipelines_like_the_sync_store() -> None:
     """On psycopg's async driver the append's statements go out in pipelines as on the sync
     store: the second append to a stream is one pipeline and no statement on its own (one
     round trip), its events and the inline projection's rows committed together."""
-    import psycopg
-
     from tests.conftest import pg_url, reset_pg
 
     url = pg_url()
     reset_pg(url)
-    alone: list[str] = []  # statements sent outside a pipeline: a round trip each
-    pipelines: list[int] = []
-    real_execute = psycopg.AsyncCursor.execute
-    real_pipeline = psycopg.AsyncConnection.pipeline
-
-    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._conn._pipeline is None:
-            alone.append(str(query)[:40])
-        return await real_execute(self, query, *args, **kwargs)
-
-    def pipeline(self: Any) -> Any:
-        pipelines.append(1)
-        return real_pipeline(self)
-
     with EventStore.open(url) as sync_store:
         projection = ConversationProjection()
         inline(sync_store, projection)
@@ -214,8 +198,7 @@ async def test_postgresql_async_append_pipelines_like_the_sync_store() -> None:
 
         await store.append("conversation-x", [assigned(1)])
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(psycopg.AsyncCursor, "execute", execute)
-            mp.setattr(psycopg.AsyncConnection, "pipeline", pipeline)
+            pipelines, alone = _count_trips(mp)
             r = await store.append("conversation-x", [assigned(2)], expected_version=1)
             appended = (len(pipelines), list(alone))
         assert r.stream_version == 2
