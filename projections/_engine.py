@@ -1081,7 +1081,11 @@ class Projector:
             # Rows of another fold version: replay them with this one (the lease is ours).
             self._log.info("projection_code_changed", projection=p.name,
                            stored=row.code_version, code=p.version)
-            rebuild(self.store, p)
+            try:
+                rebuild(self.store, p)
+            except RebuildInProgress:
+                self._log.info("projection_rebuild_elsewhere", projection=p.name)
+                return 0  # another process rebuilds it; its rows come with its swap
             return status(self.store, p.name)[0].position  # the events it replayed
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)

@@ -614,3 +614,27 @@ def test_a_second_rebuild_started_meanwhile_never_loses_the_live_rows(store: Eve
     assert rows[("default", "counter-a")].count == 5 * _PAGE + 7
     assert rows[("default", "counter-b")].count == 5 * _PAGE + 3
     assert verify(store, projection) == []
+
+
+def test_a_projector_leaves_a_rebuild_in_progress_elsewhere_alone(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A projector that finds rows of another fold version and starts to rebuild them, while
+    another process already is, idles (run_once returns 0) instead of stopping with an error."""
+    import projections._engine as engine_module
+    from projections.errors import RebuildInProgress
+
+    bump(store, "a", 3)
+    projection = TallyProjection("tally_elsewhere")
+    Projector(store, [projection]).catch_up()
+    with begin_write(store.engine) as conn:  # rows of another version of the fold
+        from eventstore._schema import projections as projections_table
+        conn.execute(update(projections_table).where(
+            projections_table.c.name == "tally_elsewhere").values(code_version=0))
+
+    def busy(*_args: Any, **_kwargs: Any) -> int:
+        raise RebuildInProgress("rebuilt by another process", reason="rebuilding")
+
+    monkeypatch.setattr(engine_module, "rebuild", busy)
+    assert Projector(store, [projection]).run_once(projection) == 0
+    (st,) = status(store, "tally_elsewhere")
+    assert st.status == "running"
