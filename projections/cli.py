@@ -143,7 +143,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:
                 projector.release()  # let the next worker (or the next --once) in at once
             print(f"applied {n} events")
-            return cli.EXIT_OK
+            failed = [st for p in chosen for st in status(store, p.name) if st.status == "failed"]
+            for st in failed:  # a stopped projection applies nothing: not a success
+                sys.stderr.write(f"eventstore: error: projection {st.name} is stopped after a "
+                                 f"failure at position {st.failed_position}: {st.error}; fix it "
+                                 f"and run `eventstore projections restart {st.name}`\n")
+            return cli.EXIT_ERROR if failed else cli.EXIT_OK
         with cli._stop_on_signals(stop):
             projector.run(stop)
     return cli.EXIT_OK

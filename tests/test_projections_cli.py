@@ -247,6 +247,10 @@ def test_run_once_of_a_failing_projection_exits_1_and_shows_failed(
     code, out, _ = run(capsys, "projections", "status", "--url", url)
     (line,) = [r for r in out.splitlines() if r.startswith(poisoned)]
     assert " failed " in line and "poison value 13" in line
+    # Run again while it is still stopped: nothing applied, and not a success either.
+    code, out, err = run(capsys, "projections", "run", poisoned, "--once", "--url", url)
+    assert code == 1 and "applied 0 events" in out
+    assert f"projection {poisoned} is stopped after a failure at position 2" in err
 
 
 def test_restart_clears_a_failure(url: str, poisoned: str, capsys: pytest.CaptureFixture[str]
