@@ -269,8 +269,9 @@ def _broken(conn: Connection) -> bool:
     for an in-memory SQLite database, the connection is the database)."""
     if conn.invalidated or conn.closed:
         return True
-    dbapi: Any = conn.connection.dbapi_connection
-    return bool(getattr(dbapi, "closed", False) or getattr(dbapi, "broken", False))
+    # The driver's own connection (psycopg's, sync or async; sqlite3's): it says if it broke.
+    driver: Any = conn.connection.driver_connection
+    return bool(getattr(driver, "closed", False) or getattr(driver, "broken", False))
 
 
 _writers: weakref.WeakSet[Writer] = weakref.WeakSet()

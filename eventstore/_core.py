@@ -136,8 +136,6 @@ def check_names(values: object, what: str) -> tuple[str, ...]:
     if not out:
         raise InvalidArgument(f"{what} must name at least one (None means no filter)")
     for v in out:
-        if not isinstance(v, str) or not v:
-            raise InvalidArgument(f"{what} must be non-empty strings, got {v!r}")
         check_id(v, what, InvalidArgument)
     return out
 

@@ -40,6 +40,7 @@ from sqlalchemy.pool import StaticPool
 from . import _migrate
 from ._backend import (
     _begin,
+    _broken,
     _sqlite_listeners,
     _sqlite_settings,
     is_sqlite,
@@ -462,14 +463,8 @@ class _KeptWriter:
 
 
 def _abroken(conn: AsyncConnection) -> bool:
-    """Whether the kept connection can no longer be used (see ``_backend._broken``)."""
-    if conn.invalidated or conn.closed:
-        return True
-    try:
-        driver: Any = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
-    except Exception:
-        return True
-    return bool(getattr(driver, "closed", False) or getattr(driver, "broken", False))
+    """Whether the kept connection can no longer be used (``_backend._broken``)."""
+    return conn.invalidated or conn.closed or _broken(conn.sync_connection)  # type: ignore[arg-type]
 
 
 class _SQLiteThreadTransactions:
