@@ -6,6 +6,10 @@ event struct (the tag included, so a row is self-describing).
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
+import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +54,7 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             raise InvalidEvent(f"{tag} event does not match its type: {e}") from e
         except TypeError as e:  # a field type msgspec cannot decode into
             raise InvalidEvent(f"{tag} events cannot be read back: {e}") from e
+        _check_finite(event, data, f"{tag} event")
         return tag, cls.__event_schema_version__, data
     if isinstance(event, RawEvent):
         if not isinstance(event.type, str) or not event.type:
@@ -72,10 +77,52 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(f"raw {event.type} event does not match its type: "
                                    f"{e.__cause__ or e}") from e
+        _check_finite(event.data, data, f"{event.type} event")
         return event.type, event.schema_version, data
     raise InvalidEvent(
         f"expected an Event or RawEvent instance, got {type(event).__name__}: {event!r:.80}"
     )
+
+
+# Kept as they are by msgspec.to_builtins: none of them holds a float.
+_LEAVES = (bytes, bytearray, memoryview, _dt.datetime, _dt.date, _dt.time, _dt.timedelta,
+           uuid.UUID, decimal.Decimal)
+
+
+def _check_finite(value: object, encoded: bytes, what: str) -> None:
+    """Refuse NaN and infinities, which msgspec's JSON writes as ``null``: stored, they would
+    read back as ``None``, a value lost without a word.  Only JSON holding a ``null`` can have
+    one, so other data costs a substring search."""
+    if b"null" not in encoded:
+        return
+    try:
+        plain = msgspec.to_builtins(value, builtin_types=_LEAVES)
+    except (TypeError, ValueError, OverflowError):  # encoded above, so not expected
+        return
+    path = _non_finite_path(plain)
+    if path is not None:
+        where = "".join(f"[{key!r}]" for key in path)
+        raise InvalidEvent(f"{what}: the number at {where or 'the top'} is NaN or infinite, "
+                           f"which JSON cannot hold (it would read back as None)")
+
+
+def _non_finite_path(value: Any) -> list[Any] | None:
+    """Keys leading to the first NaN or infinity in plain data (``[]``: the value itself)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else []
+    items: Any
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(item, (float, dict, list)):
+            found = _non_finite_path(item)
+            if found is not None:
+                return [key, *found]
+    return None
 
 
 def _check_type_name(name: str) -> None:
@@ -103,9 +150,11 @@ def encode_metadata(metadata: object) -> bytes | None:
         if not isinstance(key, str):
             raise InvalidEvent(f"metadata keys must be strings, got {key!r}")
     try:
-        return _encoder.encode(metadata)
+        data = _encoder.encode(metadata)
     except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
         raise InvalidEvent(f"cannot encode metadata: {e}") from e
+    _check_finite(metadata, data, "metadata")
+    return data
 
 
 def decode_metadata(raw: bytes | None) -> dict[str, Any]:

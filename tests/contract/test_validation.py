@@ -105,6 +105,31 @@ def test_an_event_that_would_not_read_back_as_its_type_is_rejected(store: EventS
     assert [e.data for e in store.read_stream("c-1")] == [NoteAdded(text="raw")]
 
 
+class MaybeMeasured(Event, tag="test.MaybeMeasured"):
+    value: float | None = None
+
+
+@pytest.mark.parametrize(
+    ("event", "metadata"),
+    [(Anything(value={"scores": [1.0, float("nan")]}), None),
+     (MaybeMeasured(value=float("inf")), None),  # None is a float | None: reads back "fine"
+     (RawEvent(type="test.Unknown", data={"x": {"y": float("-inf")}}), None),
+     (NoteAdded(text="ok"), {"temperature": float("nan")})],
+    ids=["any-field", "optional-float", "raw-unknown-type", "metadata"])
+def test_nan_and_infinity_are_refused_not_stored_as_null(store: EventStore, event: Any,
+                                                         metadata: Any) -> None:
+    """JSON has no NaN or infinity (msgspec writes null): an event or metadata holding one
+    raises InvalidEvent, naming where, and writes nothing, instead of reading back as None."""
+    with pytest.raises(InvalidEvent, match="NaN or infinite"):
+        store.append("c-1", [NoteAdded(text="first"), event], metadata=metadata)
+    assert store.stream_version("c-1") == 0
+    # null itself is data like any other.
+    store.append("c-1", [Anything(value={"x": None, "y": 1.5}), MaybeMeasured()],
+                 metadata={"a": None})
+    assert [e.data for e in store.read_stream("c-1")] == [
+        Anything(value={"x": None, "y": 1.5}), MaybeMeasured(value=None)]
+
+
 @pytest.mark.parametrize(
     "call",
     [lambda s: s.append("c-\ud800", [NoteAdded(text="a")]),
