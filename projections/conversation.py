@@ -27,7 +27,12 @@ CATEGORY = "conversation"
 
 
 class ConversationState(msgspec.Struct, kw_only=True):
-    """A conversation's variables at one version."""
+    """A conversation's variables at one version.
+
+    ``version`` is the stream's version (every event of ``conversation-<id>`` counts, also
+    ones that change no variable), so it can be passed back as ``expected_version``;
+    ``updated_at``, ``workflow_run_id`` and ``node_id`` are those of the last change.
+    """
 
     conversation_id: str
     variables: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -78,7 +83,7 @@ class ConversationProjection(Projection[ConversationState]):
     """Folds variable events into the conversation's current variables."""
 
     name = "conversations"
-    version = 1
+    version = 2  # 2: ``version`` counts every event of the stream, not only variable changes
     categories = (CATEGORY,)
     state_type = ConversationState
 
@@ -93,7 +98,9 @@ class ConversationProjection(Projection[ConversationState]):
         variables = dict(state.variables)
         types = dict(state.value_types)
         if not _change(variables, types, data):
-            return state
+            # Another kind of event on the stream: no variable changes, but the version is the
+            # stream's, which read-modify-write passes as expected_version.
+            return msgspec.structs.replace(state, version=event.version)
         assert isinstance(data, _CHANGES)
         return ConversationState(
             conversation_id=state.conversation_id, variables=variables, value_types=types,
@@ -110,12 +117,12 @@ class ConversationProjection(Projection[ConversationState]):
             if _change(variables, types, data):
                 last = i
         if last < 0:
-            return state
+            return msgspec.structs.replace(state, version=events.versions[-1])
         data = events.data[last]
         assert isinstance(data, _CHANGES)
         return ConversationState(
             conversation_id=state.conversation_id, variables=variables, value_types=types,
-            version=events.versions[last], updated_at=events.recorded_at(last),
+            version=events.versions[-1], updated_at=events.recorded_at(last),
             workflow_run_id=data.workflow_run_id, node_id=data.node_id,
         )
 

@@ -185,3 +185,30 @@ def test_get_sees_writes_from_a_writer_without_the_projection(
     assert conversations.get("c-1").variables == {"a": 1, "b": 2}
     conversations.assign("c-1", {"c": 3})
     assert conversations.get("c-1").version == 4
+
+
+def test_version_is_the_streams_also_after_other_events(conversations: Conversations,
+                                                         conv_store: EventStore,
+                                                         clock: Clock) -> None:
+    """An event on the conversation's stream that changes no variable (an engine's own note)
+    still moves the version: ``get().version`` is what read-modify-write must pass as
+    ``expected_version``, now and as of an earlier version or time."""
+    from tests._events import NoteAdded
+
+    conversations.assign("c-1", {"count": 1})
+    clock.now += timedelta(minutes=1)
+    conv_store.append("conversation-c-1", [NoteAdded(text="engine note")])
+    state = conversations.get("c-1")
+    assert (state.version, state.variables) == (2, {"count": 1})
+    assert state.updated_at == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)  # the last change's
+    noted = clock.now
+    clock.now += timedelta(minutes=1)
+    assert conversations.assign("c-1", {"count": state.variables["count"] + 1},
+                                expected_version=state.version) == 3
+    assert conversations.get("c-1", at_version=2).version == 2
+    assert conversations.get("c-1", at_time=noted).version == 2
+    # A stream holding only other events: no variables, the stream's version.
+    conv_store.append("conversation-c-2", [NoteAdded(text="a"), NoteAdded(text="b")])
+    assert conversations.get("c-2").version == 2
+    conversations.assign("c-2", {"x": 1}, expected_version=2)
+    assert [c.name for c in conversations.history("c-2")] == ["x"]
