@@ -1654,6 +1654,8 @@ class EventStoreSaver(_Base):
              ) -> Iterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before)
         remaining = limit
+        if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
+            return
         for item in self._listed(thread_id, ns, cid, before_id, _page_size(limit, filter)):
             if filter and not self._matches(item.event.metadata, filter):
                 continue
@@ -1848,6 +1850,8 @@ class AsyncEventStoreSaver(_Base):
                     limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before)
         remaining = limit
+        if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
+            return
         async for item in self._alisted(thread_id, ns, cid, before_id,
                                         _page_size(limit, filter)):
             if filter and not self._matches(item.event.metadata, filter):

@@ -399,6 +399,26 @@ def test_list_across_threads_with_filter_and_before(saver: EventStoreSaver) -> N
     assert newest_step_1.config["configurable"]["thread_id"] == "l2"
     (newest,) = saver.list({"configurable": {"thread_id": "l1"}}, limit=1)
     assert newest.config == last
+    # limit=0 (and below) lists nothing, as InMemorySaver and SqliteSaver do for 0.
+    for limit in (0, -1):
+        assert list(saver.list(None, limit=limit)) == []
+        assert list(saver.list(config("l1"), limit=limit)) == []
+
+
+@pytest.mark.asyncio
+async def test_alist_with_limit_zero_lists_nothing(url: str) -> None:
+    """alist(limit=0) gives nothing, also on the async saver."""
+    with EventStore.open(url, migrate=True) as store:
+        put(EventStoreSaver(store), "l1", None, {}, {}, {})
+        assert [t async for t in EventStoreSaver(store).alist(None, limit=0)] == []
+    astore = await AsyncEventStore.open(url)
+    try:
+        asaver = AsyncEventStoreSaver(astore)
+        assert len([t async for t in asaver.alist(None)]) == 1
+        assert [t async for t in asaver.alist(None, limit=0)] == []
+        assert [t async for t in asaver.alist(config("l1"), limit=-3)] == []
+    finally:
+        await astore.close()
 
 
 @pytest.mark.asyncio
