@@ -190,8 +190,19 @@ def auto_migrate(migrate: bool | None, sqlite: bool) -> bool:
         if not isinstance(migrate, int):  # bool, or 0 / 1
             raise InvalidArgument(f"migrate must be True, False or None, got {migrate!r}")
         return bool(migrate)
-    env = os.environ.get("EVENTSTORE_AUTO_MIGRATE")
-    return env.lower() in ("1", "true", "yes") if env else sqlite
+    env = os.environ.get("EVENTSTORE_AUTO_MIGRATE", "").strip().lower()
+    if not env:
+        return sqlite
+    if env in _TRUE:
+        return True
+    if env in _FALSE:
+        return False
+    raise InvalidArgument(f"EVENTSTORE_AUTO_MIGRATE={env!r} is not one of "
+                          f"{', '.join(_TRUE)} / {', '.join(_FALSE)}")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 # -- appending ------------------------------------------------------------------------------------

@@ -49,12 +49,23 @@ def current_revision(conn: Connection) -> str | None:
 def migrate(engine: Engine) -> str:
     """Upgrade the database to the newest schema; safe when several processes do it at once.
 
-    The whole upgrade runs in one transaction that first takes the migration lock (an advisory
-    lock on PostgreSQL, the write lock on SQLite): a second migrator waits, then finds the schema
-    current and does nothing.
+    A database already at the newest schema is only read.  Otherwise the whole upgrade runs in
+    one transaction that first takes the migration lock (an advisory lock on PostgreSQL, the
+    write lock on SQLite): a second migrator waits, then finds the schema current and does
+    nothing.
     """
+    with translate(), engine.connect() as conn:
+        current = is_current(conn)
+        conn.rollback()
+    if current:  # nothing to do: no write lock (on SQLite, no wait behind a writer)
+        return known_revisions()[0]
     with begin_write(engine) as conn:
         return migrate_on(conn)
+
+
+def is_current(conn: Connection) -> bool:
+    """Whether the database is at this code's schema (a read)."""
+    return current_revision(conn) == known_revisions()[0]
 
 
 def migrate_on(conn: Connection) -> str:

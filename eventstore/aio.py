@@ -106,8 +106,11 @@ class AsyncEventStore(StoreCore):
         engine = create_async_store_engine(resolved, pool_size=check_pool_size(pool_size))
         try:
             if auto_migrate(migrate, is_sqlite(resolved)):
-                async with abegin(engine, write=True) as conn:
-                    await conn.run_sync(_migrate.migrate_on)
+                async with abegin(engine, write=False) as conn:
+                    current = await conn.run_sync(_migrate.is_current)
+                if not current:  # as EventStore.open: the write lock only to upgrade
+                    async with abegin(engine, write=True) as conn:
+                        await conn.run_sync(_migrate.migrate_on)
             else:
                 async with abegin(engine, write=False) as conn:
                     await conn.run_sync(_migrate.check_on, resolved)

@@ -230,3 +230,60 @@ def test_bad_environment_settings_raise_typed_errors(tmp_path: Path,
     monkeypatch.delenv("EVENTSTORE_POLL_INTERVAL")
     with EventStore.open(url) as store, pytest.raises(InvalidArgument):
         store.append("c-1", [NoteAdded(text="x" * 200)])
+
+
+@pytest.mark.parametrize(("value", "migrates"), [
+    ("on", True), ("ON", True), ("yes", True), ("1", True), ("true", True),
+    ("off", False), ("No", False), ("0", False), ("false", False)])
+def test_auto_migrate_env_reads_on_and_off(fresh_url: str, monkeypatch: pytest.MonkeyPatch,
+                                           value: str, migrates: bool) -> None:
+    """EVENTSTORE_AUTO_MIGRATE takes on/off, yes/no, true/false and 1/0 in any case, on both
+    backends (``on`` was read as off)."""
+    monkeypatch.setenv("EVENTSTORE_AUTO_MIGRATE", value)
+    if migrates:
+        with EventStore.open(fresh_url) as store:
+            store.append("c-1", [NoteAdded(text="a")])
+        assert version_rows(fresh_url) == [head()]
+    else:
+        with pytest.raises(SchemaVersionMismatch, match="no eventstore schema"):
+            EventStore.open(fresh_url)
+
+
+def test_auto_migrate_env_refuses_other_values(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value that is neither on nor off is an InvalidArgument, not a silent off."""
+    from eventstore import InvalidArgument
+
+    monkeypatch.setenv("EVENTSTORE_AUTO_MIGRATE", "enabled")
+    with pytest.raises(InvalidArgument, match="EVENTSTORE_AUTO_MIGRATE"):
+        EventStore.open(f"sqlite:///{tmp_path / 'x.db'}")
+    assert not (tmp_path / "x.db").exists() or table_names(f"sqlite:///{tmp_path / 'x.db'}") \
+        == set()
+
+
+@pytest.mark.asyncio
+async def test_opening_a_current_sqlite_database_does_not_wait_for_a_writer(
+        tmp_path: Path) -> None:
+    """Auto-migrate only reads a database already at the newest schema: a store opens (sync
+    and async) while another connection holds SQLite's write lock, with a short busy timeout."""
+    import sqlite3
+
+    from eventstore.aio import AsyncEventStore
+
+    path = tmp_path / "busy.db"
+    with EventStore.open(f"sqlite:///{path}") as store:
+        store.append("c-1", [NoteAdded(text="a")])
+    writer = sqlite3.connect(str(path), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        url = f"sqlite:///{path}?busy_timeout=50"
+        with EventStore.open(url, migrate=True) as store:
+            assert [e.data for e in store.read_stream("c-1")] == [NoteAdded(text="a")]
+        astore = await AsyncEventStore.open(url, migrate=True)
+        try:
+            assert [e.data async for e in astore.read_stream("c-1")] == [NoteAdded(text="a")]
+        finally:
+            await astore.close()
+    finally:
+        writer.rollback()
+        writer.close()
