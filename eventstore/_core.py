@@ -113,11 +113,16 @@ def check_id(value: object, what: str, error: type[InvalidArgument]) -> str:
     return value
 
 
+MAX_INT = 2**63 - 1  # the largest integer both databases' columns and parameters hold
+
+
 def check_int(value: object, what: str, *, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidArgument(f"{what} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise InvalidArgument(f"{what} must be >= {minimum}, got {value}")
+    if value > MAX_INT:
+        raise InvalidArgument(f"{what} must be at most 2**63 - 1, got {value}")
     return value
 
 

@@ -173,6 +173,17 @@ def test_bad_read_arguments_are_rejected(store: EventStore) -> None:
         store.read_all(categories=[""])
     with pytest.raises(InvalidArgument):
         store.subscribe(stop="not an event")  # type: ignore[arg-type]
+    # Integers past what the databases hold (SQLite raised OverflowError, PostgreSQL a
+    # DatabaseError): InvalidArgument on both.
+    for call in (lambda: store.read_stream("c-1", from_version=2**63),
+                 lambda: store.read_stream("c-1", to_version=2**64),
+                 lambda: store.read_all(from_position=2**63),
+                 lambda: store.read_all(limit=10**30),
+                 lambda: store.append("c-1", [NoteAdded(text="a")], expected_version=2**63)):
+        with pytest.raises(InvalidArgument, match="2\\*\\*63"):
+            call()
+    assert list(store.read_stream("c-1", from_version=2**63 - 1)) == []
+    assert list(store.read_all(from_position=2**63 - 1, limit=2**63 - 1)) == []
 
 
 @pytest.mark.parametrize("stream_id", HOSTILE)
