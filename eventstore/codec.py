@@ -167,10 +167,9 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
     """Decode stored data: the registered type (upcast when older), else a :class:`RawEvent`."""
     cls = _registry.get(tag)
     if cls is None:
-        data = _dict_decoder.decode(raw)
-        if data.get("type") == tag:
-            del data["type"]  # the tag typed events carry; a raw event's data is the rest
-        return RawEvent(type=tag, data=data, schema_version=schema_version)
+        # The data as stored, verbatim: that of a typed event includes its tag ("type"), and a
+        # raw event's payload may hold a "type" of its own, which must not be lost.
+        return RawEvent(type=tag, data=_dict_decoder.decode(raw), schema_version=schema_version)
     try:
         current = cls.__event_schema_version__
         if schema_version == current:

@@ -198,3 +198,17 @@ def test_hostile_stream_ids_round_trip_verbatim(store: EventStore, stream_id: st
     assert ev.metadata == {stream_id[:50]: payload}
     assert store.stream_version(stream_id, tenant_id=stream_id[:200]) == 1
     assert store.stats()["events"] == 1
+
+
+def test_raw_payloads_read_back_verbatim_type_key_included(store: EventStore) -> None:
+    """A raw payload's own "type" key survives, also when it equals the event type (a webhook
+    stored as ``RawEvent(type=payload["type"], data=payload)``): it was dropped on read."""
+    hook = {"type": "invoice.paid", "id": "evt_1", "amount": 5}
+    store.append("hooks-1", [RawEvent(type="invoice.paid", data=hook),
+                             RawEvent(type="invoice.sent", data={"type": "x", "n": 1}),
+                             RawEvent(type="invoice.void", data={})])
+    assert [e.data for e in store.read_stream("hooks-1")] == [
+        RawEvent(type="invoice.paid", data=hook),
+        RawEvent(type="invoice.sent", data={"type": "x", "n": 1}),
+        RawEvent(type="invoice.void", data={})]
+    assert [e.data.data for e in store.read_all()] == [hook, {"type": "x", "n": 1}, {}]
