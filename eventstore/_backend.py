@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -54,7 +55,40 @@ def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
     if is_sqlite(url):
         return _sqlite_engine(url)
     kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10}
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    pg_listeners(engine)
+    return engine
+
+
+def pg_listeners(engine: Engine) -> None:
+    """A pooled PostgreSQL connection the server hung up on while it sat in the pool is
+    replaced when checked out, instead of failing the caller's next statement."""
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        if closed_while_idle(getattr(dbapi_conn, "driver_connection", dbapi_conn)):
+            raise sa_exc.DisconnectionError("the server closed the connection while it was idle")
+
+
+def closed_while_idle(driver: Any) -> bool:
+    """Whether an idle psycopg connection (sync or async) is closed or about to fail.
+
+    With nothing in flight the server sends nothing, so a readable socket means it hung up (a
+    terminated backend, a restart, ``idle_session_timeout``) or, rarely, sent an unasked
+    notice; either way the connection is not used for a new transaction.  One ``poll`` of the
+    socket, about a microsecond.
+    """
+    if getattr(driver, "closed", False) or getattr(driver, "broken", False):
+        return True
+    pgconn = getattr(driver, "pgconn", None)
+    if pgconn is None:
+        return False
+    try:
+        fd = pgconn.socket
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except Exception:  # no socket any more
+        return True
 
 
 def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
@@ -216,6 +250,11 @@ class Writer:
 
     def _connection(self) -> Connection:
         conn = self._conn
+        if conn is not None and self._engine.dialect.name == "postgresql" \
+                and not conn.invalidated and not conn.closed \
+                and closed_while_idle(conn.connection.driver_connection):
+            self._discard()  # the server hung up since the last append: a new connection
+            conn = None
         if conn is None or conn.invalidated or conn.closed:
             conn = self._engine.connect()
             if self._engine.dialect.name == "sqlite":

@@ -43,8 +43,10 @@ from ._backend import (
     _broken,
     _sqlite_listeners,
     _sqlite_settings,
+    closed_while_idle,
     is_sqlite,
     one_trip_possible,
+    pg_listeners,
     resolve_url,
     translate,
 )
@@ -419,6 +421,11 @@ class _KeptWriter:
             if self._closed:
                 raise StoreClosed("the event store is closed")
             conn = self._conn
+            if conn is not None and not self._sqlite and not conn.invalidated \
+                    and not conn.closed \
+                    and closed_while_idle(conn.sync_connection.connection.driver_connection):  # type: ignore[union-attr]
+                await self._drop()  # the server hung up since the last append
+                conn = None
             if conn is None or conn.invalidated or conn.closed:
                 conn = self._conn = await self._open()
             try:
@@ -557,7 +564,9 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
                                      **({"poolclass": StaticPool} if memory else {}))
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
         return engine
-    return create_async_engine(url, pool_size=pool_size or 5, max_overflow=10)
+    engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10)
+    pg_listeners(engine.sync_engine)
+    return engine
 
 
 @contextlib.asynccontextmanager

@@ -80,6 +80,24 @@ def reset_pg(url: str) -> None:
         engine.dispose()
 
 
+def terminate_other_sessions(url: str) -> None:
+    """End every other client session on the URL's database (as a server restart or an
+    ``idle_session_timeout`` would) and wait until they are gone."""
+    killer = create_engine(url, isolation_level="AUTOCOMMIT")
+    others = ("FROM pg_stat_activity WHERE datname = current_database() "
+              "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+    try:
+        with killer.connect() as conn:
+            killed = conn.execute(text(f"SELECT pg_terminate_backend(pid) {others}")).all()
+            assert killed and all(k for (k,) in killed)
+            deadline = time.monotonic() + 10
+            while conn.execute(text(f"SELECT count(*) {others}")).scalar():
+                assert time.monotonic() < deadline, "sessions did not end"
+                time.sleep(0.01)
+    finally:
+        killer.dispose()
+
+
 def fresh_pg_database() -> str:
     """A new, empty PostgreSQL database on the test server; returns its URL."""
     base = make_url(server_url())

@@ -480,12 +480,11 @@ async def test_overlapping_async_appends_each_take_one_round_trip() -> None:
 
 async def test_kept_write_connection_outlives_errors_and_is_replaced_when_killed() -> None:
     """A conflict or a failing handler leaves the kept connection usable (the next append is
-    one round trip again); a connection the server killed fails the append that finds it, with
-    a DatabaseError, and the next append opens a new one."""
-    from sqlalchemy import create_engine, text
-
+    one round trip again); a connection the server killed while idle is replaced before the
+    next append uses it, and one killed during an append fails that append with a
+    DatabaseError, the next opening a new one."""
     from eventstore.errors import DatabaseError
-    from tests.conftest import pg_url, reset_pg
+    from tests.conftest import pg_url, reset_pg, terminate_other_sessions
 
     url = pg_url()
     reset_pg(url)
@@ -507,21 +506,22 @@ async def test_kept_write_connection_outlives_errors_and_is_replaced_when_killed
             await store.append("k-1", [NoteAdded(text="3")])
             assert (len(pipelines), alone) == (1, [])
 
-        killer = create_engine(url, isolation_level="AUTOCOMMIT")
-        try:
-            with killer.connect() as conn:
-                killed = conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND backend_type = 'client backend'")).scalars().all()
-            assert killed and all(killed)
-        finally:
-            killer.dispose()
-        with pytest.raises(DatabaseError):
-            await store.append("k-1", [NoteAdded(text="on a dead connection")])
+        terminate_other_sessions(url)
+        # The server hung up on the idle kept connection: the next append notices before it
+        # sends anything and opens another, instead of failing (reads too, from the pool).
         assert (await store.append("k-1", [NoteAdded(text="4")])).stream_version == 4
         assert [e.data.text async for e in store.read_stream("k-1")] == [  # type: ignore[attr-defined]
             "1", "2", "3", "4"]
+        # Killed in the middle of an append, the append fails with a typed error and the next
+        # one works.
+        def kill_now(conn: Any, recorded: Any) -> None:
+            conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        store.add_inline_handler(kill_now)
+        with pytest.raises(DatabaseError):
+            await store.append("k-1", [NoteAdded(text="on a dying connection")])
+        store.remove_inline_handler(kill_now)
+        assert (await store.append("k-1", [NoteAdded(text="5")])).stream_version == 5
 
 
 async def test_close_waits_for_an_append_on_the_kept_connection(url: str) -> None:

@@ -377,3 +377,20 @@ def test_failed_pipelines_leave_prepared_statements_in_step(url: str) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_connections_the_server_closed_while_idle_are_replaced(fresh_pg: str) -> None:
+    """After the server ends idle sessions (a restart, ``idle_session_timeout``, an operator's
+    pg_terminate_backend), the next append and the next reads open new connections instead
+    of failing once each: the kept write connection and pooled ones are checked before use."""
+    from tests.conftest import terminate_other_sessions
+
+    with EventStore.open(fresh_pg, migrate=True) as store:
+        store.append("idle-1", [NoteAdded(text="1")])
+        assert store.stream_version("idle-1") == 1  # a pooled read connection, now idle
+        terminate_other_sessions(fresh_pg)
+        assert store.append("idle-1", [NoteAdded(text="2")]).stream_version == 2
+        terminate_other_sessions(fresh_pg)
+        assert [e.data for e in store.read_stream("idle-1")] == [NoteAdded(text="1"),
+                                                                NoteAdded(text="2")]
+        assert store.stream_version("idle-1") == 2
