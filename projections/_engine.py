@@ -1201,17 +1201,21 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
             conn.execute(update(projections).where(projections.c.name == name)
                          .values(rebuild_generation=gen, rebuild_position=0))
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
-    last = _fill(store, projection, gen, start, store.last_position, progress, track=True)
-    with transaction(store, write=True) as conn:
-        row = _own_rebuild(conn, name, gen, last)
-        rows: _Rows[Any] = _Rows(projection, gen)
-        last = _catch_up(store, conn, rows, last, None)
-        rows.flush(conn, _now_us(store))
-        old = row.generation
-        conn.execute(update(projections).where(projections.c.name == name).values(
-            generation=gen, position=max(last, 0), code_version=projection.version,
-            status="running", error=None, failed_position=None, rebuild_generation=None,
-            rebuild_position=None, updated_at=_now_us(store)))
+    try:
+        last = _fill(store, projection, gen, start, store.last_position, progress, track=True)
+        with transaction(store, write=True) as conn:
+            row = _own_rebuild(conn, name, gen, last)
+            rows: _Rows[Any] = _Rows(projection, gen)
+            last = _catch_up(store, conn, rows, last, None)
+            rows.flush(conn, _now_us(store))
+            old = row.generation
+            conn.execute(update(projections).where(projections.c.name == name).values(
+                generation=gen, position=max(last, 0), code_version=projection.version,
+                status="running", error=None, failed_position=None, rebuild_generation=None,
+                rebuild_position=None, updated_at=_now_us(store)))
+    except (ProjectionFailed, EventDecodeError) as e:
+        _record_rebuild_failure(store, name, gen, e)
+        raise
     with transaction(store, write=True) as conn:
         conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
                                                    projection_rows.c.generation == old))
@@ -1219,6 +1223,27 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     if progress is not None:
         progress(last, last)
     return gen
+
+
+def _record_rebuild_failure(store: EventStore, name: str, generation: int,
+                            err: ProjectionFailed | EventDecodeError) -> None:
+    """Show a rebuild stopped by an event in ``status`` (``error``, ``failed_position``).
+
+    The projection's status is left as it is: its live rows are still those of the generation
+    in use, and a failed status would stop inline appends and projectors on them.  The
+    rebuild's generation stays, so a rebuild run again (after the fix) resumes it; its swap
+    clears the error, as does ``restart``.
+    """
+    position = err.position
+    if isinstance(err, EventDecodeError) and (position is None or err.newer_schema):
+        return  # not this code's failure to show: newer code can read the event
+    with transaction(store, write=True) as conn:
+        conn.execute(update(projections).where(
+            projections.c.name == name, projections.c.rebuild_generation == generation).values(
+            error=f"rebuild of generation {generation} stopped: {err}",
+            failed_position=position, updated_at=_now_us(store)))
+    _log.error("projection_rebuild_failed", projection=name, generation=generation,
+               position=position, error=str(err))
 
 
 def _own_rebuild(conn: Connection, name: str, generation: int, position: int) -> Any:

@@ -65,6 +65,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         importlib.import_module(module)
     with open_store(args) as store:
         rows = status(store, args.name)
+    if args.name is not None and not rows:
+        raise CliError(f"projection {args.name!r} is not registered in this store",
+                       cli.EXIT_USAGE)
     if args.json:
         for r in rows:
             print_json({**dataclasses.asdict(r), "lag": r.lag})
@@ -75,6 +78,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'NAME':<24} {'STATUS':<10} {'GEN':>4} {'POSITION':>10} {'LAG':>8}  OWNER / ERROR")
     for r in rows:
         extra = r.error if r.status == "failed" else (r.owner or "-")
+        if r.error and r.status != "failed":  # a rebuild that stopped on an event
+            extra = f"{extra}; {r.error}"
         if r.rebuild_generation is not None:
             extra = f"rebuilding gen {r.rebuild_generation} at {r.rebuild_position}; {extra}"
         print(f"{r.name:<24} {r.status:<10} {r.generation:>4} {r.position:>10} {r.lag:>8}  "

@@ -287,3 +287,38 @@ def test_unknown_projection_name_exits_2(url: str, command: str,
     assert code == 2 and out == ""
     assert err.startswith("eventstore: error: unknown projection 'nope' (known: ")
     assert "conversations" in err
+
+
+def test_status_of_an_unregistered_projection_exits_2(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """status of a name the store does not know is a usage error, not "none registered"."""
+    seed_conversations(url)
+    for extra in ([], ["--json"]):
+        code, out, err = run(capsys, "projections", "status", "nope", "--url", url, *extra)
+        assert code == 2 and out == ""
+        assert err.strip() == "eventstore: error: projection 'nope' is not registered in this store"
+
+
+def test_a_rebuild_stopped_by_an_event_shows_in_status_and_resumes(
+        url: str, poisoned: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild whose fold raises exits 1 and leaves the event in status (error and
+    failed_position), while the projection keeps running on its live rows; rerun after the
+    fix, it resumes its generation, swaps it in and clears the error."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        store.append("counter-a", [CounterIncremented(by=13)])
+        engine.ensure_registered(store, TallyProjection(poisoned))
+    code, _, err = run(capsys, "projections", "rebuild", poisoned, "--url", url)
+    assert code == 1 and "failed on event at position 2" in err
+    st = status_json(capsys, url, poisoned)
+    assert (st["status"], st["failed_position"], st["rebuild_generation"]) == ("running", 2, 2)
+    assert "rebuild of generation 2 stopped" in st["error"] and "poison value 13" in st["error"]
+    code, out, _ = run(capsys, "projections", "status", "--url", url)
+    (line,) = [r for r in out.splitlines() if r.startswith(poisoned)]
+    assert "rebuilding gen 2" in line and "poison value 13" in line
+    monkeypatch.setitem(engine._registry, poisoned, lambda: TallyProjection(poisoned))  # fixed
+    assert run(capsys, "projections", "rebuild", poisoned, "--url", url)[0] == 0
+    st = status_json(capsys, url, poisoned)
+    assert (st["status"], st["error"], st["failed_position"], st["generation"],
+            st["rebuild_generation"], st["position"]) == ("running", None, None, 2, None, 2)
