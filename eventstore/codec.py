@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import math
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -87,23 +88,38 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
 # Kept as they are by msgspec.to_builtins: none of them holds a float.
 _LEAVES = (bytes, bytearray, memoryview, _dt.datetime, _dt.date, _dt.time, _dt.timedelta,
            uuid.UUID, decimal.Decimal)
+_msgpack = msgspec.msgpack.Encoder()
+# A float64 in msgpack whose exponent bits are all ones: NaN or an infinity.  Text is UTF-8 in
+# msgpack, where 0xcb is never followed by 0x7f or 0xff, so only binary data can match falsely.
+_NON_FINITE_FLOAT = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")
 
 
 def _check_finite(value: object, encoded: bytes, what: str) -> None:
     """Refuse NaN and infinities, which msgspec's JSON writes as ``null``: stored, they would
-    read back as ``None``, a value lost without a word.  Only JSON holding a ``null`` can have
-    one, so other data costs a substring search."""
+    read back as ``None``, a value lost without a word.
+
+    Only JSON holding a ``null`` can have one; then the value's msgpack (which keeps floats as
+    they are) is searched for one, in C, and only a hit is looked for in Python, for its path.
+    """
     if b"null" not in encoded:
         return
     try:
+        if not _NON_FINITE_FLOAT.search(_msgpack.encode(value)):
+            return
+    except (TypeError, ValueError, OverflowError):  # an int past 64 bits: look in Python
+        pass
+    try:
         plain = msgspec.to_builtins(value, builtin_types=_LEAVES)
-    except (TypeError, ValueError, OverflowError):  # encoded above, so not expected
+    except (TypeError, ValueError, OverflowError):  # msgspec.Raw: already JSON, no NaN there
         return
     path = _non_finite_path(plain)
     if path is not None:
         where = "".join(f"[{key!r}]" for key in path)
         raise InvalidEvent(f"{what}: the number at {where or 'the top'} is NaN or infinite, "
                            f"which JSON cannot hold (it would read back as None)")
+
+
+_CONTAINERS = (float, dict, list, tuple)
 
 
 def _non_finite_path(value: Any) -> list[Any] | None:
@@ -113,12 +129,12 @@ def _non_finite_path(value: Any) -> list[Any] | None:
     items: Any
     if isinstance(value, dict):
         items = value.items()
-    elif isinstance(value, list):
+    elif isinstance(value, (list, tuple)):  # to_builtins keeps tuples (and NamedTuples)
         items = enumerate(value)
     else:
         return None
     for key, item in items:
-        if isinstance(item, (float, dict, list)):
+        if isinstance(item, _CONTAINERS):
             found = _non_finite_path(item)
             if found is not None:
                 return [key, *found]

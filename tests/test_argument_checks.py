@@ -160,3 +160,22 @@ async def test_async_job_events_check_timeout_and_poll_interval(url: str) -> Non
             with pytest.raises(InvalidArgument):
                 async for _ev in jobs.events(job.job_id, follow=True, **kwargs):
                     pass
+
+
+def test_the_nan_search_has_no_false_positives_from_bytes() -> None:
+    """Binary data whose msgpack bytes look like a NaN float, next to a null, is accepted: the
+    search in msgpack only picks where to look; the values themselves decide."""
+    import msgspec
+
+    from eventstore import Event
+    from eventstore.codec import encode_event
+
+    class Blobbed(Event, tag="test.Blobbed"):
+        blob: bytes
+        note: str | None = None
+
+    nan_like = b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00"
+    tag, _v, data = encode_event(Blobbed(blob=nan_like))
+    assert msgspec.json.decode(data, type=Blobbed) == Blobbed(blob=nan_like)
+    with pytest.raises(InvalidEvent, match=r"\['note'\]"):
+        encode_event(Blobbed(blob=nan_like, note=float("nan")))  # type: ignore[arg-type]

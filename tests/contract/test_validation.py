@@ -114,8 +114,12 @@ class MaybeMeasured(Event, tag="test.MaybeMeasured"):
     [(Anything(value={"scores": [1.0, float("nan")]}), None),
      (MaybeMeasured(value=float("inf")), None),  # None is a float | None: reads back "fine"
      (RawEvent(type="test.Unknown", data={"x": {"y": float("-inf")}}), None),
-     (NoteAdded(text="ok"), {"temperature": float("nan")})],
-    ids=["any-field", "optional-float", "raw-unknown-type", "metadata"])
+     (NoteAdded(text="ok"), {"temperature": float("nan")}),
+     (Anything(value={"point": (1.0, float("nan"))}), None),  # tuples stay tuples in the walk
+     (NoteAdded(text="ok"), {"range": (0.0, float("inf"))}),
+     (Anything(value=[2**70, float("nan")]), None)],  # past msgpack's ints: looked at in Python
+    ids=["any-field", "optional-float", "raw-unknown-type", "metadata", "tuple", "metadata-tuple",
+         "huge-int"])
 def test_nan_and_infinity_are_refused_not_stored_as_null(store: EventStore, event: Any,
                                                          metadata: Any) -> None:
     """JSON has no NaN or infinity (msgspec writes null): an event or metadata holding one
@@ -123,11 +127,13 @@ def test_nan_and_infinity_are_refused_not_stored_as_null(store: EventStore, even
     with pytest.raises(InvalidEvent, match="NaN or infinite"):
         store.append("c-1", [NoteAdded(text="first"), event], metadata=metadata)
     assert store.stream_version("c-1") == 0
-    # null itself is data like any other.
-    store.append("c-1", [Anything(value={"x": None, "y": 1.5}), MaybeMeasured()],
+    # null itself is data like any other, as are bytes that look like a NaN in msgpack.
+    store.append("c-1", [Anything(value={"x": None, "y": 1.5}), MaybeMeasured(),
+                         RawEvent(type="test.Unknown", data={"n": None, "b": "\x7f"})],
                  metadata={"a": None})
     assert [e.data for e in store.read_stream("c-1")] == [
-        Anything(value={"x": None, "y": 1.5}), MaybeMeasured(value=None)]
+        Anything(value={"x": None, "y": 1.5}), MaybeMeasured(value=None),
+        RawEvent(type="test.Unknown", data={"n": None, "b": "\x7f"})]
 
 
 @pytest.mark.parametrize(
