@@ -175,7 +175,7 @@ def test_the_nan_search_has_no_false_positives_from_bytes() -> None:
         note: str | None = None
 
     nan_like = b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00"
-    tag, _v, data = encode_event(Blobbed(blob=nan_like))
+    _tag, _v, data = encode_event(Blobbed(blob=nan_like))
     assert msgspec.json.decode(data, type=Blobbed) == Blobbed(blob=nan_like)
     with pytest.raises(InvalidEvent, match=r"\['note'\]"):
         encode_event(Blobbed(blob=nan_like, note=float("nan")))  # type: ignore[arg-type]
