@@ -1227,21 +1227,30 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
 
 def _record_rebuild_failure(store: EventStore, name: str, generation: int,
                             err: ProjectionFailed | EventDecodeError) -> None:
-    """Show a rebuild stopped by an event in ``status`` (``error``, ``failed_position``).
+    """Show a rebuild stopped by an event in ``status`` (``error``, ``failed_position``), and
+    drop its partial generation.
 
     The projection's status is left as it is: its live rows are still those of the generation
-    in use, and a failed status would stop inline appends and projectors on them.  The
-    rebuild's generation stays, so a rebuild run again (after the fix) resumes it; its swap
-    clears the error, as does ``restart``.
+    in use, and a failed status would stop inline appends and projectors on them (a failure a
+    projector recorded stays as it was).  The partial rows go: they were folded by the code
+    that failed, and the fix may fold earlier events differently, so the next rebuild starts
+    from position 0.  Its swap clears the error, as ``restart`` does.
     """
     position = err.position
     if isinstance(err, EventDecodeError) and (position is None or err.newer_schema):
-        return  # not this code's failure to show: newer code can read the event
+        position = None  # newer code can read the event: nothing of this code's to show
     with transaction(store, write=True) as conn:
-        conn.execute(update(projections).where(
-            projections.c.name == name, projections.c.rebuild_generation == generation).values(
-            error=f"rebuild of generation {generation} stopped: {err}",
-            failed_position=position, updated_at=_now_us(store)))
+        row = _lock_row(conn, name)
+        if row.rebuild_generation != generation:
+            return  # another rebuild owns it now
+        values: dict[str, Any] = {"rebuild_generation": None, "rebuild_position": None,
+                                  "updated_at": _now_us(store)}
+        if position is not None and row.status != "failed":
+            values.update(error=f"rebuild of generation {generation} stopped: {err}",
+                          failed_position=position)
+        conn.execute(update(projections).where(projections.c.name == name).values(**values))
+        conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
+                                                   projection_rows.c.generation == generation))
     _log.error("projection_rebuild_failed", projection=name, generation=generation,
                position=position, error=str(err))
 

@@ -66,8 +66,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         rows = status(store, args.name)
     if args.name is not None and not rows:
-        raise CliError(f"projection {args.name!r} is not registered in this store",
-                       cli.EXIT_USAGE)
+        if args.name not in registered():
+            raise CliError(f"projection {args.name!r} is not registered in this store",
+                           cli.EXIT_USAGE)
+        # Known to the code (a module registered it), not run on this database yet.
+        if args.json:
+            print_json({"name": args.name, "status": "not_started"})
+        else:
+            print(f"{args.name}: not run in this store yet")
+        return cli.EXIT_OK
     if args.json:
         for r in rows:
             print_json({**dataclasses.asdict(r), "lag": r.lag})

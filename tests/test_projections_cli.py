@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from eventstore import EventStore
 from eventstore._backend import begin_write
@@ -297,14 +297,21 @@ def test_status_of_an_unregistered_projection_exits_2(
         code, out, err = run(capsys, "projections", "status", "nope", "--url", url, *extra)
         assert code == 2 and out == ""
         assert err.strip() == "eventstore: error: projection 'nope' is not registered in this store"
+    # A projection the code registers that never ran on this database is not an error.
+    with EventStore.open(url) as store, begin_write(store.engine) as conn:
+        conn.execute(engine.projections.delete().where(engine.projections.c.name == "jobs"))
+    code, out, _ = run(capsys, "projections", "status", "jobs", "--url", url)
+    assert (code, out.strip()) == (0, "jobs: not run in this store yet")
+    code, out, _ = run(capsys, "projections", "status", "jobs", "--url", url, "--json")
+    assert (code, json_lines(out)) == (0, [{"name": "jobs", "status": "not_started"}])
 
 
 def test_a_rebuild_stopped_by_an_event_shows_in_status_and_resumes(
         url: str, poisoned: str, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild whose fold raises exits 1 and leaves the event in status (error and
-    failed_position), while the projection keeps running on its live rows; rerun after the
-    fix, it resumes its generation, swaps it in and clears the error."""
+    failed_position), while the projection keeps running on its live rows; its partial rows
+    are dropped, and rerun after the fix it starts over, swaps in and clears the error."""
     with EventStore.open(url) as store:
         store.append("counter-a", [CounterIncremented(by=1)])
         store.append("counter-a", [CounterIncremented(by=13)])
@@ -312,13 +319,33 @@ def test_a_rebuild_stopped_by_an_event_shows_in_status_and_resumes(
     code, _, err = run(capsys, "projections", "rebuild", poisoned, "--url", url)
     assert code == 1 and "failed on event at position 2" in err
     st = status_json(capsys, url, poisoned)
-    assert (st["status"], st["failed_position"], st["rebuild_generation"]) == ("running", 2, 2)
+    assert (st["status"], st["failed_position"], st["rebuild_generation"]) == ("running", 2,
+                                                                                None)
     assert "rebuild of generation 2 stopped" in st["error"] and "poison value 13" in st["error"]
     code, out, _ = run(capsys, "projections", "status", "--url", url)
     (line,) = [r for r in out.splitlines() if r.startswith(poisoned)]
-    assert "rebuilding gen 2" in line and "poison value 13" in line
+    assert " running " in line and "poison value 13" in line
+    with EventStore.open(url) as store, store.engine.connect() as conn:
+        assert conn.execute(select(projection_rows.c.generation).where(
+            projection_rows.c.projection == poisoned)).all() == []  # the partial rows went
     monkeypatch.setitem(engine._registry, poisoned, lambda: TallyProjection(poisoned))  # fixed
     assert run(capsys, "projections", "rebuild", poisoned, "--url", url)[0] == 0
     st = status_json(capsys, url, poisoned)
     assert (st["status"], st["error"], st["failed_position"], st["generation"],
             st["rebuild_generation"], st["position"]) == ("running", None, None, 2, None, 2)
+
+
+def test_a_failed_rebuild_keeps_the_failure_a_projector_recorded(
+        url: str, poisoned: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A projection a projector stopped at one event, then rebuilt and stopped at another,
+    still shows the projector's failure (the event that stops its live rows)."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        store.append("counter-a", [CounterIncremented(by=13)])
+    assert run(capsys, "projections", "run", poisoned, "--once", "--url", url)[0] == 1
+    before = status_json(capsys, url, poisoned)
+    assert (before["status"], before["failed_position"]) == ("failed", 2)
+    assert run(capsys, "projections", "rebuild", poisoned, "--url", url)[0] == 1
+    after = status_json(capsys, url, poisoned)
+    assert (after["status"], after["error"], after["failed_position"],
+            after["rebuild_generation"]) == ("failed", before["error"], 2, None)
