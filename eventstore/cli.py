@@ -298,12 +298,20 @@ def print_json(value: Any, out: TextIO | None = None) -> None:
 
 
 def event_data(data: Event | RawEvent) -> dict[str, Any]:
-    """An event's data as a JSON object (without the tag field that typed events carry)."""
+    """An event's data as the JSON object stored: a typed event's with its tag (``"type"``),
+    the same whether or not this process knows the type; a raw event's as it is."""
     if isinstance(data, RawEvent):
         return data.data
     built: dict[str, Any] = msgspec.to_builtins(data)
-    built.pop("type", None)  # the tag field of every Event; the record says the type already
     return built
+
+
+def _shown_data(ev: RecordedEvent) -> dict[str, Any]:
+    """The data column of the table: without a ``"type"`` that repeats the TYPE column."""
+    data = event_data(ev.data)
+    if data.get("type") == ev.type:
+        data = {k: v for k, v in data.items() if k != "type"}
+    return data
 
 
 def event_to_json(ev: RecordedEvent) -> dict[str, Any]:
@@ -355,7 +363,7 @@ class _EventTable:
     def row(self, ev: RecordedEvent) -> None:
         cells = [get(ev).rjust(w) if right else get(ev).ljust(w)
                  for _, w, get, right in self._cols]
-        data = msgspec.json.encode(event_data(ev.data)).decode()
+        data = msgspec.json.encode(_shown_data(ev)).decode()
         if len(data) > self._data_width:
             data = data[: self._data_width - 1] + "…"
         self._write("  ".join([*cells, data]))

@@ -352,3 +352,28 @@ def test_append_accepts_flat_events(url: str, capsys: pytest.CaptureFixture[str]
     with EventStore.open(url) as store:
         (ev,) = store.read_stream("flat-1")
     assert ev.type == "Flat" and ev.data == RawEvent(type="Flat", data={"text": "hi", "n": 2})
+
+
+def test_read_shows_the_stored_data_the_same_known_or_not(url: str,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """read --json gives each event's data as stored: a typed event's with its "type" tag,
+    whether the reading process knows the class (here NoteAdded) or not (an engine's type),
+    and a raw payload's own "type" key kept; the table leaves out a "type" equal to the TYPE
+    column, and nothing else."""
+    from tests._events import NoteAdded
+
+    with EventStore.open(url) as store:
+        store.append("mix-1", [NoteAdded(text="known"),
+                               RawEvent(type="engine.Note", data={"type": "engine.Note",
+                                                                  "text": "unknown"}),
+                               RawEvent(type="hook", data={"type": "other", "id": 1})])
+    code, out, _ = run(capsys, "read", "mix-1", "--url", url, "--json")
+    assert code == 0
+    assert [r["data"] for r in json_lines(out)] == [
+        {"type": "test.NoteAdded", "text": "known"}, {"type": "engine.Note", "text": "unknown"},
+        {"type": "other", "id": 1}]
+    code, out, _ = run(capsys, "read", "mix-1", "--url", url)
+    rows = out.splitlines()[1:]
+    assert [r.split("  ")[-1].strip() for r in rows] == [
+        '{"text":"known"}', '{"text":"unknown"}', '{"type":"other","id":1}']
