@@ -101,8 +101,13 @@ def _check_finite(value: object, encoded: bytes, what: str) -> None:
     Only JSON holding a ``null`` can have one; then the value's msgpack (which keeps floats as
     they are) is searched for one, in C, and only a hit is looked for in Python, for its path.
     """
-    if b"null" not in encoded:
-        return
+    if b"null" in encoded:
+        check_finite(value, what)
+
+
+def check_finite(value: object, what: str) -> None:
+    """Raise :class:`InvalidEvent` when ``value`` holds a NaN or an infinity (for data that
+    does not go through :func:`encode_event`'s check)."""
     try:
         if not _NON_FINITE_FLOAT.search(_msgpack.encode(value)):
             return

@@ -79,7 +79,7 @@ from eventstore._core import _pipeline, _psycopg
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
-from eventstore.codec import decode_event, decode_events, encode_event
+from eventstore.codec import check_finite, decode_event, decode_events, encode_event
 from eventstore.errors import EventTooLarge, InvalidArgument, WrongExpectedVersion
 from eventstore.logs import get_logger
 
@@ -1352,13 +1352,16 @@ class _Base(BaseCheckpointSaver[str]):
             # always passes it; kept explicitly for a new_versions entry that differs.
             items.append(Blob(ch, data, t, None if current.get(ch) == ver else ver))
         extra = {k: v for k, v in checkpoint.items() if k not in _CHECKPOINT_KEYS}
+        stored_metadata = cast(dict[str, Any],
+                               get_serializable_checkpoint_metadata(config, metadata))
+        # JSON would keep a NaN or an infinity as null (the rest of the check: _check_checkpoint).
+        check_finite((stored_metadata, extra), "checkpoint metadata")
         ev = CheckpointSaved(
             ns=ns, id=checkpoint["id"], parent=conf.get("checkpoint_id"), v=checkpoint["v"],
             ts=checkpoint["ts"], versions=dict(checkpoint["channel_versions"]),
             seen={k: dict(v) for k, v in checkpoint["versions_seen"].items()},
             updated=_compact_updated(checkpoint.get("updated_channels"), items), extra=extra,
-            metadata=cast(dict[str, Any], get_serializable_checkpoint_metadata(config, metadata)),
-            blobs=items)
+            metadata=stored_metadata, blobs=items)
         next_config: RunnableConfig = {"configurable": {
             "thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
         return thread_id, ev, next_config

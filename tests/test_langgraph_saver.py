@@ -751,9 +751,10 @@ def test_reads_use_the_index_before_postgresql_has_statistics() -> None:
     {"v": "4"}, {"v": True}, {"id": 5}, {"ts": None},
     {"channel_versions": {"a": None}}, {"channel_versions": {"a": True}},
     {"versions_seen": {"node": {"a": [1]}}}, {"versions_seen": {1: {}}},
-    {"updated_channels": [1]},
+    {"updated_channels": [1]}, {"metadata": {"score": float("nan")}},
+    {"extra_field": [1.0, float("-inf")]},
 ], ids=["v-str", "v-bool", "id-int", "ts-none", "version-none", "version-bool",
-        "seen-list", "seen-node-int", "updated-int"])
+        "seen-list", "seen-node-int", "updated-int", "metadata-nan", "extra-inf"])
 def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSaver,
                                                            store: EventStore,
                                                            bad: dict[str, Any]) -> None:
@@ -765,8 +766,8 @@ def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSave
     cp: Any = empty_checkpoint()
     cp["channel_values"] = {"a": 1}
     cp["channel_versions"] = {"a": 1}
-    cp.update(bad)
-    md: Any = {"source": "loop", "step": 0, "parents": {}}
+    md: Any = {"source": "loop", "step": 0, "parents": {}, **bad.get("metadata", {})}
+    cp.update({k: v for k, v in bad.items() if k != "metadata"})
     with pytest.raises(InvalidArgument):
         saver.put(config("bad"), cp, md, {"a": 1})
     with pytest.raises(InvalidArgument):
