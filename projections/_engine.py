@@ -19,6 +19,7 @@ single write lock on SQLite) and stores the checkpoint in the same transaction a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -42,7 +43,13 @@ from eventstore._schema import events as event_table
 from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
 from eventstore._time import from_micros, to_micros
-from eventstore.errors import EventDecodeError, EventStoreError, InvalidArgument, InvalidStreamId
+from eventstore.errors import (
+    DatabaseError,
+    EventDecodeError,
+    EventStoreError,
+    InvalidArgument,
+    InvalidStreamId,
+)
 from eventstore.logs import get_logger
 
 from .errors import RebuildInProgress
@@ -1026,8 +1033,11 @@ class Projector:
         batch_size: int = 500,
         poll_interval: float = 0.2,
     ) -> None:
-        if lease_seconds <= 0:
-            raise InvalidArgument("lease_seconds must be positive")
+        lease_seconds = _check_seconds(lease_seconds, "lease_seconds")
+        poll_interval = _check_seconds(poll_interval, "poll_interval")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        if worker_id is not None:
+            check_id(worker_id, "worker_id", InvalidArgument)
         names = [p.name for p in projections_]
         if len(set(names)) != len(names) or not all(names):
             raise InvalidArgument(f"projections need distinct names, got {names}")
@@ -1115,19 +1125,38 @@ class Projector:
         return total
 
     def run(self, stop: threading.Event) -> None:
-        """Project until ``stop`` is set; a failed projection is left stopped, the rest go on."""
-        failed: set[str] = set()
-        while not stop.is_set():
-            busy = False
-            for p in self.projections:
-                if p.name in failed:
+        """Project until ``stop`` is set, then give up the leases.
+
+        A failed projection applies nothing (``status`` shows it) while the rest go on; once an
+        operator restarts it, this worker retries it.  A database error (a write lock held
+        longer than the busy timeout, a lost connection) is logged and retried after a pause
+        that grows to 5 s, instead of ending the worker.  Any other error ends it, leases given
+        up on the way out (an event only newer code can read: a worker of that code goes on).
+        """
+        pause = self.poll_interval
+        try:
+            while not stop.is_set():
+                busy = errored = False
+                for p in self.projections:
+                    try:
+                        busy = self.run_once(p) >= self.batch_size or busy
+                    except ProjectionFailed:
+                        pass  # recorded (status: failed) and logged by run_once
+                    except DatabaseError as e:
+                        errored = True
+                        self._log.warning("projector_database_error", projection=p.name,
+                                          error=str(e), retry_in=round(pause, 3))
+                if errored:
+                    stop.wait(pause)
+                    pause = min(pause * 2, _MAX_ERROR_PAUSE)
                     continue
-                try:
-                    busy = self.run_once(p) >= self.batch_size or busy
-                except ProjectionFailed:
-                    failed.add(p.name)
-            if not busy:
-                stop.wait(self.poll_interval)
+                pause = self.poll_interval
+                if not busy:
+                    stop.wait(self.poll_interval)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that ends the worker goes up
+                self.release()
+            raise
         self.release()
 
     def release(self) -> None:
@@ -1137,6 +1166,17 @@ class Projector:
                          .where(projections.c.owner == self.worker_id,
                                 projections.c.name.in_([p.name for p in self.projections]))
                          .values(owner=None, lease_until=None))
+
+
+_MAX_ERROR_PAUSE = 5.0
+
+
+def _check_seconds(value: object, what: str) -> float:
+    """A positive, finite number of seconds (at most a billion: leases are kept in int64 us)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value <= 1e9:  # NaN fails this comparison too
+        raise InvalidArgument(f"{what} must be a number of seconds in (0, 1e9], got {value!r}")
+    return float(value)
 
 
 # -- rebuild and verify --

@@ -638,3 +638,99 @@ def test_a_projector_leaves_a_rebuild_in_progress_elsewhere_alone(
     assert Projector(store, [projection]).run_once(projection) == 0
     (st,) = status(store, "tally_elsewhere")
     assert st.status == "running"
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_running_projector_resumes_a_projection_once_restarted(store: EventStore) -> None:
+    """Projector.run leaves a failed projection alone while the others go on, and takes it up
+    again once an operator restarts it (after the fix), without being restarted itself."""
+    import threading
+
+    from projections import restart
+
+    store.append("counter-a", [CounterIncremented(by=13)])
+    bump(store, "a", 1)
+    flaky = TallyProjection("tally_flaky", poison=13)
+    healthy = TallyProjection("tally_healthy")
+    projector = Projector(store, [flaky, healthy], poll_interval=0.02)
+    stop = threading.Event()
+    worker = threading.Thread(target=projector.run, args=(stop,))
+    worker.start()
+    try:
+        _wait_for(lambda: status(store, "tally_flaky")[0].status == "failed")
+        _wait_for(lambda: status(store, "tally_healthy")[0].position == 2)
+        bump(store, "a", 1)  # the healthy one goes on
+        _wait_for(lambda: status(store, "tally_healthy")[0].position == 3)
+        assert status(store, "tally_flaky")[0].position == 0
+        flaky.poison = None  # the fix
+        restart(store, "tally_flaky")
+        _wait_for(lambda: status(store, "tally_flaky")[0].position == 3)
+        assert rows_of(store, flaky)[("default", "counter-a")].count == 3
+    finally:
+        stop.set()
+        worker.join(10)
+    assert not worker.is_alive()
+    assert [st.owner for st in status(store) if st.name.startswith("tally_")] == [None, None]
+
+
+def test_a_projector_outlives_database_errors_and_gives_up_its_leases_on_others(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database error (a lock held past the busy timeout, a dropped connection) is retried
+    after a pause instead of ending Projector.run; an error it cannot retry ends it, leases
+    given up on the way out so another worker takes over at once."""
+    import threading
+
+    from eventstore.errors import DatabaseError
+
+    bump(store, "a", 2)
+    p = TallyProjection("tally_retry")
+    projector = Projector(store, [p], poll_interval=0.01)
+    real = Projector.run_once
+    calls = {"n": 0}
+
+    def flaky_run_once(self: Projector, projection: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise DatabaseError("database error: OperationalError: database is locked")
+        return real(self, projection)
+
+    monkeypatch.setattr(Projector, "run_once", flaky_run_once)
+    stop = threading.Event()
+    worker = threading.Thread(target=projector.run, args=(stop,))
+    worker.start()
+    try:
+        _wait_for(lambda: status(store, "tally_retry")[0].position == 2)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert calls["n"] > 2 and status(store, "tally_retry")[0].owner is None
+
+    def broken(self: Projector, projection: Any) -> int:
+        real(self, projection)  # takes the lease
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Projector, "run_once", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        projector.run(threading.Event())
+    assert status(store, "tally_retry")[0].owner is None
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"lease_seconds": float("nan")}, {"lease_seconds": float("inf")}, {"lease_seconds": 0},
+    {"lease_seconds": 1e300}, {"lease_seconds": "10"}, {"poll_interval": -1},
+    {"batch_size": 0}, {"batch_size": 2.5}, {"worker_id": "w" * 256}, {"worker_id": ""}])
+def test_projector_arguments_are_checked(store: EventStore, kwargs: dict[str, Any]) -> None:
+    """Lease, poll interval, batch size and worker id out of range are InvalidArgument (NaN
+    and infinity passed `<= 0`, and a long worker id failed in PostgreSQL only)."""
+    from eventstore import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        Projector(store, [TallyProjection("tally_args")], **kwargs)
