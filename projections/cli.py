@@ -22,9 +22,21 @@ from eventstore.cli import CliError, add_command, open_store, print_json
 from ._engine import Projection, Projector, rebuild, registered, restart, status, verify
 
 
-def _projection(args: argparse.Namespace, name: str) -> Projection[Any]:
+def _import_modules(args: argparse.Namespace) -> None:
+    """Import each ``--module`` (it registers projections); one that is not there is a usage
+    error, one that fails while importing is the module's own error."""
     for module in args.module or ():
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+                raise  # the module is there, and imports something that is not
+            raise CliError(f"--module {module}: no module named {e.name!r} (is it on "
+                           f"PYTHONPATH?)", cli.EXIT_USAGE) from None
+
+
+def _projection(args: argparse.Namespace, name: str) -> Projection[Any]:
+    _import_modules(args)
     factories = registered()
     if name not in factories:
         known = ", ".join(sorted(factories)) or "none"
@@ -61,8 +73,7 @@ class _Progress:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    for module in args.module or ():  # its projections' categories give their lag
-        importlib.import_module(module)
+    _import_modules(args)  # their projections' categories give their lag
     with open_store(args) as store:
         rows = status(store, args.name)
     if args.name is not None and not rows:

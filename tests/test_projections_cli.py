@@ -349,3 +349,24 @@ def test_a_failed_rebuild_keeps_the_failure_a_projector_recorded(
     after = status_json(capsys, url, poisoned)
     assert (after["status"], after["error"], after["failed_position"],
             after["rebuild_generation"]) == ("failed", before["error"], 2, None)
+
+
+@pytest.mark.parametrize("command", [["status"], ["rebuild", "conversations"],
+                                     ["run", "--once"]])
+def test_a_module_that_is_not_there_exits_2(url: str, command: list[str],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """--module naming a module that cannot be found is a usage error (exit 2), not an
+    unexpected ModuleNotFoundError."""
+    code, out, err = run(capsys, "projections", *command, "--module", "no_such_module_x",
+                         "--url", url)
+    assert (code, out) == (2, "")
+    assert "--module no_such_module_x: no module named 'no_such_module_x'" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300", "0"])
+def test_run_refuses_a_lease_that_is_no_number_of_seconds(
+        url: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--lease-seconds nan, inf, 1e300 or 0 exits 2 with the argument named."""
+    code, _, err = run(capsys, "projections", "run", "--once", "--lease-seconds", value,
+                       "--url", url)
+    assert code == 2 and "lease_seconds must be a number of seconds" in err
