@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import sqlite3
 import threading
@@ -27,6 +28,10 @@ APPEND_LOCK_KEY = 0x6576_656E_7473_7431  # "eventst1"
 MIGRATE_LOCK_KEY = 0x6576_656E_7473_6D31  # "eventsm1"
 
 _SQLITE_OPTIONS = ("synchronous", "busy_timeout")
+# What SQLAlchemy's pysqlite and aiosqlite dialects take from a URL's query.
+_PYSQLITE_OPTIONS = ("timeout", "isolation_level", "detect_types", "check_same_thread",
+                     "cached_statements", "uri")
+_SQLITE_OPTIONS_ALL = frozenset(_SQLITE_OPTIONS + _PYSQLITE_OPTIONS)
 
 
 def resolve_url(url: str | URL | None) -> URL:
@@ -35,7 +40,7 @@ def resolve_url(url: str | URL | None) -> URL:
     try:
         parsed = make_url(raw)
     except (sa_exc.ArgumentError, ValueError, TypeError) as e:
-        raise InvalidArgument(f"not a database URL: {raw!r}") from e
+        raise InvalidArgument(f"not a database URL: {_masked(raw)!r}") from e
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
@@ -44,6 +49,11 @@ def resolve_url(url: str | URL | None) -> URL:
             "postgresql+psycopg://user@host/db"
         )
     return parsed
+
+
+def _masked(raw: object) -> object:
+    """A URL that did not parse, its password (``//user:password@``) hidden."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", raw) if isinstance(raw, str) else raw
 
 
 def is_sqlite(url: URL) -> bool:
@@ -100,6 +110,15 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
         busy_ms = int(str(url.query.get("busy_timeout", "30000")))
     except ValueError as e:
         raise InvalidArgument("sqlite busy_timeout must be milliseconds") from e
+    if not 0 <= busy_ms < 2**31:
+        raise InvalidArgument(f"sqlite busy_timeout must be 0 or more milliseconds, not {busy_ms}")
+    # A misspelt option would be dropped with only a warning (the store running with the
+    # default it was meant to change).  SQLite URI parameters pass with ``uri=true``.
+    unknown = sorted(set(url.query) - _SQLITE_OPTIONS_ALL)
+    if unknown and str(url.query.get("uri", "")).lower() not in ("true", "1"):
+        raise InvalidArgument(
+            f"unknown sqlite URL option(s) {', '.join(unknown)}: the store takes "
+            f"{', '.join(_SQLITE_OPTIONS)}, the driver {', '.join(_PYSQLITE_OPTIONS)}")
     clean = url.difference_update_query(_SQLITE_OPTIONS)
     memory = clean.database in (None, "", ":memory:")
     return clean, synchronous, busy_ms, memory

@@ -377,3 +377,30 @@ def test_read_shows_the_stored_data_the_same_known_or_not(url: str,
     rows = out.splitlines()[1:]
     assert [r.split("  ")[-1].strip() for r in rows] == [
         '{"text":"known"}', '{"text":"unknown"}', '{"type":"other","id":1}']
+
+
+def test_a_url_that_does_not_parse_is_shown_without_its_password(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed URL is a usage error whose message hides the password."""
+    code, _, err = run(capsys, "stats", "--url", "postgresql+psycopg://app:s3cr3t@db:port/app")
+    assert code == 2 and "s3cr3t" not in err
+    assert "not a database URL: 'postgresql+psycopg://app:***@db:port/app'" in err
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("synchronus=NORMAL", r"unknown sqlite URL option\(s\) synchronus"),
+    ("busy_timeout=-1", "busy_timeout must be 0 or more milliseconds"),
+])
+def test_sqlite_url_options_that_would_be_ignored_are_refused(
+        tmp_path: Path, query: str, message: str) -> None:
+    """A misspelt SQLite option (dropped by the driver with a warning, the store running on
+    the default it meant to change) or a negative busy timeout is InvalidArgument; the
+    driver's own options and SQLite URI parameters (uri=true) still pass."""
+    from eventstore import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=message):
+        EventStore.open(f"sqlite:///{tmp_path / 'x.db'}?{query}")
+    with EventStore.open(f"sqlite:///{tmp_path / 'y.db'}?synchronous=NORMAL&timeout=5") as s:
+        s.append("c-1", [RawEvent(type="T", data={})])
+    with EventStore.open(f"sqlite:///file:{tmp_path / 'z.db'}?mode=rwc&uri=true") as s:
+        s.append("c-1", [RawEvent(type="T", data={})])
