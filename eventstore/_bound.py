@@ -16,7 +16,15 @@ from typing import Any
 from sqlalchemy import Connection
 
 from ._backend import begin_read, begin_write
-from ._core import DEFAULT_TENANT, BeforeCommit, ExpectedVersion, InlineHandler, Pager, StoreCore
+from ._core import (
+    DEFAULT_TENANT,
+    AppendPlan,
+    BeforeCommit,
+    ExpectedVersion,
+    InlineHandler,
+    Pager,
+    StoreCore,
+)
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
 
 __all__ = ["BoundStore", "transaction"]
@@ -28,6 +36,15 @@ class BoundStore:
     def __init__(self, core: StoreCore, conn: Connection) -> None:
         self.core = core
         self.conn = conn
+        # Appends made here, logged by log_appended once the transaction has committed.
+        self.appended: list[tuple[AppendPlan, AppendResult]] = []
+
+    def log_appended(self) -> None:
+        """Log the appends made on this connection (``events_appended``, as the stores log
+        theirs): call it after the transaction committed."""
+        for plan, result in self.appended:
+            StoreCore._log_appended(plan, result)
+        self.appended.clear()
 
     def now(self) -> datetime:
         return self.core.now()
@@ -57,7 +74,9 @@ class BoundStore:
                     before_commit: BeforeCommit | None = None) -> AppendResult:
         plan = self.core._plan_append(stream_id, events, expected_version, idempotency_key,
                                       tenant_id, metadata)
-        return self.core._append_locked(self.conn, plan, before_commit)
+        result = self.core._append_locked(self.conn, plan, before_commit)
+        self.appended.append((plan, result))
+        return result
 
     def stream_version(self, stream_id: str, *, tenant_id: str = DEFAULT_TENANT) -> int:
         return self.core._stream_version_on(self.conn, stream_id, tenant_id)

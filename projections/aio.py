@@ -53,12 +53,18 @@ class _Twin(Generic[F]):
 
     async def _call(self, fn: Callable[[F], T], *, write: bool) -> T:
         """Run ``fn(facade)`` with the facade bound to one transaction of the async store."""
+        stores: list[BoundStore] = []
+
         def call(conn: Connection) -> T:
             bound = copy.copy(self._facade)
-            bound.store = BoundStore(self.store, conn)  # type: ignore[attr-defined]
+            stores.append(BoundStore(self.store, conn))  # type: ignore[arg-type]
+            bound.store = stores[-1]  # type: ignore[attr-defined]
             return fn(bound)
 
-        return await self.store.run_sync(call, write=write)
+        result = await self.store.run_sync(call, write=write)
+        for store in stores:  # committed: log the appends, as the stores log theirs
+            store.log_appended()
+        return result
 
 
 class AsyncConversations(_Twin[Conversations]):

@@ -1232,9 +1232,10 @@ def prune_locked(conn: Connection, store: Any, tenant_id: str, thread_id: str,
     lock_appends(conn)
     version, kept = plan_keep_latest(conn, tenant_id, thread_id)
     if kept is not None:
-        BoundStore(store, conn).append(stream_id_of(thread_id),
-                                       [CheckpointsPruned(strategy=strategy, kept=kept)],
-                                       tenant_id=tenant_id, expected_version=version)
+        bound = BoundStore(store, conn)
+        bound.append(stream_id_of(thread_id), [CheckpointsPruned(strategy=strategy, kept=kept)],
+                     tenant_id=tenant_id, expected_version=version)
+        bound.log_appended()  # the callers commit right after
 
 
 def plan_keep_latest(conn: Connection, tenant_id: str, thread_id: str

@@ -71,3 +71,22 @@ def test_library_writes_nothing_to_stdout_when_logging_is_configured(
         structlog.configure(**old)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+@pytest.mark.asyncio
+async def test_async_facades_log_their_appends_once_committed(url: str) -> None:
+    """The async facades' appends (run inside the async store's transactions) log
+    events_appended with tenant, stream and position, as the sync facades' do."""
+    from eventstore.aio import AsyncEventStore
+    from projections.aio import AsyncConversations, AsyncJobs
+
+    store = await AsyncEventStore.open(url)
+    try:
+        with capture_logs() as logs:
+            await AsyncConversations(store).assign("c-1", {"n": 1}, tenant_id="acme")
+            job = await AsyncJobs(store).submit("wf", {"x": 1}, user_id="u", tenant_id="acme")
+        entries = [(e["tenant"], e["stream"], e["position"]) for e in logs
+                   if e["event"] == "events_appended"]
+        assert entries == [("acme", "conversation-c-1", 1), ("acme", f"job-{job.job_id}", 2)]
+    finally:
+        await store.close()
