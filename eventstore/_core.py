@@ -162,13 +162,19 @@ class Options:
     def resolve(cls, *, max_event_bytes: int | None, poll_interval: float | None,
                 clock: Callable[[], datetime] | None) -> Options:
         limit = max_event_bytes
+        limit_name = "max_event_bytes"
         if limit is None:
             limit = _env_number("EVENTSTORE_MAX_EVENT_BYTES", int, DEFAULT_MAX_EVENT_BYTES)
-        check_int(limit, "max_event_bytes", minimum=1)
+            limit_name = "EVENTSTORE_MAX_EVENT_BYTES"  # the error names what to change
+        check_int(limit, limit_name, minimum=1)
+        poll_name = "poll_interval"
         if poll_interval is None:
             poll_interval = _env_number("EVENTSTORE_POLL_INTERVAL", float, 0.2)
-        if not isinstance(poll_interval, (int, float)) or not 0 < poll_interval <= 0.5:
-            raise InvalidArgument("poll_interval must be in (0, 0.5] seconds")
+            poll_name = "EVENTSTORE_POLL_INTERVAL"
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, (int, float)) \
+                or not 0 < poll_interval <= 0.5:
+            raise InvalidArgument(f"{poll_name} must be in (0, 0.5] seconds, "
+                                  f"got {poll_interval!r}")
         if clock is not None and not callable(clock):
             raise InvalidArgument(f"clock must be a callable returning a datetime, got {clock!r}")
         return cls(limit, poll_interval, clock)

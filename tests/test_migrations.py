@@ -227,7 +227,14 @@ def test_bad_environment_settings_raise_typed_errors(tmp_path: Path,
     monkeypatch.setenv("EVENTSTORE_POLL_INTERVAL", "soon")
     with pytest.raises(InvalidArgument, match="EVENTSTORE_POLL_INTERVAL"):
         EventStore.open(url)
+    monkeypatch.setenv("EVENTSTORE_POLL_INTERVAL", "1")  # a number, out of range
+    with pytest.raises(InvalidArgument, match="EVENTSTORE_POLL_INTERVAL must be in"):
+        EventStore.open(url)
     monkeypatch.delenv("EVENTSTORE_POLL_INTERVAL")
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "-3")
+    with pytest.raises(InvalidArgument, match="EVENTSTORE_MAX_EVENT_BYTES must be >= 1"):
+        EventStore.open(url)
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "100")
     with EventStore.open(url) as store, pytest.raises(InvalidArgument):
         store.append("c-1", [NoteAdded(text="x" * 200)])
 
