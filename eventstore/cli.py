@@ -41,6 +41,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
@@ -48,7 +49,7 @@ import msgspec
 import structlog
 
 from . import _migrate
-from ._backend import DEFAULT_URL, resolve_url
+from ._backend import DEFAULT_URL, is_sqlite, resolve_url
 from .errors import (
     EventStoreError,
     IdempotencyKeyReused,
@@ -285,8 +286,19 @@ def _import_plugin(module: str) -> None:
 # -- helpers for commands -------------------------------------------------------------------------
 
 
-def open_store(args: argparse.Namespace) -> EventStore:
-    """Open the store of ``args.url`` (migrating SQLite as :meth:`EventStore.open` does)."""
+def open_store(args: argparse.Namespace, *, existing: bool = False) -> EventStore:
+    """Open the store of ``args.url`` (migrating SQLite as :meth:`EventStore.open` does).
+
+    ``existing``: a command that only reads refuses a SQLite file that is not there, rather
+    than create an empty database at a mistyped path and report it empty.
+    """
+    if existing:
+        url = resolve_url(args.url)
+        path = url.database
+        if is_sqlite(url) and path not in (None, "", ":memory:") \
+                and str(url.query.get("uri", "")).lower() not in ("true", "1") \
+                and not Path(path).exists():
+            raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
     return EventStore.open(args.url)
 
 
@@ -525,7 +537,7 @@ def _print_append(args: argparse.Namespace, result: AppendResult, count: int) ->
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, existing=True) as store:
         events = store.read_stream(args.stream, tenant_id=args.tenant,
                                    from_version=args.from_version, to_version=args.to_version,
                                    backwards=args.backwards, limit=args.limit)
@@ -569,7 +581,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, existing=True) as store:
         stats = store.stats(tenant_id=args.tenant)
     if args.json:
         print_json(stats)

@@ -74,7 +74,7 @@ class _Progress:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _import_modules(args)  # their projections' categories give their lag
-    with open_store(args) as store:
+    with open_store(args, existing=True) as store:
         rows = status(store, args.name)
     if args.name is not None and not rows:
         if args.name not in registered():
@@ -125,7 +125,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     p = _projection(args, args.name)
     progress = _Progress(sys.stderr.isatty() and not args.json)
-    with open_store(args) as store:
+    with open_store(args, existing=True) as store:
         diffs = verify(store, p, progress=progress)
         progress.done()
     if args.json:

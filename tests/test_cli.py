@@ -404,3 +404,16 @@ def test_sqlite_url_options_that_would_be_ignored_are_refused(
         s.append("c-1", [RawEvent(type="T", data={})])
     with EventStore.open(f"sqlite:///file:{tmp_path / 'z.db'}?mode=rwc&uri=true") as s:
         s.append("c-1", [RawEvent(type="T", data={})])
+
+
+@pytest.mark.parametrize("command", [["read", "c-1"], ["stats"], ["projections", "status"],
+                                     ["projections", "verify", "conversations"]])
+def test_reading_commands_do_not_create_a_sqlite_database(
+        tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """read, stats, projections status and verify of a SQLite path that is not there exit 2
+    and create nothing (they made an empty database there and reported no events)."""
+    path = tmp_path / "typo.db"
+    code, out, err = run(capsys, *command, "--url", f"sqlite:///{path}")
+    assert (code, out) == (2, "")
+    assert f"no SQLite database at {path}" in err
+    assert not path.exists()
