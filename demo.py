@@ -9,6 +9,8 @@ once the package is installed); it uses EVENTSTORE_URL, else ./eventstore.db.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import uuid
 
@@ -40,56 +42,58 @@ def main() -> None:
         follower = threading.Thread(
             target=lambda: seen.extend(store.subscribe(from_position=start, stop=stop)))
         follower.start()
-
-        # 2. Append with optimistic concurrency and an idempotency key, then read back.
-        notes = f"notes-{run}"
-        r = store.append(notes, [NoteAdded(text="hello"), NoteAdded(text="world")],
-                         expected_version=0, idempotency_key=f"req-{run}")
-        again = store.append(notes, [NoteAdded(text="hello"), NoteAdded(text="world")],
-                             expected_version=0, idempotency_key=f"req-{run}")
-        print(f"appended positions {r.first_position}..{r.last_position}; "
-              f"retry was a duplicate: {again.duplicate}")
         try:
-            store.append(notes, [NoteAdded(text="late")], expected_version=1)
-        except WrongExpectedVersion as e:
-            print(f"stale writer refused: {e}")
-        print("read back:", [e.data.text for e in store.read_stream(notes)])  # type: ignore[union-attr]
+            # 2. Append with optimistic concurrency and an idempotency key, then read back.
+            notes = f"notes-{run}"
+            r = store.append(notes, [NoteAdded(text="hello"), NoteAdded(text="world")],
+                             expected_version=0, idempotency_key=f"req-{run}")
+            again = store.append(notes, [NoteAdded(text="hello"), NoteAdded(text="world")],
+                                 expected_version=0, idempotency_key=f"req-{run}")
+            print(f"appended positions {r.first_position}..{r.last_position}; "
+                  f"retry was a duplicate: {again.duplicate}")
+            try:
+                store.append(notes, [NoteAdded(text="late")], expected_version=1)
+            except WrongExpectedVersion as e:
+                print(f"stale writer refused: {e}")
+            print("read back:", [e.data.text for e in store.read_stream(notes)])  # type: ignore[union-attr]
 
-        # 3. Conversation variables: assign, read, time travel, history.
-        conversations = Conversations(store)
-        conv = f"c-{run}"
-        v1 = conversations.assign(conv, {"count": 1, "topic": "billing"},
-                                  workflow_run_id="run-7", node_id="assigner-1")
-        conversations.assign(conv, {"count": 2}, expected_version=v1)
-        print("variables now:", conversations.get(conv).variables)
-        print("variables at version 1:", conversations.get(conv, at_version=1).variables)
-        for h in conversations.history(conv):
-            print(f"  v{h.version} {h.name}: {h.old!r} -> {h.new!r} (run {h.workflow_run_id})")
+            # 3. Conversation variables: assign, read, time travel, history.
+            conversations = Conversations(store)
+            conv = f"c-{run}"
+            v1 = conversations.assign(conv, {"count": 1, "topic": "billing"},
+                                      workflow_run_id="run-7", node_id="assigner-1")
+            conversations.assign(conv, {"count": 2}, expected_version=v1)
+            print("variables now:", conversations.get(conv).variables)
+            print("variables at version 1:", conversations.get(conv, at_version=1).variables)
+            for h in conversations.history(conv):
+                print(f"  v{h.version} {h.name}: {h.old!r} -> {h.new!r} (run {h.workflow_run_id})")
 
-        # 4. A tool call pauses for a human; the client claims and resumes it.
-        conts = Continuations(store)
-        conts.pause(conv, "alice", messages=[{"role": "user", "content": "refund me"}],
-                    pending_tool_calls=[{"id": "call-1", "name": "issue_refund"}],
-                    tools=["issue_refund"], tool_schemas=[{"name": "issue_refund"}],
-                    agent_config={"model": "any"})
-        print("pending for alice:", [c.pending_tool_calls for c in conts.pending_for_user("alice")])
-        claimed = conts.claim(conv, "alice")
-        conts.complete(conv, "alice", tool_results=[{"id": "call-1", "approved": True}],
-                       claim_id=claimed.claim_id)
-        print("after resume, pending:", conts.get(conv, "alice"))
+            # 4. A tool call pauses for a human; the client claims and resumes it.
+            conts = Continuations(store)
+            conts.pause(conv, "alice", messages=[{"role": "user", "content": "refund me"}],
+                        pending_tool_calls=[{"id": "call-1", "name": "issue_refund"}],
+                        tools=["issue_refund"], tool_schemas=[{"name": "issue_refund"}],
+                        agent_config={"model": "any"})
+            pending = conts.pending_for_user("alice")
+            print("pending for alice:", [c.pending_tool_calls for c in pending])
+            claimed = conts.claim(conv, "alice")
+            conts.complete(conv, "alice", tool_results=[{"id": "call-1", "approved": True}],
+                           claim_id=claimed.claim_id)
+            print("after resume, pending:", conts.get(conv, "alice"))
 
-        # 5. Replay is the truth: rebuild the conversation rows and verify them.
-        gen = rebuild(store, conversations.projection)
-        print(f"rebuilt conversations into generation {gen}; differences: "
-              f"{verify(store, conversations.projection)}")
+            # 5. Replay is the truth: rebuild the conversation rows and verify them.
+            gen = rebuild(store, conversations.projection)
+            print(f"rebuilt conversations into generation {gen}; differences: "
+                  f"{verify(store, conversations.projection)}")
 
-        end = store.last_position()
-        for _ in range(50):  # let the subscriber catch up with the end of the log, then stop it
-            if seen and seen[-1].position >= end:
-                break
-            stop.wait(0.1)
-        stop.set()
-        follower.join()
+            end = store.last_position()
+            for _ in range(50):  # let the subscriber catch up with the log's end, then stop it
+                if seen and seen[-1].position >= end:
+                    break
+                stop.wait(0.1)
+        finally:  # also when printing fails (a closed pipe): the follower ends first
+            stop.set()
+            follower.join()
         print(f"the subscriber followed {len(seen)} new events:")
         for ev in seen:
             print(show(ev))
@@ -97,4 +101,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `python demo.py | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
