@@ -128,6 +128,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args, existing=True) as store:
         diffs = verify(store, p, progress=progress)
         progress.done()
+        stopped = [st for st in status(store, p.name) if st.status == "failed"]
+    for st in stopped:  # the rows are compared up to where they are: say they stopped there
+        sys.stderr.write(f"eventstore: note: projection {st.name} is stopped after a failure "
+                         f"at position {st.failed_position}; its rows were compared up to "
+                         f"position {st.position}\n")
     if args.json:
         for d in diffs:
             print_json({"tenant_id": d.tenant_id, "stream_id": d.stream_id,
@@ -180,7 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _add(subparsers: cli.Subparsers) -> None:
     group = subparsers.add_parser(
         "projections", help="status, rebuild, verify, restart or run projections",
-        description="Operate persisted projections.")
+        description="Operate persisted projections.",
+        parents=[cli._common_options(top=False)])  # also `projections --url U status`
     sub = group.add_subparsers(title="commands", dest="projections_command", metavar="COMMAND",
                                required=True)
 

@@ -370,3 +370,25 @@ def test_run_refuses_a_lease_that_is_no_number_of_seconds(
     code, _, err = run(capsys, "projections", "run", "--once", "--lease-seconds", value,
                        "--url", url)
     assert code == 2 and "lease_seconds must be a number of seconds" in err
+
+
+def test_common_options_may_follow_projections(url: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--url and --json work between `projections` and its command, as elsewhere."""
+    seed_conversations(url)
+    code, out, _ = run(capsys, "projections", "--url", url, "--json", "status", "conversations")
+    assert code == 0 and json_lines(out)[0]["name"] == "conversations"
+
+
+def test_verify_of_a_stopped_projection_says_how_far_it_compared(
+        url: str, poisoned: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify of a projection stopped after a failure notes that its rows (and so the
+    comparison) end at its position."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        store.append("counter-a", [CounterIncremented(by=13)])
+    assert run(capsys, "projections", "run", poisoned, "--once", "--url", url)[0] == 1
+    code, out, err = run(capsys, "projections", "verify", poisoned, "--url", url)
+    assert code == 0 and "live rows equal the replay" in out
+    assert (f"projection {poisoned} is stopped after a failure at position 2; its rows were "
+            f"compared up to position 0") in err
