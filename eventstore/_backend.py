@@ -417,8 +417,39 @@ def translate() -> Iterator[None]:
     except EventStoreError:
         raise
     except sa_exc.DBAPIError as e:
-        raise DatabaseError(f"database error: {e.orig or e}") from e
+        raise _database_error(f"database error: {e.orig or e}", e) from e
     except sa_exc.SQLAlchemyError as e:
-        raise DatabaseError(f"database error: {e}") from e
+        raise _database_error(f"database error: {e}", e) from e
     except _DRIVER_ERRORS as e:  # statements the store runs on the DBAPI cursor itself
-        raise DatabaseError(f"database error: {type(e).__name__}: {e}") from e
+        raise _database_error(f"database error: {type(e).__name__}: {e}", e) from e
+
+
+def _database_error(message: str, cause: BaseException) -> DatabaseError:
+    error = DatabaseError(message)
+    error.transient = is_transient(cause)
+    return error
+
+
+# SQLSTATE classes and codes worth another try: connection exceptions, transaction rollbacks
+# (serialization failure, deadlock), insufficient resources, lock not available, shutdowns.
+_TRANSIENT_CLASSES = ("08", "40", "53")
+_TRANSIENT_STATES = frozenset({"55P03", "57P01", "57P02", "57P03", "57014"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a driver or SQLAlchemy error may pass if the call is tried again."""
+    if isinstance(error, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True  # a connection lost, or none free in the pool in time
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig if error.orig is not None else error
+    if isinstance(error, sqlite3.OperationalError):
+        text = str(error).lower()
+        return "locked" in text or "busy" in text
+    state = getattr(error, "sqlstate", None)
+    if isinstance(state, str):
+        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    # psycopg's errors without a server state are the connection's own (lost, refused).
+    return type(error).__name__ == "OperationalError" and type(error).__module__.startswith(
+        "psycopg")

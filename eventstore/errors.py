@@ -101,7 +101,14 @@ class StoreClosed(EventStoreError):
 
 
 class DatabaseError(EventStoreError):
-    """The database failed in a way the store does not model; the driver error is the cause."""
+    """The database failed in a way the store does not model; the driver error is the cause.
+
+    ``transient`` is true when the same call may well succeed if tried again: the write lock
+    held past the busy timeout, a lost or refused connection, a serialization failure or a
+    deadlock, a server shutting down.
+    """
+
+    transient: bool = False
 
 
 def _describe(expected: object) -> str:

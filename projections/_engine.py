@@ -1128,10 +1128,12 @@ class Projector:
         """Project until ``stop`` is set, then give up the leases.
 
         A failed projection applies nothing (``status`` shows it) while the rest go on; once an
-        operator restarts it, this worker retries it.  A database error (a write lock held
-        longer than the busy timeout, a lost connection) is logged and retried after a pause
-        that grows to 5 s, instead of ending the worker.  Any other error ends it, leases given
-        up on the way out (an event only newer code can read: a worker of that code goes on).
+        operator restarts it, this worker retries it.  A transient database error
+        (:attr:`DatabaseError.transient`: a write lock held longer than the busy timeout, a
+        lost connection) is logged and retried after a pause that grows to 5 s, instead of
+        ending the worker.  Any other error ends it, leases given up on the way out (an event
+        only newer code can read: a worker of that code goes on; a row the database refuses:
+        the same batch would fail again).
         """
         pause = self.poll_interval
         try:
@@ -1143,6 +1145,8 @@ class Projector:
                     except ProjectionFailed:
                         pass  # recorded (status: failed) and logged by run_once
                     except DatabaseError as e:
+                        if not e.transient:
+                            raise  # the same batch would fail the same way: stop, loudly
                         errored = True
                         self._log.warning("projector_database_error", projection=p.name,
                                           error=str(e), retry_in=round(pause, 3))
@@ -1172,10 +1176,12 @@ _MAX_ERROR_PAUSE = 5.0
 
 
 def _check_seconds(value: object, what: str) -> float:
-    """A positive, finite number of seconds (at most a billion: leases are kept in int64 us)."""
+    """A finite number of seconds from a millisecond to a billion (leases are kept in int64
+    microseconds)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 < value <= 1e9:  # NaN fails this comparison too
-        raise InvalidArgument(f"{what} must be a number of seconds in (0, 1e9], got {value!r}")
+            or not 1e-3 <= value <= 1e9:  # NaN fails this comparison too
+        raise InvalidArgument(f"{what} must be a number of seconds in [0.001, 1e9], "
+                              f"got {value!r}")
     return float(value)
 
 

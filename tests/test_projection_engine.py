@@ -699,7 +699,9 @@ def test_a_projector_outlives_database_errors_and_gives_up_its_leases_on_others(
     def flaky_run_once(self: Projector, projection: Any) -> int:
         calls["n"] += 1
         if calls["n"] <= 2:
-            raise DatabaseError("database error: OperationalError: database is locked")
+            locked = DatabaseError("database error: OperationalError: database is locked")
+            locked.transient = True
+            raise locked
         return real(self, projection)
 
     monkeypatch.setattr(Projector, "run_once", flaky_run_once)
@@ -721,6 +723,50 @@ def test_a_projector_outlives_database_errors_and_gives_up_its_leases_on_others(
     with pytest.raises(RuntimeError, match="a bug"):
         projector.run(threading.Event())
     assert status(store, "tally_retry")[0].owner is None
+
+    def refused(self: Projector, projection: Any) -> int:  # e.g. a row the database refuses
+        real(self, projection)
+        raise DatabaseError("database error: value too long for type character varying(64)")
+
+    monkeypatch.setattr(Projector, "run_once", refused)
+    with pytest.raises(DatabaseError, match="too long"):  # not retried forever
+        projector.run(threading.Event())
+    assert status(store, "tally_retry")[0].owner is None
+
+
+def test_database_errors_say_whether_trying_again_may_help(store: EventStore,
+                                                           tmp_path: Any) -> None:
+    """DatabaseError.transient: true for a write lock held past the busy timeout (SQLite) or
+    a lock not available (PostgreSQL), false for an error the same call would meet again."""
+    from sqlalchemy import text
+
+    from eventstore._backend import translate
+    from eventstore.errors import DatabaseError
+
+    with pytest.raises(DatabaseError) as refused, translate(), store.engine.connect() as conn:
+        conn.execute(text("SELECT * FROM no_such_table"))
+    assert refused.value.transient is False
+    if store.backend == "sqlite":
+        import sqlite3
+
+        path = tmp_path / "locked.db"
+        other = EventStore.open(f"sqlite:///{path}?busy_timeout=20")
+        holder = sqlite3.connect(str(path), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(DatabaseError) as locked:
+                other.append("c-1", [NoteAdded(text="a")])
+        finally:
+            holder.rollback()
+            holder.close()
+            other.close()
+    else:
+        with store.engine.connect() as holder, store.engine.connect() as conn:
+            holder.execute(text("SELECT * FROM es_projections FOR UPDATE"))
+            conn.execute(text("SET lock_timeout = '20ms'"))
+            with pytest.raises(DatabaseError) as locked, translate():
+                conn.execute(text("LOCK TABLE es_projections IN EXCLUSIVE MODE"))
+    assert locked.value.transient is True, locked.value
 
 
 @pytest.mark.parametrize("kwargs", [
