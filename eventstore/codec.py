@@ -6,8 +6,10 @@ event struct (the tag included, so a row is self-describing).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import decimal
+import enum
 import math
 import re
 import uuid
@@ -89,8 +91,8 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
 _LEAVES = (bytes, bytearray, memoryview, _dt.datetime, _dt.date, _dt.time, _dt.timedelta,
            uuid.UUID, decimal.Decimal)
 _msgpack = msgspec.msgpack.Encoder()
-# A float64 in msgpack whose exponent bits are all ones: NaN or an infinity.  Text is UTF-8 in
-# msgpack, where 0xcb is never followed by 0x7f or 0xff, so only binary data can match falsely.
+# A float64 in msgpack whose exponent bits are all ones: NaN or an infinity.  Other bytes can
+# match too (binary data, lengths, a finite float's mantissa): a match only says where to look.
 _NON_FINITE_FLOAT = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")
 
 
@@ -115,8 +117,8 @@ def check_finite(value: object, what: str) -> None:
         pass
     try:
         plain = msgspec.to_builtins(value, builtin_types=_LEAVES)
-    except (TypeError, ValueError, OverflowError):  # msgspec.Raw: already JSON, no NaN there
-        return
+    except (TypeError, ValueError, OverflowError):  # a msgspec.Raw somewhere (JSON already)
+        plain = _plain(value)
     path = _non_finite_path(plain)
     if path is not None:
         where = "".join(f"[{key!r}]" for key in path)
@@ -125,6 +127,29 @@ def check_finite(value: object, what: str) -> None:
 
 
 _CONTAINERS = (float, dict, list, tuple)
+
+
+def _plain(value: Any) -> Any:
+    """``to_builtins`` for a value it refuses (one holding a ``msgspec.Raw``, which holds JSON
+    and so no NaN): containers, structs, dataclasses and enums opened, ``Raw`` left out."""
+    if isinstance(value, float | str | int | bytes | None):
+        return value
+    if isinstance(value, msgspec.Raw):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, msgspec.Struct):
+        return {f: _plain(getattr(value, f)) for f in value.__struct_fields__}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    fields = getattr(type(value), "__attrs_attrs__", None)  # attrs classes
+    if fields is not None:
+        return {a.name: _plain(getattr(value, a.name)) for a in fields}
+    return None
 
 
 def _non_finite_path(value: Any) -> list[Any] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import msgspec
 import pytest
 
 from eventstore import (
@@ -117,9 +118,11 @@ class MaybeMeasured(Event, tag="test.MaybeMeasured"):
      (NoteAdded(text="ok"), {"temperature": float("nan")}),
      (Anything(value={"point": (1.0, float("nan"))}), None),  # tuples stay tuples in the walk
      (NoteAdded(text="ok"), {"range": (0.0, float("inf"))}),
-     (Anything(value=[2**70, float("nan")]), None)],  # past msgpack's ints: looked at in Python
+     (Anything(value=[2**70, float("nan")]), None),  # past msgpack's ints: looked at in Python
+     (RawEvent(type="test.Unknown", data={"json": msgspec.Raw(b"[1]"), "x": float("inf")}),
+      None)],  # to_builtins refuses msgspec.Raw
     ids=["any-field", "optional-float", "raw-unknown-type", "metadata", "tuple", "metadata-tuple",
-         "huge-int"])
+         "huge-int", "beside-msgspec-raw"])
 def test_nan_and_infinity_are_refused_not_stored_as_null(store: EventStore, event: Any,
                                                          metadata: Any) -> None:
     """JSON has no NaN or infinity (msgspec writes null): an event or metadata holding one
