@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import util as sa_util
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
@@ -115,13 +116,22 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
     # A misspelt option would be dropped with only a warning (the store running with the
     # default it was meant to change).  SQLite URI parameters pass with ``uri=true``.
     unknown = sorted(set(url.query) - _SQLITE_OPTIONS_ALL)
-    if unknown and str(url.query.get("uri", "")).lower() not in ("true", "1"):
+    if unknown and not sqlite_uri(url):
         raise InvalidArgument(
             f"unknown sqlite URL option(s) {', '.join(unknown)}: the store takes "
             f"{', '.join(_SQLITE_OPTIONS)}, the driver {', '.join(_PYSQLITE_OPTIONS)}")
     clean = url.difference_update_query(_SQLITE_OPTIONS)
     memory = clean.database in (None, "", ":memory:")
     return clean, synchronous, busy_ms, memory
+
+
+def sqlite_uri(url: URL) -> bool:
+    """Whether a SQLite URL names its database as a SQLite URI (``?uri=true``), read as
+    SQLAlchemy's dialect reads it."""
+    try:
+        return bool(sa_util.asbool(url.query.get("uri", False)))
+    except ValueError as e:
+        raise InvalidArgument(f"sqlite uri must be true or false, not {url.query['uri']!r}") from e
 
 
 def _sqlite_engine(url: URL) -> Engine:

@@ -49,7 +49,7 @@ import msgspec
 import structlog
 
 from . import _migrate
-from ._backend import DEFAULT_URL, is_sqlite, resolve_url
+from ._backend import DEFAULT_URL, is_sqlite, resolve_url, sqlite_uri
 from .errors import (
     EventStoreError,
     IdempotencyKeyReused,
@@ -295,8 +295,7 @@ def open_store(args: argparse.Namespace, *, existing: bool = False) -> EventStor
     if existing:
         url = resolve_url(args.url)
         path = url.database
-        if is_sqlite(url) and path not in (None, "", ":memory:") \
-                and str(url.query.get("uri", "")).lower() not in ("true", "1") \
+        if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url) \
                 and not Path(path).exists():
             raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
     return EventStore.open(args.url)

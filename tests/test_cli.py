@@ -402,8 +402,9 @@ def test_sqlite_url_options_that_would_be_ignored_are_refused(
         EventStore.open(f"sqlite:///{tmp_path / 'x.db'}?{query}")
     with EventStore.open(f"sqlite:///{tmp_path / 'y.db'}?synchronous=NORMAL&timeout=5") as s:
         s.append("c-1", [RawEvent(type="T", data={})])
-    with EventStore.open(f"sqlite:///file:{tmp_path / 'z.db'}?mode=rwc&uri=true") as s:
-        s.append("c-1", [RawEvent(type="T", data={})])
+    for uri in ("true", "yes", "on"):  # as SQLAlchemy reads it
+        with EventStore.open(f"sqlite:///file:{tmp_path / 'z.db'}?mode=rwc&uri={uri}") as s:
+            s.append("c-1", [RawEvent(type="T", data={})])
 
 
 @pytest.mark.parametrize("command", [["read", "c-1"], ["stats"], ["projections", "status"],
