@@ -309,8 +309,9 @@ def print_json(value: Any, out: TextIO | None = None) -> None:
 
 
 def event_data(data: Event | RawEvent) -> dict[str, Any]:
-    """An event's data as the JSON object stored: a typed event's with its tag (``"type"``),
-    the same whether or not this process knows the type; a raw event's as it is."""
+    """An event's data as a JSON object: a typed event's as this code reads it (upcast to its
+    current schema) with its tag (``"type"``), the shape it is stored in; a raw event's (a
+    type this process does not know) as stored."""
     if isinstance(data, RawEvent):
         return data.data
     built: dict[str, Any] = msgspec.to_builtins(data)
@@ -334,7 +335,9 @@ def event_to_json(ev: RecordedEvent) -> dict[str, Any]:
         "tenant_id": ev.tenant_id,
         "event_id": str(ev.event_id),
         "type": ev.type,
-        "schema_version": ev.schema_version,
+        # The schema of the data shown: a typed event's is upcast to its class's.
+        "schema_version": (type(ev.data).__event_schema_version__
+                           if isinstance(ev.data, Event) else ev.schema_version),
         "data": event_data(ev.data),
         "metadata": ev.metadata,
         "recorded_at": _iso(ev),

@@ -418,3 +418,31 @@ def test_reading_commands_do_not_create_a_sqlite_database(
     assert (code, out) == (2, "")
     assert f"no SQLite database at {path}" in err
     assert not path.exists()
+
+
+def test_read_json_of_an_upcast_event_appends_back(url: str,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typed event stored at an older schema version comes out upcast, with the schema
+    version of what is shown, so the line appends back as an equal event."""
+    from eventstore import Event, upcaster
+
+    class Renamed(Event, tag="test.cli.Renamed", schema_version=2):
+        body: str
+
+    @upcaster("test.cli.Renamed", from_version=1)
+    def _v1(data: dict[str, Any]) -> dict[str, Any]:
+        return {"body": data.pop("text")}
+
+    with EventStore.open(url) as store:
+        store.append("up-1", [RawEvent(type="test.cli.Renamed", data={"text": "hi"},
+                                       schema_version=1)])
+    code, out, _ = run(capsys, "read", "up-1", "--url", url, "--json")
+    assert code == 0
+    (line,) = json_lines(out)
+    assert (line["schema_version"], line["data"]) == (2, {"type": "test.cli.Renamed",
+                                                          "body": "hi"})
+    again = {k: line[k] for k in ("type", "data", "schema_version")}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(again)))
+    assert main(["append", "up-2", "--url", url]) == 0
+    assert [e for _t, _v, e in stored(url, "up-2")] == [e for _t, _v, e in stored(url, "up-1")]
