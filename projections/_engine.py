@@ -1247,8 +1247,15 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
             conn.execute(update(projections).where(projections.c.name == name)
                          .values(rebuild_generation=gen, rebuild_position=0))
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
+    committed = [start]  # where this rebuild's last committed page left the generation
+
+    def tracked(position: int, bound: int) -> None:
+        committed[0] = position
+        if progress is not None:
+            progress(position, bound)
+
     try:
-        last = _fill(store, projection, gen, start, store.last_position, progress, track=True)
+        last = _fill(store, projection, gen, start, store.last_position, tracked, track=True)
         with transaction(store, write=True) as conn:
             row = _own_rebuild(conn, name, gen, last)
             rows: _Rows[Any] = _Rows(projection, gen)
@@ -1260,7 +1267,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
                 status="running", error=None, failed_position=None, rebuild_generation=None,
                 rebuild_position=None, updated_at=_now_us(store)))
     except (ProjectionFailed, EventDecodeError) as e:
-        _record_rebuild_failure(store, name, gen, e)
+        _record_rebuild_failure(store, name, gen, committed[0], e)
         raise
     with transaction(store, write=True) as conn:
         conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
@@ -1271,7 +1278,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     return gen
 
 
-def _record_rebuild_failure(store: EventStore, name: str, generation: int,
+def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: int,
                             err: ProjectionFailed | EventDecodeError) -> None:
     """Show a rebuild stopped by an event in ``status`` (``error``, ``failed_position``), and
     drop its partial generation.
@@ -1280,15 +1287,17 @@ def _record_rebuild_failure(store: EventStore, name: str, generation: int,
     in use, and a failed status would stop inline appends and projectors on them (a failure a
     projector recorded stays as it was).  The partial rows go: they were folded by the code
     that failed, and the fix may fold earlier events differently, so the next rebuild starts
-    from position 0.  Its swap clears the error, as ``restart`` does.
+    from position 0.  Its swap clears the error, as ``restart`` does.  All this only while the
+    generation is still this rebuild's (at ``at``, where it left it): another process's
+    rebuild that took it over keeps it.
     """
     position = err.position
     if isinstance(err, EventDecodeError) and (position is None or err.newer_schema):
         position = None  # newer code can read the event: nothing of this code's to show
     with transaction(store, write=True) as conn:
         row = _lock_row(conn, name)
-        if row.rebuild_generation != generation:
-            return  # another rebuild owns it now
+        if row.rebuild_generation != generation or (row.rebuild_position or 0) != at:
+            return  # another rebuild moved it on: its rows are not ours to drop
         values: dict[str, Any] = {"rebuild_generation": None, "rebuild_position": None,
                                   "updated_at": _now_us(store)}
         if position is not None and row.status != "failed":

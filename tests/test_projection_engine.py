@@ -780,3 +780,40 @@ def test_projector_arguments_are_checked(store: EventStore, kwargs: dict[str, An
 
     with pytest.raises(InvalidArgument):
         Projector(store, [TallyProjection("tally_args")], **kwargs)
+
+
+def test_a_failed_rebuild_leaves_a_generation_another_rebuild_moved_on(
+        store: EventStore) -> None:
+    """Two processes rebuilding one projection: the one whose fold fails drops the partial
+    generation only if that generation is still where its own last page left it; one the other
+    process has moved on since (its rows, its position) is left alone."""
+    from sqlalchemy import select
+
+    from eventstore._backend import begin_write as _begin_write
+    from projections import _engine as engine
+    from projections._engine import ProjectionFailed as Failed
+
+    bump(store, "a", 3)
+    p = TallyProjection("tally_two_rebuilds")
+    engine.ensure_registered(store, p)
+    with _begin_write(store.engine) as conn:  # a rebuild of generation 2, at position 3
+        conn.execute(update(engine.projections).where(engine.projections.c.name == p.name)
+                     .values(rebuild_generation=2, rebuild_position=3))
+    engine._fill(store, p, 2, 0, lambda: 3, None, track=False)
+    failure = Failed(projection=p.name, position=2, type="t", stream_id="counter-a",
+                     tenant_id="default", cause=ValueError("poison"))
+    engine._record_rebuild_failure(store, p.name, 2, 1, failure)  # it left it at 1: stale
+
+    def rows_of_generation_2() -> int:
+        with store.engine.connect() as conn:
+            return len(conn.execute(select(projection_rows.c.stream_id).where(
+                projection_rows.c.projection == p.name,
+                projection_rows.c.generation == 2)).all())
+
+    (st,) = status(store, p.name)
+    assert (st.rebuild_generation, st.rebuild_position, st.error) == (2, 3, None)
+    assert rows_of_generation_2() == 1
+    engine._record_rebuild_failure(store, p.name, 2, 3, failure)  # still where it left it
+    (st,) = status(store, p.name)
+    assert (st.rebuild_generation, st.failed_position) == (None, 2)
+    assert "poison" in (st.error or "") and rows_of_generation_2() == 0
