@@ -53,8 +53,9 @@ def resolve_url(url: str | URL | None) -> URL:
 
 
 def _masked(raw: object) -> object:
-    """A URL that did not parse, its password (``//user:password@``) hidden."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", raw) if isinstance(raw, str) else raw
+    """A URL that did not parse, its password (``//user:password@``, up to the last ``@``:
+    a password may hold ``/`` or ``@``) hidden."""
+    return re.sub(r"(//[^/@:]*:).*@", r"\1***@", raw) if isinstance(raw, str) else raw
 
 
 def is_sqlite(url: URL) -> bool:
@@ -112,7 +113,8 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
     except ValueError as e:
         raise InvalidArgument("sqlite busy_timeout must be milliseconds") from e
     if not 0 <= busy_ms < 2**31:
-        raise InvalidArgument(f"sqlite busy_timeout must be 0 or more milliseconds, not {busy_ms}")
+        raise InvalidArgument(f"sqlite busy_timeout must be 0 to 2**31 - 1 milliseconds, "
+                              f"not {busy_ms}")
     # A misspelt option would be dropped with only a warning (the store running with the
     # default it was meant to change).  SQLite URI parameters pass with ``uri=true``.
     unknown = sorted(set(url.query) - _SQLITE_OPTIONS_ALL)

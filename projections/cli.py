@@ -19,13 +19,24 @@ import msgspec
 from eventstore import cli
 from eventstore.cli import CliError, add_command, open_store, print_json
 
-from ._engine import Projection, Projector, rebuild, registered, restart, status, verify
+from ._engine import (
+    Projection,
+    ProjectionStatus,
+    Projector,
+    rebuild,
+    registered,
+    restart,
+    status,
+    verify,
+)
 
 
 def _import_modules(args: argparse.Namespace) -> None:
     """Import each ``--module`` (it registers projections); one that is not there is a usage
     error, one that fails while importing is the module's own error."""
     for module in args.module or ():
+        if module.startswith("."):
+            raise CliError(f"--module {module}: give an absolute module name", cli.EXIT_USAGE)
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -81,8 +92,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise CliError(f"projection {args.name!r} is not registered in this store",
                            cli.EXIT_USAGE)
         # Known to the code (a module registered it), not run on this database yet.
-        if args.json:
-            print_json({"name": args.name, "status": "not_started"})
+        if args.json:  # the keys of a status line, nothing recorded yet
+            blank = {f.name: None for f in dataclasses.fields(ProjectionStatus)}
+            print_json({**blank, "name": args.name, "status": "not_started", "lag": None})
         else:
             print(f"{args.name}: not run in this store yet")
         return cli.EXIT_OK
@@ -108,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     p = _projection(args, args.name)
     progress = _Progress(sys.stderr.isatty() and not args.json)
-    with open_store(args) as store:
+    with open_store(args, existing=True) as store:
         t0 = time.monotonic()
         gen = rebuild(store, p, progress=progress)
         progress.done()
@@ -149,7 +161,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, existing=True) as store:
         if not status(store, args.name):
             raise CliError(f"projection {args.name!r} is not registered in this store",
                            cli.EXIT_USAGE)

@@ -1224,18 +1224,19 @@ class _ListMerge:
 
 
 def prune_locked(conn: Connection, store: Any, tenant_id: str, thread_id: str,
-                 strategy: str) -> None:
+                 strategy: str) -> BoundStore:
     """``keep_latest``'s plan and its ``CheckpointsPruned`` in one write transaction that holds
     the append lock from the start, so the thread cannot move between the two (what a saver
     falls back to when a busy thread kept moving under its unlocked plans).  Appends elsewhere
-    wait for it: it reads the thread's checkpoint rows."""
+    wait for it: it reads the thread's checkpoint rows.  Returns the store it appended through,
+    whose ``log_appended`` the caller calls once the transaction committed."""
     lock_appends(conn)
     version, kept = plan_keep_latest(conn, tenant_id, thread_id)
+    bound = BoundStore(store, conn)
     if kept is not None:
-        bound = BoundStore(store, conn)
         bound.append(stream_id_of(thread_id), [CheckpointsPruned(strategy=strategy, kept=kept)],
                      tenant_id=tenant_id, expected_version=version)
-        bound.log_appended()  # the callers commit right after
+    return bound
 
 
 def plan_keep_latest(conn: Connection, tenant_id: str, thread_id: str
@@ -1724,7 +1725,8 @@ class EventStoreSaver(_Base):
                     continue
             else:
                 with transaction(self.store, write=True) as conn:
-                    prune_locked(conn, self.store, self.tenant_id, thread_id, strategy)
+                    bound = prune_locked(conn, self.store, self.tenant_id, thread_id, strategy)
+                bound.log_appended()
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         ids = [str(r) for r in run_ids]
@@ -1917,8 +1919,9 @@ class AsyncEventStoreSaver(_Base):
                 except WrongExpectedVersion:
                     continue
             else:
-                await self.store.run_sync(prune_locked, self.store, self.tenant_id, thread_id,
-                                          strategy, write=True)
+                bound = await self.store.run_sync(prune_locked, self.store, self.tenant_id,
+                                                  thread_id, strategy, write=True)
+                bound.log_appended()
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         ids = [str(r) for r in run_ids]

@@ -385,11 +385,14 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
     code, _, err = run(capsys, "stats", "--url", "postgresql+psycopg://app:s3cr3t@db:port/app")
     assert code == 2 and "s3cr3t" not in err
     assert "not a database URL: 'postgresql+psycopg://app:***@db:port/app'" in err
+    for password in ("s3/cr3t", "s3@cr3t"):  # unescaped / and @ in a password
+        code, _, err = run(capsys, "stats", "--url", f"postgresql://app:{password}@db:port/app")
+        assert code == 2 and "cr3t" not in err and "'postgresql://app:***@db:port/app'" in err
 
 
 @pytest.mark.parametrize(("query", "message"), [
     ("synchronus=NORMAL", r"unknown sqlite URL option\(s\) synchronus"),
-    ("busy_timeout=-1", "busy_timeout must be 0 or more milliseconds"),
+    ("busy_timeout=-1", r"busy_timeout must be 0 to 2\*\*31 - 1 milliseconds"),
 ])
 def test_sqlite_url_options_that_would_be_ignored_are_refused(
         tmp_path: Path, query: str, message: str) -> None:
@@ -408,7 +411,9 @@ def test_sqlite_url_options_that_would_be_ignored_are_refused(
 
 
 @pytest.mark.parametrize("command", [["read", "c-1"], ["stats"], ["projections", "status"],
-                                     ["projections", "verify", "conversations"]])
+                                     ["projections", "verify", "conversations"],
+                                     ["projections", "rebuild", "conversations"],
+                                     ["projections", "restart", "conversations"]])
 def test_reading_commands_do_not_create_a_sqlite_database(
         tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """read, stats, projections status and verify of a SQLite path that is not there exit 2
