@@ -285,5 +285,17 @@ def _upcast(tag: str, data: dict[str, Any], from_version: int, to_version: int) 
         fn = _upcasters.get((tag, v))
         if fn is None:
             raise LookupError(f"no upcaster registered for {tag} from schema version {v}")
-        data = fn(data)
+        try:
+            data = fn(data)
+        except Exception as e:  # the upcaster's own failure: the read names the event
+            raise UpcastError(f"the upcaster of {tag} from schema version {v} raised "
+                              f"{type(e).__name__}: {e}") from e
+        if not isinstance(data, dict):
+            raise UpcastError(f"the upcaster of {tag} from schema version {v} returned "
+                              f"{type(data).__name__}, not a dict")
     return data
+
+
+class UpcastError(LookupError):
+    """An upcaster raised or returned something else than a dict (``decode_event`` turns it
+    into an :class:`EventDecodeError` that names the event)."""

@@ -817,3 +817,41 @@ def test_a_failed_rebuild_leaves_a_generation_another_rebuild_moved_on(
     (st,) = status(store, p.name)
     assert (st.rebuild_generation, st.failed_position) == (None, 2)
     assert "poison" in (st.error or "") and rows_of_generation_2() == 0
+
+
+@pytest.mark.parametrize("upcast", [lambda d: int("not a number"), lambda d: None],
+                         ids=["raises", "returns-none"])
+def test_an_upcaster_that_fails_names_the_event_and_stops_the_projector(
+        store: EventStore, upcast: Any) -> None:
+    """An upcaster that raises (any exception) or returns no dict is an EventDecodeError naming
+    the event, on reads and in a projector, which records the failure in status; a rebuild
+    stops there too and shows it."""
+    import uuid
+
+    from eventstore import RawEvent, upcaster
+    from eventstore.errors import EventDecodeError
+
+    tag = f"test.Upcounted.{uuid.uuid4().hex[:8]}"
+    # Stored by the release before, when the type was at schema 1 (unknown here till now).
+    store.append("counter-u", [CounterIncremented(by=1),
+                               RawEvent(type=tag, data={"n": 1}, schema_version=1)])
+
+    class Upcounted(Event, tag=tag, schema_version=2):
+        by: int
+
+    upcaster(tag, from_version=1)(upcast)
+    with pytest.raises(EventDecodeError) as read:
+        list(store.read_stream("counter-u"))
+    assert (read.value.position, read.value.type, read.value.stream_id) == (
+        2, tag, "counter-u")
+    assert f"upcaster of {tag} from schema version 1" in str(read.value)
+    projection = TallyProjection("tally_upcast")
+    with pytest.raises(ProjectionFailed) as info:
+        Projector(store, [projection]).catch_up()
+    assert info.value.position == 2
+    (st,) = status(store, "tally_upcast")
+    assert (st.status, st.failed_position) == ("failed", 2)
+    with pytest.raises(EventDecodeError):
+        rebuild(store, TallyProjection("tally_upcast_rebuild"))
+    (st,) = status(store, "tally_upcast_rebuild")
+    assert (st.failed_position, st.rebuild_generation) == (2, None)
