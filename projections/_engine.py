@@ -679,9 +679,10 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     """Run ``projection`` inline: its rows change in the same transaction as each append.
 
     Rows are then current for any query right after ``append`` returns (read-your-writes).  A
-    projection that raises makes the append fail: nothing is written.  Rows built by another
+    projection that raises makes the append fail: nothing is written.  Rows built by an older
     version of the fold are rebuilt first; for an ``AsyncEventStore`` on a sync store of the
-    same database, which blocks the calling thread for that one rebuild.
+    same database, which blocks the calling thread for that one rebuild.  Rows a newer version
+    built are left as they are (see ``_rebuild_if_stale``).
     """
     if not projection.name:
         raise InvalidArgument("a projection needs a name")
@@ -699,9 +700,15 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
 
 
 def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
-    """Rebuild rows built by another version of the fold before they are used."""
+    """Rebuild rows built by an older version of the fold before they are used."""
     existing = status(store, projection.name)
-    if existing and existing[0].code_version != projection.version:
+    if existing and existing[0].code_version > projection.version:
+        # Newer code built them (a rolling deploy, this process the old release): rebuilding
+        # them back would undo its rebuild, and the two would take turns.  Reads of this
+        # process fold live meanwhile; an operator rolling back runs `projections rebuild`.
+        _log.warning("projection_built_by_newer_code", projection=projection.name,
+                     stored=existing[0].code_version, code=projection.version)
+    elif existing and existing[0].code_version != projection.version:
         _log.info("projection_code_changed", projection=projection.name,
                   stored=existing[0].code_version, code=projection.version)
         try:
@@ -1048,6 +1055,7 @@ class Projector:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._log = _log.bind(worker=self.worker_id)
+        self._outdated: set[str] = set()  # projections whose rows newer code built (logged)
         for p in self.projections:
             ensure_registered(store, p)
 
@@ -1073,6 +1081,15 @@ class Projector:
             with transaction(self.store, write=True) as conn:
                 row = _lock_row(conn, p.name)
                 now_us = _now_us(self.store)
+                if row.code_version > p.version:
+                    # Rows of a newer fold (a rolling deploy, this worker the old release):
+                    # stand down for a worker of that code, as for an event of a newer
+                    # schema; rebuilding them back would start the two taking turns.
+                    if p.name not in self._outdated:
+                        self._outdated.add(p.name)
+                        self._log.warning("projection_built_by_newer_code", projection=p.name,
+                                          stored=row.code_version, code=p.version)
+                    return 0
                 if row.status == "failed" or not self._acquire(conn, p, row, now_us):
                     return 0
                 stale = row.code_version != p.version

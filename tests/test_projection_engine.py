@@ -855,3 +855,31 @@ def test_an_upcaster_that_fails_names_the_event_and_stops_the_projector(
         rebuild(store, TallyProjection("tally_upcast_rebuild"))
     (st,) = status(store, "tally_upcast_rebuild")
     assert (st.failed_position, st.rebuild_generation) == (2, None)
+
+
+def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
+    """In a rolling deploy the old release's projector stands down (no lease taken, no
+    rebuild) on rows a newer fold version built, and its inline() leaves them too, instead of
+    the two releases rebuilding the rows back and forth; an explicit rebuild still may."""
+    bump(store, "a", 3)
+
+    class TallyV2(TallyProjection):
+        version = 2
+
+    new, old = TallyV2("tally_deploy"), TallyProjection("tally_deploy")
+    Projector(store, [new], worker_id="new").catch_up()
+    (st,) = status(store, "tally_deploy")
+    assert (st.generation, st.code_version, st.position) == (1, 2, 3)
+    worker = Projector(store, [old], worker_id="old")
+    assert worker.run_once(old) == 0
+    bump(store, "a", 1)
+    assert worker.run_once(old) == 0
+    (st,) = status(store, "tally_deploy")
+    assert (st.generation, st.code_version, st.owner, st.position) == (1, 2, "new", 3)
+    inline(store, old)  # the old release's facades register their inline projection
+    (st,) = status(store, "tally_deploy")
+    assert (st.generation, st.code_version) == (1, 2)
+    Projector(store, [new], worker_id="new").catch_up()
+    assert rows_of(store, new)[("default", "counter-a")].count == 4
+    rebuild(store, old)  # rolling back, on purpose
+    assert status(store, "tally_deploy")[0].code_version == 1
