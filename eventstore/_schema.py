@@ -88,6 +88,8 @@ projections = Table(
     Column("lease_until", BigInteger, nullable=True),
     Column("rebuild_generation", Integer, nullable=True),
     Column("rebuild_position", BigInteger, nullable=True),
+    # The fold version the rebuild in progress folds with (migration 0004).
+    Column("rebuild_code_version", Integer, nullable=True),
     Column("updated_at", BigInteger, nullable=False),
 )
 

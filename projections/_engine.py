@@ -1229,7 +1229,7 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
             if not page:
                 return last
             if track:
-                _own_rebuild(conn, projection.name, generation, last)
+                _own_rebuild(conn, projection.name, generation, last, projection.version)
             rows.apply(conn, page)
             rows.flush(conn, _now_us(store))
             last = page[-1].position
@@ -1254,15 +1254,23 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
         row = _lock_row(conn, name)
         gen: int
         start: int
-        if row.rebuild_generation is not None:
+        if row.rebuild_generation is not None \
+                and row.rebuild_code_version == projection.version:
             gen, start = int(row.rebuild_generation), int(row.rebuild_position or 0)  # resume
         else:
+            # A fresh generation; one another version of the fold left half-built (a release
+            # rolled out or back meanwhile) is started over, never finished with this fold.
+            if row.rebuild_generation is not None:
+                _log.info("projection_rebuild_restarted", projection=name,
+                          generation=row.rebuild_generation,
+                          folded_by=row.rebuild_code_version, code=projection.version)
             gen = int(row.generation) + 1
             start = 0
             conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
                                                        projection_rows.c.generation == gen))
             conn.execute(update(projections).where(projections.c.name == name)
-                         .values(rebuild_generation=gen, rebuild_position=0))
+                         .values(rebuild_generation=gen, rebuild_position=0,
+                                 rebuild_code_version=projection.version))
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
     committed = [start]  # where this rebuild's last committed page left the generation
 
@@ -1274,7 +1282,7 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     try:
         last = _fill(store, projection, gen, start, store.last_position, tracked, track=True)
         with transaction(store, write=True) as conn:
-            row = _own_rebuild(conn, name, gen, last)
+            row = _own_rebuild(conn, name, gen, last, projection.version)
             rows: _Rows[Any] = _Rows(projection, gen)
             last = _catch_up(store, conn, rows, last, None)
             rows.flush(conn, _now_us(store))
@@ -1282,9 +1290,9 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
             conn.execute(update(projections).where(projections.c.name == name).values(
                 generation=gen, position=max(last, 0), code_version=projection.version,
                 status="running", error=None, failed_position=None, rebuild_generation=None,
-                rebuild_position=None, updated_at=_now_us(store)))
+                rebuild_position=None, rebuild_code_version=None, updated_at=_now_us(store)))
     except (ProjectionFailed, EventDecodeError) as e:
-        _record_rebuild_failure(store, name, gen, committed[0], e)
+        _record_rebuild_failure(store, name, gen, committed[0], projection.version, e)
         raise
     with transaction(store, write=True) as conn:
         conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
@@ -1296,7 +1304,8 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
 
 
 def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: int,
-                            err: ProjectionFailed | EventDecodeError) -> None:
+                            code_version: int, err: ProjectionFailed | EventDecodeError
+                            ) -> None:
     """Show a rebuild stopped by an event in ``status`` (``error``, ``failed_position``), and
     drop its partial generation.
 
@@ -1313,10 +1322,11 @@ def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: i
         position = None  # newer code can read the event: nothing of this code's to show
     with transaction(store, write=True) as conn:
         row = _lock_row(conn, name)
-        if row.rebuild_generation != generation or (row.rebuild_position or 0) != at:
+        if row.rebuild_generation != generation or (row.rebuild_position or 0) != at \
+                or row.rebuild_code_version != code_version:
             return  # another rebuild moved it on: its rows are not ours to drop
         values: dict[str, Any] = {"rebuild_generation": None, "rebuild_position": None,
-                                  "updated_at": _now_us(store)}
+                                  "rebuild_code_version": None, "updated_at": _now_us(store)}
         if position is not None and row.status != "failed":
             values.update(error=f"rebuild of generation {generation} stopped: {err}",
                           failed_position=position)
@@ -1327,7 +1337,8 @@ def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: i
                position=position, error=str(err))
 
 
-def _own_rebuild(conn: Connection, name: str, generation: int, position: int) -> Any:
+def _own_rebuild(conn: Connection, name: str, generation: int, position: int,
+                 code_version: int) -> Any:
     """Lock the projection's row and check that this rebuild still owns ``generation`` at
     ``position``; raises :class:`RebuildInProgress` otherwise.
 
@@ -1337,7 +1348,8 @@ def _own_rebuild(conn: Connection, name: str, generation: int, position: int) ->
     one wrote nor, once the first has swapped that generation in, delete the live rows.
     """
     row = _lock_row(conn, name)
-    if row.rebuild_generation != generation or (row.rebuild_position or 0) != position:
+    if row.rebuild_generation != generation or (row.rebuild_position or 0) != position \
+            or row.rebuild_code_version != code_version:
         raise RebuildInProgress(
             f"projection {name} is being rebuilt by another process (generation "
             f"{row.rebuild_generation if row.rebuild_generation is not None else generation})",

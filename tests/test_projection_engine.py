@@ -798,11 +798,13 @@ def test_a_failed_rebuild_leaves_a_generation_another_rebuild_moved_on(
     engine.ensure_registered(store, p)
     with _begin_write(store.engine) as conn:  # a rebuild of generation 2, at position 3
         conn.execute(update(engine.projections).where(engine.projections.c.name == p.name)
-                     .values(rebuild_generation=2, rebuild_position=3))
+                     .values(rebuild_generation=2, rebuild_position=3,
+                             rebuild_code_version=p.version))
     engine._fill(store, p, 2, 0, lambda: 3, None, track=False)
     failure = Failed(projection=p.name, position=2, type="t", stream_id="counter-a",
                      tenant_id="default", cause=ValueError("poison"))
-    engine._record_rebuild_failure(store, p.name, 2, 1, failure)  # it left it at 1: stale
+    engine._record_rebuild_failure(store, p.name, 2, 1, p.version, failure)  # left at 1: stale
+    engine._record_rebuild_failure(store, p.name, 2, 3, p.version + 1, failure)  # other fold
 
     def rows_of_generation_2() -> int:
         with store.engine.connect() as conn:
@@ -813,7 +815,7 @@ def test_a_failed_rebuild_leaves_a_generation_another_rebuild_moved_on(
     (st,) = status(store, p.name)
     assert (st.rebuild_generation, st.rebuild_position, st.error) == (2, 3, None)
     assert rows_of_generation_2() == 1
-    engine._record_rebuild_failure(store, p.name, 2, 3, failure)  # still where it left it
+    engine._record_rebuild_failure(store, p.name, 2, 3, p.version, failure)  # still its own
     (st,) = status(store, p.name)
     assert (st.rebuild_generation, st.failed_position) == (None, 2)
     assert "poison" in (st.error or "") and rows_of_generation_2() == 0
@@ -883,3 +885,44 @@ def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     assert rows_of(store, new)[("default", "counter-a")].count == 4
     rebuild(store, old)  # rolling back, on purpose
     assert status(store, "tally_deploy")[0].code_version == 1
+
+
+def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild cut off after its first page resumes where it stopped when run again by the
+    same fold version; another version (a release rolled out or back meanwhile) starts over,
+    so no generation mixes rows of two folds."""
+    import projections._engine as engine
+
+    class Doubled(TallyProjection):
+        version = 2
+
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            s = super().evolve(state, event)
+            return Tally(count=s.count, total=s.total * 2 if s is not state else s.total,
+                         writers=s.writers, last_version=s.last_version)
+
+    monkeypatch.setattr(engine, "_PAGE", 2)  # pages of 10 events
+    for i in range(30):
+        store.append(f"counter-s{i % 3}", [CounterIncremented(by=1)])
+
+    def interrupt_after_first_page(position: int, bound: int) -> None:
+        raise KeyboardInterrupt  # the process is stopped mid-rebuild
+
+    v1, v2 = TallyProjection("tally_mixed"), Doubled("tally_mixed")
+    with pytest.raises(KeyboardInterrupt):
+        rebuild(store, v2, progress=interrupt_after_first_page)
+    (st,) = status(store, "tally_mixed")
+    assert (st.rebuild_generation, st.rebuild_position) == (2, 10)
+    seen: list[int] = []
+    rebuild(store, v1, progress=lambda position, bound: seen.append(position))  # rolled back
+    assert seen[0] == 10  # started over from 0 (resuming at 10, its first page would end at 20)
+    assert verify(store, v1) == []
+    assert rows_of(store, v1)[("default", "counter-s0")].total == 10
+    # The same fold resumes its own interrupted rebuild.
+    with pytest.raises(KeyboardInterrupt):
+        rebuild(store, v1, progress=interrupt_after_first_page)
+    resumed: list[int] = []
+    rebuild(store, v1, progress=lambda position, bound: resumed.append(position))
+    assert resumed[0] == 20  # went on from 10
+    assert verify(store, v1) == []
