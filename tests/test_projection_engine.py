@@ -861,8 +861,9 @@ def test_an_upcaster_that_fails_names_the_event_and_stops_the_projector(
 
 def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     """In a rolling deploy the old release's projector stands down (no lease taken, no
-    rebuild) on rows a newer fold version built, and its inline() leaves them too, instead of
-    the two releases rebuilding the rows back and forth; an explicit rebuild still may."""
+    rebuild) on rows a newer fold version keeps, and its inline() leaves them too, instead of
+    the two releases rebuilding the rows back and forth; once no newer projector holds the
+    lease and the rows fall behind the log (the release rolled back), the old one rebuilds."""
     bump(store, "a", 3)
 
     class TallyV2(TallyProjection):
@@ -881,10 +882,17 @@ def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     inline(store, old)  # the old release's facades register their inline projection
     (st,) = status(store, "tally_deploy")
     assert (st.generation, st.code_version) == (1, 2)
-    Projector(store, [new], worker_id="new").catch_up()
+    newer = Projector(store, [new], worker_id="new")
+    newer.catch_up()
     assert rows_of(store, new)[("default", "counter-a")].count == 4
-    rebuild(store, old)  # rolling back, on purpose
-    assert status(store, "tally_deploy")[0].code_version == 1
+    # Rolled back: no newer projector holds the lease, and the rows fall behind the log.
+    newer.release()
+    assert worker.run_once(old) == 0  # caught up: they may still be kept by newer code
+    bump(store, "a", 1)
+    assert worker.run_once(old) > 0  # behind, nobody keeping them: rebuilt with this fold
+    (st,) = status(store, "tally_deploy")
+    assert (st.generation, st.code_version, st.position) == (2, 1, 5)
+    assert rows_of(store, old)[("default", "counter-a")].count == 5
 
 
 def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
