@@ -292,6 +292,18 @@ def restart(store: EventStore, name: str) -> None:
     _log.info("projection_restarted", projection=name)
 
 
+def _record_database_failure(store: EventStore, name: str, err: DatabaseError) -> None:
+    """A projection whose batch the database refuses stops at that batch, in ``status``."""
+    with transaction(store, write=True) as conn:
+        row = _lock_row(conn, name)
+        at = int(row.position) + 1
+        conn.execute(update(projections).where(projections.c.name == name).values(
+            status="failed", failed_position=at, updated_at=_now_us(store),
+            error=f"projection {name}: the database refused the batch from position {at}: "
+                  f"{err}"))
+    _log.error("projection_failed", projection=name, position=at, error=str(err))
+
+
 def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None:
     with transaction(store, write=True) as conn:
         conn.execute(update(projections).where(projections.c.name == name)
@@ -1172,9 +1184,9 @@ class Projector:
         operator restarts it, this worker retries it.  A transient database error
         (:attr:`DatabaseError.transient`: a write lock held longer than the busy timeout, a
         lost connection) is logged and retried after a pause that grows to 5 s, instead of
-        ending the worker.  Any other error ends it, leases given up on the way out (an event
-        only newer code can read: a worker of that code goes on; a row the database refuses:
-        the same batch would fail again).
+        ending the worker; any other database error (a row the database refuses) fails that
+        projection, as a failing fold does.  Any other error ends the worker, leases given up
+        on the way out (an event only newer code can read: a worker of that code goes on).
         """
         pause = self.poll_interval
         try:
@@ -1187,7 +1199,10 @@ class Projector:
                         pass  # recorded (status: failed) and logged by run_once
                     except DatabaseError as e:
                         if not e.transient:
-                            raise  # the same batch would fail the same way: stop, loudly
+                            # The same batch would fail the same way (a row the database
+                            # refuses): this projection stops there, in status; the rest go on.
+                            _record_database_failure(self.store, p.name, e)
+                            continue
                         errored = True
                         self._log.warning("projector_database_error", projection=p.name,
                                           error=str(e), retry_in=round(pause, 3))
