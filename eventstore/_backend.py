@@ -442,10 +442,21 @@ def _database_error(message: str, cause: BaseException) -> DatabaseError:
     return error
 
 
-# SQLSTATE classes and codes worth another try: connection exceptions, transaction rollbacks
-# (serialization failure, deadlock), insufficient resources, lock not available, shutdowns.
-_TRANSIENT_CLASSES = ("08", "40", "53")
-_TRANSIENT_STATES = frozenset({"55P03", "57P01", "57P02", "57P03", "57014"})
+# SQLSTATEs worth another try (on a new connection if need be): connection exceptions but a
+# protocol violation, transaction rollbacks (serialization failure, deadlock), too many
+# connections or out of memory, lock not available, the server shutting down or ending an idle
+# session or transaction.  Not a statement timeout (57014): the same statement would time out
+# again, as a full disk would stay full.
+_TRANSIENT_CLASSES = ("08", "40")
+_TRANSIENT_STATES = frozenset({"53200", "53300", "55P03", "57P01", "57P02", "57P03", "57P05",
+                               "25P03", "25P04"})
+_NOT_TRANSIENT = frozenset({"08P01"})
+_SQLITE_BUSY = 5  # SQLITE_BUSY and its extended codes: another connection holds a lock
+# What psycopg says, without a server state, when the connection itself failed.
+_LOST = ("server closed the connection", "connection refused", "could not connect",
+         "timeout expired", "consuming input failed", "terminating connection",
+         "connection is closed", "connection is lost", "could not receive data",
+         "could not send data", "ssl syscall", "connection timed out")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -456,12 +467,17 @@ def is_transient(error: BaseException) -> bool:
         if error.connection_invalidated:
             return True
         error = error.orig if error.orig is not None else error
-    if isinstance(error, sqlite3.OperationalError):
-        text = str(error).lower()
-        return "locked" in text or "busy" in text
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF == _SQLITE_BUSY
+        return "database is locked" in str(error)
     state = getattr(error, "sqlstate", None)
     if isinstance(state, str):
-        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
-    # psycopg's errors without a server state are the connection's own (lost, refused).
-    return type(error).__name__ == "OperationalError" and type(error).__module__.startswith(
-        "psycopg")
+        return state not in _NOT_TRANSIENT and (
+            state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES)
+    if not any(c.__name__ == "OperationalError" and c.__module__.startswith("psycopg")
+               for c in type(error).__mro__):
+        return False
+    text = str(error).lower()
+    return any(sign in text for sign in _LOST)

@@ -945,3 +945,26 @@ def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
     rebuild(store, v1, progress=lambda position, bound: resumed.append(position))
     assert resumed[0] == 20  # went on from 10
     assert verify(store, v1) == []
+
+
+def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
+    """is_transient: lock waits, lost connections, serialization failures and shutdowns are;
+    a statement timeout, a full disk, a protocol violation, a refused value and a missing
+    table are not (retrying them would loop)."""
+    import sqlite3
+
+    import psycopg
+    from psycopg import errors as pg
+
+    from eventstore._backend import is_transient
+
+    transient = [pg.SerializationFailure(), pg.DeadlockDetected(), pg.LockNotAvailable(),
+                 pg.AdminShutdown(), pg.TooManyConnections(), pg.ConnectionTimeout("x"),
+                 psycopg.OperationalError("consuming input failed: server closed the "
+                                          "connection unexpectedly")]
+    permanent = [pg.QueryCanceled(), pg.DiskFull(), pg.ProtocolViolation(),
+                 pg.StringDataRightTruncation(), pg.UndefinedTable(),
+                 psycopg.OperationalError("number of parameters must be between 0 and 65535"),
+                 sqlite3.OperationalError("no such table: locked_orders")]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
