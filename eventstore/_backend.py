@@ -476,8 +476,10 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(state, str):
         return state not in _NOT_TRANSIENT and (
             state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES)
-    if not any(c.__name__ == "OperationalError" and c.__module__.startswith("psycopg")
-               for c in type(error).__mro__):
+    names = {c.__name__ for c in type(error).__mro__ if c.__module__.startswith("psycopg")}
+    if names & {"ConnectionTimeout", "CancellationTimeout"}:
+        return True
+    if "OperationalError" not in names:
         return False
     text = str(error).lower()
     return any(sign in text for sign in _LOST)
