@@ -1125,6 +1125,9 @@ class Projector:
                         self._outdated.add(p.name)
                         self._log.warning("projection_built_by_newer_code", projection=p.name,
                                           stored=row.code_version, code=p.version)
+                    if row.owner == self.worker_id:  # let a worker of the newer code in now
+                        conn.execute(update(projections).where(projections.c.name == p.name)
+                                     .values(owner=None, lease_until=None))
                     return 0
                 if row.status == "failed" or not self._acquire(conn, p, row, now_us):
                     return 0

@@ -138,6 +138,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     p = _projection(args, args.name)
     progress = _Progress(sys.stderr.isatty() and not args.json)
     with open_store(args, existing=True) as store:
+        for st in status(store, p.name):
+            if st.code_version != p.version:  # every row would differ: nothing to learn
+                raise CliError(f"the rows of {p.name} were built by version {st.code_version} "
+                               f"of its fold and this code has version {p.version}: verify "
+                               f"them with the code that built them, or rebuild them")
         diffs = verify(store, p, progress=progress)
         progress.done()
         stopped = [st for st in status(store, p.name) if st.status == "failed"]
@@ -183,6 +188,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:
                 projector.release()  # let the next worker (or the next --once) in at once
             print(f"applied {n} events")
+            for st in (st for p in chosen for st in status(store, p.name)
+                       if st.code_version > p.version):
+                sys.stderr.write(f"eventstore: note: the rows of {st.name} were built by a "
+                                 f"newer version of its fold ({st.code_version}), which keeps "
+                                 f"them: this code left them alone\n")
             failed = [st for p in chosen for st in status(store, p.name) if st.status == "failed"]
             for st in failed:  # a stopped projection applies nothing: not a success
                 sys.stderr.write(f"eventstore: error: projection {st.name} is stopped after a "

@@ -396,3 +396,23 @@ def test_verify_of_a_stopped_projection_says_how_far_it_compared(
     assert code == 0 and "live rows equal the replay" in out
     assert (f"projection {poisoned} is stopped after a failure at position 2; its rows were "
             f"compared up to position 0") in err
+
+
+def test_older_code_says_it_left_rows_a_newer_fold_keeps(
+        url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against rows a newer fold version keeps, run --once of older code says it left them
+    alone, and verify refuses to compare rows of another fold version (all would differ)."""
+    class TallyV2(TallyProjection):
+        version = 2
+
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+    monkeypatch.setitem(engine._registry, "tally_v", lambda: TallyV2("tally_v"))
+    assert run(capsys, "projections", "run", "tally_v", "--once", "--url", url)[0] == 0
+    monkeypatch.setitem(engine._registry, "tally_v", lambda: TallyProjection("tally_v"))
+    code, out, err = run(capsys, "projections", "run", "tally_v", "--once", "--url", url)
+    assert code == 0 and "applied 0 events" in out
+    assert "built by a newer version of its fold (2)" in err
+    code, out, err = run(capsys, "projections", "verify", "tally_v", "--url", url)
+    assert (code, out) == (2, "")
+    assert "built by version 2 of its fold and this code has version 1" in err
