@@ -714,12 +714,11 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
 def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
     """Rebuild rows built by an older version of the fold before they are used."""
     existing = status(store, projection.name)
-    if existing and existing[0].code_version > projection.version \
-            and _newer_rows_kept(store, projection):
-        # Newer code built them and keeps them (a rolling deploy, this process the old
-        # release): rebuilding them back would undo its rebuild, and the two would take turns.
-        # This process's reads of one stream fold live meanwhile; its queries across streams
-        # find none of these rows until the newer release is gone.
+    if existing and existing[0].code_version > projection.version:
+        # Newer code built them (a rolling deploy, this process the old release): rebuilding
+        # them back would undo its rebuild, and the two would take turns.  This process's
+        # reads of one stream fold live meanwhile; its queries across streams find none of
+        # these rows.  Rolling back is an explicit `projections rebuild NAME` with this code.
         _log.warning("projection_built_by_newer_code", projection=projection.name,
                      stored=existing[0].code_version, code=projection.version)
     elif existing and existing[0].code_version != projection.version:
@@ -731,27 +730,6 @@ def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
             # Another process (a worker of the same deploy) is rebuilding: its swap folds
             # in what this one appends meanwhile.
             _log.info("projection_rebuild_elsewhere", projection=projection.name)
-
-
-def _newer_rows_kept(store: EventStore, projection: Projection[Any]) -> bool:
-    with transaction(store, write=False) as conn:
-        row = _lock_row(conn, projection.name)
-        return _newer_in_use(conn, row, projection, _now_us(store))
-
-
-def _newer_in_use(conn: Connection, row: Any, projection: Projection[Any], now_us: int,
-                  me: str | None = None) -> bool:
-    """Whether code of the newer fold that built the rows still keeps them: a projector (not
-    ``me``) holds the lease, or they are caught up with the log (its inline appends keep them
-    so).  Rows left behind with no lease held are a release rolled back: older code rebuilds
-    them."""
-    if row.owner is not None and row.owner != me and (row.lease_until or 0) > now_us:
-        return True
-    e = event_table.c
-    behind = select(e.position).where(e.position > row.position)
-    if projection.categories:
-        behind = behind.where(e.category.in_(list(projection.categories)))
-    return conn.execute(behind.limit(1)).first() is None
 
 
 # -- reading rows --
@@ -1116,11 +1094,11 @@ class Projector:
             with transaction(self.store, write=True) as conn:
                 row = _lock_row(conn, p.name)
                 now_us = _now_us(self.store)
-                if row.code_version > p.version \
-                        and _newer_in_use(conn, row, p, now_us, self.worker_id):
-                    # Rows of a newer fold that its code keeps (a rolling deploy, this worker
-                    # the old release): stand down for a worker of that code, as for an event
-                    # of a newer schema; rebuilding them back would start the two taking turns.
+                if row.code_version > p.version:
+                    # Rows of a newer fold (a rolling deploy, this worker the old release):
+                    # stand down for a worker of that code, as for an event of a newer schema;
+                    # rebuilding them back would start the two taking turns.  A fold version
+                    # never goes back by itself: rolling back is `projections rebuild NAME`.
                     if p.name not in self._outdated:
                         self._outdated.add(p.name)
                         self._log.warning("projection_built_by_newer_code", projection=p.name,

@@ -191,8 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             for st in (st for p in chosen for st in status(store, p.name)
                        if st.code_version > p.version):
                 sys.stderr.write(f"eventstore: note: the rows of {st.name} were built by a "
-                                 f"newer version of its fold ({st.code_version}), which keeps "
-                                 f"them: this code left them alone\n")
+                                 f"newer version of its fold ({st.code_version}): this code "
+                                 f"leaves them alone; to roll back to it, run `eventstore "
+                                 f"projections rebuild {st.name}` with it\n")
             failed = [st for p in chosen for st in status(store, p.name) if st.status == "failed"]
             for st in failed:  # a stopped projection applies nothing: not a success
                 sys.stderr.write(f"eventstore: error: projection {st.name} is stopped after a "

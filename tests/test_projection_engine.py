@@ -872,9 +872,11 @@ def test_an_upcaster_that_fails_names_the_event_and_stops_the_projector(
 
 def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     """In a rolling deploy the old release's projector stands down (no lease taken, no
-    rebuild) on rows a newer fold version keeps, and its inline() leaves them too, instead of
-    the two releases rebuilding the rows back and forth; once no newer projector holds the
-    lease and the rows fall behind the log (the release rolled back), the old one rebuilds."""
+    rebuild) on rows a newer fold version built, and its inline() leaves them too, instead of
+    the two releases rebuilding the rows back and forth; a fold version never goes back by
+    itself (an old worker holding the lease gives it up): rolling back is a rebuild."""
+    from eventstore._schema import projections as engine_projections
+
     bump(store, "a", 3)
 
     class TallyV2(TallyProjection):
@@ -896,11 +898,19 @@ def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     newer = Projector(store, [new], worker_id="new")
     newer.catch_up()
     assert rows_of(store, new)[("default", "counter-a")].count == 4
-    # Rolled back: no newer projector holds the lease, and the rows fall behind the log.
+    # The newer release gone (its lease given up, the rows behind the log): still left alone,
+    # and an old worker that held the lease gives it up.
     newer.release()
-    assert worker.run_once(old) == 0  # caught up: they may still be kept by newer code
     bump(store, "a", 1)
-    assert worker.run_once(old) > 0  # behind, nobody keeping them: rebuilt with this fold
+    held = Projector(store, [old], worker_id="old-holder")
+    with begin_write(store.engine) as conn:
+        conn.execute(update(engine_projections).where(engine_projections.c.name == old.name)
+                     .values(owner="old-holder", lease_until=to_micros(store.now()) + 10**9))
+    assert held.run_once(old) == 0
+    (st,) = status(store, "tally_deploy")
+    assert (st.generation, st.code_version, st.owner) == (1, 2, None)
+    rebuild(store, old)  # rolling back is explicit
+    assert worker.run_once(old) == 0  # caught up by the rebuild
     (st,) = status(store, "tally_deploy")
     assert (st.generation, st.code_version, st.position) == (2, 1, 5)
     assert rows_of(store, old)[("default", "counter-a")].count == 5

@@ -412,7 +412,7 @@ def test_older_code_says_it_left_rows_a_newer_fold_keeps(
     monkeypatch.setitem(engine._registry, "tally_v", lambda: TallyProjection("tally_v"))
     code, out, err = run(capsys, "projections", "run", "tally_v", "--once", "--url", url)
     assert code == 0 and "applied 0 events" in out
-    assert "built by a newer version of its fold (2)" in err
+    assert "built by a newer version of its fold (2): this code leaves them alone" in err
     code, out, err = run(capsys, "projections", "verify", "tally_v", "--url", url)
     assert (code, out) == (2, "")
     assert "built by version 2 of its fold and this code has version 1" in err
