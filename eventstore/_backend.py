@@ -444,19 +444,17 @@ def _database_error(message: str, cause: BaseException) -> DatabaseError:
 
 # SQLSTATEs worth another try (on a new connection if need be): connection exceptions but a
 # protocol violation, transaction rollbacks (serialization failure, deadlock), too many
-# connections or out of memory, lock not available, the server shutting down or ending an idle
-# session or transaction.  Not a statement timeout (57014): the same statement would time out
-# again, as a full disk would stay full.
+# connections or out of memory, lock not available, a statement cancelled (statement_timeout:
+# mostly a wait for a lock), the server shutting down or ending an idle session or
+# transaction.  Not a full disk, which stays full.
 _TRANSIENT_CLASSES = ("08", "40")
-_TRANSIENT_STATES = frozenset({"53200", "53300", "55P03", "57P01", "57P02", "57P03", "57P05",
-                               "25P03", "25P04"})
+_TRANSIENT_STATES = frozenset({"53200", "53300", "55P03", "57014", "57P01", "57P02", "57P03",
+                               "57P05", "25P03", "25P04"})
 _NOT_TRANSIENT = frozenset({"08P01"})
 _SQLITE_BUSY = 5  # SQLITE_BUSY and its extended codes: another connection holds a lock
-# What psycopg says, without a server state, when the connection itself failed.
-_LOST = ("server closed the connection", "connection refused", "could not connect",
-         "timeout expired", "consuming input failed", "terminating connection",
-         "connection is closed", "connection is lost", "could not receive data",
-         "could not send data", "ssl syscall", "connection timed out")
+# psycopg's own errors without a server state are the connection's (lost, refused, not
+# resolved, timed out), but for these, which are the caller's.
+_CALLERS = ("number of parameters", "query parameter", "cannot adapt")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -477,9 +475,7 @@ def is_transient(error: BaseException) -> bool:
         return state not in _NOT_TRANSIENT and (
             state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES)
     names = {c.__name__ for c in type(error).__mro__ if c.__module__.startswith("psycopg")}
-    if names & {"ConnectionTimeout", "CancellationTimeout"}:
-        return True
     if "OperationalError" not in names:
         return False
     text = str(error).lower()
-    return any(sign in text for sign in _LOST)
+    return not any(sign in text for sign in _CALLERS)

@@ -80,9 +80,10 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(f"raw {event.type} event does not match its type: "
                                    f"{e.__cause__ or e}") from e
-        elif known is None:
-            # Readers decode it as a JSON object: a msgspec.Raw inside is written as it is, so
-            # one holding no valid JSON would fail every later read of the log.
+        else:
+            # Readers decode it as a JSON object (code that knows the type or a newer schema
+            # of it too): a msgspec.Raw inside is written as it is, so one holding no valid
+            # JSON would fail every later read of the log.
             try:
                 _dict_decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -1182,8 +1182,9 @@ class Projector:
                         if not e.transient:
                             # The same batch would fail the same way (a row the database
                             # refuses): this projection stops there, in status; the rest go on.
-                            _record_database_failure(self.store, p.name, e)
-                            continue
+                            with contextlib.suppress(DatabaseError):  # else: retried below
+                                _record_database_failure(self.store, p.name, e)
+                                continue
                         errored = True
                         self._log.warning("projector_database_error", projection=p.name,
                                           error=str(e), retry_in=round(pause, 3))

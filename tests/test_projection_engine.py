@@ -958,9 +958,9 @@ def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
 
 
 def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
-    """is_transient: lock waits, lost connections, serialization failures and shutdowns are;
-    a statement timeout, a full disk, a protocol violation, a refused value and a missing
-    table are not (retrying them would loop)."""
+    """is_transient: lock waits (also through a statement timeout), lost or unreachable
+    connections, serialization failures and shutdowns are; a full disk, a protocol violation,
+    a refused value, a missing table and a caller's misuse are not."""
     import sqlite3
 
     import psycopg
@@ -970,9 +970,12 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
 
     transient = [pg.SerializationFailure(), pg.DeadlockDetected(), pg.LockNotAvailable(),
                  pg.AdminShutdown(), pg.TooManyConnections(), pg.ConnectionTimeout("x"),
+                 pg.QueryCanceled(),  # statement_timeout: mostly a wait for a lock
                  psycopg.OperationalError("consuming input failed: server closed the "
-                                          "connection unexpectedly")]
-    permanent = [pg.QueryCanceled(), pg.DiskFull(), pg.ProtocolViolation(),
+                                          "connection unexpectedly"),
+                 psycopg.OperationalError('failed to resolve host "db": [Errno -3] Temporary '
+                                          'failure in name resolution')]
+    permanent = [pg.DiskFull(), pg.ProtocolViolation(),
                  pg.StringDataRightTruncation(), pg.UndefinedTable(),
                  psycopg.OperationalError("number of parameters must be between 0 and 65535"),
                  sqlite3.OperationalError("no such table: locked_orders")]
