@@ -30,6 +30,7 @@ from .errors import (
     NoPendingContinuation,
     NoPendingFeedback,
     NotFound,
+    ProjectionStopped,
     ResumeInProgress,
 )
 from .flows import Flows, PendingFeedback
@@ -60,6 +61,7 @@ __all__ = [
     "Projection",
     "ProjectionFailed",
     "ProjectionStatus",
+    "ProjectionStopped",
     "Projector",
     "RowIndex",
     "VariableChange",

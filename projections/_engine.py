@@ -52,7 +52,7 @@ from eventstore.errors import (
 )
 from eventstore.logs import get_logger
 
-from .errors import RebuildInProgress
+from .errors import ProjectionStopped, RebuildInProgress
 
 __all__ = [
     "Projection",
@@ -111,7 +111,8 @@ class Projection(Generic[S]):
 
     Subclasses set ``name``, ``categories`` and ``state_type`` and implement :meth:`initial` and
     :meth:`evolve` (pure: no I/O, no clock, no randomness; everything comes from the event).
-    Bump ``version`` when the fold changes: rows and snapshots of another version are rebuilt,
+    Bump ``version`` when the fold changes: rows of an older version are rebuilt (rows of a
+    newer one are left to the code that built them), snapshots of another version are skipped,
     never trusted.
     """
 
@@ -654,9 +655,10 @@ class _InlineHandler:
             self._mark = None  # nothing to guess from until this code folds the rows again
             return None
         if status_ == "failed":
-            raise EventStoreError(
+            raise ProjectionStopped(
                 f"projection {self.p.name} is stopped after a failure ({error}); fix it and "
-                f"run `eventstore projections restart {self.p.name}` before appending")
+                f"run `eventstore projections restart {self.p.name}` before appending",
+                projection=self.p.name)
         rows: _Rows[Any] = _Rows(self.p, generation)
         first = relevant[0].position
         # Rows this process remembers (see guess) are the database's only while nobody else
@@ -1086,7 +1088,8 @@ class Projector:
     def run_once(self, projection: Projection[Any]) -> int:
         """Apply one batch of new events if this worker holds (or can take) the lease.
 
-        Returns the number of events read (0 when idle, not leased, or failed).  Raises
+        Returns the number of events read (0 when idle, not leased, or failed; after a rebuild
+        of rows of an older fold version, the position it caught up to).  Raises
         :class:`ProjectionFailed` when the fold raises; the projection is then marked failed.
         """
         p = projection
@@ -1263,7 +1266,8 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
 
 def rebuild(store: EventStore, projection: Projection[Any], *,
             progress: ProgressFn | None = None) -> int:
-    """Replay the log from position 0 into a new generation and swap it in when caught up.
+    """Replay the log from position 0 into a new generation and swap it in when caught up (a
+    rebuild interrupted before resumes its generation when the fold version is the same).
 
     Queries keep reading the current generation until the swap, which happens in one
     transaction holding the projection's lock (so inline appends and projector batches wait for

@@ -5,7 +5,7 @@ from __future__ import annotations
 from eventstore.errors import EventStoreError
 
 __all__ = ["Conflict", "LeaseLost", "NoPendingContinuation", "NoPendingFeedback", "NotFound",
-           "RebuildInProgress", "ResumeInProgress"]
+           "ProjectionStopped", "RebuildInProgress", "ResumeInProgress"]
 
 
 class Conflict(EventStoreError):
@@ -37,6 +37,17 @@ class NoPendingContinuation(Conflict):
 class RebuildInProgress(Conflict):
     """Another process is rebuilding the projection (``reason``: ``rebuilding``); its rows are
     swapped in when it is done."""
+
+
+class ProjectionStopped(EventStoreError):
+    """An append to the categories of an inline projection that is stopped after a failure:
+    refused until an operator restarts it (``projections restart NAME``), so that its rows never
+    go on past the event they failed on.  ``projection`` names it; ``projections status``
+    shows where and why it failed."""
+
+    def __init__(self, message: str, *, projection: str) -> None:
+        super().__init__(message)
+        self.projection = projection
 
 
 class LeaseLost(Conflict):

@@ -1606,7 +1606,8 @@ class EventStoreSaver(_Base):
     @contextlib.contextmanager
     def from_url(cls, url: str | None = None, *, tenant_id: str = DEFAULT_TENANT,
                  serde: SerializerProtocol | None = None) -> Iterator[EventStoreSaver]:
-        """A saver on a store it opens (and closes afterwards)."""
+        """A saver on a store it opens, as a context manager (as ``SqliteSaver.from_conn_string``):
+        ``with EventStoreSaver.from_url(url) as saver: ...`` closes the store on the way out."""
         with EventStore.open(url) as store:
             yield cls(store, tenant_id=tenant_id, serde=serde)
 
@@ -1805,7 +1806,9 @@ class AsyncEventStoreSaver(_Base):
     async def from_url(cls, url: str | None = None, *, tenant_id: str = DEFAULT_TENANT,
                        serde: SerializerProtocol | None = None
                        ) -> AsyncIterator[AsyncEventStoreSaver]:
-        """A saver on an async store it opens (and closes afterwards)."""
+        """A saver on an async store it opens, as an async context manager:
+        ``async with AsyncEventStoreSaver.from_url(url) as saver: ...`` closes it on the way
+        out."""
         from eventstore.aio import AsyncEventStore
 
         async with await AsyncEventStore.open(url) as store:

@@ -981,3 +981,25 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
                  sqlite3.OperationalError("no such table: locked_orders")]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_appends_through_a_stopped_inline_projection_are_refused_until_restart(
+        store: EventStore) -> None:
+    """An inline projection a projector failed stops appends to its categories with the typed
+    ProjectionStopped (its rows never run past the failed event) until it is restarted."""
+    from projections import ProjectionStopped, restart
+
+    bump(store, "a", 1)
+    store.append("counter-a", [CounterIncremented(by=13)])
+    with pytest.raises(ProjectionFailed):
+        Projector(store, [TallyProjection("tally_inline_stop", poison=13)]).catch_up()
+    inline(store, TallyProjection("tally_inline_stop"))  # the fixed code, inline
+    with pytest.raises(ProjectionStopped) as info:
+        bump(store, "a", 1)
+    assert info.value.projection == "tally_inline_stop" and "restart" in str(info.value)
+    assert store.stream_version("counter-a") == 2
+    store.append("other-1", [CounterIncremented()])  # other categories are not held up
+    restart(store, "tally_inline_stop")
+    bump(store, "a", 1)
+    row = load_row(store, TallyProjection("tally_inline_stop"), "default", "counter-a")
+    assert row is not None and row[0].count == 3
