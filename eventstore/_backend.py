@@ -453,8 +453,11 @@ _TRANSIENT_STATES = frozenset({"53200", "53300", "55P03", "57014", "57P01", "57P
 _NOT_TRANSIENT = frozenset({"08P01"})
 _SQLITE_BUSY = 5  # SQLITE_BUSY and its extended codes: another connection holds a lock
 # psycopg's own errors without a server state are the connection's (lost, refused, not
-# resolved, timed out), but for these, which are the caller's.
-_CALLERS = ("number of parameters", "query parameter", "cannot adapt")
+# resolved, timed out), but for these, which are the caller's: misuse, or a configuration
+# (database, role, password) the server refuses at connect.
+_CALLERS = ("number of parameters", "query parameter", "cannot adapt", "does not exist",
+            "password authentication failed", "no password supplied",
+            "no pg_hba.conf entry")
 
 
 def is_transient(error: BaseException) -> bool:

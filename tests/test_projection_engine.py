@@ -978,6 +978,8 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
     permanent = [pg.DiskFull(), pg.ProtocolViolation(),
                  pg.StringDataRightTruncation(), pg.UndefinedTable(),
                  psycopg.OperationalError("number of parameters must be between 0 and 65535"),
+                 psycopg.OperationalError('connection failed: FATAL:  database "x" does not '
+                                          'exist'),
                  sqlite3.OperationalError("no such table: locked_orders")]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
