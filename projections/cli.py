@@ -23,6 +23,7 @@ from ._engine import (
     Projection,
     ProjectionStatus,
     Projector,
+    _check_seconds,
     rebuild,
     registered,
     restart,
@@ -178,6 +179,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     names = args.names or sorted(registered())
     chosen = [_projection(args, n) for n in names]
+    _check_seconds(args.lease_seconds, "lease_seconds")  # before a SQLite file is made
     stop = threading.Event()
     with open_store(args) as store:
         projector = Projector(store, chosen, worker_id=args.worker_id,

@@ -369,11 +369,15 @@ def test_a_module_that_is_not_there_exits_2(url: str, command: list[str],
 
 @pytest.mark.parametrize("value", ["nan", "inf", "1e300", "0"])
 def test_run_refuses_a_lease_that_is_no_number_of_seconds(
-        url: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+        url: str, value: str, capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
     """--lease-seconds nan, inf, 1e300 or 0 exits 2 with the argument named."""
     code, _, err = run(capsys, "projections", "run", "--once", "--lease-seconds", value,
                        "--url", url)
     assert code == 2 and "lease_seconds must be a number of seconds" in err
+    missing = f"sqlite:///{tmp_path / 'not_made.db'}"
+    code, _, _ = run(capsys, "projections", "run", "--once", "--lease-seconds", value,
+                     "--url", missing)
+    assert code == 2 and not (tmp_path / "not_made.db").exists()  # refused before opening
 
 
 def test_common_options_may_follow_projections(url: str,
