@@ -6,7 +6,6 @@ Stream per conversation: ``conversation-<conversation_id>``.  The projection run
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -163,18 +162,6 @@ def _check_names(names: Iterable[object]) -> list[str]:
     return out
 
 
-def _check_finite(value: Any, name: str) -> None:
-    """JSON has no NaN or infinity; refuse them rather than store ``null`` in their place."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidArgument(f"variable {name}: {value} cannot be stored (not finite)")
-    if isinstance(value, dict):
-        for v in value.values():
-            _check_finite(v, name)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_finite(v, name)
-
-
 class Conversations:
     """Conversation variables on the event log.
 
@@ -275,8 +262,6 @@ class Conversations:
         if not variables:
             raise InvalidArgument("assign needs at least one variable")
         names = _check_names(variables.keys())
-        for n in names:
-            _check_finite(variables[n], n)
         types = types or {}
         return [VariableValue(name=n, value=variables[n],
                               value_type=types.get(n) or value_type_of(variables[n]))
