@@ -139,15 +139,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     p = _projection(args, args.name)
     progress = _Progress(sys.stderr.isatty() and not args.json)
     with open_store(args, existing=True) as store:
-        for st in status(store, p.name):
+        rows = status(store, p.name)  # verify changes none of it
+        for st in rows:
             if st.code_version != p.version:  # every row would differ: nothing to learn
                 raise CliError(f"the rows of {p.name} were built by version {st.code_version} "
                                f"of its fold and this code has version {p.version}: verify "
                                f"them with the code that built them, or rebuild them")
         diffs = verify(store, p, progress=progress)
         progress.done()
-        stopped = [st for st in status(store, p.name) if st.status == "failed"]
-    for st in stopped:  # the rows are compared up to where they are: say they stopped there
+    # The rows are compared up to where they are: say where a stopped one stopped.
+    for st in (st for st in rows if st.status == "failed"):
         sys.stderr.write(f"eventstore: note: projection {st.name} is stopped after a failure "
                          f"at position {st.failed_position}; its rows were compared up to "
                          f"position {st.position}\n")
@@ -190,13 +191,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:
                 projector.release()  # let the next worker (or the next --once) in at once
             print(f"applied {n} events")
-            for st in (st for p in chosen for st in status(store, p.name)
-                       if st.code_version > p.version):
+            states = [(p, st) for p in chosen for st in status(store, p.name)]
+            for st in (st for p, st in states if st.code_version > p.version):
                 sys.stderr.write(f"eventstore: note: the rows of {st.name} were built by a "
                                  f"newer version of its fold ({st.code_version}): this code "
                                  f"leaves them alone; to roll back to it, run `eventstore "
                                  f"projections rebuild {st.name}` with it\n")
-            failed = [st for p in chosen for st in status(store, p.name) if st.status == "failed"]
+            failed = [st for _p, st in states if st.status == "failed"]
             for st in failed:  # a stopped projection applies nothing: not a success
                 sys.stderr.write(f"eventstore: error: projection {st.name} is stopped after a "
                                  f"failure at position {st.failed_position}: {st.error}; fix it "
