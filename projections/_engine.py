@@ -778,7 +778,9 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
                status: str | Sequence[str] | None = None, group_key: str | None = None,
                sort_before: int | None = None, limit: int | None = None,
                conn: Connection | None = None) -> list[tuple[str, str, S, int]]:
-    """Rows of the active generation by indexed columns, oldest ``sort_key`` first.
+    """Rows of the active generation by indexed columns, oldest ``sort_key`` first; rows with
+    the same ``sort_key`` in log order (of the event each row last folded), so a queue stays
+    first-in-first-out when times tie (an injected clock, or two events in one microsecond).
 
     Returns ``(tenant_id, stream_id, state, version)`` tuples.
     """
@@ -796,7 +798,7 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
         q = q.where(pr.group_key == group_key)
     if sort_before is not None:
         q = q.where(pr.sort_key < sort_before)
-    q = q.order_by(pr.sort_key, pr.tenant_id, pr.stream_id)
+    q = q.order_by(pr.sort_key, pr.position, pr.tenant_id, pr.stream_id)
     if limit is not None:
         q = q.limit(limit)
     if conn is not None:

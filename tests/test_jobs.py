@@ -145,6 +145,23 @@ def test_claim_takes_the_oldest_queued_job_with_a_lease(jobs: Jobs, clock: Clock
     assert nxt is not None and nxt.job_id == newer.job_id
 
 
+def test_claim_is_first_in_first_out_when_the_clock_stands_still(jobs: Jobs,
+                                                                  clock: Clock) -> None:
+    """Jobs queued at the same instant (a frozen clock) are claimed in submission order, and
+    jobs a sweep requeues together come back in the order they were claimed."""
+    submitted = [jobs.submit("wf", {"i": i}, user_id="u1").job_id for i in range(8)]
+    claimed = []
+    while (job := jobs.claim("w1")) is not None:
+        claimed.append(job.job_id)
+    assert claimed == submitted
+    clock.advance(seconds=LEASE.total_seconds() + 1)
+    assert [s.job_id for s in jobs.sweep()] == submitted
+    again = []
+    while (job := jobs.claim("w2")) is not None:
+        again.append(job.job_id)
+    assert again == submitted
+
+
 def test_claim_returns_none_when_nothing_is_queued(jobs: Jobs) -> None:
     """With no queued job, claim returns None and writes nothing."""
     assert jobs.claim("w1") is None
