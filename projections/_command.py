@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
+from eventstore._core import check_id
 from eventstore.errors import InvalidArgument
 
 from ._engine import Projection, current
@@ -78,11 +79,13 @@ def check_time(when: datetime, what: str) -> datetime:
 
 
 def check_text(value: object, what: str) -> str:
+    """A facade's id: a non-empty string of at most 200 characters that both databases store
+    (no NUL, which PostgreSQL's text refuses, and no lone surrogate)."""
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{what} must be a non-empty string, got {value!r}")
     if len(value) > 200:
         raise InvalidArgument(f"{what} is longer than 200 characters")
-    return value
+    return check_id(value, what, InvalidArgument)
 
 
 def composite_id(*parts: str) -> str:

@@ -748,6 +748,8 @@ def _usable_generation(projection: Projection[Any]) -> Any:
 def load_row(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str
              ) -> tuple[S, int] | None:
     """The persisted state of one stream and the version it reflects, or ``None``."""
+    check_id(stream_id, "stream id", InvalidStreamId)
+    check_id(tenant_id, "tenant id", InvalidArgument)
     pr = projection_rows.c
     gen = _usable_generation(projection)
     with transaction(store, write=False) as conn:
@@ -784,6 +786,11 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
 
     Returns ``(tenant_id, stream_id, state, version)`` tuples.
     """
+    for value, what in ((tenant_id, "tenant id"), (group_key, "group key")):
+        if value is not None:
+            check_id(value, what, InvalidArgument)
+    for value in [status] if isinstance(status, str) else status or ():
+        check_id(value, "status", InvalidArgument)
     pr = projection_rows.c
     gen = _usable_generation(projection)
     q = select(pr.tenant_id, pr.stream_id, pr.state, pr.version).where(

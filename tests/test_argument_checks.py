@@ -147,6 +147,36 @@ def test_queries_that_take_a_tenant_refuse_none(store: EventStore) -> None:
         AgentSessions(store).active_in_run(None, "run-1")  # type: ignore[arg-type]
 
 
+NUL = "a\x00b"
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: Continuations(s).get(NUL, "u"),
+    lambda s: Continuations(s).pending_for_user(NUL),
+    lambda s: Continuations(s).get("c", "u", tenant_id=NUL),
+    lambda s: Jobs(s).get(NUL),
+    lambda s: Jobs(s).list(tenant_id=NUL),
+    lambda s: Jobs(s).submit("wf", {}, user_id="u", dedupe_key=NUL),
+    lambda s: Jobs(s).claim(NUL),
+    lambda s: Flows(s).load(NUL),
+    lambda s: Flows(s).pending_feedback(NUL),
+    lambda s: Flows(s).save("f", NUL, {}),
+    lambda s: Conversations(s).get(NUL),
+    lambda s: AgentSessions(s).save(SessionKey("t", NUL, "n", "b", "a"), snapshot={},
+                                    layer_specs=[]),
+    lambda s: AgentSessions(s).active_in_run("t", NUL),
+    lambda s: AgentSessions(s).finish_run("t", NUL, "done"),
+], ids=["cont-get", "cont-pending", "cont-tenant", "jobs-get", "jobs-list", "jobs-dedupe",
+        "jobs-claim", "flows-load", "flows-pending", "flows-method", "conv-get", "sess-save",
+        "sess-run", "sess-finish"])
+def test_ids_with_nul_are_refused_on_both_backends(store: EventStore, call: Any) -> None:
+    """PostgreSQL's text cannot hold NUL: such ids are bad input on either backend (they were a
+    DatabaseError on PostgreSQL, and stored or matched nothing on SQLite)."""
+    with pytest.raises(InvalidArgument, match="NUL"):
+        call(store)
+    assert list(store.read_all()) == []
+
+
 @pytest.mark.asyncio
 async def test_async_job_events_check_timeout_and_poll_interval(url: str) -> None:
     """As the sync facade's: poll_interval=0 would poll the database without pause."""
