@@ -124,6 +124,20 @@ _log = get_logger("eventstore.langgraph")
 MAX_THREAD_ID_LENGTH = 255 - len(_PREFIX)  # a stream id is at most 255 characters
 
 
+def _text(value: object, what: str) -> str:
+    """An id from LangGraph's config as text both databases store (``InvalidArgument`` for a NUL
+    character, which PostgreSQL's text refuses, or a lone surrogate)."""
+    text = str(value)
+    if "\x00" in text:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgument(f"{what} is not valid Unicode text (a lone surrogate?)") from e
+    return text
+
+
 def stream_id_of(thread_id: str) -> str:
     """The stream of a LangGraph thread (``InvalidArgument`` for a thread id over
     ``MAX_THREAD_ID_LENGTH`` characters, 246)."""
@@ -1342,8 +1356,8 @@ class _Base(BaseCheckpointSaver[str]):
                            metadata: CheckpointMetadata, new_versions: ChannelVersions
                            ) -> tuple[str, CheckpointSaved, RunnableConfig]:
         conf = config["configurable"]
-        thread_id = str(conf["thread_id"])
-        ns = str(conf.get("checkpoint_ns") or "")
+        thread_id = _text(conf["thread_id"], "thread_id")
+        ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
         _check_checkpoint(checkpoint, conf.get("checkpoint_id"), new_versions)
         values = checkpoint["channel_values"]
         items = []
@@ -1379,11 +1393,12 @@ class _Base(BaseCheckpointSaver[str]):
                 raise InvalidArgument(f"a write's channel must be a string, got {ch!r}")
             t, data = self.serde.dumps_typed(value)
             out.append(Write(WRITES_IDX_MAP.get(ch, i), ch, data, t))
-        ev = WritesSaved(ns=str(conf.get("checkpoint_ns") or ""),
-                         checkpoint_id=str(conf["checkpoint_id"]), task_id=task_id,
+        ev = WritesSaved(ns=_text(conf.get("checkpoint_ns") or "", "checkpoint_ns"),
+                         checkpoint_id=_text(conf["checkpoint_id"], "checkpoint_id"),
+                         task_id=task_id,
                          task_path=task_path, writes=out,
                          upsert=all(ch in WRITES_IDX_MAP for ch, _v in items))
-        return str(conf["thread_id"]), ev
+        return _text(conf["thread_id"], "thread_id"), ev
 
     def _remember(self, thread_id: str, ev: CheckpointSaved, position: int) -> None:
         """Note the checkpoint just put, for ``get_tuple``'s one-round-trip read."""
@@ -1437,7 +1452,8 @@ class _Base(BaseCheckpointSaver[str]):
     @staticmethod
     def _get_args(config: RunnableConfig) -> tuple[str, str, str | None]:
         conf = config["configurable"]
-        return (str(conf["thread_id"]), str(conf.get("checkpoint_ns") or ""),
+        return (_text(conf["thread_id"], "thread_id"),
+                _text(conf.get("checkpoint_ns") or "", "checkpoint_ns"),
                 get_checkpoint_id(config))
 
     @staticmethod
@@ -1447,9 +1463,9 @@ class _Base(BaseCheckpointSaver[str]):
         if config is not None:
             conf = config.get("configurable") or {}
             if conf.get("thread_id") is not None:
-                thread_id = str(conf["thread_id"])
+                thread_id = _text(conf["thread_id"], "thread_id")
             if conf.get("checkpoint_ns") is not None:
-                ns = str(conf["checkpoint_ns"])
+                ns = _text(conf["checkpoint_ns"], "checkpoint_ns")
             cid = get_checkpoint_id(config)
         before_id = get_checkpoint_id(before) if before is not None else None
         return thread_id, ns, cid, before_id
@@ -1464,7 +1480,7 @@ class _Base(BaseCheckpointSaver[str]):
             raise TypeError("thread_ids must be a sequence of thread IDs, not a str")
         if strategy not in PRUNE_STRATEGIES:
             raise ValueError(f"Unknown prune strategy: {strategy!r}")
-        return [str(t) for t in thread_ids]
+        return [_text(t, "thread_id") for t in thread_ids]
 
 
 def _page_size(limit: int | None, filter: Mapping[str, Any] | None) -> int:
@@ -1699,7 +1715,7 @@ class EventStoreSaver(_Base):
     # -- retention --
 
     def delete_thread(self, thread_id: str) -> None:
-        thread_id = str(thread_id)
+        thread_id = _text(thread_id, "thread_id")
         with begin_read(self.store.engine) as conn:
             _version, has_rows = thread_state(conn, self.tenant_id, thread_id)
         if has_rows:
@@ -1730,7 +1746,7 @@ class EventStoreSaver(_Base):
                 bound.log_appended()
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        ids = [str(r) for r in run_ids]
+        ids = [_text(r, "run_id") for r in run_ids]
         if not ids:
             return
         with begin_read(self.store.engine) as conn:
@@ -1739,7 +1755,8 @@ class EventStoreSaver(_Base):
             self._append(thread_id, [RunsDeleted(run_ids=runs)])
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        source, target = str(source_thread_id), str(target_thread_id)
+        source = _text(source_thread_id, "source_thread_id")
+        target = _text(target_thread_id, "target_thread_id")
         with begin_read(self.store.engine) as conn:
             version, has_rows = thread_state(conn, self.tenant_id, source)
         if has_rows and source != target:
@@ -1897,7 +1914,7 @@ class AsyncEventStoreSaver(_Base):
             size = _next_page_size(size, thread_id)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        thread_id = str(thread_id)
+        thread_id = _text(thread_id, "thread_id")
         _version, has_rows = await self.store.run_sync(thread_state, self.tenant_id, thread_id)
         if has_rows:
             await self._append(thread_id, [ThreadDeleted()])
@@ -1927,7 +1944,7 @@ class AsyncEventStoreSaver(_Base):
                 bound.log_appended()
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        ids = [str(r) for r in run_ids]
+        ids = [_text(r, "run_id") for r in run_ids]
         if not ids:
             return
         affected = await self.store.run_sync(threads_of_runs, self.tenant_id, ids)
@@ -1935,7 +1952,8 @@ class AsyncEventStoreSaver(_Base):
             await self._append(thread_id, [RunsDeleted(run_ids=runs)])
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        source, target = str(source_thread_id), str(target_thread_id)
+        source = _text(source_thread_id, "source_thread_id")
+        target = _text(target_thread_id, "target_thread_id")
         version, has_rows = await self.store.run_sync(thread_state, self.tenant_id, source)
         if has_rows and source != target:
             await self._append(target,
@@ -2023,7 +2041,7 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
         versions: dict[tuple[str, str], ChannelVersions] = {}
         for t in reversed(tuples):  # list() gives newest first
             conf = t.config["configurable"]
-            ns = str(conf.get("checkpoint_ns") or "")
+            ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
             checkpoint = t.checkpoint
             parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
             before = versions.get((ns, str(parent_id)), {}) if parent_id else {}

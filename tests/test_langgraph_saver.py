@@ -789,3 +789,27 @@ def test_a_thread_id_too_long_for_its_stream_is_refused_by_name(saver: EventStor
     with pytest.raises(InvalidArgument, match="thread_id is 247 characters long"):
         put(saver, longest + "x", None, {"a": 1}, {"a": 1}, {"a": 1})
     assert [e.stream_id for e in store.read_all()] == [f"lgthread-{longest}"]
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "a\ud800b"])
+def test_thread_ids_and_namespaces_the_databases_cannot_hold_are_refused(
+        saver: EventStoreSaver, store: EventStore, bad: str) -> None:
+    """A NUL (PostgreSQL's text refuses it) or a lone surrogate in a thread id or namespace is
+    InvalidArgument on both backends, for reads, writes and retention, and writes nothing."""
+    from eventstore import InvalidArgument
+
+    calls = [
+        lambda: put(saver, bad, None, {"a": 1}, {"a": 1}, {"a": 1}),
+        lambda: saver.get_tuple(config(bad)),
+        lambda: saver.get_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": bad}}),
+        lambda: list(saver.list({"configurable": {"thread_id": bad}})),
+        lambda: list(saver.list({"configurable": {"thread_id": "t", "checkpoint_ns": bad}})),
+        lambda: saver.delete_thread(bad),
+        lambda: saver.delete_for_runs([bad]),
+        lambda: saver.copy_thread("t", bad),
+        lambda: saver.prune([bad]),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            call()
+    assert list(store.read_all()) == []
