@@ -307,9 +307,14 @@ def _record_database_failure(store: EventStore, name: str, err: DatabaseError) -
 
 def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None:
     with transaction(store, write=True) as conn:
-        conn.execute(update(projections).where(projections.c.name == name)
-                     .values(status="failed", error=str(err), failed_position=err.position,
-                             updated_at=_now_us(store)))
+        _stop_at(conn, store, name, err)
+
+
+def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
+    """Record, on ``conn``, that projection ``name`` stopped at the event ``err`` names."""
+    conn.execute(update(projections).where(projections.c.name == name)
+                 .values(status="failed", error=str(err), failed_position=err.position,
+                         updated_at=_now_us(store)))
     _log.error("projection_failed", projection=name, position=err.position,
                type=err.type, stream=err.stream_id, tenant=err.tenant_id, error=str(err))
 
@@ -667,7 +672,17 @@ class _InlineHandler:
         if position < first - 1:
             # Catch up what appends without this handler (another process, or before it was
             # registered) left behind, then fold this batch.
-            _catch_up(self.store, conn, rows, position, first - 1)
+            try:
+                _catch_up(self.store, conn, rows, position, first - 1)
+            except ProjectionFailed as err:
+                # An event already in the log (appended without this projection) that its fold
+                # refuses: the projection stops at it, in ``status``, as a projector's would,
+                # and this append goes through without it (a restart after the fix folds it
+                # in).  Refusing this append too would roll the record back with it, and every
+                # append after it would meet the same event and be refused for it unseen.
+                _stop_at(conn, self.store, self.p.name, err)
+                self._mark = None
+                return None
             if rows.dirty:
                 others_changed = True
         key = next(iter(keys))

@@ -66,6 +66,34 @@ def test_inline_failure_rejects_the_append(store: EventStore) -> None:
     assert store.stream_version("counter-a") == 1
 
 
+def test_inline_catch_up_failing_on_another_writers_event_stops_the_projection(
+        url: str) -> None:
+    """An event appended by a process without the inline projection, that its fold refuses,
+    stops the projection there in ``status`` (as a projector's would): the append that met it
+    goes through, later ones get ProjectionStopped, and a restart with fixed code folds all."""
+    from projections import ProjectionStopped, restart
+
+    with EventStore.open(url) as runner, EventStore.open(url) as other:
+        inline(runner, TallyProjection("tally_catch_up", poison=13))
+        bump(runner, "a", 1)
+        other.append("counter-b", [CounterIncremented(by=13)])  # position 2
+        bump(runner, "a", 1)  # meets position 2 while catching up: goes through
+        (st,) = status(runner, "tally_catch_up")
+        assert (st.status, st.failed_position, st.position) == ("failed", 2, 1)
+        assert st.error is not None and "counter-b" in st.error
+        with pytest.raises(ProjectionStopped):
+            bump(runner, "a", 1)
+        assert runner.stream_version("counter-a") == 2
+    with EventStore.open(url) as fixed:
+        p = TallyProjection("tally_catch_up")
+        inline(fixed, p)
+        restart(fixed, "tally_catch_up")
+        bump(fixed, "a", 1)
+        assert {k: (t.count, t.total) for k, t in rows_of(fixed, p).items()} == {
+            ("default", "counter-a"): (3, 3), ("default", "counter-b"): (1, 13)}
+        assert status(fixed, "tally_catch_up")[0].status == "running"
+
+
 def test_projector_applies_every_event_once_and_checkpoints(store: EventStore) -> None:
     """The projector folds all events; a second catch-up applies nothing more."""
     bump(store, "a", 5)
