@@ -1423,6 +1423,7 @@ def verify(store: EventStore, projection: Projection[Any], *,
     name = projection.name
     # Negative: never an active generation; random: concurrent verifies never share rows.
     scratch = -1 - secrets.randbelow(2**31 - 2)
+    _drop_abandoned_scratch(store, name)
 
     def live_position() -> int:
         with transaction(store, write=False) as c:
@@ -1441,6 +1442,24 @@ def verify(store: EventStore, projection: Projection[Any], *,
         with transaction(store, write=True) as conn:
             conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
                                                        projection_rows.c.generation == scratch))
+
+
+# A verify writes its scratch rows batch by batch; one whose newest row is this old was killed
+# before its cleanup ran (SIGKILL skips the ``finally``).
+_SCRATCH_ABANDONED_US = 3600 * 1_000_000
+
+
+def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
+    """Delete the scratch rows of verifies that died before removing them."""
+    pr = projection_rows.c
+    stale = (select(pr.generation).where(pr.projection == name, pr.generation < 0)
+             .group_by(pr.generation)
+             .having(func.max(pr.updated_at) < _now_us(store) - _SCRATCH_ABANDONED_US))
+    with transaction(store, write=True) as conn:
+        gone = conn.execute(delete(projection_rows).where(
+            pr.projection == name, pr.generation.in_(stale.scalar_subquery()))).rowcount
+    if gone:
+        _log.info("projection_scratch_dropped", projection=name, rows=gone)
 
 
 def _compare(conn: Connection, projection: Projection[Any], live_gen: int, scratch: int
