@@ -742,7 +742,7 @@ def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
         _log.info("projection_code_changed", projection=projection.name,
                   stored=existing[0].code_version, code=projection.version)
         try:
-            rebuild(store, projection)
+            _rebuild(store, projection, progress=None, only_if_stale=True)
         except RebuildInProgress:
             # Another process (a worker of the same deploy) is rebuilding: its swap folds
             # in what this one appends meanwhile.
@@ -1297,10 +1297,21 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     transaction holding the projection's lock (so inline appends and projector batches wait for
     it and then continue on the new rows).  Returns the new generation.
     """
+    return _rebuild(store, projection, progress=progress, only_if_stale=False)
+
+
+def _rebuild(store: EventStore, projection: Projection[Any], *, progress: ProgressFn | None,
+             only_if_stale: bool) -> int:
+    """:func:`rebuild`; with ``only_if_stale``, none when the rows are of this fold version or a
+    newer one by the time the lock is held (another process rebuilt them meanwhile)."""
     ensure_registered(store, projection)
     name = projection.name
     with transaction(store, write=True) as conn:
         row = _lock_row(conn, name)
+        if only_if_stale and row.code_version >= projection.version:
+            _log.info("projection_rebuilt_elsewhere", projection=name,
+                      stored=row.code_version, code=projection.version)
+            return int(row.generation)
         gen: int
         start: int
         if row.rebuild_generation is not None \

@@ -394,6 +394,23 @@ def test_old_fold_code_never_extends_newer_rows(url: str) -> None:
         assert row is not None and (row[0].total, row[1]) == (6, 3)
 
 
+def test_start_up_rebuild_is_skipped_when_another_process_did_it_meanwhile(
+        store: EventStore) -> None:
+    """Processes of a new release starting together each saw v1 rows; the first to get the
+    projection's lock rebuilds them, the others find v2 rows under the lock and leave them
+    (each rebuilt again: wasted replays).  An explicit rebuild still always rebuilds."""
+    from projections._engine import _rebuild
+
+    inline(store, TallyProjection())
+    bump(store, "a", 2, by=1)
+    assert status(store, TallyProjection.name)[0].generation == 1
+    assert _rebuild(store, TallyV2(), progress=None, only_if_stale=True) == 2  # v1 rows: stale
+    assert _rebuild(store, TallyV2(), progress=None, only_if_stale=True) == 2  # done meanwhile
+    (st,) = status(store, TallyProjection.name)
+    assert (st.generation, st.code_version) == (2, 2)
+    assert rebuild(store, TallyV2()) == 3
+
+
 def test_projector_rebuilds_rows_of_another_fold_version(store: EventStore) -> None:
     """A projector running v2 over v1 rows replays them with v2."""
     bump(store, "a", 2, by=1)
