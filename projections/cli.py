@@ -12,6 +12,7 @@ import importlib
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -107,8 +108,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no projections registered in this store")
         return cli.EXIT_OK
     print(f"{'NAME':<24} {'STATUS':<10} {'GEN':>4} {'POSITION':>10} {'LAG':>8}  OWNER / ERROR")
+    now = datetime.now(UTC)
     for r in rows:
-        extra = r.error if r.status == "failed" else (r.owner or "-")
+        owner = r.owner or "-"
+        if r.owner and r.lease_until is not None and r.lease_until < now:
+            owner = f"{r.owner} (lease expired {r.lease_until:%Y-%m-%d %H:%M:%S}Z)"
+        extra = r.error if r.status == "failed" else owner
         if r.error and r.status != "failed":  # a rebuild that stopped on an event
             extra = f"{extra}; {r.error}"
         if r.rebuild_generation is not None:

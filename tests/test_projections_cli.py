@@ -91,6 +91,30 @@ def test_status_prints_a_table_of_projections(url: str, capsys: pytest.CaptureFi
     assert line.split()[:5] == ["conversations", "running", "1", "3", "0"]
 
 
+def test_status_table_marks_an_owner_whose_lease_ran_out(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker killed while holding the lease stays the owner on record; the table says its
+    lease has run out, so an operator does not take it for a live worker."""
+    from sqlalchemy import update
+
+    from eventstore._backend import begin_write
+    from eventstore._schema import projections as projections_table
+
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=2)])
+        Projector(store, [TallyProjection("tally_async")], worker_id="w-live").catch_up()
+        Projector(store, [TallyProjection("tally_dead")], worker_id="w-dead").catch_up()
+        with begin_write(store.engine) as conn:
+            conn.execute(update(projections_table)
+                         .where(projections_table.c.name == "tally_dead")
+                         .values(lease_until=1_000_000))
+    code, out, err = run(capsys, "projections", "status", "--url", url)
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert lines["tally_async"].endswith(" w-live")
+    assert "w-dead (lease expired 1970-01-01 00:00:01Z)" in lines["tally_dead"]
+
+
 def test_status_json_has_position_lag_and_owner(url: str, capsys: pytest.CaptureFixture[str]
                                                 ) -> None:
     """status --json prints a JSON line with position, head, lag and the lease holder."""
