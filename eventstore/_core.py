@@ -31,6 +31,7 @@ from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
 from .codec import decode_event, decode_events, decode_metadata, encode_event, encode_metadata
 from .errors import (
+    DatabaseError,
     EventDecodeError,
     EventTooLarge,
     IdempotencyKeyReused,
@@ -53,6 +54,7 @@ from .events import (
 from .logs import get_logger
 
 _log = get_logger("eventstore")
+_MAX_RETRY_PAUSE = 5.0  # seconds a subscription waits at most between reads that fail
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
@@ -318,6 +320,17 @@ class StoreCore:
         return AppendPlan(stream, tenant, events, encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
+
+    @staticmethod
+    def _retry_pause(err: DatabaseError, pager: Pager, pause: float) -> float:
+        """The pause before a subscription reads again after ``err``, which is raised unless
+        transient: 50 ms, doubling up to 5 s while the errors go on."""
+        if not err.transient:
+            raise err
+        pause = min(max(pause * 2, 0.05), _MAX_RETRY_PAUSE)
+        _log.warning("subscribe_retrying", position=pager.lo, error=str(err),
+                     retry_in=round(pause, 3))
+        return pause
 
     @staticmethod
     def _log_appended(plan: AppendPlan, result: AppendResult) -> None:

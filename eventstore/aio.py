@@ -63,7 +63,7 @@ from ._core import (
     check_pool_size,
 )
 from ._sql import Compiled
-from .errors import InvalidArgument, StoreClosed
+from .errors import DatabaseError, InvalidArgument, StoreClosed
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
 
 __all__ = ["AsyncEventStore"]
@@ -323,7 +323,8 @@ class AsyncEventStore(StoreCore):
         """Every event from ``from_position`` on, waiting for new ones until ``stop`` is set.
 
         ``stop`` is an :class:`asyncio.Event` (or a :class:`threading.Event`); the wait for new
-        events polls every ``poll_interval`` seconds (at most 0.5 s).
+        events polls every ``poll_interval`` seconds (at most 0.5 s).  Transient database
+        errors are retried as :meth:`EventStore.subscribe` retries them.
         """
         pager = self._all_pager(self._engine.dialect, from_position, None, categories, types,
                                 tenant_id)
@@ -332,9 +333,16 @@ class AsyncEventStore(StoreCore):
         return self._follow(pager, stop if stop is not None else asyncio.Event())
 
     async def _follow(self, pager: Pager, stop: StopEvent) -> AsyncIterator[RecordedEvent]:
+        pause = 0.0
         while not stop.is_set():
-            batch = await self._fetch(pager.query, {**pager.params, "lo": pager.lo,
-                                                    "page": PAGE})
+            try:
+                batch = await self._fetch(pager.query, {**pager.params, "lo": pager.lo,
+                                                        "page": PAGE})
+            except DatabaseError as e:
+                pause = self._retry_pause(e, pager, pause)
+                await _wait(stop, pause)
+                continue
+            pause = 0.0
             for ev in batch:
                 yield ev
                 if stop.is_set():

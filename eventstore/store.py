@@ -27,7 +27,7 @@ from ._core import (
     check_pool_size,
 )
 from ._sql import Compiled
-from .errors import InvalidArgument
+from .errors import DatabaseError, InvalidArgument
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_TENANT", "EventStore", "InlineHandler",
@@ -238,6 +238,9 @@ class EventStore(StoreCore):
         most 0.5 s), so a set ``stop`` ends the iteration within that time.  Events come exactly
         once and in position order: positions are assigned in commit order (see
         ``_backend.lock_appends``), so no event can appear later below a position already seen.
+        A transient database error (:attr:`DatabaseError.transient`: a lost connection, a
+        server restarting) is logged and the read retried after a pause growing to 5 s; any
+        other is raised.
         """
         pager = self._all_pager(self._engine.dialect, from_position, None, categories, types,
                                 tenant_id)
@@ -246,9 +249,16 @@ class EventStore(StoreCore):
         return self._follow(pager, stop or threading.Event())
 
     def _follow(self, pager: Pager, stop: threading.Event) -> Iterator[RecordedEvent]:
+        pause = 0.0
         while not stop.is_set():
             params = {**pager.params, "lo": pager.lo, "page": PAGE}
-            batch = self._fetch(pager.query, params)
+            try:
+                batch = self._fetch(pager.query, params)
+            except DatabaseError as e:
+                pause = self._retry_pause(e, pager, pause)
+                stop.wait(pause)
+                continue
+            pause = 0.0
             for ev in batch:
                 yield ev
                 if stop.is_set():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import pytest
 from sqlalchemy import Connection
 
 from eventstore import EventStore, RecordedEvent
+from eventstore.errors import DatabaseError
 from tests._events import CounterIncremented, NoteAdded
 
 
@@ -111,3 +115,46 @@ def test_subscriber_sees_every_event_once_while_writers_commit_late(store: Event
     sub.join(timeout=20)
     stop.set()
     assert seen == list(range(1, total + 1))
+
+
+def _failing_fetch(store: Any, errors: list[Exception]) -> Any:
+    """Make the store's page reads raise ``errors`` first, one per read, then read."""
+    target = getattr(store, "inner", store)  # the AsyncEventStore behind the blocking shim
+    real = target._fetch
+    if inspect.iscoroutinefunction(real):
+        async def afetch(*args: Any) -> Any:
+            if errors:
+                raise errors.pop(0)
+            return await real(*args)
+        target._fetch = afetch
+    else:
+        def fetch(*args: Any) -> Any:
+            if errors:
+                raise errors.pop(0)
+            return real(*args)
+        target._fetch = fetch
+    return target
+
+
+def test_subscribe_rides_out_transient_database_errors(store: EventStore) -> None:
+    """A lost connection (a transient DatabaseError) is retried from where the subscription
+    was: every event still comes once, in order."""
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(3)])
+    lost = [DatabaseError("the connection is lost") for _ in range(2)]
+    for e in lost:
+        e.transient = True
+    _failing_fetch(store, lost)
+    stop = threading.Event()
+    got = []
+    for ev in store.subscribe(from_position=2, stop=stop):
+        got.append(ev.position)
+        if ev.position == 3:
+            stop.set()
+    assert got == [2, 3] and lost == []
+
+
+def test_subscribe_raises_a_database_error_that_is_not_transient(store: EventStore) -> None:
+    store.append("c-1", [NoteAdded(text="x")])
+    _failing_fetch(store, [DatabaseError("no such table: es_events")])
+    with pytest.raises(DatabaseError, match="no such table"):
+        next(iter(store.subscribe(stop=threading.Event())))
