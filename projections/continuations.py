@@ -20,7 +20,7 @@ from eventstore import Event, EventStore, RecordedEvent
 from eventstore._time import to_micros
 from eventstore.errors import InvalidArgument
 
-from ._command import Clock, check_text, composite_id, decide, utc_clock
+from ._command import Clock, check_text, check_time, composite_id, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
 from .errors import NoPendingContinuation, ResumeInProgress
 from .events import (
@@ -81,7 +81,7 @@ class ContinuationProjection(Projection[Continuation]):
                 pause_id=d.pause_id, messages=d.messages, pending_tool_calls=d.pending_tool_calls,
                 tools=d.tools, tool_schemas=d.tool_schemas, agent_config=d.agent_config,
                 client_tools=d.client_tools, expires_at=d.expires_at,
-                paused_at=event.recorded_at)
+                paused_at=d.paused_at or event.recorded_at)
         if state.pause_id is None or getattr(d, "pause_id", None) != state.pause_id:
             return state
         if isinstance(d, ResumeStarted):
@@ -170,12 +170,13 @@ class Continuations:
             raise InvalidArgument("ttl must be a timedelta")
         if life <= timedelta(0):
             raise InvalidArgument("ttl must be positive")
+        now = self.now()
         event = ToolCallsPaused(
             conversation_id=conversation_id, user_id=user_id, pause_id=uuid.uuid4().hex,
             messages=list(messages), pending_tool_calls=list(pending_tool_calls),
             tools=list(tools), tool_schemas=list(tool_schemas), agent_config=agent_config,
             client_tools=list(client_tools) if client_tools is not None else None,
-            expires_at=self.now() + life)
+            expires_at=now + life, paused_at=now)
         self.store.append(stream, [event], tenant_id=tenant_id)
         return self._state(stream, tenant_id)
 
@@ -284,7 +285,9 @@ class Continuations:
         Safe to run from several processes at once: each change is a compare-and-set, so each
         claim is reverted and each pause expired exactly once.
         """
-        at = now if now is not None else self.now()
+        at = check_time(now, "now") if now is not None else self.now()
+        if tenant_id is not None:
+            check_text(tenant_id, "tenant_id")
         reverted: list[tuple[str, str, str]] = []
         expired: list[tuple[str, str, str]] = []
         stale = query_rows(self.store, self.projection, tenant_id=tenant_id, status="resuming",

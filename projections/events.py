@@ -67,6 +67,8 @@ class ToolCallsPaused(Event, tag="ToolCallsPaused"):
     agent_config: dict[str, Any]
     expires_at: datetime
     client_tools: list[Any] | None = None
+    # When the facade's clock says it paused (older events: their recorded_at).
+    paused_at: datetime | None = None
 
 
 class ResumeStarted(Event, tag="ResumeStarted"):

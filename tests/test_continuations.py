@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -40,6 +40,18 @@ def test_pause_then_get_returns_the_full_state(conts: Continuations, clock: Cloc
     assert got.pending_tool_calls == [{"id": "call-1", "name": "approve"}]
     assert got.agent_config == {"model": "m"} and got.client_tools == [{"name": "browser"}]
     assert got.expires_at == clock.now + timedelta(minutes=30)
+    assert got.paused_at == clock.now  # the facade's clock, as expires_at (not the store's)
+
+
+def test_sweep_checks_its_arguments(conts: Continuations) -> None:
+    """As Jobs.sweep: a ``now`` that is not an aware datetime, or a bad tenant, is refused."""
+    from eventstore import InvalidArgument
+
+    for now in ("2026", 5, datetime(2026, 1, 1)):
+        with pytest.raises(InvalidArgument, match="now"):
+            conts.sweep(now)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        conts.sweep(tenant_id="")
 
 
 def test_claim_complete_consumes(conts: Continuations) -> None:
