@@ -142,6 +142,9 @@ class AgentSessions:
             layer_specs=layer_specs, pending_form_id=pending_form_id,
             pending_tool_call_id=pending_tool_call_id, saved_at=self.now())
         result = self.store.append(key.stream_id(), [event], tenant_id=key.tenant_id)
+        # As stored, and as active() will give it: JSON (sets and tuples become lists, keys
+        # strings), never the caller's objects.
+        snapshot, layer_specs = msgspec.json.decode(msgspec.json.encode([snapshot, layer_specs]))
         return SessionSnapshot(snapshot=snapshot, layer_specs=layer_specs,
                                pending_form_id=pending_form_id,
                                pending_tool_call_id=pending_tool_call_id,

@@ -30,6 +30,18 @@ def test_save_then_active_returns_newest(sessions: AgentSessions) -> None:
     assert snap.layer_specs == [{"kind": "memory"}]
 
 
+def test_save_returns_the_snapshot_as_stored(sessions: AgentSessions) -> None:
+    """The snapshot is JSON: save() returns what active() will give back (keys as strings,
+    sets and tuples as lists), not the caller's own objects."""
+    given = {1: {"tags": ("a", "b")}}
+    saved = sessions.save(key(), snapshot=given, layer_specs=({"kind": "memory"},))
+    active = sessions.active(key())
+    assert active is not None
+    assert saved.snapshot == active.snapshot == {"1": {"tags": ["a", "b"]}}
+    assert saved.layer_specs == active.layer_specs == [{"kind": "memory"}]
+    assert saved.snapshot is not given
+
+
 def test_unknown_session_is_none(sessions: AgentSessions) -> None:
     """active() of a key never saved is None."""
     assert sessions.active(key()) is None
