@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from eventstore import EventStore, RecordedEvent, StreamSlice
 from eventstore._backend import _sqlite_settings, is_sqlite, translate
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import _pipeline, check_id, check_int
+from eventstore._core import MAX_INT, _pipeline, check_id, check_int
 from eventstore._schema import events as event_table
 from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
@@ -799,13 +799,19 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
     the same ``sort_key`` in log order (of the event each row last folded), so a queue stays
     first-in-first-out when times tie (an injected clock, or two events in one microsecond).
 
-    Returns ``(tenant_id, stream_id, state, version)`` tuples.
+    Returns ``(tenant_id, stream_id, state, version)`` tuples.  ``tenant_id=None`` reads every
+    tenant's rows; ``sort_before`` is in the projection's ``sort_key`` units; ``conn``: read on
+    that connection (a command layer's transaction) instead of a new one.
     """
     for value, what in ((tenant_id, "tenant id"), (group_key, "group key")):
         if value is not None:
             check_id(value, what, InvalidArgument)
     for value in [status] if isinstance(status, str) else status or ():
         check_id(value, "status", InvalidArgument)
+    if limit is not None:
+        check_int(limit, "limit", minimum=0)
+    if sort_before is not None:
+        check_int(sort_before, "sort_before", minimum=-MAX_INT - 1)
     pr = projection_rows.c
     gen = _usable_generation(projection)
     q = select(pr.tenant_id, pr.stream_id, pr.state, pr.version).where(

@@ -345,6 +345,11 @@ def test_query_rows_by_index(store: EventStore) -> None:
     big = query_rows(store, p, tenant_id="default", status="big")
     assert [(s, st.total) for _t, s, st, _v in big] == [("counter-c", 11), ("counter-a", 20)]
     assert len(query_rows(store, p, tenant_id=None, status="big")) == 3
+    from eventstore import InvalidArgument
+
+    for bad in ({"limit": -1}, {"limit": "2"}, {"sort_before": 2**63}, {"status": ""}):
+        with pytest.raises(InvalidArgument):
+            query_rows(store, p, tenant_id="default", **bad)  # type: ignore[arg-type]
 
 
 def _states(store: EventStore, p: Any) -> dict[str, Any]:
