@@ -912,12 +912,15 @@ def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
 
 def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str | None,
               checkpoint_id: str | None, before: str | None,
-              after: tuple[bytes, str, str] | None, size: int
+              after: tuple[bytes, str, str] | None, size: int,
+              filter: Mapping[str, Any] | None = None
               ) -> tuple[builtins.list[Loaded], tuple[bytes, str, str] | None]:
     """One page of a ``list``, newest first, loaded; and the key to the next page (or None).
 
     The checkpoints' events come with their index rows (one query); ``after`` is the last
-    (checkpoint id, thread id, namespace) of the previous page.
+    (checkpoint id, thread id, namespace) of the previous page.  Checkpoints whose metadata
+    does not match ``filter`` are dropped before their values and writes are looked up (the
+    page may then hold none, with more to come).
     """
     fixed = thread_id is not None and ns is not None
     key = ("page", thread_id is not None, ns is not None, checkpoint_id is not None,
@@ -965,12 +968,13 @@ def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str |
         cols = builtins.list(zip(*rows, strict=True))
         decoded = decode_events(cols[5], cols[6], builtins.list(map(bytes, cols[7])))
         for t, n, cid, parent, position, ev in zip(*cols[:5], decoded, strict=True):
-            if ev.__class__ is CheckpointSaved:
+            if ev.__class__ is CheckpointSaved and (not filter or _matches(ev.metadata, filter)):
                 items.append(((t, n, cid, parent, position), ev))
     following = None
     if len(rows) == size:
         following = (rows[-1][2], rows[-1][0], rows[-1][1])
-    span = (rows[-1][2], rows[0][2]) if fixed and rows else None
+    # Every checkpoint between the page's first and last: their writes are one range read.
+    span = (rows[-1][2], rows[0][2]) if fixed and rows and len(items) == len(rows) else None
     return _resolve(conn, tenant_id, items, span), following
 
 
@@ -1471,16 +1475,17 @@ class _Base(BaseCheckpointSaver[str]):
         return thread_id, ns, cid, before_id
 
     @staticmethod
-    def _matches(loaded_meta: Mapping[str, Any], filter: Mapping[str, Any] | None) -> bool:
-        return not filter or all(loaded_meta.get(k) == v for k, v in filter.items())
-
-    @staticmethod
     def _check_prune(thread_ids: Sequence[str], strategy: str) -> builtins.list[str]:
         if isinstance(thread_ids, str):
             raise TypeError("thread_ids must be a sequence of thread IDs, not a str")
         if strategy not in PRUNE_STRATEGIES:
             raise ValueError(f"Unknown prune strategy: {strategy!r}")
         return [_text(t, "thread_id") for t in thread_ids]
+
+
+def _matches(metadata: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
+    """``list``'s filter: every key of ``filter`` has its value in the checkpoint's metadata."""
+    return all(metadata.get(k) == v for k, v in filter.items())  # as InMemorySaver
 
 
 def _page_size(limit: int | None, filter: Mapping[str, Any] | None) -> int:
@@ -1678,9 +1683,8 @@ class EventStoreSaver(_Base):
         remaining = limit
         if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
             return
-        for item in self._listed(thread_id, ns, cid, before_id, _page_size(limit, filter)):
-            if filter and not self._matches(item.event.metadata, filter):
-                continue
+        for item in self._listed(thread_id, ns, cid, before_id, _page_size(limit, filter),
+                                 filter):
             yield self._tuple(item)
             if remaining is not None:
                 remaining -= 1
@@ -1688,16 +1692,19 @@ class EventStoreSaver(_Base):
                     return
 
     def _listed(self, thread_id: str | None, ns: str | None, cid: str | None,
-                before_id: str | None, size: int) -> Iterator[Loaded]:
+                before_id: str | None, size: int, filter: Mapping[str, Any] | None
+                ) -> Iterator[Loaded]:
         """The checkpoints a list() gives, newest first, read page by page."""
         if thread_id is not None and ns is None:
             with begin_read(self.store.engine) as conn:
                 merge = _ListMerge(namespaces_of(conn, self.tenant_id, thread_id))
             while True:
-                for source in merge.wanting():
-                    with begin_read(self.store.engine) as conn:
-                        merge.feed(source, *list_page(conn, self.tenant_id, thread_id, source,
-                                                      cid, before_id, merge.after[source], size))
+                while wanting := merge.wanting():
+                    for source in wanting:
+                        with begin_read(self.store.engine) as conn:
+                            merge.feed(source, *list_page(
+                                conn, self.tenant_id, thread_id, source, cid, before_id,
+                                merge.after[source], size, filter))
                 item = merge.pop()
                 if item is None:
                     return
@@ -1706,7 +1713,7 @@ class EventStoreSaver(_Base):
         while True:
             with begin_read(self.store.engine) as conn:
                 loaded, after = list_page(conn, self.tenant_id, thread_id, ns, cid, before_id,
-                                          after, size)
+                                          after, size, filter)
             yield from loaded
             if after is None:
                 return
@@ -1879,9 +1886,7 @@ class AsyncEventStoreSaver(_Base):
         if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
             return
         async for item in self._alisted(thread_id, ns, cid, before_id,
-                                        _page_size(limit, filter)):
-            if filter and not self._matches(item.event.metadata, filter):
-                continue
+                                        _page_size(limit, filter), filter):
             yield self._tuple(item)
             if remaining is not None:
                 remaining -= 1
@@ -1889,16 +1894,18 @@ class AsyncEventStoreSaver(_Base):
                     return
 
     async def _alisted(self, thread_id: str | None, ns: str | None, cid: str | None,
-                       before_id: str | None, size: int) -> AsyncIterator[Loaded]:
+                       before_id: str | None, size: int, filter: Mapping[str, Any] | None
+                       ) -> AsyncIterator[Loaded]:
         """The checkpoints an alist() gives, newest first, read page by page."""
         if thread_id is not None and ns is None:
             merge = _ListMerge(await self.store.run_read(namespaces_of, self.tenant_id,
                                                          thread_id))
             while True:
-                for source in merge.wanting():
-                    merge.feed(source, *await self.store.run_read(
-                        list_page, self.tenant_id, thread_id, source, cid, before_id,
-                        merge.after[source], size))
+                while wanting := merge.wanting():
+                    for source in wanting:
+                        merge.feed(source, *await self.store.run_read(
+                            list_page, self.tenant_id, thread_id, source, cid, before_id,
+                            merge.after[source], size, filter))
                 item = merge.pop()
                 if item is None:
                     return
@@ -1906,7 +1913,7 @@ class AsyncEventStoreSaver(_Base):
         after: tuple[bytes, str, str] | None = None
         while True:
             loaded, after = await self.store.run_read(list_page, self.tenant_id, thread_id, ns,
-                                                      cid, before_id, after, size)
+                                                      cid, before_id, after, size, filter)
             for item in loaded:
                 yield item
             if after is None:

@@ -491,6 +491,11 @@ async def test_listing_a_thread_without_namespace_merges_its_namespaces(
         asaver = AsyncEventStoreSaver(store)
         assert ids([t async for t in asaver.alist(conf)]) == expected
         assert ids([t async for t in asaver.alist(conf, limit=5)]) == expected[:5]
+        # Filtered pages come back empty before the match: the listing reads on past them.
+        assert ids(saver.list(conf, filter={"step": 0})) == [made[0]]
+        assert ids([t async for t in asaver.alist(conf, filter={"step": 1})]) == [made[1]]
+        assert ids(saver.list({"configurable": {"thread_id": thread, "checkpoint_ns": ""}},
+                              filter={"step": 0})) == [made[0]]
         assert ids(saver.list({"configurable": {"thread_id": "no-such-thread"}})) == []
     finally:
         sync_store.close()
