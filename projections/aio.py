@@ -19,7 +19,7 @@ import asyncio
 import copy
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
@@ -27,10 +27,26 @@ from sqlalchemy import Connection
 from eventstore._bound import BoundStore
 from eventstore.aio import AsyncEventStore
 
-from .continuations import Continuation, Continuations, SweepResult
+from ._command import Clock
+from .continuations import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_TTL,
+    Continuation,
+    Continuations,
+    SweepResult,
+)
 from .conversation import Conversations, ConversationState, VariableChange
 from .flows import Flows, FlowSave, PendingFeedback
-from .jobs import TERMINAL_EVENTS, Job, JobEvent, Jobs, check_events_args
+from .jobs import (
+    DEFAULT_LEASE,
+    DEFAULT_MAX_ATTEMPTS,
+    TERMINAL_EVENTS,
+    Job,
+    JobEvent,
+    Jobs,
+    Swept,
+    check_events_args,
+)
 from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot, SessionState
 
 __all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows",
@@ -75,23 +91,41 @@ class AsyncConversations(_Twin[Conversations]):
     def __init__(self, store: AsyncEventStore, *, snapshot_every: int | None = 100) -> None:
         super().__init__(store, Conversations(store, snapshot_every=snapshot_every))  # type: ignore[arg-type]
 
-    async def assign(self, conversation_id: str, variables: Mapping[str, Any],
-                     **kwargs: Any) -> int:
+    async def assign(self, conversation_id: str, variables: Mapping[str, Any], *,
+                     tenant_id: str = "default", expected_version: int | None = None,
+                     workflow_run_id: str | None = None, node_id: str | None = None,
+                     value_types: Mapping[str, str] | None = None,
+                     idempotency_key: str | None = None,
+                     metadata: dict[str, Any] | None = None) -> int:
         """See :meth:`Conversations.assign`."""
-        result: int = await self._run("assign", conversation_id, variables, write=True, **kwargs)
+        result: int = await self._run(
+            "assign", conversation_id, variables, write=True, tenant_id=tenant_id,
+            expected_version=expected_version, workflow_run_id=workflow_run_id, node_id=node_id,
+            value_types=value_types, idempotency_key=idempotency_key, metadata=metadata)
         return result
 
-    async def reset(self, conversation_id: str, defaults: Mapping[str, Any],
-                    **kwargs: Any) -> int:
+    async def reset(self, conversation_id: str, defaults: Mapping[str, Any], *,
+                    tenant_id: str = "default", expected_version: int | None = None,
+                    workflow_run_id: str | None = None, node_id: str | None = None,
+                    idempotency_key: str | None = None) -> int:
         """See :meth:`Conversations.reset`."""
-        result: int = await self._run("reset", conversation_id, defaults, write=True, **kwargs)
+        result: int = await self._run(
+            "reset", conversation_id, defaults, write=True, tenant_id=tenant_id,
+            expected_version=expected_version, workflow_run_id=workflow_run_id, node_id=node_id,
+            idempotency_key=idempotency_key)
         return result
 
-    async def delete(self, conversation_id: str, names: Iterable[str], **kwargs: Any) -> int:
+    async def delete(self, conversation_id: str, names: Iterable[str], *,
+                     tenant_id: str = "default", expected_version: int | None = None,
+                     workflow_run_id: str | None = None, node_id: str | None = None,
+                     idempotency_key: str | None = None) -> int:
         """See :meth:`Conversations.delete`."""
         # A str is one name, as for the sync facade (a list of it would be its characters).
         listed = names if isinstance(names, str) else list(names)
-        result: int = await self._run("delete", conversation_id, listed, write=True, **kwargs)
+        result: int = await self._run(
+            "delete", conversation_id, listed, write=True, tenant_id=tenant_id,
+            expected_version=expected_version, workflow_run_id=workflow_run_id, node_id=node_id,
+            idempotency_key=idempotency_key)
         return result
 
     async def get(self, conversation_id: str, *, tenant_id: str = "default",
@@ -109,10 +143,11 @@ class AsyncConversations(_Twin[Conversations]):
                                       tenant_id=tenant_id)
         return result
 
-    async def history(self, conversation_id: str, **kwargs: Any) -> list[VariableChange]:
+    async def history(self, conversation_id: str, *, tenant_id: str = "default",
+                      name: str | None = None) -> list[VariableChange]:
         """See :meth:`Conversations.history`."""
         result: list[VariableChange] = await self._run("history", conversation_id, write=False,
-                                                       **kwargs)
+                                                       tenant_id=tenant_id, name=name)
         return result
 
 
@@ -121,13 +156,22 @@ class AsyncContinuations(_Twin[Continuations]):
 
     stream_id = staticmethod(Continuations.stream_id)
 
-    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
-        super().__init__(store, Continuations(store, **kwargs))  # type: ignore[arg-type]
+    def __init__(self, store: AsyncEventStore, *, ttl: timedelta = DEFAULT_TTL,
+                 claim_timeout: timedelta = DEFAULT_CLAIM_TIMEOUT,
+                 clock: Clock | None = None) -> None:
+        super().__init__(store, Continuations(store, ttl=ttl,  # type: ignore[arg-type]
+                                              claim_timeout=claim_timeout, clock=clock))
 
-    async def pause(self, conversation_id: str, user_id: str, **kwargs: Any) -> Continuation:
+    async def pause(self, conversation_id: str, user_id: str, *, messages: Sequence[Any],
+                    pending_tool_calls: Sequence[Any], tools: Sequence[Any],
+                    tool_schemas: Sequence[Any], agent_config: dict[str, Any],
+                    client_tools: Sequence[Any] | None = None, tenant_id: str = "default",
+                    ttl: timedelta | None = None) -> Continuation:
         """See :meth:`Continuations.pause`."""
-        result: Continuation = await self._run("pause", conversation_id, user_id, write=True,
-                                               **kwargs)
+        result: Continuation = await self._run(
+            "pause", conversation_id, user_id, write=True, messages=messages,
+            pending_tool_calls=pending_tool_calls, tools=tools, tool_schemas=tool_schemas,
+            agent_config=agent_config, client_tools=client_tools, tenant_id=tenant_id, ttl=ttl)
         return result
 
     async def get(self, conversation_id: str, user_id: str, *,
@@ -145,16 +189,20 @@ class AsyncContinuations(_Twin[Continuations]):
         return result
 
     async def complete(self, conversation_id: str, user_id: str, *,
-                       tool_results: Sequence[Any], **kwargs: Any) -> Continuation:
+                       tool_results: Sequence[Any], claim_id: str | None = None,
+                       tenant_id: str = "default") -> Continuation:
         """See :meth:`Continuations.complete`."""
-        result: Continuation = await self._run("complete", conversation_id, user_id,
-                                               write=True, tool_results=tool_results, **kwargs)
+        result: Continuation = await self._run(
+            "complete", conversation_id, user_id, write=True, tool_results=tool_results,
+            claim_id=claim_id, tenant_id=tenant_id)
         return result
 
-    async def release(self, conversation_id: str, user_id: str, **kwargs: Any) -> Continuation:
+    async def release(self, conversation_id: str, user_id: str, *, error: str | None = None,
+                      claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
         """See :meth:`Continuations.release`."""
         result: Continuation = await self._run("release", conversation_id, user_id, write=True,
-                                               **kwargs)
+                                               error=error, claim_id=claim_id,
+                                               tenant_id=tenant_id)
         return result
 
     async def pending_for_user(self, user_id: str, *,
@@ -174,12 +222,16 @@ class AsyncContinuations(_Twin[Continuations]):
 class AsyncAgentSessions(_Twin[AgentSessions]):
     """:class:`projections.AgentSessions` for asyncio."""
 
-    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
-        super().__init__(store, AgentSessions(store, **kwargs))  # type: ignore[arg-type]
+    def __init__(self, store: AsyncEventStore, *, clock: Clock | None = None) -> None:
+        super().__init__(store, AgentSessions(store, clock=clock))  # type: ignore[arg-type]
 
-    async def save(self, key: SessionKey, **kwargs: Any) -> SessionSnapshot:
+    async def save(self, key: SessionKey, *, snapshot: Any, layer_specs: Any,
+                   pending_form_id: str | None = None,
+                   pending_tool_call_id: str | None = None) -> SessionSnapshot:
         """See :meth:`AgentSessions.save`."""
-        result: SessionSnapshot = await self._run("save", key, write=True, **kwargs)
+        result: SessionSnapshot = await self._run(
+            "save", key, write=True, snapshot=snapshot, layer_specs=layer_specs,
+            pending_form_id=pending_form_id, pending_tool_call_id=pending_tool_call_id)
         return result
 
     async def active(self, key: SessionKey) -> SessionSnapshot | None:
@@ -221,42 +273,45 @@ class AsyncFlows(_Twin[Flows]):
 
     stream_id = staticmethod(Flows.stream_id)
 
-    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
-        super().__init__(store, Flows(store, **kwargs))  # type: ignore[arg-type]
+    def __init__(self, store: AsyncEventStore, *, clock: Clock | None = None) -> None:
+        super().__init__(store, Flows(store, clock=clock))  # type: ignore[arg-type]
 
-    async def save(self, flow_id: str, method_name: str, state: Any, **kwargs: Any) -> int:
+    async def save(self, flow_id: str, method_name: str, state: Any, *,
+                   tenant_id: str = "default") -> int:
         """See :meth:`Flows.save`."""
         result: int = await self._run("save", flow_id, method_name, state, write=True,
-                                      **kwargs)
+                                      tenant_id=tenant_id)
         return result
 
-    async def load(self, flow_id: str, **kwargs: Any) -> Any | None:
+    async def load(self, flow_id: str, *, tenant_id: str = "default") -> Any | None:
         """See :meth:`Flows.load`."""
-        return await self._run("load", flow_id, write=False, **kwargs)
+        return await self._run("load", flow_id, write=False, tenant_id=tenant_id)
 
-    async def history(self, flow_id: str, **kwargs: Any) -> list[FlowSave]:
+    async def history(self, flow_id: str, *, tenant_id: str = "default") -> list[FlowSave]:
         """See :meth:`Flows.history`."""
-        result: list[FlowSave] = await self._run("history", flow_id, write=False, **kwargs)
+        result: list[FlowSave] = await self._run("history", flow_id, write=False,
+                                                 tenant_id=tenant_id)
         return result
 
-    async def request_feedback(self, flow_id: str, context: Any, state: Any,
-                               **kwargs: Any) -> int:
+    async def request_feedback(self, flow_id: str, context: Any, state: Any, *,
+                               tenant_id: str = "default") -> int:
         """See :meth:`Flows.request_feedback`."""
         result: int = await self._run("request_feedback", flow_id, context, state, write=True,
-                                      **kwargs)
+                                      tenant_id=tenant_id)
         return result
 
-    async def pending_feedback(self, flow_id: str, **kwargs: Any) -> PendingFeedback | None:
+    async def pending_feedback(self, flow_id: str, *,
+                               tenant_id: str = "default") -> PendingFeedback | None:
         """See :meth:`Flows.pending_feedback`."""
         result: PendingFeedback | None = await self._run("pending_feedback", flow_id,
-                                                         write=False, **kwargs)
+                                                         write=False, tenant_id=tenant_id)
         return result
 
-    async def resolve_feedback(self, flow_id: str, feedback: Any,
-                               **kwargs: Any) -> PendingFeedback:
+    async def resolve_feedback(self, flow_id: str, feedback: Any, *,
+                               tenant_id: str = "default") -> PendingFeedback:
         """See :meth:`Flows.resolve_feedback`."""
         result: PendingFeedback = await self._run("resolve_feedback", flow_id, feedback,
-                                                  write=True, **kwargs)
+                                                  write=True, tenant_id=tenant_id)
         return result
 
 
@@ -265,65 +320,80 @@ class AsyncJobs(_Twin[Jobs]):
 
     stream_id = staticmethod(Jobs.stream_id)
 
-    def __init__(self, store: AsyncEventStore, **kwargs: Any) -> None:
-        super().__init__(store, Jobs(store, **kwargs))  # type: ignore[arg-type]
+    def __init__(self, store: AsyncEventStore, *, lease: timedelta = DEFAULT_LEASE,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Clock | None = None) -> None:
+        super().__init__(store, Jobs(store, lease=lease,  # type: ignore[arg-type]
+                                     max_attempts=max_attempts, clock=clock))
 
     async def _job(self, method: str, *args: Any, **kwargs: Any) -> Job:
         result: Job = await self._run(method, *args, write=True, **kwargs)
         return result
 
-    async def submit(self, workflow_id: str, inputs: Any, **kwargs: Any) -> Job:
+    async def submit(self, workflow_id: str, inputs: Any, *, user_id: str,
+                     dedupe_key: str | None = None, tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.submit`."""
-        return await self._job("submit", workflow_id, inputs, **kwargs)
+        return await self._job("submit", workflow_id, inputs, user_id=user_id,
+                               dedupe_key=dedupe_key, tenant_id=tenant_id)
 
-    async def claim(self, worker_id: str, **kwargs: Any) -> Job | None:
+    async def claim(self, worker_id: str, *, tenant_id: str = "default") -> Job | None:
         """See :meth:`Jobs.claim`."""
-        result: Job | None = await self._run("claim", worker_id, write=True, **kwargs)
+        result: Job | None = await self._run("claim", worker_id, write=True,
+                                             tenant_id=tenant_id)
         return result
 
-    async def heartbeat(self, job_id: str, worker_id: str, **kwargs: Any) -> Job:
+    async def heartbeat(self, job_id: str, worker_id: str, *,
+                        tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.heartbeat`."""
-        return await self._job("heartbeat", job_id, worker_id, **kwargs)
+        return await self._job("heartbeat", job_id, worker_id, tenant_id=tenant_id)
 
-    async def record(self, job_id: str, worker_id: str, milestone: Any, **kwargs: Any) -> Job:
+    async def record(self, job_id: str, worker_id: str, milestone: Any, *,
+                     tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.record`."""
-        return await self._job("record", job_id, worker_id, milestone, **kwargs)
+        return await self._job("record", job_id, worker_id, milestone, tenant_id=tenant_id)
 
-    async def complete(self, job_id: str, worker_id: str, result: Any = None,
-                       **kwargs: Any) -> Job:
+    async def complete(self, job_id: str, worker_id: str, result: Any = None, *,
+                       tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.complete`."""
-        return await self._job("complete", job_id, worker_id, result, **kwargs)
+        return await self._job("complete", job_id, worker_id, result, tenant_id=tenant_id)
 
-    async def fail(self, job_id: str, worker_id: str, error: str, **kwargs: Any) -> Job:
+    async def fail(self, job_id: str, worker_id: str, error: str, *,
+                   tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.fail`."""
-        return await self._job("fail", job_id, worker_id, error, **kwargs)
+        return await self._job("fail", job_id, worker_id, error, tenant_id=tenant_id)
 
-    async def suspend(self, job_id: str, worker_id: str, **kwargs: Any) -> Job:
+    async def suspend(self, job_id: str, worker_id: str, *, request_id: str, prompt: Any,
+                      deadline: datetime | None = None, tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.suspend`."""
-        return await self._job("suspend", job_id, worker_id, **kwargs)
+        return await self._job("suspend", job_id, worker_id, request_id=request_id,
+                               prompt=prompt, deadline=deadline, tenant_id=tenant_id)
 
-    async def resume(self, job_id: str, **kwargs: Any) -> Job:
+    async def resume(self, job_id: str, *, request_id: str, input: Any,
+                     tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.resume`."""
-        return await self._job("resume", job_id, **kwargs)
+        return await self._job("resume", job_id, request_id=request_id, input=input,
+                               tenant_id=tenant_id)
 
-    async def cancel(self, job_id: str, reason: str | None = None, **kwargs: Any) -> Job:
+    async def cancel(self, job_id: str, reason: str | None = None, *,
+                     tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.cancel`."""
-        return await self._job("cancel", job_id, reason, **kwargs)
+        return await self._job("cancel", job_id, reason, tenant_id=tenant_id)
 
-    async def sweep(self, now: datetime | None = None, **kwargs: Any) -> list[Any]:
+    async def sweep(self, now: datetime | None = None, *,
+                    tenant_id: str | None = None) -> list[Swept]:
         """See :meth:`Jobs.sweep`."""
-        result: list[Any] = await self._run("sweep", now, write=True, **kwargs)
+        result: list[Swept] = await self._run("sweep", now, write=True, tenant_id=tenant_id)
         return result
 
-    async def get(self, job_id: str, **kwargs: Any) -> Job:
+    async def get(self, job_id: str, *, tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.get`."""
-        result: Job = await self._run("get", job_id, write=False, **kwargs)
+        result: Job = await self._run("get", job_id, write=False, tenant_id=tenant_id)
         return result
 
-    async def list(self, status: str | Sequence[str] | None = None,
-                   **kwargs: Any) -> list[Job]:
+    async def list(self, status: str | Sequence[str] | None = None, *,
+                   tenant_id: str = "default", limit: int | None = None) -> list[Job]:
         """See :meth:`Jobs.list`."""
-        result: list[Job] = await self._run("list", status, write=False, **kwargs)
+        result: list[Job] = await self._run("list", status, write=False, tenant_id=tenant_id,
+                                            limit=limit)
         return result
 
     async def events(self, job_id: str, *, after: int = 0, follow: bool = False,

@@ -37,6 +37,10 @@ __all__ = ["Continuation", "ContinuationProjection", "Continuations", "SweepResu
 CATEGORY = "continuation"
 
 
+DEFAULT_TTL = timedelta(minutes=30)  # how long a pause waits for its resume
+DEFAULT_CLAIM_TIMEOUT = timedelta(minutes=10)  # a claim older than this is swept back
+
+
 class Continuation(msgspec.Struct, kw_only=True):
     """A paused agent's execution state and where it is in its lifecycle.
 
@@ -119,8 +123,8 @@ class SweepResult(msgspec.Struct, frozen=True, kw_only=True):
 class Continuations:
     """Pause, get, claim, complete, release and sweep tool-call continuations."""
 
-    def __init__(self, store: EventStore, *, ttl: timedelta = timedelta(minutes=30),
-                 claim_timeout: timedelta = timedelta(minutes=10),
+    def __init__(self, store: EventStore, *, ttl: timedelta = DEFAULT_TTL,
+                 claim_timeout: timedelta = DEFAULT_CLAIM_TIMEOUT,
                  clock: Clock | None = None) -> None:
         if not isinstance(ttl, timedelta) or not isinstance(claim_timeout, timedelta):
             raise InvalidArgument("ttl and claim_timeout must be timedeltas")

@@ -91,6 +91,8 @@ CANCELLED = "cancelled"
 STATUSES = (QUEUED, RUNNING, SUSPENDED, COMPLETED, FAILED, CANCELLED)
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 TERMINAL_EVENTS = frozenset({"JobCompleted", "JobFailed", "JobCancelled"})
+DEFAULT_LEASE = timedelta(seconds=30)  # how long a claim is a worker's without a heartbeat
+DEFAULT_MAX_ATTEMPTS = 3  # claims a job gets before a lost worker fails it
 
 WORKER_LOST = "worker lost"
 """The error of a job failed because its lease ran out with no attempts left."""
@@ -140,7 +142,7 @@ class Job(msgspec.Struct, kw_only=True):
     inputs: Any = None
     user_id: str = ""
     dedupe_key: str | None = None
-    max_attempts: int = 3
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     attempt: int = 0
     lost: int = 0
     worker_id: str | None = None
@@ -352,8 +354,8 @@ class Jobs:
     :class:`NotFound`; bad input raises :class:`InvalidArgument` and writes nothing.
     """
 
-    def __init__(self, store: EventStore, *, lease: timedelta = timedelta(seconds=30),
-                 max_attempts: int = 3, clock: Clock | None = None) -> None:
+    def __init__(self, store: EventStore, *, lease: timedelta = DEFAULT_LEASE,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Clock | None = None) -> None:
         if not isinstance(lease, timedelta) or lease <= timedelta(0):
             raise InvalidArgument(f"lease must be a positive timedelta, got {lease!r}")
         if (not isinstance(max_attempts, int) or isinstance(max_attempts, bool)

@@ -129,6 +129,23 @@ def test_every_facade_method_has_an_async_twin(name: str) -> None:
                 inspect.isasyncgenfunction(getattr(twin, method))), method
 
 
+def _parameters(fn: object) -> list[tuple[str, object, object]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["Conversations", "Continuations", "AgentSessions", "Flows",
+                                  "Jobs"])
+def test_async_twins_take_the_same_parameters(name: str) -> None:
+    """Each twin method (and constructor) has the sync one's parameters: names, kinds and
+    defaults, so a type checker and a misspelt keyword are caught alike on both."""
+    sync, twin = getattr(projections, name), getattr(projections.aio, f"Async{name}")
+    for method in ["__init__", *(m for m in dir(sync) if not m.startswith("_"))]:
+        attr = getattr(sync, method)
+        if not callable(attr) or isinstance(sync.__dict__.get(method), staticmethod):
+            continue
+        assert _parameters(getattr(twin, method)) == _parameters(attr), f"Async{name}.{method}"
+
+
 @pytest.mark.asyncio
 async def test_flows_feedback_race_one_wins(url: str) -> None:
     """Of four tasks resolving one feedback request, exactly one wins."""
