@@ -310,6 +310,17 @@ def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None
         _stop_at(conn, store, name, err)
 
 
+def _unreadable(name: str, err: EventDecodeError) -> ProjectionFailed | None:
+    """An event this code cannot read, as the failure that stops projection ``name`` there
+    (named in the error and in ``status``, as a failing fold); ``None`` when newer code can
+    read it (a rolling deploy: that code's workers go on)."""
+    if err.position is None or err.newer_schema:
+        return None
+    return ProjectionFailed(projection=name, position=err.position, type=err.type or "",
+                            stream_id=err.stream_id or "", tenant_id=err.tenant_id or "",
+                            cause=err)
+
+
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
     """Record, on ``conn``, that projection ``name`` stopped at the event ``err`` names."""
     conn.execute(update(projections).where(projections.c.name == name)
@@ -544,6 +555,8 @@ class _InlineHandler:
         self._seen_to: int | None = None
         self._known: dict[tuple[str, str], tuple[bytes, int, int]] = {}  # encoded state
         self._pending: tuple[tuple[int, int], dict[tuple[str, str], Any], bool] | None = None
+        # The transaction in which this handler stopped the projection (see prepare).
+        self._stopped_in: object = None
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
         write = self.prepare(conn, recorded)
@@ -660,6 +673,12 @@ class _InlineHandler:
             self._mark = None  # nothing to guess from until this code folds the rows again
             return None
         if status_ == "failed":
+            stopped_in = self._stopped_in
+            if stopped_in is not None and stopped_in is conn.get_transaction():
+                # This transaction's own earlier append stopped it (a catch-up below): the
+                # record must commit with it, so its later appends go through the same way.
+                self._mark = None
+                return None
             raise ProjectionStopped(
                 f"projection {self.p.name} is stopped after a failure ({error}); fix it and "
                 f"run `eventstore projections restart {self.p.name}` before appending",
@@ -674,13 +693,18 @@ class _InlineHandler:
             # registered) left behind, then fold this batch.
             try:
                 _catch_up(self.store, conn, rows, position, first - 1)
-            except ProjectionFailed as err:
+            except (ProjectionFailed, EventDecodeError) as e:
                 # An event already in the log (appended without this projection) that its fold
-                # refuses: the projection stops at it, in ``status``, as a projector's would,
-                # and this append goes through without it (a restart after the fix folds it
-                # in).  Refusing this append too would roll the record back with it, and every
-                # append after it would meet the same event and be refused for it unseen.
+                # refuses, or this code cannot read: the projection stops at it, in ``status``,
+                # as a projector's would, and this append goes through without it (a restart
+                # after the fix folds it in).  Refusing this append too would roll the record
+                # back with it, and every append after it would meet the same event and be
+                # refused for it unseen.
+                err = e if isinstance(e, ProjectionFailed) else _unreadable(self.p.name, e)
+                if err is None:
+                    raise  # of a newer schema: newer code, running it inline, goes on
                 _stop_at(conn, self.store, self.p.name, err)
+                self._stopped_in = conn.get_transaction()
                 self._mark = None
                 return None
             if rows.dirty:
@@ -708,10 +732,12 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     """Run ``projection`` inline: its rows change in the same transaction as each append.
 
     Rows are then current for any query right after ``append`` returns (read-your-writes).  A
-    projection that raises makes the append fail: nothing is written.  Rows built by an older
-    version of the fold are rebuilt first; for an ``AsyncEventStore`` on a sync store of the
-    same database, which blocks the calling thread for that one rebuild.  Rows a newer version
-    built are left as they are (see ``_rebuild_if_stale``).
+    projection that raises on an event of the append makes the append fail: nothing is
+    written.  One that raises on an event already in the log (appended without it) stops there,
+    in ``status``; later appends are refused (``ProjectionStopped``) until a restart.  Rows
+    built by an older version of the fold are rebuilt first; for an ``AsyncEventStore`` on a
+    sync store of the same database, which blocks the calling thread for that one rebuild.
+    Rows a newer version built are left as they are (see ``_rebuild_if_stale``).
     """
     if not projection.name:
         raise InvalidArgument("a projection needs a name")
@@ -1168,15 +1194,11 @@ class Projector:
             _record_failure(self.store, p.name, e)
             raise
         except EventDecodeError as e:
-            if e.position is None or e.newer_schema:
+            failed = _unreadable(p.name, e)
+            if failed is None:
                 # Newer code can read it (a rolling deploy): this worker stops, and the
                 # projection stays running for one that is up to date (the lease passes on).
                 raise
-            # An event this code cannot read stops the projection there, as a failing fold
-            # does: named in the error and in ``status``, until an operator restarts it.
-            failed = ProjectionFailed(projection=p.name, position=e.position, type=e.type or "",
-                                      stream_id=e.stream_id or "", tenant_id=e.tenant_id or "",
-                                      cause=e)
             _record_failure(self.store, p.name, failed)
             raise failed from e
 

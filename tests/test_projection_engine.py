@@ -94,6 +94,50 @@ def test_inline_catch_up_failing_on_another_writers_event_stops_the_projection(
         assert status(fixed, "tally_catch_up")[0].status == "running"
 
 
+def test_inline_catch_up_stop_holds_when_one_transaction_appends_twice(url: str) -> None:
+    """The catch-up that stops the projection records it in the append's transaction; a second
+    append of the same transaction (a facade's command, a sweep) goes through the same way
+    instead of refusing and rolling that record back with it."""
+    from eventstore._bound import BoundStore, transaction
+    from projections import ProjectionStopped
+
+    with EventStore.open(url) as runner, EventStore.open(url) as other:
+        inline(runner, TallyProjection("tally_twice", poison=13))
+        bump(runner, "a", 1)
+        other.append("counter-b", [CounterIncremented(by=13)])
+        with transaction(runner, write=True) as conn:
+            bound = BoundStore(runner, conn)
+            bound.append("counter-a", [CounterIncremented(by=1)])
+            bound.append("counter-c", [CounterIncremented(by=1)])
+        (st,) = status(runner, "tally_twice")
+        assert (st.status, st.failed_position) == ("failed", 2)
+        assert runner.stream_version("counter-c") == 1
+        with pytest.raises(ProjectionStopped), transaction(runner, write=True) as conn:
+            BoundStore(runner, conn).append("counter-c", [CounterIncremented(by=1)])
+        assert runner.stream_version("counter-c") == 1
+
+
+def test_inline_catch_up_meeting_an_unreadable_event_stops_the_projection(url: str) -> None:
+    """An event this code cannot read, appended without the projection, stops it as a fold
+    that raises does (in status, naming the event), not every later append unseen."""
+    from eventstore._schema import events as event_table
+    from projections import ProjectionStopped
+
+    with EventStore.open(url) as runner, EventStore.open(url) as other:
+        inline(runner, TallyProjection("tally_unreadable"))
+        bump(runner, "a", 1)
+        other.append("counter-b", [CounterIncremented(by=1)])
+        with begin_write(other.engine) as conn:  # as if written when `by` was a string
+            conn.execute(update(event_table).where(event_table.c.position == 2).values(
+                data=b'{"type":"test.CounterIncremented","by":"one"}'))
+        bump(runner, "a", 1)
+        (st,) = status(runner, "tally_unreadable")
+        assert (st.status, st.failed_position) == ("failed", 2)
+        assert "EventDecodeError" in (st.error or "") and "counter-b" in (st.error or "")
+        with pytest.raises(ProjectionStopped):
+            bump(runner, "a", 1)
+
+
 def test_projector_applies_every_event_once_and_checkpoints(store: EventStore) -> None:
     """The projector folds all events; a second catch-up applies nothing more."""
     bump(store, "a", 5)
