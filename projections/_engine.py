@@ -818,7 +818,7 @@ def current(store: EventStore, projection: Projection[S], stream_id: str, *, ten
 
 
 def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str | None,
-               status: str | Sequence[str] | None = None, group_key: str | None = None,
+               status: str | Iterable[str] | None = None, group_key: str | None = None,
                sort_before: int | None = None, limit: int | None = None,
                conn: Connection | None = None) -> list[tuple[str, str, S, int]]:
     """Rows of the active generation by indexed columns, oldest ``sort_key`` first; rows with
@@ -827,13 +827,21 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
 
     Returns ``(tenant_id, stream_id, state, version)`` tuples.  ``tenant_id=None`` reads every
     tenant's rows; ``sort_before`` is in the projection's ``sort_key`` units; ``conn``: read on
-    that connection (a command layer's transaction) instead of a new one.
+    that connection (a command layer's transaction) instead of a new one.  Rows without a
+    ``sort_key`` come first on SQLite and last on PostgreSQL (each database's own order, which
+    its index gives without a sort).
     """
     for value, what in ((tenant_id, "tenant id"), (group_key, "group key")):
         if value is not None:
             check_id(value, what, InvalidArgument)
-    for value in [status] if isinstance(status, str) else status or ():
-        check_id(value, "status", InvalidArgument)
+    statuses: list[str] | None = None
+    if status is not None:
+        if not isinstance(status, Iterable):
+            raise InvalidArgument(f"status must be a str or an iterable of them, got "
+                                  f"{type(status).__name__}")
+        statuses = [status] if isinstance(status, str) else list(status)
+        for value in statuses:
+            check_id(value, "status", InvalidArgument)
     if limit is not None:
         check_int(limit, "limit", minimum=0)
     if sort_before is not None:
@@ -844,10 +852,8 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
         pr.projection == projection.name, pr.generation == gen)
     if tenant_id is not None:
         q = q.where(pr.tenant_id == tenant_id)
-    if isinstance(status, str):
-        q = q.where(pr.status == status)
-    elif status is not None:
-        q = q.where(pr.status.in_(list(status)))
+    if statuses is not None:
+        q = q.where(pr.status == statuses[0] if len(statuses) == 1 else pr.status.in_(statuses))
     if group_key is not None:
         q = q.where(pr.group_key == group_key)
     if sort_before is not None:

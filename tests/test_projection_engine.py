@@ -391,7 +391,9 @@ def test_query_rows_by_index(store: EventStore) -> None:
     assert len(query_rows(store, p, tenant_id=None, status="big")) == 3
     from eventstore import InvalidArgument
 
-    for bad in ({"limit": -1}, {"limit": "2"}, {"sort_before": 2**63}, {"status": ""}):
+    assert len(query_rows(store, p, tenant_id="default", status=(s for s in ["big"]))) == 2
+    for bad in ({"limit": -1}, {"limit": "2"}, {"sort_before": 2**63}, {"status": ""},
+                {"status": 5}):
         with pytest.raises(InvalidArgument):
             query_rows(store, p, tenant_id="default", **bad)  # type: ignore[arg-type]
 
