@@ -69,7 +69,7 @@ class ContinuationProjection(Projection[Continuation]):
     """Folds a (conversation, user) stream into its current continuation."""
 
     name = "continuations"
-    version = 1
+    version = 2  # 2: paused_at from the event (the facade clock) when it carries one
     categories = (CATEGORY,)
     state_type = Continuation
     snapshot_every = None
