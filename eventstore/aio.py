@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
@@ -357,11 +358,15 @@ class AsyncEventStore(StoreCore):
 
 
 async def _wait(stop: StopEvent, seconds: float) -> None:
+    """Sleep ``seconds``, ending early once ``stop`` is set (a ``threading.Event`` is looked at
+    every 0.5 s at most, so a long retry pause still honours it)."""
     if isinstance(stop, asyncio.Event):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=seconds)
-    else:
-        await asyncio.sleep(seconds)
+        return
+    ends = time.monotonic() + seconds
+    while not stop.is_set() and (left := ends - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, 0.5))
 
 
 # -- the asyncio engine (here, so that the sync store never imports SQLAlchemy's asyncio) --

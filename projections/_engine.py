@@ -1490,8 +1490,9 @@ def verify(store: EventStore, projection: Projection[Any], *,
 
 
 # A verify writes its scratch rows batch by batch; one whose newest row is this old was killed
-# before its cleanup ran (SIGKILL skips the ``finally``).
-_SCRATCH_ABANDONED_US = 3600 * 1_000_000
+# before its cleanup ran (SIGKILL skips the ``finally``).  A day: far longer than a verify goes
+# without writing a row (a projection of rare events in a busy log) or clocks disagree.
+_SCRATCH_ABANDONED_US = 24 * 3600 * 1_000_000
 
 
 def _drop_abandoned_scratch(store: EventStore, name: str) -> None:

@@ -600,3 +600,18 @@ async def test_close_while_the_first_append_opens_the_kept_connection(
     assert store._engine.pool.checkedout() == 0
     async with await AsyncEventStore.open(url) as again:
         assert await again.stream_version("r-1") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_long_pause_still_ends_soon_after_a_threading_stop_is_set() -> None:
+    """A subscription's retry pause (up to 5 s) with a threading.Event as ``stop``: the wait
+    looks at it at least every 0.5 s, as the README promises for ``stop``."""
+    import threading
+
+    from eventstore.aio import _wait
+
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    await _wait(stop, 5.0)
+    assert time.monotonic() - t0 < 1.0

@@ -359,7 +359,7 @@ def test_verify_reports_differences(store: EventStore) -> None:
 
 def test_verify_drops_the_scratch_rows_of_a_verify_killed_long_ago(store: EventStore) -> None:
     """A verify killed mid-run (its cleanup never ran) leaves scratch rows; the next verify
-    deletes them once they are an hour old, and leaves a running verify's fresh ones."""
+    deletes them once they are a day old, and leaves a running verify's fresh ones."""
     from sqlalchemy import insert, select
 
     p = TallyProjection()
@@ -370,8 +370,8 @@ def test_verify_drops_the_scratch_rows_of_a_verify_killed_long_ago(store: EventS
            "version": 1, "position": 1, "state": b'{"count":1}'}
     with begin_write(store.engine) as conn:
         conn.execute(insert(projection_rows), [
-            {**row, "generation": -5, "updated_at": now - 2 * 3600 * 10**6},
-            {**row, "generation": -6, "updated_at": now - 60 * 10**6}])
+            {**row, "generation": -5, "updated_at": now - 25 * 3600 * 10**6},
+            {**row, "generation": -6, "updated_at": now - 23 * 3600 * 10**6}])
     assert verify(store, p) == []
     with store.engine.connect() as c:
         gens = set(c.execute(select(projection_rows.c.generation)).scalars())
