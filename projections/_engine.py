@@ -236,10 +236,15 @@ def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
     return row
 
 
+def _check_name(name: object) -> str:
+    if not name:
+        raise InvalidArgument("a projection needs a name")
+    return check_id(name, "projection name", InvalidArgument)
+
+
 def ensure_registered(store: EventStore, projection: Projection[Any]) -> None:
     """Create the projection's bookkeeping row when it does not exist yet."""
-    if not projection.name:
-        raise InvalidArgument("a projection needs a name")
+    _check_name(projection.name)
     with transaction(store, write=True) as conn:
         _ensure_row(conn, projection, _now_us(store))
 
@@ -248,7 +253,7 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
     """The bookkeeping of every projection (or of one), with the log's head position."""
     q = select(projections).order_by(projections.c.name)
     if name is not None:
-        q = q.where(projections.c.name == name)
+        q = q.where(projections.c.name == _check_name(name))
     head = store.last_position()
     with transaction(store, write=False) as conn:
         rows = conn.execute(q).all()
@@ -285,6 +290,7 @@ def _behind(conn: Connection, name: str, position: int) -> int | None:
 
 def restart(store: EventStore, name: str) -> None:
     """Clear a failed projection so its projector retries from the failed event."""
+    _check_name(name)
     with transaction(store, write=True) as conn:
         _lock_row(conn, name)
         conn.execute(update(projections).where(projections.c.name == name)
@@ -739,8 +745,7 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     sync store of the same database, which blocks the calling thread for that one rebuild.
     Rows a newer version built are left as they are (see ``_rebuild_if_stale``).
     """
-    if not projection.name:
-        raise InvalidArgument("a projection needs a name")
+    _check_name(projection.name)
     for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             return

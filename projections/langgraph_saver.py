@@ -1562,6 +1562,11 @@ def _check_checkpoint(checkpoint: Checkpoint, parent: object,
                                   f"got {versions!r:.200}")
     if not all(isinstance(node, str) for node in seen):
         raise InvalidArgument("versions_seen must be keyed by node names (strings)")
+    # Channel names and versions are index columns (text): PostgreSQL's refuses NUL.
+    current = checkpoint["channel_versions"]
+    if "\x00" in "".join((*current, *new_versions,
+                           *(ver for ver in current.values() if ver.__class__ is str))):
+        raise InvalidArgument("channel names and versions must not contain NUL characters")
 
 
 def _compact_updated(updated: Any, items: Sequence[Blob]) -> builtins.list[str] | bool | None:

@@ -209,3 +209,18 @@ def test_the_nan_search_has_no_false_positives_from_bytes() -> None:
     assert msgspec.json.decode(data, type=Blobbed) == Blobbed(blob=nan_like)
     with pytest.raises(InvalidEvent, match=r"\['note'\]"):
         encode_event(Blobbed(blob=nan_like, note=float("nan")))  # type: ignore[arg-type]
+
+
+def test_projection_names_with_nul_are_refused(store: EventStore) -> None:
+    """A projection name is a key column: NUL is InvalidArgument for inline, status and
+    restart on both backends (PostgreSQL gave a DatabaseError)."""
+    from projections import inline, restart, status
+    from tests._projections import TallyProjection
+
+    with pytest.raises(InvalidArgument, match="NUL"):
+        inline(store, TallyProjection(NUL))
+    with pytest.raises(InvalidArgument, match="NUL"):
+        status(store, NUL)
+    with pytest.raises(InvalidArgument, match="NUL"):
+        restart(store, NUL)
+    assert status(store) == []

@@ -818,3 +818,19 @@ def test_thread_ids_and_namespaces_the_databases_cannot_hold_are_refused(
         with pytest.raises(InvalidArgument):
             call()
     assert list(store.read_all()) == []
+
+
+def test_channel_names_and_versions_with_nul_are_refused(saver: EventStoreSaver,
+                                                         store: EventStore) -> None:
+    """They are index columns: a NUL is InvalidArgument on both backends, nothing written."""
+    from eventstore import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="NUL"):
+        put(saver, "t", None, {"a\x00b": 1}, {"a\x00b": 1}, {"a\x00b": 1})
+    cp: Checkpoint = empty_checkpoint()
+    cp["channel_values"] = {"a": 1}
+    cp["channel_versions"] = {"a": "1.\x00"}
+    with pytest.raises(InvalidArgument, match="NUL"):
+        saver.put(config("t"), cp, {"source": "loop", "step": 0, "parents": {}},
+                  {"a": "1.\x00"})
+    assert list(store.read_all()) == []
