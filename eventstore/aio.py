@@ -513,16 +513,22 @@ class _SQLiteThreadTransactions:
         if engine is None:
             engine = self._engines[aio] = self._engine_over(aio._conn)
         context = contextvars.copy_context()
-        abandoned = threading.Event()
+        hand = _Handover()
+        job = asyncio.ensure_future(aio._execute(context.run, _in_transaction, engine, write,
+                                                 fn, args, hand))
         try:
-            result: T = await aio._execute(context.run, _in_transaction, engine, write, fn,
-                                           args, abandoned)
+            return await asyncio.shield(job)
         except BaseException:
-            # Cancelled (a timeout, a task cancelled) while the function runs on: it rolls
-            # back at its next check instead of committing what its caller gave up on.
-            abandoned.set()
+            if not job.done():
+                # Cancelled (a timeout, a task cancelled) while the function runs on.  Before
+                # its commit it rolls back at its next check, instead of committing what its
+                # caller gave up on; once committing, the caller waits for the outcome, so that
+                # a read after the cancellation never sees the log without what commits next.
+                job.add_done_callback(_retrieved)
+                if not hand.abandon():
+                    with contextlib.suppress(BaseException):
+                        await asyncio.wait({job})
             raise
-        return result
 
     def _engine_over(self, raw: sqlite3.Connection) -> Engine:
         _clean, synchronous, busy_ms, memory = self._settings
@@ -532,16 +538,47 @@ class _SQLiteThreadTransactions:
         return engine
 
 
+class _Handover:
+    """Whether a transaction on aiosqlite's thread goes on to its commit or its caller gave up
+    first: whichever of the two comes first decides, under a lock."""
+
+    __slots__ = ("_lock", "abandoned", "committing")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.abandoned = False
+        self.committing = False
+
+    def abandon(self) -> bool:
+        """The caller gives up; false when the commit is already under way."""
+        with self._lock:
+            self.abandoned = True
+            return not self.committing
+
+    def commit(self) -> bool:
+        """The transaction is about to commit; false when its caller gave up."""
+        with self._lock:
+            self.committing = not self.abandoned
+            return self.committing
+
+
+def _retrieved(job: asyncio.Future[Any]) -> None:
+    """A transaction's outcome nobody awaits any more (its caller was cancelled): taken, so
+    that asyncio does not report it as never retrieved."""
+    if not job.cancelled():
+        job.exception()
+
+
 def _in_transaction(engine: Engine, write: bool, fn: Callable[..., T], args: Sequence[Any],
-                    abandoned: threading.Event) -> T:
+                    hand: _Handover) -> T:
     """On aiosqlite's thread: ``fn`` in a transaction, rolled back if its caller gave up
     (checked once the transaction has begun, possibly after waiting for the write lock, and
-    again before the commit)."""
+    again right before the commit, which its caller then waits for)."""
     with _begin(engine, write=write) as conn:
-        if abandoned.is_set():
+        if hand.abandoned:
             raise _Abandoned
         result = fn(conn, *args)
-        if abandoned.is_set():
+        if not hand.commit():
             raise _Abandoned
         return result
 

@@ -381,6 +381,37 @@ async def test_cancelled_sqlite_append_waiting_for_the_write_lock_rolls_back(
         assert (await store.append("s-1", [NoteAdded(text="after")])).stream_version == 2
 
 
+async def test_a_sqlite_append_cancelled_during_its_commit_is_settled_when_it_raises(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancellation that lands while the commit is under way on aiosqlite's thread waits for
+    it: the caller hears of the cancellation with the append committed, so a read right after
+    agrees with every read later (it saw nothing, and then the whole batch)."""
+    import contextlib
+    from collections.abc import Iterator
+
+    import eventstore.aio as aio
+
+    real_begin = aio._begin
+
+    @contextlib.contextmanager
+    def slow_commit(engine: Any, *, write: bool) -> Iterator[Any]:
+        with real_begin(engine, write=write) as conn:
+            yield conn
+            if write:
+                time.sleep(0.3)  # the body is done and committing: a slow fsync
+
+    async with await AsyncEventStore.open(f"sqlite:///{tmp_path / 'c.db'}") as store:
+        await store.append("warm-1", [NoteAdded(text="x")])
+        monkeypatch.setattr(aio, "_begin", slow_commit)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await store.append("s-1", [NoteAdded(text="x")] * 3)
+        monkeypatch.setattr(aio, "_begin", real_begin)
+        right_after = await store.stream_version("s-1")
+        await asyncio.sleep(0.4)
+        assert right_after == await store.stream_version("s-1") == 3
+
+
 async def test_run_sync_is_one_transaction_on_both_backends(url: str) -> None:
     """run_sync(fn) (a read transaction by default) rolls back what fn wrote when fn raises;
     run_read runs reads only."""
