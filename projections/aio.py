@@ -121,7 +121,8 @@ class AsyncConversations(_Twin[Conversations]):
                      idempotency_key: str | None = None) -> int:
         """See :meth:`Conversations.delete`."""
         # A str is one name, as for the sync facade (a list of it would be its characters).
-        listed = names if isinstance(names, str) else list(names)
+        listed = names if isinstance(names, str) or not isinstance(names, Iterable) else list(
+            names)  # (not iterable: the sync facade refuses it)
         result: int = await self._run(
             "delete", conversation_id, listed, write=True, tenant_id=tenant_id,
             expected_version=expected_version, workflow_run_id=workflow_run_id, node_id=node_id,

@@ -153,7 +153,10 @@ def _check_conversation_id(conversation_id: object) -> str:
     return conversation_id
 
 
-def _check_names(names: Iterable[object]) -> list[str]:
+def _check_names(names: object) -> list[str]:
+    if not isinstance(names, Iterable):
+        raise InvalidArgument(f"names must be a variable name or an iterable of them, got "
+                              f"{type(names).__name__}")
     out = []
     for n in names:
         if not isinstance(n, str) or not n:

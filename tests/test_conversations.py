@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -99,6 +100,17 @@ def test_reset_and_delete_are_events(conversations: Conversations,
     assert conversations.get("c-1").variables == {"count": 0, "topic": "x"}
     assert [e.type for e in conv_store.read_stream("conversation-c-1")] == [
         "VariablesAssigned", "VariablesReset", "VariablesDeleted"]
+
+
+@pytest.mark.parametrize("names", [5, None, [""], [3]])
+def test_delete_refuses_names_that_are_not_variable_names(conversations: Conversations,
+                                                          conv_store: EventStore,
+                                                          names: Any) -> None:
+    from eventstore import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        conversations.delete("c-1", names)
+    assert list(conv_store.read_all()) == []
 
 
 def test_get_at_version_and_at_time(conversations: Conversations, clock: Clock) -> None:
