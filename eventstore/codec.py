@@ -72,18 +72,24 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
             raise InvalidEvent(f"cannot encode {event.type} event data: {e}") from e
         known = _registry.get(event.type)
-        if known is not None and event.schema_version <= known.__event_schema_version__:
-            # Data of a type this code knows must read back as that type (upcast when older);
-            # a newer schema version is left to the code that knows it.
+        if known is not None and event.schema_version > known.__event_schema_version__:
+            # Nothing here can check it, and every reader of this code would fail on it: the
+            # code that knows that schema appends it (as a typed event).
+            raise InvalidEvent(
+                f"raw {event.type} event does not match its type: this code knows it up to "
+                f"schema version {known.__event_schema_version__}, not "
+                f"{event.schema_version}")
+        if known is not None:
+            # Data of a type this code knows must read back as that type (upcast when older).
             try:
                 decode_event(event.type, event.schema_version, data)
             except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(f"raw {event.type} event does not match its type: "
                                    f"{e.__cause__ or e}") from e
         else:
-            # Readers decode it as a JSON object (code that knows the type or a newer schema
-            # of it too): a msgspec.Raw inside is written as it is, so one holding no valid
-            # JSON would fail every later read of the log.
+            # Readers decode it as a JSON object (code that knows the type too): a msgspec.Raw
+            # inside is written as it is, so one holding no valid JSON would fail every later
+            # read of the log.
             try:
                 _dict_decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -92,9 +92,10 @@ class Measured(Event, tag="test.Measured"):
      RawEvent(type="test.NoteAdded", data={"text": 5}),
      RawEvent(type="test.NoteAdded", data={}),
      RawEvent(type="test.Unknown", data={"json": msgspec.Raw(b"NaN")}),
-     RawEvent(type="test.NoteAdded", data={"x": msgspec.Raw(b"{bad")}, schema_version=99)],
+     RawEvent(type="test.NoteAdded", data={"x": msgspec.Raw(b"{bad")}, schema_version=99),
+     RawEvent(type="test.NoteAdded", data={"text": "fits v1"}, schema_version=2)],
     ids=["wrong-field-type", "wrong-int", "nan", "inf", "raw-wrong-type", "raw-missing-field",
-         "raw-invalid-json", "raw-newer-schema-invalid-json"])
+         "raw-invalid-json", "raw-newer-schema-invalid-json", "raw-newer-schema"])
 def test_an_event_that_would_not_read_back_as_its_type_is_rejected(store: EventStore,
                                                                     event: Any) -> None:
     """Data that does not fit its own registered type raises InvalidEvent and writes nothing:
