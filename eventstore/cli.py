@@ -104,7 +104,9 @@ exit codes:
   3  conflict (wrong expected version, idempotency key reused for other events)
   4  schema mismatch (database not migrated: run `eventstore migrate`; or newer than this code)
 
---json prints JSON lines (one object per event) for read and tail, one JSON object otherwise.
+--json prints JSON lines: one object per event (read, tail), per projection (projections
+status), per stream that differs (projections verify: none when the rows agree); one object
+for the other commands.
 --url defaults to $EVENTSTORE_URL, else sqlite:///./eventstore.db.
 """
 
