@@ -19,7 +19,10 @@ from .logs import get_logger
 
 _log = get_logger("eventstore.migrate")
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Installed from a wheel they are eventstore/_migrations; in a checkout, migrations/ beside it.
+_HERE = Path(__file__).resolve().parent
+MIGRATIONS_DIR = next((d for d in (_HERE / "_migrations", _HERE.parent / "migrations")
+                       if (d / "env.py").is_file()), _HERE / "_migrations")
 
 
 def _config() -> Config:
