@@ -21,6 +21,7 @@ from ._engine import (
     register,
     registered,
     restart,
+    snapshot_now,
     status,
     verify,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "register",
     "registered",
     "restart",
+    "snapshot_now",
     "status",
     "verify",
 ]
