@@ -105,6 +105,12 @@ def check_id(value: object, what: str, error: type[InvalidArgument]) -> str:
         raise error(f"{what} must not be empty")
     if len(value) > MAX_ID_LENGTH:
         raise error(f"{what} is {len(value)} characters long, the limit is {MAX_ID_LENGTH}")
+    return check_storable(value, what, error)
+
+
+def check_storable(value: str, what: str, error: type[InvalidArgument]) -> str:
+    """Text both databases store as it is: no NUL (PostgreSQL's text refuses it) and no lone
+    surrogate (not UTF-8)."""
     if "\x00" in value:
         raise error(f"{what} must not contain NUL characters")
     if not value.isascii():

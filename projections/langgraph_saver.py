@@ -75,7 +75,7 @@ from sqlalchemy.sql import ClauseElement
 from eventstore import Event, EventStore, RecordedEvent
 from eventstore._backend import begin_read, begin_write, dbapi_cursor, lock_appends
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import _pipeline, _psycopg
+from eventstore._core import _pipeline, _psycopg, check_storable
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
@@ -127,15 +127,7 @@ MAX_THREAD_ID_LENGTH = 255 - len(_PREFIX)  # a stream id is at most 255 characte
 def _text(value: object, what: str) -> str:
     """An id from LangGraph's config as text both databases store (``InvalidArgument`` for a NUL
     character, which PostgreSQL's text refuses, or a lone surrogate)."""
-    text = str(value)
-    if "\x00" in text:
-        raise InvalidArgument(f"{what} must not contain NUL characters")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidArgument(f"{what} is not valid Unicode text (a lone surrogate?)") from e
-    return text
+    return check_storable(str(value), what, InvalidArgument)
 
 
 def stream_id_of(thread_id: str) -> str:
