@@ -514,21 +514,21 @@ class _SQLiteThreadTransactions:
             engine = self._engines[aio] = self._engine_over(aio._conn)
         context = contextvars.copy_context()
         hand = _Handover()
-        job = asyncio.ensure_future(aio._execute(context.run, _in_transaction, engine, write,
-                                                 fn, args, hand))
         try:
-            return await asyncio.shield(job)
+            result: T = await aio._execute(context.run, _in_transaction, engine, write, fn,
+                                           args, hand)
         except BaseException:
-            if not job.done():
-                # Cancelled (a timeout, a task cancelled) while the function runs on.  Before
-                # its commit it rolls back at its next check, instead of committing what its
-                # caller gave up on; once committing, the caller waits for the outcome, so that
-                # a read after the cancellation never sees the log without what commits next.
-                job.add_done_callback(_retrieved)
-                if not hand.abandon():
-                    with contextlib.suppress(BaseException):
-                        await asyncio.wait({job})
+            # Cancelled (a timeout, a task cancelled, the loop shutting down) while the
+            # function runs on aiosqlite's thread.  Before its commit it rolls back at its next
+            # check, instead of committing what its caller gave up on; once committing, the
+            # caller waits for the commit (short of a second cancellation), so that a read
+            # after the cancellation does not see the log without what commits next.
+            if not hand.abandon():
+                with contextlib.suppress(asyncio.CancelledError):
+                    while not hand.finished.is_set():
+                        await asyncio.sleep(0.001)
             raise
+        return result
 
     def _engine_over(self, raw: sqlite3.Connection) -> Engine:
         _clean, synchronous, busy_ms, memory = self._settings
@@ -542,12 +542,13 @@ class _Handover:
     """Whether a transaction on aiosqlite's thread goes on to its commit or its caller gave up
     first: whichever of the two comes first decides, under a lock."""
 
-    __slots__ = ("_lock", "abandoned", "committing")
+    __slots__ = ("_lock", "abandoned", "committing", "finished")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.abandoned = False
         self.committing = False
+        self.finished = threading.Event()  # the transaction committed or rolled back
 
     def abandon(self) -> bool:
         """The caller gives up; false when the commit is already under way."""
@@ -562,25 +563,21 @@ class _Handover:
             return self.committing
 
 
-def _retrieved(job: asyncio.Future[Any]) -> None:
-    """A transaction's outcome nobody awaits any more (its caller was cancelled): taken, so
-    that asyncio does not report it as never retrieved."""
-    if not job.cancelled():
-        job.exception()
-
-
 def _in_transaction(engine: Engine, write: bool, fn: Callable[..., T], args: Sequence[Any],
                     hand: _Handover) -> T:
     """On aiosqlite's thread: ``fn`` in a transaction, rolled back if its caller gave up
     (checked once the transaction has begun, possibly after waiting for the write lock, and
     again right before the commit, which its caller then waits for)."""
-    with _begin(engine, write=write) as conn:
-        if hand.abandoned:
-            raise _Abandoned
-        result = fn(conn, *args)
-        if not hand.commit():
-            raise _Abandoned
-        return result
+    try:
+        with _begin(engine, write=write) as conn:
+            if hand.abandoned:
+                raise _Abandoned
+            result = fn(conn, *args)
+            if not hand.commit():
+                raise _Abandoned
+            return result
+    finally:
+        hand.finished.set()
 
 
 class _Abandoned(Exception):

@@ -412,6 +412,34 @@ async def test_a_sqlite_append_cancelled_during_its_commit_is_settled_when_it_ra
         assert right_after == await store.stream_version("s-1") == 3
 
 
+async def test_a_sqlite_append_cancelled_with_every_other_task_rolls_back(
+        tmp_path: Any) -> None:
+    """A shutdown cancels every task at once (asyncio.run's end, a SIGTERM handler), in any
+    order: an append whose body is still running on aiosqlite's thread rolls back instead of
+    committing after its caller was cancelled."""
+    import threading
+
+    async with await AsyncEventStore.open(f"sqlite:///{tmp_path / 'all.db'}") as store:
+        await store.append("warm-1", [NoteAdded(text="x")])
+        in_body = threading.Event()
+
+        def slow(conn: Any, recorded: Any) -> None:
+            in_body.set()
+            time.sleep(0.2)
+
+        task = asyncio.create_task(store.append_with("s-1", [NoteAdded(text="given up")],
+                                                     before_commit=slow))
+        while not in_body.is_set():
+            await asyncio.sleep(0.005)
+        for other in reversed(list(asyncio.all_tasks())):  # the newest first
+            if other is not asyncio.current_task():
+                other.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.4)
+        assert await store.stream_version("s-1") == 0
+
+
 async def test_run_sync_is_one_transaction_on_both_backends(url: str) -> None:
     """run_sync(fn) (a read transaction by default) rolls back what fn wrote when fn raises;
     run_read runs reads only."""
