@@ -63,13 +63,14 @@ class Continuation(msgspec.Struct, kw_only=True):
     tool_results: list[Any] | None = None
     last_error: str | None = None
     paused_at: datetime | None = None
+    ttl: timedelta | None = None  # the pause's own time to live (None: the facade's default)
 
 
 class ContinuationProjection(Projection[Continuation]):
     """Folds a (conversation, user) stream into its current continuation."""
 
     name = "continuations"
-    version = 2  # 2: paused_at from the event (the facade clock) when it carries one
+    version = 2  # 2: paused_at from the event (the facade clock) when it carries one; ttl
     categories = (CATEGORY,)
     state_type = Continuation
     snapshot_every = None
@@ -85,7 +86,7 @@ class ContinuationProjection(Projection[Continuation]):
                 pause_id=d.pause_id, messages=d.messages, pending_tool_calls=d.pending_tool_calls,
                 tools=d.tools, tool_schemas=d.tool_schemas, agent_config=d.agent_config,
                 client_tools=d.client_tools, expires_at=d.expires_at,
-                paused_at=d.paused_at or event.recorded_at)
+                paused_at=d.paused_at or event.recorded_at, ttl=d.ttl)
         if state.pause_id is None or getattr(d, "pause_id", None) != state.pause_id:
             return state
         if isinstance(d, ResumeStarted):
@@ -180,7 +181,7 @@ class Continuations:
             messages=list(messages), pending_tool_calls=list(pending_tool_calls),
             tools=list(tools), tool_schemas=list(tool_schemas), agent_config=agent_config,
             client_tools=list(client_tools) if client_tools is not None else None,
-            expires_at=now + life, paused_at=now)
+            expires_at=now + life, paused_at=now, ttl=life)
         self.store.append(stream, [event], tenant_id=tenant_id)
         return self._state(stream, tenant_id)
 
@@ -261,14 +262,14 @@ class Continuations:
 
     def release(self, conversation_id: str, user_id: str, *, error: str | None = None,
                 claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
-        """resuming -> pending with a fresh time to live (the resume failed)."""
+        """resuming -> pending with a fresh time to live, the pause's own (the resume failed)."""
         stream = self._ids(conversation_id, user_id)
 
         def decision(state: Continuation, version: int) -> list[Event]:
             self._require_claim(state, claim_id, conversation_id, user_id)
             assert state.pause_id is not None and state.claim_id is not None
             return [ResumeReleased(pause_id=state.pause_id, claim_id=state.claim_id,
-                                   error=error, expires_at=self.now() + self.ttl)]
+                                   error=error, expires_at=self.now() + (state.ttl or self.ttl))]
 
         decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
         return self._state(stream, tenant_id)
@@ -314,7 +315,7 @@ class Continuations:
                     return []
                 assert state.pause_id is not None and state.claim_id is not None
                 return [ResumeTimedOut(pause_id=state.pause_id, claim_id=state.claim_id,
-                                       expires_at=at + self.ttl)]
+                                       expires_at=at + (state.ttl or self.ttl))]
             if state.status != "pending" or state.expires_at is None or state.expires_at > at:
                 return []
             assert state.pause_id is not None

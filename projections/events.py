@@ -6,7 +6,7 @@ events written today stay readable after fields are added (msgspec's evolution r
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -69,6 +69,9 @@ class ToolCallsPaused(Event, tag="ToolCallsPaused"):
     client_tools: list[Any] | None = None
     # When the facade's clock says it paused (older events: their recorded_at).
     paused_at: datetime | None = None
+    # The pause's time to live, which a release or a reverted claim starts afresh (older
+    # events: the facade's default).
+    ttl: timedelta | None = None
 
 
 class ResumeStarted(Event, tag="ResumeStarted"):

@@ -122,6 +122,22 @@ def test_release_returns_to_pending_with_fresh_ttl(conts: Continuations, clock: 
     assert conts.claim("conv-1", "u1").status == "resuming"
 
 
+def test_a_pause_with_its_own_ttl_gets_it_again_when_released_or_swept_back(
+        conts: Continuations, clock: Clock) -> None:
+    """The fresh time to live of a release, and of a claim the sweep puts back, is the pause's
+    own (a 4-hour approval stays 4 hours), not the facade's default."""
+    pause(conts, ttl=timedelta(hours=4))
+    conts.claim("conv-1", "u1")
+    back = conts.release("conv-1", "u1", error="client crashed")
+    assert back.ttl == timedelta(hours=4)
+    assert back.expires_at == clock.now + timedelta(hours=4)
+    conts.claim("conv-1", "u1")
+    clock.advance(minutes=11)  # past the claim timeout
+    assert conts.sweep().reverted == [("default", "conv-1", "u1")]
+    swept = conts.get("conv-1", "u1")
+    assert swept is not None and swept.expires_at == clock.now + timedelta(hours=4)
+
+
 def test_new_pause_replaces_pending_one(conts: Continuations) -> None:
     """A loop that pauses again replaces the pending pause."""
     first = pause(conts)
