@@ -1458,12 +1458,18 @@ def _own_rebuild(conn: Connection, name: str, generation: int, position: int,
 
 @dataclass(frozen=True)
 class Difference:
-    """One stream whose rebuilt state differs from the live row."""
+    """One stream whose rebuilt row differs from the live row: in its state (``live`` and
+    ``rebuilt``; ``None`` where one side has no row) or, with equal states, in the columns
+    ``columns`` names (its version, or an index column: ``status``, ``group_key``,
+    ``sort_key``), whose two values ``live_columns`` and ``rebuilt_columns`` give."""
 
     tenant_id: str
     stream_id: str
     live: Any
     rebuilt: Any
+    columns: tuple[str, ...] = ()
+    live_columns: tuple[Any, ...] = ()
+    rebuilt_columns: tuple[Any, ...] = ()
 
 
 def verify(store: EventStore, projection: Projection[Any], *,
@@ -1517,18 +1523,26 @@ def _compare(conn: Connection, projection: Projection[Any], live_gen: int, scrat
              ) -> list[Difference]:
     pr = projection_rows.c
 
-    def states(gen: int) -> dict[tuple[str, str], bytes]:
-        rows = conn.execute(select(pr.tenant_id, pr.stream_id, pr.state)
-                            .where(pr.projection == projection.name, pr.generation == gen))
-        return {(r.tenant_id, r.stream_id): bytes(r.state) for r in rows}
+    names = ("version", "status", "group_key", "sort_key")
 
-    live, rebuilt = states(live_gen), states(scratch)
+    def rows(gen: int) -> dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]]:
+        found = conn.execute(select(pr.tenant_id, pr.stream_id, pr.state,
+                                    *(pr[n] for n in names))
+                             .where(pr.projection == projection.name, pr.generation == gen))
+        return {(r.tenant_id, r.stream_id): (bytes(r.state), tuple(r[3:])) for r in found}
+
+    live, rebuilt = rows(live_gen), rows(scratch)
     out = []
     for key in sorted(set(live) | set(rebuilt)):
         a, b = live.get(key), rebuilt.get(key)
-        da = projection.decode(a) if a is not None else None
-        db = projection.decode(b) if b is not None else None
+        da = projection.decode(a[0]) if a is not None else None
+        db = projection.decode(b[0]) if b is not None else None
         if da != db:
             out.append(Difference(key[0], key[1], da, db))
+        elif a is not None and b is not None and a[1] != b[1]:
+            differ = [i for i, n in enumerate(names) if a[1][i] != b[1][i]]
+            out.append(Difference(key[0], key[1], da, db, tuple(names[i] for i in differ),
+                                  tuple(a[1][i] for i in differ),
+                                  tuple(b[1][i] for i in differ)))
     return out
 

@@ -159,15 +159,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          f"position {st.position}\n")
     if args.json:
         for d in diffs:
-            print_json({"tenant_id": d.tenant_id, "stream_id": d.stream_id,
-                        "live": d.live, "rebuilt": d.rebuilt})
+            line = {"tenant_id": d.tenant_id, "stream_id": d.stream_id, "live": d.live,
+                    "rebuilt": d.rebuilt}
+            if d.columns:
+                line.update(columns=list(d.columns),
+                            live_columns=dict(zip(d.columns, d.live_columns, strict=True)),
+                            rebuilt_columns=dict(zip(d.columns, d.rebuilt_columns,
+                                                     strict=True)))
+            print_json(line)
     elif not diffs:
         print(f"{p.name}: live rows equal the replay of the log")
     else:
         for d in diffs:
+            if d.columns:
+                live = dict(zip(d.columns, d.live_columns, strict=True))
+                rebuilt = dict(zip(d.columns, d.rebuilt_columns, strict=True))
+            else:
+                live, rebuilt = d.live, d.rebuilt
             print(f"{d.tenant_id}/{d.stream_id}:\n  live:    "
-                  f"{msgspec.json.encode(d.live).decode()}\n  rebuilt: "
-                  f"{msgspec.json.encode(d.rebuilt).decode()}")
+                  f"{msgspec.json.encode(live).decode()}\n  rebuilt: "
+                  f"{msgspec.json.encode(rebuilt).decode()}")
         print(f"{p.name}: {len(diffs)} stream(s) differ")
     return cli.EXIT_OK if not diffs else cli.EXIT_ERROR
 

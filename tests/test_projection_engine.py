@@ -358,6 +358,21 @@ def test_verify_reports_differences(store: EventStore) -> None:
     assert gens == {1}
 
 
+def test_verify_reports_rows_whose_index_columns_or_version_differ(store: EventStore) -> None:
+    """A row with the right state but a wrong index column (status, group_key, sort_key) or
+    version is a difference too: queries by those columns would go wrong."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3, by=20)
+    with begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).where(projection_rows.c.stream_id == "counter-a")
+                     .values(status="small", version=7))
+    (d,) = verify(store, p)
+    assert d.stream_id == "counter-a" and d.live == d.rebuilt
+    assert (d.columns, d.live_columns, d.rebuilt_columns) == (
+        ("version", "status"), (7, "small"), (3, "big"))
+
+
 def test_verify_drops_the_scratch_rows_of_a_verify_killed_long_ago(store: EventStore) -> None:
     """A verify killed mid-run (its cleanup never ran) leaves scratch rows; the next verify
     deletes them once they are a day old, and leaves a running verify's fresh ones."""
