@@ -111,6 +111,9 @@ for the other commands.
 """
 
 
+LOG_FORMATS = ("console", "json")
+
+
 class CliError(Exception):
     """A failure the CLI reports as one line on stderr and exits with ``code``."""
 
@@ -141,6 +144,9 @@ def _common_options(*, top: bool) -> argparse.ArgumentParser:
                    help="machine output: JSON lines for events, else one JSON object")
     g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                    help="log more to stderr (-v info, -vv debug; default: warnings)")
+    g.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
+                   help="logs on stderr as text lines or JSON objects (default: "
+                        "$EVENTSTORE_LOG_FORMAT, else console)")
     if top:
         g.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
@@ -618,16 +624,33 @@ def _report(message: str) -> None:
     sys.stderr.flush()
 
 
+def _log_format(given: str | None) -> str:
+    """``--log-format``, else ``EVENTSTORE_LOG_FORMAT``, else console."""
+    if given is not None:
+        return given
+    env = os.environ.get("EVENTSTORE_LOG_FORMAT", "").strip().lower()
+    if not env:
+        return "console"
+    if env not in LOG_FORMATS:
+        raise CliError(f"EVENTSTORE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                       f"not {env!r}", EXIT_USAGE)
+    return env
+
+
 @contextlib.contextmanager
-def _logging(verbosity: int) -> Iterator[None]:
-    """structlog to stderr at WARNING (-v INFO, -vv DEBUG) while the CLI runs, then restored."""
+def _logging(verbosity: int, log_format: str = "console") -> Iterator[None]:
+    """structlog to stderr at WARNING (-v INFO, -vv DEBUG) while the CLI runs, as text lines or
+    JSON objects (a log collector's shape), then restored."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     saved = structlog.get_config()
+    render: Any = (structlog.processors.JSONRenderer() if log_format == "json"
+                   else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.dev.ConsoleRenderer(colors=False),
+            render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -651,8 +674,13 @@ def main(argv: list[str] | None = None) -> int:
         args.url = os.environ.get("EVENTSTORE_URL") or DEFAULT_URL
     args.json = bool(getattr(args, "json", False))
     args.verbose = int(getattr(args, "verbose", 0) or 0)
+    try:
+        log_format = _log_format(getattr(args, "log_format", None))
+    except CliError as e:
+        _report(str(e))
+        return e.code
     func: Callable[[argparse.Namespace], int] = args.func
-    with _logging(args.verbose):
+    with _logging(args.verbose, log_format):
         try:
             return func(args)
         except (CliError, EventStoreError) as e:

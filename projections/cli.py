@@ -184,6 +184,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
+    _import_modules(args)  # (not needed to restart: accepted as by the other commands)
     with open_store(args, existing=True) as store:
         if not status(store, args.name):
             raise CliError(f"projection {args.name!r} is not registered in this store",
@@ -194,6 +195,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _import_modules(args)  # first: "all registered" includes what --module registers
     names = args.names or sorted(registered())
     chosen = [_projection(args, n) for n in names]
     _check_seconds(args.lease_seconds, "lease_seconds")  # before a SQLite file is made
@@ -250,6 +252,7 @@ def _add(subparsers: cli.Subparsers) -> None:
     p = add_command(sub, "restart", func=cmd_restart,
                     help="clear a failed projection so its projector retries")
     p.add_argument("name")
+    module_option(p)
     p = add_command(sub, "run", func=cmd_run, help="run a projector until interrupted")
     p.add_argument("names", nargs="*", help="projections to run (default: all registered)")
     p.add_argument("--worker-id", help="this worker's id (default: host:pid:random)")

@@ -451,3 +451,22 @@ def test_read_json_of_an_upcast_event_appends_back(url: str,
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(again)))
     assert main(["append", "up-2", "--url", url]) == 0
     assert [e for _t, _v, e in stored(url, "up-2")] == [e for _t, _v, e in stored(url, "up-1")]
+
+
+def test_logs_go_to_stderr_as_json_objects_when_asked(
+        url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--log-format json (or EVENTSTORE_LOG_FORMAT=json) gives one JSON object per log line,
+    with the bound context (a collector's shape); a bad variable value exits 2, named."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0]) + "\n"))
+    code, _, err = run(capsys, "append", "note-1", "--url", url, "-vv", "--log-format", "json")
+    assert code == 0, err
+    logs = [json.loads(line) for line in err.splitlines()]
+    (appended,) = [entry for entry in logs if entry["event"] == "events_appended"]
+    assert (appended["stream"], appended["tenant"], appended["position"]) == (
+        "note-1", "default", 1)
+    monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", "json")
+    code, _, err = run(capsys, "-vv", "stats", "--url", url)
+    assert code == 0 and all(json.loads(line) for line in err.splitlines())
+    monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", "xml")
+    code, _, err = run(capsys, "stats", "--url", url)
+    assert code == 2 and "EVENTSTORE_LOG_FORMAT" in err

@@ -157,6 +157,26 @@ def test_status_module_gives_a_registered_projections_lag(
     assert (line["position"], line["head"], line["lag"]) == (1, 4, 0)
 
 
+def test_run_without_names_runs_what_the_module_registers(
+        url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`projections run --module MOD` (no names: all registered) includes MOD's projections:
+    a worker started that way ran only the built-in ones."""
+    (tmp_path / "run_mod.py").write_text(
+        "from projections import register\n"
+        "from tests._projections import TallyProjection\n"
+        "register('tally_run_mod', lambda: TallyProjection('tally_run_mod'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine, "_registry", dict(engine._registry))  # undone afterwards
+    monkeypatch.delitem(sys.modules, "run_mod", raising=False)  # imported afresh
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=2)])
+    code, out, err = run(capsys, "projections", "run", "--once", "--module", "run_mod",
+                         "--url", url)
+    assert (code, out) == (0, "applied 1 events\n"), err
+    assert status_json(capsys, url, "tally_run_mod")["position"] == 1
+
+
 def test_status_of_an_empty_store_says_none_registered(
         url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """status on a store without projections says so and exits 0."""
@@ -379,7 +399,8 @@ def test_a_failed_rebuild_keeps_the_failure_a_projector_recorded(
 
 
 @pytest.mark.parametrize("command", [["status"], ["rebuild", "conversations"],
-                                     ["run", "--once"], ["status", "--module", ".relative"]])
+                                     ["run", "--once"], ["restart", "conversations"],
+                                     ["status", "--module", ".relative"]])
 def test_a_module_that_is_not_there_exits_2(url: str, command: list[str],
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """--module naming a module that cannot be found is a usage error (exit 2), not an
