@@ -569,6 +569,8 @@ def _in_transaction(engine: Engine, write: bool, fn: Callable[..., T], args: Seq
     (checked once the transaction has begun, possibly after waiting for the write lock, and
     again right before the commit, which its caller then waits for)."""
     try:
+        if hand.abandoned:  # given up while queued: not even a wait for the write lock
+            raise _Abandoned
         with _begin(engine, write=write) as conn:
             if hand.abandoned:
                 raise _Abandoned

@@ -40,7 +40,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
@@ -618,10 +618,26 @@ def exit_code_for(error: BaseException) -> int:
     return EXIT_ERROR
 
 
-def _report(message: str) -> None:
+_json_logs = False  # --log-format json: report() writes JSON objects too (set by main)
+
+
+def report(message: str, kind: str = "error", *, detail: str | None = None) -> None:
+    """A line for the operator on stderr (``kind``: error, note): ``eventstore: error: ...``,
+    or with ``--log-format json`` a JSON object like the logs' (every stderr line parses)."""
     one_line = " ".join(message.split()) or "unknown error"
-    sys.stderr.write(f"eventstore: error: {one_line}\n")
+    if _json_logs:
+        entry = {"event": f"cli_{kind}", "level": "error" if kind == "error" else "info",
+                 "message": one_line,
+                 "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+        if detail is not None:
+            entry["traceback"] = detail
+        sys.stderr.write(json.dumps(entry) + "\n")
+    else:
+        if detail is not None:
+            sys.stderr.write(detail)
+        sys.stderr.write(f"eventstore: {kind}: {one_line}\n")
     sys.stderr.flush()
+
 
 
 def _log_format(given: str | None) -> str:
@@ -674,20 +690,22 @@ def main(argv: list[str] | None = None) -> int:
         args.url = os.environ.get("EVENTSTORE_URL") or DEFAULT_URL
     args.json = bool(getattr(args, "json", False))
     args.verbose = int(getattr(args, "verbose", 0) or 0)
+    global _json_logs
     try:
         log_format = _log_format(getattr(args, "log_format", None))
     except CliError as e:
-        _report(str(e))
+        report(str(e))
         return e.code
+    _json_logs = log_format == "json"
     func: Callable[[argparse.Namespace], int] = args.func
     with _logging(args.verbose, log_format):
         try:
             return func(args)
         except (CliError, EventStoreError) as e:
-            _report(str(e))
+            report(str(e))
             return exit_code_for(e)
         except KeyboardInterrupt:
-            _report("interrupted")
+            report("interrupted")
             return EXIT_INTERRUPTED
         except BrokenPipeError:
             # The reader went away (e.g. `eventstore read s | head`): stop quietly.
@@ -696,10 +714,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(devnull, sys.stdout.fileno())
             return EXIT_OK
         except Exception as e:  # the last resort: one line, not a traceback
-            if args.verbose:
-                traceback.print_exc(file=sys.stderr)
-            _report(f"unexpected {type(e).__name__}: {e}"
-                    + ("" if args.verbose else " (run with -v for the traceback)"))
+            report(f"unexpected {type(e).__name__}: {e}"
+                   + ("" if args.verbose else " (run with -v for the traceback)"),
+                   detail=traceback.format_exc() if args.verbose else None)
             return EXIT_ERROR
 
 

@@ -154,9 +154,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         progress.done()
     # The rows are compared up to where they are: say where a stopped one stopped.
     for st in (st for st in rows if st.status == "failed"):
-        sys.stderr.write(f"eventstore: note: projection {st.name} is stopped after a failure "
-                         f"at position {st.failed_position}; its rows were compared up to "
-                         f"position {st.position}\n")
+        cli.report(f"projection {st.name} is stopped after a failure at position "
+                   f"{st.failed_position}; its rows were compared up to position {st.position}",
+                   "note")
     if args.json:
         for d in diffs:
             line = {"tenant_id": d.tenant_id, "stream_id": d.stream_id, "live": d.live,
@@ -211,15 +211,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"applied {n} events")
             states = [(p, st) for p in chosen for st in status(store, p.name)]
             for st in (st for p, st in states if st.code_version > p.version):
-                sys.stderr.write(f"eventstore: note: the rows of {st.name} were built by a "
-                                 f"newer version of its fold ({st.code_version}): this code "
-                                 f"leaves them alone; to roll back to it, run `eventstore "
-                                 f"projections rebuild {st.name}` with it\n")
+                cli.report(f"the rows of {st.name} were built by a newer version of its fold "
+                           f"({st.code_version}): this code leaves them alone; to roll back to "
+                           f"it, run `eventstore projections rebuild {st.name}` with it", "note")
             failed = [st for _p, st in states if st.status == "failed"]
             for st in failed:  # a stopped projection applies nothing: not a success
-                sys.stderr.write(f"eventstore: error: projection {st.name} is stopped after a "
-                                 f"failure at position {st.failed_position}: {st.error}; fix it "
-                                 f"and run `eventstore projections restart {st.name}`\n")
+                cli.report(f"projection {st.name} is stopped after a failure at position "
+                           f"{st.failed_position}: {st.error}; fix it and run `eventstore "
+                           f"projections restart {st.name}`")
             return cli.EXIT_ERROR if failed else cli.EXIT_OK
         with cli._stop_on_signals(stop):
             projector.run(stop)

@@ -63,14 +63,16 @@ class Continuation(msgspec.Struct, kw_only=True):
     tool_results: list[Any] | None = None
     last_error: str | None = None
     paused_at: datetime | None = None
-    ttl: timedelta | None = None  # the pause's own time to live (None: the facade's default)
+    # The time to live the pause was given (or the facade's then), which a release starts
+    # afresh; None for a pause recorded before events carried it: the facade's now.
+    ttl: timedelta | None = None
 
 
 class ContinuationProjection(Projection[Continuation]):
     """Folds a (conversation, user) stream into its current continuation."""
 
     name = "continuations"
-    version = 2  # 2: paused_at from the event (the facade clock) when it carries one; ttl
+    version = 3  # 2: paused_at from the event (the facade clock); 3: the pause's own ttl
     categories = (CATEGORY,)
     state_type = Continuation
     snapshot_every = None

@@ -70,7 +70,7 @@ class ToolCallsPaused(Event, tag="ToolCallsPaused"):
     # When the facade's clock says it paused (older events: their recorded_at).
     paused_at: datetime | None = None
     # The pause's time to live, which a release or a reverted claim starts afresh (older
-    # events: the facade's default).
+    # events: the facade's default).  In JSON an ISO 8601 duration, e.g. "PT1800S".
     ttl: timedelta | None = None
 
 

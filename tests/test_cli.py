@@ -467,6 +467,9 @@ def test_logs_go_to_stderr_as_json_objects_when_asked(
     monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", "json")
     code, _, err = run(capsys, "-vv", "stats", "--url", url)
     assert code == 0 and all(json.loads(line) for line in err.splitlines())
+    code, _, err = run(capsys, "stats", "--url", "sqlite:////nonexistent/dir/es.db")
+    (line,) = err.splitlines()  # the error line is a JSON object too
+    assert code == 2 and json.loads(line)["event"] == "cli_error"
     monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", "xml")
     code, _, err = run(capsys, "stats", "--url", url)
     assert code == 2 and "EVENTSTORE_LOG_FORMAT" in err
