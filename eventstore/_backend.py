@@ -67,9 +67,23 @@ def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
     if is_sqlite(url):
         return _sqlite_engine(url)
     kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10}
-    engine = create_engine(url, **kwargs)
+    with missing_extra("postgres"):
+        engine = create_engine(url, **kwargs)
     pg_listeners(engine)
     return engine
+
+
+@contextlib.contextmanager
+def missing_extra(extra: str) -> Iterator[None]:
+    """A driver the URL needs that is not installed: ``InvalidArgument`` naming the package's
+    extra that brings it, instead of a bare ``ModuleNotFoundError``."""
+    try:
+        yield
+    except ImportError as e:
+        missing = getattr(e, "name", None) or str(e)
+        raise InvalidArgument(f"this database URL needs {missing!r}, which is not installed: "
+                              f"install eventstore with its {extra!r} extra "
+                              f"(pip install '.[{extra}]' in a checkout)") from e
 
 
 def pg_listeners(engine: Engine) -> None:

@@ -46,6 +46,7 @@ from ._backend import (
     _sqlite_settings,
     closed_while_idle,
     is_sqlite,
+    missing_extra,
     one_trip_possible,
     pg_listeners,
     resolve_url,
@@ -609,11 +610,13 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
     """An asyncio engine: psycopg's async driver, or aiosqlite, set up like the sync one."""
     if is_sqlite(url):
         clean, synchronous, busy_ms, memory = _sqlite_settings(url)
-        engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
-                                     **({"poolclass": StaticPool} if memory else {}))
+        with missing_extra("async"):
+            engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
+                                         **({"poolclass": StaticPool} if memory else {}))
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
         return engine
-    engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10)
+    with missing_extra("async"):
+        engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10)
     pg_listeners(engine.sync_engine)
     return engine
 

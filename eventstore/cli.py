@@ -258,7 +258,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, Subparsers]:
     _tenant_option(p)
 
     p = add_command(subparsers, "tail", func=cmd_tail,
-                    help="follow new events of every stream until interrupted")
+                    help="follow new events until interrupted (of the default tenant; "
+                         "--tenant or --all-tenants for others)")
     p.add_argument("--from-position", type=_non_negative, metavar="N",
                    help="first global position (inclusive; default: only events appended from now)")
     p.add_argument("--category", action="extend", nargs="+", metavar="C",

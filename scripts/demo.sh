@@ -7,5 +7,10 @@ PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+# The demo uses $EVENTSTORE_URL when it is set: a PostgreSQL one needs the postgres extra.
+extra=""
+if [[ "${EVENTSTORE_URL:-}" == postgresql* ]]; then
+  extra="[postgres]"
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
 .venv/bin/python demo.py "$@"

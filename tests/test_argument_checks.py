@@ -224,3 +224,20 @@ def test_projection_names_with_nul_are_refused(store: EventStore) -> None:
     with pytest.raises(InvalidArgument, match="NUL"):
         restart(store, NUL)
     assert status(store) == []
+
+
+def test_a_missing_driver_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL URL without psycopg installed is InvalidArgument naming the 'postgres'
+    extra (the CLI exits 2 with it), not a bare ModuleNotFoundError."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_psycopg(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "psycopg" or name.startswith("psycopg."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_psycopg)
+    with pytest.raises(InvalidArgument, match="'postgres' extra"):
+        EventStore.open("postgresql+psycopg://app@127.0.0.1:1/app")
