@@ -8,7 +8,7 @@ subcommand name.  ``--tenant`` (default ``default``) applies to ``append``, ``re
 Output: human-readable tables by default.  With ``--json``, commands that print events (``read``,
 ``tail``) print JSON lines, one object per event; the others (``migrate``, ``append``, ``stats``)
 print one JSON object.  Logs and errors go to stderr; an error is one line
-``eventstore: error: <message>``.
+``eventstore: error: <message>`` (with ``--log-format json``, a JSON object like the logs').
 
 Exit codes (stable, for scripts):
 
@@ -640,7 +640,6 @@ def report(message: str, kind: str = "error", *, detail: str | None = None) -> N
     sys.stderr.flush()
 
 
-
 def _log_format(given: str | None) -> str:
     """``--log-format``, else ``EVENTSTORE_LOG_FORMAT``, else console."""
     if given is not None:
@@ -692,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json = bool(getattr(args, "json", False))
     args.verbose = int(getattr(args, "verbose", 0) or 0)
     global _json_logs
+    _json_logs = False  # (of this call: main may run more than once in a process)
     try:
         log_format = _log_format(getattr(args, "log_format", None))
     except CliError as e:

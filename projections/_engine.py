@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from eventstore import EventStore, RecordedEvent, StreamSlice
 from eventstore._backend import _sqlite_settings, is_sqlite, translate
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import MAX_INT, _pipeline, check_id, check_int
+from eventstore._core import _MAX_RETRY_PAUSE, MAX_INT, _pipeline, check_id, check_int
 from eventstore._schema import events as event_table
 from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
@@ -678,7 +678,9 @@ class _InlineHandler:
                              stored=code_version, code=self.p.version)
             self._mark = None  # nothing to guess from until this code folds the rows again
             return None
-        if status_ == "failed":
+        if status_ != "failed":
+            self._stopped_in = None  # (restarted since: forget that transaction)
+        else:
             stopped_in = self._stopped_in
             if stopped_in is not None and stopped_in is conn.get_transaction():
                 # This transaction's own earlier append stopped it (a catch-up below): the
@@ -1196,7 +1198,9 @@ class Projector:
             self._log.info("projection_code_changed", projection=p.name,
                            stored=row.code_version, code=p.version)
             try:
-                rebuild(self.store, p)
+                # Re-checked under the projection's lock: an inline process of this release
+                # may have rebuilt them since this lease's read.
+                _rebuild(self.store, p, progress=None, only_if_stale=True)
             except RebuildInProgress:
                 self._log.info("projection_rebuild_elsewhere", projection=p.name)
                 return 0  # another process rebuilds it; its rows come with its swap
@@ -1276,7 +1280,7 @@ class Projector:
                          .values(owner=None, lease_until=None))
 
 
-_MAX_ERROR_PAUSE = 5.0
+_MAX_ERROR_PAUSE = _MAX_RETRY_PAUSE  # seconds, as a subscription's (eventstore._core)
 
 
 def _check_seconds(value: object, what: str) -> float:

@@ -398,17 +398,17 @@ async def test_a_sqlite_append_cancelled_during_its_commit_is_settled_when_it_ra
         with real_begin(engine, write=write) as conn:
             yield conn
             if write:
-                time.sleep(0.3)  # the body is done and committing: a slow fsync
+                time.sleep(0.6)  # the body is done and committing: a slow fsync
 
     async with await AsyncEventStore.open(f"sqlite:///{tmp_path / 'c.db'}") as store:
         await store.append("warm-1", [NoteAdded(text="x")])
         monkeypatch.setattr(aio, "_begin", slow_commit)
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.1):
+            async with asyncio.timeout(0.3):  # the body (about 1 ms) is done by then
                 await store.append("s-1", [NoteAdded(text="x")] * 3)
         monkeypatch.setattr(aio, "_begin", real_begin)
         right_after = await store.stream_version("s-1")
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.7)
         assert right_after == await store.stream_version("s-1") == 3
 
 
