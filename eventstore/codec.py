@@ -27,6 +27,40 @@ _any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
+# Stored JSON nests at most this deep: decoding recurses once per level, within Python's
+# recursion limit (1,000 by default) less the reader's own stack, so deeper data accepted from a
+# shallow caller could fail every read made from deeper in a program (a web framework's).
+MAX_NESTING = 256
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # possessive: no backtracking
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"\\')
+_INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan: pairs it empties are the next pass's
+
+
+def _check_depth(data: bytes, what: str) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_NESTING`.  A count of brackets first (the rest
+    runs only when there are that many); then, all in C: brackets, quotes and backslashes only,
+    strings out, and each pass takes the innermost pairs away, so the passes are the depth."""
+    if data.count(b"[") + data.count(b"{") <= MAX_NESTING:
+        return
+    # Quotes and backslashes stay, so strings (escapes included) still match, now short; most
+    # are then just '""' (no bracket, quote or backslash inside), which a replace takes out.
+    rest = data.translate(None, _NOT_STRUCTURE)
+    if b"\\" not in rest:
+        rest = rest.replace(b'""', b"")
+    if b'"' in rest:
+        rest = _JSON_STRING.sub(b"", rest)
+    for _ in range(MAX_NESTING):
+        inner = _INNERMOST.sub(b"", rest)
+        if not inner or len(inner) == len(rest):
+            return
+        rest = inner
+    raise InvalidEvent(f"{what} is nested deeper than {MAX_NESTING} levels")
+
+
+def _why(e: BaseException) -> str:
+    return "nested too deeply to encode" if isinstance(e, RecursionError) else str(e)
+
+
 def encode_event(event: object) -> tuple[str, int, bytes]:
     """Return ``(type, schema_version, data)`` for an event, or raise :class:`InvalidEvent`."""
     if isinstance(event, Event):
@@ -36,8 +70,9 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             raise InvalidEvent(f"{cls.__qualname__} has no tag and cannot be stored")
         try:
             data = _encoder.encode(event)
-        except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
-            raise InvalidEvent(f"cannot encode {tag} event: {e}") from e
+        except (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError) as e:
+            raise InvalidEvent(f"cannot encode {tag} event: {_why(e)}") from e
+        _check_depth(data, f"{tag} event")
         # msgspec does not check a struct's field types when it is built: an event whose data
         # does not fit its own type (``NoteAdded(text=5)``, NaN in a float field, which JSON
         # stores as null) would be stored and then fail every read of the log after it.  A type
@@ -69,8 +104,8 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             raise InvalidEvent(f"raw event {event.type} schema_version must be an int >= 1")
         try:
             data = _encoder.encode(event.data)
-        except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
-            raise InvalidEvent(f"cannot encode {event.type} event data: {e}") from e
+        except (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError) as e:
+            raise InvalidEvent(f"cannot encode {event.type} event data: {_why(e)}") from e
         known = _registry.get(event.type)
         if known is not None and event.schema_version > known.__event_schema_version__:
             # Nothing here can check it, and every reader of this code would fail on it: the
@@ -92,8 +127,9 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             # read of the log.
             try:
                 _dict_decoder.decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 raise InvalidEvent(f"raw {event.type} event data is not valid JSON: {e}") from e
+        _check_depth(data, f"{event.type} event")  # (valid JSON by now)
         _check_finite(event.data, data, f"{event.type} event")
         return event.type, event.schema_version, data
     raise InvalidEvent(
@@ -211,8 +247,9 @@ def encode_metadata(metadata: object) -> bytes | None:
             raise InvalidEvent(f"metadata keys must be strings, got {key!r}")
     try:
         data = _encoder.encode(metadata)
-    except (msgspec.EncodeError, TypeError, OverflowError, ValueError) as e:
-        raise InvalidEvent(f"cannot encode metadata: {e}") from e
+    except (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError) as e:
+        raise InvalidEvent(f"cannot encode metadata: {_why(e)}") from e
+    _check_depth(data, "metadata")
     _check_finite(metadata, data, "metadata")
     return data
 
@@ -226,11 +263,12 @@ def decode_metadata(raw: bytes | None) -> dict[str, Any]:
 def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
     """Decode stored data: the registered type (upcast when older), else a :class:`RawEvent`."""
     cls = _registry.get(tag)
-    if cls is None:
-        # The data as stored, verbatim: that of a typed event includes its tag ("type"), and a
-        # raw event's payload may hold a "type" of its own, which must not be lost.
-        return RawEvent(type=tag, data=_dict_decoder.decode(raw), schema_version=schema_version)
     try:
+        if cls is None:
+            # The data as stored, verbatim: that of a typed event includes its tag ("type"),
+            # and a raw event's payload may hold a "type" of its own, which must not be lost.
+            return RawEvent(type=tag, data=_dict_decoder.decode(raw),
+                            schema_version=schema_version)
         current = cls.__event_schema_version__
         if schema_version == current:
             event: Event = _decoder_for(tag, cls).decode(raw)
@@ -246,8 +284,9 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
         data.pop("type", None)
         upcasted: Event = msgspec.convert(data, cls)
         return upcasted
-    except (msgspec.DecodeError, msgspec.ValidationError, LookupError) as e:
-        raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): {e}") from e
+    except (msgspec.DecodeError, msgspec.ValidationError, LookupError, RecursionError) as e:
+        raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): "
+                               f"{_why(e)}") from e
 
 
 def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Sequence[bytes]
@@ -264,7 +303,7 @@ def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Seq
         if cls is not None and cls.__event_schema_version__ == sv:
             try:
                 return list(map(_decoder_for(tag, cls).decode, raws))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 pass  # the row-by-row decode below raises the typed EventDecodeError
     return [decode_event(tag, sv, raw)
             for tag, sv, raw in zip(tags, schema_versions, raws, strict=True)]

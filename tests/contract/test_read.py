@@ -153,3 +153,17 @@ def test_event_type_without_tag_is_rejected() -> None:
     with pytest.raises(TypeError, match="stable tag"):
         class NoTag(Event):
             x: int
+
+
+def test_recorded_times_far_from_1970_read_back_to_the_microsecond(url: str) -> None:
+    """An injected clock in year 2300 or 9999 (or year 1): recorded_at reads back exactly (a
+    float of seconds lost microseconds there, so time travel missed events)."""
+    import datetime as dt
+
+    for when in (dt.datetime(2300, 5, 6, 7, 8, 9, 123457, tzinfo=dt.UTC),
+                 dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+                 dt.datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=dt.UTC)):
+        with EventStore.open(url, clock=lambda when=when: when) as store:
+            store.append(f"far-{when.year}", [NoteAdded(text="x")])
+            (ev,) = store.read_stream(f"far-{when.year}")
+            assert ev.recorded_at == when

@@ -225,3 +225,34 @@ def test_raw_payloads_read_back_verbatim_type_key_included(store: EventStore) ->
         RawEvent(type="invoice.sent", data={"type": "x", "n": 1}),
         RawEvent(type="invoice.void", data={})]
     assert [e.data.data for e in store.read_all()] == [hook, {"type": "x", "n": 1}, {}]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for i in range(depth):
+        value = {"a": value} if i % 2 else [value, "]}"]  # brackets in strings do not count
+    return value
+
+
+@pytest.mark.parametrize("where", ["typed", "raw", "metadata"])
+def test_data_nested_deeper_than_the_limit_is_refused(store: EventStore, where: str) -> None:
+    """Data nested past MAX_NESTING levels is InvalidEvent with nothing written (it was a bare
+    RecursionError past about 1,000, and below that could be stored yet fail every read made
+    from deeper in a caller's stack); at the limit it is stored and reads back."""
+    from eventstore.codec import MAX_NESTING
+
+    def append(depth: int) -> Any:
+        if where == "typed":
+            return store.append("deep-1", [Anything(value=_nested(depth - 1))])
+        if where == "raw":
+            return store.append("deep-1", [RawEvent(type="test.Deep",
+                                                    data={"v": _nested(depth - 1)})])
+        return store.append("deep-1", [NoteAdded(text="x")],
+                            metadata={"m": _nested(depth - 1)})
+
+    for depth in (MAX_NESTING + 1, 5000):
+        with pytest.raises(InvalidEvent, match="nested"):
+            append(depth)
+    assert store.stream_version("deep-1") == 0
+    append(MAX_NESTING)
+    assert len(list(store.read_stream("deep-1"))) == 1
