@@ -138,6 +138,9 @@ def check_limit(limit: object) -> int | None:
     return None if limit is None else check_int(limit, "limit", minimum=0)
 
 
+MAX_NAMES = 10_000  # categories or types one read may filter on
+
+
 def check_names(values: object, what: str) -> tuple[str, ...]:
     if values is None:
         return ()
@@ -145,11 +148,15 @@ def check_names(values: object, what: str) -> tuple[str, ...]:
         values = (values,)
     if not isinstance(values, Iterable):
         raise InvalidArgument(f"{what} must be a list of strings")
-    out = tuple(values)
-    if not out:
+    given = tuple(values)
+    if not given:
         raise InvalidArgument(f"{what} must name at least one (None means no filter)")
-    for v in out:
+    for v in given:
         check_id(v, what, InvalidArgument)
+    out = tuple(dict.fromkeys(given))  # each once, in the order given
+    if len(out) > MAX_NAMES:
+        raise InvalidArgument(f"{what} names {len(out)} values; at most {MAX_NAMES} (each is a "
+                              f"query parameter, and PostgreSQL takes 65,535 per statement)")
     return out
 
 

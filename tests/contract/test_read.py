@@ -167,3 +167,19 @@ def test_recorded_times_far_from_1970_read_back_to_the_microsecond(url: str) -> 
             store.append(f"far-{when.year}", [NoteAdded(text="x")])
             (ev,) = store.read_stream(f"far-{when.year}")
             assert ev.recorded_at == when
+
+
+def test_more_filter_names_than_a_query_can_take_are_refused(store: EventStore) -> None:
+    """PostgreSQL takes 65,535 parameters per statement: a read filtering on more names than
+    the store's limit is InvalidArgument on both backends (PostgreSQL's was a DatabaseError);
+    repeated names count once."""
+    from eventstore import InvalidArgument
+    from eventstore._core import MAX_NAMES
+
+    store.append("c-1", [NoteAdded(text="x")])
+    many = [f"cat{i}" for i in range(MAX_NAMES + 1)]
+    with pytest.raises(InvalidArgument, match="at most"):
+        list(store.read_all(categories=many))
+    with pytest.raises(InvalidArgument, match="at most"):
+        list(store.read_all(types=many))
+    assert len(list(store.read_all(categories=["c"] * (MAX_NAMES + 5)))) == 1
