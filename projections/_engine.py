@@ -302,12 +302,9 @@ def restart(store: EventStore, name: str) -> None:
 def _record_database_failure(store: EventStore, name: str, err: DatabaseError) -> None:
     """A projection whose batch the database refuses stops at that batch, in ``status``."""
     with transaction(store, write=True) as conn:
-        row = _lock_row(conn, name)
-        at = int(row.position) + 1
-        conn.execute(update(projections).where(projections.c.name == name).values(
-            status="failed", failed_position=at, updated_at=_now_us(store),
-            error=f"projection {name}: the database refused the batch from position {at}: "
-                  f"{err}"))
+        at = int(_lock_row(conn, name).position) + 1
+        _mark_failed(conn, store, name, at, f"projection {name}: the database refused the "
+                                            f"batch from position {at}: {err}")
     _log.error("projection_failed", projection=name, position=at, error=str(err))
 
 
@@ -327,11 +324,16 @@ def _unreadable(name: str, err: EventDecodeError) -> ProjectionFailed | None:
                             cause=err)
 
 
+def _mark_failed(conn: Connection, store: EventStore, name: str, at: int, error: str) -> None:
+    """Projection ``name`` stops at position ``at`` (``status`` shows it, with ``error``)."""
+    conn.execute(update(projections).where(projections.c.name == name)
+                 .values(status="failed", error=error, failed_position=at,
+                         updated_at=_now_us(store)))
+
+
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
     """Record, on ``conn``, that projection ``name`` stopped at the event ``err`` names."""
-    conn.execute(update(projections).where(projections.c.name == name)
-                 .values(status="failed", error=str(err), failed_position=err.position,
-                         updated_at=_now_us(store)))
+    _mark_failed(conn, store, name, err.position, str(err))
     _log.error("projection_failed", projection=name, position=err.position,
                type=err.type, stream=err.stream_id, tenant=err.tenant_id, error=str(err))
 
@@ -1425,8 +1427,7 @@ def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: i
         position = None  # newer code can read the event: nothing of this code's to show
     with transaction(store, write=True) as conn:
         row = _lock_row(conn, name)
-        if row.rebuild_generation != generation or (row.rebuild_position or 0) != at \
-                or row.rebuild_code_version != code_version:
+        if not _owns_rebuild(row, generation, at, code_version):
             return  # another rebuild moved it on: its rows are not ours to drop
         values: dict[str, Any] = {"rebuild_generation": None, "rebuild_position": None,
                                   "rebuild_code_version": None, "updated_at": _now_us(store)}
@@ -1451,13 +1452,19 @@ def _own_rebuild(conn: Connection, name: str, generation: int, position: int,
     one wrote nor, once the first has swapped that generation in, delete the live rows.
     """
     row = _lock_row(conn, name)
-    if row.rebuild_generation != generation or (row.rebuild_position or 0) != position \
-            or row.rebuild_code_version != code_version:
+    if not _owns_rebuild(row, generation, position, code_version):
         raise RebuildInProgress(
             f"projection {name} is being rebuilt by another process (generation "
             f"{row.rebuild_generation if row.rebuild_generation is not None else generation})",
             reason="rebuilding")
     return row
+
+
+def _owns_rebuild(row: Any, generation: int, position: int, code_version: int) -> bool:
+    """Whether the projection's row still has the rebuild of ``generation`` where this one
+    left it (at ``position``, folded by ``code_version``)."""
+    return (row.rebuild_generation == generation and (row.rebuild_position or 0) == position
+            and row.rebuild_code_version == code_version)
 
 
 @dataclass(frozen=True)
