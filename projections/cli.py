@@ -21,6 +21,7 @@ from eventstore import cli
 from eventstore.cli import CliError, add_command, open_store, print_json
 
 from ._engine import (
+    Difference,
     Projection,
     ProjectionStatus,
     Projector,
@@ -162,25 +163,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
             line = {"tenant_id": d.tenant_id, "stream_id": d.stream_id, "live": d.live,
                     "rebuilt": d.rebuilt}
             if d.columns:
-                line.update(columns=list(d.columns),
-                            live_columns=dict(zip(d.columns, d.live_columns, strict=True)),
-                            rebuilt_columns=dict(zip(d.columns, d.rebuilt_columns,
-                                                     strict=True)))
+                live, rebuilt = _differing(d)
+                line.update(columns=list(d.columns), live_columns=live, rebuilt_columns=rebuilt)
             print_json(line)
     elif not diffs:
         print(f"{p.name}: live rows equal the replay of the log")
     else:
         for d in diffs:
-            if d.columns:
-                live = dict(zip(d.columns, d.live_columns, strict=True))
-                rebuilt = dict(zip(d.columns, d.rebuilt_columns, strict=True))
-            else:
-                live, rebuilt = d.live, d.rebuilt
+            live, rebuilt = _differing(d)
             print(f"{d.tenant_id}/{d.stream_id}:\n  live:    "
                   f"{msgspec.json.encode(live).decode()}\n  rebuilt: "
                   f"{msgspec.json.encode(rebuilt).decode()}")
         print(f"{p.name}: {len(diffs)} stream(s) differ")
     return cli.EXIT_OK if not diffs else cli.EXIT_ERROR
+
+
+def _differing(d: Difference) -> tuple[Any, Any]:
+    """What differs, live and rebuilt: the states, or (equal states) the named row columns."""
+    if not d.columns:
+        return d.live, d.rebuilt
+    return (dict(zip(d.columns, d.live_columns, strict=True)),
+            dict(zip(d.columns, d.rebuilt_columns, strict=True)))
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
