@@ -134,18 +134,25 @@ def test_status_json_has_position_lag_and_owner(url: str, capsys: pytest.Capture
     assert tally["generation"] == 1 and tally["error"] is None
 
 
+def module_registering(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, module: str,
+                       name: str) -> None:
+    """An application module ``module`` on the path that registers a tally projection ``name``
+    (the registry and the module are as before once the test ends)."""
+    (tmp_path / f"{module}.py").write_text(
+        "from projections import register\n"
+        "from tests._projections import TallyProjection\n"
+        f"register({name!r}, lambda: TallyProjection({name!r}))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine, "_registry", dict(engine._registry))
+    monkeypatch.delitem(sys.modules, module, raising=False)  # imported afresh
+
+
 def test_status_module_gives_a_registered_projections_lag(
         url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """status --module imports the application module that registers a projection, so its lag
     counts only its own categories (0 once caught up, whatever else the log holds)."""
-    (tmp_path / "status_mod.py").write_text(
-        "from projections import register\n"
-        "from tests._projections import TallyProjection\n"
-        "register('tally_mod', lambda: TallyProjection('tally_mod'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(engine, "_registry", dict(engine._registry))  # undone afterwards
-    monkeypatch.delitem(sys.modules, "status_mod", raising=False)  # imported afresh
+    module_registering(tmp_path, monkeypatch, "status_mod", "tally_mod")
     with EventStore.open(url) as store:
         store.append("counter-a", [CounterIncremented(by=2)])
         Projector(store, [TallyProjection("tally_mod")]).catch_up()
@@ -162,13 +169,7 @@ def test_run_without_names_runs_what_the_module_registers(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`projections run --module MOD` (no names: all registered) includes MOD's projections:
     a worker started that way ran only the built-in ones."""
-    (tmp_path / "run_mod.py").write_text(
-        "from projections import register\n"
-        "from tests._projections import TallyProjection\n"
-        "register('tally_run_mod', lambda: TallyProjection('tally_run_mod'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(engine, "_registry", dict(engine._registry))  # undone afterwards
-    monkeypatch.delitem(sys.modules, "run_mod", raising=False)  # imported afresh
+    module_registering(tmp_path, monkeypatch, "run_mod", "tally_run_mod")
     with EventStore.open(url) as store:
         store.append("counter-a", [CounterIncremented(by=2)])
     code, out, err = run(capsys, "projections", "run", "--once", "--module", "run_mod",
