@@ -95,6 +95,13 @@ def pg_listeners(engine: Engine) -> None:
             raise sa_exc.DisconnectionError("the server closed the connection while it was idle")
 
 
+def hung_up(conn: Connection) -> bool:
+    """Whether the server hung up on a kept, still open PostgreSQL connection while it was idle
+    (:func:`closed_while_idle`): the kept write connections, sync and async, check before use."""
+    return not conn.invalidated and not conn.closed \
+        and closed_while_idle(conn.connection.driver_connection)
+
+
 def closed_while_idle(driver: Any) -> bool:
     """Whether an idle psycopg connection (sync or async) is closed or about to fail.
 
@@ -295,9 +302,7 @@ class Writer:
 
     def _connection(self) -> Connection:
         conn = self._conn
-        if conn is not None and self._engine.dialect.name == "postgresql" \
-                and not conn.invalidated and not conn.closed \
-                and closed_while_idle(conn.connection.driver_connection):
+        if conn is not None and self._engine.dialect.name == "postgresql" and hung_up(conn):
             self._discard()  # the server hung up since the last append: a new connection
             conn = None
         if conn is None or conn.invalidated or conn.closed:

@@ -44,7 +44,7 @@ from ._backend import (
     _broken,
     _sqlite_listeners,
     _sqlite_settings,
-    closed_while_idle,
+    hung_up,
     is_sqlite,
     missing_extra,
     one_trip_possible,
@@ -435,9 +435,7 @@ class _KeptWriter:
             if self._closed:
                 raise StoreClosed("the event store is closed")
             conn = self._conn
-            if conn is not None and not self._sqlite and not conn.invalidated \
-                    and not conn.closed \
-                    and closed_while_idle(conn.sync_connection.connection.driver_connection):  # type: ignore[union-attr]
+            if conn is not None and not self._sqlite and hung_up(conn.sync_connection):  # type: ignore[arg-type]
                 await self._drop()  # the server hung up since the last append
                 conn = None
             if conn is None or conn.invalidated or conn.closed:
