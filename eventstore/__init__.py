@@ -3,6 +3,8 @@
 from typing import TYPE_CHECKING
 
 from .errors import (
+    DatabaseError,
+    EventDecodeError,
     EventStoreError,
     EventTooLarge,
     IdempotencyKeyReused,
@@ -10,6 +12,7 @@ from .errors import (
     InvalidEvent,
     InvalidStreamId,
     SchemaVersionMismatch,
+    StoreClosed,
     WrongExpectedVersion,
 )
 from .events import (
@@ -43,7 +46,9 @@ __all__ = [
     "STREAM_EXISTS",
     "AppendResult",
     "AsyncEventStore",
+    "DatabaseError",
     "Event",
+    "EventDecodeError",
     "EventStore",
     "EventStoreError",
     "EventTooLarge",
@@ -54,6 +59,7 @@ __all__ = [
     "RawEvent",
     "RecordedEvent",
     "SchemaVersionMismatch",
+    "StoreClosed",
     "StreamSlice",
     "WrongExpectedVersion",
     "event_type",

@@ -105,7 +105,7 @@ class BoundStore:
 
     def _paged(self, pager: Pager) -> Iterator[RecordedEvent]:
         while (params := pager.next_params()) is not None:
-            batch = self.core._fetch_on(self.conn, pager.query, params)
+            batch = self.core._fetch_on(self.conn, pager.query, params, partial=True)
             yield from batch
             if not pager.advance(batch, params["page"]):
                 return

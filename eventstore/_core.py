@@ -587,20 +587,27 @@ class StoreCore:
                            n_types=len(kinds))
         return query, params
 
-    def _fetch_on(self, conn: Connection, query: Compiled, params: dict[str, Any]
-                  ) -> list[RecordedEvent]:
+    def _fetch_on(self, conn: Connection, query: Compiled, params: dict[str, Any], *,
+                  partial: bool = False) -> list[RecordedEvent]:
+        """A page of events.  An event that does not decode raises, naming it; with
+        ``partial``, the events before it come first (a :class:`PartialPage`: the next page,
+        which starts at that event, raises)."""
         cur = query.run(conn, params, binary=True)
         rows = cur.fetchall()
         cur.close()
         if not rows:
             return []
         cols = tuple(zip(*rows, strict=True))
+        out: list[RecordedEvent] = []
         try:
             data = decode_events(cols[5], cols[6], cols[7])
-        except EventDecodeError:
-            _name_undecodable(rows)
-            raise
-        out = []
+        except EventDecodeError as e:
+            data, error = _decodable_prefix(rows)
+            if error is None:  # (every row decodes alone: not expected)
+                raise
+            if not partial or not data:
+                raise error from e
+            rows, out = rows[:len(data)], PartialPage()
         last_at, when = None, None
         for (pos, tenant, stream_id, version, event_id, tag, sv, _raw, meta, at), event in zip(
                 rows, data, strict=True):
@@ -714,7 +721,7 @@ class Pager:
 
     def advance(self, batch: Sequence[RecordedEvent], page: int) -> bool:
         """Move past ``batch``; returns whether more may follow."""
-        if len(batch) < page:
+        if len(batch) < page and not isinstance(batch, PartialPage):
             return False
         if self.remaining is not None:
             self.remaining -= len(batch)
@@ -730,14 +737,23 @@ class Pager:
 _GUESS_KEYS = frozenset({"es_events_pkey", "es_events_stream_version"})
 
 
-def _name_undecodable(rows: Sequence[Any]) -> None:
-    """Raise the decode error of the first row that does not decode, naming that event."""
+class PartialPage(list):  # type: ignore[type-arg]
+    """The events of a page before one that does not decode: more follow (the next page
+    starts at that event, and raises), though the page is short."""
+
+
+def _decodable_prefix(rows: Sequence[Any]
+                      ) -> tuple[list[Event | RawEvent], EventDecodeError | None]:
+    """The events of ``rows`` before the first that does not decode, and that one's decode
+    error, naming the event (``None`` if every row decodes)."""
+    decoded: list[Event | RawEvent] = []
     for pos, tenant, stream_id, _version, _event_id, tag, sv, raw, *_rest in rows:
         try:
-            decode_event(tag, sv, raw)
+            decoded.append(decode_event(tag, sv, raw))
         except EventDecodeError as e:
-            raise EventDecodeError.at(e, position=pos, type=tag, stream_id=stream_id,
-                                      tenant_id=tenant) from e
+            return decoded, EventDecodeError.at(e, position=pos, type=tag,
+                                                stream_id=stream_id, tenant_id=tenant)
+    return decoded, None
 
 
 def _stale_guess(error: Exception) -> bool:

@@ -60,6 +60,7 @@ from ._core import (
     ExpectedVersion,
     Options,
     Pager,
+    PartialPage,
     StoreCore,
     auto_migrate,
     check_pool_size,
@@ -303,7 +304,8 @@ class AsyncEventStore(StoreCore):
                 return
 
     async def _fetch(self, query: Compiled, params: dict[str, Any]) -> list[RecordedEvent]:
-        return await self.run_read(self._fetch_on, query, params)
+        return await self.run_read(
+            lambda conn: self._fetch_on(conn, query, params, partial=True))
 
     async def last_position(self) -> int:
         """The highest committed position (0 for an empty store)."""
@@ -351,7 +353,7 @@ class AsyncEventStore(StoreCore):
                     return
             if batch:
                 pager.lo = batch[-1].position + 1
-            if len(batch) < PAGE:
+            if len(batch) < PAGE and not isinstance(batch, PartialPage):
                 await _wait(stop, self._options.poll_interval)
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ from ._core import (
     InlineHandler,
     Options,
     Pager,
+    PartialPage,
     StoreCore,
     auto_migrate,
     category_of,
@@ -215,7 +216,7 @@ class EventStore(StoreCore):
     def _fetch(self, query: Compiled, params: dict[str, Any]) -> list[RecordedEvent]:
         self._check_open()
         with begin_read(self._engine) as conn:
-            return self._fetch_on(conn, query, params)
+            return self._fetch_on(conn, query, params, partial=True)
 
     def last_position(self) -> int:
         """The highest committed position (0 for an empty store)."""
@@ -265,7 +266,7 @@ class EventStore(StoreCore):
                     return
             if batch:
                 pager.lo = batch[-1].position + 1
-            if len(batch) < PAGE:
+            if len(batch) < PAGE and not isinstance(batch, PartialPage):
                 stop.wait(self._options.poll_interval)
 
     def stats(self, *, tenant_id: str | None = None) -> dict[str, int]:

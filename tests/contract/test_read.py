@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import eventstore._core as core_module
-from eventstore import Event, EventStore, RawEvent, upcaster
+from eventstore import Event, EventDecodeError, EventStore, RawEvent, upcaster
 from eventstore.events import _registry
 from tests._events import CounterIncremented, NoteAdded
 
@@ -131,6 +131,41 @@ def test_old_schema_version_is_upcast_on_read(store: EventStore) -> None:
         assert list(store.read_stream("c-1"))[-1].schema_version == 3
     finally:
         _registry.pop("test.Renamed", None)
+
+
+@pytest.mark.parametrize("page", [3, 500])
+def test_a_read_gives_the_events_before_one_that_does_not_decode(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    """Reads (stream, log, subscription) give every event before the first that does not
+    decode, then raise EventDecodeError naming it; the events after it are not skipped."""
+    monkeypatch.setattr(core_module, "PAGE", page)
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(4)])
+    store.append("c-1", [RawEvent(type="test.Shape", data={"sides": "many"})])
+    store.append("c-1", [NoteAdded(text="after")])
+
+    class Shape(Event, tag="test.Shape"):
+        sides: int
+
+    def until_error(events: Any) -> tuple[list[int], Any]:
+        seen = []
+        with pytest.raises(EventDecodeError) as info:
+            for ev in events:
+                seen.append(ev.position)
+        return seen, info.value
+
+    try:
+        for events in (store.read_stream("c-1"), store.read_all(),
+                       store.read_all(from_position=3), store.subscribe(from_position=2)):
+            seen, err = until_error(events)
+            assert seen and seen == list(range(seen[0], 5))
+            assert (err.position, err.type, err.stream_id) == (5, "test.Shape", "c-1")
+        # The read that starts at the event raises at once; the one after it reads on.
+        assert until_error(store.read_all(from_position=5))[0] == []
+        assert [e.data for e in store.read_all(from_position=6)] == [NoteAdded(text="after")]
+        assert [e.version for e in store.read_stream("c-1", backwards=True, to_version=6,
+                                                     from_version=6)] == [6]
+    finally:
+        _registry.pop("test.Shape", None)
 
 
 def test_adding_a_field_with_a_default_keeps_old_events_readable(store: EventStore) -> None:
