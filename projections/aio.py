@@ -28,6 +28,7 @@ from eventstore._bound import BoundStore
 from eventstore.aio import AsyncEventStore
 
 from ._command import Clock
+from ._stores import built_for_twin, check_async_store
 from .continuations import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_TTL,
@@ -59,9 +60,11 @@ T = TypeVar("T")
 class _Twin(Generic[F]):
     """Runs methods of a sync facade inside transactions of an async store."""
 
-    def __init__(self, store: AsyncEventStore, facade: F) -> None:
+    def __init__(self, store: AsyncEventStore, build: Callable[[], F]) -> None:
+        check_async_store(store, type(self).__name__,
+                          f"projections.{type(self).__name__.removeprefix('Async')}")
         self.store = store
-        self._facade = facade
+        self._facade = built_for_twin(build)
 
     async def _run(self, method: str, *args: Any, write: bool, **kwargs: Any) -> Any:
         return await self._call(lambda facade: getattr(facade, method)(*args, **kwargs),
@@ -89,7 +92,8 @@ class AsyncConversations(_Twin[Conversations]):
     stream_id = staticmethod(Conversations.stream_id)
 
     def __init__(self, store: AsyncEventStore, *, snapshot_every: int | None = 100) -> None:
-        super().__init__(store, Conversations(store, snapshot_every=snapshot_every))  # type: ignore[arg-type]
+        super().__init__(store, lambda: Conversations(
+            store, snapshot_every=snapshot_every))  # type: ignore[arg-type]
 
     async def assign(self, conversation_id: str, variables: Mapping[str, Any], *,
                      tenant_id: str = "default", expected_version: int | None = None,
@@ -160,8 +164,8 @@ class AsyncContinuations(_Twin[Continuations]):
     def __init__(self, store: AsyncEventStore, *, ttl: timedelta = DEFAULT_TTL,
                  claim_timeout: timedelta = DEFAULT_CLAIM_TIMEOUT,
                  clock: Clock | None = None) -> None:
-        super().__init__(store, Continuations(store, ttl=ttl,  # type: ignore[arg-type]
-                                              claim_timeout=claim_timeout, clock=clock))
+        super().__init__(store, lambda: Continuations(
+            store, ttl=ttl, claim_timeout=claim_timeout, clock=clock))  # type: ignore[arg-type]
 
     async def pause(self, conversation_id: str, user_id: str, *, messages: Sequence[Any],
                     pending_tool_calls: Sequence[Any], tools: Sequence[Any],
@@ -224,7 +228,7 @@ class AsyncAgentSessions(_Twin[AgentSessions]):
     """:class:`projections.AgentSessions` for asyncio."""
 
     def __init__(self, store: AsyncEventStore, *, clock: Clock | None = None) -> None:
-        super().__init__(store, AgentSessions(store, clock=clock))  # type: ignore[arg-type]
+        super().__init__(store, lambda: AgentSessions(store, clock=clock))  # type: ignore[arg-type]
 
     async def save(self, key: SessionKey, *, snapshot: Any, layer_specs: Any,
                    pending_form_id: str | None = None,
@@ -275,7 +279,7 @@ class AsyncFlows(_Twin[Flows]):
     stream_id = staticmethod(Flows.stream_id)
 
     def __init__(self, store: AsyncEventStore, *, clock: Clock | None = None) -> None:
-        super().__init__(store, Flows(store, clock=clock))  # type: ignore[arg-type]
+        super().__init__(store, lambda: Flows(store, clock=clock))  # type: ignore[arg-type]
 
     async def save(self, flow_id: str, method_name: str, state: Any, *,
                    tenant_id: str = "default") -> int:
@@ -323,8 +327,8 @@ class AsyncJobs(_Twin[Jobs]):
 
     def __init__(self, store: AsyncEventStore, *, lease: timedelta = DEFAULT_LEASE,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Clock | None = None) -> None:
-        super().__init__(store, Jobs(store, lease=lease,  # type: ignore[arg-type]
-                                     max_attempts=max_attempts, clock=clock))
+        super().__init__(store, lambda: Jobs(
+            store, lease=lease, max_attempts=max_attempts, clock=clock))  # type: ignore[arg-type]
 
     async def _job(self, method: str, *args: Any, **kwargs: Any) -> Job:
         result: Job = await self._run(method, *args, write=True, **kwargs)

@@ -22,6 +22,7 @@ from eventstore.errors import InvalidArgument
 
 from ._command import Clock, check_text, check_time, composite_id, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
+from ._stores import check_sync_store
 from .errors import NoPendingContinuation, ResumeInProgress
 from .events import (
     ContinuationExpired,
@@ -133,6 +134,7 @@ class Continuations:
             raise InvalidArgument("ttl and claim_timeout must be timedeltas")
         if ttl <= timedelta(0) or claim_timeout <= timedelta(0):
             raise InvalidArgument("ttl and claim_timeout must be positive")
+        check_sync_store(store, "Continuations", "projections.aio.AsyncContinuations")
         self.store = store
         self.ttl = ttl
         self.claim_timeout = claim_timeout

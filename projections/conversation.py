@@ -17,6 +17,7 @@ from eventstore.errors import InvalidArgument
 from eventstore.events import Event
 
 from ._engine import Projection, current, fold_live, inline, register, snapshot_now
+from ._stores import check_sync_store
 from .events import VariablesAssigned, VariablesDeleted, VariablesReset, VariableValue
 
 __all__ = ["ConversationProjection", "ConversationState", "Conversations", "VariableChange",
@@ -174,6 +175,7 @@ class Conversations:
     """
 
     def __init__(self, store: EventStore, *, snapshot_every: int | None = 100) -> None:
+        check_sync_store(store, "Conversations", "projections.aio.AsyncConversations")
         self.store = store
         self.projection = ConversationProjection(snapshot_every=snapshot_every)
         inline(store, self.projection)

@@ -15,6 +15,7 @@ from eventstore import Event, EventStore, RecordedEvent
 
 from ._command import Clock, check_text, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, register
+from ._stores import check_sync_store
 from .errors import NoPendingFeedback
 from .events import FeedbackRequested, FeedbackResolved, FlowStateSaved
 from .typed_json import from_json, to_json
@@ -97,6 +98,7 @@ class Flows:
     """Save and load flow state; request, read and resolve human feedback."""
 
     def __init__(self, store: EventStore, *, clock: Clock | None = None) -> None:
+        check_sync_store(store, "Flows", "projections.aio.AsyncFlows")
         self.store = store
         self.now = utc_clock(clock)
         self.projection = FlowProjection()

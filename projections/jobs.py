@@ -45,6 +45,7 @@ from eventstore.logs import get_logger
 
 from ._command import Clock, check_text, check_time, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
+from ._stores import check_sync_store
 from .errors import Conflict, LeaseLost, NotFound
 from .events import (
     JobCancelled,
@@ -363,6 +364,7 @@ class Jobs:
             raise InvalidArgument(f"max_attempts must be an int >= 1, got {max_attempts!r}")
         if clock is not None and not callable(clock):
             raise InvalidArgument("clock must be a callable returning an aware datetime")
+        check_sync_store(store, "Jobs", "projections.aio.AsyncJobs")
         self.store = store
         self.lease = lease
         self.max_attempts = max_attempts

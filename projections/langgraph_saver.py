@@ -82,6 +82,7 @@ from eventstore._sql import Compiled
 from eventstore.codec import check_finite, decode_event, decode_events, encode_event
 from eventstore.errors import EventTooLarge, InvalidArgument, WrongExpectedVersion
 from eventstore.logs import get_logger
+from projections._stores import check_async_store, check_sync_store
 
 if TYPE_CHECKING:
     from eventstore.aio import AsyncEventStore
@@ -1614,6 +1615,8 @@ class EventStoreSaver(_Base):
 
     def __init__(self, store: EventStore, *, tenant_id: str = DEFAULT_TENANT,
                  serde: SerializerProtocol | None = None) -> None:
+        check_sync_store(store, "EventStoreSaver",
+                         "projections.langgraph_saver.AsyncEventStoreSaver")
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id
@@ -1812,6 +1815,8 @@ class AsyncEventStoreSaver(_Base):
 
     def __init__(self, store: AsyncEventStore, *, tenant_id: str = DEFAULT_TENANT,
                  serde: SerializerProtocol | None = None) -> None:
+        check_async_store(store, "AsyncEventStoreSaver",
+                          "projections.langgraph_saver.EventStoreSaver")
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id

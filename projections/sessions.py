@@ -19,6 +19,7 @@ from eventstore.errors import InvalidArgument
 
 from ._command import Clock, check_text, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
+from ._stores import check_sync_store
 from .events import SessionRetired, SessionSnapshotSaved
 
 __all__ = ["AgentSessions", "SessionEntry", "SessionKey", "SessionProjection", "SessionSnapshot",
@@ -122,6 +123,7 @@ class AgentSessions:
     """Save, read and retire agent-session snapshots."""
 
     def __init__(self, store: EventStore, *, clock: Clock | None = None) -> None:
+        check_sync_store(store, "AgentSessions", "projections.aio.AsyncAgentSessions")
         self.store = store
         self.now = utc_clock(clock)
         self.projection = SessionProjection()

@@ -217,3 +217,32 @@ async def test_async_facades_rebuild_rows_of_another_fold_version(url: str) -> N
         jobs = AsyncJobs(astore)
         claimed = await jobs.claim("w1", tenant_id="acme")
         assert claimed is not None and claimed.workflow_id == "wf"
+
+
+@pytest.mark.asyncio
+async def test_a_facade_refuses_the_other_kind_of_store_and_names_its_twin(url: str) -> None:
+    """A sync facade given an AsyncEventStore, or an async one given an EventStore, raises
+    InvalidArgument naming the class to use instead (it would fail later, on first use)."""
+    from eventstore import EventStore
+    from eventstore.errors import InvalidArgument
+    from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
+
+    pairs = [(getattr(projections, n), getattr(projections.aio, f"Async{n}"))
+             for n in ("Conversations", "Continuations", "AgentSessions", "Flows", "Jobs")]
+    pairs.append((EventStoreSaver, AsyncEventStoreSaver))
+    astore = await AsyncEventStore.open(url, migrate=True)
+    store = EventStore.open(url)
+    try:
+        for sync, twin in pairs:
+            with pytest.raises(InvalidArgument, match=twin.__name__):
+                sync(astore)
+            with pytest.raises(InvalidArgument, match=sync.__name__):
+                twin(store)
+            # The right kind still works, the twin included (it runs the sync facade).
+            sync(store), twin(astore)
+        conv = AsyncConversations(astore)
+        await conv.assign("c-1", {"a": 1})
+        assert (await conv.get("c-1")).variables == {"a": 1}
+    finally:
+        store.close()
+        await astore.close()
