@@ -164,7 +164,48 @@ def _sqlite_engine(url: URL) -> Engine:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(clean, **kwargs)
     _sqlite_listeners(engine, synchronous, busy_ms, memory)
+    if memory:
+        _one_connection[engine] = _Turns()
     return engine
+
+
+class _Turns:
+    """The transactions on an in-memory SQLite database take turns.
+
+    Why: the database is one connection (``StaticPool``), which every thread's transactions
+    would share: a read beginning during an append fails its BEGIN, and the clean-up of that
+    failure rolls back the append under way, whose later statements then commit one by one.
+    A transaction begun on a thread that is already in one cannot share the connection either:
+    it is refused (:class:`InvalidArgument`) instead of waiting for itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise InvalidArgument(
+                "an in-memory SQLite store runs one transaction at a time, and this thread is "
+                "in one already (an append or read from inside an append or a read): use a "
+                "database file for that")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+
+_one_connection: weakref.WeakKeyDictionary[Engine, _Turns] = weakref.WeakKeyDictionary()
+
+
+def _turn(engine: Engine) -> contextlib.AbstractContextManager[None]:
+    """A turn on ``engine``'s one connection when it is an in-memory SQLite database."""
+    turns = _one_connection.get(engine)
+    return contextlib.nullcontext() if turns is None else turns.turn()
 
 
 def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bool) -> None:
@@ -224,7 +265,7 @@ def begin_read(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
 
 @contextlib.contextmanager
 def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
-    with translate(), engine.connect() as conn:
+    with _turn(engine), translate(), engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             if write:
                 conn = conn.execution_options(sqlite_write=True)
@@ -283,7 +324,7 @@ class Writer:
             with begin_write(self._engine) as conn:
                 yield conn
             return
-        with self._lock:
+        with _turn(self._engine), self._lock:
             if self._closed:
                 raise StoreClosed("the event store is closed")
             self._owner = me

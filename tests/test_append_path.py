@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Connection
 
 from eventstore import EventStore, RecordedEvent
-from eventstore.errors import DatabaseError, WrongExpectedVersion
+from eventstore.errors import DatabaseError, InvalidArgument, WrongExpectedVersion
 
 from ._events import NoteAdded
 
@@ -113,6 +113,59 @@ def test_inline_projection_rows_commit_with_the_append(store: EventStore) -> Non
     assert conversations.get("c-1").variables == {"n": 1}
     assert conversations.assign("c-1", {"n": 3}, expected_version=v) == v + 1
     assert conversations.get("c-1").variables == {"n": 3}
+
+
+def test_an_in_memory_store_shared_by_threads_loses_nothing() -> None:
+    """An in-memory SQLite database is one connection: threads reading while another appends
+    take turns with it, so every acknowledged append is stored whole (a read beginning during
+    an append used to roll the append back under it)."""
+    store = EventStore.open("sqlite://")
+    done = threading.Event()
+    errors: list[BaseException] = []
+    results = []
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                store.stream_version("x-1")
+                list(store.read_stream("x-1", from_version=1, to_version=3))
+        except BaseException as e:  # handed to the test's thread
+            errors.append(e)
+
+    def slow_hook(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        threading.Event().wait(0.001)  # a reader's turn would come here, if turns were shared
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(300):
+            results.append(store.append_with("x-1", [NoteAdded(text=str(i))],
+                                             before_commit=slow_hook if i % 10 == 0 else None))
+    finally:
+        done.set()
+        for t in readers:
+            t.join()
+    assert errors == []
+    assert [r.stream_version for r in results] == list(range(1, 301))
+    assert [e.version for e in store.read_stream("x-1")] == list(range(1, 301))
+    assert store.stats()["events"] == 300
+    store.close()
+
+
+def test_an_in_memory_store_refuses_a_transaction_inside_another_on_one_thread() -> None:
+    """A read or append begun inside an append on the same thread cannot share the in-memory
+    database's one connection: it is refused, and the outer append writes nothing."""
+    store = EventStore.open("sqlite://")
+    store.append("x-1", [NoteAdded(text="kept")])
+    for inner in (lambda: store.stream_version("x-1"),
+                  lambda: store.append("x-2", [NoteAdded(text="inner")])):
+        with pytest.raises(InvalidArgument, match="one transaction at a time"):
+            store.append_with("x-1", [NoteAdded(text="outer")],
+                              before_commit=lambda conn, recorded, f=inner: f())  # type: ignore[misc]
+    assert [e.data.text for e in store.read_all()] == ["kept"]  # type: ignore[attr-defined]
+    assert store.append("x-1", [NoteAdded(text="next")]).stream_version == 2
+    store.close()
 
 
 def test_a_failing_hook_keeps_an_in_memory_store() -> None:
