@@ -562,7 +562,11 @@ class _InlineHandler:
         # every event since its mark to have come through it (none it did not see).
         self._seen_to: int | None = None
         self._known: dict[tuple[str, str], tuple[bytes, int, int]] = {}  # encoded state
-        self._pending: tuple[tuple[int, int], dict[tuple[str, str], Any], bool] | None = None
+        # What the last guess or prepare folded, and for which events (the append's list): an
+        # append in another transaction (a BoundStore's) folds concurrently, and may roll back;
+        # committed() takes only the fold of the events it is told of.
+        self._pending: tuple[Sequence[RecordedEvent], tuple[int, int],
+                             dict[tuple[str, str], Any], bool] | None = None
         # The transaction in which this handler stopped the projection (see prepare).
         self._stopped_in: object = None
 
@@ -588,7 +592,6 @@ class _InlineHandler:
         through this handler (it was told of every commit since its mark: ``_seen_to``), so
         they were not this projection's; otherwise ``None``, and prepare() catches them up.
         """
-        self._pending = None
         relevant = [e for e in recorded if self.p.handles(e)]
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
         mark = self._mark
@@ -606,7 +609,7 @@ class _InlineHandler:
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
-        self._pending = ((generation, new_position), {key: rows.cache[key]}, False)
+        self._pending = (recorded, (generation, new_position), {key: rows.cache[key]}, False)
 
         def write(conn: Connection) -> None:
             # The checkpoint first: it is locked before the row, as prepare() locks it.
@@ -622,13 +625,18 @@ class _InlineHandler:
         knows): what prepare or guess folded is now the projection's state."""
         pending, self._pending = self._pending, None
         seen_to, self._seen_to = self._seen_to, recorded[-1].position
+        if pending is not None and pending[0] is not recorded:
+            # Folded in another transaction, which may never commit: what the projection's
+            # rows hold is not known here, and the next append reads them.
+            self._mark = None
+            return
         if pending is None:
             if seen_to is None or recorded[0].position != seen_to + 1:
                 # Events this handler never saw lie between: they may be the projection's
                 # (another writer without it), and only prepare() catches them up.
                 self._mark = None
             return
-        mark, rows, others_changed = pending
+        _recorded, mark, rows, others_changed = pending
         known = self._known
         if others_changed or len(known) >= _KNOWN_ROWS:
             known.clear()
@@ -644,7 +652,6 @@ class _InlineHandler:
         Runs before the append's own rows are written (see ``eventstore.InlineHandler``): it
         reads only the projection's rows and, to catch up, events below this append's.
         """
-        self._pending = None
         relevant = [e for e in recorded if self.p.handles(e)]
         if not relevant:
             return None
@@ -726,8 +733,8 @@ class _InlineHandler:
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
-        self._pending = ((generation, new_position), {k: rows.cache[k] for k in keys},
-                         others_changed)
+        self._pending = (recorded, (generation, new_position),
+                         {k: rows.cache[k] for k in keys}, others_changed)
 
         def write(conn: Connection) -> None:
             with _pipeline(conn):  # the rows and the checkpoint: one round trip on psycopg

@@ -226,3 +226,63 @@ def test_after_the_database_lost_commits_appends_leave_no_gaps(url: str) -> None
         assert a.stream_version("counter-x") == len(got) >= 4
     finally:
         a.close()
+
+
+def test_a_fold_in_a_transaction_that_rolls_back_is_never_remembered(store: EventStore) -> None:
+    """An append inside a transaction of the caller's (a BoundStore: what the async facades
+    run) folds while the store's own append to another stream is guessing; that transaction
+    then rolls back.  The store's append commits, and what it remembers must be its own fold,
+    not the rolled-back one: later appends to the first stream stay what a replay gives."""
+    import threading
+
+    from eventstore._backend import begin_write
+    from eventstore._bound import BoundStore
+
+    gate, inside = threading.Event(), threading.Event()
+
+    class Gated(TallyProjection):
+        def evolve(self, state: Tally, event: RecordedEvent) -> Tally:
+            if getattr(event.data, "by", 0) == 100 and not gate.is_set():
+                inside.set()  # the other transaction is folding its append: hold it here
+                gate.wait(10)
+            return super().evolve(state, event)
+
+    p = Gated(snapshot_every=None)
+    inline(store, p)
+    for stream in ("counter-a", "counter-b", "counter-a", "counter-b"):
+        _bump(store, stream)
+    failures: list[BaseException] = []
+
+    def rolled_back() -> None:
+        try:
+            with begin_write(store.engine) as conn:
+                BoundStore(store, conn).append("counter-a", [CounterIncremented(by=100)])
+                raise LookupError("the caller's transaction fails after its append")
+        except LookupError:
+            pass
+        except BaseException as e:  # handed to the test's thread
+            failures.append(e)
+
+    def own_append() -> None:
+        try:
+            _bump(store, "counter-b")
+        except BaseException as e:
+            failures.append(e)
+
+    other = threading.Thread(target=rolled_back)
+    other.start()
+    assert inside.wait(10)
+    mine = threading.Thread(target=own_append)
+    mine.start()
+    mine.join(0.3)  # guessing (PostgreSQL), then waiting for the append lock the other holds
+    gate.set()
+    other.join()
+    mine.join()
+    assert failures == []
+    _bump(store, "counter-a")
+    _bump(store, "counter-a")
+    assert load_row(store, p, "default", "counter-a") == (
+        Tally(count=4, total=4, writers=["w", "w", "w"], last_version=4), 4)
+    assert load_row(store, p, "default", "counter-b") == (
+        Tally(count=3, total=3, writers=["w", "w", "w"], last_version=3), 3)
+    assert verify(store, p) == []
