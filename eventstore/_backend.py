@@ -285,8 +285,9 @@ class Writer:
     around it, cost about as much CPU as the SQL of a one-event append.  Appends take turns on
     this connection (a lock in this process); that costs no concurrency, since appends already
     run one at a time (SQLite's write lock, the advisory lock on PostgreSQL, see
-    :func:`lock_appends`).  An append started from inside an append (a handler appending on the
-    same thread) gets a pooled connection instead, as before.  After an error the transaction
+    :func:`lock_appends`).  An append started from inside an append on the same thread (from a
+    ``before_commit`` hook or an inline handler) is refused: it would wait for the append lock
+    its own caller holds (for ever on PostgreSQL).  After an error the transaction
     is rolled back and the connection kept, unless the connection itself broke; then it is
     closed and replaced.  A forked child starts with a fresh lock and opens its own connections
     (the engine's pool too, see _after_fork).
@@ -319,15 +320,15 @@ class Writer:
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
         """A write transaction on the kept connection (see :func:`begin_write`)."""
-        me = threading.get_ident()
-        if self._owner == me:
-            with begin_write(self._engine) as conn:
-                yield conn
-            return
+        if self._owner == threading.get_ident():
+            raise InvalidArgument(
+                "an append cannot start inside another append on the same thread (from a "
+                "before_commit hook or an inline handler): it would wait for the append lock "
+                "that append holds; write in the hook's transaction, or append after it")
         with _turn(self._engine), self._lock:
             if self._closed:
                 raise StoreClosed("the event store is closed")
-            self._owner = me
+            self._owner = threading.get_ident()
             try:
                 with translate():
                     conn = self._connection()

@@ -160,12 +160,45 @@ def test_an_in_memory_store_refuses_a_transaction_inside_another_on_one_thread()
     store.append("x-1", [NoteAdded(text="kept")])
     for inner in (lambda: store.stream_version("x-1"),
                   lambda: store.append("x-2", [NoteAdded(text="inner")])):
-        with pytest.raises(InvalidArgument, match="one transaction at a time"):
+        with pytest.raises(InvalidArgument, match=r"one transaction at a time|inside another"):
             store.append_with("x-1", [NoteAdded(text="outer")],
                               before_commit=lambda conn, recorded, f=inner: f())  # type: ignore[misc]
     assert [e.data.text for e in store.read_all()] == ["kept"]  # type: ignore[attr-defined]
     assert store.append("x-1", [NoteAdded(text="next")]).stream_version == 2
     store.close()
+
+
+def test_an_append_from_inside_an_append_is_refused_not_left_waiting(store: EventStore) -> None:
+    """An append started on the thread of an append under way (its before_commit hook, an
+    inline handler) would wait for the append lock its caller holds, for ever on PostgreSQL:
+    it is refused at once, the outer append writes nothing, and the store goes on."""
+    store.append("x-1", [NoteAdded(text="kept")])
+    outcome: list[BaseException | None] = []
+
+    def hook(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        store.append("audit-1", [NoteAdded(text="inner")])
+
+    def appends() -> None:
+        for run in (lambda: store.append_with("x-1", [NoteAdded(text="outer")],
+                                              before_commit=hook),
+                    lambda: store.append("x-1", [NoteAdded(text="handled")])):
+            try:
+                run()
+                outcome.append(None)
+            except BaseException as e:  # handed to the test's thread
+                outcome.append(e)
+            store.add_inline_handler(hook)  # the second run: an inline handler appends
+        store.remove_inline_handler(hook)
+
+    t = threading.Thread(target=appends, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the nested append is waiting for its caller's lock"
+    assert len(outcome) == 2
+    for e in outcome:
+        assert isinstance(e, InvalidArgument) and "inside another append" in str(e)
+    assert [e.data.text for e in store.read_all()] == ["kept"]  # type: ignore[attr-defined]
+    assert store.append("x-1", [NoteAdded(text="next")]).stream_version == 2
 
 
 def test_a_failing_hook_keeps_an_in_memory_store() -> None:
