@@ -2066,8 +2066,11 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
             by_task: dict[str, builtins.list[tuple[str, Any]]] = {}
             for task_id, channel, value in t.pending_writes or ():
                 by_task.setdefault(task_id, []).append((channel, value))
-            for task_id, task_writes in by_task.items():
-                _t, wev = target._writes_event(stored, task_writes, task_id, "")
+            for n, (task_id, task_writes) in enumerate(by_task.items()):
+                # The source gives no task paths, and this saver orders a checkpoint's writes
+                # by (path, task, idx), as LangGraph wants them: paths that sort in the order
+                # the source gave the tasks keep that order.
+                _t, wev = target._writes_event(stored, task_writes, task_id, f"{n:08d}")
                 events.extend(_fitted(wev, limit, _split_writes))
         try:
             target.store.append(stream_id_of(thread_id), events, tenant_id=target.tenant_id,
