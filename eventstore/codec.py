@@ -20,7 +20,7 @@ import msgspec
 
 from ._schema import MAX_ID_LENGTH
 from .errors import EventDecodeError, InvalidEvent
-from .events import Event, RawEvent, _decoder_for, _registry, _upcast
+from .events import MAX_SCHEMA_VERSION, Event, RawEvent, _decoder_for, _registry, _upcast
 
 _encoder = msgspec.json.Encoder()
 _any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
@@ -100,8 +100,10 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         _check_type_name(event.type)
         if not isinstance(event.data, dict):
             raise InvalidEvent(f"raw event {event.type} data must be a JSON object")
-        if not isinstance(event.schema_version, int) or event.schema_version < 1:
-            raise InvalidEvent(f"raw event {event.type} schema_version must be an int >= 1")
+        sv = event.schema_version
+        if not isinstance(sv, int) or isinstance(sv, bool) or not 1 <= sv <= MAX_SCHEMA_VERSION:
+            raise InvalidEvent(f"raw event {event.type} schema_version must be an int from 1 "
+                               f"to {MAX_SCHEMA_VERSION}, not {sv!r}")
         try:
             data = _encoder.encode(event.data)
         except (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError) as e:

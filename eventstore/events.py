@@ -58,6 +58,9 @@ _registry: dict[str, type[Event]] = {}
 _upcasters: dict[tuple[str, int], Upcaster] = {}
 _registry_lock = threading.Lock()
 
+# Schema versions are stored as 32-bit integers (PostgreSQL's integer).
+MAX_SCHEMA_VERSION = 2**31 - 1
+
 
 @dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(msgspec.field,))
 class _EventMeta(msgspec.StructMeta):
@@ -99,9 +102,10 @@ class _EventMeta(msgspec.StructMeta):
                 )
         if schema_version is not None and (
             not isinstance(schema_version, int) or isinstance(schema_version, bool)
-            or schema_version < 1
+            or not 1 <= schema_version <= MAX_SCHEMA_VERSION
         ):
-            raise TypeError(f"{name}: schema_version must be an int >= 1")
+            raise TypeError(f"{name}: schema_version must be an int from 1 to "
+                            f"{MAX_SCHEMA_VERSION}")
         cls: Any = super().__new__(mcls, name, bases, namespace, **kwargs)
         if schema_version is not None:
             cls.__event_schema_version__ = schema_version
@@ -257,8 +261,9 @@ def upcaster(tag: str, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
     """Register a function that upgrades ``tag``'s stored data from ``from_version`` to the next."""
     if not isinstance(tag, str) or not tag:
         raise TypeError("upcaster tag must be a non-empty string")
-    if not isinstance(from_version, int) or from_version < 1:
-        raise TypeError("from_version must be an int >= 1")
+    if (not isinstance(from_version, int) or isinstance(from_version, bool)
+            or not 1 <= from_version < MAX_SCHEMA_VERSION):
+        raise TypeError(f"from_version must be an int from 1 to {MAX_SCHEMA_VERSION - 1}")
 
     def register(fn: Upcaster) -> Upcaster:
         with _registry_lock:

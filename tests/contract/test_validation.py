@@ -69,7 +69,13 @@ def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, 
     "events",
     [[], None, "text", [{"type": "NoteAdded"}], [NoteAdded(text="ok"), object()],
      [Anything(value=object())], [Anything(value={1, 2, object()})],
-     [RawEvent(type="", data={})], [RawEvent(type="X", data={"d": dt.timedelta})]],
+     [RawEvent(type="", data={})], [RawEvent(type="X", data={"d": dt.timedelta})],
+     # schema versions: not a bool, and within the stored column's 32 bits
+     [RawEvent(type="X", data={}, schema_version=True)],
+     [RawEvent(type="X", data={}, schema_version=0)],
+     [RawEvent(type="X", data={}, schema_version=2**31)],
+     [RawEvent(type="X", data={}, schema_version=2**70)],
+     [RawEvent(type="X", data={}, schema_version=1.0)]],  # type: ignore[arg-type]
 )
 def test_bad_events_are_rejected(store: EventStore, events: Any) -> None:
     """An empty batch, a non-event or an unencodable payload raises InvalidEvent."""
