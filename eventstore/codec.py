@@ -100,6 +100,10 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         _check_type_name(event.type)
         if not isinstance(event.data, dict):
             raise InvalidEvent(f"raw event {event.type} data must be a JSON object")
+        for key in event.data:
+            if not isinstance(key, str):  # (JSON would store it as text, as metadata's)
+                raise InvalidEvent(f"raw event {event.type} data keys must be strings, "
+                                   f"got {key!r}")
         sv = event.schema_version
         if not isinstance(sv, int) or isinstance(sv, bool) or not 1 <= sv <= MAX_SCHEMA_VERSION:
             raise InvalidEvent(f"raw event {event.type} schema_version must be an int from 1 "

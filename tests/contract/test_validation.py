@@ -75,7 +75,8 @@ def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, 
      [RawEvent(type="X", data={}, schema_version=0)],
      [RawEvent(type="X", data={}, schema_version=2**31)],
      [RawEvent(type="X", data={}, schema_version=2**70)],
-     [RawEvent(type="X", data={}, schema_version=1.0)]],  # type: ignore[arg-type]
+     [RawEvent(type="X", data={}, schema_version=1.0)],  # type: ignore[arg-type]
+     [RawEvent(type="X", data={1: "one"})]],  # JSON keys are text: 1 would read back "1"
 )
 def test_bad_events_are_rejected(store: EventStore, events: Any) -> None:
     """An empty batch, a non-event or an unencodable payload raises InvalidEvent."""
