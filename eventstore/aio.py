@@ -92,6 +92,7 @@ class AsyncEventStore(StoreCore):
         # An in-memory SQLite database is one connection that every transaction shares.
         self._writer = None if self._sqlite is not None and self._sqlite.memory else (
             _KeptWriter(engine, sqlite=self._sqlite is not None))
+        self._released = False  # close() has released every connection
 
     @classmethod
     async def open(
@@ -125,12 +126,18 @@ class AsyncEventStore(StoreCore):
         return cls(engine, resolved, options)
 
     async def close(self) -> None:
-        """Release every connection; later calls raise :class:`StoreClosed`."""
-        if not self._closed:
-            self._closed = True
-            if self._writer is not None:
-                await self._writer.close()
-            await self._engine.dispose()
+        """Release every connection; later calls raise :class:`StoreClosed`.
+
+        Waits for an append in progress.  A close that is cancelled meanwhile (a shutdown's
+        timeout) leaves the store closed to new calls; calling ``close`` again releases what
+        is left."""
+        self._closed = True
+        if self._released:
+            return
+        if self._writer is not None:
+            await self._writer.close()
+        await self._engine.dispose()
+        self._released = True
 
     async def __aenter__(self) -> AsyncEventStore:
         return self

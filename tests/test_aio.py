@@ -674,3 +674,48 @@ async def test_a_long_pause_still_ends_soon_after_a_threading_stop_is_set() -> N
     t0 = time.monotonic()
     await _wait(stop, 5.0)
     assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_close_leaves_the_rest_to_the_next_close(url: str) -> None:
+    """close() waits for an append in progress; cancelled meanwhile (a shutdown's deadline),
+    the store refuses new calls, and a second close() still releases the kept connection and
+    the pool (it returned at once before, leaving both open)."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from eventstore._backend import APPEND_LOCK_ID
+    from eventstore.errors import StoreClosed
+
+    store = await AsyncEventStore.open(url, migrate=True)
+    await store.append("x-1", [NoteAdded(text="first")])
+    parsed = make_url(url)
+    holder: Any
+    if parsed.get_backend_name() == "sqlite":  # another connection holds the write lock
+        holder = sqlite3.connect(parsed.database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    else:  # another session holds the append lock
+        holder = psycopg.connect(parsed.set(drivername="postgresql").render_as_string(
+            hide_password=False), autocommit=True)
+        holder.execute("SELECT pg_advisory_lock(%s)", (APPEND_LOCK_ID,))
+    slow = asyncio.create_task(store.append("x-1", [NoteAdded(text="in progress")]))
+    await asyncio.sleep(0.2)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.close(), timeout=0.3)
+    with pytest.raises(StoreClosed):
+        await store.stream_version("x-1")
+    if parsed.get_backend_name() == "sqlite":
+        holder.execute("COMMIT")
+    else:
+        holder.execute("SELECT pg_advisory_unlock(%s)", (APPEND_LOCK_ID,))
+    holder.close()
+    assert (await slow).stream_version == 2  # the append in progress finished
+    writer: Any = store._writer
+    assert writer._conn is not None  # what the cancelled close left
+    await store.close()
+    assert writer._conn is None
+    assert store._engine.sync_engine.pool.checkedout() == 0
+    with EventStore.open(url) as sync:
+        assert [e.data.text for e in sync.read_stream("x-1")] == ["first", "in progress"]  # type: ignore[attr-defined]
