@@ -289,13 +289,19 @@ def _behind(conn: Connection, name: str, position: int) -> int | None:
 
 
 def restart(store: EventStore, name: str) -> None:
-    """Clear a failed projection so its projector retries from the failed event."""
+    """Clear a failed projection so its projector retries from the failed event.
+
+    Also drops the projection's lease, so that any worker takes it at once: a worker that died
+    holding a long lease no longer keeps the others out until it runs out.  (A live holder
+    just takes it again; each batch locks the projection's row and starts from its position,
+    so no event is applied twice whoever holds the lease.)
+    """
     _check_name(name)
     with transaction(store, write=True) as conn:
         _lock_row(conn, name)
         conn.execute(update(projections).where(projections.c.name == name)
                      .values(status="running", error=None, failed_position=None,
-                             updated_at=_now_us(store)))
+                             owner=None, lease_until=None, updated_at=_now_us(store)))
     _log.info("projection_restarted", projection=name)
 
 
@@ -1113,6 +1119,11 @@ def snapshot_now(store: EventStore, projection: Projection[Any], stream_id: str,
 # -- the asynchronous projector --
 
 
+_MIN_STALL_SECONDS = 60.0
+_idle_limit = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
+                                     literal(True)))
+
+
 class Projector:
     """Runs persisted projections from the log, with a lease per projection.
 
@@ -1121,6 +1132,11 @@ class Projector:
     lease runs out (``lease_seconds``) when the active one dies.  Each batch locks the
     projection's row, checks the lease is still ours, and writes rows and checkpoint in one
     transaction, so a projector that crashes at any point applies every event exactly once.
+
+    On PostgreSQL a batch's transaction may sit idle between its statements (folding) for
+    ``stall_seconds`` at most (default: three leases, at least 60 s); then the server ends it.
+    A worker that froze in a batch (a paused process, a host gone quiet) holds the projection's
+    row lock until then, and the others wait for it.
     """
 
     def __init__(
@@ -1132,9 +1148,13 @@ class Projector:
         lease_seconds: float = 10.0,
         batch_size: int = 500,
         poll_interval: float = 0.2,
+        stall_seconds: float | None = None,
     ) -> None:
         lease_seconds = _check_seconds(lease_seconds, "lease_seconds")
         poll_interval = _check_seconds(poll_interval, "poll_interval")
+        if stall_seconds is None:
+            stall_seconds = max(3 * lease_seconds, _MIN_STALL_SECONDS)
+        stall_seconds = _check_seconds(stall_seconds, "stall_seconds")
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         if worker_id is not None:
             check_id(worker_id, "worker_id", InvalidArgument)
@@ -1145,6 +1165,7 @@ class Projector:
         self.projections = list(projections_)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_us = int(lease_seconds * 1_000_000)
+        self.stall_ms = max(1, int(stall_seconds * 1000))
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._log = _log.bind(worker=self.worker_id)
@@ -1173,6 +1194,11 @@ class Projector:
         p = projection
         try:
             with transaction(self.store, write=True) as conn:
+                if conn.dialect.name == "postgresql":
+                    # The batch holds the projection's row lock: if this worker freezes in it
+                    # (a paused process, an unreachable host), the server ends the transaction
+                    # after stall_seconds idle, and another worker takes over.
+                    conn.execute(_idle_limit, {"ms": str(self.stall_ms)})
                 row = _lock_row(conn, p.name)
                 now_us = _now_us(self.store)
                 if row.code_version > p.version:
@@ -1227,15 +1253,38 @@ class Projector:
             raise failed from e
 
     def catch_up(self) -> int:
-        """Run every projection until it has applied the whole log; returns events applied."""
-        total = 0
-        for p in self.projections:
-            while True:
-                n = self.run_once(p)
-                total += n
-                if n < self.batch_size:
-                    break
+        """Run every projection until it has applied the whole log; returns events applied.
+
+        A projection that fails (:class:`ProjectionFailed`, recorded in ``status``) does not
+        keep the others from catching up: the first failure is raised after all have run.
+        """
+        total, failures = self.catch_up_each()
+        if failures:
+            raise failures[0]
         return total
+
+    def catch_up_each(self) -> tuple[int, list[EventStoreError]]:
+        """:meth:`catch_up`, returning the failures (each recorded in ``status``) instead of
+        raising the first: the events applied, and why projections failed (a
+        :class:`ProjectionFailed`, or the :class:`DatabaseError` of a batch the database
+        refuses, which fails its projection as in :meth:`run`)."""
+        total = 0
+        failures: list[EventStoreError] = []
+        for p in self.projections:
+            try:
+                while True:
+                    n = self.run_once(p)
+                    total += n
+                    if n < self.batch_size:
+                        break
+            except ProjectionFailed as e:
+                failures.append(e)
+            except DatabaseError as e:
+                if e.transient:
+                    raise
+                _record_database_failure(self.store, p.name, e)
+                failures.append(e)
+        return total, failures
 
     def run(self, stop: threading.Event) -> None:
         """Project until ``stop`` is set, then give up the leases.

@@ -208,11 +208,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                               lease_seconds=args.lease_seconds)
         if args.once:
             try:
-                n = projector.catch_up()
+                # A failed projection does not keep the rest from catching up (as in `run`).
+                n, _failures = projector.catch_up_each()
             finally:
                 projector.release()  # let the next worker (or the next --once) in at once
             print(f"applied {n} events")
             states = [(p, st) for p in chosen for st in status(store, p.name)]
+            now = datetime.now(UTC)
+            for _p, st in states:
+                if (st.owner and st.owner != projector.worker_id and st.status != "failed"
+                        and st.lease_until is not None and st.lease_until > now and st.lag):
+                    cli.report(f"projection {st.name} is leased by worker {st.owner} until "
+                               f"{st.lease_until:%Y-%m-%d %H:%M:%S}Z, which runs it: this run "
+                               f"applied nothing to it (lag {st.lag}); if that worker is gone, "
+                               f"`eventstore projections restart {st.name}` drops its lease",
+                               "note")
             for st in (st for p, st in states if st.code_version > p.version):
                 cli.report(f"the rows of {st.name} were built by a newer version of its fold "
                            f"({st.code_version}): this code leaves them alone; to roll back to "
@@ -252,7 +262,7 @@ def _add(subparsers: cli.Subparsers) -> None:
     p.add_argument("name")
     module_option(p)
     p = add_command(sub, "restart", func=cmd_restart,
-                    help="clear a failed projection so its projector retries")
+                    help="clear a failed projection (and its lease) so a projector retries")
     p.add_argument("name")
     module_option(p)
     p = add_command(sub, "run", func=cmd_run, help="run a projector until interrupted")

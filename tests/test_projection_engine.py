@@ -205,6 +205,42 @@ def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
     assert rows_of(store, fixed)[("default", "counter-a")].count == 3
 
 
+def test_catch_up_runs_the_other_projections_past_a_failing_one(store: EventStore) -> None:
+    """One projection failing does not keep the others from catching up: the first failure is
+    raised after all have run (catch_up_each returns them instead)."""
+    bump(store, "a", 2)
+    store.append("counter-b", [CounterIncremented(by=13)])
+    first, second = TallyProjection("tally_bad", poison=13), TallyProjection("tally_good")
+    proj = Projector(store, [first, second])
+    with pytest.raises(ProjectionFailed) as info:
+        proj.catch_up()
+    assert info.value.projection == "tally_bad"
+    assert status(store, "tally_good")[0].position == 3
+    assert status(store, "tally_bad")[0].status == "failed"
+    store.append("counter-b", [CounterIncremented(by=1)])
+    applied, failures = proj.catch_up_each()
+    assert applied == 1 and failures == []  # (a failed projection applies nothing)
+    assert status(store, "tally_good")[0].position == 4
+
+
+def test_restart_drops_a_dead_workers_lease(store: EventStore) -> None:
+    """A worker that died holding a long lease keeps the others out until it runs out;
+    restart drops it, so the next worker takes the projection at once."""
+    from projections import restart
+
+    p = TallyProjection("tally_async")
+    bump(store, "a", 1)
+    assert Projector(store, [p], worker_id="dead", lease_seconds=3600).run_once(p) == 1
+    bump(store, "a", 1)
+    other = Projector(store, [p], worker_id="other")
+    assert other.run_once(p) == 0  # leased to "dead" for an hour
+    restart(store, "tally_async")
+    (st,) = status(store, "tally_async")
+    assert st.owner is None and st.lease_until is None and st.status == "running"
+    assert other.run_once(p) == 1
+    assert status(store, "tally_async")[0].owner == "other"
+
+
 def test_an_event_the_code_cannot_read_stops_the_projector_there(store: EventStore) -> None:
     """An undecodable event (stored by code whose type had another shape) fails the projection
     at that event as a failing fold does: position, type and stream in the error and in
@@ -1146,3 +1182,58 @@ def test_appends_through_a_stopped_inline_projection_are_refused_until_restart(
     bump(store, "a", 1)
     row = load_row(store, TallyProjection("tally_inline_stop"), "default", "counter-a")
     assert row is not None and row[0].count == 3
+
+
+def test_a_worker_frozen_in_a_batch_is_taken_over_on_postgres(fresh_pg: str) -> None:
+    """PostgreSQL: a worker that freezes in the middle of a batch (paused, its host gone quiet)
+    holds the projection's row lock; the server ends its transaction after ``stall_seconds``
+    idle, so another worker takes over (it waited for ever before), and every event is applied
+    once.  (SQLite has no such limit: a frozen writer holds its database's write lock.)"""
+    import threading
+    import time
+
+    from eventstore.errors import DatabaseError
+
+    gate, inside = threading.Event(), threading.Event()
+
+    class Frozen(TallyProjection):
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            if event.version == 3 and not gate.is_set():
+                inside.set()
+                gate.wait(30)  # a frozen process: nothing reaches the server meanwhile
+            return super().evolve(state, event)
+
+    a_store = EventStore.open(fresh_pg, migrate=True)
+    b_store = EventStore.open(fresh_pg)
+    try:
+        for _ in range(5):
+            a_store.append("counter-1", [CounterIncremented(by=1)])
+        a = Projector(a_store, [Frozen("tally_frozen")], worker_id="a", lease_seconds=0.2,
+                      stall_seconds=1)
+        b = Projector(b_store, [TallyProjection("tally_frozen")], worker_id="b",
+                      lease_seconds=0.2)
+        outcome: list[Any] = []
+
+        def frozen_batch() -> None:
+            try:
+                outcome.append(a.run_once(a.projections[0]))
+            except BaseException as e:  # handed to the test's thread
+                outcome.append(e)
+
+        t = threading.Thread(target=frozen_batch)
+        t.start()
+        assert inside.wait(10)
+        started = time.monotonic()
+        assert b.catch_up() == 5  # waits for the server to end a's transaction
+        assert time.monotonic() - started < 10
+        gate.set()
+        t.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], DatabaseError), outcome
+        assert outcome[0].transient  # its worker's loop would retry (and find nothing to do)
+        assert load_row(b_store, TallyProjection("tally_frozen"), "default", "counter-1") == (
+            Tally(count=5, total=5, writers=["", "", ""], last_version=5), 5)
+        assert a.run_once(a.projections[0]) == 0
+    finally:
+        gate.set()
+        a_store.close()
+        b_store.close()

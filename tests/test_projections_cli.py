@@ -135,13 +135,15 @@ def test_status_json_has_position_lag_and_owner(url: str, capsys: pytest.Capture
 
 
 def module_registering(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, module: str,
-                       name: str) -> None:
-    """An application module ``module`` on the path that registers a tally projection ``name``
-    (the registry and the module are as before once the test ends)."""
+                       *names: str, poison: dict[str, int] | None = None) -> None:
+    """An application module ``module`` on the path that registers tally projections ``names``
+    (those in ``poison`` failing on its value; the registry and the module are as before once
+    the test ends)."""
     (tmp_path / f"{module}.py").write_text(
         "from projections import register\n"
         "from tests._projections import TallyProjection\n"
-        f"register({name!r}, lambda: TallyProjection({name!r}))\n")
+        + "".join(f"register({name!r}, lambda: TallyProjection("
+                  f"{name!r}, poison={(poison or {}).get(name)}))\n" for name in names))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(engine, "_registry", dict(engine._registry))
     monkeypatch.delitem(sys.modules, module, raising=False)  # imported afresh
@@ -466,3 +468,32 @@ def test_older_code_says_it_left_rows_a_newer_fold_keeps(
     code, out, err = run(capsys, "projections", "verify", "tally_v", "--url", url)
     assert (code, out) == (2, "")
     assert "built by version 2 of its fold and this code has version 1" in err
+
+
+def test_run_once_catches_up_the_rest_past_a_failed_projection_and_names_leases(
+        url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """run --once: a projection that fails is reported (exit 1) and the others still catch up;
+    one another worker holds the lease of is named, with how to drop a dead worker's lease."""
+    module_registering(tmp_path, monkeypatch, "once_mod", "tally_a_bad", "tally_b_leased",
+                       "tally_c_good", poison={"tally_a_bad": 13})
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        Projector(store, [TallyProjection("tally_b_leased")], worker_id="gone",
+                  lease_seconds=3600).catch_up()
+        store.append("counter-b", [CounterIncremented(by=13)])
+    code, out, err = run(capsys, "projections", "run", "--once", "--url", url,
+                         "--module", "once_mod")
+    assert code == 1
+    assert "applied 2 events" in out, err  # tally_c_good: 2 (tally_a_bad fails its batch)
+    assert "projection tally_a_bad is stopped after a failure at position 2" in err
+    assert "projection tally_b_leased is leased by worker gone until" in err
+    assert "projections restart tally_b_leased` drops its lease" in err
+    with EventStore.open(url) as store:
+        by_name = {st.name: st for st in engine.status(store)}
+    assert by_name["tally_c_good"].position == 2 and by_name["tally_b_leased"].position == 1
+    code, out, err = run(capsys, "projections", "restart", "tally_b_leased", "--url", url)
+    assert code == 0, err
+    code, out, err = run(capsys, "projections", "run", "--once", "--url", url,
+                         "--module", "once_mod")
+    assert "applied 1 events" in out and code == 1, err  # (tally_a_bad: still failed)
