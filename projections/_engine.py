@@ -1170,6 +1170,7 @@ class Projector:
         self.poll_interval = poll_interval
         self._log = _log.bind(worker=self.worker_id)
         self._outdated: set[str] = set()  # projections whose rows newer code built (logged)
+        self._stop: threading.Event | None = None  # run()'s
         for p in self.projections:
             ensure_registered(store, p)
 
@@ -1234,11 +1235,15 @@ class Projector:
                            stored=row.code_version, code=p.version)
             try:
                 # Re-checked under the projection's lock: an inline process of this release
-                # may have rebuilt them since this lease's read.
-                _rebuild(self.store, p, progress=None, only_if_stale=True)
+                # may have rebuilt them since this lease's read.  A worker told to stop leaves
+                # off after a page (the next rebuild resumes there).
+                _rebuild(self.store, p, progress=None, only_if_stale=True,
+                         stopping=self._stopping)
             except RebuildInProgress:
                 self._log.info("projection_rebuild_elsewhere", projection=p.name)
                 return 0  # another process rebuilds it; its rows come with its swap
+            except _RebuildStopped:
+                return 0
             return status(self.store, p.name)[0].position  # the events it replayed
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)
@@ -1298,6 +1303,7 @@ class Projector:
         on the way out (an event only newer code can read: a worker of that code goes on).
         """
         pause = self.poll_interval
+        self._stop = stop
         try:
             while not stop.is_set():
                 busy = errored = False
@@ -1328,6 +1334,9 @@ class Projector:
                 self.release()
             raise
         self.release()
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def release(self) -> None:
         """Give up this worker's leases (a clean shutdown lets another take over at once)."""
@@ -1401,10 +1410,15 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     return _rebuild(store, projection, progress=progress, only_if_stale=False)
 
 
+class _RebuildStopped(Exception):
+    """A rebuild left off between pages (its projector is stopping); it resumes from there."""
+
+
 def _rebuild(store: EventStore, projection: Projection[Any], *, progress: ProgressFn | None,
-             only_if_stale: bool) -> int:
+             only_if_stale: bool, stopping: Callable[[], bool] | None = None) -> int:
     """:func:`rebuild`; with ``only_if_stale``, none when the rows are of this fold version or a
-    newer one by the time the lock is held (another process rebuilt them meanwhile)."""
+    newer one by the time the lock is held (another process rebuilt them meanwhile).  Raises
+    :class:`_RebuildStopped` after a page once ``stopping()`` is true."""
     ensure_registered(store, projection)
     name = projection.name
     with transaction(store, write=True) as conn:
@@ -1439,6 +1453,10 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
         committed[0] = position
         if progress is not None:
             progress(position, bound)
+        if stopping is not None and stopping():
+            _log.info("projection_rebuild_paused", projection=name, generation=gen,
+                      position=position)
+            raise _RebuildStopped(name)
 
     try:
         last = _fill(store, projection, gen, start, store.last_position, tracked, track=True)

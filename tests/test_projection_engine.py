@@ -1237,3 +1237,41 @@ def test_a_worker_frozen_in_a_batch_is_taken_over_on_postgres(fresh_pg: str) -> 
         gate.set()
         a_store.close()
         b_store.close()
+
+
+def test_a_stopping_projector_leaves_a_rebuild_off_after_a_page(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A projector told to stop (SIGTERM) while it rebuilds rows of an older fold version
+    stops after the page under way instead of replaying the rest of the log first; the next
+    worker resumes the rebuild where it left off."""
+    import threading
+
+    from projections import _engine as engine
+
+    monkeypatch.setattr(engine, "_PAGE", 2)  # rebuild pages of 10 events
+    bump(store, "a", 50)
+    first = Projector(store, [TallyProjection("tally_async")])
+    first.catch_up()
+    first.release()
+    stop = threading.Event()
+    folded: list[int] = []
+
+    class Bumped(TallyProjection):
+        version = 2
+
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            folded.append(event.position)
+            if event.position == 15:
+                stop.set()  # SIGTERM arrives in the middle of the second page
+            return super().evolve(state, event)
+
+    Projector(store, [Bumped("tally_async")], lease_seconds=0.1).run(stop)
+    (st,) = status(store, "tally_async")
+    assert st.code_version == 1 and st.rebuild_generation is not None
+    assert st.rebuild_position == 20 and folded == list(range(1, 21))
+    folded.clear()
+    Projector(store, [Bumped("tally_async")]).catch_up()
+    assert folded == list(range(21, 51))  # resumed, not started over
+    (st,) = status(store, "tally_async")
+    assert st.code_version == 2 and st.rebuild_generation is None and st.position == 50
+    assert rows_of(store, Bumped("tally_async"))[("default", "counter-a")].count == 50
