@@ -38,9 +38,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from eventstore import EventStore, RecordedEvent, StreamSlice
 from eventstore._backend import _sqlite_settings, is_sqlite, translate
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import _MAX_RETRY_PAUSE, MAX_INT, _pipeline, check_id, check_int
+from eventstore._core import (
+    _MAX_RETRY_PAUSE,
+    MAX_INT,
+    _pipeline,
+    check_id,
+    check_int,
+    check_storable,
+)
+from eventstore._schema import MAX_ID_LENGTH, projection_rows, projections, snapshots
 from eventstore._schema import events as event_table
-from eventstore._schema import projection_rows, projections, snapshots
 from eventstore._sql import Compiled
 from eventstore._time import from_micros, to_micros
 from eventstore.errors import (
@@ -411,6 +418,8 @@ class _Rows(Generic[S]):
         self.generation = generation
         self.cache: dict[tuple[str, str], tuple[S, int, int]] = {}
         self.dirty: set[tuple[str, str]] = set()
+        # The last event folded into each dirty row (named if the row's index is refused).
+        self.last: dict[tuple[str, str], RecordedEvent] = {}
 
     def load(self, conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self.cache]
@@ -480,6 +489,7 @@ class _Rows(Generic[S]):
                 last = folding[-1]
                 self.cache[key] = (state, last.version, last.position)
                 self.dirty.add(key)
+                self.last[key] = last
                 applied += len(folding)
         except Exception as e:
             self.cache.update(before)
@@ -501,6 +511,7 @@ class _Rows(Generic[S]):
                 continue  # already folded (a catch-up overlapping what was applied)
             self.cache[key] = (_evolve_one(self.p, state, ev), ev.version, ev.position)
             self.dirty.add(key)
+            self.last[key] = ev
             applied += 1
         return applied
 
@@ -511,6 +522,13 @@ class _Rows(Generic[S]):
         for key in self.dirty:
             state, version, position = self.cache[key]
             idx = self.p.index(state)
+            problem = _index_problem(idx)
+            if problem is not None:
+                ev = self.last.get(key)
+                raise ProjectionFailed(
+                    projection=self.p.name, position=position if ev is None else ev.position,
+                    type="" if ev is None else ev.type, stream_id=key[1], tenant_id=key[0],
+                    cause=InvalidArgument(f"index() gave {problem}"))
             rows.append({
                 "projection": self.p.name, "generation": self.generation,
                 "tenant_id": key[0], "stream_id": key[1], "version": version,
@@ -523,8 +541,36 @@ class _Rows(Generic[S]):
         else:
             upsert.run_many(conn, rows)
         self.dirty.clear()
+        self.last.clear()
         if len(self.cache) > 50_000:
             self.cache.clear()
+
+
+_MAX_STATUS = 64  # es_projection_rows.status; group_key: MAX_ID_LENGTH
+
+
+def _index_problem(idx: object) -> str | None:
+    """What the columns a row is indexed by cannot hold (the same on SQLite and PostgreSQL),
+    or None."""
+    if not isinstance(idx, RowIndex):
+        return f"{type(idx).__name__}, not a RowIndex"
+    for field, value, limit in (("status", idx.status, _MAX_STATUS),
+                                ("group_key", idx.group_key, MAX_ID_LENGTH)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return f"a {field} that is not a string: {value!r:.60}"
+        if len(value) > limit:
+            return f"a {field} of {len(value)} characters (at most {limit})"
+        try:
+            check_storable(value, f"a {field}", InvalidArgument)
+        except InvalidArgument as e:
+            return str(e)
+    key = idx.sort_key
+    if key is not None and (not isinstance(key, int) or isinstance(key, bool)
+                            or not -MAX_INT - 1 <= key <= MAX_INT):
+        return f"a sort_key that is not a 64-bit integer: {key!r:.60}"
+    return None
 
 
 def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,

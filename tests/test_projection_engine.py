@@ -16,6 +16,7 @@ from projections import (
     Conversations,
     ProjectionFailed,
     Projector,
+    RowIndex,
     fold_live,
     inline,
     rebuild,
@@ -1275,3 +1276,35 @@ def test_a_stopping_projector_leaves_a_rebuild_off_after_a_page(
     (st,) = status(store, "tally_async")
     assert st.code_version == 2 and st.rebuild_generation is None and st.position == 50
     assert rows_of(store, Bumped("tally_async"))[("default", "counter-a")].count == 50
+
+
+@pytest.mark.parametrize("index", [RowIndex(status="x" * 65), RowIndex(group_key="g" * 256),
+                                   RowIndex(sort_key=2**63), RowIndex(status="a\x00b"),
+                                   RowIndex(sort_key=True), "big"],
+                         ids=["long-status", "long-group", "huge-sort-key", "nul", "bool",
+                              "not-a-row-index"])
+def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
+        store: EventStore, index: Any) -> None:
+    """index() giving what the row's columns cannot hold is the projection's failure at the
+    event that made the row, on both backends (SQLite took a long status that PostgreSQL
+    refused, with a database error naming no projection): a projector stops there, an
+    inline append of it is refused and writes nothing."""
+
+    class Misindexed(TallyProjection):
+        def index(self, state: Tally) -> Any:
+            return index if state.count >= 2 else RowIndex(status="ok")
+
+    with EventStore.open(store.url) as inline_store:
+        inline(inline_store, Misindexed("tally_inline_index"))
+        bump(inline_store, "a", 1)
+        bump(inline_store, "b", 1)
+        with pytest.raises(ProjectionFailed, match="index\\(\\) gave"):
+            bump(inline_store, "a", 1)
+        assert inline_store.stream_version("counter-a") == 1
+    bump(store, "a", 1)  # a writer without the projection
+    with pytest.raises(ProjectionFailed) as info:
+        Projector(store, [Misindexed("tally_async")]).catch_up()
+    assert (info.value.position, info.value.stream_id) == (3, "counter-a")
+    assert "index() gave" in str(info.value)
+    (st,) = status(store, "tally_async")
+    assert st.status == "failed" and st.failed_position == 3 and st.position == 0
