@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -126,6 +126,9 @@ class _Parser(argparse.ArgumentParser):
     """Reports usage errors as ``eventstore: error: …`` (exit 2), like every other error."""
 
     def error(self, message: str) -> NoReturn:
+        if _json_logs:  # (what the command line asks for, seen before parsing it)
+            report(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
+            raise SystemExit(EXIT_USAGE)
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"eventstore: error: {message}\n")
 
@@ -640,6 +643,22 @@ def report(message: str, kind: str = "error", *, detail: str | None = None) -> N
     sys.stderr.flush()
 
 
+def _log_format_asked(argv: Sequence[str]) -> str | None:
+    """The log format the words of a command line ask for (the last ``--log-format``, else
+    ``EVENTSTORE_LOG_FORMAT``), before they are parsed; None when unclear."""
+    asked = None
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if word == "--log-format" and i + 1 < len(argv):
+            asked = argv[i + 1]
+        elif word.startswith("--log-format="):
+            asked = word.partition("=")[2]
+    if asked is None:
+        asked = os.environ.get("EVENTSTORE_LOG_FORMAT", "").strip().lower() or None
+    return asked if asked in LOG_FORMATS else None
+
+
 def _log_format(given: str | None) -> str:
     """``--log-format``, else ``EVENTSTORE_LOG_FORMAT``, else console."""
     if given is not None:
@@ -681,6 +700,9 @@ def _logging(verbosity: int, log_format: str = "console") -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     parser, _ = build_parser()
+    global _json_logs
+    # Usage errors come before the parsed --log-format: they follow what the words say.
+    _json_logs = _log_format_asked(sys.argv[1:] if argv is None else argv) == "json"
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
@@ -690,7 +712,6 @@ def main(argv: list[str] | None = None) -> int:
         args.url = os.environ.get("EVENTSTORE_URL") or DEFAULT_URL
     args.json = bool(getattr(args, "json", False))
     args.verbose = int(getattr(args, "verbose", 0) or 0)
-    global _json_logs
     _json_logs = False  # (of this call: main may run more than once in a process)
     try:
         log_format = _log_format(getattr(args, "log_format", None))

@@ -473,3 +473,25 @@ def test_logs_go_to_stderr_as_json_objects_when_asked(
     monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", "xml")
     code, _, err = run(capsys, "stats", "--url", url)
     assert code == 2 and "EVENTSTORE_LOG_FORMAT" in err
+
+
+@pytest.mark.parametrize("argv", [["--log-format", "json", "read"], ["--log-format=json", "bogus"],
+                                  ["read", "--log-format", "json", "--limit", "x", "s-1"]])
+def test_usage_errors_are_json_objects_too_when_json_logs_are_asked(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        argv: list[str]) -> None:
+    """A usage error (a missing or unknown argument, caught before the options are parsed)
+    follows --log-format json or EVENTSTORE_LOG_FORMAT=json: one JSON object, exit 2."""
+    monkeypatch.delenv("EVENTSTORE_LOG_FORMAT", raising=False)
+    for words, env in ((argv, None), ([w for w in argv if "log-format" not in w and w != "json"],
+                                      "json")):
+        if env is not None:
+            monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", env)
+        code, _, err = run(capsys, *words)
+        (line,) = err.splitlines()
+        entry = json.loads(line)
+        assert code == 2 and entry["event"] == "cli_error" and "usage: eventstore" in entry[
+            "message"], err
+    monkeypatch.delenv("EVENTSTORE_LOG_FORMAT")
+    code, _, err = run(capsys, *[w for w in argv if "log-format" not in w and w != "json"])
+    assert code == 2 and err.startswith("usage: eventstore")  # text by default
