@@ -138,8 +138,9 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
                               f"not {busy_ms}")
     # A misspelt option would be dropped with only a warning (the store running with the
     # default it was meant to change).  SQLite URI parameters pass with ``uri=true``.
+    uri = sqlite_uri(url)  # (checked whatever else the URL holds)
     unknown = sorted(set(url.query) - _SQLITE_OPTIONS_ALL)
-    if unknown and not sqlite_uri(url):
+    if unknown and not uri:
         raise InvalidArgument(
             f"unknown sqlite URL option(s) {', '.join(unknown)}: the store takes "
             f"{', '.join(_SQLITE_OPTIONS)}, the driver {', '.join(_PYSQLITE_OPTIONS)}")

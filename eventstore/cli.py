@@ -50,6 +50,7 @@ import structlog
 
 from . import _migrate
 from ._backend import DEFAULT_URL, is_sqlite, resolve_url, sqlite_uri
+from .codec import MAX_NESTING
 from .errors import (
     EventStoreError,
     IdempotencyKeyReused,
@@ -417,7 +418,10 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # (events are refused past MAX_NESTING levels anyway)
+        raise ValueError(f"nested too deeply (at most {MAX_NESTING} levels)") from None
 
 
 def parse_events(text: str) -> list[RawEvent]:

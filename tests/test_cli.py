@@ -167,6 +167,7 @@ def test_reused_idempotency_key_exits_3(url: str, capsys: pytest.CaptureFixture[
     '{"type": "A", "data": [1]}',  # data not an object
     '{"data": {}}',  # no type
     "",  # nothing at all
+    '{"type": "A", "data": {"x": ' + "[" * 5000 + "]" * 5000 + "}}",  # past the parser's depth
 ])
 def test_bad_input_exits_2(url: str, payload: str, capsys: pytest.CaptureFixture[str],
                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -393,6 +394,7 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
 @pytest.mark.parametrize(("query", "message"), [
     ("synchronus=NORMAL", r"unknown sqlite URL option\(s\) synchronus"),
     ("busy_timeout=-1", r"busy_timeout must be 0 to 2\*\*31 - 1 milliseconds"),
+    ("uri=maybe", r"sqlite uri must be true or false, not 'maybe'"),
 ])
 def test_sqlite_url_options_that_would_be_ignored_are_refused(
         tmp_path: Path, query: str, message: str) -> None:
