@@ -67,6 +67,7 @@ __all__ = [
     "ProjectionStatus",
     "Projector",
     "RowIndex",
+    "UndecodableRow",
     "fold_live",
     "inline",
     "rebuild",
@@ -1587,6 +1588,14 @@ def _owns_rebuild(row: Any, generation: int, position: int, code_version: int) -
             and row.rebuild_code_version == code_version)
 
 
+class UndecodableRow(msgspec.Struct, frozen=True):
+    """A live row's state that its projection cannot decode (damaged, or of another shape):
+    its stored text (up to 200 characters) and the decode error."""
+
+    stored: str
+    error: str
+
+
 @dataclass(frozen=True)
 class Difference:
     """One stream whose rebuilt row differs from the live row: in its state (``live`` and
@@ -1605,9 +1614,15 @@ class Difference:
 
 def verify(store: EventStore, projection: Projection[Any], *,
            progress: ProgressFn | None = None) -> list[Difference]:
-    """Rebuild into scratch rows and compare them with the live rows; returns the differences."""
-    ensure_registered(store, projection)
-    name = projection.name
+    """Rebuild into scratch rows and compare them with the live rows; returns the differences.
+
+    A projection never run in this store has no rows to compare: none (and nothing written).
+    A live row that does not decode differs, as an :class:`UndecodableRow`.
+    """
+    name = _check_name(projection.name)
+    with transaction(store, write=False) as conn:
+        if _lock_row(conn, name, missing_ok=True) is None:
+            return []
     # Negative: never an active generation; random: concurrent verifies never share rows.
     scratch = -1 - secrets.randbelow(2**31 - 2)
     _drop_abandoned_scratch(store, name)
@@ -1662,12 +1677,19 @@ def _compare(conn: Connection, projection: Projection[Any], live_gen: int, scrat
                              .where(pr.projection == projection.name, pr.generation == gen))
         return {(r.tenant_id, r.stream_id): (bytes(r.state), tuple(r[3:])) for r in found}
 
+    def decoded(raw: bytes) -> Any:
+        try:
+            return projection.decode(raw)
+        except Exception as e:  # a damaged row: reported, not the end of the comparison
+            return UndecodableRow(raw.decode("utf-8", "replace")[:200],
+                                  f"{type_name(e)}: {e}")
+
     live, rebuilt = rows(live_gen), rows(scratch)
     out = []
     for key in sorted(set(live) | set(rebuilt)):
         a, b = live.get(key), rebuilt.get(key)
-        da = projection.decode(a[0]) if a is not None else None
-        db = projection.decode(b[0]) if b is not None else None
+        da = decoded(a[0]) if a is not None else None
+        db = decoded(b[0]) if b is not None else None
         if da != db:
             out.append(Difference(key[0], key[1], da, db))
         elif a is not None and b is not None and a[1] != b[1]:

@@ -146,6 +146,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr.isatty() and not args.json)
     with open_store(args, existing=True) as store:
         rows = status(store, p.name)  # verify changes none of it
+        if not rows:
+            print(f"{p.name}: not run in this store yet: no rows to verify")
+            return cli.EXIT_OK
         for st in rows:
             if st.code_version != p.version:  # every row would differ: nothing to learn
                 raise CliError(f"the rows of {p.name} were built by version {st.code_version} "

@@ -245,6 +245,39 @@ def test_verify_json_lists_each_difference(url: str, capsys: pytest.CaptureFixtu
     assert diff["rebuilt"]["variables"] == {"lang": "fr"}
 
 
+def test_verify_reports_a_row_that_does_not_decode_as_a_difference(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A live row damaged past decoding is a difference (its stored text and the decode
+    error), in text and JSON, not the end of the verify."""
+    seed_conversations(url)
+    with EventStore.open(url) as store, begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).where(
+            projection_rows.c.projection == "conversations",
+            projection_rows.c.stream_id == "conversation-c2").values(state=b"garbage"))
+    code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url)
+    assert code == 1, err
+    assert "acme/conversation-c2:" in out and "garbage" in out and "conversation-c1" not in out
+    code, out, _ = run(capsys, "projections", "verify", "conversations", "--url", url, "--json")
+    (diff,) = json_lines(out)
+    assert diff["live"]["stored"] == "garbage" and "DecodeError" in diff["live"]["error"]
+    assert diff["rebuilt"]["variables"] == {"lang": "fr"}
+
+
+def test_verify_of_a_projection_never_run_here_writes_nothing(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify of a projection with no rows in this store says so and leaves no trace (status
+    still lists nothing for it)."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        assert engine.verify(store, TallyProjection("tally_never")) == []
+        assert engine.status(store, "tally_never") == []
+    code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url)
+    assert code == 0, err
+    assert out.strip() == "conversations: not run in this store yet: no rows to verify"
+    with EventStore.open(url) as store:
+        assert engine.status(store, "conversations") == []
+
+
 def test_run_once_projects_what_was_appended(url: str, capsys: pytest.CaptureFixture[str]
                                              ) -> None:
     """run NAME --once catches up on events appended without the projection, and exits."""
