@@ -175,8 +175,23 @@ _registry: dict[str, Callable[[], Projection[Any]]] = {}
 
 
 def register(name: str, factory: Callable[[], Projection[Any]]) -> None:
-    """Make a projection known to ``eventstore projections …`` by name."""
+    """Make a projection known to ``eventstore projections …`` by name: ``factory()`` gives
+    the projection, whose ``name`` must be ``name`` (checked when the command line builds it;
+    the store knows a projection by its own name)."""
+    _check_name(name)
+    if not callable(factory):
+        raise InvalidArgument(f"register({name!r}, …) needs a factory (a callable), got "
+                              f"{type(factory).__name__}")
     _registry[name] = factory
+
+
+def build_registered(name: str) -> Projection[Any]:
+    """The projection registered as ``name``, built by its factory."""
+    built = _registry[name]()
+    if getattr(built, "name", None) != name:
+        raise InvalidArgument(f"the projection registered as {name!r} is named "
+                              f"{getattr(built, 'name', None)!r}: register it by its own name")
+    return built
 
 
 def registered() -> dict[str, Callable[[], Projection[Any]]]:

@@ -26,6 +26,7 @@ from ._engine import (
     ProjectionStatus,
     Projector,
     _check_seconds,
+    build_registered,
     rebuild,
     registered,
     restart,
@@ -55,7 +56,7 @@ def _projection(args: argparse.Namespace, name: str) -> Projection[Any]:
     if name not in factories:
         known = ", ".join(sorted(factories)) or "none"
         raise CliError(f"unknown projection {name!r} (known: {known})", cli.EXIT_USAGE)
-    return factories[name]()
+    return build_registered(name)
 
 
 class _Progress:

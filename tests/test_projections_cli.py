@@ -530,3 +530,23 @@ def test_run_once_catches_up_the_rest_past_a_failed_projection_and_names_leases(
     code, out, err = run(capsys, "projections", "run", "--once", "--url", url,
                          "--module", "once_mod")
     assert "applied 1 events" in out and code == 1, err  # (tally_a_bad: still failed)
+
+
+def test_a_projection_registered_under_another_name_is_refused(
+        url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """register(name, factory) whose projection has another name would run, rebuild and show
+    two different names: the command line refuses it, naming both (exit 2)."""
+    (tmp_path / "alias_mod.py").write_text(
+        "from projections import register\n"
+        "from tests._projections import TallyProjection\n"
+        "register('tally_alias', lambda: TallyProjection('tally_real'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine, "_registry", dict(engine._registry))
+    monkeypatch.delitem(sys.modules, "alias_mod", raising=False)
+    for command in (["rebuild", "tally_alias"], ["run", "--once", "tally_alias"]):
+        code, _, err = run(capsys, "projections", *command, "--url", url,
+                           "--module", "alias_mod")
+        assert code == 2 and "registered as 'tally_alias' is named 'tally_real'" in err, err
+    with pytest.raises(engine.InvalidArgument):
+        engine.register("x", "not a factory")  # type: ignore[arg-type]
