@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import threading
 import traceback
@@ -50,11 +51,13 @@ import structlog
 
 from . import _migrate
 from ._backend import DEFAULT_URL, is_sqlite, resolve_url, sqlite_uri
-from .codec import MAX_NESTING
+from ._core import check_id
+from .codec import MAX_NESTING, encode_event, encode_metadata
 from .errors import (
     EventStoreError,
     IdempotencyKeyReused,
     InvalidArgument,
+    InvalidStreamId,
     SchemaVersionMismatch,
     WrongExpectedVersion,
 )
@@ -308,10 +311,28 @@ def open_store(args: argparse.Namespace, *, existing: bool = False) -> EventStor
     if existing:
         url = resolve_url(args.url)
         path = url.database
-        if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url) \
-                and not Path(path).exists():
-            raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
+        if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
+            if not Path(path).exists():
+                raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
+            if not _holds_eventstore(path):
+                raise CliError(f"{path} is not an eventstore database (its tables are not the "
+                               f"store's): `eventstore migrate` adds them, if it should be one")
     return EventStore.open(args.url)
+
+
+def _holds_eventstore(path: str) -> bool:
+    """Whether the SQLite file at ``path`` has the store's tables (read only: a command that
+    only reads must not add them to another application's database)."""
+    try:
+        conn = sqlite3.connect(f"file:{Path(path).absolute().as_posix()}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                                 "'eventstore_alembic_version'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True  # (not readable as SQLite here: the store's open says why)
+    return found is not None
 
 
 def print_json(value: Any, out: TextIO | None = None) -> None:
@@ -530,6 +551,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_append(args: argparse.Namespace) -> int:
     events = parse_events(_read_input(args.file))
     metadata = _parse_metadata(args.metadata)
+    # What the store would refuse, refused before it opens (and creates a SQLite file).
+    check_id(args.stream, "stream id", InvalidStreamId)
+    check_id(args.tenant, "tenant id", InvalidArgument)
+    if args.idempotency_key is not None:
+        check_id(args.idempotency_key, "idempotency key", InvalidArgument)
+    for ev in events:
+        encode_event(ev)
+    encode_metadata(metadata)
     with open_store(args) as store:
         result = store.append(args.stream, events, expected_version=args.expected_version,
                               idempotency_key=args.idempotency_key, tenant_id=args.tenant,

@@ -425,6 +425,32 @@ def test_reading_commands_do_not_create_a_sqlite_database(
     assert (code, out) == (2, "")
     assert f"no SQLite database at {path}" in err
     assert not path.exists()
+    # Another application's database (or an empty file): refused, its tables left alone.
+    import sqlite3
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.close()
+    code, out, err = run(capsys, *command, "--url", f"sqlite:///{foreign}")
+    assert (code, out) == (2, "") and "is not an eventstore database" in err
+    with sqlite3.connect(foreign) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["orders"]
+
+
+@pytest.mark.parametrize("argv", [["append", ""], ["append", "s-1", "--tenant", "t" * 300],
+                                  ["append", "s-1", "--idempotency-key", "a\x00b"]])
+def test_an_append_refused_for_its_arguments_creates_no_database(
+        tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the store would refuse is refused before it opens: no SQLite file is left."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    path = tmp_path / "new.db"
+    code, _, err = run(capsys, *argv, "--url", f"sqlite:///{path}")
+    assert code == 2 and err.startswith("eventstore: error: "), err
+    assert not path.exists()
 
 
 def test_read_json_of_an_upcast_event_appends_back(url: str,
