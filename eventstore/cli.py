@@ -253,6 +253,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Subparsers]:
     p.add_argument("--metadata", metavar="JSON",
                    help="a JSON object stored with every event of the batch")
     _tenant_option(p)
+    module_option(p, "its event types: input of those types must fit them")
 
     p = add_command(subparsers, "read", func=cmd_read, help="print the events of a stream")
     p.add_argument("stream", metavar="STREAM", help="stream id")
@@ -263,6 +264,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Subparsers]:
     p.add_argument("--backwards", action="store_true", help="newest first")
     p.add_argument("--limit", type=_non_negative, metavar="N", help="print at most N events")
     _tenant_option(p)
+    module_option(p, "its event types: events of those types read as the code reads them")
 
     p = add_command(subparsers, "tail", func=cmd_tail,
                     help="follow new events until interrupted (of the default tenant; "
@@ -278,6 +280,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Subparsers]:
     tenants.add_argument("--tenant", default="default", metavar="TENANT",
                          help="tenant id (default: %(default)s)")
     tenants.add_argument("--all-tenants", action="store_true", help="events of every tenant")
+    module_option(p, "its event types: events of those types read as the code reads them")
 
     p = add_command(subparsers, "stats", func=cmd_stats,
                     help="count events, streams and tenants; print the last position")
@@ -288,6 +291,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, Subparsers]:
     for extend in EXTRA_COMMANDS:
         extend(subparsers)
     return parser, subparsers
+
+
+def module_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--module MOD`` (repeatable): the application module to import first (see
+    :func:`import_modules`), for ``what`` it registers."""
+    p.add_argument("--module", action="append", metavar="MOD",
+                   help=f"import MOD first ({what})")
+
+
+def import_modules(args: argparse.Namespace) -> None:
+    """Import each ``--module`` (it registers event types, projections); one that is not
+    there is a usage error, one that fails while importing is the module's own error."""
+    for module in getattr(args, "module", None) or ():
+        if module.startswith("."):
+            raise CliError(f"--module {module}: give an absolute module name", EXIT_USAGE)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+                raise  # the module is there, and imports something that is not
+            raise CliError(f"--module {module}: no module named {e.name!r} (is it on "
+                           f"PYTHONPATH?)", EXIT_USAGE) from None
 
 
 def _import_plugin(module: str) -> None:
@@ -549,6 +574,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_append(args: argparse.Namespace) -> int:
+    import_modules(args)  # first: a raw event of a type it registers is checked against it
     events = parse_events(_read_input(args.file))
     metadata = _parse_metadata(args.metadata)
     # What the store would refuse, refused before it opens (and creates a SQLite file).
@@ -584,6 +610,7 @@ def _print_append(args: argparse.Namespace, result: AppendResult, count: int) ->
 
 
 def cmd_read(args: argparse.Namespace) -> int:
+    import_modules(args)
     with open_store(args, existing=True) as store:
         events = store.read_stream(args.stream, tenant_id=args.tenant,
                                    from_version=args.from_version, to_version=args.to_version,
@@ -602,6 +629,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    import_modules(args)
     stop = threading.Event()
     tenant = None if args.all_tenants else args.tenant
     with open_store(args) as store, _stop_on_signals(stop):

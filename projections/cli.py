@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import threading
 import time
@@ -36,18 +35,7 @@ from ._engine import (
 
 
 def _import_modules(args: argparse.Namespace) -> None:
-    """Import each ``--module`` (it registers projections); one that is not there is a usage
-    error, one that fails while importing is the module's own error."""
-    for module in args.module or ():
-        if module.startswith("."):
-            raise CliError(f"--module {module}: give an absolute module name", cli.EXIT_USAGE)
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
-                raise  # the module is there, and imports something that is not
-            raise CliError(f"--module {module}: no module named {e.name!r} (is it on "
-                           f"PYTHONPATH?)", cli.EXIT_USAGE) from None
+    cli.import_modules(args)
 
 
 def _projection(args: argparse.Namespace, name: str) -> Projection[Any]:
@@ -251,8 +239,7 @@ def _add(subparsers: cli.Subparsers) -> None:
                                required=True)
 
     def module_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--module", action="append", metavar="MOD",
-                       help="import MOD first (it registers more projections)")
+        cli.module_option(p, "it registers more projections")
 
     p = add_command(sub, "status", func=cmd_status, help="each projection's position and lag")
     p.add_argument("name", nargs="?", help="only this projection")

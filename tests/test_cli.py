@@ -523,3 +523,36 @@ def test_usage_errors_are_json_objects_too_when_json_logs_are_asked(
     monkeypatch.delenv("EVENTSTORE_LOG_FORMAT")
     code, _, err = run(capsys, *[w for w in argv if "log-format" not in w and w != "json"])
     assert code == 2 and err.startswith("usage: eventstore")  # text by default
+
+
+def test_append_module_checks_input_against_the_applications_event_types(
+        url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """append --module imports the application's event types: input of one of them that does
+    not fit it is refused (exit 2, nothing written), as the application's own append would;
+    without --module the command line cannot know the type and stores it as given."""
+    from eventstore.events import _registry
+
+    (tmp_path / "order_events.py").write_text(
+        "from eventstore import Event\n\n"
+        "class OrderPlacedCli(Event, tag='OrderPlacedCli'):\n"
+        "    amount: int\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "order_events", raising=False)
+    try:
+        bad = json.dumps({"type": "OrderPlacedCli", "data": {"amount": "x"}})
+        monkeypatch.setattr(sys, "stdin", io.StringIO(bad))
+        code, _, err = run(capsys, "append", "order-1", "--url", url, "--module", "order_events")
+        assert code == 2 and "does not match its type" in err, err
+        assert stored(url, "order-1") == []
+        good = json.dumps({"type": "OrderPlacedCli", "data": {"amount": 3}})
+        monkeypatch.setattr(sys, "stdin", io.StringIO(good))
+        code, _, err = run(capsys, "append", "order-1", "--url", url, "--module", "order_events")
+        assert code == 0, err
+        code, out, _ = run(capsys, "read", "order-1", "--url", url, "--json",
+                           "--module", "order_events")
+        assert json.loads(out)["data"] == {"type": "OrderPlacedCli", "amount": 3}
+        code, _, err = run(capsys, "append", "order-1", "--url", url, "--module", "no_such_mod")
+        assert code == 2 and "no module named 'no_such_mod'" in err
+    finally:
+        _registry.pop("OrderPlacedCli", None)
