@@ -1395,7 +1395,13 @@ class Projector:
             with contextlib.suppress(Exception):  # the error that ends the worker goes up
                 self.release()
             raise
-        self.release()
+        try:
+            self.release()
+        except DatabaseError as e:
+            if not e.transient:
+                raise
+            # Stopping while the database is out of reach: the leases run out by themselves.
+            self._log.warning("projector_leases_not_released", error=str(e))
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()

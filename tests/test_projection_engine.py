@@ -922,6 +922,24 @@ def test_a_projector_outlives_database_errors_and_gives_up_its_leases_on_others(
     (st,) = status(store, "tally_retry")
     assert st.failed_position == 3 and "value too long" in (st.error or "")
 
+    # Stopped while the database is out of reach: the leases cannot be given up, and run()
+    # still returns (they run out by themselves); an error that is not transient goes up.
+    monkeypatch.setattr(Projector, "run_once", real)
+    for transient in (True, False):
+        def unreachable(self: Projector, *, transient: bool = transient) -> None:
+            gone = DatabaseError("database error: OperationalError: connection refused")
+            gone.transient = transient
+            raise gone
+
+        monkeypatch.setattr(Projector, "release", unreachable)
+        stop = threading.Event()
+        stop.set()
+        if transient:
+            projector.run(stop)
+        else:
+            with pytest.raises(DatabaseError):
+                projector.run(stop)
+
 
 def test_database_errors_say_whether_trying_again_may_help(store: EventStore,
                                                            tmp_path: Any) -> None:
