@@ -531,20 +531,32 @@ class _Rows(Generic[S]):
             applied += 1
         return applied
 
+    def _index(self, key: tuple[str, str]) -> RowIndex:
+        """The row's index; :class:`ProjectionFailed` at the row's last event when its
+        columns cannot hold it."""
+        state, _version, position = self.cache[key]
+        idx = self.p.index(state)
+        problem = _index_problem(idx)
+        if problem is not None:
+            ev = self.last.get(key)
+            raise ProjectionFailed(
+                projection=self.p.name, position=position if ev is None else ev.position,
+                type="" if ev is None else ev.type, stream_id=key[1], tenant_id=key[0],
+                cause=InvalidArgument(f"index() gave {problem}"))
+        return idx
+
+    def check_indexes(self) -> None:
+        """Raise as :meth:`flush` would for a row its columns cannot hold, writing nothing."""
+        for key in self.dirty:
+            self._index(key)
+
     def flush(self, conn: Connection, now_us: int) -> None:
         if not self.dirty:
             return
         rows = []
         for key in self.dirty:
             state, version, position = self.cache[key]
-            idx = self.p.index(state)
-            problem = _index_problem(idx)
-            if problem is not None:
-                ev = self.last.get(key)
-                raise ProjectionFailed(
-                    projection=self.p.name, position=position if ev is None else ev.position,
-                    type="" if ev is None else ev.type, stream_id=key[1], tenant_id=key[0],
-                    cause=InvalidArgument(f"index() gave {problem}"))
+            idx = self._index(key)
             rows.append({
                 "projection": self.p.name, "generation": self.generation,
                 "tenant_id": key[0], "stream_id": key[1], "version": version,
@@ -778,6 +790,7 @@ class _InlineHandler:
             # registered) left behind, then fold this batch.
             try:
                 _catch_up(self.store, conn, rows, position, first - 1)
+                rows.check_indexes()  # (what the flush below would refuse, at its event)
             except (ProjectionFailed, EventDecodeError) as e:
                 # An event already in the log (appended without this projection) that its fold
                 # refuses, or this code cannot read: the projection stops at it, in ``status``,

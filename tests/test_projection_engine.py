@@ -1326,3 +1326,15 @@ def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
     assert "index() gave" in str(info.value)
     (st,) = status(store, "tally_async")
     assert st.status == "failed" and st.failed_position == 3 and st.position == 0
+    # Inline, meeting that event in the log (a catch-up): it stops there, as a fold that
+    # raises on an event in the log does; the append that met it goes through.
+    from projections import ProjectionStopped
+
+    with EventStore.open(store.url) as inline_store:
+        inline(inline_store, Misindexed("tally_inline_catch_up"))
+        bump(inline_store, "c", 1)
+        (st,) = status(store, "tally_inline_catch_up")
+        assert st.status == "failed" and st.failed_position == 3
+        assert inline_store.stream_version("counter-c") == 1
+        with pytest.raises(ProjectionStopped):
+            bump(inline_store, "c", 1)
