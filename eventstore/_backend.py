@@ -275,7 +275,7 @@ def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
             # own snapshot, in a transaction or not, so BEGIN and COMMIT would only add two
             # round trips.  (SQLite keeps its read transaction: there it is one snapshot.)
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        with conn.begin():
+        with own_transaction(conn):  # (a rollback that fails too keeps the first error)
             yield conn
 
 

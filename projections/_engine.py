@@ -434,8 +434,9 @@ class _Rows(Generic[S]):
         self.generation = generation
         self.cache: dict[tuple[str, str], tuple[S, int, int]] = {}
         self.dirty: set[tuple[str, str]] = set()
-        # The last event folded into each dirty row (named if the row's index is refused).
-        self.last: dict[tuple[str, str], RecordedEvent] = {}
+        # Each dirty row's state before its first event since the last flush, and the events
+        # folded into it since (to name the one that made its index one the columns refuse).
+        self.folded: dict[tuple[str, str], tuple[S, list[RecordedEvent]]] = {}
 
     def load(self, conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self.cache]
@@ -489,6 +490,7 @@ class _Rows(Generic[S]):
         if evolve_slice is None:
             return self._apply_each(relevant)
         before = {key: self.cache[key] for key in by_stream}
+        noted = {key: len(self.folded[key][1]) for key in by_stream if key in self.folded}
         applied = 0
         folding: list[RecordedEvent] = []
         try:
@@ -498,6 +500,7 @@ class _Rows(Generic[S]):
                     folding = [e for e in folding if e.version > version]
                     if not folding:
                         continue
+                self._note(key, state, folding)
                 if len(folding) == 1:  # an inline append's usual case: no slice to build
                     state = _evolve_one(self.p, state, folding[0])
                 else:
@@ -505,10 +508,14 @@ class _Rows(Generic[S]):
                 last = folding[-1]
                 self.cache[key] = (state, last.version, last.position)
                 self.dirty.add(key)
-                self.last[key] = last
                 applied += len(folding)
         except Exception as e:
             self.cache.update(before)
+            for key in by_stream:  # (what this page noted goes: it is folded again below)
+                if key in noted:
+                    del self.folded[key][1][noted[key]:]
+                else:
+                    self.folded.pop(key, None)
             self._apply_each(relevant)  # raises ProjectionFailed at the first failing event
             # evolve passed where evolve_slice failed (the two disagree): name the first event
             # of the slice that failed.
@@ -525,25 +532,41 @@ class _Rows(Generic[S]):
             state, version, _pos = self.cache[key]
             if ev.version <= version:
                 continue  # already folded (a catch-up overlapping what was applied)
+            self._note(key, state, (ev,))
             self.cache[key] = (_evolve_one(self.p, state, ev), ev.version, ev.position)
             self.dirty.add(key)
-            self.last[key] = ev
             applied += 1
         return applied
 
+    def _note(self, key: tuple[str, str], state: S, events: Sequence[RecordedEvent]) -> None:
+        noted = self.folded.get(key)
+        if noted is None:
+            self.folded[key] = (state, list(events))
+        else:
+            noted[1].extend(events)
+
     def _index(self, key: tuple[str, str]) -> RowIndex:
-        """The row's index; :class:`ProjectionFailed` at the row's last event when its
-        columns cannot hold it."""
+        """The row's index; when its columns cannot hold it, :class:`ProjectionFailed` at the
+        event since the last flush after which they could not (folded again to find it)."""
         state, _version, position = self.cache[key]
         idx = self.p.index(state)
         problem = _index_problem(idx)
-        if problem is not None:
-            ev = self.last.get(key)
-            raise ProjectionFailed(
-                projection=self.p.name, position=position if ev is None else ev.position,
-                type="" if ev is None else ev.type, stream_id=key[1], tenant_id=key[0],
-                cause=InvalidArgument(f"index() gave {problem}"))
-        return idx
+        if problem is None:
+            return idx
+        culprit = None
+        noted = self.folded.get(key)
+        if noted is not None:
+            folded, events = noted
+            culprit = events[-1]
+            for ev in events:
+                folded = _evolve_one(self.p, folded, ev)
+                if _index_problem(self.p.index(folded)) is not None:
+                    culprit = ev
+                    break
+        raise ProjectionFailed(
+            projection=self.p.name, position=position if culprit is None else culprit.position,
+            type="" if culprit is None else culprit.type, stream_id=key[1], tenant_id=key[0],
+            cause=InvalidArgument(f"index() gave {problem}"))
 
     def check_indexes(self) -> None:
         """Raise as :meth:`flush` would for a row its columns cannot hold, writing nothing."""
@@ -569,7 +592,7 @@ class _Rows(Generic[S]):
         else:
             upsert.run_many(conn, rows)
         self.dirty.clear()
-        self.last.clear()
+        self.folded.clear()
         if len(self.cache) > 50_000:
             self.cache.clear()
 
@@ -1195,6 +1218,8 @@ def snapshot_now(store: EventStore, projection: Projection[Any], stream_id: str,
 
 
 _MIN_STALL_SECONDS = 60.0
+_MAX_STALL_SECONDS = (2**31 - 1) / 1000  # PostgreSQL's timeouts are int32 milliseconds
+_IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout ended the transaction
 _idle_limit = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
                                      literal(True)))
 
@@ -1228,8 +1253,12 @@ class Projector:
         lease_seconds = _check_seconds(lease_seconds, "lease_seconds")
         poll_interval = _check_seconds(poll_interval, "poll_interval")
         if stall_seconds is None:
-            stall_seconds = max(3 * lease_seconds, _MIN_STALL_SECONDS)
+            stall_seconds = min(max(3 * lease_seconds, _MIN_STALL_SECONDS), _MAX_STALL_SECONDS)
         stall_seconds = _check_seconds(stall_seconds, "stall_seconds")
+        if stall_seconds > _MAX_STALL_SECONDS:
+            raise InvalidArgument(f"stall_seconds must be at most {_MAX_STALL_SECONDS} (what "
+                                  f"PostgreSQL's idle_in_transaction_session_timeout holds), "
+                                  f"got {stall_seconds!r}")
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         if worker_id is not None:
             check_id(worker_id, "worker_id", InvalidArgument)
@@ -1242,6 +1271,8 @@ class Projector:
         self.lease_us = int(lease_seconds * 1_000_000)
         self.stall_ms = max(1, int(stall_seconds * 1000))
         self.batch_size = batch_size
+        # Per projection: halved when a batch's fold outlasts stall_seconds (see run_once).
+        self._sizes: dict[str, int] = {}
         self.poll_interval = poll_interval
         self._log = _log.bind(worker=self.worker_id)
         self._outdated: set[str] = set()  # projections whose rows newer code built (logged)
@@ -1296,7 +1327,7 @@ class Projector:
                 if not stale:
                     rows: _Rows[Any] = _Rows(p, row.generation)
                     page = self.store.read_page(conn, from_position=row.position + 1,
-                                                limit=self.batch_size,
+                                                limit=self._size(p),
                                                 categories=p.categories or None)
                     if not page:
                         return 0
@@ -1322,6 +1353,15 @@ class Projector:
             return status(self.store, p.name)[0].position  # the events it replayed
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)
+            raise
+        except DatabaseError as e:
+            if _sqlstate(e) == _IDLE_TIMEOUT:
+                # The server ended the batch after stall_seconds idle: this worker froze, or
+                # the batch's fold takes that long.  Retried (a transient error) with half the
+                # events, so that a slow fold still gets through.
+                size = self._sizes[p.name] = max(1, self._size(p) // 2)
+                self._log.warning("projector_batch_too_slow", projection=p.name,
+                                  stall_seconds=self.stall_ms / 1000, batch_size=size)
             raise
         except EventDecodeError as e:
             failed = _unreadable(p.name, e)
@@ -1355,7 +1395,7 @@ class Projector:
                 while True:
                     n = self.run_once(p)
                     total += n
-                    if n < self.batch_size:
+                    if n < self._size(p):
                         break
             except ProjectionFailed as e:
                 failures.append(e)
@@ -1380,11 +1420,17 @@ class Projector:
         pause = self.poll_interval
         self._stop = stop
         try:
+            self._run_until(stop, pause)
+        finally:
+            self._stop = None
+
+    def _run_until(self, stop: threading.Event, pause: float) -> None:
+        try:
             while not stop.is_set():
                 busy = errored = False
                 for p in self.projections:
                     try:
-                        busy = self.run_once(p) >= self.batch_size or busy
+                        busy = self.run_once(p) >= self._size(p) or busy
                     except ProjectionFailed:
                         pass  # recorded (status: failed) and logged by run_once
                     except DatabaseError as e:
@@ -1419,6 +1465,9 @@ class Projector:
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
 
+    def _size(self, p: Projection[Any]) -> int:
+        return self._sizes.get(p.name, self.batch_size)
+
     def release(self) -> None:
         """Give up this worker's leases (a clean shutdown lets another take over at once)."""
         with translate(), transaction(self.store, write=True) as conn:
@@ -1429,6 +1478,12 @@ class Projector:
 
 
 _MAX_ERROR_PAUSE = _MAX_RETRY_PAUSE  # seconds, as a subscription's (eventstore._core)
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of the driver error under a :class:`DatabaseError`, if any."""
+    cause = error.__cause__
+    return getattr(getattr(cause, "orig", cause), "sqlstate", None)
 
 
 def _check_seconds(value: object, what: str) -> float:

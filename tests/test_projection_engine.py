@@ -1284,12 +1284,13 @@ def test_a_stopping_projector_leaves_a_rebuild_off_after_a_page(
                 stop.set()  # SIGTERM arrives in the middle of the second page
             return super().evolve(state, event)
 
-    Projector(store, [Bumped("tally_async")], lease_seconds=0.1).run(stop)
+    worker = Projector(store, [Bumped("tally_async")], lease_seconds=0.1)
+    worker.run(stop)
     (st,) = status(store, "tally_async")
     assert st.code_version == 1 and st.rebuild_generation is not None
     assert st.rebuild_position == 20 and folded == list(range(1, 21))
     folded.clear()
-    Projector(store, [Bumped("tally_async")]).catch_up()
+    worker.catch_up()  # (the same worker: the stop of its run is over)
     assert folded == list(range(21, 51))  # resumed, not started over
     (st,) = status(store, "tally_async")
     assert st.code_version == 2 and st.rebuild_generation is None and st.position == 50
@@ -1319,7 +1320,7 @@ def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
         with pytest.raises(ProjectionFailed, match="index\\(\\) gave"):
             bump(inline_store, "a", 1)
         assert inline_store.stream_version("counter-a") == 1
-    bump(store, "a", 1)  # a writer without the projection
+    bump(store, "a", 2)  # a writer without the projection: the row goes bad at position 3
     with pytest.raises(ProjectionFailed) as info:
         Projector(store, [Misindexed("tally_async")]).catch_up()
     assert (info.value.position, info.value.stream_id) == (3, "counter-a")
@@ -1334,7 +1335,51 @@ def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
         inline(inline_store, Misindexed("tally_inline_catch_up"))
         bump(inline_store, "c", 1)
         (st,) = status(store, "tally_inline_catch_up")
-        assert st.status == "failed" and st.failed_position == 3
+        assert st.status == "failed" and st.failed_position == 3  # (not 4, the row's last)
         assert inline_store.stream_version("counter-c") == 1
         with pytest.raises(ProjectionStopped):
             bump(inline_store, "c", 1)
+
+
+def test_a_batch_whose_fold_outlasts_stall_seconds_gets_through_in_smaller_batches(
+        fresh_pg: str) -> None:
+    """PostgreSQL ends a batch idle for stall_seconds (a frozen worker, or a slow fold): the
+    projector retries the projection with half as many events each time, so a healthy but
+    slow fold still gets through instead of failing the same batch for ever."""
+    import time
+
+    from eventstore.errors import DatabaseError
+
+    class Slow(TallyProjection):
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            time.sleep(0.15)
+            return super().evolve(state, event)
+
+    with EventStore.open(fresh_pg, migrate=True) as store:
+        bump(store, "a", 8)
+        p = Slow("tally_slow")
+        projector = Projector(store, [p], batch_size=8, stall_seconds=0.5)
+        applied, timeouts = 0, 0
+        while applied < 8:
+            try:
+                applied += projector.run_once(p)
+            except DatabaseError as e:
+                assert e.transient and "idle-in-transaction" in str(e)
+                timeouts += 1
+                assert timeouts <= 3
+        assert timeouts >= 1 and projector._size(p) < 8
+        assert rows_of(store, p)[("default", "counter-a")].count == 8
+        assert verify(store, p) == []
+
+
+def test_stall_seconds_stay_within_what_postgres_takes(fresh_pg: str) -> None:
+    """A lease of a million seconds gives a default stall PostgreSQL's timeout can hold (it
+    failed every batch); a stall_seconds past it is refused when the projector is made."""
+    from eventstore.errors import InvalidArgument
+
+    with EventStore.open(fresh_pg, migrate=True) as store:
+        bump(store, "a", 2)
+        p = TallyProjection("tally_long_lease")
+        assert Projector(store, [p], lease_seconds=1e6).catch_up() == 2
+        with pytest.raises(InvalidArgument, match="stall_seconds must be at most"):
+            Projector(store, [p], stall_seconds=1e7)
