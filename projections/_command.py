@@ -55,6 +55,28 @@ def decide(
     raise last
 
 
+def fold_appended(store: EventStore, projection: Projection[S], stream_id: str, *,
+                  tenant_id: str, state: S, version: int, result: AppendResult | None) -> S:
+    """The state right after an append of ours: ``state`` (at ``version``) with the events
+    that append wrote, read back by their versions.  Not the stream as it is by now: another
+    writer's events after ours would make a command answer with their state."""
+    if result is None:
+        return state
+    for ev in store.read_stream(stream_id, tenant_id=tenant_id, from_version=version + 1,
+                                to_version=result.stream_version):
+        state = projection.evolve(state, ev)
+    return state
+
+
+def decide_folded(store: EventStore, projection: Projection[S], stream_id: str, *,
+                  tenant_id: str, decision: Callable[[S, int], Sequence[Event]]) -> S:
+    """:func:`decide`, returning the state right after its own append (:func:`fold_appended`)."""
+    state, version, result = decide(store, projection, stream_id, tenant_id=tenant_id,
+                                    decision=decision)
+    return fold_appended(store, projection, stream_id, tenant_id=tenant_id, state=state,
+                         version=version, result=result)
+
+
 def utc_clock(clock: Clock | None) -> Clock:
     """The facade's clock: the one given (tests inject one), else the real UTC time.
 

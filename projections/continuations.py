@@ -20,7 +20,15 @@ from eventstore import Event, EventStore, RecordedEvent
 from eventstore._time import to_micros
 from eventstore.errors import InvalidArgument
 
-from ._command import Clock, check_text, check_time, composite_id, decide, utc_clock
+from ._command import (
+    Clock,
+    check_text,
+    check_time,
+    composite_id,
+    decide,
+    decide_folded,
+    utc_clock,
+)
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
 from ._stores import check_sync_store
 from .errors import NoPendingContinuation, ResumeInProgress
@@ -186,8 +194,10 @@ class Continuations:
             tools=list(tools), tool_schemas=list(tool_schemas), agent_config=agent_config,
             client_tools=list(client_tools) if client_tools is not None else None,
             expires_at=now + life, paused_at=now, ttl=life)
-        self.store.append(stream, [event], tenant_id=tenant_id)
-        return self._state(stream, tenant_id)
+        # At the version its state was read at (retried on a conflict), so that the answer is
+        # this pause, whatever is appended after it.
+        return decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
+                             decision=lambda _state, _version: [event])
 
     def _state(self, stream: str, tenant_id: str) -> Continuation:
         return current(self.store, self.projection, stream, tenant_id=tenant_id)[0]
@@ -221,8 +231,8 @@ class Continuations:
             assert state.pause_id is not None
             return [ResumeStarted(pause_id=state.pause_id, claim_id=claim_id, claimed_at=now)]
 
-        decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
-        return self._state(stream, tenant_id)
+        return decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
+                             decision=decision)
 
     def _require_pending(self, state: Continuation, now: datetime, cid: str, uid: str) -> None:
         where = f"conversation {cid}, user {uid}"
@@ -261,8 +271,8 @@ class Continuations:
             return [ToolCallsResumed(pause_id=state.pause_id, claim_id=state.claim_id,
                                      tool_results=list(tool_results))]
 
-        decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
-        return self._state(stream, tenant_id)
+        return decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
+                             decision=decision)
 
     def release(self, conversation_id: str, user_id: str, *, error: str | None = None,
                 claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
@@ -275,8 +285,8 @@ class Continuations:
             return [ResumeReleased(pause_id=state.pause_id, claim_id=state.claim_id,
                                    error=error, expires_at=self.now() + (state.ttl or self.ttl))]
 
-        decide(self.store, self.projection, stream, tenant_id=tenant_id, decision=decision)
-        return self._state(stream, tenant_id)
+        return decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
+                             decision=decision)
 
     def pending_for_user(self, user_id: str, *, tenant_id: str = "default"
                          ) -> list[Continuation]:

@@ -43,7 +43,7 @@ from eventstore.errors import InvalidArgument
 from eventstore.events import Event, RawEvent
 from eventstore.logs import get_logger
 
-from ._command import Clock, check_text, check_time, decide, utc_clock
+from ._command import Clock, check_text, check_time, decide, fold_appended, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
 from ._stores import check_sync_store
 from .errors import Conflict, LeaseLost, NotFound
@@ -387,10 +387,8 @@ class Jobs:
         """The state right after our append: ``state`` plus the events it wrote."""
         if result is None:
             return msgspec.structs.replace(state, version=version)
-        for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=version + 1,
-                                         to_version=result.stream_version):
-            state = self.projection.evolve(state, ev)
-        return state
+        return fold_appended(self.store, self.projection, stream, tenant_id=tenant_id,
+                             state=state, version=version, result=result)
 
     def _command(self, job_id: str, tenant_id: str,
                  decision: Callable[[Job], Sequence[Event]]) -> Job:

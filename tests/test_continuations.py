@@ -26,7 +26,8 @@ def conts(store: EventStore, clock: Clock) -> Iterator[Continuations]:
 
 
 def pause(c: Continuations, conv: str = "conv-1", user: str = "u1", **kw: Any) -> Any:
-    return c.pause(conv, user, messages=[{"role": "user", "content": "hi"}],
+    kw.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return c.pause(conv, user,
                    pending_tool_calls=[{"id": "call-1", "name": "approve"}],
                    tools=["approve"], tool_schemas=[{"name": "approve"}],
                    agent_config={"model": "m"}, **kw)
@@ -226,3 +227,44 @@ def test_bad_input_is_rejected(conts: Continuations, store: EventStore) -> None:
     with pytest.raises(InvalidArgument):
         conts.complete("conv-1", "u1", tool_results="x")  # type: ignore[arg-type]
     assert store.stats()["events"] == 0
+
+
+def test_each_command_answers_with_the_state_its_own_append_made(
+        store: EventStore, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pause, claim, complete and release return the continuation right after their own event,
+    not the stream re-read later: another process acting right after the append (here, a hook
+    on the store's append) must not make a claimer see the other's claim_id, a pauser the
+    other's pause, or complete a pending continuation."""
+    conts = Continuations(store, claim_timeout=timedelta(minutes=10), clock=clock)
+    real_append = store.append
+
+    def then(event_type: str, action: Any) -> None:
+        def append(stream_id: str, events: Any, **kw: Any) -> Any:
+            result = real_append(stream_id, events, **kw)
+            if type(events[0]).__name__ == event_type:
+                monkeypatch.setattr(store, "append", real_append)
+                action()
+            return result
+        monkeypatch.setattr(store, "append", append)
+
+    pause(conts, "c1")
+    other: dict[str, Any] = {}
+    then("ResumeStarted", lambda: (conts.sweep(now=clock.now + timedelta(minutes=11)),
+                                   other.setdefault("claim", conts.claim("c1", "u1"))))
+    mine = conts.claim("c1", "u1")
+    assert mine.status == "resuming" and mine.claim_id != other["claim"].claim_id
+    with pytest.raises(ResumeInProgress):  # the sweep took mine back: the other holds it now
+        conts.complete("c1", "u1", tool_results=["r"], claim_id=mine.claim_id)
+
+    then("ToolCallsPaused", lambda: pause(conts, "c2", messages=["other"]))
+    assert pause(conts, "c2", messages=["mine"]).messages == ["mine"]
+
+    claim = conts.claim("c2", "u1")
+    then("ToolCallsResumed", lambda: pause(conts, "c2", messages=["next"]))
+    done = conts.complete("c2", "u1", tool_results=["r"], claim_id=claim.claim_id)
+    assert done.status == "consumed" and done.tool_results == ["r"]
+
+    claim = conts.claim("c2", "u1")
+    then("ResumeReleased", lambda: conts.claim("c2", "u1"))
+    released = conts.release("c2", "u1", claim_id=claim.claim_id)
+    assert released.status == "pending" and released.claim_id is None
