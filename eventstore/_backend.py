@@ -412,6 +412,10 @@ _writers: weakref.WeakSet[Writer] = weakref.WeakSet()
 def _reset_writers_after_fork() -> None:
     for writer in list(_writers):
         writer._after_fork()
+    for turns in list(_one_connection.values()):
+        # A parent thread may have held the turn at the fork: the child's copy stays locked.
+        turns._lock = threading.Lock()
+        turns._owner = None
 
 
 os.register_at_fork(after_in_child=_reset_writers_after_fork)

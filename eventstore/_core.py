@@ -321,14 +321,7 @@ class StoreCore:
             raise InvalidEvent("events must be a list of Event instances")
         if not events:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
-        meta_raw = encode_metadata(metadata)
-        encoded = [encode_event(ev) for ev in events]
-        limit = self._options.max_event_bytes
-        for tag, _sv, raw in encoded:
-            if len(raw) > limit:
-                raise _too_large(tag, len(raw), limit)
-        if meta_raw is not None and len(meta_raw) > limit:
-            raise _too_large("metadata", len(meta_raw), limit)
+        encoded, meta_raw = encode_within(events, metadata, self._options.max_event_bytes)
         fingerprint = _fingerprint(stream, encoded) if key is not None else b""
         return AppendPlan(stream, tenant, events, encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
@@ -902,6 +895,19 @@ class _Tail:
         self.position = None
         self.streams.clear()
         self.contended = False
+
+
+def encode_within(events: Sequence[object], metadata: object, limit: int
+                  ) -> tuple[list[tuple[str, int, bytes]], bytes | None]:
+    """The events and metadata encoded, each checked against the size ``limit``."""
+    meta_raw = encode_metadata(metadata)
+    encoded = [encode_event(ev) for ev in events]
+    for tag, _sv, raw in encoded:
+        if len(raw) > limit:
+            raise _too_large(tag, len(raw), limit)
+    if meta_raw is not None and len(meta_raw) > limit:
+        raise _too_large("metadata", len(meta_raw), limit)
+    return encoded, meta_raw
 
 
 def _too_large(what: str, size: int, limit: int) -> InvalidEvent:

@@ -40,6 +40,7 @@ import sqlite3
 import sys
 import threading
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,8 +52,8 @@ import structlog
 
 from . import _migrate
 from ._backend import DEFAULT_URL, is_sqlite, resolve_url, sqlite_uri
-from ._core import check_id
-from .codec import MAX_NESTING, encode_event, encode_metadata
+from ._core import Options, check_id, encode_within
+from .codec import MAX_NESTING
 from .errors import (
     EventStoreError,
     IdempotencyKeyReused,
@@ -327,17 +328,22 @@ def _import_plugin(module: str) -> None:
 # -- helpers for commands -------------------------------------------------------------------------
 
 
-def open_store(args: argparse.Namespace, *, existing: bool = False) -> EventStore:
+def open_store(args: argparse.Namespace, *, existing: bool = False,
+               only_ours: bool = False) -> EventStore:
     """Open the store of ``args.url`` (migrating SQLite as :meth:`EventStore.open` does).
 
     ``existing``: a command that only reads refuses a SQLite file that is not there, rather
-    than create an empty database at a mistyped path and report it empty.
+    than create an empty database at a mistyped path and report it empty.  It, and one that
+    follows the log (``only_ours``), refuse a SQLite file without the store's tables rather
+    than add them to another application's database.
     """
-    if existing:
+    if existing or only_ours:
         url = resolve_url(args.url)
         path = url.database
         if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
             if not Path(path).exists():
+                if not existing:
+                    return EventStore.open(args.url)
                 raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
             if not _holds_eventstore(path):
                 raise CliError(f"{path} is not an eventstore database (its tables are not the "
@@ -349,7 +355,8 @@ def _holds_eventstore(path: str) -> bool:
     """Whether the SQLite file at ``path`` has the store's tables (read only: a command that
     only reads must not add them to another application's database)."""
     try:
-        conn = sqlite3.connect(f"file:{Path(path).absolute().as_posix()}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(Path(path).absolute().as_posix())}"
+                               "?mode=ro", uri=True)
         try:
             found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
                                  "'eventstore_alembic_version'").fetchone()
@@ -582,9 +589,8 @@ def cmd_append(args: argparse.Namespace) -> int:
     check_id(args.tenant, "tenant id", InvalidArgument)
     if args.idempotency_key is not None:
         check_id(args.idempotency_key, "idempotency key", InvalidArgument)
-    for ev in events:
-        encode_event(ev)
-    encode_metadata(metadata)
+    encode_within(events, metadata, Options.resolve(max_event_bytes=None, poll_interval=None,
+                                                    clock=None).max_event_bytes)
     with open_store(args) as store:
         result = store.append(args.stream, events, expected_version=args.expected_version,
                               idempotency_key=args.idempotency_key, tenant_id=args.tenant,
@@ -632,7 +638,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import_modules(args)
     stop = threading.Event()
     tenant = None if args.all_tenants else args.tenant
-    with open_store(args) as store, _stop_on_signals(stop):
+    with open_store(args, only_ours=True) as store, _stop_on_signals(stop):
         start = args.from_position
         if start is None:
             start = store.last_position() + 1
@@ -711,10 +717,13 @@ def _log_format_asked(argv: Sequence[str]) -> str | None:
     for i, word in enumerate(argv):
         if word == "--":
             break
-        if word == "--log-format" and i + 1 < len(argv):
+        option, eq, value = word.partition("=")
+        if len(option) < len("--lo") or not "--log-format".startswith(option):
+            continue  # (argparse takes any unambiguous start of the option's name)
+        if eq:
+            asked = value
+        elif i + 1 < len(argv):
             asked = argv[i + 1]
-        elif word.startswith("--log-format="):
-            asked = word.partition("=")[2]
     if asked is None:
         asked = os.environ.get("EVENTSTORE_LOG_FORMAT", "").strip().lower() or None
     return asked if asked in LOG_FORMATS else None

@@ -100,10 +100,6 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         _check_type_name(event.type)
         if not isinstance(event.data, dict):
             raise InvalidEvent(f"raw event {event.type} data must be a JSON object")
-        for key in event.data:
-            if not isinstance(key, str):  # (JSON would store it as text, as metadata's)
-                raise InvalidEvent(f"raw event {event.type} data keys must be strings, "
-                                   f"got {key!r}")
         sv = event.schema_version
         if not isinstance(sv, int) or isinstance(sv, bool) or not 1 <= sv <= MAX_SCHEMA_VERSION:
             raise InvalidEvent(f"raw event {event.type} schema_version must be an int from 1 "
@@ -136,6 +132,7 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 raise InvalidEvent(f"raw {event.type} event data is not valid JSON: {e}") from e
         _check_depth(data, f"{event.type} event")  # (valid JSON by now)
+        _check_keys(event.data, f"raw event {event.type} data")
         _check_finite(event.data, data, f"{event.type} event")
         return event.type, event.schema_version, data
     raise InvalidEvent(
@@ -150,6 +147,26 @@ _msgpack = msgspec.msgpack.Encoder()
 # A float64 in msgpack whose exponent bits are all ones: NaN or an infinity.  Other bytes can
 # match too (binary data, lengths, a finite float's mantissa): a match only says where to look.
 _NON_FINITE_FLOAT = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")
+
+
+def _check_keys(value: object, what: str) -> None:
+    """Refuse a mapping key that is not a string, at any depth of plain data (a raw event's,
+    metadata): JSON writes it as text, so ``{1: "x"}`` would read back as ``{"1": "x"}``.
+    (Typed events are checked by reading them back as their type.)"""
+    stack: list[tuple[object, tuple[object, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    where = "".join(f"[{k!r}]" for k in path)
+                    raise InvalidEvent(f"{what}: keys must be strings, got {key!r}"
+                                       + (f" at {where}" if where else ""))
+                if isinstance(child, (dict, list, tuple)):
+                    stack.append((child, (*path, key)))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, (*path, i)) for i, child in enumerate(item)
+                         if isinstance(child, (dict, list, tuple)))
 
 
 def _check_finite(value: object, encoded: bytes, what: str) -> None:
@@ -248,14 +265,12 @@ def encode_metadata(metadata: object) -> bytes | None:
         raise InvalidEvent(f"metadata must be a dict, got {type(metadata).__name__}")
     if not metadata:
         return None
-    for key in metadata:
-        if not isinstance(key, str):
-            raise InvalidEvent(f"metadata keys must be strings, got {key!r}")
     try:
         data = _encoder.encode(metadata)
     except (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError) as e:
         raise InvalidEvent(f"cannot encode metadata: {_why(e)}") from e
     _check_depth(data, "metadata")
+    _check_keys(metadata, "metadata")
     _check_finite(metadata, data, "metadata")
     return data
 

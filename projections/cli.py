@@ -136,7 +136,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args, existing=True) as store:
         rows = status(store, p.name)  # verify changes none of it
         if not rows:
-            print(f"{p.name}: not run in this store yet: no rows to verify")
+            said = f"{p.name}: not run in this store yet: no rows to verify"
+            if args.json:  # no line, as for rows without differences; the note on stderr
+                cli.report(said, "note")
+            else:
+                print(said)
             return cli.EXIT_OK
         for st in rows:
             if st.code_version != p.version:  # every row would differ: nothing to learn
@@ -195,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     chosen = [_projection(args, n) for n in names]
     _check_seconds(args.lease_seconds, "lease_seconds")  # before a SQLite file is made
     stop = threading.Event()
-    with open_store(args) as store:
+    with open_store(args, only_ours=True) as store:
         projector = Projector(store, chosen, worker_id=args.worker_id,
                               lease_seconds=args.lease_seconds)
         if args.once:

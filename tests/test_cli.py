@@ -438,15 +438,25 @@ def test_reading_commands_do_not_create_a_sqlite_database(
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
     conn.close()
     assert tables == ["orders"]
+    if command == ["read", "c-1"]:  # tail too (which waits for a database to be made)
+        code, out, err = run(capsys, "tail", "--url", f"sqlite:///{foreign}")
+        assert (code, out) == (2, "") and "is not an eventstore database" in err
 
 
 @pytest.mark.parametrize("argv", [["append", ""], ["append", "s-1", "--tenant", "t" * 300],
-                                  ["append", "s-1", "--idempotency-key", "a\x00b"]])
+                                  ["append", "s-1", "--idempotency-key", "a\x00b"],
+                                  ["append", "s-1", "--metadata", '{"a": {"b": "' + "x" * 200
+                                   + '"}}'],
+                                  ["append", "big-1"]])
 def test_an_append_refused_for_its_arguments_creates_no_database(
         tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the store would refuse is refused before it opens: no SQLite file is left."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    """What the store would refuse is refused before it opens: no SQLite file is left (also
+    an event or metadata over EVENTSTORE_MAX_EVENT_BYTES)."""
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "150")
+    event = ({"type": "Big", "data": {"text": "x" * 200}} if argv[1] == "big-1"
+             else EVENTS[0])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(event)))
     path = tmp_path / "new.db"
     code, _, err = run(capsys, *argv, "--url", f"sqlite:///{path}")
     assert code == 2 and err.startswith("eventstore: error: "), err
@@ -504,15 +514,16 @@ def test_logs_go_to_stderr_as_json_objects_when_asked(
 
 
 @pytest.mark.parametrize("argv", [["--log-format", "json", "read"], ["--log-format=json", "bogus"],
-                                  ["read", "--log-format", "json", "--limit", "x", "s-1"]])
+                                  ["read", "--log-format", "json", "--limit", "x", "s-1"],
+                                  ["--log-f", "json", "read"], ["--log=json", "read"]])
 def test_usage_errors_are_json_objects_too_when_json_logs_are_asked(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         argv: list[str]) -> None:
     """A usage error (a missing or unknown argument, caught before the options are parsed)
     follows --log-format json or EVENTSTORE_LOG_FORMAT=json: one JSON object, exit 2."""
     monkeypatch.delenv("EVENTSTORE_LOG_FORMAT", raising=False)
-    for words, env in ((argv, None), ([w for w in argv if "log-format" not in w and w != "json"],
-                                      "json")):
+    plain = [w for w in argv if not w.startswith("--log") and w != "json"]
+    for words, env in ((argv, None), (plain, "json")):
         if env is not None:
             monkeypatch.setenv("EVENTSTORE_LOG_FORMAT", env)
         code, _, err = run(capsys, *words)
@@ -521,7 +532,7 @@ def test_usage_errors_are_json_objects_too_when_json_logs_are_asked(
         assert code == 2 and entry["event"] == "cli_error" and "usage: eventstore" in entry[
             "message"], err
     monkeypatch.delenv("EVENTSTORE_LOG_FORMAT")
-    code, _, err = run(capsys, *[w for w in argv if "log-format" not in w and w != "json"])
+    code, _, err = run(capsys, *plain)
     assert code == 2 and err.startswith("usage: eventstore")  # text by default
 
 

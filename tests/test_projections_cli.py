@@ -274,6 +274,8 @@ def test_verify_of_a_projection_never_run_here_writes_nothing(
     code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url)
     assert code == 0, err
     assert out.strip() == "conversations: not run in this store yet: no rows to verify"
+    code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url, "--json")
+    assert (code, out) == (0, "") and "not run in this store yet" in err  # stdout: JSON only
     with EventStore.open(url) as store:
         assert engine.status(store, "conversations") == []
 

@@ -138,7 +138,11 @@ def test_a_read_gives_the_events_before_one_that_does_not_decode(
         store: EventStore, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
     """Reads (stream, log, subscription) give every event before the first that does not
     decode, then raise EventDecodeError naming it; the events after it are not skipped."""
-    monkeypatch.setattr(core_module, "PAGE", page)
+    import eventstore.aio
+    import eventstore.store
+
+    for module in (core_module, eventstore.store, eventstore.aio):  # (subscriptions' pages)
+        monkeypatch.setattr(module, "PAGE", page)
     store.append("c-1", [NoteAdded(text=str(i)) for i in range(4)])
     store.append("c-1", [RawEvent(type="test.Shape", data={"sides": "many"})])
     store.append("c-1", [NoteAdded(text="after")])
@@ -164,6 +168,9 @@ def test_a_read_gives_the_events_before_one_that_does_not_decode(
         assert [e.data for e in store.read_all(from_position=6)] == [NoteAdded(text="after")]
         assert [e.version for e in store.read_stream("c-1", backwards=True, to_version=6,
                                                      from_version=6)] == [6]
+        # Backwards, the bad event comes after the newer one.
+        seen, err = until_error(store.read_stream("c-1", backwards=True))
+        assert seen == [6] and err.position == 5
     finally:
         _registry.pop("test.Shape", None)
 

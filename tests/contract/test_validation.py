@@ -56,6 +56,7 @@ def test_bad_stream_id_is_rejected(store: EventStore, stream_id: Any,
         {"idempotency_key": 5},
         {"metadata": ["not", "a", "dict"]},
         {"metadata": {1: "non-string key"}},
+        {"metadata": {"trace": {"spans": [{7: "nested non-string key"}]}}},
     ],
 )
 def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, Any]) -> None:
@@ -76,7 +77,8 @@ def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, 
      [RawEvent(type="X", data={}, schema_version=2**31)],
      [RawEvent(type="X", data={}, schema_version=2**70)],
      [RawEvent(type="X", data={}, schema_version=1.0)],  # type: ignore[arg-type]
-     [RawEvent(type="X", data={1: "one"})]],  # JSON keys are text: 1 would read back "1"
+     [RawEvent(type="X", data={1: "one"})],  # JSON keys are text: 1 would read back "1"
+     [RawEvent(type="X", data={"a": [{"b": {2: "two"}}]})]],  # at any depth
 )
 def test_bad_events_are_rejected(store: EventStore, events: Any) -> None:
     """An empty batch, a non-event or an unencodable payload raises InvalidEvent."""
