@@ -101,6 +101,11 @@ class ProjectionFailed(EventStoreError):
         self.tenant_id = tenant_id
 
 
+def _failed_at(projection: str, ev: RecordedEvent, cause: BaseException) -> ProjectionFailed:
+    return ProjectionFailed(projection=projection, position=ev.position, type=ev.type,
+                            stream_id=ev.stream_id, tenant_id=ev.tenant_id, cause=cause)
+
+
 def type_name(e: BaseException) -> str:
     return type(e).__name__
 
@@ -426,6 +431,15 @@ def _build_fast(name: str, dialect_name: str) -> Any:
 # -- folding into rows --
 
 
+class _RowUndecodable(Exception):
+    """A stored row its projection cannot decode: the events for it cannot be folded."""
+
+    def __init__(self, key: tuple[str, str], cause: Exception) -> None:
+        super().__init__(f"the stored row of {key[0]}/{key[1]} does not decode: "
+                         f"{type_name(cause)}: {cause}")
+        self.key = key
+
+
 class _Rows(Generic[S]):
     """States of one generation's rows, loaded on demand and written back in one go."""
 
@@ -448,7 +462,7 @@ class _Rows(Generic[S]):
             found = cur.fetchone()
             cur.close()
             self.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
-                               (self.p.decode(found[0]), found[1], found[2]))
+                               (self._decoded(key, found[0]), found[1], found[2]))
             return
         pr = projection_rows.c
         for i in range(0, len(missing), 200):
@@ -465,7 +479,13 @@ class _Rows(Generic[S]):
                 if r is None:
                     self.cache[key] = (self.p.initial(*key), 0, 0)
                 else:
-                    self.cache[key] = (self.p.decode(r.state), r.version, r.position)
+                    self.cache[key] = (self._decoded(key, r.state), r.version, r.position)
+
+    def _decoded(self, key: tuple[str, str], raw: bytes) -> S:
+        try:
+            return self.p.decode(bytes(raw))
+        except Exception as e:  # a damaged row (or one of another shape): its fold stops
+            raise _RowUndecodable(key, e) from e
 
     def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> int:
         """Fold the relevant events; returns how many were applied.
@@ -485,7 +505,10 @@ class _Rows(Generic[S]):
                 by_stream[key] = [e]
             else:
                 group.append(e)
-        self.load(conn, by_stream)
+        try:
+            self.load(conn, by_stream)
+        except _RowUndecodable as e:
+            raise _failed_at(self.p.name, by_stream[e.key][0], e) from e
         evolve_slice = self.p.evolve_slice
         if evolve_slice is None:
             return self._apply_each(relevant)
@@ -519,10 +542,7 @@ class _Rows(Generic[S]):
             self._apply_each(relevant)  # raises ProjectionFailed at the first failing event
             # evolve passed where evolve_slice failed (the two disagree): name the first event
             # of the slice that failed.
-            first = folding[0]
-            raise ProjectionFailed(projection=self.p.name, position=first.position,
-                                   type=first.type, stream_id=first.stream_id,
-                                   tenant_id=first.tenant_id, cause=e) from e
+            raise _failed_at(self.p.name, folding[0], e) from e
         return applied
 
     def _apply_each(self, relevant: Sequence[RecordedEvent]) -> int:
@@ -832,8 +852,11 @@ class _InlineHandler:
                 others_changed = True
         key = next(iter(keys))
         if len(keys) == 1 and key not in rows.cache:  # (a catch-up may have loaded it)
-            rows.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
-                               (self.p.decode(bytes(found[0])), found[1], found[2]))
+            try:
+                rows.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
+                                   (rows._decoded(key, found[0]), found[1], found[2]))
+            except _RowUndecodable as e:
+                raise _failed_at(self.p.name, relevant[0], e) from e
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
@@ -1062,8 +1085,7 @@ def _evolve_one(projection: Projection[S], state: S, ev: RecordedEvent) -> S:
     try:
         return projection.evolve(state, ev)
     except Exception as e:
-        raise ProjectionFailed(projection=projection.name, position=ev.position, type=ev.type,
-                               stream_id=ev.stream_id, tenant_id=ev.tenant_id, cause=e) from e
+        raise _failed_at(projection.name, ev, e) from e
 
 
 def _slice_of(key: tuple[str, str], records: Sequence[RecordedEvent]) -> StreamSlice:

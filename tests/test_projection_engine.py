@@ -1383,3 +1383,43 @@ def test_stall_seconds_stay_within_what_postgres_takes(fresh_pg: str) -> None:
         assert Projector(store, [p], lease_seconds=1e6).catch_up() == 2
         with pytest.raises(InvalidArgument, match="stall_seconds must be at most"):
             Projector(store, [p], stall_seconds=1e7)
+
+
+def test_a_stored_row_that_does_not_decode_fails_its_projection_at_the_next_event(
+        store: EventStore) -> None:
+    """A damaged live row (or one of another shape) cannot be folded onto: a projector fails
+    the projection at the next event of that stream, in status, and the others go on (it
+    ended the worker with a decode error before); inline, the append of such an event is
+    refused and writes nothing."""
+    from sqlalchemy import update
+
+    bump(store, "a", 1)
+    bump(store, "b", 1)
+    damaged, other = TallyProjection("tally_damaged"), TallyProjection("tally_fine")
+    projector = Projector(store, [damaged, other])
+    assert projector.catch_up() == 4
+    with begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).where(
+            projection_rows.c.projection == "tally_damaged",
+            projection_rows.c.stream_id == "counter-a").values(state=b'{"count": "x"}'))
+    bump(store, "a", 1)
+    bump(store, "b", 1)
+    applied, failures = projector.catch_up_each()
+    assert applied == 2 and len(failures) == 1
+    (failure,) = failures
+    assert isinstance(failure, ProjectionFailed)
+    assert (failure.projection, failure.position, failure.stream_id) == (
+        "tally_damaged", 3, "counter-a")
+    assert "does not decode" in str(failure)
+    (st,) = status(store, "tally_damaged")
+    assert st.status == "failed" and st.failed_position == 3
+    assert status(store, "tally_fine")[0].position == 4
+    with EventStore.open(store.url) as inline_store:
+        inline(inline_store, TallyProjection("tally_fine"))
+        with begin_write(store.engine) as conn:
+            conn.execute(update(projection_rows).where(
+                projection_rows.c.projection == "tally_fine",
+                projection_rows.c.stream_id == "counter-b").values(state=b"garbage"))
+        with pytest.raises(ProjectionFailed, match="does not decode"):
+            bump(inline_store, "b", 1)
+        assert inline_store.stream_version("counter-b") == 2
