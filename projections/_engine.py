@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -566,13 +567,21 @@ class _Rows(Generic[S]):
             noted[1].extend(events)
 
     def _index(self, key: tuple[str, str]) -> RowIndex:
-        """The row's index; when its columns cannot hold it, :class:`ProjectionFailed` at the
-        event since the last flush after which they could not (folded again to find it)."""
-        state, _version, position = self.cache[key]
-        idx = self.p.index(state)
-        problem = _index_problem(idx)
-        if problem is None:
+        """The row's index; when the columns of any row cannot hold its index,
+        :class:`ProjectionFailed` at the first event in the log after which one could not."""
+        idx = self.p.index(self.cache[key][0])
+        if _index_problem(idx) is None:
             return idx
+        failures = (self._index_failure(k) for k in self.dirty)
+        raise min((f for f in failures if f is not None), key=lambda f: f.position)
+
+    def _index_failure(self, key: tuple[str, str]) -> ProjectionFailed | None:
+        """The failure of a row whose index its columns cannot hold, at the event since the
+        last flush after which they could not (folded again to find it); else None."""
+        state, _version, position = self.cache[key]
+        problem = _index_problem(self.p.index(state))
+        if problem is None:
+            return None
         culprit = None
         noted = self.folded.get(key)
         if noted is not None:
@@ -583,7 +592,7 @@ class _Rows(Generic[S]):
                 if _index_problem(self.p.index(folded)) is not None:
                     culprit = ev
                     break
-        raise ProjectionFailed(
+        return ProjectionFailed(
             projection=self.p.name, position=position if culprit is None else culprit.position,
             type="" if culprit is None else culprit.type, stream_id=key[1], tenant_id=key[0],
             cause=InvalidArgument(f"index() gave {problem}"))
@@ -1241,9 +1250,21 @@ def snapshot_now(store: EventStore, projection: Projection[Any], stream_id: str,
 
 _MIN_STALL_SECONDS = 60.0
 _MAX_STALL_SECONDS = (2**31 - 1) / 1000  # PostgreSQL's timeouts are int32 milliseconds
+_DEFAULT_STALL_MS = int(_MIN_STALL_SECONDS * 1000)
 _IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout ended the transaction
-_idle_limit = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
-                                     literal(True)))
+_LOCK_TIMEOUT = "55P03"  # lock_timeout: the row lock was not granted in time
+_BATCH_LOCK_WAIT_MS = 1000
+_limits = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
+                                 literal(True)),
+                 func.set_config("lock_timeout", bindparam("lock_ms"), literal(True)))
+
+
+def _limit_waits(conn: Connection, stall_ms: int, lock_ms: int = 0) -> None:
+    """PostgreSQL: end this transaction when it sits idle for ``stall_ms`` (its worker froze
+    while it holds the projection's row lock, and the others wait for it), and wait at most
+    ``lock_ms`` for a lock (0: as long as it takes)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_limits, {"ms": str(stall_ms), "lock_ms": str(lock_ms)})
 
 
 class Projector:
@@ -1298,6 +1319,7 @@ class Projector:
         self.poll_interval = poll_interval
         self._log = _log.bind(worker=self.worker_id)
         self._outdated: set[str] = set()  # projections whose rows newer code built (logged)
+        self._rebuilding: set[str] = set()  # projections whose rebuild this worker left off
         self._stop: threading.Event | None = None  # run()'s
         for p in self.projections:
             ensure_registered(store, p)
@@ -1316,18 +1338,20 @@ class Projector:
     def run_once(self, projection: Projection[Any]) -> int:
         """Apply one batch of new events if this worker holds (or can take) the lease.
 
-        Returns the number of events read (0 when idle, not leased, or failed; after a rebuild
-        of rows of an older fold version, the position it caught up to).  Raises
+        Returns the number of events read (0 when idle, not leased, busy in another worker's
+        transaction, or failed; for rows of an older fold version, the events this turn of
+        their rebuild replayed).  Raises
         :class:`ProjectionFailed` when the fold raises; the projection is then marked failed.
         """
         p = projection
         try:
             with transaction(self.store, write=True) as conn:
-                if conn.dialect.name == "postgresql":
-                    # The batch holds the projection's row lock: if this worker freezes in it
-                    # (a paused process, an unreachable host), the server ends the transaction
-                    # after stall_seconds idle, and another worker takes over.
-                    conn.execute(_idle_limit, {"ms": str(self.stall_ms)})
+                # The batch holds the projection's row lock: if this worker freezes in it (a
+                # paused process, an unreachable host), the server ends the transaction after
+                # stall_seconds idle, and another worker takes over.  A row another worker
+                # holds longer than a second is left for now (it is busy with it, or frozen):
+                # this worker goes on with its other projections and its stop.
+                _limit_waits(conn, self.stall_ms, _BATCH_LOCK_WAIT_MS)
                 row = _lock_row(conn, p.name)
                 now_us = _now_us(self.store)
                 if row.code_version > p.version:
@@ -1358,25 +1382,36 @@ class Projector:
                     conn.execute(update(projections).where(projections.c.name == p.name)
                                  .values(position=page[-1].position, updated_at=now_us))
                     return len(page)
-            # Rows of another fold version: replay them with this one (the lease is ours).
-            self._log.info("projection_code_changed", projection=p.name,
-                           stored=row.code_version, code=p.version)
+            # Rows of another fold version: replay them with this one (the lease is ours), a
+            # slice of half a lease at a time (the next run_once renews the lease and resumes
+            # it; the worker's other projections and its stop get their turns meanwhile).
+            if p.name not in self._rebuilding:
+                self._log.info("projection_code_changed", projection=p.name,
+                               stored=row.code_version, code=p.version)
+            ends = time.monotonic() + self.lease_us / 2e6
+            moved: dict[str, int] = {}
             try:
                 # Re-checked under the projection's lock: an inline process of this release
-                # may have rebuilt them since this lease's read.  A worker told to stop leaves
-                # off after a page (the next rebuild resumes there).
+                # may have rebuilt them since this lease's read.
                 _rebuild(self.store, p, progress=None, only_if_stale=True,
-                         stopping=self._stopping)
+                         stopping=lambda: self._stopping() or time.monotonic() >= ends,
+                         stall_ms=self.stall_ms, moved=moved)
             except RebuildInProgress:
                 self._log.info("projection_rebuild_elsewhere", projection=p.name)
+                self._rebuilding.discard(p.name)
                 return 0  # another process rebuilds it; its rows come with its swap
             except _RebuildStopped:
-                return 0
-            return status(self.store, p.name)[0].position  # the events it replayed
+                self._rebuilding.add(p.name)  # more to replay: not idle
+                return moved.get("replayed", 0)
+            self._rebuilding.discard(p.name)
+            return moved.get("replayed", 0)
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)
             raise
         except DatabaseError as e:
+            if _sqlstate(e) == _LOCK_TIMEOUT:
+                self._log.debug("projection_busy_elsewhere", projection=p.name)
+                return 0
             if _sqlstate(e) == _IDLE_TIMEOUT:
                 # The server ended the batch after stall_seconds idle: this worker froze, or
                 # the batch's fold takes that long.  Retried (a transient error) with half the
@@ -1417,7 +1452,7 @@ class Projector:
                 while True:
                     n = self.run_once(p)
                     total += n
-                    if n < self._size(p):
+                    if n < self._size(p) and p.name not in self._rebuilding:
                         break
             except ProjectionFailed as e:
                 failures.append(e)
@@ -1451,8 +1486,11 @@ class Projector:
             while not stop.is_set():
                 busy = errored = False
                 for p in self.projections:
+                    if stop.is_set():  # (a stopping worker takes no more work)
+                        break
                     try:
-                        busy = self.run_once(p) >= self._size(p) or busy
+                        n = self.run_once(p)
+                        busy = n >= self._size(p) or p.name in self._rebuilding or busy
                     except ProjectionFailed:
                         pass  # recorded (status: failed) and logged by run_once
                     except DatabaseError as e:
@@ -1525,7 +1563,8 @@ ProgressFn = Callable[[int, int], None]
 
 
 def _fill(store: EventStore, projection: Projection[Any], generation: int, start: int,
-          until: Callable[[], int], progress: ProgressFn | None, *, track: bool) -> int:
+          until: Callable[[], int], progress: ProgressFn | None, *, track: bool,
+          stall_ms: int = _DEFAULT_STALL_MS) -> int:
     """Fold the log into ``generation`` page by page from ``start``; returns the last position.
 
     Each page commits its rows (and, when ``track``, the rebuild position) in one transaction, so
@@ -1539,6 +1578,8 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
         if last >= bound:
             return last
         with transaction(store, write=True) as conn:
+            if track:  # (the page holds the projection's lock, see _own_rebuild)
+                _limit_waits(conn, stall_ms)
             page = store.read_page(conn, from_position=last + 1, limit=_PAGE * 5,
                                    categories=cats)
             page = [e for e in page if e.position <= bound]
@@ -1573,13 +1614,17 @@ class _RebuildStopped(Exception):
 
 
 def _rebuild(store: EventStore, projection: Projection[Any], *, progress: ProgressFn | None,
-             only_if_stale: bool, stopping: Callable[[], bool] | None = None) -> int:
+             only_if_stale: bool, stopping: Callable[[], bool] | None = None,
+             stall_ms: int = _DEFAULT_STALL_MS, moved: dict[str, int] | None = None) -> int:
     """:func:`rebuild`; with ``only_if_stale``, none when the rows are of this fold version or a
     newer one by the time the lock is held (another process rebuilt them meanwhile).  Raises
-    :class:`_RebuildStopped` after a page once ``stopping()`` is true."""
+    :class:`_RebuildStopped` after a page once ``stopping()`` is true.  Each transaction holding
+    the projection's lock ends if idle for ``stall_ms`` (see :func:`_limit_waits`); ``moved``
+    gets the number of events ``replayed``."""
     ensure_registered(store, projection)
     name = projection.name
     with transaction(store, write=True) as conn:
+        _limit_waits(conn, stall_ms)
         row = _lock_row(conn, name)
         if only_if_stale and row.code_version >= projection.version:
             _log.info("projection_rebuilt_elsewhere", projection=name,
@@ -1609,6 +1654,8 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
 
     def tracked(position: int, bound: int) -> None:
         committed[0] = position
+        if moved is not None:
+            moved["replayed"] = position - start
         if progress is not None:
             progress(position, bound)
         if stopping is not None and stopping():
@@ -1617,13 +1664,17 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
             raise _RebuildStopped(name)
 
     try:
-        last = _fill(store, projection, gen, start, store.last_position, tracked, track=True)
+        last = _fill(store, projection, gen, start, store.last_position, tracked, track=True,
+                     stall_ms=stall_ms)
         with transaction(store, write=True) as conn:
+            _limit_waits(conn, stall_ms)
             row = _own_rebuild(conn, name, gen, last, projection.version)
             rows: _Rows[Any] = _Rows(projection, gen)
             last = _catch_up(store, conn, rows, last, None)
             rows.flush(conn, _now_us(store))
             old = row.generation
+            if moved is not None:
+                moved["replayed"] = last - start
             conn.execute(update(projections).where(projections.c.name == name).values(
                 generation=gen, position=max(last, 0), code_version=projection.version,
                 status="running", error=None, failed_position=None, rebuild_generation=None,
@@ -1746,6 +1797,7 @@ def verify(store: EventStore, projection: Projection[Any], *,
     try:
         last = _fill(store, projection, scratch, 0, live_position, progress, track=False)
         with transaction(store, write=True) as conn:
+            _limit_waits(conn, _DEFAULT_STALL_MS)
             row = _lock_row(conn, name)
             rows: _Rows[Any] = _Rows(projection, scratch)
             _catch_up(store, conn, rows, last, row.position)
