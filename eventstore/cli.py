@@ -638,7 +638,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import_modules(args)
     stop = threading.Event()
     tenant = None if args.all_tenants else args.tenant
-    with open_store(args, only_ours=True) as store, _stop_on_signals(stop):
+    with open_store(args, existing=True) as store, _stop_on_signals(stop):
         start = args.from_position
         if start is None:
             start = store.last_position() + 1
@@ -761,10 +761,27 @@ def _logging(verbosity: int, log_format: str = "console") -> Iterator[None]:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # The drivers' own log lines (psycopg's, SQLAlchemy's warnings) in the same shape, or a
+    # JSON stream would hold plain text lines.
+    forward = _ToStructlog()
+    forward.setLevel(level)
+    root = logging.getLogger()
+    root.addHandler(forward)
     try:
         yield
     finally:
+        root.removeHandler(forward)
         structlog.configure(**saved)
+
+
+class _ToStructlog(logging.Handler):
+    """Hands standard-library log records to structlog (the CLI's configuration renders them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger().log(record.levelno, record.getMessage(), logger=record.name)
+        except Exception:
+            self.handleError(record)
 
 
 def main(argv: list[str] | None = None) -> int:

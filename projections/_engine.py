@@ -1750,9 +1750,10 @@ def _owns_rebuild(row: Any, generation: int, position: int, code_version: int) -
             and row.rebuild_code_version == code_version)
 
 
-class UndecodableRow(msgspec.Struct, frozen=True):
+class UndecodableRow(msgspec.Struct, frozen=True, tag_field="undecodable_row", tag=True):
     """A live row's state that its projection cannot decode (damaged, or of another shape):
-    its stored text (up to 200 characters) and the decode error."""
+    its stored text (up to 200 characters) and the decode error.  (In JSON, an object with
+    ``"undecodable_row": "UndecodableRow"``.)"""
 
     stored: str
     error: str

@@ -412,14 +412,16 @@ def test_sqlite_url_options_that_would_be_ignored_are_refused(
             s.append("c-1", [RawEvent(type="T", data={})])
 
 
-@pytest.mark.parametrize("command", [["read", "c-1"], ["stats"], ["projections", "status"],
+@pytest.mark.parametrize("command", [["read", "c-1"], ["stats"], ["tail"],
+                                     ["projections", "status"],
                                      ["projections", "verify", "conversations"],
                                      ["projections", "rebuild", "conversations"],
                                      ["projections", "restart", "conversations"]])
 def test_reading_commands_do_not_create_a_sqlite_database(
         tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    """read, stats, projections status and verify of a SQLite path that is not there exit 2
-    and create nothing (they made an empty database there and reported no events)."""
+    """read, stats, tail, projections status and verify of a SQLite path that is not there
+    exit 2 and create nothing (they made an empty database there and reported no events, or
+    waited on it for ever)."""
     path = tmp_path / "typo.db"
     code, out, err = run(capsys, *command, "--url", f"sqlite:///{path}")
     assert (code, out) == (2, "")
@@ -438,9 +440,6 @@ def test_reading_commands_do_not_create_a_sqlite_database(
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
     conn.close()
     assert tables == ["orders"]
-    if command == ["read", "c-1"]:  # tail too (which waits for a database to be made)
-        code, out, err = run(capsys, "tail", "--url", f"sqlite:///{foreign}")
-        assert (code, out) == (2, "") and "is not an eventstore database" in err
 
 
 @pytest.mark.parametrize("argv", [["append", ""], ["append", "s-1", "--tenant", "t" * 300],
@@ -567,3 +566,21 @@ def test_append_module_checks_input_against_the_applications_event_types(
         assert code == 2 and "no module named 'no_such_mod'" in err
     finally:
         _registry.pop("OrderPlacedCli", None)
+
+
+def test_driver_log_lines_come_as_json_objects_with_json_logs(
+        url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --log-format json, what a library logs through the standard logging module (as
+    psycopg does when a connection is lost) is a JSON object on stderr too, not a text line."""
+    (tmp_path / "noisy_mod.py").write_text(
+        "import logging\nlogging.getLogger('psycopg').warning('error ignored terminating')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "noisy_mod", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, _, err = run(capsys, "append", "s-1", "--url", url, "--module", "noisy_mod",
+                       "--log-format", "json")
+    assert code == 0, err
+    (line,) = [json.loads(line) for line in err.splitlines()]
+    assert (line["event"], line["logger"], line["level"]) == (
+        "error ignored terminating", "psycopg", "warning")
