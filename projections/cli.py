@@ -198,40 +198,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = args.names or sorted(registered())
     chosen = [_projection(args, n) for n in names]
     _check_seconds(args.lease_seconds, "lease_seconds")  # before a SQLite file is made
+    if args.once:
+        return _run_once(args, chosen)
     stop = threading.Event()
+    # From the start: a SIGTERM while the store opens stops the worker as well (exit 0).
+    with cli._stop_on_signals(stop), open_store(args, only_ours=True) as store:
+        Projector(store, chosen, worker_id=args.worker_id,
+                  lease_seconds=args.lease_seconds).run(stop)
+    return cli.EXIT_OK
+
+
+def _run_once(args: argparse.Namespace, chosen: list[Projection[Any]]) -> int:
     with open_store(args, only_ours=True) as store:
         projector = Projector(store, chosen, worker_id=args.worker_id,
                               lease_seconds=args.lease_seconds)
-        if args.once:
-            try:
-                # A failed projection does not keep the rest from catching up (as in `run`).
-                n, _failures = projector.catch_up_each()
-            finally:
-                projector.release()  # let the next worker (or the next --once) in at once
-            print(f"applied {n} events")
-            states = [(p, st) for p in chosen for st in status(store, p.name)]
-            now = datetime.now(UTC)
-            for _p, st in states:
-                if (st.owner and st.owner != projector.worker_id and st.status != "failed"
-                        and st.lease_until is not None and st.lease_until > now and st.lag):
-                    cli.report(f"projection {st.name} is leased by worker {st.owner} until "
-                               f"{st.lease_until:%Y-%m-%d %H:%M:%S}Z, which runs it: this run "
-                               f"applied nothing to it (lag {st.lag}); if that worker is gone, "
-                               f"`eventstore projections restart {st.name}` drops its lease",
-                               "note")
-            for st in (st for p, st in states if st.code_version > p.version):
-                cli.report(f"the rows of {st.name} were built by a newer version of its fold "
-                           f"({st.code_version}): this code leaves them alone; to roll back to "
-                           f"it, run `eventstore projections rebuild {st.name}` with it", "note")
-            failed = [st for _p, st in states if st.status == "failed"]
-            for st in failed:  # a stopped projection applies nothing: not a success
-                cli.report(f"projection {st.name} is stopped after a failure at position "
-                           f"{st.failed_position}: {st.error}; fix it and run `eventstore "
-                           f"projections restart {st.name}`")
-            return cli.EXIT_ERROR if failed else cli.EXIT_OK
-        with cli._stop_on_signals(stop):
-            projector.run(stop)
-    return cli.EXIT_OK
+        try:
+            # A failed projection does not keep the rest from catching up (as in `run`).
+            n, _failures = projector.catch_up_each()
+        finally:
+            projector.release()  # let the next worker (or the next --once) in at once
+        print(f"applied {n} events")
+        states = [(p, st) for p in chosen for st in status(store, p.name)]
+    now = datetime.now(UTC)
+    for _p, st in states:
+        if (st.owner and st.owner != projector.worker_id and st.status != "failed"
+                and st.lease_until is not None and st.lease_until > now and st.lag):
+            cli.report(f"projection {st.name} is leased by worker {st.owner} until "
+                       f"{st.lease_until:%Y-%m-%d %H:%M:%S}Z, which runs it: this run "
+                       f"applied nothing to it (lag {st.lag}); if that worker is gone, "
+                       f"`eventstore projections restart {st.name}` drops its lease", "note")
+    for st in (st for p, st in states if st.code_version > p.version):
+        cli.report(f"the rows of {st.name} were built by a newer version of its fold "
+                   f"({st.code_version}): this code leaves them alone; to roll back to "
+                   f"it, run `eventstore projections rebuild {st.name}` with it", "note")
+    failed = [st for _p, st in states if st.status == "failed"]
+    for st in failed:  # a stopped projection applies nothing: not a success
+        cli.report(f"projection {st.name} is stopped after a failure at position "
+                   f"{st.failed_position}: {st.error}; fix it and run `eventstore "
+                   f"projections restart {st.name}`")
+    return cli.EXIT_ERROR if failed else cli.EXIT_OK
 
 
 def _add(subparsers: cli.Subparsers) -> None:
