@@ -548,15 +548,24 @@ def _parse_metadata(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+class StopRequested(Exception):
+    """SIGINT or SIGTERM came before the work that ``stop`` ends had started."""
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGINT/SIGTERM for the duration (main thread only; else no handlers)."""
+def _stop_on_signals(stop: threading.Event, started: threading.Event | None = None
+                     ) -> Iterator[None]:
+    """Set ``stop`` on SIGINT/SIGTERM for the duration (main thread only; else no handlers);
+    until ``started`` is set, also raise :class:`StopRequested` (a blocking connect, say, is
+    left at once)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        if started is not None and not started.is_set():
+            raise StopRequested
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -764,24 +773,37 @@ def _logging(verbosity: int, log_format: str = "console") -> Iterator[None]:
     # The drivers' own log lines (psycopg's, SQLAlchemy's warnings) in the same shape, or a
     # JSON stream would hold plain text lines.
     forward = _ToStructlog()
-    forward.setLevel(level)
     root = logging.getLogger()
+    root_level = root.level
+    root.setLevel(level)
     root.addHandler(forward)
     try:
         yield
     finally:
         root.removeHandler(forward)
+        root.setLevel(root_level)
         structlog.configure(**saved)
 
 
 class _ToStructlog(logging.Handler):
-    """Hands standard-library log records to structlog (the CLI's configuration renders them)."""
+    """Hands standard-library log records to structlog (the CLI's configuration renders them),
+    a traceback as the record's ``exception``."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            structlog.get_logger().log(record.levelno, record.getMessage(), logger=record.name)
+            # structlog knows the standard levels only: a custom one counts as the one below.
+            level = max((n for n in _STANDARD_LEVELS if n <= record.levelno),
+                        default=logging.DEBUG)
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exception"] = "".join(traceback.format_exception(*record.exc_info))
+            structlog.get_logger().log(level, record.getMessage(), **fields)
         except Exception:
             self.handleError(record)
+
+
+_STANDARD_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
+                    logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

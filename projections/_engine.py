@@ -1254,16 +1254,22 @@ _DEFAULT_STALL_MS = int(_MIN_STALL_SECONDS * 1000)
 _IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout ended the transaction
 _LOCK_TIMEOUT = "55P03"  # lock_timeout: the row lock was not granted in time
 _BATCH_LOCK_WAIT_MS = 1000
+_idle_limit = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
+                                     literal(True)))
 _limits = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
                                  literal(True)),
                  func.set_config("lock_timeout", bindparam("lock_ms"), literal(True)))
 
 
-def _limit_waits(conn: Connection, stall_ms: int, lock_ms: int = 0) -> None:
-    """PostgreSQL: end this transaction when it sits idle for ``stall_ms`` (its worker froze
-    while it holds the projection's row lock, and the others wait for it), and wait at most
-    ``lock_ms`` for a lock (0: as long as it takes)."""
-    if conn.dialect.name == "postgresql":
+def _limit_waits(conn: Connection, stall_ms: int, lock_ms: int | None = None) -> None:
+    """PostgreSQL, for the rest of this transaction: end it when it sits idle for ``stall_ms``
+    (its worker froze while it holds the projection's row lock, and the others wait for it),
+    and wait at most ``lock_ms`` for a lock (None: the server's setting)."""
+    if conn.dialect.name != "postgresql":
+        return
+    if lock_ms is None:
+        conn.execute(_idle_limit, {"ms": str(stall_ms)})
+    else:
         conn.execute(_limits, {"ms": str(stall_ms), "lock_ms": str(lock_ms)})
 
 
@@ -1320,6 +1326,7 @@ class Projector:
         self._log = _log.bind(worker=self.worker_id)
         self._outdated: set[str] = set()  # projections whose rows newer code built (logged)
         self._rebuilding: set[str] = set()  # projections whose rebuild this worker left off
+        self._busy: set[str] = set()  # projections whose row another transaction held
         self._stop: threading.Event | None = None  # run()'s
         for p in self.projections:
             ensure_registered(store, p)
@@ -1344,6 +1351,8 @@ class Projector:
         :class:`ProjectionFailed` when the fold raises; the projection is then marked failed.
         """
         p = projection
+        self._rebuilding.discard(p.name)  # (set again below while its rebuild goes on)
+        self._busy.discard(p.name)
         try:
             with transaction(self.store, write=True) as conn:
                 # The batch holds the projection's row lock: if this worker freezes in it (a
@@ -1381,6 +1390,8 @@ class Projector:
                     rows.flush(conn, now_us)
                     conn.execute(update(projections).where(projections.c.name == p.name)
                                  .values(position=page[-1].position, updated_at=now_us))
+                    if p.name in self._sizes:  # got through: back up towards batch_size
+                        self._grow(p)
                     return len(page)
             # Rows of another fold version: replay them with this one (the lease is ours), a
             # slice of half a lease at a time (the next run_once renews the lease and resumes
@@ -1398,12 +1409,10 @@ class Projector:
                          stall_ms=self.stall_ms, moved=moved)
             except RebuildInProgress:
                 self._log.info("projection_rebuild_elsewhere", projection=p.name)
-                self._rebuilding.discard(p.name)
                 return 0  # another process rebuilds it; its rows come with its swap
             except _RebuildStopped:
                 self._rebuilding.add(p.name)  # more to replay: not idle
                 return moved.get("replayed", 0)
-            self._rebuilding.discard(p.name)
             return moved.get("replayed", 0)
         except ProjectionFailed as e:
             _record_failure(self.store, p.name, e)
@@ -1411,6 +1420,7 @@ class Projector:
         except DatabaseError as e:
             if _sqlstate(e) == _LOCK_TIMEOUT:
                 self._log.debug("projection_busy_elsewhere", projection=p.name)
+                self._busy.add(p.name)
                 return 0
             if _sqlstate(e) == _IDLE_TIMEOUT:
                 # The server ended the batch after stall_seconds idle: this worker froze, or
@@ -1450,9 +1460,19 @@ class Projector:
         for p in self.projections:
             try:
                 while True:
-                    n = self.run_once(p)
+                    size = self._size(p)
+                    try:
+                        n = self.run_once(p)
+                    except DatabaseError as e:
+                        # A batch the server ended for idling: run_once halved it; again,
+                        # unless a single event's fold outlasts stall_seconds.
+                        if _sqlstate(e) != _IDLE_TIMEOUT or size == 1:
+                            raise
+                        continue
                     total += n
-                    if n < self._size(p) and p.name not in self._rebuilding:
+                    if p.name in self._busy:  # its row was held longer than a wait: again
+                        continue
+                    if n < size and p.name not in self._rebuilding:  # (the batch's size)
                         break
             except ProjectionFailed as e:
                 failures.append(e)
@@ -1489,8 +1509,9 @@ class Projector:
                     if stop.is_set():  # (a stopping worker takes no more work)
                         break
                     try:
+                        size = self._size(p)
                         n = self.run_once(p)
-                        busy = n >= self._size(p) or p.name in self._rebuilding or busy
+                        busy = n >= size or p.name in self._rebuilding or busy
                     except ProjectionFailed:
                         pass  # recorded (status: failed) and logged by run_once
                     except DatabaseError as e:
@@ -1527,6 +1548,13 @@ class Projector:
 
     def _size(self, p: Projection[Any]) -> int:
         return self._sizes.get(p.name, self.batch_size)
+
+    def _grow(self, p: Projection[Any]) -> None:
+        size = self._sizes[p.name] * 2
+        if size >= self.batch_size:
+            del self._sizes[p.name]
+        else:
+            self._sizes[p.name] = size
 
     def release(self) -> None:
         """Give up this worker's leases (a clean shutdown lets another take over at once)."""
@@ -1578,16 +1606,18 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
         if last >= bound:
             return last
         with transaction(store, write=True) as conn:
-            if track:  # (the page holds the projection's lock, see _own_rebuild)
-                _limit_waits(conn, stall_ms)
             page = store.read_page(conn, from_position=last + 1, limit=_PAGE * 5,
                                    categories=cats)
             page = [e for e in page if e.position <= bound]
             if not page:
                 return last
-            if track:
-                _own_rebuild(conn, projection.name, generation, last, projection.version)
+            # The fold first, without the projection's lock (on PostgreSQL: the others wait
+            # for no fold, however slow); then the lock, and the check that this rebuild still
+            # has the generation where it left it, before any row is written.
             rows.apply(conn, page)
+            if track:
+                _limit_waits(conn, stall_ms)
+                _own_rebuild(conn, projection.name, generation, last, projection.version)
             rows.flush(conn, _now_us(store))
             last = page[-1].position
             if track:
@@ -1803,7 +1833,10 @@ def verify(store: EventStore, projection: Projection[Any], *,
             rows: _Rows[Any] = _Rows(projection, scratch)
             _catch_up(store, conn, rows, last, row.position)
             rows.flush(conn, _now_us(store))
-            return _compare(conn, projection, row.generation, scratch)
+            # Both sets of rows as they are under the lock; compared after it is let go.
+            live, rebuilt = (_stored_rows(conn, name, row.generation),
+                             _stored_rows(conn, name, scratch))
+        return _compare(projection, live, rebuilt)
     finally:
         with transaction(store, write=True) as conn:
             conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
@@ -1829,17 +1862,23 @@ def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
         _log.info("projection_scratch_dropped", projection=name, rows=gone)
 
 
-def _compare(conn: Connection, projection: Projection[Any], live_gen: int, scratch: int
-             ) -> list[Difference]:
+_COMPARED = ("version", "status", "group_key", "sort_key")  # besides the state
+
+
+def _stored_rows(conn: Connection, name: str, generation: int
+                 ) -> dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]]:
     pr = projection_rows.c
+    found = conn.execute(select(pr.tenant_id, pr.stream_id, pr.state,
+                                *(pr[n] for n in _COMPARED))
+                         .where(pr.projection == name, pr.generation == generation))
+    return {(r.tenant_id, r.stream_id): (bytes(r.state), tuple(r[3:])) for r in found}
 
-    names = ("version", "status", "group_key", "sort_key")
 
-    def rows(gen: int) -> dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]]:
-        found = conn.execute(select(pr.tenant_id, pr.stream_id, pr.state,
-                                    *(pr[n] for n in names))
-                             .where(pr.projection == projection.name, pr.generation == gen))
-        return {(r.tenant_id, r.stream_id): (bytes(r.state), tuple(r[3:])) for r in found}
+def _compare(projection: Projection[Any],
+             live: dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]],
+             rebuilt: dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]]
+             ) -> list[Difference]:
+    names = _COMPARED
 
     def decoded(raw: bytes) -> Any:
         try:
@@ -1848,7 +1887,6 @@ def _compare(conn: Connection, projection: Projection[Any], live_gen: int, scrat
             return UndecodableRow(raw.decode("utf-8", "replace")[:200],
                                   f"{type_name(e)}: {e}")
 
-    live, rebuilt = rows(live_gen), rows(scratch)
     out = []
     for key in sorted(set(live) | set(rebuilt)):
         a, b = live.get(key), rebuilt.get(key)

@@ -7,6 +7,7 @@ name in :func:`projections.registered`; ``--module`` imports more modules that r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -200,11 +201,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_seconds(args.lease_seconds, "lease_seconds")  # before a SQLite file is made
     if args.once:
         return _run_once(args, chosen)
-    stop = threading.Event()
-    # From the start: a SIGTERM while the store opens stops the worker as well (exit 0).
-    with cli._stop_on_signals(stop), open_store(args, only_ours=True) as store:
-        Projector(store, chosen, worker_id=args.worker_id,
-                  lease_seconds=args.lease_seconds).run(stop)
+    stop, started = threading.Event(), threading.Event()
+    # From the start: a signal while the store opens ends the worker as well (exit 0).
+    with (contextlib.suppress(cli.StopRequested), cli._stop_on_signals(stop, started),
+          open_store(args, only_ours=True) as store):
+        projector = Projector(store, chosen, worker_id=args.worker_id,
+                              lease_seconds=args.lease_seconds)
+        started.set()
+        projector.run(stop)
     return cli.EXIT_OK
 
 

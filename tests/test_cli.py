@@ -574,13 +574,25 @@ def test_driver_log_lines_come_as_json_objects_with_json_logs(
     """With --log-format json, what a library logs through the standard logging module (as
     psycopg does when a connection is lost) is a JSON object on stderr too, not a text line."""
     (tmp_path / "noisy_mod.py").write_text(
-        "import logging\nlogging.getLogger('psycopg').warning('error ignored terminating')\n")
+        "import logging\n"
+        "log = logging.getLogger('a_driver')\n"
+        "log.warning('error ignored terminating')\n"
+        "log.info('an info line')\n"
+        "log.log(35, 'a level of its own')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    log.exception('reset failed')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "noisy_mod", raising=False)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
-    code, _, err = run(capsys, "append", "s-1", "--url", url, "--module", "noisy_mod",
-                       "--log-format", "json")
-    assert code == 0, err
-    (line,) = [json.loads(line) for line in err.splitlines()]
-    assert (line["event"], line["logger"], line["level"]) == (
-        "error ignored terminating", "psycopg", "warning")
+    for verbose, expected in ((), ["warning", "warning", "error"]), (("-v",), [
+            "warning", "info", "warning", "error"]):
+        monkeypatch.delitem(sys.modules, "noisy_mod", raising=False)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+        code, _, err = run(capsys, "append", "s-1", "--url", url, "--module", "noisy_mod",
+                           "--log-format", "json", *verbose)
+        assert code == 0, err
+        lines = [json.loads(line) for line in err.splitlines()
+                 if json.loads(line).get("logger") == "a_driver"]
+        assert [line["level"] for line in lines] == expected, err
+        assert lines[0]["event"] == "error ignored terminating"
+        assert "ZeroDivisionError" in lines[-1]["exception"]
