@@ -1254,6 +1254,7 @@ _DEFAULT_STALL_MS = int(_MIN_STALL_SECONDS * 1000)
 _IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout ended the transaction
 _LOCK_TIMEOUT = "55P03"  # lock_timeout: the row lock was not granted in time
 _BATCH_LOCK_WAIT_MS = 1000
+_BUSY_MARGIN_SECONDS = 5.0
 _idle_limit = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
                                      literal(True)))
 _limits = select(func.set_config("idle_in_transaction_session_timeout", bindparam("ms"),
@@ -1390,8 +1391,6 @@ class Projector:
                     rows.flush(conn, now_us)
                     conn.execute(update(projections).where(projections.c.name == p.name)
                                  .values(position=page[-1].position, updated_at=now_us))
-                    if p.name in self._sizes:  # got through: back up towards batch_size
-                        self._grow(p)
                     return len(page)
             # Rows of another fold version: replay them with this one (the lease is ours), a
             # slice of half a lease at a time (the next run_once renews the lease and resumes
@@ -1425,7 +1424,8 @@ class Projector:
             if _sqlstate(e) == _IDLE_TIMEOUT:
                 # The server ended the batch after stall_seconds idle: this worker froze, or
                 # the batch's fold takes that long.  Retried (a transient error) with half the
-                # events, so that a slow fold still gets through.
+                # events, so that a slow fold still gets through; this worker keeps the smaller
+                # size (growing it back would time out again, every other batch).
                 size = self._sizes[p.name] = max(1, self._size(p) // 2)
                 self._log.warning("projector_batch_too_slow", projection=p.name,
                                   stall_seconds=self.stall_ms / 1000, batch_size=size)
@@ -1458,8 +1458,11 @@ class Projector:
         total = 0
         failures: list[EventStoreError] = []
         for p in self.projections:
+            # A row another transaction holds is tried again (a batch waits a second for it)
+            # until a frozen holder's transaction would have been ended, then left.
+            busy_until = time.monotonic() + self.stall_ms / 1000 + _BUSY_MARGIN_SECONDS
             try:
-                while True:
+                while not self._stopping():
                     size = self._size(p)
                     try:
                         n = self.run_once(p)
@@ -1470,8 +1473,8 @@ class Projector:
                             raise
                         continue
                     total += n
-                    if p.name in self._busy:  # its row was held longer than a wait: again
-                        continue
+                    if p.name in self._busy and time.monotonic() < busy_until:
+                        continue  # its row was held longer than a wait: again
                     if n < size and p.name not in self._rebuilding:  # (the batch's size)
                         break
             except ProjectionFailed as e:
@@ -1543,18 +1546,18 @@ class Projector:
             # Stopping while the database is out of reach: the leases run out by themselves.
             self._log.warning("projector_leases_not_released", error=str(e))
 
+    @property
+    def held_elsewhere(self) -> frozenset[str]:
+        """The projections whose last batch found their row held by another transaction
+        longer than it waits (see :meth:`run_once`), so this worker left them for now."""
+        return frozenset(self._busy)
+
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
 
     def _size(self, p: Projection[Any]) -> int:
         return self._sizes.get(p.name, self.batch_size)
 
-    def _grow(self, p: Projection[Any]) -> None:
-        size = self._sizes[p.name] * 2
-        if size >= self.batch_size:
-            del self._sizes[p.name]
-        else:
-            self._sizes[p.name] = size
 
     def release(self) -> None:
         """Give up this worker's leases (a clean shutdown lets another take over at once)."""
@@ -1614,7 +1617,12 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
             # The fold first, without the projection's lock (on PostgreSQL: the others wait
             # for no fold, however slow); then the lock, and the check that this rebuild still
             # has the generation where it left it, before any row is written.
-            rows.apply(conn, page)
+            try:
+                rows.apply(conn, page)
+            except (ProjectionFailed, EventDecodeError):
+                if track:  # folded onto rows another rebuild took over (and changed)?
+                    _own_rebuild(conn, projection.name, generation, last, projection.version)
+                raise  # (still this rebuild's: the failure is the fold's own)
             if track:
                 _limit_waits(conn, stall_ms)
                 _own_rebuild(conn, projection.name, generation, last, projection.version)

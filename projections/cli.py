@@ -225,7 +225,10 @@ def _run_once(args: argparse.Namespace, chosen: list[Projection[Any]]) -> int:
         states = [(p, st) for p in chosen for st in status(store, p.name)]
     now = datetime.now(UTC)
     for _p, st in states:
-        if (st.owner and st.owner != projector.worker_id and st.status != "failed"
+        if st.name in projector.held_elsewhere and st.lag:
+            cli.report(f"projection {st.name}: another transaction held its row longer than "
+                       f"this run waited, which left it (lag {st.lag})", "note")
+        elif (st.owner and st.owner != projector.worker_id and st.status != "failed"
                 and st.lease_until is not None and st.lease_until > now and st.lag):
             cli.report(f"projection {st.name} is leased by worker {st.owner} until "
                        f"{st.lease_until:%Y-%m-%d %H:%M:%S}Z, which runs it: this run "
