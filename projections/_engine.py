@@ -1405,7 +1405,7 @@ class Projector:
                 # may have rebuilt them since this lease's read.
                 _rebuild(self.store, p, progress=None, only_if_stale=True,
                          stopping=lambda: self._stopping() or time.monotonic() >= ends,
-                         stall_ms=self.stall_ms, moved=moved)
+                         stall_ms=self.stall_ms, moved=moved, page=self._size(p))
             except RebuildInProgress:
                 self._log.info("projection_rebuild_elsewhere", projection=p.name)
                 return 0  # another process rebuilds it; its rows come with its swap
@@ -1595,7 +1595,7 @@ ProgressFn = Callable[[int, int], None]
 
 def _fill(store: EventStore, projection: Projection[Any], generation: int, start: int,
           until: Callable[[], int], progress: ProgressFn | None, *, track: bool,
-          stall_ms: int = _DEFAULT_STALL_MS) -> int:
+          stall_ms: int = _DEFAULT_STALL_MS, page: int | None = None) -> int:
     """Fold the log into ``generation`` page by page from ``start``; returns the last position.
 
     Each page commits its rows (and, when ``track``, the rebuild position) in one transaction, so
@@ -1604,21 +1604,21 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
     rows: _Rows[Any] = _Rows(projection, generation)
     last = start
     cats = projection.categories or None
+    size = page or _PAGE * 5
     while True:
         bound = until()
         if last >= bound:
             return last
         with transaction(store, write=True) as conn:
-            page = store.read_page(conn, from_position=last + 1, limit=_PAGE * 5,
-                                   categories=cats)
-            page = [e for e in page if e.position <= bound]
-            if not page:
+            events = store.read_page(conn, from_position=last + 1, limit=size, categories=cats)
+            events = [e for e in events if e.position <= bound]
+            if not events:
                 return last
             # The fold first, without the projection's lock (on PostgreSQL: the others wait
             # for no fold, however slow); then the lock, and the check that this rebuild still
             # has the generation where it left it, before any row is written.
             try:
-                rows.apply(conn, page)
+                rows.apply(conn, events)
             except (ProjectionFailed, EventDecodeError):
                 if track:  # folded onto rows another rebuild took over (and changed)?
                     _own_rebuild(conn, projection.name, generation, last, projection.version)
@@ -1627,7 +1627,7 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
                 _limit_waits(conn, stall_ms)
                 _own_rebuild(conn, projection.name, generation, last, projection.version)
             rows.flush(conn, _now_us(store))
-            last = page[-1].position
+            last = events[-1].position
             if track:
                 conn.execute(update(projections).where(projections.c.name == projection.name)
                              .values(rebuild_position=last))
@@ -1653,12 +1653,13 @@ class _RebuildStopped(Exception):
 
 def _rebuild(store: EventStore, projection: Projection[Any], *, progress: ProgressFn | None,
              only_if_stale: bool, stopping: Callable[[], bool] | None = None,
-             stall_ms: int = _DEFAULT_STALL_MS, moved: dict[str, int] | None = None) -> int:
+             stall_ms: int = _DEFAULT_STALL_MS, moved: dict[str, int] | None = None,
+             page: int | None = None) -> int:
     """:func:`rebuild`; with ``only_if_stale``, none when the rows are of this fold version or a
     newer one by the time the lock is held (another process rebuilt them meanwhile).  Raises
     :class:`_RebuildStopped` after a page once ``stopping()`` is true.  Each transaction holding
     the projection's lock ends if idle for ``stall_ms`` (see :func:`_limit_waits`); ``moved``
-    gets the number of events ``replayed``."""
+    gets the number of events ``replayed``; ``page``: events per page (and transaction)."""
     ensure_registered(store, projection)
     name = projection.name
     with transaction(store, write=True) as conn:
@@ -1703,7 +1704,7 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
 
     try:
         last = _fill(store, projection, gen, start, store.last_position, tracked, track=True,
-                     stall_ms=stall_ms)
+                     stall_ms=stall_ms, page=page)
         with transaction(store, write=True) as conn:
             _limit_waits(conn, stall_ms)
             row = _own_rebuild(conn, name, gen, last, projection.version)

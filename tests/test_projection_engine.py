@@ -1267,10 +1267,8 @@ def test_a_stopping_projector_leaves_a_rebuild_off_after_a_page(
     worker resumes the rebuild where it left off."""
     import threading
 
-    from projections import _engine as engine
 
-    monkeypatch.setattr(engine, "_PAGE", 2)  # rebuild pages of 10 events
-    bump(store, "a", 50)
+    bump(store, "a", 50)  # (a worker's rebuild pages are its batches: 10 events here)
     first = Projector(store, [TallyProjection("tally_async")])
     first.catch_up()
     first.release()
@@ -1286,7 +1284,7 @@ def test_a_stopping_projector_leaves_a_rebuild_off_after_a_page(
                 stop.set()  # SIGTERM arrives in the middle of the second page
             return super().evolve(state, event)
 
-    worker = Projector(store, [Bumped("tally_async")], lease_seconds=0.1)
+    worker = Projector(store, [Bumped("tally_async")], lease_seconds=0.1, batch_size=10)
     worker.run(stop)
     (st,) = status(store, "tally_async")
     assert st.code_version == 1 and st.rebuild_generation is not None
@@ -1433,9 +1431,7 @@ def test_a_workers_rebuild_goes_in_slices_beside_its_other_projections(
     for the whole rebuild) and its lease is renewed each turn; catch_up runs it to the end."""
     import time
 
-    from projections import _engine as engine
 
-    monkeypatch.setattr(engine, "_PAGE", 2)  # rebuild pages of 10 events
     bump(store, "a", 60)
     first = Projector(store, [TallyProjection("tally_async")])
     first.catch_up()
@@ -1449,18 +1445,18 @@ def test_a_workers_rebuild_goes_in_slices_beside_its_other_projections(
             return super().evolve(state, event)
 
     slow, other = Bumped("tally_async"), TallyProjection("tally_other")
-    worker = Projector(store, [slow, other], lease_seconds=0.1)
+    worker = Projector(store, [slow, other], lease_seconds=0.1, batch_size=10)
     replayed = worker.run_once(slow)
     assert 0 < replayed < 60 and "tally_async" in worker._rebuilding
     (st,) = status(store, "tally_async")
     assert st.code_version == 1 and st.rebuild_position == replayed
-    assert worker.run_once(other) == 60  # not kept waiting for the rebuild
+    assert worker.run_once(other) == 10  # not kept waiting for the rebuild
     second = worker.run_once(slow)
     assert second > 0 and "tally_async" in worker._rebuilding
     rebuild(store, slow)  # an operator finishes it meanwhile
     assert worker.run_once(slow) == 0 and "tally_async" not in worker._rebuilding
     bump(store, "a", 1)
-    assert worker.catch_up() == 2  # the new event, for each projection
+    assert worker.catch_up() == 52  # the rest for tally_other, and the new event for both
     (st,) = status(store, "tally_async")
     assert st.code_version == 2 and st.rebuild_generation is None and st.position == 61
     assert "tally_async" not in worker._rebuilding
@@ -1609,7 +1605,7 @@ def test_a_rebuild_that_lost_its_generation_does_not_fail_the_projection(
     first = Projector(store, [Versioned(1)])
     first.catch_up()
     first.release()
-    worker = Projector(store, [Versioned(2)], lease_seconds=60)
+    worker = Projector(store, [Versioned(2)], lease_seconds=60, batch_size=5_000)
     real_fill = engine._fill
 
     class AfterTwoPages:  # the first slice leaves off after two pages (b's rows half made)

@@ -552,3 +552,41 @@ def test_a_projection_registered_under_another_name_is_refused(
         assert code == 2 and "registered as 'tally_alias' is named 'tally_real'" in err, err
     with pytest.raises(engine.InvalidArgument):
         engine.register("x", "not a factory")  # type: ignore[arg-type]
+
+
+def test_run_once_names_a_projection_another_process_is_rebuilding(
+        url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """run --once that finds another process rebuilding a projection (its rows of an older
+    fold version) leaves it to that one and says so, rather than report 0 events as done."""
+    from projections.errors import RebuildInProgress
+
+    (tmp_path / "bumped_mod.py").write_text(
+        "from projections import register\n"
+        "from tests._projections import TallyProjection\n"
+        "class Bumped(TallyProjection):\n"
+        "    version = 2\n"
+        "register('tally_bumped', lambda: Bumped('tally_bumped'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine, "_registry", dict(engine._registry))
+    monkeypatch.delitem(sys.modules, "bumped_mod", raising=False)
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        first = Projector(store, [TallyProjection("tally_bumped")])
+        first.catch_up()
+        first.release()
+        store.append("counter-a", [CounterIncremented(by=1)])
+
+    def elsewhere(*args: Any, **kwargs: Any) -> int:
+        with EventStore.open(url) as store, begin_write(store.engine) as conn:
+            conn.execute(update(engine.projections).where(
+                engine.projections.c.name == "tally_bumped").values(
+                rebuild_generation=2, rebuild_position=1, rebuild_code_version=2))
+        raise RebuildInProgress("being rebuilt by another process", reason="rebuilding")
+
+    monkeypatch.setattr(engine, "_rebuild", elsewhere)
+    code, out, err = run(capsys, "projections", "run", "--once", "tally_bumped", "--url", url,
+                         "--module", "bumped_mod")
+    assert code == 0 and "applied 0 events" in out
+    assert "projection tally_bumped is being rebuilt (generation 2, at position 1) by another " \
+           "process: this run left it to that one (lag 1)" in err
