@@ -1328,6 +1328,7 @@ class Projector:
         self._outdated: set[str] = set()  # projections whose rows newer code built (logged)
         self._rebuilding: set[str] = set()  # projections whose rebuild this worker left off
         self._busy: set[str] = set()  # projections whose row another transaction held
+        self._rebuilt_elsewhere: set[str] = set()  # ... that another process was rebuilding
         self._stop: threading.Event | None = None  # run()'s
         for p in self.projections:
             ensure_registered(store, p)
@@ -1354,6 +1355,7 @@ class Projector:
         p = projection
         self._rebuilding.discard(p.name)  # (set again below while its rebuild goes on)
         self._busy.discard(p.name)
+        self._rebuilt_elsewhere.discard(p.name)
         try:
             with transaction(self.store, write=True) as conn:
                 # The batch holds the projection's row lock: if this worker freezes in it (a
@@ -1408,6 +1410,7 @@ class Projector:
                          stall_ms=self.stall_ms, moved=moved, page=self._size(p))
             except RebuildInProgress:
                 self._log.info("projection_rebuild_elsewhere", projection=p.name)
+                self._rebuilt_elsewhere.add(p.name)
                 return 0  # another process rebuilds it; its rows come with its swap
             except _RebuildStopped:
                 self._rebuilding.add(p.name)  # more to replay: not idle
@@ -1460,9 +1463,9 @@ class Projector:
         for p in self.projections:
             # A row another transaction holds is tried again (a batch waits a second for it)
             # until a frozen holder's transaction would have been ended, then left.
-            busy_until = time.monotonic() + self.stall_ms / 1000 + _BUSY_MARGIN_SECONDS
+            busy_until: float | None = None
             try:
-                while not self._stopping():
+                while True:
                     size = self._size(p)
                     try:
                         n = self.run_once(p)
@@ -1473,8 +1476,14 @@ class Projector:
                             raise
                         continue
                     total += n
-                    if p.name in self._busy and time.monotonic() < busy_until:
-                        continue  # its row was held longer than a wait: again
+                    if p.name in self._busy:  # its row was held longer than a wait: again
+                        if busy_until is None:  # (counted from when it was first found held)
+                            busy_until = (time.monotonic() + self.stall_ms / 1000
+                                          + _BUSY_MARGIN_SECONDS)
+                        if time.monotonic() < busy_until:
+                            continue
+                    else:
+                        busy_until = None
                     if n < size and p.name not in self._rebuilding:  # (the batch's size)
                         break
             except ProjectionFailed as e:
@@ -1551,6 +1560,12 @@ class Projector:
         """The projections whose last batch found their row held by another transaction
         longer than it waits (see :meth:`run_once`), so this worker left them for now."""
         return frozenset(self._busy)
+
+    @property
+    def rebuilt_elsewhere(self) -> frozenset[str]:
+        """The projections whose last turn found another process rebuilding them (their rows
+        come with that rebuild's swap)."""
+        return frozenset(self._rebuilt_elsewhere)
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()

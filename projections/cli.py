@@ -225,13 +225,13 @@ def _run_once(args: argparse.Namespace, chosen: list[Projection[Any]]) -> int:
         states = [(p, st) for p in chosen for st in status(store, p.name)]
     now = datetime.now(UTC)
     for _p, st in states:
-        if st.name in projector.held_elsewhere and st.lag:
-            cli.report(f"projection {st.name}: another transaction held its row longer than "
-                       f"this run waited, which left it (lag {st.lag})", "note")
-        elif st.rebuild_generation is not None and st.lag and st.status != "failed":
+        if st.name in projector.rebuilt_elsewhere and st.lag:
             cli.report(f"projection {st.name} is being rebuilt (generation "
                        f"{st.rebuild_generation}, at position {st.rebuild_position}) by "
                        f"another process: this run left it to that one (lag {st.lag})", "note")
+        elif st.name in projector.held_elsewhere and st.lag:
+            cli.report(f"projection {st.name}: another transaction held its row longer than "
+                       f"this run waited, which left it (lag {st.lag})", "note")
         elif (st.owner and st.owner != projector.worker_id and st.status != "failed"
                 and st.lease_until is not None and st.lease_until > now and st.lag):
             cli.report(f"projection {st.name} is leased by worker {st.owner} until "

@@ -1482,23 +1482,35 @@ def test_a_stopping_worker_takes_no_more_projections(store: EventStore) -> None:
     assert all(st.owner is None for st in status(store))
 
 
+def _lock_projection_row(conn: Any, name: str) -> None:
+    """Hold projection ``name``'s bookkeeping row in ``conn``'s transaction (as another worker's
+    batch, a rebuild page or an operator's transaction does)."""
+    from sqlalchemy import text
+
+    conn.execute(text("SELECT 1 FROM es_projections WHERE name = :name FOR UPDATE"),
+                 {"name": name})
+
+
+def _caught_up(store: EventStore, name: str, **kwargs: Any) -> tuple[TallyProjection, Projector]:
+    """A tally projection ``name`` and a projector that has caught it up on two new events."""
+    bump(store, "a", 2)
+    p = TallyProjection(name)
+    projector = Projector(store, [p], **kwargs)
+    assert projector.catch_up() == 2
+    return p, projector
+
+
 def test_a_row_another_worker_holds_is_left_for_now_on_postgres(fresh_pg: str) -> None:
     """PostgreSQL: a batch waits at most a second for the projection's row lock another
     transaction holds (a worker busy with it, or frozen in it), then leaves the projection
     for now instead of blocking the worker's other projections and its stop."""
     import time
 
-    from sqlalchemy import text
-
     with EventStore.open(fresh_pg, migrate=True) as store:
-        bump(store, "a", 2)
-        p = TallyProjection("tally_held")
-        projector = Projector(store, [p])
-        assert projector.catch_up() == 2
+        p, projector = _caught_up(store, "tally_held")
         bump(store, "a", 1)
         with begin_write(store.engine) as conn:
-            conn.execute(text("SELECT 1 FROM es_projections WHERE name = 'tally_held' "
-                              "FOR UPDATE"))
+            _lock_projection_row(conn, "tally_held")
             started = time.monotonic()
             assert projector.run_once(p) == 0
             assert time.monotonic() - started < 5
@@ -1557,20 +1569,14 @@ def test_catch_up_waits_for_a_row_another_transaction_holds_on_postgres(
     `run --once`) tries again: it applies the whole log, not 0 events reported as done."""
     import threading
 
-    from sqlalchemy import text
-
     with EventStore.open(fresh_pg, migrate=True) as store:
-        bump(store, "a", 2)
-        p = TallyProjection("tally_waited")
-        projector = Projector(store, [p])
-        assert projector.catch_up() == 2
+        _p, projector = _caught_up(store, "tally_waited")
         bump(store, "a", 3)
         held, release = threading.Event(), threading.Event()
 
         def hold() -> None:
             with begin_write(store.engine) as conn:
-                conn.execute(text("SELECT 1 FROM es_projections WHERE name = 'tally_waited' "
-                                  "FOR UPDATE"))
+                _lock_projection_row(conn, "tally_waited")
                 held.set()
                 release.wait(2.5)
 
@@ -1643,8 +1649,6 @@ def test_catch_up_leaves_a_row_held_past_a_frozen_workers_limit(fresh_pg: str) -
     import threading
     import time
 
-    from sqlalchemy import text
-
     from projections import _engine as engine
 
     with EventStore.open(fresh_pg, migrate=True) as store:
@@ -1656,8 +1660,7 @@ def test_catch_up_leaves_a_row_held_past_a_frozen_workers_limit(fresh_pg: str) -
 
         def hold() -> None:
             with begin_write(store.engine) as conn:
-                conn.execute(text("SELECT 1 FROM es_projections WHERE name = "
-                                  "'tally_held_long' FOR UPDATE"))
+                _lock_projection_row(conn, "tally_held_long")
                 ready.set()
                 release.wait(30)
 
@@ -1675,3 +1678,35 @@ def test_catch_up_leaves_a_row_held_past_a_frozen_workers_limit(fresh_pg: str) -
             engine._BUSY_MARGIN_SECONDS = margin
             release.set()
             t.join()
+
+
+def test_catch_up_counts_its_wait_for_a_held_row_from_when_it_finds_it_held(
+        fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: a catch-up that has run longer than the wait it allows for a held row
+    still waits for a row first found held late in it (it gave up at once, events left)."""
+    import threading
+    import time
+
+    from projections import _engine as engine
+
+    monkeypatch.setattr(engine, "_BUSY_MARGIN_SECONDS", 0.5)  # a wait of 1.5 s in all
+    holding = threading.Event()
+
+    def hold_for(seconds: float) -> None:
+        with begin_write(store.engine) as conn:  # (waits for the batch under way to commit)
+            _lock_projection_row(conn, "tally_late")
+            holding.set()
+            time.sleep(seconds)
+
+    class Slow(TallyProjection):
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            time.sleep(0.1)
+            if event.position == 26 and not holding.is_set():  # after 2.5 s of catching up
+                threading.Thread(target=hold_for, args=(1.2,), daemon=True).start()
+            return super().evolve(state, event)
+
+    with EventStore.open(fresh_pg, migrate=True) as store:
+        bump(store, "a", 40)
+        projector = Projector(store, [Slow("tally_late")], batch_size=5, stall_seconds=1)
+        assert projector.catch_up() == 40
+        assert holding.is_set() and status(store, "tally_late")[0].lag == 0

@@ -134,19 +134,25 @@ def test_status_json_has_position_lag_and_owner(url: str, capsys: pytest.Capture
     assert tally["generation"] == 1 and tally["error"] is None
 
 
-def module_registering(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, module: str,
-                       *names: str, poison: dict[str, int] | None = None) -> None:
-    """An application module ``module`` on the path that registers tally projections ``names``
-    (those in ``poison`` failing on its value; the registry and the module are as before once
-    the test ends)."""
-    (tmp_path / f"{module}.py").write_text(
-        "from projections import register\n"
-        "from tests._projections import TallyProjection\n"
-        + "".join(f"register({name!r}, lambda: TallyProjection("
-                  f"{name!r}, poison={(poison or {}).get(name)}))\n" for name in names))
+def application_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, module: str,
+                       source: str) -> None:
+    """An application module ``module`` on the path with ``source`` (the registry and the
+    module are as before once the test ends)."""
+    (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(engine, "_registry", dict(engine._registry))
     monkeypatch.delitem(sys.modules, module, raising=False)  # imported afresh
+
+
+def module_registering(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, module: str,
+                       *names: str, poison: dict[str, int] | None = None) -> None:
+    """An application module ``module`` that registers tally projections ``names`` (those in
+    ``poison`` failing on its value)."""
+    application_module(tmp_path, monkeypatch, module, (
+        "from projections import register\n"
+        "from tests._projections import TallyProjection\n"
+        + "".join(f"register({name!r}, lambda: TallyProjection("
+                  f"{name!r}, poison={(poison or {}).get(name)}))\n" for name in names)))
 
 
 def test_status_module_gives_a_registered_projections_lag(
@@ -539,13 +545,10 @@ def test_a_projection_registered_under_another_name_is_refused(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """register(name, factory) whose projection has another name would run, rebuild and show
     two different names: the command line refuses it, naming both (exit 2)."""
-    (tmp_path / "alias_mod.py").write_text(
+    application_module(tmp_path, monkeypatch, "alias_mod", (
         "from projections import register\n"
         "from tests._projections import TallyProjection\n"
-        "register('tally_alias', lambda: TallyProjection('tally_real'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(engine, "_registry", dict(engine._registry))
-    monkeypatch.delitem(sys.modules, "alias_mod", raising=False)
+        "register('tally_alias', lambda: TallyProjection('tally_real'))\n"))
     for command in (["rebuild", "tally_alias"], ["run", "--once", "tally_alias"]):
         code, _, err = run(capsys, "projections", *command, "--url", url,
                            "--module", "alias_mod")
@@ -561,15 +564,12 @@ def test_run_once_names_a_projection_another_process_is_rebuilding(
     fold version) leaves it to that one and says so, rather than report 0 events as done."""
     from projections.errors import RebuildInProgress
 
-    (tmp_path / "bumped_mod.py").write_text(
+    application_module(tmp_path, monkeypatch, "bumped_mod", (
         "from projections import register\n"
         "from tests._projections import TallyProjection\n"
         "class Bumped(TallyProjection):\n"
         "    version = 2\n"
-        "register('tally_bumped', lambda: Bumped('tally_bumped'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(engine, "_registry", dict(engine._registry))
-    monkeypatch.delitem(sys.modules, "bumped_mod", raising=False)
+        "register('tally_bumped', lambda: Bumped('tally_bumped'))\n"))
     with EventStore.open(url) as store:
         store.append("counter-a", [CounterIncremented(by=1)])
         first = Projector(store, [TallyProjection("tally_bumped")])
