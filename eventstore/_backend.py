@@ -505,6 +505,15 @@ def translate() -> Iterator[None]:
 def _database_error(message: str, cause: BaseException) -> DatabaseError:
     error = DatabaseError(message)
     error.transient = is_transient(cause)
+    state = getattr(_driver_error(cause), "sqlstate", None)
+    error.sqlstate = state if isinstance(state, str) else None
+    return error
+
+
+def _driver_error(error: BaseException) -> BaseException:
+    """The driver's own error under a SQLAlchemy one."""
+    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
+        return error.orig
     return error
 
 
@@ -530,10 +539,9 @@ def is_transient(error: BaseException) -> bool:
     """Whether a driver or SQLAlchemy error may pass if the call is tried again."""
     if isinstance(error, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
         return True  # a connection lost, or none free in the pool in time
-    if isinstance(error, sa_exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        error = error.orig if error.orig is not None else error
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    error = _driver_error(error)
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
         if isinstance(code, int):

@@ -105,10 +105,12 @@ class DatabaseError(EventStoreError):
 
     ``transient`` is true when the same call may well succeed if tried again: the write lock
     held past the busy timeout, a lost or refused connection, a serialization failure or a
-    deadlock, a server shutting down.
+    deadlock, a server shutting down.  ``sqlstate``: PostgreSQL's code for the error, when it
+    gave one.
     """
 
     transient: bool = False
+    sqlstate: str | None = None
 
 
 def _describe(expected: object) -> str:

@@ -1420,11 +1420,11 @@ class Projector:
             _record_failure(self.store, p.name, e)
             raise
         except DatabaseError as e:
-            if _sqlstate(e) == _LOCK_TIMEOUT:
+            if e.sqlstate == _LOCK_TIMEOUT:
                 self._log.debug("projection_busy_elsewhere", projection=p.name)
                 self._busy.add(p.name)
                 return 0
-            if _sqlstate(e) == _IDLE_TIMEOUT:
+            if e.sqlstate == _IDLE_TIMEOUT:
                 # The server ended the batch after stall_seconds idle: this worker froze, or
                 # the batch's fold takes that long.  Retried (a transient error) with half the
                 # events, so that a slow fold still gets through; this worker keeps the smaller
@@ -1472,7 +1472,7 @@ class Projector:
                     except DatabaseError as e:
                         # A batch the server ended for idling: run_once halved it; again,
                         # unless a single event's fold outlasts stall_seconds.
-                        if _sqlstate(e) != _IDLE_TIMEOUT or size == 1:
+                        if e.sqlstate != _IDLE_TIMEOUT or size == 1:
                             raise
                         continue
                     total += n
@@ -1584,12 +1584,6 @@ class Projector:
 
 
 _MAX_ERROR_PAUSE = _MAX_RETRY_PAUSE  # seconds, as a subscription's (eventstore._core)
-
-
-def _sqlstate(error: BaseException) -> str | None:
-    """The SQLSTATE of the driver error under a :class:`DatabaseError`, if any."""
-    cause = error.__cause__
-    return getattr(getattr(cause, "orig", cause), "sqlstate", None)
 
 
 def _check_seconds(value: object, what: str) -> float:
