@@ -1896,8 +1896,6 @@ def _compare(projection: Projection[Any],
              live: dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]],
              rebuilt: dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]]
              ) -> list[Difference]:
-    names = _COMPARED
-
     def decoded(raw: bytes) -> Any:
         try:
             return projection.decode(raw)
@@ -1913,8 +1911,8 @@ def _compare(projection: Projection[Any],
         if da != db:
             out.append(Difference(key[0], key[1], da, db))
         elif a is not None and b is not None and a[1] != b[1]:
-            differ = [i for i, n in enumerate(names) if a[1][i] != b[1][i]]
-            out.append(Difference(key[0], key[1], da, db, tuple(names[i] for i in differ),
+            differ = [i for i in range(len(_COMPARED)) if a[1][i] != b[1][i]]
+            out.append(Difference(key[0], key[1], da, db, tuple(_COMPARED[i] for i in differ),
                                   tuple(a[1][i] for i in differ),
                                   tuple(b[1][i] for i in differ)))
     return out

@@ -35,12 +35,8 @@ from ._engine import (
 )
 
 
-def _import_modules(args: argparse.Namespace) -> None:
-    cli.import_modules(args)
-
-
 def _projection(args: argparse.Namespace, name: str) -> Projection[Any]:
-    _import_modules(args)
+    cli.import_modules(args)
     factories = registered()
     if name not in factories:
         known = ", ".join(sorted(factories)) or "none"
@@ -77,7 +73,7 @@ class _Progress:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _import_modules(args)  # their projections' categories give their lag
+    cli.import_modules(args)  # their projections' categories give their lag
     with open_store(args, existing=True) as store:
         rows = status(store, args.name)
     if args.name is not None and not rows:
@@ -184,7 +180,7 @@ def _differing(d: Difference) -> tuple[Any, Any]:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    _import_modules(args)  # (not needed to restart: accepted as by the other commands)
+    cli.import_modules(args)  # (not needed to restart: accepted as by the other commands)
     with open_store(args, existing=True) as store:
         if not status(store, args.name):
             raise CliError(f"projection {args.name!r} is not registered in this store",
@@ -195,7 +191,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _import_modules(args)  # first: "all registered" includes what --module registers
+    cli.import_modules(args)  # first: "all registered" includes what --module registers
     names = args.names or sorted(registered())
     chosen = [_projection(args, n) for n in names]
     _check_seconds(args.lease_seconds, "lease_seconds")  # before a SQLite file is made
