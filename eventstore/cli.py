@@ -338,17 +338,25 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
     than add them to another application's database.
     """
     if existing or only_ours:
-        url = resolve_url(args.url)
-        path = url.database
-        if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
-            if not Path(path).exists():
+        path = _sqlite_file(args.url)
+        if path is not None:
+            if not path.exists():
                 if not existing:
                     return EventStore.open(args.url)
                 raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
-            if not _holds_eventstore(path):
+            if not _holds_eventstore(str(path)):
                 raise CliError(f"{path} is not an eventstore database (its tables are not the "
                                f"store's): `eventstore migrate` adds them, if it should be one")
     return EventStore.open(args.url)
+
+
+def _sqlite_file(url_text: str | None) -> Path | None:
+    """The file of a SQLite URL naming one by path (not memory, not a ``file:`` URI)."""
+    url = resolve_url(url_text)
+    path = url.database
+    if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
+        return Path(path)
+    return None
 
 
 def _holds_eventstore(path: str) -> bool:
@@ -600,6 +608,13 @@ def cmd_append(args: argparse.Namespace) -> int:
         check_id(args.idempotency_key, "idempotency key", InvalidArgument)
     encode_within(events, metadata, Options.resolve(max_event_bytes=None, poll_interval=None,
                                                     clock=None).max_event_bytes)
+    expected = args.expected_version
+    if expected is STREAM_EXISTS or (isinstance(expected, int) and expected > 0):
+        path = _sqlite_file(args.url)
+        if path is not None and not path.exists():
+            # No database, so no stream: refused as the store would, without creating a file.
+            raise WrongExpectedVersion(stream_id=args.stream, tenant_id=args.tenant,
+                                       expected=expected, actual=0)
     with open_store(args) as store:
         result = store.append(args.stream, events, expected_version=args.expected_version,
                               idempotency_key=args.idempotency_key, tenant_id=args.tenant,

@@ -462,6 +462,24 @@ def test_an_append_refused_for_its_arguments_creates_no_database(
     assert not path.exists()
 
 
+@pytest.mark.parametrize("expected", ["1", "exists"])
+def test_an_append_expecting_a_stream_of_a_missing_database_creates_none(
+        tmp_path: Path, expected: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that is not there holds no stream: an append expecting one is a conflict
+    (exit 3, as the store says it), and leaves no new file behind."""
+    path = tmp_path / "new.db"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, out, err = run(capsys, "append", "s-1", "--expected-version", expected,
+                         "--url", f"sqlite:///{path}")
+    assert (code, out) == (3, "") and "stream is at 0" in err, err
+    assert not path.exists()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, _, _ = run(capsys, "append", "s-1", "--expected-version", "0",
+                     "--url", f"sqlite:///{path}")
+    assert code == 0 and path.exists()
+
+
 def test_read_json_of_an_upcast_event_appends_back(url: str,
                                                    capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
