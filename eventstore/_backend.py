@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
@@ -147,6 +148,15 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
     clean = url.difference_update_query(_SQLITE_OPTIONS)
     memory = clean.database in (None, "", ":memory:")
     return clean, synchronous, busy_ms, memory
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file a SQLite URL names by its path (``None`` for memory, a ``file:`` URI, or
+    another database)."""
+    path = url.database
+    if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
+        return Path(path)
+    return None
 
 
 def sqlite_uri(url: URL) -> bool:

@@ -12,7 +12,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
-from ._backend import begin_write, create_store_engine, lock_migrations, resolve_url, translate
+from ._backend import (
+    begin_write,
+    create_store_engine,
+    lock_migrations,
+    resolve_url,
+    sqlite_file,
+    translate,
+)
 from ._schema import VERSION_TABLE
 from .errors import SchemaVersionMismatch
 from .logs import get_logger
@@ -109,11 +116,22 @@ def check_on(conn: Connection, url: URL) -> None:
         return
     if rev is not None and rev not in known:
         raise _newer(rev, head)
+    raise _unmigrated(url, "has no eventstore schema" if rev is None
+                      else f"is at schema {rev}, older than {head}")
+
+
+def check_file(url: URL) -> None:
+    """Before a store that will not migrate opens a SQLite file: refuse one that is not there,
+    rather than have the driver create an empty database only to refuse it."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise _unmigrated(url, f"has no eventstore schema (no file at {path})")
+
+
+def _unmigrated(url: URL, state: str) -> SchemaVersionMismatch:
     shown = url.render_as_string(hide_password=True)
-    state = "has no eventstore schema" if rev is None else f"is at schema {rev}, older than {head}"
-    raise SchemaVersionMismatch(
-        f"database {shown} {state}: run `eventstore migrate --url '{shown}'`"
-    )
+    return SchemaVersionMismatch(
+        f"database {shown} {state}: run `eventstore migrate --url '{shown}'`")
 
 
 def _newer(rev: str, head: str) -> SchemaVersionMismatch:

@@ -109,9 +109,12 @@ class AsyncEventStore(StoreCore):
         resolved = resolve_url(url)
         options = Options.resolve(max_event_bytes=max_event_bytes, poll_interval=poll_interval,
                                   clock=clock)
+        migrating = auto_migrate(migrate, is_sqlite(resolved))
+        if not migrating:
+            _migrate.check_file(resolved)
         engine = create_async_store_engine(resolved, pool_size=check_pool_size(pool_size))
         try:
-            if auto_migrate(migrate, is_sqlite(resolved)):
+            if migrating:
                 async with abegin(engine, write=False) as conn:
                     current = await conn.run_sync(_migrate.is_current)
                 if not current:  # as EventStore.open: the write lock only to upgrade

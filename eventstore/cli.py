@@ -51,7 +51,7 @@ import msgspec
 import structlog
 
 from . import _migrate
-from ._backend import DEFAULT_URL, is_sqlite, resolve_url, sqlite_uri
+from ._backend import DEFAULT_URL, resolve_url, sqlite_file
 from ._core import Options, check_id, encode_within
 from .codec import MAX_NESTING
 from .errors import (
@@ -338,7 +338,7 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
     than add them to another application's database.
     """
     if existing or only_ours:
-        path = _sqlite_file(args.url)
+        path = sqlite_file(resolve_url(args.url))
         if path is not None:
             if not path.exists():
                 if not existing:
@@ -348,15 +348,6 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
                 raise CliError(f"{path} is not an eventstore database (its tables are not the "
                                f"store's): `eventstore migrate` adds them, if it should be one")
     return EventStore.open(args.url)
-
-
-def _sqlite_file(url_text: str | None) -> Path | None:
-    """The file of a SQLite URL naming one by path (not memory, not a ``file:`` URI)."""
-    url = resolve_url(url_text)
-    path = url.database
-    if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
-        return Path(path)
-    return None
 
 
 def _holds_eventstore(path: str) -> bool:
@@ -610,7 +601,7 @@ def cmd_append(args: argparse.Namespace) -> int:
                                                     clock=None).max_event_bytes)
     expected = args.expected_version
     if expected is STREAM_EXISTS or (isinstance(expected, int) and expected > 0):
-        path = _sqlite_file(args.url)
+        path = sqlite_file(resolve_url(args.url))
         if path is not None and not path.exists():
             # No database, so no stream: refused as the store would, without creating a file.
             raise WrongExpectedVersion(stream_id=args.stream, tenant_id=args.tenant,

@@ -84,9 +84,12 @@ class EventStore(StoreCore):
         resolved = resolve_url(url)
         options = Options.resolve(max_event_bytes=max_event_bytes, poll_interval=poll_interval,
                                   clock=clock)
+        migrating = auto_migrate(migrate, is_sqlite(resolved))
+        if not migrating:
+            _migrate.check_file(resolved)
         engine = create_store_engine(resolved, pool_size=check_pool_size(pool_size))
         try:
-            if auto_migrate(migrate, is_sqlite(resolved)):
+            if migrating:
                 _migrate.migrate(engine)
             else:
                 _migrate.check(engine, resolved)

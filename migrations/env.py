@@ -1,24 +1,48 @@
-"""Alembic environment: runs on the connection that eventstore._migrate hands over.
+"""Alembic environment: runs the revisions on a connection holding the migration lock.
 
 eventstore.migrate() opens the transaction and takes the migration lock before Alembic runs, so
-two processes migrating at once take turns; this file only runs the revisions on that connection.
+two processes migrating at once take turns; it hands that connection over here.  From the plain
+``alembic`` command line (``sqlalchemy.url`` in the config, or ``-x url=...``), this file opens
+the transaction and takes the lock itself, then runs whatever command was given (``upgrade``,
+``downgrade``, ``current``, ``stamp``...); with ``--sql`` it prints the SQL instead.
 """
 
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 VERSION_TABLE = "eventstore_alembic_version"
 
 config = context.config
 connection = config.attributes.get("connection")
 
-if connection is None:  # plain `alembic` command line: migrate the URL given in the config
-    from eventstore._migrate import migrate_url
 
-    migrate_url(config.get_main_option("sqlalchemy.url") or "")
-else:
-    context.configure(connection=connection, version_table=VERSION_TABLE,
+def _run_on(conn: Connection) -> None:
+    context.configure(connection=conn, version_table=VERSION_TABLE,
                       transactional_ddl=True, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
+
+
+if connection is not None:
+    _run_on(connection)
+else:
+    from eventstore._backend import begin_write, create_store_engine, lock_migrations, resolve_url
+
+    given = context.get_x_argument(as_dictionary=True).get("url") \
+        or config.get_main_option("sqlalchemy.url") or None
+    url = resolve_url(given)  # (EVENTSTORE_URL, else the default, when none is given)
+    if context.is_offline_mode():
+        context.configure(url=url, version_table=VERSION_TABLE, literal_binds=True,
+                          transactional_ddl=True, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    else:
+        engine = create_store_engine(url)
+        try:
+            with begin_write(engine) as conn:
+                lock_migrations(conn)
+                _run_on(conn)
+        finally:
+            engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import queue as queue_mod
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from structlog.testing import capture_logs
@@ -169,6 +171,53 @@ def test_older_schema_revision_is_refused_until_migrated(fresh_url: str) -> None
     assert version_rows(fresh_url) == [head()]
 
 
+def alembic_cli_config(url: str | None, out: io.StringIO | None = None) -> Config:
+    """The configuration of the plain ``alembic`` command line: no connection handed over."""
+    cfg = Config(str(_migrate.MIGRATIONS_DIR / "alembic.ini"), stdout=out or io.StringIO())
+    cfg.set_main_option("script_location", str(_migrate.MIGRATIONS_DIR))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def test_the_alembic_command_line_runs_the_command_it_is_given(
+        fresh_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``alembic downgrade`` (and ``current``, ``upgrade``) from the command line do what they
+    say on the URL given; a downgrade used to exit 0 having upgraded instead."""
+    revisions = [r.revision for r in ScriptDirectory.from_config(_migrate._config())
+                 .walk_revisions()]  # newest first
+    if len(revisions) < 2:
+        pytest.skip("the code ships a single revision")
+    previous = revisions[1]
+    migrate_url(fresh_url)
+    with EventStore.open(fresh_url, migrate=False) as store:
+        store.append("keep-1", [NoteAdded(text="kept")])
+    command.downgrade(alembic_cli_config(fresh_url), previous)
+    assert version_rows(fresh_url) == [previous]
+    with pytest.raises(SchemaVersionMismatch, match=f"is at schema {previous}"):
+        EventStore.open(fresh_url, migrate=False)
+    monkeypatch.setenv("EVENTSTORE_URL", fresh_url)  # no URL in the config: the store's own
+    out = io.StringIO()
+    command.current(alembic_cli_config(None, out))
+    assert out.getvalue().split() == [previous]
+    command.upgrade(alembic_cli_config(fresh_url), "head")
+    assert version_rows(fresh_url) == [head()]
+    with EventStore.open(fresh_url, migrate=False) as store:
+        assert [e.data.text for e in store.read_stream("keep-1")] == ["kept"]  # type: ignore[union-attr]
+
+
+def test_the_alembic_command_line_prints_sql_offline(
+        fresh_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``alembic upgrade head --sql`` prints the DDL and touches no database."""
+    command.upgrade(alembic_cli_config(fresh_url), "head", sql=True)
+    out = capsys.readouterr().out
+    assert "CREATE TABLE es_events" in out and VERSION_TABLE in out
+    if fresh_url.startswith("sqlite"):
+        assert not Path(fresh_url.removeprefix("sqlite:///")).exists()
+    else:
+        assert table_names(fresh_url) == set()
+
+
 def test_second_migrate_is_a_no_op(fresh_url: str) -> None:
     """Migrating an up-to-date database changes nothing and keeps its data."""
     with capture_logs() as first_logs:
@@ -266,6 +315,29 @@ def test_auto_migrate_env_refuses_other_values(tmp_path: Path,
         EventStore.open(f"sqlite:///{tmp_path / 'x.db'}")
     assert not (tmp_path / "x.db").exists() or table_names(f"sqlite:///{tmp_path / 'x.db'}") \
         == set()
+
+
+@pytest.mark.asyncio
+async def test_a_store_that_will_not_migrate_creates_no_sqlite_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """migrate=False (or EVENTSTORE_AUTO_MIGRATE=off) on a SQLite path that is not there is
+    refused, sync and async, and leaves no file (an empty one made the CLI call the path
+    another application's database)."""
+    from eventstore.aio import AsyncEventStore
+
+    path = tmp_path / "missing.db"
+    url = f"sqlite:///{path}"
+    with pytest.raises(SchemaVersionMismatch, match=f"no file at {path}.*eventstore migrate"):
+        EventStore.open(url, migrate=False)
+    with pytest.raises(SchemaVersionMismatch, match="no file at"):
+        await AsyncEventStore.open(url, migrate=False)
+    monkeypatch.setenv("EVENTSTORE_AUTO_MIGRATE", "off")
+    with pytest.raises(SchemaVersionMismatch, match="no file at"):
+        EventStore.open(url)
+    assert not path.exists()
+    migrate_url(url)
+    with EventStore.open(url) as store:  # there now: opens without migrating
+        store.append("c-1", [NoteAdded(text="x")])
 
 
 @pytest.mark.asyncio
