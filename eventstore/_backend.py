@@ -277,16 +277,37 @@ def begin_read(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
 @contextlib.contextmanager
 def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
     with _turn(engine), translate(), engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            if write:
-                conn = conn.execution_options(sqlite_write=True)
-        elif not write:
-            # PostgreSQL reads run in autocommit: under READ COMMITTED every statement takes its
-            # own snapshot, in a transaction or not, so BEGIN and COMMIT would only add two
-            # round trips.  (SQLite keeps its read transaction: there it is one snapshot.)
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        with own_transaction(conn):  # (a rollback that fails too keeps the first error)
-            yield conn
+        try:
+            if engine.dialect.name == "sqlite":
+                if write:
+                    conn = conn.execution_options(sqlite_write=True)
+            elif not write:
+                # PostgreSQL reads run in autocommit: under READ COMMITTED every statement takes
+                # its own snapshot, in a transaction or not, so BEGIN and COMMIT would only add
+                # two round trips.  (SQLite keeps its read transaction: one snapshot there.)
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            with own_transaction(conn):  # (a rollback that fails too keeps the first error)
+                yield conn
+        finally:
+            if is_retired(engine):
+                conn.invalidate()
+
+
+_retired: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def retire(engine: Engine) -> None:
+    """Mark the engine of a store being closed (before its pool is disposed).
+
+    Why: disposing of the pool closes the connections in it, not those out in calls still
+    under way; those would go back to the discarded pool and stay open until the garbage
+    collector found them.  A transaction of a retired engine closes its connection instead.
+    """
+    _retired.add(engine)
+
+
+def is_retired(engine: Engine) -> bool:
+    return engine in _retired
 
 
 class Writer:

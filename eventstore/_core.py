@@ -969,15 +969,31 @@ def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
     psycopg forgets its prepared statements, and deallocates them, on ``rollback()``; a
     failure that left no transaction to roll back (autocommit, a pipeline's implicit
     transaction) gets one opened here for that ``rollback()`` to end.
+
+    A pipeline whose end was interrupted (a cancelled task, Ctrl-C) can leave libpq in pipeline
+    mode, results uncollected, while psycopg takes the pipeline as over: each later statement
+    on that connection would read the result of another.  Such a connection is closed here, so
+    that its owner (the pool, the store's writer) replaces it.
     """
+    nested = bool(dbapi.pgconn.pipeline_status)
     try:
         with dbapi.pipeline() as p:
             yield p
     except GeneratorExit:
+        if not nested and _left_in_pipeline(dbapi):
+            dbapi.pgconn.finish()
         raise  # a reader that stopped early (a fold cut at a version): nothing failed
     except BaseException:
-        _forget_prepared(dbapi)
+        if not nested and _left_in_pipeline(dbapi):
+            dbapi.pgconn.finish()
+        else:
+            _forget_prepared(dbapi)
         raise
+
+
+def _left_in_pipeline(dbapi: Any) -> bool:
+    """Whether libpq is still in pipeline mode after psycopg's pipeline ended."""
+    return not dbapi.closed and bool(dbapi.pgconn.pipeline_status)
 
 
 def _forget_prepared(dbapi: Any) -> None:

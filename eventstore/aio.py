@@ -45,11 +45,13 @@ from ._backend import (
     _sqlite_listeners,
     _sqlite_settings,
     hung_up,
+    is_retired,
     is_sqlite,
     missing_extra,
     one_trip_possible,
     pg_listeners,
     resolve_url,
+    retire,
     translate,
 )
 from ._core import (
@@ -137,6 +139,7 @@ class AsyncEventStore(StoreCore):
         self._closed = True
         if self._released:
             return
+        retire(self._engine.sync_engine)
         if self._writer is not None:
             await self._writer.close()
         await self._engine.dispose()
@@ -183,7 +186,10 @@ class AsyncEventStore(StoreCore):
         if self._sqlite is not None:
             with translate():
                 async with self._engine.connect() as aconn:
-                    return await self._on_sqlite(aconn, fn, args, write=write)
+                    try:
+                        return await self._on_sqlite(aconn, fn, args, write=write)
+                    finally:
+                        await _release_if_retired(self._engine, aconn)
         async with abegin(self._engine, write=write, autocommit=autocommit) as conn:
             return await conn.run_sync(fn, *args)
 
@@ -643,5 +649,26 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
                     conn = await conn.execution_options(sqlite_write=True)
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            async with conn.begin():
-                yield conn
+            # As _backend.own_transaction: a rollback that fails too (the connection closed
+            # under the transaction) invalidates the connection and keeps the first error.
+            try:
+                trans = await conn.begin()
+                try:
+                    yield conn
+                except BaseException:
+                    try:
+                        if trans.is_active:
+                            await trans.rollback()
+                    except Exception:
+                        await conn.invalidate()
+                    raise
+                if trans.is_active:
+                    await trans.commit()
+            finally:
+                await _release_if_retired(engine, conn)
+
+
+async def _release_if_retired(engine: AsyncEngine, conn: AsyncConnection) -> None:
+    """A connection of a store being closed is closed, not pooled (``_backend.retire``)."""
+    if is_retired(engine.sync_engine) and not conn.invalidated:
+        await conn.invalidate()

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from . import _migrate
-from ._backend import Writer, begin_read, create_store_engine, is_sqlite, resolve_url
+from ._backend import Writer, begin_read, create_store_engine, is_sqlite, resolve_url, retire
 from ._core import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_TENANT,
@@ -103,6 +103,7 @@ class EventStore(StoreCore):
         """Release every connection; later calls raise :class:`StoreClosed`."""
         if not self._closed:
             self._closed = True
+            retire(self._engine)
             self._writer.close()
             self._engine.dispose()
 

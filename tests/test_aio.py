@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from eventstore import EventStore, WrongExpectedVersion
+from eventstore import EventStore, StoreClosed, WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
 from projections import ConversationProjection, inline
 from projections._engine import load_row
@@ -353,6 +353,116 @@ async def test_cancelled_async_appends_roll_back_or_complete_never_fail_otherwis
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_task_cancelled_as_its_pipeline_opens_leaves_no_connection_astray(
+        fresh_pg: str) -> None:
+    """psycopg's async pipeline can be cancelled after libpq entered pipeline mode (its last
+    ``sleep(0)``), leaving a connection on which each statement reads another's result.  Such
+    a connection is closed and replaced: the calls after it answer right (stream versions
+    read 0 and job lists failed, from the pool and from the store's kept connection)."""
+    import psycopg
+
+    from projections.aio import AsyncJobs
+
+    real_enter = psycopg.AsyncPipeline.__aenter__
+    cancels = 0
+
+    async def cancelled_enter(self: Any) -> Any:
+        nonlocal cancels
+        await real_enter(self)
+        if cancels:
+            cancels -= 1
+            raise asyncio.CancelledError
+        return self
+
+    async with await AsyncEventStore.open(fresh_pg, migrate=True) as store:
+        jobs = AsyncJobs(store)
+        await store.append("s-1", [NoteAdded(text="x")] * 3)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(psycopg.AsyncPipeline, "__aenter__", cancelled_enter)
+            for call in (lambda: jobs.submit("wf", {"k": 1}, user_id="u"),
+                         lambda: store.append("s-2", [NoteAdded(text="y")])):
+                cancels = 1
+                with pytest.raises(asyncio.CancelledError):
+                    await call()
+                assert cancels == 0
+        for _ in range(6):  # the pool's connections in turn, and the kept one
+            assert await store.stream_version("s-1") == 3
+            assert await store.last_position() == 3
+            assert await jobs.list() == []
+        await jobs.submit("wf", {"k": 2}, user_id="u")
+        r = await store.append("s-2", [NoteAdded(text="z")], expected_version=0)
+        assert (r.first_position, r.stream_version) == (5, 1)
+        assert [j.inputs for j in await jobs.list()] == [{"k": 2}]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_close_during_a_read_closes_its_connection_when_the_read_ends(
+        fresh_pg: str, flavour: str) -> None:
+    """A store closed while a read waits on the server: when the read ends, its connection is
+    closed, not put back in the discarded pool (where it stayed open until the garbage
+    collector came by)."""
+    import threading
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
+    sync = EventStore.open(fresh_pg, migrate=True)
+    sync.append("s-1", [NoteAdded(text="x")])
+    store: EventStore | AsyncEventStore = sync
+    if flavour == "async":
+        sync.close()
+        store = await AsyncEventStore.open(fresh_pg)
+    locker = psycopg.connect(dsn)
+    watcher = psycopg.connect(dsn, autocommit=True)  # (a transaction's view of the stats stays)
+    try:
+        locker.execute("LOCK TABLE es_events IN ACCESS EXCLUSIVE MODE")
+        outcome: list[object] = []
+        if isinstance(store, EventStore):
+            def read() -> None:
+                try:
+                    outcome.append(len(list(store.read_all())))
+                except Exception as e:
+                    outcome.append(type(e))
+
+            reader = threading.Thread(target=read)
+            reader.start()
+        else:
+            async def aread() -> None:
+                try:
+                    outcome.append(len([e async for e in store.read_all()]))
+                except Exception as e:
+                    outcome.append(type(e))
+
+            task = asyncio.create_task(aread())
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() " \
+                  "AND wait_event_type = 'Lock'"
+        deadline = time.monotonic() + 10
+        while watcher.execute(waiting).fetchone() != (1,):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        if isinstance(store, EventStore):
+            store.close()
+        else:
+            await store.close()
+        locker.rollback()  # the read goes on, and ends
+        if isinstance(store, EventStore):
+            reader.join(10)
+        else:
+            await asyncio.wait_for(task, 10)
+        assert outcome and outcome[0] in (1, StoreClosed), outcome
+        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() " \
+                 "AND pid <> pg_backend_pid()"
+        deadline = time.monotonic() + 10
+        locker.close()
+        while (n := watcher.execute(others).fetchone()[0]) != 0:  # type: ignore[index]
+            assert time.monotonic() < deadline, f"{n} connections left open"
+            await asyncio.sleep(0.05)
+    finally:
+        locker.close()
+        watcher.close()
 
 
 async def test_cancelled_sqlite_append_waiting_for_the_write_lock_rolls_back(

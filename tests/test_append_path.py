@@ -465,6 +465,47 @@ def test_failed_pipelines_leave_prepared_statements_in_step(url: str) -> None:
         b.close()
 
 
+def test_an_interrupt_as_a_pipeline_opens_leaves_no_connection_astray(fresh_pg: str) -> None:
+    """An interrupt (Ctrl-C) landing just after psycopg put libpq in pipeline mode: the
+    connection is closed and replaced, in the store's kept connection and in the pool, and
+    the calls after it answer right (the sync twin of test_aio's cancelled pipeline, where
+    such a connection made later statements read others' results)."""
+    import psycopg
+
+    from projections import Jobs
+
+    real_enter = psycopg.Pipeline.__enter__
+    interrupts = 0
+
+    def interrupted_enter(self: Any) -> Any:
+        nonlocal interrupts
+        real_enter(self)
+        if interrupts:
+            interrupts -= 1
+            raise KeyboardInterrupt
+        return self
+
+    with EventStore.open(fresh_pg, migrate=True) as store:
+        jobs = Jobs(store)
+        store.append("s-1", [NoteAdded(text="x")] * 3)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(psycopg.Pipeline, "__enter__", interrupted_enter)
+            for call in (lambda: store.append("s-2", [NoteAdded(text="y")]),
+                         lambda: jobs.submit("wf", {"k": 1}, user_id="u")):
+                interrupts = 1
+                with pytest.raises(KeyboardInterrupt):
+                    call()
+                assert interrupts == 0
+        for _ in range(6):
+            assert store.stream_version("s-1") == 3
+            assert store.last_position() == 3
+            assert jobs.list() == []
+        r = store.append("s-2", [NoteAdded(text="z")], expected_version=0)
+        assert (r.first_position, r.stream_version) == (4, 1)
+        jobs.submit("wf", {"k": 2}, user_id="u")
+        assert [j.inputs for j in jobs.list()] == [{"k": 2}]
+
+
 def test_connections_the_server_closed_while_idle_are_replaced(fresh_pg: str) -> None:
     """After the server ends idle sessions (a restart, ``idle_session_timeout``, an operator's
     pg_terminate_backend), the next append and the next reads open new connections instead
