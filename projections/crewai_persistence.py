@@ -8,7 +8,8 @@ or PostgreSQL) instead of CrewAI's local SQLite file.
 * ``save_state`` appends one ``FlowStateSaved`` per completed step; ``load_state`` returns the
   newest state as a dict (``None`` when the flow saved none), like CrewAI's SQLite backend.
   Pydantic state is stored as its ``model_dump()`` in type-keeping JSON, so datetimes, UUIDs,
-  decimals and sets come back as themselves; state holding other values (enums, paths, ...) is
+  decimals and sets come back as themselves (subclasses of plain values, such as numpy.float64
+  or a StrEnum member, as those values); state holding other values (enums, paths, ...) is
   stored in pydantic's JSON form instead, as CrewAI's SQLite backend always does.
 * ``save_pending_feedback`` appends ``FeedbackRequested`` (the whole resume context and the
   state) and ``FlowStateSaved`` in one atomic append.
@@ -46,7 +47,7 @@ from crewai.flow.persistence.base import FlowPersistence
 from pydantic import BaseModel, Field, PrivateAttr
 
 from eventstore import Event, EventStore, WrongExpectedVersion
-from eventstore.errors import InvalidArgument
+from eventstore.errors import InvalidArgument, InvalidEvent
 
 from ._command import check_text
 from .errors import Conflict, NoPendingFeedback
@@ -82,6 +83,8 @@ def _storable(state_data: dict[str, Any] | BaseModel) -> dict[str, Any]:
     try:
         to_json(data)
         return data
+    except InvalidEvent:
+        raise  # nested too deep, or holding itself: no form of it can be stored
     except InvalidArgument:
         pass
     try:

@@ -14,7 +14,8 @@ import decimal
 import uuid
 from typing import Any
 
-from eventstore.errors import InvalidArgument
+from eventstore.codec import MAX_NESTING
+from eventstore.errors import InvalidArgument, InvalidEvent
 
 __all__ = ["from_json", "to_json"]
 
@@ -22,25 +23,48 @@ _TAG = "$type"
 
 
 def to_json(value: Any) -> Any:
-    """A JSON-compatible form of ``value`` that :func:`from_json` turns back into it."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """A JSON-compatible form of ``value`` that :func:`from_json` turns back into it.
+
+    Raises :class:`InvalidArgument` for a value of a type it cannot keep, and
+    :class:`InvalidEvent` for one nested deeper than the store takes (or holding itself).
+    """
+    return _to_json(value, 0)
+
+
+def _to_json(value: Any, depth: int) -> Any:
+    kind = type(value)
+    if value is None or kind is bool or kind is int or kind is str:
         return value
+    # A subclass (numpy.float64, an IntEnum, a str enum) is stored as its plain value, as JSON
+    # would hold it: the store's encoder refuses the subclass itself.
+    if kind is not float:
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, str):
+            return str.__str__(value)
+        if isinstance(value, float):
+            value = float(value)
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             return {_TAG: "float", "value": repr(value)}
         return value
+    if depth >= MAX_NESTING:
+        raise InvalidEvent(f"flow state is nested deeper than {MAX_NESTING} levels (or holds "
+                           "itself)")
+    depth += 1
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and _TAG not in value:
-            return {k: to_json(v) for k, v in value.items()}
-        return {_TAG: "dict", "value": [[to_json(k), to_json(v)] for k, v in value.items()]}
+            return {k: _to_json(v, depth) for k, v in value.items()}
+        return {_TAG: "dict", "value": [[_to_json(k, depth), _to_json(v, depth)]
+                                        for k, v in value.items()]}
     if isinstance(value, list):
-        return [to_json(v) for v in value]
+        return [_to_json(v, depth) for v in value]
     if isinstance(value, tuple):
-        return {_TAG: "tuple", "value": [to_json(v) for v in value]}
+        return {_TAG: "tuple", "value": [_to_json(v, depth) for v in value]}
     if isinstance(value, (set, frozenset)):
-        kind = "set" if isinstance(value, set) else "frozenset"
+        name = "set" if isinstance(value, set) else "frozenset"
         # Sorted so that equal sets store equal JSON (and idempotency fingerprints match).
-        return {_TAG: kind, "value": sorted((to_json(v) for v in value), key=repr)}
+        return {_TAG: name, "value": sorted((_to_json(v, depth) for v in value), key=repr)}
     if isinstance(value, dt.datetime):
         return {_TAG: "datetime", "value": value.isoformat()}
     if isinstance(value, dt.date):
@@ -57,7 +81,7 @@ def to_json(value: Any) -> Any:
         return {_TAG: "bytes", "value": base64.b64encode(bytes(value)).decode()}
     dump = getattr(value, "model_dump", None)  # pydantic models (CrewAI flow state)
     if callable(dump):
-        return to_json(dump())
+        return _to_json(dump(), depth)
     raise InvalidArgument(f"cannot store a value of type {type(value).__name__} in flow state")
 
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -24,7 +24,7 @@ from crewai.flow.flow import FlowState
 from crewai.flow.persistence import SQLiteFlowPersistence
 from sqlalchemy.engine import make_url
 
-from eventstore import EventStore, InvalidArgument
+from eventstore import EventStore, InvalidArgument, InvalidEvent
 from projections.crewai_persistence import EventStoreFlowPersistence, import_crewai_sqlite
 from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows
@@ -105,9 +105,42 @@ def test_state_json_cannot_type_is_stored_in_pydantic_json_form(
 
     with pytest.raises(InvalidArgument):
         persistence.save_state("f-4", "step", {"id": "f-4", "x": object()})
+    cyclic: dict[str, object] = {"id": "f-4"}
+    cyclic["self"] = cyclic
+    with pytest.raises(InvalidEvent, match="nested deeper"):  # (was a RecursionError)
+        persistence.save_state("f-4", "step", cyclic)
     with pytest.raises(InvalidArgument):
         persistence.save_state("f-4", "step", ["not", "a", "state"])  # type: ignore[arg-type]
     assert event_types(store, "f-4") == []
+
+
+class Tone(StrEnum):
+    WARM = "warm"
+
+
+class Score(float):
+    """A float subclass, as numpy.float64 is."""
+
+
+class ScoredState(FlowState):
+    tone: Tone = Tone.WARM
+    score: float = Score(0.93)  # (a default is not validated: it stays a Score)
+    when: datetime = STARTED_AT
+
+
+def test_state_with_subclasses_of_plain_values_keeps_its_other_types(
+    persistence: EventStoreFlowPersistence,
+) -> None:
+    """A str enum or a float subclass (numpy.float64) in the state is stored as its plain
+    value, as CrewAI's SQLite backend stores it, and the rest keeps its types (the whole save
+    failed); the model validates back."""
+    state = ScoredState(id="f-5")
+    persistence.save_state("f-5", "step", state)
+    loaded = persistence.load_state("f-5")
+    assert loaded == {"id": "f-5", "tone": "warm", "score": 0.93, "when": STARTED_AT}
+    assert ScoredState.model_validate(loaded) == state
+    persistence.save_state("f-5", "step", {"score": Score(0.5), "tone": Tone.WARM})
+    assert persistence.load_state("f-5") == {"score": 0.5, "tone": "warm"}
 
 
 def pending_context(flow_id: str) -> PendingFeedbackContext:

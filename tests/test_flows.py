@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import threading
 import uuid
 from decimal import Decimal
 
 import pytest
 
-from eventstore import EventStore, InvalidArgument
+from eventstore import EventStore, InvalidArgument, InvalidEvent
 from projections.errors import NoPendingFeedback
 from projections.flows import Flows
 from tests._clock import Clock
@@ -55,6 +56,45 @@ def test_unstorable_state_is_rejected(flows: Flows, store: EventStore) -> None:
     """A value that cannot be stored raises InvalidArgument and writes nothing."""
     with pytest.raises(InvalidArgument):
         flows.save("f1", "step", {"x": object()})
+    assert store.stats()["events"] == 0
+
+
+class Score(float):
+    """A float subclass, as numpy.float64 is."""
+
+
+class Label(enum.StrEnum):
+    SPAM = "spam"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+def test_subclasses_of_plain_values_are_stored_as_those_values(flows: Flows) -> None:
+    """A float, str or int subclass (numpy.float64, a str or int enum) is stored as its plain
+    value, as JSON would hold it (the store's encoder refused the state)."""
+    flows.save("f1", "step", {"score": Score(0.93), "label": Label.SPAM, "level": Level.HIGH,
+                              "nan": Score("nan"), "in": [Score(1.5)]})
+    loaded = flows.load("f1")
+    assert loaded is not None
+    assert {k: (v, type(v)) for k, v in loaded.items() if k not in ("nan", "in")} == {
+        "score": (0.93, float), "label": ("spam", str), "level": (3, int)}
+    assert loaded["nan"] != loaded["nan"] and loaded["in"] == [1.5]
+
+
+def test_state_too_deep_or_holding_itself_is_a_typed_error(flows: Flows,
+                                                          store: EventStore) -> None:
+    """Nesting past what the store takes, or a state that holds itself, raises InvalidEvent
+    (it was a RecursionError) and writes nothing."""
+    deep: object = 1
+    for _ in range(600):
+        deep = [deep]
+    cyclic: dict[str, object] = {"a": 1}
+    cyclic["self"] = cyclic
+    for state in ({"v": deep}, cyclic, {"t": (cyclic,)}):
+        with pytest.raises(InvalidEvent, match="nested deeper"):
+            flows.save("f1", "step", state)
     assert store.stats()["events"] == 0
 
 
