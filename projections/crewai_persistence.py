@@ -36,7 +36,7 @@ import os
 import socket
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from eventstore import Event, EventStore, WrongExpectedVersion
 from eventstore.errors import InvalidArgument, InvalidEvent
+from eventstore.logs import get_logger
 
 from ._command import check_text
 from .errors import Conflict, NoPendingFeedback
@@ -59,6 +60,7 @@ __all__ = ["EventStoreFlowPersistence", "SqliteImport", "import_crewai_sqlite"]
 
 _OPEN_LOCK = threading.Lock()
 _MAX_ATTEMPTS = 50
+_log = get_logger("eventstore.crewai")
 
 
 def _resumer() -> str:
@@ -298,12 +300,15 @@ class EventStoreFlowPersistence(FlowPersistence):
 
 @dataclass(frozen=True)
 class SqliteImport:
-    """What :func:`import_crewai_sqlite` did: flow ids imported, and skipped (already here)."""
+    """What :func:`import_crewai_sqlite` did: flow ids imported, skipped (already here), and
+    failed (what the store refuses, with why: a state over the event size limit, an id it
+    does not take), which the import went on past."""
 
     imported: list[str]
     skipped: list[str]
     states: int
     pending: int
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def _when(text: str | None) -> datetime:
@@ -343,24 +348,37 @@ def import_crewai_sqlite(db_path: str | os.PathLike[str],
 
     imported: list[str] = []
     skipped: list[str] = []
+    failed: dict[str, str] = {}
     for flow_uuid in [*states, *(f for f in pending if f not in states)]:
-        events: list[Event] = [
-            FlowStateSaved(flow_id=flow_uuid, method_name=check_text(method, "method_name"),
-                           state=to_json(json.loads(state)), at=_when(timestamp))
-            for method, timestamp, state in states.get(flow_uuid, [])]
-        if flow_uuid in pending:
-            context_json, state_json, created_at = pending[flow_uuid]
-            events.append(FeedbackRequested(flow_id=flow_uuid,
-                                            context=to_json(json.loads(context_json)),
-                                            state=to_json(json.loads(state_json)),
-                                            at=_when(created_at)))
         try:
+            events = _imported_events(flow_uuid, states.get(flow_uuid, []),
+                                      pending.get(flow_uuid))
             persistence.store.append(Flows.stream_id(flow_uuid), events, expected_version=0,
                                      tenant_id=persistence.tenant_id)
         except WrongExpectedVersion:
             skipped.append(flow_uuid)
+        except (InvalidArgument, ValueError) as e:  # this flow only: the others go on
+            failed[flow_uuid] = f"{type(e).__name__}: {e}"
+            _log.warning("crewai_flow_not_imported", tenant=persistence.tenant_id,
+                         flow_id=flow_uuid, error=failed[flow_uuid])
         else:
             imported.append(flow_uuid)
     return SqliteImport(imported=imported, skipped=skipped,
                         states=sum(len(states.get(f, [])) for f in imported),
-                        pending=sum(1 for f in imported if f in pending))
+                        pending=sum(1 for f in imported if f in pending), failed=failed)
+
+
+def _imported_events(flow_uuid: str, saved: list[tuple[str, str, str]],
+                     pending: tuple[str, str, str] | None) -> list[Event]:
+    """One imported flow's events: its saved states, then its open request."""
+    events: list[Event] = [
+        FlowStateSaved(flow_id=flow_uuid, method_name=check_text(method, "method_name"),
+                       state=to_json(json.loads(state)), at=_when(timestamp))
+        for method, timestamp, state in saved]
+    if pending is not None:
+        context_json, state_json, created_at = pending
+        events.append(FeedbackRequested(flow_id=flow_uuid,
+                                        context=to_json(json.loads(context_json)),
+                                        state=to_json(json.loads(state_json)),
+                                        at=_when(created_at)))
+    return events

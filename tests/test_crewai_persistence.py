@@ -406,6 +406,31 @@ def test_a_claimed_but_abandoned_resume_can_be_reopened(
         "draft", "review", "review", "publish"]
 
 
+def test_an_import_goes_on_past_flows_the_store_refuses(
+    tmp_path: Path, persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """A flow the store cannot take (a state over the event size limit, an id over 200
+    characters) is reported in ``failed`` with why, writes nothing, and the flows after it
+    are imported (the import stopped at it, every time it was run again)."""
+    db = tmp_path / "flow_states.db"
+    legacy = SQLiteFlowPersistence(str(db))
+    legacy.save_state("f-ok-1", "begin", {"n": 1})
+    legacy.save_state("f-big", "begin", {"n": 1})
+    legacy.save_state("f-big", "grow", {"blob": "x" * 1_200_000})
+    legacy.save_state("f" * 201, "begin", {"n": 1})
+    legacy.save_state("f-ok-2", "begin", {"n": 2})
+
+    for run in range(2):
+        result = import_crewai_sqlite(db, persistence)
+        done = ["f-ok-1", "f-ok-2"]
+        assert (result.imported, result.skipped) == ((done, []) if run == 0 else ([], done))
+        assert sorted(result.failed) == sorted(["f" * 201, "f-big"])
+        assert result.failed["f-big"].startswith("EventTooLarge: ")
+        assert "longer than 200 characters" in result.failed["f" * 201]
+    assert persistence.load_state("f-ok-2") == {"n": 2}
+    assert store.stream_version(Flows.stream_id("f-big")) == 0
+
+
 def test_flows_of_crewai_sqlite_backend_are_imported_and_go_on_here(
     tmp_path: Path, persistence: EventStoreFlowPersistence, store: EventStore,
 ) -> None:
