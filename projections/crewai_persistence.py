@@ -128,8 +128,12 @@ class EventStoreFlowPersistence(FlowPersistence):
     def __init__(self, store: EventStore | str | None = None, /, **data: Any) -> None:
         if isinstance(store, EventStore):
             data.setdefault("url", store.url.render_as_string(hide_password=True))
-        elif store is not None:
+        elif isinstance(store, str):
             data["url"] = store
+        elif store is not None:
+            raise InvalidArgument(
+                f"EventStoreFlowPersistence takes an EventStore or a URL, not "
+                f"{type(store).__name__} (CrewAI calls its persistence synchronously)")
         super().__init__(**data)
         if isinstance(store, EventStore):
             self._store = store

@@ -406,6 +406,25 @@ def test_a_claimed_but_abandoned_resume_can_be_reopened(
         "draft", "review", "review", "publish"]
 
 
+def test_a_persistence_given_an_async_store_or_another_object_says_what_it_takes(
+        url: str) -> None:
+    """An AsyncEventStore (or anything but a store or a URL) is refused with InvalidArgument
+    naming what it takes (pydantic's ValidationError said the url should be a string)."""
+    import asyncio
+
+    from eventstore.aio import AsyncEventStore
+
+    async def refused() -> None:
+        async with await AsyncEventStore.open(url) as astore:
+            with pytest.raises(InvalidArgument, match="takes an EventStore or a URL, not "
+                                                      "AsyncEventStore"):
+                EventStoreFlowPersistence(astore)  # type: ignore[arg-type]
+
+    asyncio.run(refused())
+    with pytest.raises(InvalidArgument, match="not int"):
+        EventStoreFlowPersistence(3)  # type: ignore[arg-type]
+
+
 def test_an_import_goes_on_past_flows_the_store_refuses(
     tmp_path: Path, persistence: EventStoreFlowPersistence, store: EventStore,
 ) -> None:
