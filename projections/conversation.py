@@ -16,6 +16,7 @@ from eventstore import EventStore, RecordedEvent, StreamSlice
 from eventstore.errors import InvalidArgument
 from eventstore.events import Event
 
+from ._command import check_text
 from ._engine import Projection, current, fold_live, inline, register, snapshot_now
 from ._stores import check_sync_store
 from .events import VariablesAssigned, VariablesDeleted, VariablesReset, VariableValue
@@ -149,9 +150,7 @@ register("conversations", ConversationProjection)
 
 
 def _check_conversation_id(conversation_id: object) -> str:
-    if not isinstance(conversation_id, str) or not conversation_id:
-        raise InvalidArgument("conversation_id must be a non-empty string")
-    return conversation_id
+    return check_text(conversation_id, "conversation_id")  # (at most 200 characters)
 
 
 def _check_names(names: object) -> list[str]:

@@ -164,6 +164,8 @@ def test_bad_input_writes_nothing(conversations: Conversations, conv_store: Even
             conversations.assign("c-1", bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         conversations.assign("", {"a": 1})
+    with pytest.raises(InvalidArgument, match="longer than 200 characters"):
+        conversations.assign("c" * 201, {"a": 1})  # facade ids: at most 200, as the others
     with pytest.raises(InvalidArgument):
         conversations.delete("c-1", [])
     with pytest.raises(InvalidArgument):
