@@ -270,9 +270,12 @@ class AsyncEventStore(StoreCore):
                 return await writer.run(lambda conn: _own_transaction(
                     conn, self._append_committed, plan, before_commit))
             async with self._engine.connect() as conn:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                return await _own_transaction(conn, self._append_committed, plan,
-                                              before_commit)
+                try:
+                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return await _own_transaction(conn, self._append_committed, plan,
+                                                  before_commit)
+                finally:
+                    await _release_if_retired(self._engine, conn)
 
     def _append_committed(self, conn: Any, plan: AppendPlan,
                           before_commit: BeforeCommit | None) -> AppendResult:
