@@ -159,6 +159,12 @@ def sqlite_file(url: URL) -> Path | None:
     return None
 
 
+def missing_sqlite_file(url: URL) -> Path | None:
+    """The file a SQLite URL names when it is not there (else ``None``)."""
+    path = sqlite_file(url)
+    return path if path is not None and not path.exists() else None
+
+
 def sqlite_uri(url: URL) -> bool:
     """Whether a SQLite URL names its database as a SQLite URI (``?uri=true``), read as
     SQLAlchemy's dialect reads it."""

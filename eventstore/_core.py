@@ -979,21 +979,12 @@ def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
     try:
         with dbapi.pipeline() as p:
             yield p
-    except GeneratorExit:
-        if not nested and _left_in_pipeline(dbapi):
-            dbapi.pgconn.finish()
-        raise  # a reader that stopped early (a fold cut at a version): nothing failed
-    except BaseException:
-        if not nested and _left_in_pipeline(dbapi):
-            dbapi.pgconn.finish()
-        else:
+    except BaseException as e:
+        if not nested and not dbapi.closed and dbapi.pgconn.pipeline_status:
+            dbapi.pgconn.finish()  # left in pipeline mode: closed, for its owner to replace
+        elif not isinstance(e, GeneratorExit):  # (a reader that stopped early: no failure)
             _forget_prepared(dbapi)
         raise
-
-
-def _left_in_pipeline(dbapi: Any) -> bool:
-    """Whether libpq is still in pipeline mode after psycopg's pipeline ended."""
-    return not dbapi.closed and bool(dbapi.pgconn.pipeline_status)
 
 
 def _forget_prepared(dbapi: Any) -> None:

@@ -16,8 +16,8 @@ from ._backend import (
     begin_write,
     create_store_engine,
     lock_migrations,
+    missing_sqlite_file,
     resolve_url,
-    sqlite_file,
     translate,
 )
 from ._schema import VERSION_TABLE
@@ -123,8 +123,8 @@ def check_on(conn: Connection, url: URL) -> None:
 def check_file(url: URL) -> None:
     """Before a store that will not migrate opens a SQLite file: refuse one that is not there,
     rather than have the driver create an empty database only to refuse it."""
-    path = sqlite_file(url)
-    if path is not None and not path.exists():
+    path = missing_sqlite_file(url)
+    if path is not None:
         raise _unmigrated(url, f"has no eventstore schema (no file at {path})")
 
 

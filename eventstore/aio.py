@@ -35,7 +35,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncTransaction,
+    create_async_engine,
+)
 from sqlalchemy.pool import StaticPool
 
 from . import _migrate
@@ -403,15 +408,21 @@ async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: A
     try:
         result = await conn.run_sync(fn, *args)
     except BaseException:
-        try:
-            if trans.is_active:
-                await trans.rollback()
-        except Exception:
-            await conn.invalidate()
+        await _roll_back(conn, trans)
         raise
     if trans.is_active:
         await trans.commit()
     return result
+
+
+async def _roll_back(conn: AsyncConnection, trans: AsyncTransaction) -> None:
+    """Roll back after an error; if that fails too, invalidate the connection (the caller
+    raises the first error)."""
+    try:
+        if trans.is_active:
+            await trans.rollback()
+    except Exception:
+        await conn.invalidate()
 
 
 class _KeptWriter:
@@ -652,18 +663,12 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
                     conn = await conn.execution_options(sqlite_write=True)
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            # As _backend.own_transaction: a rollback that fails too (the connection closed
-            # under the transaction) invalidates the connection and keeps the first error.
             try:
                 trans = await conn.begin()
                 try:
                     yield conn
                 except BaseException:
-                    try:
-                        if trans.is_active:
-                            await trans.rollback()
-                    except Exception:
-                        await conn.invalidate()
+                    await _roll_back(conn, trans)  # (keeps the first error)
                     raise
                 if trans.is_active:
                     await trans.commit()

@@ -51,7 +51,7 @@ import msgspec
 import structlog
 
 from . import _migrate
-from ._backend import DEFAULT_URL, resolve_url, sqlite_file
+from ._backend import DEFAULT_URL, missing_sqlite_file, resolve_url, sqlite_file
 from ._core import Options, check_id, encode_within
 from .codec import MAX_NESTING
 from .errors import (
@@ -600,12 +600,11 @@ def cmd_append(args: argparse.Namespace) -> int:
     encode_within(events, metadata, Options.resolve(max_event_bytes=None, poll_interval=None,
                                                     clock=None).max_event_bytes)
     expected = args.expected_version
-    if expected is STREAM_EXISTS or (isinstance(expected, int) and expected > 0):
-        path = sqlite_file(resolve_url(args.url))
-        if path is not None and not path.exists():
-            # No database, so no stream: refused as the store would, without creating a file.
-            raise WrongExpectedVersion(stream_id=args.stream, tenant_id=args.tenant,
-                                       expected=expected, actual=0)
+    wants_a_stream = expected is STREAM_EXISTS or (isinstance(expected, int) and expected > 0)
+    if wants_a_stream and missing_sqlite_file(resolve_url(args.url)) is not None:
+        # No database, so no stream: refused as the store would, without creating a file.
+        raise WrongExpectedVersion(stream_id=args.stream, tenant_id=args.tenant,
+                                   expected=expected, actual=0)
     with open_store(args) as store:
         result = store.append(args.stream, events, expected_version=args.expected_version,
                               idempotency_key=args.idempotency_key, tenant_id=args.tenant,

@@ -9,6 +9,8 @@ the transaction and takes the lock itself, then runs whatever command was given 
 
 from __future__ import annotations
 
+import os
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -29,10 +31,13 @@ if connection is not None:
     _run_on(connection)
 else:
     from eventstore._backend import begin_write, create_store_engine, lock_migrations, resolve_url
+    from eventstore.errors import InvalidArgument
 
     given = context.get_x_argument(as_dictionary=True).get("url") \
-        or config.get_main_option("sqlalchemy.url") or None
-    url = resolve_url(given)  # (EVENTSTORE_URL, else the default, when none is given)
+        or config.get_main_option("sqlalchemy.url") or os.environ.get("EVENTSTORE_URL")
+    if not given:  # (not the store's default file: `alembic current` would create it)
+        raise InvalidArgument("give the database: alembic -x url=URL ..., or EVENTSTORE_URL")
+    url = resolve_url(given)
     if context.is_offline_mode():
         context.configure(url=url, version_table=VERSION_TABLE, literal_binds=True,
                           transactional_ddl=True, render_as_batch=True)

@@ -149,8 +149,14 @@ def _change(variables: dict[str, Any], types: dict[str, str], data: object) -> b
 register("conversations", ConversationProjection)
 
 
-def _check_conversation_id(conversation_id: object) -> str:
-    return check_text(conversation_id, "conversation_id")  # (at most 200 characters)
+def _check_conversation_id(conversation_id: object, *, write: bool = False) -> str:
+    """A conversation id; for a ``write`` at most 200 characters, as every facade's.  Reads
+    take longer ones, which releases before that limit stored."""
+    if write:
+        return check_text(conversation_id, "conversation_id")
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise InvalidArgument("conversation_id must be a non-empty string")
+    return conversation_id
 
 
 def _check_names(names: object) -> list[str]:
@@ -210,7 +216,7 @@ class Conversations:
         With ``expected_version`` the write succeeds only if nobody wrote since that version
         (read-modify-write), else :class:`eventstore.WrongExpectedVersion`.
         """
-        cid = _check_conversation_id(conversation_id)
+        cid = _check_conversation_id(conversation_id, write=True)
         values = self._values(variables, value_types)
         return self._append(cid, VariablesAssigned(
             conversation_id=cid, variables=values, workflow_run_id=workflow_run_id,
@@ -229,7 +235,7 @@ class Conversations:
         idempotency_key: str | None = None,
     ) -> int:
         """Put variables back to their defaults (``{name: default}``) as one event."""
-        cid = _check_conversation_id(conversation_id)
+        cid = _check_conversation_id(conversation_id, write=True)
         return self._append(cid, VariablesReset(
             conversation_id=cid, variables=self._values(defaults, None),
             workflow_run_id=workflow_run_id, node_id=node_id), tenant_id=tenant_id,
@@ -247,7 +253,7 @@ class Conversations:
         idempotency_key: str | None = None,
     ) -> int:
         """Remove variables as one ``VariablesDeleted`` event."""
-        cid = _check_conversation_id(conversation_id)
+        cid = _check_conversation_id(conversation_id, write=True)
         if isinstance(names, str):
             names = [names]
         checked = _check_names(names)

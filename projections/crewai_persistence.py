@@ -45,8 +45,10 @@ import pydantic_core
 from crewai.flow.async_feedback.types import PendingFeedbackContext
 from crewai.flow.persistence.base import FlowPersistence
 from pydantic import BaseModel, Field, PrivateAttr
+from sqlalchemy.engine import URL
 
 from eventstore import Event, EventStore, WrongExpectedVersion
+from eventstore._core import check_id
 from eventstore.errors import InvalidArgument, InvalidEvent
 from eventstore.logs import get_logger
 
@@ -125,14 +127,16 @@ class EventStoreFlowPersistence(FlowPersistence):
     _flows: Flows | None = PrivateAttr(default=None)
     _owns_store: bool = PrivateAttr(default=False)
 
-    def __init__(self, store: EventStore | str | None = None, /, **data: Any) -> None:
+    def __init__(self, store: EventStore | str | URL | None = None, /, **data: Any) -> None:
         if isinstance(store, EventStore):
             data.setdefault("url", store.url.render_as_string(hide_password=True))
         elif isinstance(store, str):
             data["url"] = store
+        elif isinstance(store, URL):
+            data["url"] = store.render_as_string(hide_password=False)
         elif store is not None:
             raise InvalidArgument(
-                f"EventStoreFlowPersistence takes an EventStore or a URL, not "
+                f"EventStoreFlowPersistence takes an EventStore or a database URL, not "
                 f"{type(store).__name__} (CrewAI calls its persistence synchronously)")
         super().__init__(**data)
         if isinstance(store, EventStore):
@@ -350,6 +354,9 @@ def import_crewai_sqlite(db_path: str | os.PathLike[str],
                     "FROM pending_feedback ORDER BY id"):
                 pending[flow_uuid] = (context_json, state_json, created_at)
 
+    # What would refuse every flow (the store's URL, the tenant) raises here, before any flow.
+    store = persistence.store
+    tenant_id = check_id(persistence.tenant_id, "tenant id", InvalidArgument)
     imported: list[str] = []
     skipped: list[str] = []
     failed: dict[str, str] = {}
@@ -357,11 +364,11 @@ def import_crewai_sqlite(db_path: str | os.PathLike[str],
         try:
             events = _imported_events(flow_uuid, states.get(flow_uuid, []),
                                       pending.get(flow_uuid))
-            persistence.store.append(Flows.stream_id(flow_uuid), events, expected_version=0,
-                                     tenant_id=persistence.tenant_id)
+            store.append(Flows.stream_id(flow_uuid), events, expected_version=0,
+                         tenant_id=tenant_id)
         except WrongExpectedVersion:
             skipped.append(flow_uuid)
-        except (InvalidArgument, ValueError) as e:  # this flow only: the others go on
+        except (InvalidArgument, ValueError) as e:  # this flow's data or id: the others go on
             failed[flow_uuid] = f"{type(e).__name__}: {e}"
             _log.warning("crewai_flow_not_imported", tenant=persistence.tenant_id,
                          flow_id=flow_uuid, error=failed[flow_uuid])

@@ -37,13 +37,14 @@ def _to_json(value: Any, depth: int) -> Any:
         return value
     # A subclass (numpy.float64, an IntEnum, a str enum) is stored as its plain value, as JSON
     # would hold it: the store's encoder refuses the subclass itself.
+    # (The base type's own conversion: a subclass's override is not asked.)
     if kind is not float:
         if isinstance(value, int):
-            return int(value)
+            return int.__int__(value)
         if isinstance(value, str):
             return str.__str__(value)
         if isinstance(value, float):
-            value = float(value)
+            value = float.__float__(value)
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             return {_TAG: "float", "value": repr(value)}

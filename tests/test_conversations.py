@@ -11,7 +11,7 @@ import pytest
 from eventstore import EventStore, InvalidArgument, WrongExpectedVersion
 from eventstore.store import DEFAULT_TENANT
 from projections import Conversations
-from projections.events import VariablesAssigned
+from projections.events import VariablesAssigned, VariableValue
 
 
 class Clock:
@@ -166,6 +166,13 @@ def test_bad_input_writes_nothing(conversations: Conversations, conv_store: Even
         conversations.assign("", {"a": 1})
     with pytest.raises(InvalidArgument, match="longer than 200 characters"):
         conversations.assign("c" * 201, {"a": 1})  # facade ids: at most 200, as the others
+    # One stored before that limit is still read.
+    old_id = "o" * 201
+    conv_store.append(Conversations.stream_id(old_id), [VariablesAssigned(
+        conversation_id=old_id, variables=[VariableValue(name="a", value=1,
+                                                         value_type="integer")])])
+    assert conversations.get(old_id).variables == {"a": 1}
+    assert len(conversations.history(old_id)) == 1
     with pytest.raises(InvalidArgument):
         conversations.delete("c-1", [])
     with pytest.raises(InvalidArgument):

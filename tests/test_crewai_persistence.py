@@ -416,13 +416,19 @@ def test_a_persistence_given_an_async_store_or_another_object_says_what_it_takes
 
     async def refused() -> None:
         async with await AsyncEventStore.open(url) as astore:
-            with pytest.raises(InvalidArgument, match="takes an EventStore or a URL, not "
-                                                      "AsyncEventStore"):
+            with pytest.raises(InvalidArgument, match="takes an EventStore or a database URL, "
+                                                      "not AsyncEventStore"):
                 EventStoreFlowPersistence(astore)  # type: ignore[arg-type]
 
     asyncio.run(refused())
     with pytest.raises(InvalidArgument, match="not int"):
         EventStoreFlowPersistence(3)  # type: ignore[arg-type]
+    by_url = EventStoreFlowPersistence(make_url(url))  # a SQLAlchemy URL, as EventStore.open
+    try:
+        by_url.save_state("f-url", "step", {"n": 1})
+        assert by_url.load_state("f-url") == {"n": 1}
+    finally:
+        by_url.close()
 
 
 def test_an_import_goes_on_past_flows_the_store_refuses(
@@ -448,6 +454,9 @@ def test_an_import_goes_on_past_flows_the_store_refuses(
         assert "longer than 200 characters" in result.failed["f" * 201]
     assert persistence.load_state("f-ok-2") == {"n": 2}
     assert store.stream_version(Flows.stream_id("f-big")) == 0
+    # What refuses every flow is raised at once, not reported once per flow.
+    with pytest.raises(InvalidArgument, match="tenant id"):
+        import_crewai_sqlite(db, EventStoreFlowPersistence(store, tenant_id="t" * 300))
 
 
 def test_flows_of_crewai_sqlite_backend_are_imported_and_go_on_here(

@@ -15,7 +15,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from structlog.testing import capture_logs
 
-from eventstore import EventStore, SchemaVersionMismatch, _migrate
+from eventstore import EventStore, InvalidArgument, SchemaVersionMismatch, _migrate
 from eventstore._migrate import known_revisions, migrate_url
 from eventstore._schema import VERSION_TABLE
 from tests import _workers
@@ -200,6 +200,9 @@ def test_the_alembic_command_line_runs_the_command_it_is_given(
     out = io.StringIO()
     command.current(alembic_cli_config(None, out))
     assert out.getvalue().split() == [previous]
+    monkeypatch.delenv("EVENTSTORE_URL")  # no database named at all: refused, nothing made
+    with pytest.raises(InvalidArgument, match="give the database"):
+        command.current(alembic_cli_config(None))
     command.upgrade(alembic_cli_config(fresh_url), "head")
     assert version_rows(fresh_url) == [head()]
     with EventStore.open(fresh_url, migrate=False) as store:
