@@ -8,7 +8,7 @@ store's optimistic concurrency) instead of on locks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
@@ -94,6 +94,21 @@ def utc_clock(clock: Clock | None) -> Clock:
     return now
 
 
+# The longest lease, TTL or timeout taken: a century, so that now + it stays a datetime (and
+# its microseconds an int64 sort key).
+MAX_DURATION = timedelta(days=36_525)
+
+
+def check_duration(value: object, what: str) -> timedelta:
+    """A positive ``timedelta`` of at most :data:`MAX_DURATION`."""
+    if not isinstance(value, timedelta):
+        raise InvalidArgument(f"{what} must be a timedelta, got {value!r:.80}")
+    if not timedelta(0) < value <= MAX_DURATION:
+        raise InvalidArgument(f"{what} must be positive and at most {MAX_DURATION.days:,} days, "
+                              f"got {value}")
+    return value
+
+
 def check_time(when: datetime, what: str) -> datetime:
     if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
         raise InvalidArgument(f"{what} must be a timezone-aware datetime")
@@ -108,6 +123,12 @@ def check_text(value: object, what: str) -> str:
     if len(value) > 200:
         raise InvalidArgument(f"{what} is longer than 200 characters")
     return check_id(value, what, InvalidArgument)
+
+
+def check_tenant(value: object) -> str:
+    """A tenant id: the store's own limit (255 characters), since it is not part of a facade's
+    stream id as the facades' own ids are."""
+    return check_id(value, "tenant_id", InvalidArgument)
 
 
 def composite_id(*parts: str) -> str:

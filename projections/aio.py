@@ -415,15 +415,19 @@ class AsyncJobs(_Twin[Jobs]):
         while True:
             def poll(jobs: Jobs, since: int = seq) -> tuple[list[JobEvent], bool]:
                 got = list(jobs.events(job_id, after=since, tenant_id=tenant_id))
-                return got, jobs.get(job_id, tenant_id=tenant_id).finished
+                # Ended only if the terminal event is at or before ``since``: one committed
+                # after the read above is read by the next poll (the job's ``finished``, read
+                # in a later snapshot, ended a follow before its last events).
+                ended = not got and jobs._ended_before(jobs.stream_id(job_id), tenant_id, since)
+                return got, ended
 
-            batch, finished = await self._call(poll, write=False)
+            batch, ended = await self._call(poll, write=False)
             for ev in batch:
                 yield ev
                 seq = ev.seq
                 if follow and ev.type in TERMINAL_EVENTS:
                     return
-            if not follow or (finished and not batch):
+            if not follow or ended:
                 return
             left = None if ends is None else ends - time.monotonic()
             if left is not None and left <= 0:

@@ -22,6 +22,8 @@ from eventstore.errors import InvalidArgument
 
 from ._command import (
     Clock,
+    check_duration,
+    check_tenant,
     check_text,
     check_time,
     composite_id,
@@ -138,10 +140,8 @@ class Continuations:
     def __init__(self, store: EventStore, *, ttl: timedelta = DEFAULT_TTL,
                  claim_timeout: timedelta = DEFAULT_CLAIM_TIMEOUT,
                  clock: Clock | None = None) -> None:
-        if not isinstance(ttl, timedelta) or not isinstance(claim_timeout, timedelta):
-            raise InvalidArgument("ttl and claim_timeout must be timedeltas")
-        if ttl <= timedelta(0) or claim_timeout <= timedelta(0):
-            raise InvalidArgument("ttl and claim_timeout must be positive")
+        check_duration(ttl, "ttl")
+        check_duration(claim_timeout, "claim_timeout")
         check_sync_store(store, "Continuations", "projections.aio.AsyncContinuations")
         self.store = store
         self.ttl = ttl
@@ -182,11 +182,7 @@ class Continuations:
                             ("client_tools", [] if client_tools is None else client_tools)):
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                 raise InvalidArgument(f"{what} must be a list")
-        life = ttl if ttl is not None else self.ttl
-        if not isinstance(life, timedelta):
-            raise InvalidArgument("ttl must be a timedelta")
-        if life <= timedelta(0):
-            raise InvalidArgument("ttl must be positive")
+        life = check_duration(ttl if ttl is not None else self.ttl, "ttl")
         now = self.now()
         event = ToolCallsPaused(
             conversation_id=conversation_id, user_id=user_id, pause_id=uuid.uuid4().hex,
@@ -292,7 +288,7 @@ class Continuations:
                          ) -> list[Continuation]:
         """The user's pending (not expired) continuations, soonest to expire first."""
         check_text(user_id, "user_id")
-        check_text(tenant_id, "tenant_id")  # None would read every tenant's
+        check_tenant(tenant_id)  # None would read every tenant's
         now = self.now()
         rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status="pending",
                           group_key=user_id)
@@ -306,7 +302,7 @@ class Continuations:
         """
         at = check_time(now, "now") if now is not None else self.now()
         if tenant_id is not None:
-            check_text(tenant_id, "tenant_id")
+            check_tenant(tenant_id)
         reverted: list[tuple[str, str, str]] = []
         expired: list[tuple[str, str, str]] = []
         stale = query_rows(self.store, self.projection, tenant_id=tenant_id, status="resuming",

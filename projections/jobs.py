@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -43,7 +44,16 @@ from eventstore.errors import InvalidArgument
 from eventstore.events import Event, RawEvent
 from eventstore.logs import get_logger
 
-from ._command import Clock, check_text, check_time, decide, fold_appended, utc_clock
+from ._command import (
+    Clock,
+    check_duration,
+    check_tenant,
+    check_text,
+    check_time,
+    decide,
+    fold_appended,
+    utc_clock,
+)
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
 from ._stores import check_sync_store
 from .errors import Conflict, LeaseLost, NotFound
@@ -294,23 +304,29 @@ def check_events_args(job_id: object, tenant_id: object, after: object, follow: 
                       timeout: object, poll_interval: object) -> None:
     """The arguments of ``events`` (sync and async)."""
     check_text(job_id, "job_id")
-    check_text(tenant_id, "tenant_id")
+    check_tenant(tenant_id)
     if not isinstance(after, int) or isinstance(after, bool) or after < 0:
         raise InvalidArgument(f"after must be an int >= 0, got {after!r}")
     if not isinstance(follow, bool):
         raise InvalidArgument("follow must be a bool")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+    if timeout is not None and (not _real(timeout) or not timeout >= 0):
         raise InvalidArgument(f"timeout must be a number >= 0 or None, got {timeout!r}")
-    if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
-        raise InvalidArgument(f"poll_interval must be a positive number, got "
-                              f"{poll_interval!r}")
+    if not _real(poll_interval) or not 0 < poll_interval < 86_400:
+        raise InvalidArgument(f"poll_interval must be a positive number of seconds (under a "
+                              f"day), got {poll_interval!r}")
+
+
+def _real(value: object) -> TypeGuard[float]:
+    """An int or float that is a number (not a bool, NaN or an infinity)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _check_owner_ids(job_id: object, worker_id: object, tenant_id: object) -> None:
     """The ids every call of the worker that owns a job passes."""
     check_text(job_id, "job_id")
     check_text(worker_id, "worker_id")
-    check_text(tenant_id, "tenant_id")
+    check_tenant(tenant_id)
 
 
 def _check_json(value: object, what: str) -> None:
@@ -357,8 +373,7 @@ class Jobs:
 
     def __init__(self, store: EventStore, *, lease: timedelta = DEFAULT_LEASE,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Clock | None = None) -> None:
-        if not isinstance(lease, timedelta) or lease <= timedelta(0):
-            raise InvalidArgument(f"lease must be a positive timedelta, got {lease!r}")
+        check_duration(lease, "lease")
         if (not isinstance(max_attempts, int) or isinstance(max_attempts, bool)
                 or max_attempts < 1):
             raise InvalidArgument(f"max_attempts must be an int >= 1, got {max_attempts!r}")
@@ -428,7 +443,7 @@ class Jobs:
         """
         check_text(workflow_id, "workflow_id")
         check_text(user_id, "user_id")
-        check_text(tenant_id, "tenant_id")
+        check_tenant(tenant_id)
         if dedupe_key is not None:
             check_text(dedupe_key, "dedupe_key")
         _check_json(inputs, "inputs")
@@ -482,7 +497,7 @@ class Jobs:
         job re-reads it, sees it running and tries the next oldest.
         """
         check_text(worker_id, "worker_id")
-        check_text(tenant_id, "tenant_id")
+        check_tenant(tenant_id)
         now = self._now()
         until = now + self.lease
         tried: set[str] = set()
@@ -594,7 +609,7 @@ class Jobs:
         """
         check_text(job_id, "job_id")
         check_text(request_id, "request_id")
-        check_text(tenant_id, "tenant_id")
+        check_tenant(tenant_id)
         _check_json(input, "input")
         now = self._now()
 
@@ -627,10 +642,12 @@ class Jobs:
                tenant_id: str = _DEFAULT_TENANT) -> Job:
         """Cancel a job that is not finished (a running worker learns it by :class:`LeaseLost`).
 
-        A finished job raises :class:`Conflict` with its status as ``reason``.
+        A finished job raises :class:`Conflict` with its status as ``reason``; so does a
+        suspended job whose request's deadline has passed (``deadline_passed``): the deadline
+        decided that request, and the next :meth:`sweep` fails the job.
         """
         check_text(job_id, "job_id")
-        check_text(tenant_id, "tenant_id")
+        check_tenant(tenant_id)
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgument(f"reason must be a string or None, got {reason!r:.80}")
         now = self._now()
@@ -639,6 +656,12 @@ class Jobs:
             if s.finished:
                 raise Conflict(f"job {job_id} (tenant {tenant_id}) is already {s.status}",
                                reason=s.status)
+            pending = s.pending
+            if (s.status == SUSPENDED and pending is not None and pending.deadline is not None
+                    and now > pending.deadline):
+                raise Conflict(f"job {job_id} (tenant {tenant_id}): the deadline of request "
+                               f"{pending.request_id} passed ({pending.deadline.isoformat()})",
+                               reason="deadline_passed")
             return [JobCancelled(at=now, reason=reason)]
 
         return self._command(job_id, tenant_id, decision)
@@ -655,7 +678,7 @@ class Jobs:
         """
         when = check_time(now, "now") if now is not None else self._now()
         if tenant_id is not None:
-            check_text(tenant_id, "tenant_id")
+            check_tenant(tenant_id)
         before = to_micros(when)
         out: builtins.list[Swept] = []
         for status in (RUNNING, SUSPENDED):
@@ -705,7 +728,7 @@ class Jobs:
     def get(self, job_id: str, *, tenant_id: str = _DEFAULT_TENANT) -> Job:
         """The job now (its row topped up from the log); :class:`NotFound` when unknown."""
         check_text(job_id, "job_id")
-        check_text(tenant_id, "tenant_id")
+        check_tenant(tenant_id)
         state, version = current(self.store, self.projection, self.stream_id(job_id),
                                  tenant_id=tenant_id)
         if version == 0:
@@ -732,12 +755,8 @@ class Jobs:
                 timeout: float | None, poll_interval: float) -> Iterator[JobEvent]:
         ends = time.monotonic() + timeout if timeout is not None else None
         seq = after
-        if follow and after > 0:
-            # Re-attached after the end: the terminal event was seen, nothing will follow it.
-            last = list(self.store.read_stream(stream, tenant_id=tenant_id, backwards=True,
-                                               limit=1))
-            if last and last[0].version <= after and last[0].type in TERMINAL_EVENTS:
-                return
+        if follow and self._ended_before(stream, tenant_id, after):
+            return
         while True:
             for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=seq + 1):
                 yield JobEvent(seq=ev.version, type=ev.type, data=ev.data,
@@ -755,17 +774,29 @@ class Jobs:
             else:
                 time.sleep(poll_interval)
 
+    def _ended_before(self, stream: str, tenant_id: str, after: int) -> bool:
+        """Whether the job's terminal event is at or before seq ``after`` (a follower
+        re-attached after the end: nothing will follow)."""
+        if after <= 0:
+            return False
+        last = builtins.list(self.store.read_stream(stream, tenant_id=tenant_id,
+                                                    backwards=True, limit=1))
+        return bool(last) and last[0].version <= after and last[0].type in TERMINAL_EVENTS
+
     def list(self, status: str | Sequence[str] | None = None, *,
              tenant_id: str = _DEFAULT_TENANT, limit: int | None = None) -> builtins.list[Job]:
         """The tenant's jobs (of one status or several), oldest submitted first."""
-        check_text(tenant_id, "tenant_id")
+        check_tenant(tenant_id)
         wanted: builtins.list[str] | None
         if status is None:
             wanted = None
         else:
+            if not isinstance(status, str) and not isinstance(status, Sequence):
+                raise InvalidArgument(f"status must be a job status or a list of them, got "
+                                      f"{status!r:.80}")
             wanted = [status] if isinstance(status, str) else builtins.list(status)
             for s in wanted:
-                if s not in STATUSES:
+                if not isinstance(s, str) or s not in STATUSES:
                     raise InvalidArgument(f"unknown job status {s!r}; one of {STATUSES}")
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")

@@ -17,7 +17,7 @@ from eventstore import Event, EventStore, RecordedEvent
 from eventstore._time import to_micros
 from eventstore.errors import InvalidArgument
 
-from ._command import Clock, check_text, decide, utc_clock
+from ._command import Clock, check_tenant, check_text, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
 from ._stores import check_sync_store
 from .events import SessionRetired, SessionSnapshotSaved
@@ -39,7 +39,10 @@ class SessionKey(msgspec.Struct, frozen=True):
 
     def stream_id(self) -> str:
         for name in self.__struct_fields__:
-            check_text(getattr(self, name), name)
+            if name == "tenant_id":
+                check_tenant(self.tenant_id)
+            else:
+                check_text(getattr(self, name), name)
         digest = hashlib.sha256(msgspec.json.encode(list(msgspec.structs.astuple(self))))
         return f"{CATEGORY}-{digest.hexdigest()}"
 
@@ -197,7 +200,7 @@ class AgentSessions:
 
     def active_in_run(self, tenant_id: str, workflow_run_id: str) -> list[SessionKey]:
         """Keys of the run's active sessions."""
-        check_text(tenant_id, "tenant_id")  # None would read every tenant's
+        check_tenant(tenant_id)  # None would read every tenant's
         check_text(workflow_run_id, "workflow_run_id")
         rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status="active",
                           group_key=workflow_run_id)

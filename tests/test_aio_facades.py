@@ -9,7 +9,7 @@ import pytest
 
 import projections
 import projections.aio
-from eventstore import WrongExpectedVersion
+from eventstore import InvalidArgument, WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
 from projections.aio import AsyncAgentSessions, AsyncContinuations, AsyncConversations, AsyncFlows
 from projections.errors import NoPendingFeedback, ResumeInProgress
@@ -193,6 +193,67 @@ async def test_jobs_lifecycle_and_follow(url: str) -> None:
         assert (await jobs.get(job.job_id)).status == "completed"
         again = [ev.seq async for ev in jobs.events(job.job_id, after=4, follow=True)]
         assert again == []
+
+
+@pytest.mark.asyncio
+async def test_a_follow_gets_the_events_that_finish_the_job_during_its_poll(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's last events committed between a poll's read of its events and its check for
+    the end: the follow still yields them, the terminal one last (on PostgreSQL the check read
+    the finished job in a later snapshot and ended the follow without them)."""
+    from eventstore import EventStore
+    from projections import Jobs
+    from projections.aio import AsyncJobs
+
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store)
+        job = await jobs.submit("wf-1", {}, user_id="u1")
+        real_events = Jobs.events
+        finished = False
+
+        def events_then_finish(self: Jobs, *args: object, **kwargs: object) -> object:
+            nonlocal finished
+            got = list(real_events(self, *args, **kwargs))  # type: ignore[arg-type]
+            if not got and not finished:  # a poll that found nothing new: now another
+                # process claims and completes the job, before the poll checks for the end
+                finished = True
+                with EventStore.open(url) as other:
+                    other_jobs = Jobs(other)
+                    assert other_jobs.claim("w1") is not None
+                    other_jobs.complete(job.job_id, "w1", {"ok": True})
+            return iter(got)
+
+        monkeypatch.setattr(Jobs, "events", events_then_finish)
+        seen = [ev.type async for ev in jobs.events(job.job_id, follow=True, timeout=10,
+                                                    poll_interval=0.01)]
+        assert finished
+        assert seen == ["JobSubmitted", "JobClaimed", "JobCompleted"]
+
+
+@pytest.mark.asyncio
+async def test_tenant_ids_take_the_stores_limit_in_every_facade(url: str) -> None:
+    """A tenant id is the store's (at most 255 characters), not a facade id: every facade
+    takes one of 230 (two refused it, two wrote it) and refuses one of 256."""
+    from projections.aio import AsyncJobs
+
+    async with await AsyncEventStore.open(url) as store:
+        key = "t" * 230
+        sessions = SessionKey(tenant_id=key, workflow_run_id="r", node_id="n", binding_id="b",
+                              agent_id="a")
+        calls = [
+            lambda t: AsyncJobs(store).submit("wf", {}, user_id="u", tenant_id=t),
+            lambda t: AsyncContinuations(store).pause(
+                "c", "u", messages=[], pending_tool_calls=[], tools=[], tool_schemas=[],
+                agent_config={}, tenant_id=t),
+            lambda t: AsyncConversations(store).assign("c", {"a": 1}, tenant_id=t),
+            lambda t: AsyncFlows(store).save("f", "m", {}, tenant_id=t),
+        ]
+        for call in calls:
+            await call(key)
+            with pytest.raises(InvalidArgument, match="255"):
+                await call("t" * 256)
+        await AsyncAgentSessions(store).save(sessions, snapshot={}, layer_specs=[])
+        assert (await store.stats())["events"] == 5
 
 
 @pytest.mark.asyncio

@@ -226,6 +226,15 @@ def test_bad_input_is_rejected(conts: Continuations, store: EventStore) -> None:
                     tool_schemas=[], agent_config={})
     with pytest.raises(InvalidArgument):
         conts.complete("conv-1", "u1", tool_results="x")  # type: ignore[arg-type]
+    # Durations past a century (their end overflowed the datetime: OverflowError).
+    for ttl in (timedelta(days=10**8), timedelta.max, timedelta(0)):
+        with pytest.raises(InvalidArgument, match="ttl must be positive and at most"):
+            conts.pause("conv-1", "u1", messages=[], pending_tool_calls=[], tools=[],
+                        tool_schemas=[], agent_config={}, ttl=ttl)
+        with pytest.raises(InvalidArgument, match="ttl must be"):
+            Continuations(store, ttl=ttl)
+    with pytest.raises(InvalidArgument, match="claim_timeout must be"):
+        Continuations(store, claim_timeout=timedelta.max)
     assert store.stats()["events"] == 0
 
 

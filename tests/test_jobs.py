@@ -391,6 +391,26 @@ def test_resume_after_the_deadline_is_refused(jobs: Jobs, clock: Clock) -> None:
     assert e.value.reason == "deadline_passed"
 
 
+def test_a_cancel_after_the_deadline_is_refused_as_the_deadline_decided(
+        jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
+    """Past the deadline, before a sweep: the deadline decided the request, so a cancel gets
+    Conflict(deadline_passed) as a resume does, writes nothing, and the sweep fails the job (a
+    cancel won, and the refused resume's reason changed to cancelled)."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
+                 deadline=T0 + timedelta(minutes=10))
+    clock.advance(minutes=10, microseconds=1)
+    written = job_store.stats()["events"]
+    with pytest.raises(Conflict, match="deadline of request r1 passed") as e:
+        jobs.cancel(job.job_id, "too late")
+    assert e.value.reason == "deadline_passed"
+    assert job_store.stats()["events"] == written
+    assert [(s.job_id, s.action) for s in jobs.sweep()] == [(job.job_id, "failed")]
+    with pytest.raises(Conflict) as e:
+        jobs.resume(job.job_id, request_id="r1", input=1)
+    assert e.value.reason == "deadline_passed"
+
+
 def test_resume_of_a_cancelled_job_is_refused(jobs: Jobs) -> None:
     """A cancelled suspended job cannot be resumed."""
     job = running(jobs)
@@ -679,7 +699,14 @@ def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
         lambda: jobs.sweep(naive),
         lambda: jobs.events(job.job_id, after=-1),
         lambda: jobs.events(job.job_id, poll_interval=0),
+        lambda: jobs.events(job.job_id, follow=True, poll_interval=float("nan")),
+        lambda: jobs.events(job.job_id, follow=True, timeout=float("nan")),
+        lambda: jobs.events(job.job_id, follow=True, timeout=float("inf")),
         lambda: jobs.list("paused"),
+        lambda: jobs.list(5),  # type: ignore[arg-type]
+        lambda: jobs.list([5]),  # type: ignore[list-item]
+        lambda: Jobs(job_store, lease=timedelta.max),  # (every claim overflowed the datetime)
+        lambda: Jobs(job_store, lease=timedelta(days=36_526)),
         lambda: Jobs(job_store, clock=lambda: naive).submit("wf", {}, user_id="u1"),
     ]
     for call in bad:
