@@ -29,7 +29,14 @@ from ._pg_async import facade_of, is_async_psycopg
 from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
-from .codec import decode_event, decode_events, decode_metadata, encode_event, encode_metadata
+from .codec import (
+    as_read,
+    decode_event,
+    decode_events,
+    decode_metadata,
+    encode_event,
+    encode_metadata,
+)
 from .errors import (
     DatabaseError,
     EventDecodeError,
@@ -323,7 +330,7 @@ class StoreCore:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
         encoded, meta_raw = encode_within(events, metadata, self._options.max_event_bytes)
         fingerprint = _fingerprint(stream, encoded) if key is not None else b""
-        return AppendPlan(stream, tenant, events, encoded, meta_raw,
+        return AppendPlan(stream, tenant, as_read(events, encoded), encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
 

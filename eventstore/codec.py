@@ -84,14 +84,26 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         # The registered class's cached decoder; another class under the same tag (one
         # redefined since, as a re-run notebook cell does) gets a decoder of its own, so that
         # the cache keeps decoding reads into the registered class.
+        registered = _registry.get(tag, cls)
         try:
-            decoder = (_decoder_for(tag, cls) if _registry.get(tag) is cls
-                       else msgspec.json.Decoder(cls))
-            decoder.decode(data)
+            if registered is cls:
+                _decoder_for(tag, cls).decode(data)
+            else:
+                msgspec.json.Decoder(cls).decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise InvalidEvent(f"{tag} event does not match its type: {e}") from e
         except TypeError as e:  # a field type msgspec cannot decode into
             raise InvalidEvent(f"{tag} events cannot be read back: {e}") from e
+        if registered is not cls:
+            # Reads decode the tag into the class registered for it now (another class took
+            # the tag since this one was defined): the data must read back as that one too.
+            try:
+                _decoder_for(tag, registered).decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                raise InvalidEvent(
+                    f"a {cls.__qualname__} event does not read back as "
+                    f"{registered.__module__}.{registered.__qualname__}, the class registered "
+                    f"for tag {tag!r} now (two event classes share the tag?): {e}") from e
         _check_finite(event, data, f"{tag} event")
         return tag, cls.__event_schema_version__, data
     if isinstance(event, RawEvent):
@@ -302,12 +314,29 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
             newer.newer_schema = True
             raise newer
         data = _upcast(tag, _dict_decoder.decode(raw), schema_version, current)
-        data.pop("type", None)
-        upcasted: Event = msgspec.convert(data, cls)
+        data["type"] = tag
+        # Read as an event of the current schema is read, through JSON: msgspec.convert would
+        # refuse what the JSON decoder takes (string keys of int-keyed dicts, Raw fields).
+        try:
+            again = _encoder.encode(data)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): the "
+                                   f"upcast data does not encode: {_why(e)}") from e
+        upcasted: Event = _decoder_for(tag, cls).decode(again)
         return upcasted
     except (msgspec.DecodeError, msgspec.ValidationError, LookupError, RecursionError) as e:
         raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): "
                                f"{_why(e)}") from e
+
+
+def as_read(events: Sequence[Event | RawEvent], encoded: Sequence[tuple[str, int, bytes]]
+            ) -> Sequence[Event | RawEvent]:
+    """The events of an append as reads of the log will give them: a raw event of a type this
+    code knows becomes that type (so that inline projections fold what every reader folds)."""
+    if not any(isinstance(e, RawEvent) and e.type in _registry for e in events):
+        return events
+    return [decode_event(tag, sv, data) if isinstance(e, RawEvent) and tag in _registry else e
+            for e, (tag, sv, data) in zip(events, encoded, strict=True)]
 
 
 def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Sequence[bytes]

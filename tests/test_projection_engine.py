@@ -6,9 +6,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from eventstore import Event, EventStore
+from eventstore import Event, EventStore, RawEvent
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows
 from eventstore._time import to_micros
@@ -393,6 +393,43 @@ def test_verify_reports_differences(store: EventStore) -> None:
 
         gens = set(c.execute(select(projection_rows.c.generation)).scalars())
     assert gens == {1}
+
+
+def test_an_inline_projection_folds_a_raw_event_of_a_known_type_as_typed(
+        store: EventStore) -> None:
+    """A raw append of a registered type is folded inline as the typed event every read gives
+    (the fold got the RawEvent: a fold that tests for the type skipped it, one that reads its
+    fields failed the append)."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 1)
+    store.append("counter-a", [RawEvent(type="test.CounterIncremented",
+                                        data={"by": 5, "writer": "raw"})])
+    bump(store, "a", 1)
+    row = load_row(store, p, "default", "counter-a")
+    assert row is not None and (row[0].count, row[0].total) == (3, 7)
+    assert verify(store, p) == []
+
+
+def test_verify_reports_a_value_that_changed_type_but_compares_equal(
+        store: EventStore) -> None:
+    """A row whose value became ``true`` or ``1.0`` where the log gives ``1`` is a difference
+    (Python's == took them for one another)."""
+    from projections import ConversationProjection, Conversations
+
+    conversations = Conversations(store)
+    for cid in ("c0", "c1", "c2"):
+        conversations.assign(cid, {"a": 1})
+    assert verify(store, ConversationProjection()) == []
+    with begin_write(store.engine) as conn:
+        for cid, value in (("c1", "true"), ("c2", "1.0")):
+            row = conn.execute(select(projection_rows.c.state).where(
+                projection_rows.c.stream_id == f"conversation-{cid}")).scalar_one()
+            conn.execute(update(projection_rows)
+                         .where(projection_rows.c.stream_id == f"conversation-{cid}")
+                         .values(state=bytes(row).replace(b'"a":1', f'"a":{value}'.encode())))
+    diffs = verify(store, ConversationProjection())
+    assert [d.stream_id for d in diffs] == ["conversation-c1", "conversation-c2"]
 
 
 def test_verify_reports_rows_whose_index_columns_or_version_differ(store: EventStore) -> None:

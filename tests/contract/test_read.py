@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 import eventstore._core as core_module
@@ -131,6 +132,31 @@ def test_old_schema_version_is_upcast_on_read(store: EventStore) -> None:
         assert list(store.read_stream("c-1"))[-1].schema_version == 3
     finally:
         _registry.pop("test.Renamed", None)
+
+
+def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -> None:
+    """Upcast data is read as an event of the current schema is: int keys from JSON strings,
+    ``msgspec.Raw`` fields (msgspec.convert refused both, so old events stopped every read)."""
+    store.append("g-1", [RawEvent(type="test.Scores", data={"by_level": {"1": 10, "2": 20},
+                                                             "note": "hi", "body": {"x": 1}},
+                                  schema_version=1)])
+
+    class Scores(Event, tag="test.Scores", schema_version=2):
+        by_level: dict[int, int]
+        comment: str
+        body: msgspec.Raw
+
+    @upcaster("test.Scores", from_version=1)
+    def _v1(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "comment": data.pop("note")}
+
+    try:
+        (ev,) = store.read_stream("g-1")
+        assert isinstance(ev.data, Scores)
+        assert (ev.data.by_level, ev.data.comment) == ({1: 10, 2: 20}, "hi")
+        assert bytes(ev.data.body) == b'{"x":1}'
+    finally:
+        _registry.pop("test.Scores", None)
 
 
 @pytest.mark.parametrize("page", [3, 500])
