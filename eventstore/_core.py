@@ -30,11 +30,10 @@ from ._schema import MAX_ID_LENGTH, events, streams
 from ._sql import Compiled, as_uuid, read_query, statement, uuid_param
 from ._time import from_micros, to_micros
 from .codec import (
-    as_read,
     decode_event,
     decode_events,
     decode_metadata,
-    encode_event,
+    encode_checked,
     encode_metadata,
 )
 from .errors import (
@@ -247,7 +246,7 @@ class AppendPlan:
 
     stream_id: str
     tenant_id: str
-    originals: Sequence[Event | RawEvent]
+    reads: Sequence[Event | RawEvent]  # the events as reads of the log give them
     encoded: list[tuple[str, int, bytes]]
     meta_raw: bytes | None
     metadata: dict[str, Any]
@@ -328,9 +327,10 @@ class StoreCore:
             raise InvalidEvent("events must be a list of Event instances")
         if not events:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
-        encoded, meta_raw = encode_within(events, metadata, self._options.max_event_bytes)
+        encoded, meta_raw, reads = encode_within(events, metadata,
+                                                 self._options.max_event_bytes)
         fingerprint = _fingerprint(stream, encoded) if key is not None else b""
-        return AppendPlan(stream, tenant, as_read(events, encoded), encoded, meta_raw,
+        return AppendPlan(stream, tenant, reads, encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
 
@@ -791,7 +791,7 @@ def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: 
         })
         recorded.append(RecordedEvent(
             last_position + i, stream_id, current + i, tenant_id, event_id, tag,
-            schema_version, plan.originals[i - 1], plan.metadata, now,
+            schema_version, plan.reads[i - 1], plan.metadata, now,
         ))
     return rows, recorded, stamp
 
@@ -905,16 +905,21 @@ class _Tail:
 
 
 def encode_within(events: Sequence[object], metadata: object, limit: int
-                  ) -> tuple[list[tuple[str, int, bytes]], bytes | None]:
-    """The events and metadata encoded, each checked against the size ``limit``."""
+                  ) -> tuple[list[tuple[str, int, bytes]], bytes | None, list[Event | RawEvent]]:
+    """The events and metadata encoded, each checked against the size ``limit``; and the
+    events as reads of the log will give them (see :func:`codec.encode_checked`)."""
     meta_raw = encode_metadata(metadata)
-    encoded = [encode_event(ev) for ev in events]
-    for tag, _sv, raw in encoded:
+    encoded = []
+    reads = []
+    for ev in events:
+        tag, sv, raw, read = encode_checked(ev)
         if len(raw) > limit:
             raise _too_large(tag, len(raw), limit)
+        encoded.append((tag, sv, raw))
+        reads.append(read)
     if meta_raw is not None and len(meta_raw) > limit:
         raise _too_large("metadata", len(meta_raw), limit)
-    return encoded, meta_raw
+    return encoded, meta_raw, reads
 
 
 def _too_large(what: str, size: int, limit: int) -> InvalidEvent:

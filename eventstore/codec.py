@@ -10,8 +10,10 @@ import dataclasses
 import datetime as _dt
 import decimal
 import enum
+import functools
 import math
 import re
+import typing
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +65,14 @@ def _why(e: BaseException) -> str:
 
 def encode_event(event: object) -> tuple[str, int, bytes]:
     """Return ``(type, schema_version, data)`` for an event, or raise :class:`InvalidEvent`."""
+    tag, sv, data, _read = encode_checked(event)
+    return tag, sv, data
+
+
+def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
+    """:func:`encode_event`, and the event as reads of the log will give it (decoded from
+    ``data`` by the check, so inline projections fold what every reader folds: the registered
+    class, values as stored)."""
     if isinstance(event, Event):
         cls = type(event)
         tag = cls.__struct_config__.tag
@@ -73,6 +83,7 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         except (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError) as e:
             raise InvalidEvent(f"cannot encode {tag} event: {_why(e)}") from e
         _check_depth(data, f"{tag} event")
+        sv = cls.__event_schema_version__
         # msgspec does not check a struct's field types when it is built: an event whose data
         # does not fit its own type (``NoteAdded(text=5)``, NaN in a float field, which JSON
         # stores as null) would be stored and then fail every read of the log after it.  A type
@@ -80,32 +91,31 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         # (``__check_on_append__ = False``: the LangGraph saver's checkpoints and writes, where
         # decoding a large value again would cost as much as encoding it).
         if not cls.__check_on_append__:
-            return tag, cls.__event_schema_version__, data
-        # The registered class's cached decoder; another class under the same tag (one
-        # redefined since, as a re-run notebook cell does) gets a decoder of its own, so that
-        # the cache keeps decoding reads into the registered class.
+            return tag, sv, data, event
         registered = _registry.get(tag, cls)
         try:
-            if registered is cls:
-                _decoder_for(tag, cls).decode(data)
-            else:
-                msgspec.json.Decoder(cls).decode(data)
+            # Another class under the same tag (one redefined since, as a re-run notebook cell
+            # does) gets a decoder of its own: the cached one decodes into the registered class.
+            read: Event | RawEvent = (_decoder_for(tag, cls) if registered is cls
+                                      else msgspec.json.Decoder(cls)).decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise InvalidEvent(f"{tag} event does not match its type: {e}") from e
         except TypeError as e:  # a field type msgspec cannot decode into
             raise InvalidEvent(f"{tag} events cannot be read back: {e}") from e
         if registered is not cls:
             # Reads decode the tag into the class registered for it now (another class took
-            # the tag since this one was defined): the data must read back as that one too.
+            # the tag since this one was defined), at this class's schema version: upcast
+            # when older, refused when newer.  The data must read back that way too.
             try:
-                _decoder_for(tag, registered).decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                read = decode_event(tag, sv, data)
+            except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(
                     f"a {cls.__qualname__} event does not read back as "
                     f"{registered.__module__}.{registered.__qualname__}, the class registered "
-                    f"for tag {tag!r} now (two event classes share the tag?): {e}") from e
+                    f"for tag {tag!r} now (two event classes share the tag?): "
+                    f"{e.__cause__ or e}") from e
         _check_finite(event, data, f"{tag} event")
-        return tag, cls.__event_schema_version__, data
+        return tag, sv, data, read
     if isinstance(event, RawEvent):
         if not isinstance(event.type, str) or not event.type:
             raise InvalidEvent("a raw event needs a non-empty string type")
@@ -128,10 +138,12 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
                 f"raw {event.type} event does not match its type: this code knows it up to "
                 f"schema version {known.__event_schema_version__}, not "
                 f"{event.schema_version}")
+        read = event
         if known is not None:
-            # Data of a type this code knows must read back as that type (upcast when older).
+            # Data of a type this code knows must read back as that type (upcast when older),
+            # which is what inline projections are then handed.
             try:
-                decode_event(event.type, event.schema_version, data)
+                read = decode_event(event.type, event.schema_version, data)
             except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(f"raw {event.type} event does not match its type: "
                                    f"{e.__cause__ or e}") from e
@@ -146,7 +158,7 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
         _check_depth(data, f"{event.type} event")  # (valid JSON by now)
         _check_keys(event.data, f"raw event {event.type} data")
         _check_finite(event.data, data, f"{event.type} event")
-        return event.type, event.schema_version, data
+        return event.type, event.schema_version, data, read
     raise InvalidEvent(
         f"expected an Event or RawEvent instance, got {type(event).__name__}: {event!r:.80}"
     )
@@ -314,29 +326,33 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
             newer.newer_schema = True
             raise newer
         data = _upcast(tag, _dict_decoder.decode(raw), schema_version, current)
+        if not _has_raw_field(cls):
+            data.pop("type", None)
+            # str_keys: the keys of the stored JSON are strings, also those of an int-keyed
+            # dict, which the JSON decoder would take for a current-schema event.
+            upcasted: Event = msgspec.convert(data, cls, str_keys=True)
+            return upcasted
+        # A msgspec.Raw field is the JSON text itself, which only the JSON decoder gives.
         data["type"] = tag
-        # Read as an event of the current schema is read, through JSON: msgspec.convert would
-        # refuse what the JSON decoder takes (string keys of int-keyed dicts, Raw fields).
         try:
             again = _encoder.encode(data)
         except (TypeError, ValueError, OverflowError) as e:
             raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): the "
                                    f"upcast data does not encode: {_why(e)}") from e
-        upcasted: Event = _decoder_for(tag, cls).decode(again)
+        upcasted = _decoder_for(tag, cls).decode(again)
         return upcasted
     except (msgspec.DecodeError, msgspec.ValidationError, LookupError, RecursionError) as e:
         raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): "
                                f"{_why(e)}") from e
 
 
-def as_read(events: Sequence[Event | RawEvent], encoded: Sequence[tuple[str, int, bytes]]
-            ) -> Sequence[Event | RawEvent]:
-    """The events of an append as reads of the log will give them: a raw event of a type this
-    code knows becomes that type (so that inline projections fold what every reader folds)."""
-    if not any(isinstance(e, RawEvent) and e.type in _registry for e in events):
-        return events
-    return [decode_event(tag, sv, data) if isinstance(e, RawEvent) and tag in _registry else e
-            for e, (tag, sv, data) in zip(events, encoded, strict=True)]
+@functools.cache
+def _has_raw_field(cls: type[Event]) -> bool:
+    return any(_holds_raw(f.type) for f in msgspec.structs.fields(cls))
+
+
+def _holds_raw(t: Any) -> bool:
+    return t is msgspec.Raw or any(_holds_raw(a) for a in typing.get_args(t))
 
 
 def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Sequence[bytes]

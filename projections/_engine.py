@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import decimal
 import os
 import secrets
 import socket
@@ -1904,8 +1906,17 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, msgspec.Struct):
         return all(_same(getattr(a, f), getattr(b, f)) for f in a.__struct_fields__)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(_same(getattr(a, f.name), getattr(b, f.name))
+                   for f in dataclasses.fields(a))
+    if isinstance(a, (set, frozenset)):
+        return {(type(x), x) for x in a} == {(type(x), x) for x in b}
     if isinstance(a, float) and a != a:
         return bool(b != b)
+    if isinstance(a, decimal.Decimal):  # 1.0 and 1.00 are equal, and differ
+        return bool(a.as_tuple() == b.as_tuple())
+    if isinstance(a, datetime):  # the same instant at another offset is another value
+        return bool(a == b) and a.utcoffset() == b.utcoffset()
     return bool(a == b)
 
 

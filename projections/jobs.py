@@ -31,7 +31,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
@@ -45,6 +45,7 @@ from eventstore.events import Event, RawEvent
 from eventstore.logs import get_logger
 
 from ._command import (
+    MAX_DURATION,
     Clock,
     check_duration,
     check_tenant,
@@ -309,17 +310,30 @@ def check_events_args(job_id: object, tenant_id: object, after: object, follow: 
         raise InvalidArgument(f"after must be an int >= 0, got {after!r}")
     if not isinstance(follow, bool):
         raise InvalidArgument("follow must be a bool")
-    if timeout is not None and (not _real(timeout) or not timeout >= 0):
-        raise InvalidArgument(f"timeout must be a number >= 0 or None, got {timeout!r}")
-    if not _real(poll_interval) or not 0 < poll_interval < 86_400:
+    if timeout is not None and not (_real(timeout) and 0 <= timeout <= _MAX_TIMEOUT):
+        raise InvalidArgument(f"timeout must be None or a number of seconds from 0 to "
+                              f"{_MAX_TIMEOUT:,.0f}, got {timeout!r:.80}")
+    if not (_real(poll_interval) and 0 < poll_interval < 86_400):
         raise InvalidArgument(f"poll_interval must be a positive number of seconds (under a "
-                              f"day), got {poll_interval!r}")
+                              f"day), got {poll_interval!r:.80}")
+
+
+_MAX_TIMEOUT = MAX_DURATION.total_seconds()
 
 
 def _real(value: object) -> TypeGuard[float]:
     """An int or float that is a number (not a bool, NaN or an infinity)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _finished_reason(job: Job) -> str:
+    """A finished job's status, as a refused command's reason (``deadline_passed`` for a job
+    its request's deadline failed, as :meth:`Jobs.resume` says)."""
+    if job.status == FAILED and job.error == DEADLINE_PASSED:
+        return "deadline_passed"
+    return job.status
 
 
 def _check_owner_ids(job_id: object, worker_id: object, tenant_id: object) -> None:
@@ -642,29 +656,37 @@ class Jobs:
                tenant_id: str = _DEFAULT_TENANT) -> Job:
         """Cancel a job that is not finished (a running worker learns it by :class:`LeaseLost`).
 
-        A finished job raises :class:`Conflict` with its status as ``reason``; so does a
-        suspended job whose request's deadline has passed (``deadline_passed``): the deadline
-        decided that request, and the next :meth:`sweep` fails the job.
+        A finished job raises :class:`Conflict` with its status as ``reason``
+        (``deadline_passed`` for one its request's deadline failed).  A suspended job whose
+        request's deadline has passed is the deadline's, not the cancel's: the cancel records
+        the failure the next :meth:`sweep` would (so the job is not left suspended without a
+        sweeper), then raises :class:`Conflict` with ``reason="deadline_passed"``.
         """
         check_text(job_id, "job_id")
         check_tenant(tenant_id)
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgument(f"reason must be a string or None, got {reason!r:.80}")
         now = self._now()
+        missed: list[str] = []  # the request whose deadline decided, when one did
 
         def decision(s: Job) -> Sequence[Event]:
+            missed.clear()
             if s.finished:
                 raise Conflict(f"job {job_id} (tenant {tenant_id}) is already {s.status}",
-                               reason=s.status)
+                               reason=_finished_reason(s))
             pending = s.pending
             if (s.status == SUSPENDED and pending is not None and pending.deadline is not None
                     and now > pending.deadline):
-                raise Conflict(f"job {job_id} (tenant {tenant_id}): the deadline of request "
-                               f"{pending.request_id} passed ({pending.deadline.isoformat()})",
-                               reason="deadline_passed")
+                missed.append(f"the deadline of request {pending.request_id} passed "
+                              f"({pending.deadline.isoformat()})")
+                return [JobFailed(error=DEADLINE_PASSED, at=now)]
             return [JobCancelled(at=now, reason=reason)]
 
-        return self._command(job_id, tenant_id, decision)
+        job = self._command(job_id, tenant_id, decision)
+        if missed:
+            raise Conflict(f"job {job_id} (tenant {tenant_id}): {missed[0]}; it failed, not "
+                           f"cancelled", reason="deadline_passed")
+        return job
 
     def sweep(self, now: datetime | None = None, *,
               tenant_id: str | None = None) -> builtins.list[Swept]:
@@ -791,9 +813,9 @@ class Jobs:
         if status is None:
             wanted = None
         else:
-            if not isinstance(status, str) and not isinstance(status, Sequence):
-                raise InvalidArgument(f"status must be a job status or a list of them, got "
-                                      f"{status!r:.80}")
+            if not isinstance(status, (str, Collection)):
+                raise InvalidArgument(f"status must be a job status or a collection of them, "
+                                      f"got {status!r:.80}")
             wanted = [status] if isinstance(status, str) else builtins.list(status)
             for s in wanted:
                 if not isinstance(s, str) or s not in STATUSES:

@@ -51,6 +51,9 @@ class BlockingAsyncStore:
     def append(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.inner.append(*args, **kwargs))
 
+    def add_inline_handler(self, handler: Any) -> None:
+        self.inner.add_inline_handler(handler)
+
     def append_with(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.inner.append_with(*args, **kwargs))
 

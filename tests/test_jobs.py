@@ -391,24 +391,28 @@ def test_resume_after_the_deadline_is_refused(jobs: Jobs, clock: Clock) -> None:
     assert e.value.reason == "deadline_passed"
 
 
-def test_a_cancel_after_the_deadline_is_refused_as_the_deadline_decided(
+def test_a_cancel_after_the_deadline_records_the_deadline_s_failure_and_is_refused(
         jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
-    """Past the deadline, before a sweep: the deadline decided the request, so a cancel gets
-    Conflict(deadline_passed) as a resume does, writes nothing, and the sweep fails the job (a
-    cancel won, and the refused resume's reason changed to cancelled)."""
+    """Past the deadline, before a sweep, the deadline has decided the request: a cancel gets
+    Conflict(deadline_passed) as a resume does (a cancel won, and the refused resume's reason
+    changed to cancelled), and records the failure a sweep would, so that a job with no sweeper
+    does not stay suspended; everything after says deadline_passed."""
     job = running(jobs)
     jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
                  deadline=T0 + timedelta(minutes=10))
     clock.advance(minutes=10, microseconds=1)
-    written = job_store.stats()["events"]
     with pytest.raises(Conflict, match="deadline of request r1 passed") as e:
         jobs.cancel(job.job_id, "too late")
     assert e.value.reason == "deadline_passed"
-    assert job_store.stats()["events"] == written
-    assert [(s.job_id, s.action) for s in jobs.sweep()] == [(job.job_id, "failed")]
-    with pytest.raises(Conflict) as e:
-        jobs.resume(job.job_id, request_id="r1", input=1)
-    assert e.value.reason == "deadline_passed"
+    assert types(job_store, job.job_id)[-1] == "JobFailed"
+    assert (jobs.get(job.job_id).status, jobs.get(job.job_id).error) == ("failed",
+                                                                        "deadline passed")
+    assert jobs.sweep() == []
+    for call in (lambda: jobs.resume(job.job_id, request_id="r1", input=1),
+                 lambda: jobs.cancel(job.job_id)):
+        with pytest.raises(Conflict) as e:
+            call()
+        assert e.value.reason == "deadline_passed"
 
 
 def test_resume_of_a_cancelled_job_is_refused(jobs: Jobs) -> None:
@@ -472,7 +476,8 @@ def test_concurrent_resumes_cancel_and_deadline_have_one_winner(
             assert won == [] and first.type in ("JobCancelled", "JobFailed")
         if isinstance(winner, JobFailed):
             assert winner.error == "deadline passed"
-            assert isinstance(cancel, Conflict) and cancel.reason == "failed"
+            # (the deadline's failure: deadline_passed, as a resume says, not just "failed")
+            assert isinstance(cancel, Conflict) and cancel.reason == "deadline_passed"
         assert types(job_store, job.job_id).count("JobResumed") == 1 + len(won)
 
 
@@ -705,6 +710,8 @@ def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
         lambda: jobs.list("paused"),
         lambda: jobs.list(5),  # type: ignore[arg-type]
         lambda: jobs.list([5]),  # type: ignore[list-item]
+        lambda: jobs.events(job.job_id, follow=True, timeout=10**400),  # (OverflowError)
+        lambda: jobs.events(job.job_id, follow=True, poll_interval=10**400),
         lambda: Jobs(job_store, lease=timedelta.max),  # (every claim overflowed the datetime)
         lambda: Jobs(job_store, lease=timedelta(days=36_526)),
         lambda: Jobs(job_store, clock=lambda: naive).submit("wf", {}, user_id="u1"),
@@ -714,6 +721,16 @@ def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
             call()
     assert job_store.stats()["events"] == written
     assert jobs.get(job.job_id).status == "running"
+
+
+def test_list_takes_any_collection_of_statuses(jobs: Jobs) -> None:
+    """A set, a frozenset (the module's own TERMINAL) or a list of statuses."""
+    from projections.jobs import TERMINAL
+
+    done = lifecycle(jobs)
+    assert [j.job_id for j in jobs.list(TERMINAL)] == [done.job_id]
+    assert [j.job_id for j in jobs.list({"completed"})] == [done.job_id]
+    assert jobs.list(["failed", "cancelled"]) == []
 
 
 def test_rows_equal_the_replayed_log(jobs: Jobs, job_store: EventStore, clock: Clock) -> None:

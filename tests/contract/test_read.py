@@ -159,6 +159,32 @@ def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -
         _registry.pop("test.Scores", None)
 
 
+def test_an_upcaster_s_values_are_converted_as_before(store: EventStore) -> None:
+    """An upcaster may return a Decimal or NaN for a float field (msgspec.convert's rules,
+    which reading through JSON would have broken)."""
+    import decimal
+    import math
+
+    for price in ("1.50", ""):
+        store.append("p-1", [RawEvent(type="test.Priced", data={"price": price},
+                                      schema_version=1)])
+
+    class Priced(Event, tag="test.Priced", schema_version=2):
+        price: float | None
+
+    @upcaster("test.Priced", from_version=1)
+    def _v1(data: dict[str, Any]) -> dict[str, Any]:
+        return {"price": decimal.Decimal(data["price"]) if data["price"] else math.nan}
+
+    try:
+        first, second = (e.data for e in store.read_stream("p-1"))
+        assert isinstance(first, Priced) and first.price == 1.5
+        assert isinstance(second, Priced) and second.price is not None
+        assert math.isnan(second.price)
+    finally:
+        _registry.pop("test.Priced", None)
+
+
 @pytest.mark.parametrize("page", [3, 500])
 def test_a_read_gives_the_events_before_one_that_does_not_decode(
         store: EventStore, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
