@@ -572,10 +572,17 @@ _CALLERS = ("number of parameters", "query parameter", "cannot adapt", "does not
             "no pg_hba.conf entry")
 
 
+# What SQLAlchemy's pool raises when a connection lost at checkout (see pg_listeners) is replaced
+# and the new one is lost too (it tries twice): a lost connection like any other.
+_CHECKOUT_GAVE_UP = "This connection is closed"
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether a driver or SQLAlchemy error may pass if the call is tried again."""
     if isinstance(error, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
         return True  # a connection lost, or none free in the pool in time
+    if type(error) is sa_exc.InvalidRequestError and str(error) == _CHECKOUT_GAVE_UP:
+        return True  # the pool's reconnects at checkout were each lost too
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     error = _driver_error(error)

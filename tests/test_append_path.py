@@ -506,6 +506,59 @@ def test_an_interrupt_as_a_pipeline_opens_leaves_no_connection_astray(fresh_pg: 
         assert [j.inputs for j in jobs.list()] == [{"k": 2}]
 
 
+def test_connections_lost_again_as_the_pool_replaces_them_are_a_transient_error(
+        fresh_pg: str) -> None:
+    """The pooled connections were lost while idle, and each new one the pool opens in their
+    place is lost as well: SQLAlchemy gives up ("This connection is closed"), a lost
+    connection like any other, so the error is transient, and a subscription rides it out (it
+    ended, and a projector failed its projection)."""
+    import select
+    import threading
+    import time
+
+    import psycopg
+    from sqlalchemy import event
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
+    with EventStore.open(fresh_pg, migrate=True, poll_interval=0.05) as store, \
+            psycopg.connect(dsn, autocommit=True) as side:
+        store.append("s-1", [NoteAdded(text="x")])
+        to_kill = [0]
+
+        @event.listens_for(store.engine, "connect")
+        def _terminate_new_backend(dbapi_conn: Any, _record: Any) -> None:
+            if to_kill[0] > 0:
+                to_kill[0] -= 1
+                side.execute("SELECT pg_terminate_backend(%s)", (dbapi_conn.info.backend_pid,))
+                select.select([dbapi_conn.pgconn.socket], [], [], 5)  # until it hangs up
+
+        def lose_the_pool() -> None:
+            side.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                         "datname = current_database() AND pid <> pg_backend_pid()")
+            deadline = time.monotonic() + 5
+            while side.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                               "current_database() AND pid <> pg_backend_pid()"
+                               ).fetchone() != (0,):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
+        lose_the_pool()
+        to_kill[0] = 2
+        with pytest.raises(DatabaseError, match="This connection is closed") as e:
+            store.last_position()
+        assert e.value.transient and to_kill[0] == 0
+        lose_the_pool()
+        to_kill[0] = 2
+        stop = threading.Event()
+        got = []
+        for ev in store.subscribe(from_position=1, stop=stop):
+            got.append(ev.position)
+            break
+        assert got == [1] and to_kill[0] == 0
+        assert store.last_position() == 1
+
+
 def test_connections_the_server_closed_while_idle_are_replaced(fresh_pg: str) -> None:
     """After the server ends idle sessions (a restart, ``idle_session_timeout``, an operator's
     pg_terminate_backend), the next append and the next reads open new connections instead

@@ -1216,6 +1216,11 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
                  sqlite3.OperationalError("no such table: locked_orders")]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+    # The pool's own give-up on connections lost at checkout, not a closed Connection in use.
+    from sqlalchemy import exc as sa_exc
+
+    assert is_transient(sa_exc.InvalidRequestError("This connection is closed"))
+    assert not is_transient(sa_exc.ResourceClosedError("This Connection is closed"))
 
 
 def test_appends_through_a_stopped_inline_projection_are_refused_until_restart(
