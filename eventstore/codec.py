@@ -13,12 +13,12 @@ import enum
 import functools
 import math
 import re
-import typing
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from ._schema import MAX_ID_LENGTH
 from .errors import EventDecodeError, InvalidEvent
@@ -348,11 +348,35 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
 
 @functools.cache
 def _has_raw_field(cls: type[Event]) -> bool:
-    return any(_holds_raw(f.type) for f in msgspec.structs.fields(cls))
+    """Whether a ``msgspec.Raw`` is anywhere in the type (nested structs, dataclasses and
+    containers included)."""
+    try:
+        return _holds_raw(msgspec.inspect.type_info(cls), set())
+    except Exception:  # a type msgspec cannot describe: the JSON path, which takes anything
+        return True
 
 
-def _holds_raw(t: Any) -> bool:
-    return t is msgspec.Raw or any(_holds_raw(a) for a in typing.get_args(t))
+def _holds_raw(info: Any, seen: set[int]) -> bool:
+    if isinstance(info, msgspec.inspect.RawType):
+        return True
+    if id(info) in seen:  # (a recursive type)
+        return False
+    seen.add(id(info))
+    fields = getattr(info, "fields", None)
+    if fields is not None:
+        return any(_holds_raw(f.type, seen) for f in fields)
+    for attr in ("item_type", "key_type", "value_type"):
+        if _holds_raw_attr(info, attr, seen):
+            return True
+    for group in ("item_types", "types"):
+        if any(_holds_raw(t, seen) for t in getattr(info, group, ()) or ()):
+            return True
+    return False
+
+
+def _holds_raw_attr(info: Any, attr: str, seen: set[int]) -> bool:
+    inner = getattr(info, attr, None)
+    return inner is not None and _holds_raw(inner, seen)
 
 
 def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Sequence[bytes]

@@ -381,7 +381,11 @@ class AsyncJobs(_Twin[Jobs]):
     async def cancel(self, job_id: str, reason: str | None = None, *,
                      tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.cancel`."""
-        return await self._job("cancel", job_id, reason, tenant_id=tenant_id)
+        job, missed = await self._call(
+            lambda jobs: jobs._cancel(job_id, reason, tenant_id), write=True)
+        if missed is not None:  # raised once the deadline's failure is committed
+            raise missed
+        return job
 
     async def sweep(self, now: datetime | None = None, *,
                     tenant_id: str | None = None) -> list[Swept]:

@@ -662,6 +662,16 @@ class Jobs:
         the failure the next :meth:`sweep` would (so the job is not left suspended without a
         sweeper), then raises :class:`Conflict` with ``reason="deadline_passed"``.
         """
+        job, missed = self._cancel(job_id, reason, tenant_id)
+        if missed is not None:
+            raise missed
+        return job
+
+    def _cancel(self, job_id: str, reason: str | None, tenant_id: str
+                ) -> tuple[Job, Conflict | None]:
+        """:meth:`cancel`, returning the deadline's Conflict instead of raising it, so that
+        the caller raises it after the failure is committed (the async twin runs this inside a
+        transaction, which raising would roll back)."""
         check_text(job_id, "job_id")
         check_tenant(tenant_id)
         if reason is not None and not isinstance(reason, str):
@@ -683,10 +693,11 @@ class Jobs:
             return [JobCancelled(at=now, reason=reason)]
 
         job = self._command(job_id, tenant_id, decision)
-        if missed:
-            raise Conflict(f"job {job_id} (tenant {tenant_id}): {missed[0]}; it failed, not "
-                           f"cancelled", reason="deadline_passed")
-        return job
+        if not missed:
+            return job, None
+        _log.info("job_deadline_passed", job=job_id, tenant=tenant_id, by="cancel")
+        return job, Conflict(f"job {job_id} (tenant {tenant_id}): {missed[0]}; it failed, "
+                             f"not cancelled", reason="deadline_passed")
 
     def sweep(self, now: datetime | None = None, *,
               tenant_id: str | None = None) -> builtins.list[Swept]:

@@ -12,7 +12,7 @@ import projections.aio
 from eventstore import InvalidArgument, WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
 from projections.aio import AsyncAgentSessions, AsyncContinuations, AsyncConversations, AsyncFlows
-from projections.errors import NoPendingFeedback, ResumeInProgress
+from projections.errors import Conflict, NoPendingFeedback, ResumeInProgress
 from projections.sessions import SessionKey
 from tests._clock import Clock
 
@@ -228,6 +228,30 @@ async def test_a_follow_gets_the_events_that_finish_the_job_during_its_poll(
                                                     poll_interval=0.01)]
         assert finished
         assert seen == ["JobSubmitted", "JobClaimed", "JobCompleted"]
+
+
+@pytest.mark.asyncio
+async def test_an_async_cancel_past_the_deadline_records_the_failure(url: str) -> None:
+    """As the sync cancel: the failure is committed before Conflict(deadline_passed) is raised
+    (raised inside the twin's transaction, it rolled the failure back)."""
+    from datetime import timedelta
+
+    from projections.aio import AsyncJobs
+
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store, clock=clock)
+        job = await jobs.submit("wf", {}, user_id="u")
+        await jobs.claim("w1")
+        await jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
+                           deadline=clock.now + timedelta(minutes=1))
+        clock.advance(minutes=2)
+        with pytest.raises(Conflict, match="it failed, not cancelled") as e:
+            await jobs.cancel(job.job_id)
+        assert e.value.reason == "deadline_passed"
+        got = await jobs.get(job.job_id)
+        assert (got.status, got.error) == ("failed", "deadline passed")
+        assert await jobs.sweep() == []
 
 
 @pytest.mark.asyncio

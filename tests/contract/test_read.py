@@ -134,17 +134,33 @@ def test_old_schema_version_is_upcast_on_read(store: EventStore) -> None:
         _registry.pop("test.Renamed", None)
 
 
+class Envelope(msgspec.Struct):
+    """A msgspec.Raw nested in another type (module level: annotations resolve here)."""
+
+    kind: str
+    inner: msgspec.Raw
+
+
 def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -> None:
     """Upcast data is read as an event of the current schema is: int keys from JSON strings,
     ``msgspec.Raw`` fields (msgspec.convert refused both, so old events stopped every read)."""
-    store.append("g-1", [RawEvent(type="test.Scores", data={"by_level": {"1": 10, "2": 20},
-                                                             "note": "hi", "body": {"x": 1}},
-                                  schema_version=1)])
+    store.append("g-1", [RawEvent(type="test.Scores", data={
+        "by_level": {"1": 10, "2": 20}, "note": "hi", "body": {"x": 1}}, schema_version=1)])
+    store.append("g-2", [RawEvent(type="test.Wrapped", data={
+        "note": "w", "envelopes": [{"kind": "k", "inner": [2]}]}, schema_version=1)])
 
     class Scores(Event, tag="test.Scores", schema_version=2):
         by_level: dict[int, int]
         comment: str
         body: msgspec.Raw
+
+    class Wrapped(Event, tag="test.Wrapped", schema_version=2):
+        comment: str
+        envelopes: list[Envelope]  # Raw only inside another type
+
+    @upcaster("test.Wrapped", from_version=1)
+    def _w1(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "comment": data.pop("note")}
 
     @upcaster("test.Scores", from_version=1)
     def _v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -155,8 +171,12 @@ def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -
         assert isinstance(ev.data, Scores)
         assert (ev.data.by_level, ev.data.comment) == ({1: 10, 2: 20}, "hi")
         assert bytes(ev.data.body) == b'{"x":1}'
+        (wrapped,) = store.read_stream("g-2")
+        assert isinstance(wrapped.data, Wrapped) and wrapped.data.comment == "w"
+        assert [(e.kind, bytes(e.inner)) for e in wrapped.data.envelopes] == [("k", b"[2]")]
     finally:
         _registry.pop("test.Scores", None)
+        _registry.pop("test.Wrapped", None)
 
 
 def test_an_upcaster_s_values_are_converted_as_before(store: EventStore) -> None:
