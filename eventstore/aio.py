@@ -504,16 +504,30 @@ class _KeptWriter:
         """Release the kept connection (after an append in progress); later appends raise
         :class:`StoreClosed`."""
         self._closed = True
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             return  # never appended
-        if self._loop is not asyncio.get_running_loop():
-            self._conn = None  # another loop's connection: the engine's dispose lets it go
+        if loop is not asyncio.get_running_loop():
+            # Another loop's connection: closed on that loop while it runs (the garbage
+            # collector found it otherwise, with SQLAlchemy's warning); a loop that has
+            # stopped leaves it to the collector.
+            if loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(self._close_here(), loop)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(future), _CLOSE_ELSEWHERE_WAIT)
+            self._conn = None
             return
+        await self._close_here()
+
+    async def _close_here(self) -> None:
         # Always through the lock: an append may hold it while it opens the connection.
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
                 await conn.close()
+
+
+_CLOSE_ELSEWHERE_WAIT = 10.0  # seconds a close waits for the kept connection's own loop
 
 
 def _abroken(conn: AsyncConnection) -> bool:

@@ -476,6 +476,42 @@ async def test_close_during_a_call_closes_its_connection_when_the_call_ends(
         watcher.close()
 
 
+async def test_close_from_another_loop_closes_the_kept_connection_on_its_own_loop(
+        fresh_pg: str) -> None:
+    """The kept write connection belongs to the loop that first appended; a close from another
+    loop closes it on that loop while it runs (it was dropped, for the garbage collector to
+    close with SQLAlchemy's warning)."""
+    import gc
+    import threading
+    import warnings
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
+    EventStore.open(fresh_pg, migrate=True).close()
+    store = await AsyncEventStore.open(fresh_pg)
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(
+            store.append("s-1", [NoteAdded(text="x")]), other).result(10)  # the writer's loop
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await store.close()
+            gc.collect()
+        assert [str(w.message) for w in caught if "garbage collector" in str(w.message)] == []
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            left = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                   "current_database() AND pid <> pg_backend_pid()").fetchone()
+        assert left == (0,)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join(10)
+        other.close()
+
+
 async def test_cancelled_sqlite_append_waiting_for_the_write_lock_rolls_back(
         tmp_path: Any) -> None:
     """On SQLite the append runs on aiosqlite's thread; when its caller gives up (a timeout)
