@@ -816,7 +816,7 @@ class Jobs:
                                                     backwards=True, limit=1))
         return bool(last) and last[0].version <= after and last[0].type in TERMINAL_EVENTS
 
-    def list(self, status: str | Sequence[str] | None = None, *,
+    def list(self, status: str | Collection[str] | None = None, *,
              tenant_id: str = _DEFAULT_TENANT, limit: int | None = None) -> builtins.list[Job]:
         """The tenant's jobs (of one status or several), oldest submitted first."""
         check_tenant(tenant_id)
