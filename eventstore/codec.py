@@ -365,18 +365,9 @@ def _holds_raw(info: Any, seen: set[int]) -> bool:
     fields = getattr(info, "fields", None)
     if fields is not None:
         return any(_holds_raw(f.type, seen) for f in fields)
-    for attr in ("item_type", "key_type", "value_type"):
-        if _holds_raw_attr(info, attr, seen):
-            return True
-    for group in ("item_types", "types"):
-        if any(_holds_raw(t, seen) for t in getattr(info, group, ()) or ()):
-            return True
-    return False
-
-
-def _holds_raw_attr(info: Any, attr: str, seen: set[int]) -> bool:
-    inner = getattr(info, attr, None)
-    return inner is not None and _holds_raw(inner, seen)
+    inner = [getattr(info, a, None) for a in ("item_type", "key_type", "value_type")]
+    inner += [*(getattr(info, "item_types", None) or ()), *(getattr(info, "types", None) or ())]
+    return any(_holds_raw(t, seen) for t in inner if t is not None)
 
 
 def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Sequence[bytes]
