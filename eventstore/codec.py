@@ -156,7 +156,8 @@ def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 raise InvalidEvent(f"raw {event.type} event data is not valid JSON: {e}") from e
         _check_depth(data, f"{event.type} event")  # (valid JSON by now)
-        _check_keys(event.data, f"raw event {event.type} data")
+        if known is None:  # (a known type's own field types say what its keys are)
+            _check_keys(event.data, f"raw event {event.type} data")
         _check_finite(event.data, data, f"{event.type} event")
         return event.type, event.schema_version, data, read
     raise InvalidEvent(
@@ -326,24 +327,39 @@ def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:
             newer.newer_schema = True
             raise newer
         data = _upcast(tag, _dict_decoder.decode(raw), schema_version, current)
-        if not _has_raw_field(cls):
-            data.pop("type", None)
+        data.pop("type", None)
+        try:
             # str_keys: the keys of the stored JSON are strings, also those of an int-keyed
             # dict, which the JSON decoder would take for a current-schema event.
             upcasted: Event = msgspec.convert(data, cls, str_keys=True)
             return upcasted
-        # A msgspec.Raw field is the JSON text itself, which only the JSON decoder gives.
-        data["type"] = tag
-        try:
-            again = _encoder.encode(data)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): the "
-                                   f"upcast data does not encode: {_why(e)}") from e
-        upcasted = _decoder_for(tag, cls).decode(again)
-        return upcasted
+        except msgspec.ValidationError:
+            if not _has_raw_field(cls):
+                raise
+        # A msgspec.Raw field given as a value (say, the stored JSON the upcaster left as it
+        # was): it is that value's JSON text, which only the JSON decoder gives.
+        return _upcast_through_json(tag, schema_version, cls, data)
     except (msgspec.DecodeError, msgspec.ValidationError, LookupError, RecursionError) as e:
         raise EventDecodeError(f"cannot decode {tag} event (schema {schema_version}): "
                                f"{_why(e)}") from e
+
+
+# Decimals as JSON numbers, so that they still fill float fields (and decimal ones) when read.
+_upcast_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+def _upcast_through_json(tag: str, schema_version: int, cls: type[Event],
+                         data: dict[str, Any]) -> Event:
+    what = f"{tag} event (schema {schema_version})"
+    data["type"] = tag
+    try:
+        again = _upcast_encoder.encode(data)
+        _check_finite(data, again, f"the upcast data of the {what}")
+    except (TypeError, ValueError, OverflowError, InvalidEvent) as e:
+        raise EventDecodeError(f"cannot decode {what}: the upcast data does not encode as "
+                               f"JSON: {_why(e)}") from e
+    upcasted: Event = _decoder_for(tag, cls).decode(again)
+    return upcasted
 
 
 @functools.cache
@@ -365,7 +381,8 @@ def _holds_raw(info: Any, seen: set[int]) -> bool:
     fields = getattr(info, "fields", None)
     if fields is not None:
         return any(_holds_raw(f.type, seen) for f in fields)
-    inner = [getattr(info, a, None) for a in ("item_type", "key_type", "value_type")]
+    # ("type": what an Annotated[..., msgspec.Meta(...)] wraps.)
+    inner = [getattr(info, a, None) for a in ("item_type", "key_type", "value_type", "type")]
     inner += [*(getattr(info, "item_types", None) or ()), *(getattr(info, "types", None) or ())]
     return any(_holds_raw(t, seen) for t in inner if t is not None)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import pytest
@@ -106,6 +106,19 @@ def test_raw_event_of_a_known_type_reads_typed(store: EventStore) -> None:
     assert ev.data == NoteAdded(text="hi")
 
 
+class IntKeyed(Event, tag="test.IntKeyed"):
+    by_id: dict[int, str]
+
+
+def test_raw_event_of_a_known_type_may_have_the_keys_its_type_has(store: EventStore) -> None:
+    """Int keys in a raw event of a type whose field has int keys read back as given (the
+    type decodes them), as they do in the typed event."""
+    store.append("c-1", [RawEvent(type="test.IntKeyed", data={"by_id": {1: "a", 2: "b"}})])
+    store.append("c-1", [IntKeyed(by_id={3: "c"})])
+    assert [e.data for e in store.read_stream("c-1")] == [IntKeyed(by_id={1: "a", 2: "b"}),
+                                                          IntKeyed(by_id={3: "c"})]
+
+
 def test_old_schema_version_is_upcast_on_read(store: EventStore) -> None:
     """Events stored at schema 1 are upgraded by registered upcasters when read."""
     store.append("c-1", [RawEvent(type="test.Renamed", data={"name": "Ada"},
@@ -148,6 +161,8 @@ def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -
         "by_level": {"1": 10, "2": 20}, "note": "hi", "body": {"x": 1}}, schema_version=1)])
     store.append("g-2", [RawEvent(type="test.Wrapped", data={
         "note": "w", "envelopes": [{"kind": "k", "inner": [2]}]}, schema_version=1)])
+    store.append("g-3", [RawEvent(type="test.Described", data={"body": {"a": 1}},
+                                  schema_version=1)])
 
     class Scores(Event, tag="test.Scores", schema_version=2):
         by_level: dict[int, int]
@@ -157,6 +172,13 @@ def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -
     class Wrapped(Event, tag="test.Wrapped", schema_version=2):
         comment: str
         envelopes: list[Envelope]  # Raw only inside another type
+
+    class Described(Event, tag="test.Described", schema_version=2):
+        body: Annotated[msgspec.Raw, msgspec.Meta(description="Raw behind Annotated")]
+
+    @upcaster("test.Described", from_version=1)
+    def _d1(data: dict[str, Any]) -> dict[str, Any]:
+        return data
 
     @upcaster("test.Wrapped", from_version=1)
     def _w1(data: dict[str, Any]) -> dict[str, Any]:
@@ -174,14 +196,20 @@ def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -
         (wrapped,) = store.read_stream("g-2")
         assert isinstance(wrapped.data, Wrapped) and wrapped.data.comment == "w"
         assert [(e.kind, bytes(e.inner)) for e in wrapped.data.envelopes] == [("k", b"[2]")]
+        (described,) = store.read_stream("g-3")
+        assert isinstance(described.data, Described)
+        assert bytes(described.data.body) == b'{"a":1}'
     finally:
-        _registry.pop("test.Scores", None)
-        _registry.pop("test.Wrapped", None)
+        for tag in ("test.Scores", "test.Wrapped", "test.Described"):
+            _registry.pop(tag, None)
 
 
-def test_an_upcaster_s_values_are_converted_as_before(store: EventStore) -> None:
+@pytest.mark.parametrize("with_raw", [False, True])
+def test_an_upcaster_s_values_are_converted_as_before(store: EventStore, with_raw: bool
+                                                      ) -> None:
     """An upcaster may return a Decimal or NaN for a float field (msgspec.convert's rules,
-    which reading through JSON would have broken)."""
+    which reading through JSON would have broken), also in a type with a ``msgspec.Raw``
+    field the upcast data leaves out."""
     import decimal
     import math
 
@@ -189,8 +217,13 @@ def test_an_upcaster_s_values_are_converted_as_before(store: EventStore) -> None
         store.append("p-1", [RawEvent(type="test.Priced", data={"price": price},
                                       schema_version=1)])
 
-    class Priced(Event, tag="test.Priced", schema_version=2):
-        price: float | None
+    if with_raw:
+        class Priced(Event, tag="test.Priced", schema_version=2):
+            price: float | None
+            body: msgspec.Raw = msgspec.Raw(b"{}")
+    else:
+        class Priced(Event, tag="test.Priced", schema_version=2):  # type: ignore[no-redef]
+            price: float | None
 
     @upcaster("test.Priced", from_version=1)
     def _v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +236,37 @@ def test_an_upcaster_s_values_are_converted_as_before(store: EventStore) -> None
         assert math.isnan(second.price)
     finally:
         _registry.pop("test.Priced", None)
+
+
+def test_upcast_data_that_json_cannot_hold_fails_the_read_not_the_value(store: EventStore
+                                                                         ) -> None:
+    """When a ``msgspec.Raw`` field is given as a value, the upcast data goes through JSON:
+    a Decimal still fills a float field, and a NaN, which JSON would turn into None, makes
+    the read fail with EventDecodeError instead."""
+    import decimal
+    import math
+
+    for price in ("2.25", ""):
+        store.append("q-1", [RawEvent(type="test.Quoted", data={"price": price, "body": [1]},
+                                      schema_version=1)])
+
+    class Quoted(Event, tag="test.Quoted", schema_version=2):
+        price: float | None
+        body: msgspec.Raw
+
+    @upcaster("test.Quoted", from_version=1)
+    def _v1(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data,
+                "price": decimal.Decimal(data["price"]) if data["price"] else math.nan}
+
+    try:
+        (first,) = store.read_stream("q-1", to_version=1)
+        assert isinstance(first.data, Quoted) and first.data.price == 2.25
+        assert bytes(first.data.body) == b"[1]"
+        with pytest.raises(EventDecodeError, match="NaN"):
+            list(store.read_stream("q-1", from_version=2))
+    finally:
+        _registry.pop("test.Quoted", None)
 
 
 @pytest.mark.parametrize("page", [3, 500])
