@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -398,7 +398,7 @@ class AsyncJobs(_Twin[Jobs]):
         result: Job = await self._run("get", job_id, write=False, tenant_id=tenant_id)
         return result
 
-    async def list(self, status: str | Collection[str] | None = None, *,
+    async def list(self, status: str | Iterable[str] | None = None, *,
                    tenant_id: str = "default", limit: int | None = None) -> list[Job]:
         """See :meth:`Jobs.list`."""
         result: list[Job] = await self._run("list", status, write=False, tenant_id=tenant_id,

@@ -31,7 +31,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
@@ -816,16 +816,17 @@ class Jobs:
                                                     backwards=True, limit=1))
         return bool(last) and last[0].version <= after and last[0].type in TERMINAL_EVENTS
 
-    def list(self, status: str | Collection[str] | None = None, *,
+    def list(self, status: str | Iterable[str] | None = None, *,
              tenant_id: str = _DEFAULT_TENANT, limit: int | None = None) -> builtins.list[Job]:
-        """The tenant's jobs (of one status or several), oldest submitted first."""
+        """The tenant's jobs (of one status, or of any in an iterable of them), oldest
+        submitted first."""
         check_tenant(tenant_id)
         wanted: builtins.list[str] | None
         if status is None:
             wanted = None
         else:
-            if not isinstance(status, (str, Collection)):
-                raise InvalidArgument(f"status must be a job status or a collection of them, "
+            if not isinstance(status, (str, Iterable)) or isinstance(status, (bytes, bytearray)):
+                raise InvalidArgument(f"status must be a job status or an iterable of them, "
                                       f"got {status!r:.80}")
             wanted = [status] if isinstance(status, str) else builtins.list(status)
             for s in wanted:

@@ -723,14 +723,17 @@ def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
     assert jobs.get(job.job_id).status == "running"
 
 
-def test_list_takes_any_collection_of_statuses(jobs: Jobs) -> None:
-    """A set, a frozenset (the module's own TERMINAL) or a list of statuses."""
+def test_list_takes_any_iterable_of_statuses(jobs: Jobs) -> None:
+    """A set, a frozenset (the module's own TERMINAL), a list or a generator of statuses."""
     from projections.jobs import TERMINAL
 
     done = lifecycle(jobs)
     assert [j.job_id for j in jobs.list(TERMINAL)] == [done.job_id]
     assert [j.job_id for j in jobs.list({"completed"})] == [done.job_id]
+    assert [j.job_id for j in jobs.list(s for s in ("completed",))] == [done.job_id]
     assert jobs.list(["failed", "cancelled"]) == []
+    with pytest.raises(InvalidArgument):
+        jobs.list(b"completed")  # type: ignore[arg-type]
 
 
 def test_rows_equal_the_replayed_log(jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
