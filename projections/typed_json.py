@@ -28,7 +28,11 @@ def to_json(value: Any) -> Any:
     Raises :class:`InvalidArgument` for a value of a type it cannot keep, and
     :class:`InvalidEvent` for one nested deeper than the store takes (or holding itself).
     """
-    return _to_json(value, 0)
+    try:
+        return _to_json(value, 0)
+    except RecursionError as e:  # called with little stack left: the limit was not reached
+        raise InvalidEvent("flow state is nested too deeply for the stack it is saved "
+                           "from") from e
 
 
 def _to_json(value: Any, depth: int) -> Any:

@@ -98,6 +98,34 @@ def test_state_too_deep_or_holding_itself_is_a_typed_error(flows: Flows,
     assert store.stats()["events"] == 0
 
 
+def test_state_saved_from_a_deep_stack_is_refused_with_a_typed_error(flows: Flows,
+                                                                     store: EventStore) -> None:
+    """State within the nesting limit, saved with too little stack left to walk it, is an
+    InvalidEvent too (not RecursionError), and writes nothing."""
+    import sys
+
+    deep: object = 1
+    for _ in range(200):
+        deep = [deep]
+
+    def save_at(depth: int) -> None:
+        if depth:
+            save_at(depth - 1)
+        else:
+            flows.save("f1", "step", {"v": deep})
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)
+    try:
+        with pytest.raises(InvalidEvent, match="stack"):
+            save_at(150)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert store.stats()["events"] == 0
+    flows.save("f1", "step", {"v": deep})  # from a shallow stack it is stored
+    assert flows.load("f1") == {"v": deep}
+
+
 def test_feedback_request_and_resolve(flows: Flows) -> None:
     """A pending request is visible until resolved; resolving twice is refused."""
     assert flows.pending_feedback("f1") is None
