@@ -571,7 +571,8 @@ class StoreCore:
         return Pager(query, params, "position", start, None, False, lim)
 
     def _all_query(self, dialect: Dialect, from_position: object, categories: object,
-                   types: object, tenant_id: object) -> tuple[Compiled, dict[str, Any]]:
+                   types: object, tenant_id: object, *, upper: bool = False
+                   ) -> tuple[Compiled, dict[str, Any]]:
         check_int(from_position, "from_position", minimum=0)
         cats = check_names(categories, "categories")
         kinds = check_names(types, "types")
@@ -582,7 +583,7 @@ class StoreCore:
             params[f"cat{i}"] = c
         for i, t in enumerate(kinds):
             params[f"type{i}"] = t
-        query = read_query(dialect, by_stream=False, backwards=False, upper=False,
+        query = read_query(dialect, by_stream=False, backwards=False, upper=upper,
                            tenant=tenant_id is not None, n_categories=len(cats),
                            n_types=len(kinds))
         return query, params
@@ -665,15 +666,20 @@ class StoreCore:
         limit: int,
         categories: Iterable[str] | None = None,
         tenant_id: str | None = None,
+        to_position: int | None = None,
     ) -> list[RecordedEvent]:
-        """One page of the log read on ``conn``, inside the caller's transaction.
+        """One page of the log read on ``conn``, inside the caller's transaction (events up
+        to ``to_position`` when given, inclusive).
 
         For projectors, which must read events and write their rows and checkpoint in one
         transaction.
         """
         query, params = self._all_query(conn.dialect, from_position, categories, None,
-                                        tenant_id)
-        return self._fetch_on(conn, query, {**params, "lo": from_position, "page": limit})
+                                        tenant_id, upper=to_position is not None)
+        params.update(lo=from_position, page=limit)
+        if to_position is not None:
+            params["hi"] = to_position
+        return self._fetch_on(conn, query, params)
 
     def _stream_version_on(self, conn: Connection, stream_id: object, tenant_id: object) -> int:
         stream = check_id(stream_id, "stream id", InvalidStreamId)

@@ -368,6 +368,24 @@ def _mark_failed(conn: Connection, store: EventStore, name: str, at: int, error:
                          updated_at=_now_us(store)))
 
 
+def _fold_before(store: EventStore, conn: Connection, projection: Projection[Any],
+                 generation: int, after: int, err: ProjectionFailed, now_us: int) -> None:
+    """On ``conn``: fold and write the events after position ``after`` that come before the
+    one ``err`` names (they folded; a batch's failure rolled them back with it), and move the
+    checkpoint to just before that event, so that the projection stops exactly there."""
+    until = err.position - 1
+    if until <= after:
+        return
+    rows: _Rows[Any] = _Rows(projection, generation)
+    try:
+        _catch_up(store, conn, rows, after, until)
+        rows.flush(conn, now_us)  # (refuses a row's index before writing any)
+    except (ProjectionFailed, EventDecodeError):  # a fold that changed its mind: stop earlier
+        return
+    conn.execute(update(projections).where(projections.c.name == projection.name)
+                 .values(position=until, updated_at=now_us))
+
+
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
     """Record, on ``conn``, that projection ``name`` stopped at the event ``err`` names."""
     _mark_failed(conn, store, name, err.position, str(err))
@@ -665,9 +683,8 @@ def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,
     cats = p.categories or None
     last = after
     while until is None or last < until:
-        page = store.read_page(conn, from_position=last + 1, limit=_PAGE, categories=cats)
-        if until is not None:
-            page = [e for e in page if e.position <= until]
+        page = store.read_page(conn, from_position=last + 1, limit=_PAGE, categories=cats,
+                               to_position=until)
         if not page:
             break
         rows.apply(conn, page)
@@ -855,6 +872,8 @@ class _InlineHandler:
                 err = e if isinstance(e, ProjectionFailed) else _unreadable(self.p.name, e)
                 if err is None:
                     raise  # of a newer schema: newer code, running it inline, goes on
+                _fold_before(self.store, conn, self.p, generation, position, err,
+                             to_micros(relevant[0].recorded_at))
                 _stop_at(conn, self.store, self.p.name, err)
                 self._stopped_in = conn.get_transaction()
                 self._mark = None
@@ -1358,6 +1377,7 @@ class Projector:
         self._rebuilding.discard(p.name)  # (set again below while its rebuild goes on)
         self._busy.discard(p.name)
         self._rebuilt_elsewhere.discard(p.name)
+        stopped: ProjectionFailed | None = None  # recorded with the batch
         try:
             with transaction(self.store, write=True) as conn:
                 # The batch holds the projection's row lock: if this worker freezes in it (a
@@ -1386,16 +1406,33 @@ class Projector:
                 stale = row.code_version != p.version
                 if not stale:
                     rows: _Rows[Any] = _Rows(p, row.generation)
-                    page = self.store.read_page(conn, from_position=row.position + 1,
-                                                limit=self._size(p),
-                                                categories=p.categories or None)
-                    if not page:
-                        return 0
-                    rows.apply(conn, page)
-                    rows.flush(conn, now_us)
-                    conn.execute(update(projections).where(projections.c.name == p.name)
-                                 .values(position=page[-1].position, updated_at=now_us))
-                    return len(page)
+                    try:
+                        page = self.store.read_page(conn, from_position=row.position + 1,
+                                                    limit=self._size(p),
+                                                    categories=p.categories or None)
+                        if not page:
+                            return 0
+                        rows.apply(conn, page)
+                        rows.flush(conn, now_us)
+                    except (ProjectionFailed, EventDecodeError) as e:
+                        failed = (e if isinstance(e, ProjectionFailed)
+                                  else _unreadable(p.name, e))
+                        if failed is None:
+                            raise
+                        if failed is not e:
+                            failed.__cause__ = e
+                        # It stops at that event: the batch's events before it go in, with
+                        # the record of the failure.
+                        _fold_before(self.store, conn, p, row.generation, row.position,
+                                     failed, now_us)
+                        _stop_at(conn, self.store, p.name, failed)
+                        stopped = failed
+                    else:
+                        conn.execute(update(projections).where(projections.c.name == p.name)
+                                     .values(position=page[-1].position, updated_at=now_us))
+                        return len(page)
+            if stopped is not None:  # (committed with the batch)
+                raise stopped
             # Rows of another fold version: replay them with this one (the lease is ours), a
             # slice of half a lease at a time (the next run_once renews the lease and resumes
             # it; the worker's other projections and its stop get their turns meanwhile).
@@ -1419,7 +1456,8 @@ class Projector:
                 return moved.get("replayed", 0)
             return moved.get("replayed", 0)
         except ProjectionFailed as e:
-            _record_failure(self.store, p.name, e)
+            if e is not stopped:
+                _record_failure(self.store, p.name, e)
             raise
         except DatabaseError as e:
             if e.sqlstate == _LOCK_TIMEOUT:

@@ -71,17 +71,21 @@ def test_inline_catch_up_failing_on_another_writers_event_stops_the_projection(
         url: str) -> None:
     """An event appended by a process without the inline projection, that its fold refuses,
     stops the projection there in ``status`` (as a projector's would): the append that met it
-    goes through, later ones get ProjectionStopped, and a restart with fixed code folds all."""
+    goes through, later ones get ProjectionStopped, and a restart with fixed code folds all.
+    The other writer's events before that one are folded: it stops exactly there."""
     from projections import ProjectionStopped, restart
 
     with EventStore.open(url) as runner, EventStore.open(url) as other:
         inline(runner, TallyProjection("tally_catch_up", poison=13))
         bump(runner, "a", 1)
-        other.append("counter-b", [CounterIncremented(by=13)])  # position 2
-        bump(runner, "a", 1)  # meets position 2 while catching up: goes through
+        other.append("counter-d", [CounterIncremented(by=4)])  # position 2
+        other.append("counter-b", [CounterIncremented(by=13)])  # position 3
+        bump(runner, "a", 1)  # meets position 3 while catching up: goes through
         (st,) = status(runner, "tally_catch_up")
-        assert (st.status, st.failed_position, st.position) == ("failed", 2, 1)
+        assert (st.status, st.failed_position, st.position) == ("failed", 3, 2)
         assert st.error is not None and "counter-b" in st.error
+        assert {k: t.count for k, t in rows_of(runner, TallyProjection("tally_catch_up"))
+                .items()} == {("default", "counter-a"): 1, ("default", "counter-d"): 1}
         with pytest.raises(ProjectionStopped):
             bump(runner, "a", 1)
         assert runner.stream_version("counter-a") == 2
@@ -91,7 +95,8 @@ def test_inline_catch_up_failing_on_another_writers_event_stops_the_projection(
         restart(fixed, "tally_catch_up")
         bump(fixed, "a", 1)
         assert {k: (t.count, t.total) for k, t in rows_of(fixed, p).items()} == {
-            ("default", "counter-a"): (3, 3), ("default", "counter-b"): (1, 13)}
+            ("default", "counter-a"): (3, 3), ("default", "counter-b"): (1, 13),
+            ("default", "counter-d"): (1, 4)}
         assert status(fixed, "tally_catch_up")[0].status == "running"
 
 
@@ -183,7 +188,8 @@ def test_expired_lease_is_taken_over(store: EventStore) -> None:
 
 
 def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
-    """A fold error names position, type and stream, shows in status, and resumes on restart."""
+    """A fold error names position, type and stream, shows in status, and resumes on restart.
+    The batch's events before it are applied: the projection stops exactly there."""
     bump(store, "a", 2)
     store.append("counter-b", [CounterIncremented(by=13)])
     bump(store, "a", 1)
@@ -196,14 +202,17 @@ def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
                                                         "counter-b")
     (st,) = status(store, "tally_async")
     assert st.status == "failed" and st.failed_position == 3 and "position 3" in (st.error or "")
-    assert st.position == 0  # the failed batch was rolled back
+    assert st.position == 2
+    assert rows_of(store, bad)[("default", "counter-a")].count == 2
+    assert ("default", "counter-b") not in rows_of(store, bad)
     assert proj.run_once(bad) == 0
     from projections import restart
 
     restart(store, "tally_async")
     fixed = TallyProjection("tally_async")
-    assert Projector(store, [fixed]).catch_up() == 4
+    assert Projector(store, [fixed]).catch_up() == 2
     assert rows_of(store, fixed)[("default", "counter-a")].count == 3
+    assert verify(store, fixed) == []
 
 
 def test_catch_up_runs_the_other_projections_past_a_failing_one(store: EventStore) -> None:
@@ -265,8 +274,10 @@ def test_an_event_the_code_cannot_read_stops_the_projector_there(store: EventSto
         Projector(store, [projection]).catch_up()
     assert (info.value.position, info.value.type, info.value.stream_id) == (
         3, "test.CounterIncremented", "counter-b")
+    assert isinstance(info.value.__cause__, EventDecodeError)
     (st,) = status(store, "tally_decode")
-    assert st.status == "failed" and st.failed_position == 3
+    assert st.status == "failed" and st.failed_position == 3 and st.position == 2
+    assert rows_of(store, projection)[("default", "counter-a")].count == 2
     assert "EventDecodeError" in (st.error or "")
 
 
@@ -1368,7 +1379,7 @@ def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
     assert (info.value.position, info.value.stream_id) == (3, "counter-a")
     assert "index() gave" in str(info.value)
     (st,) = status(store, "tally_async")
-    assert st.status == "failed" and st.failed_position == 3 and st.position == 0
+    assert st.status == "failed" and st.failed_position == 3 and st.position == 2
     # Inline, meeting that event in the log (a catch-up): it stops there, as a fold that
     # raises on an event in the log does; the append that met it goes through.
     from projections import ProjectionStopped
@@ -1378,6 +1389,7 @@ def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
         bump(inline_store, "c", 1)
         (st,) = status(store, "tally_inline_catch_up")
         assert st.status == "failed" and st.failed_position == 3  # (not 4, the row's last)
+        assert st.position == 2  # the events before it are in the rows
         assert inline_store.stream_version("counter-c") == 1
         with pytest.raises(ProjectionStopped):
             bump(inline_store, "c", 1)

@@ -331,7 +331,7 @@ def test_run_once_of_a_failing_projection_exits_1_and_shows_failed(
     assert code == 1
     assert "failed on event at position 2" in err and "poison value 13" in err
     st = status_json(capsys, url, poisoned)
-    assert (st["status"], st["failed_position"], st["position"]) == ("failed", 2, 0)
+    assert (st["status"], st["failed_position"], st["position"]) == ("failed", 2, 1)
     code, out, _ = run(capsys, "projections", "status", "--url", url)
     (line,) = [r for r in out.splitlines() if r.startswith(poisoned)]
     assert " failed " in line and "poison value 13" in line
@@ -488,7 +488,7 @@ def test_verify_of_a_stopped_projection_says_how_far_it_compared(
     code, out, err = run(capsys, "projections", "verify", poisoned, "--url", url)
     assert code == 0 and "live rows equal the replay" in out
     assert (f"projection {poisoned} is stopped after a failure at position 2; its rows were "
-            f"compared up to position 0") in err
+            f"compared up to position 1") in err
 
 
 def test_older_code_says_it_left_rows_a_newer_fold_keeps(
