@@ -761,6 +761,7 @@ class _InlineHandler:
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
         self._pending = (recorded, (generation, new_position), {key: rows.cache[key]}, False)
+        due = _due_snapshots(self.p, rows, relevant, now_us)
 
         def write(conn: Connection) -> None:
             # The checkpoint first: it is locked before the row, as prepare() locks it.
@@ -768,6 +769,8 @@ class _InlineHandler:
                 "name": self.p.name, "prev": prev, "generation": generation,
                 "code_version": self.p.version, "new_position": new_position}).close()
             rows.flush(conn, now_us)
+            if due:
+                _insert_snapshots(conn, due)
 
         return write
 
@@ -892,14 +895,50 @@ class _InlineHandler:
         new_position = recorded[-1].position
         self._pending = (recorded, (generation, new_position),
                          {k: rows.cache[k] for k in keys}, others_changed)
+        due = _due_snapshots(self.p, rows, relevant, now_us)
 
         def write(conn: Connection) -> None:
             with _pipeline(conn):  # the rows and the checkpoint: one round trip on psycopg
                 rows.flush(conn, now_us)
                 _fast("advance", conn).run(conn, {"name": self.p.name,
                                                   "new_position": new_position}).close()
+            if due:
+                _insert_snapshots(conn, due)
 
         return write
+
+
+def _due_snapshots(projection: Projection[Any], rows: _Rows[Any],
+                   relevant: Sequence[RecordedEvent], now_us: int) -> list[dict[str, Any]]:
+    """The snapshot policy of an inline projection: the snapshot rows of the streams whose
+    version this append took past a multiple of ``snapshot_every`` (their rows' states)."""
+    every = projection.snapshot_every
+    if not every:
+        return []
+    first: dict[tuple[str, str], int] = {}
+    last: dict[tuple[str, str], RecordedEvent] = {}
+    for e in relevant:
+        key = (e.tenant_id, e.stream_id)
+        first.setdefault(key, e.version)
+        last[key] = e
+    due = []
+    for key, ev in last.items():
+        if ev.version // every == (first[key] - 1) // every:
+            continue
+        state, version, position = rows.cache[key]
+        if (version, position) != (ev.version, ev.position):  # (it folded past this one?)
+            continue
+        due.append({"tenant_id": key[0], "stream_id": key[1], "projection": projection.name,
+                    "code_version": projection.version, "version": version,
+                    "position": position, "recorded_at": to_micros(ev.recorded_at),
+                    "state": projection.encode(state), "created_at": now_us})
+    return due
+
+
+def _insert_snapshots(conn: Connection, due: list[dict[str, Any]]) -> None:
+    ins = (postgresql.insert(snapshots) if conn.dialect.name == "postgresql"
+           else sqlite.insert(snapshots))
+    conn.execute(ins.on_conflict_do_nothing(), due)
 
 
 def inline(store: EventStore, projection: Projection[Any]) -> None:
@@ -1058,7 +1097,8 @@ def fold_live(
     """Fold one stream on read, from the newest usable snapshot; returns (state, version).
 
     ``at_version`` / ``at_time`` stop the fold there (time travel).  A snapshot is saved when the
-    fold went ``snapshot_every`` events past the last one (current reads only).
+    fold went ``snapshot_every`` events past the last one (current reads only; an inline
+    projection saves one with the append that takes a stream past each multiple of it).
     """
     limit_us = to_micros(at_time) if at_time is not None else None
     if at_version is not None:

@@ -233,3 +233,28 @@ def test_version_is_the_streams_also_after_other_events(conversations: Conversat
     assert conversations.get("c-2").version == 2
     conversations.assign("c-2", {"x": 1}, expected_version=2)
     assert [c.name for c in conversations.history("c-2")] == ["x"]
+
+
+def test_snapshot_every_n_assigns_and_time_travel_from_them(conv_store: EventStore,
+                                                            clock: Clock) -> None:
+    """``snapshot_every=N``: the assign that takes a conversation to each multiple of N saves
+    a snapshot; time travel by version and by time gives what the history says."""
+    from sqlalchemy import select
+
+    from eventstore._schema import snapshots
+
+    conversations = Conversations(conv_store, snapshot_every=5)
+    times = []
+    for i in range(1, 13):
+        clock.now += timedelta(seconds=1)
+        times.append(clock.now)
+        conversations.assign("c-9", {"n": i, f"v{i % 3}": i})
+    with conv_store.engine.connect() as c:
+        versions = c.execute(select(snapshots.c.version).where(
+            snapshots.c.stream_id == Conversations.stream_id("c-9"))
+            .order_by(snapshots.c.version)).scalars().all()
+    assert versions == [5, 10]
+    for at in (4, 5, 7, 10, 12):
+        state = conversations.get("c-9", at_version=at)
+        assert state.version == at and state.variables["n"] == at
+        assert conversations.get("c-9", at_time=times[at - 1]).variables == state.variables

@@ -342,6 +342,43 @@ def test_snapshots_are_taken_and_used(store: EventStore) -> None:
     assert fold_live(store, p, "counter-a", tenant_id="default", at_version=20)[0].count == 20
 
 
+def test_inline_projections_save_a_snapshot_every_n_events_of_a_stream(url: str) -> None:
+    """An inline projection's policy: the append that takes a stream past a multiple of
+    snapshot_every saves the row's state as a snapshot, in the same transaction; time travel
+    then starts from it, and gives what a fold from the start gives."""
+    from sqlalchemy import select
+
+    from eventstore._schema import snapshots
+
+    p = TallyProjection("tally_snap", snapshot_every=4)
+    with EventStore.open(url) as store:
+        inline(store, p)
+        bump(store, "a", 6)  # versions 1..6: one at 4
+        store.append("counter-a", [CounterIncremented(by=2, writer="a")] * 3)  # 7..9: at 9
+        bump(store, "b", 3)  # none yet
+        with store.engine.connect() as c:
+            snaps = c.execute(select(snapshots.c.stream_id, snapshots.c.version,
+                                     snapshots.c.position)
+                              .where(snapshots.c.projection == "tally_snap")
+                              .order_by(snapshots.c.version)).all()
+        assert [(s, v) for s, v, _p in snaps] == [("counter-a", 4), ("counter-a", 9)]
+        positions = {e.version: e.position for e in store.read_stream("counter-a")}
+        assert [pos for _s, v, pos in snaps] == [positions[4], positions[9]]
+        for at in (4, 5, 9):
+            from_snapshot = fold_live(store, p, "counter-a", tenant_id="default", at_version=at)
+            from_start = fold_live(store, p, "counter-a", tenant_id="default", at_version=at,
+                                   use_snapshots=False)
+            assert from_snapshot == from_start and from_snapshot[1] == at
+        assert fold_live(store, p, "counter-a", tenant_id="default")[0].total == 12
+    off = TallyProjection("tally_no_snap", snapshot_every=None)
+    with EventStore.open(url) as store:
+        inline(store, off)
+        bump(store, "c", 5)
+        with store.engine.connect() as c:
+            assert c.execute(select(snapshots.c.version).where(
+                snapshots.c.projection == "tally_no_snap")).all() == []
+
+
 def test_snapshot_of_changed_code_is_ignored(store: EventStore) -> None:
     """A snapshot written by another projection version is not trusted."""
     p = TallyProjection(snapshot_every=5)
