@@ -6,6 +6,10 @@ Stream per conversation: ``conversation-<conversation_id>``.  The projection run
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
+import enum
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -59,8 +63,14 @@ class VariableChange(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str | None
 
 
+# Stored as JSON text: datetimes, dates, times and durations in ISO 8601, UUIDs and decimals
+# as their strings, bytes in base64.
+_AS_STRING = (str, _dt.date, _dt.time, _dt.timedelta, uuid.UUID, decimal.Decimal, bytes,
+              bytearray, memoryview)
+
+
 def value_type_of(value: Any) -> str:
-    """The value type recorded for a variable's value."""
+    """The value type recorded for a variable's value: the JSON type it is stored as."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -69,9 +79,13 @@ def value_type_of(value: Any) -> str:
         return "integer"
     if isinstance(value, float):
         return "number"
-    if isinstance(value, str):
+    if isinstance(value, _AS_STRING):  # (a datetime is a date)
         return "string"
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list | tuple | set | frozenset):
+        return "array"
+    if isinstance(value, enum.Enum):  # stored as its value
+        return value_type_of(value.value)
+    if isinstance(value, msgspec.Struct) and value.__struct_config__.array_like:
         return "array"
     return "object"
 

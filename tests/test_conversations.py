@@ -258,3 +258,29 @@ def test_snapshot_every_n_assigns_and_time_travel_from_them(conv_store: EventSto
         state = conversations.get("c-9", at_version=at)
         assert state.version == at and state.variables["n"] == at
         assert conversations.get("c-9", at_time=times[at - 1]).variables == state.variables
+
+
+def test_value_type_is_the_json_type_a_value_is_stored_as(
+        conversations: Conversations) -> None:
+    """Sets and tuples are stored as arrays, datetimes, UUIDs, decimals and bytes as strings,
+    an enum member as its value: the recorded value type says so."""
+    import decimal
+    import enum
+    import uuid
+
+    class Colour(enum.Enum):
+        RED = "red"
+        TWO = 2
+
+    values = {"set": {1, 2}, "frozen": frozenset({3}), "tuple": (1,), "when": datetime.now(UTC),
+              "day": datetime.now(UTC).date(), "id": uuid.uuid4(),
+              "price": decimal.Decimal("1.5"), "blob": b"\x00\xff", "colour": Colour.RED,
+              "two": Colour.TWO, "map": {"a": 1}, "none": None, "flag": True, "n": 3, "x": 1.5}
+    conversations.assign("c-t", values)
+    state = conversations.get("c-t")
+    json_type = {str: "string", list: "array", dict: "object", type(None): "null",
+                 bool: "boolean", int: "integer", float: "number"}
+    assert state.value_types == {name: json_type[type(value)]
+                                 for name, value in state.variables.items()}
+    assert state.value_types["set"] == "array" and state.value_types["blob"] == "string"
+    assert state.value_types["two"] == "integer"
