@@ -186,7 +186,10 @@ def cmd_restart(args: argparse.Namespace) -> int:
             raise CliError(f"projection {args.name!r} is not registered in this store",
                            cli.EXIT_USAGE)
         restart(store, args.name)
-    print(f"{args.name}: restarted")
+    if args.json:
+        print_json({"projection": args.name, "status": "running"})
+    else:
+        print(f"{args.name}: restarted")
     return cli.EXIT_OK
 
 
@@ -217,8 +220,13 @@ def _run_once(args: argparse.Namespace, chosen: list[Projection[Any]]) -> int:
             n, _failures = projector.catch_up_each()
         finally:
             projector.release()  # let the next worker (or the next --once) in at once
-        print(f"applied {n} events")
         states = [(p, st) for p in chosen for st in status(store, p.name)]
+    if args.json:  # the notes below still go to stderr
+        print_json({"applied": n, "projections": [
+            {"name": st.name, "status": st.status, "position": st.position, "lag": st.lag,
+             "failed_position": st.failed_position} for _p, st in states]})
+    else:
+        print(f"applied {n} events")
     now = datetime.now(UTC)
     for _p, st in states:
         if st.name in projector.rebuilt_elsewhere and st.lag:

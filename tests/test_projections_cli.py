@@ -357,6 +357,24 @@ def test_restart_clears_a_failure(url: str, poisoned: str, capsys: pytest.Captur
     assert status_json(capsys, url, poisoned)["status"] == "failed"
 
 
+def test_run_once_and_restart_speak_json_with_json(url: str, poisoned: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """With --json, run --once prints one object (events applied, each projection's state)
+    and restart one object; the notes stay on stderr."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=1)])
+        store.append("counter-a", [CounterIncremented(by=13)])
+    code, out, err = run(capsys, "projections", "--url", url, "--json", "run", poisoned,
+                         "--once")
+    assert code == 1 and "stopped after a failure" in err
+    (line,) = json_lines(out)
+    assert isinstance(line["applied"], int)
+    assert [(p["name"], p["status"], p["position"], p["failed_position"])
+            for p in line["projections"]] == [(poisoned, "failed", 1, 2)]
+    code, out, _ = run(capsys, "projections", "--url", url, "--json", "restart", poisoned)
+    assert code == 0 and json_lines(out) == [{"projection": poisoned, "status": "running"}]
+
+
 def test_restart_of_an_unregistered_projection_exits_2(
         url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """restart of a projection the store does not know is a usage error."""
