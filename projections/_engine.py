@@ -273,9 +273,34 @@ def _check_name(name: object) -> str:
     return check_id(name, "projection name", InvalidArgument)
 
 
+_MAX_CODE_VERSION = 2**31 - 1  # (the bookkeeping columns' 32 bits)
+
+
+def check_projection(projection: object) -> Projection[Any]:
+    """``projection`` when it is a :class:`Projection` whose settings the engine can use, else
+    :class:`InvalidArgument` (before anything is written)."""
+    if not isinstance(projection, Projection):
+        raise InvalidArgument(f"expected a Projection, got {type(projection).__name__}: "
+                              f"{projection!r:.80}")
+    _check_name(projection.name)
+    version = projection.version
+    if type(version) is not int or not 1 <= version <= _MAX_CODE_VERSION:
+        raise InvalidArgument(f"projection {projection.name}: version must be an int from 1 "
+                              f"to {_MAX_CODE_VERSION}, got {version!r}")
+    every = projection.snapshot_every
+    if every is not None and (type(every) is not int or every < 1):
+        raise InvalidArgument(f"projection {projection.name}: snapshot_every must be None or "
+                              f"an int >= 1, got {every!r}")
+    cats = projection.categories
+    if isinstance(cats, str) or not all(isinstance(c, str) and c for c in cats):
+        raise InvalidArgument(f"projection {projection.name}: categories must be a tuple of "
+                              f"category names, got {cats!r}")
+    return projection
+
+
 def ensure_registered(store: EventStore, projection: Projection[Any]) -> None:
     """Create the projection's bookkeeping row when it does not exist yet."""
-    _check_name(projection.name)
+    check_projection(projection)
     with transaction(store, write=True) as conn:
         _ensure_row(conn, projection, _now_us(store))
 
@@ -952,7 +977,7 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     sync store of the same database, which blocks the calling thread for that one rebuild.
     Rows a newer version built are left as they are (see ``_rebuild_if_stale``).
     """
-    _check_name(projection.name)
+    check_projection(projection)
     for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             return
@@ -1001,6 +1026,7 @@ def _usable_generation(projection: Projection[Any]) -> Any:
 def load_row(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str
              ) -> tuple[S, int] | None:
     """The persisted state of one stream and the version it reflects, or ``None``."""
+    check_projection(projection)
     check_id(stream_id, "stream id", InvalidStreamId)
     check_id(tenant_id, "tenant id", InvalidArgument)
     pr = projection_rows.c
@@ -1043,6 +1069,7 @@ def query_rows(store: EventStore, projection: Projection[S], *, tenant_id: str |
     ``sort_key`` come first on SQLite and last on PostgreSQL (each database's own order, which
     its index gives without a sort).
     """
+    check_projection(projection)
     for value, what in ((tenant_id, "tenant id"), (group_key, "group key")):
         if value is not None:
             check_id(value, what, InvalidArgument)
@@ -1100,6 +1127,7 @@ def fold_live(
     fold went ``snapshot_every`` events past the last one (current reads only; an inline
     projection saves one with the append that takes a stream past each multiple of it).
     """
+    check_projection(projection)
     limit_us = to_micros(at_time) if at_time is not None else None
     if at_version is not None:
         check_int(at_version, "at_version", minimum=0)
@@ -1373,6 +1401,12 @@ class Projector:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         if worker_id is not None:
             check_id(worker_id, "worker_id", InvalidArgument)
+        if isinstance(projections_, Projection) or not isinstance(projections_, Iterable):
+            raise InvalidArgument(f"Projector takes a list of projections, got "
+                                  f"{type(projections_).__name__}")
+        projections_ = [check_projection(p) for p in projections_]
+        if not projections_:
+            raise InvalidArgument("Projector needs at least one projection")
         names = [p.name for p in projections_]
         if len(set(names)) != len(names) or not all(names):
             raise InvalidArgument(f"projections need distinct names, got {names}")
@@ -1733,7 +1767,8 @@ def rebuild(store: EventStore, projection: Projection[Any], *,
     transaction holding the projection's lock (so inline appends and projector batches wait for
     it and then continue on the new rows).  Returns the new generation.
     """
-    return _rebuild(store, projection, progress=progress, only_if_stale=False)
+    return _rebuild(store, check_projection(projection), progress=progress,
+                    only_if_stale=False)
 
 
 class _RebuildStopped(Exception):
@@ -1910,7 +1945,7 @@ def verify(store: EventStore, projection: Projection[Any], *,
     A projection never run in this store has no rows to compare: none (and nothing written).
     A live row that does not decode differs, as an :class:`UndecodableRow`.
     """
-    name = _check_name(projection.name)
+    name = check_projection(projection).name
     with transaction(store, write=False) as conn:
         if _lock_row(conn, name, missing_ok=True) is None:
             return []

@@ -25,8 +25,14 @@ def _is_async(store: object) -> bool:
     return inspect.iscoroutinefunction(getattr(store, "append", None))
 
 
+def _check_store(store: object, facade: str, kind: str) -> None:
+    if not callable(getattr(store, "append", None)):
+        raise InvalidArgument(f"{facade} takes an {kind}, got {type(store).__name__}")
+
+
 def check_sync_store(store: object, facade: str, twin: str) -> None:
     """Refuse an async store for the sync facade ``facade`` (``twin``: what to use instead)."""
+    _check_store(store, facade, "EventStore")
     if _is_async(store) and not _in_twin.get():
         raise InvalidArgument(f"{facade} takes an EventStore, not {type(store).__name__} "
                               f"(for an AsyncEventStore: {twin})")
@@ -34,6 +40,7 @@ def check_sync_store(store: object, facade: str, twin: str) -> None:
 
 def check_async_store(store: object, facade: str, twin: str) -> None:
     """Refuse a sync store for the asyncio facade ``facade`` (``twin``: what to use instead)."""
+    _check_store(store, facade, "AsyncEventStore")
     if not _is_async(store):
         raise InvalidArgument(f"{facade} takes an AsyncEventStore, not "
                               f"{type(store).__name__} (for an EventStore: {twin})")

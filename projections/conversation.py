@@ -318,6 +318,8 @@ class Conversations:
                 name: str | None = None) -> list[VariableChange]:
         """Every change of every variable (or of ``name``), oldest first, with old -> new."""
         cid = _check_conversation_id(conversation_id)
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgument(f"name must be a variable name or None, got {name!r:.80}")
         current: dict[str, Any] = {}
         out: list[VariableChange] = []
         for ev in self.store.read_stream(self.stream_id(cid), tenant_id=tenant_id):

@@ -1801,3 +1801,48 @@ def test_catch_up_counts_its_wait_for_a_held_row_from_when_it_finds_it_held(
         projector = Projector(store, [Slow("tally_late")], batch_size=5, stall_seconds=1)
         assert projector.catch_up() == 40
         assert holding.is_set() and status(store, "tally_late")[0].lag == 0
+
+
+def test_projection_arguments_and_settings_are_checked_before_anything_is_written(
+        store: EventStore) -> None:
+    """Not a projection, one projection where a list is taken, no projections, and settings the
+    engine cannot use (version, snapshot_every, categories) are InvalidArgument, and nothing
+    is registered or written."""
+    from eventstore import InvalidArgument
+    from projections import Conversations
+    from projections.aio import AsyncConversations
+
+    class BadVersion(TallyProjection):
+        version = "2"  # type: ignore[assignment]
+
+    class ZeroVersion(TallyProjection):
+        version = 0
+
+    class OneCategory(TallyProjection):
+        categories = "counter"  # type: ignore[assignment]
+
+    bump(store, "a", 1)
+    calls: list[Any] = [
+        lambda: fold_live(store, object(), "counter-a", tenant_id="default"),  # type: ignore
+        lambda: rebuild(store, "tally"),  # type: ignore[arg-type]
+        lambda: verify(store, 5),  # type: ignore[arg-type]
+        lambda: inline(store, "tally"),  # type: ignore[arg-type]
+        lambda: query_rows(store, None, tenant_id=None),  # type: ignore[arg-type]
+        lambda: Projector(store, TallyProjection()),  # type: ignore[arg-type]
+        lambda: Projector(store, []),
+        lambda: Projector(store, [BadVersion("tally_v")]).catch_up(),
+        lambda: inline(store, ZeroVersion("tally_zero")),
+        lambda: rebuild(store, OneCategory("tally_cat")),
+        lambda: fold_live(store, TallyProjection(snapshot_every=0), "counter-a",
+                          tenant_id="default"),
+        lambda: Conversations(store, snapshot_every=-1),
+        lambda: Conversations(store, snapshot_every="x"),  # type: ignore[arg-type]
+        lambda: Conversations(None),  # type: ignore[arg-type]
+        lambda: AsyncConversations(None),  # type: ignore[arg-type]
+        lambda: Conversations(store).history("c", name=5),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            call()
+    assert {st.name for st in status(store)} <= {"conversations"}
+    assert store.stats()["events"] == 1
