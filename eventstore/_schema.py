@@ -91,6 +91,9 @@ projections = Table(
     # The fold version the rebuild in progress folds with (migration 0004).
     Column("rebuild_code_version", Integer, nullable=True),
     Column("updated_at", BigInteger, nullable=False),
+    # The categories the projection folds, a JSON list ([]: all; NULL: not recorded, before
+    # migration 0005), for its lag in `projections status` where its code is not loaded.
+    Column("categories", Text, nullable=True),
 )
 
 projection_rows = Table(

@@ -227,6 +227,9 @@ class ProjectionStatus:
     head: int = 0
     # Events of the projection's categories after its position, when status() knows them.
     behind: int | None = None
+    # The categories its row records (() : every category; None: not recorded, before
+    # migration 0005 or until code of its fold registers it again).
+    categories: tuple[str, ...] | None = None
 
     @property
     def lag(self) -> int:
@@ -242,18 +245,40 @@ def _now_us(store: EventStore) -> int:
 
 
 def _ensure_row(conn: Connection, projection: Projection[Any], now_us: int) -> None:
-    exists = conn.execute(select(projections.c.name)
+    categories = _categories_json(projection)
+    exists = conn.execute(select(projections.c.categories, projections.c.code_version)
                           .where(projections.c.name == projection.name)).first()
     if exists is None:
         values = {"name": projection.name, "generation": 1, "position": 0,
                   "code_version": projection.version, "status": "running",
-                  "updated_at": now_us}
+                  "updated_at": now_us, "categories": categories}
         if conn.dialect.name == "postgresql":
             conn.execute(postgresql.insert(projections).values(**values)
                          .on_conflict_do_nothing(index_elements=["name"]))
         else:
             conn.execute(sqlite.insert(projections).values(**values)
                          .on_conflict_do_nothing(index_elements=["name"]))
+    elif exists.categories != categories and projection.version >= exists.code_version:
+        # (Code of the fold that built the rows, or newer, says what it folds.)
+        conn.execute(update(projections).where(projections.c.name == projection.name)
+                     .values(categories=categories))
+
+
+def _categories_json(projection: Projection[Any]) -> str:
+    return msgspec.json.encode(_categories_of(projection)).decode()
+
+
+def _categories_of(projection: Projection[Any]) -> list[str]:
+    return sorted(set(projection.categories))
+
+
+def _decoded_categories(stored: str | None) -> list[str] | None:
+    if stored is None:
+        return None
+    try:
+        return msgspec.json.decode(stored, type=list[str])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
@@ -313,7 +338,7 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
     head = store.last_position()
     with transaction(store, write=False) as conn:
         rows = conn.execute(q).all()
-        behind = {r.name: _behind(conn, r.name, r.position) for r in rows}
+        behind = {r.name: _behind(conn, r.name, r.position, r.categories) for r in rows}
     return [
         ProjectionStatus(
             name=r.name, generation=r.generation, position=r.position,
@@ -322,21 +347,24 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
             lease_until=from_micros(r.lease_until) if r.lease_until is not None else None,
             rebuild_generation=r.rebuild_generation, rebuild_position=r.rebuild_position,
             head=head, behind=behind[r.name],
+            categories=(tuple(c) if (c := _decoded_categories(r.categories)) is not None
+                        else None),
         )
         for r in rows
     ]
 
 
-def _behind(conn: Connection, name: str, position: int) -> int | None:
-    """Events of a registered projection's categories after ``position`` (an index range per
-    category); ``None`` when the projection is not registered or takes every category."""
+def _behind(conn: Connection, name: str, position: int, stored: str | None) -> int | None:
+    """Events of a projection's categories after ``position`` (an index range per category):
+    those of the registered projection, else those its row records (``stored``); ``None``
+    when neither is known or it takes every category."""
+    categories: Sequence[str] | None = None
     factory = _registry.get(name)
-    if factory is None:
-        return None
-    try:
-        categories = factory().categories
-    except Exception:  # a factory that cannot build here: status still answers
-        return None
+    if factory is not None:
+        with contextlib.suppress(Exception):  # a factory that cannot build here
+            categories = factory().categories
+    if categories is None:
+        categories = _decoded_categories(stored)
     if not categories:
         return None
     e = event_table.c
@@ -992,8 +1020,12 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
 
 
 def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
-    """Rebuild rows built by an older version of the fold before they are used."""
+    """Rebuild rows built by an older version of the fold before they are used (and record
+    the categories it folds, if its row holds others)."""
     existing = status(store, projection.name)
+    if (existing and existing[0].code_version <= projection.version
+            and existing[0].categories != tuple(_categories_of(projection))):
+        ensure_registered(store, projection)
     if existing and existing[0].code_version > projection.version:
         # Newer code built them (a rolling deploy, this process the old release): rebuilding
         # them back would undo its rebuild, and the two would take turns.  This process's

@@ -369,3 +369,28 @@ async def test_opening_a_current_sqlite_database_does_not_wait_for_a_writer(
     finally:
         writer.rollback()
         writer.close()
+
+
+@pytest.mark.slow
+def test_projection_categories_recorded_by_a_migrated_database(fresh_url: str) -> None:
+    """A projection row from before migration 0005 has no categories (its lag counts every
+    event after it); once code of its fold registers it again, they are recorded."""
+    from projections import inline, status
+    from tests._projections import TallyProjection
+
+    migrate_to(fresh_url, "0004")
+    engine = create_engine(fresh_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO es_projections (name, generation, position, code_version, status,"
+                " updated_at) VALUES ('tally_old', 1, 0, 1, 'running', 0)"))
+    finally:
+        engine.dispose()
+    with EventStore.open(fresh_url, migrate=True) as store:
+        store.append("note-1", [NoteAdded(text="x")])
+        (st,) = status(store, "tally_old")
+        assert (st.categories, st.lag) == (None, 1)  # not known: every event counts
+        inline(store, TallyProjection("tally_old"))
+        (st,) = status(store, "tally_old")
+        assert (st.categories, st.lag) == (("counter",), 0)

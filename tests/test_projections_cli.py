@@ -172,6 +172,24 @@ def test_status_module_gives_a_registered_projections_lag(
     assert (line["position"], line["head"], line["lag"]) == (1, 4, 0)
 
 
+def test_status_without_the_module_counts_lag_in_the_recorded_categories(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bookkeeping row records the categories a projection folds, so status counts its lag
+    in them also where its code is not loaded (an operator's shell without --module)."""
+    with EventStore.open(url) as store:
+        store.append("counter-a", [CounterIncremented(by=2)])
+        Projector(store, [TallyProjection("tally_unloaded")]).catch_up()
+        seed_conversations(url)  # three events of another category after it
+        store.append("counter-b", [CounterIncremented(by=1)])  # and one of its own
+    assert "tally_unloaded" not in engine._registry
+    code, out, err = run(capsys, "projections", "status", "tally_unloaded", "--url", url,
+                         "--json")
+    assert code == 0, err
+    (line,) = json_lines(out)
+    assert (line["position"], line["head"], line["lag"], line["categories"]) == (
+        1, 5, 1, ["counter"])
+
+
 def test_run_without_names_runs_what_the_module_registers(
         url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
