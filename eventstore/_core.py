@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import msgspec
 from sqlalchemy import Connection, bindparam, func, literal_column, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import URL, Dialect
@@ -329,7 +330,7 @@ class StoreCore:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
         encoded, meta_raw, reads = encode_within(events, metadata,
                                                  self._options.max_event_bytes)
-        fingerprint = _fingerprint(stream, encoded) if key is not None else b""
+        fingerprint = _fingerprint(stream, encoded, reads) if key is not None else b""
         return AppendPlan(stream, tenant, reads, encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
@@ -399,7 +400,9 @@ class StoreCore:
         # conflict caused by its own earlier success.
         if row is not None:
             first_stream, first_print, first_pos, last_pos, version = row
-            if first_stream != stream_id or bytes(first_print) != plan.fingerprint:
+            if first_stream != stream_id or (
+                    bytes(first_print) != plan.fingerprint
+                    and bytes(first_print) != _stored_bytes_fingerprint(stream_id, plan.encoded)):
                 raise IdempotencyKeyReused(key=key or "", tenant_id=tenant_id,
                                            stream_id=stream_id, first_stream_id=first_stream)
             return AppendResult(first_pos, last_pos, version, True)
@@ -933,7 +936,29 @@ def _too_large(what: str, size: int, limit: int) -> InvalidEvent:
                          size=size, limit=limit)
 
 
-def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:
+# Dict keys and struct fields in one order: equal events give equal bytes.
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]],
+                 reads: Sequence[Event | RawEvent]) -> bytes:
+    """What an idempotency key's append is compared by: the stream and each event's type,
+    schema version and data as reads give it, canonical (a retry may send a typed event as a
+    ``RawEvent``, or a raw event's keys in another order)."""
+    h = hashlib.sha256(b"v2\x00" + stream_id.encode())
+    for (tag, sv, raw), read in zip(encoded, reads, strict=True):
+        try:
+            canonical = _canonical.encode(read.data if isinstance(read, RawEvent) else read)
+        except (TypeError, ValueError, OverflowError):  # (keys that do not sort)
+            canonical = raw
+        h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(canonical)))
+        h.update(canonical)
+    return h.digest()
+
+
+def _stored_bytes_fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:
+    """The fingerprint of keys recorded by earlier code (the stored bytes as they were): a
+    retry across an upgrade is still a duplicate."""
     h = hashlib.sha256(stream_id.encode())
     for tag, sv, raw in encoded:
         h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(raw)))

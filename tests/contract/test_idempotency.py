@@ -53,6 +53,52 @@ def test_key_reused_for_other_events_raises(store: EventStore) -> None:
     assert store.stream_version("c-1") == 1
 
 
+def test_the_same_events_in_another_form_are_a_duplicate(store: EventStore) -> None:
+    """A retry that sends a typed event as a RawEvent of its type, or a raw event's keys in
+    another order, sends the same events: a duplicate.  Other data, types or schema versions
+    stay IdempotencyKeyReused."""
+    from eventstore import RawEvent
+
+    first = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k1")
+    again = store.append("c-1", [RawEvent(type="test.NoteAdded", data={"text": "a"})],
+                         idempotency_key="k1")
+    assert again.duplicate and again.first_position == first.first_position
+    raw = store.append("c-2", [RawEvent(type="x.Unknown", data={"a": 1, "b": {"c": 2, "d": 3}})],
+                       idempotency_key="k2")
+    reordered = store.append("c-2", [RawEvent(type="x.Unknown",
+                                              data={"b": {"d": 3, "c": 2}, "a": 1})],
+                             idempotency_key="k2")
+    assert reordered.duplicate and reordered.first_position == raw.first_position
+    for other in ([RawEvent(type="x.Unknown", data={"a": 1, "b": {"c": 2, "d": 4}})],
+                  [RawEvent(type="x.Other", data={"a": 1, "b": {"c": 2, "d": 3}})],
+                  [RawEvent(type="x.Unknown", data={"a": 1, "b": {"c": 2, "d": 3}},
+                            schema_version=2)]):
+        with pytest.raises(IdempotencyKeyReused):
+            store.append("c-2", other, idempotency_key="k2")
+    assert store.stats()["events"] == 2
+
+
+def test_a_key_recorded_by_earlier_code_still_finds_its_retry(store: EventStore, url: str
+                                                              ) -> None:
+    """Keys recorded with the fingerprint of earlier code (the stored bytes) are compared by
+    it too, so a retry across an upgrade is a duplicate."""
+    from sqlalchemy import update
+
+    from eventstore._backend import begin_write
+    from eventstore._core import _stored_bytes_fingerprint
+    from eventstore._schema import idempotency
+    from eventstore.codec import encode_event
+
+    first = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k")
+    with EventStore.open(url) as sync, begin_write(sync.engine) as conn:
+        conn.execute(update(idempotency).values(fingerprint=_stored_bytes_fingerprint(
+            "c-1", [encode_event(NoteAdded(text="a"))])))
+    again = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k")
+    assert again.duplicate and again.first_position == first.first_position
+    with pytest.raises(IdempotencyKeyReused):
+        store.append("c-1", [NoteAdded(text="b")], idempotency_key="k")
+
+
 def test_keys_are_scoped_per_tenant(store: EventStore) -> None:
     """Two tenants may use the same key independently."""
     a = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k", tenant_id="t1")
