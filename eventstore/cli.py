@@ -34,6 +34,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -338,15 +339,19 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
     than add them to another application's database.
     """
     if existing or only_ours:
-        path = sqlite_file(resolve_url(args.url))
+        resolved = resolve_url(args.url)
+        path = sqlite_file(resolved)
         if path is not None:
             if not path.exists():
                 if not existing:
                     return EventStore.open(args.url)
                 raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
             if not _holds_eventstore(str(path)):
-                raise CliError(f"{path} is not an eventstore database (its tables are not the "
-                               f"store's): `eventstore migrate` adds them, if it should be one")
+                # Not migrated, as far as the store can tell (exit 4, as on PostgreSQL).
+                shown = shlex.quote(str(resolved))
+                raise CliError(f"{path} is not an eventstore database (it has no eventstore "
+                               f"schema): run `eventstore migrate --url {shown}` if it should "
+                               f"be one", EXIT_SCHEMA)
     return EventStore.open(args.url)
 
 

@@ -421,7 +421,8 @@ def test_reading_commands_do_not_create_a_sqlite_database(
         tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """read, stats, tail, projections status and verify of a SQLite path that is not there
     exit 2 and create nothing (they made an empty database there and reported no events, or
-    waited on it for ever)."""
+    waited on it for ever); of a SQLite file without the store's schema, 4 (not migrated),
+    naming the command to run."""
     path = tmp_path / "typo.db"
     code, out, err = run(capsys, *command, "--url", f"sqlite:///{path}")
     assert (code, out) == (2, "")
@@ -435,7 +436,8 @@ def test_reading_commands_do_not_create_a_sqlite_database(
         conn.execute("CREATE TABLE orders (id INTEGER)")
     conn.close()
     code, out, err = run(capsys, *command, "--url", f"sqlite:///{foreign}")
-    assert (code, out) == (2, "") and "is not an eventstore database" in err
+    assert (code, out) == (4, "") and "is not an eventstore database" in err
+    assert f"run `eventstore migrate --url sqlite:///{foreign}`" in err
     with sqlite3.connect(foreign) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
     conn.close()
