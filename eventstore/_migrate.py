@@ -137,5 +137,6 @@ def _unmigrated(url: URL, state: str) -> SchemaVersionMismatch:
 def _newer(rev: str, head: str) -> SchemaVersionMismatch:
     return SchemaVersionMismatch(
         f"database schema {rev} is newer than this eventstore code (newest known: {head}): "
-        "upgrade the eventstore package before opening this database"
+        "upgrade the eventstore package before opening this database (`pip install --upgrade "
+        "<a newer eventstore checkout>`; `eventstore migrate` never takes a schema back)"
     )

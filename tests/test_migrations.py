@@ -154,6 +154,7 @@ def test_newer_schema_revision_is_refused(fresh_url: str, migrate: bool) -> None
     with pytest.raises(SchemaVersionMismatch) as info:
         EventStore.open(fresh_url, migrate=migrate)
     assert "9999_future" in str(info.value) and "newer" in str(info.value)
+    assert "pip install --upgrade" in str(info.value)  # the command to run
     assert version_rows(fresh_url) == ["9999_future"]
 
 
