@@ -414,6 +414,16 @@ def event_to_json(ev: RecordedEvent) -> dict[str, Any]:
     }
 
 
+# C0 and C1 control characters and DEL: shown escaped in text output, so that stored ids
+# cannot break a table's rows or send escape sequences to the operator's terminal.
+_CONTROL = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``), for a line on a terminal."""
+    return text.translate(_CONTROL)
+
+
 def _iso(ev: RecordedEvent) -> str:
     return ev.recorded_at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -427,12 +437,12 @@ class _EventTable:
             ("POSITION", 8, lambda e: str(e.position), True),
         ]
         if tenant:
-            cols.append(("TENANT", 10, lambda e: e.tenant_id, False))
+            cols.append(("TENANT", 10, lambda e: printable(e.tenant_id), False))
         if stream:
-            cols.append(("STREAM", 16, lambda e: e.stream_id, False))
+            cols.append(("STREAM", 16, lambda e: printable(e.stream_id), False))
         cols += [
             ("VERSION", 7, lambda e: str(e.version), True),
-            ("TYPE", 20, lambda e: e.type, False),
+            ("TYPE", 20, lambda e: printable(e.type), False),
             ("RECORDED_AT", 24, lambda e: _iso(e)[:23] + "Z", False),
         ]
         self._cols = cols
@@ -627,11 +637,11 @@ def _print_append(args: argparse.Namespace, result: AppendResult, count: int) ->
     positions = f"position {first}" if first == last else f"positions {first}-{last}"
     if result.duplicate:
         print(f"duplicate of an earlier append with this idempotency key, nothing written: "
-              f"{args.stream} {positions}, stream version {result.stream_version}")
+              f"{printable(args.stream)} {positions}, stream version {result.stream_version}")
     else:
         n = last - first + 1
-        print(f"appended {n} event{'s' if n != 1 else ''} to {args.stream}: {positions}, "
-              f"stream version {result.stream_version}")
+        print(f"appended {n} event{'s' if n != 1 else ''} to {printable(args.stream)}: "
+              f"{positions}, stream version {result.stream_version}")
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -714,7 +724,7 @@ _json_logs = False  # --log-format json: report() writes JSON objects too (set b
 def report(message: str, kind: str = "error", *, detail: str | None = None) -> None:
     """A line for the operator on stderr (``kind``: error, note): ``eventstore: error: ...``,
     or with ``--log-format json`` a JSON object like the logs' (every stderr line parses)."""
-    one_line = " ".join(message.split()) or "unknown error"
+    one_line = printable(" ".join(message.split())) or "unknown error"
     if _json_logs:
         entry = {"event": f"cli_{kind}", "level": "error" if kind == "error" else "info",
                  "message": one_line,

@@ -105,8 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             extra = f"{extra}; {r.error}"
         if r.rebuild_generation is not None:
             extra = f"rebuilding gen {r.rebuild_generation} at {r.rebuild_position}; {extra}"
-        print(f"{r.name:<24} {r.status:<10} {r.generation:>4} {r.position:>10} {r.lag:>8}  "
-              f"{extra}")
+        print(f"{cli.printable(r.name):<24} {r.status:<10} {r.generation:>4} {r.position:>10} "
+              f"{r.lag:>8}  {cli.printable(' '.join(str(extra).split()))}")
     return cli.EXIT_OK
 
 

@@ -616,3 +616,27 @@ def test_driver_log_lines_come_as_json_objects_with_json_logs(
         assert [line["level"] for line in lines] == expected, err
         assert lines[0]["event"] == "error ignored terminating"
         assert "ZeroDivisionError" in lines[-1]["exception"]
+
+
+def test_text_output_escapes_control_characters_in_ids(url: str, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """Stream, tenant and type ids holding a newline or an escape sequence are shown escaped
+    in tables and messages: one line per row, nothing sent to the terminal's controls; --json
+    keeps them as they are."""
+    stream, tenant, kind = "evil\x1b[31m-1\nFAKE", "t\x1b[0m", "X\x1b[2J"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"type": kind, "data": {}})))
+    code, out, _ = run(capsys, "append", stream, "--tenant", tenant, "--url", url)
+    assert code == 0 and "\x1b" not in out and out.count("\n") == 1
+    assert "evil\\x1b[31m-1\\nFAKE" in out
+    code, out, _ = run(capsys, "read", stream, "--tenant", tenant, "--url", url)
+    assert code == 0 and "\x1b" not in out
+    _header, row = out.splitlines()
+    assert "X\\x1b[2J" in row
+    code, out, _ = run(capsys, "read", stream, "--tenant", tenant, "--url", url, "--json")
+    (line,) = [json.loads(x) for x in out.splitlines()]
+    assert (line["stream_id"], line["tenant_id"], line["type"]) == (stream, tenant, kind)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"type": kind, "data": {}})))
+    code, _, err = run(capsys, "append", stream, "--tenant", tenant, "--expected-version", "0",
+                       "--url", url)  # a conflict, whose message names the stream
+    assert code == 3 and "\x1b" not in err and err.count("\n") == 1
