@@ -422,21 +422,24 @@ def _mark_failed(conn: Connection, store: EventStore, name: str, at: int, error:
 
 
 def _fold_before(store: EventStore, conn: Connection, projection: Projection[Any],
-                 generation: int, after: int, err: ProjectionFailed, now_us: int) -> None:
+                 generation: int, after: int, err: ProjectionFailed, now_us: int) -> int:
     """On ``conn``: fold and write the events after position ``after`` that come before the
     one ``err`` names (they folded; a batch's failure rolled them back with it), and move the
-    checkpoint to just before that event, so that the projection stops exactly there."""
+    checkpoint to just before that event, so that the projection stops exactly there.
+    Returns the number of events read."""
     until = err.position - 1
     if until <= after:
-        return
+        return 0
     rows: _Rows[Any] = _Rows(projection, generation)
+    read = [0]
     try:
-        _catch_up(store, conn, rows, after, until)
+        _catch_up(store, conn, rows, after, until, read)
         rows.flush(conn, now_us)  # (refuses a row's index before writing any)
     except (ProjectionFailed, EventDecodeError):  # a fold that changed its mind: stop earlier
-        return
+        return 0
     conn.execute(update(projections).where(projections.c.name == projection.name)
                  .values(position=until, updated_at=now_us))
+    return read[0]
 
 
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
@@ -727,10 +730,11 @@ def _index_problem(idx: object) -> str | None:
 
 
 def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,
-              until: int | None) -> int:
+              until: int | None, read: list[int] | None = None) -> int:
     """Fold events with ``after < position <= until`` (all when ``until`` is None) on ``conn``.
 
-    Returns the last position folded (``after`` when there was nothing).
+    Returns the last position folded (``after`` when there was nothing); ``read[0]`` counts the
+    events read.
     """
     p = rows.p
     cats = p.categories or None
@@ -742,6 +746,8 @@ def _catch_up(store: EventStore, conn: Connection, rows: _Rows[Any], after: int,
             break
         rows.apply(conn, page)
         last = page[-1].position
+        if read is not None:
+            read[0] += len(page)
         if len(page) < _PAGE:
             break
     return last
@@ -1456,6 +1462,8 @@ class Projector:
         self._rebuilding: set[str] = set()  # projections whose rebuild this worker left off
         self._busy: set[str] = set()  # projections whose row another transaction held
         self._rebuilt_elsewhere: set[str] = set()  # ... that another process was rebuilding
+        # Events a failed batch applied before the event that failed it (see run_once).
+        self._applied_before_failure: dict[str, int] = {}
         self._stop: threading.Event | None = None  # run()'s
         for p in self.projections:
             ensure_registered(store, p)
@@ -1529,8 +1537,8 @@ class Projector:
                             failed.__cause__ = e
                         # It stops at that event: the batch's events before it go in, with
                         # the record of the failure.
-                        _fold_before(self.store, conn, p, row.generation, row.position,
-                                     failed, now_us)
+                        self._applied_before_failure[p.name] = _fold_before(
+                            self.store, conn, p, row.generation, row.position, failed, now_us)
                         _stop_at(conn, self.store, p.name, failed)
                         stopped = failed
                     else:
@@ -1633,6 +1641,7 @@ class Projector:
                     if n < size and p.name not in self._rebuilding:  # (the batch's size)
                         break
             except ProjectionFailed as e:
+                total += self._applied_before_failure.pop(p.name, 0)
                 failures.append(e)
             except DatabaseError as e:
                 if e.transient:
