@@ -37,6 +37,7 @@ from .continuations import (
     SweepResult,
 )
 from .conversation import Conversations, ConversationState, VariableChange
+from .events import ToolCallsPaused
 from .flows import Flows, FlowSave, PendingFeedback
 from .jobs import (
     DEFAULT_LEASE,
@@ -171,9 +172,9 @@ class AsyncContinuations(_Twin[Continuations]):
                     pending_tool_calls: Sequence[Any], tools: Sequence[Any],
                     tool_schemas: Sequence[Any], agent_config: dict[str, Any],
                     client_tools: Sequence[Any] | None = None, tenant_id: str = "default",
-                    ttl: timedelta | None = None) -> Continuation:
+                    ttl: timedelta | None = None) -> ToolCallsPaused:
         """See :meth:`Continuations.pause`."""
-        result: Continuation = await self._run(
+        result: ToolCallsPaused = await self._run(
             "pause", conversation_id, user_id, write=True, messages=messages,
             pending_tool_calls=pending_tool_calls, tools=tools, tool_schemas=tool_schemas,
             agent_config=agent_config, client_tools=client_tools, tenant_id=tenant_id, ttl=ttl)

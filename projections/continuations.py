@@ -172,8 +172,11 @@ class Continuations:
         client_tools: Sequence[Any] | None = None,
         tenant_id: str = "default",
         ttl: timedelta | None = None,
-    ) -> Continuation:
-        """Keep the execution state until the client resumes; replaces a pending pause."""
+    ) -> ToolCallsPaused:
+        """Keep the execution state until the client resumes; replaces a pending pause.
+
+        Returns the ``ToolCallsPaused`` event recorded (its ``pause_id``, ``expires_at``, ...);
+        :meth:`get` gives the continuation it made pending."""
         stream = self._ids(conversation_id, user_id)
         if not isinstance(agent_config, dict):
             raise InvalidArgument("agent_config must be a dict")
@@ -190,10 +193,11 @@ class Continuations:
             tools=list(tools), tool_schemas=list(tool_schemas), agent_config=agent_config,
             client_tools=list(client_tools) if client_tools is not None else None,
             expires_at=now + life, paused_at=now, ttl=life)
-        # At the version its state was read at (retried on a conflict), so that the answer is
-        # this pause, whatever is appended after it.
-        return decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
-                             decision=lambda _state, _version: [event])
+        # At the version its state was read at (retried on a conflict): whatever the pending
+        # pause is by then, this one replaces it.
+        decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
+                      decision=lambda _state, _version: [event])
+        return event
 
     def _state(self, stream: str, tenant_id: str) -> Continuation:
         return current(self.store, self.projection, stream, tenant_id=tenant_id)[0]

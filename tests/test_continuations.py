@@ -44,6 +44,25 @@ def test_pause_then_get_returns_the_full_state(conts: Continuations, clock: Cloc
     assert got.paused_at == clock.now  # the facade's clock, as expires_at (not the store's)
 
 
+def test_pause_returns_the_tool_calls_paused_event(conts: Continuations, clock: Clock) -> None:
+    """``pause`` gives the ``ToolCallsPaused`` it recorded: the one the log holds, whose pause
+    id is the pending continuation's."""
+    from projections.events import ToolCallsPaused
+
+    paused = conts.pause("conv-1", "u1", messages=[{"role": "user"}],
+                         pending_tool_calls=[{"id": "call-1"}], tools=["t"], tool_schemas=[],
+                         agent_config={"model": "m"}, tenant_id="acme")
+    assert isinstance(paused, ToolCallsPaused)
+    assert (paused.conversation_id, paused.user_id, paused.pending_tool_calls) == (
+        "conv-1", "u1", [{"id": "call-1"}])
+    assert paused.expires_at == clock.now + timedelta(minutes=30)
+    got = conts.get("conv-1", "u1", tenant_id="acme")
+    assert got is not None and got.pause_id == paused.pause_id
+    (recorded,) = [e.data for e in conts.store.read_stream(conts.stream_id("conv-1", "u1"),
+                                                          tenant_id="acme")]
+    assert recorded == paused
+
+
 def test_sweep_checks_its_arguments(conts: Continuations) -> None:
     """As Jobs.sweep: a ``now`` that is not an aware datetime, or a bad tenant, is refused."""
     from eventstore import InvalidArgument
