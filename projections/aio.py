@@ -380,10 +380,10 @@ class AsyncJobs(_Twin[Jobs]):
                                tenant_id=tenant_id)
 
     async def cancel(self, job_id: str, reason: str | None = None, *,
-                     tenant_id: str = "default") -> Job:
+                     tenant_id: str = "default", force: bool = False) -> Job:
         """See :meth:`Jobs.cancel`."""
         job, missed = await self._call(
-            lambda jobs: jobs._cancel(job_id, reason, tenant_id), write=True)
+            lambda jobs: jobs._cancel(job_id, reason, tenant_id, force), write=True)
         if missed is not None:  # raised once the deadline's failure is committed
             raise missed
         return job

@@ -161,6 +161,10 @@ class Job(msgspec.Struct, kw_only=True):
     lease_until: datetime | None = None
     milestones: list[Milestone] = msgspec.field(default_factory=list)
     pending: PendingRequest | None = None
+    # The request the job asked last (kept once it is answered, cancelled or failed), and when
+    # a resume last queued the job (fold version 2).
+    last_request_id: str | None = None
+    resumed_at: datetime | None = None
     resumed_request_id: str | None = None
     resume_input: Any = None
     answered: list[str] = msgspec.field(default_factory=list)
@@ -214,7 +218,7 @@ class JobProjection(Projection[Job]):
     """Folds a job's events into its :class:`Job` state (see the module docstring's index)."""
 
     name = "jobs"
-    version = 1
+    version = 2  # 2: last_request_id, resumed_at
     categories = (CATEGORY,)
     state_type = Job
 
@@ -251,13 +255,13 @@ class JobProjection(Projection[Job]):
             p = PendingRequest(request_id=d.request_id, prompt=d.prompt,
                                deadline=_utc(d.deadline) if d.deadline is not None else None,
                                requested_at=at, worker_id=d.worker_id)
-            return new(state, status=SUSPENDED, pending=p, worker_id=None, lease_until=None,
-                       updated_at=at, version=v)
+            return new(state, status=SUSPENDED, pending=p, last_request_id=d.request_id,
+                       worker_id=None, lease_until=None, updated_at=at, version=v)
         if isinstance(d, JobResumed):
             t = _utc(d.at)
             return new(state, status=QUEUED, pending=None, resumed_request_id=d.request_id,
                        resume_input=d.input, answered=[*state.answered, d.request_id],
-                       queued_at=t, updated_at=t, version=v)
+                       resumed_at=t, queued_at=t, updated_at=t, version=v)
         if isinstance(d, JobRequeued):
             t = _utc(d.at)
             return new(state, status=QUEUED, worker_id=None, lease_until=None,
@@ -643,6 +647,9 @@ class Jobs:
                 return [JobResumed(request_id=request_id, input=input, at=now)]
             if request_id in s.answered:
                 raise refuse("already resumed", "already_resumed")
+            if s.last_request_id is not None and request_id != s.last_request_id:
+                raise refuse(f"stale request id {request_id}, the job's last request was "
+                             f"{s.last_request_id}", "stale_request")
             if s.status == CANCELLED:
                 raise refuse("cancelled", "cancelled")
             if s.status == FAILED and s.error == DEADLINE_PASSED:
@@ -653,21 +660,26 @@ class Jobs:
         return self._command(job_id, tenant_id, decision)
 
     def cancel(self, job_id: str, reason: str | None = None, *,
-               tenant_id: str = _DEFAULT_TENANT) -> Job:
+               tenant_id: str = _DEFAULT_TENANT, force: bool = False) -> Job:
         """Cancel a job that is not finished (a running worker learns it by :class:`LeaseLost`).
 
         A finished job raises :class:`Conflict` with its status as ``reason``
-        (``deadline_passed`` for one its request's deadline failed).  A suspended job whose
-        request's deadline has passed is the deadline's, not the cancel's: the cancel records
-        the failure the next :meth:`sweep` would (so the job is not left suspended without a
-        sweeper), then raises :class:`Conflict` with ``reason="deadline_passed"``.
+        (``deadline_passed`` for one its request's deadline failed).  A suspended job's request
+        is decided once, by a resume, a cancel or its deadline:
+
+        - past the deadline the request is the deadline's: the cancel records the failure the
+          next :meth:`sweep` would (so the job is not left suspended without a sweeper), then
+          raises :class:`Conflict` with ``reason="deadline_passed"``;
+        - a job a resume queued again, and no worker has claimed since, is the resume's: the
+          cancel raises :class:`Conflict` with ``reason="already_resumed"``, unless ``force``
+          (cancel it anyway, the input notwithstanding; or cancel it once it runs).
         """
-        job, missed = self._cancel(job_id, reason, tenant_id)
+        job, missed = self._cancel(job_id, reason, tenant_id, force)
         if missed is not None:
             raise missed
         return job
 
-    def _cancel(self, job_id: str, reason: str | None, tenant_id: str
+    def _cancel(self, job_id: str, reason: str | None, tenant_id: str, force: bool = False
                 ) -> tuple[Job, Conflict | None]:
         """:meth:`cancel`, returning the deadline's Conflict instead of raising it, so that
         the caller raises it after the failure is committed (the async twin runs this inside a
@@ -676,6 +688,8 @@ class Jobs:
         check_tenant(tenant_id)
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgument(f"reason must be a string or None, got {reason!r:.80}")
+        if not isinstance(force, bool):
+            raise InvalidArgument(f"force must be a bool, got {force!r:.80}")
         now = self._now()
         missed: list[str] = []  # the request whose deadline decided, when one did
 
@@ -690,6 +704,12 @@ class Jobs:
                 missed.append(f"the deadline of request {pending.request_id} passed "
                               f"({pending.deadline.isoformat()})")
                 return [JobFailed(error=DEADLINE_PASSED, at=now)]
+            if (not force and s.status == QUEUED and s.resumed_at is not None
+                    and s.queued_at == s.resumed_at):
+                raise Conflict(f"job {job_id} (tenant {tenant_id}): its request "
+                               f"{s.resumed_request_id} was resumed, and the job is queued to "
+                               f"run with that input (cancel(..., force=True) cancels it "
+                               f"anyway)", reason="already_resumed")
             return [JobCancelled(at=now, reason=reason)]
 
         job = self._command(job_id, tenant_id, decision)

@@ -425,6 +425,33 @@ def test_resume_of_a_cancelled_job_is_refused(jobs: Jobs) -> None:
     assert e.value.reason == "cancelled"
 
 
+def test_a_request_is_decided_once_whatever_comes_after(jobs: Jobs) -> None:
+    """In sequence as in a race: a cancel after the resume won gets Conflict(already_resumed)
+    (force cancels anyway; once a worker runs the job a cancel is a cancel again), and a
+    resume of an earlier request id is stale_request also once the job moved on."""
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.resume(job.job_id, request_id="r1", input="yes")
+    with pytest.raises(Conflict, match="r1 was resumed") as e:
+        jobs.cancel(job.job_id, "too late")
+    assert e.value.reason == "already_resumed"
+    with pytest.raises(Conflict) as e:
+        jobs.resume(job.job_id, request_id="r0", input="old")
+    assert e.value.reason == "stale_request"
+    assert jobs.get(job.job_id).status == "queued"
+    jobs.claim("w2")
+    assert jobs.cancel(job.job_id, "stop").status == "cancelled"  # running: the cancel's
+    with pytest.raises(Conflict) as e:
+        jobs.resume(job.job_id, request_id="r0", input="old")
+    assert e.value.reason == "stale_request"
+    other = running(jobs)
+    jobs.suspend(other.job_id, "w1", request_id="q1", prompt="?")
+    jobs.resume(other.job_id, request_id="q1", input="yes")
+    assert jobs.cancel(other.job_id, "anyway", force=True).status == "cancelled"
+    with pytest.raises(InvalidArgument):
+        jobs.cancel(other.job_id, force="yes")  # type: ignore[arg-type]
+
+
 def test_resume_of_a_job_that_is_not_suspended_is_refused(jobs: Jobs) -> None:
     """Resuming a running job raises Conflict(not_suspended)."""
     job = running(jobs)
@@ -435,11 +462,12 @@ def test_resume_of_a_job_that_is_not_suspended_is_refused(jobs: Jobs) -> None:
 
 def test_concurrent_resumes_cancel_and_deadline_have_one_winner(
         jobs: Jobs, job_store: EventStore, clock: Clock) -> None:
-    """Resumes, a stale resume, a late resume, a cancel and a sweep race: one ends the wait."""
+    """Resumes, a stale resume, a late resume, a cancel and a sweep race: exactly one wins
+    (a cancel that comes after the resume won loses too), the others say why."""
     deadline = T0 + timedelta(minutes=5)
     late = Jobs(job_store, lease=LEASE, clock=lambda: deadline + timedelta(seconds=1))
     says = {"already_resumed": "already resumed", "cancelled": "cancelled",
-            "stale_request": "stale request id r1, pending r2",
+            "stale_request": "stale request id r1",
             "deadline_passed": "deadline passed"}
 
     def contenders(job_id: str) -> list[Callable[[], Any]]:
@@ -471,7 +499,8 @@ def test_concurrent_resumes_cancel_and_deadline_have_one_winner(
                 assert says[r.reason] in str(r)
         if isinstance(winner, JobResumed):
             assert len(won) == 1 and winner.input == won[0].resume_input
-            assert isinstance(cancel, Job)
+            assert isinstance(cancel, Conflict) and cancel.reason == "already_resumed"
+            assert jobs.get(job.job_id).status == "queued"
         else:
             assert won == [] and first.type in ("JobCancelled", "JobFailed")
         if isinstance(winner, JobFailed):
@@ -479,6 +508,12 @@ def test_concurrent_resumes_cancel_and_deadline_have_one_winner(
             # (the deadline's failure: deadline_passed, as a resume says, not just "failed")
             assert isinstance(cancel, Conflict) and cancel.reason == "deadline_passed"
         assert types(job_store, job.job_id).count("JobResumed") == 1 + len(won)
+        assert len(won) + isinstance(cancel, Job) + isinstance(winner, JobFailed) == 1
+        stale = results[4]  # r1: answered before r2 was asked
+        assert isinstance(stale, Conflict) and stale.reason in ("stale_request",
+                                                                 "already_resumed")
+        if jobs.get(job.job_id).status == "queued":  # (out of the next round's claim)
+            jobs.cancel(job.job_id, "done", force=True)
 
 
 # -- sweep --
