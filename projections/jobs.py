@@ -186,12 +186,21 @@ class Job(msgspec.Struct, kw_only=True):
 
 @dataclass(frozen=True)
 class JobEvent:
-    """One event of a job's stream: ``seq`` is its stream version (1, 2, …)."""
+    """One event of a job's stream: ``seq`` is its stream version (1, 2, …); ``at`` its time by
+    the Jobs clock (as the job's own times), or the store's for an event that has none."""
 
     seq: int
     type: str
     data: Event | RawEvent
     at: datetime
+
+
+def _event_time(ev: RecordedEvent) -> datetime:
+    """When a job event happened by the Jobs clock (its own time), as the job's times are;
+    its ``recorded_at`` for an event without one."""
+    d = ev.data
+    at = d.submitted_at if isinstance(d, JobSubmitted) else getattr(d, "at", None)
+    return _utc(at if isinstance(at, datetime) else ev.recorded_at)
 
 
 @dataclass(frozen=True)
@@ -812,8 +821,7 @@ class Jobs:
             return
         while True:
             for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=seq + 1):
-                yield JobEvent(seq=ev.version, type=ev.type, data=ev.data,
-                               at=_utc(ev.recorded_at))
+                yield JobEvent(seq=ev.version, type=ev.type, data=ev.data, at=_event_time(ev))
                 seq = ev.version
                 if follow and ev.type in TERMINAL_EVENTS:
                     return

@@ -615,6 +615,25 @@ def test_events_after_a_seq_reattach_without_gaps(jobs: Jobs) -> None:
     assert all(e.at.tzinfo is not None and e.at.utcoffset() == timedelta(0) for e in every)
 
 
+def test_event_times_follow_the_jobs_clock(url: str, clock: Clock) -> None:
+    """Each JobEvent's ``at`` is the Jobs clock's, as the job's own times are (the store runs on
+    the real clock here)."""
+    real_clock_store = EventStore.open(url)
+    jobs = Jobs(real_clock_store, lease=LEASE, clock=clock)
+    job = jobs.submit("wf", {}, user_id="u1")
+    clock.advance(seconds=10)
+    jobs.claim("w1")
+    clock.advance(seconds=5)
+    jobs.record(job.job_id, "w1", "half")
+    clock.advance(seconds=5)
+    done = jobs.complete(job.job_id, "w1", "ok")
+    ats = [e.at for e in jobs.events(job.job_id)]
+    assert ats == [T0, T0 + timedelta(seconds=10), T0 + timedelta(seconds=15),
+                   T0 + timedelta(seconds=20)]
+    assert (ats[0], ats[1], ats[-1]) == (done.submitted_at, done.started_at, done.finished_at)
+    real_clock_store.close()
+
+
 def test_events_follow_ends_after_the_terminal_event(jobs: Jobs) -> None:
     """A follower sees every event as the job runs and stops after its completion."""
     job = jobs.submit("wf", {}, user_id="u1")
