@@ -13,7 +13,8 @@ key") read the inline projection :class:`JobProjection`, whose row per job is in
 * ``status``: ``queued``, ``running``, ``suspended``, ``completed``, ``failed``, ``cancelled``;
 * ``group_key``: the hash of the job's dedupe key (``None`` without one);
 * ``sort_key``: the time (UTC microseconds) at which the job next needs someone — when it was
-  queued for a queued job (oldest first is FIFO), when its lease runs out for a running job, its
+  submitted for a queued job (oldest first: a job requeued after a lost lease, or resumed, keeps
+  its place instead of going behind newer ones), when its lease runs out for a running job, its
   deadline for a suspended one (``None`` without a deadline), when it finished for a finished one.
   So "expired leases at ``now``" is ``status='running' AND sort_key < now`` on the index.
 
@@ -227,7 +228,7 @@ class JobProjection(Projection[Job]):
     """Folds a job's events into its :class:`Job` state (see the module docstring's index)."""
 
     name = "jobs"
-    version = 2  # 2: last_request_id, resumed_at
+    version = 2  # 2: last_request_id, resumed_at; queued jobs indexed by submission time
     categories = (CATEGORY,)
     state_type = Job
 
@@ -294,7 +295,7 @@ class JobProjection(Projection[Job]):
         """Status, dedupe group and the time the job next needs someone (module docstring)."""
         when: datetime | None
         if state.status == QUEUED:
-            when = state.queued_at
+            when = state.submitted_at
         elif state.status == RUNNING:
             when = state.lease_until
         elif state.status == SUSPENDED:
@@ -518,7 +519,8 @@ class Jobs:
         return best
 
     def claim(self, worker_id: str, *, tenant_id: str = _DEFAULT_TENANT) -> Job | None:
-        """Lease the oldest queued job to ``worker_id``; ``None`` when the queue is empty.
+        """Lease the oldest queued job (first submitted) to ``worker_id``; ``None`` when the
+        queue is empty.
 
         The claim is a compare-and-set on the job's version: a worker that loses the race for a
         job re-reads it, sees it running and tries the next oldest.
