@@ -489,6 +489,10 @@ def _build_fast(name: str, dialect_name: str) -> Any:
             index_elements=["projection", "generation", "tenant_id", "stream_id"],
             set_={c: ins.excluded[c] for c in ("version", "position", "state", "status",
                                                "group_key", "sort_key", "updated_at")})
+    if name == "snapshot":
+        ins = (postgresql.insert(snapshots) if dialect_name == "postgresql"
+               else sqlite.insert(snapshots))
+        return ins.on_conflict_do_nothing()
     if name == "advance":
         return (update(projections).where(pc.name == bindparam("name"))
                 .values(position=bindparam("new_position")))
@@ -995,9 +999,13 @@ def _due_snapshots(projection: Projection[Any], rows: _Rows[Any],
 
 
 def _insert_snapshots(conn: Connection, due: list[dict[str, Any]]) -> None:
-    ins = (postgresql.insert(snapshots) if conn.dialect.name == "postgresql"
-           else sqlite.insert(snapshots))
-    conn.execute(ins.on_conflict_do_nothing(), due)
+    # On the driver's cursor, as the rows' writes: in the one-round-trip append an error of an
+    # earlier statement may surface here, and the store must see it as the driver raised it.
+    insert = _fast("snapshot", conn)
+    if len(due) == 1:
+        insert.run(conn, due[0]).close()
+    else:
+        insert.run_many(conn, due)
 
 
 def inline(store: EventStore, projection: Projection[Any]) -> None:
