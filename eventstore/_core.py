@@ -767,7 +767,9 @@ def _decodable_prefix(rows: Sequence[Any]
 
 def _stale_guess(error: Exception) -> bool:
     """Whether the one-round-trip append failed because what it guessed was stale: one of the
-    unique keys above, or a handler's guard (``InlineHandler.guess``: division by zero)."""
+    unique keys above, or a handler's guard (``InlineHandler.guess``: division by zero).  The
+    driver's error, also when a handler's statement through SQLAlchemy met it (its ``orig``)."""
+    error = getattr(error, "orig", None) or error
     if getattr(getattr(error, "diag", None), "constraint_name", None) in _GUESS_KEYS:
         return True
     return getattr(error, "sqlstate", None) == "22012"

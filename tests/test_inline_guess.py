@@ -316,3 +316,21 @@ def test_stale_guesses_with_a_snapshot_due_fall_back_to_the_probing_path(url: st
                 a, p, "counter-s", tenant_id="default", at_version=version,
                 use_snapshots=False)[0]
         assert verify(a, p) == []
+
+
+def test_a_stale_guess_is_recognised_through_sqlalchemy_s_wrapping() -> None:
+    """A handler statement run through SQLAlchemy reports the driver's key violation wrapped
+    (``IntegrityError``, the driver's error as ``orig``): still a stale guess."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import IntegrityError
+
+    from eventstore._core import _GUESS_KEYS, _stale_guess
+
+    driver = SimpleNamespace(diag=SimpleNamespace(constraint_name=next(iter(_GUESS_KEYS))),
+                             sqlstate="23505")
+    wrapped = IntegrityError("INSERT ...", {}, driver)  # type: ignore[arg-type]
+    assert _stale_guess(driver) and _stale_guess(wrapped)  # type: ignore[arg-type]
+    other = SimpleNamespace(diag=SimpleNamespace(constraint_name="some_other_key"),
+                            sqlstate="23505")
+    assert not _stale_guess(IntegrityError("INSERT ...", {}, other))  # type: ignore[arg-type]
