@@ -330,7 +330,7 @@ class StoreCore:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
         encoded, meta_raw, reads = encode_within(events, metadata,
                                                  self._options.max_event_bytes)
-        fingerprint = _fingerprint(stream, encoded, reads) if key is not None else b""
+        fingerprint = _fingerprint(stream, encoded, events) if key is not None else b""
         return AppendPlan(stream, tenant, reads, encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
@@ -943,14 +943,23 @@ _canonical = msgspec.json.Encoder(order="sorted")
 
 
 def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]],
-                 reads: Sequence[Event | RawEvent]) -> bytes:
+                 events: Sequence[Any]) -> bytes:
     """What an idempotency key's append is compared by: the stream and each event's type,
-    schema version and data as reads give it, canonical (a retry may send a typed event as a
-    ``RawEvent``, or a raw event's keys in another order)."""
+    schema version and data as given, canonical: keys in one order, and a typed event as the
+    JSON object it is stored as (its ``type`` tag included), so that a retry may send it as a
+    ``RawEvent`` of its type with that data.  Data a raw event has beyond its type's fields
+    counts (it is stored, and readers without the type see it)."""
     h = hashlib.sha256(b"v2\x00" + stream_id.encode())
-    for (tag, sv, raw), read in zip(encoded, reads, strict=True):
+    for (tag, sv, raw), event in zip(encoded, events, strict=True):
+        value = event
+        if isinstance(event, RawEvent):
+            value = event.data
+            if isinstance(value, dict) and "type" not in value:
+                # As a typed event's JSON holds it (also where the type is not known: the
+                # retry may come from code without the class).
+                value = {**value, "type": tag}
         try:
-            canonical = _canonical.encode(read.data if isinstance(read, RawEvent) else read)
+            canonical = _canonical.encode(value)
         except (TypeError, ValueError, OverflowError):  # (keys that do not sort)
             canonical = raw
         h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(canonical)))

@@ -69,6 +69,10 @@ def test_the_same_events_in_another_form_are_a_duplicate(store: EventStore) -> N
                                               data={"b": {"d": 3, "c": 2}, "a": 1})],
                              idempotency_key="k2")
     assert reordered.duplicate and reordered.first_position == raw.first_position
+    # Data beyond the type's fields is stored (and read by code without the type): it counts.
+    with pytest.raises(IdempotencyKeyReused):
+        store.append("c-1", [RawEvent(type="test.NoteAdded", data={"text": "a", "extra": 1})],
+                     idempotency_key="k1")
     for other in ([RawEvent(type="x.Unknown", data={"a": 1, "b": {"c": 2, "d": 4}})],
                   [RawEvent(type="x.Other", data={"a": 1, "b": {"c": 2, "d": 3}})],
                   [RawEvent(type="x.Unknown", data={"a": 1, "b": {"c": 2, "d": 3}},
