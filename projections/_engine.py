@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, NoReturn, TypeVar
@@ -269,7 +269,7 @@ def _categories_json(projection: Projection[Any]) -> str:
 
 
 def _categories_of(projection: Projection[Any]) -> list[str]:
-    return sorted(set(projection.categories))
+    return sorted(set(projection.categories or ()))
 
 
 def _decoded_categories(stored: str | None) -> list[str] | None:
@@ -317,9 +317,10 @@ def check_projection(projection: object) -> Projection[Any]:
         raise InvalidArgument(f"projection {projection.name}: snapshot_every must be None or "
                               f"an int >= 1, got {every!r}")
     cats = projection.categories
-    if isinstance(cats, str) or not all(isinstance(c, str) and c for c in cats):
+    if cats is not None and (isinstance(cats, str) or not isinstance(cats, Collection)
+                             or not all(isinstance(c, str) and c for c in cats)):
         raise InvalidArgument(f"projection {projection.name}: categories must be a tuple of "
-                              f"category names, got {cats!r}")
+                              f"category names (empty or None: every category), got {cats!r}")
     return projection
 
 

@@ -1844,8 +1844,21 @@ def test_projection_arguments_and_settings_are_checked_before_anything_is_writte
         lambda: AsyncConversations(None),  # type: ignore[arg-type]
         lambda: Conversations(store).history("c", name=5),  # type: ignore[arg-type]
     ]
+    class NotCategories(TallyProjection):
+        categories = 5  # type: ignore[assignment]
+
+    calls.append(lambda: inline(store, NotCategories("tally_five")))
     for call in calls:
         with pytest.raises(InvalidArgument):
             call()
     assert {st.name for st in status(store)} <= {"conversations"}
     assert store.stats()["events"] == 1
+
+    class EveryCategory(TallyProjection):
+        categories = None  # type: ignore[assignment]  # (as () : every category)
+
+    every = EveryCategory("tally_every")
+    assert fold_live(store, every, "counter-a", tenant_id="default")[0].count == 1
+    assert Projector(store, [every]).catch_up() == 1
+    (st,) = status(store, "tally_every")
+    assert st.categories == () and st.lag == 0
