@@ -412,7 +412,9 @@ class Jobs:
         self.lease = lease
         self.max_attempts = max_attempts
         self._clock = utc_clock(clock)
-        self.projection = JobProjection()
+        # No snapshots: the facade reads rows (topped up from the log), never a live fold, so
+        # inline snapshots every N events would only grow a table.
+        self.projection = JobProjection(snapshot_every=None)
         inline(store, self.projection)
 
     @staticmethod

@@ -848,3 +848,18 @@ def test_a_heartbeat_never_shortens_the_lease(jobs: Jobs, clock: Clock) -> None:
     assert jobs.heartbeat(job.job_id, "w1").lease_until == ends
     clock.advance(minutes=5, seconds=2)  # a sweep just after the earlier lease's end
     assert jobs.sweep() == [] and jobs.get(job.job_id).status == "running"
+
+
+def test_the_facade_saves_no_snapshots_it_would_never_read(jobs: Jobs,
+                                                           job_store: EventStore) -> None:
+    """Jobs answers from rows, never from a live fold: a job of many events leaves no
+    snapshots behind."""
+    from sqlalchemy import select
+
+    from eventstore._schema import snapshots
+
+    job = running(jobs)
+    for _ in range(120):
+        jobs.heartbeat(job.job_id, "w1")
+    with job_store.engine.connect() as c:
+        assert c.execute(select(snapshots.c.version)).all() == []
