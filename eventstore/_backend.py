@@ -87,9 +87,51 @@ def missing_extra(extra: str) -> Iterator[None]:
                               f"(pip install '.[{extra}]' in a checkout)") from e
 
 
+# Seconds a PostgreSQL session may sit idle inside a transaction before the server ends it
+# (see pg_listeners); EVENTSTORE_PG_IDLE_TIMEOUT changes it, 0 leaves the server's setting.
+DEFAULT_PG_IDLE_TIMEOUT = 60.0
+
+
+def pg_idle_timeout_ms() -> int:
+    """``EVENTSTORE_PG_IDLE_TIMEOUT`` (seconds) in milliseconds, else the default's."""
+    raw = os.environ.get("EVENTSTORE_PG_IDLE_TIMEOUT")
+    if not raw:
+        return int(DEFAULT_PG_IDLE_TIMEOUT * 1000)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86_400:  # (NaN fails this too)
+        raise InvalidArgument(f"EVENTSTORE_PG_IDLE_TIMEOUT must be seconds from 0 (the "
+                              f"server's setting) to 86400, got {raw!r}")
+    return int(seconds * 1000)
+
+
+# Set only where nothing set it (the server, the role, the database or the URL's `options`).
+_IDLE_DEFAULT_SQL = ("SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
+                     "WHERE current_setting('idle_in_transaction_session_timeout') = '0'")
+
+
 def pg_listeners(engine: Engine) -> None:
     """A pooled PostgreSQL connection the server hung up on while it sat in the pool is
-    replaced when checked out, instead of failing the caller's next statement."""
+    replaced when checked out, instead of failing the caller's next statement.
+
+    Each new connection's session ends a transaction left idle for ``EVENTSTORE_PG_IDLE_TIMEOUT``
+    (60 s) unless its idle limit is set already: an appender that freezes holding the append
+    lock (a stopped process, a host gone quiet) would otherwise stop every append of the
+    database until TCP gives up on it.  Projectors set their own limit per batch."""
+    idle_ms = pg_idle_timeout_ms()
+
+    if idle_ms:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(_IDLE_DEFAULT_SQL, (str(idle_ms),))
+            finally:
+                cur.close()
+            dbapi_conn.commit()
+
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         if closed_while_idle(getattr(dbapi_conn, "driver_connection", dbapi_conn)):

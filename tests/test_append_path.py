@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -574,3 +575,57 @@ def test_connections_the_server_closed_while_idle_are_replaced(fresh_pg: str) ->
         assert [e.data for e in store.read_stream("idle-1")] == [NoteAdded(text="1"),
                                                                 NoteAdded(text="2")]
         assert store.stream_version("idle-1") == 2
+
+
+def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
+        fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: a transaction that holds the append lock and goes quiet (a stopped process,
+    a host gone silent) is ended by the server after EVENTSTORE_PG_IDLE_TIMEOUT, so other
+    appends go on; the frozen one's next statement fails instead of committing."""
+    import time
+
+    from sqlalchemy import select, text
+    from sqlalchemy.exc import DBAPIError
+
+    from eventstore import AsyncEventStore
+    from eventstore._backend import lock_appends
+
+    monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "1")
+    with EventStore.open(fresh_pg, migrate=True) as frozen, EventStore.open(fresh_pg) as other:
+        conn = frozen.engine.connect()
+        conn.begin()
+        lock_appends(conn)  # holds the append lock, then goes quiet
+        started = time.monotonic()
+        assert other.append("s-1", [NoteAdded(text="after the freeze")]).first_position == 1
+        assert time.monotonic() - started < 15
+        with pytest.raises(DBAPIError):
+            conn.execute(select(1))
+        conn.invalidate()
+        conn.close()
+
+        def setting(url: str) -> str:
+            with EventStore.open(url) as s, s.engine.connect() as c:
+                return str(c.execute(text("SHOW idle_in_transaction_session_timeout")).scalar())
+
+        assert setting(fresh_pg) == "1s"
+        # One set already (here in the URL's libpq options) is left as it is.
+        assert setting(fresh_pg + "?options=-c%20idle_in_transaction_session_timeout%3D7000") \
+            == "7s"
+        monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0")  # the server's own setting
+        assert setting(fresh_pg) == "0"
+        monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "soon")
+        with pytest.raises(InvalidArgument, match="EVENTSTORE_PG_IDLE_TIMEOUT"):
+            EventStore.open(fresh_pg)
+        monkeypatch.delenv("EVENTSTORE_PG_IDLE_TIMEOUT")
+        assert setting(fresh_pg) == "1min"
+
+        async def async_setting() -> str:
+            store = await AsyncEventStore.open(fresh_pg)
+            try:
+                async with store.engine.connect() as c:
+                    got = await c.execute(text("SHOW idle_in_transaction_session_timeout"))
+                    return str(got.scalar())
+            finally:
+                await store.close()
+
+        assert asyncio.run(async_setting()) == "1min"
