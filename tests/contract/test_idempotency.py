@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from eventstore import EventStore, IdempotencyKeyReused, WrongExpectedVersion
+from eventstore import Event, EventStore, IdempotencyKeyReused, WrongExpectedVersion
 from tests._events import NoteAdded
 
 
@@ -80,6 +80,29 @@ def test_the_same_events_in_another_form_are_a_duplicate(store: EventStore) -> N
         with pytest.raises(IdempotencyKeyReused):
             store.append("c-2", other, idempotency_key="k2")
     assert store.stats()["events"] == 2
+
+
+class Scored(Event, tag="test.Scored"):
+    score: float
+    note: str = ""
+
+
+def test_a_retry_counts_as_reads_give_the_event(store: EventStore) -> None:
+    """An int in a float field, a default left out or spelled out, a typed event or a raw one
+    of its type: the same event as reads give it, so a duplicate."""
+    from eventstore import RawEvent
+
+    first = store.append("s-1", [Scored(score=2.0)], idempotency_key="k")
+    for retry in ([Scored(score=2)], [RawEvent(type="test.Scored", data={"score": 2.0})],
+                  [RawEvent(type="test.Scored", data={"score": 2, "note": ""})],
+                  [Scored(score=2.0, note="")]):
+        again = store.append("s-1", retry, idempotency_key="k")
+        assert again.duplicate and again.first_position == first.first_position
+    for other in ([Scored(score=2.5)], [Scored(score=2.0, note="x")],
+                  [RawEvent(type="test.Scored", data={"score": 2.0, "more": 1})]):
+        with pytest.raises(IdempotencyKeyReused):
+            store.append("s-1", other, idempotency_key="k")
+    assert store.stats()["events"] == 1
 
 
 def test_a_key_recorded_by_earlier_code_still_finds_its_retry(store: EventStore, url: str
