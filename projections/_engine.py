@@ -1386,6 +1386,7 @@ def snapshot_now(store: EventStore, projection: Projection[Any], stream_id: str,
 
 _MIN_STALL_SECONDS = 60.0
 _MAX_STALL_SECONDS = (2**31 - 1) / 1000  # PostgreSQL's timeouts are int32 milliseconds
+_MAX_STALL_MS = 2**31 - 1
 _DEFAULT_STALL_MS = int(_MIN_STALL_SECONDS * 1000)
 _IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout ended the transaction
 _LOCK_TIMEOUT = "55P03"  # lock_timeout: the row lock was not granted in time
@@ -1783,8 +1784,11 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
         if last >= bound:
             return last
         with transaction(store, write=True) as conn:
-            events = store.read_page(conn, from_position=last + 1, limit=size, categories=cats)
-            events = [e for e in events if e.position <= bound]
+            # The page's fold sits idle in this transaction: its limit, not the session's
+            # (a verify, which holds no lock, waits for a fold as long as the server lets it).
+            _limit_waits(conn, stall_ms if track else _MAX_STALL_MS)
+            events = store.read_page(conn, from_position=last + 1, limit=size, categories=cats,
+                                     to_position=bound)
             if not events:
                 return last
             # The fold first, without the projection's lock (on PostgreSQL: the others wait
@@ -1797,7 +1801,6 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
                     _own_rebuild(conn, projection.name, generation, last, projection.version)
                 raise  # (still this rebuild's: the failure is the fold's own)
             if track:
-                _limit_waits(conn, stall_ms)
                 _own_rebuild(conn, projection.name, generation, last, projection.version)
             rows.flush(conn, _now_us(store))
             last = events[-1].position

@@ -1862,3 +1862,34 @@ def test_projection_arguments_and_settings_are_checked_before_anything_is_writte
     assert Projector(store, [every]).catch_up() == 1
     (st,) = status(store, "tally_every")
     assert st.categories == () and st.lag == 0
+
+
+def test_a_rebuild_page_folds_under_the_projectors_stall_limit_not_the_sessions(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL ends a transaction idle past the session's limit (EVENTSTORE_PG_IDLE_TIMEOUT,
+    1 s here); a rebuild page, whose fold leaves its transaction idle, runs under the
+    projector's stall_seconds instead, as its batches do."""
+    import time
+
+    class Slow(TallyProjection):
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            time.sleep(0.05)
+            return super().evolve(state, event)
+
+    class SlowV2(Slow):
+        version = 2
+
+    monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "1")
+    with EventStore.open(url) as store:
+        for i in range(30):
+            bump(store, str(i % 3), 1)
+        first = Projector(store, [Slow("tally_slow", snapshot_every=None)], stall_seconds=10,
+                          batch_size=30, lease_seconds=30, worker_id="w")
+        assert first.catch_up() == 30  # batches of 1.5 s of folding
+        again = Projector(store, [SlowV2("tally_slow", snapshot_every=None)],
+                          stall_seconds=10, batch_size=30, lease_seconds=30, worker_id="w")
+        again.catch_up()  # the rows of version 1, rebuilt in pages of 30 events
+        (st,) = status(store, "tally_slow")
+        assert (st.code_version, st.position) == (2, 30)
+        assert again._sizes.get("tally_slow", 30) == 30  # never halved for a stall
+        assert verify(store, SlowV2("tally_slow")) == []
