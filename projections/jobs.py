@@ -13,8 +13,7 @@ key") read the inline projection :class:`JobProjection`, whose row per job is in
 * ``status``: ``queued``, ``running``, ``suspended``, ``completed``, ``failed``, ``cancelled``;
 * ``group_key``: the hash of the job's dedupe key (``None`` without one);
 * ``sort_key``: the time (UTC microseconds) at which the job next needs someone — when it was
-  submitted for a queued job (oldest first: a job requeued after a lost lease, or resumed, keeps
-  its place instead of going behind newer ones), when its lease runs out for a running job, its
+  queued for a queued job (oldest first is FIFO), when its lease runs out for a running job, its
   deadline for a suspended one (``None`` without a deadline), when it finished for a finished one.
   So "expired leases at ``now``" is ``status='running' AND sort_key < now`` on the index.
 
@@ -162,10 +161,6 @@ class Job(msgspec.Struct, kw_only=True):
     lease_until: datetime | None = None
     milestones: list[Milestone] = msgspec.field(default_factory=list)
     pending: PendingRequest | None = None
-    # The request the job asked last (kept once it is answered, cancelled or failed), and when
-    # a resume last queued the job (fold version 2).
-    last_request_id: str | None = None
-    resumed_at: datetime | None = None
     resumed_request_id: str | None = None
     resume_input: Any = None
     answered: list[str] = msgspec.field(default_factory=list)
@@ -228,7 +223,7 @@ class JobProjection(Projection[Job]):
     """Folds a job's events into its :class:`Job` state (see the module docstring's index)."""
 
     name = "jobs"
-    version = 2  # 2: last_request_id, resumed_at; queued jobs indexed by submission time
+    version = 1
     categories = (CATEGORY,)
     state_type = Job
 
@@ -265,13 +260,13 @@ class JobProjection(Projection[Job]):
             p = PendingRequest(request_id=d.request_id, prompt=d.prompt,
                                deadline=_utc(d.deadline) if d.deadline is not None else None,
                                requested_at=at, worker_id=d.worker_id)
-            return new(state, status=SUSPENDED, pending=p, last_request_id=d.request_id,
-                       worker_id=None, lease_until=None, updated_at=at, version=v)
+            return new(state, status=SUSPENDED, pending=p, worker_id=None, lease_until=None,
+                       updated_at=at, version=v)
         if isinstance(d, JobResumed):
             t = _utc(d.at)
             return new(state, status=QUEUED, pending=None, resumed_request_id=d.request_id,
                        resume_input=d.input, answered=[*state.answered, d.request_id],
-                       resumed_at=t, queued_at=t, updated_at=t, version=v)
+                       queued_at=t, updated_at=t, version=v)
         if isinstance(d, JobRequeued):
             t = _utc(d.at)
             return new(state, status=QUEUED, worker_id=None, lease_until=None,
@@ -295,7 +290,7 @@ class JobProjection(Projection[Job]):
         """Status, dedupe group and the time the job next needs someone (module docstring)."""
         when: datetime | None
         if state.status == QUEUED:
-            when = state.submitted_at
+            when = state.queued_at
         elif state.status == RUNNING:
             when = state.lease_until
         elif state.status == SUSPENDED:
@@ -435,6 +430,22 @@ class Jobs:
         return fold_appended(self.store, self.projection, stream, tenant_id=tenant_id,
                              state=state, version=version, result=result)
 
+    def _event_type_at(self, job_id: str, tenant_id: str, version: int) -> str | None:
+        """The type of the job's event at ``version`` (its last, for a decision at it)."""
+        for ev in self.store.read_stream(self.stream_id(job_id), tenant_id=tenant_id,
+                                         from_version=version, to_version=version):
+            return ev.type
+        return None
+
+    def _last_request(self, job_id: str, tenant_id: str, version: int) -> str | None:
+        """The request the job asked last, up to ``version`` (None: it never suspended).  A
+        read back through the stream: only refusals need it."""
+        for ev in self.store.read_stream(self.stream_id(job_id), tenant_id=tenant_id,
+                                         to_version=version, backwards=True):
+            if isinstance(ev.data, JobSuspended):
+                return ev.data.request_id
+        return None
+
     def _command(self, job_id: str, tenant_id: str,
                  decision: Callable[[Job], Sequence[Event]]) -> Job:
         """Decide on the job's current state and append at its version (retrying on conflict)."""
@@ -521,8 +532,8 @@ class Jobs:
         return best
 
     def claim(self, worker_id: str, *, tenant_id: str = _DEFAULT_TENANT) -> Job | None:
-        """Lease the oldest queued job (first submitted) to ``worker_id``; ``None`` when the
-        queue is empty.
+        """Lease the oldest queued job (the longest in the queue) to ``worker_id``; ``None`` when
+        the queue is empty.
 
         The claim is a compare-and-set on the job's version: a worker that loses the race for a
         job re-reads it, sees it running and tries the next oldest.
@@ -660,9 +671,10 @@ class Jobs:
                 return [JobResumed(request_id=request_id, input=input, at=now)]
             if request_id in s.answered:
                 raise refuse("already resumed", "already_resumed")
-            if s.last_request_id is not None and request_id != s.last_request_id:
+            last = self._last_request(job_id, tenant_id, s.version)
+            if last is not None and request_id != last:
                 raise refuse(f"stale request id {request_id}, the job's last request was "
-                             f"{s.last_request_id}", "stale_request")
+                             f"{last}", "stale_request")
             if s.status == CANCELLED:
                 raise refuse("cancelled", "cancelled")
             if s.status == FAILED and s.error == DEADLINE_PASSED:
@@ -717,8 +729,8 @@ class Jobs:
                 missed.append(f"the deadline of request {pending.request_id} passed "
                               f"({pending.deadline.isoformat()})")
                 return [JobFailed(error=DEADLINE_PASSED, at=now)]
-            if (not force and s.status == QUEUED and s.resumed_at is not None
-                    and s.queued_at == s.resumed_at):
+            if (not force and s.status == QUEUED and s.resumed_request_id is not None
+                    and self._event_type_at(job_id, tenant_id, s.version) == "JobResumed"):
                 raise Conflict(f"job {job_id} (tenant {tenant_id}): its request "
                                f"{s.resumed_request_id} was resumed, and the job is queued to "
                                f"run with that input (cancel(..., force=True) cancels it "

@@ -162,25 +162,6 @@ def test_claim_is_first_in_first_out_when_the_clock_stands_still(jobs: Jobs,
     assert again == submitted
 
 
-def test_a_requeued_or_resumed_job_keeps_its_place_in_the_queue(jobs: Jobs,
-                                                                  clock: Clock) -> None:
-    """Oldest queued is oldest submitted: a job requeued after its worker was lost, or resumed
-    after a suspension, is claimed before jobs submitted after it."""
-    a = jobs.submit("wf", {"n": "a"}, user_id="u1")
-    clock.advance(seconds=1)
-    b = jobs.submit("wf", {"n": "b"}, user_id="u1")
-    assert jobs.claim("w1").job_id == a.job_id  # type: ignore[union-attr]
-    clock.advance(minutes=5)
-    assert [s.action for s in jobs.sweep()] == ["requeued"]
-    assert jobs.claim("w2").job_id == a.job_id  # type: ignore[union-attr]
-    jobs.suspend(a.job_id, "w2", request_id="r1", prompt="?")
-    clock.advance(seconds=1)
-    c = jobs.submit("wf", {"n": "c"}, user_id="u1")
-    jobs.resume(a.job_id, request_id="r1", input="ok")
-    assert [j.job_id for j in (jobs.claim("w3"), jobs.claim("w4"), jobs.claim("w5"))] == [
-        a.job_id, b.job_id, c.job_id]  # type: ignore[union-attr]
-
-
 def test_claim_returns_none_when_nothing_is_queued(jobs: Jobs) -> None:
     """With no queued job, claim returns None and writes nothing."""
     assert jobs.claim("w1") is None
