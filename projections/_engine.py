@@ -1502,6 +1502,8 @@ class Projector:
         self._busy.discard(p.name)
         self._rebuilt_elsewhere.discard(p.name)
         stopped: ProjectionFailed | None = None  # recorded with the batch
+        applied_before = 0  # ... after this many of its events
+        self._applied_before_failure.pop(p.name, None)
         try:
             with transaction(self.store, write=True) as conn:
                 # The batch holds the projection's row lock: if this worker freezes in it (a
@@ -1547,7 +1549,7 @@ class Projector:
                             failed.__cause__ = e
                         # It stops at that event: the batch's events before it go in, with
                         # the record of the failure.
-                        self._applied_before_failure[p.name] = _fold_before(
+                        applied_before = _fold_before(
                             self.store, conn, p, row.generation, row.position, failed, now_us)
                         _stop_at(conn, self.store, p.name, failed)
                         stopped = failed
@@ -1556,6 +1558,7 @@ class Projector:
                                      .values(position=page[-1].position, updated_at=now_us))
                         return len(page)
             if stopped is not None:  # (committed with the batch)
+                self._applied_before_failure[p.name] = applied_before
                 raise stopped
             # Rows of another fold version: replay them with this one (the lease is ours), a
             # slice of half a lease at a time (the next run_once renews the lease and resumes
