@@ -1386,7 +1386,6 @@ def snapshot_now(store: EventStore, projection: Projection[Any], stream_id: str,
 
 _MIN_STALL_SECONDS = 60.0
 _MAX_STALL_SECONDS = (2**31 - 1) / 1000  # PostgreSQL's timeouts are int32 milliseconds
-_MAX_STALL_MS = 2**31 - 1
 _DEFAULT_STALL_MS = int(_MIN_STALL_SECONDS * 1000)
 _IDLE_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout ended the transaction
 _LOCK_TIMEOUT = "55P03"  # lock_timeout: the row lock was not granted in time
@@ -1772,7 +1771,7 @@ ProgressFn = Callable[[int, int], None]
 
 def _fill(store: EventStore, projection: Projection[Any], generation: int, start: int,
           until: Callable[[], int], progress: ProgressFn | None, *, track: bool,
-          stall_ms: int = _DEFAULT_STALL_MS, page: int | None = None) -> int:
+          stall_ms: int | None = None, page: int | None = None) -> int:
     """Fold the log into ``generation`` page by page from ``start``; returns the last position.
 
     Each page commits its rows (and, when ``track``, the rebuild position) in one transaction, so
@@ -1787,9 +1786,10 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
         if last >= bound:
             return last
         with transaction(store, write=True) as conn:
-            # The page's fold sits idle in this transaction: its limit, not the session's
-            # (a verify, which holds no lock, waits for a fold as long as the server lets it).
-            _limit_waits(conn, stall_ms if track else _MAX_STALL_MS)
+            if stall_ms is not None:
+                # A projector's: its folds may leave the transaction idle for stall_seconds
+                # (else the session's limit holds, EVENTSTORE_PG_IDLE_TIMEOUT or the server's).
+                _limit_waits(conn, stall_ms)
             events = store.read_page(conn, from_position=last + 1, limit=size, categories=cats,
                                      to_position=bound)
             if not events:
@@ -1804,6 +1804,8 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
                     _own_rebuild(conn, projection.name, generation, last, projection.version)
                 raise  # (still this rebuild's: the failure is the fold's own)
             if track:
+                if stall_ms is None:  # (the projection's lock is held from here)
+                    _limit_waits(conn, _DEFAULT_STALL_MS)
                 _own_rebuild(conn, projection.name, generation, last, projection.version)
             rows.flush(conn, _now_us(store))
             last = events[-1].position
@@ -1833,17 +1835,19 @@ class _RebuildStopped(Exception):
 
 def _rebuild(store: EventStore, projection: Projection[Any], *, progress: ProgressFn | None,
              only_if_stale: bool, stopping: Callable[[], bool] | None = None,
-             stall_ms: int = _DEFAULT_STALL_MS, moved: dict[str, int] | None = None,
+             stall_ms: int | None = None, moved: dict[str, int] | None = None,
              page: int | None = None) -> int:
     """:func:`rebuild`; with ``only_if_stale``, none when the rows are of this fold version or a
     newer one by the time the lock is held (another process rebuilt them meanwhile).  Raises
     :class:`_RebuildStopped` after a page once ``stopping()`` is true.  Each transaction holding
-    the projection's lock ends if idle for ``stall_ms`` (see :func:`_limit_waits`); ``moved``
+    the projection's lock ends if idle for ``stall_ms`` (see :func:`_limit_waits`; a projector's,
+    which also bounds its pages' folds; None: 60 s, the folds under the session's limit); ``moved``
     gets the number of events ``replayed``; ``page``: events per page (and transaction)."""
     ensure_registered(store, projection)
     name = projection.name
+    lock_stall_ms = stall_ms if stall_ms is not None else _DEFAULT_STALL_MS
     with transaction(store, write=True) as conn:
-        _limit_waits(conn, stall_ms)
+        _limit_waits(conn, lock_stall_ms)
         row = _lock_row(conn, name)
         if only_if_stale and row.code_version >= projection.version:
             _log.info("projection_rebuilt_elsewhere", projection=name,
@@ -1886,7 +1890,7 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
         last = _fill(store, projection, gen, start, store.last_position, tracked, track=True,
                      stall_ms=stall_ms, page=page)
         with transaction(store, write=True) as conn:
-            _limit_waits(conn, stall_ms)
+            _limit_waits(conn, lock_stall_ms)
             row = _own_rebuild(conn, name, gen, last, projection.version)
             rows: _Rows[Any] = _Rows(projection, gen)
             last = _catch_up(store, conn, rows, last, None)

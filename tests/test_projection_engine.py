@@ -1892,4 +1892,40 @@ def test_a_rebuild_page_folds_under_the_projectors_stall_limit_not_the_sessions(
         (st,) = status(store, "tally_slow")
         assert (st.code_version, st.position) == (2, 30)
         assert again._sizes.get("tally_slow", 30) == 30  # never halved for a stall
-        assert verify(store, SlowV2("tally_slow")) == []
+
+        class QuickV2(TallyProjection):
+            version = 2
+
+        assert verify(store, QuickV2("tally_slow")) == []  # (verify: the session's limit)
+
+
+def test_a_rebuild_outside_a_projector_folds_under_the_sessions_idle_limit(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rebuild`` (and the command line's) folds each page under the session's idle limit,
+    EVENTSTORE_PG_IDLE_TIMEOUT (or the server's), not a limit of its own: a page folding
+    longer than 1 s fails under 1 s and goes through under none (0)."""
+    import time
+
+    from eventstore.errors import DatabaseError
+
+    class Slow(TallyProjection):
+        def evolve(self, state: Tally, event: Any) -> Tally:
+            time.sleep(0.05)
+            return super().evolve(state, event)
+
+    with EventStore.open(url) as store:
+        for i in range(30):
+            bump(store, str(i % 3), 1)
+    p = Slow("tally_rebuilt_slowly", snapshot_every=None)
+    monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "1")
+    with EventStore.open(url) as store:
+        if store.engine.dialect.name == "postgresql":
+            with pytest.raises(DatabaseError) as info:
+                rebuild(store, p)  # one page: 1.5 s of folding
+            assert info.value.transient
+    monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0")
+    with EventStore.open(url) as store:
+        rebuild(store, p)
+        (st,) = status(store, "tally_rebuilt_slowly")
+        assert st.position == 30 and st.rebuild_generation is None
+        assert verify(store, p) == []
