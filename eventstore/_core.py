@@ -330,8 +330,7 @@ class StoreCore:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
         encoded, meta_raw, reads = encode_within(events, metadata,
                                                  self._options.max_event_bytes)
-        fingerprint = (_fingerprint(stream, encoded, events, reads) if key is not None
-                       else b"")
+        fingerprint = _fingerprint(stream, encoded) if key is not None else b""
         return AppendPlan(stream, tenant, reads, encoded, meta_raw,
                           metadata if isinstance(metadata, dict) else {}, expected, key,
                           fingerprint, self.now())
@@ -943,48 +942,29 @@ def _too_large(what: str, size: int, limit: int) -> InvalidEvent:
 _canonical = msgspec.json.Encoder(order="sorted")
 
 
-def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]],
-                 events: Sequence[Any], reads: Sequence[Event | RawEvent]) -> bytes:
-    """What an idempotency key's append is compared by: the stream and each event's type,
-    schema version and data, canonical (keys in one order).
+# Any JSON value, as plain Python (the stored data's canonical form, see _fingerprint).
+_any_json = msgspec.json.Decoder()
 
-    An event of a type this code knows counts as reads give it (an int in a float field, a
-    default left out, a ``RawEvent`` of the type: the same event), plus what a raw event has
-    beyond the type's fields (stored, and read by code without the type).  One of a type this
-    code does not know counts as its data with its ``type`` tag, as a typed event's JSON holds
-    it (so a retry may come from code without the class)."""
+
+def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:
+    """What an idempotency key's append is compared by: the stream and each event's type,
+    schema version and stored JSON, canonical: object keys in one order (nested ones, and those
+    inside a ``msgspec.Raw``, too), and a ``type`` tag where the data has none (a ``RawEvent``
+    of a type is stored without it, the typed event with it).  It depends on the stored bytes
+    only, never on whether this process knows the type: the retry may come from one that does
+    not (the command line, another release)."""
     h = hashlib.sha256(b"v3\x00" + stream_id.encode())
-    for (tag, sv, raw), event, read in zip(encoded, events, reads, strict=True):
-        value: Any = read
-        if isinstance(event, RawEvent) and isinstance(event.data, dict):
-            if isinstance(read, Event):
-                extra = _beyond_fields(type(read), event.data)
-                if extra:
-                    value = {**msgspec.to_builtins(read), **extra}
-            elif "type" not in event.data:
-                value = {**event.data, "type": tag}
-            else:
-                value = event.data
-        elif isinstance(read, RawEvent):
-            value = read.data
+    for tag, sv, raw in encoded:
         try:
+            value = _any_json.decode(raw)
+            if isinstance(value, dict) and "type" not in value:
+                value["type"] = tag
             canonical = _canonical.encode(value)
-        except (TypeError, ValueError, OverflowError):  # (keys that do not sort)
-            canonical = raw
+        except (msgspec.DecodeError, TypeError, ValueError, OverflowError, RecursionError):
+            canonical = raw  # (checked JSON: not expected)
         h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(canonical)))
         h.update(canonical)
     return h.digest()
-
-
-def _beyond_fields(cls: type[Event], data: dict[str, Any]) -> dict[str, Any]:
-    """The keys of raw ``data`` that type ``cls`` has no field for (its tag aside)."""
-    names = _field_names(cls)
-    return {k: v for k, v in data.items() if k not in names}
-
-
-@functools.cache
-def _field_names(cls: type[Event]) -> frozenset[str]:
-    return frozenset({f.encode_name for f in msgspec.structs.fields(cls)} | {"type"})
 
 
 def _stored_bytes_fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:

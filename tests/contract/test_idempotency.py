@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import msgspec
 import pytest
 
 from eventstore import Event, EventStore, IdempotencyKeyReused, WrongExpectedVersion
@@ -87,22 +88,72 @@ class Scored(Event, tag="test.Scored"):
     note: str = ""
 
 
-def test_a_retry_counts_as_reads_give_the_event(store: EventStore) -> None:
-    """An int in a float field, a default left out or spelled out, a typed event or a raw one
-    of its type: the same event as reads give it, so a duplicate."""
+class Carrying(Event, tag="test.Carrying"):
+    payload: msgspec.Raw
+
+
+def test_a_retry_counts_by_the_json_stored(store: EventStore, url: str) -> None:
+    """Events count as the JSON they are stored as, keys in any order (inside a msgspec.Raw
+    too), whether or not the process knows the type; what is stored differently counts as
+    other events: another value, an int for a float, a field beyond the type's, a field an
+    upcaster would overwrite."""
     from eventstore import RawEvent
 
     first = store.append("s-1", [Scored(score=2.0)], idempotency_key="k")
-    for retry in ([Scored(score=2)], [RawEvent(type="test.Scored", data={"score": 2.0})],
-                  [RawEvent(type="test.Scored", data={"score": 2, "note": ""})],
-                  [Scored(score=2.0, note="")]):
+    for retry in ([Scored(score=2.0, note="")],
+                  [RawEvent(type="test.Scored", data={"note": "", "score": 2.0})]):
         again = store.append("s-1", retry, idempotency_key="k")
         assert again.duplicate and again.first_position == first.first_position
-    for other in ([Scored(score=2.5)], [Scored(score=2.0, note="x")],
-                  [RawEvent(type="test.Scored", data={"score": 2.0, "more": 1})]):
+    for other in ([Scored(score=2.5)], [Scored(score=2)], [Scored(score=2.0, note="x")],
+                  [RawEvent(type="test.Scored", data={"score": 2.0, "note": "", "more": 1})]):
         with pytest.raises(IdempotencyKeyReused):
             store.append("s-1", other, idempotency_key="k")
-    assert store.stats()["events"] == 1
+    # A msgspec.Raw field: its JSON's keys in any order; no TypeError on the way.
+    raw = store.append("r-1", [RawEvent(type="test.Carrying", data={"payload": {"a": 1, "b": 2},
+                                                                     "x": 1})],
+                       idempotency_key="r")
+    again = store.append("r-1", [RawEvent(type="test.Carrying",
+                                          data={"x": 1, "payload": {"b": 2, "a": 1}})],
+                         idempotency_key="r")
+    assert again.duplicate and again.first_position == raw.first_position
+    # Stored at an older schema version: compared as stored, not as upcast.
+    store.append("u-1", [RawEvent(type="test.Old", data={"text": "hi", "author": "alice"},
+                                  schema_version=1)], idempotency_key="u")
+    with pytest.raises(IdempotencyKeyReused):
+        store.append("u-1", [RawEvent(type="test.Old", data={"text": "hi", "author": "bob"},
+                                      schema_version=1)], idempotency_key="u")
+    assert store.stats()["events"] == 3
+
+
+def test_a_retry_from_code_without_the_class_is_a_duplicate(url: str) -> None:
+    """A process that does not know the type appends a raw event; one that does retries the
+    same request (or the reverse): the same stored JSON, a duplicate."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from eventstore import RawEvent
+
+    script = textwrap.dedent(f"""
+        from eventstore import EventStore, RawEvent
+        with EventStore.open({url!r}) as s:
+            r = s.append("x-1", [RawEvent(type="test.Scored", data={{"score": 2.5}})],
+                         idempotency_key="x")
+            print(r.duplicate)
+    """)
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True)
+    assert first.stdout.strip() == "False"
+    with EventStore.open(url) as s:  # this process knows test.Scored
+        again = s.append("x-1", [RawEvent(type="test.Scored", data={"score": 2.5})],
+                         idempotency_key="x")
+        assert again.duplicate
+        s.append("y-1", [RawEvent(type="test.Scored", data={"score": 1.5})],
+                 idempotency_key="y")
+    second = subprocess.run([sys.executable, "-c", script.replace('"x-1"', '"y-1"').replace(
+        "2.5", "1.5").replace('idempotency_key="x"', 'idempotency_key="y"')],
+        capture_output=True, text=True, check=True)
+    assert second.stdout.strip() == "True"
 
 
 def test_a_key_recorded_by_earlier_code_still_finds_its_retry(store: EventStore, url: str
