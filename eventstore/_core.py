@@ -938,7 +938,7 @@ def _too_large(what: str, size: int, limit: int) -> InvalidEvent:
                          size=size, limit=limit)
 
 
-# Dict keys and struct fields in one order: equal events give equal bytes.
+# Object keys in one order: equal JSON gives equal bytes.
 _canonical = msgspec.json.Encoder(order="sorted")
 
 
