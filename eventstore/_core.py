@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import decimal
 import functools
 import hashlib
 import os
@@ -938,21 +939,21 @@ def _too_large(what: str, size: int, limit: int) -> InvalidEvent:
                          size=size, limit=limit)
 
 
-# Object keys in one order: equal JSON gives equal bytes.
-_canonical = msgspec.json.Encoder(order="sorted")
-
-
-# Any JSON value, as plain Python (the stored data's canonical form, see _fingerprint).
-_any_json = msgspec.json.Decoder()
+# The stored data's canonical form (see _fingerprint): any JSON value as plain Python, its
+# numbers exact (a float as the Decimal of its digits), then encoded back with object keys in
+# one order and those numbers as they were written.
+_any_json = msgspec.json.Decoder(float_hook=decimal.Decimal)
+_canonical = msgspec.json.Encoder(order="sorted", decimal_format="number")
 
 
 def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:
     """What an idempotency key's append is compared by: the stream and each event's type,
     schema version and stored JSON, canonical: object keys in one order (nested ones, and those
-    inside a ``msgspec.Raw``, too), and a ``type`` tag where the data has none (a ``RawEvent``
-    of a type is stored without it, the typed event with it).  It depends on the stored bytes
-    only, never on whether this process knows the type: the retry may come from one that does
-    not (the command line, another release)."""
+    inside a ``msgspec.Raw``, too), numbers as written, and a ``type`` tag where the data has
+    none (a ``RawEvent`` of a type is stored without it, the typed event with it).  It depends
+    on the stored bytes only, never on whether this process knows the type: the retry may come
+    from one that does not (the command line, another release).  (An object that repeats a key
+    counts by its last value, as JSON readers take it.)"""
     h = hashlib.sha256(b"v3\x00" + stream_id.encode())
     for tag, sv, raw in encoded:
         try:

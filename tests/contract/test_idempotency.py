@@ -116,13 +116,20 @@ def test_a_retry_counts_by_the_json_stored(store: EventStore, url: str) -> None:
                                           data={"x": 1, "payload": {"b": 2, "a": 1}})],
                          idempotency_key="r")
     assert again.duplicate and again.first_position == raw.first_position
+    # Numbers as written: past a float's precision, or spelled with another zero, they differ.
+    store.append("n-1", [Carrying(payload=msgspec.Raw(b'{"amount":1000000000000000.01}'))],
+                 idempotency_key="n")
+    for other_number in (b'{"amount":1000000000000000.02}', b'{"amount":1000000000000000.010}'):
+        with pytest.raises(IdempotencyKeyReused):
+            store.append("n-1", [Carrying(payload=msgspec.Raw(other_number))],
+                         idempotency_key="n")
     # Stored at an older schema version: compared as stored, not as upcast.
     store.append("u-1", [RawEvent(type="test.Old", data={"text": "hi", "author": "alice"},
                                   schema_version=1)], idempotency_key="u")
     with pytest.raises(IdempotencyKeyReused):
         store.append("u-1", [RawEvent(type="test.Old", data={"text": "hi", "author": "bob"},
                                       schema_version=1)], idempotency_key="u")
-    assert store.stats()["events"] == 3
+    assert store.stats()["events"] == 4
 
 
 def test_a_retry_from_code_without_the_class_is_a_duplicate(url: str) -> None:
