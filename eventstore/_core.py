@@ -1033,6 +1033,7 @@ def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
     nested = bool(dbapi.pgconn.pipeline_status)
     try:
         with dbapi.pipeline() as p:
+            _exit_without_flush(p)
             yield p
     except BaseException as e:
         if not nested and not dbapi.closed and dbapi.pgconn.pipeline_status:
@@ -1040,6 +1041,29 @@ def _psycopg_pipeline(dbapi: Any) -> Iterator[Any]:
         elif not isinstance(e, GeneratorExit):  # (a reader that stopped early: no failure)
             _forget_prepared(dbapi)
         raise
+
+
+def _exit_without_flush(pipeline: Any) -> None:
+    """Have psycopg end ``pipeline`` with a Sync alone, not a Sync and then a Flush request.
+
+    Why: PostgreSQL arms ``idle_in_transaction_session_timeout`` when it answers a Sync, and
+    disarms it on the next message, a Flush included, until the next Sync.  psycopg asks for a
+    Flush at the end of a pipeline whose results have not all come yet (nearly always), so a
+    transaction left idle after a pipeline (an appender frozen between its two round trips,
+    holding the append lock) was never ended.  The Sync alone makes the server send every
+    result.  (psycopg's own steps, when it has them: else its exit as it is.)"""
+    steps = ("_enqueue_sync", "_communicate_gen", "_fetch_gen")
+    if not all(callable(getattr(pipeline, name, None)) for name in steps):
+        return
+
+    def exit_gen() -> Iterator[Any]:
+        try:
+            pipeline._enqueue_sync()
+            yield from pipeline._communicate_gen()
+        finally:
+            yield from pipeline._fetch_gen(flush=False)
+
+    pipeline._exit_gen = exit_gen
 
 
 def _forget_prepared(dbapi: Any) -> None:

@@ -602,6 +602,21 @@ def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
             conn.execute(select(1))
         conn.invalidate()
         conn.close()
+        # Frozen right after a pipeline, as between an append's two round trips: psycopg's
+        # end of a pipeline must not disarm the server's limit (a Flush after the Sync did).
+        from eventstore._core import _pipeline
+
+        conn = frozen.engine.connect()
+        conn.begin()
+        with _pipeline(conn):
+            lock_appends(conn)
+        started = time.monotonic()
+        assert other.append("s-1", [NoteAdded(text="after a pipeline")]).stream_version == 2
+        assert time.monotonic() - started < 15
+        with pytest.raises(DBAPIError):
+            conn.execute(select(1))
+        conn.invalidate()
+        conn.close()
 
         def setting(url: str) -> str:
             with EventStore.open(url) as s, s.engine.connect() as c:
