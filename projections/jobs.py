@@ -645,9 +645,10 @@ class Jobs:
         """Answer the suspended job's pending ``request_id`` with ``input``; it is queued again.
 
         Exactly one of concurrent resumes (and a cancel, and the deadline) wins; the others get a
-        :class:`Conflict` whose ``reason`` says why: ``already_resumed``, ``stale_request``
-        (another request is pending), ``cancelled``, ``deadline_passed``, ``not_suspended``, or
-        the finished job's status.
+        :class:`Conflict` whose ``reason`` says why: ``already_resumed`` (the job's last
+        request, answered), ``stale_request`` (an earlier request than the job's last, answered
+        or not), ``cancelled``, ``deadline_passed``, ``not_suspended``, or the finished job's
+        status.
         """
         check_text(job_id, "job_id")
         check_text(request_id, "request_id")
@@ -669,12 +670,14 @@ class Jobs:
                     raise refuse(f"deadline passed ({pending.deadline.isoformat()})",
                                  "deadline_passed")
                 return [JobResumed(request_id=request_id, input=input, at=now)]
-            if request_id in s.answered:
-                raise refuse("already resumed", "already_resumed")
+            # An earlier request than the job's last is stale, answered or not (as it is while
+            # a later one is pending); the last one, answered, is already resumed.
             last = self._last_request(job_id, tenant_id, s.version)
             if last is not None and request_id != last:
                 raise refuse(f"stale request id {request_id}, the job's last request was "
                              f"{last}", "stale_request")
+            if request_id in s.answered:
+                raise refuse("already resumed", "already_resumed")
             if s.status == CANCELLED:
                 raise refuse("cancelled", "cancelled")
             if s.status == FAILED and s.error == DEADLINE_PASSED:

@@ -447,6 +447,16 @@ def test_a_request_is_decided_once_whatever_comes_after(jobs: Jobs) -> None:
     other = running(jobs)
     jobs.suspend(other.job_id, "w1", request_id="q1", prompt="?")
     jobs.resume(other.job_id, request_id="q1", input="yes")
+    with pytest.raises(Conflict) as e:  # the last request, answered
+        jobs.resume(other.job_id, request_id="q1", input="again")
+    assert e.value.reason == "already_resumed"
+    jobs.claim("w3")
+    jobs.suspend(other.job_id, "w3", request_id="q2", prompt="?")
+    jobs.resume(other.job_id, request_id="q2", input="yes")
+    for earlier in ("q1", "q0"):  # answered or never asked: an earlier request is stale
+        with pytest.raises(Conflict) as e:
+            jobs.resume(other.job_id, request_id=earlier, input="late")
+        assert e.value.reason == "stale_request"
     assert jobs.cancel(other.job_id, "anyway", force=True).status == "cancelled"
     with pytest.raises(InvalidArgument):
         jobs.cancel(other.job_id, force="yes")  # type: ignore[arg-type]
@@ -509,9 +519,8 @@ def test_concurrent_resumes_cancel_and_deadline_have_one_winner(
             assert isinstance(cancel, Conflict) and cancel.reason == "deadline_passed"
         assert types(job_store, job.job_id).count("JobResumed") == 1 + len(won)
         assert len(won) + isinstance(cancel, Job) + isinstance(winner, JobFailed) == 1
-        stale = results[4]  # r1: answered before r2 was asked
-        assert isinstance(stale, Conflict) and stale.reason in ("stale_request",
-                                                                 "already_resumed")
+        stale = results[4]  # r1: answered before r2 was asked, stale whatever won
+        assert isinstance(stale, Conflict) and stale.reason == "stale_request"
         if jobs.get(job.job_id).status == "queued":  # (out of the next round's claim)
             jobs.cancel(job.job_id, "done", force=True)
 
