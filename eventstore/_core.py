@@ -954,27 +954,31 @@ def _fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes
     on the stored bytes only, never on whether this process knows the type: the retry may come
     from one that does not (the command line, another release).  (An object that repeats a key
     counts by its last value, as JSON readers take it.)"""
-    h = hashlib.sha256(b"v3\x00" + stream_id.encode())
-    for tag, sv, raw in encoded:
-        try:
-            value = _any_json.decode(raw)
-            if isinstance(value, dict) and "type" not in value:
-                value["type"] = tag
-            canonical = _canonical.encode(value)
-        except (msgspec.DecodeError, TypeError, ValueError, OverflowError, RecursionError):
-            canonical = raw  # (checked JSON: not expected)
-        h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(canonical)))
-        h.update(canonical)
-    return h.digest()
+    return _digest(b"v3\x00" + stream_id.encode(),
+                   [(tag, sv, _canonical_json(tag, raw)) for tag, sv, raw in encoded])
+
+
+def _canonical_json(tag: str, raw: bytes) -> bytes:
+    try:
+        value = _any_json.decode(raw)
+        if isinstance(value, dict) and "type" not in value:
+            value["type"] = tag
+        return _canonical.encode(value)
+    except (msgspec.DecodeError, TypeError, ValueError, OverflowError, RecursionError):
+        return raw  # (checked JSON: not expected)
 
 
 def _stored_bytes_fingerprint(stream_id: str, encoded: list[tuple[str, int, bytes]]) -> bytes:
     """The fingerprint of keys recorded by earlier code (the stored bytes as they were): a
     retry across an upgrade is still a duplicate."""
-    h = hashlib.sha256(stream_id.encode())
-    for tag, sv, raw in encoded:
-        h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(raw)))
-        h.update(raw)
+    return _digest(stream_id.encode(), encoded)
+
+
+def _digest(seed: bytes, encoded: Iterable[tuple[str, int, bytes]]) -> bytes:
+    h = hashlib.sha256(seed)
+    for tag, sv, data in encoded:
+        h.update(b"\x00%s\x00%d\x00%d\x00" % (tag.encode(), sv, len(data)))
+        h.update(data)
     return h.digest()
 
 
