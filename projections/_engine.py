@@ -1002,11 +1002,8 @@ def _due_snapshots(projection: Projection[Any], rows: _Rows[Any],
 def _insert_snapshots(conn: Connection, due: list[dict[str, Any]]) -> None:
     # On the driver's cursor, as the rows' writes: in the one-round-trip append an error of an
     # earlier statement may surface here, and the store must see it as the driver raised it.
-    insert = _fast("snapshot", conn)
-    if len(due) == 1:
-        insert.run(conn, due[0]).close()
-    else:
-        insert.run_many(conn, due)
+    # (Once every snapshot_every appends: no one-row shortcut.)
+    _fast("snapshot", conn).run_many(conn, due)
 
 
 def inline(store: EventStore, projection: Projection[Any]) -> None:
