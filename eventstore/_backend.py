@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Transaction, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import util as sa_util
 from sqlalchemy.engine import URL, make_url
@@ -458,21 +458,44 @@ class Writer:
 
 @contextlib.contextmanager
 def own_transaction(conn: Connection) -> Iterator[None]:
-    """``conn.begin()``, except that after an error a rollback that fails too (the connection
-    closed under the transaction: a failed pipeline's clean-up, a cancelled query) does not
-    replace that error; the connection is invalidated instead."""
-    trans = conn.begin()
+    """``conn.begin()``, except that after an error the connection is left outside any
+    transaction, whatever failed: the body, the COMMIT, or the BEGIN itself.
+
+    Why: a COMMIT that fails leaves SQLAlchemy's transaction attached to the connection (every
+    later ``begin()`` on it is refused), and on SQLite it may leave the database's transaction
+    open (a full disk), with the write lock.  A ``KeyboardInterrupt`` delivered just after
+    ``BEGIN IMMEDIATE`` (see ``_on_begin``) escapes ``begin()`` with the driver inside a
+    transaction SQLAlchemy does not know of.  A kept connection (``Writer``) in either state
+    would fail every later append, and hold SQLite's write lock for every other writer.  A
+    rollback that fails too (the connection closed under the transaction: a failed pipeline's
+    clean-up, a cancelled query) does not replace the first error; the connection is
+    invalidated instead.
+    """
+    try:
+        trans = conn.begin()
+    except BaseException:
+        end_transaction(conn, None)
+        raise
     try:
         yield
+        if trans.is_active:
+            trans.commit()
     except BaseException:
-        try:
-            if trans.is_active:
-                trans.rollback()
-        except Exception:
-            conn.invalidate()
+        end_transaction(conn, trans)
         raise
-    if trans.is_active:
-        trans.commit()
+
+
+def end_transaction(conn: Connection, trans: Transaction | None) -> None:
+    """Roll back after an error: SQLAlchemy's transaction (also one a failed COMMIT left
+    inactive but attached) and the driver's, which knows whether it is in one; if that fails,
+    invalidate the connection (the caller raises the first error)."""
+    try:
+        if trans is not None:
+            trans.rollback()
+        if not conn.invalidated and not conn.closed:
+            conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+    except Exception:
+        conn.invalidate()
 
 
 def _broken(conn: Connection) -> bool:

@@ -1112,11 +1112,40 @@ def _in_implicit_transaction(dbapi: Any, send: Callable[[], None]) -> None:
                 except Exception as abandon_error:
                     if type(abandon_error).__name__ != "PipelineAborted":
                         dbapi.close()  # the server rolls back a client that went away
-    except Exception:
+    except Exception as e:
         if failed is None:
-            raise
+            refused = _refused_commit(e)
+            if refused is None:
+                raise
+            dbapi.close()  # psycopg lost count of the pipeline's results: a new connection
+            raise refused from e
     if failed is not None:
         raise failed
+
+
+def _refused_commit(error: Exception) -> Exception | None:
+    """The server's error when the implicit transaction's commit failed (a deferred constraint
+    or trigger that an inline handler's write broke); else None.
+
+    Why: the server answers such a commit with one result more than psycopg's pipeline
+    expects (the error, when the Sync comes), and psycopg then fails on its own bookkeeping:
+    an ``IndexError``, or "cannot exit pipeline mode while busy" over the server's error.
+    Either way the server rolled the implicit transaction back.
+    """
+    if getattr(error, "sqlstate", None):
+        return None  # the server's own answer, as psycopg reported it
+    cause = error.__context__
+    while cause is not None:
+        if getattr(cause, "sqlstate", None):
+            return cause if isinstance(cause, Exception) else None
+        cause = cause.__context__
+    if isinstance(error, IndexError):
+        refused = DatabaseError(
+            "the database refused to commit the append (a deferred constraint or a trigger "
+            "failing at commit, as an inline handler's write may); nothing was written, and "
+            "the driver could not read the server's reason")
+        return refused
+    return None
 
 
 def _call(handler: InlineHandler, recorded: Sequence[RecordedEvent], conn: Connection) -> None:

@@ -49,6 +49,7 @@ from ._backend import (
     _broken,
     _sqlite_listeners,
     _sqlite_settings,
+    end_transaction,
     hung_up,
     is_retired,
     is_sqlite,
@@ -404,25 +405,31 @@ async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: A
     ``_backend.own_transaction``: a rollback that fails too (psycopg closed the connection: a
     failed pipeline's clean-up, a cancelled query) must not replace the error, or a
     cancellation would come out as a DatabaseError; the connection is invalidated instead."""
-    trans = await conn.begin()
+    try:
+        trans = await conn.begin()
+    except BaseException:
+        await _roll_back(conn, None)
+        raise
     try:
         result = await conn.run_sync(fn, *args)
+        if trans.is_active:
+            await trans.commit()
     except BaseException:
         await _roll_back(conn, trans)
         raise
-    if trans.is_active:
-        await trans.commit()
     return result
 
 
-async def _roll_back(conn: AsyncConnection, trans: AsyncTransaction) -> None:
-    """Roll back after an error; if that fails too, invalidate the connection (the caller
-    raises the first error)."""
+async def _roll_back(conn: AsyncConnection, trans: AsyncTransaction | None) -> None:
+    """Roll back after an error, SQLAlchemy's transaction and the driver's (see
+    ``_backend.end_transaction``: also after a failed COMMIT or BEGIN); if that fails too,
+    invalidate the connection (the caller raises the first error)."""
+    sync_trans = None if trans is None else trans.sync_transaction
     try:
-        if trans.is_active:
-            await trans.rollback()
+        await conn.run_sync(lambda sync_conn: end_transaction(sync_conn, sync_trans))
     except Exception:
-        await conn.invalidate()
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
 
 
 class _KeptWriter:
@@ -678,14 +685,18 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             try:
-                trans = await conn.begin()
+                try:
+                    trans = await conn.begin()
+                except BaseException:
+                    await _roll_back(conn, None)
+                    raise
                 try:
                     yield conn
+                    if trans.is_active:
+                        await trans.commit()
                 except BaseException:
                     await _roll_back(conn, trans)  # (keeps the first error)
                     raise
-                if trans.is_active:
-                    await trans.commit()
             finally:
                 await _release_if_retired(engine, conn)
 

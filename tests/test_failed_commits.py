@@ -1,0 +1,207 @@
+"""Appends whose COMMIT or BEGIN fails: the caller gets a typed error, nothing is written, and
+the store's kept write connection (and, on SQLite, the database's write lock) is left usable.
+
+A deferred constraint is what makes a COMMIT fail here: the application's own table, written
+in the append's transaction (a ``before_commit`` hook, an inline handler), checked only at
+COMMIT.  (On SQLite a full disk does the same.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, event, text
+
+from eventstore import EventStore, RecordedEvent
+from eventstore._backend import dbapi_cursor
+from eventstore.aio import AsyncEventStore
+from eventstore.errors import DatabaseError
+
+from ._events import NoteAdded
+
+
+def _deferred_table(engine: Engine) -> str:
+    """A table whose constraint is checked at COMMIT; returns the statement that breaks it."""
+    with engine.begin() as conn:
+        return _deferred_table_on(conn)
+
+
+def _deferred_table_on(conn: Connection) -> str:
+    """:func:`_deferred_table` in the caller's transaction (tables of their own: the
+    PostgreSQL test database outlives a test)."""
+    name = f"app_{uuid.uuid4().hex[:8]}"
+    if conn.dialect.name == "sqlite":
+        conn.execute(text(f"CREATE TABLE {name}_parent (id INTEGER PRIMARY KEY)"))
+        conn.execute(text(f"CREATE TABLE {name} (parent INTEGER REFERENCES "
+                          f"{name}_parent (id) DEFERRABLE INITIALLY DEFERRED)"))
+        return f"INSERT INTO {name} VALUES (42)"  # no such parent
+    conn.execute(text(f"CREATE TABLE {name} (k INTEGER, CONSTRAINT {name}_once "
+                      "UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)"))
+    conn.execute(text(f"INSERT INTO {name} VALUES (1)"))
+    return f"INSERT INTO {name} VALUES (1)"  # a duplicate
+
+
+def _foreign_keys_on(engine: Engine) -> None:
+    """SQLite checks foreign keys only when asked, per connection."""
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _on(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+
+@pytest.fixture
+def checked_store(url: str) -> Iterator[EventStore]:
+    with EventStore.open(url, migrate=True) as store:
+        _foreign_keys_on(store.engine)
+        store.engine.dispose()  # (migrate's connections)
+        yield store
+
+
+def _is_the_constraint(error: DatabaseError) -> bool:
+    """The database's refusal itself, not a later symptom (a transaction left open)."""
+    return error.transient is False and (error.sqlstate == "23505"
+                                         or "FOREIGN KEY constraint failed" in str(error))
+
+
+def _texts(store: EventStore, stream: str) -> list[str]:
+    return [e.data.text for e in store.read_stream(stream)]  # type: ignore[attr-defined]
+
+
+def test_a_refused_commit_raises_writes_nothing_and_the_store_goes_on(
+        checked_store: EventStore, url: str) -> None:
+    """A COMMIT the database refuses is a non-transient DatabaseError; the next appends of
+    the same store commit, and another store (another process) is not kept waiting for
+    SQLite's write lock."""
+    store = checked_store
+    breaking = _deferred_table(store.engine)
+    store.append("o-1", [NoteAdded(text="1")])
+    for _ in range(2):
+        with pytest.raises(DatabaseError) as refused:
+            store.append_with("o-1", [NoteAdded(text="refused")],
+                              before_commit=lambda conn, _rec: conn.execute(text(breaking)))
+        assert _is_the_constraint(refused.value)
+        assert _texts(store, "o-1") == ["1"]
+    assert store.append("o-1", [NoteAdded(text="2")]).stream_version == 2
+    with EventStore.open(f"{url}{'&' if '?' in url else '?'}busy_timeout=2000"
+                         if url.startswith("sqlite") else url) as other:
+        assert other.append("o-2", [NoteAdded(text="other")]).stream_version == 1
+    assert store.append("o-1", [NoteAdded(text="3")]).stream_version == 3
+    assert _texts(store, "o-1") == ["1", "2", "3"]
+
+
+class _DeferredWriter:
+    """An inline handler that only writes: a row into the application's table that breaks its
+    deferred constraint (on the driver's cursor, as the store's own handlers write)."""
+
+    def __init__(self, breaking: str) -> None:
+        self.breaking = breaking
+
+    def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        cur = dbapi_cursor(conn)
+        cur.execute(self.breaking)
+        cur.close()
+
+    @staticmethod
+    def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
+        return True
+
+
+def test_a_handler_breaking_a_deferred_constraint_on_a_known_stream_is_a_typed_error(
+        checked_store: EventStore) -> None:
+    """On a stream the store appended to before (PostgreSQL: the one-round-trip append, whose
+    commit is the pipeline's end), a commit refused for a deferred constraint comes out as the
+    same typed error as on the probing path, with the server's SQLSTATE: not psycopg's own
+    confusion over the extra result (an IndexError, or "cannot exit pipeline mode while busy",
+    flagged transient)."""
+    store = checked_store
+    handler = _DeferredWriter(_deferred_table(store.engine))
+    stream = f"k-{uuid.uuid4().hex[:6]}"
+    store.append(stream, [NoteAdded(text="1")])
+    store.append(stream, [NoteAdded(text="2")])  # the store now knows the stream's end
+    store.add_inline_handler(handler)
+    for kwargs in ({}, {"idempotency_key": "probing-path"}, {}):
+        with pytest.raises(DatabaseError) as refused:
+            store.append(stream, [NoteAdded(text="refused")], **kwargs)  # type: ignore[arg-type]
+        assert _is_the_constraint(refused.value)
+        assert _texts(store, stream) == ["1", "2"]
+    store.remove_inline_handler(handler)
+    for i in range(3, 6):
+        assert store.append(stream, [NoteAdded(text=str(i))]).stream_version == i
+    assert store.last_position() == 5
+
+
+def test_an_interrupt_right_after_begin_leaves_the_store_usable(
+        checked_store: EventStore, url: str) -> None:
+    """Ctrl-C delivered just after the append's BEGIN (IMMEDIATE, on SQLite: the write lock is
+    then held) escapes SQLAlchemy's begin(): the driver's transaction is rolled back, so this
+    store's next append commits and other writers are not locked out."""
+    store = checked_store
+    store.append("i-1", [NoteAdded(text="1")])
+    armed = [True]
+
+    @event.listens_for(store.engine, "begin")
+    def interrupt(_conn: Connection) -> None:  # runs after the store's own BEGIN
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.append("i-1", [NoteAdded(text="interrupted")])
+    assert armed == [False]
+    with EventStore.open(f"{url}{'&' if '?' in url else '?'}busy_timeout=2000"
+                         if url.startswith("sqlite") else url) as other:
+        assert other.append("i-2", [NoteAdded(text="other")]).stream_version == 1
+    assert store.append("i-1", [NoteAdded(text="2")]).stream_version == 2
+    assert _texts(store, "i-1") == ["1", "2"]
+
+
+def test_async_a_refused_commit_raises_and_the_store_goes_on(url: str) -> None:
+    """The async store: the same refused COMMIT, then its kept connection appends again."""
+    async def main() -> None:
+        async with await AsyncEventStore.open(url, migrate=True) as store:
+            _foreign_keys_on(store.engine.sync_engine)
+            await store.engine.dispose()
+            breaking = await store.run_sync(lambda c: _deferred_table_on(c), write=True)
+            await store.append("o-1", [NoteAdded(text="1")])
+            for _ in range(2):
+                with pytest.raises(DatabaseError) as refused:
+                    await store.append_with(
+                        "o-1", [NoteAdded(text="refused")],
+                        before_commit=lambda conn, _rec: conn.execute(text(breaking)))
+                assert _is_the_constraint(refused.value)
+            assert (await store.append("o-1", [NoteAdded(text="2")])).stream_version == 2
+            assert [e.data.text async for e in store.read_stream("o-1")] == ["1", "2"]  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+
+def test_psycopg_s_confusion_over_a_refused_pipeline_commit_is_read_as_the_refusal() -> None:
+    """How the one-round-trip append reads psycopg's failures at a pipeline's end: the
+    server's own error as it is; psycopg's bookkeeping error over a server error gives that
+    server error; a bare IndexError (psycopg lost the server's reason) a non-transient
+    DatabaseError; anything else (a lost connection) is left to the caller as it is."""
+    from eventstore._core import _refused_commit
+
+    class ServerError(Exception):
+        sqlstate = "23505"
+
+    assert _refused_commit(ServerError("duplicate key")) is None
+    server = ServerError("duplicate key")
+    try:
+        try:
+            raise server
+        except ServerError:
+            raise RuntimeError("cannot exit pipeline mode while busy") from None
+    except RuntimeError as busy:
+        assert _refused_commit(busy) is server
+    refused = _refused_commit(IndexError("pop from an empty deque"))
+    assert isinstance(refused, DatabaseError) and refused.transient is False
+    assert "nothing was written" in str(refused)
+    assert _refused_commit(ConnectionError("server closed the connection")) is None
