@@ -516,13 +516,17 @@ class _KeptWriter:
             return  # never appended
         if loop is not asyncio.get_running_loop():
             # Another loop's connection: closed on that loop while it runs (the garbage
-            # collector found it otherwise, with SQLAlchemy's warning); a loop that has
-            # stopped leaves it to the collector.
+            # collector found it otherwise, with SQLAlchemy's warning).  A loop that has
+            # stopped (``asyncio.run`` per job, a test's own loop) runs no append: the
+            # connection is closed from here, not handed back to the pool (whose waiters
+            # belong to loops); psycopg's close needs no loop, aiosqlite's answers on this one.
             if loop.is_running():
                 future = asyncio.run_coroutine_threadsafe(self._close_here(), loop)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.wrap_future(future), _CLOSE_ELSEWHERE_WAIT)
-            self._conn = None
+                self._conn = None
+            else:
+                await self._drop()
             return
         await self._close_here()
 
