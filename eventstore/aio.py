@@ -101,6 +101,27 @@ class AsyncEventStore(StoreCore):
         self._writer = None if self._sqlite is not None and self._sqlite.memory else (
             _KeptWriter(engine, sqlite=self._sqlite is not None))
         self._released = False  # close() has released every connection
+        self._preparations: list[_Preparation] = []
+
+    def prepare_before_use(self, fn: Callable[[], None]) -> None:
+        """Run the sync ``fn()`` once, on a worker thread, before the next call that appends
+        or runs a transaction (``append``, ``append_with``, ``run_sync``, ``run_read``); those
+        calls wait for it, and the event loop does not.
+
+        Why: an inline projection whose rows an older fold built is rebuilt before it is used
+        (``projections.inline``): a replay of the log, too long to run on the event loop, and
+        a facade's constructor cannot wait for it.  If ``fn`` raises, the call that waited
+        raises that error, and the next call tries again.
+        """
+        self._preparations.append(_Preparation(fn))
+
+    async def _prepared(self) -> None:
+        """Wait for what :meth:`prepare_before_use` asked (on worker threads)."""
+        for prep in list(self._preparations):
+            if not prep.done:
+                await asyncio.to_thread(prep.run)
+            with contextlib.suppress(ValueError):
+                self._preparations.remove(prep)
 
     @classmethod
     async def open(
@@ -171,6 +192,8 @@ class AsyncEventStore(StoreCore):
         it runs on the event loop's thread.
         """
         self._check_open()
+        if self._preparations:
+            await self._prepared()
         return await self._transact(fn, args, write=write)
 
     async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -179,6 +202,8 @@ class AsyncEventStore(StoreCore):
         its own snapshot, as it would in a READ COMMITTED transaction), on SQLite in one read
         transaction (one snapshot)."""
         self._check_open()
+        if self._preparations:
+            await self._prepared()
         return await self._transact(fn, args, write=False, autocommit=True)
 
     async def _transact(self, fn: Callable[..., T], args: Sequence[Any], *, write: bool,
@@ -245,6 +270,8 @@ class AsyncEventStore(StoreCore):
         (on SQLite on aiosqlite's worker thread, as :meth:`run_sync`'s functions)."""
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
+        if self._preparations:
+            await self._prepared()
         if self._sqlite is None:
             result = await self._append_pg(plan, before_commit)
         else:
@@ -383,6 +410,21 @@ class AsyncEventStore(StoreCore):
 
     def __repr__(self) -> str:
         return f"AsyncEventStore({self._url.render_as_string(hide_password=True)!r})"
+
+
+class _Preparation:
+    """A sync function run once, by whichever waiting caller's thread gets to it first."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self.done = False
+
+    def run(self) -> None:
+        with self._lock:
+            if not self.done:
+                self._fn()
+                self.done = True
 
 
 async def _wait(stop: StopEvent, seconds: float) -> None:

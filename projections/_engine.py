@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import decimal
+import functools
 import os
 import secrets
 import socket
@@ -1013,9 +1014,11 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     projection that raises on an event of the append makes the append fail: nothing is
     written.  One that raises on an event already in the log (appended without it) stops there,
     in ``status``; later appends are refused (``ProjectionStopped``) until a restart.  Rows
-    built by an older version of the fold are rebuilt first; for an ``AsyncEventStore`` on a
-    sync store of the same database, which blocks the calling thread for that one rebuild.
-    Rows a newer version built are left as they are (see ``_rebuild_if_stale``).
+    built by an older version of the fold are rebuilt first.  For an ``AsyncEventStore`` that
+    check (and any rebuild) runs on a worker thread, through a sync store of the same
+    database, before the async store's next append or transaction, which waits for it: this
+    call, and a facade's constructor, do no I/O on the event loop.  Rows a newer version built
+    are left as they are (see ``_rebuild_if_stale``).
     """
     check_projection(projection)
     for h in store.inline_handlers:
@@ -1023,12 +1026,17 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
             return
     if isinstance(store, EventStore):
         _rebuild_if_stale(store, projection)
-    elif not isinstance(store, BoundStore) and hasattr(store, "run_sync"):  # AsyncEventStore
+    elif not isinstance(store, BoundStore) and hasattr(store, "prepare_before_use"):
         url = store.url
         if not (is_sqlite(url) and _sqlite_settings(url)[3]):  # in memory: not reachable
-            with EventStore.open(url, migrate=False) as sync:
-                _rebuild_if_stale(sync, projection)
+            store.prepare_before_use(functools.partial(_rebuild_if_stale_at, url, projection))
     store.add_inline_handler(_InlineHandler(store, projection))
+
+
+def _rebuild_if_stale_at(url: Any, projection: Projection[Any]) -> None:
+    """:func:`_rebuild_if_stale` through a sync store of the database at ``url``."""
+    with EventStore.open(url, migrate=False) as sync:
+        _rebuild_if_stale(sync, projection)
 
 
 def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from typing import Any
 
 import pytest
 
@@ -302,6 +303,64 @@ async def test_async_facades_rebuild_rows_of_another_fold_version(url: str) -> N
         jobs = AsyncJobs(astore)
         claimed = await jobs.claim("w1", tenant_id="acme")
         assert claimed is not None and claimed.workflow_id == "wf"
+
+
+@pytest.mark.asyncio
+async def test_the_rebuild_of_stale_rows_runs_off_the_event_loop_before_first_use(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building an async facade does no I/O on the event loop: the check of its rows' fold
+    version, and their rebuild, run on a worker thread before the store's next call, which
+    waits for it.  A rebuild that fails raises in the call that waited; the next call tries
+    again."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from eventstore import EventStore
+    from eventstore.errors import DatabaseError
+    from projections import ConversationProjection, Conversations
+    from projections import _engine as engine_module
+
+    with EventStore.open(url, migrate=True) as store:
+        Conversations(store).assign("c-1", {"n": 1})
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:  # as if an older version of the fold built the rows
+            conn.execute(text("UPDATE es_projections SET code_version = 0 "
+                              "WHERE name = 'conversations'"))
+    finally:
+        engine.dispose()
+    loop_thread = threading.get_ident()
+    opened_on: list[int] = []
+    failures = [DatabaseError("the server went away")]
+    real_open = EventStore.open
+
+    def watched_open(*args: Any, **kwargs: Any) -> EventStore:
+        opened_on.append(threading.get_ident())
+        if failures:
+            raise failures.pop()
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module.EventStore, "open", watched_open)
+    async with await AsyncEventStore.open(url) as astore:
+        conversations = AsyncConversations(astore)
+        assert opened_on == []  # nothing at construction
+        with pytest.raises(DatabaseError, match="went away"):
+            await conversations.get("c-1")
+        state = await conversations.get("c-1")  # tried again, rebuilt
+        assert (state.variables, state.version) == ({"n": 1}, 1)
+        assert len(opened_on) == 2 and loop_thread not in opened_on
+        await conversations.assign("c-1", {"n": 2})  # prepared once: no third open
+        assert len(opened_on) == 2
+        assert (await conversations.get("c-1")).variables == {"n": 2}
+    with EventStore.open(url) as store:
+        rows = store.engine.connect()
+        try:
+            version = rows.execute(text("SELECT code_version FROM es_projections "
+                                        "WHERE name = 'conversations'")).scalar()
+        finally:
+            rows.close()
+    assert version == ConversationProjection.version  # rebuilt by this fold
 
 
 @pytest.mark.asyncio
