@@ -228,7 +228,9 @@ class Conversations:
         """Set variables (add or overwrite) as one ``VariablesAssigned``; returns the version.
 
         With ``expected_version`` the write succeeds only if nobody wrote since that version
-        (read-modify-write), else :class:`eventstore.WrongExpectedVersion`.
+        (read-modify-write), else :class:`eventstore.WrongExpectedVersion`.  ``value_types``
+        names the type of some of these variables (by default the JSON type each is stored
+        as); naming a variable the call does not assign is an ``InvalidArgument``.
         """
         cid = _check_conversation_id(conversation_id, write=True)
         values = self._values(variables, value_types)
@@ -286,7 +288,15 @@ class Conversations:
         if not variables:
             raise InvalidArgument("assign needs at least one variable")
         names = _check_names(variables.keys())
-        types = types or {}
+        if types is None:
+            types = {}
+        elif not isinstance(types, Mapping):
+            raise InvalidArgument("value_types must be a mapping of variable name to type name")
+        else:
+            unknown = [n for n in types if n not in variables]
+            if unknown:
+                raise InvalidArgument(f"value_types names variables this call does not assign: "
+                                      f"{sorted(map(str, unknown))}")
         return [VariableValue(name=n, value=variables[n],
                               value_type=types.get(n) or value_type_of(variables[n]))
                 for n in names]

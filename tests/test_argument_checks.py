@@ -101,6 +101,12 @@ def test_facade_values_that_do_not_fit_their_event_are_refused(store: EventStore
         Conversations(store).assign("c-1", {"a": 1}, value_types={"a": 5})  # type: ignore[dict-item]
     with pytest.raises(InvalidEvent):
         Conversations(store).assign("c-1", {"a": 1}, workflow_run_id=7)  # type: ignore[arg-type]
+    for not_a_mapping in (5, "a", ("a", "b")):  # (used to be an AttributeError)
+        with pytest.raises(InvalidArgument, match="value_types must be a mapping"):
+            Conversations(store).assign("c-1", {"a": 1},
+                                        value_types=not_a_mapping)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"does not assign: \['b'\]"):  # (was ignored)
+        Conversations(store).assign("c-1", {"a": 1}, value_types={"a": "integer", "b": "x"})
     with pytest.raises(InvalidEvent):
         AgentSessions(store).save(SessionKey("t", "r", "n", "b", "a"), snapshot={},
                                   layer_specs=[], pending_form_id=7)  # type: ignore[arg-type]
