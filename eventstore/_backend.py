@@ -43,6 +43,12 @@ def resolve_url(url: str | URL | None) -> URL:
         parsed = make_url(raw)
     except (sa_exc.ArgumentError, ValueError, TypeError) as e:
         raise InvalidArgument(f"not a database URL: {_masked(raw)!r}") from e
+    if parsed.host is not None and "@" in parsed.host:
+        # The password held an "@" that was not percent-encoded: what follows it would be
+        # taken as the host (and shown in the driver's errors).
+        raise InvalidArgument(
+            f"not a database URL: {_masked(raw)!r} has an '@' after the one before the host; "
+            "write an '@' in the user name or password as %40")
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):

@@ -389,6 +389,11 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
     for password in ("s3/cr3t", "s3@cr3t"):  # unescaped / and @ in a password
         code, _, err = run(capsys, "stats", "--url", f"postgresql://app:{password}@db:port/app")
         assert code == 2 and "cr3t" not in err and "'postgresql://app:***@db:port/app'" in err
+    # A URL that parses, its password cut at an unescaped "@": the rest is not the host (the
+    # driver's error named it, and so showed the end of the password).
+    code, _, err = run(capsys, "stats", "--url",
+                       "postgresql+psycopg://app:pa@ss-hunter2@127.0.0.1:1/app")
+    assert code == 2 and "hunter2" not in err and "%40" in err
 
 
 @pytest.mark.parametrize(("query", "message"), [
