@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from sqlalchemy.engine import URL
 
 from eventstore import Event, EventStore, WrongExpectedVersion
+from eventstore._backend import _masked, resolve_url, translate
 from eventstore._core import check_id
 from eventstore.errors import InvalidArgument, InvalidEvent
 from eventstore.logs import get_logger
@@ -102,6 +103,16 @@ def _storable(state_data: dict[str, Any] | BaseModel) -> dict[str, Any]:
     return jsonable
 
 
+def _without_password(url: str | URL) -> str:
+    """The URL to show and serialize: no password (a restored persistence connects with the
+    driver's own sources of one, as libpq's ``PGPASSWORD`` or ``~/.pgpass``)."""
+    try:
+        parsed = resolve_url(url)
+    except InvalidArgument:  # left for EventStore.open to refuse; the password hidden here
+        return str(_masked(url if isinstance(url, str) else str(url)))
+    return parsed._replace(password=None).render_as_string(hide_password=False)
+
+
 def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -118,7 +129,8 @@ class EventStoreFlowPersistence(FlowPersistence):
     persistence_type: str = Field(default="EventStoreFlowPersistence")
     url: str | None = Field(
         default=None,
-        description="Store URL (password hidden when built from an open store); None means "
+        description="Store URL, without its password (this persistence keeps the password out "
+                    "of model_dump, which CrewAI writes into its checkpoints); None means "
                     "EVENTSTORE_URL, else sqlite:///./eventstore.db.",
     )
     tenant_id: str = Field(default="default", description="Tenant every flow stream belongs to.")
@@ -126,19 +138,26 @@ class EventStoreFlowPersistence(FlowPersistence):
     _store: EventStore | None = PrivateAttr(default=None)
     _flows: Flows | None = PrivateAttr(default=None)
     _owns_store: bool = PrivateAttr(default=False)
+    _secret_url: str | None = PrivateAttr(default=None)  # the URL as given, password included
 
     def __init__(self, store: EventStore | str | URL | None = None, /, **data: Any) -> None:
+        given: str | None = None
         if isinstance(store, EventStore):
-            data.setdefault("url", store.url.render_as_string(hide_password=True))
+            data.setdefault("url", _without_password(store.url))
         elif isinstance(store, str):
-            data["url"] = store
+            given = store
         elif isinstance(store, URL):
-            data["url"] = store.render_as_string(hide_password=False)
+            given = store.render_as_string(hide_password=False)
         elif store is not None:
             raise InvalidArgument(
                 f"EventStoreFlowPersistence takes an EventStore or a database URL, not "
                 f"{type(store).__name__} (CrewAI calls its persistence synchronously)")
+        elif isinstance(data.get("url"), str):
+            given = data["url"]
+        if given is not None:
+            data["url"] = _without_password(given)
         super().__init__(**data)
+        self._secret_url = given
         if isinstance(store, EventStore):
             self._store = store
             self._flows = Flows(store)
@@ -152,8 +171,13 @@ class EventStoreFlowPersistence(FlowPersistence):
         if flows is None:
             with _OPEN_LOCK:
                 if self._flows is None:
-                    store = EventStore.open(self.url)
-                    self._store, self._flows, self._owns_store = store, Flows(store), True
+                    store = EventStore.open(self._secret_url or self.url)
+                    try:
+                        facade = Flows(store)
+                    except BaseException:
+                        store.close()
+                        raise
+                    self._store, self._flows, self._owns_store = store, facade, True
                 flows = self._flows
         assert flows is not None
         return flows
@@ -337,8 +361,11 @@ def import_crewai_sqlite(db_path: str | os.PathLike[str],
     import again (say, after an interruption) imports only what is missing.  The SQLite file is
     opened read-only and never changed.
     """
-    uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+    path = Path(db_path)
+    if not path.is_file():
+        raise InvalidArgument(f"no CrewAI SQLite database at {str(path)!r}")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    with translate(), contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         tables = {row[0] for row in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         states: dict[str, list[tuple[str, str, str]]] = {}

@@ -269,6 +269,80 @@ def test_opened_by_url_serializes_and_is_rebuilt_by_crewai(url: str) -> None:
         assert store.stream_version(Flows.stream_id("f-7"), tenant_id="acme") == 1
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_the_url_s_password_stays_out_of_what_crewai_serializes(url: str) -> None:
+    """CrewAI writes ``Flow.persistence.model_dump()`` into its checkpoints: a URL's password
+    is not in it (nor in repr), while this persistence still opens the store with it.  A
+    persistence rebuilt from that JSON connects as the driver would without one (the test
+    server trusts loopback; in production libpq's PGPASSWORD or ~/.pgpass)."""
+    secret = "s3cr3t-pw"
+    with_password = make_url(url).set(password=secret).render_as_string(hide_password=False)
+    persistence = EventStoreFlowPersistence(with_password, tenant_id="acme")
+    try:
+        persistence.save_state("f-1", "step", {"id": "f-1", "n": 1})
+        assert persistence.store.url.password == secret  # opened with the URL as given
+        flow = counter_flow(persistence)()
+        assert secret not in flow.model_dump_json() and secret not in repr(persistence)
+        assert persistence.url == url
+        rebuilt = counter_flow(persistence)(
+            persistence=persistence.model_dump(mode="json")).persistence
+        assert isinstance(rebuilt, EventStoreFlowPersistence)
+        assert rebuilt.load_state("f-1") == {"id": "f-1", "n": 1}
+        rebuilt.close()
+    finally:
+        persistence.close()
+    by_keyword = EventStoreFlowPersistence(url=with_password)
+    assert secret not in repr(by_keyword) and by_keyword.url == url
+    unescaped = url.replace("postgres@", f"postgres:{secret}@x@")  # an "@" in the password
+    assert secret not in repr(EventStoreFlowPersistence(unescaped))
+
+
+def test_a_store_opened_on_first_use_is_closed_if_the_facade_fails(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the store lazily, then failing to build the Flows facade on it (a database
+    error), closes that store: no connection is left for the garbage collector."""
+    import projections.crewai_persistence as module
+
+    opened: list[EventStore] = []
+    real_open = EventStore.open
+
+    def recording_open(*args: object, **kwargs: object) -> EventStore:
+        opened.append(real_open(*args, **kwargs))  # type: ignore[arg-type]
+        return opened[-1]
+
+    def failing_flows(store: EventStore) -> Flows:
+        raise InvalidArgument("no facade today")
+
+    monkeypatch.setattr(module.EventStore, "open", recording_open)
+    monkeypatch.setattr(module, "Flows", failing_flows)
+    persistence = EventStoreFlowPersistence(url)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="no facade today"):
+            persistence.save_state("f-1", "step", {"n": 1})
+    assert len(opened) == 2 and all(s._closed for s in opened)
+    monkeypatch.undo()
+    persistence.save_state("f-1", "step", {"n": 1})  # and it opens once it can
+    assert persistence.load_state("f-1") == {"n": 1}
+    persistence.close()
+
+
+def test_importing_from_a_missing_or_foreign_file_is_a_typed_error(
+        tmp_path: Path, persistence: EventStoreFlowPersistence) -> None:
+    """The CrewAI SQLite file to import from is missing, or not a SQLite database: a typed
+    error (they were sqlite3's own), and nothing is written."""
+    from eventstore.errors import DatabaseError
+
+    with pytest.raises(InvalidArgument, match="no CrewAI SQLite database"):
+        import_crewai_sqlite(tmp_path / "missing.db", persistence)
+    with pytest.raises(InvalidArgument, match="no CrewAI SQLite database"):
+        import_crewai_sqlite(tmp_path, persistence)  # a directory
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not a database, " * 100)
+    with pytest.raises(DatabaseError, match="not a database"):
+        import_crewai_sqlite(foreign, persistence)
+    assert persistence.store.last_position() == 0
+
+
 # -- real CrewAI flows ----------------------------------------------------------------------
 
 
