@@ -1508,6 +1508,7 @@ class Projector:
         stopped: ProjectionFailed | None = None  # recorded with the batch
         applied_before = 0  # ... after this many of its events
         self._applied_before_failure.pop(p.name, None)
+        started = time.monotonic()
         try:
             with transaction(self.store, write=True) as conn:
                 # The batch holds the projection's row lock: if this worker freezes in it (a
@@ -1595,6 +1596,17 @@ class Projector:
                 self._log.debug("projection_busy_elsewhere", projection=p.name)
                 self._busy.add(p.name)
                 return 0
+            if (e.sqlstate is None and e.transient and self.store.backend == "postgresql"
+                    and time.monotonic() - started >= self.stall_ms / 1000):
+                # A connection lost after the batch outlasted stall_seconds: the server ended
+                # it for idling and closed the session.  psycopg reports the server's reason
+                # (25P03) only when it reads it first; with several statements in a pipeline
+                # (the rows of two streams or more) it reports the closed connection instead.
+                lost = e
+                e = DatabaseError(f"the server ended the batch's session, idle-in-transaction "
+                                  f"for stall_seconds ({self.stall_ms / 1000:g} s): {lost}")
+                e.transient, e.sqlstate = True, _IDLE_TIMEOUT
+                e.__cause__ = lost
             if e.sqlstate == _IDLE_TIMEOUT:
                 # The server ended the batch after stall_seconds idle: this worker froze, or
                 # the batch's fold takes that long.  Retried (a transient error) with half the
@@ -1603,7 +1615,7 @@ class Projector:
                 size = self._sizes[p.name] = max(1, self._size(p) // 2)
                 self._log.warning("projector_batch_too_slow", projection=p.name,
                                   stall_seconds=self.stall_ms / 1000, batch_size=size)
-            raise
+            raise e from e.__cause__
         except EventDecodeError as e:
             failed = _unreadable(p.name, e)
             if failed is None:
