@@ -1483,12 +1483,29 @@ class Projector:
             ensure_registered(store, p)
 
     def _acquire(self, conn: Connection, p: Projection[Any], row: Any, now_us: int) -> bool:
+        """Take or renew the projection's lease (the row is locked): free, expired, ours, or
+        held by a worker of an older fold version while the rows are older than ours too.
+
+        Why the last: in a rolling deploy that bumps the fold version, the old release's
+        workers renew their lease at every poll, so a new release's projector never got it,
+        and the rows were never rebuilt while any old worker ran.  Taking it is safe: every
+        batch runs under the row's lock and checks the lease first, so the old worker's next
+        batch finds it taken and stands down.  Workers of one version never take it from each
+        other (nor from a worker rebuilding the rows with this version)."""
         mine = row.owner == self.worker_id
-        if not mine and row.owner is not None and (row.lease_until or 0) > now_us:
+        held = not mine and row.owner is not None and (row.lease_until or 0) > now_us
+        newer = (held and row.code_version < p.version
+                 and (row.owner_code_version or 0) < p.version)
+        if held and not newer:
             return False
         conn.execute(update(projections).where(projections.c.name == p.name)
-                     .values(owner=self.worker_id, lease_until=now_us + self.lease_us))
-        if not mine:
+                     .values(owner=self.worker_id, lease_until=now_us + self.lease_us,
+                             owner_code_version=p.version))
+        if newer:
+            self._log.info("projection_lease_taken_by_newer_code", projection=p.name,
+                           previous=row.owner, previous_code=row.owner_code_version,
+                           code=p.version, position=row.position)
+        elif not mine:
             self._log.info("projection_lease_taken", projection=p.name,
                            previous=row.owner, position=row.position)
         return True

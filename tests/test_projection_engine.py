@@ -1200,6 +1200,36 @@ def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     assert rows_of(store, old)[("default", "counter-a")].count == 5
 
 
+def test_new_release_projectors_take_over_from_old_ones_still_running(
+        store: EventStore) -> None:
+    """A rolling deploy that bumps the fold version, with projector workers only: the old
+    release's workers renew their lease at every poll, yet a new release's worker takes it
+    (rows older than its fold, holder older too), rebuilds, and the old ones stand down.
+    Two workers of the new release never take the lease from each other."""
+    bump(store, "a", 3)
+    old, new = TallyProjection("tally_roll"), TallyV2("tally_roll")
+    old_workers = [Projector(store, [old], worker_id=f"old-{i}") for i in range(2)]
+    assert old_workers[0].catch_up() == 3
+    new_workers = [Projector(store, [new], worker_id=f"new-{i}") for i in range(2)]
+    owners = []
+    for round_ in range(6):  # every worker polls in turn, old ones first
+        bump(store, "a", 1)
+        for w, p in [*((w, old) for w in old_workers), *((w, new) for w in new_workers)]:
+            w.run_once(p)
+        owners.append(status(store, "tally_roll")[0].owner)
+    (st,) = status(store, "tally_roll")
+    assert (st.code_version, st.position) == (2, 9)
+    assert owners == ["new-0"] * 6  # taken once, and kept from new-1 as from the old ones
+    assert rows_of(store, new)[("default", "counter-a")] == Tally(
+        count=9, total=18, writers=["a", "a", "a"], last_version=9)
+    for w in old_workers:  # the rows are now newer than their fold: they stand down
+        assert w.run_once(old) == 0
+    bump(store, "a", 1)
+    assert new_workers[1].run_once(new) == 0  # new-0 holds the lease
+    assert new_workers[0].run_once(new) == 1
+    assert verify(store, new) == []
+
+
 def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild cut off after its first page resumes where it stopped when run again by the
