@@ -94,9 +94,10 @@ projections = Table(
     # The categories the projection folds, a JSON list ([]: all; NULL: not recorded, before
     # migration 0005), for its lag in `projections status` where its code is not loaded.
     Column("categories", Text, nullable=True),
-    # The fold version of the lease holder's code (migration 0006; NULL: taken by code before
-    # it): a projector of a newer version takes the lease from an older one.
-    Column("owner_code_version", Integer, nullable=True),
+    # "<fold version>:<owner>" of the lease holder's code (migration 0006; it counts only while
+    # it names the current owner, as code before 0006 changes the owner without it): a
+    # projector of a newer fold version takes the lease from an older one.
+    Column("owner_code", Text, nullable=True),
 )
 
 projection_rows = Table(

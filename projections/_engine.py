@@ -293,6 +293,13 @@ def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
     return row
 
 
+def _holder_code(row: Any) -> int | None:
+    """The fold version of the lease holder's code, if it recorded one with its ownership
+    (None: code before migration 0006 took the lease, or it changed hands since)."""
+    version, _, owner = (row.owner_code or "").partition(":")
+    return int(version) if owner == row.owner and version.isdigit() else None
+
+
 def _check_name(name: object) -> str:
     if not name:
         raise InvalidArgument("a projection needs a name")
@@ -1494,16 +1501,16 @@ class Projector:
         other (nor from a worker rebuilding the rows with this version)."""
         mine = row.owner == self.worker_id
         held = not mine and row.owner is not None and (row.lease_until or 0) > now_us
-        newer = (held and row.code_version < p.version
-                 and (row.owner_code_version or 0) < p.version)
+        holder_code = _holder_code(row) if held else None
+        newer = held and row.code_version < p.version and (holder_code or 0) < p.version
         if held and not newer:
             return False
         conn.execute(update(projections).where(projections.c.name == p.name)
                      .values(owner=self.worker_id, lease_until=now_us + self.lease_us,
-                             owner_code_version=p.version))
+                             owner_code=f"{p.version}:{self.worker_id}"))
         if newer:
             self._log.info("projection_lease_taken_by_newer_code", projection=p.name,
-                           previous=row.owner, previous_code=row.owner_code_version,
+                           previous=row.owner, previous_code=holder_code,
                            code=p.version, position=row.position)
         elif not mine:
             self._log.info("projection_lease_taken", projection=p.name,

@@ -1208,13 +1208,30 @@ def test_new_release_projectors_take_over_from_old_ones_still_running(
     Two workers of the new release never take the lease from each other."""
     bump(store, "a", 3)
     old, new = TallyProjection("tally_roll"), TallyV2("tally_roll")
+    from eventstore._schema import projections as engine_projections
+
     old_workers = [Projector(store, [old], worker_id=f"old-{i}") for i in range(2)]
+    for w in old_workers[1:]:  # a worker of the release before migration 0006 ...
+        def acquire_as_before(conn: Any, p: Any, row: Any, now_us: int,
+                              w: Projector = w) -> bool:
+            if (row.owner not in (None, w.worker_id)
+                    and (row.lease_until or 0) > now_us):
+                return False  # ... takes the lease without recording its fold version
+            conn.execute(update(engine_projections).where(engine_projections.c.name == p.name)
+                         .values(owner=w.worker_id, lease_until=now_us + w.lease_us))
+            return True
+        w._acquire = acquire_as_before  # type: ignore[method-assign]
     assert old_workers[0].catch_up() == 3
+    with begin_write(store.engine) as conn:  # a newer worker's record, left behind when the
+        conn.execute(update(engine_projections)  # lease passed to that older worker
+                     .where(engine_projections.c.name == old.name)
+                     .values(owner="old-1", owner_code="2:new-gone"))
     new_workers = [Projector(store, [new], worker_id=f"new-{i}") for i in range(2)]
     owners = []
-    for round_ in range(6):  # every worker polls in turn, old ones first
+    for _round in range(6):  # every worker polls in turn, old ones first
         bump(store, "a", 1)
-        for w, p in [*((w, old) for w in old_workers), *((w, new) for w in new_workers)]:
+        for w, p in [*((w, old) for w in old_workers[::-1]),
+                     *((w, new) for w in new_workers)]:
             w.run_once(p)
         owners.append(status(store, "tally_roll")[0].owner)
     (st,) = status(store, "tally_roll")
