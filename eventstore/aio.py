@@ -76,9 +76,11 @@ from ._core import (
 from ._sql import Compiled
 from .errors import DatabaseError, InvalidArgument, StoreClosed
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
+from .logs import get_logger
 
 __all__ = ["AsyncEventStore"]
 
+_log = get_logger("eventstore")
 T = TypeVar("T")
 
 StopEvent = asyncio.Event | threading.Event
@@ -101,25 +103,36 @@ class AsyncEventStore(StoreCore):
         self._writer = None if self._sqlite is not None and self._sqlite.memory else (
             _KeptWriter(engine, sqlite=self._sqlite is not None))
         self._released = False  # close() has released every connection
-        self._preparations: list[_Preparation] = []
+        self._preparations: list[Preparation] = []
 
-    def prepare_before_use(self, fn: Callable[[], None]) -> None:
+    def prepare_before_use(self, fn: Callable[[], None]) -> Preparation:
         """Run the sync ``fn()`` once, on a worker thread, before the next call that appends
         or runs a transaction (``append``, ``append_with``, ``run_sync``, ``run_read``); those
         calls wait for it, and the event loop does not.
 
         Why: an inline projection whose rows an older fold built is rebuilt before it is used
         (``projections.inline``): a replay of the log, too long to run on the event loop, and
-        a facade's constructor cannot wait for it.  If ``fn`` raises, the call that waited
-        raises that error, and the next call tries again.
+        a facade's constructor cannot wait for it.
+
+        If ``fn`` raises a transient :class:`DatabaseError` (or is cancelled), the call that
+        waited raises it and the next call tries again.  Any other error is final: it is
+        logged and kept on the returned :class:`Preparation` (``failed``), for whoever asked to
+        raise; the calls that waited go on, so ``fn`` must leave the store usable when it
+        fails (``inline`` takes its handler off again: as with the sync store, whose facade
+        constructor raises, the other appends and reads are not affected).
         """
-        self._preparations.append(_Preparation(fn))
+        prep = Preparation(fn)
+        self._preparations.append(prep)
+        return prep
 
     async def _prepared(self) -> None:
         """Wait for what :meth:`prepare_before_use` asked (on worker threads)."""
         for prep in list(self._preparations):
             if not prep.done:
                 await asyncio.to_thread(prep.run)
+                if prep.failed is not None:
+                    _log.error("preparation_failed", error=f"{type(prep.failed).__name__}: "
+                                                           f"{prep.failed}")
             with contextlib.suppress(ValueError):
                 self._preparations.remove(prep)
 
@@ -412,19 +425,29 @@ class AsyncEventStore(StoreCore):
         return f"AsyncEventStore({self._url.render_as_string(hide_password=True)!r})"
 
 
-class _Preparation:
-    """A sync function run once, by whichever waiting caller's thread gets to it first."""
+class Preparation:
+    """A sync function run once (see :meth:`AsyncEventStore.prepare_before_use`), by whichever
+    waiting caller's thread gets to it first; ``failed``: its final error, if any."""
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self._fn = fn
         self._lock = threading.Lock()
         self.done = False
+        self.failed: Exception | None = None
 
     def run(self) -> None:
         with self._lock:
-            if not self.done:
+            if self.done:
+                return
+            try:
                 self._fn()
-                self.done = True
+            except DatabaseError as e:
+                if e.transient:
+                    raise  # tried again by the next call
+                self.failed = e
+            except Exception as e:
+                self.failed = e
+            self.done = True
 
 
 async def _wait(stop: StopEvent, seconds: float) -> None:

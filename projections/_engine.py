@@ -1033,17 +1033,31 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
             return
     if isinstance(store, EventStore):
         _rebuild_if_stale(store, projection)
-    elif not isinstance(store, BoundStore) and hasattr(store, "prepare_before_use"):
+    handler = _InlineHandler(store, projection)
+    store.add_inline_handler(handler)
+    if not isinstance(store, (EventStore, BoundStore)) and hasattr(store, "prepare_before_use"):
         url = store.url
         if not (is_sqlite(url) and _sqlite_settings(url)[3]):  # in memory: not reachable
-            store.prepare_before_use(functools.partial(_rebuild_if_stale_at, url, projection))
-    store.add_inline_handler(_InlineHandler(store, projection))
+            store.prepare_before_use(functools.partial(
+                _rebuild_if_stale_at, url, projection, store, handler))
 
 
-def _rebuild_if_stale_at(url: Any, projection: Projection[Any]) -> None:
-    """:func:`_rebuild_if_stale` through a sync store of the database at ``url``."""
-    with EventStore.open(url, migrate=False) as sync:
-        _rebuild_if_stale(sync, projection)
+def _rebuild_if_stale_at(url: Any, projection: Projection[Any], store: Any,
+                         handler: _InlineHandler) -> None:
+    """:func:`_rebuild_if_stale` through a sync store of the database at ``url``, for an
+    ``AsyncEventStore``; if that fails for good (a fold that raises), the handler comes off
+    again, as the sync store never adds it: the store's other appends go on (its facade
+    raises the error, see ``projections.aio``)."""
+    try:
+        with EventStore.open(url, migrate=False) as sync:
+            _rebuild_if_stale(sync, projection)
+    except DatabaseError as e:
+        if not e.transient:
+            store.remove_inline_handler(handler)
+        raise
+    except Exception:
+        store.remove_inline_handler(handler)
+        raise
 
 
 def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:

@@ -65,14 +65,25 @@ class _Twin(Generic[F]):
         check_async_store(store, type(self).__name__,
                           f"projections.{type(self).__name__.removeprefix('Async')}")
         self.store = store
+        known = set(map(id, store._preparations))
         self._facade = built_for_twin(build)
+        # What building it asked the store to prepare (a rebuild of stale inline rows).
+        self._preparations = [p for p in store._preparations if id(p) not in known]
 
     async def _run(self, method: str, *args: Any, write: bool, **kwargs: Any) -> Any:
         return await self._call(lambda facade: getattr(facade, method)(*args, **kwargs),
                                 write=write)
 
     async def _call(self, fn: Callable[[F], T], *, write: bool) -> T:
-        """Run ``fn(facade)`` with the facade bound to one transaction of the async store."""
+        """Run ``fn(facade)`` with the facade bound to one transaction of the async store.
+
+        A rebuild of its rows that failed for good (see ``AsyncEventStore.prepare_before_use``)
+        is raised by each call, as the sync facade's constructor raises it."""
+        for prep in self._preparations:
+            if not prep.done:
+                await self.store._prepared()
+            if prep.failed is not None:
+                raise prep.failed
         stores: list[BoundStore] = []
 
         def call(conn: Connection) -> T:

@@ -16,6 +16,7 @@ from projections.aio import AsyncAgentSessions, AsyncContinuations, AsyncConvers
 from projections.errors import Conflict, NoPendingFeedback, ResumeInProgress
 from projections.sessions import SessionKey
 from tests._clock import Clock
+from tests._events import NoteAdded
 
 
 @pytest.mark.asyncio
@@ -332,7 +333,9 @@ async def test_the_rebuild_of_stale_rows_runs_off_the_event_loop_before_first_us
         engine.dispose()
     loop_thread = threading.get_ident()
     opened_on: list[int] = []
-    failures = [DatabaseError("the server went away")]
+    gone = DatabaseError("the server went away")
+    gone.transient = True
+    failures = [gone]
     real_open = EventStore.open
 
     def watched_open(*args: Any, **kwargs: Any) -> EventStore:
@@ -361,6 +364,48 @@ async def test_the_rebuild_of_stale_rows_runs_off_the_event_loop_before_first_us
         finally:
             rows.close()
     assert version == ConversationProjection.version  # rebuilt by this fold
+
+
+@pytest.mark.asyncio
+async def test_a_rebuild_that_fails_for_good_fails_its_facade_not_the_store(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on the sync store, where the facade's constructor raises and nothing else is
+    affected: a rebuild of stale rows whose fold raises is raised by each call of that async
+    facade, while the store's other appends and reads go on (each used to replay the log again
+    and fail)."""
+    from sqlalchemy import create_engine, text
+
+    from eventstore import EventStore
+    from projections import ConversationProjection, Conversations, ProjectionFailed
+
+    with EventStore.open(url, migrate=True) as store:
+        Conversations(store).assign("c-1", {"n": 1})
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:  # as if an older version of the fold built the rows
+            conn.execute(text("UPDATE es_projections SET code_version = 0 "
+                              "WHERE name = 'conversations'"))
+    finally:
+        engine.dispose()
+    replays = []
+
+    def refusing(self: Any, state: Any, event: Any) -> Any:
+        replays.append(event.position)
+        raise ValueError("this fold refuses an old event")
+
+    monkeypatch.setattr(ConversationProjection, "evolve", refusing)
+    async with await AsyncEventStore.open(url) as astore:
+        conversations = AsyncConversations(astore)
+        assert (await astore.append("other-1", [NoteAdded(text="a")])).stream_version == 1
+        tried = len(replays)  # the rebuild ran before that append, and failed
+        assert tried > 0 and set(replays) == {1}
+        for _ in range(2):
+            with pytest.raises(ProjectionFailed, match="refuses an old event"):
+                await conversations.get("c-1")
+        assert (await astore.append("other-1", [NoteAdded(text="b")])).stream_version == 2
+        assert [e.version async for e in astore.read_stream("other-1")] == [1, 2]
+        assert await astore.last_position() == 3
+        assert len(replays) == tried  # not again
 
 
 @pytest.mark.asyncio
