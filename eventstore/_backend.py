@@ -43,9 +43,10 @@ def resolve_url(url: str | URL | None) -> URL:
         parsed = make_url(raw)
     except (sa_exc.ArgumentError, ValueError, TypeError) as e:
         raise InvalidArgument(f"not a database URL: {_masked(raw)!r}") from e
-    if parsed.host is not None and "@" in parsed.host:
+    if (parsed.host is not None and "@" in parsed.host) or (
+            isinstance(raw, str) and not is_sqlite(parsed) and _at_after_credentials(raw)):
         # The password held an "@" that was not percent-encoded: what follows it would be
-        # taken as the host (and shown in the driver's errors).
+        # taken as the host, the database or an option (and shown in the driver's errors).
         raise InvalidArgument(
             f"not a database URL: {_masked(raw)!r} has an '@' after the one before the host; "
             "write an '@' in the user name or password as %40")
@@ -57,6 +58,23 @@ def resolve_url(url: str | URL | None) -> URL:
             "postgresql+psycopg://user@host/db"
         )
     return parsed
+
+
+def _at_after_credentials(raw: str) -> bool:
+    """Whether a URL with credentials has another "@" after them, in its database or query
+    (a password's unescaped "@" followed by "/" or "?")."""
+    rest = raw.partition("://")[2]
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    cut = min(ends) if ends else len(rest)
+    return "@" in rest[:cut] and "@" in rest[cut:]
+
+
+def shown_url(url: URL) -> str:
+    """The URL to show (repr, messages): its password hidden, also one given as an option."""
+    if "password" not in url.query:
+        return url.render_as_string(hide_password=True)
+    hidden = url.update_query_dict({"password": "HIDDEN"}).render_as_string(hide_password=True)
+    return hidden.replace("password=HIDDEN", "password=***")
 
 
 def _masked(raw: object) -> object:

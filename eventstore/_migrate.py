@@ -18,6 +18,7 @@ from ._backend import (
     lock_migrations,
     missing_sqlite_file,
     resolve_url,
+    shown_url,
     translate,
 )
 from ._schema import VERSION_TABLE
@@ -129,7 +130,7 @@ def check_file(url: URL) -> None:
 
 
 def _unmigrated(url: URL, state: str) -> SchemaVersionMismatch:
-    shown = url.render_as_string(hide_password=True)
+    shown = shown_url(url)
     return SchemaVersionMismatch(
         f"database {shown} {state}: run `eventstore migrate --url '{shown}'`")
 

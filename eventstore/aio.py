@@ -58,6 +58,7 @@ from ._backend import (
     pg_listeners,
     resolve_url,
     retire,
+    shown_url,
     translate,
 )
 from ._core import (
@@ -422,7 +423,7 @@ class AsyncEventStore(StoreCore):
                 await _wait(stop, self._options.poll_interval)
 
     def __repr__(self) -> str:
-        return f"AsyncEventStore({self._url.render_as_string(hide_password=True)!r})"
+        return f"AsyncEventStore({shown_url(self._url)!r})"
 
 
 class Preparation:

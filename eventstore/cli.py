@@ -52,7 +52,7 @@ import msgspec
 import structlog
 
 from . import _migrate
-from ._backend import DEFAULT_URL, missing_sqlite_file, resolve_url, sqlite_file
+from ._backend import DEFAULT_URL, missing_sqlite_file, resolve_url, shown_url, sqlite_file
 from ._core import Options, check_id, encode_within
 from .codec import MAX_NESTING
 from .errors import (
@@ -595,7 +595,7 @@ def _stop_on_signals(stop: threading.Event, started: threading.Event | None = No
 def cmd_migrate(args: argparse.Namespace) -> int:
     url = resolve_url(args.url)
     revision = _migrate.migrate_url(url)
-    shown = url.render_as_string(hide_password=True)
+    shown = shown_url(url)
     if args.json:
         print_json({"url": shown, "revision": revision})
     else:

@@ -11,7 +11,15 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from . import _migrate
-from ._backend import Writer, begin_read, create_store_engine, is_sqlite, resolve_url, retire
+from ._backend import (
+    Writer,
+    begin_read,
+    create_store_engine,
+    is_sqlite,
+    resolve_url,
+    retire,
+    shown_url,
+)
 from ._core import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_TENANT,
@@ -280,5 +288,5 @@ class EventStore(StoreCore):
             return self._stats_on(conn, tenant_id)
 
     def __repr__(self) -> str:
-        return f"EventStore({self._url.render_as_string(hide_password=True)!r})"
+        return f"EventStore({shown_url(self._url)!r})"
 

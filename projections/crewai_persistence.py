@@ -110,7 +110,8 @@ def _without_password(url: str | URL) -> str:
         parsed = resolve_url(url)
     except InvalidArgument:  # left for EventStore.open to refuse; the password hidden here
         return str(_masked(url if isinstance(url, str) else str(url)))
-    return parsed._replace(password=None).render_as_string(hide_password=False)
+    return (parsed._replace(password=None).difference_update_query(["password"])
+            .render_as_string(hide_password=False))
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

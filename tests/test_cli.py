@@ -391,9 +391,18 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
         assert code == 2 and "cr3t" not in err and "'postgresql://app:***@db:port/app'" in err
     # A URL that parses, its password cut at an unescaped "@": the rest is not the host (the
     # driver's error named it, and so showed the end of the password).
-    code, _, err = run(capsys, "stats", "--url",
-                       "postgresql+psycopg://app:pa@ss-hunter2@127.0.0.1:1/app")
-    assert code == 2 and "hunter2" not in err and "%40" in err
+    for url in ("postgresql+psycopg://app:pa@ss-hunter2@127.0.0.1:1/app",
+                "postgresql+psycopg://app:pa@ss/hunter2@127.0.0.1:1/app",  # then a "/"
+                "postgresql+psycopg://app:pa@ss?hunter2@127.0.0.1:1/app"):  # or a "?"
+        code, _, err = run(capsys, "stats", "--url", url)
+        assert code == 2 and "hunter2" not in err and "%40" in err, err
+    # A password given as an option is hidden too, where the store shows its URL (repr,
+    # messages).
+    from sqlalchemy.engine import make_url
+
+    from eventstore._backend import shown_url
+    shown = shown_url(make_url("postgresql+psycopg://app@db/app?password=hunter2&sslmode=x"))
+    assert shown == "postgresql+psycopg://app@db/app?password=***&sslmode=x"
 
 
 @pytest.mark.parametrize(("query", "message"), [

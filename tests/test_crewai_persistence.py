@@ -293,8 +293,13 @@ def test_the_url_s_password_stays_out_of_what_crewai_serializes(url: str) -> Non
         persistence.close()
     by_keyword = EventStoreFlowPersistence(url=with_password)
     assert secret not in repr(by_keyword) and by_keyword.url == url
-    unescaped = url.replace("postgres@", f"postgres:{secret}@x@")  # an "@" in the password
-    assert secret not in repr(EventStoreFlowPersistence(unescaped))
+    for unescaped in (url.replace("postgres@", f"postgres:{secret}@x@"),  # "@" in the password
+                      url.replace("postgres@", f"postgres:{secret}@x/y@")):  # and a "/"
+        assert secret not in repr(EventStoreFlowPersistence(unescaped))
+    as_option = EventStoreFlowPersistence(f"{url}?password={secret}")  # a password option
+    assert secret not in repr(as_option) and as_option.url == url
+    assert as_option.load_state("f-1") is None  # (tenant "default"): it connects
+    as_option.close()
 
 
 def test_a_store_opened_on_first_use_is_closed_if_the_facade_fails(
