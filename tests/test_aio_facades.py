@@ -306,6 +306,24 @@ async def test_async_facades_rebuild_rows_of_another_fold_version(url: str) -> N
         assert claimed is not None and claimed.workflow_id == "wf"
 
 
+def _stale_conversation_rows(url: str) -> None:
+    """A conversation, its rows as if an older version of the fold built them."""
+    from sqlalchemy import create_engine, text
+
+    from eventstore import EventStore
+    from projections import Conversations
+
+    with EventStore.open(url, migrate=True) as store:
+        Conversations(store).assign("c-1", {"n": 1})
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE es_projections SET code_version = 0 "
+                              "WHERE name = 'conversations'"))
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.asyncio
 async def test_the_rebuild_of_stale_rows_runs_off_the_event_loop_before_first_use(
         url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,22 +333,14 @@ async def test_the_rebuild_of_stale_rows_runs_off_the_event_loop_before_first_us
     again."""
     import threading
 
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
     from eventstore import EventStore
     from eventstore.errors import DatabaseError
-    from projections import ConversationProjection, Conversations
+    from projections import ConversationProjection
     from projections import _engine as engine_module
 
-    with EventStore.open(url, migrate=True) as store:
-        Conversations(store).assign("c-1", {"n": 1})
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:  # as if an older version of the fold built the rows
-            conn.execute(text("UPDATE es_projections SET code_version = 0 "
-                              "WHERE name = 'conversations'"))
-    finally:
-        engine.dispose()
+    _stale_conversation_rows(url)
     loop_thread = threading.get_ident()
     opened_on: list[int] = []
     gone = DatabaseError("the server went away")
@@ -373,20 +383,9 @@ async def test_a_rebuild_that_fails_for_good_fails_its_facade_not_the_store(
     affected: a rebuild of stale rows whose fold raises is raised by each call of that async
     facade, while the store's other appends and reads go on (each used to replay the log again
     and fail)."""
-    from sqlalchemy import create_engine, text
+    from projections import ConversationProjection, ProjectionFailed
 
-    from eventstore import EventStore
-    from projections import ConversationProjection, Conversations, ProjectionFailed
-
-    with EventStore.open(url, migrate=True) as store:
-        Conversations(store).assign("c-1", {"n": 1})
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:  # as if an older version of the fold built the rows
-            conn.execute(text("UPDATE es_projections SET code_version = 0 "
-                              "WHERE name = 'conversations'"))
-    finally:
-        engine.dispose()
+    _stale_conversation_rows(url)
     replays = []
 
     def refusing(self: Any, state: Any, event: Any) -> Any:
