@@ -2,7 +2,8 @@
 
 A decision is a pure function of the current state; on a version conflict the state is read
 again and the decision made again, so concurrent commands serialize on the stream's version (the
-store's optimistic concurrency) instead of on locks.
+store's optimistic concurrency) instead of on locks.  A command that lost a few times decides
+under the store's append lock (see :func:`_decide_locked`), so that it cannot lose for ever.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
+from eventstore._backend import lock_appends
+from eventstore._bound import BoundStore, transaction
 from eventstore._core import check_id
 from eventstore.errors import InvalidArgument
 
@@ -39,7 +42,10 @@ def decide(
     decision produced no events).  Errors the decision raises (domain refusals) pass through.
     """
     last: WrongExpectedVersion | None = None
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
+        if attempt == OPTIMISTIC_ATTEMPTS and not isinstance(store, BoundStore):
+            return _decide_locked(store, projection, stream_id, tenant_id=tenant_id,
+                                  decision=decision, metadata=metadata)
         state, version = current(store, projection, stream_id, tenant_id=tenant_id)
         events = decision(state, version)
         if not events:
@@ -53,6 +59,38 @@ def decide(
         return state, version, result
     assert last is not None
     raise last
+
+
+# Conflicts a command takes before it decides under the append lock.
+OPTIMISTIC_ATTEMPTS = 3
+
+
+def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str, *,
+                   tenant_id: str, decision: Callable[[S, int], Sequence[Event]],
+                   metadata: dict[str, Any] | None
+                   ) -> tuple[S, int, AppendResult | None]:
+    """:func:`decide` in one write transaction that takes the store's append lock first, so
+    nothing can be appended between the read and the append: it cannot conflict.
+
+    Why: under contention on one stream, a command that kept losing could lose every time.
+    An async twin retries inside its transaction, which keeps the append lock its first
+    attempt took, so it always won the next round, and a sync command gave up after 50
+    conflicts (``WrongExpectedVersion`` from a facade command).  Holding the lock from the
+    read costs the other appenders that read and the decision, only for a command that already
+    lost a few times.
+    """
+    with transaction(store, write=True) as conn:
+        lock_appends(conn)
+        bound = BoundStore(store, conn)
+        state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]
+                                 tenant_id=tenant_id)
+        events = decision(state, version)
+        result = None
+        if events:
+            result = bound.append(stream_id, list(events), expected_version=version,
+                                  tenant_id=tenant_id, metadata=metadata)
+    bound.log_appended()
+    return state, version, result
 
 
 def fold_appended(store: EventStore, projection: Projection[S], stream_id: str, *,

@@ -1,0 +1,55 @@
+"""The facades' command layer (``projections._command.decide``): read, decide, append at the
+version read; on a conflict decide again, and after a few conflicts under the append lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from eventstore import Event, EventStore
+from projections._command import OPTIMISTIC_ATTEMPTS, decide
+from projections.conversation import ConversationProjection
+from projections.events import VariablesAssigned, VariableValue
+
+
+def _assigned(n: int) -> VariablesAssigned:
+    return VariablesAssigned(conversation_id="c-1", variables=[
+        VariableValue(name="n", value=n, value_type="integer")])
+
+
+def test_a_command_that_keeps_losing_decides_under_the_append_lock(url: str) -> None:
+    """Another writer appends to the stream during every optimistic attempt (as a busy job's
+    other writers do): the command then decides holding the append lock, so a writer that
+    comes in meanwhile waits for it, and the command gets through instead of giving up with
+    WrongExpectedVersion after its retries (which one that always lost used to)."""
+    stream = "conversation-c-1"
+    projection = ConversationProjection()
+    with EventStore.open(url, migrate=True) as store, EventStore.open(url) as other:
+        seen: list[int] = []
+        late: list[Any] = []
+
+        def decision(state: Any, version: int) -> list[Event]:
+            seen.append(version)
+            if len(seen) <= OPTIMISTIC_ATTEMPTS:  # the stream moves under each of these
+                other.append(stream, [_assigned(-len(seen))])
+            else:  # under the lock: a writer that comes now waits until this one commits
+                writer = threading.Thread(target=lambda: late.append(
+                    other.append(stream, [_assigned(99)])))
+                writer.start()
+                late.append(writer)
+                time.sleep(0.3)
+                assert late == [writer], "the other writer got in under the lock"
+            return [_assigned(len(seen))]
+
+        _state, version, result = decide(store, projection, stream, tenant_id="default",
+                                         decision=decision)
+        late[0].join(10)
+        assert seen == list(range(OPTIMISTIC_ATTEMPTS + 1))
+        assert version == OPTIMISTIC_ATTEMPTS and result is not None
+        assert result.stream_version == OPTIMISTIC_ATTEMPTS + 1
+        assert late[1].stream_version == OPTIMISTIC_ATTEMPTS + 2  # it came after ours
+        values = [e.data.variables[0].value  # type: ignore[attr-defined]
+                  for e in store.read_stream(stream)]
+        assert values == [-(i + 1) for i in range(OPTIMISTIC_ATTEMPTS)] + [
+            OPTIMISTIC_ATTEMPTS + 1, 99]
