@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
 from eventstore._backend import lock_appends
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import check_id
+from eventstore._core import check_id, check_storable
 from eventstore.errors import InvalidArgument
 
 from ._engine import Projection, current
@@ -161,6 +161,14 @@ def check_text(value: object, what: str) -> str:
     if len(value) > 200:
         raise InvalidArgument(f"{what} is longer than 200 characters")
     return check_id(value, what, InvalidArgument)
+
+
+def check_message(value: object, what: str) -> str:
+    """Free text (a reason, an error message): a non-empty string of any length both databases
+    store (the event's size limit bounds it)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string, got {value!r:.80}")
+    return check_storable(value, what, InvalidArgument)
 
 
 def check_tenant(value: object) -> str:

@@ -253,14 +253,24 @@ class Continuations:
         if state.status != "resuming":
             reason = state.status if state.status in ("absent", "consumed", "expired") else (
                 "not_claimed")
+            why = ""
+            if reason == "not_claimed" and claim_id is not None:
+                why = (" (this claim was released, or timed out and was put back by a sweep; "
+                       "claim it again to resume)")
             raise NoPendingContinuation(f"the continuation of {where} is {state.status}, "
-                                        "not being resumed", reason=reason)
+                                        f"not being resumed{why}", reason=reason)
         if claim_id is not None and claim_id != state.claim_id:
             raise ResumeInProgress(f"the continuation of {where} is claimed by another resumer")
 
     def complete(self, conversation_id: str, user_id: str, *, tool_results: Sequence[Any],
                  claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
-        """resuming -> consumed, recording the tool results."""
+        """resuming -> consumed, recording the tool results.
+
+        Raises :class:`NoPendingContinuation` when nothing is being resumed: ``reason``
+        absent, expired or consumed, or ``not_claimed`` when the pause is pending again (the
+        claim was released, or timed out and a sweep put it back); :class:`ResumeInProgress`
+        when another resumer's claim holds it (``claim_id`` differs).
+        """
         stream = self._ids(conversation_id, user_id)
         if isinstance(tool_results, (str, bytes)) or not isinstance(tool_results, Sequence):
             raise InvalidArgument("tool_results must be a list")
@@ -276,7 +286,8 @@ class Continuations:
 
     def release(self, conversation_id: str, user_id: str, *, error: str | None = None,
                 claim_id: str | None = None, tenant_id: str = "default") -> Continuation:
-        """resuming -> pending with a fresh time to live, the pause's own (the resume failed)."""
+        """resuming -> pending with a fresh time to live, the pause's own (the resume failed).
+        Raises as :meth:`complete` does."""
         stream = self._ids(conversation_id, user_id)
 
         def decision(state: Continuation, version: int) -> list[Event]:

@@ -31,7 +31,9 @@ class ResumeInProgress(Conflict):
 
 
 class NoPendingContinuation(Conflict):
-    """No pending continuation: ``reason`` is ``absent``, ``expired`` or ``consumed``."""
+    """No pending continuation: ``reason`` is ``absent``, ``expired`` or ``consumed``; or, for
+    ``complete`` and ``release``, ``not_claimed``: the pause is pending, not being resumed (its
+    claim was released, or timed out and a sweep put it back)."""
 
 
 class RebuildInProgress(Conflict):

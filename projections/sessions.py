@@ -17,7 +17,7 @@ from eventstore import Event, EventStore, RecordedEvent
 from eventstore._time import to_micros
 from eventstore.errors import InvalidArgument
 
-from ._command import Clock, check_tenant, check_text, decide, utc_clock
+from ._command import Clock, check_message, check_tenant, check_text, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
 from ._stores import check_sync_store
 from .events import SessionRetired, SessionSnapshotSaved
@@ -185,7 +185,7 @@ class AgentSessions:
     def retire(self, key: SessionKey, *, reason: str) -> bool:
         """End the session (failed or cancelled run); returns whether this call retired it."""
         key = _check_key(key)
-        check_text(reason, "reason")
+        check_message(reason, "reason")
         return self._retire(key.stream_id(), key.tenant_id, reason)
 
     def _retire(self, stream: str, tenant_id: str, reason: str) -> bool:

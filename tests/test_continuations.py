@@ -172,12 +172,16 @@ def test_sweep_reverts_stale_claims_and_records_expiry(conts: Continuations, clo
                                                        store: EventStore) -> None:
     """sweep puts claims past the claim timeout back and expires pauses past their ttl."""
     pause(conts, "conv-a")
-    conts.claim("conv-a", "u1")
+    claimed = conts.claim("conv-a", "u1")
     pause(conts, "conv-b")
     clock.advance(minutes=11)
     res = conts.sweep()
     assert res.reverted == [("default", "conv-a", "u1")] and res.expired == []
     assert conts.get("conv-a", "u1").status == "pending"  # type: ignore[union-attr]
+    # The resumer whose claim was put back learns it (the reason is documented).
+    with pytest.raises(NoPendingContinuation, match="timed out") as late:
+        conts.complete("conv-a", "u1", tool_results=[], claim_id=claimed.claim_id)
+    assert late.value.reason == "not_claimed"
     clock.advance(minutes=25)
     res = conts.sweep()
     assert res.expired == [("default", "conv-b", "u1")]

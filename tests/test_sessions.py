@@ -54,6 +54,14 @@ def test_retire_makes_active_none(sessions: AgentSessions) -> None:
     assert sessions.active(key()) is None
     assert sessions.retire(key(), reason="again") is False
     assert [e.kind for e in sessions.history(key())] == ["saved", "retired"]
+    # A reason is free text, as long as the error message it often is (not an id's 200).
+    long_reason = "Traceback (most recent call last): " + "x" * 400
+    sessions.save(key(), snapshot={"s": 2}, layer_specs=[])
+    assert sessions.retire(key(), reason=long_reason) is True
+    assert sessions.history(key())[-1].reason == long_reason
+    for bad in ("", None, "nul\x00"):
+        with pytest.raises(InvalidArgument):
+            sessions.retire(key(), reason=bad)  # type: ignore[arg-type]
 
 
 def test_pause_keeps_session_active_with_pending_ids(sessions: AgentSessions) -> None:
