@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ from ._stores import built_for_twin, check_async_store
 from .continuations import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_TTL,
+    SWEEP_KINDS,
     Continuation,
     Continuations,
     SweepResult,
@@ -42,6 +44,7 @@ from .flows import Flows, FlowSave, PendingFeedback
 from .jobs import (
     DEFAULT_LEASE,
     DEFAULT_MAX_ATTEMPTS,
+    SWEPT_STATUSES,
     TERMINAL_EVENTS,
     Job,
     JobEvent,
@@ -231,9 +234,20 @@ class AsyncContinuations(_Twin[Continuations]):
 
     async def sweep(self, now: datetime | None = None, *,
                     tenant_id: str | None = None) -> SweepResult:
-        """See :meth:`Continuations.sweep`."""
-        result: SweepResult = await self._run("sweep", now, write=True, tenant_id=tenant_id)
-        return result
+        """See :meth:`Continuations.sweep`: each change in a transaction of its own, as there
+        (one transaction for all would hold PostgreSQL's append lock until the last)."""
+        at = self._facade._sweep_time(now, tenant_id)
+        done: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in SWEEP_KINDS}
+        for kind in SWEEP_KINDS:
+            candidates = await self._call(
+                functools.partial(Continuations._sweep_candidates, kind=kind, at=at,
+                                  tenant_id=tenant_id), write=False)
+            for tenant, stream, who in candidates:
+                if await self._call(functools.partial(
+                        Continuations._sweep_one, stream=stream, tenant_id=tenant, at=at,
+                        kind=kind), write=True):
+                    done[kind].append(who)
+        return SweepResult(reverted=done["claim"], expired=done["expiry"])
 
 
 class AsyncAgentSessions(_Twin[AgentSessions]):
@@ -401,9 +415,23 @@ class AsyncJobs(_Twin[Jobs]):
 
     async def sweep(self, now: datetime | None = None, *,
                     tenant_id: str | None = None) -> list[Swept]:
-        """See :meth:`Jobs.sweep`."""
-        result: list[Swept] = await self._run("sweep", now, write=True, tenant_id=tenant_id)
-        return result
+        """See :meth:`Jobs.sweep`: each job in a transaction of its own, as there (one
+        transaction for all would hold PostgreSQL's append lock until the last)."""
+        when = self._facade._sweep_time(now, tenant_id)
+        out: list[Swept] = []
+        for status in SWEPT_STATUSES:
+            seen: set[tuple[str, str]] = set()
+            while fresh := await self._call(functools.partial(
+                    Jobs._sweep_candidates, status=status, when=when, tenant_id=tenant_id,
+                    seen=seen), write=False):
+                for key in fresh:
+                    seen.add(key)
+                    swept = await self._call(functools.partial(
+                        Jobs._sweep_one, tenant_id=key[0], stream=key[1], when=when),
+                        write=True)
+                    if swept is not None:
+                        out.append(swept)
+        return out
 
     async def get(self, job_id: str, *, tenant_id: str = "default") -> Job:
         """See :meth:`Jobs.get`."""

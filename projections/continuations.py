@@ -48,6 +48,7 @@ __all__ = ["Continuation", "ContinuationProjection", "Continuations", "SweepResu
 CATEGORY = "continuation"
 
 
+SWEEP_KINDS = ("claim", "expiry")  # stale claims put back, then expiries recorded
 DEFAULT_TTL = timedelta(minutes=30)  # how long a pause waits for its resume
 DEFAULT_CLAIM_TIMEOUT = timedelta(minutes=10)  # a claim older than this is swept back
 
@@ -315,22 +316,33 @@ class Continuations:
         Safe to run from several processes at once: each change is a compare-and-set, so each
         claim is reverted and each pause expired exactly once.
         """
-        at = check_time(now, "now") if now is not None else self.now()
+        at = self._sweep_time(now, tenant_id)
+        done: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in SWEEP_KINDS}
+        for kind in SWEEP_KINDS:
+            for tenant, stream, who in self._sweep_candidates(kind, at, tenant_id):
+                if self._sweep_one(stream, tenant, at, kind):
+                    done[kind].append(who)
+        return SweepResult(reverted=done["claim"], expired=done["expiry"])
+
+    # sweep's steps (each change its own transaction; AsyncContinuations runs them one by one)
+
+    def _sweep_time(self, now: datetime | None, tenant_id: str | None) -> datetime:
         if tenant_id is not None:
             check_tenant(tenant_id)
-        reverted: list[tuple[str, str, str]] = []
-        expired: list[tuple[str, str, str]] = []
-        stale = query_rows(self.store, self.projection, tenant_id=tenant_id, status="resuming",
-                           sort_before=to_micros(at - self.claim_timeout))
-        for tenant, stream, st, _v in stale:
-            if self._sweep_one(stream, tenant, at, "claim"):
-                reverted.append((tenant, st.conversation_id, st.user_id))
-        old = query_rows(self.store, self.projection, tenant_id=tenant_id, status="pending",
-                         sort_before=to_micros(at) + 1)
-        for tenant, stream, st, _v in old:
-            if self._sweep_one(stream, tenant, at, "expiry"):
-                expired.append((tenant, st.conversation_id, st.user_id))
-        return SweepResult(reverted=reverted, expired=expired)
+        return check_time(now, "now") if now is not None else self.now()
+
+    def _sweep_candidates(self, kind: str, at: datetime, tenant_id: str | None
+                          ) -> list[tuple[str, str, tuple[str, str, str]]]:
+        """(tenant, stream, (tenant, conversation, user)) of the stale claims ("claim") or
+        the pauses past their time to live ("expiry") at ``at``."""
+        if kind == "claim":
+            rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
+                              status="resuming", sort_before=to_micros(at - self.claim_timeout))
+        else:
+            rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
+                              status="pending", sort_before=to_micros(at) + 1)
+        return [(tenant, stream, (tenant, st.conversation_id, st.user_id))
+                for tenant, stream, st, _v in rows]
 
     def _sweep_one(self, stream: str, tenant_id: str, at: datetime, kind: str) -> bool:
         def decision(state: Continuation, version: int) -> list[Event]:

@@ -105,6 +105,7 @@ TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 TERMINAL_EVENTS = frozenset({"JobCompleted", "JobFailed", "JobCancelled"})
 DEFAULT_LEASE = timedelta(seconds=30)  # how long a claim is a worker's without a heartbeat
 DEFAULT_MAX_ATTEMPTS = 3  # claims a job gets before a lost worker fails it
+SWEPT_STATUSES = (RUNNING, SUSPENDED)  # what sweep looks at: leases and deadlines
 
 WORKER_LOST = "worker lost"
 """The error of a job failed because its lease ran out with no attempts left."""
@@ -757,25 +758,31 @@ class Jobs:
         that loses re-reads and finds nothing left to do), and a lease renewed in time is never
         swept.  ``tenant_id=None`` sweeps every tenant (an operator's job).
         """
-        when = check_time(now, "now") if now is not None else self._now()
-        if tenant_id is not None:
-            check_tenant(tenant_id)
-        before = to_micros(when)
+        when = self._sweep_time(now, tenant_id)
         out: builtins.list[Swept] = []
-        for status in (RUNNING, SUSPENDED):
+        for status in SWEPT_STATUSES:
             seen: set[tuple[str, str]] = set()
-            while True:
-                rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
-                                  status=status, sort_before=before, limit=_PAGE + len(seen))
-                fresh = [(t, s) for t, s, _state, _v in rows if (t, s) not in seen]
-                if not fresh:
-                    break
+            while fresh := self._sweep_candidates(status, when, tenant_id, seen):
                 for key in fresh:
                     seen.add(key)
                     swept = self._sweep_one(key[0], key[1], when)
                     if swept is not None:
                         out.append(swept)
         return out
+
+    # sweep's steps (each job its own transaction; AsyncJobs runs them one by one too)
+
+    def _sweep_time(self, now: datetime | None, tenant_id: str | None) -> datetime:
+        if tenant_id is not None:
+            check_tenant(tenant_id)
+        return check_time(now, "now") if now is not None else self._now()
+
+    def _sweep_candidates(self, status: str, when: datetime, tenant_id: str | None,
+                          seen: set[tuple[str, str]]) -> builtins.list[tuple[str, str]]:
+        """The next (tenant, stream) of jobs in ``status`` due at ``when``, not yet seen."""
+        rows = query_rows(self.store, self.projection, tenant_id=tenant_id, status=status,
+                          sort_before=to_micros(when), limit=_PAGE + len(seen))
+        return [(t, s) for t, s, _state, _v in rows if (t, s) not in seen]
 
     def _sweep_one(self, tenant_id: str, stream: str, when: datetime) -> Swept | None:
         outcome: list[Swept] = []

@@ -434,3 +434,50 @@ async def test_a_facade_refuses_the_other_kind_of_store_and_names_its_twin(url: 
     finally:
         store.close()
         await astore.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("facade", ["jobs", "continuations"])
+async def test_async_sweeps_change_each_item_in_its_own_transaction(
+        url: str, facade: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the sync sweeps: each requeue or expiry commits in a write transaction of its own,
+    so other writers get in between (one transaction for the whole sweep held PostgreSQL's
+    append lock, and SQLite's write lock, until its last change: an outage's hundreds of
+    expired leases stalled every append of the database)."""
+    from projections import Continuations, Jobs
+    from projections.aio import AsyncJobs
+
+    clock = Clock()
+    async with await AsyncEventStore.open(url, migrate=True) as store:
+        if facade == "jobs":
+            jobs = AsyncJobs(store, clock=clock)
+            for i in range(3):
+                await jobs.submit("wf", {"i": i}, user_id="u")
+                await jobs.claim("w1")
+            sweeper: Any = jobs
+            owner: Any = Jobs
+        else:
+            conts = AsyncContinuations(store, clock=clock)
+            for i in range(3):
+                await conts.pause(f"c-{i}", "u1", messages=[], pending_tool_calls=[],
+                                  tools=[], tool_schemas=[], agent_config={})
+            sweeper, owner = conts, Continuations
+        clock.advance(days=2)  # every lease and pause is past its time
+        transactions: list[list[str]] = []  # write transactions, and the changes in each
+        real_run_sync, real_sweep_one = store.run_sync, owner._sweep_one
+
+        async def counted_run_sync(fn: Any, *args: Any, write: bool = False) -> Any:
+            if write:
+                transactions.append([])
+            return await real_run_sync(fn, *args, write=write)
+
+        def counted_sweep_one(*args: Any, **kwargs: Any) -> Any:
+            transactions[-1].append("change")
+            return real_sweep_one(*args, **kwargs)
+
+        monkeypatch.setattr(store, "run_sync", counted_run_sync)
+        monkeypatch.setattr(owner, "_sweep_one", counted_sweep_one)
+        result = await sweeper.sweep()
+        changed = len(result) if facade == "jobs" else len(result.expired)
+        assert changed == 3
+        assert transactions == [["change"]] * 3
