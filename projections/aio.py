@@ -372,31 +372,37 @@ class AsyncJobs(_Twin[Jobs]):
                                              tenant_id=tenant_id)
         return result
 
-    async def heartbeat(self, job_id: str, worker_id: str, *,
-                        tenant_id: str = "default") -> Job:
+    async def heartbeat(self, job_id: str, worker_id: str, *, tenant_id: str = "default",
+                        attempt: int | None = None) -> Job:
         """See :meth:`Jobs.heartbeat`."""
-        return await self._job("heartbeat", job_id, worker_id, tenant_id=tenant_id)
+        return await self._job("heartbeat", job_id, worker_id, tenant_id=tenant_id,
+                               attempt=attempt)
 
     async def record(self, job_id: str, worker_id: str, milestone: Any, *,
-                     tenant_id: str = "default") -> Job:
+                     tenant_id: str = "default", attempt: int | None = None) -> Job:
         """See :meth:`Jobs.record`."""
-        return await self._job("record", job_id, worker_id, milestone, tenant_id=tenant_id)
+        return await self._job("record", job_id, worker_id, milestone, tenant_id=tenant_id,
+                               attempt=attempt)
 
     async def complete(self, job_id: str, worker_id: str, result: Any = None, *,
-                       tenant_id: str = "default") -> Job:
+                       tenant_id: str = "default", attempt: int | None = None) -> Job:
         """See :meth:`Jobs.complete`."""
-        return await self._job("complete", job_id, worker_id, result, tenant_id=tenant_id)
+        return await self._job("complete", job_id, worker_id, result, tenant_id=tenant_id,
+                               attempt=attempt)
 
     async def fail(self, job_id: str, worker_id: str, error: str, *,
-                   tenant_id: str = "default") -> Job:
+                   tenant_id: str = "default", attempt: int | None = None) -> Job:
         """See :meth:`Jobs.fail`."""
-        return await self._job("fail", job_id, worker_id, error, tenant_id=tenant_id)
+        return await self._job("fail", job_id, worker_id, error, tenant_id=tenant_id,
+                               attempt=attempt)
 
     async def suspend(self, job_id: str, worker_id: str, *, request_id: str, prompt: Any,
-                      deadline: datetime | None = None, tenant_id: str = "default") -> Job:
+                      deadline: datetime | None = None, tenant_id: str = "default",
+                      attempt: int | None = None) -> Job:
         """See :meth:`Jobs.suspend`."""
         return await self._job("suspend", job_id, worker_id, request_id=request_id,
-                               prompt=prompt, deadline=deadline, tenant_id=tenant_id)
+                               prompt=prompt, deadline=deadline, tenant_id=tenant_id,
+                               attempt=attempt)
 
     async def resume(self, job_id: str, *, request_id: str, input: Any,
                      tenant_id: str = "default") -> Job:

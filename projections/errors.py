@@ -53,7 +53,8 @@ class ProjectionStopped(EventStoreError):
 
 
 class LeaseLost(Conflict):
-    """The worker no longer owns the job."""
+    """The worker no longer owns the job: ``reason`` is the job's status, ``other_worker``, or
+    ``other_attempt`` (the call named an attempt the job has left)."""
 
 
 class NoPendingFeedback(Conflict, ValueError):

@@ -39,6 +39,7 @@ from typing import Any, TypeGuard
 import msgspec
 
 from eventstore import AppendResult, EventStore, RecordedEvent, WrongExpectedVersion
+from eventstore._core import check_int
 from eventstore._time import to_micros
 from eventstore.errors import InvalidArgument
 from eventstore.events import Event, RawEvent
@@ -366,8 +367,10 @@ def _check_error(error: object) -> str:
     return error
 
 
-def _lease_lost(state: Job, worker_id: str, action: str) -> LeaseLost | None:
-    """Why ``worker_id`` may not act on the job as its owner (``None``: it may)."""
+def _lease_lost(state: Job, worker_id: str, action: str,
+                attempt: int | None = None) -> LeaseLost | None:
+    """Why ``worker_id`` may not act on the job as its owner (``None``: it may); with an
+    ``attempt``, only in that attempt (the one its claim returned)."""
     if state.status != RUNNING:
         why = f"job is {state.status}"
         if state.status == QUEUED and state.lost:
@@ -378,6 +381,11 @@ def _lease_lost(state: Job, worker_id: str, action: str) -> LeaseLost | None:
         return LeaseLost(f"job {state.job_id} (tenant {state.tenant_id}): worker {worker_id} "
                          f"cannot {action}: worker {state.worker_id} owns it now "
                          f"(attempt {state.attempt})", reason="other_worker")
+    if attempt is not None and attempt != state.attempt:
+        return LeaseLost(f"job {state.job_id} (tenant {state.tenant_id}): worker {worker_id} "
+                         f"cannot {action} in attempt {attempt}: the job is in attempt "
+                         f"{state.attempt} (its lease expired and it was claimed again)",
+                         reason="other_attempt")
     return None
 
 
@@ -392,7 +400,11 @@ class Jobs:
     process calls ``sweep`` now and then, which requeues jobs of dead workers and fails jobs past
     their deadline.  Every owner call raises :class:`LeaseLost` (``reason``: the job's status, or
     ``other_worker``) once the job is not running for that worker; an unknown job raises
-    :class:`NotFound`; bad input raises :class:`InvalidArgument` and writes nothing.
+    :class:`NotFound`; bad input raises :class:`InvalidArgument` and writes nothing.  Owner
+    calls take ``attempt=`` (the claimed job's ``attempt``): a worker that runs jobs on several
+    threads under one id passes it, so that a thread still busy with an attempt whose lease
+    expired, after the same worker claimed the job again, gets :class:`LeaseLost`
+    (``reason="other_attempt"``) instead of acting on the new attempt.
     """
 
     def __init__(self, store: EventStore, *, lease: timedelta = DEFAULT_LEASE,
@@ -461,10 +473,14 @@ class Jobs:
                                         tenant_id=tenant_id, decision=on_state)
         return self._fold_appended(stream, tenant_id, state, version, result)
 
-    def _owner_command(self, job_id: str, worker_id: str, tenant_id: str, action: str,
+    def _owner_command(self, job_id: str, worker_id: str, tenant_id: str,
+                       attempt: int | None, action: str,
                        events: Callable[[Job], Sequence[Event]]) -> Job:
+        if attempt is not None:
+            check_int(attempt, "attempt", minimum=1)
+
         def decision(state: Job) -> Sequence[Event]:
-            lost = _lease_lost(state, worker_id, action)
+            lost = _lease_lost(state, worker_id, action, attempt)
             if lost is not None:
                 raise lost
             return events(state)
@@ -566,8 +582,8 @@ class Jobs:
 
     # -- the owner's calls --
 
-    def heartbeat(self, job_id: str, worker_id: str, *,
-                  tenant_id: str = _DEFAULT_TENANT) -> Job:
+    def heartbeat(self, job_id: str, worker_id: str, *, tenant_id: str = _DEFAULT_TENANT,
+                  attempt: int | None = None) -> Job:
         """Extend the lease of a job ``worker_id`` runs to now + ``lease``; returns the job.
 
         A lease that expired is renewed too while nobody took the job over (no sweep requeued
@@ -579,42 +595,43 @@ class Jobs:
         # Never shorter than the lease it extends: a worker whose clock stepped back must not
         # hand a sweeper with a right clock a live job.
         return self._owner_command(
-            job_id, worker_id, tenant_id, "heartbeat",
+            job_id, worker_id, tenant_id, attempt, "heartbeat",
             lambda s: [JobHeartbeat(worker_id=worker_id, at=now, lease_until=(
                 max(until, s.lease_until) if s.lease_until is not None else until))])
 
     def record(self, job_id: str, worker_id: str, milestone: Any, *,
-               tenant_id: str = _DEFAULT_TENANT) -> Job:
+               tenant_id: str = _DEFAULT_TENANT, attempt: int | None = None) -> Job:
         """Append a durable milestone (any JSON value) of the job ``worker_id`` runs."""
         _check_owner_ids(job_id, worker_id, tenant_id)
         _check_json(milestone, "milestone")
         now = self._now()
         return self._owner_command(
-            job_id, worker_id, tenant_id, "record a milestone",
+            job_id, worker_id, tenant_id, attempt, "record a milestone",
             lambda s: [MilestoneRecorded(worker_id=worker_id, milestone=milestone, at=now)])
 
     def complete(self, job_id: str, worker_id: str, result: Any = None, *,
-                 tenant_id: str = _DEFAULT_TENANT) -> Job:
+                 tenant_id: str = _DEFAULT_TENANT, attempt: int | None = None) -> Job:
         """Finish the job ``worker_id`` runs with ``result`` (terminal)."""
         _check_owner_ids(job_id, worker_id, tenant_id)
         _check_json(result, "result")
         now = self._now()
         return self._owner_command(
-            job_id, worker_id, tenant_id, "complete",
+            job_id, worker_id, tenant_id, attempt, "complete",
             lambda s: [JobCompleted(worker_id=worker_id, at=now, result=result)])
 
     def fail(self, job_id: str, worker_id: str, error: str, *,
-             tenant_id: str = _DEFAULT_TENANT) -> Job:
+             tenant_id: str = _DEFAULT_TENANT, attempt: int | None = None) -> Job:
         """Fail the job ``worker_id`` runs with ``error`` (terminal, no retry)."""
         _check_owner_ids(job_id, worker_id, tenant_id)
         _check_error(error)
         now = self._now()
         return self._owner_command(
-            job_id, worker_id, tenant_id, "fail",
+            job_id, worker_id, tenant_id, attempt, "fail",
             lambda s: [JobFailed(error=error, at=now, worker_id=worker_id)])
 
     def suspend(self, job_id: str, worker_id: str, *, request_id: str, prompt: Any,
-                deadline: datetime | None = None, tenant_id: str = _DEFAULT_TENANT) -> Job:
+                deadline: datetime | None = None, tenant_id: str = _DEFAULT_TENANT,
+                attempt: int | None = None) -> Job:
         """Suspend the job ``worker_id`` runs until ``resume`` answers ``request_id``.
 
         The lease is given up.  With a ``deadline`` (in the future), a sweep after it fails the
@@ -637,7 +654,7 @@ class Jobs:
             return [JobSuspended(worker_id=worker_id, request_id=request_id, prompt=prompt,
                                  deadline=deadline, at=now)]
 
-        return self._owner_command(job_id, worker_id, tenant_id, "suspend", events)
+        return self._owner_command(job_id, worker_id, tenant_id, attempt, "suspend", events)
 
     # -- anyone's calls --
 

@@ -242,6 +242,34 @@ def test_heartbeat_after_a_requeue_raises_lease_lost(jobs: Jobs, clock: Clock) -
     assert e.value.reason == "other_worker"
 
 
+def test_owner_calls_naming_an_earlier_attempt_raise_lease_lost(jobs: Jobs,
+                                                                  clock: Clock) -> None:
+    """A worker that claims again a job whose lease it let expire (one worker id, several
+    threads): calls that name the earlier attempt are refused, so that attempt cannot complete
+    the new one (without attempt=, the worker id alone cannot tell them apart)."""
+    first = running(jobs)
+    assert first.attempt == 1
+    clock.advance(seconds=31)
+    assert [s.action for s in jobs.sweep()] == ["requeued"]
+    second = jobs.claim("w1")
+    assert second is not None and second.attempt == 2
+    calls = [lambda a: jobs.heartbeat(first.job_id, "w1", attempt=a),
+             lambda a: jobs.record(first.job_id, "w1", {"step": 1}, attempt=a),
+             lambda a: jobs.suspend(first.job_id, "w1", request_id="r9", prompt="?", attempt=a),
+             lambda a: jobs.fail(first.job_id, "w1", "boom", attempt=a),
+             lambda a: jobs.complete(first.job_id, "w1", {"from": "attempt 1"}, attempt=a)]
+    for call in calls:
+        with pytest.raises(LeaseLost, match="the job is in attempt 2") as e:
+            call(1)
+        assert e.value.reason == "other_attempt"
+    for bad in (0, "2", True):
+        with pytest.raises(InvalidArgument, match="attempt"):
+            jobs.heartbeat(first.job_id, "w1", attempt=bad)  # type: ignore[arg-type]
+    assert jobs.get(first.job_id).status == "running"
+    done = jobs.complete(first.job_id, "w1", {"from": "attempt 2"}, attempt=2)
+    assert (done.status, done.result) == ("completed", {"from": "attempt 2"})
+
+
 def test_record_appends_milestones_in_order(jobs: Jobs, clock: Clock) -> None:
     """Milestones keep their order, value, worker, time and stream seq."""
     job = running(jobs)
