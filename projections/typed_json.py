@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import decimal
 import uuid
+import zoneinfo
 from typing import Any
 
 from eventstore.codec import MAX_NESTING
@@ -71,6 +72,11 @@ def _to_json(value: Any, depth: int) -> Any:
         # Sorted so that equal sets store equal JSON (and idempotency fingerprints match).
         return {_TAG: name, "value": sorted((_to_json(v, depth) for v in value), key=repr)}
     if isinstance(value, dt.datetime):
+        zone = value.tzinfo
+        if isinstance(zone, zoneinfo.ZoneInfo) and zone.key:
+            # The zone too, not only the offset: a time in a repeated hour (a DST change)
+            # compares equal only to a time of the same zone.
+            return {_TAG: "datetime", "value": value.isoformat(), "zone": zone.key}
         return {_TAG: "datetime", "value": value.isoformat()}
     if isinstance(value, dt.date):
         return {_TAG: "date", "value": value.isoformat()}
@@ -111,7 +117,14 @@ def from_json(value: Any) -> Any:
     if kind == "float":
         return float(raw)
     if kind == "datetime":
-        return dt.datetime.fromisoformat(raw)
+        when = dt.datetime.fromisoformat(raw)
+        zone = value.get("zone")
+        if isinstance(zone, str):
+            try:
+                return when.astimezone(zoneinfo.ZoneInfo(zone))  # (its offset picks the fold)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                pass  # a zone this machine does not know: the same instant, at its offset
+        return when
     if kind == "date":
         return dt.date.fromisoformat(raw)
     if kind == "time":

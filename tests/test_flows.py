@@ -52,6 +52,26 @@ def test_typed_state_round_trips_equal(flows: Flows) -> None:
     assert flows.history("f1")[0].state == state
 
 
+def test_times_of_a_named_zone_come_back_in_that_zone(flows: Flows) -> None:
+    """A datetime of a ZoneInfo zone loads back in that zone, so it compares equal also in a
+    repeated hour (Python never finds a time of that hour equal to one of another zone, its
+    fixed offset included); a fixed offset stays one."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    paris = ZoneInfo("Europe/Paris")
+    times = [datetime(2024, 6, 1, 12, 0, tzinfo=paris),
+             datetime(2024, 10, 27, 2, 30, tzinfo=paris),  # the hour that comes twice
+             datetime(2024, 10, 27, 2, 30, fold=1, tzinfo=paris),
+             datetime(2024, 10, 27, 2, 30, tzinfo=timezone(timedelta(hours=5)))]
+    flows.save("f-tz", "step", {"times": times})
+    back = flows.load("f-tz")["times"]
+    assert back == times
+    assert [t.tzinfo for t in back] == [paris, paris, paris, timezone(timedelta(hours=5))]
+    assert [t.utcoffset() for t in back] == [t.utcoffset() for t in times]
+    assert [t.fold for t in back[1:3]] == [0, 1]
+
+
 def test_unstorable_state_is_rejected(flows: Flows, store: EventStore) -> None:
     """A value that cannot be stored raises InvalidArgument and writes nothing."""
     with pytest.raises(InvalidArgument):
