@@ -1055,9 +1055,13 @@ def _exit_without_flush(pipeline: Any) -> None:
     Flush at the end of a pipeline whose results have not all come yet (nearly always), so a
     transaction left idle after a pipeline (an appender frozen between its two round trips,
     holding the append lock) was never ended.  The Sync alone makes the server send every
-    result.  (psycopg's own steps, when it has them: else its exit as it is.)"""
+    result.  libpq's output buffer is still sent whole before the results are awaited: a large
+    statement (an event of tens of MB) does not fit the socket at once, and psycopg's exit sends
+    the rest along with its Flush request (without it, both sides waited for ever).  (psycopg's
+    own steps, when it has them: else its exit as it is.)"""
     steps = ("_enqueue_sync", "_communicate_gen", "_fetch_gen")
-    if not all(callable(getattr(pipeline, name, None)) for name in steps):
+    send = _psycopg_send()
+    if send is None or not all(callable(getattr(pipeline, name, None)) for name in steps):
         return
 
     def exit_gen() -> Iterator[Any]:
@@ -1065,9 +1069,20 @@ def _exit_without_flush(pipeline: Any) -> None:
             pipeline._enqueue_sync()
             yield from pipeline._communicate_gen()
         finally:
+            yield from send(pipeline.pgconn)
             yield from pipeline._fetch_gen(flush=False)
 
     pipeline._exit_gen = exit_gen
+
+
+@functools.cache
+def _psycopg_send() -> Any:
+    """psycopg's generator that sends libpq's output buffer whole (None: not found)."""
+    try:
+        from psycopg import generators
+    except ImportError:  # pragma: no cover - a pipeline means psycopg is there
+        return None
+    return getattr(generators, "send", None)
 
 
 def _forget_prepared(dbapi: Any) -> None:

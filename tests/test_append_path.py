@@ -638,3 +638,25 @@ def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
                 await store.close()
 
         assert asyncio.run(async_setting()) == "1min"
+
+
+def test_events_of_tens_of_megabytes_are_appended(url: str) -> None:
+    """A store opened for large events appends one of 30 MB, on a new stream and on one it
+    knows (PostgreSQL's one-round-trip path), and another store appends after it.  A statement
+    that large does not fit the socket at once; the pipeline's end once waited for results
+    before the rest of it was sent, for ever, holding the append lock."""
+    import faulthandler
+
+    big = "x" * 30_000_000
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the test, not the run
+    try:
+        with EventStore.open(url, migrate=True, max_event_bytes=64_000_000) as store:
+            assert store.append("big-1", [NoteAdded(text=big)]).stream_version == 1
+            assert store.append("big-1", [NoteAdded(text=big), NoteAdded(text="small")]
+                                ).stream_version == 3
+            with EventStore.open(url) as other:
+                assert other.append("small-1", [NoteAdded(text="after")]).last_position == 4
+            assert [len(e.data.text) for e in store.read_stream("big-1")  # type: ignore[attr-defined]
+                    ] == [30_000_000, 30_000_000, 5]
+    finally:
+        faulthandler.cancel_dump_traceback_later()
