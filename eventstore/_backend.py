@@ -656,6 +656,10 @@ _SQLITE_BUSY = 5  # SQLITE_BUSY and its extended codes: another connection holds
 # psycopg's own errors without a server state are the connection's (lost, refused, not
 # resolved, timed out), but for these, which are the caller's: misuse, or a configuration
 # (database, role, password) the server refuses at connect.
+# What psycopg's errors without a SQLSTATE say when the connection itself was lost.
+_LOST = ("server closed the connection", "connection is lost", "consuming input failed",
+         "invalid socket", "connection to server was lost", "ssl syscall error",
+         "eof detected")
 _CALLERS = ("number of parameters", "query parameter", "cannot adapt", "does not exist",
             "password authentication failed", "no password supplied",
             "no pg_hba.conf entry")
@@ -685,7 +689,11 @@ def is_transient(error: BaseException) -> bool:
         return state not in _NOT_TRANSIENT and (
             state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES)
     names = {c.__name__ for c in type(error).__mro__ if c.__module__.startswith("psycopg")}
+    text = str(error).lower()
+    if names and any(sign in text for sign in _LOST):
+        # A lost connection, whatever class psycopg gave it: cleaning up a failed pipeline it
+        # raises a plain DatabaseError (no SQLSTATE) for the socket the server closed.
+        return True
     if "OperationalError" not in names:
         return False
-    text = str(error).lower()
     return not any(sign in text for sign in _CALLERS)

@@ -1305,12 +1305,17 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
                  psycopg.OperationalError("consuming input failed: server closed the "
                                           "connection unexpectedly"),
                  psycopg.OperationalError('failed to resolve host "db": [Errno -3] Temporary '
-                                          'failure in name resolution')]
+                                          'failure in name resolution'),
+                 # (raised cleaning up a pipeline whose connection the server closed)
+                 psycopg.DatabaseError("server closed the connection unexpectedly\n\tThis "
+                                       "probably means the server terminated abnormally"),
+                 psycopg.DatabaseError("the connection is lost")]
     permanent = [pg.DiskFull(), pg.ProtocolViolation(),
                  pg.StringDataRightTruncation(), pg.UndefinedTable(),
                  psycopg.OperationalError("number of parameters must be between 0 and 65535"),
                  psycopg.OperationalError('connection failed: FATAL:  database "x" does not '
                                           'exist'),
+                 psycopg.DatabaseError("cannot adapt type 'object'"),
                  sqlite3.OperationalError("no such table: locked_orders")]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
