@@ -66,7 +66,12 @@ _MAX_RETRY_PAUSE = 5.0  # seconds a subscription waits at most between reads tha
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
-PAGE = 2000
+PAGE = 2000  # events a read fetches at a time, at most
+# ... and about this many bytes of stored JSON: a page of large events is shorter (2,000 events
+# near the 1 MiB limit took GBs of memory to read one).  A read's first page, before the size of
+# its events is known, is FIRST_PAGE_BYTES / the store's event size limit long.
+PAGE_BYTES = 8 * 1024 * 1024
+FIRST_PAGE_BYTES = 64 * 1024 * 1024
 _NO_END = 2**62
 
 ExpectedVersion = int | ExpectedState | None
@@ -564,7 +569,7 @@ class StoreCore:
         query = read_query(dialect, by_stream=True, backwards=backwards, upper=hi is not None,
                            tenant=True, n_categories=0, n_types=0)
         return Pager(query, {"tenant_id": tenant, "stream_id": stream}, "version", lo, hi,
-                     backwards, lim)
+                     backwards, lim, self._first_page())
 
     def _all_pager(self, dialect: Dialect, from_position: object, limit: object,
                    categories: object, types: object, tenant_id: object) -> Pager:
@@ -572,7 +577,11 @@ class StoreCore:
         lim = check_limit(limit)
         start = check_int(from_position, "from_position", minimum=0)
         query, params = self._all_query(dialect, start, categories, types, tenant_id)
-        return Pager(query, params, "position", start, None, False, lim)
+        return Pager(query, params, "position", start, None, False, lim, self._first_page())
+
+    def _first_page(self) -> int:
+        """Events a read's first page holds (see ``FIRST_PAGE_BYTES``)."""
+        return min(PAGE, max(32, FIRST_PAGE_BYTES // self._options.max_event_bytes))
 
     def _all_query(self, dialect: Dialect, from_position: object, categories: object,
                    types: object, tenant_id: object, *, upper: bool = False
@@ -601,9 +610,10 @@ class StoreCore:
         rows = cur.fetchall()
         cur.close()
         if not rows:
-            return []
+            return Page()
         cols = tuple(zip(*rows, strict=True))
-        out: list[RecordedEvent] = []
+        out = Page()
+        out.nbytes = sum(map(len, cols[7]))
         try:
             data = decode_events(cols[5], cols[6], cols[7])
         except EventDecodeError as e:
@@ -721,16 +731,24 @@ class Pager:
     hi: int | None
     backwards: bool
     remaining: int | None
+    size: int = PAGE  # events the next page asks for (see PAGE_BYTES)
 
     def next_params(self) -> dict[str, Any] | None:
         """Parameters of the next page, or ``None`` when the read is complete."""
         if self.remaining is not None and self.remaining <= 0:
             return None
-        page = PAGE if self.remaining is None else min(PAGE, self.remaining)
+        page = self.size if self.remaining is None else min(self.size, self.remaining)
         return {**self.params, "lo": self.lo, "hi": self.hi, "page": page}
+
+    def resize(self, batch: Sequence[RecordedEvent]) -> None:
+        """Size the next page after this one's events: about ``PAGE_BYTES`` of them."""
+        nbytes = getattr(batch, "nbytes", 0)
+        if batch and nbytes:
+            self.size = max(1, min(PAGE, PAGE_BYTES * len(batch) // nbytes))
 
     def advance(self, batch: Sequence[RecordedEvent], page: int) -> bool:
         """Move past ``batch``; returns whether more may follow."""
+        self.resize(batch)
         if len(batch) < page and not isinstance(batch, PartialPage):
             return False
         if self.remaining is not None:
@@ -747,7 +765,14 @@ class Pager:
 _GUESS_KEYS = frozenset({"es_events_pkey", "es_events_stream_version"})
 
 
-class PartialPage(list):  # type: ignore[type-arg]
+class Page(list):  # type: ignore[type-arg]
+    """A page of events, and the bytes of stored JSON they came from (for the next page's
+    size)."""
+
+    nbytes: int = 0
+
+
+class PartialPage(Page):
     """The events of a page before one that does not decode: more follow (the next page
     starts at that event, and raises), though the page is short."""
 

@@ -63,7 +63,6 @@ from ._backend import (
 )
 from ._core import (
     DEFAULT_TENANT,
-    PAGE,
     AppendPlan,
     BeforeCommit,
     ExpectedVersion,
@@ -405,9 +404,10 @@ class AsyncEventStore(StoreCore):
     async def _follow(self, pager: Pager, stop: StopEvent) -> AsyncIterator[RecordedEvent]:
         pause = 0.0
         while not stop.is_set():
+            page = pager.size
             try:
                 batch = await self._fetch(pager.query, {**pager.params, "lo": pager.lo,
-                                                        "page": PAGE})
+                                                        "page": page})
             except DatabaseError as e:
                 pause = self._retry_pause(e, pager, pause)
                 await _wait(stop, pause)
@@ -419,7 +419,8 @@ class AsyncEventStore(StoreCore):
                     return
             if batch:
                 pager.lo = batch[-1].position + 1
-            if len(batch) < PAGE and not isinstance(batch, PartialPage):
+            pager.resize(batch)
+            if len(batch) < page and not isinstance(batch, PartialPage):
                 await _wait(stop, self._options.poll_interval)
 
     def __repr__(self) -> str:

@@ -23,7 +23,6 @@ from ._backend import (
 from ._core import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_TENANT,
-    PAGE,
     BeforeCommit,
     ExpectedVersion,
     InlineHandler,
@@ -264,7 +263,7 @@ class EventStore(StoreCore):
     def _follow(self, pager: Pager, stop: threading.Event) -> Iterator[RecordedEvent]:
         pause = 0.0
         while not stop.is_set():
-            params = {**pager.params, "lo": pager.lo, "page": PAGE}
+            params = {**pager.params, "lo": pager.lo, "page": pager.size}
             try:
                 batch = self._fetch(pager.query, params)
             except DatabaseError as e:
@@ -278,7 +277,8 @@ class EventStore(StoreCore):
                     return
             if batch:
                 pager.lo = batch[-1].position + 1
-            if len(batch) < PAGE and not isinstance(batch, PartialPage):
+            pager.resize(batch)
+            if len(batch) < params["page"] and not isinstance(batch, PartialPage):
                 stop.wait(self._options.poll_interval)
 
     def stats(self, *, tenant_id: str | None = None) -> dict[str, int]:

@@ -274,11 +274,7 @@ def test_a_read_gives_the_events_before_one_that_does_not_decode(
         store: EventStore, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
     """Reads (stream, log, subscription) give every event before the first that does not
     decode, then raise EventDecodeError naming it; the events after it are not skipped."""
-    import eventstore.aio
-    import eventstore.store
-
-    for module in (core_module, eventstore.store, eventstore.aio):  # (subscriptions' pages)
-        monkeypatch.setattr(module, "PAGE", page)
+    monkeypatch.setattr(core_module, "PAGE", page)  # (subscriptions' pages too)
     store.append("c-1", [NoteAdded(text=str(i)) for i in range(4)])
     store.append("c-1", [RawEvent(type="test.Shape", data={"sides": "many"})])
     store.append("c-1", [NoteAdded(text="after")])
@@ -361,3 +357,35 @@ def test_more_filter_names_than_a_query_can_take_are_refused(store: EventStore) 
     with pytest.raises(InvalidArgument, match="at most"):
         list(store.read_all(types=many))
     assert len(list(store.read_all(categories=["c"] * (MAX_NAMES + 5)))) == 1
+
+
+def test_pages_of_large_events_are_short(store: EventStore, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """A read asks for about PAGE_BYTES of events at a time: its first page is sized by the
+    event size limit, the next ones by the events it read (2,000 events of 0.5 MB each
+    took GBs of memory to read just the first one)."""
+    pages: list[int] = []
+    inner = getattr(store, "inner", store)  # (the async store behind the contract's shim)
+    real = inner._fetch_on
+
+    def spy(conn: Any, query: Any, params: dict[str, Any], **kwargs: Any) -> Any:
+        pages.append(params["page"])
+        return real(conn, query, params, **kwargs)
+
+    big = "x" * 100_000
+    for _ in range(5):
+        store.append("big-1", [NoteAdded(text=big)] * 20)
+    store.append("small-1", [NoteAdded(text="s")] * 100)
+    monkeypatch.setattr(inner, "_fetch_on", spy)
+    assert len(list(store.read_stream("big-1"))) == 100
+    first = core_module.FIRST_PAGE_BYTES // inner._options.max_event_bytes  # 64 at 1 MiB
+    per_page = core_module.PAGE_BYTES // 100_030  # about 83 events of 100 kB
+    assert pages[0] == first and abs(pages[1] - per_page) <= 1, pages
+    pages.clear()
+    assert len(list(store.read_all(from_position=101))) == 100
+    assert pages == [first, core_module.PAGE]  # small events: then full pages
+    pages.clear()
+    for ev in store.subscribe(stop=None):  # (the catch-up of a subscription too)
+        if ev.position == 100:
+            break
+    assert pages[0] == first and abs(pages[1] - per_page) <= 1, pages
