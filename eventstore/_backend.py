@@ -91,7 +91,8 @@ def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
     """An engine set up for the store on either backend."""
     if is_sqlite(url):
         return _sqlite_engine(url)
-    kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10}
+    kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10,
+                              "connect_args": pg_connect_args(url)}
     with missing_extra("postgres"):
         engine = create_engine(url, **kwargs)
     pg_listeners(engine)
@@ -134,6 +135,20 @@ def pg_idle_timeout_ms() -> int:
 # Set only where nothing set it (the server, the role, the database or the URL's `options`).
 _IDLE_DEFAULT_SQL = ("SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
                      "WHERE current_setting('idle_in_transaction_session_timeout') = '0'")
+
+
+# libpq's TCP settings unless the URL gives its own: a server that stops answering (a network
+# partition, a host gone) is given up on after about a minute, whether the client is waiting for
+# an answer (keepalives) or for the server to take what it sent (tcp_user_timeout), instead of
+# the operating system's two hours and more.  The call then fails with a transient error (a
+# subscription retries, and checks its stop event).
+_PG_TCP = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+           "keepalives_count": "3", "tcp_user_timeout": "60000"}
+
+
+def pg_connect_args(url: URL) -> dict[str, str]:
+    """The connection arguments the store adds to a PostgreSQL URL (see ``_PG_TCP``)."""
+    return {k: v for k, v in _PG_TCP.items() if k not in url.query}
 
 
 def pg_listeners(engine: Engine) -> None:

@@ -55,6 +55,7 @@ from ._backend import (
     is_sqlite,
     missing_extra,
     one_trip_possible,
+    pg_connect_args,
     pg_listeners,
     resolve_url,
     retire,
@@ -738,7 +739,8 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
         return engine
     with missing_extra("async"):
-        engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10)
+        engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10,
+                                     connect_args=pg_connect_args(url))
     pg_listeners(engine.sync_engine)
     return engine
 

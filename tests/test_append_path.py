@@ -660,3 +660,33 @@ def test_events_of_tens_of_megabytes_are_appended(url: str) -> None:
                     ] == [30_000_000, 30_000_000, 5]
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def test_postgres_connections_give_up_on_a_silent_server_within_a_minute(
+        fresh_pg: str) -> None:
+    """Sync and async connections carry libpq's TCP keepalive and user timeout (a network
+    partition fails a call, as a transient error, in about a minute instead of the operating
+    system's hours); settings the URL gives are kept."""
+    from eventstore.aio import AsyncEventStore
+
+    def settings(conn: Any) -> dict[str, str]:
+        params = conn.connection.driver_connection.info.get_parameters()
+        return {k: params.get(k, "") for k in ("keepalives_idle", "tcp_user_timeout")}
+
+    EventStore.open(fresh_pg, migrate=True).close()
+    with EventStore.open(fresh_pg) as store, store.engine.connect() as conn:
+        assert settings(conn) == {"keepalives_idle": "30", "tcp_user_timeout": "60000"}
+    with EventStore.open(f"{fresh_pg}?keepalives_idle=5") as store, \
+            store.engine.connect() as conn:
+        assert settings(conn) == {"keepalives_idle": "5", "tcp_user_timeout": "60000"}
+
+    async def async_settings() -> dict[str, str]:
+        astore = await AsyncEventStore.open(fresh_pg)
+        try:
+            async with astore.engine.connect() as aconn:
+                return await aconn.run_sync(settings)
+        finally:
+            await astore.close()
+
+    assert asyncio.run(async_settings()) == {"keepalives_idle": "30",
+                                             "tcp_user_timeout": "60000"}
