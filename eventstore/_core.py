@@ -71,7 +71,7 @@ PAGE = 2000  # events a read fetches at a time, at most
 # near the 1 MiB limit took GBs of memory to read one).  A read's first page, before the size of
 # its events is known, is FIRST_PAGE_BYTES / the store's event size limit long.
 PAGE_BYTES = 8 * 1024 * 1024
-FIRST_PAGE_BYTES = 64 * 1024 * 1024
+FIRST_PAGE_BYTES = 128 * 1024 * 1024  # (128 events at the default limit: one query up to there)
 _NO_END = 2**62
 
 ExpectedVersion = int | ExpectedState | None

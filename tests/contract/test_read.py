@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated, Any
 
 import msgspec
@@ -372,20 +373,21 @@ def test_pages_of_large_events_are_short(store: EventStore, monkeypatch: pytest.
         pages.append(params["page"])
         return real(conn, query, params, **kwargs)
 
-    big = "x" * 100_000
-    for _ in range(5):
+    big = "x" * 60_000
+    for _ in range(10):
         store.append("big-1", [NoteAdded(text=big)] * 20)
-    store.append("small-1", [NoteAdded(text="s")] * 100)
+    store.append("small-1", [NoteAdded(text="s")] * 200)
     monkeypatch.setattr(inner, "_fetch_on", spy)
-    assert len(list(store.read_stream("big-1"))) == 100
-    first = core_module.FIRST_PAGE_BYTES // inner._options.max_event_bytes  # 64 at 1 MiB
-    per_page = core_module.PAGE_BYTES // 100_030  # about 83 events of 100 kB
+    assert len(list(store.read_stream("big-1"))) == 200
+    first = core_module.FIRST_PAGE_BYTES // inner._options.max_event_bytes  # 128 at 1 MiB
+    per_page = core_module.PAGE_BYTES // 60_030  # about 140 events of 60 kB
     assert pages[0] == first and abs(pages[1] - per_page) <= 1, pages
     pages.clear()
-    assert len(list(store.read_all(from_position=101))) == 100
+    assert len(list(store.read_all(from_position=201))) == 200
     assert pages == [first, core_module.PAGE]  # small events: then full pages
     pages.clear()
-    for ev in store.subscribe(stop=None):  # (the catch-up of a subscription too)
-        if ev.position == 100:
-            break
+    stop = threading.Event()
+    for ev in store.subscribe(stop=stop):  # (the catch-up of a subscription too)
+        if ev.position == 200:
+            stop.set()
     assert pages[0] == first and abs(pages[1] - per_page) <= 1, pages
