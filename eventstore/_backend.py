@@ -418,6 +418,7 @@ class Writer:
         self._conn: Connection | None = None
         self._pid = os.getpid()
         self._owner: int | None = None
+        self._holding: set[int] = set()  # threads in holding_appends
         self._closed = False
         # A parent's connection seen in a forked child: never used, closed or let go (letting
         # it go would check the parent's DBAPI connection into the child's copy of the pool).
@@ -431,19 +432,36 @@ class Writer:
         # A parent thread may have held the lock at the fork: the child's copy stays locked.
         self._lock = threading.Lock()
         self._owner = None
+        self._holding = set()
         if self._conn is not None:
             self._inherited.append(self._conn)
             self._conn = None
         self._pid = os.getpid()
 
-    @contextlib.contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """A write transaction on the kept connection (see :func:`begin_write`)."""
-        if self._owner == threading.get_ident():
+    def _refuse_nested(self) -> None:
+        if self._owner == threading.get_ident() or threading.get_ident() in self._holding:
             raise InvalidArgument(
                 "an append cannot start inside another append on the same thread (from a "
                 "before_commit hook or an inline handler): it would wait for the append lock "
                 "that append holds; write in the hook's transaction, or append after it")
+
+    @contextlib.contextmanager
+    def holding_appends(self) -> Iterator[None]:
+        """Mark this thread, for the block, as in a transaction of its own that holds the
+        append lock (a facade command deciding under it): an append started from inside it
+        is refused, as from inside an append (see :meth:`begin`)."""
+        self._refuse_nested()
+        me = threading.get_ident()
+        self._holding.add(me)
+        try:
+            yield
+        finally:
+            self._holding.discard(me)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction on the kept connection (see :func:`begin_write`)."""
+        self._refuse_nested()
         with _turn(self._engine), self._lock:
             if self._closed:
                 raise StoreClosed("the event store is closed")

@@ -8,6 +8,7 @@ under the store's append lock (see :func:`_decide_locked`), so that it cannot lo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -79,7 +80,9 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
     read costs the other appenders that read and the decision, only for a command that already
     lost a few times.
     """
-    with transaction(store, write=True) as conn:
+    writer = getattr(store, "_writer", None)
+    holding = writer.holding_appends() if writer is not None else contextlib.nullcontext()
+    with holding, transaction(store, write=True) as conn:
         lock_appends(conn)
         bound = BoundStore(store, conn)
         state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]

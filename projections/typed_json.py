@@ -122,8 +122,10 @@ def from_json(value: Any) -> Any:
         if isinstance(zone, str):
             try:
                 return when.astimezone(zoneinfo.ZoneInfo(zone))  # (its offset picks the fold)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                pass  # a zone this machine does not know: the same instant, at its offset
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError):
+                # A zone this machine does not know, or a time at the edge of the datetime
+                # range (datetime.max in a zone west of UTC): the same instant, at its offset.
+                pass
         return when
     if kind == "date":
         return dt.date.fromisoformat(raw)

@@ -53,3 +53,40 @@ def test_a_command_that_keeps_losing_decides_under_the_append_lock(url: str) -> 
                   for e in store.read_stream(stream)]
         assert values == [-(i + 1) for i in range(OPTIMISTIC_ATTEMPTS)] + [
             OPTIMISTIC_ATTEMPTS + 1, 99]
+
+
+def test_an_append_from_inside_a_locked_decision_is_refused_not_left_waiting(
+        url: str) -> None:
+    """A command deciding under the append lock is inside an append as far as the store is
+    concerned: an inline handler that appends from there is refused at once, as on the
+    optimistic path (it waited for the lock its own command held, and on PostgreSQL the idle
+    limit then committed its event without the command's)."""
+    import pytest
+
+    from eventstore import InvalidArgument, RecordedEvent
+
+    stream = "conversation-c-1"
+    projection = ConversationProjection()
+    with EventStore.open(url, migrate=True) as store, EventStore.open(url) as other:
+        def nested(conn: Any, recorded: Any) -> None:
+            if any(isinstance(r, RecordedEvent) and r.stream_id == stream for r in recorded):
+                store.append("notices-1", [_assigned(0)])
+
+        store.add_inline_handler(nested)
+        calls: list[int] = []
+
+        def decision(state: Any, version: int) -> list[Event]:
+            calls.append(version)
+            if len(calls) <= OPTIMISTIC_ATTEMPTS:
+                other.append(stream, [_assigned(-len(calls))])  # lose, until locked
+            return [_assigned(len(calls))]
+
+        started = time.monotonic()
+        with pytest.raises(InvalidArgument, match="inside another append"):
+            decide(store, projection, stream, tenant_id="default", decision=decision)
+        assert time.monotonic() - started < 5
+        assert len(calls) == OPTIMISTIC_ATTEMPTS + 1
+        store.remove_inline_handler(nested)
+        assert store.stream_version("notices-1") == 0
+        assert store.stream_version(stream) == OPTIMISTIC_ATTEMPTS  # only the other writer's
+        assert store.append(stream, [_assigned(9)]).stream_version == OPTIMISTIC_ATTEMPTS + 1

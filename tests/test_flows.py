@@ -70,6 +70,12 @@ def test_times_of_a_named_zone_come_back_in_that_zone(flows: Flows) -> None:
     assert [t.tzinfo for t in back] == [paris, paris, paris, timezone(timedelta(hours=5))]
     assert [t.utcoffset() for t in back] == [t.utcoffset() for t in times]
     assert [t.fold for t in back[1:3]] == [0, 1]
+    # The range's edges in a zone, where converting to the zone overflows ("no deadline").
+    edges = [datetime.max.replace(tzinfo=ZoneInfo("America/New_York")),
+             datetime.min.replace(tzinfo=ZoneInfo("Asia/Tokyo"))]
+    flows.save("f-tz", "edges", {"edges": edges})
+    assert flows.load("f-tz")["edges"] == edges
+    assert flows.history("f-tz")[-1].state == {"edges": edges}
 
 
 def test_unstorable_state_is_rejected(flows: Flows, store: EventStore) -> None:
