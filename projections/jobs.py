@@ -646,6 +646,9 @@ class Jobs:
             if deadline <= now:
                 raise InvalidArgument(f"deadline {deadline.isoformat()} is not after now "
                                       f"({now.isoformat()})")
+            if deadline - now > MAX_DURATION:
+                raise InvalidArgument(f"deadline {deadline.isoformat()} is more than "
+                                      f"{MAX_DURATION.days:,} days from now")
 
         def events(state: Job) -> Sequence[Event]:
             if request_id in state.answered:

@@ -404,6 +404,19 @@ def test_resume_twice_is_refused_as_already_resumed(jobs: Jobs, job_store: Event
     assert jobs.get(job.job_id).resume_input == 1
 
 
+def test_a_deadline_more_than_a_century_away_is_refused(jobs: Jobs, clock: Clock) -> None:
+    """As leases, TTLs and timeouts: a suspension's deadline at most a century from now
+    (as the README says), nothing written otherwise."""
+    job = running(jobs)
+    with pytest.raises(InvalidArgument, match="days from now"):
+        jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
+                     deadline=T0 + timedelta(days=36_526))
+    assert jobs.get(job.job_id).status == "running"
+    done = jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
+                        deadline=T0 + timedelta(days=36_525))
+    assert done.status == "suspended"
+
+
 def test_resume_after_the_deadline_is_refused(jobs: Jobs, clock: Clock) -> None:
     """A resume after the deadline raises Conflict(deadline_passed), before and after a sweep."""
     job = running(jobs)
