@@ -686,13 +686,13 @@ _TRANSIENT_STATES = frozenset({"53200", "53300", "55P03", "57014", "57P01", "57P
                                "57P05", "25P03", "25P04"})
 _NOT_TRANSIENT = frozenset({"08P01"})
 _SQLITE_BUSY = 5  # SQLITE_BUSY and its extended codes: another connection holds a lock
-# psycopg's own errors without a server state are the connection's (lost, refused, not
-# resolved, timed out), but for these, which are the caller's: misuse, or a configuration
-# (database, role, password) the server refuses at connect.
 # What psycopg's errors without a SQLSTATE say when the connection itself was lost.
 _LOST = ("server closed the connection", "connection is lost", "consuming input failed",
          "invalid socket", "connection to server was lost", "ssl syscall error",
          "eof detected")
+# psycopg's own errors without a server state are the connection's (lost, refused, not
+# resolved, timed out), but for these, which are the caller's: misuse, or a configuration
+# (database, role, password) the server refuses at connect.
 _CALLERS = ("number of parameters", "query parameter", "cannot adapt", "does not exist",
             "password authentication failed", "no password supplied",
             "no pg_hba.conf entry")
