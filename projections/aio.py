@@ -68,10 +68,11 @@ class _Twin(Generic[F]):
         check_async_store(store, type(self).__name__,
                           f"projections.{type(self).__name__.removeprefix('Async')}")
         self.store = store
-        known = set(map(id, store._preparations))
+        known = set(map(id, getattr(store, "_preparations", ())))
         self._facade = built_for_twin(build)
         # What building it asked the store to prepare (a rebuild of stale inline rows).
-        self._preparations = [p for p in store._preparations if id(p) not in known]
+        self._preparations = [p for p in getattr(store, "_preparations", ())
+                              if id(p) not in known]
 
     async def _run(self, method: str, *args: Any, write: bool, **kwargs: Any) -> Any:
         return await self._call(lambda facade: getattr(facade, method)(*args, **kwargs),
