@@ -44,7 +44,7 @@ from typing import Any
 import pydantic_core
 from crewai.flow.async_feedback.types import PendingFeedbackContext
 from crewai.flow.persistence.base import FlowPersistence
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr, field_serializer
 from sqlalchemy.engine import URL
 
 from eventstore import Event, EventStore, WrongExpectedVersion
@@ -163,6 +163,32 @@ class EventStoreFlowPersistence(FlowPersistence):
             self._store = store
             self._flows = Flows(store)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "url" and isinstance(value, str):
+            # Set after construction: the password kept privately too, not in the field.
+            super().__setattr__("_secret_url", value)
+            value = _without_password(value)
+        super().__setattr__(name, value)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (_without_password(value) if name == "url" and isinstance(value, str)
+                         else value)
+
+    def _open_url(self) -> str | None:
+        """The URL to open: as given (password included) while it is the one in ``url``."""
+        secret = self._secret_url
+        if secret is not None and self.url is not None \
+                and _without_password(secret) == _without_password(self.url):
+            return secret
+        return self.url
+
+    @field_serializer("url")
+    def _url_without_password(self, url: str | None) -> str | None:
+        """What CrewAI writes into its checkpoints: never the password (also for a model
+        made without ``__init__``, as ``model_copy(update=…)`` makes one)."""
+        return None if url is None else _without_password(url)
+
     # -- the store ---------------------------------------------------------------------------
 
     @property
@@ -172,7 +198,7 @@ class EventStoreFlowPersistence(FlowPersistence):
         if flows is None:
             with _OPEN_LOCK:
                 if self._flows is None:
-                    store = EventStore.open(self._secret_url or self.url)
+                    store = EventStore.open(self._open_url())
                     try:
                         facade = Flows(store)
                     except BaseException:

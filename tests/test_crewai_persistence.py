@@ -300,6 +300,15 @@ def test_the_url_s_password_stays_out_of_what_crewai_serializes(url: str) -> Non
     assert secret not in repr(as_option) and as_option.url == url
     assert as_option.load_state("f-1") is None  # (tenant "default"): it connects
     as_option.close()
+    # Set after construction: by assignment, or on a copy (no __init__ there).
+    assigned = EventStoreFlowPersistence("sqlite:///unused.db", tenant_id="acme")
+    assigned.url = with_password
+    copied = EventStoreFlowPersistence("sqlite:///unused.db", tenant_id="acme").model_copy(
+        update={"url": with_password})
+    for later in (assigned, copied):
+        assert secret not in repr(later) and secret not in later.model_dump_json()
+        assert later.load_state("f-1") == {"id": "f-1", "n": 1}  # the URL set, not the first
+        later.close()
 
 
 def test_a_store_opened_on_first_use_is_closed_if_the_facade_fails(
