@@ -166,6 +166,14 @@ def check_text(value: object, what: str) -> str:
     return check_id(value, what, InvalidArgument)
 
 
+def sweep_time(now: datetime | None, tenant_id: str | None, clock: Clock) -> datetime:
+    """A sweep's arguments checked (``tenant_id`` None: every tenant): the time it sweeps at,
+    ``now`` if given, else the facade's clock."""
+    if tenant_id is not None:
+        check_tenant(tenant_id)
+    return check_time(now, "now") if now is not None else clock()
+
+
 def check_message(value: object, what: str) -> str:
     """Free text (a reason, an error message): a non-empty string of any length both databases
     store (the event's size limit bounds it)."""

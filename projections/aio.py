@@ -28,7 +28,7 @@ from sqlalchemy import Connection
 from eventstore._bound import BoundStore
 from eventstore.aio import AsyncEventStore
 
-from ._command import Clock
+from ._command import Clock, sweep_time
 from ._stores import built_for_twin, check_async_store
 from .continuations import (
     DEFAULT_CLAIM_TIMEOUT,
@@ -237,7 +237,7 @@ class AsyncContinuations(_Twin[Continuations]):
                     tenant_id: str | None = None) -> SweepResult:
         """See :meth:`Continuations.sweep`: each change in a transaction of its own, as there
         (one transaction for all would hold PostgreSQL's append lock until the last)."""
-        at = self._facade._sweep_time(now, tenant_id)
+        at = sweep_time(now, tenant_id, self._facade.now)
         done: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in SWEEP_KINDS}
         for kind in SWEEP_KINDS:
             candidates = await self._call(
@@ -424,7 +424,7 @@ class AsyncJobs(_Twin[Jobs]):
                     tenant_id: str | None = None) -> list[Swept]:
         """See :meth:`Jobs.sweep`: each job in a transaction of its own, as there (one
         transaction for all would hold PostgreSQL's append lock until the last)."""
-        when = self._facade._sweep_time(now, tenant_id)
+        when = sweep_time(now, tenant_id, self._facade._now)
         out: list[Swept] = []
         for status in SWEPT_STATUSES:
             seen: set[tuple[str, str]] = set()

@@ -25,10 +25,10 @@ from ._command import (
     check_duration,
     check_tenant,
     check_text,
-    check_time,
     composite_id,
     decide,
     decide_folded,
+    sweep_time,
     utc_clock,
 )
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
@@ -316,7 +316,7 @@ class Continuations:
         Safe to run from several processes at once: each change is a compare-and-set, so each
         claim is reverted and each pause expired exactly once.
         """
-        at = self._sweep_time(now, tenant_id)
+        at = sweep_time(now, tenant_id, self.now)
         done: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in SWEEP_KINDS}
         for kind in SWEEP_KINDS:
             for tenant, stream, who in self._sweep_candidates(kind, at, tenant_id):
@@ -325,11 +325,6 @@ class Continuations:
         return SweepResult(reverted=done["claim"], expired=done["expiry"])
 
     # sweep's steps (each change its own transaction; AsyncContinuations runs them one by one)
-
-    def _sweep_time(self, now: datetime | None, tenant_id: str | None) -> datetime:
-        if tenant_id is not None:
-            check_tenant(tenant_id)
-        return check_time(now, "now") if now is not None else self.now()
 
     def _sweep_candidates(self, kind: str, at: datetime, tenant_id: str | None
                           ) -> list[tuple[str, str, tuple[str, str, str]]]:

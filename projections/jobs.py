@@ -54,6 +54,7 @@ from ._command import (
     check_time,
     decide,
     fold_appended,
+    sweep_time,
     utc_clock,
 )
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
@@ -778,7 +779,7 @@ class Jobs:
         that loses re-reads and finds nothing left to do), and a lease renewed in time is never
         swept.  ``tenant_id=None`` sweeps every tenant (an operator's job).
         """
-        when = self._sweep_time(now, tenant_id)
+        when = sweep_time(now, tenant_id, self._now)
         out: builtins.list[Swept] = []
         for status in SWEPT_STATUSES:
             seen: set[tuple[str, str]] = set()
@@ -791,11 +792,6 @@ class Jobs:
         return out
 
     # sweep's steps (each job its own transaction; AsyncJobs runs them one by one too)
-
-    def _sweep_time(self, now: datetime | None, tenant_id: str | None) -> datetime:
-        if tenant_id is not None:
-            check_tenant(tenant_id)
-        return check_time(now, "now") if now is not None else self._now()
 
     def _sweep_candidates(self, status: str, when: datetime, tenant_id: str | None,
                           seen: set[tuple[str, str]]) -> builtins.list[tuple[str, str]]:
