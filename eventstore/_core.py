@@ -1180,11 +1180,10 @@ def _refused_commit(error: Exception) -> Exception | None:
             return cause if isinstance(cause, Exception) else None
         cause = cause.__context__
     if isinstance(error, IndexError):
-        refused = DatabaseError(
+        return DatabaseError(
             "the database refused to commit the append (a deferred constraint or a trigger "
             "failing at commit, as an inline handler's write may); nothing was written, and "
             "the driver could not read the server's reason")
-        return refused
     return None
 
 

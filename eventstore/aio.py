@@ -444,11 +444,9 @@ class Preparation:
                 return
             try:
                 self._fn()
-            except DatabaseError as e:
-                if e.transient:
-                    raise  # tried again by the next call
-                self.failed = e
             except Exception as e:
+                if isinstance(e, DatabaseError) and e.transient:
+                    raise  # tried again by the next call
                 self.failed = e
             self.done = True
 

@@ -1051,12 +1051,9 @@ def _rebuild_if_stale_at(url: Any, projection: Projection[Any], store: Any,
     try:
         with EventStore.open(url, migrate=False) as sync:
             _rebuild_if_stale(sync, projection)
-    except DatabaseError as e:
-        if not e.transient:
+    except Exception as e:
+        if not (isinstance(e, DatabaseError) and e.transient):  # (tried again: keep it)
             store.remove_inline_handler(handler)
-        raise
-    except Exception:
-        store.remove_inline_handler(handler)
         raise
 
 
