@@ -150,6 +150,17 @@ def check_duration(value: object, what: str) -> timedelta:
     return value
 
 
+def time_after(when: datetime, span: timedelta, what: str) -> datetime:
+    """``when + span`` (a lease's or a time to live's end), or :class:`InvalidArgument` when
+    that is past the last ``datetime`` (a clock near year 9999): refused before anything is
+    written, not a bare ``OverflowError``."""
+    try:
+        return when + span
+    except OverflowError:
+        raise InvalidArgument(f"{what}: {when.isoformat()} plus {span} is past the last "
+                              "datetime") from None
+
+
 def check_time(when: datetime, what: str) -> datetime:
     if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
         raise InvalidArgument(f"{what} must be a timezone-aware datetime")

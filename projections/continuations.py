@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -29,6 +29,7 @@ from ._command import (
     decide,
     decide_folded,
     sweep_time,
+    time_after,
     utc_clock,
 )
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
@@ -51,6 +52,7 @@ CATEGORY = "continuation"
 SWEEP_KINDS = ("claim", "expiry")  # stale claims put back, then expiries recorded
 DEFAULT_TTL = timedelta(minutes=30)  # how long a pause waits for its resume
 DEFAULT_CLAIM_TIMEOUT = timedelta(minutes=10)  # a claim older than this is swept back
+_LAST = datetime.max.replace(tzinfo=UTC)
 
 
 class Continuation(msgspec.Struct, kw_only=True):
@@ -193,7 +195,7 @@ class Continuations:
             messages=list(messages), pending_tool_calls=list(pending_tool_calls),
             tools=list(tools), tool_schemas=list(tool_schemas), agent_config=agent_config,
             client_tools=list(client_tools) if client_tools is not None else None,
-            expires_at=now + life, paused_at=now, ttl=life)
+            expires_at=time_after(now, life, "the pause's expiry"), paused_at=now, ttl=life)
         # At the version its state was read at (retried on a conflict): whatever the pending
         # pause is by then, this one replaces it.
         decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
@@ -295,7 +297,8 @@ class Continuations:
             self._require_claim(state, claim_id, conversation_id, user_id)
             assert state.pause_id is not None and state.claim_id is not None
             return [ResumeReleased(pause_id=state.pause_id, claim_id=state.claim_id,
-                                   error=error, expires_at=self.now() + (state.ttl or self.ttl))]
+                                   error=error, expires_at=time_after(
+                                       self.now(), state.ttl or self.ttl, "the new expiry"))]
 
         return decide_folded(self.store, self.projection, stream, tenant_id=tenant_id,
                              decision=decision)
@@ -331,23 +334,40 @@ class Continuations:
         """(tenant, stream, (tenant, conversation, user)) of the stale claims ("claim") or
         the pauses past their time to live ("expiry") at ``at``."""
         if kind == "claim":
+            stale_before = self._stale_before(at)
+            if stale_before is None:
+                return []
             rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
-                              status="resuming", sort_before=to_micros(at - self.claim_timeout))
+                              status="resuming", sort_before=to_micros(stale_before))
         else:
             rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
                               status="pending", sort_before=to_micros(at) + 1)
         return [(tenant, stream, (tenant, st.conversation_id, st.user_id))
                 for tenant, stream, st, _v in rows]
 
+    def _stale_before(self, at: datetime) -> datetime | None:
+        """A claim made before this time (older than the claim timeout), seen at ``at``, is
+        stale; None: none is (``at`` is less than the claim timeout after the first
+        datetime)."""
+        try:
+            return at - self.claim_timeout
+        except OverflowError:
+            return None
+
     def _sweep_one(self, stream: str, tenant_id: str, at: datetime, kind: str) -> bool:
         def decision(state: Continuation, version: int) -> list[Event]:
             if kind == "claim":
+                stale_before = self._stale_before(at)
                 if (state.status != "resuming" or state.claimed_at is None
-                        or state.claimed_at > at - self.claim_timeout):
+                        or stale_before is None or state.claimed_at >= stale_before):
                     return []
                 assert state.pause_id is not None and state.claim_id is not None
+                try:
+                    expires_at = at + (state.ttl or self.ttl)
+                except OverflowError:  # a sweep at the end of time: it never expires
+                    expires_at = _LAST
                 return [ResumeTimedOut(pause_id=state.pause_id, claim_id=state.claim_id,
-                                       expires_at=at + (state.ttl or self.ttl))]
+                                       expires_at=expires_at)]
             if state.status != "pending" or state.expires_at is None or state.expires_at > at:
                 return []
             assert state.pause_id is not None

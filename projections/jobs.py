@@ -55,6 +55,7 @@ from ._command import (
     decide,
     fold_appended,
     sweep_time,
+    time_after,
     utc_clock,
 )
 from ._engine import Projection, RowIndex, current, inline, query_rows, register
@@ -559,7 +560,7 @@ class Jobs:
         check_text(worker_id, "worker_id")
         check_tenant(tenant_id)
         now = self._now()
-        until = now + self.lease
+        until = time_after(now, self.lease, "the lease's end")
         tried: set[str] = set()
 
         def decision(state: Job, version: int) -> Sequence[Event]:
@@ -592,7 +593,7 @@ class Jobs:
         """
         _check_owner_ids(job_id, worker_id, tenant_id)
         now = self._now()
-        until = now + self.lease
+        until = time_after(now, self.lease, "the lease's end")
         # Never shorter than the lease it extends: a worker whose clock stepped back must not
         # hand a sweeper with a right clock a live job.
         return self._owner_command(
@@ -859,8 +860,6 @@ class Jobs:
                 timeout: float | None, poll_interval: float) -> Iterator[JobEvent]:
         ends = time.monotonic() + timeout if timeout is not None else None
         seq = after
-        if follow and self._ended_before(stream, tenant_id, after):
-            return
         while True:
             for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=seq + 1):
                 yield JobEvent(seq=ev.version, type=ev.type, data=ev.data, at=_event_time(ev))
@@ -868,6 +867,12 @@ class Jobs:
                 if follow and ev.type in TERMINAL_EVENTS:
                     return
             if not follow:
+                return
+            # Until an event comes, ``seq`` is the caller's ``after``, which may lie past the
+            # job's end (a client ahead of the stream): a terminal event at or before it, there
+            # before the call or written since, ends the follow.  Once an event came, ``seq`` is
+            # a real version and the terminal event, when it comes, is read above.
+            if seq == after and self._ended_before(stream, tenant_id, seq):
                 return
             if ends is not None:
                 left = ends - time.monotonic()

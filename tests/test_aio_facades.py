@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +13,13 @@ import projections
 import projections.aio
 from eventstore import InvalidArgument, WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
-from projections.aio import AsyncAgentSessions, AsyncContinuations, AsyncConversations, AsyncFlows
+from projections.aio import (
+    AsyncAgentSessions,
+    AsyncContinuations,
+    AsyncConversations,
+    AsyncFlows,
+    AsyncJobs,
+)
 from projections.errors import Conflict, NoPendingFeedback, ResumeInProgress
 from projections.sessions import SessionKey
 from tests._clock import Clock
@@ -195,6 +202,28 @@ async def test_jobs_lifecycle_and_follow(url: str) -> None:
         assert (await jobs.get(job.job_id)).status == "completed"
         again = [ev.seq async for ev in jobs.events(job.job_id, after=4, follow=True)]
         assert again == []
+
+
+@pytest.mark.asyncio
+async def test_an_async_follow_from_past_the_end_ends_when_the_job_finishes(url: str) -> None:
+    """As the sync follow: ``after`` ahead of the stream, the job finishing during the follow
+    ends it."""
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store)
+        job = await jobs.submit("wf-1", {}, user_id="u1")
+
+        async def finish() -> None:
+            await asyncio.sleep(0.1)
+            assert await jobs.claim("w1") is not None
+            await jobs.complete(job.job_id, "w1")
+
+        started = time.monotonic()
+        finisher = asyncio.create_task(finish())
+        seen = [ev async for ev in jobs.events(job.job_id, after=5, follow=True, timeout=30,
+                                               poll_interval=0.01)]
+        await finisher
+        assert seen == []
+        assert time.monotonic() - started < 10
 
 
 @pytest.mark.asyncio

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from eventstore import EventStore, InvalidArgument
-from projections.continuations import Continuations
+from projections.continuations import Continuations, SweepResult
 from projections.errors import NoPendingContinuation, ResumeInProgress
 from tests._clock import Clock
 
@@ -188,6 +188,36 @@ def test_sweep_reverts_stale_claims_and_records_expiry(conts: Continuations, clo
     assert conts.sweep().expired == []
     types = [e.type for e in store.read_stream(Continuations.stream_id("conv-b", "u1"))]
     assert types == ["ToolCallsPaused", "ContinuationExpired"]
+
+
+def test_sweeps_and_clocks_at_the_ends_of_the_datetime_range(conts: Continuations,
+                                                             clock: Clock,
+                                                             store: EventStore) -> None:
+    """A sweep less than the claim timeout after the first datetime finds no stale claim, one
+    at the last datetime reverts a claim (its new expiry the last datetime) and expires it;
+    a clock so late that the pause's expiry or a release's would be past the last datetime
+    is refused with InvalidArgument and nothing is written (each was a bare OverflowError)."""
+    first = datetime.min.replace(tzinfo=UTC)
+    last = datetime.max.replace(tzinfo=UTC)
+    pause(conts, "conv-a")
+    conts.claim("conv-a", "u1")
+    for now in (first, first + timedelta(minutes=5)):
+        assert conts.sweep(now=now) == SweepResult(reverted=[], expired=[])
+    assert conts.sweep(now=last) == SweepResult(reverted=[("default", "conv-a", "u1")],
+                                                expired=[("default", "conv-a", "u1")])
+    stream = Continuations.stream_id("conv-a", "u1")
+    timed_out = [e.data for e in store.read_stream(stream) if e.type == "ResumeTimedOut"]
+    assert [e.expires_at for e in timed_out] == [last]  # type: ignore[union-attr]
+    pause(conts, "conv-b")
+    conts.claim("conv-b", "u1")
+    written = store.stream_version(Continuations.stream_id("conv-b", "u1"))
+    clock.now = last - timedelta(minutes=1)
+    with pytest.raises(InvalidArgument, match="past the last datetime"):
+        pause(conts, "conv-c")
+    with pytest.raises(InvalidArgument, match="past the last datetime"):
+        conts.release("conv-b", "u1")
+    assert store.stream_version(Continuations.stream_id("conv-c", "u1")) == 0
+    assert store.stream_version(Continuations.stream_id("conv-b", "u1")) == written
 
 
 def test_racing_sweepers_record_each_expiry_once(conts: Continuations, clock: Clock,

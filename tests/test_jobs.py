@@ -193,6 +193,22 @@ def test_concurrent_claims_take_each_job_once(jobs: Jobs, job_store: EventStore,
 # -- the owner's calls --
 
 
+def test_a_clock_whose_lease_would_end_past_the_last_datetime_is_refused(
+        jobs: Jobs, clock: Clock) -> None:
+    """claim and heartbeat at a time whose lease ends past the last datetime: InvalidArgument,
+    nothing written (a bare OverflowError before)."""
+    job = jobs.submit("wf", {}, user_id="u1")
+    jobs.claim("w1")
+    late = datetime.max.replace(tzinfo=UTC) - timedelta(seconds=1)
+    other = jobs.submit("wf", {}, user_id="u1")
+    clock.now = late
+    with pytest.raises(InvalidArgument, match="past the last datetime"):
+        jobs.claim("w2")
+    with pytest.raises(InvalidArgument, match="past the last datetime"):
+        jobs.heartbeat(job.job_id, "w1")
+    assert jobs.get(other.job_id).version == 1 and jobs.get(job.job_id).version == 2
+
+
 def test_heartbeat_extends_the_lease(jobs: Jobs, clock: Clock) -> None:
     """A heartbeat moves lease_until to now + lease."""
     job = running(jobs)
@@ -707,6 +723,25 @@ def test_events_follow_of_a_finished_job_ends_at_once(jobs: Jobs) -> None:
     assert len(list(jobs.events(job.job_id, follow=True))) == 9
     assert list(jobs.events(job.job_id, after=9, follow=True)) == []
     assert time.monotonic() - started < 5
+
+
+def test_a_follow_from_past_the_end_ends_when_the_job_finishes(jobs: Jobs) -> None:
+    """A client whose ``after`` is ahead of the job's stream: when the job finishes during the
+    follow (its terminal event at or before ``after``), the follow ends, as it does when the
+    job had finished before the call (it polled until its timeout, for ever without one)."""
+    job = jobs.submit("wf", {}, user_id="u1")
+    seen: list[Any] = []
+    follower = threading.Thread(target=lambda: seen.extend(
+        jobs.events(job.job_id, after=5, follow=True, timeout=30, poll_interval=0.01)))
+    started = time.monotonic()
+    follower.start()
+    time.sleep(0.1)  # the follower polls the unfinished job first
+    jobs.claim("w1")
+    jobs.complete(job.job_id, "w1")  # seq 3, before the follower's after=5
+    follower.join(30)
+    assert not follower.is_alive()
+    assert time.monotonic() - started < 10
+    assert seen == []
 
 
 def test_events_follow_stops_at_the_timeout(jobs: Jobs) -> None:
