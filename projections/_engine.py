@@ -522,10 +522,13 @@ def _build_fast(name: str, dialect_name: str) -> Any:
 
 
 class _RowUndecodable(Exception):
-    """A stored row its projection cannot decode: the events for it cannot be folded."""
+    """A row its projection cannot start from (the stored row does not decode, or ``initial``
+    raised): the events for it cannot be folded."""
 
-    def __init__(self, key: tuple[str, str], cause: Exception) -> None:
-        super().__init__(f"the stored row of {key[0]}/{key[1]} does not decode: "
+    def __init__(self, key: tuple[str, str], cause: Exception,
+                 what: str = "the stored row of") -> None:
+        super().__init__(f"{what} {key[0]}/{key[1]} "
+                         f"{'raised' if what.startswith('initial') else 'does not decode'}: "
                          f"{type_name(cause)}: {cause}")
         self.key = key
 
@@ -551,7 +554,7 @@ class _Rows(Generic[S]):
                 "tenant_id": key[0], "stream_id": key[1]})
             found = cur.fetchone()
             cur.close()
-            self.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
+            self.cache[key] = ((self._initial(key), 0, 0) if found is None else
                                (self._decoded(key, found[0]), found[1], found[2]))
             return
         pr = projection_rows.c
@@ -567,7 +570,7 @@ class _Rows(Generic[S]):
             for key in chunk:
                 r = found.get(key)
                 if r is None:
-                    self.cache[key] = (self.p.initial(*key), 0, 0)
+                    self.cache[key] = (self._initial(key), 0, 0)
                 else:
                     self.cache[key] = (self._decoded(key, r.state), r.version, r.position)
 
@@ -576,6 +579,12 @@ class _Rows(Generic[S]):
             return self.p.decode(bytes(raw))
         except Exception as e:  # a damaged row (or one of another shape): its fold stops
             raise _RowUndecodable(key, e) from e
+
+    def _initial(self, key: tuple[str, str]) -> S:
+        try:
+            return self.p.initial(*key)
+        except Exception as e:  # the projection's own code: its fold stops at the event
+            raise _RowUndecodable(key, e, "initial() of") from e
 
     def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> int:
         """Fold the relevant events; returns how many were applied.
@@ -655,21 +664,37 @@ class _Rows(Generic[S]):
         else:
             noted[1].extend(events)
 
-    def _index(self, key: tuple[str, str]) -> RowIndex:
-        """The row's index; when the columns of any row cannot hold its index,
-        :class:`ProjectionFailed` at the first event in the log after which one could not."""
-        idx = self.p.index(self.cache[key][0])
-        if _index_problem(idx) is None:
-            return idx
-        failures = (self._index_failure(k) for k in self.dirty)
+    def _stored(self, state: S) -> tuple[RowIndex, bytes] | Exception:
+        """A state as its row stores it (its index and its encoding), or why it cannot be:
+        ``index`` or ``encode`` raised, or the index is one the columns cannot hold."""
+        try:
+            idx = self.p.index(state)
+        except Exception as e:
+            return e
+        problem = _index_problem(idx)
+        if problem is not None:
+            return InvalidArgument(f"index() gave {problem}")
+        try:
+            return idx, self.p.encode(state)
+        except Exception as e:
+            return e
+
+    def _stored_row(self, key: tuple[str, str]) -> tuple[RowIndex, bytes]:
+        """The row of ``key`` as stored; when any dirty row cannot be stored,
+        :class:`ProjectionFailed` at the first event in the log after which one could not
+        (the projection's own code failed there, as a fold that raises)."""
+        stored = self._stored(self.cache[key][0])
+        if not isinstance(stored, Exception):
+            return stored
+        failures = (self._row_failure(k) for k in self.dirty)
         raise min((f for f in failures if f is not None), key=lambda f: f.position)
 
-    def _index_failure(self, key: tuple[str, str]) -> ProjectionFailed | None:
-        """The failure of a row whose index its columns cannot hold, at the event since the
-        last flush after which they could not (folded again to find it); else None."""
+    def _row_failure(self, key: tuple[str, str]) -> ProjectionFailed | None:
+        """The failure of a row that cannot be stored, at the event since the last flush
+        after which it could not (folded again to find it); else None."""
         state, _version, position = self.cache[key]
-        problem = _index_problem(self.p.index(state))
-        if problem is None:
+        cause = self._stored(state)
+        if not isinstance(cause, Exception):
             return None
         culprit = None
         noted = self.folded.get(key)
@@ -678,32 +703,42 @@ class _Rows(Generic[S]):
             culprit = events[-1]
             for ev in events:
                 folded = _evolve_one(self.p, folded, ev)
-                if _index_problem(self.p.index(folded)) is not None:
-                    culprit = ev
+                found = self._stored(folded)
+                if isinstance(found, Exception):
+                    culprit, cause = ev, found
                     break
         return ProjectionFailed(
             projection=self.p.name, position=position if culprit is None else culprit.position,
             type="" if culprit is None else culprit.type, stream_id=key[1], tenant_id=key[0],
-            cause=InvalidArgument(f"index() gave {problem}"))
+            cause=cause)
 
-    def check_indexes(self) -> None:
-        """Raise as :meth:`flush` would for a row its columns cannot hold, writing nothing."""
+    def check_rows(self) -> None:
+        """Raise as :meth:`flush` would for a row that cannot be stored, writing nothing."""
         for key in self.dirty:
-            self._index(key)
+            self._stored_row(key)
 
     def flush(self, conn: Connection, now_us: int) -> None:
-        if not self.dirty:
-            return
+        self.write(conn, self.payload(now_us))
+
+    def payload(self, now_us: int) -> list[dict[str, Any]]:
+        """The dirty rows as :meth:`write` stores them; raises as :meth:`_stored_row` does
+        (before anything is written)."""
         rows = []
         for key in self.dirty:
-            state, version, position = self.cache[key]
-            idx = self._index(key)
+            _state, version, position = self.cache[key]
+            idx, data = self._stored_row(key)
             rows.append({
                 "projection": self.p.name, "generation": self.generation,
                 "tenant_id": key[0], "stream_id": key[1], "version": version,
-                "position": position, "state": self.p.encode(state), "status": idx.status,
+                "position": position, "state": data, "status": idx.status,
                 "group_key": idx.group_key, "sort_key": idx.sort_key, "updated_at": now_us,
             })
+        return rows
+
+    def write(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Store the rows :meth:`payload` gave (the dirty rows then)."""
+        if not rows:
+            return
         upsert = _fast("upsert", conn)
         if len(rows) == 1:
             upsert.run(conn, rows[0]).close()
@@ -832,6 +867,7 @@ class _InlineHandler:
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
+        payload = rows.payload(now_us)  # (a row that cannot be stored fails here, unsent)
         self._pending = (recorded, (generation, new_position), {key: rows.cache[key]}, False)
         due = _due_snapshots(self.p, rows, relevant, now_us)
 
@@ -840,7 +876,7 @@ class _InlineHandler:
             _fast("advance_from", conn).run(conn, {
                 "name": self.p.name, "prev": prev, "generation": generation,
                 "code_version": self.p.version, "new_position": new_position}).close()
-            rows.flush(conn, now_us)
+            rows.write(conn, payload)
             if due:
                 _insert_snapshots(conn, due)
 
@@ -936,7 +972,7 @@ class _InlineHandler:
             # registered) left behind, then fold this batch.
             try:
                 _catch_up(self.store, conn, rows, position, first - 1)
-                rows.check_indexes()  # (what the flush below would refuse, at its event)
+                rows.check_rows()  # (what the flush below would refuse, at its event)
             except (ProjectionFailed, EventDecodeError) as e:
                 # An event already in the log (appended without this projection) that its fold
                 # refuses, or this code cannot read: the projection stops at it, in ``status``,
@@ -958,20 +994,21 @@ class _InlineHandler:
         key = next(iter(keys))
         if len(keys) == 1 and key not in rows.cache:  # (a catch-up may have loaded it)
             try:
-                rows.cache[key] = ((self.p.initial(*key), 0, 0) if found is None else
+                rows.cache[key] = ((rows._initial(key), 0, 0) if found is None else
                                    (rows._decoded(key, found[0]), found[1], found[2]))
             except _RowUndecodable as e:
                 raise _failed_at(self.p.name, relevant[0], e) from e
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
+        payload = rows.payload(now_us)  # (a row that cannot be stored fails here, unsent)
         self._pending = (recorded, (generation, new_position),
                          {k: rows.cache[k] for k in keys}, others_changed)
         due = _due_snapshots(self.p, rows, relevant, now_us)
 
         def write(conn: Connection) -> None:
             with _pipeline(conn):  # the rows and the checkpoint: one round trip on psycopg
-                rows.flush(conn, now_us)
+                rows.write(conn, payload)
                 _fast("advance", conn).run(conn, {"name": self.p.name,
                                                   "new_position": new_position}).close()
             if due:
@@ -1120,7 +1157,7 @@ def current(store: EventStore, projection: Projection[S], stream_id: str, *, ten
     row = load_row(store, projection, tenant_id, stream_id)
     state, version = row if row is not None else (projection.initial(tenant_id, stream_id), 0)
     for ev in store.read_stream(stream_id, tenant_id=tenant_id, from_version=version + 1):
-        state = projection.evolve(state, ev)
+        state = _evolve_one(projection, state, ev)  # (ProjectionFailed, as fold_live's)
         version = ev.version
     return state, version
 
@@ -1195,7 +1232,10 @@ def fold_live(
 
     ``at_version`` / ``at_time`` stop the fold there (time travel).  A snapshot is saved when the
     fold went ``snapshot_every`` events past the last one (current reads only; an inline
-    projection saves one with the append that takes a stream past each multiple of it).
+    projection saves one with the append that takes a stream past each multiple of it).  Any
+    snapshot of the projection's version is used, also with ``snapshot_every = None`` (those
+    :func:`snapshot_now` saved on demand); one that does not decode is passed over (a cache:
+    the fold reads the log instead).
     """
     check_projection(projection)
     limit_us = to_micros(at_time) if at_time is not None else None
@@ -1206,10 +1246,9 @@ def fold_live(
     state: S = projection.initial(tenant, stream)
     version = 0
     snap_version = 0
-    snapshots_on = use_snapshots and projection.snapshot_every is not None
     # One read transaction for the snapshot and the events after it.
     with transaction(store, write=False) as conn:
-        if snapshots_on:
+        if use_snapshots:
             snap = _newest_snapshot(conn, projection, tenant, stream, at_version, limit_us)
             if snap is not None:
                 state, version = snap
@@ -1336,7 +1375,12 @@ def _newest_snapshot(conn: Connection, projection: Projection[S], tenant_id: str
     cur.close()
     if r is None:
         return None
-    return projection.decode(bytes(r[0])), r[1]
+    try:
+        return projection.decode(bytes(r[0])), r[1]
+    except Exception as e:  # damaged, or written by other code under the same version
+        _log.warning("snapshot_undecodable", projection=projection.name, tenant=tenant_id,
+                     stream=stream_id, version=r[1], error=f"{type_name(e)}: {e}")
+        return None
 
 
 _snapshot_queries: dict[tuple[str, bool, bool], Compiled] = {}

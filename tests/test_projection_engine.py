@@ -1986,3 +1986,103 @@ def test_a_rebuild_outside_a_projector_folds_under_the_sessions_idle_limit(
         (st,) = status(store, "tally_rebuilt_slowly")
         assert st.position == 30 and st.rebuild_generation is None
         assert verify(store, p) == []
+
+
+
+class _Faulty(TallyProjection):
+    """Its own code (not evolve) raises: initial() for a stream whose id ends in "bad",
+    index() or encode() once a row counts two events."""
+
+    def __init__(self, name: str, fails_in: str) -> None:
+        super().__init__(name)
+        self.fails_in = fails_in
+
+    def initial(self, tenant_id: str, stream_id: str) -> Tally:
+        if self.fails_in == "initial" and stream_id.endswith("bad"):
+            raise KeyError("no template for this stream")
+        return Tally()
+
+    def index(self, state: Tally) -> RowIndex:
+        if self.fails_in == "index" and state.count >= 2:
+            raise TypeError("a bug in index()")
+        return super().index(state)
+
+    def encode(self, state: Tally) -> bytes:
+        if self.fails_in == "encode" and state.count >= 2:
+            raise TypeError("a bug in encode()")
+        return super().encode(state)
+
+
+@pytest.mark.parametrize("fails_in", ["index", "encode", "initial"])
+def test_a_projections_own_index_encode_or_initial_raising_fails_it_at_the_event(
+        store: EventStore, fails_in: str) -> None:
+    """index(), encode() or initial() raising is the projection's failure at the event after
+    which its row could not be made, as a fold that raises: a projector stops it there (in
+    status) and goes on with its other projections; a rebuild stops at it; inline, the append
+    that makes such a row is refused with ProjectionFailed and writes nothing.  (Each let the
+    bare exception out: the worker stopped with every projection where it was.)"""
+    # Inline first, while the log holds nothing the projection fails on.
+    with EventStore.open(store.url) as inline_store:
+        inline(inline_store, _Faulty(f"faulty_{fails_in}_inline", fails_in))
+        inline_store.append("counter-c", [CounterIncremented(by=1)])  # position 1
+        stream = "counter-c" if fails_in != "initial" else "counter-cbad"
+        with pytest.raises(ProjectionFailed) as inline_info:
+            inline_store.append(stream, [CounterIncremented(by=1)])
+        assert inline_info.value.stream_id == stream
+        assert inline_store.stream_version(stream) == (1 if stream == "counter-c" else 0)
+    bad = "counter-bad" if fails_in == "initial" else "counter-a"
+    bump(store, "a", 1)  # position 2
+    store.append(bad, [CounterIncremented(by=1)])  # position 3: the one that fails
+    bump(store, "b", 1)  # position 4
+    faulty = _Faulty(f"faulty_{fails_in}", fails_in)
+    good = TallyProjection(f"good_{fails_in}")
+    applied, errors = Projector(store, [faulty, good]).catch_up_each()
+    assert [type(e) for e in errors] == [ProjectionFailed]
+    failed = errors[0]
+    assert isinstance(failed, ProjectionFailed)
+    assert (failed.position, failed.stream_id) == (3, bad)
+    assert f"a bug in {fails_in}()" in str(failed) or "no template" in str(failed)
+    by_name = {s.name: s for s in status(store)}
+    assert by_name[faulty.name].status == "failed"
+    assert (by_name[faulty.name].failed_position, by_name[faulty.name].position) == (3, 2)
+    assert (by_name[good.name].status, by_name[good.name].position) == ("running", 4)
+    assert applied == 4 + 2  # the good projection's four, the faulty one's first two
+    with pytest.raises(ProjectionFailed) as info:
+        rebuild(store, _Faulty(f"faulty_{fails_in}_rebuilt", fails_in))
+    assert info.value.position == 3
+
+
+def test_on_demand_snapshots_are_used_by_live_folds(store: EventStore) -> None:
+    """With ``snapshot_every = None`` (on demand only), a live fold starts from the snapshot
+    snapshot_now saved (it folded the whole stream, the snapshot unread); a snapshot that does
+    not decode is passed over, the fold reads the log."""
+    from eventstore._schema import snapshots
+
+    p = TallyProjection("tally_on_demand", snapshot_every=None)
+    bump(store, "a", 30)
+    assert snapshot_now(store, p, "counter-a", tenant_id="default") == 30
+    with begin_write(store.engine) as c:  # mark the stored state to see whether it is read
+        c.execute(update(snapshots).values(state=p.encode(Tally(count=30, total=999,
+                                                                 last_version=30))))
+    state, version = fold_live(store, p, "counter-a", tenant_id="default")
+    assert (state.total, version) == (999, 30)
+    bump(store, "a", 1)
+    assert fold_live(store, p, "counter-a", tenant_id="default")[0].total == 1000
+    with begin_write(store.engine) as c:
+        c.execute(update(snapshots).values(state=b'{"count": "not a number"}'))
+    state, version = fold_live(store, p, "counter-a", tenant_id="default")
+    assert (state.count, state.total, version) == (31, 31, 31)
+
+
+def test_current_names_the_event_a_fold_fails_on(store: EventStore) -> None:
+    """current() (row + the log's tail) raises ProjectionFailed naming the event, as
+    fold_live does (it let the fold's own exception out)."""
+    from projections import current
+
+    p = TallyProjection("tally_current", poison=13)
+    bump(store, "a", 1)
+    store.append("counter-a", [CounterIncremented(by=13)])
+    for read in (fold_live, current):
+        with pytest.raises(ProjectionFailed) as info:
+            read(store, p, "counter-a", tenant_id="default")
+        assert (info.value.position, info.value.stream_id) == (2, "counter-a")
