@@ -164,7 +164,11 @@ def time_after(when: datetime, span: timedelta, what: str) -> datetime:
 def check_time(when: datetime, what: str) -> datetime:
     if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
         raise InvalidArgument(f"{what} must be a timezone-aware datetime")
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # datetime.max at -05:00, datetime.min at +05:00
+        raise InvalidArgument(f"{what} ({when.isoformat()}) is outside the datetimes of UTC"
+                              ) from None
 
 
 def check_text(value: object, what: str) -> str:

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 import msgspec
 from sqlalchemy import Connection, and_, bindparam, delete, func, literal, or_, select, update
@@ -522,15 +522,23 @@ def _build_fast(name: str, dialect_name: str) -> Any:
 
 
 class _RowUndecodable(Exception):
-    """A row its projection cannot start from (the stored row does not decode, or ``initial``
-    raised): the events for it cannot be folded."""
+    """A stored row its projection cannot decode: the events for it cannot be folded."""
 
-    def __init__(self, key: tuple[str, str], cause: Exception,
-                 what: str = "the stored row of") -> None:
-        super().__init__(f"{what} {key[0]}/{key[1]} "
-                         f"{'raised' if what.startswith('initial') else 'does not decode'}: "
+    def __init__(self, key: tuple[str, str], cause: Exception) -> None:
+        super().__init__(f"the stored row of {key[0]}/{key[1]} does not decode: "
                          f"{type_name(cause)}: {cause}")
         self.key = key
+
+
+class _Unusable:
+    """In place of a row's state: the row cannot be folded (its stored state does not decode,
+    or ``initial`` raised).  The first of its events a fold meets fails with ``cause``, so a
+    batch's failures are met in log order."""
+
+    __slots__ = ("cause",)
+
+    def __init__(self, cause: Exception) -> None:
+        self.cause = cause
 
 
 class _Rows(Generic[S]):
@@ -544,6 +552,8 @@ class _Rows(Generic[S]):
         # Each dirty row's state before its first event since the last flush, and the events
         # folded into it since (to name the one that made its index one the columns refuse).
         self.folded: dict[tuple[str, str], tuple[S, list[RecordedEvent]]] = {}
+        # A dirty row's stored form, made for check_rows, with the state it was made of.
+        self.made: dict[tuple[str, str], tuple[S, tuple[RowIndex, bytes]]] = {}
 
     def load(self, conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self.cache]
@@ -578,13 +588,15 @@ class _Rows(Generic[S]):
         try:
             return self.p.decode(bytes(raw))
         except Exception as e:  # a damaged row (or one of another shape): its fold stops
-            raise _RowUndecodable(key, e) from e
+            undecodable = _RowUndecodable(key, e)
+            undecodable.__cause__ = e
+            return cast(S, _Unusable(undecodable))
 
     def _initial(self, key: tuple[str, str]) -> S:
         try:
             return self.p.initial(*key)
         except Exception as e:  # the projection's own code: its fold stops at the event
-            raise _RowUndecodable(key, e, "initial() of") from e
+            return cast(S, _Unusable(e))
 
     def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> int:
         """Fold the relevant events; returns how many were applied.
@@ -604,10 +616,7 @@ class _Rows(Generic[S]):
                 by_stream[key] = [e]
             else:
                 group.append(e)
-        try:
-            self.load(conn, by_stream)
-        except _RowUndecodable as e:
-            raise _failed_at(self.p.name, by_stream[e.key][0], e) from e
+        self.load(conn, by_stream)
         evolve_slice = self.p.evolve_slice
         if evolve_slice is None:
             return self._apply_each(relevant)
@@ -622,6 +631,8 @@ class _Rows(Generic[S]):
                     folding = [e for e in folding if e.version > version]
                     if not folding:
                         continue
+                if state.__class__ is _Unusable:
+                    raise cast(_Unusable, state).cause
                 self._note(key, state, folding)
                 if len(folding) == 1:  # an inline append's usual case: no slice to build
                     state = _evolve_one(self.p, state, folding[0])
@@ -651,11 +662,25 @@ class _Rows(Generic[S]):
             state, version, _pos = self.cache[key]
             if ev.version <= version:
                 continue  # already folded (a catch-up overlapping what was applied)
+            try:
+                if state.__class__ is _Unusable:
+                    cause = cast(_Unusable, state).cause
+                    raise _failed_at(self.p.name, ev, cause) from cause
+                new = _evolve_one(self.p, state, ev)
+            except ProjectionFailed as failed:
+                raise self._first_failure(failed) from failed.__cause__
             self._note(key, state, (ev,))
-            self.cache[key] = (_evolve_one(self.p, state, ev), ev.version, ev.position)
+            self.cache[key] = (new, ev.version, ev.position)
             self.dirty.add(key)
             applied += 1
         return applied
+
+    def _first_failure(self, failed: ProjectionFailed) -> ProjectionFailed:
+        """``failed``, or the failure of a row folded before it that cannot be stored (found
+        at the flush, which this failure comes before), whichever is first in the log."""
+        failures = [f for f in (self._row_failure(k) for k in self.dirty) if f is not None]
+        first = min(failures, key=lambda f: f.position, default=None)
+        return first if first is not None and first.position < failed.position else failed
 
     def _note(self, key: tuple[str, str], state: S, events: Sequence[RecordedEvent]) -> None:
         noted = self.folded.get(key)
@@ -683,8 +708,13 @@ class _Rows(Generic[S]):
         """The row of ``key`` as stored; when any dirty row cannot be stored,
         :class:`ProjectionFailed` at the first event in the log after which one could not
         (the projection's own code failed there, as a fold that raises)."""
-        stored = self._stored(self.cache[key][0])
+        state = self.cache[key][0]
+        made = self.made.get(key)
+        if made is not None and made[0] is state:
+            return made[1]
+        stored = self._stored(state)
         if not isinstance(stored, Exception):
+            self.made[key] = (state, stored)
             return stored
         failures = (self._row_failure(k) for k in self.dirty)
         raise min((f for f in failures if f is not None), key=lambda f: f.position)
@@ -711,6 +741,20 @@ class _Rows(Generic[S]):
             projection=self.p.name, position=position if culprit is None else culprit.position,
             type="" if culprit is None else culprit.type, stream_id=key[1], tenant_id=key[0],
             cause=cause)
+
+    def encoded(self, keys: Iterable[tuple[str, str]]
+                ) -> dict[tuple[str, str], tuple[bytes, int, int]]:
+        """The rows of ``keys`` as (encoded state, version, position), reusing the encoding a
+        :meth:`payload` since the last write made."""
+        out = {}
+        for key in keys:
+            state, version, position = self.cache[key]
+            if state.__class__ is _Unusable:  # (nothing folded into it: not remembered)
+                continue
+            made = self.made.get(key)
+            data = made[1][1] if made is not None and made[0] is state else self.p.encode(state)
+            out[key] = (data, version, position)
+        return out
 
     def check_rows(self) -> None:
         """Raise as :meth:`flush` would for a row that cannot be stored, writing nothing."""
@@ -746,6 +790,7 @@ class _Rows(Generic[S]):
             upsert.run_many(conn, rows)
         self.dirty.clear()
         self.folded.clear()
+        self.made.clear()
         if len(self.cache) > 50_000:
             self.cache.clear()
 
@@ -824,7 +869,7 @@ class _InlineHandler:
         # append in another transaction (a BoundStore's) folds concurrently, and may roll back;
         # committed() takes only the fold of the events it is told of.
         self._pending: tuple[Sequence[RecordedEvent], tuple[int, int],
-                             dict[tuple[str, str], Any], bool] | None = None
+                             dict[tuple[str, str], tuple[bytes, int, int]], bool] | None = None
         # The transaction in which this handler stopped the projection (see prepare).
         self._stopped_in: object = None
 
@@ -868,7 +913,7 @@ class _InlineHandler:
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
         payload = rows.payload(now_us)  # (a row that cannot be stored fails here, unsent)
-        self._pending = (recorded, (generation, new_position), {key: rows.cache[key]}, False)
+        self._pending = (recorded, (generation, new_position), rows.encoded((key,)), False)
         due = _due_snapshots(self.p, rows, relevant, now_us)
 
         def write(conn: Connection) -> None:
@@ -902,9 +947,7 @@ class _InlineHandler:
         known = self._known
         if others_changed or len(known) >= _KNOWN_ROWS:
             known.clear()
-        encode = self.p.encode
-        for key, (state, version, position) in rows.items():
-            known[key] = (encode(state), version, position)
+        known.update(rows)
         self._mark = mark
 
     def prepare(self, conn: Connection, recorded: Sequence[RecordedEvent]
@@ -993,17 +1036,14 @@ class _InlineHandler:
                 others_changed = True
         key = next(iter(keys))
         if len(keys) == 1 and key not in rows.cache:  # (a catch-up may have loaded it)
-            try:
-                rows.cache[key] = ((rows._initial(key), 0, 0) if found is None else
-                                   (rows._decoded(key, found[0]), found[1], found[2]))
-            except _RowUndecodable as e:
-                raise _failed_at(self.p.name, relevant[0], e) from e
+            rows.cache[key] = ((rows._initial(key), 0, 0) if found is None else
+                               (rows._decoded(key, found[0]), found[1], found[2]))
         rows.apply(conn, relevant)
         now_us = to_micros(relevant[0].recorded_at)
         new_position = recorded[-1].position
         payload = rows.payload(now_us)  # (a row that cannot be stored fails here, unsent)
-        self._pending = (recorded, (generation, new_position),
-                         {k: rows.cache[k] for k in keys}, others_changed)
+        self._pending = (recorded, (generation, new_position), rows.encoded(keys),
+                         others_changed)
         due = _due_snapshots(self.p, rows, relevant, now_us)
 
         def write(conn: Connection) -> None:
@@ -1235,7 +1275,7 @@ def fold_live(
     projection saves one with the append that takes a stream past each multiple of it).  Any
     snapshot of the projection's version is used, also with ``snapshot_every = None`` (those
     :func:`snapshot_now` saved on demand); one that does not decode is passed over (a cache:
-    the fold reads the log instead).
+    the fold reads the log instead) and, by a current read, replaced.
     """
     check_projection(projection)
     limit_us = to_micros(at_time) if at_time is not None else None
@@ -1246,11 +1286,14 @@ def fold_live(
     state: S = projection.initial(tenant, stream)
     version = 0
     snap_version = 0
+    damaged = False
     # One read transaction for the snapshot and the events after it.
     with transaction(store, write=False) as conn:
         if use_snapshots:
             snap = _newest_snapshot(conn, projection, tenant, stream, at_version, limit_us)
-            if snap is not None:
+            if isinstance(snap, int):
+                damaged = True
+            elif snap is not None:
                 state, version = snap
                 snap_version = version
         if projection.evolve_slice is not None:
@@ -1260,9 +1303,9 @@ def fold_live(
         state, version, last = _fold_records(store, projection, state, version, stream, tenant,
                                              at_version, limit_us)
     every = projection.snapshot_every
-    if (use_snapshots and every is not None and last is not None and at_version is None
-            and at_time is None and version - snap_version >= every):
-        save_snapshot(store, projection, tenant_id, stream_id, state, last)
+    if (use_snapshots and last is not None and at_version is None and at_time is None
+            and (damaged or (every is not None and version - snap_version >= every))):
+        save_snapshot(store, projection, tenant_id, stream_id, state, last, replace=damaged)
     return state, version
 
 
@@ -1361,7 +1404,9 @@ def _blame(store: EventStore, projection: Projection[S], state: S, batch: Stream
 
 def _newest_snapshot(conn: Connection, projection: Projection[S], tenant_id: str,
                      stream_id: str, at_version: int | None, at_us: int | None
-                     ) -> tuple[S, int] | None:
+                     ) -> tuple[S, int] | int | None:
+    """The newest snapshot within the bounds, as (state, version); its version alone when it
+    does not decode; None when there is none."""
     c = _snapshot_query(conn, at_version is not None, at_us is not None)
     params: dict[str, Any] = {"tenant_id": tenant_id, "stream_id": stream_id,
                               "projection": projection.name,
@@ -1380,7 +1425,7 @@ def _newest_snapshot(conn: Connection, projection: Projection[S], tenant_id: str
     except Exception as e:  # damaged, or written by other code under the same version
         _log.warning("snapshot_undecodable", projection=projection.name, tenant=tenant_id,
                      stream=stream_id, version=r[1], error=f"{type_name(e)}: {e}")
-        return None
+        return int(r[1])
 
 
 _snapshot_queries: dict[tuple[str, bool, bool], Compiled] = {}
@@ -1407,10 +1452,12 @@ def _snapshot_query(conn: Connection, by_version: bool, by_time: bool) -> Compil
 
 
 def save_snapshot(store: EventStore, projection: Projection[S], tenant_id: str, stream_id: str,
-                  state: S, last: RecordedEvent | _Last) -> None:
+                  state: S, last: RecordedEvent | _Last, *, replace: bool = False) -> None:
     """Store ``state`` as the stream's state at ``last`` (a cache: never an event).
 
-    ``last``: the stream's newest folded event, or its (version, recorded_at).
+    ``last``: the stream's newest folded event, or its (version, recorded_at).  ``replace``:
+    overwrite a snapshot already stored at that version (one that does not decode); else it is
+    kept (the fold is pure: it holds the same state).
     """
     values = {"tenant_id": tenant_id, "stream_id": stream_id, "projection": projection.name,
               "code_version": projection.version, "state": projection.encode(state),
@@ -1427,7 +1474,13 @@ def save_snapshot(store: EventStore, projection: Projection[S], tenant_id: str, 
             values.update(version=last[0], position=position, recorded_at=to_micros(last[1]))
         ins = (postgresql.insert(snapshots) if conn.dialect.name == "postgresql"
                else sqlite.insert(snapshots))
-        conn.execute(ins.values(**values).on_conflict_do_nothing())
+        stmt = ins.values(**values)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=list(snapshots.primary_key.columns),
+            set_={"state": stmt.excluded.state, "position": stmt.excluded.position,
+                  "recorded_at": stmt.excluded.recorded_at,
+                  "created_at": stmt.excluded.created_at})
+                     if replace else stmt.on_conflict_do_nothing())
         # Snapshots of older fold code are never read again.
         conn.execute(delete(snapshots).where(
             snapshots.c.tenant_id == tenant_id, snapshots.c.stream_id == stream_id,

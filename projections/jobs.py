@@ -861,18 +861,23 @@ class Jobs:
         ends = time.monotonic() + timeout if timeout is not None else None
         seq = after
         while True:
-            for ev in self.store.read_stream(stream, tenant_id=tenant_id, from_version=seq + 1):
-                yield JobEvent(seq=ev.version, type=ev.type, data=ev.data, at=_event_time(ev))
-                seq = ev.version
-                if follow and ev.type in TERMINAL_EVENTS:
-                    return
-            if not follow:
-                return
             # Until an event comes, ``seq`` is the caller's ``after``, which may lie past the
-            # job's end (a client ahead of the stream): a terminal event at or before it, there
-            # before the call or written since, ends the follow.  Once an event came, ``seq`` is
-            # a real version and the terminal event, when it comes, is read above.
-            if seq == after and self._ended_before(stream, tenant_id, seq):
+            # job's end (a client ahead of the stream): each poll reads the job's last event
+            # first, which says whether there is more to read, or a terminal event at or
+            # before ``after`` (there before the call or written since) that ends the follow.
+            # Once an event came, ``seq`` is a real version: the terminal event is read below.
+            last = self._last_event(stream, tenant_id) if follow and seq == after else None
+            if last is None or last.version > seq:
+                for ev in self.store.read_stream(stream, tenant_id=tenant_id,
+                                                 from_version=seq + 1):
+                    yield JobEvent(seq=ev.version, type=ev.type, data=ev.data,
+                                   at=_event_time(ev))
+                    seq = ev.version
+                    if follow and ev.type in TERMINAL_EVENTS:
+                        return
+            elif last.type in TERMINAL_EVENTS:
+                return
+            if not follow:
                 return
             if ends is not None:
                 left = ends - time.monotonic()
@@ -882,14 +887,18 @@ class Jobs:
             else:
                 time.sleep(poll_interval)
 
+    def _last_event(self, stream: str, tenant_id: str) -> RecordedEvent | None:
+        for ev in self.store.read_stream(stream, tenant_id=tenant_id, backwards=True, limit=1):
+            return ev
+        return None
+
     def _ended_before(self, stream: str, tenant_id: str, after: int) -> bool:
         """Whether the job's terminal event is at or before seq ``after`` (a follower
         re-attached after the end: nothing will follow)."""
         if after <= 0:
             return False
-        last = builtins.list(self.store.read_stream(stream, tenant_id=tenant_id,
-                                                    backwards=True, limit=1))
-        return bool(last) and last[0].version <= after and last[0].type in TERMINAL_EVENTS
+        last = self._last_event(stream, tenant_id)
+        return last is not None and last.version <= after and last.type in TERMINAL_EVENTS
 
     def list(self, status: str | Iterable[str] | None = None, *,
              tenant_id: str = _DEFAULT_TENANT, limit: int | None = None) -> builtins.list[Job]:

@@ -209,6 +209,25 @@ def test_a_clock_whose_lease_would_end_past_the_last_datetime_is_refused(
     assert jobs.get(other.job_id).version == 1 and jobs.get(job.job_id).version == 2
 
 
+def test_times_at_the_ends_of_the_range_in_other_zones_are_refused(jobs: Jobs) -> None:
+    """A time that has no UTC datetime (datetime.max at -05:00, datetime.min at +05:00): a
+    sweep's ``now`` and a deadline are refused with InvalidArgument (a bare OverflowError)."""
+    from projections import Continuations
+
+    job = jobs.submit("wf", {}, user_id="u1")
+    jobs.claim("w1")
+    late = datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))
+    early = datetime.min.replace(tzinfo=timezone(timedelta(hours=5)))
+    for now in (late, early):
+        with pytest.raises(InvalidArgument, match="outside the datetimes of UTC"):
+            jobs.sweep(now=now)
+        with pytest.raises(InvalidArgument, match="outside the datetimes of UTC"):
+            Continuations(jobs.store).sweep(now=now)
+    with pytest.raises(InvalidArgument, match="outside the datetimes of UTC"):
+        jobs.suspend(job.job_id, "w1", request_id="r1", prompt="ok?", deadline=late)
+    assert jobs.get(job.job_id).status == "running"
+
+
 def test_heartbeat_extends_the_lease(jobs: Jobs, clock: Clock) -> None:
     """A heartbeat moves lease_until to now + lease."""
     job = running(jobs)
@@ -742,6 +761,34 @@ def test_a_follow_from_past_the_end_ends_when_the_job_finishes(jobs: Jobs) -> No
     assert not follower.is_alive()
     assert time.monotonic() - started < 10
     assert seen == []
+
+
+def test_an_idle_follow_reads_once_per_poll(jobs: Jobs, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """A follower re-attached at a running job's last event polls with one read each time
+    (the check for a job that ended before ``after`` came as a second read per poll)."""
+    job = running(jobs)
+    reads = 0
+    real = jobs.store.read_stream
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.store, "read_stream", counted)
+    polls = 0
+    real_sleep = time.sleep
+
+    def counted_sleep(seconds: float) -> None:
+        nonlocal polls
+        polls += 1
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", counted_sleep)
+    assert list(jobs.events(job.job_id, after=2, follow=True, timeout=0.3,
+                            poll_interval=0.02)) == []
+    assert polls >= 3 and reads <= polls + 1
 
 
 def test_events_follow_stops_at_the_timeout(jobs: Jobs) -> None:
