@@ -7,10 +7,11 @@ import os
 import re
 import select
 import sqlite3
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,7 @@ class _Turns:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._after: list[Callable[[], None]] = []  # to run when the turn under way ends
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
@@ -295,6 +297,20 @@ class _Turns:
                 yield
             finally:
                 self._owner = None
+                after, self._after = self._after, []
+                for run in after:
+                    run()
+
+    def alone(self, run: Callable[[], None]) -> None:
+        """Run ``run`` (a close of the store: its connection is the database) while no
+        transaction is under way; called from inside one on this thread (a signal handler, a
+        hook), when that one ends.  Closing the connection under a statement another thread
+        runs on it crashed the process."""
+        if self._owner == threading.get_ident():
+            self._after.append(run)
+            return
+        with self._lock:
+            run()
 
 
 _one_connection: weakref.WeakKeyDictionary[Engine, _Turns] = weakref.WeakKeyDictionary()
@@ -304,6 +320,16 @@ def _turn(engine: Engine) -> contextlib.AbstractContextManager[None]:
     """A turn on ``engine``'s one connection when it is an in-memory SQLite database."""
     turns = _one_connection.get(engine)
     return contextlib.nullcontext() if turns is None else turns.turn()
+
+
+def when_alone(engine: Engine, run: Callable[[], None]) -> None:
+    """Run ``run`` now, or, for an in-memory SQLite database, between transactions (see
+    :meth:`_Turns.alone`)."""
+    turns = _one_connection.get(engine)
+    if turns is None:
+        run()
+    else:
+        turns.alone(run)
 
 
 def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bool) -> None:
@@ -363,21 +389,27 @@ def begin_read(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
 
 @contextlib.contextmanager
 def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
-    with _turn(engine), translate(), engine.connect() as conn:
-        try:
-            if engine.dialect.name == "sqlite":
-                if write:
-                    conn = conn.execution_options(sqlite_write=True)
-            elif not write:
-                # PostgreSQL reads run in autocommit: under READ COMMITTED every statement takes
-                # its own snapshot, in a transaction or not, so BEGIN and COMMIT would only add
-                # two round trips.  (SQLite keeps its read transaction: one snapshot there.)
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            with own_transaction(conn):  # (a rollback that fails too keeps the first error)
-                yield conn
-        finally:
-            if is_retired(engine):
-                conn.invalidate()
+    with _turn(engine), translate():
+        if is_retired(engine):  # (closed since the caller checked: no new connection)
+            raise StoreClosed("the event store is closed")
+        with engine.connect() as conn:
+            try:
+                if engine.dialect.name == "sqlite":
+                    if write:
+                        conn = conn.execution_options(sqlite_write=True)
+                elif not write:
+                    # PostgreSQL reads run in autocommit: under READ COMMITTED every statement
+                    # takes its own snapshot, in a transaction or not, so BEGIN and COMMIT
+                    # would only add two round trips.  (SQLite keeps its read transaction: one
+                    # snapshot there.)
+                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                with own_transaction(conn):  # (a rollback that fails too keeps the first error)
+                    yield conn
+            finally:
+                if is_retired(engine) and engine not in _one_connection:
+                    # (An in-memory database's one connection is the database: the store's
+                    # close closes it, once no transaction uses it.)
+                    conn.invalidate()
 
 
 _retired: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -420,6 +452,7 @@ class Writer:
         self._owner: int | None = None
         self._holding: set[int] = set()  # threads in holding_appends
         self._closed = False
+        self._close_at_end = False  # closed from inside an append on its own thread
         # A parent's connection seen in a forked child: never used, closed or let go (letting
         # it go would check the parent's DBAPI connection into the child's copy of the pool).
         self._inherited: list[Connection] = []
@@ -478,6 +511,9 @@ class Writer:
                         raise
             finally:
                 self._owner = None
+                if self._close_at_end:
+                    self._close_at_end = False
+                    self._discard()  # (its pool may be disposed of: closed, not given back)
 
     def _connection(self) -> Connection:
         conn = self._conn
@@ -505,7 +541,13 @@ class Writer:
 
     def close(self) -> None:
         """Release the kept connection (waits for an append in progress); later appends
-        raise :class:`StoreClosed`."""
+        raise :class:`StoreClosed`.  Called from inside an append on the same thread (a
+        signal handler, a ``before_commit`` hook), it cannot wait for that append: the append
+        goes on, and the connection is closed when it ends."""
+        if self._owner == threading.get_ident():
+            self._closed = True
+            self._close_at_end = True
+            return
         with self._lock:
             self._closed = True
             conn, self._conn = self._conn, None
@@ -644,21 +686,50 @@ def _driver_errors() -> tuple[type[Exception], ...]:
 
 
 _DRIVER_ERRORS = _driver_errors()
+_TRANSLATED: tuple[type[Exception], ...] = (sa_exc.SQLAlchemyError, *_DRIVER_ERRORS)
 
 
 @contextlib.contextmanager
 def translate() -> Iterator[None]:
-    """Translate driver errors into the store's error tree, in one place."""
+    """Translate driver errors into the store's error tree, in one place.
+
+    A driver error that replaced an interrupt raised inside the block (Ctrl-C, or an exception
+    a signal handler raised, while psycopg ended a pipeline: "cannot exit pipeline mode while
+    busy") gives the interrupt back: translated, it read as a transient database error, for
+    an append that may have committed, and the caller's Ctrl-C was lost.
+    """
+    handling = sys.exception()  # (an exception the caller is handling is not ours)
     try:
         yield
     except EventStoreError:
         raise
-    except sa_exc.DBAPIError as e:
-        raise _database_error(f"database error: {e.orig or e}", e) from e
-    except sa_exc.SQLAlchemyError as e:
-        raise _database_error(f"database error: {e}", e) from e
-    except _DRIVER_ERRORS as e:  # statements the store runs on the DBAPI cursor itself
+    except _TRANSLATED as e:
+        interrupt = _interrupt_under(e, handling)
+        if interrupt is not None:
+            raise interrupt from None
+        if isinstance(e, sa_exc.DBAPIError):
+            raise _database_error(f"database error: {e.orig or e}", e) from e
+        if isinstance(e, sa_exc.SQLAlchemyError):
+            raise _database_error(f"database error: {e}", e) from e
+        # (statements the store runs on the DBAPI cursor itself)
         raise _database_error(f"database error: {type(e).__name__}: {e}", e) from e
+
+
+def _interrupt_under(error: BaseException, handling: BaseException | None
+                     ) -> BaseException | None:
+    """An exception that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``, a
+    signal handler's) that ``error`` was raised in the handling of, above ``handling``."""
+    todo: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or e is handling or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if not isinstance(e, Exception):
+            return e
+        todo.extend((e.__cause__, e.__context__, getattr(e, "orig", None)))
+    return None
 
 
 def _database_error(message: str, cause: BaseException) -> DatabaseError:

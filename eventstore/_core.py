@@ -337,9 +337,11 @@ class StoreCore:
         encoded, meta_raw, reads = encode_within(events, metadata,
                                                  self._options.max_event_bytes)
         fingerprint = _fingerprint(stream, encoded) if key is not None else b""
+        # Inline handlers get the metadata as readers will (decoded from what is stored: a
+        # datetime in it as its ISO string, a tuple as a list), so inline rows and a rebuild
+        # fold the same values.
         return AppendPlan(stream, tenant, reads, encoded, meta_raw,
-                          metadata if isinstance(metadata, dict) else {}, expected, key,
-                          fingerprint, self.now())
+                          decode_metadata(meta_raw), expected, key, fingerprint, self.now())
 
     @staticmethod
     def _retry_pause(err: DatabaseError, pager: Pager, pause: float) -> float:

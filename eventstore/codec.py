@@ -152,9 +152,12 @@ def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
             # inside is written as it is, so one holding no valid JSON would fail every later
             # read of the log.
             try:
-                _dict_decoder.decode(data)
+                stored = _dict_decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
                 raise InvalidEvent(f"raw {event.type} event data is not valid JSON: {e}") from e
+            # What readers get: the data as stored (a datetime in it as its ISO string, a tuple
+            # as a list), also for inline projections.
+            read = RawEvent(type=event.type, data=stored, schema_version=sv)
         _check_depth(data, f"{event.type} event")  # (valid JSON by now)
         if known is None:  # (a known type's own field types say what its keys are)
             _check_keys(event.data, f"raw event {event.type} data")

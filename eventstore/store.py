@@ -19,6 +19,7 @@ from ._backend import (
     resolve_url,
     retire,
     shown_url,
+    when_alone,
 )
 from ._core import (
     DEFAULT_MAX_EVENT_BYTES,
@@ -111,8 +112,12 @@ class EventStore(StoreCore):
         if not self._closed:
             self._closed = True
             retire(self._engine)
-            self._writer.close()
-            self._engine.dispose()
+            # (An in-memory database: once no transaction uses its one connection.)
+            when_alone(self._engine, self._release)
+
+    def _release(self) -> None:
+        self._writer.close()
+        self._engine.dispose()
 
     def __enter__(self) -> EventStore:
         return self

@@ -690,3 +690,139 @@ def test_postgres_connections_give_up_on_a_silent_server_within_a_minute(
 
     assert asyncio.run(async_settings()) == {"keepalives_idle": "30",
                                              "tcp_user_timeout": "60000"}
+
+
+def test_closing_an_in_memory_store_waits_for_the_transactions_of_other_threads() -> None:
+    """close() of a ``sqlite://`` store while another thread reads: the reader gets
+    StoreClosed (its read closed the one connection, or close() closed it under the reader's
+    statement: the process crashed, or a new empty database answered "no such table")."""
+    script = """
+import collections, random, threading, time
+from eventstore import EventStore
+from tests._events import NoteAdded
+seen = collections.Counter()
+for _ in range(15):
+    store = EventStore.open("sqlite://")
+    store.append("seed-1", [NoteAdded(text="x" * 2000) for i in range(300)])
+    def reader():
+        try:
+            while True:
+                for _ in store.read_all():
+                    pass
+        except Exception as e:
+            seen[type(e).__name__] += 1
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(random.uniform(0.005, 0.05))
+    store.close()
+    t.join(10)
+    assert not t.is_alive()
+print(dict(seen))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{'StoreClosed': 15}"
+    assert "Exception during reset" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["hook", "handler", "signal"])
+def test_close_from_inside_an_append_on_its_thread_ends_after_it(url: str, where: str) -> None:
+    """close() called by code running inside an append on the same thread (a before_commit
+    hook, an inline handler, a signal handler: a graceful shutdown) returns at once; the
+    append completes, and later calls raise StoreClosed (it waited for the append lock its own
+    thread held: for ever)."""
+    from eventstore.errors import StoreClosed
+
+    store = EventStore.open(url)
+    closed: list[bool] = []
+
+    def close(*_args: Any) -> None:
+        store.close()
+        closed.append(True)
+
+    outcome: list[Any] = []
+
+    def append() -> None:
+        try:
+            if where == "hook":
+                outcome.append(store.append_with("c-1", [NoteAdded(text="a")],
+                                                 before_commit=close))
+            elif where == "handler":
+                store.add_inline_handler(close)
+                outcome.append(store.append("c-1", [NoteAdded(text="a")]))
+            else:
+                previous = signal.signal(signal.SIGUSR1, close)
+                try:
+                    while not closed:
+                        outcome[:] = [store.append("c-1", [NoteAdded(text="a")] * 5)]
+                except StoreClosed:
+                    pass
+                finally:
+                    signal.signal(signal.SIGUSR1, previous)
+        except BaseException as e:  # pragma: no cover - reported below
+            outcome.append(e)
+
+    if where == "signal":  # signal handlers run on the main thread
+        killer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+        killer.start()
+        append()
+        killer.join()
+    else:
+        worker = threading.Thread(target=append, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "the append waited for itself"
+    assert closed == [True]
+    assert outcome and not isinstance(outcome[-1], BaseException), outcome
+    with pytest.raises(StoreClosed):
+        store.append("c-1", [NoteAdded(text="b")])
+    with EventStore.open(url) as again:  # what the append returned is in the log
+        assert again.stream_version("c-1") == outcome[-1].stream_version
+
+
+def test_an_interrupt_a_driver_error_replaced_is_raised_not_translated() -> None:
+    """Ctrl-C (or an exception a signal handler raised) that psycopg replaced with its own
+    error while ending a pipeline ("cannot exit pipeline mode while busy") reaches the caller
+    as itself, not as a transient DatabaseError (the append may have committed: a retry would
+    write it twice); an interrupt the caller was already handling is not ours to raise."""
+    import sqlite3
+
+    from eventstore._backend import translate
+
+    def driver_error_over(interrupt: BaseException) -> None:
+        try:
+            raise interrupt
+        except BaseException:
+            raise sqlite3.OperationalError("cannot exit pipeline mode while busy") from None
+
+    with pytest.raises(KeyboardInterrupt), translate():
+        driver_error_over(KeyboardInterrupt())
+    with pytest.raises(SystemExit), translate():
+        driver_error_over(SystemExit(3))
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:  # the caller's own, being handled when it calls the store
+        with pytest.raises(DatabaseError), translate():
+            raise sqlite3.OperationalError("disk I/O error")  # noqa: B904 (its context)
+
+
+def test_inline_handlers_get_metadata_and_raw_data_as_readers_do(store: EventStore) -> None:
+    """An inline handler is handed the metadata, and an unknown type's raw data, as every
+    reader gets them (decoded from what was stored: a datetime as its ISO string, a tuple as
+    a list); it got the caller's objects, so inline rows and a rebuild could differ."""
+    from datetime import UTC, datetime
+
+    from eventstore import RawEvent
+
+    handed: list[RecordedEvent] = []
+    store.add_inline_handler(lambda _conn, recorded: handed.extend(recorded))
+    when = datetime(2024, 1, 1, tzinfo=UTC)
+    store.append("m-1", [NoteAdded(text="a"), RawEvent(type="Unknown.Thing",
+                                                       data={"pair": (1, 2), "at": when})],
+                 metadata={"at": when, "ids": (1, 2)})
+    read = list(store.read_stream("m-1"))
+    assert [(h.metadata, h.data) for h in handed] == [(r.metadata, r.data) for r in read]
+    assert handed[0].metadata == {"at": "2024-01-01T00:00:00Z", "ids": [1, 2]}
+    assert handed[1].data == RawEvent(type="Unknown.Thing",
+                                      data={"pair": [1, 2], "at": "2024-01-01T00:00:00Z"})
