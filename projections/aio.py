@@ -67,6 +67,7 @@ class _Twin(Generic[F]):
     def __init__(self, store: AsyncEventStore, build: Callable[[], F]) -> None:
         check_async_store(store, type(self).__name__,
                           f"projections.{type(self).__name__.removeprefix('Async')}")
+        store._check_open()  # (StoreClosed, as the sync facades' constructors raise)
         self.store = store
         known = set(map(id, getattr(store, "_preparations", ())))
         self._facade = built_for_twin(build)

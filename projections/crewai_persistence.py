@@ -157,6 +157,8 @@ class EventStoreFlowPersistence(FlowPersistence):
             given = data["url"]
         if given is not None:
             data["url"] = _without_password(given)
+        if "tenant_id" in data:  # refused here, not after the flow's first step ran
+            check_id(data["tenant_id"], "tenant id", InvalidArgument)
         super().__init__(**data)
         self._secret_url = given
         if isinstance(store, EventStore):
@@ -164,6 +166,8 @@ class EventStoreFlowPersistence(FlowPersistence):
             self._flows = Flows(store)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "tenant_id":
+            check_id(value, "tenant id", InvalidArgument)
         if name == "url" and isinstance(value, str):
             # Set after construction: the password kept privately too, not in the field.
             super().__setattr__("_secret_url", value)

@@ -205,6 +205,20 @@ async def test_jobs_lifecycle_and_follow(url: str) -> None:
 
 
 @pytest.mark.asyncio
+async def test_twins_refuse_a_closed_store_as_the_sync_facades_do(url: str) -> None:
+    """Making a twin on a closed AsyncEventStore raises StoreClosed, as making a sync facade
+    on a closed EventStore does (the twins were made, and failed at their first call)."""
+    from eventstore.errors import StoreClosed
+
+    store = await AsyncEventStore.open(url)
+    await store.close()
+    for twin in (AsyncConversations, AsyncFlows, AsyncJobs, AsyncContinuations,
+                 AsyncAgentSessions):
+        with pytest.raises(StoreClosed):
+            twin(store)
+
+
+@pytest.mark.asyncio
 async def test_an_async_follow_from_past_the_end_ends_when_the_job_finishes(url: str) -> None:
     """As the sync follow: ``after`` ahead of the stream, the job finishing during the follow
     ends it."""

@@ -519,6 +519,20 @@ def test_a_persistence_given_an_async_store_or_another_object_says_what_it_takes
         by_url.close()
 
 
+def test_a_tenant_the_store_cannot_hold_is_refused_before_any_flow_runs(
+        store: EventStore) -> None:
+    """An empty, over-long or NUL-holding tenant id, or one that is not a string, is refused
+    with InvalidArgument when the persistence is made or given it (it was taken, and the
+    flow's first step ran before its state could not be saved)."""
+    for bad in ("", "x" * 300, "a\x00b", 5):
+        with pytest.raises(InvalidArgument, match="tenant id"):
+            EventStoreFlowPersistence(store, tenant_id=bad)  # type: ignore[arg-type]
+    persistence = EventStoreFlowPersistence(store, tenant_id="acme")
+    with pytest.raises(InvalidArgument, match="tenant id"):
+        persistence.tenant_id = ""
+    assert persistence.tenant_id == "acme"
+
+
 def test_an_import_goes_on_past_flows_the_store_refuses(
     tmp_path: Path, persistence: EventStoreFlowPersistence, store: EventStore,
 ) -> None:
