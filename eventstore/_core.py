@@ -655,9 +655,19 @@ class StoreCore:
             return rows
 
         def columns(rows: list[Any]) -> StreamSlice:
-            versions, tags, svs, raws, at = zip(*rows, strict=True)
-            return StreamSlice(tenant_id, stream_id, versions, tags,
-                               decode_events(tags, svs, raws), at)
+            versions, tags, svs, raws, at, _positions = zip(*rows, strict=True)
+            try:
+                data = decode_events(tags, svs, raws)
+            except EventDecodeError as e:  # name the event, as a read of records does
+                for _version, tag, sv, raw, _at, position in rows:
+                    try:
+                        decode_event(tag, sv, raw)
+                    except EventDecodeError as bad:
+                        raise EventDecodeError.at(bad, position=position, type=tag,
+                                                  stream_id=stream_id,
+                                                  tenant_id=tenant_id) from e
+                raise
+            return StreamSlice(tenant_id, stream_id, versions, tags, data, at)
 
         rows = fetch(send(lo))
         if len(rows) < page:  # one page (a tail after a snapshot, a short stream): no pipeline

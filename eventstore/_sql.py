@@ -100,7 +100,7 @@ STATEMENTS: dict[str, ClauseElement] = {
     # A stream's events as columns for folds (StreamSlice): no ids, no metadata.
     "read_slice": _stream_where(
         select(events.c.version, events.c.type, events.c.schema_version, events.c.data,
-               events.c.recorded_at))
+               events.c.recorded_at, events.c.position))
     .where(events.c.version >= bindparam("lo"), events.c.version <= bindparam("hi"))
     .order_by(events.c.version).limit(bindparam("page")),
 }

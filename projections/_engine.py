@@ -1154,9 +1154,40 @@ def _rebuild_if_stale(store: EventStore, projection: Projection[Any]) -> None:
         try:
             _rebuild(store, projection, progress=None, only_if_stale=True)
         except RebuildInProgress:
-            # Another process (a worker of the same deploy) is rebuilding: its swap folds
-            # in what this one appends meanwhile.
+            # Another process (a worker of the same deploy) is rebuilding.  Until its swap
+            # there are no rows of this fold: this process's queries across streams would
+            # answer nothing, not even its own appends (a finish_run would retire nothing).
             _log.info("projection_rebuild_elsewhere", projection=projection.name)
+            _await_rebuild(store, projection)
+
+
+# How often a process waiting for another's rebuild looks at it, and after how long without
+# progress it takes the rebuild over (the other process died or hangs).
+_REBUILD_POLL_S = 0.1
+_REBUILD_STALLED_S = 10.0
+
+
+def _await_rebuild(store: EventStore, projection: Projection[Any]) -> None:
+    """Wait until the projection's rows are of this fold version (or newer): another process
+    is rebuilding them.  Its rebuild is taken over (resumed where it stopped) when it stops
+    moving for :data:`_REBUILD_STALLED_S`, or when there is none of this fold any more (it
+    failed: the error is this process's too)."""
+    seen: tuple[int | None, int | None] | None = None
+    since = time.monotonic()
+    while True:
+        (st,) = status(store, projection.name)
+        if st.code_version >= projection.version:
+            return
+        mark = (st.rebuild_generation, st.rebuild_position)
+        if mark != seen:
+            seen, since = mark, time.monotonic()
+        if st.rebuild_generation is None or time.monotonic() - since >= _REBUILD_STALLED_S:
+            try:
+                _rebuild(store, projection, progress=None, only_if_stale=True)
+                return
+            except RebuildInProgress:
+                since = time.monotonic()
+        time.sleep(_REBUILD_POLL_S)
 
 
 # -- reading rows --

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from eventstore import Event, EventStore, RawEvent
+from eventstore import Event, EventStore, RawEvent, RecordedEvent
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows
 from eventstore._time import to_micros
@@ -729,20 +730,30 @@ def test_slice_fold_decodes_upcast_unknown_and_mixed_rows(
     assert only_old.seen == ["Counted"] * 3
 
 
-def test_slice_fold_reports_undecodable_rows(store: EventStore) -> None:
-    """A stored row that no longer decodes raises the typed decode error, as a read does."""
+@pytest.mark.parametrize("damage", ["data", "newer schema"])
+def test_slice_fold_reports_undecodable_rows(store: EventStore, damage: str) -> None:
+    """A stored row that no longer decodes (or one a newer release wrote at a newer schema
+    version) raises the typed decode error naming the event, as a read does (the slice fold
+    named none: position, type and stream were None)."""
+    from eventstore._schema import events
     from eventstore.errors import EventDecodeError
 
+    bump(store, "b", 1)
     bump(store, "a", 3)
     with begin_write(store.engine) as conn:
-        from eventstore._schema import events
-
-        conn.execute(update(events).where(events.c.version == 2)
-                     .values(data=b'{"type":"test.CounterIncremented","by":"two"}'))
-    with pytest.raises(EventDecodeError):
-        fold_live(store, SlicedTally(snapshot_every=None), "counter-a", tenant_id="default")
-    with pytest.raises(EventDecodeError):
-        list(store.read_stream("counter-a"))
+        change = ({"data": b'{"type":"test.CounterIncremented","by":"two"}'}
+                  if damage == "data" else {"schema_version": 9})
+        conn.execute(update(events).where(events.c.stream_id == "counter-a",
+                                          events.c.version == 2).values(**change))
+    for read in (lambda: fold_live(store, SlicedTally(snapshot_every=None), "counter-a",
+                                   tenant_id="default"),
+                 lambda: list(store.read_stream("counter-a"))):
+        with pytest.raises(EventDecodeError) as info:
+            read()
+        err = info.value
+        assert (err.position, err.type, err.stream_id, err.tenant_id) == (
+            3, "test.CounterIncremented", "counter-a", "default")
+        assert err.newer_schema == (damage == "newer schema")
 
 
 def test_projector_slices_fail_at_the_first_failing_event_of_the_log(store: EventStore) -> None:
@@ -2166,3 +2177,46 @@ def test_a_snapshot_that_does_not_decode_is_replaced_by_the_next_current_read(
     with store.engine.connect() as c:
         stored = c.execute(select(snapshots.c.version, snapshots.c.state)).all()
     assert [(v, p.decode(bytes(s)).count) for v, s in stored] == [(20, 20)]
+
+
+def test_a_process_that_finds_another_rebuilding_waits_for_its_rows(url: str) -> None:
+    """A new fold version made inline while another process rebuilds the rows for it (two
+    workers of a new release starting together): the constructor returns once rows of its
+    version are in, so its queries see every stream (the one that lost the race to the other
+    returned at once and found no rows, not even its own appends, until the swap)."""
+    import time as _time
+
+    class SlowTally(TallyProjection):
+        version = 2
+
+        def evolve(self, state: Tally, event: RecordedEvent) -> Tally:
+            _time.sleep(0.0005)
+            return super().evolve(state, event)
+
+    with EventStore.open(url) as first:
+        inline(first, TallyProjection("tally_wait", snapshot_every=None))
+        for i in range(30):
+            first.append(f"counter-s{i}", [CounterIncremented(by=1)] * 100)
+    errors: list[BaseException] = []
+
+    def rebuild_elsewhere() -> None:
+        try:
+            with EventStore.open(url) as other:
+                rebuild(other, SlowTally("tally_wait", snapshot_every=None))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    elsewhere = threading.Thread(target=rebuild_elsewhere)
+    elsewhere.start()
+    with EventStore.open(url) as store:
+        deadline = _time.monotonic() + 20
+        while status(store, "tally_wait")[0].rebuild_generation is None:
+            assert _time.monotonic() < deadline
+            _time.sleep(0.005)
+        p = SlowTally("tally_wait", snapshot_every=None)
+        inline(store, p)  # finds the other's rebuild under way
+        rows = query_rows(store, p, tenant_id=None)
+        assert len(rows) == 30 and {st.count for _t, _s, st, _v in rows} == {100}
+        assert status(store, "tally_wait")[0].code_version == 2
+    elsewhere.join(30)
+    assert errors == []
