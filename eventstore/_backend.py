@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -453,6 +454,7 @@ class Writer:
         self._holding: set[int] = set()  # threads in holding_appends
         self._closed = False
         self._close_at_end = False  # closed from inside an append on its own thread
+        self._entering: set[int] = set()  # threads taking the lock for begin()
         # A parent's connection seen in a forked child: never used, closed or let go (letting
         # it go would check the parent's DBAPI connection into the child's copy of the pool).
         self._inherited: list[Connection] = []
@@ -490,30 +492,49 @@ class Writer:
             yield
         finally:
             self._holding.discard(me)
+            self._close_if_due()
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
         """A write transaction on the kept connection (see :func:`begin_write`)."""
         self._refuse_nested()
-        with _turn(self._engine), self._lock:
-            if self._closed:
-                raise StoreClosed("the event store is closed")
-            self._owner = threading.get_ident()
+        me = threading.get_ident()
+        with _turn(self._engine):
+            self._entering.add(me)  # (a close() on this thread from here on waits for nothing)
             try:
-                with translate():
-                    conn = self._connection()
+                with self._lock:
+                    self._owner = me
+                    self._entering.discard(me)
                     try:
-                        with own_transaction(conn):
-                            yield conn
-                    except BaseException:
-                        if _broken(conn):
-                            self._discard()
-                        raise
+                        if self._closed:
+                            raise StoreClosed("the event store is closed")
+                        with translate():
+                            conn = self._connection()
+                            try:
+                                with own_transaction(conn):
+                                    yield conn
+                            except BaseException:
+                                if _broken(conn):
+                                    self._discard()
+                                raise
+                    finally:
+                        self._owner = None
+                        if self._close_at_end:
+                            self._close_at_end = False
+                            self._discard()  # (its pool may be disposed of: closed, not kept)
             finally:
-                self._owner = None
+                self._entering.discard(me)
+
+    def _close_if_due(self) -> None:
+        """The close() deferred by a thread that held appends: done now unless an append is
+        under way (whose end does it)."""
+        if self._close_at_end and self._lock.acquire(blocking=False):
+            try:
                 if self._close_at_end:
                     self._close_at_end = False
-                    self._discard()  # (its pool may be disposed of: closed, not given back)
+                    self._discard()
+            finally:
+                self._lock.release()
 
     def _connection(self) -> Connection:
         conn = self._conn
@@ -544,7 +565,9 @@ class Writer:
         raise :class:`StoreClosed`.  Called from inside an append on the same thread (a
         signal handler, a ``before_commit`` hook), it cannot wait for that append: the append
         goes on, and the connection is closed when it ends."""
-        if self._owner == threading.get_ident():
+        me = threading.get_ident()
+        if self._owner == me or me in self._entering or me in self._holding:
+            # (This thread holds, or is taking, the lock, or the append lock itself.)
             self._closed = True
             self._close_at_end = True
             return
@@ -573,7 +596,8 @@ def own_transaction(conn: Connection) -> Iterator[None]:
     try:
         trans = conn.begin()
     except BaseException:
-        end_transaction(conn, None)
+        # (Interrupted after SQLAlchemy attached its transaction: that one, or none.)
+        end_transaction(conn, conn.get_transaction())
         raise
     try:
         yield
@@ -703,6 +727,11 @@ def translate() -> Iterator[None]:
         yield
     except EventStoreError:
         raise
+    except AssertionError as e:  # SQLAlchemy's, in a finally an interrupt went through
+        interrupt = _interrupt_under(e, handling)
+        if interrupt is not None:
+            raise interrupt from None
+        raise
     except _TRANSLATED as e:
         interrupt = _interrupt_under(e, handling)
         if interrupt is not None:
@@ -726,8 +755,8 @@ def _interrupt_under(error: BaseException, handling: BaseException | None
         if e is None or e is handling or id(e) in seen:
             continue
         seen.add(id(e))
-        if not isinstance(e, Exception):
-            return e
+        if not isinstance(e, (Exception, GeneratorExit, asyncio.CancelledError)):
+            return e  # (a generator closed, a task cancelled: the ordinary flow, not ours)
         todo.extend((e.__cause__, e.__context__, getattr(e, "orig", None)))
     return None
 

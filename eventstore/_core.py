@@ -337,11 +337,9 @@ class StoreCore:
         encoded, meta_raw, reads = encode_within(events, metadata,
                                                  self._options.max_event_bytes)
         fingerprint = _fingerprint(stream, encoded) if key is not None else b""
-        # Inline handlers get the metadata as readers will (decoded from what is stored: a
-        # datetime in it as its ISO string, a tuple as a list), so inline rows and a rebuild
-        # fold the same values.
         return AppendPlan(stream, tenant, reads, encoded, meta_raw,
-                          decode_metadata(meta_raw), expected, key, fingerprint, self.now())
+                          metadata if isinstance(metadata, dict) else {}, expected, key,
+                          fingerprint, self.now())
 
     @staticmethod
     def _retry_pause(err: DatabaseError, pager: Pager, pause: float) -> float:
@@ -426,7 +424,7 @@ class StoreCore:
             raise WrongExpectedVersion(stream_id=stream_id, tenant_id=tenant_id,
                                        expected=expected, actual=current)
         rows, recorded, stamp = _event_rows(plan, current, last_position, probed[2],
-                                            dialect.name)
+                                            dialect.name, bool(self._inline or before_commit))
         new_version = current + len(rows)
         result = AppendResult(last_position + 1, last_position + len(rows), new_version, False)
         # When the transaction is ours, the handlers' writes and the COMMIT join the append's
@@ -506,7 +504,7 @@ class StoreCore:
         if isinstance(expected, int) and expected != current:
             return None  # the probing path raises, with the version it reads
         rows, recorded, stamp = _event_rows(plan, current, last_position, updated_at,
-                                            conn.dialect.name)
+                                            conn.dialect.name, bool(self._inline))
         late_writes: list[Callable[[Connection], None]] = []
         for handler in self._inline:
             if _writes_only(handler, conn, recorded):
@@ -814,9 +812,15 @@ def _stale_guess(error: Exception) -> bool:
 
 
 def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: int | None,
-                dialect_name: str) -> tuple[list[dict[str, Any]], list[RecordedEvent], int]:
+                dialect_name: str, handed: bool
+                ) -> tuple[list[dict[str, Any]], list[RecordedEvent], int]:
     """The event rows and records of an append after ``last_position`` and stream version
-    ``current``; and its time, never before the stream's last (``updated_at``)."""
+    ``current``; and its time, never before the stream's last (``updated_at``).
+
+    ``handed``: the records go to inline handlers or a hook, which get each its own metadata
+    as readers will (decoded from what is stored: a datetime as its ISO string, a tuple as a
+    list), so inline rows and a rebuild fold the same values.
+    """
     now = plan.now
     stamp = to_micros(now)
     if updated_at is not None and stamp < updated_at:
@@ -840,7 +844,8 @@ def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: 
         })
         recorded.append(RecordedEvent(
             last_position + i, stream_id, current + i, tenant_id, event_id, tag,
-            schema_version, plan.reads[i - 1], plan.metadata, now,
+            schema_version, plan.reads[i - 1],
+            decode_metadata(plan.meta_raw) if handed else plan.metadata, now,
         ))
     return rows, recorded, stamp
 

@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -826,3 +827,132 @@ def test_inline_handlers_get_metadata_and_raw_data_as_readers_do(store: EventSto
     assert handed[0].metadata == {"at": "2024-01-01T00:00:00Z", "ids": [1, 2]}
     assert handed[1].data == RawEvent(type="Unknown.Thing",
                                       data={"pair": [1, 2], "at": "2024-01-01T00:00:00Z"})
+
+
+def _interrupt_at(code: Any, line: str, raise_: Callable[[], None]) -> Callable[[], None]:
+    """Trace ``code`` and call ``raise_`` (a signal) once, when it reaches the line whose text
+    is ``line``: where CPython runs the handler of a signal that arrived just before.
+    Returns the function that stops tracing."""
+    src = Path(code.co_filename).read_text().splitlines()
+    target = next(i + 1 for i in range(code.co_firstlineno, len(src)) if src[i].strip() == line)
+    armed = [True]
+
+    def local(frame: Any, event: str, _arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == target and armed[0]:
+            armed[0] = False
+            raise_()
+        return local
+
+    sys.settrace(lambda f, _e, _a: local if f.f_code is code else None)
+    return lambda: sys.settrace(None)
+
+
+def test_a_ctrl_c_as_the_append_begins_leaves_the_store_usable(url: str) -> None:
+    """Ctrl-C landing just after SQLAlchemy attached the append's transaction to the kept
+    connection: later appends work (every one failed: 'already initialized a Transaction')."""
+    from sqlalchemy.engine.base import RootTransaction
+
+    with EventStore.open(url) as store:
+        store.append("k-1", [NoteAdded(text="a")])
+        stop = _interrupt_at(RootTransaction.__init__.__code__, "self.is_active = True",
+                             lambda: signal.raise_signal(signal.SIGINT))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                store.append("k-1", [NoteAdded(text="b")])
+        finally:
+            stop()
+        assert store.append("k-1", [NoteAdded(text="c")]).stream_version == 2
+
+
+def test_close_from_a_signal_as_the_append_takes_its_lock_returns(url: str) -> None:
+    """A signal handler closing the store when the append has just taken the kept connection's
+    lock (before it noted that it holds it): close() returns (it waited for that lock)."""
+    from eventstore import _backend
+    from eventstore.errors import StoreClosed
+
+    store = EventStore.open(url)
+    store.append("s-1", [NoteAdded(text="a")])
+    previous = signal.signal(signal.SIGUSR1, lambda *_: store.close())
+    code = _backend.Writer.begin.__wrapped__.__code__  # type: ignore[attr-defined]
+    stop = _interrupt_at(code, "self._owner = me", lambda: signal.raise_signal(signal.SIGUSR1))
+    done = threading.Event()
+    watchdog = threading.Timer(20, lambda: None if done.is_set() else os._exit(3))
+    watchdog.start()
+    try:
+        with pytest.raises(StoreClosed):
+            store.append("s-1", [NoteAdded(text="b")])
+    finally:
+        stop()
+        done.set()
+        watchdog.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    with EventStore.open(url) as again:
+        assert again.stream_version("s-1") == 1
+
+
+def test_close_inside_a_command_holding_the_append_lock_returns(store: EventStore) -> None:
+    """close() from code that runs while its thread holds the append lock in a command's own
+    transaction (holding_appends), with another thread's append waiting on the kept
+    connection: it returns at once (it waited for that append, which waited for this lock)."""
+    writer = store._writer
+    started, release = threading.Event(), threading.Event()
+
+    def other_append() -> None:
+        with writer.begin():
+            started.set()
+            release.wait(10)
+
+    other = threading.Thread(target=other_append)
+    with writer.holding_appends():
+        other.start()
+        assert started.wait(10)
+        t0 = time.monotonic()
+        store.close()
+        assert time.monotonic() - t0 < 5
+        release.set()
+    other.join(10)
+    assert not other.is_alive() and writer._conn is None  # closed by the append's end
+
+
+def test_a_generator_closed_in_a_handler_is_not_taken_for_an_interrupt() -> None:
+    """A driver error raised while a generator closes (GeneratorExit in its context) is the
+    store's DatabaseError, as before; nor is a task's cancellation an interrupt; only
+    SQLAlchemy's assertion over a real interrupt gives the interrupt back."""
+    import asyncio
+    import sqlite3
+
+    from eventstore._backend import translate
+
+    def steps() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            raise sqlite3.IntegrityError("UNIQUE constraint failed")
+
+    with pytest.raises(DatabaseError), translate():
+        g = steps()
+        next(g)
+        g.close()
+
+    def over(cause: BaseException, error: Exception) -> None:
+        try:
+            raise cause
+        except BaseException:
+            raise error from None
+
+    with pytest.raises(DatabaseError), translate():
+        over(asyncio.CancelledError(), sqlite3.OperationalError("interrupted"))
+    with pytest.raises(KeyboardInterrupt), translate():
+        over(KeyboardInterrupt(), AssertionError())
+    with pytest.raises(AssertionError), translate():
+        over(ValueError(), AssertionError())
+
+
+def test_each_event_handed_to_a_handler_has_its_own_metadata(store: EventStore) -> None:
+    """The events of one append each carry their own metadata dict, as readers get them (one
+    dict was shared: a handler that took a key from one took it from all)."""
+    taken: list[Any] = []
+    store.add_inline_handler(
+        lambda _c, recorded: taken.extend(ev.metadata.pop("actor", None) for ev in recorded))
+    store.append("m-1", [NoteAdded(text="a"), NoteAdded(text="b")], metadata={"actor": "u-1"})
+    assert taken == ["u-1", "u-1"]
