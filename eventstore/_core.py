@@ -1103,16 +1103,27 @@ def _exit_without_flush(pipeline: Any) -> None:
     own steps, when it has them: else its exit as it is.)"""
     steps = ("_enqueue_sync", "_communicate_gen", "_fetch_gen")
     send = _psycopg_send()
-    if send is None or not all(callable(getattr(pipeline, name, None)) for name in steps):
+    if send is None or not all(callable(getattr(pipeline, name, None)) for name in steps) \
+            or not hasattr(pipeline, "command_queue"):
         return
 
     def exit_gen() -> Iterator[Any]:
+        synced = False
         try:
             pipeline._enqueue_sync()
+            synced = True
             yield from pipeline._communicate_gen()
         finally:
-            yield from send(pipeline.pgconn)
-            yield from pipeline._fetch_gen(flush=False)
+            # An interrupt (Ctrl-C) before the Sync was queued: no result will come, and the
+            # wait below would never end (holding the append lock); the connection, left in
+            # pipeline mode, is closed by _psycopg_pipeline.  One during the sending: psycopg's
+            # queued sends (the Sync among them) go to libpq first, in order.
+            if synced:
+                queued = pipeline.command_queue
+                while queued:
+                    queued.popleft()()
+                yield from send(pipeline.pgconn)
+                yield from pipeline._fetch_gen(flush=False)
 
     pipeline._exit_gen = exit_gen
 

@@ -956,3 +956,41 @@ def test_each_event_handed_to_a_handler_has_its_own_metadata(store: EventStore) 
         lambda _c, recorded: taken.extend(ev.metadata.pop("actor", None) for ev in recorded))
     store.append("m-1", [NoteAdded(text="a"), NoteAdded(text="b")], metadata={"actor": "u-1"})
     assert taken == ["u-1", "u-1"]
+
+
+@pytest.mark.parametrize("where", ["queuing the Sync", "sending"])
+def test_a_ctrl_c_as_an_append_pipeline_ends_neither_hangs_nor_holds_the_lock(
+        fresh_pg: str, where: str) -> None:
+    """PostgreSQL: Ctrl-C landing while the append's pipeline ends (psycopg queuing its Sync,
+    or about to send what it queued): the append raises KeyboardInterrupt, the append lock is
+    free for another store, and this store appends again (it waited for results that never
+    came, with neither a Sync nor a Flush sent, holding the append lock for ever)."""
+    import psycopg._pipeline_base as pipeline_base
+
+    from eventstore import _migrate
+
+    _migrate.migrate_url(fresh_pg)
+    with EventStore.open(fresh_pg) as store, EventStore.open(fresh_pg) as other:
+        store.append("q-1", [NoteAdded(text="a")])
+        store.append("q-1", [NoteAdded(text="a")])  # (next: the one-round-trip path)
+        if where == "queuing the Sync":
+            code, line = (pipeline_base.BasePipeline._enqueue_sync.__code__,
+                          "self.result_queue.append(None)")
+        else:
+            code = pipeline_base.BasePipeline._communicate_gen.__code__
+            line = "fetched = yield from pipeline_communicate(self.pgconn, self.command_queue)"
+        done = threading.Event()
+        watchdog = threading.Timer(30, lambda: None if done.is_set() else os._exit(3))
+        watchdog.start()
+        stop = _interrupt_at(code, line, lambda: signal.raise_signal(signal.SIGINT))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                store.append("q-1", [NoteAdded(text="b")])
+        finally:
+            stop()
+            done.set()
+            watchdog.cancel()
+        assert other.append("q-2", [NoteAdded(text="c")]).stream_version == 1
+        version = store.stream_version("q-1")
+        assert version in (2, 3)  # (an interrupt while sending may come after the commit)
+        assert store.append("q-1", [NoteAdded(text="d")]).stream_version == version + 1
