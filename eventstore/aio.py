@@ -230,6 +230,7 @@ class AsyncEventStore(StoreCore):
         """
         if self._sqlite is not None:
             with translate():
+                _refuse_retired(self._engine)
                 async with self._engine.connect() as aconn:
                     try:
                         return await self._on_sqlite(aconn, fn, args, write=write)
@@ -316,6 +317,7 @@ class AsyncEventStore(StoreCore):
             if writer is not None and writer.serves_this_loop():
                 return await writer.run(lambda conn: _own_transaction(
                     conn, self._append_committed, plan, before_commit))
+            _refuse_retired(self._engine)
             async with self._engine.connect() as conn:
                 try:
                     conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -749,6 +751,7 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
     """The async twin of :func:`begin_write` / :func:`begin_read` (``autocommit``: a
     PostgreSQL read without a transaction, as ``begin_read``'s)."""
     with translate():
+        _refuse_retired(engine)
         async with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
                 if write:
@@ -772,7 +775,16 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
                 await _release_if_retired(engine, conn)
 
 
+def _refuse_retired(engine: AsyncEngine) -> None:
+    """StoreClosed for a transaction begun once the store is closing: no new connection (an
+    in-memory database's would be a new, empty one)."""
+    if is_retired(engine.sync_engine):
+        raise StoreClosed("the event store is closed")
+
+
 async def _release_if_retired(engine: AsyncEngine, conn: AsyncConnection) -> None:
-    """A connection of a store being closed is closed, not pooled (``_backend.retire``)."""
-    if is_retired(engine.sync_engine) and not conn.invalidated:
+    """A connection of a store being closed is closed, not pooled (``_backend.retire``); but
+    an in-memory database's one connection, which is the database, is left to the close."""
+    if is_retired(engine.sync_engine) and not conn.invalidated \
+            and engine.url.database not in (None, "", ":memory:"):
         await conn.invalidate()

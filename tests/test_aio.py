@@ -876,3 +876,23 @@ async def test_a_cancelled_close_leaves_the_rest_to_the_next_close(url: str) -> 
     assert store._engine.sync_engine.pool.checkedout() == 0
     with EventStore.open(url) as sync:
         assert [e.data.text for e in sync.read_stream("x-1")] == ["first", "in progress"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("memory", [True, False])
+async def test_calls_begun_before_close_raise_store_closed_not_a_new_empty_database(
+        tmp_path: Any, memory: bool) -> None:
+    """Calls begun before close() that reach the database after it (they waited for a
+    preparation): StoreClosed, also for an in-memory store (whose calls connected to a new,
+    empty database: 'no such table')."""
+    url = "sqlite://" if memory else f"sqlite:///{tmp_path}/c.db"
+    store = await AsyncEventStore.open(url)
+    await store.append("s-1", [NoteAdded(text="a")])
+    store.prepare_before_use(lambda: time.sleep(0.3))  # as an inline rebuild asks
+    calls = [asyncio.create_task(store.stream_version("s-1")),
+             asyncio.create_task(store.append("s-1", [NoteAdded(text="b")]))]
+    await asyncio.sleep(0.05)  # both have begun, waiting for the preparation
+    await store.close()
+    for outcome in await asyncio.gather(*calls, return_exceptions=True):
+        assert isinstance(outcome, StoreClosed) or not isinstance(outcome, BaseException), \
+            repr(outcome)
