@@ -728,7 +728,7 @@ def translate() -> Iterator[None]:
     except EventStoreError:
         raise
     except AssertionError as e:  # SQLAlchemy's, in a finally an interrupt went through
-        interrupt = _interrupt_under(e, handling)
+        interrupt = _interrupt_under(e, handling) if _raised_in_sqlalchemy(e) else None
         if interrupt is not None:
             raise interrupt from None
         raise
@@ -742,6 +742,17 @@ def translate() -> Iterator[None]:
             raise _database_error(f"database error: {e}", e) from e
         # (statements the store runs on the DBAPI cursor itself)
         raise _database_error(f"database error: {type(e).__name__}: {e}", e) from e
+
+
+def _raised_in_sqlalchemy(error: BaseException) -> bool:
+    """Whether ``error`` was raised by SQLAlchemy's own code (not by a hook's or a handler's,
+    whose assertion is the caller's to see, whatever it was handling)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.sep}sqlalchemy{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def _interrupt_under(error: BaseException, handling: BaseException | None
