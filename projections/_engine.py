@@ -527,7 +527,6 @@ class _RowUndecodable(Exception):
     def __init__(self, key: tuple[str, str], cause: Exception) -> None:
         super().__init__(f"the stored row of {key[0]}/{key[1]} does not decode: "
                          f"{type_name(cause)}: {cause}")
-        self.key = key
 
 
 class _Unusable:
@@ -678,9 +677,13 @@ class _Rows(Generic[S]):
     def _first_failure(self, failed: ProjectionFailed) -> ProjectionFailed:
         """``failed``, or the failure of a row folded before it that cannot be stored (found
         at the flush, which this failure comes before), whichever is first in the log."""
-        failures = [f for f in (self._row_failure(k) for k in self.dirty) if f is not None]
-        first = min(failures, key=lambda f: f.position, default=None)
+        first = self._first_row_failure()
         return first if first is not None and first.position < failed.position else failed
+
+    def _first_row_failure(self) -> ProjectionFailed | None:
+        """The failure, first in the log, of a dirty row that cannot be stored; else None."""
+        failures = [f for f in (self._row_failure(k) for k in self.dirty) if f is not None]
+        return min(failures, key=lambda f: f.position, default=None)
 
     def _note(self, key: tuple[str, str], state: S, events: Sequence[RecordedEvent]) -> None:
         noted = self.folded.get(key)
@@ -716,8 +719,9 @@ class _Rows(Generic[S]):
         if not isinstance(stored, Exception):
             self.made[key] = (state, stored)
             return stored
-        failures = (self._row_failure(k) for k in self.dirty)
-        raise min((f for f in failures if f is not None), key=lambda f: f.position)
+        failure = self._first_row_failure()
+        assert failure is not None  # (this row is dirty, and fails)
+        raise failure
 
     def _row_failure(self, key: tuple[str, str]) -> ProjectionFailed | None:
         """The failure of a row that cannot be stored, at the event since the last flush
