@@ -28,6 +28,7 @@ import builtins
 import collections
 import contextlib
 import itertools
+import math
 import secrets
 import uuid
 from collections import defaultdict
@@ -125,10 +126,58 @@ _log = get_logger("eventstore.langgraph")
 MAX_THREAD_ID_LENGTH = 255 - len(_PREFIX)  # a stream id is at most 255 characters
 
 
+def _checkpoint_id(value: object) -> str:
+    """A checkpoint id from a config: a string both databases store."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"checkpoint_id must be a string, got {type(value).__name__}")
+    return check_storable(value, "checkpoint_id", InvalidArgument)
+
+
+def _optional_checkpoint_id(config: RunnableConfig) -> str | None:
+    value = get_checkpoint_id(config)
+    return None if value is None else _checkpoint_id(value)
+
+
 def _text(value: object, what: str) -> str:
     """An id from LangGraph's config as text both databases store (``InvalidArgument`` for a NUL
     character, which PostgreSQL's text refuses, or a lone surrogate)."""
     return check_storable(str(value), what, InvalidArgument)
+
+
+# PostgreSQL's b-tree refuses an index row over 2,704 bytes: the index tables' keys (tenant id,
+# thread id, checkpoint_ns, and a checkpoint id or a channel with its version) are kept under this,
+# on both databases, so the same ids get the same answer on both.
+MAX_KEY_BYTES = 2400
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_key_size(tenant_id: str, thread_id: str, ns: str, checkpoint_id: str | None,
+                   *channels: Mapping[str, Version]) -> None:
+    """``InvalidArgument`` when a key of the index tables would be over ``MAX_KEY_BYTES`` (UTF-8):
+    the tenant id, thread id and checkpoint_ns with the checkpoint id, or with a channel name and
+    its version."""
+    fixed = len(tenant_id) + len(thread_id) + len(ns)
+    widest = len(checkpoint_id or "")
+    for versions in channels:
+        if versions:
+            widest = max(widest, max(map(len, versions)) + max(
+                len(v) if v.__class__ is str else 32 for v in versions.values()))
+    if (fixed + widest) * 4 <= MAX_KEY_BYTES:
+        return  # the usual case: no character takes more than 4 bytes
+    fixed = _utf8_len(tenant_id) + _utf8_len(thread_id) + _utf8_len(ns)
+    parts = [("the checkpoint id", len(checkpoint_key(checkpoint_id)))] if checkpoint_id else []
+    parts += [(f"channel {ch[:40]!r} with its version",
+               _utf8_len(ch) + _utf8_len(version_key(v)))
+              for versions in channels for ch, v in versions.items()]
+    for what, size in parts or [("", 0)]:
+        if fixed + size > MAX_KEY_BYTES:
+            raise InvalidArgument(
+                f"the tenant id, thread id, checkpoint_ns{' and ' + what if what else ''} take "
+                f"{fixed + size:,} bytes (UTF-8); this saver's index keys hold at most "
+                f"{MAX_KEY_BYTES:,} (PostgreSQL's b-tree limit)")
 
 
 def stream_id_of(thread_id: str) -> str:
@@ -1356,6 +1405,8 @@ class _Base(BaseCheckpointSaver[str]):
         thread_id = _text(conf["thread_id"], "thread_id")
         ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
         _check_checkpoint(checkpoint, conf.get("checkpoint_id"), new_versions)
+        check_key_size(self.tenant_id, thread_id, ns, checkpoint["id"],
+                       checkpoint["channel_versions"], new_versions)
         values = checkpoint["channel_values"]
         items = []
         current = checkpoint["channel_versions"]
@@ -1390,12 +1441,17 @@ class _Base(BaseCheckpointSaver[str]):
                 raise InvalidArgument(f"a write's channel must be a string, got {ch!r}")
             t, data = self.serde.dumps_typed(value)
             out.append(Write(WRITES_IDX_MAP.get(ch, i), ch, data, t))
-        ev = WritesSaved(ns=_text(conf.get("checkpoint_ns") or "", "checkpoint_ns"),
-                         checkpoint_id=_text(conf["checkpoint_id"], "checkpoint_id"),
-                         task_id=task_id,
+        if conf.get("checkpoint_id") is None:
+            raise InvalidArgument("put_writes needs the config of a checkpoint (with its "
+                                  "checkpoint_id, as put returns it)")
+        ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
+        thread_id = _text(conf["thread_id"], "thread_id")
+        checkpoint_id = _checkpoint_id(conf["checkpoint_id"])
+        check_key_size(self.tenant_id, thread_id, ns, checkpoint_id)
+        ev = WritesSaved(ns=ns, checkpoint_id=checkpoint_id, task_id=task_id,
                          task_path=task_path, writes=out,
                          upsert=all(ch in WRITES_IDX_MAP for ch, _v in items))
-        return _text(conf["thread_id"], "thread_id"), ev
+        return thread_id, ev
 
     def _remember(self, thread_id: str, ev: CheckpointSaved, position: int) -> None:
         """Note the checkpoint just put, for ``get_tuple``'s one-round-trip read."""
@@ -1451,11 +1507,17 @@ class _Base(BaseCheckpointSaver[str]):
         conf = config["configurable"]
         return (_text(conf["thread_id"], "thread_id"),
                 _text(conf.get("checkpoint_ns") or "", "checkpoint_ns"),
-                get_checkpoint_id(config))
+                _optional_checkpoint_id(config))
 
     @staticmethod
-    def _list_args(config: RunnableConfig | None, before: RunnableConfig | None
+    def _list_args(config: RunnableConfig | None, before: RunnableConfig | None,
+                   filter: object, limit: object
                    ) -> tuple[str | None, str | None, str | None, str | None]:
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise InvalidArgument(f"limit must be an int or None, got {type(limit).__name__}")
+        if filter is not None and not isinstance(filter, Mapping):
+            raise InvalidArgument(f"filter must be a mapping of metadata keys to values, got "
+                                  f"{type(filter).__name__}")
         thread_id = ns = cid = None
         if config is not None:
             conf = config.get("configurable") or {}
@@ -1463,8 +1525,8 @@ class _Base(BaseCheckpointSaver[str]):
                 thread_id = _text(conf["thread_id"], "thread_id")
             if conf.get("checkpoint_ns") is not None:
                 ns = _text(conf["checkpoint_ns"], "checkpoint_ns")
-            cid = get_checkpoint_id(config)
-        before_id = get_checkpoint_id(before) if before is not None else None
+            cid = _optional_checkpoint_id(config)
+        before_id = _optional_checkpoint_id(before) if before is not None else None
         return thread_id, ns, cid, before_id
 
     @staticmethod
@@ -1526,12 +1588,16 @@ _CHECKPOINT_KEYS = frozenset({"v", "id", "ts", "channel_values", "channel_versio
                               "versions_seen", "updated_channels"})
 
 
-_VERSION_TYPES = frozenset({str, int, float})
+_STR_INT = frozenset({str, int})
 _STR = frozenset({str})
 
 
 def _is_version(value: object) -> bool:
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    """A channel version JSON keeps: a str, an int or a finite float (a NaN or an infinity
+    would come back as null, and the checkpoint would not decode)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _check_checkpoint(checkpoint: Checkpoint, parent: object,
@@ -1547,18 +1613,18 @@ def _check_checkpoint(checkpoint: Checkpoint, parent: object,
         raise InvalidArgument(f"checkpoint_id must be a string, got {parent!r}")
     seen = checkpoint["versions_seen"]
     for versions in (checkpoint["channel_versions"], new_versions, *seen.values()):
-        if set(map(type, versions)) <= _STR and set(map(type, versions.values())) <= (
-                _VERSION_TYPES):
+        if set(map(type, versions)) <= _STR and set(map(type, versions.values())) <= _STR_INT:
             continue  # the usual case, checked in C
         if not all(isinstance(ch, str) and _is_version(ver) for ch, ver in versions.items()):
-            raise InvalidArgument(f"channel versions map names to str, int or float versions, "
-                                  f"got {versions!r:.200}")
+            raise InvalidArgument(f"channel versions map names to str, int or finite float "
+                                  f"versions, got {versions!r:.200}")
     if not all(isinstance(node, str) for node in seen):
         raise InvalidArgument("versions_seen must be keyed by node names (strings)")
     # Channel names and versions are index columns (text): PostgreSQL's refuses NUL.
     current = checkpoint["channel_versions"]
     if "\x00" in "".join((*current, *new_versions,
-                           *(ver for ver in current.values() if ver.__class__ is str))):
+                           *(ver for ver in current.values() if ver.__class__ is str),
+                           *(ver for ver in new_versions.values() if ver.__class__ is str))):
         raise InvalidArgument("channel names and versions must not contain NUL characters")
 
 
@@ -1679,7 +1745,7 @@ class EventStoreSaver(_Base):
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
              before: RunnableConfig | None = None, limit: int | None = None
              ) -> Iterator[CheckpointTuple]:
-        thread_id, ns, cid, before_id = self._list_args(config, before)
+        thread_id, ns, cid, before_id = self._list_args(config, before, filter, limit)
         remaining = limit
         if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
             return
@@ -1883,7 +1949,7 @@ class AsyncEventStoreSaver(_Base):
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None, before: RunnableConfig | None = None,
                     limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
-        thread_id, ns, cid, before_id = self._list_args(config, before)
+        thread_id, ns, cid, before_id = self._list_args(config, before, filter, limit)
         remaining = limit
         if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
             return

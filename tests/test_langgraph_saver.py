@@ -755,11 +755,14 @@ def test_reads_use_the_index_before_postgresql_has_statistics() -> None:
 @pytest.mark.parametrize("bad", [
     {"v": "4"}, {"v": True}, {"id": 5}, {"ts": None},
     {"channel_versions": {"a": None}}, {"channel_versions": {"a": True}},
+    {"channel_versions": {"a": float("inf")}}, {"channel_versions": {"a": float("nan")}},
     {"versions_seen": {"node": {"a": [1]}}}, {"versions_seen": {1: {}}},
+    {"versions_seen": {"node": {"a": float("nan")}}},
     {"updated_channels": [1]}, {"metadata": {"score": float("nan")}},
     {"extra_field": [1.0, float("-inf")]},
-], ids=["v-str", "v-bool", "id-int", "ts-none", "version-none", "version-bool",
-        "seen-list", "seen-node-int", "updated-int", "metadata-nan", "extra-inf"])
+], ids=["v-str", "v-bool", "id-int", "ts-none", "version-none", "version-bool", "version-inf",
+        "version-nan", "seen-list", "seen-node-int", "seen-nan", "updated-int", "metadata-nan",
+        "extra-inf"])
 def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSaver,
                                                            store: EventStore,
                                                            bad: dict[str, Any]) -> None:
@@ -833,7 +836,87 @@ def test_channel_names_and_versions_with_nul_are_refused(saver: EventStoreSaver,
     with pytest.raises(InvalidArgument, match="NUL"):
         saver.put(config("t"), cp, {"source": "loop", "step": 0, "parents": {}},
                   {"a": "1.\x00"})
+    cp["channel_versions"] = {"a": "1.a"}  # new_versions' own version is stored when it differs
+    with pytest.raises(InvalidArgument, match="NUL"):
+        saver.put(config("t"), cp, {"source": "loop", "step": 0, "parents": {}},
+                  {"a": "2.\x00"})
     assert list(store.read_all()) == []
+
+
+@pytest.mark.parametrize("where", ["checkpoint_ns", "checkpoint_id", "channel", "version"])
+def test_ids_too_long_for_an_index_key_are_refused_alike_on_both_backends(
+        saver: EventStoreSaver, store: EventStore, where: str) -> None:
+    """The index tables' keys (tenant, thread, namespace, and a checkpoint id or a channel with
+    its version) must fit PostgreSQL's b-tree (2,704 bytes a row): one over MAX_KEY_BYTES is
+    InvalidArgument on both backends and writes nothing; one just under it round-trips.  The
+    text is random (PostgreSQL compresses long index values that compress)."""
+    import random
+    import string
+
+    from eventstore import InvalidArgument
+    from projections.langgraph_saver import MAX_KEY_BYTES
+
+    rng = random.Random(where)
+
+    def key_of(size: int) -> tuple[RunnableConfig, Checkpoint, dict[str, str]]:
+        text = "".join(rng.choice(string.ascii_letters) for _ in range(size))
+        ns = text if where == "checkpoint_ns" else ""
+        channel = text if where == "channel" else "a"
+        version = text if where == "version" else "1.a"
+        cp: Checkpoint = empty_checkpoint()
+        if where == "checkpoint_id":
+            cp["id"] = text
+        cp["channel_values"] = {channel: 1}
+        cp["channel_versions"] = {channel: version}
+        conf: RunnableConfig = {"configurable": {"thread_id": "t", "checkpoint_ns": ns}}
+        return conf, cp, {channel: version}
+
+    # The rest of the longest key: a UUID checkpoint id is kept in 17 bytes, another id in one
+    # byte more than its text; channel "a" with version "1.a" takes 4.
+    rest = {"checkpoint_ns": 17, "checkpoint_id": 1, "channel": 3, "version": 1}[where]
+    md: Any = {"source": "loop", "step": 0, "parents": {}}
+    conf, cp, new = key_of(MAX_KEY_BYTES - len(saver.tenant_id) - len("t") - rest)  # just fits
+    stored = saver.put(conf, cp, md, new)
+    saver.put_writes(stored, [("a", 2)], "task")
+    got = saver.get_tuple(stored)
+    assert got is not None and got.checkpoint["channel_values"] == cp["channel_values"]
+    assert len(got.pending_writes or []) == 1
+    before = store.last_position()
+    conf, cp, new = key_of(MAX_KEY_BYTES + 1)
+    with pytest.raises(InvalidArgument, match="PostgreSQL's b-tree limit"):
+        saver.put(conf, cp, md, new)
+    if where in ("checkpoint_ns", "checkpoint_id"):
+        long_conf: Any = {"configurable": {
+            "thread_id": "t", "checkpoint_ns": conf["configurable"]["checkpoint_ns"],
+            "checkpoint_id": cp["id"]}}
+        with pytest.raises(InvalidArgument, match="PostgreSQL's b-tree limit"):
+            saver.put_writes(long_conf, [("a", 2)], "task")
+    assert store.last_position() == before
+
+
+def test_read_arguments_of_the_wrong_type_are_invalid_argument(saver: EventStoreSaver,
+                                                                store: EventStore) -> None:
+    """As put's: a checkpoint id that is not a string, a limit that is not an int, a filter that
+    is not a mapping, put_writes without a checkpoint's config: InvalidArgument."""
+    from eventstore import InvalidArgument
+
+    put(saver, "t", None, {"a": 1}, {"a": 1}, {"a": 1})
+    before = store.last_position()
+    bad_id: Any = {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": 5}}
+    calls = [
+        lambda: saver.get_tuple(bad_id),
+        lambda: list(saver.list(bad_id)),
+        lambda: list(saver.list(config("t"), before=bad_id)),
+        lambda: list(saver.list(config("t"), limit="1")),  # type: ignore[arg-type]
+        lambda: list(saver.list(config("t"), limit=True)),
+        lambda: list(saver.list(config("t"), filter=[("step", 0)])),  # type: ignore[arg-type]
+        lambda: saver.put_writes(config("t"), [("a", 1)], "task"),
+        lambda: saver.put_writes(bad_id, [("a", 1)], "task"),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            call()
+    assert store.last_position() == before
 
 
 def _icu_pg_database() -> str:
