@@ -426,7 +426,7 @@ def import_crewai_sqlite(db_path: str | os.PathLike[str],
                          tenant_id=tenant_id)
         except WrongExpectedVersion:
             skipped.append(flow_uuid)
-        except (InvalidArgument, ValueError) as e:  # this flow's data or id: the others go on
+        except InvalidArgument as e:  # this flow's data or id: the others go on
             failed[flow_uuid] = f"{type(e).__name__}: {e}"
             _log.warning("crewai_flow_not_imported", tenant=persistence.tenant_id,
                          flow_id=flow_uuid, error=failed[flow_uuid])
@@ -439,7 +439,18 @@ def import_crewai_sqlite(db_path: str | os.PathLike[str],
 
 def _imported_events(flow_uuid: str, saved: list[tuple[str, str, str]],
                      pending: tuple[str, str, str] | None) -> list[Event]:
-    """One imported flow's events: its saved states, then its open request."""
+    """One imported flow's events: its saved states, then its open request (``InvalidArgument``
+    for a row this flow's import cannot take: a timestamp that is not ISO 8601 text within the
+    datetime range, a state that is not JSON text, JSON nested too deep)."""
+    try:
+        return _flow_events(flow_uuid, saved, pending)
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise InvalidArgument(f"flow {flow_uuid!r} holds a row this import cannot read: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _flow_events(flow_uuid: str, saved: list[tuple[str, str, str]],
+                 pending: tuple[str, str, str] | None) -> list[Event]:
     events: list[Event] = [
         FlowStateSaved(flow_id=flow_uuid, method_name=check_text(method, "method_name"),
                        state=to_json(json.loads(state)), at=_when(timestamp))

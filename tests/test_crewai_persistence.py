@@ -8,9 +8,11 @@ model: the flows are deterministic and their human-feedback step has no ``emit``
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -559,6 +561,32 @@ def test_an_import_goes_on_past_flows_the_store_refuses(
     # What refuses every flow is raised at once, not reported once per flow.
     with pytest.raises(InvalidArgument, match="tenant id"):
         import_crewai_sqlite(db, EventStoreFlowPersistence(store, tenant_id="t" * 300))
+
+
+def test_an_import_goes_on_past_rows_it_cannot_read(
+    tmp_path: Path, persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """Rows another tool wrote into CrewAI's table (an integer timestamp, one past the datetime
+    range in UTC, a state that is not JSON or is nested too deep to decode): that flow is named
+    in ``failed`` with InvalidArgument and writes nothing; the others are imported."""
+    db = tmp_path / "flow_states.db"
+    SQLiteFlowPersistence(str(db)).save_state("f-ok-1", "begin", {"n": 1})
+    when = "2026-01-01T00:00:00+00:00"
+    bad = {"f-int-time": ("m", 1_700_000_000, "{}"),
+           "f-overflow": ("m", "9999-12-31T23:59:59-05:00", "{}"),
+           "f-not-json": ("m", when, "{n: 1"),
+           "f-deep": ("m", when, "[" * 100_000 + "]" * 100_000)}
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany("INSERT INTO flow_states (flow_uuid, method_name, timestamp, "
+                         "state_json) VALUES (?, ?, ?, ?)",
+                         [(flow, *row) for flow, row in bad.items()])
+    SQLiteFlowPersistence(str(db)).save_state("f-ok-2", "begin", {"n": 2})
+    result = import_crewai_sqlite(db, persistence)
+    assert result.imported == ["f-ok-1", "f-ok-2"]
+    assert sorted(result.failed) == sorted(bad)
+    assert all(why.startswith("InvalidArgument: ") for why in result.failed.values())
+    assert all(store.stream_version(Flows.stream_id(flow)) == 0 for flow in bad)
+    assert persistence.load_state("f-ok-2") == {"n": 2}
 
 
 def test_flows_of_crewai_sqlite_backend_are_imported_and_go_on_here(
