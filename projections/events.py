@@ -13,6 +13,8 @@ import msgspec
 
 from eventstore import Event
 
+from .typed_json import check_typed
+
 # -- conversations: variables a workflow assigns ------------------------------------------------
 
 
@@ -238,6 +240,9 @@ class FlowStateSaved(Event, tag="FlowStateSaved"):
     state: Any
     at: datetime
 
+    def __post_init__(self) -> None:
+        check_typed(self.state, "FlowStateSaved.state")
+
 
 class FeedbackRequested(Event, tag="FeedbackRequested"):
     """The flow paused for human feedback."""
@@ -247,6 +252,10 @@ class FeedbackRequested(Event, tag="FeedbackRequested"):
     state: Any
     at: datetime
 
+    def __post_init__(self) -> None:
+        check_typed(self.context, "FeedbackRequested.context")
+        check_typed(self.state, "FeedbackRequested.state")
+
 
 class FeedbackResolved(Event, tag="FeedbackResolved"):
     """The pending feedback was answered; the flow may go on."""
@@ -254,3 +263,6 @@ class FeedbackResolved(Event, tag="FeedbackResolved"):
     flow_id: str
     feedback: Any
     at: datetime
+
+    def __post_init__(self) -> None:
+        check_typed(self.feedback, "FeedbackResolved.feedback")

@@ -16,9 +16,9 @@ import zoneinfo
 from typing import Any
 
 from eventstore.codec import MAX_NESTING
-from eventstore.errors import InvalidArgument, InvalidEvent
+from eventstore.errors import EventDecodeError, InvalidArgument, InvalidEvent
 
-__all__ = ["from_json", "to_json"]
+__all__ = ["check_typed", "from_json", "to_json"]
 
 _TAG = "$type"
 
@@ -97,23 +97,45 @@ def _to_json(value: Any, depth: int) -> Any:
 
 
 def from_json(value: Any) -> Any:
-    """Undo :func:`to_json`."""
+    """Undo :func:`to_json`.
+
+    Raises :class:`EventDecodeError` for a ``$type`` value :func:`to_json` would not have written
+    (an unknown type, a missing or malformed value): say, an event appended as raw JSON.
+    """
+    try:
+        return _from_json(value)
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as e:
+        raise EventDecodeError(f"a malformed typed value in flow state: {type(e).__name__}: "
+                               f"{str(e)[:200]}") from None
+
+
+def check_typed(value: Any, what: str) -> None:
+    """``InvalidEvent`` unless :func:`from_json` reads ``value``: the flow events check what
+    they hold when made or decoded, so one appended as raw JSON is refused, not stored."""
+    try:
+        _from_json(value)
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as e:
+        raise InvalidEvent(f"{what} holds a malformed typed value: {type(e).__name__}: "
+                           f"{str(e)[:200]}") from None
+
+
+def _from_json(value: Any) -> Any:
     if isinstance(value, list):
-        return [from_json(v) for v in value]
+        return [_from_json(v) for v in value]
     if not isinstance(value, dict):
         return value
     kind = value.get(_TAG)
     if kind is None:
-        return {k: from_json(v) for k, v in value.items()}
+        return {k: _from_json(v) for k, v in value.items()}
     raw = value["value"]
     if kind == "dict":
-        return {from_json(k): from_json(v) for k, v in raw}
+        return {_from_json(k): _from_json(v) for k, v in raw}
     if kind == "tuple":
-        return tuple(from_json(v) for v in raw)
+        return tuple(_from_json(v) for v in raw)
     if kind == "set":
-        return {from_json(v) for v in raw}
+        return {_from_json(v) for v in raw}
     if kind == "frozenset":
-        return frozenset(from_json(v) for v in raw)
+        return frozenset(_from_json(v) for v in raw)
     if kind == "float":
         return float(raw)
     if kind == "datetime":

@@ -209,3 +209,44 @@ def test_a_request_resolved_with_no_answer_still_counts_as_resolved(flows: Flows
     with pytest.raises(NoPendingFeedback) as again:
         flows.resolve_feedback("f-none", "late")
     assert again.value.reason == "resolved"
+
+
+MALFORMED = [{"$type": "uuid", "value": "not-a-uuid"}, {"$type": "datetime"},
+             {"$type": "timedelta", "value": 5}, {"$type": "decimal", "value": "1.2.3"},
+             {"$type": "set", "value": [[1]]}, {"$type": "no-such-type", "value": 1}]
+
+
+@pytest.mark.parametrize("bad", MALFORMED, ids=["uuid", "no-value", "timedelta", "decimal",
+                                                "unhashable", "unknown"])
+def test_a_malformed_typed_value_is_refused_at_append_and_typed_at_read(
+        flows: Flows, store: EventStore, bad: dict[str, object],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow event appended as raw JSON whose state holds a ``$type`` value the flow facade
+    would not have written is refused (InvalidEvent, nothing written); one stored before that
+    check reads back as EventDecodeError naming the event (history), or from the state
+    (load, pending_feedback), not a bare ValueError/KeyError/TypeError."""
+    from eventstore import EventDecodeError, RawEvent
+    from projections import events as flow_events
+
+    def raw(kind: str, **fields: object) -> RawEvent:
+        return RawEvent(type=kind, data={"flow_id": "f", "at": "2026-01-01T00:00:00+00:00",
+                                         **fields})
+
+    stream = Flows.stream_id("f")
+    saved = raw("FlowStateSaved", method_name="m", state={"x": bad})
+    asked = raw("FeedbackRequested", context={"q": 1}, state=[bad])
+    for event in (saved, asked):
+        with pytest.raises(InvalidEvent, match="malformed typed value"):
+            store.append(stream, [event])
+    assert store.stream_version(stream) == 0
+    # Stored before the check (an older release): typed errors when read.
+    monkeypatch.setattr(flow_events, "check_typed", lambda value, what: None)
+    store.append(stream, [saved, asked])
+    monkeypatch.undo()
+    with pytest.raises(EventDecodeError) as got:
+        flows.history("f")
+    assert got.value.position is not None and got.value.stream_id == stream
+    with pytest.raises(EventDecodeError, match="malformed typed value"):
+        flows.load("f")
+    with pytest.raises(EventDecodeError, match="malformed typed value"):
+        flows.pending_feedback("f")
