@@ -52,6 +52,13 @@ def resolve_url(url: str | URL | None) -> URL:
         raise InvalidArgument(
             f"not a database URL: {_masked(raw)!r} has an '@' after the one before the host; "
             "write an '@' in the user name or password as %40")
+    values = [v for vs in parsed.query.values() for v in ((vs,) if isinstance(vs, str) else vs)]
+    if any("\x00" in part for part in (
+            parsed.username, parsed.password, parsed.host, parsed.database, *parsed.query, *values)
+           if isinstance(part, str)):
+        # libpq would cut its connection string there (dropping the port and options after
+        # it); a file name cannot hold one.
+        raise InvalidArgument(f"not a database URL: {_masked(raw)!r} holds a NUL character")
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):

@@ -380,6 +380,24 @@ def test_read_shows_the_stored_data_the_same_known_or_not(url: str,
         '{"text":"known"}', '{"text":"unknown"}', '{"type":"other","id":1}']
 
 
+@pytest.mark.parametrize("url", [
+    "sqlite:///dir/a%00b.db", "sqlite:///\x00x.db",
+    "postgresql+psycopg://app@127.0.0.1:1/db%00name",
+    "postgresql+psycopg://app:pa%00ss@127.0.0.1:1/db",
+    "postgresql+psycopg://app@127.0.0.1:1/db?application_name=a%00b",
+], ids=["sqlite-escaped", "sqlite-raw", "pg-database", "pg-password", "pg-option"])
+def test_a_url_holding_a_nul_is_refused(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    """A NUL in a URL (percent-encoded or not) is InvalidArgument before anything connects:
+    SQLite raised a bare ValueError, and libpq cut its connection string at the NUL, so the
+    port and options after it were dropped (it tried the default port)."""
+    from eventstore import EventStore, InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="holds a NUL character"):
+        EventStore.open(url)
+    code, _, err = run(capsys, "stats", "--url", url)
+    assert code == 2 and "holds a NUL character" in err, err
+
+
 def test_a_url_that_does_not_parse_is_shown_without_its_password(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A malformed URL is a usage error whose message hides the password."""
