@@ -33,9 +33,12 @@ __all__ = ["BoundStore", "transaction"]
 class BoundStore:
     """The sync store API on one connection that is already in a (write) transaction."""
 
-    def __init__(self, core: StoreCore, conn: Connection) -> None:
+    def __init__(self, core: StoreCore, conn: Connection, *, nowait: bool = False) -> None:
+        """``nowait``: the transaction can be run again from its start, so an inline handler
+        raises ``RetryAppend`` instead of waiting for a busy lock (see ``_core.RetryAppend``)."""
         self.core = core
         self.conn = conn
+        self.nowait = nowait
         # Appends made here, logged by log_appended once the transaction has committed.
         self.appended: list[tuple[AppendPlan, AppendResult]] = []
 
@@ -74,7 +77,7 @@ class BoundStore:
                     before_commit: BeforeCommit | None = None) -> AppendResult:
         plan = self.core._plan_append(stream_id, events, expected_version, idempotency_key,
                                       tenant_id, metadata)
-        result = self.core._append_locked(self.conn, plan, before_commit)
+        result = self.core._append_locked(self.conn, plan, before_commit, nowait=self.nowait)
         self.appended.append((plan, result))
         return result
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import decimal
 import functools
 import hashlib
+import itertools
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,6 +43,7 @@ from .codec import (
 from .errors import (
     DatabaseError,
     EventDecodeError,
+    EventStoreError,
     EventTooLarge,
     IdempotencyKeyReused,
     InvalidArgument,
@@ -63,6 +66,34 @@ from .logs import get_logger
 
 _log = get_logger("eventstore")
 _MAX_RETRY_PAUSE = 5.0  # seconds a subscription waits at most between reads that fail
+
+# PostgreSQL: whether an inline handler's row locks, taken under the append lock, must not wait
+# (the append is in a transaction of its own, so it can be run again; see RetryAppend).
+_nowait: contextvars.ContextVar[bool] = contextvars.ContextVar("eventstore_nowait",
+                                                              default=False)
+# Appends of one call that met a busy lock and waited for it outside the append lock; after
+# these many, the next attempt waits for it under the append lock (as a caller's transaction
+# always does), so an append of a projection its projector keeps busy still gets through.
+_RETRIES_WITHOUT_WAITING = 3
+
+
+def locks_must_not_wait() -> bool:
+    """For an inline handler on PostgreSQL: take a lock another transaction may hold with
+    ``NOWAIT``, and raise :class:`RetryAppend` when it is held (see there)."""
+    return _nowait.get()
+
+
+class RetryAppend(EventStoreError):
+    """Raised by an inline handler whose lock is held by another transaction (a projector's
+    batch; one frozen mid-batch holds it until the server ends its session).  Waiting for it
+    under the append lock would hold every appender of the database, of every stream, behind
+    that one: the append's transaction is rolled back instead, ``wait(conn)`` waits for the
+    lock on the store's write connection outside any append, and the append runs again.  Never
+    reaches a caller."""
+
+    def __init__(self, what: str, wait: Callable[[Connection], None]) -> None:
+        super().__init__(f"{what} is locked by another transaction; the append waits for it")
+        self.wait = wait
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
@@ -359,13 +390,43 @@ class StoreCore:
                    count=len(plan.encoded), duplicate=result.duplicate)
 
     def _append_locked(self, conn: Connection, plan: AppendPlan,
-                       before_commit: BeforeCommit | None, *, commit: bool = False
-                       ) -> AppendResult:
+                       before_commit: BeforeCommit | None, *, commit: bool = False,
+                       nowait: bool = False) -> AppendResult:
         """The body of the append transaction (see ``_backend.lock_appends`` for the order).
 
         ``commit``: the transaction is the append's own, so on psycopg it may be committed here,
         in the pipeline of the writes (the caller's commit then finds nothing left to do).
+        ``nowait`` (on PostgreSQL; only where the whole transaction can be run again): inline
+        handlers raise :class:`RetryAppend` rather than wait for a lock under the append lock
+        (see ``_append_own``).
         """
+        token = _nowait.set(nowait and conn.dialect.name == "postgresql")
+        try:
+            return self._append_in(conn, plan, before_commit, commit)
+        finally:
+            _nowait.reset(token)
+
+    def _append_own(self, begin: Callable[[], contextlib.AbstractContextManager[Connection]],
+                    plan: AppendPlan, before_commit: BeforeCommit | None,
+                    wait_on: Callable[[], contextlib.AbstractContextManager[Connection]]
+                    ) -> AppendResult:
+        """The append in a transaction of its own, ``begin()``; run again when an inline
+        handler's lock was busy (:class:`RetryAppend`), after waiting for it in a transaction
+        of ``wait_on()`` (not the kept write connection: this process's other appends go on)."""
+        for attempt in itertools.count():
+            try:
+                with begin() as conn:
+                    return self._append_locked(conn, plan, before_commit, commit=True,
+                                               nowait=attempt < _RETRIES_WITHOUT_WAITING)
+            except RetryAppend as busy:
+                _log.info("append_waits_for_lock", tenant=plan.tenant_id, stream=plan.stream_id,
+                          attempt=attempt + 1, lock=str(busy))
+                with wait_on() as conn:
+                    busy.wait(conn)
+        raise AssertionError("unreachable")
+
+    def _append_in(self, conn: Connection, plan: AppendPlan,
+                   before_commit: BeforeCommit | None, commit: bool) -> AppendResult:
         psycopg_conn = _psycopg(conn)
         if (commit and psycopg_conn is not None and before_commit is None and plan.key is None
                 and _idle_autocommit(psycopg_conn)):
@@ -808,7 +869,9 @@ def _stale_guess(error: Exception) -> bool:
     error = getattr(error, "orig", None) or error
     if getattr(getattr(error, "diag", None), "constraint_name", None) in _GUESS_KEYS:
         return True
-    return getattr(error, "sqlstate", None) == "22012"
+    # 55P03: a handler's NOWAIT lock was busy (locks_must_not_wait): the probing path's
+    # handlers see it again and say what to wait for.
+    return getattr(error, "sqlstate", None) in ("22012", "55P03")
 
 
 def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: int | None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import sqlite3
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -63,6 +64,7 @@ from ._backend import (
     translate,
 )
 from ._core import (
+    _RETRIES_WITHOUT_WAITING,
     DEFAULT_TENANT,
     AppendPlan,
     BeforeCommit,
@@ -70,6 +72,7 @@ from ._core import (
     Options,
     Pager,
     PartialPage,
+    RetryAppend,
     StoreCore,
     auto_migrate,
     check_pool_size,
@@ -313,22 +316,50 @@ class AsyncEventStore(StoreCore):
         greenlet bridge by :mod:`eventstore._pg_async`.  On the kept write connection
         (:class:`_KeptWriter`) when called from its event loop."""
         with translate():
-            writer = self._writer
-            if writer is not None and writer.serves_this_loop():
-                return await writer.run(lambda conn: _own_transaction(
-                    conn, self._append_committed, plan, before_commit))
-            _refuse_retired(self._engine)
-            async with self._engine.connect() as conn:
+            for attempt in itertools.count():
+                nowait = attempt < _RETRIES_WITHOUT_WAITING
                 try:
-                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    return await _own_transaction(conn, self._append_committed, plan,
-                                                  before_commit)
-                finally:
-                    await _release_if_retired(self._engine, conn)
+                    return await self._in_own_transaction(
+                        self._append_committed, plan, before_commit, nowait)
+                except RetryAppend as busy:  # (see StoreCore._append_own)
+                    _log.info("append_waits_for_lock", tenant=plan.tenant_id,
+                              stream=plan.stream_id, attempt=attempt + 1, lock=str(busy))
+                    await self._in_own_transaction(busy.wait, kept=False)
+        raise AssertionError("unreachable")
+
+    async def _run_again_when_busy(self, fn: Callable[[Connection, bool], T]) -> T:
+        """``fn(conn, nowait)`` in a write transaction, as :meth:`run_sync`; when an inline
+        handler's lock was busy (``RetryAppend``, raised only with ``nowait``), run again after
+        waiting for it outside the append lock.  Only for ``fn`` that may run again from its
+        start (the projection facades' twins: a rolled-back command has done nothing)."""
+        for attempt in itertools.count():
+            nowait = attempt < _RETRIES_WITHOUT_WAITING
+            try:
+                return await self.run_sync(fn, nowait, write=True)
+            except RetryAppend as busy:
+                _log.info("command_waits_for_lock", attempt=attempt + 1, lock=str(busy))
+                with translate():
+                    await self._in_own_transaction(busy.wait, kept=False)
+        raise AssertionError("unreachable")
+
+    async def _in_own_transaction(self, fn: Callable[..., T], *args: Any,
+                                  kept: bool = True) -> T:
+        """``fn(conn, *args)`` in a transaction of its own, on a connection in autocommit mode
+        (the kept write connection when called from its event loop, unless not ``kept``)."""
+        writer = self._writer
+        if kept and writer is not None and writer.serves_this_loop():
+            return await writer.run(lambda conn: _own_transaction(conn, fn, *args))
+        _refuse_retired(self._engine)
+        async with self._engine.connect() as conn:
+            try:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await _own_transaction(conn, fn, *args)
+            finally:
+                await _release_if_retired(self._engine, conn)
 
     def _append_committed(self, conn: Any, plan: AppendPlan,
-                          before_commit: BeforeCommit | None) -> AppendResult:
-        return self._append_locked(conn, plan, before_commit, commit=True)
+                          before_commit: BeforeCommit | None, nowait: bool) -> AppendResult:
+        return self._append_locked(conn, plan, before_commit, commit=True, nowait=nowait)
 
     # -- reading ----------------------------------------------------------------------------------
 

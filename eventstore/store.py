@@ -14,6 +14,7 @@ from . import _migrate
 from ._backend import (
     Writer,
     begin_read,
+    begin_write,
     create_store_engine,
     is_sqlite,
     resolve_url,
@@ -172,8 +173,8 @@ class EventStore(StoreCore):
         """
         plan = self._plan_append(stream_id, events, expected_version, idempotency_key,
                                  tenant_id, metadata)
-        with self._writer.begin() as conn:
-            result = self._append_locked(conn, plan, before_commit, commit=True)
+        result = self._append_own(self._writer.begin, plan, before_commit,
+                                  lambda: begin_write(self._engine))
         self._log_appended(plan, result)
         return result
 

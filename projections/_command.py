@@ -9,14 +9,15 @@ under the store's append lock (see :func:`_decide_locked`), so that it cannot lo
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
-from eventstore._backend import lock_appends
+from eventstore._backend import begin_write, lock_appends
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import check_id, check_storable
+from eventstore._core import _RETRIES_WITHOUT_WAITING, RetryAppend, check_id, check_storable
 from eventstore.errors import InvalidArgument
 
 from ._engine import Projection, current
@@ -81,19 +82,29 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
     lost a few times.
     """
     writer = getattr(store, "_writer", None)
-    holding = writer.holding_appends() if writer is not None else contextlib.nullcontext()
-    with holding, transaction(store, write=True) as conn:
-        lock_appends(conn)
-        bound = BoundStore(store, conn)
-        state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]
-                                 tenant_id=tenant_id)
-        events = decision(state, version)
-        result = None
-        if events:
-            result = bound.append(stream_id, list(events), expected_version=version,
-                                  tenant_id=tenant_id, metadata=metadata)
-    bound.log_appended()
-    return state, version, result
+    for attempt in itertools.count():
+        holding = writer.holding_appends() if writer is not None else contextlib.nullcontext()
+        try:
+            with holding, transaction(store, write=True) as conn:
+                lock_appends(conn)
+                bound = BoundStore(store, conn,  # type: ignore[arg-type]
+                                   nowait=attempt < _RETRIES_WITHOUT_WAITING)
+                state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]
+                                         tenant_id=tenant_id)
+                events = decision(state, version)
+                result = None
+                if events:
+                    result = bound.append(stream_id, list(events), expected_version=version,
+                                          tenant_id=tenant_id, metadata=metadata)
+        except RetryAppend as busy:
+            # A projector holds the projection: wait for it without the append lock, and
+            # decide again (see eventstore._core.RetryAppend).
+            with begin_write(store.engine) as conn:
+                busy.wait(conn)
+            continue
+        bound.log_appended()
+        return state, version, result
+    raise AssertionError("unreachable")
 
 
 def fold_appended(store: EventStore, projection: Projection[S], stream_id: str, *,

@@ -45,10 +45,12 @@ from eventstore._bound import BoundStore, transaction
 from eventstore._core import (
     _MAX_RETRY_PAUSE,
     MAX_INT,
+    RetryAppend,
     _pipeline,
     check_id,
     check_int,
     check_storable,
+    locks_must_not_wait,
 )
 from eventstore._schema import MAX_ID_LENGTH, projection_rows, projections, snapshots
 from eventstore._schema import events as event_table
@@ -451,6 +453,20 @@ def _fold_before(store: EventStore, conn: Connection, projection: Projection[Any
     return read[0]
 
 
+def _lock_busy(error: BaseException) -> bool:
+    """Whether a NOWAIT lock was held by another transaction (the driver's error, or
+    SQLAlchemy's around it)."""
+    return getattr(getattr(error, "orig", None) or error, "sqlstate", None) == "55P03"
+
+
+def _wait_for_checkpoint(name: str, conn: Connection) -> None:
+    """Wait until no other transaction holds projection ``name``'s ``es_projections`` row
+    (RetryAppend.wait: on the store's write connection, outside any append; the lock goes with
+    the transaction, at once)."""
+    conn.execute(select(projections.c.name).where(projections.c.name == name)
+                 .with_for_update())
+
+
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
     """Record, on ``conn``, that projection ``name`` stopped at the event ``err`` names."""
     _mark_failed(conn, store, name, err.position, str(err))
@@ -474,10 +490,12 @@ def _fast(name: str, conn: Connection) -> Compiled:
 
 def _build_fast(name: str, dialect_name: str) -> Any:
     pc, pr = projections.c, projection_rows.c
-    if name == "lock":
+    if name in ("lock", "lock_nowait"):
         q = (select(pc.generation, pc.position, pc.status, pc.error, pc.code_version)
              .where(pc.name == bindparam("name")))
-        return q.with_for_update() if dialect_name == "postgresql" else q
+        if dialect_name != "postgresql":
+            return q
+        return q.with_for_update(nowait=name == "lock_nowait")
     if name == "get_row":
         return select(pr.state, pr.version, pr.position).where(
             pr.projection == bindparam("projection"), pr.generation == bindparam("generation"),
@@ -505,11 +523,15 @@ def _build_fast(name: str, dialect_name: str) -> Any:
     if name == "advance":
         return (update(projections).where(pc.name == bindparam("name"))
                 .values(position=bindparam("new_position")))
-    if name == "advance_from":
+    if name in ("advance_from", "advance_from_nowait"):
         # PostgreSQL, _InlineHandler.guess: move the checkpoint from where this process left it,
-        # and fail (division by zero) if it is not there any more.
+        # and fail (division by zero) if it is not there any more (or, NOWAIT, if another
+        # transaction holds it: lock_not_available).
+        named: Any = pc.name == bindparam("name")
+        if name == "advance_from_nowait":
+            named = pc.name.in_(select(pc.name).where(named).with_for_update(nowait=True))
         moved = (update(projections)
-                 .where(pc.name == bindparam("name"), pc.position == bindparam("prev"),
+                 .where(named, pc.position == bindparam("prev"),
                         pc.generation == bindparam("generation"),
                         pc.code_version == bindparam("code_version"), pc.status != "failed")
                  .values(position=bindparam("new_position"))
@@ -921,8 +943,11 @@ class _InlineHandler:
         due = _due_snapshots(self.p, rows, relevant, now_us)
 
         def write(conn: Connection) -> None:
-            # The checkpoint first: it is locked before the row, as prepare() locks it.
-            _fast("advance_from", conn).run(conn, {
+            # The checkpoint first: it is locked before the row, as prepare() locks it.  Busy,
+            # it fails the guess (see StoreCore._append_guessed): prepare() says what to wait
+            # for.
+            advance = "advance_from_nowait" if locks_must_not_wait() else "advance_from"
+            _fast(advance, conn).run(conn, {
                 "name": self.p.name, "prev": prev, "generation": generation,
                 "code_version": self.p.version, "new_position": new_position}).close()
             rows.write(conn, payload)
@@ -965,17 +990,28 @@ class _InlineHandler:
         if not relevant:
             return None
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
-        lock = _fast("lock", conn)
+        # A projector's batch may hold the lock (until the server ends its session, if it froze
+        # mid-batch): waiting here, under the append lock, would hold every appender of the
+        # database behind it.  In a transaction of its own the append is rolled back and waits
+        # for it outside (RetryAppend); in a caller's, it waits here.
+        nowait = locks_must_not_wait()
+        lock = _fast("lock_nowait" if nowait else "lock", conn)
         row_cur: Any = None
-        # One round trip on psycopg: the projection's lock and, for the usual one-stream
-        # append, the stream's current row (leaving the pipeline syncs it).
-        with _pipeline(conn):
-            cur = lock.run(conn, {"name": self.p.name})
-            if len(keys) == 1:
-                ((tenant, stream),) = keys
-                row_cur = _fast("current_row", conn).run(conn, {
-                    "projection": self.p.name, "tenant_id": tenant, "stream_id": stream})
-        row = cur.fetchone()
+        try:
+            # One round trip on psycopg: the projection's lock and, for the usual one-stream
+            # append, the stream's current row (leaving the pipeline syncs it).
+            with _pipeline(conn):
+                cur = lock.run(conn, {"name": self.p.name})
+                if len(keys) == 1:
+                    ((tenant, stream),) = keys
+                    row_cur = _fast("current_row", conn).run(conn, {
+                        "projection": self.p.name, "tenant_id": tenant, "stream_id": stream})
+            row = cur.fetchone()
+        except Exception as e:
+            if nowait and _lock_busy(e):
+                raise RetryAppend(f"projection {self.p.name}",
+                                  functools.partial(_wait_for_checkpoint, self.p.name)) from None
+            raise
         cur.close()
         found = None
         if row_cur is not None:
@@ -983,7 +1019,8 @@ class _InlineHandler:
             row_cur.close()
         if row is None:  # first use in this database
             _ensure_row(conn, self.p, to_micros(relevant[0].recorded_at))
-            cur = lock.run(conn, {"name": self.p.name})
+            # (Made, or found made by a projector's transaction: that one may hold it.)
+            cur = _fast("lock", conn).run(conn, {"name": self.p.name})
             row = cur.fetchone()
             cur.close()
         generation, position, status_, error, code_version = row

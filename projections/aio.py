@@ -91,13 +91,17 @@ class _Twin(Generic[F]):
                 raise prep.failed
         stores: list[BoundStore] = []
 
-        def call(conn: Connection) -> T:
+        def call(conn: Connection, nowait: bool = False) -> T:
+            stores.clear()  # (a run that was rolled back to run again logs nothing)
             bound = copy.copy(self._facade)
-            stores.append(BoundStore(self.store, conn))  # type: ignore[arg-type]
+            stores.append(BoundStore(self.store, conn, nowait=nowait))  # type: ignore[arg-type]
             bound.store = stores[-1]  # type: ignore[attr-defined]
             return fn(bound)
 
-        result = await self.store.run_sync(call, write=write)
+        # A command run again from its start, after waiting outside the append lock for a
+        # projector that holds its projection (see eventstore._core.RetryAppend).
+        result = await (self.store._run_again_when_busy(call) if write
+                        else self.store.run_sync(call, write=False))
         for store in stores:  # committed: log the appends, as the stores log theirs
             store.log_appended()
         return result

@@ -2186,6 +2186,8 @@ def test_a_process_that_finds_another_rebuilding_waits_for_its_rows(url: str) ->
     returned at once and found no rows, not even its own appends, until the swap)."""
     import time as _time
 
+    from projections.errors import RebuildInProgress
+
     class SlowTally(TallyProjection):
         version = 2
 
@@ -2219,4 +2221,7 @@ def test_a_process_that_finds_another_rebuilding_waits_for_its_rows(url: str) ->
         assert len(rows) == 30 and {st.count for _t, _s, st, _v in rows} == {100}
         assert status(store, "tally_wait")[0].code_version == 2
     elsewhere.join(30)
-    assert errors == []
+    # The constructor resumes a rebuild it finds (it cannot tell a live one from one whose
+    # process died) and waits when the other moved it first; now and then it moves first, and
+    # the operator's rebuild() is told the truth: another process carried it on.
+    assert all(isinstance(e, RebuildInProgress) for e in errors), errors

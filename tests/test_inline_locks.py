@@ -1,0 +1,201 @@
+"""PostgreSQL: an inline projection never waits for a projector's lock under the append lock.
+
+A projector's batch holds its projection's ``es_projections`` row (``FOR UPDATE``) while it
+writes; one that froze mid-batch (SIGSTOP, a paused VM) holds it until the server ends its
+session.  An inline append of that projection that waited for the row while holding the
+append lock held every appender of the database, of every stream, behind the frozen worker.
+Here a transaction of the test's own holds the row as such a worker would.
+(SQLite has one write lock for everything: the README says a frozen worker holds appenders.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from eventstore import EventStore, RawEvent
+from eventstore._schema import projections
+from eventstore.aio import AsyncEventStore
+from projections import Conversations
+from projections.aio import AsyncConversations
+from projections.conversation import ConversationProjection
+from projections.events import VariableValue
+
+CONVERSATIONS = ConversationProjection().name
+
+
+class FrozenWorker:
+    """Holds a projection's checkpoint row locked, as a projector frozen mid-batch."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.engine = create_engine(url)
+        self.conn = self.engine.connect()
+        self.trans = self.conn.begin()
+        self.conn.execute(select(projections.c.name).where(projections.c.name == name)
+                          .with_for_update())
+
+    def thaw(self) -> None:
+        self.trans.rollback()
+        self.conn.close()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def pg(fresh_pg: str) -> Iterator[EventStore]:
+    store = EventStore.open(fresh_pg, migrate=True)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _appends_elsewhere_go_on(url: str) -> None:
+    """Another process's plain append (a store of its own) completes within 2 s."""
+    other = EventStore.open(url)
+
+    def append_and_close() -> None:
+        with other:
+            other.append("notes-1", [RawEvent(type="t.Note", data={"text": "hi"})])
+
+    _within(2.0, append_and_close)
+
+
+def _within(seconds: float, fn: Callable[[], object]) -> None:
+    """``fn()`` completes within ``seconds`` (run in a thread: one that waits for the held row
+    fails the test, and ends once the test lets the row go)."""
+    worker = threading.Thread(target=fn, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still waiting after {seconds} s"
+
+
+@pytest.mark.parametrize("stream", ["known", "new"],
+                         ids=["one-round-trip-guess", "probing-path"])
+def test_a_frozen_projector_holds_only_the_appends_of_its_projection(
+        pg: EventStore, fresh_pg: str, stream: str) -> None:
+    """While the projection's row is held, an inline append of it waits (nothing half-done) and
+    appends of other streams, from this store and another, go through at once; when it is let
+    go, the waiting append completes and its row holds it."""
+    conversations = Conversations(pg)
+    conversations.assign("known", {"n": 0})  # this process then guesses the next append's row
+    frozen = FrozenWorker(fresh_pg, CONVERSATIONS)
+    done: list[Any] = []
+    waiter = threading.Thread(target=lambda: done.append(
+        conversations.assign(stream, {"n": 1})))
+    try:
+        waiter.start()
+        time.sleep(0.5)  # (it met the held row, and let go of the append lock)
+        assert waiter.is_alive() and not done
+        _appends_elsewhere_go_on(fresh_pg)
+        _within(2.0, lambda: pg.append("notes-2", [RawEvent(type="t.Note",
+                                                            data={"text": "here too"})]))
+        assert waiter.is_alive() and pg.stream_version(f"conversation-{stream}") == (
+            1 if stream == "known" else 0)
+    finally:
+        frozen.thaw()
+    waiter.join(10)
+    assert not waiter.is_alive() and len(done) == 1
+    state = conversations.get(stream)
+    assert state is not None and state.variables == {"n": 1}
+    assert [e.stream_id for e in pg.read_all()][-1] == f"conversation-{stream}"
+
+
+def test_a_command_deciding_under_the_append_lock_waits_outside_it_too(
+        pg: EventStore, fresh_pg: str) -> None:
+    """A facade command that lost a few conflicts decides under the append lock, in a
+    transaction of its own: met with a held projection, it lets the append lock go, waits,
+    and decides again."""
+    from projections._command import _decide_locked
+    from projections.events import VariablesAssigned
+
+    conversations = Conversations(pg)
+    conversations.assign("c", {"n": 0})
+    frozen = FrozenWorker(fresh_pg, CONVERSATIONS)
+    seen: list[int] = []
+
+    def decision(state: Any, version: int) -> list[VariablesAssigned]:
+        seen.append(version)
+        return [VariablesAssigned(conversation_id="c", variables=[
+            VariableValue(name="n", value=state.variables["n"] + 1, value_type="number")])]
+
+    done: list[Any] = []
+    waiter = threading.Thread(target=lambda: done.append(_decide_locked(
+        pg, conversations.projection, "conversation-c", tenant_id="default",
+        decision=decision, metadata=None)))
+    try:
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not done
+        _appends_elsewhere_go_on(fresh_pg)
+    finally:
+        frozen.thaw()
+    waiter.join(10)
+    assert len(done) == 1 and seen[-1] == 1
+    state = conversations.get("c")
+    assert state is not None and state.variables == {"n": 1} and state.version == 2
+
+
+def test_a_callers_own_transaction_waits_for_the_row(pg: EventStore, fresh_pg: str) -> None:
+    """In a transaction of the caller's (``AsyncEventStore.run_sync``), which cannot be run
+    again for it, the append waits for the row, as before, and completes once it is let go."""
+    from eventstore._bound import BoundStore
+
+    async def scenario() -> None:
+        store = await AsyncEventStore.open(fresh_pg)
+        try:
+            conversations = AsyncConversations(store)
+            await conversations.assign("u", {"n": 0})
+            frozen = FrozenWorker(fresh_pg, CONVERSATIONS)
+
+            def in_transaction(conn: Any) -> int:
+                bound = BoundStore(store, conn)  # type: ignore[arg-type]
+                return bound.append("conversation-u", [RawEvent(
+                    type="VariablesAssigned", data={"conversation_id": "u", "variables": [
+                        {"name": "n", "value": 1, "value_type": "number"}]})]).stream_version
+
+            try:
+                waiting = asyncio.create_task(store.run_sync(in_transaction, write=True))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()
+            finally:
+                frozen.thaw()
+            assert await asyncio.wait_for(waiting, 10) == 2
+            state = await conversations.get("u")
+            assert state is not None and state.variables == {"n": 1}
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_async_store_waits_outside_the_append_lock_too(
+        pg: EventStore, fresh_pg: str) -> None:
+    """AsyncEventStore's appends run the same way."""
+
+    async def scenario() -> None:
+        store = await AsyncEventStore.open(fresh_pg)
+        try:
+            conversations = AsyncConversations(store)
+            await conversations.assign("a", {"n": 0})
+            frozen = FrozenWorker(fresh_pg, CONVERSATIONS)
+            try:
+                waiting = asyncio.create_task(conversations.assign("a", {"n": 1}))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()
+                await asyncio.to_thread(_appends_elsewhere_go_on, fresh_pg)
+                assert not waiting.done()
+            finally:
+                frozen.thaw()
+            assert await asyncio.wait_for(waiting, 10) == 2
+            state = await conversations.get("a")
+            assert state is not None and state.variables == {"n": 1}
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
