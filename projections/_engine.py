@@ -607,7 +607,7 @@ class _Rows(Generic[S]):
 
     def _decoded(self, key: tuple[str, str], raw: bytes) -> S:
         try:
-            return self.p.decode(bytes(raw))
+            return self.p.decode(_stored_bytes(raw))
         except Exception as e:  # a damaged row (or one of another shape): its fold stops
             undecodable = _RowUndecodable(key, e)
             undecodable.__cause__ = e
@@ -1493,7 +1493,7 @@ def _newest_snapshot(conn: Connection, projection: Projection[S], tenant_id: str
     if r is None:
         return None
     try:
-        return projection.decode(bytes(r[0])), r[1]
+        return projection.decode(_stored_bytes(r[0])), r[1]
     except Exception as e:  # damaged, or written by other code under the same version
         _log.warning("snapshot_undecodable", projection=projection.name, tenant=tenant_id,
                      stream=stream_id, version=r[1], error=f"{type_name(e)}: {e}")
@@ -2279,13 +2279,21 @@ def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
 _COMPARED = ("version", "status", "group_key", "sort_key")  # besides the state
 
 
+def _stored_bytes(state: Any) -> bytes:
+    """A stored state as bytes: SQLite gives back text for a value written as TEXT into the
+    BLOB column (an operator's ``UPDATE … SET state = replace(state, …)``), which the reads
+    decode as it is."""
+    return state.encode("utf-8", "surrogatepass") if isinstance(state, str) else bytes(state)
+
+
 def _stored_rows(conn: Connection, name: str, generation: int
                  ) -> dict[tuple[str, str], tuple[bytes, tuple[Any, ...]]]:
     pr = projection_rows.c
     found = conn.execute(select(pr.tenant_id, pr.stream_id, pr.state,
                                 *(pr[n] for n in _COMPARED))
                          .where(pr.projection == name, pr.generation == generation))
-    return {(r.tenant_id, r.stream_id): (bytes(r.state), tuple(r[3:])) for r in found}
+    return {(r.tenant_id, r.stream_id): (_stored_bytes(r.state), tuple(r[3:]))
+            for r in found}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -484,6 +484,36 @@ def test_verify_reports_a_value_that_changed_type_but_compares_equal(
     assert [d.stream_id for d in diffs] == ["conversation-c1", "conversation-c2"]
 
 
+def test_a_row_an_operator_edited_by_sql_as_text_reads_verifies_and_folds(
+        store: EventStore, backend: str, url: str) -> None:
+    """A state written back by SQL (``replace()`` gives text on SQLite, which then sits as TEXT
+    in the BLOB column) is read as the reads read it: verify reports it as a difference (it
+    raised a bare TypeError) and an inline append folds onto it (it stopped the projection)."""
+    from sqlalchemy import text
+
+    from projections import ConversationProjection, Conversations
+
+    conversations = Conversations(store)
+    conversations.assign("c", {"a": 7})
+    with begin_write(store.engine) as conn:
+        values = {"old": '"a":7', "new": '"a":1'}
+        if backend == "sqlite":
+            conn.execute(text("UPDATE es_projection_rows SET state = replace(state, :old, :new)"),
+                         values)
+            assert conn.execute(text("SELECT typeof(state) FROM es_projection_rows")
+                                ).scalar_one() == "text"
+        else:
+            conn.execute(text("UPDATE es_projection_rows SET state = convert_to(replace("
+                              "convert_from(state, 'UTF8'), :old, :new), 'UTF8')"), values)
+    (d,) = verify(store, ConversationProjection())
+    assert d.stream_id == "conversation-c" and "UndecodableRow" not in repr(d.live)
+    # (Another process: this one folds its next append onto the row as it wrote it.)
+    with EventStore.open(url) as other:
+        Conversations(other).assign("c", {"b": 2})
+    state = conversations.get("c")
+    assert state is not None and state.variables == {"a": 1, "b": 2}
+
+
 def test_verify_reports_rows_whose_index_columns_or_version_differ(store: EventStore) -> None:
     """A row with the right state but a wrong index column (status, group_key, sort_key) or
     version is a difference too: queries by those columns would go wrong."""
