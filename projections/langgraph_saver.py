@@ -99,6 +99,7 @@ __all__ = [
     "RunsDeleted",
     "ThreadCopied",
     "ThreadDeleted",
+    "ThreadsNotImported",
     "WritesSaved",
     "index_events",
     "rebuild_index",
@@ -2099,53 +2100,82 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
     ``thread_ids`` defaults to every thread of ``source``.  Each thread goes over whole, in one
     atomic append, and only into a thread ``target`` does not have yet: threads already there
     are skipped, so an interrupted import can simply be run again.  Returns the number of
-    checkpoints copied.
+    checkpoints copied.  A thread this saver refuses (a thread id over 246 characters, a
+    checkpoint it cannot store) is left out whole and the others go on; then
+    :class:`ThreadsNotImported` names each such thread and why.
     """
     if thread_ids is None:
         seen: dict[str, None] = {}
         for t in source.list(None):
             seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
         thread_ids = seen
-    limit = target.store._options.max_event_bytes
     copied = 0
+    failed: dict[str, str] = {}
     for thread_id in thread_ids:
-        tuples = builtins.list(source.list({"configurable": {"thread_id": thread_id}}))
-        if not tuples:
-            continue
-        events: builtins.list[Event] = []
-        versions: dict[tuple[str, str], ChannelVersions] = {}
-        for t in reversed(tuples):  # list() gives newest first
-            conf = t.config["configurable"]
-            ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
-            checkpoint = t.checkpoint
-            parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
-            before = versions.get((ns, str(parent_id)), {}) if parent_id else {}
-            changed = {ch: v for ch, v in checkpoint["channel_versions"].items()
-                       if before.get(ch) != v}
-            put_config: RunnableConfig = {"configurable": {
-                "thread_id": thread_id, "checkpoint_ns": ns,
-                **({"checkpoint_id": parent_id} if parent_id else {})}}
-            _t, ev, stored = target._checkpoint_events(put_config, checkpoint, t.metadata,
-                                                        changed)
-            events.extend(_fitted(ev, limit, _split))
-            versions[(ns, str(checkpoint["id"]))] = dict(checkpoint["channel_versions"])
-            by_task: dict[str, builtins.list[tuple[str, Any]]] = {}
-            for task_id, channel, value in t.pending_writes or ():
-                by_task.setdefault(task_id, []).append((channel, value))
-            for n, (task_id, task_writes) in enumerate(by_task.items()):
-                # The source gives no task paths, and this saver orders a checkpoint's writes
-                # by (path, task, idx), as LangGraph wants them: paths that sort in the order
-                # the source gave the tasks keep that order.
-                _t, wev = target._writes_event(stored, task_writes, task_id, f"{n:08d}")
-                events.extend(_fitted(wev, limit, _split_writes))
         try:
-            target.store.append(stream_id_of(thread_id), events, tenant_id=target.tenant_id,
-                                expected_version=0)
-        except WrongExpectedVersion:
-            _log.info("import_thread_skipped", thread=thread_id, tenant=target.tenant_id)
-            continue
-        copied += len(tuples)
+            copied += _import_thread(source, target, thread_id)
+        except InvalidArgument as e:  # this thread's id or data: the others go on
+            failed[str(thread_id)] = f"{type(e).__name__}: {e}"
+            _log.warning("import_thread_refused", thread=str(thread_id)[:100],
+                         tenant=target.tenant_id, error=failed[str(thread_id)])
+    if failed:
+        raise ThreadsNotImported(failed, copied)
     return copied
+
+
+class ThreadsNotImported(InvalidArgument):
+    """:func:`import_checkpoints` left these threads out (``failed``: thread id -> why); the
+    other threads were imported (``copied`` checkpoints)."""
+
+    def __init__(self, failed: dict[str, str], copied: int) -> None:
+        shown = "; ".join(f"{t[:60]!r}: {why}" for t, why in list(failed.items())[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        super().__init__(f"{len(failed)} thread(s) not imported ({shown}{more}); the others "
+                         f"were ({copied} checkpoints)")
+        self.failed = failed
+        self.copied = copied
+
+
+def _import_thread(source: BaseCheckpointSaver[Any], target: EventStoreSaver,
+                   thread_id: str) -> int:
+    """One thread of :func:`import_checkpoints`, in one append; the checkpoints copied."""
+    limit = target.store._options.max_event_bytes
+    tuples = builtins.list(source.list({"configurable": {"thread_id": thread_id}}))
+    if not tuples:
+        return 0
+    events: builtins.list[Event] = []
+    versions: dict[tuple[str, str], ChannelVersions] = {}
+    for t in reversed(tuples):  # list() gives newest first
+        conf = t.config["configurable"]
+        ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
+        checkpoint = t.checkpoint
+        parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+        before = versions.get((ns, str(parent_id)), {}) if parent_id else {}
+        changed = {ch: v for ch, v in checkpoint["channel_versions"].items()
+                   if before.get(ch) != v}
+        put_config: RunnableConfig = {"configurable": {
+            "thread_id": thread_id, "checkpoint_ns": ns,
+            **({"checkpoint_id": parent_id} if parent_id else {})}}
+        _t, ev, stored = target._checkpoint_events(put_config, checkpoint, t.metadata,
+                                                    changed)
+        events.extend(_fitted(ev, limit, _split))
+        versions[(ns, str(checkpoint["id"]))] = dict(checkpoint["channel_versions"])
+        by_task: dict[str, builtins.list[tuple[str, Any]]] = {}
+        for task_id, channel, value in t.pending_writes or ():
+            by_task.setdefault(task_id, []).append((channel, value))
+        for n, (task_id, task_writes) in enumerate(by_task.items()):
+            # The source gives no task paths, and this saver orders a checkpoint's writes
+            # by (path, task, idx), as LangGraph wants them: paths that sort in the order
+            # the source gave the tasks keep that order.
+            _t, wev = target._writes_event(stored, task_writes, task_id, f"{n:08d}")
+            events.extend(_fitted(wev, limit, _split_writes))
+    try:
+        target.store.append(stream_id_of(thread_id), events, tenant_id=target.tenant_id,
+                            expected_version=0)
+    except WrongExpectedVersion:
+        _log.info("import_thread_skipped", thread=thread_id, tenant=target.tenant_id)
+        return 0
+    return len(tuples)
 
 
 def _fitted(ev: _E, limit: int, split: Callable[[_E, int], builtins.list[Event]]

@@ -177,6 +177,39 @@ def test_import_goes_thread_by_thread_atomically_and_can_run_again(url: str) -> 
                 t.config for t in source.list(config)]
 
 
+def test_import_goes_on_past_a_thread_it_cannot_take_and_names_it(url: str) -> None:
+    """A thread the saver refuses (an id over 246 characters) is left out whole: the threads
+    before and after it are imported, then ThreadsNotImported names it and why; run again, it
+    imports nothing more and names it again (it stopped at that thread every time)."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from projections.langgraph_saver import (
+        EventStoreSaver,
+        ThreadsNotImported,
+        import_checkpoints,
+        stream_id_of,
+    )
+
+    source = SqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    long_id = "L" * 300
+    for name in ("a-short", long_id, "z-short"):
+        scripts.approval_graph(source).invoke({"value": 1}, {"configurable": {"thread_id": name}})
+    per_thread = len(list(source.list({"configurable": {"thread_id": "a-short"}})))
+    with EventStore.open(url) as store:
+        target = EventStoreSaver(store)
+        for copied in (2 * per_thread, 0):
+            with pytest.raises(ThreadsNotImported) as got:
+                import_checkpoints(source, target)
+            assert got.value.copied == copied and list(got.value.failed) == [long_id]
+            assert "300 characters" in got.value.failed[long_id]
+            assert all(store.stream_version(stream_id_of(t)) > 0 for t in ("a-short", "z-short"))
+        assert sorted(e.stream_id for e in store.read_all()) == sorted(
+            [stream_id_of("a-short")] * store.stream_version(stream_id_of("a-short"))
+            + [stream_id_of("z-short")] * store.stream_version(stream_id_of("z-short")))
+
+
 def test_import_splits_values_over_the_targets_event_size_limit(url: str) -> None:
     """A checkpoint whose values exceed the target store's event size limit goes over in
     several events of the thread's one append, as put() would store it."""
