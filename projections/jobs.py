@@ -677,9 +677,12 @@ class Jobs:
         check_text(request_id, "request_id")
         check_tenant(tenant_id)
         _check_json(input, "input")
-        now = self._now()
 
         def decision(s: Job) -> Sequence[Event]:
+            # The time of this decision (not of the call): one made again after a conflict,
+            # or under the append lock after a wait, sees whether the deadline passed since.
+            now = self._now()
+
             def refuse(why: str, reason: str) -> Conflict:
                 return Conflict(f"job {job_id} (tenant {tenant_id}): cannot resume request "
                                 f"{request_id}: {why}", reason=reason)
@@ -741,11 +744,11 @@ class Jobs:
             raise InvalidArgument(f"reason must be a string or None, got {reason!r:.80}")
         if not isinstance(force, bool):
             raise InvalidArgument(f"force must be a bool, got {force!r:.80}")
-        now = self._now()
         missed: list[str] = []  # the request whose deadline decided, when one did
 
         def decision(s: Job) -> Sequence[Event]:
             missed.clear()
+            now = self._now()  # (the decision's time, as resume's)
             if s.finished:
                 raise Conflict(f"job {job_id} (tenant {tenant_id}) is already {s.status}",
                                reason=_finished_reason(s))

@@ -491,6 +491,46 @@ def test_a_cancel_after_the_deadline_records_the_deadline_s_failure_and_is_refus
         assert e.value.reason == "deadline_passed"
 
 
+@pytest.mark.parametrize("command", ["resume", "cancel"])
+def test_a_command_that_decides_again_after_a_conflict_sees_the_deadline_pass(
+        jobs: Jobs, job_store: EventStore, clock: Clock, url: str, command: str) -> None:
+    """The deadline is checked against the time of each decision, not of the call: a resume
+    (or cancel) whose first decision, a moment before the deadline, lost to another write and
+    that decides again after it is refused with deadline_passed (the deadline's failure is
+    recorded), not let through on the call's earlier time."""
+    from projections.events import MilestoneRecorded
+
+    job = running(jobs)
+    deadline = T0 + timedelta(minutes=10)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?", deadline=deadline)
+    clock.advance(minutes=10, microseconds=-1)
+    decided: list[datetime] = []
+    real = jobs._now
+
+    def now_then_a_write_lands() -> datetime:
+        when = real()
+        decided.append(when)
+        if len(decided) == 1:  # another process writes to the job meanwhile, then time passes
+            with EventStore.open(url) as other:
+                other.append(Jobs.stream_id(job.job_id), [MilestoneRecorded(
+                    worker_id="w1", milestone="late", at=when)])
+            clock.advance(microseconds=2)
+        return when
+
+    jobs._now = now_then_a_write_lands  # type: ignore[method-assign]
+    with pytest.raises(Conflict) as e:
+        if command == "resume":
+            jobs.resume(job.job_id, request_id="r1", input=1)
+        else:
+            jobs.cancel(job.job_id, "too late")
+    assert e.value.reason == "deadline_passed"
+    assert decided[0] < deadline < decided[-1]
+    if command == "cancel":
+        assert types(job_store, job.job_id)[-1] == "JobFailed"
+    else:
+        assert "JobResumed" not in types(job_store, job.job_id)
+
+
 def test_resume_of_a_cancelled_job_is_refused(jobs: Jobs) -> None:
     """A cancelled suspended job cannot be resumed."""
     job = running(jobs)
