@@ -69,6 +69,21 @@ def encode_event(event: object) -> tuple[str, int, bytes]:
     return tag, sv, data
 
 
+def _check_appended(read: object, tag: str) -> None:
+    """A type's own check of what is appended (``__check_appended__``, which raises for an
+    event its readers could not use): run on the event as reads will give it, at append only,
+    so one stored before the check was added still reads back."""
+    check = getattr(type(read), "__check_appended__", None)
+    if check is None:
+        return
+    try:
+        check(read)
+    except InvalidEvent:
+        raise
+    except Exception as e:
+        raise InvalidEvent(f"{tag} event refused by its type's check: {e}") from e
+
+
 def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
     """:func:`encode_event`, and the event as reads of the log will give it (decoded from
     ``data`` by the check, so inline projections fold what every reader folds: the registered
@@ -115,6 +130,7 @@ def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
                     f"for tag {tag!r} now (two event classes share the tag?): "
                     f"{e.__cause__ or e}") from e
         _check_finite(event, data, f"{tag} event")
+        _check_appended(read, tag)
         return tag, sv, data, read
     if isinstance(event, RawEvent):
         if not isinstance(event.type, str) or not event.type:
@@ -147,6 +163,7 @@ def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
             except Exception as e:  # EventDecodeError, or an upcaster's own error
                 raise InvalidEvent(f"raw {event.type} event does not match its type: "
                                    f"{e.__cause__ or e}") from e
+            _check_appended(read, event.type)
         else:
             # Readers decode it as a JSON object (code that knows the type too): a msgspec.Raw
             # inside is written as it is, so one holding no valid JSON would fail every later

@@ -240,7 +240,7 @@ class FlowStateSaved(Event, tag="FlowStateSaved"):
     state: Any
     at: datetime
 
-    def __post_init__(self) -> None:
+    def __check_appended__(self) -> None:
         check_typed(self.state, "FlowStateSaved.state")
 
 
@@ -252,7 +252,7 @@ class FeedbackRequested(Event, tag="FeedbackRequested"):
     state: Any
     at: datetime
 
-    def __post_init__(self) -> None:
+    def __check_appended__(self) -> None:
         check_typed(self.context, "FeedbackRequested.context")
         check_typed(self.state, "FeedbackRequested.state")
 
@@ -264,5 +264,5 @@ class FeedbackResolved(Event, tag="FeedbackResolved"):
     feedback: Any
     at: datetime
 
-    def __post_init__(self) -> None:
+    def __check_appended__(self) -> None:
         check_typed(self.feedback, "FeedbackResolved.feedback")

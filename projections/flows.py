@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from eventstore import Event, EventStore, RecordedEvent
+from eventstore.errors import EventDecodeError
 
 from ._command import Clock, check_text, decide, utc_clock
 from ._engine import Projection, RowIndex, current, inline, register
@@ -128,10 +129,18 @@ class Flows:
 
     def history(self, flow_id: str, *, tenant_id: str = "default") -> list[FlowSave]:
         """Every saved step, oldest first."""
-        return [FlowSave(method_name=e.data.method_name, state=from_json(e.data.state),
-                         at=e.data.at, version=e.version)
-                for e in self.store.read_stream(self.stream_id(flow_id), tenant_id=tenant_id)
-                if isinstance(e.data, FlowStateSaved)]
+        saves = []
+        for e in self.store.read_stream(self.stream_id(flow_id), tenant_id=tenant_id):
+            if isinstance(e.data, FlowStateSaved):
+                try:
+                    state = from_json(e.data.state)
+                except EventDecodeError as err:  # (stored before appends were checked)
+                    raise EventDecodeError.at(err, position=e.position, type=e.type,
+                                              stream_id=e.stream_id,
+                                              tenant_id=e.tenant_id) from None
+                saves.append(FlowSave(method_name=e.data.method_name, state=state,
+                                      at=e.data.at, version=e.version))
+        return saves
 
     def request_feedback(self, flow_id: str, context: Any, state: Any, *,
                          tenant_id: str = "default") -> int:

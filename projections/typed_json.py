@@ -104,17 +104,18 @@ def from_json(value: Any) -> Any:
     """
     try:
         return _from_json(value)
-    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as e:
+    except Exception as e:  # (what a malformed value raises is up to the type's constructor)
         raise EventDecodeError(f"a malformed typed value in flow state: {type(e).__name__}: "
                                f"{str(e)[:200]}") from None
 
 
 def check_typed(value: Any, what: str) -> None:
     """``InvalidEvent`` unless :func:`from_json` reads ``value``: the flow events check what
-    they hold when made or decoded, so one appended as raw JSON is refused, not stored."""
+    they hold when appended (``__check_appended__``), so one appended as raw JSON is refused,
+    not stored."""
     try:
         _from_json(value)
-    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as e:
+    except Exception as e:
         raise InvalidEvent(f"{what} holds a malformed typed value: {type(e).__name__}: "
                            f"{str(e)[:200]}") from None
 
@@ -144,7 +145,7 @@ def _from_json(value: Any) -> Any:
         if isinstance(zone, str):
             try:
                 return when.astimezone(zoneinfo.ZoneInfo(zone))  # (its offset picks the fold)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError):
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError, OSError):
                 # A zone this machine does not know, or a time at the edge of the datetime
                 # range (datetime.max in a zone west of UTC): the same instant, at its offset.
                 pass

@@ -213,18 +213,19 @@ def test_a_request_resolved_with_no_answer_still_counts_as_resolved(flows: Flows
 
 MALFORMED = [{"$type": "uuid", "value": "not-a-uuid"}, {"$type": "datetime"},
              {"$type": "timedelta", "value": 5}, {"$type": "decimal", "value": "1.2.3"},
-             {"$type": "set", "value": [[1]]}, {"$type": "no-such-type", "value": 1}]
+             {"$type": "set", "value": [[1]]}, {"$type": "no-such-type", "value": 1},
+             {"$type": "uuid", "value": 5}]
 
 
 @pytest.mark.parametrize("bad", MALFORMED, ids=["uuid", "no-value", "timedelta", "decimal",
-                                                "unhashable", "unknown"])
+                                                "unhashable", "unknown", "uuid-int"])
 def test_a_malformed_typed_value_is_refused_at_append_and_typed_at_read(
         flows: Flows, store: EventStore, bad: dict[str, object],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A flow event appended as raw JSON whose state holds a ``$type`` value the flow facade
     would not have written is refused (InvalidEvent, nothing written); one stored before that
-    check reads back as EventDecodeError naming the event (history), or from the state
-    (load, pending_feedback), not a bare ValueError/KeyError/TypeError."""
+    check reads back from the log as it is (other readers go on), and the flow facade says
+    EventDecodeError (naming the event for history), not a bare ValueError/KeyError/TypeError."""
     from eventstore import EventDecodeError, RawEvent
     from projections import events as flow_events
 
@@ -243,6 +244,7 @@ def test_a_malformed_typed_value_is_refused_at_append_and_typed_at_read(
     monkeypatch.setattr(flow_events, "check_typed", lambda value, what: None)
     store.append(stream, [saved, asked])
     monkeypatch.undo()
+    assert [e.type for e in store.read_all()] == ["FlowStateSaved", "FeedbackRequested"]
     with pytest.raises(EventDecodeError) as got:
         flows.history("f")
     assert got.value.position is not None and got.value.stream_id == stream
