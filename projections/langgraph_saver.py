@@ -165,7 +165,7 @@ def check_key_size(tenant_id: str, thread_id: str, ns: str, checkpoint_id: str |
     for versions in channels:
         if versions:
             widest = max(widest, max(map(len, versions)) + max(
-                len(v) if v.__class__ is str else 32 for v in versions.values()))
+                len(v) if v.__class__ is str else len(version_key(v)) for v in versions.values()))
     if (fixed + widest) * 4 <= MAX_KEY_BYTES:
         return  # the usual case: no character takes more than 4 bytes
     fixed = _utf8_len(tenant_id) + _utf8_len(thread_id) + _utf8_len(ns)
@@ -1598,7 +1598,9 @@ def _is_version(value: object) -> bool:
     would come back as null, and the checkpoint would not decode)."""
     if isinstance(value, float):
         return math.isfinite(value)
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**63  # (an index key's text, and JSON's, stay small)
+    return isinstance(value, str)
 
 
 def _check_checkpoint(checkpoint: Checkpoint, parent: object,
@@ -1614,11 +1616,13 @@ def _check_checkpoint(checkpoint: Checkpoint, parent: object,
         raise InvalidArgument(f"checkpoint_id must be a string, got {parent!r}")
     seen = checkpoint["versions_seen"]
     for versions in (checkpoint["channel_versions"], new_versions, *seen.values()):
-        if set(map(type, versions)) <= _STR and set(map(type, versions.values())) <= _STR_INT:
+        kinds = set(map(type, versions.values()))
+        if set(map(type, versions)) <= _STR and kinds <= _STR_INT and (
+                int not in kinds or all(map(_is_version, versions.values()))):
             continue  # the usual case, checked in C
         if not all(isinstance(ch, str) and _is_version(ver) for ch, ver in versions.items()):
-            raise InvalidArgument(f"channel versions map names to str, int or finite float "
-                                  f"versions, got {versions!r:.200}")
+            raise InvalidArgument(f"channel versions map names to str, 64-bit int or finite "
+                                  f"float versions, got {versions!r:.200}")
     if not all(isinstance(node, str) for node in seen):
         raise InvalidArgument("versions_seen must be keyed by node names (strings)")
     # Channel names and versions are index columns (text): PostgreSQL's refuses NUL.

@@ -756,13 +756,14 @@ def test_reads_use_the_index_before_postgresql_has_statistics() -> None:
     {"v": "4"}, {"v": True}, {"id": 5}, {"ts": None},
     {"channel_versions": {"a": None}}, {"channel_versions": {"a": True}},
     {"channel_versions": {"a": float("inf")}}, {"channel_versions": {"a": float("nan")}},
+    {"channel_versions": {"a": 10**4200}},
     {"versions_seen": {"node": {"a": [1]}}}, {"versions_seen": {1: {}}},
     {"versions_seen": {"node": {"a": float("nan")}}},
     {"updated_channels": [1]}, {"metadata": {"score": float("nan")}},
     {"extra_field": [1.0, float("-inf")]},
 ], ids=["v-str", "v-bool", "id-int", "ts-none", "version-none", "version-bool", "version-inf",
-        "version-nan", "seen-list", "seen-node-int", "seen-nan", "updated-int", "metadata-nan",
-        "extra-inf"])
+        "version-nan", "version-huge-int", "seen-list", "seen-node-int", "seen-nan", "updated-int",
+        "metadata-nan", "extra-inf"])
 def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSaver,
                                                            store: EventStore,
                                                            bad: dict[str, Any]) -> None:
