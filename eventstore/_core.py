@@ -12,11 +12,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import decimal
 import functools
 import hashlib
-import itertools
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -68,32 +69,58 @@ _log = get_logger("eventstore")
 _MAX_RETRY_PAUSE = 5.0  # seconds a subscription waits at most between reads that fail
 
 # PostgreSQL: whether an inline handler's row locks, taken under the append lock, must not wait
-# (the append is in a transaction of its own, so it can be run again; see RetryAppend).
+# (the append is in a transaction that can be run again; see RetryAppend).
 _nowait: contextvars.ContextVar[bool] = contextvars.ContextVar("eventstore_nowait",
                                                               default=False)
-# Appends of one call that met a busy lock and waited for it outside the append lock; after
-# these many, the next attempt waits for it under the append lock (as a caller's transaction
-# always does), so an append of a projection its projector keeps busy still gets through.
-_RETRIES_WITHOUT_WAITING = 3
+# Whether an append that met a busy lock raises RetryAppend to its caller (a facade command,
+# which then decides again) instead of running the same events again itself.
+_decides_again: contextvars.ContextVar[bool] = contextvars.ContextVar("eventstore_decides_again",
+                                                                     default=False)
+_BUSY_PAUSE = 0.01, 0.25  # a wait's first pause between looks at a busy lock, and its longest
 
 
 def locks_must_not_wait() -> bool:
     """For an inline handler on PostgreSQL: take a lock another transaction may hold with
-    ``NOWAIT``, and raise :class:`RetryAppend` when it is held (see there)."""
+    ``SKIP LOCKED``, and raise :class:`RetryAppend` when it is held (see there)."""
     return _nowait.get()
+
+
+@contextlib.contextmanager
+def deciding_again() -> Iterator[None]:
+    """Appends in this block raise :class:`RetryAppend` when a lock was busy (after rolling
+    back): the caller waits (:func:`wait_until_free`) and decides again."""
+    token = _decides_again.set(True)
+    try:
+        yield
+    finally:
+        _decides_again.reset(token)
 
 
 class RetryAppend(EventStoreError):
     """Raised by an inline handler whose lock is held by another transaction (a projector's
     batch; one frozen mid-batch holds it until the server ends its session).  Waiting for it
     under the append lock would hold every appender of the database, of every stream, behind
-    that one: the append's transaction is rolled back instead, ``wait(conn)`` waits for the
-    lock on the store's write connection outside any append, and the append runs again.  Never
-    reaches a caller."""
+    that one: the append's transaction is rolled back instead, and the append waits until
+    ``probe(conn)`` finds the lock free (looking now and then, on a connection taken for each
+    look, outside any append), then runs again.  Never reaches the store's caller."""
 
-    def __init__(self, what: str, wait: Callable[[Connection], None]) -> None:
+    def __init__(self, what: str, probe: Callable[[Connection], bool]) -> None:
         super().__init__(f"{what} is locked by another transaction; the append waits for it")
-        self.wait = wait
+        self.probe = probe
+
+
+def wait_until_free(busy: RetryAppend,
+                    probe_on: Callable[[], contextlib.AbstractContextManager[Connection]],
+                    **context: Any) -> None:
+    """Wait, outside any append, until ``busy``'s lock is free (see :class:`RetryAppend`)."""
+    _log.info("append_waits_for_lock", lock=str(busy), **context)
+    pause, longest = _BUSY_PAUSE
+    while True:
+        with probe_on() as conn:
+            if busy.probe(conn):
+                return
+        time.sleep(pause)
+        pause = min(pause * 2, longest)
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"
@@ -408,22 +435,22 @@ class StoreCore:
 
     def _append_own(self, begin: Callable[[], contextlib.AbstractContextManager[Connection]],
                     plan: AppendPlan, before_commit: BeforeCommit | None,
-                    wait_on: Callable[[], contextlib.AbstractContextManager[Connection]]
+                    probe_on: Callable[[], contextlib.AbstractContextManager[Connection]]
                     ) -> AppendResult:
-        """The append in a transaction of its own, ``begin()``; run again when an inline
-        handler's lock was busy (:class:`RetryAppend`), after waiting for it in a transaction
-        of ``wait_on()`` (not the kept write connection: this process's other appends go on)."""
-        for attempt in itertools.count():
+        """The append in a transaction of its own, ``begin()``; when an inline handler's lock
+        was busy (:class:`RetryAppend`), run again once it is free (looked at in transactions
+        of ``probe_on()``: not the kept write connection, so this process's other appends go
+        on), at the store's time then; or, in :func:`deciding_again`, raised to the caller."""
+        while True:
             try:
                 with begin() as conn:
                     return self._append_locked(conn, plan, before_commit, commit=True,
-                                               nowait=attempt < _RETRIES_WITHOUT_WAITING)
+                                               nowait=True)
             except RetryAppend as busy:
-                _log.info("append_waits_for_lock", tenant=plan.tenant_id, stream=plan.stream_id,
-                          attempt=attempt + 1, lock=str(busy))
-                with wait_on() as conn:
-                    busy.wait(conn)
-        raise AssertionError("unreachable")
+                if _decides_again.get():
+                    raise
+                wait_until_free(busy, probe_on, tenant=plan.tenant_id, stream=plan.stream_id)
+            plan = dataclasses.replace(plan, now=self.now())  # (recorded_at: at its commit)
 
     def _append_in(self, conn: Connection, plan: AppendPlan,
                    before_commit: BeforeCommit | None, commit: bool) -> AppendResult:
@@ -869,9 +896,7 @@ def _stale_guess(error: Exception) -> bool:
     error = getattr(error, "orig", None) or error
     if getattr(getattr(error, "diag", None), "constraint_name", None) in _GUESS_KEYS:
         return True
-    # 55P03: a handler's NOWAIT lock was busy (locks_must_not_wait): the probing path's
-    # handlers see it again and say what to wait for.
-    return getattr(error, "sqlstate", None) in ("22012", "55P03")
+    return getattr(error, "sqlstate", None) == "22012"
 
 
 def _event_rows(plan: AppendPlan, current: int, last_position: int, updated_at: int | None,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -64,7 +64,7 @@ from ._backend import (
     translate,
 )
 from ._core import (
-    _RETRIES_WITHOUT_WAITING,
+    _BUSY_PAUSE,
     DEFAULT_TENANT,
     AppendPlan,
     BeforeCommit,
@@ -316,31 +316,34 @@ class AsyncEventStore(StoreCore):
         greenlet bridge by :mod:`eventstore._pg_async`.  On the kept write connection
         (:class:`_KeptWriter`) when called from its event loop."""
         with translate():
-            for attempt in itertools.count():
-                nowait = attempt < _RETRIES_WITHOUT_WAITING
+            while True:
                 try:
                     return await self._in_own_transaction(
-                        self._append_committed, plan, before_commit, nowait)
+                        self._append_committed, plan, before_commit, True)
                 except RetryAppend as busy:  # (see StoreCore._append_own)
-                    _log.info("append_waits_for_lock", tenant=plan.tenant_id,
-                              stream=plan.stream_id, attempt=attempt + 1, lock=str(busy))
-                    await self._in_own_transaction(busy.wait, kept=False)
-        raise AssertionError("unreachable")
+                    await self._until_free(busy, tenant=plan.tenant_id, stream=plan.stream_id)
+                plan = dataclasses.replace(plan, now=self.now())  # (recorded_at: at commit)
 
     async def _run_again_when_busy(self, fn: Callable[[Connection, bool], T]) -> T:
         """``fn(conn, nowait)`` in a write transaction, as :meth:`run_sync`; when an inline
-        handler's lock was busy (``RetryAppend``, raised only with ``nowait``), run again after
-        waiting for it outside the append lock.  Only for ``fn`` that may run again from its
-        start (the projection facades' twins: a rolled-back command has done nothing)."""
-        for attempt in itertools.count():
-            nowait = attempt < _RETRIES_WITHOUT_WAITING
+        handler's lock was busy (``RetryAppend``, raised only with ``nowait``), run again once
+        it is free.  Only for ``fn`` that may run again from its start (the projection
+        facades' twins: a rolled-back command has done nothing, and decides again)."""
+        while True:
             try:
-                return await self.run_sync(fn, nowait, write=True)
+                return await self.run_sync(fn, True, write=True)
             except RetryAppend as busy:
-                _log.info("command_waits_for_lock", attempt=attempt + 1, lock=str(busy))
                 with translate():
-                    await self._in_own_transaction(busy.wait, kept=False)
-        raise AssertionError("unreachable")
+                    await self._until_free(busy)
+
+    async def _until_free(self, busy: RetryAppend, **context: Any) -> None:
+        """:func:`_core.wait_until_free` for asyncio: a look at the lock now and then, each on
+        a pooled connection taken for it (never the kept write connection)."""
+        _log.info("append_waits_for_lock", lock=str(busy), **context)
+        pause, longest = _BUSY_PAUSE
+        while not await self._in_own_transaction(busy.probe, kept=False):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
 
     async def _in_own_transaction(self, fn: Callable[..., T], *args: Any,
                                   kept: bool = True) -> T:

@@ -9,7 +9,6 @@ under the store's append lock (see :func:`_decide_locked`), so that it cannot lo
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -17,7 +16,13 @@ from typing import Any, TypeVar
 from eventstore import AppendResult, Event, EventStore, WrongExpectedVersion
 from eventstore._backend import begin_write, lock_appends
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import _RETRIES_WITHOUT_WAITING, RetryAppend, check_id, check_storable
+from eventstore._core import (
+    RetryAppend,
+    check_id,
+    check_storable,
+    deciding_again,
+    wait_until_free,
+)
 from eventstore.errors import InvalidArgument
 
 from ._engine import Projection, current
@@ -44,7 +49,8 @@ def decide(
     decision produced no events).  Errors the decision raises (domain refusals) pass through.
     """
     last: WrongExpectedVersion | None = None
-    for attempt in range(MAX_ATTEMPTS):
+    attempt = 0
+    while attempt < MAX_ATTEMPTS:
         if attempt == OPTIMISTIC_ATTEMPTS and not isinstance(store, BoundStore):
             return _decide_locked(store, projection, stream_id, tenant_id=tenant_id,
                                   decision=decision, metadata=metadata)
@@ -53,10 +59,20 @@ def decide(
         if not events:
             return state, version, None
         try:
-            result = store.append(stream_id, list(events), expected_version=version,
-                                  tenant_id=tenant_id, metadata=metadata)
+            with deciding_again():
+                result = store.append(stream_id, list(events), expected_version=version,
+                                      tenant_id=tenant_id, metadata=metadata)
         except WrongExpectedVersion as e:
             last = e
+            attempt += 1
+            continue
+        except RetryAppend as busy:
+            if isinstance(store, BoundStore):
+                raise  # (an async twin's transaction: it runs the whole command again)
+            # A projector holds the projection: the append rolled back; once it is free, the
+            # command decides again, on the state and at the time it finds then.
+            wait_until_free(busy, lambda: begin_write(store.engine), tenant=tenant_id,
+                            stream=stream_id)
             continue
         return state, version, result
     assert last is not None
@@ -82,13 +98,12 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
     lost a few times.
     """
     writer = getattr(store, "_writer", None)
-    for attempt in itertools.count():
+    while True:
         holding = writer.holding_appends() if writer is not None else contextlib.nullcontext()
         try:
             with holding, transaction(store, write=True) as conn:
                 lock_appends(conn)
-                bound = BoundStore(store, conn,  # type: ignore[arg-type]
-                                   nowait=attempt < _RETRIES_WITHOUT_WAITING)
+                bound = BoundStore(store, conn, nowait=True)  # type: ignore[arg-type]
                 state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]
                                          tenant_id=tenant_id)
                 events = decision(state, version)
@@ -99,12 +114,11 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
         except RetryAppend as busy:
             # A projector holds the projection: wait for it without the append lock, and
             # decide again (see eventstore._core.RetryAppend).
-            with begin_write(store.engine) as conn:
-                busy.wait(conn)
+            wait_until_free(busy, lambda: begin_write(store.engine), tenant=tenant_id,
+                            stream=stream_id)
             continue
         bound.log_appended()
         return state, version, result
-    raise AssertionError("unreachable")
 
 
 def fold_appended(store: EventStore, projection: Projection[S], stream_id: str, *,

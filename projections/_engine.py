@@ -453,18 +453,11 @@ def _fold_before(store: EventStore, conn: Connection, projection: Projection[Any
     return read[0]
 
 
-def _lock_busy(error: BaseException) -> bool:
-    """Whether a NOWAIT lock was held by another transaction (the driver's error, or
-    SQLAlchemy's around it)."""
-    return getattr(getattr(error, "orig", None) or error, "sqlstate", None) == "55P03"
-
-
-def _wait_for_checkpoint(name: str, conn: Connection) -> None:
-    """Wait until no other transaction holds projection ``name``'s ``es_projections`` row
-    (RetryAppend.wait: on the store's write connection, outside any append; the lock goes with
-    the transaction, at once)."""
-    conn.execute(select(projections.c.name).where(projections.c.name == name)
-                 .with_for_update())
+def _checkpoint_free(name: str, conn: Connection) -> bool:
+    """Whether no other transaction holds projection ``name``'s ``es_projections`` row
+    (``RetryAppend.probe``, outside any append; the lock it takes goes with its transaction)."""
+    return conn.execute(select(projections.c.name).where(projections.c.name == name)
+                        .with_for_update(skip_locked=True)).first() is not None
 
 
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
@@ -490,12 +483,14 @@ def _fast(name: str, conn: Connection) -> Compiled:
 
 def _build_fast(name: str, dialect_name: str) -> Any:
     pc, pr = projections.c, projection_rows.c
-    if name in ("lock", "lock_nowait"):
+    if name in ("lock", "lock_skip"):
         q = (select(pc.generation, pc.position, pc.status, pc.error, pc.code_version)
              .where(pc.name == bindparam("name")))
         if dialect_name != "postgresql":
             return q
-        return q.with_for_update(nowait=name == "lock_nowait")
+        # SKIP LOCKED: no row while another transaction holds it (no error: an aborted
+        # pipeline would make psycopg log a warning for what is an expected wait).
+        return q.with_for_update(skip_locked=name == "lock_skip")
     if name == "get_row":
         return select(pr.state, pr.version, pr.position).where(
             pr.projection == bindparam("projection"), pr.generation == bindparam("generation"),
@@ -523,13 +518,13 @@ def _build_fast(name: str, dialect_name: str) -> Any:
     if name == "advance":
         return (update(projections).where(pc.name == bindparam("name"))
                 .values(position=bindparam("new_position")))
-    if name in ("advance_from", "advance_from_nowait"):
+    if name in ("advance_from", "advance_from_skip"):
         # PostgreSQL, _InlineHandler.guess: move the checkpoint from where this process left it,
-        # and fail (division by zero) if it is not there any more (or, NOWAIT, if another
-        # transaction holds it: lock_not_available).
+        # and fail (division by zero) if it is not there any more (or, SKIP LOCKED, if another
+        # transaction holds it: prepare() then finds it held, and says what to wait for).
         named: Any = pc.name == bindparam("name")
-        if name == "advance_from_nowait":
-            named = pc.name.in_(select(pc.name).where(named).with_for_update(nowait=True))
+        if name == "advance_from_skip":
+            named = pc.name.in_(select(pc.name).where(named).with_for_update(skip_locked=True))
         moved = (update(projections)
                  .where(named, pc.position == bindparam("prev"),
                         pc.generation == bindparam("generation"),
@@ -946,7 +941,7 @@ class _InlineHandler:
             # The checkpoint first: it is locked before the row, as prepare() locks it.  Busy,
             # it fails the guess (see StoreCore._append_guessed): prepare() says what to wait
             # for.
-            advance = "advance_from_nowait" if locks_must_not_wait() else "advance_from"
+            advance = "advance_from_skip" if locks_must_not_wait() else "advance_from"
             _fast(advance, conn).run(conn, {
                 "name": self.p.name, "prev": prev, "generation": generation,
                 "code_version": self.p.version, "new_position": new_position}).close()
@@ -992,27 +987,25 @@ class _InlineHandler:
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
         # A projector's batch may hold the lock (until the server ends its session, if it froze
         # mid-batch): waiting here, under the append lock, would hold every appender of the
-        # database behind it.  In a transaction of its own the append is rolled back and waits
-        # for it outside (RetryAppend); in a caller's, it waits here.
+        # database behind it.  In a transaction that can run again the append is rolled back
+        # and waits for it outside (RetryAppend); in a caller's, it waits here.
         nowait = locks_must_not_wait()
-        lock = _fast("lock_nowait" if nowait else "lock", conn)
+        lock = _fast("lock_skip" if nowait else "lock", conn)
         row_cur: Any = None
-        try:
-            # One round trip on psycopg: the projection's lock and, for the usual one-stream
-            # append, the stream's current row (leaving the pipeline syncs it).
-            with _pipeline(conn):
-                cur = lock.run(conn, {"name": self.p.name})
-                if len(keys) == 1:
-                    ((tenant, stream),) = keys
-                    row_cur = _fast("current_row", conn).run(conn, {
-                        "projection": self.p.name, "tenant_id": tenant, "stream_id": stream})
-            row = cur.fetchone()
-        except Exception as e:
-            if nowait and _lock_busy(e):
-                raise RetryAppend(f"projection {self.p.name}",
-                                  functools.partial(_wait_for_checkpoint, self.p.name)) from None
-            raise
+        # One round trip on psycopg: the projection's lock and, for the usual one-stream
+        # append, the stream's current row (leaving the pipeline syncs it).
+        with _pipeline(conn):
+            cur = lock.run(conn, {"name": self.p.name})
+            if len(keys) == 1:
+                ((tenant, stream),) = keys
+                row_cur = _fast("current_row", conn).run(conn, {
+                    "projection": self.p.name, "tenant_id": tenant, "stream_id": stream})
+        row = cur.fetchone()
         cur.close()
+        if row is None and nowait and conn.execute(
+                select(projections.c.name).where(projections.c.name == self.p.name)).first():
+            raise RetryAppend(f"projection {self.p.name}",
+                              functools.partial(_checkpoint_free, self.p.name))
         found = None
         if row_cur is not None:
             found = row_cur.fetchone()

@@ -199,3 +199,108 @@ def test_the_async_store_waits_outside_the_append_lock_too(
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_many_waiting_appends_hold_no_connections_while_they_wait(fresh_pg: str) -> None:
+    """Appends waiting for a held projection look at it now and then, each look on a pooled
+    connection taken for it: more waiters than the pool holds leave this process's reads and
+    other appends going (they waited the whole time each on a connection of their own, and the
+    pool ran dry: QueuePool limit reached after 30 s)."""
+    with EventStore.open(fresh_pg, migrate=True, pool_size=1) as store:
+        conversations = Conversations(store)
+        for i in range(12):
+            conversations.assign(f"c{i}", {"n": 0})
+        frozen = FrozenWorker(fresh_pg, CONVERSATIONS)
+        errors: list[BaseException] = []
+
+        def assign(i: int) -> None:
+            try:
+                conversations.assign(f"c{i}", {"n": 1})
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        waiters = [threading.Thread(target=assign, args=(i,)) for i in range(12)]
+        try:
+            for w in waiters:
+                w.start()
+            time.sleep(1.0)
+            assert all(w.is_alive() for w in waiters)
+            _within(2.0, lambda: store.stream_version("conversation-c0"))
+            _within(2.0, lambda: store.append("notes-3", [RawEvent(type="t.Note",
+                                                                   data={"text": "go"})]))
+        finally:
+            frozen.thaw()
+        for w in waiters:
+            w.join(15)
+        assert errors == [] and not any(w.is_alive() for w in waiters)
+        for i in range(12):
+            state = conversations.get(f"c{i}")
+            assert state is not None and state.variables == {"n": 1} and state.version == 2
+
+
+def test_a_facade_command_decides_again_after_the_wait(fresh_pg: str) -> None:
+    """A command that met the held projection decides again once it is free, at the time it
+    is then: a resume called before its request's deadline, let through after it, is refused
+    with deadline_passed (the decision made before the wait was appended as it was)."""
+    from datetime import UTC, datetime, timedelta
+
+    from projections import Jobs
+    from projections.errors import Conflict
+    from tests._clock import Clock
+
+    clock = Clock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
+    with EventStore.open(fresh_pg, migrate=True, clock=clock) as store:
+        jobs = Jobs(store, clock=clock)
+        job = jobs.submit("wf", {}, user_id="u1")
+        assert jobs.claim("w1") is not None
+        jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
+                     deadline=clock.now + timedelta(minutes=1))
+        frozen = FrozenWorker(fresh_pg, "jobs")
+        outcome: list[BaseException | object] = []
+
+        def resume() -> None:
+            try:
+                outcome.append(jobs.resume(job.job_id, request_id="r1", input="yes"))
+            except BaseException as e:
+                outcome.append(e)
+
+        waiter = threading.Thread(target=resume)
+        try:
+            waiter.start()
+            time.sleep(0.5)
+            assert waiter.is_alive()
+            clock.advance(minutes=2)  # the deadline passes while it waits
+        finally:
+            frozen.thaw()
+        waiter.join(10)
+        (got,) = outcome
+        assert isinstance(got, Conflict) and got.reason == "deadline_passed", got
+        assert jobs.get(job.job_id).status == "suspended"  # (until a sweep or a cancel)
+
+
+def test_an_append_that_waited_is_recorded_at_its_commit_without_psycopg_warnings(
+        fresh_pg: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The events of an append that waited carry the store's time when it ran again (the
+    README: recorded_at is the clock at commit), and the expected wait logs nothing from the
+    driver (an aborted pipeline made psycopg warn on each one)."""
+    from datetime import UTC, datetime
+
+    from tests._clock import Clock
+
+    clock = Clock(datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
+    with EventStore.open(fresh_pg, migrate=True, clock=clock) as store:
+        conversations = Conversations(store)
+        conversations.assign("r", {"n": 0})
+        frozen = FrozenWorker(fresh_pg, CONVERSATIONS)
+        waiter = threading.Thread(target=lambda: conversations.assign("r", {"n": 1}))
+        with caplog.at_level("WARNING", logger="psycopg"):
+            try:
+                waiter.start()
+                time.sleep(0.5)
+                clock.advance(minutes=5)
+            finally:
+                frozen.thaw()
+            waiter.join(10)
+        last = list(store.read_stream("conversation-r"))[-1]
+        assert last.recorded_at == clock.now == datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
+        assert not [r for r in caplog.records if r.name.startswith("psycopg")]
