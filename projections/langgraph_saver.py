@@ -160,13 +160,11 @@ def check_key_size(tenant_id: str, thread_id: str, ns: str, checkpoint_id: str |
     """``InvalidArgument`` when a key of the index tables would be over ``MAX_KEY_BYTES`` (UTF-8):
     the tenant id, thread id and checkpoint_ns with the checkpoint id, or with a channel name and
     its version."""
-    fixed = len(tenant_id) + len(thread_id) + len(ns)
-    widest = len(checkpoint_id or "")
+    longest = [len(checkpoint_id or "")]
     for versions in channels:
-        if versions:
-            widest = max(widest, max(map(len, versions)) + max(
-                len(v) if v.__class__ is str else len(version_key(v)) for v in versions.values()))
-    if (fixed + widest) * 4 <= MAX_KEY_BYTES:
+        if versions:  # (a number's key is "i:" or "f:" and its text)
+            longest.append(max(map(len, versions)) + 2 + max(map(len, map(str, versions.values()))))
+    if (len(tenant_id) + len(thread_id) + len(ns) + max(longest)) * 4 <= MAX_KEY_BYTES:
         return  # the usual case: no character takes more than 4 bytes
     fixed = _utf8_len(tenant_id) + _utf8_len(thread_id) + _utf8_len(ns)
     parts = [("the checkpoint id", len(checkpoint_key(checkpoint_id)))] if checkpoint_id else []
