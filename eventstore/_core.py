@@ -104,21 +104,33 @@ class RetryAppend(EventStoreError):
     ``probe(conn)`` finds the lock free (looking now and then, on a connection taken for each
     look, outside any append), then runs again.  Never reaches the store's caller."""
 
-    def __init__(self, what: str, probe: Callable[[Connection], bool]) -> None:
+    def __init__(self, what: str, probe: Callable[[Connection], str | None]) -> None:
         super().__init__(f"{what} is locked by another transaction; the append waits for it")
-        self.probe = probe
+        self.probe = probe  # None when the lock is free, else who holds it
+
+
+# Holders a wait saw in turn before it queues for the lock under the append lock: the lock
+# changes hands (a projector catching up, batch after batch, leaving gaps too short to land
+# in), so the wait there is one batch; one holder all along (frozen) is never queued behind.
+_HOLDERS_BEFORE_QUEUEING = 3
 
 
 def wait_until_free(busy: RetryAppend,
                     probe_on: Callable[[], contextlib.AbstractContextManager[Connection]],
-                    **context: Any) -> None:
-    """Wait, outside any append, until ``busy``'s lock is free (see :class:`RetryAppend`)."""
+                    **context: Any) -> bool:
+    """Wait, outside any append, until ``busy``'s lock is free (see :class:`RetryAppend`);
+    True when it kept changing hands instead: the next attempt should queue for it."""
     _log.info("append_waits_for_lock", lock=str(busy), **context)
     pause, longest = _BUSY_PAUSE
+    holders: set[str] = set()
     while True:
         with probe_on() as conn:
-            if busy.probe(conn):
-                return
+            holder = busy.probe(conn)
+        if holder is None:
+            return False
+        holders.add(holder)
+        if len(holders) >= _HOLDERS_BEFORE_QUEUEING:
+            return True
         time.sleep(pause)
         pause = min(pause * 2, longest)
 
@@ -441,15 +453,17 @@ class StoreCore:
         was busy (:class:`RetryAppend`), run again once it is free (looked at in transactions
         of ``probe_on()``: not the kept write connection, so this process's other appends go
         on), at the store's time then; or, in :func:`deciding_again`, raised to the caller."""
+        queue = False
         while True:
             try:
                 with begin() as conn:
                     return self._append_locked(conn, plan, before_commit, commit=True,
-                                               nowait=True)
+                                               nowait=not queue)
             except RetryAppend as busy:
                 if _decides_again.get():
                     raise
-                wait_until_free(busy, probe_on, tenant=plan.tenant_id, stream=plan.stream_id)
+                queue = wait_until_free(busy, probe_on, tenant=plan.tenant_id,
+                                        stream=plan.stream_id)
             plan = dataclasses.replace(plan, now=self.now())  # (recorded_at: at its commit)
 
     def _append_in(self, conn: Connection, plan: AppendPlan,

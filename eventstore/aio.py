@@ -65,6 +65,7 @@ from ._backend import (
 )
 from ._core import (
     _BUSY_PAUSE,
+    _HOLDERS_BEFORE_QUEUEING,
     DEFAULT_TENANT,
     AppendPlan,
     BeforeCommit,
@@ -316,12 +317,14 @@ class AsyncEventStore(StoreCore):
         greenlet bridge by :mod:`eventstore._pg_async`.  On the kept write connection
         (:class:`_KeptWriter`) when called from its event loop."""
         with translate():
+            queue = False
             while True:
                 try:
                     return await self._in_own_transaction(
-                        self._append_committed, plan, before_commit, True)
+                        self._append_committed, plan, before_commit, not queue)
                 except RetryAppend as busy:  # (see StoreCore._append_own)
-                    await self._until_free(busy, tenant=plan.tenant_id, stream=plan.stream_id)
+                    queue = await self._until_free(busy, tenant=plan.tenant_id,
+                                                   stream=plan.stream_id)
                 plan = dataclasses.replace(plan, now=self.now())  # (recorded_at: at commit)
 
     async def _run_again_when_busy(self, fn: Callable[[Connection, bool], T]) -> T:
@@ -329,21 +332,27 @@ class AsyncEventStore(StoreCore):
         handler's lock was busy (``RetryAppend``, raised only with ``nowait``), run again once
         it is free.  Only for ``fn`` that may run again from its start (the projection
         facades' twins: a rolled-back command has done nothing, and decides again)."""
+        queue = False
         while True:
             try:
-                return await self.run_sync(fn, True, write=True)
+                return await self.run_sync(fn, not queue, write=True)
             except RetryAppend as busy:
                 with translate():
-                    await self._until_free(busy)
+                    queue = await self._until_free(busy)
 
-    async def _until_free(self, busy: RetryAppend, **context: Any) -> None:
+    async def _until_free(self, busy: RetryAppend, **context: Any) -> bool:
         """:func:`_core.wait_until_free` for asyncio: a look at the lock now and then, each on
         a pooled connection taken for it (never the kept write connection)."""
         _log.info("append_waits_for_lock", lock=str(busy), **context)
         pause, longest = _BUSY_PAUSE
-        while not await self._in_own_transaction(busy.probe, kept=False):
+        holders: set[str] = set()
+        while (holder := await self._in_own_transaction(busy.probe, kept=False)) is not None:
+            holders.add(holder)
+            if len(holders) >= _HOLDERS_BEFORE_QUEUEING:
+                return True
             await asyncio.sleep(pause)
             pause = min(pause * 2, longest)
+        return False
 
     async def _in_own_transaction(self, fn: Callable[..., T], *args: Any,
                                   kept: bool = True) -> T:

@@ -70,9 +70,12 @@ def decide(
             if isinstance(store, BoundStore):
                 raise  # (an async twin's transaction: it runs the whole command again)
             # A projector holds the projection: the append rolled back; once it is free, the
-            # command decides again, on the state and at the time it finds then.
-            wait_until_free(busy, lambda: begin_write(store.engine), tenant=tenant_id,
-                            stream=stream_id)
+            # command decides again, on the state and at the time it finds then (under the
+            # append lock, queued for the projection, when it kept changing hands).
+            if wait_until_free(busy, lambda: begin_write(store.engine), tenant=tenant_id,
+                               stream=stream_id):
+                return _decide_locked(store, projection, stream_id, tenant_id=tenant_id,
+                                      decision=decision, metadata=metadata, queue=True)
             continue
         return state, version, result
     assert last is not None
@@ -85,7 +88,7 @@ OPTIMISTIC_ATTEMPTS = 3
 
 def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str, *,
                    tenant_id: str, decision: Callable[[S, int], Sequence[Event]],
-                   metadata: dict[str, Any] | None
+                   metadata: dict[str, Any] | None, queue: bool = False
                    ) -> tuple[S, int, AppendResult | None]:
     """:func:`decide` in one write transaction that takes the store's append lock first, so
     nothing can be appended between the read and the append: it cannot conflict.
@@ -103,7 +106,7 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
         try:
             with holding, transaction(store, write=True) as conn:
                 lock_appends(conn)
-                bound = BoundStore(store, conn, nowait=True)  # type: ignore[arg-type]
+                bound = BoundStore(store, conn, nowait=not queue)  # type: ignore[arg-type]
                 state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]
                                          tenant_id=tenant_id)
                 events = decision(state, version)
@@ -114,8 +117,8 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
         except RetryAppend as busy:
             # A projector holds the projection: wait for it without the append lock, and
             # decide again (see eventstore._core.RetryAppend).
-            wait_until_free(busy, lambda: begin_write(store.engine), tenant=tenant_id,
-                            stream=stream_id)
+            queue = wait_until_free(busy, lambda: begin_write(store.engine), tenant=tenant_id,
+                                    stream=stream_id)
             continue
         bound.log_appended()
         return state, version, result

@@ -36,7 +36,18 @@ from datetime import datetime
 from typing import Any, Generic, NoReturn, TypeVar, cast
 
 import msgspec
-from sqlalchemy import Connection, and_, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventstore import EventStore, RecordedEvent, StreamSlice
@@ -453,11 +464,17 @@ def _fold_before(store: EventStore, conn: Connection, projection: Projection[Any
     return read[0]
 
 
-def _checkpoint_free(name: str, conn: Connection) -> bool:
-    """Whether no other transaction holds projection ``name``'s ``es_projections`` row
-    (``RetryAppend.probe``, outside any append; the lock it takes goes with its transaction)."""
-    return conn.execute(select(projections.c.name).where(projections.c.name == name)
-                        .with_for_update(skip_locked=True)).first() is not None
+def _checkpoint_holder(name: str, conn: Connection) -> str | None:
+    """``None`` when no other transaction holds projection ``name``'s ``es_projections`` row,
+    else the holder (the row's ``xmax``: the transaction that locked it).  ``RetryAppend.probe``,
+    outside any append; the lock it takes goes with its transaction."""
+    pc = projections.c
+    if conn.execute(select(pc.name).where(pc.name == name)
+                    .with_for_update(skip_locked=True)).first() is not None:
+        return None
+    holder = conn.execute(select(literal_column("xmax::text")).select_from(projections)
+                          .where(pc.name == name)).scalar()
+    return None if holder is None else str(holder)
 
 
 def _stop_at(conn: Connection, store: EventStore, name: str, err: ProjectionFailed) -> None:
@@ -1005,7 +1022,7 @@ class _InlineHandler:
         if row is None and nowait and conn.execute(
                 select(projections.c.name).where(projections.c.name == self.p.name)).first():
             raise RetryAppend(f"projection {self.p.name}",
-                              functools.partial(_checkpoint_free, self.p.name))
+                              functools.partial(_checkpoint_holder, self.p.name))
         found = None
         if row_cur is not None:
             found = row_cur.fetchone()

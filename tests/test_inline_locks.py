@@ -304,3 +304,54 @@ def test_an_append_that_waited_is_recorded_at_its_commit_without_psycopg_warning
         last = list(store.read_stream("conversation-r"))[-1]
         assert last.recorded_at == clock.now == datetime(2026, 1, 1, 12, 5, tzinfo=UTC)
         assert not [r for r in caplog.records if r.name.startswith("psycopg")]
+
+
+def test_an_append_gets_through_a_projector_that_keeps_the_row_busy(fresh_pg: str) -> None:
+    """A projector catching up holds the row batch after batch, with gaps too short to land
+    in: an append that saw it change hands queues for it (one batch, under the append lock)
+    and gets through, sync, as a facade command, and async (it waited for the whole backlog)."""
+    from projections import Jobs
+    from projections.aio import AsyncJobs
+
+    with EventStore.open(fresh_pg, migrate=True) as store:
+        conversations, jobs = Conversations(store), Jobs(store)
+        conversations.assign("b", {"n": 0})
+        jobs.submit("wf", {}, user_id="u")
+        stop = threading.Event()
+
+        def busy_projector(name: str) -> None:
+            engine = create_engine(fresh_pg)
+            try:
+                while not stop.is_set():
+                    with engine.begin() as conn:
+                        conn.execute(select(projections.c.name)
+                                     .where(projections.c.name == name).with_for_update())
+                        time.sleep(0.05)
+            finally:
+                engine.dispose()
+
+        holders = [threading.Thread(target=busy_projector, args=(n,))
+                   for n in (CONVERSATIONS, "jobs")]
+        for h in holders:
+            h.start()
+        try:
+            time.sleep(0.2)
+            _within(5.0, lambda: conversations.assign("b", {"n": 1}))
+            _within(5.0, lambda: jobs.submit("wf", {}, user_id="u2"))
+
+            async def async_append() -> None:
+                astore = await AsyncEventStore.open(fresh_pg)
+                try:
+                    await AsyncConversations(astore).assign("b", {"n": 2})
+                    await AsyncJobs(astore).submit("wf", {}, user_id="u3")
+                finally:
+                    await astore.close()
+
+            _within(10.0, lambda: asyncio.run(async_append()))
+        finally:
+            stop.set()
+            for h in holders:
+                h.join(5)
+        state = conversations.get("b")
+        assert state is not None and state.variables == {"n": 2} and state.version == 3
+        assert len(jobs.list()) == 3
