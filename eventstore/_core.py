@@ -115,24 +115,40 @@ class RetryAppend(EventStoreError):
 _HOLDERS_BEFORE_QUEUEING = 3
 
 
+class BusyWait:
+    """One wait for a busy lock (:func:`wait_until_free`, and the async store's twin): the
+    holders seen so far and the pause before the next look."""
+
+    def __init__(self, busy: RetryAppend, **context: Any) -> None:
+        _log.info("append_waits_for_lock", lock=str(busy), **context)
+        self.pause = _BUSY_PAUSE[0]
+        self.holders: set[str] = set()
+
+    def pause_after(self, holder: str) -> float | None:
+        """Seconds to pause before the next look at a lock ``holder`` holds; None when it
+        changed hands often enough that the next attempt should queue for it."""
+        self.holders.add(holder)
+        if len(self.holders) >= _HOLDERS_BEFORE_QUEUEING:
+            return None
+        pause, self.pause = self.pause, min(self.pause * 2, _BUSY_PAUSE[1])
+        return pause
+
+
 def wait_until_free(busy: RetryAppend,
                     probe_on: Callable[[], contextlib.AbstractContextManager[Connection]],
                     **context: Any) -> bool:
     """Wait, outside any append, until ``busy``'s lock is free (see :class:`RetryAppend`);
     True when it kept changing hands instead: the next attempt should queue for it."""
-    _log.info("append_waits_for_lock", lock=str(busy), **context)
-    pause, longest = _BUSY_PAUSE
-    holders: set[str] = set()
+    wait = BusyWait(busy, **context)
     while True:
         with probe_on() as conn:
             holder = busy.probe(conn)
         if holder is None:
             return False
-        holders.add(holder)
-        if len(holders) >= _HOLDERS_BEFORE_QUEUEING:
+        pause = wait.pause_after(holder)
+        if pause is None:
             return True
         time.sleep(pause)
-        pause = min(pause * 2, longest)
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 DEFAULT_TENANT = "default"

@@ -64,11 +64,10 @@ from ._backend import (
     translate,
 )
 from ._core import (
-    _BUSY_PAUSE,
-    _HOLDERS_BEFORE_QUEUEING,
     DEFAULT_TENANT,
     AppendPlan,
     BeforeCommit,
+    BusyWait,
     ExpectedVersion,
     Options,
     Pager,
@@ -343,15 +342,12 @@ class AsyncEventStore(StoreCore):
     async def _until_free(self, busy: RetryAppend, **context: Any) -> bool:
         """:func:`_core.wait_until_free` for asyncio: a look at the lock now and then, each on
         a pooled connection taken for it (never the kept write connection)."""
-        _log.info("append_waits_for_lock", lock=str(busy), **context)
-        pause, longest = _BUSY_PAUSE
-        holders: set[str] = set()
+        wait = BusyWait(busy, **context)
         while (holder := await self._in_own_transaction(busy.probe, kept=False)) is not None:
-            holders.add(holder)
-            if len(holders) >= _HOLDERS_BEFORE_QUEUEING:
+            pause = wait.pause_after(holder)
+            if pause is None:
                 return True
             await asyncio.sleep(pause)
-            pause = min(pause * 2, longest)
         return False
 
     async def _in_own_transaction(self, fn: Callable[..., T], *args: Any,

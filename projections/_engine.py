@@ -1019,14 +1019,14 @@ class _InlineHandler:
                     "projection": self.p.name, "tenant_id": tenant, "stream_id": stream})
         row = cur.fetchone()
         cur.close()
-        if row is None and nowait and conn.execute(
-                select(projections.c.name).where(projections.c.name == self.p.name)).first():
-            raise RetryAppend(f"projection {self.p.name}",
-                              functools.partial(_checkpoint_holder, self.p.name))
         found = None
         if row_cur is not None:
             found = row_cur.fetchone()
             row_cur.close()
+        if row is None and nowait and conn.execute(
+                select(projections.c.name).where(projections.c.name == self.p.name)).first():
+            raise RetryAppend(f"projection {self.p.name}",
+                              functools.partial(_checkpoint_holder, self.p.name))
         if row is None:  # first use in this database
             _ensure_row(conn, self.p, to_micros(relevant[0].recorded_at))
             # (Made, or found made by a projector's transaction: that one may hold it.)
