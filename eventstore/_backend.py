@@ -40,7 +40,18 @@ _SQLITE_OPTIONS_ALL = frozenset(_SQLITE_OPTIONS + _PYSQLITE_OPTIONS)
 
 def resolve_url(url: str | URL | None) -> URL:
     """The URL from the argument, else ``EVENTSTORE_URL``, else the embedded SQLite default."""
-    raw = url if url is not None else os.environ.get("EVENTSTORE_URL") or DEFAULT_URL
+    if url is not None:
+        return _parse_url(url)
+    raw = os.environ.get("EVENTSTORE_URL")
+    if not raw:
+        return _parse_url(DEFAULT_URL)
+    try:
+        return _parse_url(raw)
+    except InvalidArgument as e:  # the error names what to change
+        raise InvalidArgument(f"EVENTSTORE_URL: {e}") from e
+
+
+def _parse_url(raw: str | URL) -> URL:
     try:
         parsed = make_url(raw)
     except (sa_exc.ArgumentError, ValueError, TypeError) as e:
@@ -87,9 +98,12 @@ def shown_url(url: URL) -> str:
 
 
 def _masked(raw: object) -> object:
-    """A URL that did not parse, its password (``//user:password@``, up to the last ``@``:
-    a password may hold ``/`` or ``@``) hidden."""
-    return re.sub(r"(//[^/@:]*:).*@", r"\1***@", raw) if isinstance(raw, str) else raw
+    """A URL that did not parse, its password hidden: ``//user:password@`` (up to the last
+    ``@``: a password may hold ``/`` or ``@``) and a ``password=`` option (up to the next ``&``)."""
+    if not isinstance(raw, str):
+        return raw
+    raw = re.sub(r"(//[^/@:]*:).*@", r"\1***@", raw)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", raw)
 
 
 def is_sqlite(url: URL) -> bool:
@@ -138,7 +152,8 @@ def pg_idle_timeout_ms() -> int:
     if not 0 <= seconds <= 86_400:  # (NaN fails this too)
         raise InvalidArgument(f"EVENTSTORE_PG_IDLE_TIMEOUT must be seconds from 0 (the "
                               f"server's setting) to 86400, got {raw!r}")
-    return int(seconds * 1000)
+    # A positive value under a millisecond is one: 0 would mean no limit at all.
+    return max(int(seconds * 1000), 1) if seconds > 0 else 0
 
 
 # Set only where nothing set it (the server, the role, the database or the URL's `options`).

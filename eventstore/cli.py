@@ -777,6 +777,7 @@ def _logging(verbosity: int, log_format: str = "console") -> Iterator[None]:
     JSON objects (a log collector's shape), then restored."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     saved = structlog.get_config()
+    was_configured = structlog.is_configured()
     render: Any = (structlog.processors.JSONRenderer() if log_format == "json"
                    else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
@@ -802,7 +803,12 @@ def _logging(verbosity: int, log_format: str = "console") -> Iterator[None]:
     finally:
         root.removeHandler(forward)
         root.setLevel(root_level)
-        structlog.configure(**saved)
+        if was_configured:
+            structlog.configure(**saved)
+        else:
+            # configure() would mark structlog configured with its defaults, which print to
+            # stdout: the library's loggers would then speak in the caller's process.
+            structlog.reset_defaults()
 
 
 class _ToStructlog(logging.Handler):
@@ -838,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     # Fill in defaults of the common options (SUPPRESSed in the parser, see _common_options).
     if getattr(args, "url", None) is None:
-        args.url = os.environ.get("EVENTSTORE_URL") or DEFAULT_URL
+        args.url = None  # resolve_url: $EVENTSTORE_URL (its errors name it), else DEFAULT_URL
     args.json = bool(getattr(args, "json", False))
     args.verbose = int(getattr(args, "verbose", 0) or 0)
     _json_logs = False  # (of this call: main may run more than once in a process)

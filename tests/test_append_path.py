@@ -623,6 +623,10 @@ def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
             == "7s"
         monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0")  # the server's own setting
         assert setting(fresh_pg) == "0"
+        # Under a millisecond is one, not 0 (which would be the server's: no limit at all).
+        from eventstore._backend import pg_idle_timeout_ms
+        monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0.0001")
+        assert pg_idle_timeout_ms() == 1
         monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "soon")
         with pytest.raises(InvalidArgument, match="EVENTSTORE_PG_IDLE_TIMEOUT"):
             EventStore.open(fresh_pg)

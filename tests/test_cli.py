@@ -414,6 +414,16 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
                 "postgresql+psycopg://app:pa@ss?hunter2@127.0.0.1:1/app"):  # or a "?"
         code, _, err = run(capsys, "stats", "--url", url)
         assert code == 2 and "hunter2" not in err and "%40" in err, err
+    # A password given as an option, in a URL that does not parse (or whose "@" after the
+    # credentials is refused): hidden in the store's error and in the CLI's line.
+    from eventstore import EventStore, InvalidArgument
+    for url in ("postgresql+psycopg://app@db:5432x/app?password=hunter2&sslmode=x",
+                "postgresql+psycopg://app@db/app?password=hunter2@x"):
+        with pytest.raises(InvalidArgument) as refused:
+            EventStore.open(url)
+        assert "hunter2" not in str(refused.value) and "password=***" in str(refused.value)
+        code, _, err = run(capsys, "stats", "--url", url)
+        assert code == 2 and "hunter2" not in err and "password=***" in err, err
     # A password given as an option is hidden too, where the store shows its URL (repr,
     # messages).
     from sqlalchemy.engine import make_url
@@ -421,6 +431,23 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
     from eventstore._backend import shown_url
     shown = shown_url(make_url("postgresql+psycopg://app@db/app?password=hunter2&sslmode=x"))
     assert shown == "postgresql+psycopg://app@db/app?password=***&sslmode=x"
+
+
+def test_a_bad_eventstore_url_variable_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL from EVENTSTORE_URL that is refused names the variable (what to change), as the
+    other EVENTSTORE_* settings' errors do; one given as an argument does not."""
+    from eventstore import EventStore, InvalidArgument
+
+    for bad, message in (("postgres://app@db:5432x/app", "not a database URL"),
+                         ("mysql://app@db/app", "unsupported database 'mysql'")):
+        monkeypatch.setenv("EVENTSTORE_URL", bad)
+        with pytest.raises(InvalidArgument, match=f"^EVENTSTORE_URL: {message}"):
+            EventStore.open()
+        code, _, err = run(capsys, "stats")
+        assert code == 2 and f"EVENTSTORE_URL: {message}" in err, err
+        with pytest.raises(InvalidArgument, match=f"^{message}"):
+            EventStore.open(bad)
 
 
 @pytest.mark.parametrize(("query", "message"), [

@@ -298,6 +298,11 @@ def test_the_url_s_password_stays_out_of_what_crewai_serializes(url: str) -> Non
     for unescaped in (url.replace("postgres@", f"postgres:{secret}@x@"),  # "@" in the password
                       url.replace("postgres@", f"postgres:{secret}@x/y@")):  # and a "/"
         assert secret not in repr(EventStoreFlowPersistence(unescaped))
+    head, database = url.rsplit("/", 1)
+    for malformed in (f"{head}x/{database}?password={secret}",  # a port that is no number
+                      f"{url}?password={secret}@x"):  # as an option, in a URL that fails
+        dumped = EventStoreFlowPersistence(malformed).model_dump_json()
+        assert secret not in dumped, dumped
     as_option = EventStoreFlowPersistence(f"{url}?password={secret}")  # a password option
     assert secret not in repr(as_option) and as_option.url == url
     assert as_option.load_state("f-1") is None  # (tenant "default"): it connects

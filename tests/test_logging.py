@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import structlog
@@ -90,3 +91,39 @@ async def test_async_facades_log_their_appends_once_committed(url: str) -> None:
         assert entries == [("acme", "conversation-c-1", 1), ("acme", f"job-{job.job_id}", 2)]
     finally:
         await store.close()
+
+
+def test_the_cli_run_in_process_leaves_logging_as_it_found_it(tmp_path: Path) -> None:
+    """``eventstore.cli.main`` configures structlog while it runs; in an application that had
+    not configured it, it is left unconfigured after (succeeding or failing), so the library
+    stays silent: restoring structlog's defaults with configure() marked it configured, and
+    every later append printed a line to stdout."""
+    code = (
+        "import structlog\n"
+        "from eventstore import EventStore, RawEvent\n"
+        "from eventstore.cli import main\n"
+        "import sys\n"
+        "url = sys.argv[1]\n"
+        "assert main(['migrate', '--url', url]) == 0\n"
+        "assert main(['stats', '--url', 'mysql://nowhere/x']) == 2\n"
+        "print('configured', structlog.is_configured(), file=sys.stderr)\n"
+        "with EventStore.open(url) as s:\n"
+        "    s.append('c-1', [RawEvent(type='Noted', data={})])\n"
+    )
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "configured False" in out.stderr
+    # migrate prints its own report; nothing after it comes from the library's loggers.
+    assert "events_appended" not in out.stdout and "events_appended" not in out.stderr
+    # Configured by the application before: its configuration is back after main().
+    code = (
+        "import structlog, sys\n"
+        "from eventstore.cli import main\n"
+        "marker = lambda logger, name, event: {**event, 'marker': 1}\n"
+        "structlog.configure(processors=[marker, structlog.processors.JSONRenderer()])\n"
+        "assert main(['stats', '--url', 'mysql://nowhere/x']) == 2\n"
+        "print(structlog.is_configured(), structlog.get_config()['processors'][0] is marker)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out
