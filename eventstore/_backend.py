@@ -366,6 +366,12 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         if not memory:
             _wal_mode(cur, busy_ms)
         cur.execute(f"PRAGMA synchronous = {synchronous}")
+        if not memory:
+            cur.execute("PRAGMA database_list")
+            file = next((row[2] for row in cur.fetchall() if row[1] == "main"), "")
+            if file:
+                with contextlib.suppress(OSError):
+                    _record.info[_FILE_KEY] = (file, _identity(os.stat(file)))
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -374,10 +380,36 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         # stream version, so the check and the insert cannot interleave with another writer and no
         # deferred transaction fails late with SQLITE_BUSY on its first write.
         # Straight on the DBAPI cursor: exec_driver_sql's bookkeeping costs more than BEGIN.
+        write = conn.get_execution_options().get("sqlite_write")
+        if write:
+            _check_same_file(conn.info.get(_FILE_KEY))
         cur = dbapi_cursor(conn)
-        cur.execute("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_write")
-                    else "BEGIN")
+        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         cur.close()
+
+
+_FILE_KEY = "eventstore_sqlite_file"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _check_same_file(opened: tuple[str, tuple[int, int]] | None) -> None:
+    """Refuse a write when the database file was removed or replaced since the connection
+    opened it.  Why: SQLite goes on writing to the file it holds open (in WAL mode it does not
+    notice), so each append would be acknowledged and then gone with the process."""
+    if opened is None:
+        return
+    path, identity = opened
+    try:
+        now = _identity(os.stat(path))
+    except OSError:
+        now = None
+    if now != identity:
+        raise DatabaseError(
+            f"the database file {path} was {'removed' if now is None else 'replaced'} while "
+            "the store had it open: nothing written (close the store and open it again)")
 
 
 def _wal_mode(cur: Any, busy_ms: int) -> None:
