@@ -113,12 +113,14 @@ def is_sqlite(url: URL) -> bool:
 def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
     """An engine set up for the store on either backend."""
     if is_sqlite(url):
-        return _sqlite_engine(url)
-    kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10,
-                              "connect_args": pg_connect_args(url)}
-    with missing_extra("postgres"):
-        engine = create_engine(url, **kwargs)
-    pg_listeners(engine)
+        engine = _sqlite_engine(url)
+    else:
+        kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10,
+                                  "connect_args": pg_connect_args(url)}
+        with missing_extra("postgres"):
+            engine = create_engine(url, **kwargs)
+        pg_listeners(engine)
+    close_when_retired(engine)
     return engine
 
 
@@ -482,6 +484,24 @@ def retire(engine: Engine) -> None:
 
 def is_retired(engine: Engine) -> bool:
     return engine in _retired
+
+
+def close_when_retired(engine: Engine) -> None:
+    """A connection handed back to the pool of a retired engine is closed there.
+
+    Why: a transaction closes its connection itself once it sees the engine retired, but one
+    that looked just before the close began hands it back to the pool (on aiosqlite and
+    psycopg's async driver, across awaits) while the pool is disposed of: the connection went
+    into the discarded pool, open, for good with aiosqlite (whose thread holds it).  An
+    in-memory SQLite database's one connection is the database: the store's close closes it.
+    """
+    if engine.url.database in (None, "", ":memory:"):
+        return
+
+    @event.listens_for(engine, "checkin")
+    def _close_if_retired(dbapi_conn: Any, record: Any) -> None:
+        if dbapi_conn is not None and engine in _retired:
+            record.invalidate()
 
 
 class Writer:

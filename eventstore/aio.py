@@ -50,6 +50,7 @@ from ._backend import (
     _broken,
     _sqlite_listeners,
     _sqlite_settings,
+    close_when_retired,
     end_transaction,
     hung_up,
     is_retired,
@@ -776,11 +777,12 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
             engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
                                          **({"poolclass": StaticPool} if memory else {}))
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
-        return engine
-    with missing_extra("async"):
-        engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10,
-                                     connect_args=pg_connect_args(url))
-    pg_listeners(engine.sync_engine)
+    else:
+        with missing_extra("async"):
+            engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10,
+                                         connect_args=pg_connect_args(url))
+        pg_listeners(engine.sync_engine)
+    close_when_retired(engine.sync_engine)
     return engine
 
 

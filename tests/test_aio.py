@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -896,3 +897,52 @@ async def test_calls_begun_before_close_raise_store_closed_not_a_new_empty_datab
     for outcome in await asyncio.gather(*calls, return_exceptions=True):
         assert isinstance(outcome, StoreClosed) or not isinstance(outcome, BaseException), \
             repr(outcome)
+
+
+@pytest.mark.asyncio
+async def test_closing_while_reads_run_leaves_no_connection_open(url: str) -> None:
+    """close() while other tasks read: every connection is closed, also one a read was handing
+    back to the pool as close disposed of it.  That one went into the discarded pool, open
+    (on SQLite for good: aiosqlite's thread holds it, one thread and one file each store)."""
+    import os
+    import random
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from eventstore.errors import StoreClosed
+
+    parsed = make_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite"
+
+    def open_connections() -> int:
+        if sqlite:
+            files = []
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    files.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return files.count(parsed.database)
+        with psycopg.connect(parsed.set(drivername="postgresql").render_as_string(
+                hide_password=False), autocommit=True) as c:
+            row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND pid <> pg_backend_pid()").fetchone()
+            return int(row[0]) if row else 0
+
+    async with await AsyncEventStore.open(url, migrate=True) as store:
+        await store.append("s-1", [NoteAdded(text="a")])
+    before = open_connections()
+    rng = random.Random(7)
+
+    async def reader(store: AsyncEventStore) -> None:
+        while True:
+            await store.stream_version("s-1")
+
+    for _ in range(20):
+        store = await AsyncEventStore.open(url)
+        tasks = [asyncio.create_task(reader(store)) for _ in range(2)]
+        await asyncio.sleep(rng.random() * 0.05)
+        await store.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, StoreClosed) for r in results), results
+    await asyncio.sleep(0.2)  # (PostgreSQL: the server's count catches up with the closes)
+    assert open_connections() <= before
