@@ -2054,6 +2054,11 @@ class AsyncEventStoreSaver(_Base):
                     "`checkpointer.alist(...)` or `await graph.ainvoke(...)`.")
         except RuntimeError:
             pass
+        if not loop.is_running():  # nothing would ever run the call: it would wait for ever
+            coro.close()
+            raise RuntimeError("AsyncEventStoreSaver's event loop (the one it was created in) "
+                               f"is {'closed' if loop.is_closed() else 'not running'}; its "
+                               "sync methods run their calls there")
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:

@@ -972,3 +972,34 @@ def test_history_holds_every_value_whatever_the_databases_text_order(
     finally:
         if backend != "sqlite":
             drop_pg_database(url)
+
+
+def test_async_saver_sync_methods_refuse_a_loop_that_is_not_running(url: str) -> None:
+    """The sync methods of an async saver whose loop is stopped (or closed) raise at once:
+    scheduled on a loop nothing runs, the call waited for ever."""
+    loop = asyncio.new_event_loop()
+    store = loop.run_until_complete(AsyncEventStore.open(url, migrate=True))
+    try:
+        saver = loop.run_until_complete(_async_saver(store))
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                saver.get_tuple(config("anything"))
+            except BaseException as e:  # (recorded for the assertion below)
+                outcome.append(e)
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "get_tuple waited on a loop that does not run"
+        assert isinstance(outcome[0], RuntimeError) and "not running" in str(outcome[0])
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        saver.get_tuple(config("anything"))
+
+
+async def _async_saver(store: AsyncEventStore) -> AsyncEventStoreSaver:
+    return AsyncEventStoreSaver(store)
