@@ -907,6 +907,9 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
                 versions_at[key][channel] = at
             elif at not in write_positions:
                 write_positions.append(at)
+    need = {at for chans in versions_at.values() for at in chans.values() if at not in loaded}
+    if need:  # the events of single-channel rows (see _refs_query)
+        loaded.update(_events_at(conn, need))
     found = _found(ev.versions.items(), versions_at, loaded)
     pending = _fold_writes(loaded, write_positions) if write_positions else []
     result = Loaded(thread_id, ns, ev.id, ev.parent if parent_key is not None else None, ev,
@@ -930,7 +933,14 @@ def _refs_args(conn: Connection, ids: Mapping[str, str], cid: bytes, position: i
 
 def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
     """The rows of ``n_versions`` channel versions (kind "b") and of a checkpoint's writes
-    ("w"), each with its event's data (none for the checkpoint's own event)."""
+    ("w"), each with its event's data: none for the checkpoint's own event, nor for a row of
+    one channel (``read_tuple`` reads those events after, once each).
+
+    Why: a version's first event holds most of its channels, and its row (channel "") brings
+    it.  Rows of single channels point at the further parts of a state split over events (or
+    at a re-put): many rows an event, each of which brought the whole event (300 channels of
+    50 kB in 15 parts: 280 rows of about 1 MB).
+    """
     def build(dialect_name: str) -> ClauseElement:
         b, w, e = blobs, writes, es_events
         writes_part = select(literal("w").label("kind"), literal("").label("key"),
@@ -943,7 +953,8 @@ def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
             return writes_part
         blobs_part = select(literal("b").label("kind"), b.c.version.label("key"), b.c.channel,
                             b.c.position, e.c.type, e.c.schema_version, e.c.data).outerjoin(
-            e, and_(e.c.position == b.c.position, b.c.position != bindparam("own"))).where(
+            e, and_(e.c.position == b.c.position, b.c.position != bindparam("own"),
+                    b.c.channel == "")).where(
             b.c.tenant_id == bindparam("tenant_id"), b.c.thread_id == bindparam("thread_id"),
             b.c.checkpoint_ns == bindparam("ns"))
         return union_all(_one_of(blobs_part, b.c.version, "v", n_versions, dialect_name),
