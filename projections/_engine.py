@@ -1679,6 +1679,8 @@ class Projector:
         self._rebuilding: set[str] = set()  # projections whose rebuild this worker left off
         self._busy: set[str] = set()  # projections whose row another transaction held
         self._rebuilt_elsewhere: set[str] = set()  # ... that another process was rebuilding
+        # Projections whose rebuild by this code failed: (fold version, failed_position shown).
+        self._failed_rebuilds: dict[str, tuple[int, int | None]] = {}
         # Events a failed batch applied before the event that failed it (see run_once).
         self._applied_before_failure: dict[str, int] = {}
         self._stop: threading.Event | None = None  # run()'s
@@ -1719,7 +1721,10 @@ class Projector:
         Returns the number of events read (0 when idle, not leased, busy in another worker's
         transaction, or failed; for rows of an older fold version, the events this turn of
         their rebuild replayed).  Raises
-        :class:`ProjectionFailed` when the fold raises; the projection is then marked failed.
+        :class:`ProjectionFailed` when the fold raises; the projection is then marked failed,
+        except in a rebuild of rows of another fold version: status shows that failure and the
+        projection goes on running on its rows (kept by the release that built them), and this
+        worker leaves it alone until an operator's ``restart``.
         """
         p = projection
         self._rebuilding.discard(p.name)  # (set again below while its rebuild goes on)
@@ -1729,6 +1734,7 @@ class Projector:
         applied_before = 0  # ... after this many of its events
         self._applied_before_failure.pop(p.name, None)
         started = time.monotonic()
+        rebuilding = False
         try:
             with transaction(self.store, write=True) as conn:
                 # The batch holds the projection's row lock: if this worker freezes in it (a
@@ -1752,6 +1758,17 @@ class Projector:
                         conn.execute(update(projections).where(projections.c.name == p.name)
                                      .values(owner=None, lease_until=None))
                     return 0
+                if row.status != "failed" and row.code_version != p.version \
+                        and self._failed_rebuilds.get(p.name) == (p.version, row.failed_position):
+                    # This code's rebuild of the rows failed, and status still shows it (until
+                    # an operator's restart, or a fixed release's rebuild): the rows stay those
+                    # of the code that built them, kept by its workers; this one stands aside
+                    # rather than replay the log to the same failure, batch after batch.
+                    if row.owner == self.worker_id:
+                        conn.execute(update(projections).where(projections.c.name == p.name)
+                                     .values(owner=None, lease_until=None))
+                    return 0
+                self._failed_rebuilds.pop(p.name, None)
                 if row.status == "failed" or not self._acquire(conn, p, row, now_us):
                     return 0
                 stale = row.code_version != p.version
@@ -1793,6 +1810,7 @@ class Projector:
                                stored=row.code_version, code=p.version)
             ends = time.monotonic() + self.lease_us / 2e6
             moved: dict[str, int] = {}
+            rebuilding = True  # (a failure from here on is the rebuild's: see below)
             try:
                 # Re-checked under the projection's lock: an inline process of this release
                 # may have rebuilt them since this lease's read.
@@ -1808,7 +1826,11 @@ class Projector:
                 return moved.get("replayed", 0)
             return moved.get("replayed", 0)
         except ProjectionFailed as e:
-            if e is not stopped:
+            if rebuilding:
+                # The rebuild showed it in status and left the projection running on its
+                # rows: failing it would stop the appends of the release that keeps them.
+                self._failed_rebuilds[p.name] = (p.version, e.position)
+            elif e is not stopped:
                 _record_failure(self.store, p.name, e)
             raise
         except DatabaseError as e:
@@ -1842,7 +1864,10 @@ class Projector:
                 # Newer code can read it (a rolling deploy): this worker stops, and the
                 # projection stays running for one that is up to date (the lease passes on).
                 raise
-            _record_failure(self.store, p.name, failed)
+            if rebuilding:  # (shown by the rebuild, as above)
+                self._failed_rebuilds[p.name] = (p.version, failed.position)
+            else:
+                _record_failure(self.store, p.name, failed)
             raise failed from e
 
     def catch_up(self) -> int:

@@ -2293,3 +2293,38 @@ def test_a_process_that_finds_another_rebuilding_waits_for_its_rows(url: str) ->
     # process died) and waits when the other moved it first; now and then it moves first, and
     # the operator's rebuild() is told the truth: another process carried it on.
     assert all(isinstance(e, RebuildInProgress) for e in errors), errors
+
+
+def test_a_projector_whose_rebuild_fails_leaves_the_rows_to_the_release_that_keeps_them(
+        url: str) -> None:
+    """A new release's worker rebuilding the rows of an older fold version, whose new fold
+    fails on an event: status shows the failure, and the projection stays running on the old
+    rows, so the old release goes on appending (the worker marked it failed, which stopped
+    every inline append of the category until an operator's restart).  The worker then stands
+    aside instead of replaying the log to the same failure each turn; after a restart it tries
+    again."""
+    from projections import restart
+
+    with EventStore.open(url) as old, EventStore.open(url) as new:
+        inline(old, TallyProjection())
+        bump(old, "a", 2)
+        bump(old, "b", 1, by=7)  # position 3: the new fold's poison
+        bump(old, "c", 1)
+        worker = Projector(new, [TallyV2(poison=7)])
+        with pytest.raises(ProjectionFailed) as failed:
+            worker.catch_up()
+        assert failed.value.position == 3
+        (st,) = status(new, "tally")
+        assert (st.status, st.code_version, st.failed_position) == ("running", 1, 3)
+        assert st.error is not None and "rebuild" in st.error
+        bump(old, "a", 1)  # the old release appends, its rows current
+        row = load_row(old, TallyProjection(), "default", "counter-a")
+        assert row is not None and row[0].count == 3
+        assert worker.catch_up() == 0  # stands aside, the lease left free
+        (st,) = status(new, "tally")
+        assert st.owner is None and st.status == "running"
+        restart(new, "tally")
+        with pytest.raises(ProjectionFailed):
+            worker.catch_up()
+        (st,) = status(new, "tally")
+        assert (st.status, st.code_version, st.failed_position) == ("running", 1, 3)
