@@ -38,13 +38,18 @@ from typing import Any, Generic, NoReturn, TypeVar, cast
 import msgspec
 from sqlalchemy import (
     Connection,
+    String,
+    and_,
     bindparam,
+    column,
     delete,
     func,
     literal,
     literal_column,
+    or_,
     select,
     update,
+    values,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -599,22 +604,28 @@ class _Rows(Generic[S]):
                                (self._decoded(key, found[0]), found[1], found[2]))
             return
         pr = projection_rows.c
-        # One tenant's streams at a time: "tenant = ? AND stream IN (...)" is a search of the
-        # primary key on both backends, where SQLite planned an OR of (tenant, stream) pairs (or
-        # a row-value IN) as a scan of the whole generation's rows, once per chunk: a rebuild
-        # of one-event streams grew with the square of their number.
-        by_tenant: dict[str, list[str]] = {}
-        for tenant_id, stream_id in missing:
-            by_tenant.setdefault(tenant_id, []).append(stream_id)
-        chunks = [(tenant_id, streams[i:i + 200]) for tenant_id, streams in by_tenant.items()
-                  for i in range(0, len(streams), 200)]
-        for tenant_id, streams in chunks:
-            chunk = [(tenant_id, stream_id) for stream_id in streams]
-            rows = conn.execute(
-                select(pr.tenant_id, pr.stream_id, pr.state, pr.version, pr.position)
-                .where(pr.projection == self.p.name, pr.generation == self.generation,
-                       pr.tenant_id == tenant_id, pr.stream_id.in_(streams))
-            ).all()
+        for i in range(0, len(missing), 200):
+            chunk = missing[i:i + 200]
+            if conn.dialect.name == "sqlite":
+                # A join to the list of keys: SQLite planned an OR of (tenant, stream) pairs
+                # (and a row-value IN) as a scan of the generation's rows, once per chunk, so
+                # a rebuild of one-event streams grew with the square of their number; this
+                # is a search of the primary key per key.
+                listed = values(column("t", String), column("s", String),
+                                name="keys").data(chunk).cte("keys")
+                query = select(pr.tenant_id, pr.stream_id, pr.state, pr.version,
+                               pr.position).select_from(listed.join(projection_rows, and_(
+                                   pr.projection == self.p.name,
+                                   pr.generation == self.generation,
+                                   pr.tenant_id == listed.c.t, pr.stream_id == listed.c.s)))
+            else:
+                # PostgreSQL answers the OR with one primary-key lookup per pair (a BitmapOr),
+                # whatever its statistics of a generation being built.
+                query = select(pr.tenant_id, pr.stream_id, pr.state, pr.version,
+                               pr.position).where(
+                    pr.projection == self.p.name, pr.generation == self.generation,
+                    or_(*[and_(pr.tenant_id == t, pr.stream_id == st) for t, st in chunk]))
+            rows = conn.execute(query).all()
             found = {(r.tenant_id, r.stream_id): r for r in rows}
             for key in chunk:
                 r = found.get(key)
