@@ -492,16 +492,32 @@ def close_when_retired(engine: Engine) -> None:
     Why: a transaction closes its connection itself once it sees the engine retired, but one
     that looked just before the close began hands it back to the pool (on aiosqlite and
     psycopg's async driver, across awaits) while the pool is disposed of: the connection went
-    into the discarded pool, open, for good with aiosqlite (whose thread holds it).  An
-    in-memory SQLite database's one connection is the database: the store's close closes it.
+    into the discarded pool, open, for good with aiosqlite (whose thread holds it).  Only in
+    the process that opened the connection: a forked child letting go of an inherited store
+    must not close its parent's session (psycopg would say goodbye to the server on the
+    socket they share).  An in-memory SQLite database's one connection is the database: the
+    store's close closes it.
     """
-    if engine.url.database in (None, "", ":memory:"):
+    if is_memory(engine.url):
         return
+
+    @event.listens_for(engine, "connect")
+    def _opened_by(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_PID_KEY] = os.getpid()
 
     @event.listens_for(engine, "checkin")
     def _close_if_retired(dbapi_conn: Any, record: Any) -> None:
-        if dbapi_conn is not None and engine in _retired:
+        if dbapi_conn is not None and engine in _retired \
+                and record.info.get(_PID_KEY) == os.getpid():
             record.invalidate()
+
+
+_PID_KEY = "eventstore_pid"
+
+
+def is_memory(url: URL) -> bool:
+    """An in-memory SQLite database (the store's notion: no file name)."""
+    return is_sqlite(url) and url.database in (None, "", ":memory:")
 
 
 class Writer:

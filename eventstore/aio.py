@@ -53,6 +53,7 @@ from ._backend import (
     close_when_retired,
     end_transaction,
     hung_up,
+    is_memory,
     is_retired,
     is_sqlite,
     missing_extra,
@@ -827,5 +828,5 @@ async def _release_if_retired(engine: AsyncEngine, conn: AsyncConnection) -> Non
     """A connection of a store being closed is closed, not pooled (``_backend.retire``); but
     an in-memory database's one connection, which is the database, is left to the close."""
     if is_retired(engine.sync_engine) and not conn.invalidated \
-            and engine.url.database not in (None, "", ":memory:"):
+            and not is_memory(engine.url):
         await conn.invalidate()

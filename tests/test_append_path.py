@@ -1012,3 +1012,46 @@ def test_a_ctrl_c_as_an_append_pipeline_ends_neither_hangs_nor_holds_the_lock(
         version = store.stream_version("q-1")
         assert version in (2, 3)  # (an interrupt while sending may come after the commit)
         assert store.append("q-1", [NoteAdded(text="d")]).stream_version == version + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_closing_its_copy_leaves_the_parents_session_alone(
+        fresh_pg: str) -> None:
+    """A child that closes the store it inherited and lets it go must not end its parent's
+    PostgreSQL session: closing a connection handed back to a closed store's pool (done so
+    that none is left open) is for the process that opened it; psycopg closing the parent's
+    connection in the child said goodbye to the server on the socket both share."""
+    import gc
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    store = EventStore.open(fresh_pg, migrate=True)
+    store.append("fork-1", [NoteAdded(text="warm")])  # the kept write connection, open
+    admin = psycopg.connect(make_url(fresh_pg).set(drivername="postgresql").render_as_string(
+        hide_password=False), autocommit=True)
+    before = {r[0] for r in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()")}
+    pid = os.fork()
+    if pid == 0:  # the child: close its copy, drop it, collect, exit
+        code = 1
+        try:
+            signal.alarm(20)
+            store.close()
+            del store  # (its kept connection, inherited, goes back to the pool)
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    time.sleep(0.3)  # (a session ended by the child: gone from the view by then)
+    after = {r[0] for r in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()")}
+    admin.close()
+    assert before <= after, before - after  # the parent's sessions all still there
+    store.append("fork-1", [NoteAdded(text="after the child")])
+    assert store.stream_version("fork-1") == 2
+    store.close()
