@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -46,6 +46,7 @@ from sqlalchemy.pool import StaticPool
 
 from . import _migrate
 from ._backend import (
+    _FILE_KEY,
     _begin,
     _broken,
     _sqlite_listeners,
@@ -252,7 +253,8 @@ class AsyncEventStore(StoreCore):
         raw = await aconn.get_raw_connection()
         aio = raw.driver_connection
         if one_trip_possible(aio):
-            return await self._sqlite.run(aio, fn, args, write=write)
+            return await self._sqlite.run(aio, fn, args, write=write,
+                                          opened=raw.info.get(_FILE_KEY))
         if write:
             aconn = await aconn.execution_options(sqlite_write=True)
         async with aconn.begin():
@@ -672,11 +674,12 @@ class _SQLiteThreadTransactions:
         self.memory = self._settings[3]
         self._engines: weakref.WeakKeyDictionary[Any, Engine] = weakref.WeakKeyDictionary()
 
-    async def run(self, aio: Any, fn: Callable[..., T], args: Sequence[Any], *, write: bool
-                  ) -> T:
+    async def run(self, aio: Any, fn: Callable[..., T], args: Sequence[Any], *, write: bool,
+                  opened: Any = None) -> T:
+        """``opened``: the database file's identity when the pool opened this connection."""
         engine = self._engines.get(aio)
         if engine is None:
-            engine = self._engines[aio] = self._engine_over(aio._conn)
+            engine = self._engines[aio] = self._engine_over(aio._conn, opened)
         context = contextvars.copy_context()
         hand = _Handover()
         try:
@@ -695,11 +698,20 @@ class _SQLiteThreadTransactions:
             raise
         return result
 
-    def _engine_over(self, raw: sqlite3.Connection) -> Engine:
+    def _engine_over(self, raw: sqlite3.Connection, opened: Any) -> Engine:
         _clean, synchronous, busy_ms, memory = self._settings
         borrowed = _Borrowed(raw)
         engine = create_engine("sqlite://", creator=lambda: borrowed, poolclass=StaticPool)
         _sqlite_listeners(engine, synchronous, busy_ms, memory)
+
+        @event.listens_for(engine, "connect")
+        def _same_file_as_opened(_dbapi_conn: Any, record: Any) -> None:
+            # The file this connection opened, as the pool saw it then (the listener above
+            # looks at the path now, which may be another file by this first use).
+            record.info.pop(_FILE_KEY, None)
+            if opened is not None:
+                record.info[_FILE_KEY] = opened
+
         return engine
 
 

@@ -253,3 +253,20 @@ def test_sqlite_appends_to_a_removed_or_replaced_file_are_refused(
             await store.close()
 
     asyncio.run(run_async())
+    shutil.rmtree(folder, ignore_errors=True)
+
+    async def before_the_first_append() -> None:
+        # The async store's transactions run on a sync engine made over each pooled
+        # connection at its first use: the file is the one the pool opened, not the one the
+        # path names by then.
+        folder.mkdir()
+        EventStore.open(f"sqlite:///{path}").close()
+        store = await AsyncEventStore.open(f"sqlite:///{path}")
+        try:
+            pull_the_file()  # (open() checked the schema: the pool's connection is open)
+            with pytest.raises(DatabaseError, match=refused):
+                await store.append("s-1", [NoteAdded(text="after")])
+        finally:
+            await store.close()
+
+    asyncio.run(before_the_first_append())
