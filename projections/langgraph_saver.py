@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import math
@@ -1686,6 +1687,15 @@ def _split_writes(ev: WritesSaved, limit: int) -> builtins.list[Event]:
     return out
 
 
+_LOOP_CHECK_SECONDS = 0.5  # how often a sync call waiting on the loop checks it still runs
+
+
+def _loop_gone(loop: asyncio.AbstractEventLoop) -> RuntimeError:
+    return RuntimeError("AsyncEventStoreSaver's event loop (the one it was created in) is "
+                        f"{'closed' if loop.is_closed() else 'not running'}; its sync methods "
+                        "run their calls there")
+
+
 class EventStoreSaver(_Base):
     """A LangGraph checkpointer on an :class:`EventStore` (SQLite or PostgreSQL).
 
@@ -2067,10 +2077,15 @@ class AsyncEventStoreSaver(_Base):
             pass
         if not loop.is_running():  # nothing would ever run the call: it would wait for ever
             coro.close()
-            raise RuntimeError("AsyncEventStoreSaver's event loop (the one it was created in) "
-                               f"is {'closed' if loop.is_closed() else 'not running'}; its "
-                               "sync methods run their calls there")
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+            raise _loop_gone(loop)
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        while True:
+            try:
+                return future.result(timeout=_LOOP_CHECK_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if not loop.is_running() and not future.done():  # (it stopped meanwhile)
+                    future.cancel()
+                    raise _loop_gone(loop) from None
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         return cast(CheckpointTuple | None, self._sync(self.aget_tuple(config)))

@@ -1027,3 +1027,41 @@ def test_get_tuple_reads_each_part_of_a_split_state_once(saver: EventStoreSaver)
         tracemalloc.stop()
     assert found is not None and found.checkpoint["channel_values"] == {**big, "n": 1}
     assert peak < 5 * size, (peak, size)
+
+
+def test_async_saver_sync_call_stranded_by_a_loop_that_stops_raises(url: str) -> None:
+    """A sync call submitted while the saver's loop runs, which then stops before running it
+    (the loop was busy in a callback that ends with loop.stop()): it raises RuntimeError,
+    instead of waiting for ever for a loop nothing runs (checked once, up front, it passed)."""
+    import time
+
+    loop = asyncio.new_event_loop()
+    store = loop.run_until_complete(AsyncEventStore.open(url, migrate=True))
+    try:
+        saver = loop.run_until_complete(_async_saver(store))
+
+        def busy_then_stop() -> None:
+            time.sleep(0.5)
+            loop.stop()
+
+        loop.call_soon(busy_then_stop)
+        runner = threading.Thread(target=loop.run_forever)
+        runner.start()
+        time.sleep(0.1)  # the loop runs, busy in the callback
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                saver.get_tuple(config("anything"))
+            except BaseException as e:  # (recorded for the assertion below)
+                outcome.append(e)
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        runner.join(5)
+        worker.join(10)
+        assert not worker.is_alive(), "get_tuple waited on a loop that stopped"
+        assert isinstance(outcome[0], RuntimeError) and "not running" in str(outcome[0])
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
