@@ -100,6 +100,8 @@ def shown_url(url: URL) -> str:
 def _masked(raw: object) -> object:
     """A URL that did not parse, its password hidden: ``//user:password@`` (up to the last
     ``@``: a password may hold ``/`` or ``@``) and a ``password=`` option (up to the next ``&``)."""
+    if isinstance(raw, URL):
+        return shown_url(raw)
     if not isinstance(raw, str):
         return raw
     raw = re.sub(r"(//[^/@:]*:).*@", r"\1***@", raw)

@@ -424,6 +424,15 @@ def test_a_url_that_does_not_parse_is_shown_without_its_password(
         assert "hunter2" not in str(refused.value) and "password=***" in str(refused.value)
         code, _, err = run(capsys, "stats", "--url", url)
         assert code == 2 and "hunter2" not in err and "password=***" in err, err
+    # ... and in a URL object the store refuses.
+    from sqlalchemy.engine import URL
+    for given in (URL.create("postgresql+psycopg", username="app", host="db",
+                             database="app\x00x", query={"password": "hunter2"}),
+                  URL.create("postgresql+psycopg", username="app", host="x@db",
+                             database="app", query={"password": "hunter2"})):
+        with pytest.raises(InvalidArgument) as refused:
+            EventStore.open(given)
+        assert "hunter2" not in str(refused.value) and "password=***" in str(refused.value)
     # A password given as an option is hidden too, where the store shows its URL (repr,
     # messages).
     from sqlalchemy.engine import make_url
