@@ -862,7 +862,9 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
     """One checkpoint (the latest of the namespace without an id), with values and writes.
 
     Two statements: the checkpoint's row with its event, then the index rows of its channel
-    versions and its pending writes, each with the event it points at.  With a ``hint`` (the
+    versions and its pending writes, each with the event it points at (a third reads the
+    events of single-channel rows, the further parts of a split step, once each: see
+    ``_refs_query``).  With a ``hint`` (the
     checkpoint this process put last there) on psycopg, the second statement is sent with the
     first for the hinted checkpoint, and used if the first finds that very checkpoint: one round
     trip; otherwise it is sent again for the checkpoint found.
