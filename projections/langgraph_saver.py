@@ -84,6 +84,7 @@ from eventstore._sql import Compiled
 from eventstore.codec import check_finite, decode_event, decode_events, encode_event
 from eventstore.errors import EventTooLarge, InvalidArgument, WrongExpectedVersion
 from eventstore.logs import get_logger
+from projections._command import check_tenant
 from projections._stores import check_async_store, check_sync_store
 
 if TYPE_CHECKING:
@@ -1709,6 +1710,7 @@ class EventStoreSaver(_Base):
                  serde: SerializerProtocol | None = None) -> None:
         check_sync_store(store, "EventStoreSaver",
                          "projections.langgraph_saver.AsyncEventStoreSaver")
+        check_tenant(tenant_id)  # (every read and retention call uses it as it is)
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id
@@ -1721,6 +1723,7 @@ class EventStoreSaver(_Base):
                  serde: SerializerProtocol | None = None) -> Iterator[EventStoreSaver]:
         """A saver on a store it opens, as a context manager (as ``SqliteSaver.from_conn_string``):
         ``with EventStoreSaver.from_url(url) as saver: ...`` closes the store on the way out."""
+        check_tenant(tenant_id)
         with EventStore.open(url) as store:
             yield cls(store, tenant_id=tenant_id, serde=serde)
 
@@ -1909,6 +1912,7 @@ class AsyncEventStoreSaver(_Base):
                  serde: SerializerProtocol | None = None) -> None:
         check_async_store(store, "AsyncEventStoreSaver",
                           "projections.langgraph_saver.EventStoreSaver")
+        check_tenant(tenant_id)  # (every read and retention call uses it as it is)
         super().__init__(serde=serde)
         self.store = store
         self.tenant_id = tenant_id
@@ -1929,6 +1933,7 @@ class AsyncEventStoreSaver(_Base):
         out."""
         from eventstore.aio import AsyncEventStore
 
+        check_tenant(tenant_id)
         async with await AsyncEventStore.open(url) as store:
             yield cls(store, tenant_id=tenant_id, serde=serde)
 

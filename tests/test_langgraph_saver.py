@@ -1065,3 +1065,34 @@ def test_async_saver_sync_call_stranded_by_a_loop_that_stops_raises(url: str) ->
     finally:
         loop.run_until_complete(store.close())
         loop.close()
+
+
+@pytest.mark.parametrize("tenant", ["", "t" * 256, "a\x00b", "\ud800", None, 3],
+                         ids=["empty", "too-long", "nul", "surrogate", "none", "int"])
+def test_savers_refuse_a_bad_tenant_id_when_built(url: str, tenant: Any) -> None:
+    """The savers use their tenant id as given in every read and retention call: a bad one
+    was taken, and reads found nothing, retention calls did nothing, or a bare TypeError,
+    UnicodeEncodeError or DatabaseError came out later.  InvalidArgument when built, as the
+    facades and the CrewAI persistence do (from_url: before the store is opened)."""
+    from eventstore import InvalidArgument
+
+    with EventStore.open(url, migrate=True) as store:
+        with pytest.raises(InvalidArgument, match="tenant_id"):
+            EventStoreSaver(store, tenant_id=tenant)
+    with pytest.raises(InvalidArgument, match="tenant_id"), \
+            EventStoreSaver.from_url("sqlite:///nowhere/never-opened.db", tenant_id=tenant):
+        pass
+
+    async def build() -> None:
+        astore = await AsyncEventStore.open(url)
+        try:
+            with pytest.raises(InvalidArgument, match="tenant_id"):
+                AsyncEventStoreSaver(astore, tenant_id=tenant)
+        finally:
+            await astore.close()
+        with pytest.raises(InvalidArgument, match="tenant_id"):
+            async with AsyncEventStoreSaver.from_url("sqlite:///nowhere/never-opened.db",
+                                                     tenant_id=tenant):
+                pass
+
+    asyncio.run(build())
