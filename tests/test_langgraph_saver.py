@@ -1076,9 +1076,9 @@ def test_savers_refuse_a_bad_tenant_id_when_built(url: str, tenant: Any) -> None
     facades and the CrewAI persistence do (from_url: before the store is opened)."""
     from eventstore import InvalidArgument
 
-    with EventStore.open(url, migrate=True) as store:
-        with pytest.raises(InvalidArgument, match="tenant_id"):
-            EventStoreSaver(store, tenant_id=tenant)
+    with EventStore.open(url, migrate=True) as store, \
+            pytest.raises(InvalidArgument, match="tenant_id"):
+        EventStoreSaver(store, tenant_id=tenant)
     with pytest.raises(InvalidArgument, match="tenant_id"), \
             EventStoreSaver.from_url("sqlite:///nowhere/never-opened.db", tenant_id=tenant):
         pass
