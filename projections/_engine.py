@@ -38,10 +38,8 @@ from typing import Any, Generic, NoReturn, TypeVar, cast
 import msgspec
 from sqlalchemy import (
     Connection,
-    String,
     and_,
     bindparam,
-    column,
     delete,
     func,
     literal,
@@ -49,7 +47,6 @@ from sqlalchemy import (
     or_,
     select,
     update,
-    values,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -577,6 +574,9 @@ class _Unusable:
         self.cause = cause
 
 
+_GROUPED_TENANTS = 8  # tenants a chunk of row lookups asks for apart (see _Rows.load)
+
+
 class _Rows(Generic[S]):
     """States of one generation's rows, loaded on demand and written back in one go."""
 
@@ -593,46 +593,56 @@ class _Rows(Generic[S]):
 
     def load(self, conn: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self.cache]
-        if len(missing) == 1:  # the inline case: one stream per append
-            key = missing[0]
-            cur = _fast("get_row", conn).run(conn, {
-                "projection": self.p.name, "generation": self.generation,
-                "tenant_id": key[0], "stream_id": key[1]})
-            found = cur.fetchone()
-            cur.close()
-            self.cache[key] = ((self._initial(key), 0, 0) if found is None else
-                               (self._decoded(key, found[0]), found[1], found[2]))
+        if len(missing) == 1 or (missing and conn.dialect.name == "sqlite"):
+            # One key: the inline case, one stream per append.  On SQLite every key alike:
+            # a statement costs no round trip there, and a lookup by the whole primary key is
+            # planned as one whatever the statistics, where a statement for many keys was not
+            # (an OR of (tenant, stream) pairs was a scan of the generation's rows per chunk,
+            # so a rebuild of one-event streams grew with the square of their number; a join
+            # to a list of keys met a Bloom filter over the whole table once analyzed).
+            get_row = _fast("get_row", conn)
+            for key in missing:
+                cur = get_row.run(conn, {
+                    "projection": self.p.name, "generation": self.generation,
+                    "tenant_id": key[0], "stream_id": key[1]})
+                found = cur.fetchone()
+                cur.close()
+                self.cache[key] = ((self._initial(key), 0, 0) if found is None else
+                                   (self._decoded(key, found[0]), found[1], found[2]))
             return
         pr = projection_rows.c
         for i in range(0, len(missing), 200):
             chunk = missing[i:i + 200]
-            if conn.dialect.name == "sqlite":
-                # A join to the list of keys: SQLite planned an OR of (tenant, stream) pairs
-                # (and a row-value IN) as a scan of the generation's rows, once per chunk, so
-                # a rebuild of one-event streams grew with the square of their number; this
-                # is a search of the primary key per key.
-                listed = values(column("t", String), column("s", String),
-                                name="keys").data(chunk).cte("keys")
-                query = select(pr.tenant_id, pr.stream_id, pr.state, pr.version,
-                               pr.position).select_from(listed.join(projection_rows, and_(
-                                   pr.projection == self.p.name,
-                                   pr.generation == self.generation,
-                                   pr.tenant_id == listed.c.t, pr.stream_id == listed.c.s)))
-            else:
-                # PostgreSQL answers the OR with one primary-key lookup per pair (a BitmapOr),
-                # whatever its statistics of a generation being built.
-                query = select(pr.tenant_id, pr.stream_id, pr.state, pr.version,
-                               pr.position).where(
-                    pr.projection == self.p.name, pr.generation == self.generation,
-                    or_(*[and_(pr.tenant_id == t, pr.stream_id == st) for t, st in chunk]))
-            rows = conn.execute(query).all()
-            found = {(r.tenant_id, r.stream_id): r for r in rows}
+            by_tenant: dict[str, list[str]] = {}
+            for tenant_id, stream_id in chunk:
+                by_tenant.setdefault(tenant_id, []).append(stream_id)
+            # A few tenants' streams by "tenant = ? AND stream IN (...)", a search of the
+            # primary key (also on statistics taken before this generation existed, where the
+            # OR below took a second a chunk); the other pairs together, by their OR (a
+            # BitmapOr of primary-key lookups), not a statement a tenant.
+            grouped = [(t, streams) for t, streams in by_tenant.items() if len(streams) > 1]
+            if len(grouped) > _GROUPED_TENANTS:
+                grouped = []
+            queries: list[Any] = [and_(pr.tenant_id == t, pr.stream_id.in_(streams))
+                                  for t, streams in grouped]
+            apart = {t for t, _streams in grouped}
+            rest = [(t, st) for t, st in chunk if t not in apart]
+            if rest:
+                queries.append(or_(*[and_(pr.tenant_id == t, pr.stream_id == st)
+                                     for t, st in rest]))
+            hits: dict[tuple[str, str], Any] = {}
+            for condition in queries:
+                for r in conn.execute(select(
+                        pr.tenant_id, pr.stream_id, pr.state, pr.version, pr.position).where(
+                        pr.projection == self.p.name, pr.generation == self.generation,
+                        condition)):
+                    hits[(r.tenant_id, r.stream_id)] = r
             for key in chunk:
-                r = found.get(key)
-                if r is None:
+                row = hits.get(key)
+                if row is None:
                     self.cache[key] = (self._initial(key), 0, 0)
                 else:
-                    self.cache[key] = (self._decoded(key, r.state), r.version, r.position)
+                    self.cache[key] = (self._decoded(key, row.state), row.version, row.position)
 
     def _decoded(self, key: tuple[str, str], raw: bytes) -> S:
         try:
