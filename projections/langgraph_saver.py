@@ -1690,7 +1690,7 @@ def _split_writes(ev: WritesSaved, limit: int) -> builtins.list[Event]:
     return out
 
 
-_LOOP_CHECK_SECONDS = 0.5  # how often a sync call waiting on the loop checks it still runs
+_LOOP_CHECK_SECONDS = 0.5  # how often a sync call waiting on the loop checks it is not closed
 
 
 def _loop_gone(loop: asyncio.AbstractEventLoop) -> RuntimeError:
@@ -2090,8 +2090,13 @@ class AsyncEventStoreSaver(_Base):
             try:
                 return future.result(timeout=_LOOP_CHECK_SECONDS)
             except concurrent.futures.TimeoutError:
-                if not loop.is_running() and not future.done():  # (it stopped meanwhile)
+                # A loop that stopped may run again (one driven by run_until_complete), and a
+                # call it began may then finish (a write that lands): waited for.  A closed
+                # loop never runs it again.
+                if loop.is_closed() and not future.done():
                     future.cancel()
+                    with contextlib.suppress(RuntimeError, ValueError):
+                        coro.close()  # (never to run: no "never awaited" warning for it)
                     raise _loop_gone(loop) from None
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:

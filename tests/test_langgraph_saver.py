@@ -1029,42 +1029,61 @@ def test_get_tuple_reads_each_part_of_a_split_state_once(saver: EventStoreSaver)
     assert peak < 5 * size, (peak, size)
 
 
-def test_async_saver_sync_call_stranded_by_a_loop_that_stops_raises(url: str) -> None:
-    """A sync call submitted while the saver's loop runs, which then stops before running it
-    (the loop was busy in a callback that ends with loop.stop()): it raises RuntimeError,
-    instead of waiting for ever for a loop nothing runs (checked once, up front, it passed)."""
+def test_async_saver_sync_call_waits_for_a_loop_that_stops_and_runs_again(url: str) -> None:
+    """A sync call submitted while the saver's loop runs, which then stops before finishing it
+    (a loop driven by run_until_complete): the call is served when the loop runs again, once
+    (raising meanwhile would report a write as failed that then lands); a loop closed while
+    the call waits makes it raise RuntimeError instead of waiting for ever."""
     import time
 
     loop = asyncio.new_event_loop()
     store = loop.run_until_complete(AsyncEventStore.open(url, migrate=True))
-    try:
-        saver = loop.run_until_complete(_async_saver(store))
+    saver = loop.run_until_complete(_async_saver(store))
+    cp = empty_checkpoint()
+    stored = loop.run_until_complete(saver.aput(config("loop"), cp, {"source": "input",
+                                                                      "step": -1}, {}))
+    outcome: list[Any] = []
 
-        def busy_then_stop() -> None:
-            time.sleep(0.5)
-            loop.stop()
-
-        loop.call_soon(busy_then_stop)
-        runner = threading.Thread(target=loop.run_forever)
-        runner.start()
-        time.sleep(0.1)  # the loop runs, busy in the callback
-        outcome: list[BaseException] = []
-
-        def call() -> None:
+    def call(fn: Callable[[], Any]) -> threading.Thread:
+        def run() -> None:
             try:
-                saver.get_tuple(config("anything"))
-            except BaseException as e:  # (recorded for the assertion below)
+                outcome.append(fn())
+            except BaseException as e:  # (recorded for the assertions below)
                 outcome.append(e)
 
-        worker = threading.Thread(target=call, daemon=True)
+        worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        runner.join(5)
-        worker.join(10)
-        assert not worker.is_alive(), "get_tuple waited on a loop that stopped"
-        assert isinstance(outcome[0], RuntimeError) and "not running" in str(outcome[0])
-    finally:
-        loop.run_until_complete(store.close())
-        loop.close()
+        return worker
+
+    def busy_then_stop() -> None:
+        time.sleep(0.3)
+        loop.stop()
+
+    loop.call_soon(busy_then_stop)
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    time.sleep(0.1)  # the loop runs, busy in the callback
+    worker = call(lambda: saver.put_writes(stored, [("n", 1)], "task-1"))
+    runner.join(5)
+    time.sleep(0.8)  # stopped, past a check or two: still waiting
+    assert worker.is_alive() and not outcome
+    loop.run_until_complete(asyncio.sleep(0.3))  # runs again: the call is served
+    worker.join(5)
+    assert outcome == [None]
+    found = loop.run_until_complete(saver.aget_tuple(stored))
+    assert found is not None and [w[1:] for w in found.pending_writes or []] == [("n", 1)]
+    loop.run_until_complete(store.close())
+    outcome.clear()
+    loop.call_soon(busy_then_stop)
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    time.sleep(0.1)
+    worker = call(lambda: saver.get_tuple(stored))
+    runner.join(5)
+    loop.close()  # never to run again
+    worker.join(5)
+    assert not worker.is_alive(), "get_tuple waited on a closed loop"
+    assert isinstance(outcome[0], RuntimeError) and "closed" in str(outcome[0])
 
 
 @pytest.mark.parametrize("tenant", ["", "t" * 256, "a\x00b", "\ud800", None, 3],
