@@ -251,7 +251,17 @@ def _run_once(args: argparse.Namespace, chosen: list[Projection[Any]]) -> int:
         cli.report(f"projection {st.name} is stopped after a failure at position "
                    f"{st.failed_position}: {st.error}; fix it and run `eventstore "
                    f"projections restart {st.name}`")
-    return cli.EXIT_ERROR if failed else cli.EXIT_OK
+    # Rows of an older fold this code's rebuild could not replace (status shows where it
+    # stopped; the projection runs on the old rows): not a success either.
+    unbuilt = [(p, st) for p, st in states if st.status != "failed"
+               and st.code_version < p.version and st.failed_position is not None]
+    for p, st in unbuilt:
+        cli.report(f"projection {st.name}: the rebuild of its rows with this version of its "
+                   f"fold ({p.version}) stopped at "
+                   f"position {st.failed_position}: {st.error}; it runs on the rows of "
+                   f"version {st.code_version}. Fix the fold, then run `eventstore projections "
+                   f"restart {st.name}`")
+    return cli.EXIT_ERROR if failed or unbuilt else cli.EXIT_OK
 
 
 def _add(subparsers: cli.Subparsers) -> None:

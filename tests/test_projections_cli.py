@@ -628,3 +628,28 @@ def test_run_once_names_a_projection_another_process_is_rebuilding(
     assert code == 0 and "applied 0 events" in out
     assert "projection tally_bumped is being rebuilt (generation 2, at position 1) by another " \
            "process: this run left it to that one (lag 1)" in err
+
+
+def test_run_once_exits_1_when_its_rebuild_of_older_rows_fails(
+        url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new release's `run --once` whose fold fails while rebuilding the rows the older fold
+    built: the projection goes on running on those rows (status shows the failure), and the
+    run exits 1 saying so, also run again (it exited 0 with "applied 0 events": a deploy
+    script went on past a broken fold)."""
+    from projections import inline
+
+    class TallyV2(TallyProjection):
+        version = 2
+
+    monkeypatch.setitem(engine._registry, "tally_v", lambda: TallyV2("tally_v", poison=13))
+    with EventStore.open(url) as store:
+        inline(store, TallyProjection("tally_v"))
+        for by in (1, 13, 1):
+            store.append("counter-a", [CounterIncremented(by=by)])
+    for _ in range(2):
+        code, out, err = run(capsys, "projections", "run", "tally_v", "--once", "--url", url)
+        assert code == 1 and "applied 0 events" in out, (out, err)
+        assert "the rebuild of its rows with this version of its fold (2) stopped at " \
+               "position 2" in err and "runs on the rows of version 1" in err, err
+        st = status_json(capsys, url, "tally_v")
+        assert (st["status"], st["code_version"], st["failed_position"]) == ("running", 1, 2)
