@@ -319,8 +319,8 @@ class _Turns:
                 "in one already (an append or read from inside an append or a read): use a "
                 "database file for that")
         with self._lock:
-            self._owner = me
             try:
+                self._owner = me  # (inside: an interrupt right after it still resets it)
                 yield
             finally:
                 self._owner = None
@@ -579,8 +579,8 @@ class Writer:
         is refused, as from inside an append (see :meth:`begin`)."""
         self._refuse_nested()
         me = threading.get_ident()
-        self._holding.add(me)
         try:
+            self._holding.add(me)  # (inside: an interrupt right after it still undoes it)
             yield
         finally:
             self._holding.discard(me)
@@ -592,12 +592,15 @@ class Writer:
         self._refuse_nested()
         me = threading.get_ident()
         with _turn(self._engine):
-            self._entering.add(me)  # (a close() on this thread from here on waits for nothing)
             try:
+                self._entering.add(me)  # (a close() on this thread from here waits for nothing)
                 with self._lock:
-                    self._owner = me
-                    self._entering.discard(me)
                     try:
+                        # Set inside the try: a KeyboardInterrupt (a signal handler's
+                        # exception) right after it left this thread's appends refused for
+                        # good, as if nested in an append.
+                        self._owner = me
+                        self._entering.discard(me)
                         if self._closed:
                             raise StoreClosed("the event store is closed")
                         with translate():

@@ -1055,3 +1055,41 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_session_alone(
     store.append("fork-1", [NoteAdded(text="after the child")])
     assert store.stream_version("fork-1") == 2
     store.close()
+
+
+def test_an_interrupt_as_an_append_begins_leaves_the_next_append_working(
+        store: EventStore) -> None:
+    """A KeyboardInterrupt (Ctrl-C, a signal handler's exception) landing just after the kept
+    connection marked this thread as appending: the thread's later appends were refused for
+    good, as if nested in an append.  Here the interrupt is raised at the next line of
+    ``Writer.begin`` after that mark, as a signal handler's exception would surface there."""
+    import inspect
+
+    from eventstore._backend import Writer
+
+    source, first = inspect.getsourcelines(Writer.begin)
+    marked = next(first + i for i, line in enumerate(source) if "self._owner = me" in line)
+    fired: list[int] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not Writer.begin.__wrapped__.__code__:  # type: ignore[attr-defined]
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == marked + 1 and not fired:
+                fired.append(frame.f_lineno)
+                raise KeyboardInterrupt
+            return local
+        return local
+
+    store.append("s-1", [NoteAdded(text="before")])
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.append("s-1", [NoteAdded(text="interrupted")])
+    finally:
+        sys.settrace(None)
+    assert fired
+    store.append("s-1", [NoteAdded(text="after")])
+    assert [e.data.text for e in store.read_stream("s-1")] == [  # type: ignore[attr-defined]
+        "before", "after"]
