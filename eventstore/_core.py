@@ -731,7 +731,8 @@ class StoreCore:
             return Page()
         cols = tuple(zip(*rows, strict=True))
         out = Page()
-        out.nbytes = sum(map(len, cols[7]))
+        # Pages are sized by what they hold: data and metadata (up to the event limit each).
+        out.nbytes = sum(map(len, cols[7])) + sum(len(m) for m in cols[8] if m is not None)
         try:
             data = decode_events(cols[5], cols[6], cols[7])
         except EventDecodeError as e:
