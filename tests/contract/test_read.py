@@ -365,19 +365,12 @@ def test_pages_of_large_events_are_short(store: EventStore, monkeypatch: pytest.
     """A read asks for about PAGE_BYTES of events at a time: its first page is sized by the
     event size limit, the next ones by the events it read (2,000 events of 0.5 MB each
     took GBs of memory to read just the first one)."""
-    pages: list[int] = []
     inner = getattr(store, "inner", store)  # (the async store behind the contract's shim)
-    real = inner._fetch_on
-
-    def spy(conn: Any, query: Any, params: dict[str, Any], **kwargs: Any) -> Any:
-        pages.append(params["page"])
-        return real(conn, query, params, **kwargs)
-
     big = "x" * 60_000
     for _ in range(10):
         store.append("big-1", [NoteAdded(text=big)] * 20)
     store.append("small-1", [NoteAdded(text="s")] * 200)
-    monkeypatch.setattr(inner, "_fetch_on", spy)
+    pages = _page_sizes(store, monkeypatch)
     assert len(list(store.read_stream("big-1"))) == 200
     first = core_module.FIRST_PAGE_BYTES // inner._options.max_event_bytes  # 128 at 1 MiB
     per_page = core_module.PAGE_BYTES // 60_030  # about 140 events of 60 kB
@@ -398,6 +391,16 @@ def test_pages_count_the_metadata_too(store: EventStore, monkeypatch: pytest.Mon
     """Pages are sized by the stored bytes of data and metadata: events of tiny data and large
     metadata were read 2,000 a page after the first (229 MB for 572 events of 400 kB of
     metadata, where the same bytes as data gave pages of 8 MB)."""
+    for _ in range(10):
+        store.append("meta-1", [NoteAdded(text="s")] * 20, metadata={"trace": "y" * 60_000})
+    pages = _page_sizes(store, monkeypatch)
+    assert len(list(store.read_stream("meta-1"))) == 200
+    per_page = core_module.PAGE_BYTES // 60_000  # about 140 events of 60 kB
+    assert len(pages) >= 2 and pages[1] <= per_page, pages
+
+
+def _page_sizes(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of events each page of the store's reads asks for, from now on."""
     pages: list[int] = []
     inner = getattr(store, "inner", store)  # (the async store behind the contract's shim)
     real = inner._fetch_on
@@ -406,9 +409,5 @@ def test_pages_count_the_metadata_too(store: EventStore, monkeypatch: pytest.Mon
         pages.append(params["page"])
         return real(conn, query, params, **kwargs)
 
-    for _ in range(10):
-        store.append("meta-1", [NoteAdded(text="s")] * 20, metadata={"trace": "y" * 60_000})
     monkeypatch.setattr(inner, "_fetch_on", spy)
-    assert len(list(store.read_stream("meta-1"))) == 200
-    per_page = core_module.PAGE_BYTES // 60_000  # about 140 events of 60 kB
-    assert len(pages) >= 2 and pages[1] <= per_page, pages
+    return pages
