@@ -228,7 +228,6 @@ def test_sqlite_appends_to_a_removed_or_replaced_file_are_refused(
         EventStore.open(f"sqlite:///{tmp_path / 'other.db'}").close()
         os.replace(tmp_path / "other.db", path)
 
-
     folder.mkdir()
     with EventStore.open(f"sqlite:///{path}") as store:
         store.append("s-1", [NoteAdded(text="before")])
