@@ -451,24 +451,20 @@ def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
     with _turn(engine), translate():
         if is_retired(engine):  # (closed since the caller checked: no new connection)
             raise StoreClosed("the event store is closed")
+        # (Handed back to the pool of a store closed meanwhile, the connection is closed
+        # there: see close_when_retired.)
         with engine.connect() as conn:
-            try:
-                if engine.dialect.name == "sqlite":
-                    if write:
-                        conn = conn.execution_options(sqlite_write=True)
-                elif not write:
-                    # PostgreSQL reads run in autocommit: under READ COMMITTED every statement
-                    # takes its own snapshot, in a transaction or not, so BEGIN and COMMIT
-                    # would only add two round trips.  (SQLite keeps its read transaction: one
-                    # snapshot there.)
-                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                with own_transaction(conn):  # (a rollback that fails too keeps the first error)
-                    yield conn
-            finally:
-                if is_retired(engine) and engine not in _one_connection:
-                    # (An in-memory database's one connection is the database: the store's
-                    # close closes it, once no transaction uses it.)
-                    conn.invalidate()
+            if engine.dialect.name == "sqlite":
+                if write:
+                    conn = conn.execution_options(sqlite_write=True)
+            elif not write:
+                # PostgreSQL reads run in autocommit: under READ COMMITTED every statement
+                # takes its own snapshot, in a transaction or not, so BEGIN and COMMIT would
+                # only add two round trips.  (SQLite keeps its read transaction: one snapshot
+                # there.)
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            with own_transaction(conn):  # (a rollback that fails too keeps the first error)
+                yield conn
 
 
 _retired: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -479,7 +475,8 @@ def retire(engine: Engine) -> None:
 
     Why: disposing of the pool closes the connections in it, not those out in calls still
     under way; those would go back to the discarded pool and stay open until the garbage
-    collector found them.  A transaction of a retired engine closes its connection instead.
+    collector found them.  Handed back to the pool of a retired engine, a connection is
+    closed instead (:func:`close_when_retired`).
     """
     _retired.add(engine)
 
@@ -491,10 +488,10 @@ def is_retired(engine: Engine) -> bool:
 def close_when_retired(engine: Engine) -> None:
     """A connection handed back to the pool of a retired engine is closed there.
 
-    Why: a transaction closes its connection itself once it sees the engine retired, but one
-    that looked just before the close began hands it back to the pool (on aiosqlite and
-    psycopg's async driver, across awaits) while the pool is disposed of: the connection went
-    into the discarded pool, open, for good with aiosqlite (whose thread holds it).  Only in
+    Why: a connection out in a call while the store closes goes back to the pool after the
+    pool was disposed of (also one whose call began before the close, handed back across
+    awaits on aiosqlite and psycopg's async driver): it went into the discarded pool, open,
+    for good with aiosqlite (whose thread holds it).  Only in
     the process that opened the connection: a forked child letting go of an inherited store
     must not close its parent's session (psycopg would say goodbye to the server on the
     socket they share).  An in-memory SQLite database's one connection is the database: the

@@ -54,7 +54,6 @@ from ._backend import (
     close_when_retired,
     end_transaction,
     hung_up,
-    is_memory,
     is_retired,
     is_sqlite,
     missing_extra,
@@ -238,10 +237,7 @@ class AsyncEventStore(StoreCore):
             with translate():
                 _refuse_retired(self._engine)
                 async with self._engine.connect() as aconn:
-                    try:
-                        return await self._on_sqlite(aconn, fn, args, write=write)
-                    finally:
-                        await _release_if_retired(self._engine, aconn)
+                    return await self._on_sqlite(aconn, fn, args, write=write)
         async with abegin(self._engine, write=write, autocommit=autocommit) as conn:
             return await conn.run_sync(fn, *args)
 
@@ -363,11 +359,8 @@ class AsyncEventStore(StoreCore):
             return await writer.run(lambda conn: _own_transaction(conn, fn, *args))
         _refuse_retired(self._engine)
         async with self._engine.connect() as conn:
-            try:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                return await _own_transaction(conn, fn, *args)
-            finally:
-                await _release_if_retired(self._engine, conn)
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return await _own_transaction(conn, fn, *args)
 
     def _append_committed(self, conn: Any, plan: AppendPlan,
                           before_commit: BeforeCommit | None, nowait: bool) -> AppendResult:
@@ -813,20 +806,17 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             try:
-                try:
-                    trans = await conn.begin()
-                except BaseException:
-                    await _roll_back(conn, None)
-                    raise
-                try:
-                    yield conn
-                    if trans.is_active:
-                        await trans.commit()
-                except BaseException:
-                    await _roll_back(conn, trans)  # (keeps the first error)
-                    raise
-            finally:
-                await _release_if_retired(engine, conn)
+                trans = await conn.begin()
+            except BaseException:
+                await _roll_back(conn, None)
+                raise
+            try:
+                yield conn
+                if trans.is_active:
+                    await trans.commit()
+            except BaseException:
+                await _roll_back(conn, trans)  # (keeps the first error)
+                raise
 
 
 def _refuse_retired(engine: AsyncEngine) -> None:
@@ -834,11 +824,3 @@ def _refuse_retired(engine: AsyncEngine) -> None:
     in-memory database's would be a new, empty one)."""
     if is_retired(engine.sync_engine):
         raise StoreClosed("the event store is closed")
-
-
-async def _release_if_retired(engine: AsyncEngine, conn: AsyncConnection) -> None:
-    """A connection of a store being closed is closed, not pooled (``_backend.retire``); but
-    an in-memory database's one connection, which is the database, is left to the close."""
-    if is_retired(engine.sync_engine) and not conn.invalidated \
-            and not is_memory(engine.url):
-        await conn.invalidate()
