@@ -23,6 +23,7 @@ handlers work unchanged in both stores.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -42,7 +43,10 @@ from sqlalchemy.ext.asyncio import (
     AsyncTransaction,
     create_async_engine,
 )
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.util.concurrency import await_only
+from sqlalchemy.util.queue import Empty as PoolQueueEmpty
+from sqlalchemy.util.queue import Full as PoolQueueFull
 
 from . import _migrate
 from ._backend import (
@@ -95,7 +99,8 @@ StopEvent = asyncio.Event | threading.Event
 class AsyncEventStore(StoreCore):
     """An append-only event log for asyncio code; see :class:`eventstore.EventStore`.
 
-    Safe to share between the tasks of one event loop.
+    Safe to share between the tasks of an event loop, and between event loops (``asyncio.run``
+    per job, a loop per thread).
     """
 
     _engine: AsyncEngine
@@ -775,17 +780,119 @@ class _Borrowed:
         """Left to aiosqlite."""
 
 
+class _AnyLoopQueue:
+    """The async pool's idle connections, which tasks of any event loop may wait for.
+
+    Why: SQLAlchemy's queue waits on an ``asyncio.Queue``, bound to the first event loop that
+    ever waited for a connection: a store shared by loops (``asyncio.run`` per job, a loop
+    per thread) then failed every later wait on another loop with a RuntimeError.  Here each
+    waiter waits on a future of its own loop; a connection put back wakes the oldest waiter
+    (on its own loop), which takes a connection if one is left, else waits again.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize = maxsize
+        self.use_lifo = use_lifo
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._mutex = threading.Lock()  # (loops of other threads put and get too)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        with self._mutex:
+            if self.full():
+                raise PoolQueueFull()
+            self._items.append(item)
+        self._wake_next()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)  # (the pool never waits to put back: when full, it closes one)
+
+    def get_nowait(self) -> Any:
+        with self._mutex:
+            return self._take()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        try:
+            return self.get_nowait()
+        except PoolQueueEmpty:
+            if not block:
+                raise
+        return await_only(self._wait_for_one(timeout))
+
+    def _take(self) -> Any:
+        if not self._items:
+            raise PoolQueueEmpty()
+        return self._items.pop() if self.use_lifo else self._items.popleft()
+
+    async def _wait_for_one(self, timeout: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            woken = loop.create_future()
+            with self._mutex:
+                if self._items:
+                    return self._take()
+                self._waiters.append(woken)
+            try:
+                if deadline is None:
+                    await woken
+                else:
+                    await asyncio.wait_for(woken, max(0.0, deadline - loop.time()))
+            except BaseException as e:
+                with self._mutex, contextlib.suppress(ValueError):
+                    self._waiters.remove(woken)
+                if woken.done() and not woken.cancelled():
+                    self._wake_next()  # (woken, but leaving: the next waiter's turn)
+                if isinstance(e, TimeoutError):
+                    raise PoolQueueEmpty() from None
+                raise
+
+    def _wake_next(self) -> None:
+        while True:
+            with self._mutex:
+                if not self._waiters or not self._items:
+                    return
+                woken = self._waiters.popleft()
+            try:
+                woken.get_loop().call_soon_threadsafe(self._wake, woken)
+                return
+            except RuntimeError:  # its event loop is closed: that waiter waits no more
+                continue
+
+    def _wake(self, woken: asyncio.Future[None]) -> None:
+        if woken.done():  # it stopped waiting meanwhile (timed out, cancelled)
+            self._wake_next()
+        else:
+            woken.set_result(None)
+
+
+class _AnyLoopPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's async queue pool, waiting on :class:`_AnyLoopQueue`."""
+
+    _queue_class = _AnyLoopQueue  # type: ignore[assignment]
+
+
 def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> AsyncEngine:
     """An asyncio engine: psycopg's async driver, or aiosqlite, set up like the sync one."""
     if is_sqlite(url):
         clean, synchronous, busy_ms, memory = _sqlite_settings(url)
         with missing_extra("async"):
             engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
-                                         **({"poolclass": StaticPool} if memory else {}))
+                                         poolclass=StaticPool if memory else _AnyLoopPool)
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
     else:
         with missing_extra("async"):
             engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10,
+                                         poolclass=_AnyLoopPool,
                                          connect_args=pg_connect_args(url))
         pg_listeners(engine.sync_engine)
     close_when_retired(engine.sync_engine)

@@ -53,3 +53,87 @@ def test_close_after_the_first_append_s_loop_ended_releases_the_kept_connection(
     assert left == 0
     with EventStore.open(url) as check:
         assert [e.data.text for e in check.read_stream("s-1")] == ["0", "1", "2"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_loops_that_wait_for_a_pooled_connection_one_after_another_and_at_once(
+        backend_name: str, request: pytest.FixtureRequest, tmp_path: object) -> None:
+    """More tasks than the pool holds make them wait for a connection.  The pool's waiting
+    used to be bound to the first event loop that ever waited: every later wait on another
+    loop (the next ``asyncio.run``, or a loop of another thread) failed with a RuntimeError
+    from SQLAlchemy's queue.  Now any loop may wait, also two at once, and nothing is lost."""
+    if backend_name == "sqlite":
+        url = f"sqlite:///{tmp_path}/waits.db"
+    else:
+        url = request.getfixturevalue("fresh_pg")
+    EventStore.open(url, migrate=True).close()
+    store = asyncio.run(AsyncEventStore.open(url, pool_size=1))
+
+    async def busy(tag: str, n: int = 24) -> int:
+        async def one(k: int) -> int:
+            await store.append(f"s-{tag}{k}", [NoteAdded(text=tag)])
+            return len([e async for e in store.read_stream(f"s-{tag}{k}")])
+        return sum(await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(n))), 60))
+
+    try:
+        assert [asyncio.run(busy(f"r{i}-")) for i in range(3)] == [24, 24, 24]
+        results: dict[str, object] = {}
+
+        def in_thread(tag: str) -> None:
+            try:
+                results[tag] = asyncio.run(busy(tag))
+            except Exception as e:  # (reported below)
+                results[tag] = e
+
+        threads = [threading.Thread(target=in_thread, args=(f"t{i}-",)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == {"t0-": 24, "t1-": 24}
+    finally:
+        asyncio.run(store.close())
+    with EventStore.open(url) as check:
+        assert check.stats()["events"] == 5 * 24
+
+
+def test_the_pool_queue_passes_on_a_wake_up_its_waiter_did_not_use() -> None:
+    """A waiter woken for a connection but cancelled before it took one passes the wake-up
+    to the next waiter (else that one waits until its timeout with a connection idle); a
+    waiter whose time is up gets the pool's Empty, and a waiter on another thread's loop is
+    woken by a put from here."""
+    from sqlalchemy.util.queue import Empty
+
+    from eventstore.aio import _AnyLoopQueue
+
+    async def cancelled_after_wake_up() -> object:
+        q = _AnyLoopQueue(2)
+        first = asyncio.ensure_future(q._wait_for_one(None))
+        second = asyncio.ensure_future(q._wait_for_one(None))
+        await asyncio.sleep(0.01)  # both wait
+        q.put_nowait("conn")
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await asyncio.wait_for(second, 5)
+
+    assert asyncio.run(cancelled_after_wake_up()) == "conn"
+
+    async def times_out() -> None:
+        q = _AnyLoopQueue(2)
+        with pytest.raises(Empty):
+            await q._wait_for_one(0.05)
+        assert not q._waiters
+
+    asyncio.run(times_out())
+
+    q = _AnyLoopQueue(2)
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(asyncio.run(q._wait_for_one(10))))
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while not q._waiters and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.put_nowait("conn")
+    waiting.join(10)
+    assert got == ["conn"] and q.qsize() == 0
