@@ -937,6 +937,23 @@ class _InlineHandler:
                              dict[tuple[str, str], tuple[bytes, int, int]], bool] | None = None
         # The transaction in which this handler stopped the projection (see prepare).
         self._stopped_in: object = None
+        # Why appends of its events are refused: its rows could not be rebuilt for this fold
+        # (an AsyncEventStore's inline(), which could not raise it; see refuse).
+        self.refused: BaseException | None = None
+
+    def refuse(self, why: BaseException) -> None:
+        """Refuse every append of this projection's events from now on, naming ``why``."""
+        self.refused = why
+        self._mark = None
+
+    def _refuse_if_refused(self) -> None:
+        why = self.refused
+        if why is not None:
+            raise ProjectionStopped(
+                f"projection {self.p.name} is not kept inline: rebuilding its rows for this "
+                f"version of its fold failed ({type_name(why)}: {why}); its events are refused "
+                "until the fold (or the event) is fixed and the projection made inline again",
+                projection=self.p.name) from why
 
     def __call__(self, conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
         write = self.prepare(conn, recorded)
@@ -963,7 +980,8 @@ class _InlineHandler:
         relevant = [e for e in recorded if self.p.handles(e)]
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
         mark = self._mark
-        if mark is None or len(keys) != 1 or recorded[0].position != (self._seen_to or 0) + 1:
+        if (mark is None or self.refused is not None or len(keys) != 1
+                or recorded[0].position != (self._seen_to or 0) + 1):
             return None
         (key,) = keys
         known = self._known.get(key)
@@ -1028,6 +1046,7 @@ class _InlineHandler:
         relevant = [e for e in recorded if self.p.handles(e)]
         if not relevant:
             return None
+        self._refuse_if_refused()
         keys = {(e.tenant_id, e.stream_id) for e in relevant}
         # A projector's batch may hold the lock (until the server ends its session, if it froze
         # mid-batch): waiting here, under the append lock, would hold every appender of the
@@ -1179,13 +1198,18 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     built by an older version of the fold are rebuilt first.  For an ``AsyncEventStore`` that
     check (and any rebuild) runs on a worker thread, through a sync store of the same
     database, before the async store's next append or transaction, which waits for it: this
-    call, and a facade's constructor, do no I/O on the event loop.  Rows a newer version built
-    are left as they are (see ``_rebuild_if_stale``).
+    call, and a facade's constructor, do no I/O on the event loop.  Where the sync store's
+    ``inline()`` raises the rebuild's failure, the async store's appends of the projection's
+    events raise ``ProjectionStopped`` (caused by it) until ``inline()`` is called again with
+    a fold that rebuilds.  Rows a newer version built are left as they are (see
+    ``_rebuild_if_stale``).
     """
     check_projection(projection)
     for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
-            return
+            if h.refused is None:
+                return
+            store.remove_inline_handler(h)  # (its rebuild failed: this one tries again)
     if isinstance(store, EventStore):
         _rebuild_if_stale(store, projection)
     handler = _InlineHandler(store, projection)
@@ -1200,15 +1224,16 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
 def _rebuild_if_stale_at(url: Any, projection: Projection[Any], store: Any,
                          handler: _InlineHandler) -> None:
     """:func:`_rebuild_if_stale` through a sync store of the database at ``url``, for an
-    ``AsyncEventStore``; if that fails for good (a fold that raises), the handler comes off
-    again, as the sync store never adds it: the store's other appends go on (its facade
-    raises the error, see ``projections.aio``)."""
+    ``AsyncEventStore``.  If that fails for good (a fold that raises), the error cannot reach
+    the caller of ``inline()`` as the sync store's does: the handler refuses every append of
+    the projection's events instead (``ProjectionStopped``, naming the error), and its async
+    facade raises the error (see ``projections.aio``); the store's other appends go on."""
     try:
         with EventStore.open(url, migrate=False) as sync:
             _rebuild_if_stale(sync, projection)
     except Exception as e:
         if not (isinstance(e, DatabaseError) and e.transient):  # (tried again: keep it)
-            store.remove_inline_handler(handler)
+            handler.refuse(e)
         raise
 
 

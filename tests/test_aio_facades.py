@@ -451,6 +451,46 @@ async def test_a_rebuild_that_fails_for_good_fails_its_facade_not_the_store(
 
 
 @pytest.mark.asyncio
+async def test_inline_of_a_fold_that_cannot_rebuild_refuses_its_events_on_an_async_store(
+        url: str) -> None:
+    """The sync store's inline() raises when a new fold version cannot rebuild the rows (its
+    fold raises on an event in the log).  The async store's inline() cannot wait for the
+    rebuild, and used to drop the projection silently: its events were appended with no rows
+    kept, and nothing told the caller.  Now each append of its events raises
+    ProjectionStopped, caused by the rebuild's failure, and writes nothing; other streams go
+    on; inline() with a fold that rebuilds takes it up again."""
+    from eventstore import EventStore
+    from projections import ProjectionFailed, ProjectionStopped, inline, status
+    from projections._engine import load_row
+    from tests._events import CounterIncremented
+    from tests._projections import TallyProjection
+
+    class V2(TallyProjection):
+        version = 2
+
+    with EventStore.open(url, migrate=True) as store:
+        inline(store, TallyProjection())
+        store.append("counter-1", [CounterIncremented(by=3, writer="w"),
+                                   CounterIncremented(by=13, writer="w")])
+    with EventStore.open(url) as store, pytest.raises(ProjectionFailed):
+        inline(store, V2(poison=13))  # the sync store's answer
+    async with await AsyncEventStore.open(url) as astore:
+        inline(astore, V2(poison=13))  # type: ignore[arg-type]
+        for _ in range(2):
+            with pytest.raises(ProjectionStopped, match="poison value 13") as refused:
+                await astore.append("counter-2", [CounterIncremented(by=1, writer="w")])
+            assert isinstance(refused.value.__cause__, ProjectionFailed)
+        assert await astore.stream_version("counter-2") == 0  # nothing written
+        assert (await astore.append("other-1", [NoteAdded(text="a")])).stream_version == 1
+        inline(astore, V2())  # type: ignore[arg-type]  # a fold that rebuilds
+        await astore.append("counter-2", [CounterIncremented(by=1, writer="w")])
+    with EventStore.open(url) as store:
+        assert status(store, "tally")[0].code_version == 2
+        row = load_row(store, V2(), "default", "counter-2")
+        assert row is not None and (row[0].total, row[1]) == (1, 1)
+
+
+@pytest.mark.asyncio
 async def test_a_facade_refuses_the_other_kind_of_store_and_names_its_twin(url: str) -> None:
     """A sync facade given an AsyncEventStore, or an async one given an EventStore, raises
     InvalidArgument naming the class to use instead (it would fail later, on first use)."""
