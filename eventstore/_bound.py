@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from ._backend import begin_read, begin_write
 from ._core import (
@@ -25,6 +25,7 @@ from ._core import (
     Pager,
     StoreCore,
 )
+from .errors import InvalidArgument
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
 
 __all__ = ["BoundStore", "transaction"]
@@ -118,4 +119,10 @@ def transaction(store: Any, *, write: bool) -> contextlib.AbstractContextManager
     """A transaction for ``store``: its own when it is a :class:`BoundStore`, else a new one."""
     if isinstance(store, BoundStore):
         return contextlib.nullcontext(store.conn)
-    return begin_write(store.engine) if write else begin_read(store.engine)
+    engine = getattr(store, "engine", None)
+    if not isinstance(engine, Engine):  # (an AsyncEventStore's is an AsyncEngine)
+        raise InvalidArgument(
+            f"this function takes an EventStore, not {type(store).__name__}; with an "
+            "AsyncEventStore, run a read through `await projections.aio.run_read(store, fn, "
+            "*args)`, or open an EventStore of the same URL")
+    return begin_write(engine) if write else begin_read(engine)

@@ -55,10 +55,25 @@ from .jobs import (
 from .sessions import AgentSessions, SessionEntry, SessionKey, SessionSnapshot, SessionState
 
 __all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "AsyncFlows",
-           "AsyncJobs"]
+           "AsyncJobs", "run_read"]
 
 F = TypeVar("F")
 T = TypeVar("T")
+
+
+async def run_read(store: AsyncEventStore, fn: Callable[..., T], *args: Any, **kwargs: Any
+                   ) -> T:
+    """``fn(bound, *args, **kwargs)``: a sync read of ``projections`` (``query_rows``,
+    ``current``, ``fold_live``, ``load_row``, ``status``) for an :class:`AsyncEventStore`,
+    ``bound`` standing for the store inside one read transaction of it (run as the store's
+    ``run_read`` runs a function: off the event loop on SQLite).
+
+    ``await run_read(store, query_rows, OrderTotals(), tenant_id="acme", status="open")``.
+    Operators' tools that write or replay the log (``rebuild``, ``verify``, ``snapshot_now``)
+    take an :class:`~eventstore.EventStore` of the same URL.
+    """
+    check_async_store(store, "run_read", "call the function with the EventStore itself")
+    return await store.run_read(lambda conn: fn(BoundStore(store, conn), *args, **kwargs))
 
 
 class _Twin(Generic[F]):

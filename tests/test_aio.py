@@ -946,3 +946,42 @@ async def test_closing_while_reads_run_leaves_no_connection_open(url: str) -> No
         assert all(isinstance(r, StoreClosed) for r in results), results
     await asyncio.sleep(0.2)  # (PostgreSQL: the server's count catches up with the closes)
     assert open_connections() <= before
+
+
+async def test_projection_reads_run_on_an_async_store_through_run_read(url: str) -> None:
+    """The projection engine's sync reads (query_rows, current, fold_live, load_row, status)
+    run for an AsyncEventStore through ``projections.aio.run_read`` and answer as on the sync
+    store; called with the async store itself they (and the operators' tools) raise
+    InvalidArgument naming that way, where they raised an untyped TypeError."""
+    from eventstore.errors import InvalidArgument
+    from projections import (current, fold_live, query_rows, rebuild, snapshot_now, status,
+                             verify)
+    from projections.aio import run_read
+    from tests._events import CounterIncremented
+    from tests._projections import TallyProjection
+
+    tally = TallyProjection(snapshot_every=2)
+    with EventStore.open(url, migrate=True) as sync_store:
+        inline(sync_store, tally)
+        sync_store.append("counter-1", [CounterIncremented(by=4), CounterIncremented(by=7)])
+        sync_store.append("counter-2", [CounterIncremented(by=1)])
+        calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
+            (query_rows, (tally,), {"tenant_id": "default", "status": "big"}),
+            (current, (tally, "counter-1"), {"tenant_id": "default"}),
+            (fold_live, (tally, "counter-1"), {"tenant_id": "default", "at_version": 1}),
+            (load_row, (tally, "default", "counter-2"), {}),
+        ]
+        expected = [fn(sync_store, *args, **kw) for fn, args, kw in calls]
+        expected_status = [(s.name, s.position) for s in status(sync_store, "tally")]
+        async with await AsyncEventStore.open(url) as store:
+            got = [await run_read(store, fn, *args, **kw) for fn, args, kw in calls]
+            assert got == expected
+            assert expected[0][0][1] == "counter-1" and expected[1][0].total == 11
+            assert [(s.name, s.position) for s in await run_read(store, status, "tally")] == (
+                expected_status)
+            for fn, args, kw in [*calls, (rebuild, (tally,), {}), (verify, (tally,), {}),
+                                 (snapshot_now, (tally, "counter-1"), {"tenant_id": "default"})]:
+                with pytest.raises(InvalidArgument, match="run_read"):
+                    fn(store, *args, **kw)
+            with pytest.raises(InvalidArgument, match="AsyncEventStore"):
+                await run_read(sync_store, status)  # type: ignore[arg-type]
