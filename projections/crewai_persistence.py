@@ -71,6 +71,15 @@ def _resumer() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _flow_id(value: Any) -> Any:
+    """A flow id as a string: an integer one (an unstructured state's ``"id": 42``, which
+    CrewAI's SQLite backend stores as the text ``42``) as its digits; anything else as given
+    (the facade refuses what is not a usable id)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 def _storable(state_data: dict[str, Any] | BaseModel) -> dict[str, Any]:
     """The dict form of a flow state that the store can hold.
 
@@ -236,15 +245,18 @@ class EventStoreFlowPersistence(FlowPersistence):
     def save_state(self, flow_uuid: str, method_name: str,
                    state_data: dict[str, Any] | BaseModel) -> None:
         """Record the flow's state after ``method_name`` completed (one ``FlowStateSaved``)."""
+        flow_uuid = _flow_id(flow_uuid)
         self.flows.save(flow_uuid, method_name, _storable(state_data), tenant_id=self.tenant_id)
 
     def load_state(self, flow_uuid: str) -> dict[str, Any] | None:
         """The newest saved state as a dict, or ``None`` when the flow saved none."""
+        flow_uuid = _flow_id(flow_uuid)
         state = self.flows.load(flow_uuid, tenant_id=self.tenant_id)
         return state if isinstance(state, dict) else None
 
     def history(self, flow_uuid: str) -> list[FlowSave]:
         """Every state the flow saved, oldest first (method name, state, time, version)."""
+        flow_uuid = _flow_id(flow_uuid)
         return self.flows.history(flow_uuid, tenant_id=self.tenant_id)
 
     # -- asynchronous human feedback ---------------------------------------------------------
@@ -256,6 +268,7 @@ class EventStoreFlowPersistence(FlowPersistence):
         One atomic append of both events, so the request and the newest state never disagree,
         also when the process dies mid-call.  An open request is replaced, as in :class:`Flows`.
         """
+        flow_uuid = _flow_id(flow_uuid)
         method_name = check_text(context.method_name, "method_name")
         state = to_json(_storable(state_data))
         at = self.flows.now()
@@ -278,6 +291,7 @@ class EventStoreFlowPersistence(FlowPersistence):
         ``None``, so a losing resumer can tell the two apart.  To look without claiming, use
         :meth:`peek_pending_feedback`.
         """
+        flow_uuid = _flow_id(flow_uuid)
         pending = self.flows.resolve_feedback(flow_uuid, {"resumed_by": _resumer()},
                                               tenant_id=self.tenant_id)
         return _as_dict(pending.state), PendingFeedbackContext.from_dict(pending.context)
@@ -286,6 +300,7 @@ class EventStoreFlowPersistence(FlowPersistence):
         self, flow_uuid: str,
     ) -> tuple[dict[str, Any], PendingFeedbackContext] | None:
         """The open request as ``(state, context)`` without claiming it, or ``None``."""
+        flow_uuid = _flow_id(flow_uuid)
         pending = self.flows.pending_feedback(flow_uuid, tenant_id=self.tenant_id)
         if pending is None:
             return None
@@ -298,6 +313,7 @@ class EventStoreFlowPersistence(FlowPersistence):
         :meth:`load_pending_feedback` already resolved the request, so this writes nothing.
         Called directly, it withdraws an open request (recorded as ``cleared_by``).
         """
+        flow_uuid = _flow_id(flow_uuid)
         with contextlib.suppress(NoPendingFeedback):
             self.flows.resolve_feedback(flow_uuid, {"cleared_by": _resumer()},
                                         tenant_id=self.tenant_id)
@@ -317,6 +333,7 @@ class EventStoreFlowPersistence(FlowPersistence):
         or answered through :class:`Flows`, and (``reason="progressed"``) when the flow saved a
         step after the claim: the resume went on.
         """
+        flow_uuid = _flow_id(flow_uuid)
         stream = Flows.stream_id(flow_uuid)
         conflict: WrongExpectedVersion | None = None
         for _ in range(_MAX_ATTEMPTS):

@@ -407,6 +407,33 @@ def test_flow_is_restored_by_id_with_new_inputs_overriding(
     assert persistence.load_state(flow_id) == state.model_dump()
 
 
+def test_an_integer_flow_id_is_kept_as_crewai_s_sqlite_backend_keeps_it(
+    persistence: EventStoreFlowPersistence, tmp_path: Path,
+) -> None:
+    """An unstructured flow started with ``inputs={"id": 42}`` runs and is restored by that
+    id, on the store as on CrewAI's own SQLite backend (which stores the id as the text
+    ``42``); the persistence used to refuse the integer with InvalidArgument."""
+    from crewai.flow.flow import Flow, start
+    from crewai.flow.persistence import persist
+
+    def counting(backend: object) -> type[Flow[dict[str, object]]]:
+        @persist(backend)  # type: ignore[arg-type]
+        class Counting(Flow[dict[str, object]]):
+            @start()
+            def step(self) -> object:
+                self.state["n"] = int(self.state.get("n", 0)) + 1  # type: ignore[call-overload]
+                return self.state["n"]
+        return Counting
+
+    theirs = SQLiteFlowPersistence(str(tmp_path / "crewai.db"))
+    for backend in (theirs, persistence):
+        flow = counting(backend)
+        assert [flow().kickoff(inputs={"id": 42}) for _ in range(2)] == [1, 2]
+        assert backend.load_state(42) == {"id": 42, "n": 2}  # type: ignore[arg-type]
+    assert persistence.load_state("42") == {"id": 42, "n": 2}
+    assert [h.method_name for h in persistence.history(42)] == ["step", "step"]  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_paused_flow_is_resumed_from_another_process_exactly_once(
     url: str, store: EventStore, persistence: EventStoreFlowPersistence, children: Children,
