@@ -34,12 +34,16 @@ __all__ = ["BoundStore", "transaction"]
 class BoundStore:
     """The sync store API on one connection that is already in a (write) transaction."""
 
-    def __init__(self, core: StoreCore, conn: Connection, *, nowait: bool = False) -> None:
+    def __init__(self, core: StoreCore, conn: Connection, *, nowait: bool = False,
+                 read_only: bool = False) -> None:
         """``nowait``: the transaction can be run again from its start, so an inline handler
-        raises ``RetryAppend`` instead of waiting for a busy lock (see ``_core.RetryAppend``)."""
+        raises ``RetryAppend`` instead of waiting for a busy lock (see ``_core.RetryAppend``).
+        ``read_only``: a read transaction, where optional writes (a live fold's snapshot) are
+        left out on SQLite (its read transaction cannot write once another has committed)."""
         self.core = core
         self.conn = conn
         self.nowait = nowait
+        self.read_only = read_only
         # Appends made here, logged by log_appended once the transaction has committed.
         self.appended: list[tuple[AppendPlan, AppendResult]] = []
 

@@ -848,8 +848,11 @@ class _AnyLoopQueue:
                 else:
                     await asyncio.wait_for(woken, max(0.0, deadline - loop.time()))
             except BaseException as e:
-                with self._mutex, contextlib.suppress(ValueError):
-                    self._waiters.remove(woken)
+                with self._mutex:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(woken)
+                    if isinstance(e, TimeoutError) and self._items:
+                        return self._take()  # (put back as the time ran out)
                 if woken.done() and not woken.cancelled():
                     self._wake_next()  # (woken, but leaving: the next waiter's turn)
                 if isinstance(e, TimeoutError):
@@ -857,16 +860,20 @@ class _AnyLoopQueue:
                 raise
 
     def _wake_next(self) -> None:
-        while True:
-            with self._mutex:
-                if not self._waiters or not self._items:
-                    return
-                woken = self._waiters.popleft()
-            try:
-                woken.get_loop().call_soon_threadsafe(self._wake, woken)
+        """Wake the oldest waiter of each event loop: one loop that is not running (a loop
+        kept between ``run_until_complete`` calls) or is busy must not hold back the waiters
+        of the others while a connection is idle.  Those that find none left wait again."""
+        with self._mutex:
+            if not self._waiters or not self._items:
                 return
-            except RuntimeError:  # its event loop is closed: that waiter waits no more
-                continue
+            heads: dict[asyncio.AbstractEventLoop, asyncio.Future[None]] = {}
+            for waiter in self._waiters:
+                heads.setdefault(waiter.get_loop(), waiter)
+            for waiter in heads.values():
+                self._waiters.remove(waiter)
+        for loop, waiter in heads.items():
+            with contextlib.suppress(RuntimeError):  # its loop is closed: it waits no more
+                loop.call_soon_threadsafe(self._wake, waiter)
 
     def _wake(self, woken: asyncio.Future[None]) -> None:
         if woken.done():  # it stopped waiting meanwhile (timed out, cancelled)

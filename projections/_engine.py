@@ -1209,6 +1209,8 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             if h.refused is None:
                 return
+            if isinstance(store, BoundStore):  # (no rebuild runs from here: still refused)
+                h._refuse_if_refused()
             store.remove_inline_handler(h)  # (its rebuild failed: this one tries again)
     if isinstance(store, EventStore):
         _rebuild_if_stale(store, projection)
@@ -1438,9 +1440,18 @@ def fold_live(
                                              at_version, limit_us)
     every = projection.snapshot_every
     if (use_snapshots and last is not None and at_version is None and at_time is None
-            and (damaged or (every is not None and version - snap_version >= every))):
+            and (damaged or (every is not None and version - snap_version >= every))
+            and not _read_only_on_sqlite(store)):
         save_snapshot(store, projection, tenant_id, stream_id, state, last, replace=damaged)
     return state, version
+
+
+def _read_only_on_sqlite(store: EventStore) -> bool:
+    """A store bound to an SQLite read transaction (an async store's read): a live fold there
+    saves no snapshot, a cache whose write would fail the read once another transaction has
+    committed since it began (on PostgreSQL the write goes through)."""
+    return (isinstance(store, BoundStore) and store.read_only
+            and store.conn.dialect.name == "sqlite")
 
 
 # What a live fold stopped at, for the snapshot it may save: (version, recorded_at).

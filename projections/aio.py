@@ -73,7 +73,8 @@ async def run_read(store: AsyncEventStore, fn: Callable[..., T], *args: Any, **k
     take an :class:`~eventstore.EventStore` of the same URL.
     """
     check_async_store(store, "run_read", "call the function with the EventStore itself")
-    return await store.run_read(lambda conn: fn(BoundStore(store, conn), *args, **kwargs))
+    return await store.run_read(
+        lambda conn: fn(BoundStore(store, conn, read_only=True), *args, **kwargs))
 
 
 class _Twin(Generic[F]):
@@ -109,7 +110,8 @@ class _Twin(Generic[F]):
         def call(conn: Connection, nowait: bool = False) -> T:
             stores.clear()  # (a run that was rolled back to run again logs nothing)
             bound = copy.copy(self._facade)
-            stores.append(BoundStore(self.store, conn, nowait=nowait))  # type: ignore[arg-type]
+            stores.append(BoundStore(self.store, conn, nowait=nowait,  # type: ignore[arg-type]
+                                     read_only=not write))
             bound.store = stores[-1]  # type: ignore[attr-defined]
             return fn(bound)
 

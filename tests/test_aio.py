@@ -954,8 +954,7 @@ async def test_projection_reads_run_on_an_async_store_through_run_read(url: str)
     store; called with the async store itself they (and the operators' tools) raise
     InvalidArgument naming that way, where they raised an untyped TypeError."""
     from eventstore.errors import InvalidArgument
-    from projections import (current, fold_live, query_rows, rebuild, snapshot_now, status,
-                             verify)
+    from projections import current, fold_live, query_rows, rebuild, snapshot_now, status, verify
     from projections.aio import run_read
     from tests._events import CounterIncremented
     from tests._projections import TallyProjection
@@ -985,3 +984,37 @@ async def test_projection_reads_run_on_an_async_store_through_run_read(url: str)
                     fn(store, *args, **kw)
             with pytest.raises(InvalidArgument, match="AsyncEventStore"):
                 await run_read(sync_store, status)  # type: ignore[arg-type]
+
+
+async def test_a_live_fold_in_an_async_read_survives_a_commit_made_meanwhile(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live fold that would save a snapshot inside an async read (``run_read``, a twin
+    facade's read) failed on SQLite with "database is locked" when another connection
+    committed while it folded: SQLite cannot turn a read transaction into a write one then.
+    The snapshot is a cache: on SQLite such a read folds and answers without saving one."""
+    import threading
+
+    from projections import _engine as engine_module
+    from projections import fold_live
+    from projections.aio import run_read
+    from tests._events import CounterIncremented
+    from tests._projections import TallyProjection
+
+    with EventStore.open(url, migrate=True) as sync_store:
+        sync_store.append("counter-1", [CounterIncremented(by=1) for _ in range(5)])
+        real = engine_module._fold_records
+
+        def folded_then_another_commits(*args: Any, **kwargs: Any) -> Any:
+            folded = real(*args, **kwargs)
+            other = threading.Thread(target=sync_store.append,
+                                     args=("other-1", [CounterIncremented(by=1)]))
+            other.start()
+            other.join(10)
+            return folded
+
+        monkeypatch.setattr(engine_module, "_fold_records", folded_then_another_commits)
+        async with await AsyncEventStore.open(url) as store:
+            state, version = await run_read(store, fold_live, TallyProjection(snapshot_every=2),
+                                            "counter-1", tenant_id="default")
+        assert (state.total, version) == (5, 5)
+        assert sync_store.stream_version("other-1") == 1

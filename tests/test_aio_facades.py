@@ -460,6 +460,7 @@ async def test_inline_of_a_fold_that_cannot_rebuild_refuses_its_events_on_an_asy
     ProjectionStopped, caused by the rebuild's failure, and writes nothing; other streams go
     on; inline() with a fold that rebuilds takes it up again."""
     from eventstore import EventStore
+    from eventstore._bound import BoundStore
     from projections import ProjectionFailed, ProjectionStopped, inline, status
     from projections._engine import load_row
     from tests._events import CounterIncremented
@@ -482,6 +483,8 @@ async def test_inline_of_a_fold_that_cannot_rebuild_refuses_its_events_on_an_asy
             assert isinstance(refused.value.__cause__, ProjectionFailed)
         assert await astore.stream_version("counter-2") == 0  # nothing written
         assert (await astore.append("other-1", [NoteAdded(text="a")])).stream_version == 1
+        with pytest.raises(ProjectionStopped):  # inline() where no rebuild can run from
+            await astore.run_sync(lambda conn: inline(BoundStore(astore, conn), V2()))
         inline(astore, V2())  # type: ignore[arg-type]  # a fold that rebuilds
         await astore.append("counter-2", [CounterIncremented(by=1, writer="w")])
     with EventStore.open(url) as store:

@@ -137,3 +137,31 @@ def test_the_pool_queue_passes_on_a_wake_up_its_waiter_did_not_use() -> None:
     q.put_nowait("conn")
     waiting.join(10)
     assert got == ["conn"] and q.qsize() == 0
+
+
+def test_a_loop_that_is_not_running_does_not_hold_back_another_loop_s_waiter() -> None:
+    """A loop kept between ``run_until_complete`` calls can be left with a task waiting for
+    a connection while it does not run.  A connection put back used to wake only the oldest
+    waiter, on that loop: a waiter of a running loop waited out its whole timeout beside an
+    idle connection.  Now the oldest waiter of each loop is woken; the stalled one, run
+    again, finds none left and waits on for the next."""
+    from eventstore.aio import _AnyLoopQueue
+
+    q = _AnyLoopQueue(2)
+    stalled = asyncio.new_event_loop()
+    try:
+        task = stalled.create_task(q._wait_for_one(None))
+        stalled.run_until_complete(asyncio.sleep(0.01))  # it waits; the loop stops running
+        got: list[object] = []
+        started = time.monotonic()
+        waiting = threading.Thread(target=lambda: got.append(asyncio.run(q._wait_for_one(10))))
+        waiting.start()
+        while len(q._waiters) < 2 and time.monotonic() - started < 5:
+            time.sleep(0.01)
+        q.put_nowait("conn")
+        waiting.join(10)
+        assert got == ["conn"] and time.monotonic() - started < 5
+        q.put_nowait("next")
+        assert stalled.run_until_complete(asyncio.wait_for(task, 5)) == "next"
+    finally:
+        stalled.close()
