@@ -385,14 +385,56 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         # deferred transaction fails late with SQLITE_BUSY on its first write.
         # Straight on the DBAPI cursor: exec_driver_sql's bookkeeping costs more than BEGIN.
         write = conn.get_execution_options().get("sqlite_write")
+        dbapi = conn.connection.dbapi_connection
         if write:
-            _check_same_file(conn.info.get(_FILE_KEY))
+            opened = conn.info.get(_FILE_KEY)
+            _check_same_file(opened)
+            if opened is not None:
+                _refuse_if_forked_mid_write(opened)
+                _writing[id(dbapi)] = (opened, dbapi)
+        else:
+            _writing.pop(id(dbapi), None)
         cur = dbapi_cursor(conn)
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         cur.close()
 
+    @event.listens_for(engine, "checkin")
+    @event.listens_for(engine, "close")
+    def _not_writing(dbapi_conn: Any, _record: Any) -> None:
+        _writing.pop(id(dbapi_conn), None)
+
 
 _FILE_KEY = "eventstore_sqlite_file"
+
+# SQLite connections of this process that began a write transaction (by id: the file they
+# opened, and the connection), until their next read transaction, checkin or close; and the
+# files a forked child must not write to (see _refuse_if_forked_mid_write).
+_writing: dict[int, tuple[tuple[str, tuple[int, int]], Any]] = {}
+_forked_mid_write: dict[tuple[int, int], str] = {}
+
+
+def _note_forked_mid_write() -> None:
+    """In a forked child: the files a parent thread was writing to at the fork."""
+    for (path, identity), dbapi in list(_writing.values()):
+        with contextlib.suppress(Exception):
+            if dbapi.in_transaction:
+                _forked_mid_write[identity] = path
+    _writing.clear()
+
+
+def _refuse_if_forked_mid_write(opened: tuple[str, tuple[int, int]]) -> None:
+    """Refuse to write where this process was forked while its parent wrote.  Why: SQLite
+    keeps its locks' state in the process, and the child inherits the record that one of its
+    connections holds the database's write lock, which no connection of the child can ever
+    release: each of its writes waited out the busy timeout and failed as transient, for good
+    (also on a store opened after the fork)."""
+    path = _forked_mid_write.get(opened[1])
+    if path is not None:
+        raise DatabaseError(
+            f"this process was forked while its parent was writing to {path}: SQLite's lock "
+            "state came over as it was then, and no connection of this process can write to "
+            "that database; start worker processes with the 'spawn' or 'forkserver' method, "
+            "or fork while no write is under way")
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -531,7 +573,8 @@ class Writer:
     its own caller holds (for ever on PostgreSQL).  After an error the transaction
     is rolled back and the connection kept, unless the connection itself broke; then it is
     closed and replaced.  A forked child starts with a fresh lock and opens its own connections
-    (the engine's pool too, see _after_fork).
+    (the engine's pool too, see _after_fork); on SQLite it cannot write to a database a parent
+    thread was writing to at the fork (see :func:`_refuse_if_forked_mid_write`).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -727,6 +770,7 @@ _writers: weakref.WeakSet[Writer] = weakref.WeakSet()
 
 
 def _reset_writers_after_fork() -> None:
+    _note_forked_mid_write()
     for writer in list(_writers):
         writer._after_fork()
     for turns in list(_one_connection.values()):

@@ -1057,6 +1057,62 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_session_alone(
     store.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_its_parent_writes_to_sqlite_is_refused_at_once(
+        tmp_path: Any) -> None:
+    """SQLite keeps its locks' state in the process: a child forked while a parent thread
+    held the write lock inherits the record that it holds it, and none of its connections
+    can ever write.  Each of its appends used to wait out the busy timeout and fail as
+    transient, for good.  Now it is refused at once, not transient, naming the fork; the
+    parent, and a child forked while nothing writes, append as before."""
+    import threading
+
+    from eventstore.errors import DatabaseError
+
+    url = f"sqlite:///{tmp_path}/forked.db?busy_timeout=5000"
+    store = EventStore.open(url, migrate=True)
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(_conn: Any, _recorded: Any) -> None:
+        inside.set()
+        go_on.wait(20)
+
+    def child_appends() -> int:
+        """Fork; the child appends once and exits 0 (appended), 3 (refused at once as
+        asked), or 1 (anything else)."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(20)
+                started = time.monotonic()
+                try:
+                    store.append("child", [NoteAdded(text="c")])
+                    code = 0
+                except DatabaseError as e:
+                    if (not e.transient and "forked" in str(e)
+                            and time.monotonic() - started < 2):
+                        code = 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    writer = threading.Thread(target=lambda: store.append_with(
+        "parent", [NoteAdded(text="p")], before_commit=hold))
+    writer.start()
+    try:
+        assert inside.wait(20)
+        assert child_appends() == 3  # forked mid-write: refused at once
+    finally:
+        go_on.set()
+        writer.join(20)
+    assert child_appends() == 0  # forked while nothing writes: appends
+    assert store.append("parent", [NoteAdded(text="q")]).stream_version == 2
+    assert [e.stream_id for e in store.read_all()] == ["parent", "child", "parent"]
+    store.close()
+
+
 def test_an_interrupt_as_an_append_begins_leaves_the_next_append_working(
         store: EventStore) -> None:
     """A KeyboardInterrupt (Ctrl-C, a signal handler's exception) landing just after the kept
