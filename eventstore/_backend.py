@@ -274,6 +274,31 @@ def missing_sqlite_file(url: URL) -> Path | None:
     return path if path is not None and not path.exists() else None
 
 
+def refuse_orphaned_wal(engine: Engine, url: URL) -> None:
+    """Refuse to connect to a SQLite file that is missing while its write-ahead log is there.
+
+    Why: that log is what is left of a database moved or deleted while in use, and may hold
+    its last commits; SQLite would create an empty database at the path and reset the log,
+    losing them.  Checked before each new connection (also a running store's pool opening
+    one after the file was moved away).
+    """
+    path = sqlite_file(url)
+    if path is None:
+        return
+
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(*_args: Any) -> None:
+        wal = path.with_name(path.name + "-wal")
+        with contextlib.suppress(OSError):
+            if not path.exists() and wal.stat().st_size > 0:
+                raise DatabaseError(
+                    f"the database file {path} is missing but its write-ahead log {wal} is "
+                    "there: what is left of a database moved or deleted while in use, which "
+                    "may hold its last commits. Not opened, so that SQLite does not reset that "
+                    "log: put the database file back, or move the -wal and -shm files away to "
+                    "start afresh")
+
+
 def sqlite_uri(url: URL) -> bool:
     """Whether a SQLite URL names its database as a SQLite URI (``?uri=true``), read as
     SQLAlchemy's dialect reads it."""
@@ -289,6 +314,7 @@ def _sqlite_engine(url: URL) -> Engine:
     if memory:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(clean, **kwargs)
+    refuse_orphaned_wal(engine, url)
     _sqlite_listeners(engine, synchronous, busy_ms, memory)
     if memory:
         _one_connection[engine] = _Turns()

@@ -64,6 +64,7 @@ from ._backend import (
     one_trip_possible,
     pg_connect_args,
     pg_listeners,
+    refuse_orphaned_wal,
     resolve_url,
     retire,
     shown_url,
@@ -895,6 +896,7 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
         with missing_extra("async"):
             engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
                                          poolclass=StaticPool if memory else _AnyLoopPool)
+        refuse_orphaned_wal(engine.sync_engine, url)
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
     else:
         with missing_extra("async"):

@@ -210,6 +210,41 @@ def test_psycopg_s_confusion_over_a_refused_pipeline_commit_is_read_as_the_refus
     assert _refused_commit(ConnectionError("server closed the connection")) is None
 
 
+def test_a_missing_sqlite_file_beside_its_write_ahead_log_is_not_opened(tmp_path: Path) -> None:
+    """A database moved away while in use leaves its -wal file behind, which may hold its last
+    commits.  Opening the old path used to create an empty database there, and SQLite reset
+    that log: the commits were gone.  The store now refuses to connect while the file is
+    missing and its log is there (sync and async, also a new pooled connection of a running
+    store); with the file put back, every commit is there."""
+    path = tmp_path / "a.db"
+    archive = tmp_path / "archive.db"
+    url = f"sqlite:///{path}"
+    store = EventStore.open(url)
+    try:
+        store.append("s-1", [NoteAdded(text=str(i)) for i in range(3)])
+        os.replace(path, archive)  # moved while the store holds it open: its log stays
+        wal = path.with_name("a.db-wal")
+        size = wal.stat().st_size
+        assert size > 0
+        with pytest.raises(DatabaseError, match="missing but its write-ahead log"):
+            EventStore.open(url)
+
+        async def open_async() -> None:
+            await AsyncEventStore.open(url)
+
+        with pytest.raises(DatabaseError, match="missing but its write-ahead log"):
+            asyncio.run(open_async())
+        with (pytest.raises(DatabaseError, match="missing but its write-ahead log"),
+              store.engine.connect()):  # a new pooled connection of the running store
+            pass
+        assert not path.exists() and wal.stat().st_size == size
+        os.replace(archive, path)
+    finally:
+        store.close()
+    with EventStore.open(url) as again:
+        assert [e.data.text for e in again.read_stream("s-1")] == ["0", "1", "2"]  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_sqlite_appends_to_a_removed_or_replaced_file_are_refused(
         tmp_path: Path, how: str) -> None:
