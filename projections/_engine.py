@@ -57,6 +57,7 @@ from eventstore._core import (
     _MAX_RETRY_PAUSE,
     MAX_INT,
     RetryAppend,
+    StoreCore,
     _pipeline,
     check_id,
     check_int,
@@ -1205,6 +1206,8 @@ def inline(store: EventStore, projection: Projection[Any]) -> None:
     ``_rebuild_if_stale``).
     """
     check_projection(projection)
+    if isinstance(store, StoreCore):
+        store._check_open()  # (StoreClosed also when the projection is inline already)
     for h in store.inline_handlers:
         if isinstance(h, _InlineHandler) and h.p.name == projection.name:
             if h.refused is None:

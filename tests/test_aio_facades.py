@@ -218,6 +218,24 @@ async def test_twins_refuse_a_closed_store_as_the_sync_facades_do(url: str) -> N
             twin(store)
 
 
+def test_a_sync_facade_on_a_closed_store_raises_also_when_made_before(url: str) -> None:
+    """Making a sync facade on a closed EventStore raises StoreClosed, also when a facade of
+    the same kind was made on it before (its projection was inline already, and the second
+    was made without a word, failing at its first call)."""
+    from eventstore import EventStore
+    from eventstore.errors import StoreClosed
+
+    store = EventStore.open(url, migrate=True)
+    kinds = (projections.Conversations, projections.Flows, projections.Jobs,
+             projections.Continuations, projections.AgentSessions)
+    for kind in kinds:
+        kind(store)
+    store.close()
+    for kind in kinds:
+        with pytest.raises(StoreClosed):
+            kind(store)
+
+
 @pytest.mark.asyncio
 async def test_an_async_follow_from_past_the_end_ends_when_the_job_finishes(url: str) -> None:
     """As the sync follow: ``after`` ahead of the stream, the job finishing during the follow
