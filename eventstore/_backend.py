@@ -11,6 +11,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -269,9 +270,56 @@ def sqlite_file(url: URL) -> Path | None:
 
 
 def missing_sqlite_file(url: URL) -> Path | None:
-    """The file a SQLite URL names when it is not there (else ``None``)."""
+    """The file a SQLite URL names when it is not there (else ``None``); raises the
+    DatabaseError of :func:`refuse_orphaned_wal` when its write-ahead log is."""
     path = sqlite_file(url)
-    return path if path is not None and not path.exists() else None
+    if path is None or path.exists():
+        return None
+    _refuse_if_orphaned_wal(path)
+    return path
+
+
+def _uri_file(url: URL) -> Path | None:
+    """The file a SQLite URI URL (``file:…?uri=true``) names, if it names one."""
+    database = url.database or ""
+    if not database.startswith("file:") or url.query.get("mode") == "memory":
+        return None
+    rest = urllib.parse.unquote(database[len("file:"):])
+    if rest.startswith("//"):  # file://host/path (only localhost, or no host, is local)
+        rest = "/" + rest[2:].partition("/")[2]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def _refuse_if_orphaned_wal(path: Path) -> None:
+    wal = path.with_name(path.name + "-wal")
+    with contextlib.suppress(OSError):
+        if not path.exists() and wal.stat().st_size > 0:
+            raise DatabaseError(
+                f"the database file {path} is missing but its write-ahead log {wal} is "
+                "there: what is left of a database moved or deleted while in use, which "
+                "may hold its last commits. Not opened, so that SQLite does not reset that "
+                "log: put the database file back, or move the -wal and -shm files away to "
+                "start afresh")
+
+
+_FORK_PROBE_SECONDS = 0.2  # (another process's write, or a checkpoint, may hold it so long)
+
+
+def _write_lock_free_here(path: str) -> bool:
+    """Whether a new connection of this process takes SQLite's write lock on ``path`` within
+    a moment (then lets it go).  In a child forked while its parent held it, it never does."""
+    try:
+        probe = sqlite3.connect(path, timeout=_FORK_PROBE_SECONDS, isolation_level=None)
+    except sqlite3.Error:
+        return False
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        probe.close()
 
 
 def refuse_orphaned_wal(engine: Engine, url: URL) -> None:
@@ -280,23 +328,15 @@ def refuse_orphaned_wal(engine: Engine, url: URL) -> None:
     Why: that log is what is left of a database moved or deleted while in use, and may hold
     its last commits; SQLite would create an empty database at the path and reset the log,
     losing them.  Checked before each new connection (also a running store's pool opening
-    one after the file was moved away).
+    one after the file was moved away), for a path or a ``file:`` URI.
     """
-    path = sqlite_file(url)
+    path = sqlite_file(url) or (_uri_file(url) if is_sqlite(url) and sqlite_uri(url) else None)
     if path is None:
         return
 
     @event.listens_for(engine, "do_connect")
     def _before_connect(*_args: Any) -> None:
-        wal = path.with_name(path.name + "-wal")
-        with contextlib.suppress(OSError):
-            if not path.exists() and wal.stat().st_size > 0:
-                raise DatabaseError(
-                    f"the database file {path} is missing but its write-ahead log {wal} is "
-                    "there: what is left of a database moved or deleted while in use, which "
-                    "may hold its last commits. Not opened, so that SQLite does not reset that "
-                    "log: put the database file back, or move the -wal and -shm files away to "
-                    "start afresh")
+        _refuse_if_orphaned_wal(path)
 
 
 def sqlite_uri(url: URL) -> bool:
@@ -412,17 +452,23 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         # Straight on the DBAPI cursor: exec_driver_sql's bookkeeping costs more than BEGIN.
         write = conn.get_execution_options().get("sqlite_write")
         dbapi = conn.connection.dbapi_connection
+        opened = conn.info.get(_FILE_KEY) if write else None
         if write:
-            opened = conn.info.get(_FILE_KEY)
             _check_same_file(opened)
             if opened is not None:
                 _refuse_if_forked_mid_write(opened)
-                _writing[id(dbapi)] = (opened, dbapi)
-        else:
-            _writing.pop(id(dbapi), None)
+        _writing.pop(id(dbapi), None)
         cur = dbapi_cursor(conn)
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if opened is not None:  # (it holds the write lock now, until its COMMIT or ROLLBACK)
+            _writing[id(dbapi)] = (opened, dbapi)
         cur.close()
+
+    # The write lock is let go inside the driver's COMMIT or ROLLBACK: noted as soon as that
+    # returns (a child forked after it can write; SQLAlchemy's events come before the call).
+    dialect: Any = engine.dialect
+    for name in ("do_commit", "do_rollback"):
+        setattr(dialect, name, _then_not_writing(getattr(dialect, name)))
 
     @event.listens_for(engine, "checkin")
     @event.listens_for(engine, "close")
@@ -432,19 +478,36 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
 
 _FILE_KEY = "eventstore_sqlite_file"
 
-# SQLite connections of this process that began a write transaction (by id: the file they
-# opened, and the connection), until their next read transaction, checkin or close; and the
-# files a forked child must not write to (see _refuse_if_forked_mid_write).
+# SQLite connections of this process in a write transaction, by id (the file they opened,
+# and the connection): from their BEGIN IMMEDIATE until their COMMIT or ROLLBACK has returned
+# (done_writing; also their next transaction, checkin or close); and the files a forked child
+# must not write to (see _refuse_if_forked_mid_write).  Until the commit has returned, not
+# the driver's ``in_transaction``: SQLite leaves that before it writes the commit out, while
+# it still holds the write lock (with synchronous=FULL, the longest part of an append).
 _writing: dict[int, tuple[tuple[str, tuple[int, int]], Any]] = {}
 _forked_mid_write: dict[tuple[int, int], str] = {}
 
 
+def done_writing(conn: Connection | None) -> None:
+    """The write transaction of ``conn`` (a sync connection) has ended, committed or not."""
+    with contextlib.suppress(Exception):  # (invalidated or closed: nothing to look up)
+        if conn is not None and conn.dialect.name == "sqlite":
+            _writing.pop(id(conn.connection.dbapi_connection), None)
+
+
+def _then_not_writing(end: Callable[[Any], None]) -> Callable[[Any], None]:
+    def ended(dbapi_conn: Any) -> None:
+        try:
+            end(dbapi_conn)
+        finally:
+            _writing.pop(id(dbapi_conn), None)
+    return ended
+
+
 def _note_forked_mid_write() -> None:
     """In a forked child: the files a parent thread was writing to at the fork."""
-    for (path, identity), dbapi in list(_writing.values()):
-        with contextlib.suppress(Exception):
-            if dbapi.in_transaction:
-                _forked_mid_write[identity] = path
+    for (path, identity), _dbapi in list(_writing.values()):
+        _forked_mid_write[identity] = path
     _writing.clear()
 
 
@@ -455,6 +518,11 @@ def _refuse_if_forked_mid_write(opened: tuple[str, tuple[int, int]]) -> None:
     release: each of its writes waited out the busy timeout and failed as transient, for good
     (also on a store opened after the fork)."""
     path = _forked_mid_write.get(opened[1])
+    if path is not None and _write_lock_free_here(path):
+        # Noted, but the parent let the lock go as the fork came (a moment too narrow to
+        # tell apart): a connection of this process takes it, so its state is sound.
+        del _forked_mid_write[opened[1]]
+        path = None
     if path is not None:
         raise DatabaseError(
             f"this process was forked while its parent was writing to {path}: SQLite's lock "
@@ -755,18 +823,21 @@ def own_transaction(conn: Connection) -> Iterator[None]:
     invalidated instead.
     """
     try:
-        trans = conn.begin()
-    except BaseException:
-        # (Interrupted after SQLAlchemy attached its transaction: that one, or none.)
-        end_transaction(conn, conn.get_transaction())
-        raise
-    try:
-        yield
-        if trans.is_active:
-            trans.commit()
-    except BaseException:
-        end_transaction(conn, trans)
-        raise
+        try:
+            trans = conn.begin()
+        except BaseException:
+            # (Interrupted after SQLAlchemy attached its transaction: that one, or none.)
+            end_transaction(conn, conn.get_transaction())
+            raise
+        try:
+            yield
+            if trans.is_active:
+                trans.commit()
+        except BaseException:
+            end_transaction(conn, trans)
+            raise
+    finally:
+        done_writing(conn)
 
 
 def end_transaction(conn: Connection, trans: Transaction | None) -> None:

@@ -56,6 +56,7 @@ from ._backend import (
     _sqlite_listeners,
     _sqlite_settings,
     close_when_retired,
+    done_writing,
     end_transaction,
     hung_up,
     is_retired,
@@ -259,8 +260,11 @@ class AsyncEventStore(StoreCore):
                                           opened=raw.info.get(_FILE_KEY))
         if write:
             aconn = await aconn.execution_options(sqlite_write=True)
-        async with aconn.begin():
-            return await aconn.run_sync(fn, *args)
+        try:
+            async with aconn.begin():
+                return await aconn.run_sync(fn, *args)
+        finally:
+            done_writing(aconn.sync_connection)
 
     # -- appending --------------------------------------------------------------------------------
 
@@ -516,17 +520,20 @@ async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: A
     failed pipeline's clean-up, a cancelled query) must not replace the error, or a
     cancellation would come out as a DatabaseError; the connection is invalidated instead."""
     try:
-        trans = await conn.begin()
-    except BaseException:
-        await _roll_back(conn, None)
-        raise
-    try:
-        result = await conn.run_sync(fn, *args)
-        if trans.is_active:
-            await trans.commit()
-    except BaseException:
-        await _roll_back(conn, trans)
-        raise
+        try:
+            trans = await conn.begin()
+        except BaseException:
+            await _roll_back(conn, None)
+            raise
+        try:
+            result = await conn.run_sync(fn, *args)
+            if trans.is_active:
+                await trans.commit()
+        except BaseException:
+            await _roll_back(conn, trans)
+            raise
+    finally:
+        done_writing(conn.sync_connection)
     return result
 
 
@@ -922,17 +929,20 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             try:
-                trans = await conn.begin()
-            except BaseException:
-                await _roll_back(conn, None)
-                raise
-            try:
-                yield conn
-                if trans.is_active:
-                    await trans.commit()
-            except BaseException:
-                await _roll_back(conn, trans)  # (keeps the first error)
-                raise
+                try:
+                    trans = await conn.begin()
+                except BaseException:
+                    await _roll_back(conn, None)
+                    raise
+                try:
+                    yield conn
+                    if trans.is_active:
+                        await trans.commit()
+                except BaseException:
+                    await _roll_back(conn, trans)  # (keeps the first error)
+                    raise
+            finally:
+                done_writing(conn.sync_connection)
 
 
 def _refuse_retired(engine: AsyncEngine) -> None:

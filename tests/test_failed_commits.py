@@ -226,8 +226,11 @@ def test_a_missing_sqlite_file_beside_its_write_ahead_log_is_not_opened(tmp_path
         wal = path.with_name("a.db-wal")
         size = wal.stat().st_size
         assert size > 0
+        for opening in (url, f"sqlite:///file:{path}?uri=true&mode=rwc"):
+            with pytest.raises(DatabaseError, match="missing but its write-ahead log"):
+                EventStore.open(opening)
         with pytest.raises(DatabaseError, match="missing but its write-ahead log"):
-            EventStore.open(url)
+            EventStore.open(url, migrate=False)  # (not "no schema, run migrate")
 
         async def open_async() -> None:
             await AsyncEventStore.open(url)
