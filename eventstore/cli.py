@@ -342,7 +342,7 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
         resolved = resolve_url(args.url)
         path = sqlite_file(resolved)
         if path is not None:
-            if not path.exists():
+            if missing_sqlite_file(resolved) is not None:  # (an orphaned -wal: DatabaseError)
                 if not existing:
                     return EventStore.open(args.url)
                 raise CliError(f"no SQLite database at {path} (append or migrate creates one)")

@@ -496,6 +496,14 @@ def test_reading_commands_do_not_create_a_sqlite_database(
     assert (code, out) == (2, "")
     assert f"no SQLite database at {path}" in err
     assert not path.exists()
+    # Its write-ahead log left behind (the database moved away while in use): not "append
+    # or migrate creates one", which would reset that log.
+    wal = tmp_path / "typo.db-wal"
+    wal.write_bytes(b"\0" * 4096)
+    code, out, err = run(capsys, *command, "--url", f"sqlite:///{path}")
+    assert (code, out) == (1, "") and "missing but its write-ahead log" in err, err
+    assert not path.exists() and wal.stat().st_size == 4096
+    wal.unlink()
     # Another application's database (or an empty file): refused, its tables left alone.
     import sqlite3
 
