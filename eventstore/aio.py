@@ -515,10 +515,17 @@ async def _wait(stop: StopEvent, seconds: float) -> None:
 
 
 async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(conn, *args)`` on the bridge in a transaction of its own, as
-    ``_backend.own_transaction``: a rollback that fails too (psycopg closed the connection: a
-    failed pipeline's clean-up, a cancelled query) must not replace the error, or a
-    cancellation would come out as a DatabaseError; the connection is invalidated instead."""
+    """``fn(conn, *args)`` on the bridge in a transaction of its own (:func:`_transaction`)."""
+    async with _transaction(conn):
+        return await conn.run_sync(fn, *args)
+
+
+@contextlib.asynccontextmanager
+async def _transaction(conn: AsyncConnection) -> AsyncIterator[None]:
+    """A transaction of ``conn`` on the bridge, as ``_backend.own_transaction``: a rollback that
+    fails too (psycopg closed the connection: a failed pipeline's clean-up, a cancelled query)
+    must not replace the error, or a cancellation would come out as a DatabaseError; the
+    connection is invalidated instead."""
     try:
         try:
             trans = await conn.begin()
@@ -526,15 +533,14 @@ async def _own_transaction(conn: AsyncConnection, fn: Callable[..., T], *args: A
             await _roll_back(conn, None)
             raise
         try:
-            result = await conn.run_sync(fn, *args)
+            yield
             if trans.is_active:
                 await trans.commit()
         except BaseException:
-            await _roll_back(conn, trans)
+            await _roll_back(conn, trans)  # (keeps the first error)
             raise
     finally:
         done_writing(conn.sync_connection)
-    return result
 
 
 async def _roll_back(conn: AsyncConnection, trans: AsyncTransaction | None) -> None:
@@ -928,21 +934,8 @@ async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
                     conn = await conn.execution_options(sqlite_write=True)
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            try:
-                try:
-                    trans = await conn.begin()
-                except BaseException:
-                    await _roll_back(conn, None)
-                    raise
-                try:
-                    yield conn
-                    if trans.is_active:
-                        await trans.commit()
-                except BaseException:
-                    await _roll_back(conn, trans)  # (keeps the first error)
-                    raise
-            finally:
-                done_writing(conn.sync_connection)
+            async with _transaction(conn):
+                yield conn
 
 
 def _refuse_retired(engine: AsyncEngine) -> None:
