@@ -8,6 +8,11 @@ exception kept as ``__cause__``.  Errors for bad input also derive from :class:`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (for annotations only: this module imports nothing at run time)
+    from .events import ExpectedState
+
 
 class EventStoreError(Exception):
     """Base class of every error raised by the store."""
@@ -37,7 +42,8 @@ class EventTooLarge(InvalidEvent):
 class WrongExpectedVersion(EventStoreError):
     """The stream's version is not the one the append expected; nothing was written."""
 
-    def __init__(self, *, stream_id: str, tenant_id: str, expected: object, actual: int) -> None:
+    def __init__(self, *, stream_id: str, tenant_id: str, expected: int | ExpectedState,
+                 actual: int) -> None:
         super().__init__(
             f"expected version {_describe(expected)} for stream {stream_id} "
             f"(tenant {tenant_id}), stream is at {actual}"

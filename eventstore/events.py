@@ -125,6 +125,9 @@ class _EventMeta(msgspec.StructMeta):
         return cls
 
 
+# (Also on the class: type checkers take msgspec's own transform of Struct over a metaclass's,
+# and would let events be built positionally and changed.)
+@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(msgspec.field,))
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False,
             metaclass=_EventMeta):
     """Base class of every event type; subclass it with ``tag="PastTenseFact"``.

@@ -106,7 +106,7 @@ def _decide_locked(store: EventStore, projection: Projection[S], stream_id: str,
         try:
             with holding, transaction(store, write=True) as conn:
                 lock_appends(conn)
-                bound = BoundStore(store, conn, nowait=not queue)  # type: ignore[arg-type]
+                bound = BoundStore(store, conn, nowait=not queue)
                 state, version = current(bound, projection, stream_id,  # type: ignore[arg-type]
                                          tenant_id=tenant_id)
                 events = decision(state, version)

@@ -154,9 +154,12 @@ class Projection(Generic[S]):
     snapshot_every: int | None = 100
 
     def initial(self, tenant_id: str, stream_id: str) -> S:
+        """The state of a stream before its first event (subclasses implement it)."""
         raise NotImplementedError
 
     def evolve(self, state: S, event: RecordedEvent) -> S:
+        """The state after ``event`` (subclasses implement it): pure, and it must not change
+        ``state`` in place when that state may be shared (return a new one)."""
         raise NotImplementedError
 
     # Live folds call this instead of evolve when a subclass defines it.
@@ -171,17 +174,22 @@ class Projection(Generic[S]):
     """
 
     def index(self, state: S) -> RowIndex:
+        """The columns ``query_rows`` filters and orders a stream's row by (none by default)."""
         return RowIndex()
 
     # -- helpers the engine uses ------------------------------------------------------------
 
     def handles(self, event: RecordedEvent) -> bool:
+        """Whether the fold sees ``event``: its stream is of one of ``categories`` (all when
+        there are none)."""
         return not self.categories or event.category in self.categories
 
     def encode(self, state: S) -> bytes:
+        """The state as stored in rows and snapshots (msgspec JSON by default)."""
         return msgspec.json.encode(state)
 
     def decode(self, raw: bytes) -> S:
+        """The state :meth:`encode` stored, as ``state_type``."""
         result: S = msgspec.json.decode(raw, type=self.state_type)
         return result
 

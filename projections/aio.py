@@ -21,10 +21,11 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from sqlalchemy import Connection
 
+from eventstore import EventStore
 from eventstore._bound import BoundStore
 from eventstore.aio import AsyncEventStore
 
@@ -59,10 +60,11 @@ __all__ = ["AsyncAgentSessions", "AsyncContinuations", "AsyncConversations", "As
 
 F = TypeVar("F")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-async def run_read(store: AsyncEventStore, fn: Callable[..., T], *args: Any, **kwargs: Any
-                   ) -> T:
+async def run_read(store: AsyncEventStore, fn: Callable[Concatenate[EventStore, P], T],
+                   *args: P.args, **kwargs: P.kwargs) -> T:
     """``fn(bound, *args, **kwargs)``: a sync read of ``projections`` (``query_rows``,
     ``current``, ``fold_live``, ``load_row``, ``status``) for an :class:`AsyncEventStore`,
     ``bound`` standing for the store inside one read transaction of it (run as the store's
@@ -73,8 +75,8 @@ async def run_read(store: AsyncEventStore, fn: Callable[..., T], *args: Any, **k
     take an :class:`~eventstore.EventStore` of the same URL.
     """
     check_async_store(store, "run_read", "call the function with the EventStore itself")
-    return await store.run_read(
-        lambda conn: fn(BoundStore(store, conn, read_only=True), *args, **kwargs))
+    return await store.run_read(lambda conn: fn(
+        BoundStore(store, conn, read_only=True), *args, **kwargs))  # type: ignore[arg-type]
 
 
 class _Twin(Generic[F]):
@@ -110,7 +112,7 @@ class _Twin(Generic[F]):
         def call(conn: Connection, nowait: bool = False) -> T:
             stores.clear()  # (a run that was rolled back to run again logs nothing)
             bound = copy.copy(self._facade)
-            stores.append(BoundStore(self.store, conn, nowait=nowait,  # type: ignore[arg-type]
+            stores.append(BoundStore(self.store, conn, nowait=nowait,
                                      read_only=not write))
             bound.store = stores[-1]  # type: ignore[attr-defined]
             return fn(bound)

@@ -166,6 +166,11 @@ class EventStoreFlowPersistence(FlowPersistence):
             given = data["url"]
         if given is not None:
             data["url"] = _without_password(given)
+        unknown = sorted(set(data) - set(type(self).model_fields))
+        if unknown:  # (pydantic would drop them: a misspelt tenant_id, and the wrong tenant)
+            raise InvalidArgument(
+                f"EventStoreFlowPersistence got unknown argument(s) {', '.join(unknown)}: it "
+                "takes a store or URL, and url=, tenant_id=")
         if "tenant_id" in data:  # refused here, not after the flow's first step ran
             check_id(data["tenant_id"], "tenant id", InvalidArgument)
         super().__init__(**data)
@@ -281,7 +286,7 @@ class EventStoreFlowPersistence(FlowPersistence):
 
     def load_pending_feedback(
         self, flow_uuid: str,
-    ) -> tuple[dict[str, Any], PendingFeedbackContext] | None:
+    ) -> tuple[dict[str, Any], PendingFeedbackContext]:
         """Claim the open request for resuming: ``(state, context)``, for exactly one caller.
 
         ``Flow.from_pending`` calls this.  The claim is :meth:`Flows.resolve_feedback`'s

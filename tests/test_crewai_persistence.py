@@ -407,6 +407,14 @@ def test_flow_is_restored_by_id_with_new_inputs_overriding(
     assert persistence.load_state(flow_id) == state.model_dump()
 
 
+def test_a_misspelt_argument_is_refused_not_dropped(store: EventStore) -> None:
+    """``EventStoreFlowPersistence(store, tenant="acme")`` was made without a word (pydantic
+    drops unknown fields) and saved every flow in the default tenant; it is refused now."""
+    with pytest.raises(InvalidArgument, match=r"unknown argument.*tenant"):
+        EventStoreFlowPersistence(store, tenant="acme")
+    assert EventStoreFlowPersistence(store, tenant_id="acme").tenant_id == "acme"
+
+
 def test_an_integer_flow_id_is_kept_as_crewai_s_sqlite_backend_keeps_it(
     persistence: EventStoreFlowPersistence, tmp_path: Path,
 ) -> None:
