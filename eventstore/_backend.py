@@ -302,26 +302,6 @@ def _refuse_if_orphaned_wal(path: Path) -> None:
                 "start afresh")
 
 
-_FORK_PROBE_SECONDS = 0.2  # (another process's write, or a checkpoint, may hold it so long)
-
-
-def _write_lock_free_here(path: str) -> bool:
-    """Whether a new connection of this process takes SQLite's write lock on ``path`` within
-    a moment (then lets it go).  In a child forked while its parent held it, it never does."""
-    try:
-        probe = sqlite3.connect(path, timeout=_FORK_PROBE_SECONDS, isolation_level=None)
-    except sqlite3.Error:
-        return False
-    try:
-        probe.execute("BEGIN IMMEDIATE")
-        probe.execute("ROLLBACK")
-        return True
-    except sqlite3.Error:
-        return False
-    finally:
-        probe.close()
-
-
 def refuse_orphaned_wal(engine: Engine, url: URL) -> None:
     """Refuse to connect to a SQLite file that is missing while its write-ahead log is there.
 
@@ -529,6 +509,26 @@ def _refuse_if_forked_mid_write(opened: tuple[str, tuple[int, int]]) -> None:
             "state came over as it was then, and no connection of this process can write to "
             "that database; start worker processes with the 'spawn' or 'forkserver' method, "
             "or fork while no write is under way")
+
+
+_FORK_PROBE_SECONDS = 0.2  # (another process's write, or a checkpoint, may hold it so long)
+
+
+def _write_lock_free_here(path: str) -> bool:
+    """Whether a new connection of this process takes SQLite's write lock on ``path`` within
+    a moment (then lets it go).  In a child forked while its parent held it, it never does."""
+    try:
+        probe = sqlite3.connect(path, timeout=_FORK_PROBE_SECONDS, isolation_level=None)
+    except sqlite3.Error:
+        return False
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        probe.close()
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

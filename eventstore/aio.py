@@ -800,8 +800,9 @@ class _AnyLoopQueue:
     Why: SQLAlchemy's queue waits on an ``asyncio.Queue``, bound to the first event loop that
     ever waited for a connection: a store shared by loops (``asyncio.run`` per job, a loop
     per thread) then failed every later wait on another loop with a RuntimeError.  Here each
-    waiter waits on a future of its own loop; a connection put back wakes the oldest waiter
-    (on its own loop), which takes a connection if one is left, else waits again.
+    waiter waits on a future of its own loop; a connection put back wakes the oldest waiter of
+    each loop (see :meth:`_wake_next`), which takes a connection if one is left, else waits
+    again.
     """
 
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
