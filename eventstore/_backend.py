@@ -436,13 +436,22 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
         if write:
             _check_same_file(opened)
             if opened is not None:
-                _refuse_if_forked_mid_write(opened)
-        _writing.pop(id(dbapi), None)
-        cur = dbapi_cursor(conn)
-        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        if opened is not None:  # (it holds the write lock now, until its COMMIT or ROLLBACK)
+                _refuse_if_forked_mid_write(opened, busy_ms / 1000)
+        # Noted before BEGIN IMMEDIATE: SQLite takes the lock inside it, and the thread may
+        # wait for the GIL before it returns (a child forked while it waits for the lock is
+        # noted too: its probe finds the lock free, see _refuse_if_forked_mid_write).
+        if opened is not None:
             _writing[id(dbapi)] = (opened, dbapi)
-        cur.close()
+        else:
+            _writing.pop(id(dbapi), None)
+        cur = dbapi_cursor(conn)
+        try:
+            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except BaseException:
+            _writing.pop(id(dbapi), None)
+            raise
+        finally:
+            cur.close()
 
     # The write lock is let go inside the driver's COMMIT or ROLLBACK: noted as soon as that
     # returns (a child forked after it can write; SQLAlchemy's events come before the call).
@@ -459,13 +468,15 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
 _FILE_KEY = "eventstore_sqlite_file"
 
 # SQLite connections of this process in a write transaction, by id (the file they opened,
-# and the connection): from their BEGIN IMMEDIATE until their COMMIT or ROLLBACK has returned
+# and the connection): from just before their BEGIN IMMEDIATE until their COMMIT or ROLLBACK
+# has returned
 # (done_writing; also their next transaction, checkin or close); and the files a forked child
 # must not write to (see _refuse_if_forked_mid_write).  Until the commit has returned, not
 # the driver's ``in_transaction``: SQLite leaves that before it writes the commit out, while
 # it still holds the write lock (with synchronous=FULL, the longest part of an append).
 _writing: dict[int, tuple[tuple[str, tuple[int, int]], Any]] = {}
 _forked_mid_write: dict[tuple[int, int], str] = {}
+_forked_stuck: set[tuple[int, int]] = set()  # noted files whose probe failed
 
 
 def done_writing(conn: Connection | None) -> None:
@@ -476,11 +487,11 @@ def done_writing(conn: Connection | None) -> None:
 
 
 def _then_not_writing(end: Callable[[Any], None]) -> Callable[[Any], None]:
-    def ended(dbapi_conn: Any) -> None:
+    def ended(pooled: Any) -> None:
         try:
-            end(dbapi_conn)
-        finally:
-            _writing.pop(id(dbapi_conn), None)
+            end(pooled)
+        finally:  # (SQLAlchemy hands the pool's wrapper of the DBAPI connection)
+            _writing.pop(id(getattr(pooled, "dbapi_connection", pooled)), None)
     return ended
 
 
@@ -488,37 +499,45 @@ def _note_forked_mid_write() -> None:
     """In a forked child: the files a parent thread was writing to at the fork."""
     for (path, identity), _dbapi in list(_writing.values()):
         _forked_mid_write[identity] = path
+        _forked_stuck.discard(identity)
     _writing.clear()
 
 
-def _refuse_if_forked_mid_write(opened: tuple[str, tuple[int, int]]) -> None:
+def _refuse_if_forked_mid_write(opened: tuple[str, tuple[int, int]], wait: float) -> None:
     """Refuse to write where this process was forked while its parent wrote.  Why: SQLite
     keeps its locks' state in the process, and the child inherits the record that one of its
     connections holds the database's write lock, which no connection of the child can ever
     release: each of its writes waited out the busy timeout and failed as transient, for good
-    (also on a store opened after the fork)."""
-    path = _forked_mid_write.get(opened[1])
-    if path is not None and _write_lock_free_here(path):
-        # Noted, but the parent let the lock go as the fork came (a moment too narrow to
-        # tell apart): a connection of this process takes it, so its state is sound.
-        del _forked_mid_write[opened[1]]
-        path = None
-    if path is not None:
-        raise DatabaseError(
-            f"this process was forked while its parent was writing to {path}: SQLite's lock "
-            "state came over as it was then, and no connection of this process can write to "
-            "that database; start worker processes with the 'spawn' or 'forkserver' method, "
-            "or fork while no write is under way")
+    (also on a store opened after the fork).
+
+    A file noted at the fork is probed first (the parent may have let the lock go as the fork
+    came, or not yet have had it): if a new connection of this process takes the write lock
+    within ``wait`` (the busy timeout), the child's state is sound and the note goes.  If not,
+    the refusal stands for the rest of the process, and later writes are refused at once.
+    """
+    identity = opened[1]
+    path = _forked_mid_write.get(identity)
+    if path is None:
+        return
+    if identity not in _forked_stuck:
+        if _write_lock_free_here(path, wait):
+            del _forked_mid_write[identity]
+            return
+        _forked_stuck.add(identity)
+    raise DatabaseError(
+        f"this process was forked while its parent was writing to {path}: SQLite's lock "
+        "state came over as it was then, and no connection of this process can write to "
+        "that database; start worker processes with the 'spawn' or 'forkserver' method, "
+        "or fork while no thread is inside SQLite")
 
 
-_FORK_PROBE_SECONDS = 0.2  # (another process's write, or a checkpoint, may hold it so long)
-
-
-def _write_lock_free_here(path: str) -> bool:
+def _write_lock_free_here(path: str, wait: float) -> bool:
     """Whether a new connection of this process takes SQLite's write lock on ``path`` within
-    a moment (then lets it go).  In a child forked while its parent held it, it never does."""
+    ``wait`` seconds (then lets it go).  In a child forked while its parent held it, it never
+    does.  Opened read-write, never created (the file may have gone since it was checked)."""
     try:
-        probe = sqlite3.connect(path, timeout=_FORK_PROBE_SECONDS, isolation_level=None)
+        probe = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=rw", uri=True,
+                                timeout=wait, isolation_level=None)
     except sqlite3.Error:
         return False
     try:

@@ -1063,13 +1063,14 @@ def test_a_child_forked_while_its_parent_writes_to_sqlite_is_refused_at_once(
     """SQLite keeps its locks' state in the process: a child forked while a parent thread
     held the write lock inherits the record that it holds it, and none of its connections
     can ever write.  Each of its appends used to wait out the busy timeout and fail as
-    transient, for good.  Now it is refused at once, not transient, naming the fork; the
-    parent, and a child forked while nothing writes, append as before."""
+    transient, for good.  Now it is refused, not transient, naming the fork (the first write
+    after probing for the busy timeout, later ones at once); the parent, and a child forked
+    while nothing writes, append as before."""
     import threading
 
     from eventstore.errors import DatabaseError
 
-    url = f"sqlite:///{tmp_path}/forked.db?busy_timeout=5000"
+    url = f"sqlite:///{tmp_path}/forked.db?busy_timeout=1000"
     store = EventStore.open(url, migrate=True)
     inside, go_on = threading.Event(), threading.Event()
 
@@ -1078,21 +1079,26 @@ def test_a_child_forked_while_its_parent_writes_to_sqlite_is_refused_at_once(
         go_on.wait(20)
 
     def child_appends() -> int:
-        """Fork; the child appends once and exits 0 (appended), 3 (refused at once as
-        asked), or 1 (anything else)."""
+        """Fork; the child appends and exits 0 (appended), 3 (refused as asked: after its
+        probe of the busy timeout, then at once), or 1 (anything else)."""
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.alarm(20)
-                started = time.monotonic()
-                try:
-                    store.append("child", [NoteAdded(text="c")])
-                    code = 0
-                except DatabaseError as e:
-                    if (not e.transient and "forked" in str(e)
-                            and time.monotonic() - started < 2):
-                        code = 3
+                took = []
+                for _ in range(2):
+                    started = time.monotonic()
+                    try:
+                        store.append("child", [NoteAdded(text="c")])
+                        code = 0
+                        break
+                    except DatabaseError as e:
+                        if e.transient or "forked" not in str(e):
+                            raise
+                    took.append(time.monotonic() - started)
+                if code != 0 and took[0] < 3 and took[1] < 0.5:
+                    code = 3
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
