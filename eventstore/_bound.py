@@ -32,7 +32,8 @@ __all__ = ["BoundStore", "transaction"]
 
 
 class BoundStore:
-    """The sync store API on one connection that is already in a (write) transaction."""
+    """The sync store API on one connection that is already in a transaction (a write one,
+    unless ``read_only``)."""
 
     def __init__(self, core: StoreCore, conn: Connection, *, nowait: bool = False,
                  read_only: bool = False) -> None:
