@@ -468,22 +468,15 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
 _FILE_KEY = "eventstore_sqlite_file"
 
 # SQLite connections of this process in a write transaction, by id (the file they opened,
-# and the connection): from just before their BEGIN IMMEDIATE until their COMMIT or ROLLBACK
-# has returned
-# (done_writing; also their next transaction, checkin or close); and the files a forked child
-# must not write to (see _refuse_if_forked_mid_write).  Until the commit has returned, not
-# the driver's ``in_transaction``: SQLite leaves that before it writes the commit out, while
-# it still holds the write lock (with synchronous=FULL, the longest part of an append).
+# and the connection): from just before their BEGIN IMMEDIATE until the dialect's COMMIT or
+# ROLLBACK has returned (or end_transaction's own rollback; also their next transaction,
+# checkin or close); and the files a forked child must not write to (see
+# _refuse_if_forked_mid_write).  Until the commit has returned, not the driver's
+# ``in_transaction``: SQLite leaves that before it writes the commit out, while it still holds
+# the write lock (with synchronous=FULL, the longest part of an append).
 _writing: dict[int, tuple[tuple[str, tuple[int, int]], Any]] = {}
 _forked_mid_write: dict[tuple[int, int], str] = {}
 _forked_stuck: set[tuple[int, int]] = set()  # noted files whose probe failed
-
-
-def done_writing(conn: Connection | None) -> None:
-    """The write transaction of ``conn`` (a sync connection) has ended, committed or not."""
-    with contextlib.suppress(Exception):  # (invalidated or closed: nothing to look up)
-        if conn is not None and conn.dialect.name == "sqlite":
-            _writing.pop(id(conn.connection.dbapi_connection), None)
 
 
 def _then_not_writing(end: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -842,21 +835,18 @@ def own_transaction(conn: Connection) -> Iterator[None]:
     invalidated instead.
     """
     try:
-        try:
-            trans = conn.begin()
-        except BaseException:
-            # (Interrupted after SQLAlchemy attached its transaction: that one, or none.)
-            end_transaction(conn, conn.get_transaction())
-            raise
-        try:
-            yield
-            if trans.is_active:
-                trans.commit()
-        except BaseException:
-            end_transaction(conn, trans)
-            raise
-    finally:
-        done_writing(conn)
+        trans = conn.begin()
+    except BaseException:
+        # (Interrupted after SQLAlchemy attached its transaction: that one, or none.)
+        end_transaction(conn, conn.get_transaction())
+        raise
+    try:
+        yield
+        if trans.is_active:
+            trans.commit()
+    except BaseException:
+        end_transaction(conn, trans)
+        raise
 
 
 def end_transaction(conn: Connection, trans: Transaction | None) -> None:
@@ -867,7 +857,9 @@ def end_transaction(conn: Connection, trans: Transaction | None) -> None:
         if trans is not None:
             trans.rollback()
         if not conn.invalidated and not conn.closed:
-            conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+            dbapi = conn.connection.dbapi_connection
+            dbapi.rollback()  # type: ignore[union-attr]
+            _writing.pop(id(dbapi), None)  # (past the dialect's do_rollback: see _writing)
     except Exception:
         conn.invalidate()
 

@@ -56,7 +56,6 @@ from ._backend import (
     _sqlite_listeners,
     _sqlite_settings,
     close_when_retired,
-    done_writing,
     end_transaction,
     hung_up,
     is_retired,
@@ -260,11 +259,8 @@ class AsyncEventStore(StoreCore):
                                           opened=raw.info.get(_FILE_KEY))
         if write:
             aconn = await aconn.execution_options(sqlite_write=True)
-        try:
-            async with aconn.begin():
-                return await aconn.run_sync(fn, *args)
-        finally:
-            done_writing(aconn.sync_connection)
+        async with aconn.begin():
+            return await aconn.run_sync(fn, *args)
 
     # -- appending --------------------------------------------------------------------------------
 
@@ -527,20 +523,17 @@ async def _transaction(conn: AsyncConnection) -> AsyncIterator[None]:
     must not replace the error, or a cancellation would come out as a DatabaseError; the
     connection is invalidated instead."""
     try:
-        try:
-            trans = await conn.begin()
-        except BaseException:
-            await _roll_back(conn, None)
-            raise
-        try:
-            yield
-            if trans.is_active:
-                await trans.commit()
-        except BaseException:
-            await _roll_back(conn, trans)  # (keeps the first error)
-            raise
-    finally:
-        done_writing(conn.sync_connection)
+        trans = await conn.begin()
+    except BaseException:
+        await _roll_back(conn, None)
+        raise
+    try:
+        yield
+        if trans.is_active:
+            await trans.commit()
+    except BaseException:
+        await _roll_back(conn, trans)  # (keeps the first error)
+        raise
 
 
 async def _roll_back(conn: AsyncConnection, trans: AsyncTransaction | None) -> None:
