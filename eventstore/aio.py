@@ -668,10 +668,11 @@ class _SQLiteThreadTransactions:
     Why: aiosqlite runs every call on a thread of its own, one hand-over between threads per
     call (about 70 us here, more than a one-row statement).  Through SQLAlchemy's greenlet
     bridge an append made nine of them (BEGIN, each statement, COMMIT, the pool's reset);
-    here it makes two (the transaction, the reset).  The transaction body is the sync store's
-    code, as on the greenlet bridge, on a sync SQLAlchemy connection over the same sqlite3
-    connection (a sync engine per aiosqlite connection, set up like the sync store's), in the
-    caller's context variables (for structlog's bound context).
+    here it makes one (the pool's reset is skipped, see :func:`_no_idle_rollback`).  The
+    transaction body is the sync store's code, as on the greenlet bridge, on a sync
+    SQLAlchemy connection over the same sqlite3 connection (a sync engine per aiosqlite
+    connection, set up like the sync store's), in the caller's context variables (for
+    structlog's bound context).
     """
 
     def __init__(self, url: URL) -> None:
@@ -905,6 +906,7 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
                                          poolclass=StaticPool if memory else _AnyLoopPool)
         refuse_orphaned_wal(engine.sync_engine, url)
         _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
+        _no_idle_rollback(engine.sync_engine.dialect)
     else:
         with missing_extra("async"):
             engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10,
@@ -913,6 +915,28 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
         pg_listeners(engine.sync_engine)
     close_when_retired(engine.sync_engine)
     return engine
+
+
+def _no_idle_rollback(dialect: Any) -> None:
+    """The aiosqlite dialect's rollback skips a connection with no transaction open.
+
+    Why: the pool rolls back every connection handed back to it whose transaction SQLAlchemy
+    did not end itself, as after each transaction run whole on aiosqlite's thread (see
+    :class:`_SQLiteThreadTransactions`): a second hand-over to that thread per read, which
+    doubled the cost of an ``aget_tuple``.  Such a transaction has always ended by then (or
+    ends itself, ahead in the thread's queue, when its caller gave up), and a rollback with
+    no transaction is a no-op in sqlite3; aiosqlite's ``in_transaction`` asks SQLite
+    without a hand-over.
+    """
+    rollback = dialect.do_rollback
+
+    def do_rollback(dbapi_connection: Any) -> None:
+        aio = getattr(dbapi_connection, "driver_connection", None)
+        if aio is not None and getattr(aio, "in_transaction", True) is False:
+            return
+        rollback(dbapi_connection)
+
+    dialect.do_rollback = do_rollback
 
 
 @contextlib.asynccontextmanager
