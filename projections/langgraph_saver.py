@@ -28,6 +28,7 @@ import builtins
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import itertools
 import math
 import secrets
@@ -37,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
+import ormsgpack
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
@@ -50,6 +52,7 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -92,6 +95,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CATEGORY",
+    "aimport_checkpoints",
     "import_checkpoints",
     "AsyncEventStoreSaver",
     "ChannelValuesSaved",
@@ -2141,31 +2145,94 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
 
     Every checkpoint goes over oldest first with its metadata, parent and pending writes
     (interrupts and resume values included), storing only the channels whose version changed
-    from the parent, so an imported thread is as small as one written by this saver.
-    ``thread_ids`` defaults to every thread of ``source``.  Each thread goes over whole, in one
-    atomic append, and only into a thread ``target`` does not have yet: threads already there
-    are skipped, so an interrupted import can simply be run again.  Returns the number of
-    checkpoints copied.  A thread this saver refuses (a thread id over 246 characters, a
-    checkpoint it cannot store) is left out whole and the others go on; then
-    :class:`ThreadsNotImported` names each such thread and why.
+    from the parent, so an imported thread is as small as one written by this saver.  Values
+    go over as the source's serializer wrote them when both savers use LangGraph's
+    ``JsonPlusSerializer`` (the default): an object of the application's own classes is
+    copied as its bytes, not built and serialized again, so the import needs neither those
+    classes nor LangGraph's msgpack allow-list (built without its class, it would have
+    become a plain dict for good).  ``thread_ids`` defaults to every thread of ``source``.
+    Each thread goes over whole, in one atomic append, and only into a thread ``target`` does
+    not have yet: threads already there are skipped, so an interrupted import can simply be
+    run again.  Returns the number of checkpoints copied.  A thread this saver refuses (a
+    thread id over 246 characters, a checkpoint it cannot store) is left out whole and the
+    others go on; then :class:`ThreadsNotImported` names each such thread and why.  For an
+    :class:`AsyncEventStoreSaver`, see :func:`aimport_checkpoints`.
     """
+    if not isinstance(target, EventStoreSaver):
+        raise InvalidArgument(
+            f"import_checkpoints writes into an EventStoreSaver, not "
+            f"{type(target).__name__}; for an AsyncEventStoreSaver use "
+            "`await aimport_checkpoints(source, target)`")
+    reader, writer = _byte_copying(source, target)
     if thread_ids is None:
         seen: dict[str, None] = {}
-        for t in source.list(None):
+        for t in reader.list(None):
             seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
         thread_ids = seen
     copied = 0
     failed: dict[str, str] = {}
     for thread_id in thread_ids:
         try:
-            copied += _import_thread(source, target, thread_id)
+            tuples = builtins.list(reader.list({"configurable": {"thread_id": thread_id}}))
+            events = _thread_events(writer, thread_id, tuples)
+            if events:
+                try:
+                    target.store.append(stream_id_of(thread_id), events,
+                                        tenant_id=target.tenant_id, expected_version=0)
+                    copied += len(tuples)
+                except WrongExpectedVersion:
+                    _import_skipped(thread_id, target.tenant_id)
         except InvalidArgument as e:  # this thread's id or data: the others go on
-            failed[str(thread_id)] = f"{type(e).__name__}: {e}"
-            _log.warning("import_thread_refused", thread=str(thread_id)[:100],
-                         tenant=target.tenant_id, error=failed[str(thread_id)])
+            _import_refused(failed, thread_id, target.tenant_id, e)
     if failed:
         raise ThreadsNotImported(failed, copied)
     return copied
+
+
+async def aimport_checkpoints(source: BaseCheckpointSaver[Any], target: AsyncEventStoreSaver,
+                              *, thread_ids: Iterable[str] | None = None) -> int:
+    """:func:`import_checkpoints` into an :class:`AsyncEventStoreSaver`, reading ``source``
+    through its async methods (``AsyncSqliteSaver``, ``AsyncPostgresSaver`` …)."""
+    if not isinstance(target, AsyncEventStoreSaver):
+        raise InvalidArgument(
+            f"aimport_checkpoints writes into an AsyncEventStoreSaver, not "
+            f"{type(target).__name__}; for an EventStoreSaver use import_checkpoints(source, "
+            "target)")
+    reader, writer = _byte_copying(source, target)
+    if thread_ids is None:
+        seen: dict[str, None] = {}
+        async for t in reader.alist(None):
+            seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
+        thread_ids = seen
+    copied = 0
+    failed: dict[str, str] = {}
+    for thread_id in thread_ids:
+        try:
+            tuples = [t async for t in reader.alist({"configurable": {"thread_id": thread_id}})]
+            events = _thread_events(writer, thread_id, tuples)
+            if events:
+                try:
+                    await target.store.append(stream_id_of(thread_id), events,
+                                              tenant_id=target.tenant_id, expected_version=0)
+                    copied += len(tuples)
+                except WrongExpectedVersion:
+                    _import_skipped(thread_id, target.tenant_id)
+        except InvalidArgument as e:
+            _import_refused(failed, thread_id, target.tenant_id, e)
+    if failed:
+        raise ThreadsNotImported(failed, copied)
+    return copied
+
+
+def _import_skipped(thread_id: str, tenant_id: str) -> None:
+    _log.info("import_thread_skipped", thread=thread_id, tenant=tenant_id)
+
+
+def _import_refused(failed: dict[str, str], thread_id: str, tenant_id: str,
+                    e: InvalidArgument) -> None:
+    failed[str(thread_id)] = f"{type(e).__name__}: {e}"
+    _log.warning("import_thread_refused", thread=str(thread_id)[:100], tenant=tenant_id,
+                 error=failed[str(thread_id)])
 
 
 class ThreadsNotImported(InvalidArgument):
@@ -2181,19 +2248,17 @@ class ThreadsNotImported(InvalidArgument):
         self.copied = copied
 
 
-def _import_thread(source: BaseCheckpointSaver[Any], target: EventStoreSaver,
-                   thread_id: str) -> int:
-    """One thread of :func:`import_checkpoints`, in one append; the checkpoints copied."""
+def _thread_events(target: EventStoreSaver | AsyncEventStoreSaver, thread_id: str,
+                   tuples: Sequence[CheckpointTuple]) -> builtins.list[Event]:
+    """The events of one imported thread (``tuples`` as ``list`` gives them, newest first),
+    for one append."""
     limit = target.store._options.max_event_bytes
-    tuples = builtins.list(source.list({"configurable": {"thread_id": thread_id}}))
-    if not tuples:
-        return 0
     events: builtins.list[Event] = []
     versions: dict[tuple[str, str], ChannelVersions] = {}
     for t in reversed(tuples):  # list() gives newest first
         conf = t.config["configurable"]
         ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
-        checkpoint = t.checkpoint
+        checkpoint = _with_extra_built(t.checkpoint, target.serde)
         parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
         before = versions.get((ns, str(parent_id)), {}) if parent_id else {}
         changed = {ch: v for ch, v in checkpoint["channel_versions"].items()
@@ -2214,13 +2279,91 @@ def _import_thread(source: BaseCheckpointSaver[Any], target: EventStoreSaver,
             # the source gave the tasks keep that order.
             _t, wev = target._writes_event(stored, task_writes, task_id, f"{n:08d}")
             events.extend(_fitted(wev, limit, _split_writes))
+    return events
+
+
+# -- imports copy serialized values as they are -------------------------------------------------
+
+class _Packed:
+    """An object in a msgpack value of LangGraph's serializer (an extension: a class and its
+    arguments), kept as its bytes by an import (see :func:`_byte_copying`)."""
+
+    __slots__ = ("code", "data")
+
+    def __init__(self, code: int, data: bytes) -> None:
+        self.code = code
+        self.data = data
+
+
+def _pack_back(obj: Any) -> Any:
+    if isinstance(obj, _Packed):
+        return ormsgpack.Ext(obj.code, obj.data)
+    raise TypeError(f"not a kept msgpack value: {type(obj).__name__}")
+
+
+def _holds_packed(obj: Any) -> bool:
+    if isinstance(obj, _Packed):
+        return True
+    if isinstance(obj, dict):
+        return any(_holds_packed(k) or _holds_packed(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_packed(v) for v in obj)
+    return False
+
+
+class _KeepBytes(SerializerProtocol):
+    """A ``JsonPlusSerializer`` whose msgpack values keep their objects as :class:`_Packed`
+    bytes when loaded, and write them back unchanged."""
+
+    def __init__(self, serde: SerializerProtocol) -> None:
+        self._serde = serde
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        if _holds_packed(obj):
+            return "msgpack", ormsgpack.packb(obj, default=_pack_back,
+                                              option=ormsgpack.OPT_NON_STR_KEYS)
+        return self._serde.dumps_typed(obj)
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        if data[0] == "msgpack":
+            return ormsgpack.unpackb(data[1], ext_hook=_Packed,
+                                     option=ormsgpack.OPT_NON_STR_KEYS)
+        return self._serde.loads_typed(data)
+
+    def build(self, obj: Any) -> Any:
+        """``obj`` with its kept objects built, as the wrapped serializer loads them."""
+        if not _holds_packed(obj):
+            return obj
+        return self._serde.loads_typed(self.dumps_typed(obj))
+
+
+_S = TypeVar("_S", bound=BaseCheckpointSaver[Any])
+_B = TypeVar("_B", bound="_Base")
+
+
+def _byte_copying(source: _S, target: _B) -> tuple[_S, _B]:
+    """Views of an import's two savers that carry msgpack values over as their bytes, when
+    both use LangGraph's ``JsonPlusSerializer`` (the source's encoding is then the target's);
+    else the savers themselves (values are loaded and serialized again)."""
+    if not (isinstance(getattr(source, "serde", None), JsonPlusSerializer)
+            and isinstance(target.serde, JsonPlusSerializer)):
+        return source, target
     try:
-        target.store.append(stream_id_of(thread_id), events, tenant_id=target.tenant_id,
-                            expected_version=0)
-    except WrongExpectedVersion:
-        _log.info("import_thread_skipped", thread=thread_id, tenant=target.tenant_id)
-        return 0
-    return len(tuples)
+        reader, writer = copy.copy(source), copy.copy(target)
+    except Exception:  # (a saver that cannot be copied: loaded and serialized again)
+        return source, target
+    reader.serde = _KeepBytes(source.serde)
+    writer.serde = _KeepBytes(target.serde)
+    return reader, writer
+
+
+def _with_extra_built(checkpoint: Checkpoint, serde: SerializerProtocol) -> Checkpoint:
+    """The checkpoint with objects outside its channel values built (the log keeps those
+    fields as JSON): a checkpoint format's extra keys."""
+    if not isinstance(serde, _KeepBytes):
+        return checkpoint
+    extra = {k: serde.build(v) for k, v in checkpoint.items() if k not in _CHECKPOINT_KEYS}
+    return cast(Checkpoint, {**checkpoint, **extra}) if extra else checkpoint
 
 
 def _fitted(ev: _E, limit: int, split: Callable[[_E, int], builtins.list[Event]]

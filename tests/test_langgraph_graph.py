@@ -229,3 +229,168 @@ def test_import_splits_values_over_the_targets_event_size_limit(url: str) -> Non
         assert got.checkpoint["channel_values"]["notes"] == ["n" * 6000]
         types = [e.type for e in store.read_stream(stream_id_of("big"))]
         assert "lg.ChannelValuesSaved" in types and types.count("lg.WritesSaved") >= 2
+
+
+_ORDERS_APP = '''
+import dataclasses, json, sqlite3, sys
+from typing import Any, TypedDict
+from langgraph.graph import START, StateGraph
+from langgraph.types import Command, interrupt
+
+@dataclasses.dataclass
+class Order:
+    id: int
+    total: float
+
+class S(TypedDict, total=False):
+    order: Any
+    answer: Any
+
+def graph(saver):
+    g = StateGraph(S)
+    g.add_node("place", lambda s: {"order": Order(7, 9.5)})
+    g.add_node("ask", lambda s: {"answer": interrupt(Order(8, 1.0))})
+    g.add_edge(START, "place")
+    g.add_edge("place", "ask")
+    return g.compile(checkpointer=saver)
+
+config = {"configurable": {"thread_id": "orders"}}
+if sys.argv[1] == "start":
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    graph(SqliteSaver(sqlite3.connect(sys.argv[2], check_same_thread=False))).invoke({}, config)
+else:
+    from eventstore import EventStore
+    from projections.langgraph_saver import EventStoreSaver
+    with EventStore.open(sys.argv[2]) as store:
+        g = graph(EventStoreSaver(store))
+        state = g.get_state(config)
+        asked = state.tasks[0].interrupts[0].value
+        out = g.invoke(Command(resume=Order(9, 2.0)), config)
+        kinds = {"asked": asked, "order": state.values["order"], "answer": out["answer"]}
+        print(json.dumps({**{k: type(v).__name__ for k, v in kinds.items()},
+                          "total": out["order"].total}))
+'''
+
+
+def test_import_copies_values_of_classes_the_importing_process_cannot_build(
+        url: str, tmp_path: Path) -> None:
+    """An application's own classes in the state and in an interrupt go over as their
+    serialized bytes: imported by a process that cannot import them (a one-off migration
+    script), they come back as those classes where the application runs (they used to come
+    back as plain dicts, for good)."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints
+
+    app = tmp_path / "orders_app.py"
+    app.write_text(_ORDERS_APP)
+    old = tmp_path / "old.sqlite"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-c", "import orders_app", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("start", str(old))
+    assert "orders_app" not in sys.modules
+    source = SqliteSaver(sqlite3.connect(str(old), check_same_thread=False))
+    with EventStore.open(url) as store:
+        copied = import_checkpoints(source, EventStoreSaver(store))
+    assert copied == len(list(source.list({"configurable": {"thread_id": "orders"}}))) > 0
+    outcome = json.loads(run("resume", url).strip().splitlines()[-1])
+    assert outcome == {"asked": "Order", "order": "Order", "answer": "Order", "total": 9.5}
+
+
+def test_import_refuses_an_async_saver_and_names_the_async_import(url: str) -> None:
+    """import_checkpoints into an AsyncEventStoreSaver raised nothing and wrote nothing (its
+    appends were coroutines never awaited): now a typed refusal naming aimport_checkpoints."""
+    import asyncio
+
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from eventstore.aio import AsyncEventStore
+    from eventstore.errors import InvalidArgument
+    from projections.langgraph_saver import (
+        AsyncEventStoreSaver,
+        EventStoreSaver,
+        aimport_checkpoints,
+        import_checkpoints,
+    )
+
+    source = InMemorySaver()
+    scripts.approval_graph(source).invoke({"value": 1}, {"configurable": {"thread_id": "a"}})
+
+    async def attempt() -> None:
+        async with await AsyncEventStore.open(url) as store:
+            target = AsyncEventStoreSaver(store)
+            with pytest.raises(InvalidArgument, match="aimport_checkpoints"):
+                import_checkpoints(source, target)  # type: ignore[arg-type]
+            with EventStore.open(url) as sync_store, pytest.raises(
+                    InvalidArgument, match="import_checkpoints"):
+                await aimport_checkpoints(source, EventStoreSaver(sync_store))  # type: ignore[arg-type]
+            assert await store.last_position() == 0
+
+    asyncio.run(attempt())
+
+
+@pytest.mark.asyncio
+async def test_async_import_from_async_sqlite_saver_resumes_on_the_async_saver(
+        url: str, tmp_path: Path) -> None:
+    """aimport_checkpoints reads an AsyncSqliteSaver through its async methods into an
+    AsyncEventStoreSaver; the interrupted thread resumes there, with the source's history;
+    run again, it copies nothing."""
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    from langgraph.types import Command
+
+    from eventstore.aio import AsyncEventStore
+    from projections.langgraph_saver import AsyncEventStoreSaver, aimport_checkpoints
+
+    config: Any = {"configurable": {"thread_id": "async-imported"}}
+    async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "old.sqlite")) as source:
+        await scripts.approval_graph(source).ainvoke({"value": 1}, config)
+        theirs = [(s.values, s.next) async for s in
+                  scripts.approval_graph(source).aget_state_history(config)]
+        async with await AsyncEventStore.open(url) as store:
+            target = AsyncEventStoreSaver(store)
+            assert await aimport_checkpoints(source, target) == len(theirs) > 0
+            assert await aimport_checkpoints(source, target) == 0
+            graph = scripts.approval_graph(target)
+            ours = [(s.values, s.next) async for s in graph.aget_state_history(config)]
+            assert ours == theirs
+            done = await graph.ainvoke(Command(resume="yes"), config)
+            assert done["value"] == 20 and done["log"][-1] == "finish:yes"
+
+
+def test_import_builds_objects_in_a_checkpoints_extra_keys(url: str) -> None:
+    """Values go over as bytes, but a checkpoint's keys beyond LangGraph's own (kept as JSON in
+    the log) are built first: a date there imports as it would be stored by put()."""
+    import datetime
+    import sqlite3
+
+    from langgraph.checkpoint.base import empty_checkpoint
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints
+
+    source = SqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    checkpoint: Any = empty_checkpoint()
+    checkpoint["channel_values"] = {"when": datetime.datetime(2025, 1, 2, 3, 4)}
+    checkpoint["channel_versions"] = {"when": "1"}
+    checkpoint["x_extra"] = {"day": datetime.date(2025, 1, 2)}
+    source.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, checkpoint,
+               {"source": "input", "step": -1}, {"when": "1"})
+    with EventStore.open(url) as store:
+        target = EventStoreSaver(store)
+        assert import_checkpoints(source, target) == 1
+        got = target.get_tuple({"configurable": {"thread_id": "t"}})
+        direct = EventStoreSaver(store)
+        direct.put({"configurable": {"thread_id": "u", "checkpoint_ns": ""}}, checkpoint,
+                   {"source": "input", "step": -1}, {"when": "1"})
+        put = direct.get_tuple({"configurable": {"thread_id": "u"}})
+    assert got is not None and put is not None
+    assert got.checkpoint["channel_values"] == {"when": datetime.datetime(2025, 1, 2, 3, 4)}
+    assert got.checkpoint["x_extra"] == put.checkpoint["x_extra"]
