@@ -27,6 +27,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import sqlite3
 import threading
 import time
@@ -689,8 +690,8 @@ class _SQLiteThreadTransactions:
         context = contextvars.copy_context()
         hand = _Handover()
         try:
-            result: T = await aio._execute(context.run, _in_transaction, engine, write, fn,
-                                           args, hand)
+            result: T = await _on_thread(aio, context.run, _in_transaction, engine, write,
+                                         fn, args, hand)
         except BaseException:
             # Cancelled (a timeout, a task cancelled, the loop shutting down) while the
             # function runs on aiosqlite's thread.  Before its commit it rolls back at its next
@@ -719,6 +720,47 @@ class _SQLiteThreadTransactions:
                 record.info[_FILE_KEY] = opened
 
         return engine
+
+
+async def _on_thread(aio: Any, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the aiosqlite connection's thread, as its ``_execute`` runs it, except
+    that the answer to a caller whose event loop has closed meanwhile is dropped.
+
+    Why: aiosqlite's thread hands each result to the caller's loop, and when that loop is
+    closed the hand-over raises on the thread, which ends it: the connection's every later
+    call waits for ever (and so does the store's ``close``).  A caller cancelled before its
+    transaction had begun (an append waiting for the write lock, under ``asyncio.wait_for``)
+    leaves without waiting for its function, which rolls back on the thread once it gets to
+    run, and ``asyncio.run`` then closes the caller's loop.  (Falls back to ``_execute`` where
+    aiosqlite has no ``_tx`` queue of ``(future, function)`` items, as in 0.17-0.22.)
+    """
+    tx = getattr(aio, "_tx", None)
+    if tx is None or not callable(getattr(tx, "put_nowait", None)):
+        result: T = await aio._execute(fn, *args)
+        return result
+    if not getattr(aio, "_running", True) or getattr(aio, "_connection", True) is None:
+        raise ValueError("Connection closed")  # (as _execute)
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    tx.put_nowait((_Answer(future), functools.partial(fn, *args)))
+    return await future
+
+
+class _Answer:
+    """The future an aiosqlite thread answers (see :func:`_on_thread`): it stands for its own
+    loop, whose ``call_soon_threadsafe`` drops an answer to a closed loop."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self._future = future
+
+    def get_loop(self) -> _Answer:
+        return self
+
+    def call_soon_threadsafe(self, callback: Callable[[Any, Any], None], _future: Any,
+                             value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it
+            self._future.get_loop().call_soon_threadsafe(callback, self._future, value)
 
 
 class _Handover:
@@ -926,15 +968,18 @@ def _no_idle_rollback(dialect: Any) -> None:
     doubled the cost of an ``aget_tuple``.  Such a transaction has always ended by then (or
     ends itself, ahead in the thread's queue, when its caller gave up), and a rollback with
     no transaction is a no-op in sqlite3; aiosqlite's ``in_transaction`` asks SQLite
-    without a hand-over.
+    without a hand-over.  (An abandoned transaction's caller does not wait for it here any
+    more: :func:`_on_thread` keeps its answer from ending the thread.)
     """
     rollback = dialect.do_rollback
 
     def do_rollback(dbapi_connection: Any) -> None:
-        aio = getattr(dbapi_connection, "driver_connection", None)
-        if aio is not None and getattr(aio, "in_transaction", True) is False:
-            return
-        rollback(dbapi_connection)
+        try:
+            idle = dbapi_connection.driver_connection.in_transaction is False
+        except Exception:  # (closed: the rollback says so, as before)
+            idle = False
+        if not idle:
+            rollback(dbapi_connection)
 
     dialect.do_rollback = do_rollback
 

@@ -111,18 +111,26 @@ async def test_sqlite_transactions_take_one_trip_to_aiosqlites_thread(tmp_path: 
     (the pool's rollback of a connection with no transaction open is skipped)."""
     import aiosqlite
 
+    from eventstore import aio
+
     trips: list[str] = []
     real = aiosqlite.Connection._execute
+    real_on_thread = aio._on_thread
 
     async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         trips.append(getattr(fn, "__name__", repr(fn)))
         return await real(self, fn, *args, **kwargs)
 
+    async def counted_on_thread(conn: Any, fn: Any, *args: Any) -> Any:
+        trips.append(getattr(fn, "__name__", repr(fn)))
+        return await real_on_thread(conn, fn, *args)
+
     async with await AsyncEventStore.open(f"sqlite:///{tmp_path / 'trips.db'}") as store:
         await store.append("c-1", [NoteAdded(text="warm")])
         assert await store.stream_version("c-1") == 1  # the reading connection is open too
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(aiosqlite.Connection, "_execute", counted)
+            mp.setattr(aiosqlite.Connection, "_execute", counted)  # (SQLAlchemy's calls)
+            mp.setattr(aio, "_on_thread", counted_on_thread)  # (the store's own)
             r = await store.append("c-1", [NoteAdded(text="a"), NoteAdded(text="b")],
                                    expected_version=1)
             appended = list(trips)

@@ -165,3 +165,50 @@ def test_a_loop_that_is_not_running_does_not_hold_back_another_loop_s_waiter() -
         assert stalled.run_until_complete(asyncio.wait_for(task, 5)) == "next"
     finally:
         stalled.close()
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_an_append_given_up_in_a_loop_that_then_ends_leaves_its_connection_usable(
+        kept: bool, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append cancelled while it waits for SQLite's write lock (``asyncio.wait_for``) rolls
+    back on aiosqlite's thread once it gets the lock, after its caller has left and
+    ``asyncio.run`` has closed the caller's loop.  aiosqlite's thread then handed the outcome
+    to the closed loop, which raised there and ended the thread: the connection (pooled, or
+    the kept write connection when the store's first append ran on that loop) answered no
+    call again, and later reads and ``close`` waited for ever."""
+    import sqlite3
+
+    thread_errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: thread_errors.append(args.exc_value))
+    path = f"{tmp_path}/given-up.db"
+    EventStore.open(f"sqlite:///{path}", migrate=True).close()
+    store = asyncio.run(AsyncEventStore.open(f"sqlite:///{path}"))
+    if not kept:  # the kept write connection belongs to this first loop; later ones pool
+        asyncio.run(store.append("s", [NoteAdded(text="first")]))
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.6, holder.execute, ("ROLLBACK",))
+    releaser.start()
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.append("s", [NoteAdded(text="given up")]), 0.2)
+
+    started = time.monotonic()
+    asyncio.run(give_up())
+    assert time.monotonic() - started < 0.5  # it left without waiting for the lock
+    releaser.join()
+    time.sleep(0.3)  # the abandoned append has met the closed loop by now
+
+    async def go_on() -> list[str]:
+        for _ in range(3):  # every pooled connection, whichever the pool hands out
+            await asyncio.wait_for(store.last_position(), 5)
+        await asyncio.wait_for(store.append("s", [NoteAdded(text="after")]), 5)
+        return [e.data.text async for e in store.read_stream("s")]  # type: ignore[attr-defined]
+
+    texts = asyncio.run(go_on())
+    assert texts == (["after"] if kept else ["first", "after"])
+    asyncio.run(asyncio.wait_for(store.close(), 5))
+    holder.close()
+    assert thread_errors == []  # (aiosqlite's thread died of the closed loop)
