@@ -2258,7 +2258,7 @@ def _thread_events(target: EventStoreSaver | AsyncEventStoreSaver, thread_id: st
     for t in reversed(tuples):  # list() gives newest first
         conf = t.config["configurable"]
         ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
-        checkpoint = _with_extra_built(t.checkpoint, target.serde)
+        checkpoint, metadata = _built_outside_values(t.checkpoint, t.metadata, target.serde)
         parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
         before = versions.get((ns, str(parent_id)), {}) if parent_id else {}
         changed = {ch: v for ch, v in checkpoint["channel_versions"].items()
@@ -2266,8 +2266,7 @@ def _thread_events(target: EventStoreSaver | AsyncEventStoreSaver, thread_id: st
         put_config: RunnableConfig = {"configurable": {
             "thread_id": thread_id, "checkpoint_ns": ns,
             **({"checkpoint_id": parent_id} if parent_id else {})}}
-        _t, ev, stored = target._checkpoint_events(put_config, checkpoint, t.metadata,
-                                                    changed)
+        _t, ev, stored = target._checkpoint_events(put_config, checkpoint, metadata, changed)
         events.extend(_fitted(ev, limit, _split))
         versions[(ns, str(checkpoint["id"]))] = dict(checkpoint["channel_versions"])
         by_task: dict[str, builtins.list[tuple[str, Any]]] = {}
@@ -2343,10 +2342,10 @@ _B = TypeVar("_B", bound="_Base")
 
 def _byte_copying(source: _S, target: _B) -> tuple[_S, _B]:
     """Views of an import's two savers that carry msgpack values over as their bytes, when
-    both use LangGraph's ``JsonPlusSerializer`` (the source's encoding is then the target's);
-    else the savers themselves (values are loaded and serialized again)."""
-    if not (isinstance(getattr(source, "serde", None), JsonPlusSerializer)
-            and isinstance(target.serde, JsonPlusSerializer)):
+    both use LangGraph's ``JsonPlusSerializer`` itself (the source's encoding is then the
+    target's); else the savers themselves (values are loaded and serialized again)."""
+    if not (type(getattr(source, "serde", None)) is JsonPlusSerializer
+            and type(target.serde) is JsonPlusSerializer):  # (a subclass may encode otherwise)
         return source, target
     try:
         reader, writer = copy.copy(source), copy.copy(target)
@@ -2357,13 +2356,17 @@ def _byte_copying(source: _S, target: _B) -> tuple[_S, _B]:
     return reader, writer
 
 
-def _with_extra_built(checkpoint: Checkpoint, serde: SerializerProtocol) -> Checkpoint:
-    """The checkpoint with objects outside its channel values built (the log keeps those
-    fields as JSON): a checkpoint format's extra keys."""
+def _built_outside_values(checkpoint: Checkpoint, metadata: CheckpointMetadata,
+                          serde: SerializerProtocol) -> tuple[Checkpoint, CheckpointMetadata]:
+    """The checkpoint and its metadata with objects outside the channel values built (the
+    log keeps those as JSON): a checkpoint format's extra keys, and metadata that a source
+    loads through its serializer (``InMemorySaver``)."""
     if not isinstance(serde, _KeepBytes):
-        return checkpoint
+        return checkpoint, metadata
     extra = {k: serde.build(v) for k, v in checkpoint.items() if k not in _CHECKPOINT_KEYS}
-    return cast(Checkpoint, {**checkpoint, **extra}) if extra else checkpoint
+    if extra:
+        checkpoint = cast(Checkpoint, {**checkpoint, **extra})
+    return checkpoint, cast(CheckpointMetadata, serde.build(metadata))
 
 
 def _fitted(ev: _E, limit: int, split: Callable[[_E, int], builtins.list[Event]]

@@ -365,32 +365,71 @@ async def test_async_import_from_async_sqlite_saver_resumes_on_the_async_saver(
             assert done["value"] == 20 and done["log"][-1] == "finish:yes"
 
 
-def test_import_builds_objects_in_a_checkpoints_extra_keys(url: str) -> None:
-    """Values go over as bytes, but a checkpoint's keys beyond LangGraph's own (kept as JSON in
-    the log) are built first: a date there imports as it would be stored by put()."""
+def test_import_builds_objects_outside_the_channel_values(url: str) -> None:
+    """Values go over as bytes, but what the log keeps as JSON is built first and stored as
+    put() stores it: a checkpoint's keys beyond LangGraph's own, and metadata that a source
+    loads through its serializer (InMemorySaver: a date and a set there made the import
+    refuse the thread, naming an internal class)."""
     import datetime
-    import sqlite3
 
     from langgraph.checkpoint.base import empty_checkpoint
-    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.checkpoint.memory import InMemorySaver
 
     from projections.langgraph_saver import EventStoreSaver, import_checkpoints
 
-    source = SqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    source = InMemorySaver()
     checkpoint: Any = empty_checkpoint()
     checkpoint["channel_values"] = {"when": datetime.datetime(2025, 1, 2, 3, 4)}
     checkpoint["channel_versions"] = {"when": "1"}
     checkpoint["x_extra"] = {"day": datetime.date(2025, 1, 2)}
+    metadata: Any = {"source": "input", "step": -1, "day": datetime.date(2025, 1, 2),
+                     "tags": {"a"}}
     source.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, checkpoint,
-               {"source": "input", "step": -1}, {"when": "1"})
+               metadata, {"when": "1"})
     with EventStore.open(url) as store:
         target = EventStoreSaver(store)
         assert import_checkpoints(source, target) == 1
         got = target.get_tuple({"configurable": {"thread_id": "t"}})
-        direct = EventStoreSaver(store)
-        direct.put({"configurable": {"thread_id": "u", "checkpoint_ns": ""}}, checkpoint,
-                   {"source": "input", "step": -1}, {"when": "1"})
-        put = direct.get_tuple({"configurable": {"thread_id": "u"}})
+        target.put({"configurable": {"thread_id": "u", "checkpoint_ns": ""}}, checkpoint,
+                   metadata, {"when": "1"})
+        put = target.get_tuple({"configurable": {"thread_id": "u"}})
     assert got is not None and put is not None
     assert got.checkpoint["channel_values"] == {"when": datetime.datetime(2025, 1, 2, 3, 4)}
-    assert got.checkpoint["x_extra"] == put.checkpoint["x_extra"]
+    assert got.checkpoint["x_extra"] == put.checkpoint["x_extra"]  # type: ignore[typeddict-item]
+    assert got.metadata == put.metadata and got.metadata["tags"] == ["a"]  # type: ignore[typeddict-item]
+
+
+def test_import_with_a_serializer_subclass_loads_and_serializes_again(url: str) -> None:
+    """Bytes are copied only between plain JsonPlusSerializers: a subclass may encode its
+    "msgpack" values otherwise (here: compressed), and a target saver with one must read
+    the import back (a datetime in the value: an object, which the byte copy would keep)."""
+    import datetime
+    import zlib
+
+    from langgraph.checkpoint.base import empty_checkpoint
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints
+
+    class Zipped(JsonPlusSerializer):
+        def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+            t, b = super().dumps_typed(obj)
+            return (t, zlib.compress(b)) if t == "msgpack" else (t, b)
+
+        def loads_typed(self, data: tuple[str, bytes]) -> Any:
+            t, b = data
+            return super().loads_typed((t, zlib.decompress(b)) if t == "msgpack" else data)
+
+    value = {"n": [1, 2], "at": datetime.datetime(2025, 1, 2, 3, 4)}
+    source = InMemorySaver()
+    checkpoint: Any = empty_checkpoint()
+    checkpoint["channel_values"] = {"v": value}
+    checkpoint["channel_versions"] = {"v": "1"}
+    source.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, checkpoint,
+               {"source": "input", "step": -1}, {"v": "1"})
+    with EventStore.open(url) as store:
+        target = EventStoreSaver(store, serde=Zipped())
+        assert import_checkpoints(source, target) == 1
+        got = target.get_tuple({"configurable": {"thread_id": "t"}})
+    assert got is not None and got.checkpoint["channel_values"] == {"v": value}
