@@ -243,8 +243,16 @@ class AsyncEventStore(StoreCore):
         if self._sqlite is not None:
             with translate():
                 _refuse_retired(self._engine)
-                async with self._engine.connect() as aconn:
+                # Handed back inline, not by ``async with``: that closes in a task of its own,
+                # which ``asyncio.run`` cancels with the caller's when it ends a loop whose
+                # tasks still read, before it has begun; the connection then stayed out of the
+                # pool, and its aiosqlite thread and file for good.  An idle connection goes
+                # back with nothing to wait for (see _no_idle_rollback): nothing to cancel.
+                aconn = await self._engine.connect()
+                try:
                     return await self._on_sqlite(aconn, fn, args, write=write)
+                finally:
+                    await aconn.close()
         async with abegin(self._engine, write=write, autocommit=autocommit) as conn:
             return await conn.run_sync(fn, *args)
 
