@@ -594,8 +594,16 @@ def begin_read(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
     return _begin(engine, write=False)
 
 
+def begin_snapshot(engine: Engine) -> contextlib.AbstractContextManager[Connection]:
+    """A read whose statements all see one snapshot of the database: on PostgreSQL a
+    REPEATABLE READ transaction (``begin_read`` runs each statement there in autocommit, on a
+    snapshot of its own); on SQLite ``begin_read``'s transaction already is one.  For reads
+    of several statements that must agree while other transactions delete rows."""
+    return _begin(engine, write=False, snapshot=True)
+
+
 @contextlib.contextmanager
-def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
+def _begin(engine: Engine, *, write: bool, snapshot: bool = False) -> Iterator[Connection]:
     with _turn(engine), translate():
         if is_retired(engine):  # (closed since the caller checked: no new connection)
             raise StoreClosed("the event store is closed")
@@ -605,6 +613,8 @@ def _begin(engine: Engine, *, write: bool) -> Iterator[Connection]:
             if engine.dialect.name == "sqlite":
                 if write:
                     conn = conn.execution_options(sqlite_write=True)
+            elif snapshot:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
             elif not write:
                 # PostgreSQL reads run in autocommit: under READ COMMITTED every statement
                 # takes its own snapshot, in a transaction or not, so BEGIN and COMMIT would

@@ -232,8 +232,16 @@ class AsyncEventStore(StoreCore):
             await self._prepared()
         return await self._transact(fn, args, write=False, autocommit=True)
 
+    async def _run_snapshot(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`run_read`, its statements all on one snapshot (``begin_snapshot``'s twin:
+        REPEATABLE READ on PostgreSQL)."""
+        self._check_open()
+        if self._preparations:
+            await self._prepared()
+        return await self._transact(fn, args, write=False, snapshot=True)
+
     async def _transact(self, fn: Callable[..., T], args: Sequence[Any], *, write: bool,
-                        autocommit: bool = False) -> T:
+                        autocommit: bool = False, snapshot: bool = False) -> T:
         """``fn(conn, *args)`` in one transaction (``autocommit``: PostgreSQL reads without).
 
         On SQLite the whole transaction runs on the thread of the pooled aiosqlite connection,
@@ -253,7 +261,8 @@ class AsyncEventStore(StoreCore):
                     return await self._on_sqlite(aconn, fn, args, write=write)
                 finally:
                     await aconn.close()
-        async with abegin(self._engine, write=write, autocommit=autocommit) as conn:
+        async with abegin(self._engine, write=write, autocommit=autocommit,
+                          snapshot=snapshot) as conn:
             return await conn.run_sync(fn, *args)
 
     async def _on_sqlite(self, aconn: AsyncConnection, fn: Callable[..., T],
@@ -993,16 +1002,19 @@ def _no_idle_rollback(dialect: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False
-                 ) -> AsyncIterator[AsyncConnection]:
+async def abegin(engine: AsyncEngine, *, write: bool, autocommit: bool = False,
+                 snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
     """The async twin of :func:`begin_write` / :func:`begin_read` (``autocommit``: a
-    PostgreSQL read without a transaction, as ``begin_read``'s)."""
+    PostgreSQL read without a transaction, as ``begin_read``'s; ``snapshot``: a PostgreSQL
+    read in REPEATABLE READ, as ``begin_snapshot``'s)."""
     with translate():
         _refuse_retired(engine)
         async with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
                 if write:
                     conn = await conn.execution_options(sqlite_write=True)
+            elif snapshot:
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
             elif autocommit and not write:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             async with _transaction(conn):

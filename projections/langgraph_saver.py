@@ -78,7 +78,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ClauseElement
 
 from eventstore import Event, EventStore, RecordedEvent
-from eventstore._backend import begin_read, begin_write, dbapi_cursor, lock_appends
+from eventstore._backend import (
+    begin_read,
+    begin_snapshot,
+    begin_write,
+    dbapi_cursor,
+    lock_appends,
+)
 from eventstore._bound import BoundStore, transaction
 from eventstore._core import _pipeline, _psycopg, check_storable
 from eventstore._schema import events as es_events
@@ -977,8 +983,10 @@ def list_page(conn: Connection, tenant_id: str, thread_id: str | None, ns: str |
               ) -> tuple[builtins.list[Loaded], tuple[bytes, str, str] | None]:
     """One page of a ``list``, newest first, loaded; and the key to the next page (or None).
 
-    The checkpoints' events come with their index rows (one query); ``after`` is the last
-    (checkpoint id, thread id, namespace) of the previous page.  Checkpoints whose metadata
+    Its statements must read one snapshot (``begin_snapshot``): on PostgreSQL in autocommit a
+    retention operation committing between them left listed checkpoints without their values
+    or writes.  The checkpoints' events come with their index rows (one query); ``after`` is
+    the last (checkpoint id, thread id, namespace) of the previous page.  Checkpoints whose metadata
     does not match ``filter`` are dropped before their values and writes are looked up (the
     page may then hold none, with more to come).
     """
@@ -1800,7 +1808,7 @@ class EventStoreSaver(_Base):
             while True:
                 while wanting := merge.wanting():
                     for source in wanting:
-                        with begin_read(self.store.engine) as conn:
+                        with begin_snapshot(self.store.engine) as conn:  # (see list_page)
                             merge.feed(source, *list_page(
                                 conn, self.tenant_id, thread_id, source, cid, before_id,
                                 merge.after[source], size, filter))
@@ -1810,7 +1818,7 @@ class EventStoreSaver(_Base):
                 yield item
         after: tuple[bytes, str, str] | None = None
         while True:
-            with begin_read(self.store.engine) as conn:
+            with begin_snapshot(self.store.engine) as conn:
                 loaded, after = list_page(conn, self.tenant_id, thread_id, ns, cid, before_id,
                                           after, size, filter)
             yield from loaded
@@ -2006,7 +2014,7 @@ class AsyncEventStoreSaver(_Base):
             while True:
                 while wanting := merge.wanting():
                     for source in wanting:
-                        merge.feed(source, *await self.store.run_read(
+                        merge.feed(source, *await self.store._run_snapshot(
                             list_page, self.tenant_id, thread_id, source, cid, before_id,
                             merge.after[source], size, filter))
                 item = merge.pop()
@@ -2015,8 +2023,8 @@ class AsyncEventStoreSaver(_Base):
                 yield item
         after: tuple[bytes, str, str] | None = None
         while True:
-            loaded, after = await self.store.run_read(list_page, self.tenant_id, thread_id, ns,
-                                                      cid, before_id, after, size, filter)
+            loaded, after = await self.store._run_snapshot(
+                list_page, self.tenant_id, thread_id, ns, cid, before_id, after, size, filter)
             for item in loaded:
                 yield item
             if after is None:

@@ -1115,3 +1115,62 @@ def test_savers_refuse_a_bad_tenant_id_when_built(url: str, tenant: Any) -> None
                 pass
 
     asyncio.run(build())
+
+
+def _delete_between_the_page_and_its_values(monkeypatch: pytest.MonkeyPatch, url: str,
+                                            thread_id: str) -> list[int]:
+    """Make ``list``'s first page commit a ``delete_thread`` (another store's connection)
+    after reading the page's checkpoints and before looking up their values and writes."""
+    import projections.langgraph_saver as lg
+
+    real = lg._resolve
+    deletes: list[int] = []
+
+    def resolve_after_a_delete(*args: Any, **kwargs: Any) -> Any:
+        if not deletes:
+            with EventStore.open(url) as other_store:
+                EventStoreSaver(other_store).delete_thread(thread_id)
+            deletes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lg, "_resolve", resolve_after_a_delete)
+    return deletes
+
+
+def _three_checkpoints_with_writes(saver: EventStoreSaver, thread_id: str) -> None:
+    parent = None
+    for n in range(3):
+        parent = put(saver, thread_id, parent, {"v": n}, {"v": n + 1}, {"v": n + 1})
+        saver.put_writes(parent, [("v", f"w{n}")], f"task-{n}")
+
+
+def test_a_listed_checkpoint_is_whole_when_a_retention_commits_meanwhile(
+        saver: EventStoreSaver, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page of ``list`` reads its checkpoints, then their values and writes, in one snapshot:
+    on PostgreSQL (statements in autocommit, each its own snapshot) a delete_thread committing
+    in between left the page's checkpoints without values or writes (a tester's find, with
+    prune and delete racing history listings)."""
+    _three_checkpoints_with_writes(saver, "whole")
+    deletes = _delete_between_the_page_and_its_values(monkeypatch, url, "whole")
+    listed = list(saver.list(config("whole")))
+    assert deletes == [1]
+    assert [t.checkpoint["channel_values"] for t in listed] == [{"v": 2}, {"v": 1}, {"v": 0}]
+    assert [[w[2] for w in t.pending_writes or ()] for t in listed] == [["w2"], ["w1"], ["w0"]]
+    assert list(saver.list(config("whole"))) == []  # (the delete did commit)
+
+
+@pytest.mark.asyncio
+async def test_an_async_listed_checkpoint_is_whole_when_a_retention_commits_meanwhile(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for ``alist``."""
+    with EventStore.open(url, migrate=True) as sync_store:
+        _three_checkpoints_with_writes(EventStoreSaver(sync_store), "awhole")
+    async with await AsyncEventStore.open(url) as astore:
+        asaver = AsyncEventStoreSaver(astore)
+        deletes = _delete_between_the_page_and_its_values(monkeypatch, url, "awhole")
+        listed = [t async for t in asaver.alist(config("awhole"))]
+        assert deletes == [1]
+        assert [t.checkpoint["channel_values"] for t in listed] == [{"v": 2}, {"v": 1},
+                                                                     {"v": 0}]
+        assert [[w[2] for w in t.pending_writes or ()] for t in listed] == [["w2"], ["w1"],
+                                                                            ["w0"]]
