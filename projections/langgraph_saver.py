@@ -2173,28 +2173,16 @@ def import_checkpoints(source: BaseCheckpointSaver[Any], target: EventStoreSaver
             "`await aimport_checkpoints(source, target)`")
     reader, writer = _byte_copying(source, target)
     if thread_ids is None:
-        seen: dict[str, None] = {}
-        for t in reader.list(None):
-            seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
-        thread_ids = seen
-    copied = 0
-    failed: dict[str, str] = {}
+        thread_ids = _thread_ids(reader.list(None))
+    run = _ImportRun(target.tenant_id)
     for thread_id in thread_ids:
-        try:
+        with run.thread(thread_id) as copied:
             tuples = builtins.list(reader.list({"configurable": {"thread_id": thread_id}}))
-            events = _thread_events(writer, thread_id, tuples)
-            if events:
-                try:
-                    target.store.append(stream_id_of(thread_id), events,
-                                        tenant_id=target.tenant_id, expected_version=0)
-                    copied += len(tuples)
-                except WrongExpectedVersion:
-                    _import_skipped(thread_id, target.tenant_id)
-        except InvalidArgument as e:  # this thread's id or data: the others go on
-            _import_refused(failed, thread_id, target.tenant_id, e)
-    if failed:
-        raise ThreadsNotImported(failed, copied)
-    return copied
+            if events := _thread_events(writer, thread_id, tuples):
+                target.store.append(stream_id_of(thread_id), events,
+                                    tenant_id=target.tenant_id, expected_version=0)
+                copied(len(tuples))
+    return run.result()
 
 
 async def aimport_checkpoints(source: BaseCheckpointSaver[Any], target: AsyncEventStoreSaver,
@@ -2208,39 +2196,56 @@ async def aimport_checkpoints(source: BaseCheckpointSaver[Any], target: AsyncEve
             "target)")
     reader, writer = _byte_copying(source, target)
     if thread_ids is None:
-        seen: dict[str, None] = {}
-        async for t in reader.alist(None):
-            seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
-        thread_ids = seen
-    copied = 0
-    failed: dict[str, str] = {}
+        thread_ids = _thread_ids([t async for t in reader.alist(None)])
+    run = _ImportRun(target.tenant_id)
     for thread_id in thread_ids:
-        try:
+        with run.thread(thread_id) as copied:
             tuples = [t async for t in reader.alist({"configurable": {"thread_id": thread_id}})]
-            events = _thread_events(writer, thread_id, tuples)
-            if events:
-                try:
-                    await target.store.append(stream_id_of(thread_id), events,
-                                              tenant_id=target.tenant_id, expected_version=0)
-                    copied += len(tuples)
-                except WrongExpectedVersion:
-                    _import_skipped(thread_id, target.tenant_id)
+            if events := _thread_events(writer, thread_id, tuples):
+                await target.store.append(stream_id_of(thread_id), events,
+                                          tenant_id=target.tenant_id, expected_version=0)
+                copied(len(tuples))
+    return run.result()
+
+
+def _thread_ids(tuples: Iterable[CheckpointTuple]) -> builtins.list[str]:
+    """Every thread of a source's ``list(None)``, once each, in the order first seen."""
+    seen: dict[str, None] = {}
+    for t in tuples:
+        seen.setdefault(str(t.config["configurable"]["thread_id"]), None)
+    return builtins.list(seen)
+
+
+class _ImportRun:
+    """What an import copied, skipped and was refused, thread by thread."""
+
+    def __init__(self, tenant_id: str) -> None:
+        self.tenant_id = tenant_id
+        self.copied = 0
+        self.failed: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def thread(self, thread_id: str) -> Iterator[Callable[[int], None]]:
+        """Around one thread's import, which calls the given function with the checkpoints
+        it copied: a thread the target has already is skipped, one it refuses (its id or its
+        data) is noted, and the others go on."""
+        def copied(n: int) -> None:
+            self.copied += n
+
+        try:
+            yield copied
+        except WrongExpectedVersion:
+            _log.info("import_thread_skipped", thread=thread_id, tenant=self.tenant_id)
         except InvalidArgument as e:
-            _import_refused(failed, thread_id, target.tenant_id, e)
-    if failed:
-        raise ThreadsNotImported(failed, copied)
-    return copied
+            self.failed[str(thread_id)] = f"{type(e).__name__}: {e}"
+            _log.warning("import_thread_refused", thread=str(thread_id)[:100],
+                         tenant=self.tenant_id, error=self.failed[str(thread_id)])
 
-
-def _import_skipped(thread_id: str, tenant_id: str) -> None:
-    _log.info("import_thread_skipped", thread=thread_id, tenant=tenant_id)
-
-
-def _import_refused(failed: dict[str, str], thread_id: str, tenant_id: str,
-                    e: InvalidArgument) -> None:
-    failed[str(thread_id)] = f"{type(e).__name__}: {e}"
-    _log.warning("import_thread_refused", thread=str(thread_id)[:100], tenant=tenant_id,
-                 error=failed[str(thread_id)])
+    def result(self) -> int:
+        """The checkpoints copied; :class:`ThreadsNotImported` if any thread was refused."""
+        if self.failed:
+            raise ThreadsNotImported(self.failed, self.copied)
+        return self.copied
 
 
 class ThreadsNotImported(InvalidArgument):
