@@ -251,16 +251,11 @@ class AsyncEventStore(StoreCore):
         if self._sqlite is not None:
             with translate():
                 _refuse_retired(self._engine)
-                # Handed back inline, not by ``async with``: that closes in a task of its own,
-                # which ``asyncio.run`` cancels with the caller's when it ends a loop whose
-                # tasks still read, before it has begun; the connection then stayed out of the
-                # pool, and its aiosqlite thread and file for good.  An idle connection goes
-                # back with nothing to wait for (see _no_idle_rollback): nothing to cancel.
                 aconn = await self._engine.connect()
                 try:
                     return await self._on_sqlite(aconn, fn, args, write=write)
                 finally:
-                    await aconn.close()
+                    await _hand_back(aconn)
         async with abegin(self._engine, write=write, autocommit=autocommit,
                           snapshot=snapshot) as conn:
             return await conn.run_sync(fn, *args)
@@ -739,6 +734,40 @@ class _SQLiteThreadTransactions:
         return engine
 
 
+async def _hand_back(aconn: AsyncConnection) -> None:
+    """Hand a SQLite connection back to the pool, whatever cancels its caller meanwhile.
+
+    Why not ``async with``: that closes in a task of its own, which ``asyncio.run`` cancels
+    with the caller's when it ends a loop whose tasks still read, before it has begun; the
+    connection then stayed out of the pool, and its aiosqlite thread and file for good.  An
+    idle connection goes back inline, with nothing to wait for (see _no_idle_rollback), so
+    nothing can interrupt it.  One still in a transaction (its caller was cancelled while the
+    transaction ran on aiosqlite's thread) waits for the pool's rollback, queued behind the
+    transaction: that close runs shielded to its end, as ``async with``'s would (a second
+    cancellation meanwhile invalidated the connection, with an error in the log).
+    """
+    try:
+        sync: Any = aconn.sync_connection
+        idle = sync.connection.driver_connection.in_transaction is False
+    except Exception:
+        idle = False
+    if idle:
+        await aconn.close()
+        return
+    closing = asyncio.ensure_future(aconn.close())
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.shield(closing)
+            break
+        except asyncio.CancelledError as e:
+            if closing.done():  # the close itself was cancelled (a loop's shutdown)
+                raise
+            cancelled = e
+    if cancelled is not None:
+        raise cancelled
+
+
 async def _on_thread(aio: Any, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on the aiosqlite connection's thread, as its ``_execute`` runs it, except
     that the answer to a caller whose event loop has closed meanwhile is dropped.
@@ -753,13 +782,22 @@ async def _on_thread(aio: Any, fn: Callable[..., T], *args: Any) -> T:
     """
     tx = getattr(aio, "_tx", None)
     if tx is None or not callable(getattr(tx, "put_nowait", None)):
-        result: T = await aio._execute(fn, *args)
+        result: T = await aio._execute(_no_stop_iteration, fn, *args)
         return result
     if not getattr(aio, "_running", True) or getattr(aio, "_connection", True) is None:
         raise ValueError("Connection closed")  # (as _execute)
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    tx.put_nowait((_Answer(future), functools.partial(fn, *args)))
+    tx.put_nowait((_Answer(future), functools.partial(_no_stop_iteration, fn, *args)))
     return await future
+
+
+def _no_stop_iteration(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a ``StopIteration`` out of it raised as a ``RuntimeError`` (as a
+    coroutine's is): a future refuses ``StopIteration``, and its caller waited for ever."""
+    try:
+        return fn(*args)
+    except StopIteration as e:
+        raise RuntimeError("a function run on aiosqlite's thread raised StopIteration") from e
 
 
 class _Answer:

@@ -1026,3 +1026,52 @@ async def test_a_live_fold_in_an_async_read_survives_a_commit_made_meanwhile(
                                             "counter-1", tenant_id="default")
         assert (state.total, version) == (5, 5)
         assert sync_store.stream_version("other-1") == 1
+
+
+async def test_a_function_raising_stop_iteration_fails_its_call_instead_of_hanging(
+        url: str) -> None:
+    """A ``run_sync`` function that raises ``StopIteration`` (``next()`` past the last row)
+    fails the call with a ``RuntimeError``, as a coroutine's does on PostgreSQL; on SQLite a
+    future refused the ``StopIteration`` handed over from aiosqlite's thread, and the caller
+    waited for ever."""
+    def first_row(conn: Any) -> Any:
+        return next(iter([]))
+
+    async with await AsyncEventStore.open(url) as store:
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(store.run_sync(first_row), 5)
+        assert await asyncio.wait_for(store.last_position(), 5) == 0
+
+
+async def test_a_second_cancellation_does_not_cut_short_the_hand_back_of_a_connection(
+        tmp_path: Any) -> None:
+    """A read cancelled while its transaction runs on aiosqlite's thread hands its connection
+    back once the pool's rollback, queued behind that transaction, is done; a second
+    cancellation meanwhile (a timeout around a timeout) no longer interrupts that: the
+    connection went back invalidated, with an error in the log, and the next call opened a
+    new one."""
+    import time
+
+    from sqlalchemy import event
+
+    url = f"sqlite:///{tmp_path / 'twice.db'}"
+
+    def slow_read(conn: Any) -> str:
+        time.sleep(0.5)
+        return "done"
+
+    async with await AsyncEventStore.open(url) as store:
+        await store.stream_version("x")  # one pooled connection, opened
+        opened: list[int] = []
+        event.listen(store.engine.sync_engine, "connect", lambda *a: opened.append(1))
+        invalidated: list[int] = []
+        event.listen(store.engine.sync_engine, "invalidate", lambda *a: invalidated.append(1))
+        task = asyncio.create_task(store.run_sync(slow_read))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.stream_version("x")
+        assert (opened, invalidated) == ([], [])
