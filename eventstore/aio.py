@@ -777,8 +777,9 @@ async def _on_thread(aio: Any, fn: Callable[..., T], *args: Any) -> T:
     call waits for ever (and so does the store's ``close``).  A caller cancelled before its
     transaction had begun (an append waiting for the write lock, under ``asyncio.wait_for``)
     leaves without waiting for its function, which rolls back on the thread once it gets to
-    run, and ``asyncio.run`` then closes the caller's loop.  (Falls back to ``_execute`` where
-    aiosqlite has no ``_tx`` queue of ``(future, function)`` items, as in 0.17-0.22.)
+    run, and ``asyncio.run`` then closes the caller's loop.  (aiosqlite 0.17 to 0.22 queue
+    ``(future, function)`` items on ``_tx``; an aiosqlite without that queue gets
+    ``_execute``.)
     """
     tx = getattr(aio, "_tx", None)
     if tx is None or not callable(getattr(tx, "put_nowait", None)):
