@@ -205,6 +205,37 @@ def pg_listeners(engine: Engine) -> None:
         if closed_while_idle(getattr(dbapi_conn, "driver_connection", dbapi_conn)):
             raise sa_exc.DisconnectionError("the server closed the connection while it was idle")
 
+    _refuse_commit_of_failed(engine.dialect)
+
+
+def _refuse_commit_of_failed(dialect: Any) -> None:
+    """A commit of a PostgreSQL transaction in which a statement failed raises, instead of
+    rolling back in silence.
+
+    Why: after a failed statement PostgreSQL aborts the transaction, and its COMMIT then rolls
+    back without an error.  Code of the caller's inside the store's transaction (an inline
+    handler, a ``before_commit`` hook, a ``run_sync`` function) that catches such an error
+    (``except IntegrityError: pass``) made an append report positions it never wrote, which
+    the next append was given again (a tester's find).  SQLite does not abort a transaction on
+    a failed statement.
+    """
+    commit = dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        info = getattr(driver, "info", None)
+        if info is not None and info.transaction_status == _INERROR:
+            raise DatabaseError(
+                "a statement of this transaction failed (its error was caught inside the "
+                "transaction: an inline handler, a before_commit hook, a run_sync function), "
+                "so PostgreSQL rolled it back: nothing was written")
+        commit(dbapi_connection)
+
+    dialect.do_commit = do_commit
+
+
+_INERROR = 3  # psycopg.pq.TransactionStatus.INERROR (libpq's PQTRANS_INERROR)
+
 
 def hung_up(conn: Connection) -> bool:
     """Whether the server hung up on a kept, still open PostgreSQL connection while it was idle

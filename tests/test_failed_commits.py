@@ -9,6 +9,7 @@ COMMIT.  (On SQLite a full disk does the same.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -307,3 +308,88 @@ def test_sqlite_appends_to_a_removed_or_replaced_file_are_refused(
             await store.close()
 
     asyncio.run(before_the_first_append())
+
+
+def _swallow_a_failed_statement(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+    """The application's code inside the append: a statement fails, and it carries on."""
+    with contextlib.suppress(Exception):
+        conn.execute(text("SELECT 1/0"))
+
+
+def _matches_the_log(store: EventStore, stream: str, outcome: Any) -> None:
+    """What the append said is what the log holds: an error and nothing written (PostgreSQL,
+    whose transaction a failed statement aborts), or its positions, written (SQLite, where a
+    failed statement leaves the transaction going)."""
+    written = list(store.read_stream(stream))
+    if isinstance(outcome, DatabaseError):
+        assert store.engine.dialect.name == "postgresql"
+        assert "nothing was written" in str(outcome) and written == []
+    else:
+        assert store.engine.dialect.name == "sqlite"
+        assert [e.position for e in written] == [outcome.first_position]
+
+
+def test_an_error_caught_inside_the_append_is_not_a_silent_rollback(url: str) -> None:
+    """A before_commit hook or an inline handler that catches a failed statement's error: on
+    PostgreSQL the transaction is aborted and its COMMIT rolls back without an error, so the
+    append returned positions it never wrote, and the next append was given them again (a
+    tester's find).  Now the commit raises a DatabaseError."""
+    with EventStore.open(url) as store:
+        outcomes: dict[str, Any] = {}
+        stream = f"hook-{uuid.uuid4().hex[:8]}"
+        try:
+            outcomes[stream] = store.append_with(stream, [NoteAdded(text="a")],
+                                                 before_commit=_swallow_a_failed_statement)
+        except DatabaseError as e:
+            outcomes[stream] = e
+        handled = f"handled-{uuid.uuid4().hex[:8]}"
+
+        def handler(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+            if recorded[0].stream_id == handled:
+                _swallow_a_failed_statement(conn, recorded)
+
+        store.add_inline_handler(handler)
+        try:
+            outcomes[handled] = store.append(handled, [NoteAdded(text="b")])
+        except DatabaseError as e:
+            outcomes[handled] = e
+        for stream_id, outcome in outcomes.items():
+            _matches_the_log(store, stream_id, outcome)
+        after = store.append(f"after-{uuid.uuid4().hex[:8]}", [NoteAdded(text="c")])
+        assert after.first_position == store.last_position()  # (no position given twice)
+        assert len({e.position for e in store.read_all()}) == len(list(store.read_all()))
+
+
+def test_async_an_error_caught_inside_the_transaction_is_not_a_silent_rollback(
+        url: str) -> None:
+    """As above, on the async store: append_with's hook, and a run_sync function that writes a
+    row and catches a failed statement's error (it returned its value, the row rolled back)."""
+    stream = f"ahook-{uuid.uuid4().hex[:8]}"
+
+    async def attempt() -> tuple[Any, Any]:
+        async with await AsyncEventStore.open(url) as store:
+            try:
+                appended: Any = await asyncio.wait_for(store.append_with(
+                    stream, [NoteAdded(text="a")], before_commit=_swallow_a_failed_statement), 10)
+            except DatabaseError as e:
+                appended = e
+
+            def write_then_swallow(conn: Connection) -> str:
+                _deferred_table_on(conn)
+                _swallow_a_failed_statement(conn, ())
+                return "returned"
+
+            try:
+                ran: Any = await asyncio.wait_for(
+                    store.run_sync(write_then_swallow, write=True), 10)
+            except DatabaseError as e:
+                ran = e
+            return appended, ran
+
+    appended, ran = asyncio.run(attempt())
+    with EventStore.open(url) as store:
+        _matches_the_log(store, stream, appended)
+        if store.engine.dialect.name == "postgresql":
+            assert isinstance(ran, DatabaseError)
+        else:
+            assert ran == "returned"
