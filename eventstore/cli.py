@@ -62,6 +62,7 @@ from .errors import (
     InvalidStreamId,
     SchemaVersionMismatch,
     WrongExpectedVersion,
+    error_text,
 )
 from .events import ANY, STREAM_EXISTS, AppendResult, Event, ExpectedState, RawEvent, RecordedEvent
 from .store import EventStore
@@ -871,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(devnull, sys.stdout.fileno())
             return EXIT_OK
         except Exception as e:  # the last resort: one line, not a traceback
-            report(f"unexpected {type(e).__name__}: {e}"
+            report(f"unexpected {type(e).__name__}: {error_text(e)}"
                    + ("" if args.verbose else " (run with -v for the traceback)"),
                    detail=traceback.format_exc() if args.verbose else None)
             return EXIT_ERROR

@@ -21,7 +21,7 @@ import msgspec
 import msgspec.inspect
 
 from ._schema import MAX_ID_LENGTH
-from .errors import EventDecodeError, InvalidEvent
+from .errors import EventDecodeError, InvalidEvent, error_text
 from .events import MAX_SCHEMA_VERSION, Event, RawEvent, _decoder_for, _registry, _upcast
 
 _encoder = msgspec.json.Encoder()
@@ -81,7 +81,7 @@ def _check_appended(read: object, tag: str) -> None:
     except InvalidEvent:
         raise
     except Exception as e:
-        raise InvalidEvent(f"{tag} event refused by its type's check: {e}") from e
+        raise InvalidEvent(f"{tag} event refused by its type's check: {error_text(e)}") from e
 
 
 def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:

@@ -119,6 +119,15 @@ class DatabaseError(EventStoreError):
     sqlstate: str | None = None
 
 
+def error_text(e: BaseException) -> str:
+    """``str(e)``, or a stand-in when the exception cannot be shown (its ``__str__`` raises):
+    the store's messages about an application's exception must not fail on it."""
+    try:
+        return str(e)
+    except Exception:
+        return f"<{type(e).__name__}, whose message cannot be shown>"
+
+
 def _describe(expected: object) -> str:
     name = getattr(expected, "name", None)
     return str(name) if isinstance(name, str) else str(expected)

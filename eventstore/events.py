@@ -34,6 +34,7 @@ from uuid import UUID
 import msgspec
 
 from ._time import from_micros
+from .errors import error_text
 from .logs import get_logger
 
 __all__ = [
@@ -297,7 +298,7 @@ def _upcast(tag: str, data: dict[str, Any], from_version: int, to_version: int) 
             data = fn(data)
         except Exception as e:  # the upcaster's own failure: the read names the event
             raise UpcastError(f"the upcaster of {tag} from schema version {v} raised "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(e).__name__}: {error_text(e)}") from e
         if not isinstance(data, dict):
             raise UpcastError(f"the upcaster of {tag} from schema version {v} returned "
                               f"{type(data).__name__}, not a dict")

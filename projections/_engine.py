@@ -74,6 +74,7 @@ from eventstore.errors import (
     EventStoreError,
     InvalidArgument,
     InvalidStreamId,
+    error_text,
 )
 from eventstore.logs import get_logger
 
@@ -110,7 +111,7 @@ class ProjectionFailed(EventStoreError):
         super().__init__(
             f"projection {projection} failed on event at position {position} "
             f"(type {type}, stream {stream_id}, tenant {tenant_id}): "
-            f"{type_name(cause)}: {cause}"
+            f"{type_name(cause)}: {error_text(cause)}"
         )
         self.projection = projection
         self.position = position
@@ -425,8 +426,8 @@ def _record_database_failure(store: EventStore, name: str, err: DatabaseError) -
     with transaction(store, write=True) as conn:
         at = int(_lock_row(conn, name).position) + 1
         _mark_failed(conn, store, name, at, f"projection {name}: the database refused the "
-                                            f"batch from position {at}: {err}")
-    _log.error("projection_failed", projection=name, position=at, error=str(err))
+                                            f"batch from position {at}: {error_text(err)}")
+    _log.error("projection_failed", projection=name, position=at, error=error_text(err))
 
 
 def _record_failure(store: EventStore, name: str, err: ProjectionFailed) -> None:
@@ -569,7 +570,7 @@ class _RowUndecodable(Exception):
 
     def __init__(self, key: tuple[str, str], cause: Exception) -> None:
         super().__init__(f"the stored row of {key[0]}/{key[1]} does not decode: "
-                         f"{type_name(cause)}: {cause}")
+                         f"{type_name(cause)}: {error_text(cause)}")
 
 
 class _Unusable:
@@ -1580,7 +1581,7 @@ def _newest_snapshot(conn: Connection, projection: Projection[S], tenant_id: str
         return projection.decode(_stored_bytes(r[0])), r[1]
     except Exception as e:  # damaged, or written by other code under the same version
         _log.warning("snapshot_undecodable", projection=projection.name, tenant=tenant_id,
-                     stream=stream_id, version=r[1], error=f"{type_name(e)}: {e}")
+                     stream=stream_id, version=r[1], error=f"{type_name(e)}: {error_text(e)}")
         return int(r[1])
 
 
@@ -2032,7 +2033,7 @@ class Projector:
                                 continue
                         errored = True
                         self._log.warning("projector_database_error", projection=p.name,
-                                          error=str(e), retry_in=round(pause, 3))
+                                          error=error_text(e), retry_in=round(pause, 3))
                 if errored:
                     stop.wait(pause)
                     pause = min(pause * 2, _MAX_ERROR_PAUSE)
@@ -2050,7 +2051,7 @@ class Projector:
             if not e.transient:
                 raise
             # Stopping while the database is out of reach: the leases run out by themselves.
-            self._log.warning("projector_leases_not_released", error=str(e))
+            self._log.warning("projector_leases_not_released", error=error_text(e))
 
     @property
     def held_elsewhere(self) -> frozenset[str]:
@@ -2268,13 +2269,13 @@ def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: i
         values: dict[str, Any] = {"rebuild_generation": None, "rebuild_position": None,
                                   "rebuild_code_version": None, "updated_at": _now_us(store)}
         if position is not None and row.status != "failed":
-            values.update(error=f"rebuild of generation {generation} stopped: {err}",
+            values.update(error=f"rebuild of generation {generation} stopped: {error_text(err)}",
                           failed_position=position)
         conn.execute(update(projections).where(projections.c.name == name).values(**values))
         conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
                                                    projection_rows.c.generation == generation))
     _log.error("projection_rebuild_failed", projection=name, generation=generation,
-               position=position, error=str(err))
+               position=position, error=error_text(err))
 
 
 def _own_rebuild(conn: Connection, name: str, generation: int, position: int,
@@ -2440,7 +2441,7 @@ def _compare(projection: Projection[Any],
             return projection.decode(raw)
         except Exception as e:  # a damaged row: reported, not the end of the comparison
             return UndecodableRow(raw.decode("utf-8", "replace")[:200],
-                                  f"{type_name(e)}: {e}")
+                                  f"{type_name(e)}: {error_text(e)}")
 
     out = []
     for key in sorted(set(live) | set(rebuilt)):

@@ -50,7 +50,7 @@ from sqlalchemy.engine import URL
 from eventstore import Event, EventStore, WrongExpectedVersion
 from eventstore._backend import _masked, resolve_url, translate
 from eventstore._core import check_id
-from eventstore.errors import InvalidArgument, InvalidEvent
+from eventstore.errors import InvalidArgument, InvalidEvent, error_text
 from eventstore.logs import get_logger
 
 from ._command import check_text
@@ -468,7 +468,7 @@ def _imported_events(flow_uuid: str, saved: list[tuple[str, str, str]],
         return _flow_events(flow_uuid, saved, pending)
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
         raise InvalidArgument(f"flow {flow_uuid!r} holds a row this import cannot read: "
-                              f"{type(e).__name__}: {str(e)[:200]}") from None
+                              f"{type(e).__name__}: {error_text(e)[:200]}") from None
 
 
 def _flow_events(flow_uuid: str, saved: list[tuple[str, str, str]],

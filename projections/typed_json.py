@@ -16,7 +16,7 @@ import zoneinfo
 from typing import Any
 
 from eventstore.codec import MAX_NESTING
-from eventstore.errors import EventDecodeError, InvalidArgument, InvalidEvent
+from eventstore.errors import EventDecodeError, InvalidArgument, InvalidEvent, error_text
 
 __all__ = ["check_typed", "from_json", "to_json"]
 
@@ -106,7 +106,7 @@ def from_json(value: Any) -> Any:
         return _from_json(value)
     except Exception as e:  # (what a malformed value raises is up to the type's constructor)
         raise EventDecodeError(f"a malformed typed value in flow state: {type(e).__name__}: "
-                               f"{str(e)[:200]}") from None
+                               f"{error_text(e)[:200]}") from None
 
 
 def check_typed(value: Any, what: str) -> None:
@@ -117,7 +117,7 @@ def check_typed(value: Any, what: str) -> None:
         _from_json(value)
     except Exception as e:
         raise InvalidEvent(f"{what} holds a malformed typed value: {type(e).__name__}: "
-                           f"{str(e)[:200]}") from None
+                           f"{error_text(e)[:200]}") from None
 
 
 def _from_json(value: Any) -> Any:

@@ -69,6 +69,31 @@ def test_inline_failure_rejects_the_append(store: EventStore) -> None:
     assert store.stream_version("counter-a") == 1
 
 
+def test_a_fold_raising_an_unprintable_error_fails_as_any_other(store: EventStore) -> None:
+    """An exception whose ``__str__`` raises, out of a fold: ProjectionFailed inline (nothing
+    written) and in a projector (the failure in status), as any other error; the store's
+    message about it raised the ``__str__``'s own error instead, and the projector never
+    recorded the failure (a tester's find)."""
+    class UnprintableTally(TallyProjection):
+        def evolve(self, state: Any, event: RecordedEvent) -> Any:
+            if getattr(event.data, "by", None) == 13:
+                raise _Unprintable
+            return super().evolve(state, event)
+
+    inline(store, UnprintableTally("tally_unprintable_inline"))
+    bump(store, "a", 1)
+    with pytest.raises(ProjectionFailed) as info:
+        store.append("counter-a", [CounterIncremented(by=13)])
+    assert "cannot be shown" in str(info.value) and store.stream_version("counter-a") == 1
+    with EventStore.open(store.url) as other:
+        other.append("counter-b", [CounterIncremented(by=13)])
+        with pytest.raises(ProjectionFailed):
+            Projector(other, [UnprintableTally("tally_unprintable")]).catch_up()
+        (st,) = status(other, "tally_unprintable")
+    assert (st.status, st.failed_position) == ("failed", 2)
+    assert "_Unprintable, whose message cannot be shown" in (st.error or "")
+
+
 def test_inline_catch_up_failing_on_another_writers_event_stops_the_projection(
         url: str) -> None:
     """An event appended by a process without the inline projection, that its fold refuses,
@@ -1211,8 +1236,20 @@ def test_a_failed_rebuild_leaves_a_generation_another_rebuild_moved_on(
     assert "poison" in (st.error or "") and rows_of_generation_2() == 0
 
 
-@pytest.mark.parametrize("upcast", [lambda d: int("not a number"), lambda d: None],
-                         ids=["raises", "returns-none"])
+class _Unprintable(Exception):
+    """An application's exception whose message cannot be made (its ``__str__`` raises)."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+def _raise_unprintable(data: Any) -> Any:
+    raise _Unprintable
+
+
+@pytest.mark.parametrize("upcast", [lambda d: int("not a number"), lambda d: None,
+                                    _raise_unprintable],
+                         ids=["raises", "returns-none", "raises-unprintable"])
 def test_an_upcaster_that_fails_names_the_event_and_stops_the_projector(
         store: EventStore, upcast: Any) -> None:
     """An upcaster that raises (any exception) or returns no dict is an EventDecodeError naming
