@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from sqlalchemy import Connection, bindparam, func, literal_column, select
@@ -292,6 +292,19 @@ class Options:
         if clock is not None and not callable(clock):
             raise InvalidArgument(f"clock must be a callable returning a datetime, got {clock!r}")
         return cls(limit, poll_interval, clock)
+
+
+_T = TypeVar("_T")
+
+
+def no_stop_iteration(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)``, a ``StopIteration`` out of it raised as a ``RuntimeError`` (as out of a
+    coroutine), for functions run on another thread for an event loop: a future refuses
+    ``StopIteration``, and the caller waited for ever."""
+    try:
+        return fn(*args)
+    except StopIteration as e:
+        raise RuntimeError("a function run on a worker thread raised StopIteration") from e
 
 
 def check_pool_size(pool_size: object) -> int | None:

@@ -84,6 +84,7 @@ from ._core import (
     StoreCore,
     auto_migrate,
     check_pool_size,
+    no_stop_iteration,
 )
 from ._sql import Compiled
 from .errors import DatabaseError, InvalidArgument, StoreClosed
@@ -783,22 +784,13 @@ async def _on_thread(aio: Any, fn: Callable[..., T], *args: Any) -> T:
     """
     tx = getattr(aio, "_tx", None)
     if tx is None or not callable(getattr(tx, "put_nowait", None)):
-        result: T = await aio._execute(_no_stop_iteration, fn, *args)
+        result: T = await aio._execute(no_stop_iteration, fn, *args)
         return result
     if not getattr(aio, "_running", True) or getattr(aio, "_connection", True) is None:
         raise ValueError("Connection closed")  # (as _execute)
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    tx.put_nowait((_Answer(future), functools.partial(_no_stop_iteration, fn, *args)))
+    tx.put_nowait((_Answer(future), functools.partial(no_stop_iteration, fn, *args)))
     return await future
-
-
-def _no_stop_iteration(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, a ``StopIteration`` out of it raised as a ``RuntimeError`` (as a
-    coroutine's is): a future refuses ``StopIteration``, and its caller waited for ever."""
-    try:
-        return fn(*args)
-    except StopIteration as e:
-        raise RuntimeError("a function run on aiosqlite's thread raised StopIteration") from e
 
 
 class _Answer:

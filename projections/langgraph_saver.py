@@ -86,7 +86,7 @@ from eventstore._backend import (
     lock_appends,
 )
 from eventstore._bound import BoundStore, transaction
-from eventstore._core import _pipeline, _psycopg, check_storable
+from eventstore._core import _pipeline, _psycopg, check_storable, no_stop_iteration
 from eventstore._schema import events as es_events
 from eventstore._schema import streams as es_streams
 from eventstore._sql import Compiled
@@ -1705,6 +1705,13 @@ def _split_writes(ev: WritesSaved, limit: int) -> builtins.list[Event]:
 _LOOP_CHECK_SECONDS = 0.5  # how often a sync call waiting on the loop checks it is not closed
 
 
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``asyncio.to_thread(fn, *args)``, a ``StopIteration`` out of ``fn`` (a serializer's,
+    say) raised as a ``RuntimeError``: the event loop cannot hand it to the caller, who waited
+    for ever (a tester's find)."""
+    return await asyncio.to_thread(no_stop_iteration, fn, *args)
+
+
 def _loop_gone(loop: asyncio.AbstractEventLoop) -> RuntimeError:
     return RuntimeError("AsyncEventStoreSaver's event loop (the one it was created in) is "
                         f"{'closed' if loop.is_closed() else 'not running'}; its sync methods "
@@ -1879,12 +1886,12 @@ class EventStoreSaver(_Base):
     # -- asyncio: the sync methods in a worker thread --
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await asyncio.to_thread(self.get_tuple, config)
+        return await _in_thread(self.get_tuple, config)
 
     async def alist(self, config: RunnableConfig | None, *,
                     filter: dict[str, Any] | None = None, before: RunnableConfig | None = None,
                     limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
-        items = await asyncio.to_thread(
+        items = await _in_thread(
             lambda: builtins.list(self.list(config, filter=filter, before=before, limit=limit)))
         for item in items:
             yield item
@@ -1892,23 +1899,23 @@ class EventStoreSaver(_Base):
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
                    metadata: CheckpointMetadata, new_versions: ChannelVersions
                    ) -> RunnableConfig:
-        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+        return await _in_thread(self.put, config, checkpoint, metadata, new_versions)
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
-        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+        await _in_thread(self.put_writes, config, writes, task_id, task_path)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        await asyncio.to_thread(self.delete_thread, thread_id)
+        await _in_thread(self.delete_thread, thread_id)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await asyncio.to_thread(self.delete_for_runs, run_ids)
+        await _in_thread(self.delete_for_runs, run_ids)
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+        await _in_thread(self.copy_thread, source_thread_id, target_thread_id)
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        await asyncio.to_thread(lambda: self.prune(thread_ids, strategy=strategy))
+        await _in_thread(lambda: self.prune(thread_ids, strategy=strategy))
 
 
 class AsyncEventStoreSaver(_Base):

@@ -1174,3 +1174,40 @@ async def test_an_async_listed_checkpoint_is_whole_when_a_retention_commits_mean
                                                                      {"v": 0}]
         assert [[w[2] for w in t.pending_writes or ()] for t in listed] == [["w2"], ["w1"],
                                                                             ["w0"]]
+
+
+def test_the_sync_saver_s_async_methods_fail_on_a_stop_iteration_instead_of_hanging(
+        store: EventStore) -> None:
+    """``EventStoreSaver.aput`` and the other async methods run the sync ones on a worker
+    thread; a ``StopIteration`` out of them (a serializer's ``next()`` past its end) could not
+    be handed back to the event loop, and the caller waited for ever.  Now a RuntimeError, as
+    out of a coroutine; nothing written, and the saver goes on."""
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    class Exhausted(JsonPlusSerializer):
+        fail = True
+
+        def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+            if self.fail:
+                return next(iter([]))
+            return super().dumps_typed(obj)
+
+    serde = Exhausted()
+    saver = EventStoreSaver(store, serde=serde)
+    cp: Checkpoint = empty_checkpoint()
+    cp["channel_values"] = {"v": 1}
+    cp["channel_versions"] = {"v": 1}
+    md: CheckpointMetadata = {"source": "loop", "step": 0, "parents": {}}
+    with pytest.raises(StopIteration):
+        saver.put(config("stop"), cp, md, {"v": 1})
+
+    async def attempt() -> None:
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(saver.aput(config("stop"), cp, md, {"v": 1}), 5)
+        assert await asyncio.wait_for(saver.aget_tuple(config("stop")), 5) is None
+        serde.fail = False
+        await asyncio.wait_for(saver.aput(config("stop"), cp, md, {"v": 1}), 5)
+
+    asyncio.run(attempt())
+    tup = saver.get_tuple(config("stop"))
+    assert tup is not None and tup.checkpoint["channel_values"] == {"v": 1}
