@@ -747,12 +747,12 @@ async def _hand_back(aconn: AsyncConnection) -> None:
     transaction: that close runs shielded to its end, as ``async with``'s would (a second
     cancellation meanwhile invalidated the connection, with an error in the log).
     """
+    sync: Any = aconn.sync_connection
     try:
-        sync: Any = aconn.sync_connection
-        idle = sync.connection.driver_connection.in_transaction is False
-    except Exception:
-        idle = False
-    if idle:
+        pooled = sync.connection
+    except Exception:  # (closed, invalidated: not known to be idle)
+        pooled = None
+    if _outside_transaction(pooled):
         await aconn.close()
         return
     closing = asyncio.ensure_future(aconn.close())
@@ -1022,14 +1022,19 @@ def _no_idle_rollback(dialect: Any) -> None:
     rollback = dialect.do_rollback
 
     def do_rollback(dbapi_connection: Any) -> None:
-        try:
-            idle = dbapi_connection.driver_connection.in_transaction is False
-        except Exception:  # (closed: the rollback says so, as before)
-            idle = False
-        if not idle:
+        if not _outside_transaction(dbapi_connection):
             rollback(dbapi_connection)
 
     dialect.do_rollback = do_rollback
+
+
+def _outside_transaction(pooled: Any) -> bool:
+    """Whether a pooled aiosqlite connection is outside any transaction, asked without a
+    hand-over to its thread; false when it cannot tell (closed: a rollback says so)."""
+    try:
+        return pooled.driver_connection.in_transaction is False
+    except Exception:
+        return False
 
 
 @contextlib.asynccontextmanager
