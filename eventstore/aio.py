@@ -218,9 +218,7 @@ class AsyncEventStore(StoreCore):
         :class:`_SQLiteThreadTransactions`), so it must not use the event loop; on PostgreSQL
         it runs on the event loop's thread.
         """
-        self._check_open()
-        if self._preparations:
-            await self._prepared()
+        await self._ready()
         return await self._transact(fn, args, write=write)
 
     async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -228,17 +226,19 @@ class AsyncEventStore(StoreCore):
         PostgreSQL without a transaction (no BEGIN and COMMIT round trips; each statement reads
         its own snapshot, as it would in a READ COMMITTED transaction), on SQLite in one read
         transaction (one snapshot)."""
+        await self._ready()
+        return await self._transact(fn, args, write=False, autocommit=True)
+
+    async def _ready(self) -> None:
+        """Open, and the preparations (``prepare_before_use``) done: before a transaction."""
         self._check_open()
         if self._preparations:
             await self._prepared()
-        return await self._transact(fn, args, write=False, autocommit=True)
 
     async def _run_snapshot(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`run_read`, its statements all on one snapshot (``begin_snapshot``'s twin:
         REPEATABLE READ on PostgreSQL)."""
-        self._check_open()
-        if self._preparations:
-            await self._prepared()
+        await self._ready()
         return await self._transact(fn, args, write=False, snapshot=True)
 
     async def _transact(self, fn: Callable[..., T], args: Sequence[Any], *, write: bool,
