@@ -305,11 +305,18 @@ def _decoded_categories(stored: str | None) -> list[str] | None:
         return None
 
 
+# PostgreSQL's clock, in microseconds: the time leases are given and compared in there.
+_SERVER_NOW_US: Any = literal_column(
+    "CAST(floor(extract(epoch FROM clock_timestamp()) * 1000000) AS BIGINT)").label(
+    "server_now_us")
+
+
 def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
-    """Lock and return the projection's bookkeeping row (see the module docstring)."""
+    """Lock and return the projection's bookkeeping row (see the module docstring); on
+    PostgreSQL with the server's time (``server_now_us``, see :meth:`Projector._acquire`)."""
     q = select(projections).where(projections.c.name == name)
     if conn.dialect.name == "postgresql":
-        q = q.with_for_update()
+        q = q.add_columns(_SERVER_NOW_US).with_for_update()
     row = conn.execute(q).first()
     if row is None and not missing_ok:
         raise InvalidArgument(f"projection {name} is not registered in this store")
@@ -1756,9 +1763,15 @@ class Projector:
         for p in self.projections:
             ensure_registered(store, p)
 
-    def _acquire(self, conn: Connection, p: Projection[Any], row: Any, now_us: int) -> bool:
+    def _acquire(self, conn: Connection, p: Projection[Any], row: Any) -> bool:
         """Take or renew the projection's lease (the row is locked): free, expired, ours, or
         held by a worker of an older fold version while the rows are older than ours too.
+
+        A lease is given and compared in real time, never the store's clock (which may be
+        set, see ``EventStore.open``): on PostgreSQL the server's, so that workers on hosts
+        whose clocks disagree neither take a live worker's lease (a clock ahead) nor wait past
+        the lease time for a dead one's (the dead host's clock ahead); on SQLite the machine's,
+        which all its workers share.
 
         Why the last: in a rolling deploy that bumps the fold version, the old release's
         workers renew their lease at every poll, so a new release's projector never got it,
@@ -1766,6 +1779,8 @@ class Projector:
         batch runs under the row's lock and checks the lease first, so the old worker's next
         batch finds it taken and stands down.  Workers of one version never take it from each
         other (nor from a worker rebuilding the rows with this version)."""
+        now_us = (row.server_now_us if conn.dialect.name == "postgresql"
+                  else time.time_ns() // 1000)
         mine = row.owner == self.worker_id
         held = not mine and row.owner is not None and (row.lease_until or 0) > now_us
         holder_code = _holder_code(row) if held else None
@@ -1838,7 +1853,7 @@ class Projector:
                                      .values(owner=None, lease_until=None))
                     return 0
                 self._failed_rebuilds.pop(p.name, None)
-                if row.status == "failed" or not self._acquire(conn, p, row, now_us):
+                if row.status == "failed" or not self._acquire(conn, p, row):
                     return 0
                 stale = row.code_version != p.version
                 if not stale:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -214,6 +214,33 @@ def test_expired_lease_is_taken_over(store: EventStore) -> None:
     time.sleep(0.1)
     assert Projector(store, [p], worker_id="alive").run_once(p) == 1
     assert status(store, "tally_async")[0].owner == "alive"
+
+
+def test_leases_run_on_real_time_not_on_a_store_clock(store: EventStore, url: str) -> None:
+    """A lease is timed by the database server's clock (PostgreSQL) or the machine's (SQLite),
+    never by a store's clock: a worker whose clock runs an hour ahead (another host's, or one
+    set on its store) neither takes a live worker's lease nor keeps a dead one's an hour."""
+    import time
+
+    ahead = EventStore.open(url, clock=lambda: datetime.now(UTC) + timedelta(hours=1))
+    try:
+        p = TallyProjection("tally_async")
+        bump(store, "a", 1)
+        live = Projector(store, [p], worker_id="live", lease_seconds=30)
+        assert live.run_once(p) == 1
+        bump(store, "a", 1)
+        assert Projector(ahead, [p], worker_id="ahead", lease_seconds=30).run_once(p) == 0
+        assert status(store, "tally_async")[0].owner == "live"
+        live.release()
+        # The worker with the clock ahead takes it, then dies holding a short lease.
+        assert Projector(ahead, [p], worker_id="dead", lease_seconds=0.2).run_once(p) == 1
+        bump(store, "a", 1)
+        time.sleep(0.3)
+        assert Projector(store, [p], worker_id="alive", lease_seconds=30).run_once(p) == 1
+        assert status(store, "tally_async")[0].owner == "alive"
+        assert rows_of(store, p)[("default", "counter-a")].count == 3
+    finally:
+        ahead.close()
 
 
 def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
@@ -1344,8 +1371,8 @@ def test_new_release_projectors_take_over_from_old_ones_still_running(
 
     old_workers = [Projector(store, [old], worker_id=f"old-{i}") for i in range(2)]
     for w in old_workers[1:]:  # a worker of the release before migration 0006 ...
-        def acquire_as_before(conn: Any, p: Any, row: Any, now_us: int,
-                              w: Projector = w) -> bool:
+        def acquire_as_before(conn: Any, p: Any, row: Any, w: Projector = w) -> bool:
+            now_us = to_micros(w.store.now())
             if (row.owner not in (None, w.worker_id)
                     and (row.lease_until or 0) > now_us):
                 return False  # ... takes the lease without recording its fold version
