@@ -2204,6 +2204,7 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
         if row.rebuild_generation is not None \
                 and row.rebuild_code_version == projection.version:
             gen, start = int(row.rebuild_generation), int(row.rebuild_position or 0)  # resume
+            keep: int | None = gen
         else:
             # A fresh generation; one another version of the fold left half-built (a release
             # rolled out or back meanwhile) is started over, never finished with this fold.
@@ -2213,11 +2214,11 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
                           folded_by=row.rebuild_code_version, code=projection.version)
             gen = int(row.generation) + 1
             start = 0
-            conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
-                                                       projection_rows.c.generation == gen))
+            keep = None
             conn.execute(update(projections).where(projections.c.name == name)
                          .values(rebuild_generation=gen, rebuild_position=0,
                                  rebuild_code_version=projection.version))
+        _drop_other_generations(conn, name, int(row.generation), keep)
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
     committed = [start]  # where this rebuild's last committed page left the generation
 
@@ -2251,13 +2252,32 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
     except (ProjectionFailed, EventDecodeError) as e:
         _record_rebuild_failure(store, name, gen, committed[0], projection.version, e)
         raise
-    with transaction(store, write=True) as conn:
-        conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
-                                                   projection_rows.c.generation == old))
+    _drop_generation(store, name, old)
     _log.info("projection_rebuilt", projection=name, generation=gen, position=last)
     if progress is not None:
         progress(last, last)
     return gen
+
+
+def _drop_generation(store: EventStore, name: str, generation: int) -> None:
+    """Delete the rows of a generation a rebuild swapped out (if the process dies before,
+    the next rebuild's start drops them: :func:`_drop_other_generations`)."""
+    with transaction(store, write=True) as conn:
+        conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
+                                                   projection_rows.c.generation == generation))
+
+
+def _drop_other_generations(conn: Connection, name: str, live: int, keep: int | None
+                            ) -> None:
+    """Delete the rows of every generation but the live one, ``keep`` (a rebuild resumed) and
+    the scratch ones of ``verify``: generations swapped out whose delete never ran (the
+    process died, or was interrupted, between the swap and the delete), and the next one a
+    fold of another version left half built.  Two ranges of the index, around the live rows."""
+    pr = projection_rows
+    conn.execute(delete(pr).where(pr.c.projection == name, pr.c.generation > 0,
+                                  pr.c.generation < live))
+    conn.execute(delete(pr).where(pr.c.projection == name, pr.c.generation > live,
+                                  *([pr.c.generation != keep] if keep is not None else [])))
 
 
 def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: int,

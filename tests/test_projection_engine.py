@@ -480,6 +480,38 @@ def test_rebuild_swaps_in_new_rows_while_old_ones_answer(store: EventStore) -> N
     assert verify(store, p) == []
 
 
+def test_rows_a_rebuild_swapped_out_go_even_if_it_stopped_before_deleting_them(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild interrupted between its swap and its delete of the old rows (Ctrl-C, a kill)
+    leaves them behind: the next rebuild drops every generation but the live one."""
+    from sqlalchemy import func
+
+    from projections import _engine
+
+    def generations() -> dict[int, int]:
+        pr = projection_rows
+        with begin_write(store.engine) as conn:
+            return {g: n for g, n in conn.execute(
+                select(pr.c.generation, func.count()).where(pr.c.projection == p.name)
+                .group_by(pr.c.generation))}
+
+    def interrupted(*_args: Any) -> None:
+        raise KeyboardInterrupt
+
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3)
+    bump(store, "b", 2)
+    monkeypatch.setattr(_engine, "_drop_generation", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rebuild(store, p)
+    monkeypatch.undo()
+    assert generations() == {1: 2, 2: 2}  # swapped to 2; the rows of 1 stayed
+    assert rebuild(store, p) == 3
+    assert generations() == {3: 2}
+    assert verify(store, p) == []
+
+
 @pytest.mark.parametrize("layout", ["one-tenant", "a-tenant-each"])
 def test_rebuild_looks_rows_up_by_their_whole_key_in_few_statements(
         store: EventStore, layout: str) -> None:
