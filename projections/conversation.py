@@ -272,7 +272,7 @@ class Conversations:
         cid = _check_conversation_id(conversation_id, write=True)
         if isinstance(names, str):
             names = [names]
-        checked = _check_names(names)
+        checked = sorted(_check_names(names))  # (in name order, as assign: see _values)
         if not checked:
             raise InvalidArgument("delete needs at least one variable name")
         return self._append(cid, VariablesDeleted(
@@ -287,7 +287,9 @@ class Conversations:
             raise InvalidArgument("variables must be a mapping of name to value")
         if not variables:
             raise InvalidArgument("assign needs at least one variable")
-        names = _check_names(variables.keys())
+        # In name order: the same mapping makes the same event whatever its keys' order, so
+        # an idempotent retry built from another copy of it is a duplicate, not a conflict.
+        names = sorted(_check_names(variables.keys()))
         if types is None:
             types = {}
         elif not isinstance(types, Mapping):

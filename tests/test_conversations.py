@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from eventstore import EventStore, InvalidArgument, WrongExpectedVersion
+from eventstore import EventStore, IdempotencyKeyReused, InvalidArgument, WrongExpectedVersion
 from eventstore.store import DEFAULT_TENANT
 from projections import Conversations
 from projections.events import VariablesAssigned, VariableValue
@@ -100,6 +100,23 @@ def test_reset_and_delete_are_events(conversations: Conversations,
     assert conversations.get("c-1").variables == {"count": 0, "topic": "x"}
     assert [e.type for e in conv_store.read_stream("conversation-c-1")] == [
         "VariablesAssigned", "VariablesReset", "VariablesDeleted"]
+
+
+def test_a_retry_with_the_same_variables_in_another_order_is_a_duplicate(
+        conversations: Conversations, conv_store: EventStore) -> None:
+    """An idempotent retry rebuilt from another copy of the same mapping (keys in another
+    order: a JSON request parsed again) gets the first answer back, and writes nothing."""
+    c = conversations
+    assert c.assign("c-1", {"a": 1, "b": 2, "c": 3}, idempotency_key="k1") == 1
+    assert c.assign("c-1", {"c": 3, "a": 1, "b": 2}, idempotency_key="k1") == 1
+    assert c.reset("c-1", {"b": 0, "a": 0}, idempotency_key="k2") == 2
+    assert c.reset("c-1", {"a": 0, "b": 0}, idempotency_key="k2") == 2
+    assert c.delete("c-1", ["c", "a"], idempotency_key="k3") == 3
+    assert c.delete("c-1", ["a", "c"], idempotency_key="k3") == 3
+    assert conv_store.stream_version("conversation-c-1") == 3
+    assert c.get("c-1").variables == {"b": 0}
+    with pytest.raises(IdempotencyKeyReused):  # other values are still another request
+        c.assign("c-1", {"c": 3, "a": 2, "b": 2}, idempotency_key="k1")
 
 
 @pytest.mark.parametrize("names", [5, None, [""], [3]])
