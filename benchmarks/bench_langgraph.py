@@ -7,7 +7,9 @@ Rows (counts at ``--scale 1``), each contender on a fresh database of its own:
                  list and two trigger channels), two of which change per checkpoint
                  (``new_versions``), with ``versions_seen`` of three nodes;
                  Also, for reference: ``EventStore.append`` of the same events with the index
-                 handler off, the store's own cost per put;
+                 handler off, the store's own cost per put; and the raw driver's limit: the
+                 rows our put writes, in its transaction's shape, through bare ``sqlite3`` /
+                 ``psycopg`` (``driver_floor``);
 * ``get_tuple``  latency (median of 300 calls, latest checkpoint) on a 100-checkpoint and on a
                  10,000-checkpoint thread of that shape (PostgreSQL: after ``ANALYZE``, for
                  both contenders);
@@ -70,6 +72,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from eventstore import EventStore
+from eventstore._backend import APPEND_LOCK_ID
 from eventstore.aio import AsyncEventStore
 from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
 
@@ -328,6 +331,92 @@ def store_alone(saver: EventStoreSaver, n: int) -> float:
         store.add_inline_handler(index_events)
 
 
+def driver_floor(backend: Backend, n: int) -> float:
+    """puts/s of our put's writes through the bare driver (``sqlite3`` / ``psycopg``), with no
+    Python of ours around them: the rows our ``put`` writes for the ``put`` row's checkpoints
+    (the event, the stream's row, the checkpoint's and its values' index rows), in the same
+    transaction shape (SQLite: ``BEGIN IMMEDIATE``, the probe of the stream's version and the
+    log's end, the writes, ``COMMIT``; PostgreSQL: the append lock and the writes in one round
+    trip, as one implicit transaction).  The limit our put could reach on this driver and schema."""
+    from eventstore.codec import encode_event
+    from projections.langgraph_saver import _versions_stored, checkpoint_key, stream_id_of
+
+    with backend.ours() as saver:  # (a scratch store: the events, encoded as the store does)
+        steps = Steps(saver)
+        config: Any = {"configurable": {"thread_id": "floor", "checkpoint_ns": ""}}
+        rows = []
+        for i in range(1, n + 1):
+            cp, md, new = steps.next()
+            _t, ev, config = saver._checkpoint_events(config, cp, md, new)  # type: ignore
+            tag, schema_version, data = encode_event(ev)
+            rows.append((i, uuid.uuid4(), tag, schema_version, data, checkpoint_key(ev.id),
+                         None if ev.parent is None else checkpoint_key(ev.parent),
+                         list(_versions_stored(ev))))
+    stream, tenant, run_id = stream_id_of("floor"), "default", "run"
+    event_sql = ("INSERT INTO es_events (position, tenant_id, stream_id, category, version, "
+                 "event_id, type, schema_version, data, metadata, recorded_at) "
+                 "VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, NULL, {0})")
+    stream_sql = ("UPDATE es_streams SET version = {0}, updated_at = {0} "
+                  "WHERE tenant_id = {0} AND stream_id = {0}")
+    cp_sql = ("INSERT INTO es_lg_checkpoints (tenant_id, thread_id, checkpoint_ns, "
+              "checkpoint_id, parent_id, position, run_id) VALUES ({0}, {0}, '', {0}, {0}, {0}, "
+              "{0})")
+    blob_sql = ("INSERT INTO es_lg_blobs (tenant_id, thread_id, checkpoint_ns, version, channel, "
+                "position) VALUES {1} ON CONFLICT DO NOTHING")
+
+    def blob_rows(mark: str, keys: list[str], position: int) -> tuple[str, list[Any]]:
+        values = ", ".join(f"({mark}, {mark}, '', {mark}, '', {mark})" for _ in keys)
+        return values, [x for k in keys for x in (tenant, "floor", k, position)]
+
+    with backend._database("floor") as url:
+        EventStore.open(url, migrate=True).close()
+        now = time.time_ns() // 1000
+        if backend.name == "sqlite":
+            conn = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {backend.synchronous}")
+            conn.execute("INSERT INTO es_streams VALUES (?, ?, 0, ?, ?)",
+                         (tenant, stream, now, now))
+            q = "?"
+            gc.collect()
+            t = time.perf_counter()
+            for pos, eid, tag, sv, data, key, parent, versions in rows:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("SELECT (SELECT version FROM es_streams WHERE tenant_id = ? AND "
+                             "stream_id = ?), (SELECT max(position) FROM es_events)",
+                             (tenant, stream)).fetchone()
+                conn.execute(event_sql.format(q), (pos, tenant, stream, "lgthread", pos,
+                                                  eid.hex, tag, sv, data, now))
+                conn.execute(stream_sql.format(q), (pos, now, tenant, stream))
+                conn.execute(cp_sql.format(q), (tenant, "floor", key, parent, pos, run_id))
+                values, params = blob_rows(q, versions, pos)
+                conn.execute(blob_sql.format(q, values), params)
+                conn.execute("COMMIT")
+            spent = time.perf_counter() - t
+            conn.close()
+            return n / spent
+        import psycopg
+
+        raw = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(raw, autocommit=True) as pg:
+            pg.execute("INSERT INTO es_streams VALUES (%s, %s, 0, %s, %s)",
+                       (tenant, stream, now, now))
+            q = "%s"
+            gc.collect()
+            t = time.perf_counter()
+            for pos, eid, tag, sv, data, key, parent, versions in rows:
+                with pg.pipeline():  # (one implicit transaction, up to the sync at its end)
+                    cur = pg.cursor()
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_ID,))
+                    cur.execute(event_sql.format(q), (pos, tenant, stream, "lgthread", pos, eid,
+                                                      tag, sv, data, now))
+                    cur.execute(stream_sql.format(q), (pos, now, tenant, stream))
+                    cur.execute(cp_sql.format(q), (tenant, "floor", key, parent, pos, run_id))
+                    values, params = blob_rows(q, versions, pos)
+                    cur.execute(blob_sql.format(q, values), params)
+            return n / (time.perf_counter() - t)
+
+
 def get_latency(saver: BaseCheckpointSaver[Any], thread_id: str, calls: int) -> float:
     """Median seconds of get_tuple (latest checkpoint)."""
     config: Any = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
@@ -482,6 +571,10 @@ def run_backend(backend: Backend, scale: float, out: list[tuple[str, str, str, s
             alone = store_alone(s, n_put)
         out.append((b, "  ours: the store's append alone (same events, no index)",
                     f"{alone:,.0f}", "", ""))
+        floor = driver_floor(backend, n_put)
+        print(f"  {b} put raw driver: {floor:.6g}", file=sys.stderr)
+        out.append((b, "  raw driver: our put's statements alone (ours vs it)", f"{floor:,.0f}",
+                    "", ratio(ours, floor, True)))
     if "get_tuple" in rows:
         latency_rows(backend, n_small, n_big, out)
     if "bytes" in rows:
