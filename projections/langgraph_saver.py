@@ -147,8 +147,10 @@ def _checkpoint_id(value: object) -> str:
 
 
 def _optional_checkpoint_id(config: RunnableConfig) -> str | None:
+    """The config's checkpoint id, or None; an empty one is none, as LangGraph's savers take
+    it (the latest checkpoint, every checkpoint of a list)."""
     value = get_checkpoint_id(config)
-    return None if value is None else _checkpoint_id(value)
+    return None if value is None or value == "" else _checkpoint_id(value)
 
 
 def _text(value: object, what: str) -> str:
