@@ -364,9 +364,20 @@ def driver_floor(backend: Backend, n: int) -> float:
     blob_sql = ("INSERT INTO es_lg_blobs (tenant_id, thread_id, checkpoint_ns, version, channel, "
                 "position) VALUES {1} ON CONFLICT DO NOTHING")
 
-    def blob_rows(mark: str, keys: list[str], position: int) -> tuple[str, list[Any]]:
-        values = ", ".join(f"({mark}, {mark}, '', {mark}, '', {mark})" for _ in keys)
-        return values, [x for k in keys for x in (tenant, "floor", k, position)]
+    def writes(mark: str, as_id: Callable[[uuid.UUID], Any], now: int
+               ) -> list[list[tuple[str, tuple[Any, ...]]]]:
+        """Each put's write statements and parameters, built before the clock starts."""
+        out = []
+        for pos, eid, tag, sv, data, key, parent, versions in rows:
+            values = ", ".join(f"({mark}, {mark}, '', {mark}, '', {mark})" for _ in versions)
+            out.append([
+                (event_sql.format(mark), (pos, tenant, stream, "lgthread", pos, as_id(eid), tag,
+                                          sv, data, now)),
+                (stream_sql.format(mark), (pos, now, tenant, stream)),
+                (cp_sql.format(mark), (tenant, "floor", key, parent, pos, run_id)),
+                (blob_sql.format(mark, values),
+                 tuple(x for k in versions for x in (tenant, "floor", k, pos)))])
+        return out
 
     with backend._database("floor") as url:
         EventStore.open(url, migrate=True).close()
@@ -377,20 +388,16 @@ def driver_floor(backend: Backend, n: int) -> float:
             conn.execute(f"PRAGMA synchronous = {backend.synchronous}")
             conn.execute("INSERT INTO es_streams VALUES (?, ?, 0, ?, ?)",
                          (tenant, stream, now, now))
-            q = "?"
+            puts = writes("?", operator.attrgetter("hex"), now)
+            probe = ("SELECT (SELECT version FROM es_streams WHERE tenant_id = ? AND "
+                     "stream_id = ?), (SELECT max(position) FROM es_events)")
             gc.collect()
             t = time.perf_counter()
-            for pos, eid, tag, sv, data, key, parent, versions in rows:
+            for statements in puts:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("SELECT (SELECT version FROM es_streams WHERE tenant_id = ? AND "
-                             "stream_id = ?), (SELECT max(position) FROM es_events)",
-                             (tenant, stream)).fetchone()
-                conn.execute(event_sql.format(q), (pos, tenant, stream, "lgthread", pos,
-                                                  eid.hex, tag, sv, data, now))
-                conn.execute(stream_sql.format(q), (pos, now, tenant, stream))
-                conn.execute(cp_sql.format(q), (tenant, "floor", key, parent, pos, run_id))
-                values, params = blob_rows(q, versions, pos)
-                conn.execute(blob_sql.format(q, values), params)
+                conn.execute(probe, (tenant, stream)).fetchone()
+                for sql, params in statements:
+                    conn.execute(sql, params)
                 conn.execute("COMMIT")
             spent = time.perf_counter() - t
             conn.close()
@@ -401,19 +408,15 @@ def driver_floor(backend: Backend, n: int) -> float:
         with psycopg.connect(raw, autocommit=True) as pg:
             pg.execute("INSERT INTO es_streams VALUES (%s, %s, 0, %s, %s)",
                        (tenant, stream, now, now))
-            q = "%s"
+            puts = writes("%s", lambda eid: eid, now)
             gc.collect()
             t = time.perf_counter()
-            for pos, eid, tag, sv, data, key, parent, versions in rows:
+            for statements in puts:
                 with pg.pipeline():  # (one implicit transaction, up to the sync at its end)
                     cur = pg.cursor()
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_ID,))
-                    cur.execute(event_sql.format(q), (pos, tenant, stream, "lgthread", pos, eid,
-                                                      tag, sv, data, now))
-                    cur.execute(stream_sql.format(q), (pos, now, tenant, stream))
-                    cur.execute(cp_sql.format(q), (tenant, "floor", key, parent, pos, run_id))
-                    values, params = blob_rows(q, versions, pos)
-                    cur.execute(blob_sql.format(q, values), params)
+                    for sql, params in statements:
+                        cur.execute(sql, params)
             return n / (time.perf_counter() - t)
 
 
