@@ -10,14 +10,14 @@ import datetime as _dt
 import decimal
 import enum
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from eventstore import EventStore, RecordedEvent, StreamSlice
-from eventstore.errors import InvalidArgument
+from eventstore.errors import IdempotencyKeyReused, InvalidArgument
 from eventstore.events import Event
 
 from ._command import check_text
@@ -185,6 +185,25 @@ def _check_names(names: object) -> list[str]:
     return out
 
 
+_T = TypeVar("_T")
+
+
+def _value_name(value: VariableValue) -> str:
+    return value.name
+
+
+def _in_name_order(items: list[_T], event: Callable[[list[_T]], Event],
+                   name: Callable[[_T], str]) -> tuple[Event, Event | None]:
+    """The event with its variables in name order: the same mapping makes the same event
+    whatever its keys' order, so an idempotent retry built from another copy of it (a JSON
+    request parsed again) is a duplicate, not a conflict.  And, when the call's order was
+    another, the event in that order, as releases before name order recorded it."""
+    ordered = sorted(items, key=name)
+    if ordered == items:
+        return event(items), None
+    return event(ordered), event(items)
+
+
 class Conversations:
     """Conversation variables on the event log.
 
@@ -203,13 +222,27 @@ class Conversations:
     def stream_id(conversation_id: str) -> str:
         return f"{CATEGORY}-{conversation_id}"
 
-    def _append(self, conversation_id: str, event: Event, *, tenant_id: str,
-                expected_version: int | None, idempotency_key: str | None,
+    def _append(self, conversation_id: str, event: Event, as_given: Event | None = None, *,
+                tenant_id: str, expected_version: int | None, idempotency_key: str | None,
                 metadata: dict[str, Any] | None) -> int:
-        result = self.store.append(
-            self.stream_id(conversation_id), [event], tenant_id=tenant_id,
-            expected_version=expected_version, idempotency_key=idempotency_key,
-            metadata=metadata)
+        """Append ``event``; ``as_given``: the same event with its names in the order the
+        call gave them (when that is not name order, see :meth:`_values`), for a key an earlier
+        release recorded with them so: its retry is still a duplicate."""
+        stream = self.stream_id(conversation_id)
+        try:
+            result = self.store.append(
+                stream, [event], tenant_id=tenant_id, expected_version=expected_version,
+                idempotency_key=idempotency_key, metadata=metadata)
+        except IdempotencyKeyReused as reused:
+            if as_given is None:
+                raise
+            try:  # (the key is taken: this either finds it the same request or writes nothing)
+                result = self.store.append(
+                    stream, [as_given], tenant_id=tenant_id,
+                    expected_version=expected_version, idempotency_key=idempotency_key,
+                    metadata=metadata)
+            except IdempotencyKeyReused:
+                raise reused from None
         return result.stream_version
 
     def assign(
@@ -234,10 +267,11 @@ class Conversations:
         """
         cid = _check_conversation_id(conversation_id, write=True)
         values = self._values(variables, value_types)
-        return self._append(cid, VariablesAssigned(
-            conversation_id=cid, variables=values, workflow_run_id=workflow_run_id,
-            node_id=node_id), tenant_id=tenant_id, expected_version=expected_version,
-            idempotency_key=idempotency_key, metadata=metadata)
+        return self._append(cid, *_in_name_order(values, lambda v: VariablesAssigned(
+            conversation_id=cid, variables=v, workflow_run_id=workflow_run_id,
+            node_id=node_id), _value_name), tenant_id=tenant_id,
+            expected_version=expected_version, idempotency_key=idempotency_key,
+            metadata=metadata)
 
     def reset(
         self,
@@ -252,9 +286,10 @@ class Conversations:
     ) -> int:
         """Put variables back to their defaults (``{name: default}``) as one event."""
         cid = _check_conversation_id(conversation_id, write=True)
-        return self._append(cid, VariablesReset(
-            conversation_id=cid, variables=self._values(defaults, None),
-            workflow_run_id=workflow_run_id, node_id=node_id), tenant_id=tenant_id,
+        values = self._values(defaults, None)
+        return self._append(cid, *_in_name_order(values, lambda v: VariablesReset(
+            conversation_id=cid, variables=v, workflow_run_id=workflow_run_id,
+            node_id=node_id), _value_name), tenant_id=tenant_id,
             expected_version=expected_version, idempotency_key=idempotency_key, metadata=None)
 
     def delete(
@@ -272,12 +307,12 @@ class Conversations:
         cid = _check_conversation_id(conversation_id, write=True)
         if isinstance(names, str):
             names = [names]
-        checked = sorted(_check_names(names))  # (in name order, as assign: see _values)
+        checked = _check_names(names)
         if not checked:
             raise InvalidArgument("delete needs at least one variable name")
-        return self._append(cid, VariablesDeleted(
-            conversation_id=cid, names=checked, workflow_run_id=workflow_run_id,
-            node_id=node_id), tenant_id=tenant_id, expected_version=expected_version,
+        return self._append(cid, *_in_name_order(checked, lambda n: VariablesDeleted(
+            conversation_id=cid, names=n, workflow_run_id=workflow_run_id,
+            node_id=node_id), str), tenant_id=tenant_id, expected_version=expected_version,
             idempotency_key=idempotency_key, metadata=None)
 
     @staticmethod
@@ -287,9 +322,7 @@ class Conversations:
             raise InvalidArgument("variables must be a mapping of name to value")
         if not variables:
             raise InvalidArgument("assign needs at least one variable")
-        # In name order: the same mapping makes the same event whatever its keys' order, so
-        # an idempotent retry built from another copy of it is a duplicate, not a conflict.
-        names = sorted(_check_names(variables.keys()))
+        names = _check_names(variables.keys())  # (in the mapping's order: see _in_name_order)
         if types is None:
             types = {}
         elif not isinstance(types, Mapping):

@@ -11,7 +11,7 @@ import pytest
 from eventstore import EventStore, IdempotencyKeyReused, InvalidArgument, WrongExpectedVersion
 from eventstore.store import DEFAULT_TENANT
 from projections import Conversations
-from projections.events import VariablesAssigned, VariableValue
+from projections.events import VariablesAssigned, VariablesDeleted, VariableValue
 
 
 class Clock:
@@ -117,6 +117,24 @@ def test_a_retry_with_the_same_variables_in_another_order_is_a_duplicate(
     assert c.get("c-1").variables == {"b": 0}
     with pytest.raises(IdempotencyKeyReused):  # other values are still another request
         c.assign("c-1", {"c": 3, "a": 2, "b": 2}, idempotency_key="k1")
+
+
+def test_a_retry_of_a_key_recorded_in_the_calls_own_order_is_still_a_duplicate(
+        conversations: Conversations, conv_store: EventStore) -> None:
+    """Releases before name order recorded variables in the mapping's order: the same call
+    retried across the upgrade still gets its first answer back, and writes nothing."""
+    c = conversations
+    conv_store.append("conversation-c-1", [VariablesAssigned(conversation_id="c-1", variables=[
+        VariableValue(name="b", value=2, value_type="integer"),
+        VariableValue(name="a", value=1, value_type="integer")])], idempotency_key="k1")
+    conv_store.append("conversation-c-1", [VariablesDeleted(
+        conversation_id="c-1", names=["b", "a"])], idempotency_key="k2")
+    assert c.assign("c-1", {"b": 2, "a": 1}, idempotency_key="k1") == 1
+    assert c.delete("c-1", ["b", "a"], idempotency_key="k2") == 2
+    assert conv_store.stream_version("conversation-c-1") == 2
+    with pytest.raises(IdempotencyKeyReused):  # other values: another request, as before
+        c.assign("c-1", {"b": 3, "a": 1}, idempotency_key="k1")
+    assert conv_store.stream_version("conversation-c-1") == 2
 
 
 @pytest.mark.parametrize("names", [5, None, [""], [3]])
