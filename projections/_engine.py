@@ -306,9 +306,17 @@ def _decoded_categories(stored: str | None) -> list[str] | None:
 
 
 # PostgreSQL's clock, in microseconds: the time leases are given and compared in there.
-_SERVER_NOW_US: Any = literal_column(
-    "CAST(floor(extract(epoch FROM clock_timestamp()) * 1000000) AS BIGINT)").label(
-    "server_now_us")
+_SERVER_CLOCK_US: Any = literal_column(
+    "CAST(floor(extract(epoch FROM clock_timestamp()) * 1000000) AS BIGINT)")
+
+
+def lease_clock(store: EventStore) -> datetime:
+    """The time leases are given and compared in (see :meth:`Projector._acquire`): the
+    PostgreSQL server's, or on SQLite the machine's."""
+    if is_sqlite(store.engine.url):
+        return from_micros(time.time_ns() // 1000)
+    with transaction(store, write=False) as conn:
+        return from_micros(int(conn.execute(select(_SERVER_CLOCK_US)).scalar_one()))
 
 
 def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
@@ -316,7 +324,7 @@ def _lock_row(conn: Connection, name: str, *, missing_ok: bool = False) -> Any:
     PostgreSQL with the server's time (``server_now_us``, see :meth:`Projector._acquire`)."""
     q = select(projections).where(projections.c.name == name)
     if conn.dialect.name == "postgresql":
-        q = q.add_columns(_SERVER_NOW_US).with_for_update()
+        q = q.add_columns(_SERVER_CLOCK_US.label("server_now_us")).with_for_update()
     row = conn.execute(q).first()
     if row is None and not missing_ok:
         raise InvalidArgument(f"projection {name} is not registered in this store")
@@ -1779,8 +1787,10 @@ class Projector:
         batch runs under the row's lock and checks the lease first, so the old worker's next
         batch finds it taken and stands down.  Workers of one version never take it from each
         other (nor from a worker rebuilding the rows with this version)."""
-        now_us = (row.server_now_us if conn.dialect.name == "postgresql"
-                  else time.time_ns() // 1000)
+        pg = conn.dialect.name == "postgresql"
+        # (PostgreSQL: read with the row, before the wait for its lock, if there was one: an
+        # expiry is judged a little late, never early; a lease given starts when it is given.)
+        now_us = row.server_now_us if pg else time.time_ns() // 1000
         mine = row.owner == self.worker_id
         held = not mine and row.owner is not None and (row.lease_until or 0) > now_us
         holder_code = _holder_code(row) if held else None
@@ -1788,7 +1798,8 @@ class Projector:
         if held and not newer:
             return False
         conn.execute(update(projections).where(projections.c.name == p.name)
-                     .values(owner=self.worker_id, lease_until=now_us + self.lease_us,
+                     .values(owner=self.worker_id,
+                             lease_until=(_SERVER_CLOCK_US if pg else now_us) + self.lease_us,
                              owner_code=f"{p.version}:{self.worker_id}"))
         if newer:
             self._log.info("projection_lease_taken_by_newer_code", projection=p.name,
@@ -2218,7 +2229,7 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
             conn.execute(update(projections).where(projections.c.name == name)
                          .values(rebuild_generation=gen, rebuild_position=0,
                                  rebuild_code_version=projection.version))
-        _drop_other_generations(conn, name, int(row.generation), keep)
+        _drop_newer_generations(conn, name, int(row.generation), keep)
     _log.info("projection_rebuild_started", projection=name, generation=gen, position=start)
     committed = [start]  # where this rebuild's last committed page left the generation
 
@@ -2238,11 +2249,10 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
                      stall_ms=stall_ms, page=page)
         with transaction(store, write=True) as conn:
             _limit_waits(conn, lock_stall_ms)
-            row = _own_rebuild(conn, name, gen, last, projection.version)
+            _own_rebuild(conn, name, gen, last, projection.version)
             rows: _Rows[Any] = _Rows(projection, gen)
             last = _catch_up(store, conn, rows, last, None)
             rows.flush(conn, _now_us(store))
-            old = row.generation
             if moved is not None:
                 moved["replayed"] = last - start
             conn.execute(update(projections).where(projections.c.name == name).values(
@@ -2252,32 +2262,34 @@ def _rebuild(store: EventStore, projection: Projection[Any], *, progress: Progre
     except (ProjectionFailed, EventDecodeError) as e:
         _record_rebuild_failure(store, name, gen, committed[0], projection.version, e)
         raise
-    _drop_generation(store, name, old)
+    _drop_older_generations(store, name, gen)
     _log.info("projection_rebuilt", projection=name, generation=gen, position=last)
     if progress is not None:
         progress(last, last)
     return gen
 
 
-def _drop_generation(store: EventStore, name: str, generation: int) -> None:
-    """Delete the rows of a generation a rebuild swapped out (if the process dies before,
-    the next rebuild's start drops them: :func:`_drop_other_generations`)."""
+def _drop_older_generations(store: EventStore, name: str, live: int) -> None:
+    """After a rebuild's swap to ``live``: delete the rows of the generations before it, which
+    no reader or writer takes again (the live number only grows).  The one it swapped out, and
+    any an earlier rebuild swapped out and never deleted (its process died, or was
+    interrupted, between its swap and this).  Not under the projection's lock; one index
+    range."""
     with transaction(store, write=True) as conn:
-        conn.execute(delete(projection_rows).where(projection_rows.c.projection == name,
-                                                   projection_rows.c.generation == generation))
+        pr = projection_rows
+        conn.execute(delete(pr).where(pr.c.projection == name, pr.c.generation > 0,
+                                      pr.c.generation < live))
 
 
-def _drop_other_generations(conn: Connection, name: str, live: int, keep: int | None
-                            ) -> None:
-    """Delete the rows of every generation but the live one, ``keep`` (a rebuild resumed) and
-    the scratch ones of ``verify``: generations swapped out whose delete never ran (the
-    process died, or was interrupted, between the swap and the delete), and the next one a
-    fold of another version left half built.  Two ranges of the index, around the live rows."""
+def _drop_newer_generations(conn: Connection, name: str, live: int, keep: int | None) -> None:
+    """Under the projection's lock: delete the rows of the generations after the live one but
+    ``keep`` (a rebuild resumed): the next one, left half built by a fold of another version.
+    Index ranges around the live rows and ``keep``'s, which are not read through."""
     pr = projection_rows
-    conn.execute(delete(pr).where(pr.c.projection == name, pr.c.generation > 0,
-                                  pr.c.generation < live))
-    conn.execute(delete(pr).where(pr.c.projection == name, pr.c.generation > live,
-                                  *([pr.c.generation != keep] if keep is not None else [])))
+    bounds = [(live, keep), (keep, None)] if keep is not None else [(live, None)]
+    for lo, hi in bounds:
+        conn.execute(delete(pr).where(pr.c.projection == name, pr.c.generation > lo,
+                                      *([pr.c.generation < hi] if hi is not None else [])))
 
 
 def _record_rebuild_failure(store: EventStore, name: str, generation: int, at: int,

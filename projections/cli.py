@@ -12,7 +12,6 @@ import dataclasses
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -27,6 +26,7 @@ from ._engine import (
     Projector,
     _check_seconds,
     build_registered,
+    lease_clock,
     rebuild,
     registered,
     restart,
@@ -76,6 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cli.import_modules(args)  # their projections' categories give their lag
     with open_store(args, existing=True) as store:
         rows = status(store, args.name)
+        now = lease_clock(store)  # (what the leases run on: the server's clock)
     if args.name is not None and not rows:
         if args.name not in registered():
             raise CliError(f"projection {args.name!r} is not registered in this store",
@@ -95,7 +96,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no projections registered in this store")
         return cli.EXIT_OK
     print(f"{'NAME':<24} {'STATUS':<10} {'GEN':>4} {'POSITION':>10} {'LAG':>8}  OWNER / ERROR")
-    now = datetime.now(UTC)
     for r in rows:
         owner = r.owner or "-"
         if r.owner and r.lease_until is not None and r.lease_until < now:
@@ -221,13 +221,13 @@ def _run_once(args: argparse.Namespace, chosen: list[Projection[Any]]) -> int:
         finally:
             projector.release()  # let the next worker (or the next --once) in at once
         states = [(p, st) for p in chosen for st in status(store, p.name)]
+        now = lease_clock(store)
     if args.json:  # the notes below still go to stderr
         print_json({"applied": n, "projections": [
             {"name": st.name, "status": st.status, "position": st.position, "lag": st.lag,
              "failed_position": st.failed_position} for _p, st in states]})
     else:
         print(f"applied {n} events")
-    now = datetime.now(UTC)
     for _p, st in states:
         if st.name in projector.rebuilt_elsewhere and st.lag:
             cli.report(f"projection {st.name} is being rebuilt (generation "

@@ -25,7 +25,7 @@ from projections import (
     status,
     verify,
 )
-from projections._engine import load_row, query_rows, snapshot_now
+from projections._engine import lease_clock, load_row, query_rows, snapshot_now
 from tests._events import CounterIncremented, NoteAdded
 from tests._projections import SlicedTally, Tally, TallyProjection
 
@@ -241,6 +241,37 @@ def test_leases_run_on_real_time_not_on_a_store_clock(store: EventStore, url: st
         assert rows_of(store, p)[("default", "counter-a")].count == 3
     finally:
         ahead.close()
+
+
+def test_a_lease_given_after_a_wait_for_the_row_runs_its_whole_time(store: EventStore) -> None:
+    """A worker that waited for the projection's row (another transaction held it) is given a
+    lease that starts when it is given, not when its wait began."""
+    import time
+
+    from eventstore._schema import projections as bookkeeping
+
+    p = TallyProjection("tally_async")
+    bump(store, "a", 1)
+    worker = Projector(store, [p], worker_id="w", lease_seconds=1.0)
+    holding = threading.Event()
+
+    def hold() -> None:
+        with begin_write(store.engine) as conn:  # (SQLite: the write lock; PostgreSQL: the row)
+            conn.execute(select(bookkeeping).where(bookkeeping.c.name == p.name)
+                         .with_for_update())
+            holding.set()
+            time.sleep(0.8)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        assert worker.run_once(p) == 1
+        (st,) = status(store, p.name)
+        assert st.owner == "w" and st.lease_until is not None
+        assert st.lease_until - lease_clock(store) > timedelta(seconds=0.5)
+    finally:
+        holder.join()
 
 
 def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
@@ -483,7 +514,7 @@ def test_rebuild_swaps_in_new_rows_while_old_ones_answer(store: EventStore) -> N
 def test_rows_a_rebuild_swapped_out_go_even_if_it_stopped_before_deleting_them(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild interrupted between its swap and its delete of the old rows (Ctrl-C, a kill)
-    leaves them behind: the next rebuild drops every generation but the live one."""
+    leaves them behind: the next rebuild drops them with the generation it swaps out."""
     from sqlalchemy import func
 
     from projections import _engine
@@ -502,7 +533,7 @@ def test_rows_a_rebuild_swapped_out_go_even_if_it_stopped_before_deleting_them(
     inline(store, p)
     bump(store, "a", 3)
     bump(store, "b", 2)
-    monkeypatch.setattr(_engine, "_drop_generation", interrupted)
+    monkeypatch.setattr(_engine, "_drop_older_generations", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rebuild(store, p)
     monkeypatch.undo()
