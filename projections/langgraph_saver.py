@@ -1554,7 +1554,11 @@ class _Base(BaseCheckpointSaver[str]):
             if conf.get("checkpoint_ns") is not None:
                 ns = _text(conf["checkpoint_ns"], "checkpoint_ns")
             cid = _optional_checkpoint_id(config)
-        before_id = _optional_checkpoint_id(before) if before is not None else None
+        before_id = None
+        if before is not None and (given := get_checkpoint_id(before)) is not None:
+            # An empty one is an id here, as LangGraph's SQL savers take it: nothing is before
+            # it (the caller sees the empty id and lists nothing).
+            before_id = _checkpoint_id(given)
         return thread_id, ns, cid, before_id
 
     @staticmethod
@@ -1797,8 +1801,8 @@ class EventStoreSaver(_Base):
              ) -> Iterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before, filter, limit)
         remaining = limit
-        if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
-            return
+        if (remaining is not None and remaining <= 0) or before_id == "":  # nothing (as
+            return  # InMemorySaver for a limit; the SQL savers for before an empty id)
         for item in self._listed(thread_id, ns, cid, before_id, _page_size(limit, filter),
                                  filter):
             yield self._tuple(item)
@@ -2003,8 +2007,8 @@ class AsyncEventStoreSaver(_Base):
                     limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
         thread_id, ns, cid, before_id = self._list_args(config, before, filter, limit)
         remaining = limit
-        if remaining is not None and remaining <= 0:  # as InMemorySaver: nothing
-            return
+        if (remaining is not None and remaining <= 0) or before_id == "":  # nothing (as
+            return  # InMemorySaver for a limit; the SQL savers for before an empty id)
         async for item in self._alisted(thread_id, ns, cid, before_id,
                                         _page_size(limit, filter), filter):
             yield self._tuple(item)
