@@ -2164,7 +2164,7 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
                 if stall_ms is None:  # (the projection's lock is held from here)
                     _limit_waits(conn, _DEFAULT_STALL_MS)
                 _own_rebuild(conn, projection.name, generation, last, projection.version)
-            rows.flush(conn, _now_us(store))
+            rows.flush(conn, _now_us(store) if generation > 0 else _scratch_now_us())
             last = events[-1].position
             if track:
                 conn.execute(update(projections).where(projections.c.name == projection.name)
@@ -2403,7 +2403,7 @@ def verify(store: EventStore, projection: Projection[Any], *,
             row = _lock_row(conn, name)
             rows: _Rows[Any] = _Rows(projection, scratch)
             _catch_up(store, conn, rows, last, row.position)
-            rows.flush(conn, _now_us(store))
+            rows.flush(conn, _scratch_now_us())
             # Both sets of rows as they are under the lock; compared after it is let go.
             live, rebuilt = (_stored_rows(conn, name, row.generation),
                              _stored_rows(conn, name, scratch))
@@ -2420,12 +2420,19 @@ def verify(store: EventStore, projection: Projection[Any], *,
 _SCRATCH_ABANDONED_US = 24 * 3600 * 1_000_000
 
 
+def _scratch_now_us() -> int:
+    """The time scratch rows are stamped with and aged by: the machine's, never a store's
+    ``clock`` (a verify on a store whose clock is set days ahead dropped the scratch rows of a
+    verify running beside it, which then reported every row missing)."""
+    return time.time_ns() // 1000
+
+
 def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
     """Delete the scratch rows of verifies that died before removing them."""
     pr = projection_rows.c
     stale = (select(pr.generation).where(pr.projection == name, pr.generation < 0)
              .group_by(pr.generation)
-             .having(func.max(pr.updated_at) < _now_us(store) - _SCRATCH_ABANDONED_US))
+             .having(func.max(pr.updated_at) < _scratch_now_us() - _SCRATCH_ABANDONED_US))
     with transaction(store, write=True) as conn:
         gone = conn.execute(delete(projection_rows).where(
             pr.projection == name, pr.generation.in_(stale.scalar_subquery()))).rowcount
