@@ -268,6 +268,14 @@ def _now_us(store: EventStore) -> int:
     return to_micros(store.now())
 
 
+def _machine_now_us() -> int:
+    """The machine's time, never a store's ``clock`` (which may be set): for what processes
+    coordinate by, SQLite leases and the age of verify's scratch rows (a verify on a store
+    whose clock was set days ahead dropped the scratch rows of a verify running beside it,
+    which then reported every row missing)."""
+    return time.time_ns() // 1000
+
+
 def _ensure_row(conn: Connection, projection: Projection[Any], now_us: int) -> None:
     categories = _categories_json(projection)
     exists = conn.execute(select(projections.c.categories, projections.c.code_version)
@@ -314,7 +322,7 @@ def lease_clock(store: EventStore) -> datetime:
     """The time leases are given and compared in (see :meth:`Projector._acquire`): the
     PostgreSQL server's, or on SQLite the machine's."""
     if is_sqlite(store.engine.url):
-        return from_micros(time.time_ns() // 1000)
+        return from_micros(_machine_now_us())
     with transaction(store, write=False) as conn:
         return from_micros(int(conn.execute(select(_SERVER_CLOCK_US)).scalar_one()))
 
@@ -1790,7 +1798,7 @@ class Projector:
         pg = conn.dialect.name == "postgresql"
         # (PostgreSQL: read with the row, before the wait for its lock, if there was one: an
         # expiry is judged a little late, never early; a lease given starts when it is given.)
-        now_us = row.server_now_us if pg else time.time_ns() // 1000
+        now_us = row.server_now_us if pg else _machine_now_us()
         mine = row.owner == self.worker_id
         held = not mine and row.owner is not None and (row.lease_until or 0) > now_us
         holder_code = _holder_code(row) if held else None
@@ -2164,7 +2172,7 @@ def _fill(store: EventStore, projection: Projection[Any], generation: int, start
                 if stall_ms is None:  # (the projection's lock is held from here)
                     _limit_waits(conn, _DEFAULT_STALL_MS)
                 _own_rebuild(conn, projection.name, generation, last, projection.version)
-            rows.flush(conn, _now_us(store) if generation > 0 else _scratch_now_us())
+            rows.flush(conn, _now_us(store) if generation > 0 else _machine_now_us())
             last = events[-1].position
             if track:
                 conn.execute(update(projections).where(projections.c.name == projection.name)
@@ -2403,7 +2411,7 @@ def verify(store: EventStore, projection: Projection[Any], *,
             row = _lock_row(conn, name)
             rows: _Rows[Any] = _Rows(projection, scratch)
             _catch_up(store, conn, rows, last, row.position)
-            rows.flush(conn, _scratch_now_us())
+            rows.flush(conn, _machine_now_us())
             # Both sets of rows as they are under the lock; compared after it is let go.
             live, rebuilt = (_stored_rows(conn, name, row.generation),
                              _stored_rows(conn, name, scratch))
@@ -2420,11 +2428,6 @@ def verify(store: EventStore, projection: Projection[Any], *,
 _SCRATCH_ABANDONED_US = 24 * 3600 * 1_000_000
 
 
-def _scratch_now_us() -> int:
-    """The time scratch rows are stamped with and aged by: the machine's, never a store's
-    ``clock`` (a verify on a store whose clock is set days ahead dropped the scratch rows of a
-    verify running beside it, which then reported every row missing)."""
-    return time.time_ns() // 1000
 
 
 def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
@@ -2432,7 +2435,7 @@ def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
     pr = projection_rows.c
     stale = (select(pr.generation).where(pr.projection == name, pr.generation < 0)
              .group_by(pr.generation)
-             .having(func.max(pr.updated_at) < _scratch_now_us() - _SCRATCH_ABANDONED_US))
+             .having(func.max(pr.updated_at) < _machine_now_us() - _SCRATCH_ABANDONED_US))
     with transaction(store, write=True) as conn:
         gone = conn.execute(delete(projection_rows).where(
             pr.projection == name, pr.generation.in_(stale.scalar_subquery()))).rowcount
