@@ -33,24 +33,26 @@ _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 # recursion limit (1,000 by default) less the reader's own stack, so deeper data accepted from a
 # shallow caller could fail every read made from deeper in a program (a web framework's).
 MAX_NESTING = 256
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # possessive: no backtracking
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"\\')
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the byte it escapes
+_STRING = re.compile(rb'"[^"]*"')  # a string once its escapes are out
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 _INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan: pairs it empties are the next pass's
 
 
 def _check_depth(data: bytes, what: str) -> None:
     """Refuse JSON nested deeper than :data:`MAX_NESTING`.  A count of brackets first (the rest
-    runs only when there are that many); then, all in C: brackets, quotes and backslashes only,
+    runs only when there are that many); then, all in C: escapes out, brackets and quotes only,
     strings out, and each pass takes the innermost pairs away, so the passes are the depth."""
     if data.count(b"[") + data.count(b"{") <= MAX_NESTING:
         return
-    # Quotes and backslashes stay, so strings (escapes included) still match, now short; most
-    # are then just '""' (no bracket, quote or backslash inside), which a replace takes out.
-    rest = data.translate(None, _NOT_STRUCTURE)
-    if b"\\" not in rest:
-        rest = rest.replace(b'""', b"")
+    # Escapes go first, whole: their second byte may be a quote ("\""), a backslash, or a
+    # letter that the translate would drop, leaving a backslash to pair with the string's
+    # closing quote, which put strings and structure out of step.  (Valid JSON has backslashes
+    # only in strings, each opening an escape; a \uXXXX's digits go with the translate.)
+    rest = _ESCAPE.sub(b"", data) if b"\\" in data else data
+    rest = rest.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
     if b'"' in rest:
-        rest = _JSON_STRING.sub(b"", rest)
+        rest = _STRING.sub(b"", rest)
     for _ in range(MAX_NESTING):
         inner = _INNERMOST.sub(b"", rest)
         if not inner or len(inner) == len(rest):
@@ -323,7 +325,14 @@ def encode_metadata(metadata: object) -> bytes | None:
 def decode_metadata(raw: bytes | None) -> dict[str, Any]:
     # A fresh {} per event (an empty dict is not tracked by the garbage collector, and callers
     # may encode or change it like any dict).
-    return {} if raw is None else _dict_decoder.decode(raw)
+    if raw is None:
+        return {}
+    try:
+        return _dict_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+        # (Written by this code it decodes: metadata stored by an older release deeper than
+        # the depth limit, read from deep in a program's stack, or changed in the database.)
+        raise EventDecodeError(f"its metadata does not decode: {_why(e)}") from e
 
 
 def decode_event(tag: str, schema_version: int, raw: bytes) -> Event | RawEvent:

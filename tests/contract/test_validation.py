@@ -331,3 +331,32 @@ def test_data_nested_deeper_than_the_limit_is_refused(store: EventStore, where: 
     assert store.stream_version("deep-1") == 0
     append(MAX_NESTING)
     assert len(list(store.read_stream("deep-1"))) == 1
+
+
+@pytest.mark.parametrize("where", ["typed", "raw", "metadata"])
+def test_escapes_in_strings_do_not_change_the_depth_counted(store: EventStore, where: str
+                                                            ) -> None:
+    """Strings with escapes (a newline, a quote, a backslash, a \\uXXXX) before deep data:
+    still refused; before strings full of brackets: still stored, verbatim.  (The depth check
+    once dropped an escape's letter and paired its backslash with the closing quote: 600
+    levels went in after a "\\n", and a shallow event with "[[[...]]]" in a string was
+    refused.)"""
+    escapes = {"n": "\n", "q": 'say "hi"', "b": "C:\\dir\\", "u": "\x01\u2028"}
+
+    def append(stream: str, value: Any) -> Any:
+        payload = {**escapes, "v": value, "z": "\t"}
+        if where == "typed":
+            return store.append(stream, [Anything(value=payload)])
+        if where == "raw":
+            return store.append(stream, [RawEvent(type="test.Deep", data=payload)])
+        return store.append(stream, [NoteAdded(text="x")], metadata=payload)
+
+    with pytest.raises(InvalidEvent, match="nested deeper"):
+        append("deep-1", _nested(600))
+    assert store.stream_version("deep-1") == 0
+    brackets = "[" * 300 + "{" * 300 + "]" * 300
+    append("deep-2", [brackets, '\\"[[[', "\\"])
+    (rec,) = store.read_stream("deep-2")
+    stored = (rec.metadata if where == "metadata" else
+              rec.data.value if where == "typed" else rec.data.data)  # type: ignore[union-attr]
+    assert stored == {**escapes, "v": [brackets, '\\"[[[', "\\"], "z": "\t"}
