@@ -760,8 +760,18 @@ class StoreCore:
                 rows, data, strict=True):
             if at != last_at:  # the events of one batch share their time: convert it once
                 last_at, when = at, from_micros(at)
+            try:
+                meta_dict = decode_metadata(meta)
+            except EventDecodeError as e:
+                error = EventDecodeError.at(e, position=pos, type=tag, stream_id=stream_id,
+                                            tenant_id=tenant)
+                if not partial or not out:
+                    raise error from e
+                short = PartialPage(out)
+                short.nbytes = out.nbytes
+                return short
             out.append(RecordedEvent(pos, stream_id, version, tenant, as_uuid(event_id), tag,
-                                     sv, event, decode_metadata(meta), when))  # type: ignore[arg-type]
+                                     sv, event, meta_dict, when))  # type: ignore[arg-type]
         return out
 
     def iter_slices_on(self, conn: Connection, stream_id: str, tenant_id: str, lo: int,
