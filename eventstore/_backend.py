@@ -119,7 +119,8 @@ def create_store_engine(url: URL, *, pool_size: int | None = None) -> Engine:
         engine = _sqlite_engine(url)
     else:
         kwargs: dict[str, Any] = {"pool_size": pool_size or 5, "max_overflow": 10,
-                                  "connect_args": pg_connect_args(url)}
+                                  "connect_args": pg_connect_args(url),
+                                  "isolation_level": PG_ISOLATION}
         with missing_extra("postgres"):
             engine = create_engine(url, **kwargs)
         pg_listeners(engine)
@@ -161,9 +162,18 @@ def pg_idle_timeout_ms() -> int:
     return max(int(seconds * 1000), 1) if seconds > 0 else 0
 
 
-# Set only where nothing set it (the server, the role, the database or the URL's `options`).
-_IDLE_DEFAULT_SQL = ("SELECT set_config('idle_in_transaction_session_timeout', %s, false) "
-                     "WHERE current_setting('idle_in_transaction_session_timeout') = '0'")
+# The store's transactions run at READ COMMITTED, whatever the server, role or database make the
+# default: an append's probe must see what committed while it waited for the append lock, which
+# a REPEATABLE READ or SERIALIZABLE snapshot (taken when the lock's statement starts) does not.
+# As the session's default (for the store's own BEGIN, and the implicit transaction of a one-trip
+# append), and as SQLAlchemy's (which otherwise puts back the default it found at first connect).
+PG_ISOLATION = "READ COMMITTED"
+_SESSION_SQL = "SELECT set_config('default_transaction_isolation', 'read committed', false)"
+# The idle limit is set only where nothing set it (the server, the role, the database or the
+# URL's `options`).
+_IDLE_DEFAULT_SQL = (_SESSION_SQL + ", CASE WHEN current_setting("
+                     "'idle_in_transaction_session_timeout') = '0' THEN "
+                     "set_config('idle_in_transaction_session_timeout', %s, false) END")
 
 
 # libpq's TCP settings unless the URL gives its own: a server that stops answering (a network
@@ -187,18 +197,21 @@ def pg_listeners(engine: Engine) -> None:
     Each new connection's session ends a transaction left idle for ``EVENTSTORE_PG_IDLE_TIMEOUT``
     (60 s) unless its idle limit is set already: an appender that freezes holding the append
     lock (a stopped process, a host gone quiet) would otherwise stop every append of the
-    database until TCP gives up on it.  Projectors set their own limit per batch."""
+    database until TCP gives up on it.  Projectors set their own limit per batch.  And its
+    transactions default to READ COMMITTED (see ``PG_ISOLATION``)."""
     idle_ms = pg_idle_timeout_ms()
 
-    if idle_ms:
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            try:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            if idle_ms:
                 cur.execute(_IDLE_DEFAULT_SQL, (str(idle_ms),))
-            finally:
-                cur.close()
-            dbapi_conn.commit()
+            else:
+                cur.execute(_SESSION_SQL)
+        finally:
+            cur.close()
+        dbapi_conn.commit()
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:

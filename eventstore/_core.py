@@ -520,7 +520,10 @@ class StoreCore:
                 if _idle_autocommit(psycopg_conn):
                     # The store's own write connection runs in autocommit mode so that its BEGIN
                     # goes out with the statements (psycopg's own BEGIN costs a round trip).
-                    _execute(psycopg_conn, "BEGIN")
+                    # At READ COMMITTED, whatever the database's default: the probe must see
+                    # what committed while this transaction waited for the lock (see
+                    # _backend.PG_ISOLATION, also the session's default).
+                    _execute(psycopg_conn, "BEGIN ISOLATION LEVEL READ COMMITTED")
             lock_appends(conn)
             key_cur = None
             if key is not None:

@@ -52,6 +52,7 @@ from sqlalchemy.util.queue import Full as PoolQueueFull
 from . import _migrate
 from ._backend import (
     _FILE_KEY,
+    PG_ISOLATION,
     _begin,
     _broken,
     _sqlite_listeners,
@@ -1001,7 +1002,8 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
         with missing_extra("async"):
             engine = create_async_engine(url, pool_size=pool_size or 5, max_overflow=10,
                                          poolclass=_AnyLoopPool,
-                                         connect_args=pg_connect_args(url))
+                                         connect_args=pg_connect_args(url),
+                                         isolation_level=PG_ISOLATION)
         pg_listeners(engine.sync_engine)
     close_when_retired(engine.sync_engine)
     return engine

@@ -579,6 +579,73 @@ def test_connections_the_server_closed_while_idle_are_replaced(fresh_pg: str) ->
         assert store.stream_version("idle-1") == 2
 
 
+@pytest.mark.parametrize("idle_limit", ["60", "0"])
+def test_appends_race_as_promised_where_the_database_defaults_to_repeatable_read(
+        fresh_pg: str, monkeypatch: pytest.MonkeyPatch, idle_limit: str) -> None:
+    """A database (or role, or server) whose default isolation is REPEATABLE READ: the store's
+    transactions still run at READ COMMITTED.  (They took the default: an append's snapshot
+    was taken before it got the append lock, so it missed the append it waited for, and
+    concurrent appends to streams of their own failed with a unique violation, and a lost
+    version race with DatabaseError instead of WrongExpectedVersion.)  Sync and async stores,
+    the store's own BEGIN and SQLAlchemy's (also after a REPEATABLE READ snapshot read)."""
+    from sqlalchemy import create_engine, text
+
+    from eventstore._backend import begin_snapshot, begin_write
+    from tests._async_shim import BlockingAsyncStore
+
+    monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", idle_limit)
+    EventStore.open(fresh_pg, migrate=True).close()
+    admin = create_engine(fresh_pg, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            db = conn.execute(text("SELECT current_database()")).scalar()
+            conn.execute(text(f'ALTER DATABASE "{db}" SET default_transaction_isolation '
+                              "= 'repeatable read'"))
+    finally:
+        admin.dispose()
+    stores: list[Any] = [EventStore.open(fresh_pg), EventStore.open(fresh_pg),
+                         BlockingAsyncStore(fresh_pg)]
+    errors: list[BaseException] = []
+    won = [0] * len(stores)
+
+    def work(i: int) -> None:
+        try:
+            store = stores[i]
+            for n in range(40):
+                store.append(f"own{i}-{n}", [NoteAdded(text=str(n))])  # (ANY)
+                try:
+                    version = store.stream_version("shared-1")
+                    store.append("shared-1", [NoteAdded(text=f"{i}.{n}")],
+                                 expected_version=version)
+                    won[i] += 1
+                except WrongExpectedVersion:
+                    pass
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        check = stores[0]
+        assert check.stream_version("shared-1") == sum(won) > 0
+        assert [e.version for e in check.read_stream("shared-1")] == list(range(1, sum(won) + 1))
+        assert [e.position for e in check.read_all()] == list(range(1, 3 * 40 + sum(won) + 1))
+        engine = check.engine
+        with begin_snapshot(engine) as conn:
+            assert conn.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"
+        for _ in range(3):  # (the pool's connections, the one the snapshot used among them)
+            with begin_write(engine) as conn:
+                assert conn.execute(text("SHOW transaction_isolation")).scalar() == \
+                    "read committed"
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
         fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL: a transaction that holds the append lock and goes quiet (a stopped process,
