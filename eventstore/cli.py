@@ -52,8 +52,16 @@ import msgspec
 import structlog
 
 from . import _migrate
-from ._backend import DEFAULT_URL, missing_sqlite_file, resolve_url, shown_url, sqlite_file
+from ._backend import (
+    DEFAULT_URL,
+    _sqlite_settings,
+    missing_sqlite_file,
+    resolve_url,
+    shown_url,
+    sqlite_file,
+)
 from ._core import Options, check_id, encode_within
+from ._schema import VERSION_TABLE
 from .codec import MAX_NESTING
 from .errors import (
     EventStoreError,
@@ -347,7 +355,16 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
                 if not existing:
                     return EventStore.open(args.url)
                 raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
-            if not _holds_eventstore(str(path)):
+            held = _holds_eventstore(str(path))
+            if held is None:
+                # No tables at all: a new file, perhaps one another process is migrating this
+                # moment (its tables come with its commit).  Wait for the write lock as a
+                # migrator would, then look again.
+                _wait_for_writer(str(path), _sqlite_settings(resolved)[2])
+                held = _holds_eventstore(str(path))
+                if held is None and not existing:
+                    return EventStore.open(args.url)  # (as for a missing file: migrated)
+            if not held:
                 # Not migrated, as far as the store can tell (exit 4, as on PostgreSQL).
                 shown = shlex.quote(str(resolved))
                 raise CliError(f"{path} is not an eventstore database (it has no eventstore "
@@ -356,20 +373,39 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
     return EventStore.open(args.url)
 
 
-def _holds_eventstore(path: str) -> bool:
-    """Whether the SQLite file at ``path`` has the store's tables (read only: a command that
-    only reads must not add them to another application's database)."""
+def _holds_eventstore(path: str) -> bool | None:
+    """Whether the SQLite file at ``path`` has the store's tables; ``None`` when it has no
+    tables at all (read only: a command that only reads must not add them to another
+    application's database)."""
     try:
-        conn = sqlite3.connect(f"file:{urllib.parse.quote(Path(path).absolute().as_posix())}"
-                               "?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro", uri=True)
         try:
-            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
-                                 "'eventstore_alembic_version'").fetchone()
+            names = {name for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             conn.close()
     except sqlite3.Error:
         return True  # (not readable as SQLite here: the store's open says why)
-    return found is not None
+    return True if VERSION_TABLE in names else False if names else None
+
+
+def _wait_for_writer(path: str, busy_ms: int) -> None:
+    """Wait (up to ``busy_ms``) until no connection holds the SQLite file's write lock; takes
+    the lock and lets it go, writing nothing."""
+    try:
+        conn = sqlite3.connect(f"{_file_uri(path)}?mode=rw", uri=True, timeout=busy_ms / 1000,
+                               isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass  # (read only here, or still locked: look as it is; the store's open says more)
+
+
+def _file_uri(path: str) -> str:
+    return f"file:{urllib.parse.quote(Path(path).absolute().as_posix())}"
 
 
 def print_json(value: Any, out: TextIO | None = None) -> None:

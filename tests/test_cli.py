@@ -520,6 +520,43 @@ def test_reading_commands_do_not_create_a_sqlite_database(
     assert tables == ["orders"]
 
 
+@pytest.mark.parametrize("command", [["projections", "run", "--once"], ["read", "c-1"],
+                                     ["stats"], ["projections", "status"]])
+def test_a_command_started_while_a_new_sqlite_file_is_migrated_takes_its_turn(
+        tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A command started beside the first process of a new SQLite file (which creates the file,
+    then its tables in one transaction) waits for that migration to commit and goes on; it
+    exited 4, "not an eventstore database", when it looked in between."""
+    from eventstore._backend import begin_write, create_store_engine, resolve_url
+    from eventstore._migrate import migrate_on
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    migrating, done = threading.Event(), threading.Event()
+    engine = create_store_engine(resolve_url(url))
+
+    def first_process() -> None:
+        try:
+            with begin_write(engine) as conn:
+                migrate_on(conn)
+                migrating.set()
+                done.wait(0.5)  # (the command looks meanwhile, and waits for the commit)
+        finally:
+            migrating.set()
+
+    holder = threading.Thread(target=first_process)
+    holder.start()
+    try:
+        assert migrating.wait(30)
+        code, _out, err = run(capsys, *command, "--url", url)
+    finally:
+        done.set()
+        holder.join(30)
+        engine.dispose()
+    assert code == 0, err
+    with EventStore.open(url) as store:
+        assert store.last_position() == 0
+
+
 @pytest.mark.parametrize("argv", [["append", ""], ["append", "s-1", "--tenant", "t" * 300],
                                   ["append", "s-1", "--idempotency-key", "a\x00b"],
                                   ["append", "s-1", "--metadata", '{"a": {"b": "' + "x" * 200
