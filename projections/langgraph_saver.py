@@ -53,6 +53,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.constants import TASKS
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -1433,6 +1434,7 @@ class _Base(BaseCheckpointSaver[str]):
         thread_id = _text(conf["thread_id"], "thread_id")
         ns = _text(conf.get("checkpoint_ns") or "", "checkpoint_ns")
         _check_checkpoint(checkpoint, conf.get("checkpoint_id"), new_versions)
+        checkpoint, new_versions = self._sends_as_tasks(checkpoint, new_versions)
         check_key_size(self.tenant_id, thread_id, ns, checkpoint["id"],
                        checkpoint["channel_versions"], new_versions)
         values = checkpoint["channel_values"]
@@ -1457,6 +1459,26 @@ class _Base(BaseCheckpointSaver[str]):
         next_config: RunnableConfig = {"configurable": {
             "thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
         return thread_id, ev, next_config
+
+    def _sends_as_tasks(self, checkpoint: Checkpoint, new_versions: ChannelVersions
+                        ) -> tuple[Checkpoint, ChannelVersions]:
+        """A checkpoint of LangGraph before 0.3 (``v`` < 4) whose ``pending_sends`` key still
+        holds ``Send`` objects: they move into the ``__pregel_tasks`` channel, at the highest
+        channel version, as LangGraph moves them when it loads such a checkpoint (and
+        ``PostgresSaver`` when it reads one), so they are stored as a channel value is (the
+        checkpoint's other keys are kept as JSON, which has no ``Send``).  Else as it is."""
+        sends = checkpoint.get("pending_sends")
+        if checkpoint["v"] >= 4 or not sends or not isinstance(sends, builtins.list):
+            return checkpoint, new_versions
+        versions = dict(checkpoint["channel_versions"])
+        try:
+            version = max(versions.values()) if versions else self.get_next_version(None, None)
+        except TypeError:  # (versions of mixed kinds: no highest)
+            return checkpoint, new_versions
+        moved = cast(Checkpoint, {k: v for k, v in checkpoint.items() if k != "pending_sends"})
+        moved["channel_values"] = {**checkpoint["channel_values"], TASKS: builtins.list(sends)}
+        moved["channel_versions"] = {**versions, TASKS: version}
+        return moved, {**new_versions, TASKS: version}
 
     def _writes_event(self, config: RunnableConfig, items: Sequence[tuple[str, Any]],
                       task_id: str, task_path: str) -> tuple[str, WritesSaved]:

@@ -108,6 +108,61 @@ def test_threads_import_from_sqlite_saver_and_resume(url: str) -> None:
         assert result["value"] == 20 and result["log"][-1] == "finish:yes"
 
 
+class _DoneState(TypedDict):
+    done: Annotated[list[str], operator.add]
+
+
+def test_a_legacy_checkpoint_with_pending_sends_is_saved_imported_and_run(url: str) -> None:
+    """A checkpoint of LangGraph before 0.3 (v < 4) with Send objects in its pending_sends key
+    (put by an old release, or imported from SqliteSaver) is stored with the sends in the tasks
+    channel, as LangGraph loads it: the graph runs them, as on SqliteSaver.  It was refused
+    (InvalidEvent: Send is not JSON), and the import left such a thread out."""
+    import sqlite3
+
+    from langgraph.checkpoint.base import empty_checkpoint
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.constants import TASKS
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.types import Send
+
+    from projections.langgraph_saver import EventStoreSaver, import_checkpoints
+
+    def worker(arg: dict[str, str]) -> dict[str, list[str]]:
+        return {"done": [arg["x"]]}
+
+    builder = StateGraph(_DoneState)
+    builder.add_node("worker", worker)
+    builder.add_edge(START, "worker")
+    builder.add_edge("worker", END)
+    sends = [Send("worker", {"x": "s1"}), Send("worker", {"x": "s2"})]
+
+    def put_legacy(saver: Any, thread_id: str) -> None:
+        cp = empty_checkpoint()
+        cp["v"] = 1
+        cp["channel_values"] = {"done": ["a"]}
+        cp["channel_versions"] = {"done": saver.get_next_version(None, None)}
+        cp["pending_sends"] = list(sends)  # type: ignore[typeddict-unknown-key]
+        saver.put({"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}, cp,
+                  {"source": "loop", "step": 1, "parents": {}}, dict(cp["channel_versions"]))
+
+    source = SqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    put_legacy(source, "imported")
+    with EventStore.open(url) as store:
+        target = EventStoreSaver(store)
+        put_legacy(target, "put")
+        assert import_checkpoints(source, target) == 1
+        for thread_id in ("put", "imported"):
+            config = {"configurable": {"thread_id": thread_id}}
+            saved = target.get_tuple(config)
+            assert saved is not None and "pending_sends" not in saved.checkpoint
+            assert saved.checkpoint["channel_values"][TASKS] == sends
+            assert builder.compile(checkpointer=target).invoke(None, config) == {
+                "done": ["a", "s1", "s2"]}
+    config = {"configurable": {"thread_id": "imported"}}
+    assert builder.compile(checkpointer=source).invoke(None, config) == {
+        "done": ["a", "s1", "s2"]}
+
+
 class _SentState(TypedDict, total=False):
     log: Annotated[list[str], operator.add]
     k: int
