@@ -1441,7 +1441,8 @@ def fold_live(
 ) -> tuple[S, int]:
     """Fold one stream on read, from the newest usable snapshot; returns (state, version).
 
-    ``at_version`` / ``at_time`` stop the fold there (time travel).  A snapshot is saved when the
+    ``at_version`` / ``at_time`` stop the fold there (time travel; with both, at the first it
+    reaches).  A snapshot is saved when the
     fold went ``snapshot_every`` events past the last one (current reads only; an inline
     projection saves one with the append that takes a stream past each multiple of it).  Any
     snapshot of the projection's version is used, also with ``snapshot_every = None`` (those

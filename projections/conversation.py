@@ -344,7 +344,10 @@ class Conversations:
         at_version: int | None = None,
         at_time: datetime | None = None,
     ) -> ConversationState:
-        """The variables now, at a version, or as they were at a time (empty when unknown)."""
+        """The variables now, at a version, or as they were at a time (empty when unknown).
+
+        ``at_version`` past the conversation's end is its current state; with both, the state
+        at whichever comes first."""
         cid = _check_conversation_id(conversation_id)
         stream = self.stream_id(cid)
         if at_version is not None or at_time is not None:
