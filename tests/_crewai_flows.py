@@ -128,6 +128,11 @@ def offline() -> Iterator[NetworkGuard]:
 
 # -- flows ------------------------------------------------------------------------------------
 
+# The flows use no agent memory: CrewAI's own internal flows skip creating it by this flag
+# (a Flow otherwise builds one on init, which imports a vector database: some 6 s a process).
+# Not a persistence matter; a CrewAI without the flag just ignores it.
+NO_MEMORY = True
+
 
 class CounterState(FlowState):
     """Typed fields (a datetime, a set, a decimal) to show they survive the store."""
@@ -145,6 +150,8 @@ def counter_flow(persistence: FlowPersistence) -> type[Flow[CounterState]]:
 
     @persist(persistence)
     class CounterFlow(Flow[CounterState]):
+        _skip_auto_memory = NO_MEMORY
+
         @start()
         def begin(self) -> None:
             self.state.count += 1
@@ -183,6 +190,8 @@ def review_flow(persistence: FlowPersistence) -> type[Flow[ReviewState]]:
 
     @persist(persistence)
     class ReviewFlow(Flow[ReviewState]):
+        _skip_auto_memory = NO_MEMORY
+
         @start()
         def draft(self) -> None:
             self.state.draft = f"Draft about {self.state.topic}"

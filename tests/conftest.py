@@ -155,8 +155,8 @@ class Children:
     def __init__(self) -> None:
         self.procs: list[Any] = []
 
-    def start(self, target: Callable[..., None], *args: Any) -> Any:
-        p = SPAWN.Process(target=target, args=args, daemon=True)
+    def start(self, target: Callable[..., None], *args: Any, context: Any = SPAWN) -> Any:
+        p = context.Process(target=target, args=args, daemon=True)
         p.start()
         self.procs.append(p)
         return p

@@ -32,6 +32,7 @@ from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows
 from tests import _crewai_workers
 from tests._crewai_flows import (
+    NO_MEMORY,
     STARTED_AT,
     CounterState,
     counter_flow,
@@ -40,7 +41,11 @@ from tests._crewai_flows import (
 )
 from tests.conftest import Children, collect
 
-CTX = multiprocessing.get_context("spawn")
+# The racers come from a fork server that imported CrewAI once (some 7 s a process, three
+# racers on each backend): still each a process of its own, forked from one that ran none of
+# the tests' code.
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(["tests._crewai_workers"])
 RACERS = 3
 RESULT_TIMEOUT = 180.0
 
@@ -427,6 +432,8 @@ def test_an_integer_flow_id_is_kept_as_crewai_s_sqlite_backend_keeps_it(
     def counting(backend: object) -> type[Flow[dict[str, object]]]:
         @persist(backend)  # type: ignore[arg-type]
         class Counting(Flow[dict[str, object]]):
+            _skip_auto_memory = NO_MEMORY
+
             @start()
             def step(self) -> object:
                 self.state["n"] = int(self.state.get("n", 0)) + 1  # type: ignore[call-overload]
@@ -469,7 +476,7 @@ def test_paused_flow_is_resumed_from_another_process_exactly_once(
     barrier = CTX.Barrier(RACERS)
     q = CTX.Queue()
     procs = [children.start(_crewai_workers.resume_racer, url, flow_id, f"approved by {i}",
-                            barrier, q)
+                            barrier, q, context=CTX)
              for i in range(RACERS)]
     reports = collect(q, procs, RACERS, RESULT_TIMEOUT)
 
