@@ -30,9 +30,11 @@ from tests._events import CounterIncremented, NoteAdded
 from tests._projections import SlicedTally, Tally, TallyProjection
 
 
-def bump(store: EventStore, stream: str, n: int, by: int = 1, tenant: str = "default") -> None:
-    for _ in range(n):
-        store.append(f"counter-{stream}", [CounterIncremented(by=by, writer=stream)],
+def bump(store: EventStore, stream: str, n: int, by: int = 1, tenant: str = "default", *,
+         per_append: int = 1) -> None:
+    for first in range(0, n, per_append):
+        store.append(f"counter-{stream}", [CounterIncremented(by=by, writer=stream)
+                                           for _ in range(min(per_append, n - first))],
                      tenant_id=tenant)
 
 
@@ -1098,8 +1100,8 @@ def test_a_second_rebuild_started_meanwhile_never_loses_the_live_rows(store: Eve
     from projections._engine import _PAGE
     from projections.errors import RebuildInProgress
 
-    bump(store, "a", 5 * _PAGE + 7)
-    bump(store, "b", 5 * _PAGE + 3)
+    bump(store, "a", 5 * _PAGE + 7, per_append=100)
+    bump(store, "b", 5 * _PAGE + 3, per_append=100)
     projection = TallyProjection("tally_twice")
     Projector(store, [projection]).catch_up()
     second: list[int] = []
