@@ -33,7 +33,6 @@ _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 # recursion limit (1,000 by default) less the reader's own stack, so deeper data accepted from a
 # shallow caller could fail every read made from deeper in a program (a web framework's).
 MAX_NESTING = 256
-_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the byte it escapes
 _STRING = re.compile(rb'"[^"]*"')  # a string once its escapes are out
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
 _INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan: pairs it empties are the next pass's
@@ -41,15 +40,16 @@ _INNERMOST = re.compile(rb"\[\]|\{\}")  # one scan: pairs it empties are the nex
 
 def _check_depth(data: bytes, what: str) -> None:
     """Refuse JSON nested deeper than :data:`MAX_NESTING`.  A count of brackets first (the rest
-    runs only when there are that many); then, all in C: escapes out, brackets and quotes only,
-    strings out, and each pass takes the innermost pairs away, so the passes are the depth."""
+    runs only when there are that many); then, all in C: escaped backslashes and quotes out,
+    brackets and quotes only, strings out, and each pass takes the innermost pairs away, so
+    the passes are the depth."""
     if data.count(b"[") + data.count(b"{") <= MAX_NESTING:
         return
-    # Escapes go first, whole: their second byte may be a quote ("\""), a backslash, or a
-    # letter that the translate would drop, leaving a backslash to pair with the string's
-    # closing quote, which put strings and structure out of step.  (Valid JSON has backslashes
-    # only in strings, each opening an escape; a \uXXXX's digits go with the translate.)
-    rest = _ESCAPE.sub(b"", data) if b"\\" in data else data
+    # Escaped backslashes first, then escaped quotes: what is left of a string is then quotes
+    # at its ends only.  (Valid JSON has backslashes only in strings, each opening an escape,
+    # so pairs found from the left are its escapes.  Dropping an escape's letter instead left
+    # its backslash to pair with the string's closing quote: strings and structure out of step.)
+    rest = data.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in data else data
     rest = rest.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
     if b'"' in rest:
         rest = _STRING.sub(b"", rest)
