@@ -165,15 +165,16 @@ def pg_idle_timeout_ms() -> int:
 # The store's transactions run at READ COMMITTED, whatever the server, role or database make the
 # default: an append's probe must see what committed while it waited for the append lock, which
 # a REPEATABLE READ or SERIALIZABLE snapshot (taken when the lock's statement starts) does not.
-# As the session's default (for the store's own BEGIN, and the implicit transaction of a one-trip
-# append), and as SQLAlchemy's (which otherwise puts back the default it found at first connect).
+# SQLAlchemy's level (else it puts back the default it found at first connect), the append's own
+# BEGIN, and, with the session's idle limit (not behind a transaction pooler, see the README),
+# the session's default, which the implicit transaction of a one-trip append takes.
 PG_ISOLATION = "READ COMMITTED"
-_SESSION_SQL = "SELECT set_config('default_transaction_isolation', 'read committed', false)"
 # The idle limit is set only where nothing set it (the server, the role, the database or the
 # URL's `options`).
-_IDLE_DEFAULT_SQL = (_SESSION_SQL + ", CASE WHEN current_setting("
-                     "'idle_in_transaction_session_timeout') = '0' THEN "
-                     "set_config('idle_in_transaction_session_timeout', %s, false) END")
+_IDLE_DEFAULT_SQL = ("SELECT set_config('default_transaction_isolation', 'read committed', "
+                     "false), CASE WHEN current_setting('idle_in_transaction_session_timeout') "
+                     "= '0' THEN set_config('idle_in_transaction_session_timeout', %s, false) "
+                     "END")
 
 
 # libpq's TCP settings unless the URL gives its own: a server that stops answering (a network
@@ -197,21 +198,19 @@ def pg_listeners(engine: Engine) -> None:
     Each new connection's session ends a transaction left idle for ``EVENTSTORE_PG_IDLE_TIMEOUT``
     (60 s) unless its idle limit is set already: an appender that freezes holding the append
     lock (a stopped process, a host gone quiet) would otherwise stop every append of the
-    database until TCP gives up on it.  Projectors set their own limit per batch.  And its
-    transactions default to READ COMMITTED (see ``PG_ISOLATION``)."""
+    database until TCP gives up on it.  Projectors set their own limit per batch.  With it,
+    the session's transactions default to READ COMMITTED (see ``PG_ISOLATION``)."""
     idle_ms = pg_idle_timeout_ms()
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        try:
-            if idle_ms:
+    if idle_ms:  # (0: no session setting at all, for poolers that share server sessions)
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
                 cur.execute(_IDLE_DEFAULT_SQL, (str(idle_ms),))
-            else:
-                cur.execute(_SESSION_SQL)
-        finally:
-            cur.close()
-        dbapi_conn.commit()
+            finally:
+                cur.close()
+            dbapi_conn.commit()
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
@@ -285,9 +284,15 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
         raise InvalidArgument(
             f"sqlite synchronous must be FULL, NORMAL or EXTRA, not {synchronous}")
     try:
-        busy_ms = int(str(url.query.get("busy_timeout", "30000")))
-    except ValueError as e:
-        raise InvalidArgument("sqlite busy_timeout must be milliseconds") from e
+        if "busy_timeout" not in url.query and "timeout" in url.query:
+            # The driver's own option (seconds): the store's busy_timeout, set after it at each
+            # connect, would otherwise replace it with the default.
+            busy_ms = round(float(str(url.query["timeout"])) * 1000)
+        else:
+            busy_ms = int(str(url.query.get("busy_timeout", "30000")))
+    except (ValueError, OverflowError) as e:
+        raise InvalidArgument("sqlite busy_timeout must be milliseconds (timeout: seconds)"
+                              ) from e
     if not 0 <= busy_ms < 2**31:
         raise InvalidArgument(f"sqlite busy_timeout must be 0 to 2**31 - 1 milliseconds, "
                               f"not {busy_ms}")
@@ -300,17 +305,24 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
             f"unknown sqlite URL option(s) {', '.join(unknown)}: the store takes "
             f"{', '.join(_SQLITE_OPTIONS)}, the driver {', '.join(_PYSQLITE_OPTIONS)}")
     clean = url.difference_update_query(_SQLITE_OPTIONS)
-    memory = clean.database in (None, "", ":memory:")
+    memory = is_memory(url)
+    if uri and not memory and str(url.query.get("cache", "")).lower() == "shared":
+        raise InvalidArgument(
+            "sqlite cache=shared is not supported for a database file: the store's "
+            "connections need locks of their own (a shared cache's table locks fail at once, "
+            "without waiting for busy_timeout); leave the option out")
     return clean, synchronous, busy_ms, memory
 
 
 def sqlite_file(url: URL) -> Path | None:
-    """The file a SQLite URL names by its path (``None`` for memory, a ``file:`` URI, or
-    another database)."""
-    path = url.database
-    if is_sqlite(url) and path not in (None, "", ":memory:") and not sqlite_uri(url):
-        return Path(path)
-    return None
+    """The file a SQLite URL names, by its path or as a ``file:`` URI (``?uri=true``);
+    ``None`` for memory or another database."""
+    if not is_sqlite(url) or is_memory(url):
+        return None
+    path = url.database or ""
+    if sqlite_uri(url) and path.startswith("file:"):
+        return _uri_file(url)
+    return Path(path)
 
 
 def missing_sqlite_file(url: URL) -> Path | None:
@@ -335,7 +347,9 @@ def _uri_file(url: URL) -> Path | None:
 
 
 def _refuse_if_orphaned_wal(path: Path) -> None:
-    wal = path.with_name(path.name + "-wal")
+    # SQLite names the log after the file a symlink points to.
+    real = Path(os.path.realpath(path))
+    wal = real.with_name(real.name + "-wal")
     with contextlib.suppress(OSError):
         if not path.exists() and wal.stat().st_size > 0:
             raise DatabaseError(
@@ -354,7 +368,7 @@ def refuse_orphaned_wal(engine: Engine, url: URL) -> None:
     losing them.  Checked before each new connection (also a running store's pool opening
     one after the file was moved away), for a path or a ``file:`` URI.
     """
-    path = sqlite_file(url) or (_uri_file(url) if is_sqlite(url) and sqlite_uri(url) else None)
+    path = sqlite_file(url)
     if path is None:
         return
 
@@ -379,7 +393,7 @@ def _sqlite_engine(url: URL) -> Engine:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(clean, **kwargs)
     refuse_orphaned_wal(engine, url)
-    _sqlite_listeners(engine, synchronous, busy_ms, memory)
+    _sqlite_listeners(engine, synchronous, busy_ms, memory, sqlite_file(url))
     if memory:
         _one_connection[engine] = _Turns()
     return engine
@@ -449,7 +463,12 @@ def when_alone(engine: Engine, run: Callable[[], None]) -> None:
         turns.alone(run)
 
 
-def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bool) -> None:
+def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bool,
+                      path: Path | None = None) -> None:
+    """``path``: the file the URL names (:func:`sqlite_file`), whose identity each write
+    checks; else the file SQLite says it opened."""
+    named = None if path is None else os.path.abspath(path)  # (symlinks kept: repointed is new)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Turn off the sqlite3 module's own implicit transactions: the store begins them itself
@@ -465,7 +484,7 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
             file = next((row[2] for row in cur.fetchall() if row[1] == "main"), "")
             if file:
                 with contextlib.suppress(OSError):
-                    _record.info[_FILE_KEY] = (file, _identity(os.stat(file)))
+                    _record.info[_FILE_KEY] = (named or file, _identity(os.stat(file)))
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -717,8 +736,15 @@ _PID_KEY = "eventstore_pid"
 
 
 def is_memory(url: URL) -> bool:
-    """An in-memory SQLite database (the store's notion: no file name)."""
-    return is_sqlite(url) and url.database in (None, "", ":memory:")
+    """An in-memory SQLite database: no file name, ``:memory:``, or a ``file:`` URI of one
+    (``?mode=memory``, ``file::memory:``).  The store keeps one connection to it (each
+    connection to such a database, unless shared, is a database of its own)."""
+    if not is_sqlite(url):
+        return False
+    database = url.database or ""
+    if database in ("", ":memory:"):
+        return True
+    return sqlite_uri(url) and database.startswith("file:") and _uri_file(url) is None
 
 
 class Writer:

@@ -70,6 +70,7 @@ from ._backend import (
     resolve_url,
     retire,
     shown_url,
+    sqlite_file,
     translate,
 )
 from ._core import (
@@ -996,7 +997,7 @@ def create_async_store_engine(url: URL, *, pool_size: int | None = None) -> Asyn
             engine = create_async_engine(clean.set(drivername="sqlite+aiosqlite"),
                                          poolclass=StaticPool if memory else _AnyLoopPool)
         refuse_orphaned_wal(engine.sync_engine, url)
-        _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory)
+        _sqlite_listeners(engine.sync_engine, synchronous, busy_ms, memory, sqlite_file(url))
         _no_idle_rollback(engine.sync_engine.dialect)
     else:
         with missing_extra("async"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,73 @@ def test_an_in_memory_store_shared_by_threads_loses_nothing() -> None:
     assert [e.version for e in store.read_stream("x-1")] == list(range(1, 301))
     assert store.stats()["events"] == 300
     store.close()
+
+
+@pytest.mark.parametrize("flavour", ["mode=memory", "file::memory:"])
+def test_an_in_memory_database_named_as_a_uri_is_one_database_too(flavour: str) -> None:
+    """``file:NAME?mode=memory&cache=shared&uri=true`` and ``file::memory:?uri=true`` are
+    in-memory databases as ``sqlite://`` is: one connection, taken in turns.  (Each pooled
+    connection was a database of its own, or threads shared one connection at once: appends
+    acknowledged and then missing, untyped errors, or every read failing with "no such
+    table".)  Sync and async stores."""
+    from tests._async_shim import BlockingAsyncStore
+
+    url = (f"sqlite:///file:mem{uuid.uuid4().hex}?mode=memory&cache=shared&uri=true"
+           if flavour == "mode=memory" else "sqlite:///file::memory:?uri=true")
+    def work(store: Any, i: int, acknowledged: list[int], errors: list[BaseException]) -> None:
+        try:
+            for n in range(40):
+                acknowledged.append(store.append(f"m{i}-1", [NoteAdded(text=str(n))])
+                                    .last_position)
+                store.stream_version(f"m{(i + 1) % 3}-1")
+        except BaseException as e:
+            errors.append(e)
+
+    for opening in (EventStore.open, BlockingAsyncStore):
+        store: Any = opening(url)
+        errors: list[BaseException] = []
+        acknowledged: list[list[int]] = [[] for _ in range(3)]
+        try:
+            threads = [threading.Thread(target=work, args=(store, i, acknowledged[i], errors))
+                       for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert errors == []
+            for i in range(3):
+                assert [e.position for e in store.read_stream(f"m{i}-1")] == acknowledged[i]
+            assert store.stats()["events"] == 120
+        finally:
+            store.close()
+
+
+def test_sqlite_url_options_the_store_would_override_or_cannot_use(tmp_path: Path) -> None:
+    """The driver's ``timeout`` (seconds) is the busy timeout unless ``busy_timeout`` is given
+    (the store's default replaced it at each connect: 30 s waits for ``?timeout=1``); a shared
+    cache on a database file is refused up front (its table locks failed appends at once)."""
+    import sqlite3
+
+    path = tmp_path / "t.db"
+    EventStore.open(f"sqlite:///{path}").close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for query, most in (("timeout=0.2", 5.0), ("timeout=30&busy_timeout=200", 5.0)):
+            with EventStore.open(f"sqlite:///{path}?{query}") as store:
+                started = time.monotonic()
+                with pytest.raises(DatabaseError, match="locked"):
+                    store.append("s-1", [NoteAdded(text="x")])
+                assert time.monotonic() - started < most
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with pytest.raises(InvalidArgument, match="timeout"):
+        EventStore.open(f"sqlite:///{path}?timeout=soon")
+    with pytest.raises(InvalidArgument, match="cache=shared"):
+        EventStore.open(f"sqlite:///file:{path}?cache=shared&uri=true")
+    with EventStore.open(f"sqlite:///{path}") as store:
+        assert store.last_position() == 0
 
 
 def test_an_in_memory_store_refuses_a_transaction_inside_another_on_one_thread() -> None:
@@ -641,6 +709,10 @@ def test_appends_race_as_promised_where_the_database_defaults_to_repeatable_read
             with begin_write(engine) as conn:
                 assert conn.execute(text("SHOW transaction_isolation")).scalar() == \
                     "read committed"
+                # The session's default, for the one-trip append's implicit transaction: set
+                # with the idle limit; left alone without it (for a pooler's shared sessions).
+                assert conn.execute(text("SHOW default_transaction_isolation")).scalar() == (
+                    "read committed" if idle_limit != "0" else "repeatable read")
     finally:
         for store in stores:
             store.close()

@@ -24,6 +24,7 @@ from eventstore import EventStore, RecordedEvent
 from eventstore._backend import dbapi_cursor
 from eventstore.aio import AsyncEventStore
 from eventstore.errors import DatabaseError
+from tests._async_shim import BlockingAsyncStore
 
 from ._events import NoteAdded
 
@@ -308,6 +309,51 @@ def test_sqlite_appends_to_a_removed_or_replaced_file_are_refused(
             await store.close()
 
     asyncio.run(before_the_first_append())
+
+
+def test_a_database_reached_through_a_symlink_is_watched_as_the_link_names_it(
+        tmp_path: Path) -> None:
+    """A symlinked database path: its write-ahead log is found by the file the link points to
+    (SQLite's name for it), so a missing file beside its log is not opened through the link
+    either (it was: SQLite made an empty database there and reset the log, losing its
+    commits); and the link repointed at another database while a store has it open is a
+    replaced file to appends (they went on into the old file, while the store's reads came
+    from the new one: acknowledged appends the store itself could not read)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(real / "x.db")
+    url = f"sqlite:///{link}"
+    store = EventStore.open(url)
+    try:
+        store.append("s-1", [NoteAdded(text=str(i)) for i in range(3)])
+        os.replace(real / "x.db", tmp_path / "moved.db")  # its log stays, as x.db-wal
+        wal = real / "x.db-wal"
+        size = wal.stat().st_size
+        assert size > 0
+        with pytest.raises(DatabaseError, match="missing but its write-ahead log"):
+            EventStore.open(url)
+        assert not (real / "x.db").exists() and wal.stat().st_size == size
+        os.replace(tmp_path / "moved.db", real / "x.db")
+    finally:
+        store.close()
+
+    EventStore.open(f"sqlite:///{real / 'other.db'}").close()
+    for opening in (EventStore.open, BlockingAsyncStore):
+        link.unlink()
+        link.symlink_to(real / "x.db")
+        store = opening(url)
+        try:
+            store.append("s-1", [NoteAdded(text="before")])
+            link.unlink()
+            link.symlink_to(real / "other.db")
+            with pytest.raises(DatabaseError, match="was replaced while the store had it"):
+                store.append("s-1", [NoteAdded(text="after")])
+        finally:
+            store.close()
+    with EventStore.open(f"sqlite:///{real / 'x.db'}") as first:
+        assert [e.data.text for e in first.read_stream("s-1")] == [  # type: ignore[union-attr]
+            "0", "1", "2", "before", "before"]
 
 
 def _swallow_a_failed_statement(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
