@@ -514,6 +514,11 @@ def test_reading_commands_do_not_create_a_sqlite_database(
     code, out, err = run(capsys, *command, "--url", f"sqlite:///{foreign}")
     assert (code, out) == (4, "") and "is not an eventstore database" in err
     assert f"run `eventstore migrate --url sqlite:///{foreign}`" in err
+    # The same files named as SQLite URIs: refused alike (they were migrated, or created).
+    code, out, err = run(capsys, *command, "--url", f"sqlite:///file:{path}?uri=true")
+    assert (code, out) == (2, "") and not path.exists(), err
+    code, out, err = run(capsys, *command, "--url", f"sqlite:///file:{foreign}?uri=true")
+    assert (code, out) == (4, "") and "is not an eventstore database" in err
     with sqlite3.connect(foreign) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
     conn.close()
