@@ -187,8 +187,12 @@ _PG_TCP = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "1
 
 
 def pg_connect_args(url: URL) -> dict[str, str]:
-    """The connection arguments the store adds to a PostgreSQL URL (see ``_PG_TCP``)."""
-    return {k: v for k, v in _PG_TCP.items() if k not in url.query}
+    """The connection arguments the store adds to a PostgreSQL URL (see ``_PG_TCP``), and
+    UTF-8 as the client encoding whatever the URL, ``PGCLIENTENCODING``, the role or the
+    database say: ids and payloads are any Unicode (another encoding failed them with a bare
+    UnicodeEncodeError, or the server refused a projector's batch)."""
+    return {**{k: v for k, v in _PG_TCP.items() if k not in url.query},
+            "client_encoding": "utf8"}
 
 
 def pg_listeners(engine: Engine) -> None:

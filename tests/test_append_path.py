@@ -718,6 +718,44 @@ def test_appends_race_as_promised_where_the_database_defaults_to_repeatable_read
             store.close()
 
 
+@pytest.mark.parametrize("where", ["database", "environment"])
+def test_a_client_encoding_other_than_utf8_is_not_the_stores(
+        fresh_pg: str, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A database (or role) whose client_encoding is LATIN1, or PGCLIENTENCODING in the
+    environment: the store's sessions are UTF-8 all the same, so any Unicode id and payload
+    goes in and reads back (they raised a bare UnicodeEncodeError; a projector's batch was
+    refused by the server, and marked its projection failed for every process)."""
+    from sqlalchemy import create_engine, text
+
+    from projections import Conversations
+    from tests._async_shim import BlockingAsyncStore
+
+    EventStore.open(fresh_pg, migrate=True).close()
+    if where == "database":
+        admin = create_engine(fresh_pg, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                db = conn.execute(text("SELECT current_database()")).scalar()
+                conn.execute(text(f'ALTER DATABASE "{db}" SET client_encoding = \'LATIN1\''))
+        finally:
+            admin.dispose()
+    else:
+        monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    for opening in (EventStore.open, BlockingAsyncStore):
+        store: Any = opening(fresh_pg)
+        try:
+            stream, tenant = f"note-日本{opening.__name__}", "tén€nt"
+            store.append(stream, [NoteAdded(text="ч 😀")], tenant_id=tenant)
+            assert [e.data for e in store.read_stream(stream, tenant_id=tenant)] == [
+                NoteAdded(text="ч 😀")]
+        finally:
+            store.close()
+    with EventStore.open(fresh_pg) as store:
+        conversations = Conversations(store)
+        conversations.assign("c-😀", {"名前": "ж"})
+        assert conversations.get("c-😀").variables == {"名前": "ж"}
+
+
 def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
         fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL: a transaction that holds the append lock and goes quiet (a stopped process,
