@@ -40,6 +40,7 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -357,11 +358,10 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
                 raise CliError(f"no SQLite database at {path} (append or migrate creates one)")
             held = _holds_eventstore(str(path))
             if held is None:
-                # No tables at all: a new file, perhaps one another process is migrating this
-                # moment (its tables come with its commit).  Wait for the write lock as a
-                # migrator would, then look again.
-                _wait_for_writer(str(path), _sqlite_settings(resolved)[2])
-                held = _holds_eventstore(str(path))
+                # A new, empty file: perhaps one another process is migrating this moment (it
+                # creates the file, then looks at it, then takes the write lock and adds the
+                # tables in one transaction).  Waited for, a while.
+                held = _tables_of_a_migration(str(path), _sqlite_settings(resolved)[2])
                 if held is None and not existing:
                     return EventStore.open(args.url)  # (as for a missing file: migrated)
             if not held:
@@ -374,19 +374,41 @@ def open_store(args: argparse.Namespace, *, existing: bool = False,
 
 
 def _holds_eventstore(path: str) -> bool | None:
-    """Whether the SQLite file at ``path`` has the store's tables; ``None`` when it has no
-    tables at all (read only: a command that only reads must not add them to another
-    application's database)."""
+    """Whether the SQLite file at ``path`` has the store's tables; ``None`` when it is empty
+    (no tables, and no application id or user version another application would have set).
+    Read only: a command that only reads must not add them to another application's file."""
     try:
         conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro", uri=True)
         try:
             names = {name for (name,) in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            marked = any(conn.execute(f"PRAGMA {p}").fetchone()[0]
+                         for p in ("application_id", "user_version"))
         finally:
             conn.close()
     except sqlite3.Error:
         return True  # (not readable as SQLite here: the store's open says why)
-    return True if VERSION_TABLE in names else False if names else None
+    if VERSION_TABLE in names:
+        return True
+    return False if names or marked else None
+
+
+# How long a command waits for tables in an empty SQLite file (another process's first open
+# migrating it), beyond the waits for its write lock.
+_EMPTY_FILE_GRACE = 2.0
+
+
+def _tables_of_a_migration(path: str, busy_ms: int) -> bool | None:
+    """:func:`_holds_eventstore` once a migration of the empty file under way is done: waits
+    for the write lock (the migration's transaction) and looks again, for up to
+    ``_EMPTY_FILE_GRACE`` seconds (the migrator may not have taken the lock yet)."""
+    deadline = time.monotonic() + min(_EMPTY_FILE_GRACE, busy_ms / 1000)
+    while True:
+        _wait_for_writer(path, busy_ms)
+        held = _holds_eventstore(path)
+        if held is not None or time.monotonic() >= deadline:
+            return held
+        time.sleep(0.05)
 
 
 def _wait_for_writer(path: str, busy_ms: int) -> None:

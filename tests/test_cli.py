@@ -562,6 +562,43 @@ def test_a_command_started_while_a_new_sqlite_file_is_migrated_takes_its_turn(
         assert store.last_position() == 0
 
 
+@pytest.mark.parametrize("command", [["projections", "run", "--once"], ["stats"]])
+def test_a_command_waits_for_a_migration_that_has_not_taken_its_lock_yet(
+        tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The first process of a new SQLite file creates it, then looks at it, and only then
+    takes the write lock to add the tables: a command that finds the file empty and unlocked
+    in between waits a while for the tables (it exited 4).  An empty file another
+    application marked as its own (an application id) is still not the store's."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "new.db"
+    sqlite3.connect(path).execute("PRAGMA journal_mode = WAL").close()  # (as opened)
+    url = f"sqlite:///{path}"
+
+    def migrate_soon() -> None:
+        time.sleep(0.4)
+        EventStore.open(url).close()
+
+    first = threading.Thread(target=migrate_soon)
+    first.start()
+    try:
+        code, _out, err = run(capsys, *command, "--url", url)
+    finally:
+        first.join(30)
+    assert code == 0, err
+
+    marked = tmp_path / "theirs.db"
+    with sqlite3.connect(marked) as conn:
+        conn.execute("PRAGMA application_id = 1234")
+    conn.close()
+    code, _out, err = run(capsys, *command, "--url", f"sqlite:///{marked}")
+    assert code == 4 and "is not an eventstore database" in err
+    with sqlite3.connect(marked) as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    conn.close()
+
+
 @pytest.mark.parametrize("argv", [["append", ""], ["append", "s-1", "--tenant", "t" * 300],
                                   ["append", "s-1", "--idempotency-key", "a\x00b"],
                                   ["append", "s-1", "--metadata", '{"a": {"b": "' + "x" * 200
