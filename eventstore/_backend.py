@@ -71,6 +71,14 @@ def _parse_url(raw: str | URL) -> URL:
         # libpq would cut its connection string there (dropping the port and options after
         # it); a file name cannot hold one.
         raise InvalidArgument(f"not a database URL: {_masked(raw)!r} holds a NUL character")
+    if isinstance(raw, str) and "?" in raw:
+        # SQLAlchemy drops a query part without "=" (and so would this store's check of the
+        # options): an option written without its value, or a "?" meant as part of a path.
+        bare = [part for part in raw.partition("?")[2].split("&") if part and "=" not in part]
+        if bare:
+            raise InvalidArgument(
+                f"not a database URL: {_masked(raw)!r}: option {bare[0]!r} has no value "
+                "(a '?' in a file name is written %3F)")
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):

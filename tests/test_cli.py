@@ -398,6 +398,24 @@ def test_a_url_holding_a_nul_is_refused(capsys: pytest.CaptureFixture[str], url:
     assert code == 2 and "holds a NUL character" in err, err
 
 
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/what?/x.db", "sqlite:///{tmp}/y.db?busy_timeout",
+                                 "sqlite:///{tmp}/y.db?synchronous=NORMAL&busy_timeout",
+                                 "postgresql+psycopg://app@127.0.0.1:1/db?sslmode"])
+def test_a_url_option_without_a_value_is_refused(capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path, url: str) -> None:
+    """A query part without "=" was dropped as the URL was parsed: an option meant to change a
+    default ran with the default, and a "?" in a path opened a database at the part before
+    it.  Now InvalidArgument, and no file is made."""
+    from eventstore import EventStore, InvalidArgument
+
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(InvalidArgument, match="has no value"):
+        EventStore.open(url)
+    code, _, err = run(capsys, "stats", "--url", url)
+    assert code == 2 and "has no value" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_url_that_does_not_parse_is_shown_without_its_password(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A malformed URL is a usage error whose message hides the password."""
