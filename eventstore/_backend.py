@@ -71,14 +71,15 @@ def _parse_url(raw: str | URL) -> URL:
         # libpq would cut its connection string there (dropping the port and options after
         # it); a file name cannot hold one.
         raise InvalidArgument(f"not a database URL: {_masked(raw)!r} holds a NUL character")
-    if isinstance(raw, str) and "?" in raw:
-        # SQLAlchemy drops a query part without "=" (and so would this store's check of the
-        # options): an option written without its value, or a "?" meant as part of a path.
-        bare = [part for part in raw.partition("?")[2].split("&") if part and "=" not in part]
-        if bare:
-            raise InvalidArgument(
-                f"not a database URL: {_masked(raw)!r}: option {bare[0]!r} has no value "
-                "(a '?' in a file name is written %3F)")
+    # SQLAlchemy drops a query part without "=" (and so would this store's check of the
+    # options): an option written without its value, or a "?" meant as part of a path.  Looked
+    # for after the credentials (a password may hold a "?").
+    query = raw.rpartition("@")[2].partition("?")[2] if isinstance(raw, str) else ""
+    bare = [part for part in query.split("&") if part and "=" not in part]
+    if bare:
+        raise InvalidArgument(
+            f"not a database URL: {_masked(raw)!r}: option {bare[0]!r} has no value (a '?' "
+            "in a file's path is written %3F)")
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
@@ -318,11 +319,17 @@ def _sqlite_settings(url: URL) -> tuple[URL, str, int, bool]:
             f"{', '.join(_SQLITE_OPTIONS)}, the driver {', '.join(_PYSQLITE_OPTIONS)}")
     clean = url.difference_update_query(_SQLITE_OPTIONS)
     memory = is_memory(url)
-    if uri and not memory and str(url.query.get("cache", "")).lower() == "shared":
+    if uri and str(url.query.get("cache", "")).lower() == "shared":
         raise InvalidArgument(
-            "sqlite cache=shared is not supported for a database file: the store's "
-            "connections need locks of their own (a shared cache's table locks fail at once, "
-            "without waiting for busy_timeout); leave the option out")
+            "sqlite cache=shared is not supported: the store's connections need locks of "
+            "their own (a shared cache's table locks fail at once, without waiting for "
+            "busy_timeout); an in-memory database is already one connection per store, and "
+            "two stores cannot share one")
+    if uri and unknown and not (clean.database or "").startswith("file:"):
+        # SQLite reads options only from a file: URI: they would become part of the name.
+        raise InvalidArgument(
+            f"sqlite option(s) {', '.join(unknown)} with uri=true need a file: URI "
+            "(sqlite:///file:path?uri=true&...)")
     return clean, synchronous, busy_ms, memory
 
 
@@ -352,7 +359,9 @@ def _uri_file(url: URL) -> Path | None:
     database = url.database or ""
     if not database.startswith("file:") or url.query.get("mode") == "memory":
         return None
-    rest = urllib.parse.unquote(database[len("file:"):])
+    # SQLite's path ends at "?" or "#" (SQLAlchemy has already decoded a %3F), then it
+    # decodes the path's own %XX.
+    rest = urllib.parse.unquote(re.split(r"[?#]", database[len("file:"):], maxsplit=1)[0])
     if rest.startswith("//"):  # file://host/path (only localhost, or no host, is local)
         rest = "/" + rest[2:].partition("/")[2]
     return Path(rest) if rest and rest != ":memory:" else None
@@ -495,8 +504,12 @@ def _sqlite_listeners(engine: Engine, synchronous: str, busy_ms: int, memory: bo
             cur.execute("PRAGMA database_list")
             file = next((row[2] for row in cur.fetchall() if row[1] == "main"), "")
             if file:
+                # The path the URL names (so that a symlink repointed is a new file), while
+                # it leads to the file SQLite opened; else that file's own.
+                watched = (named if named is not None
+                           and os.path.realpath(named) == os.path.realpath(file) else file)
                 with contextlib.suppress(OSError):
-                    _record.info[_FILE_KEY] = (named or file, _identity(os.stat(file)))
+                    _record.info[_FILE_KEY] = (watched, _identity(os.stat(file)))
         cur.close()
 
     @event.listens_for(engine, "begin")

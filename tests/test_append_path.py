@@ -159,14 +159,14 @@ def test_an_in_memory_store_shared_by_threads_loses_nothing() -> None:
 
 @pytest.mark.parametrize("flavour", ["mode=memory", "file::memory:"])
 def test_an_in_memory_database_named_as_a_uri_is_one_database_too(flavour: str) -> None:
-    """``file:NAME?mode=memory&cache=shared&uri=true`` and ``file::memory:?uri=true`` are
-    in-memory databases as ``sqlite://`` is: one connection, taken in turns.  (Each pooled
+    """``file:NAME?mode=memory&uri=true`` and ``file::memory:?uri=true`` are in-memory
+    databases as ``sqlite://`` is: one connection, taken in turns.  (Each pooled
     connection was a database of its own, or threads shared one connection at once: appends
     acknowledged and then missing, untyped errors, or every read failing with "no such
     table".)  Sync and async stores."""
     from tests._async_shim import BlockingAsyncStore
 
-    url = (f"sqlite:///file:mem{uuid.uuid4().hex}?mode=memory&cache=shared&uri=true"
+    url = (f"sqlite:///file:mem{uuid.uuid4().hex}?mode=memory&uri=true"
            if flavour == "mode=memory" else "sqlite:///file::memory:?uri=true")
     def work(store: Any, i: int, acknowledged: list[int], errors: list[BaseException]) -> None:
         try:
@@ -199,7 +199,7 @@ def test_an_in_memory_database_named_as_a_uri_is_one_database_too(flavour: str) 
 def test_sqlite_url_options_the_store_would_override_or_cannot_use(tmp_path: Path) -> None:
     """The driver's ``timeout`` (seconds) is the busy timeout unless ``busy_timeout`` is given
     (the store's default replaced it at each connect: 30 s waits for ``?timeout=1``); a shared
-    cache on a database file is refused up front (its table locks failed appends at once)."""
+    cache is refused up front (its table locks failed appends at once)."""
     import sqlite3
 
     path = tmp_path / "t.db"
@@ -218,8 +218,17 @@ def test_sqlite_url_options_the_store_would_override_or_cannot_use(tmp_path: Pat
         holder.close()
     with pytest.raises(InvalidArgument, match="timeout"):
         EventStore.open(f"sqlite:///{path}?timeout=soon")
-    with pytest.raises(InvalidArgument, match="cache=shared"):
-        EventStore.open(f"sqlite:///file:{path}?cache=shared&uri=true")
+    for shared in (f"file:{path}?cache=shared", "file:m1?mode=memory&cache=shared"):
+        # (Two stores on one shared in-memory database failed alike: "table is locked".)
+        with pytest.raises(InvalidArgument, match="cache=shared"):
+            EventStore.open(f"sqlite:///{shared}&uri=true")
+    # SQLite reads URI options only from a file: URI; else they became part of the file name.
+    with pytest.raises(InvalidArgument, match="need a file: URI"):
+        EventStore.open(f"sqlite:///{path}?uri=true&psow=0")
+    # A file: URI's path ends at "?", as SQLite ends it: the file it opens is the one watched.
+    with EventStore.open(f"sqlite:///file:{tmp_path}/c%3Fd.db?uri=true") as store:
+        assert store.append("s-1", [NoteAdded(text="x")]).last_position == 1
+    assert (tmp_path / "c").exists()
     with EventStore.open(f"sqlite:///{path}") as store:
         assert store.last_position() == 0
 

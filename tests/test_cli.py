@@ -400,7 +400,8 @@ def test_a_url_holding_a_nul_is_refused(capsys: pytest.CaptureFixture[str], url:
 
 @pytest.mark.parametrize("url", ["sqlite:///{tmp}/what?/x.db", "sqlite:///{tmp}/y.db?busy_timeout",
                                  "sqlite:///{tmp}/y.db?synchronous=NORMAL&busy_timeout",
-                                 "postgresql+psycopg://app@127.0.0.1:1/db?sslmode"])
+                                 "postgresql+psycopg://app@127.0.0.1:1/db?sslmode",
+                                 "postgresql+psycopg://app:se?cret@127.0.0.1:1/db?sslmode"])
 def test_a_url_option_without_a_value_is_refused(capsys: pytest.CaptureFixture[str],
                                                  tmp_path: Path, url: str) -> None:
     """A query part without "=" was dropped as the URL was parsed: an option meant to change a
@@ -412,8 +413,17 @@ def test_a_url_option_without_a_value_is_refused(capsys: pytest.CaptureFixture[s
     with pytest.raises(InvalidArgument, match="has no value"):
         EventStore.open(url)
     code, _, err = run(capsys, "stats", "--url", url)
-    assert code == 2 and "has no value" in err, err
+    assert code == 2 and "has no value" in err and "cret" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_password_holding_a_question_mark_is_no_query() -> None:
+    """The check for options without a value looks after the credentials: a "?" in a
+    password is the password's."""
+    from eventstore._backend import resolve_url
+
+    url = resolve_url("postgresql+psycopg://app:pa?ss@127.0.0.1:1/db?sslmode=disable")
+    assert url.password == "pa?ss" and dict(url.query) == {"sslmode": "disable"}
 
 
 def test_a_url_that_does_not_parse_is_shown_without_its_password(
