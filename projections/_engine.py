@@ -1442,12 +1442,12 @@ def fold_live(
     """Fold one stream on read, from the newest usable snapshot; returns (state, version).
 
     ``at_version`` / ``at_time`` stop the fold there (time travel; with both, at the first it
-    reaches).  A snapshot is saved when the
-    fold went ``snapshot_every`` events past the last one (current reads only; an inline
-    projection saves one with the append that takes a stream past each multiple of it).  Any
-    snapshot of the projection's version is used, also with ``snapshot_every = None`` (those
-    :func:`snapshot_now` saved on demand); one that does not decode is passed over (a cache:
-    the fold reads the log instead) and, by a current read, replaced.
+    reaches).  A snapshot is saved when the fold went ``snapshot_every`` events past the last
+    one (current reads only; an inline projection saves one with the append that takes a
+    stream past each multiple of it).  Any snapshot of the projection's version is used, also
+    with ``snapshot_every = None`` (those :func:`snapshot_now` saved on demand); one that does
+    not decode is passed over (a cache: the fold reads the log instead) and, by a current read,
+    replaced.
     """
     check_projection(projection)
     limit_us = to_micros(at_time) if at_time is not None else None
