@@ -195,13 +195,29 @@ _PG_TCP = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "1
            "keepalives_count": "3", "tcp_user_timeout": "60000"}
 
 
-def pg_connect_args(url: URL) -> dict[str, str]:
+def pg_connect_args(url: URL) -> dict[str, Any]:
     """The connection arguments the store adds to a PostgreSQL URL (see ``_PG_TCP``), and
     UTF-8 as the client encoding whatever the URL, ``PGCLIENTENCODING``, the role or the
     database say: ids and payloads are any Unicode (another encoding failed them with a bare
-    UnicodeEncodeError, or the server refused a projector's batch)."""
-    return {**{k: v for k, v in _PG_TCP.items() if k not in url.query},
-            "client_encoding": "utf8"}
+    UnicodeEncodeError, or the server refused a projector's batch).
+
+    ``?prepare_threshold=`` (psycopg's: executions before a statement is prepared on the
+    server; ``none``: never) as the number psycopg takes (from the URL it was a string, and
+    failed the first statement with a bare TypeError).  ``none`` behind a pooler that hands
+    server sessions to other clients between transactions (PgBouncer's transaction pooling
+    before 1.21), where another session has not the statements this one prepared."""
+    args: dict[str, Any] = {**{k: v for k, v in _PG_TCP.items() if k not in url.query},
+                            "client_encoding": "utf8"}
+    if "prepare_threshold" in url.query:
+        raw = str(url.query["prepare_threshold"]).strip().lower()
+        if raw in ("none", "null", ""):
+            args["prepare_threshold"] = None
+        elif raw.isdigit():
+            args["prepare_threshold"] = int(raw)
+        else:
+            raise InvalidArgument(f"prepare_threshold must be a whole number or none, not "
+                                  f"{url.query['prepare_threshold']!r}")
+    return args
 
 
 def pg_listeners(engine: Engine) -> None:
@@ -1122,11 +1138,19 @@ def _interrupt_under(error: BaseException, handling: BaseException | None
 
 
 def _database_error(message: str, cause: BaseException) -> DatabaseError:
+    state = getattr(_driver_error(cause), "sqlstate", None)
+    if state in _PREPARED_LOST and "_pg3_" in message:
+        message += (" (psycopg's prepared statements do not survive a pooler that hands server "
+                    "sessions to other clients between transactions: add "
+                    "?prepare_threshold=none to the URL)")
     error = DatabaseError(message)
     error.transient = is_transient(cause)
-    state = getattr(_driver_error(cause), "sqlstate", None)
     error.sqlstate = state if isinstance(state, str) else None
     return error
+
+
+# A prepared statement that already exists, or does not: on a session not the one that made it.
+_PREPARED_LOST = frozenset({"42P05", "26000"})
 
 
 def _driver_error(error: BaseException) -> BaseException:

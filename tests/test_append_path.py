@@ -765,6 +765,47 @@ def test_a_client_encoding_other_than_utf8_is_not_the_stores(
         assert conversations.get("c-😀").variables == {"名前": "ж"}
 
 
+def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler(fresh_pg: str) -> None:
+    """``?prepare_threshold=none`` reaches psycopg as None (from the URL it was the string
+    "none", and the first statement failed with a bare TypeError), for poolers that hand server
+    sessions to other clients between transactions, where a statement one session prepared is
+    missing, or already there, on the next (PgBouncer before 1.21).  That error names the fix."""
+    import psycopg
+    from sqlalchemy import make_url
+
+    from eventstore._backend import translate
+    from eventstore.errors import InvalidArgument
+    from tests._async_shim import BlockingAsyncStore
+
+    EventStore.open(fresh_pg, migrate=True).close()
+    for value, expected in (("none", None), ("0", 0)):
+        url = f"{fresh_pg}?prepare_threshold={value}"
+        for opening in (EventStore.open, BlockingAsyncStore):
+            store: Any = opening(url)
+            try:
+                for n in range(8):  # (past psycopg's default of 5 executions)
+                    store.append("p-1", [NoteAdded(text=str(n))])
+                    assert store.stream_version("p-1") >= n + 1
+                if opening is EventStore.open:
+                    raw = store.engine.raw_connection()
+                    try:
+                        assert raw.driver_connection.prepare_threshold == expected
+                    finally:
+                        raw.close()
+            finally:
+                store.close()
+    with pytest.raises(InvalidArgument, match="prepare_threshold"):
+        EventStore.open(f"{fresh_pg}?prepare_threshold=soon")
+
+    # What a session that is not the one that prepared says, as the store reports it.
+    dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("PREPARE _pg3_0 AS SELECT 1")
+        with pytest.raises(DatabaseError, match=r"prepare_threshold=none") as info, translate():
+            conn.execute("PREPARE _pg3_0 AS SELECT 1")
+    assert info.value.sqlstate == "42P05"
+
+
 def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
         fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL: a transaction that holds the append lock and goes quiet (a stopped process,
