@@ -73,13 +73,16 @@ def _parse_url(raw: str | URL) -> URL:
         raise InvalidArgument(f"not a database URL: {_masked(raw)!r} holds a NUL character")
     # SQLAlchemy drops a query part without "=" (and so would this store's check of the
     # options): an option written without its value, or a "?" meant as part of a path.  Looked
-    # for after the credentials (a password may hold a "?").
-    query = raw.rpartition("@")[2].partition("?")[2] if isinstance(raw, str) else ""
+    # for after the credentials, as SQLAlchemy finds them (a password may hold a "?").
+    query = ""
+    if isinstance(raw, str):
+        credentials = _CREDENTIALS.match(raw)
+        query = raw[credentials.end() if credentials else 0:].partition("?")[2]
     bare = [part for part in query.split("&") if part and "=" not in part]
     if bare:
         raise InvalidArgument(
             f"not a database URL: {_masked(raw)!r}: option {bare[0]!r} has no value (a '?' "
-            "in a file's path is written %3F)")
+            "in a file's path is written %3F, in a file: URI %253F)")
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
@@ -88,6 +91,10 @@ def _parse_url(raw: str | URL) -> URL:
             "postgresql+psycopg://user@host/db"
         )
     return parsed
+
+
+# A URL's scheme and, if it has them, its user and password up to the "@" before the host.
+_CREDENTIALS = re.compile(r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?")
 
 
 def _at_after_credentials(raw: str) -> bool:
@@ -210,9 +217,9 @@ def pg_connect_args(url: URL) -> dict[str, Any]:
                             "client_encoding": "utf8"}
     if "prepare_threshold" in url.query:
         raw = str(url.query["prepare_threshold"]).strip().lower()
-        if raw in ("none", "null", ""):
+        if raw == "none":
             args["prepare_threshold"] = None
-        elif raw.isdigit():
+        elif raw.isascii() and raw.isdigit():
             args["prepare_threshold"] = int(raw)
         else:
             raise InvalidArgument(f"prepare_threshold must be a whole number or none, not "

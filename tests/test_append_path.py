@@ -794,8 +794,9 @@ def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler(fresh_pg
                         raw.close()
             finally:
                 store.close()
-    with pytest.raises(InvalidArgument, match="prepare_threshold"):
-        EventStore.open(f"{fresh_pg}?prepare_threshold=soon")
+    for bad in ("soon", "%C2%B2"):  # (a superscript two is a digit to str.isdigit)
+        with pytest.raises(InvalidArgument, match="prepare_threshold"):
+            EventStore.open(f"{fresh_pg}?prepare_threshold={bad}")
 
     # What a session that is not the one that prepared says, as the store reports it.
     dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -401,7 +401,9 @@ def test_a_url_holding_a_nul_is_refused(capsys: pytest.CaptureFixture[str], url:
 @pytest.mark.parametrize("url", ["sqlite:///{tmp}/what?/x.db", "sqlite:///{tmp}/y.db?busy_timeout",
                                  "sqlite:///{tmp}/y.db?synchronous=NORMAL&busy_timeout",
                                  "postgresql+psycopg://app@127.0.0.1:1/db?sslmode",
-                                 "postgresql+psycopg://app:se?cret@127.0.0.1:1/db?sslmode"])
+                                 "postgresql+psycopg://app:se?cret@127.0.0.1:1/db?sslmode",
+                                 "sqlite:///{tmp}/what?/a@b.db",
+                                 "postgresql+psycopg://h/db?sslmode&application_name=me@x"])
 def test_a_url_option_without_a_value_is_refused(capsys: pytest.CaptureFixture[str],
                                                  tmp_path: Path, url: str) -> None:
     """A query part without "=" was dropped as the URL was parsed: an option meant to change a
