@@ -212,7 +212,7 @@ def pg_connect_args(url: URL) -> dict[str, Any]:
     server; ``none``: never) as the number psycopg takes (from the URL it was a string, and
     failed the first statement with a bare TypeError).  ``none`` behind a pooler that hands
     server sessions to other clients between transactions (PgBouncer's transaction pooling
-    before 1.21), where another session has not the statements this one prepared."""
+    before 1.21), where the next transaction's session lacks the statements this one prepared."""
     args: dict[str, Any] = {**{k: v for k, v in _PG_TCP.items() if k not in url.query},
                             "client_encoding": "utf8"}
     if "prepare_threshold" in url.query:
