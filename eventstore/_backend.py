@@ -421,6 +421,34 @@ def refuse_orphaned_wal(engine: Engine, url: URL) -> None:
         _refuse_if_orphaned_wal(path)
 
 
+def explained_open_error(url: URL, error: DatabaseError) -> DatabaseError:
+    """The error of a SQLite store that could not open its file, saying which file and the
+    likely reason (SQLite says only "unable to open database file" or "attempt to write a
+    readonly database"); any other error as it is."""
+    path = sqlite_file(url)
+    text = str(error)
+    if path is None or not any(sign in text for sign in _CANNOT_OPEN):
+        return error
+    folder = path.parent if str(path.parent) else Path(".")
+    if str(path).startswith("~"):
+        why = "'~' is not expanded in a URL: write the full path"
+    elif not folder.is_dir():
+        why = f"its folder {folder} does not exist"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        why = (f"this process may not write in its folder {folder} (SQLite makes its -wal and "
+               "-shm files there, for readers too)")
+    elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        why = "this process may not read and write the file"
+    else:
+        why = "see the cause"
+    explained = DatabaseError(f"cannot open the SQLite database {path}: {why} ({text})")
+    explained.transient, explained.sqlstate = error.transient, error.sqlstate
+    return explained
+
+
+_CANNOT_OPEN = ("unable to open database file", "attempt to write a readonly database")
+
+
 def sqlite_uri(url: URL) -> bool:
     """Whether a SQLite URL names its database as a SQLite URI (``?uri=true``), read as
     SQLAlchemy's dialect reads it."""
@@ -1146,7 +1174,10 @@ def _interrupt_under(error: BaseException, handling: BaseException | None
 
 def _database_error(message: str, cause: BaseException) -> DatabaseError:
     state = getattr(_driver_error(cause), "sqlstate", None)
-    if state in _PREPARED_LOST and "_pg3_" in message:
+    if isinstance(_driver_error(cause), sqlite3.Error) and "database is locked" in message:
+        message += (" (another connection held SQLite's write lock longer than busy_timeout: "
+                    "?busy_timeout=<ms> in the URL waits longer)")
+    elif state in _PREPARED_LOST and "_pg3_" in message:
         message += (" (psycopg's prepared statements do not survive a pooler that hands server "
                     "sessions to other clients between transactions: add "
                     "?prepare_threshold=none to the URL)")

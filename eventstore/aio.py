@@ -59,6 +59,7 @@ from ._backend import (
     _sqlite_settings,
     close_when_retired,
     end_transaction,
+    explained_open_error,
     hung_up,
     is_retired,
     is_sqlite,
@@ -181,6 +182,12 @@ class AsyncEventStore(StoreCore):
             else:
                 async with abegin(engine, write=False) as conn:
                     await conn.run_sync(_migrate.check_on, resolved)
+        except DatabaseError as e:
+            await engine.dispose()
+            explained = explained_open_error(resolved, e)
+            if explained is e:
+                raise
+            raise explained from e
         except BaseException:
             await engine.dispose()
             raise

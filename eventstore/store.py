@@ -16,6 +16,7 @@ from ._backend import (
     begin_read,
     begin_write,
     create_store_engine,
+    explained_open_error,
     is_sqlite,
     resolve_url,
     retire,
@@ -102,6 +103,12 @@ class EventStore(StoreCore):
                 _migrate.migrate(engine)
             else:
                 _migrate.check(engine, resolved)
+        except DatabaseError as e:
+            engine.dispose()
+            explained = explained_open_error(resolved, e)
+            if explained is e:
+                raise
+            raise explained from e
         except BaseException:
             engine.dispose()
             raise

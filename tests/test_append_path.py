@@ -233,6 +233,41 @@ def test_sqlite_url_options_the_store_would_override_or_cannot_use(tmp_path: Pat
         assert store.last_position() == 0
 
 
+def test_a_sqlite_file_that_cannot_be_opened_or_locked_says_which_and_why(
+        tmp_path: Path) -> None:
+    """SQLite says only "unable to open database file", or "database is locked": the store's
+    error (still a DatabaseError) names the file and the likely reason (a folder missing, a
+    '~' the URL does not expand), or the busy_timeout option; sync and async."""
+    import sqlite3
+
+    from eventstore.aio import AsyncEventStore
+
+    async def open_async(url: str) -> None:
+        store = await AsyncEventStore.open(url)
+        await store.close()
+
+    cases = [(f"sqlite:///{tmp_path}/missing/x.db", "its folder .*missing does not exist"),
+             ("sqlite:///~/no-such-folder-here/x.db", "'~' is not expanded")]
+    for url, why in cases:
+        with pytest.raises(DatabaseError, match=f"cannot open the SQLite database .*{why}"):
+            EventStore.open(url)
+        with pytest.raises(DatabaseError, match=why):
+            asyncio.run(open_async(url))
+    path = tmp_path / "t.db"
+    EventStore.open(f"sqlite:///{path}").close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with EventStore.open(f"sqlite:///{path}?busy_timeout=50") as store, \
+                pytest.raises(DatabaseError, match=r"locked .*\?busy_timeout=<ms>") as info:
+            store.append("s-1", [NoteAdded(text="x")])
+        assert info.value.transient
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not (tmp_path / "missing").exists()
+
+
 def test_an_in_memory_store_refuses_a_transaction_inside_another_on_one_thread() -> None:
     """A read or append begun inside an append on the same thread cannot share the in-memory
     database's one connection: it is refused, and the outer append writes nothing."""
