@@ -1173,8 +1173,9 @@ def _interrupt_under(error: BaseException, handling: BaseException | None
 
 
 def _database_error(message: str, cause: BaseException) -> DatabaseError:
-    state = getattr(_driver_error(cause), "sqlstate", None)
-    if isinstance(_driver_error(cause), sqlite3.Error) and "database is locked" in message:
+    driver = _driver_error(cause)
+    state = getattr(driver, "sqlstate", None)
+    if isinstance(driver, sqlite3.Error) and "database is locked" in message:
         message += (" (another connection held SQLite's write lock longer than busy_timeout: "
                     "?busy_timeout=<ms> in the URL waits longer)")
     elif state in _PREPARED_LOST and "_pg3_" in message:

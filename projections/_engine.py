@@ -2429,8 +2429,6 @@ def verify(store: EventStore, projection: Projection[Any], *,
 _SCRATCH_ABANDONED_US = 24 * 3600 * 1_000_000
 
 
-
-
 def _drop_abandoned_scratch(store: EventStore, name: str) -> None:
     """Delete the scratch rows of verifies that died before removing them."""
     pr = projection_rows.c

@@ -226,8 +226,8 @@ class Conversations:
                 tenant_id: str, expected_version: int | None, idempotency_key: str | None,
                 metadata: dict[str, Any] | None) -> int:
         """Append ``event``; ``as_given``: the same event with its names in the order the
-        call gave them (when that is not name order, see :meth:`_values`), for a key an earlier
-        release recorded with them so: its retry is still a duplicate."""
+        call gave them (when that is not name order, see :func:`_in_name_order`), for a key
+        an earlier release recorded with them so: its retry is still a duplicate."""
         stream = self.stream_id(conversation_id)
         try:
             result = self.store.append(
