@@ -331,9 +331,10 @@ class AsyncEventStore(StoreCore):
         """The append on SQLite: on the kept write connection (:class:`_KeptWriter`) when
         called from its event loop, whole on that connection's aiosqlite thread."""
         writer = self._writer
-        if writer is not None and writer.serves_this_loop():
+        turns = writer.turns_here() if writer is not None else None
+        if writer is not None and turns is not None:
             with translate():
-                return await writer.run(lambda conn: self._on_sqlite(
+                return await writer.run(turns, lambda conn: self._on_sqlite(
                     conn, self._append_locked, (plan, before_commit), write=True))
         return await self._transact(self._append_locked, (plan, before_commit), write=True)
 
@@ -384,8 +385,9 @@ class AsyncEventStore(StoreCore):
         """``fn(conn, *args)`` in a transaction of its own, on a connection in autocommit mode
         (the kept write connection when called from its event loop, unless not ``kept``)."""
         writer = self._writer
-        if kept and writer is not None and writer.serves_this_loop():
-            return await writer.run(lambda conn: _own_transaction(conn, fn, *args))
+        turns = writer.turns_here() if kept and writer is not None else None
+        if writer is not None and turns is not None:
+            return await writer.run(turns, lambda conn: _own_transaction(conn, fn, *args))
         _refuse_retired(self._engine)
         async with self._engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -597,19 +599,29 @@ class _KeptWriter:
         self._sqlite = sqlite
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
+        self._adopting = threading.Lock()
         self._conn: AsyncConnection | None = None
         self._closed = False
 
-    def serves_this_loop(self) -> bool:
-        loop = asyncio.get_running_loop()
-        if self._loop is None or (self._loop.is_closed() and self._conn is None):
-            self._loop, self._lock = loop, asyncio.Lock()
-        return self._loop is loop
+    def turns_here(self) -> asyncio.Lock | None:
+        """The lock of the kept connection's turns when the connection serves the running loop
+        (the first loop to ask adopts it, and so does a later one once that loop has closed
+        without it), else ``None``.
 
-    async def run(self, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        Under a thread lock: loops in several threads ask at once, and two that both adopted it
+        shared one connection and one ``asyncio.Lock`` (an append failed with "bound to a
+        different event loop", or waited for ever for a wake-up sent from another thread)."""
+        loop = asyncio.get_running_loop()
+        with self._adopting:
+            if self._loop is None or (self._loop.is_closed() and self._conn is None):
+                self._loop, self._lock = loop, asyncio.Lock()
+            return self._lock if self._loop is loop else None
+
+    async def run(self, turns: asyncio.Lock,
+                  body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """``await body(conn)`` (an append in a transaction of its own) on the kept
-        connection."""
-        async with self._lock:
+        connection, in a turn of ``turns`` (from :meth:`turns_here`)."""
+        async with turns:
             if self._closed:
                 raise StoreClosed("the event store is closed")
             conn = self._conn

@@ -4,6 +4,8 @@ test framework's loop per test, a store opened once and used from several."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import threading
 import time
 
@@ -243,3 +245,62 @@ def test_loops_that_end_with_reads_still_running_hand_every_connection_back(
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == threads_before
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_loops_in_two_threads_that_first_append_at_once_share_nothing(
+        backend_name: str, request: pytest.FixtureRequest, tmp_path: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads, each with a loop of its own, make the store's first appends at the same
+    moment: one loop adopts the kept write connection, the other appends on pooled ones.  Both
+    had adopted it (the check and the adoption were not one step): an append failed with
+    "bound to a different event loop", or waited for ever for a wake-up sent from the other
+    thread, and a connection was left open after ``close``.  Here both threads are held at the
+    adoption until the other arrives (a lock made by the store waits for the other thread)."""
+    if backend_name == "sqlite":
+        url = f"sqlite:///{tmp_path}/adopt.db"
+    else:
+        url = request.getfixturevalue("fresh_pg")
+    EventStore.open(url, migrate=True).close()
+    threads_before = threading.active_count()
+    store = asyncio.run(AsyncEventStore.open(url))
+    meet = threading.Barrier(2)
+    real_lock = asyncio.Lock
+
+    def lock_after_the_other_thread_arrives() -> asyncio.Lock:
+        if sys._getframe(1).f_globals.get("__name__") == "eventstore.aio":
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet.wait(timeout=1)  # (gives up when the other thread cannot get there)
+        return real_lock()
+
+    monkeypatch.setattr(asyncio, "Lock", lock_after_the_other_thread_arrives)
+    errors: list[BaseException] = []
+
+    def appender(n: int) -> None:
+        async def appends() -> None:
+            for i in range(20):
+                await store.append(f"s-{n}", [NoteAdded(text=str(i))])
+        try:
+            asyncio.run(appends())
+        except BaseException as e:  # (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=appender, args=(n,), daemon=True) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    monkeypatch.undo()
+    assert not [t for t in threads if t.is_alive()], "an append never returned"
+    assert errors == []
+    asyncio.run(store.close())
+    deadline = time.monotonic() + 5
+    while True:
+        left = (threading.active_count() - threads_before if backend_name == "sqlite"
+                else _pg_sessions(url))
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == 0
+    with EventStore.open(url) as check:
+        assert check.stream_version("s-1") == check.stream_version("s-2") == 20
