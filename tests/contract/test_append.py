@@ -104,6 +104,24 @@ def test_size_limit_is_configurable(url: str) -> None:
         assert small.stream_version("c-1") == 1
 
 
+def test_the_size_limit_admits_exactly_its_bytes_and_counts_the_metadata(url: str) -> None:
+    """An event whose encoding is exactly ``max_event_bytes`` goes in, one byte more does not;
+    metadata is held to the same limit (the batch is refused whole, nothing written)."""
+    with EventStore.open(url, max_event_bytes=100) as small:
+        with pytest.raises(EventTooLarge) as info:
+            small.append("c-1", [Blob(payload="x" * 200)])
+        overhead = info.value.size - 200  # the encoding's bytes around the payload
+        small.append("c-1", [Blob(payload="x" * (100 - overhead))])
+        with pytest.raises(EventTooLarge) as info:
+            small.append("c-1", [Blob(payload="x" * (101 - overhead))])
+        assert (info.value.size, info.value.limit) == (101, 100)
+        with pytest.raises(EventTooLarge, match="metadata") as info:
+            small.append("c-1", [NoteAdded(text="ok")], metadata={"note": "x" * 100})
+        assert info.value.size > 100
+        small.append("c-1", [NoteAdded(text="ok")], metadata={"note": "x" * 50})
+        assert [e.version for e in small.read_stream("c-1")] == [1, 2]
+
+
 def test_failure_inside_the_transaction_rolls_back_the_batch(store: EventStore) -> None:
     """An error raised inside the append transaction leaves no event of the batch."""
 

@@ -317,13 +317,14 @@ def test_data_nested_deeper_than_the_limit_is_refused(store: EventStore, where: 
     from eventstore.codec import MAX_NESTING
 
     def append(depth: int) -> Any:
+        # depth - 1 levels under the event's own object, beside shallow brackets (30 more
+        # than the levels: a count of brackets alone cannot tell the depth)
+        value = [_nested(depth - 2), [[] for _ in range(30)]]
         if where == "typed":
-            return store.append("deep-1", [Anything(value=_nested(depth - 1))])
+            return store.append("deep-1", [Anything(value=value)])
         if where == "raw":
-            return store.append("deep-1", [RawEvent(type="test.Deep",
-                                                    data={"v": _nested(depth - 1)})])
-        return store.append("deep-1", [NoteAdded(text="x")],
-                            metadata={"m": _nested(depth - 1)})
+            return store.append("deep-1", [RawEvent(type="test.Deep", data={"v": value})])
+        return store.append("deep-1", [NoteAdded(text="x")], metadata={"m": value})
 
     for depth in (MAX_NESTING + 1, 5000):
         with pytest.raises(InvalidEvent, match="nested"):
