@@ -7,7 +7,6 @@ concurrent tasks on that loop, which is how an asyncio application drives the st
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -15,8 +14,6 @@ from typing import Any, TypeVar
 from eventstore.aio import AsyncEventStore
 
 T = TypeVar("T")
-
-_DONE = object()
 
 
 class BlockingAsyncStore:
@@ -32,21 +29,19 @@ class BlockingAsyncStore:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
-        out: queue.Queue[Any] = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for item in agen:
-                    out.put(item)
-            except BaseException as e:  # handed to the consuming thread
-                out.put(e)
-            out.put(_DONE)
-
-        asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        while (item := out.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        # In step with the consumer, an item per next(): what the async iterator does between
+        # two items (a stop set while one was handled) shows as it would to an async caller.
+        try:
+            while True:
+                try:
+                    item = self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self._run(aclose())
 
     def append(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.inner.append(*args, **kwargs))

@@ -50,6 +50,19 @@ def test_subscribe_resumes_from_position_inclusive(store: EventStore) -> None:
     assert got == [3, 4, 5]
 
 
+def test_subscribe_ends_at_the_event_during_which_stop_was_set(store: EventStore) -> None:
+    """A stop set while an event is handled ends the iteration there, not at the end of the
+    page read with it (here all ten events are one page)."""
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(10)])
+    stop = threading.Event()
+    got = []
+    for ev in store.subscribe(from_position=1, stop=stop):
+        got.append(ev.position)
+        if ev.position == 3:
+            stop.set()
+    assert got == [1, 2, 3]
+
+
 def test_subscribe_stops_within_half_a_second(store: EventStore) -> None:
     """Setting stop ends an idle subscription within 0.5 s."""
     stop = threading.Event()
