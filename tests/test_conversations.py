@@ -176,6 +176,9 @@ def test_history_lists_who_when_old_and_new(conversations: Conversations, clock:
         ("deleted", 2, None, "r3", 3)]
     assert hist[1].at - hist[0].at == timedelta(seconds=30)
     assert conversations.history("c-1", name="other") == []
+    conversations.assign("c-1", {"count": 5}, workflow_run_id="r4")  # back after its delete
+    assert [(h.kind, h.old, h.new) for h in conversations.history("c-1", name="count")][-1] == (
+        "assigned", None, 5)
 
 
 def test_unknown_conversation_is_empty(conversations: Conversations) -> None:
