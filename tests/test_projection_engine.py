@@ -304,6 +304,30 @@ def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
     assert verify(store, fixed) == []
 
 
+def test_a_failed_rebuild_shows_in_status_until_one_succeeds(store: EventStore) -> None:
+    """A rebuild that fails on an event records the failure in ``status`` (the projection goes on
+    answering from its rows); a rebuild that then succeeds clears it.  A failure a projector
+    recorded is not overwritten by a rebuild that fails elsewhere."""
+    bump(store, "a", 2)
+    store.append("counter-b", [CounterIncremented(by=13)])
+    with pytest.raises(ProjectionFailed):
+        rebuild(store, TallyProjection("tally_rb", poison=13))
+    (st,) = status(store, "tally_rb")
+    assert st.error is not None and "counter-b" in st.error
+    rebuild(store, TallyProjection("tally_rb"))
+    (st,) = status(store, "tally_rb")
+    assert (st.status, st.error, st.failed_position) == ("running", None, None)
+
+    with pytest.raises(ProjectionFailed):
+        Projector(store, [TallyProjection("tally_pf", poison=13)]).catch_up()
+    (failed,) = status(store, "tally_pf")
+    assert (failed.status, failed.failed_position) == ("failed", 3)
+    with pytest.raises(ProjectionFailed):
+        rebuild(store, TallyProjection("tally_pf", poison=1))  # fails at position 1
+    (st,) = status(store, "tally_pf")
+    assert (st.status, st.failed_position, st.error) == ("failed", 3, failed.error)
+
+
 def test_catch_up_runs_the_other_projections_past_a_failing_one(store: EventStore) -> None:
     """One projection failing does not keep the others from catching up: the first failure is
     raised after all have run (catch_up_each returns them instead)."""
@@ -758,6 +782,8 @@ def test_query_rows_by_index(store: EventStore) -> None:
     big = query_rows(store, p, tenant_id="default", status="big")
     assert [(s, st.total) for _t, s, st, _v in big] == [("counter-c", 11), ("counter-a", 20)]
     assert len(query_rows(store, p, tenant_id=None, status="big")) == 3
+    before = query_rows(store, p, tenant_id="default", status="big", sort_before=20)
+    assert [s for _t, s, _st, _v in before] == ["counter-c"]  # (strictly before: not a's 20)
     from eventstore import InvalidArgument
 
     assert len(query_rows(store, p, tenant_id="default", status=(s for s in ["big"]))) == 2
