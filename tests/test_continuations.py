@@ -130,6 +130,22 @@ def test_absent_and_expired_are_told_apart(conts: Continuations, clock: Clock) -
     assert info.value.reason == "expired"
 
 
+def test_a_pause_expires_at_the_instant_of_its_expires_at(conts: Continuations,
+                                                          clock: Clock) -> None:
+    """From ``expires_at`` on (that instant included) a pause is neither returned, listed nor
+    claimable, even before a sweep records its expiry; a moment before, it is all three."""
+    paused = pause(conts)
+    clock.now = paused.expires_at - timedelta(microseconds=1)
+    assert conts.get("conv-1", "u1") is not None
+    assert [c.conversation_id for c in conts.pending_for_user("u1")] == ["conv-1"]
+    clock.now = paused.expires_at
+    assert conts.get("conv-1", "u1") is None
+    assert conts.pending_for_user("u1") == []
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.claim("conv-1", "u1")
+    assert info.value.reason == "expired"
+
+
 def test_release_returns_to_pending_with_fresh_ttl(conts: Continuations, clock: Clock) -> None:
     """release puts the claim back with a new time to live and the error."""
     pause(conts)

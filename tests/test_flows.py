@@ -164,6 +164,13 @@ def test_feedback_request_and_resolve(flows: Flows) -> None:
     assert flows.pending_feedback("f1") is None
     with pytest.raises(NoPendingFeedback):
         flows.resolve_feedback("f1", "again")
+    flows.request_feedback("f1", {"question": "first"}, {"draft": 1})
+    flows.request_feedback("f1", {"question": "second"}, {"draft": 2})  # replaces the open one
+    pending = flows.pending_feedback("f1")
+    assert pending is not None and (pending.context, pending.state) == (
+        {"question": "second"}, {"draft": 2})
+    assert flows.resolve_feedback("f1", "ok").context == {"question": "second"}
+    assert flows.pending_feedback("f1") is None
 
 
 def test_concurrent_resolutions_exactly_one_wins(flows: Flows) -> None:

@@ -441,11 +441,14 @@ def test_resume_twice_is_refused_as_already_resumed(jobs: Jobs, job_store: Event
 
 def test_a_deadline_more_than_a_century_away_is_refused(jobs: Jobs, clock: Clock) -> None:
     """As leases, TTLs and timeouts: a suspension's deadline at most a century from now
-    (as the README says), nothing written otherwise."""
+    (as the README says), and after now; nothing written otherwise."""
     job = running(jobs)
     with pytest.raises(InvalidArgument, match="days from now"):
         jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
                      deadline=T0 + timedelta(days=36_526))
+    assert jobs.get(job.job_id).status == "running"
+    with pytest.raises(InvalidArgument, match="not after now"):  # (born expired)
+        jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?", deadline=clock.now)
     assert jobs.get(job.job_id).status == "running"
     done = jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?",
                         deadline=T0 + timedelta(days=36_525))

@@ -372,6 +372,8 @@ def test_more_filter_names_than_a_query_can_take_are_refused(store: EventStore) 
     with pytest.raises(InvalidArgument, match="at most"):
         list(store.read_all(types=many))
     assert len(list(store.read_all(categories=["c"] * (MAX_NAMES + 5)))) == 1
+    exactly = [*many[:MAX_NAMES - 1], "c"]  # the limit itself is allowed
+    assert len(list(store.read_all(categories=exactly))) == 1
 
 
 def test_pages_of_large_events_are_short(store: EventStore, monkeypatch: pytest.MonkeyPatch
