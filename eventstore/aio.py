@@ -666,20 +666,33 @@ class _KeptWriter:
         if loop is None:
             return  # never appended
         if loop is not asyncio.get_running_loop():
-            # Another loop's connection: closed on that loop while it runs (the garbage
-            # collector found it otherwise, with SQLAlchemy's warning).  A loop that has
-            # stopped (``asyncio.run`` per job, a test's own loop) runs no append: the
-            # connection is closed from here, not handed back to the pool (whose waiters
-            # belong to loops); psycopg's close needs no loop, aiosqlite's answers on this one.
+            # Another loop's connection (left to the garbage collector, it was found with
+            # SQLAlchemy's warning): closed from here, not handed back to the pool (whose
+            # waiters belong to loops); psycopg's close needs no loop, aiosqlite's answers on
+            # this one.  Once an append in progress on that loop, if it still runs, is done:
+            # later ones find the store closed.  (Closed on that loop instead, the close was
+            # cancelled half-way when the loop ended meanwhile, ``asyncio.run`` returning as
+            # its appends failed: SQLAlchemy and aiosqlite's thread printed tracebacks.)
             if loop.is_running():
-                future = asyncio.run_coroutine_threadsafe(self._close_here(), loop)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.wrap_future(future), _CLOSE_ELSEWHERE_WAIT)
-                self._conn = None
-            else:
-                await self._drop()
+                turn = asyncio.run_coroutine_threadsafe(self._turn_here(), loop)
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(turn), _CLOSE_ELSEWHERE_WAIT)
+                except TimeoutError:
+                    self._conn = None  # (still in use there: not closed under the append)
+                    return
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # (this close is cancelled; else that loop ended meanwhile)
+                except Exception:
+                    pass  # (that loop is closing: it runs nothing now)
+            await self._drop()
             return
         await self._close_here()
+
+    async def _turn_here(self) -> None:
+        async with self._lock:  # after an append in progress
+            pass
 
     async def _close_here(self) -> None:
         # Always through the lock: an append may hold it while it opens the connection.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from eventstore import EventStore
 from eventstore.aio import AsyncEventStore
+from eventstore.errors import StoreClosed
 
 from ._events import NoteAdded
 
@@ -304,3 +306,56 @@ def test_loops_in_two_threads_that_first_append_at_once_share_nothing(
     assert left == 0
     with EventStore.open(url) as check:
         assert check.stream_version("s-1") == check.stream_version("s-2") == 20
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_a_close_from_another_loop_as_the_appending_loop_ends_leaves_nothing_behind(
+        backend_name: str, request: pytest.FixtureRequest, tmp_path: object,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread's loop appends until the store is closed from the main thread, and ends as
+    soon as its append is refused.  The kept connection is closed all the same, and quietly:
+    it used to be closed on the appending loop, and that close was cancelled half-way when
+    ``asyncio.run`` returned (SQLAlchemy logged "Exception terminating connection" and
+    aiosqlite's thread died answering a closed loop)."""
+    if backend_name == "sqlite":
+        url = f"sqlite:///{tmp_path}/ending.db"
+    else:
+        url = request.getfixturevalue("fresh_pg")
+    EventStore.open(url, migrate=True).close()
+    died: list[str] = []
+    monkeypatch.setattr(threading, "excepthook",
+                        lambda args: died.append(f"{args.exc_type.__name__}: {args.exc_value}"))
+    threads_before = threading.active_count()
+    for round_ in range(5):
+        store = asyncio.run(AsyncEventStore.open(url))
+        appending = threading.Event()
+        refused: list[BaseException] = []
+
+        def appender(store: AsyncEventStore = store, appending: threading.Event = appending,
+                     refused: list[BaseException] = refused) -> None:
+            async def until_closed() -> None:
+                try:
+                    while True:
+                        await store.append("s-1", [NoteAdded(text="x")])
+                        appending.set()
+                except StoreClosed as e:
+                    refused.append(e)  # and this loop ends at once
+
+            asyncio.run(until_closed())
+
+        t = threading.Thread(target=appender)
+        t.start()
+        assert appending.wait(10)
+        asyncio.run(store.close())
+        t.join(10)
+        assert not t.is_alive() and len(refused) == 1, round_
+    deadline = time.monotonic() + 5
+    while True:
+        left = (threading.active_count() - threads_before if backend_name == "sqlite"
+                else _pg_sessions(url))
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == 0
+    assert died == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
