@@ -15,9 +15,10 @@ or PostgreSQL) instead of CrewAI's local SQLite file.
   state) and ``FlowStateSaved`` in one atomic append.
 * ``load_pending_feedback`` -- what ``Flow.from_pending`` calls -- *claims* the request with
   :meth:`Flows.resolve_feedback`'s compare-and-set: of any number of processes resuming the same
-  pause, exactly one gets the state and context; every other one gets
-  :class:`~projections.errors.NoPendingFeedback` before it has built a flow, written anything or
-  run a step.  ``peek_pending_feedback`` reads the request without claiming it.
+  pause, exactly one gets the state and context; for every other one it returns ``None``, as
+  ``FlowPersistence`` says for "nothing pending", and ``from_pending`` raises its
+  ``ValueError`` before it has built a flow, written anything or run a step.
+  ``peek_pending_feedback`` reads the request without claiming it.
 * ``clear_pending_feedback`` (called by ``Flow.resume`` once the paused step completed) resolves a
   request that is still open and is a no-op otherwise.
 
@@ -286,19 +287,26 @@ class EventStoreFlowPersistence(FlowPersistence):
 
     def load_pending_feedback(
         self, flow_uuid: str,
-    ) -> tuple[dict[str, Any], PendingFeedbackContext]:
-        """Claim the open request for resuming: ``(state, context)``, for exactly one caller.
+    ) -> tuple[dict[str, Any], PendingFeedbackContext] | None:
+        """Claim the open request for resuming: ``(state, context)``, for exactly one caller;
+        ``None`` when there is no open request to claim, as ``FlowPersistence`` says.
 
         ``Flow.from_pending`` calls this.  The claim is :meth:`Flows.resolve_feedback`'s
         compare-and-set, so of concurrent resumers (threads or processes, any host) exactly one
-        wins.  Raises :class:`NoPendingFeedback` -- ``reason`` ``"resolved"`` when another
-        resumer claimed it first, ``"none"`` when the flow never paused -- instead of returning
-        ``None``, so a losing resumer can tell the two apart.  To look without claiming, use
-        :meth:`peek_pending_feedback`.
+        wins; for the others (and for a flow that never paused, or whose request was
+        withdrawn) this returns ``None`` and ``from_pending`` raises CrewAI's ``ValueError``
+        ("No pending feedback found"), before anything is built or written.  Why there was
+        none is logged (``crewai_feedback_not_claimed``, debug; ``reason`` ``"none"`` or
+        ``"resolved"``).  To look without claiming, use :meth:`peek_pending_feedback`.
         """
         flow_uuid = _flow_id(flow_uuid)
-        pending = self.flows.resolve_feedback(flow_uuid, {"resumed_by": _resumer()},
-                                              tenant_id=self.tenant_id)
+        try:
+            pending = self.flows.resolve_feedback(flow_uuid, {"resumed_by": _resumer()},
+                                                  tenant_id=self.tenant_id)
+        except NoPendingFeedback as e:
+            _log.debug("crewai_feedback_not_claimed", tenant=self.tenant_id, flow_id=flow_uuid,
+                       reason=e.reason)
+            return None
         return _as_dict(pending.state), PendingFeedbackContext.from_dict(pending.context)
 
     def peek_pending_feedback(

@@ -12,7 +12,6 @@ import traceback
 from typing import Any
 
 from projections.crewai_persistence import EventStoreFlowPersistence
-from projections.errors import NoPendingFeedback
 from tests._crewai_flows import offline, review_flow
 
 BARRIER_TIMEOUT = 120.0
@@ -23,7 +22,8 @@ def resume_racer(url: str, flow_id: str, feedback: str, barrier: Any, queue: Any
 
     Waits at ``barrier`` after CrewAI is imported and the flow class built, so that the racers
     call ``from_pending`` together.  Reports ``outcome`` ``"won"`` (with the flow's result and
-    state) or ``"lost"`` (with ``NoPendingFeedback.reason``), its pid, and any network access.
+    state) or ``"lost"`` (with the ``ValueError`` ``from_pending`` raised: nothing left to
+    claim), its pid, and any network access.
     """
     try:
         with offline() as guard:
@@ -34,8 +34,8 @@ def resume_racer(url: str, flow_id: str, feedback: str, barrier: Any, queue: Any
             barrier.wait(BARRIER_TIMEOUT)
             try:
                 flow = review.from_pending(flow_id, persistence)
-            except NoPendingFeedback as e:
-                report.update(outcome="lost", reason=e.reason)
+            except ValueError as e:  # (what CrewAI raises when nothing is pending)
+                report.update(outcome="lost", reason=str(e))
             else:
                 result = flow.resume(feedback)
                 report.update(outcome="won", result=result, state=flow.state.model_dump())

@@ -163,11 +163,9 @@ def test_pending_feedback_is_peeked_freely_and_claimed_once(
     persistence: EventStoreFlowPersistence, store: EventStore,
 ) -> None:
     """save_pending_feedback stores the context and state (also as the newest state);
-    peek_pending_feedback reads without claiming; load_pending_feedback claims exactly once."""
-    with pytest.raises(NoPendingFeedback) as never:
-        persistence.load_pending_feedback("f-2")
-    assert never.value.reason == "none"
-    assert isinstance(never.value, ValueError)  # what CrewAI documents for from_pending
+    peek_pending_feedback reads without claiming; load_pending_feedback claims exactly once,
+    and is None when there is nothing to claim (FlowPersistence's contract)."""
+    assert persistence.load_pending_feedback("f-2") is None  # never paused
     assert persistence.peek_pending_feedback("f-2") is None
 
     context = pending_context("f-2")
@@ -178,9 +176,7 @@ def test_pending_feedback_is_peeked_freely_and_claimed_once(
     assert persistence.peek_pending_feedback("f-2") == peeked
 
     assert persistence.load_pending_feedback("f-2") == peeked
-    with pytest.raises(NoPendingFeedback) as again:
-        persistence.load_pending_feedback("f-2")
-    assert again.value.reason == "resolved"
+    assert persistence.load_pending_feedback("f-2") is None  # claimed
     assert persistence.peek_pending_feedback("f-2") is None
 
     version = store.stream_version(Flows.stream_id("f-2"))
@@ -203,8 +199,7 @@ def test_clear_withdraws_an_open_request_and_tenants_are_apart(
     assert other.peek_pending_feedback("f-5") is None
     assert other.load_state("f-5") is None
     assert other.history("f-5") == []
-    with pytest.raises(NoPendingFeedback):
-        other.load_pending_feedback("f-5")
+    assert other.load_pending_feedback("f-5") is None
     other.clear_pending_feedback("f-5")
     assert persistence.peek_pending_feedback("f-5") is not None
 
@@ -213,9 +208,7 @@ def test_clear_withdraws_an_open_request_and_tenants_are_apart(
     with pytest.raises(Conflict) as withdrawn:
         persistence.reopen_pending_feedback("f-5")  # withdrawn on purpose: not reopened
     assert withdrawn.value.reason == "resolved"
-    with pytest.raises(NoPendingFeedback) as cleared:
-        persistence.load_pending_feedback("f-5")
-    assert cleared.value.reason == "resolved"
+    assert persistence.load_pending_feedback("f-5") is None
 
     later = pending_context("f-5")  # the flow pauses again later: a new request to claim
     later.method_name = "second_review"
@@ -234,18 +227,15 @@ def test_concurrent_claims_in_one_process_exactly_one_wins(
 
     def claim() -> None:
         barrier.wait()
-        try:
-            persistence.load_pending_feedback("f-6")
-            outcomes.append("won")
-        except NoPendingFeedback as e:
-            outcomes.append(e.reason)
+        got = persistence.load_pending_feedback("f-6")
+        outcomes.append("won" if got is not None else "lost")
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(outcomes) == ["resolved"] * 7 + ["won"]
+    assert sorted(outcomes) == ["lost"] * 7 + ["won"]
 
 
 def test_opened_by_url_serializes_and_is_rebuilt_by_crewai(url: str) -> None:
@@ -454,8 +444,9 @@ def test_paused_flow_is_resumed_from_another_process_exactly_once(
     url: str, store: EventStore, persistence: EventStoreFlowPersistence, children: Children,
 ) -> None:
     """The flow pauses for asynchronous feedback; three other processes race to resume it with
-    their own answers: exactly one runs the rest of the flow, the others get NoPendingFeedback
-    before writing anything, and the store holds the winner's outcome only."""
+    their own answers: exactly one runs the rest of the flow, the others find nothing to claim
+    (from_pending's ValueError) before writing anything, and the store holds the winner's
+    outcome only."""
     flow = review_flow(persistence)()
     paused = flow.kickoff(inputs={"topic": "eventstore"})
     assert isinstance(paused, HumanFeedbackPending)
@@ -484,7 +475,7 @@ def test_paused_flow_is_resumed_from_another_process_exactly_once(
     won = [r for r in reports if r["outcome"] == "won"]
     lost = [r for r in reports if r["outcome"] == "lost"]
     assert len(won) == 1 and len(lost) == RACERS - 1, reports
-    assert {r["reason"] for r in lost} == {"resolved"}
+    assert {r["reason"] for r in lost} == {f"No pending feedback found for flow_id: {flow_id}"}
     winner = won[0]
     assert winner["pid"] != os.getpid()
     published = f"Draft about eventstore [{winner['feedback']}]"
@@ -503,9 +494,8 @@ def test_paused_flow_is_resumed_from_another_process_exactly_once(
     assert resolved.feedback == {  # type: ignore[union-attr]
         "resumed_by": f"{socket.gethostname()}:{winner['pid']}"}
 
-    with pytest.raises(NoPendingFeedback) as late:
+    with pytest.raises(ValueError, match="No pending feedback"):
         review_flow(persistence).from_pending(flow_id, persistence)
-    assert late.value.reason == "resolved"
 
 
 def test_a_claimed_but_abandoned_resume_can_be_reopened(
