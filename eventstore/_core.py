@@ -427,10 +427,10 @@ class StoreCore:
             expected = expected_version
         else:
             expected = check_int(expected_version, "expected_version", minimum=0)
-        if isinstance(events, (Event, RawEvent)):
-            events = [events]
         if not isinstance(events, Sequence) or isinstance(events, (str, bytes)):
-            raise InvalidEvent("events must be a list of Event instances")
+            one = " (a single event goes in a list of one)" if isinstance(
+                events, (Event, RawEvent)) else ""
+            raise InvalidEvent(f"events must be a list of Event instances{one}")
         if not events:
             raise InvalidEvent(f"empty batch for stream {stream}: append needs an event")
         encoded, meta_raw, reads = encode_within(events, metadata,

@@ -70,7 +70,8 @@ def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, 
 
 @pytest.mark.parametrize(
     "events",
-    [[], None, "text", [{"type": "NoteAdded"}], [NoteAdded(text="ok"), object()],
+    [[], None, "text", NoteAdded(text="a list of one"), RawEvent(type="X", data={}),
+     [{"type": "NoteAdded"}], [NoteAdded(text="ok"), object()],
      [Anything(value=object())], [Anything(value={1, 2, object()})],
      [RawEvent(type="", data={})], [RawEvent(type="X", data={"d": dt.timedelta})],
      # schema versions: not a bool, and within the stored column's 32 bits
