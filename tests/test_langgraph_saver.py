@@ -172,10 +172,18 @@ def test_delete_thread_is_a_recorded_event(saver: EventStoreSaver, store: EventS
     saver.delete_thread("d")
     assert stream_types(store, "d") == [CheckpointSaved, WritesSaved, ThreadDeleted]
     assert saver.get_tuple(config("d")) is None
+    assert _rows_of_thread(store, "d") == {"checkpoints": 0, "blobs": 0, "writes": 0}
     assert list(saver.list(config("d"))) == []
     assert saver.get_tuple(config("keep")) is not None
     saver.delete_thread("never-existed")
     assert store.stream_version(stream_id_of("never-existed")) == 0
+
+
+def _rows_of_thread(store: EventStore, thread_id: str) -> dict[str, int]:
+    with store.engine.connect() as conn:
+        return {name: len(conn.execute(select(t).where(t.c.thread_id == thread_id)).all())
+                for name, t in (("checkpoints", checkpoints), ("blobs", blobs),
+                                ("writes", writes))}
 
 
 def test_prune_keep_latest_leaves_the_latest_checkpoint_whole(saver: EventStoreSaver,
@@ -353,6 +361,13 @@ def test_tenants_do_not_see_each_other(store: EventStore) -> None:
     assert a is not None and b is not None
     assert a.checkpoint["channel_values"] == {"who": "acme"}
     assert b.checkpoint["channel_values"] == {"who": "default"}
+    acme.copy_thread("shared", "copied")  # copies acme's thread only
+    assert other.get_tuple(config("copied")) is None
+    put(acme, "acme-only", None, {"who": "acme"}, {"who": 1}, {"who": 1}, {"run_id": "run-a"})
+    events_of_default = store.stats(tenant_id="default")["events"]
+    other.delete_for_runs(["run-a"])  # no run of its tenant: writes nothing, anywhere
+    assert store.stats(tenant_id="default")["events"] == events_of_default
+    assert acme.get_tuple(config("acme-only")) is not None
     acme.delete_thread("shared")
     assert acme.get_tuple(config("shared")) is None
     assert other.get_tuple(config("shared")) is not None
@@ -534,10 +549,15 @@ def test_prune_delete_strategy_removes_every_checkpoint(saver: EventStoreSaver,
                                                         store: EventStore,
                                                         many_threads: list[str]) -> None:
     """prune(strategy="delete") records the deletion for each thread it empties."""
+    for t in many_threads[:2]:
+        tup = saver.get_tuple(config(t))
+        assert tup is not None
+        saver.put_writes(tup.config, [("v", "pending")], "task")
     saver.prune(many_threads[:2], strategy="delete")
     for t in many_threads[:2]:
-        assert stream_types(store, t) == [CheckpointSaved, CheckpointsPruned]
+        assert stream_types(store, t) == [CheckpointSaved, WritesSaved, CheckpointsPruned]
         assert saver.get_tuple(config(t)) is None
+        assert _rows_of_thread(store, t) == {"checkpoints": 0, "blobs": 0, "writes": 0}
     assert saver.get_tuple(config(many_threads[2])) is not None
     with pytest.raises(ValueError, match="Unknown prune strategy"):
         saver.prune(many_threads, strategy="everything")
