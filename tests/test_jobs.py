@@ -145,6 +145,23 @@ def test_claim_takes_the_oldest_queued_job_with_a_lease(jobs: Jobs, clock: Clock
     assert nxt is not None and nxt.job_id == newer.job_id
 
 
+def test_a_resumed_job_queues_behind_jobs_that_waited_longer(jobs: Jobs, clock: Clock) -> None:
+    """A job queued again (resumed) is ordered by when it was queued again, not by when it
+    was first submitted: jobs already waiting are claimed first."""
+    first = jobs.submit("wf", {"n": 1}, user_id="u1")
+    assert jobs.claim("w1") is not None
+    jobs.suspend(first.job_id, "w1", request_id="r1", prompt="?")
+    clock.advance(minutes=1)
+    waiting = jobs.submit("wf", {"n": 2}, user_id="u1")
+    clock.advance(minutes=9)
+    jobs.resume(first.job_id, request_id="r1", input="ok")
+    clock.advance(minutes=1)
+    job = jobs.claim("w2")
+    assert job is not None and job.job_id == waiting.job_id
+    again = jobs.claim("w3")
+    assert again is not None and again.job_id == first.job_id
+
+
 def test_claim_is_first_in_first_out_when_the_clock_stands_still(jobs: Jobs,
                                                                   clock: Clock) -> None:
     """Jobs queued at the same instant (a frozen clock) are claimed in submission order, and

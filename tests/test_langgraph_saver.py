@@ -14,6 +14,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata, empty_checkpoint
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import Capability
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.types import INTERRUPT, RESUME
 from sqlalchemy import select
 
@@ -31,6 +32,7 @@ from projections.langgraph_saver import (
     WritesSaved,
     blobs,
     checkpoints,
+    import_checkpoints,
     rebuild_index,
     stream_id_of,
     writes,
@@ -208,6 +210,40 @@ def test_prune_keep_latest_leaves_the_latest_checkpoint_whole(saver: EventStoreS
     assert left == [("i:1", ""), ("i:3", "")]
     saver.prune(["p"])  # nothing left to prune: nothing recorded
     assert stream_types(store, "p").count(CheckpointsPruned) == 1
+
+
+def test_prune_keep_latest_drops_a_subgraph_namespace_with_its_root_checkpoint(
+        saver: EventStoreSaver) -> None:
+    """A subgraph call's namespace goes with the root checkpoint it started from; one started
+    from the kept root checkpoint stays."""
+    root1 = put(saver, "sub", None, {"n": 1}, {"n": 1}, {"n": 1})
+    put(saver, "sub", None, {"m": 1}, {"m": 1}, {"m": 1},
+        {"parents": {"": root1["configurable"]["checkpoint_id"]}}, ns="child:task-1")
+    root2 = put(saver, "sub", root1, {"n": 2}, {"n": 2}, {"n": 2})
+    put(saver, "sub", None, {"m": 2}, {"m": 2}, {"m": 2},
+        {"parents": {"": root2["configurable"]["checkpoint_id"]}}, ns="child:task-2")
+    saver.prune(["sub"])
+    left = {t.config["configurable"]["checkpoint_ns"]: t.config
+            for t in saver.list({"configurable": {"thread_id": "sub"}})}
+    assert sorted(left) == ["", "child:task-2"] and left[""] == root2
+
+
+def test_an_imported_thread_stores_only_the_channels_that_changed(saver: EventStoreSaver,
+                                                                   store: EventStore) -> None:
+    """import_checkpoints writes each checkpoint's changed channels only, as put does."""
+    source = InMemorySaver()
+    cfg = put(source, "imp", None, {"big": "x" * 1000, "n": 0}, {"big": 1, "n": 1},
+              {"big": 1, "n": 1})
+    for step in (1, 2, 3):
+        cfg = put(source, "imp", cfg, {"big": "x" * 1000, "n": step},
+                  {"big": 1, "n": step + 1}, {"n": step + 1})
+    assert import_checkpoints(source, saver) == 4  # checkpoints copied
+    stored = [sorted(b.channel for b in e.data.blobs) for e in store.read_stream(
+        stream_id_of("imp")) if isinstance(e.data, CheckpointSaved)]
+    assert stored == [["big", "n"], ["n"], ["n"], ["n"]]
+    latest = saver.get_tuple(config("imp"))
+    assert latest is not None and latest.checkpoint["channel_values"] == {
+        "big": "x" * 1000, "n": 3}
 
 
 def _busy_thread_planner(monkeypatch: pytest.MonkeyPatch, busy: Callable[[int], None]
