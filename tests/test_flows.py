@@ -32,7 +32,8 @@ def test_save_and_load_latest(flows: Flows) -> None:
 
 
 def test_typed_state_round_trips_equal(flows: Flows) -> None:
-    """Datetimes, UUIDs, decimals, sets, tuples and non-string keys come back equal."""
+    """Datetimes, times, timedeltas, UUIDs, decimals, sets, tuples, infinities and non-string
+    keys come back equal."""
     state = {
         "when": dt.datetime(2026, 5, 1, 10, 30, tzinfo=dt.UTC),
         "naive": dt.datetime(2026, 5, 1, 10, 30),
@@ -45,7 +46,11 @@ def test_typed_state_round_trips_equal(flows: Flows) -> None:
         "by_int": {1: "one", 2: "two"},
         "raw": b"\x00\xff",
         "nested": [{"$type": "not a tag"}, {"s": {dt.date(2020, 1, 1)}}],
-        "nan": float("inf"),
+        "inf": float("inf"),
+        "-inf": float("-inf"),
+        "took": dt.timedelta(days=-1, seconds=1, microseconds=250_000),
+        "at": dt.time(9, 30, 15, 500),
+        "at_utc": dt.time(9, 30, tzinfo=dt.UTC),
     }
     flows.save("f1", "step", state)
     assert flows.load("f1") == state
