@@ -1523,6 +1523,26 @@ def test_new_release_projectors_take_over_from_old_ones_still_running(
     assert verify(store, new) == []
 
 
+def test_a_worker_rebuilding_rows_for_its_version_keeps_the_lease_from_its_peers(
+        store: EventStore) -> None:
+    """While a new release's worker is part-way through replaying the old rows with its fold,
+    another worker of that same release leaves its lease alone (it takes only a lease held by
+    older code)."""
+    bump(store, "a", 3)
+    old, new = TallyProjection("tally_peer"), TallyV2("tally_peer")
+    first = Projector(store, [old], worker_id="old-0")
+    assert first.catch_up() == 3
+    first.release()
+    rebuilding = Projector(store, [new], worker_id="new-0", lease_seconds=60)
+    rebuilding._stopping = lambda: True  # type: ignore[method-assign]  # (stops its replay)
+    rebuilding.run_once(new)
+    (st,) = status(store, "tally_peer")
+    assert (st.owner, st.code_version) == ("new-0", 1) and st.rebuild_generation is not None
+    peer = Projector(store, [new], worker_id="new-1", lease_seconds=60)
+    assert peer.run_once(new) == 0
+    assert status(store, "tally_peer")[0].owner == "new-0"
+
+
 def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild cut off after its first page resumes where it stopped when run again by the
