@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -32,7 +33,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -673,22 +674,35 @@ class _KeptWriter:
             # later ones find the store closed.  (Closed on that loop instead, the close was
             # cancelled half-way when the loop ended meanwhile, ``asyncio.run`` returning as
             # its appends failed: SQLAlchemy and aiosqlite's thread printed tracebacks.)
-            if loop.is_running():
-                turn = asyncio.run_coroutine_threadsafe(self._turn_here(), loop)
-                try:
-                    await asyncio.wait_for(asyncio.wrap_future(turn), _CLOSE_ELSEWHERE_WAIT)
-                except TimeoutError:
-                    self._conn = None  # (still in use there: not closed under the append)
-                    return
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # (this close is cancelled; else that loop ended meanwhile)
-                except Exception:
-                    pass  # (that loop is closing: it runs nothing now)
+            if loop.is_running() and not await self._turn_on(loop):
+                # Still in use there after the wait: closed on that loop once its append is
+                # done (not from here, under the append).
+                _call_on(loop, self._close_here)
+                return
             await self._drop()
             return
         await self._close_here()
+
+    async def _turn_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Wait for a turn of the kept connection on ``loop`` (another thread's): ``True`` once
+        had, or once that loop no longer runs (it may stop or close at any moment, the turn
+        then never given); ``False`` after :data:`_CLOSE_ELSEWHERE_WAIT` seconds."""
+        turn = _call_on(loop, self._turn_here)
+        if turn is None:  # (closed since the caller saw it running)
+            return True
+        waited = asyncio.wrap_future(turn)
+        ends = time.monotonic() + _CLOSE_ELSEWHERE_WAIT
+        try:
+            while not waited.done() and loop.is_running():
+                if time.monotonic() >= ends:
+                    return False
+                await asyncio.wait({waited}, timeout=0.05)
+        finally:
+            if not waited.done():
+                waited.cancel()
+            elif not waited.cancelled():
+                waited.exception()  # (looked at: an ended loop's cancellation is no news)
+        return True
 
     async def _turn_here(self) -> None:
         async with self._lock:  # after an append in progress
@@ -703,6 +717,38 @@ class _KeptWriter:
 
 
 _CLOSE_ELSEWHERE_WAIT = 10.0  # seconds a close waits for the kept connection's own loop
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, make: Callable[[], Coroutine[Any, Any, T]]
+             ) -> concurrent.futures.Future[T] | None:
+    """``make()`` run as a task of another thread's ``loop``; ``None`` when that loop has
+    closed.  The coroutine is made there, once the loop gets to it: a loop that stops and
+    closes first leaves none behind never awaited (``run_coroutine_threadsafe``'s warning)."""
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def settle(task: asyncio.Task[T]) -> None:
+        _running_elsewhere.discard(task)
+        if task.cancelled():
+            outcome.set_exception(asyncio.CancelledError())
+        elif (error := task.exception()) is not None:
+            outcome.set_exception(error)
+        else:
+            outcome.set_result(task.result())
+
+    def start() -> None:
+        if outcome.set_running_or_notify_cancel():
+            task = loop.create_task(make())
+            _running_elsewhere.add(task)  # (a loop keeps only weak references to its tasks)
+            task.add_done_callback(settle)
+
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError:
+        return None
+    return outcome
+
+
+_running_elsewhere: set[asyncio.Task[Any]] = set()
 
 
 def _abroken(conn: AsyncConnection) -> bool:

@@ -60,5 +60,6 @@ class LeaseLost(Conflict):
 class NoPendingFeedback(Conflict, ValueError):
     """The flow has no pending feedback request (none, or already resolved).
 
-    Also a ``ValueError``: what CrewAI's ``Flow.from_pending`` raises when nothing is pending,
-    so code written against CrewAI's own persistence catches it unchanged."""
+    Also a ``ValueError``, as CrewAI's "No pending feedback found" is (``Flow.from_pending``
+    raises that one itself: ``EventStoreFlowPersistence.load_pending_feedback`` returns
+    ``None`` when there is nothing to claim)."""

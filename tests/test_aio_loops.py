@@ -9,12 +9,14 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
 from eventstore import EventStore
+from eventstore import aio as aio_module
 from eventstore.aio import AsyncEventStore
 from eventstore.errors import StoreClosed
 
@@ -359,3 +361,68 @@ def test_a_close_from_another_loop_as_the_appending_loop_ends_leaves_nothing_beh
     assert left == 0
     assert died == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+@pytest.mark.parametrize("how_it_ends", ["asyncio.run", "stopped, then closed"])
+def test_a_close_from_another_loop_that_ends_just_as_close_looks_releases_everything(
+        backend_name: str, how_it_ends: str, request: pytest.FixtureRequest, tmp_path: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The appending loop is running when ``close`` (on another loop) looks, and has ended by
+    the time ``close`` hands it the wait for its turn (``_call_on``, held here until then).
+    ``close`` still returns at once and releases the kept connection: it raised "Event loop is
+    closed" (a loop of ``asyncio.run``), or waited 10 s for a turn a stopped loop never gave
+    and left the connection open."""
+    if backend_name == "sqlite":
+        url = f"sqlite:///{tmp_path}/ended.db"
+    else:
+        url = request.getfixturevalue("fresh_pg")
+    EventStore.open(url, migrate=True).close()
+    threads_before = threading.active_count()
+    store = asyncio.run(AsyncEventStore.open(url))
+    appended, looked, ended, handed = (threading.Event() for _ in range(4))
+    real = aio_module._call_on
+
+    def after_that_loop_ended(loop: Any, make: Any) -> Any:
+        looked.set()
+        ended.wait(10)
+        try:
+            return real(loop, make)
+        finally:
+            handed.set()
+
+    monkeypatch.setattr(aio_module, "_call_on", after_that_loop_ended)
+
+    async def append_then_wait() -> None:
+        await store.append("s-1", [NoteAdded(text="x")])
+        appended.set()
+        while not looked.is_set():
+            await asyncio.sleep(0.01)
+
+    def owner() -> None:
+        if how_it_ends == "asyncio.run":
+            asyncio.run(append_then_wait())
+            ended.set()
+        else:
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(append_then_wait())
+            ended.set()
+            handed.wait(10)
+            loop.close()
+
+    t = threading.Thread(target=owner, daemon=True)
+    t.start()
+    assert appended.wait(10)
+    started = time.monotonic()
+    asyncio.run(store.close())
+    assert time.monotonic() - started < 5
+    t.join(10)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 5
+    while True:
+        left = (threading.active_count() - threads_before if backend_name == "sqlite"
+                else _pg_sessions(url))
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == 0
