@@ -32,6 +32,18 @@ def _pg_sessions(url: str) -> int:
     return int(row[0])
 
 
+def _left_open(backend_name: str, url: str, threads_before: int) -> int:
+    """What a closed store may still hold, once given up to 5 s to let go: aiosqlite threads
+    (on SQLite: threads beyond ``threads_before``) or server sessions (PostgreSQL)."""
+    deadline = time.monotonic() + 5
+    while True:
+        left = (threading.active_count() - threads_before if backend_name == "sqlite"
+                else _pg_sessions(url))
+        if left == 0 or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
 def test_close_after_the_first_append_s_loop_ended_releases_the_kept_connection(
         backend_name: str, request: pytest.FixtureRequest, tmp_path: object) -> None:
@@ -49,14 +61,7 @@ def test_close_after_the_first_append_s_loop_ended_releases_the_kept_connection(
         store = asyncio.run(AsyncEventStore.open(url))
         asyncio.run(store.append("s-1", [NoteAdded(text=str(round_))]))  # the writer's loop
         asyncio.run(store.close())  # another loop; the first has ended
-    deadline = time.monotonic() + 5
-    while True:
-        left = (threading.active_count() - threads_before if backend_name == "sqlite"
-                else _pg_sessions(url))
-        if left == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert left == 0
+    assert _left_open(backend_name, url, threads_before) == 0
     with EventStore.open(url) as check:
         assert [e.data.text for e in check.read_stream("s-1")] == ["0", "1", "2"]  # type: ignore[attr-defined]
 
@@ -298,14 +303,7 @@ def test_loops_in_two_threads_that_first_append_at_once_share_nothing(
     assert not [t for t in threads if t.is_alive()], "an append never returned"
     assert errors == []
     asyncio.run(store.close())
-    deadline = time.monotonic() + 5
-    while True:
-        left = (threading.active_count() - threads_before if backend_name == "sqlite"
-                else _pg_sessions(url))
-        if left == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert left == 0
+    assert _left_open(backend_name, url, threads_before) == 0
     with EventStore.open(url) as check:
         assert check.stream_version("s-1") == check.stream_version("s-2") == 20
 
@@ -351,14 +349,7 @@ def test_a_close_from_another_loop_as_the_appending_loop_ends_leaves_nothing_beh
         asyncio.run(store.close())
         t.join(10)
         assert not t.is_alive() and len(refused) == 1, round_
-    deadline = time.monotonic() + 5
-    while True:
-        left = (threading.active_count() - threads_before if backend_name == "sqlite"
-                else _pg_sessions(url))
-        if left == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert left == 0
+    assert _left_open(backend_name, url, threads_before) == 0
     assert died == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
@@ -418,11 +409,4 @@ def test_a_close_from_another_loop_that_ends_just_as_close_looks_releases_everyt
     assert time.monotonic() - started < 5
     t.join(10)
     monkeypatch.undo()
-    deadline = time.monotonic() + 5
-    while True:
-        left = (threading.active_count() - threads_before if backend_name == "sqlite"
-                else _pg_sessions(url))
-        if left == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert left == 0
+    assert _left_open(backend_name, url, threads_before) == 0
