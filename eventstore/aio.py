@@ -670,8 +670,8 @@ class _KeptWriter:
             # Another loop's connection (left to the garbage collector, it was found with
             # SQLAlchemy's warning): closed from here, not handed back to the pool (whose
             # waiters belong to loops); psycopg's close needs no loop, aiosqlite's answers on
-            # this one.  Once an append in progress on that loop, if it still runs, is done:
-            # later ones find the store closed.  (Closed on that loop instead, the close was
+            # this one, once an append in progress on that loop (if it still runs) is done;
+            # later appends find the store closed.  (Closed on that loop instead, the close was
             # cancelled half-way when the loop ended meanwhile, ``asyncio.run`` returning as
             # its appends failed: SQLAlchemy and aiosqlite's thread printed tracebacks.)
             if loop.is_running() and not await self._turn_on(loop):
