@@ -32,6 +32,16 @@ def _pg_sessions(url: str) -> int:
     return int(row[0])
 
 
+def _migrated(backend_name: str, request: pytest.FixtureRequest, tmp_path: object,
+              name: str) -> str:
+    """A migrated database of the backend: an SQLite file ``name``.db, or a fresh PostgreSQL
+    database."""
+    url = (f"sqlite:///{tmp_path}/{name}.db" if backend_name == "sqlite"
+           else str(request.getfixturevalue("fresh_pg")))
+    EventStore.open(url, migrate=True).close()
+    return url
+
+
 def _left_open(backend_name: str, url: str, threads_before: int) -> int:
     """What a closed store may still hold, once given up to 5 s to let go: aiosqlite threads
     (on SQLite: threads beyond ``threads_before``) or server sessions (PostgreSQL)."""
@@ -51,11 +61,7 @@ def test_close_after_the_first_append_s_loop_ended_releases_the_kept_connection(
     loop has ended and ``close`` runs on another, the connection is closed all the same: no
     aiosqlite thread and no open database file on SQLite, no server session on PostgreSQL
     (it used to wait for the garbage collector, and aiosqlite's thread never ended)."""
-    if backend_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/loops.db"
-    else:
-        url = request.getfixturevalue("fresh_pg")
-    EventStore.open(url, migrate=True).close()
+    url = _migrated(backend_name, request, tmp_path, "loops")
     threads_before = threading.active_count()
     for round_ in range(3):
         store = asyncio.run(AsyncEventStore.open(url))
@@ -73,11 +79,7 @@ def test_loops_that_wait_for_a_pooled_connection_one_after_another_and_at_once(
     used to be bound to the first event loop that ever waited: every later wait on another
     loop (the next ``asyncio.run``, or a loop of another thread) failed with a RuntimeError
     from SQLAlchemy's queue.  Now any loop may wait, also two at once, and nothing is lost."""
-    if backend_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/waits.db"
-    else:
-        url = request.getfixturevalue("fresh_pg")
-    EventStore.open(url, migrate=True).close()
+    url = _migrated(backend_name, request, tmp_path, "waits")
     store = asyncio.run(AsyncEventStore.open(url, pool_size=1))
 
     async def busy(tag: str, n: int = 24) -> int:
@@ -266,11 +268,7 @@ def test_loops_in_two_threads_that_first_append_at_once_share_nothing(
     "bound to a different event loop", or waited for ever for a wake-up sent from the other
     thread, and a connection was left open after ``close``.  Here both threads are held at the
     adoption until the other arrives (a lock made by the store waits for the other thread)."""
-    if backend_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/adopt.db"
-    else:
-        url = request.getfixturevalue("fresh_pg")
-    EventStore.open(url, migrate=True).close()
+    url = _migrated(backend_name, request, tmp_path, "adopt")
     threads_before = threading.active_count()
     store = asyncio.run(AsyncEventStore.open(url))
     meet = threading.Barrier(2)
@@ -317,11 +315,7 @@ def test_a_close_from_another_loop_as_the_appending_loop_ends_leaves_nothing_beh
     it used to be closed on the appending loop, and that close was cancelled half-way when
     ``asyncio.run`` returned (SQLAlchemy logged "Exception terminating connection" and
     aiosqlite's thread died answering a closed loop)."""
-    if backend_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/ending.db"
-    else:
-        url = request.getfixturevalue("fresh_pg")
-    EventStore.open(url, migrate=True).close()
+    url = _migrated(backend_name, request, tmp_path, "ending")
     died: list[str] = []
     monkeypatch.setattr(threading, "excepthook",
                         lambda args: died.append(f"{args.exc_type.__name__}: {args.exc_value}"))
@@ -364,11 +358,7 @@ def test_a_close_from_another_loop_that_ends_just_as_close_looks_releases_everyt
     ``close`` still returns at once and releases the kept connection: it raised "Event loop is
     closed" (a loop of ``asyncio.run``), or waited 10 s for a turn a stopped loop never gave
     and left the connection open."""
-    if backend_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/ended.db"
-    else:
-        url = request.getfixturevalue("fresh_pg")
-    EventStore.open(url, migrate=True).close()
+    url = _migrated(backend_name, request, tmp_path, "ended")
     threads_before = threading.active_count()
     store = asyncio.run(AsyncEventStore.open(url))
     appended, looked, ended, handed = (threading.Event() for _ in range(4))

@@ -41,26 +41,25 @@ def test_subscribe_catches_up_then_follows(store: EventStore) -> None:
 def test_subscribe_resumes_from_position_inclusive(store: EventStore) -> None:
     """from_position is inclusive: resuming with last + 1 continues after the last seen."""
     store.append("c-1", [NoteAdded(text=str(i)) for i in range(5)])
-    stop = threading.Event()
-    got = []
-    for ev in store.subscribe(from_position=3, stop=stop):
-        got.append(ev.position)
-        if ev.position == 5:
-            stop.set()
-    assert got == [3, 4, 5]
+    assert _positions_until(store, 3, stop_at=5) == [3, 4, 5]
 
 
 def test_subscribe_ends_at_the_event_during_which_stop_was_set(store: EventStore) -> None:
     """A stop set while an event is handled ends the iteration there, not at the end of the
     page read with it (here all ten events are one page)."""
     store.append("c-1", [NoteAdded(text=str(i)) for i in range(10)])
+    assert _positions_until(store, 1, stop_at=3) == [1, 2, 3]
+
+
+def _positions_until(store: EventStore, from_position: int, *, stop_at: int) -> list[int]:
+    """The positions a subscription gives until its stop, set while handling ``stop_at``."""
     stop = threading.Event()
     got = []
-    for ev in store.subscribe(from_position=1, stop=stop):
+    for ev in store.subscribe(from_position=from_position, stop=stop):
         got.append(ev.position)
-        if ev.position == 3:
+        if ev.position == stop_at:
             stop.set()
-    assert got == [1, 2, 3]
+    return got
 
 
 def test_subscribe_stops_within_half_a_second(store: EventStore) -> None:
