@@ -69,6 +69,7 @@ from sqlalchemy import (
     delete,
     exists,
     literal,
+    null,
     select,
     true,
     tuple_,
@@ -304,7 +305,12 @@ class RunsDeleted(Event, tag="lg.RunsDeleted", omit_defaults=True):
 
 
 class ThreadCopied(Event, tag="lg.ThreadCopied", omit_defaults=True):
-    """``copy_thread``: the source thread's index rows, as of this event, were copied here."""
+    """``copy_thread``: the source thread's index rows, as of this event, were copied here.
+
+    What was copied is the source as its events up to this event's position left it.
+    ``source_version`` is the source stream's version when ``copy_thread`` looked, before it
+    appended: a lower bound (the source may have moved on before this event committed, and
+    the copy then holds those checkpoints too)."""
 
     source_thread_id: str
     source_version: int = 0
@@ -852,13 +858,28 @@ def _latest_query(with_id: bool) -> Callable[[str], ClauseElement]:
     def build(_dialect: str) -> ClauseElement:
         cp, e = checkpoints, es_events
         q = select(cp.c.checkpoint_id, cp.c.parent_id, cp.c.position, e.c.type,
-                   e.c.schema_version, e.c.data).join(e, e.c.position == cp.c.position).where(
+                   e.c.schema_version, e.c.data, _thread_version()
+                   ).join(e, e.c.position == cp.c.position).where(
             cp.c.tenant_id == bindparam("tenant_id"), cp.c.thread_id == bindparam("thread_id"),
             cp.c.checkpoint_ns == bindparam("ns"))
         if with_id:
             return q.where(cp.c.checkpoint_id == bindparam("cid"))
         return q.order_by(cp.c.checkpoint_id.desc()).limit(1)
     return build
+
+
+def _thread_version() -> Any:
+    """The version of the thread's stream, as a scalar subquery (parameters ``tenant_id`` and
+    ``stream``): what ``read_tuple`` compares between its statements."""
+    s = es_streams
+    return select(s.c.version).where(
+        s.c.tenant_id == bindparam("tenant_id"),
+        s.c.stream_id == bindparam("stream")).scalar_subquery()
+
+
+class _Torn(Exception):
+    """``read_tuple``'s statements read different states of the thread (PostgreSQL outside a
+    transaction: one snapshot per statement, and the thread changed between them)."""
 
 
 # What a saver last put in a thread namespace: checkpoint key, sorted version keys, position.
@@ -882,9 +903,17 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
     checkpoint this process put last there) on psycopg, the second statement is sent with the
     first for the hinted checkpoint, and used if the first finds that very checkpoint: one round
     trip; otherwise it is sent again for the checkpoint found.
+
+    Each statement also reads the version of the thread's stream.  Outside a transaction on
+    PostgreSQL each statement reads a snapshot of its own, and a checkpoint, a retention
+    operation or a copy committed between them (all appends to the thread's stream, whose
+    version they raise in the transaction that writes its index rows) would give a checkpoint
+    torn between two states: its values without its pending writes, or a value missing.  Then
+    :class:`_Torn` is raised, and the caller reads again on one snapshot (``begin_snapshot``).
     """
     c = _stmt(conn, ("latest", checkpoint_id is not None), _latest_query(checkpoint_id is not None))
-    ids = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns}
+    ids = {"tenant_id": tenant_id, "thread_id": thread_id, "ns": ns,
+           "stream": _PREFIX + thread_id}
     first = {**ids, "cid": _key_or_none(checkpoint_id)}
     guessed: builtins.list[Any] | None = None
     if hint is not None and (checkpoint_id is None or first["cid"] == hint[0]) \
@@ -900,7 +929,7 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
         rows = _run(conn, c, first)
     if not rows:
         return None
-    cid, parent_key, position, tag, schema_version, data = rows[0]
+    cid, parent_key, position, tag, schema_version, data, thread_version = rows[0]
     ev = decode_event(tag, schema_version, bytes(data))
     if not isinstance(ev, CheckpointSaved):
         raise TypeError(f"event at {position} is {tag}, not a checkpoint")
@@ -915,7 +944,11 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
         results = (_run(*_refs_args(conn, ids, cid, position, part))
                    for part in (_chunks(vkeys) if vkeys else [()]))
     for result_rows in results:
+        same_thread = False
         for kind, key, channel, at, etag, esv, edata in result_rows:
+            if kind == "v":
+                same_thread = at == thread_version
+                continue
             if edata is not None and at not in loaded:
                 held = decode_event(etag, esv, bytes(edata))
                 if isinstance(held, Event):
@@ -924,20 +957,15 @@ def read_tuple(conn: Connection, tenant_id: str, thread_id: str, ns: str,
                 versions_at[key][channel] = at
             elif at not in write_positions:
                 write_positions.append(at)
+        if not same_thread:
+            raise _Torn
     need = {at for chans in versions_at.values() for at in chans.values() if at not in loaded}
     if need:  # the events of single-channel rows (see _refs_query)
         loaded.update(_events_at(conn, need))
     found = _found(ev.versions.items(), versions_at, loaded)
     pending = _fold_writes(loaded, write_positions) if write_positions else []
-    result = Loaded(thread_id, ns, ev.id, ev.parent if parent_key is not None else None, ev,
-                    found, pending)
-    # A value the index cannot find: either the checkpoint was stored without it, or a retention
-    # operation removed the checkpoint between our two statements (PostgreSQL reads each
-    # statement's own snapshot).  In the second case the checkpoint is gone.
-    missing = any(b is None for _ch, b in result.blobs())
-    if missing and not _run(conn, c, {**ids, "cid": cid}):
-        return None
-    return result
+    return Loaded(thread_id, ns, ev.id, ev.parent if parent_key is not None else None, ev,
+                  found, pending)
 
 
 def _refs_args(conn: Connection, ids: Mapping[str, str], cid: bytes, position: int,
@@ -966,8 +994,11 @@ def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
             e, e.c.position == w.c.position).where(
             w.c.tenant_id == bindparam("tenant_id"), w.c.thread_id == bindparam("thread_id"),
             w.c.checkpoint_ns == bindparam("ns"), w.c.checkpoint_id == bindparam("cid"))
+        # The thread's version, as this statement's snapshot saw it (see read_tuple).
+        version_part = select(literal("v"), literal(""), literal(""), _thread_version(),
+                              null(), null(), null())
         if not n_versions:
-            return writes_part
+            return union_all(writes_part, version_part)
         blobs_part = select(literal("b").label("kind"), b.c.version.label("key"), b.c.channel,
                             b.c.position, e.c.type, e.c.schema_version, e.c.data).outerjoin(
             e, and_(e.c.position == b.c.position, b.c.position != bindparam("own"),
@@ -975,7 +1006,7 @@ def _refs_query(n_versions: int) -> Callable[[str], ClauseElement]:
             b.c.tenant_id == bindparam("tenant_id"), b.c.thread_id == bindparam("thread_id"),
             b.c.checkpoint_ns == bindparam("ns"))
         return union_all(_one_of(blobs_part, b.c.version, "v", n_versions, dialect_name),
-                         writes_part)
+                         writes_part, version_part)
     return build
 
 
@@ -1814,8 +1845,12 @@ class EventStoreSaver(_Base):
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, ns, cid = self._get_args(config)
         hint = self._hints.get((thread_id, ns))
-        with begin_read(self.store.engine) as conn:
-            loaded = read_tuple(conn, self.tenant_id, thread_id, ns, cid, hint)
+        try:
+            with begin_read(self.store.engine) as conn:
+                loaded = read_tuple(conn, self.tenant_id, thread_id, ns, cid, hint)
+        except _Torn:
+            with begin_snapshot(self.store.engine) as conn:
+                loaded = read_tuple(conn, self.tenant_id, thread_id, ns, cid)
         return None if loaded is None else self._tuple(loaded)
 
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
@@ -2021,7 +2056,12 @@ class AsyncEventStoreSaver(_Base):
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, ns, cid = self._get_args(config)
         hint = self._hints.get((thread_id, ns))
-        loaded = await self.store.run_read(read_tuple, self.tenant_id, thread_id, ns, cid, hint)
+        try:
+            loaded = await self.store.run_read(read_tuple, self.tenant_id, thread_id, ns, cid,
+                                               hint)
+        except _Torn:  # (see read_tuple)
+            loaded = await self.store._run_snapshot(read_tuple, self.tenant_id, thread_id, ns,
+                                                    cid)
         return None if loaded is None else self._tuple(loaded)
 
     async def alist(self, config: RunnableConfig | None, *,

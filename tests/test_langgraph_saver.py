@@ -1246,6 +1246,104 @@ async def test_an_async_listed_checkpoint_is_whole_when_a_retention_commits_mean
                                                                             ["w0"]]
 
 
+def _commit_between_get_tuple_statements(monkeypatch: pytest.MonkeyPatch, url: str,
+                                          change: Callable[[EventStoreSaver], None]
+                                          ) -> list[int]:
+    """Make the next ``get_tuple`` commit ``change`` (through another store) after reading the
+    checkpoint's row and before reading its values and writes."""
+    import projections.langgraph_saver as lg
+
+    real = lg._refs_args
+    done: list[int] = []
+
+    def refs_after_a_change(*args: Any, **kwargs: Any) -> Any:
+        if not done:
+            with EventStore.open(url) as other_store:
+                change(EventStoreSaver(other_store))
+            done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lg, "_refs_args", refs_after_a_change)
+    return done
+
+
+def _checkpoint_of_run_with_writes(saver: EventStoreSaver, thread_id: str) -> RunnableConfig:
+    first = put(saver, thread_id, None, {"a": "value-a"}, {"a": 1}, {"a": 1},
+                metadata={"run_id": "run-1"})
+    saver.put_writes(first, [("a", "pending-1"), ("b", "pending-2")], "task-1")
+    return first
+
+
+def _a_new_head_kept_alone(thread_id: str, head: RunnableConfig
+                           ) -> Callable[[EventStoreSaver], None]:
+    def change(other: EventStoreSaver) -> None:
+        put(other, thread_id, head, {"doc": "static", "n": 2}, {"doc": 1, "n": 3}, {"n": 3})
+        other.prune([thread_id], strategy="keep_latest")
+    return change
+
+
+def _two_checkpoints_sharing_a_value(saver: EventStoreSaver, thread_id: str) -> RunnableConfig:
+    first = put(saver, thread_id, None, {"doc": "static"}, {"doc": 1}, {"doc": 1})
+    return put(saver, thread_id, first, {"doc": "static", "n": 1}, {"doc": 1, "n": 2}, {"n": 2})
+
+
+def test_get_tuple_is_whole_when_a_retention_commits_between_its_statements(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``get_tuple`` reads a checkpoint's row, then its values and writes: on PostgreSQL (each
+    statement its own snapshot) a ``delete_for_runs`` committing in between gave the checkpoint
+    with its values and none of its writes, and a new head with a ``keep_latest`` prune gave
+    the old head without the value the prune removed (a tester's find, with processes racing
+    puts, prunes and reads).  It is now whole as of one moment, or gone."""
+    with EventStore.open(url, migrate=True) as writer_store, EventStore.open(url) as reader_store:
+        writer, reader = EventStoreSaver(writer_store), EventStoreSaver(reader_store)
+        first = _checkpoint_of_run_with_writes(writer, "torn")
+        done = _commit_between_get_tuple_statements(
+            monkeypatch, url, lambda other: other.delete_for_runs(["run-1"]))
+        got = reader.get_tuple(first)
+        assert done == [1]
+        assert got is None or (got.checkpoint["channel_values"] == {"a": "value-a"} and [
+            w[1:] for w in got.pending_writes or ()] == [("a", "pending-1"), ("b", "pending-2")])
+        assert reader.get_tuple(first) is None  # (the delete did commit)
+
+        head = _two_checkpoints_sharing_a_value(writer, "latest")
+        done = _commit_between_get_tuple_statements(
+            monkeypatch, url, _a_new_head_kept_alone("latest", head))
+        got = reader.get_tuple(config("latest"))
+        assert done == [1]
+        assert got is not None
+        assert got.checkpoint["channel_values"] in ({"doc": "static", "n": 1},
+                                                    {"doc": "static", "n": 2})
+        assert [t.checkpoint["channel_values"] for t in reader.list(config("latest"))] == [
+            {"doc": "static", "n": 2}]
+
+
+@pytest.mark.asyncio
+async def test_aget_tuple_is_whole_when_a_retention_commits_between_its_statements(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for the async saver's ``aget_tuple``."""
+    with EventStore.open(url, migrate=True) as writer_store:
+        writer = EventStoreSaver(writer_store)
+        first = _checkpoint_of_run_with_writes(writer, "atorn")
+        head = _two_checkpoints_sharing_a_value(writer, "alatest")
+    async with await AsyncEventStore.open(url) as astore:
+        reader = AsyncEventStoreSaver(astore)
+        done = _commit_between_get_tuple_statements(
+            monkeypatch, url, lambda other: other.delete_for_runs(["run-1"]))
+        got = await reader.aget_tuple(first)
+        assert done == [1]
+        assert got is None or (got.checkpoint["channel_values"] == {"a": "value-a"} and [
+            w[1:] for w in got.pending_writes or ()] == [("a", "pending-1"), ("b", "pending-2")])
+        assert await reader.aget_tuple(first) is None
+
+        done = _commit_between_get_tuple_statements(
+            monkeypatch, url, _a_new_head_kept_alone("alatest", head))
+        got = await reader.aget_tuple(config("alatest"))
+        assert done == [1]
+        assert got is not None
+        assert got.checkpoint["channel_values"] in ({"doc": "static", "n": 1},
+                                                    {"doc": "static", "n": 2})
+
+
 def test_the_sync_saver_s_async_methods_fail_on_a_stop_iteration_instead_of_hanging(
         store: EventStore) -> None:
     """``EventStoreSaver.aput`` and the other async methods run the sync ones on a worker
