@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import msgspec
-from sqlalchemy import Connection, bindparam, func, literal_column, select
+from sqlalchemy import Connection, bindparam, func, literal_column, select, true
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import URL, Dialect
 
@@ -869,8 +869,12 @@ class StoreCore:
             tenant = check_id(tenant_id, "tenant id", InvalidArgument)
             ev_q = ev_q.where(events.c.tenant_id == tenant)
             st_q = st_q.where(streams.c.tenant_id == tenant)
-        count, last = conn.execute(ev_q.select_from(events)).one()
-        n_streams, n_tenants = conn.execute(st_q.select_from(streams)).one()
+        # One statement (one snapshot on PostgreSQL, where reads run in autocommit): counts
+        # read by two could pair events of one moment with streams of another.
+        ev_sq = ev_q.select_from(events).subquery()
+        st_sq = st_q.select_from(streams).subquery()
+        count, last, n_streams, n_tenants = conn.execute(
+            select(*ev_sq.c, *st_sq.c).select_from(ev_sq.join(st_sq, true()))).one()
         return {"events": int(count), "streams": int(n_streams), "tenants": int(n_tenants),
                 "last_position": int(last or 0)}
 

@@ -21,6 +21,7 @@ from sqlalchemy import Connection
 from eventstore import EventStore, RecordedEvent
 from eventstore.errors import DatabaseError, InvalidArgument, WrongExpectedVersion
 
+from ._between import AfterFirstStatement
 from ._events import NoteAdded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,25 @@ class _FailingWriter:
     @staticmethod
     def writes_only(conn: Connection, recorded: Sequence[RecordedEvent]) -> bool:
         return True
+
+
+def test_stats_count_one_moment_when_an_append_commits_meanwhile(url: str) -> None:
+    """``stats`` counted events in one statement and streams in another: on PostgreSQL an
+    append committing between them gave counts that never held together (no events, one
+    stream).  They are one statement now."""
+    with EventStore.open(url, migrate=True) as store, EventStore.open(url) as other:
+        store.append("s-1", [NoteAdded(text="one")])
+
+        def new_stream_and_tenant() -> None:
+            other.append("s-2", [NoteAdded(text="two")], tenant_id="another")
+
+        before = store.stats()
+        with AfterFirstStatement(store.engine, new_stream_and_tenant) as between:
+            got = store.stats()
+        assert between.ran
+        assert before == {"events": 1, "streams": 1, "tenants": 1, "last_position": 1}
+        assert got in (before, store.stats())
+        assert store.stats() == {"events": 2, "streams": 2, "tenants": 2, "last_position": 2}
 
 
 def test_failed_write_in_append_writes_nothing_and_store_recovers(store: EventStore) -> None:
