@@ -390,10 +390,14 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
     q = select(projections).order_by(projections.c.name)
     if name is not None:
         q = q.where(projections.c.name == _check_name(name))
-    head = store.last_position()
+    # The head in the rows' statement (one snapshot on PostgreSQL, where reads run in
+    # autocommit), and ``behind`` counted up to that head: read apart, a projection could
+    # show a position past the head, and a lag of 0 while it was behind.
+    q = q.add_columns(select(func.max(event_table.c.position)).scalar_subquery().label("head"))
     with transaction(store, write=False) as conn:
         rows = conn.execute(q).all()
-        behind = {r.name: _behind(conn, r.name, r.position, r.categories) for r in rows}
+        head = int(rows[0].head or 0) if rows else 0  # (no rows: no status to give it)
+        behind = {r.name: _behind(conn, r.name, r.position, r.categories, head) for r in rows}
     return [
         ProjectionStatus(
             name=r.name, generation=r.generation, position=r.position,
@@ -409,7 +413,8 @@ def status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]
     ]
 
 
-def _behind(conn: Connection, name: str, position: int, stored: str | None) -> int | None:
+def _behind(conn: Connection, name: str, position: int, stored: str | None,
+            head: int) -> int | None:
     """Events of a projection's categories after ``position`` (an index range per category):
     those of the registered projection, else those its row records (``stored``); ``None``
     when neither is known or it takes every category."""
@@ -424,7 +429,8 @@ def _behind(conn: Connection, name: str, position: int, stored: str | None) -> i
         return None
     e = event_table.c
     return int(conn.execute(select(func.count()).where(
-        e.category.in_(list(categories)), e.position > position)).scalar() or 0)
+        e.category.in_(list(categories)), e.position > position,
+        e.position <= head)).scalar() or 0)
 
 
 def restart(store: EventStore, name: str) -> None:

@@ -26,6 +26,7 @@ from projections import (
     verify,
 )
 from projections._engine import lease_clock, load_row, query_rows, snapshot_now
+from tests._between import AfterFirstStatement
 from tests._events import CounterIncremented, NoteAdded
 from tests._projections import SlicedTally, Tally, TallyProjection
 
@@ -302,6 +303,33 @@ def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
     assert Projector(store, [fixed]).catch_up() == 2
     assert rows_of(store, fixed)[("default", "counter-a")].count == 3
     assert verify(store, fixed) == []
+
+
+def test_status_reads_one_moment_when_the_log_and_a_projector_move_meanwhile(url: str) -> None:
+    """``status`` read the log's head, then the projections' rows, then what each is behind,
+    each its own statement: on PostgreSQL a projector catching up in between showed a
+    position past the head, and an append in between a projection further behind than it was
+    at the head shown.  Every figure is now of one moment (before or after the change)."""
+    def triple(st: Any) -> tuple[int, int, int | None]:
+        return st.position, st.head, st.behind
+
+    with EventStore.open(url, migrate=True) as store, EventStore.open(url) as other:
+        tally = TallyProjection("tally_moment")
+        projector = Projector(other, [tally])  # (one: it keeps the projection's lease)
+        bump(store, "a", 2)
+        projector.catch_up()
+        changes = {
+            "a projector catching up": lambda: (bump(other, "a", 1), projector.catch_up()),
+            "an append": lambda: bump(other, "a", 1),
+        }
+        for what, change in changes.items():
+            (before,) = status(store, "tally_moment")
+            with AfterFirstStatement(store.engine, change) as between:
+                (got,) = status(store, "tally_moment")
+            (after,) = status(store, "tally_moment")
+            assert between.ran
+            assert triple(before) != triple(after)
+            assert triple(got) in (triple(before), triple(after)), what
 
 
 def test_a_failed_rebuild_shows_in_status_until_one_succeeds(store: EventStore) -> None:
