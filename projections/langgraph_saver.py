@@ -1306,6 +1306,19 @@ def namespaces_of(conn: Connection, tenant_id: str, thread_id: str) -> builtins.
         .distinct()).scalars())
 
 
+def _fill_merge(conn: Connection, tenant_id: str, thread_id: str, merge: _ListMerge | None,
+                cid: str | None, before_id: str | None, size: int,
+                filter: Mapping[str, Any] | None) -> _ListMerge:
+    """A thread-wide list's next round, on one snapshot: its namespaces (first round), then the
+    next page of every namespace whose buffer ran out."""
+    if merge is None:
+        merge = _ListMerge(namespaces_of(conn, tenant_id, thread_id))
+    for source in merge.wanting():
+        merge.feed(source, *list_page(conn, tenant_id, thread_id, source, cid, before_id,
+                                      merge.after[source], size, filter))
+    return merge
+
+
 class _ListMerge:
     """The pages of a ``list()``, merged newest first.
 
@@ -1873,15 +1886,14 @@ class EventStoreSaver(_Base):
                 ) -> Iterator[Loaded]:
         """The checkpoints a list() gives, newest first, read page by page."""
         if thread_id is not None and ns is None:
-            with begin_read(self.store.engine) as conn:
-                merge = _ListMerge(namespaces_of(conn, self.tenant_id, thread_id))
+            merge: _ListMerge | None = None
             while True:
-                while wanting := merge.wanting():
-                    for source in wanting:
-                        with begin_snapshot(self.store.engine) as conn:  # (see list_page)
-                            merge.feed(source, *list_page(
-                                conn, self.tenant_id, thread_id, source, cid, before_id,
-                                merge.after[source], size, filter))
+                while merge is None or merge.wanting():
+                    # The namespaces and every page a merge needs next: one snapshot (see
+                    # list_page), so a merged page is one state of the thread.
+                    with begin_snapshot(self.store.engine) as conn:
+                        merge = _fill_merge(conn, self.tenant_id, thread_id, merge, cid,
+                                            before_id, size, filter)
                 item = merge.pop()
                 if item is None:
                     return
@@ -2084,14 +2096,12 @@ class AsyncEventStoreSaver(_Base):
                        ) -> AsyncIterator[Loaded]:
         """The checkpoints an alist() gives, newest first, read page by page."""
         if thread_id is not None and ns is None:
-            merge = _ListMerge(await self.store.run_read(namespaces_of, self.tenant_id,
-                                                         thread_id))
+            merge: _ListMerge | None = None
             while True:
-                while wanting := merge.wanting():
-                    for source in wanting:
-                        merge.feed(source, *await self.store._run_snapshot(
-                            list_page, self.tenant_id, thread_id, source, cid, before_id,
-                            merge.after[source], size, filter))
+                while merge is None or merge.wanting():
+                    merge = await self.store._run_snapshot(
+                        _fill_merge, self.tenant_id, thread_id, merge, cid, before_id, size,
+                        filter)
                 item = merge.pop()
                 if item is None:
                     return

@@ -1246,6 +1246,97 @@ async def test_an_async_listed_checkpoint_is_whole_when_a_retention_commits_mean
                                                                             ["w0"]]
 
 
+_SUBGRAPH = "child:task-1"
+
+
+def _thread_wide_changes(thread_id: str) -> dict[str, Callable[[EventStoreSaver], None]]:
+    """Changes to a thread of a root checkpoint and a subgraph's (``_root_and_subgraph``)."""
+    def root_then_subgraph(other: EventStoreSaver) -> None:
+        (sub,) = other.list(config(thread_id, ns=_SUBGRAPH))
+        (root,) = other.list(config(thread_id))
+        put(other, thread_id, root.config, {"a": 2}, {"a": 2}, {"a": 2})
+        put(other, thread_id, sub.config, {"b": 2}, {"b": 2}, {"b": 2}, ns=_SUBGRAPH)
+
+    return {"delete_thread": lambda other: other.delete_thread(thread_id),
+            "a root put, then a subgraph put": root_then_subgraph}
+
+
+def _root_and_subgraph(saver: EventStoreSaver, thread_id: str) -> None:
+    root = put(saver, thread_id, None, {"a": 1}, {"a": 1}, {"a": 1})
+    put(saver, thread_id, None, {"b": 1}, {"b": 1}, {"b": 1}, ns=_SUBGRAPH,
+        metadata={"parents": {"": root["configurable"]["checkpoint_id"]}})
+
+
+def _commit_after_the_first_namespace_page(monkeypatch: pytest.MonkeyPatch, url: str,
+                                           change: Callable[[EventStoreSaver], None]
+                                           ) -> list[int]:
+    """Make the next ``list`` of a whole thread commit ``change`` (through another store)
+    after reading its first namespace's page and before reading the next one's."""
+    import projections.langgraph_saver as lg
+
+    real = lg.list_page
+    done: list[int] = []
+
+    def page_then_a_change(*args: Any, **kwargs: Any) -> Any:
+        page = real(*args, **kwargs)
+        if not done:
+            done.append(1)  # (first: the change may list too)
+            with EventStore.open(url) as other_store:
+                change(EventStoreSaver(other_store))
+        return page
+
+    monkeypatch.setattr(lg, "list_page", page_then_a_change)
+    return done
+
+
+def _listed(tuples: Iterator[Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(t.config["configurable"]["checkpoint_ns"], t.checkpoint["channel_values"])
+            for t in tuples]
+
+
+def test_a_whole_thread_s_listing_is_one_moment_of_all_its_namespaces(
+        saver: EventStoreSaver, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``list`` of a thread without a namespace merges each namespace's pages: each was read
+    on a snapshot of its own, so a ``delete_thread`` committing between them listed the root's
+    checkpoints without the subgraph's, and two puts gave the later one without the earlier
+    (a tester's find).  The namespaces and the pages a merge needs next read one snapshot."""
+    for n, what in enumerate(_thread_wide_changes("")):
+        thread_id = f"wide-{n}"
+        _root_and_subgraph(saver, thread_id)
+        change_it = _thread_wide_changes(thread_id)[what]
+        before = _listed(saver.list({"configurable": {"thread_id": thread_id}}))
+        done = _commit_after_the_first_namespace_page(monkeypatch, url, change_it)
+        got = _listed(saver.list({"configurable": {"thread_id": thread_id}}))
+        monkeypatch.undo()
+        after = _listed(saver.list({"configurable": {"thread_id": thread_id}}))
+        assert done == [1]
+        assert before != after
+        assert got in (before, after), what
+
+
+@pytest.mark.asyncio
+async def test_an_async_whole_thread_s_listing_is_one_moment_of_all_its_namespaces(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, for ``alist``."""
+    with EventStore.open(url, migrate=True) as sync_store:
+        for n in range(2):
+            _root_and_subgraph(EventStoreSaver(sync_store), f"awide-{n}")
+    async with await AsyncEventStore.open(url) as astore:
+        asaver = AsyncEventStoreSaver(astore)
+        for n, what in enumerate(_thread_wide_changes("")):
+            thread_id = f"awide-{n}"
+            change_it = _thread_wide_changes(thread_id)[what]
+            whole = {"configurable": {"thread_id": thread_id}}
+            before = _listed([t async for t in asaver.alist(whole)])
+            done = _commit_after_the_first_namespace_page(monkeypatch, url, change_it)
+            got = _listed([t async for t in asaver.alist(whole)])
+            monkeypatch.undo()
+            after = _listed([t async for t in asaver.alist(whole)])
+            assert done == [1]
+            assert before != after
+            assert got in (before, after), what
+
+
 def _commit_between_get_tuple_statements(monkeypatch: pytest.MonkeyPatch, url: str,
                                           change: Callable[[EventStoreSaver], None]
                                           ) -> list[int]:
