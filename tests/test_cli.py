@@ -825,3 +825,144 @@ def test_text_output_escapes_control_characters_in_ids(url: str, monkeypatch: py
     code, _, err = run(capsys, "append", stream, "--tenant", tenant, "--expected-version", "0",
                        "--url", url)  # a conflict, whose message names the stream
     assert code == 3 and "\x1b" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("spelling", ["exists", "stream_exists", "stream-exists", " EXISTS "])
+def test_expected_version_exists_spellings(url: str, spelling: str,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every documented spelling of --expected-version exists means "the stream must exist":
+    a conflict (3) on an empty stream, an append once it has events."""
+    seed(url, "other-1", 1)  # (the database exists: the store itself decides)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, out, err = run(capsys, "append", "s-1", "--expected-version", spelling, "--url", url)
+    assert (code, out) == (3, ""), err
+    seed(url, "s-1", 1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, out, err = run(capsys, "append", "s-1", "--expected-version", spelling, "--url", url)
+    assert code == 0, err
+    assert len(stored(url, "s-1")) == 2
+
+
+@pytest.mark.parametrize("words", [["stats", "--log-format"], ["stats", "--url", "x", "--log"]])
+def test_log_format_without_its_value_is_a_usage_error(words: list[str],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--log-format`` as the last word (no value) is argparse's usage error (exit 2), not a
+    crash of the look-ahead that reads the log format before parsing."""
+    code, out, err = run(capsys, *words)
+    assert (code, out) == (2, "")
+    assert "eventstore: error: argument --log-format: expected one argument" in err
+
+
+def test_an_empty_write_ahead_log_of_a_missing_database_is_no_orphan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a -wal that holds something is what is left of a database moved away: an empty
+    one next to a missing file (nothing to lose) does not stop an append creating it."""
+    path = tmp_path / "new.db"
+    (tmp_path / "new.db-wal").write_bytes(b"")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(EVENTS[0])))
+    code, out, err = run(capsys, "append", "s-1", "--url", f"sqlite:///{path}")
+    assert code == 0, err
+    assert out.startswith("appended 1 event to s-1")
+    assert len(stored(f"sqlite:///{path}", "s-1")) == 1
+
+
+def test_a_cut_data_column_fills_the_terminal_width_exactly(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A data column too wide is cut so that the row is exactly the terminal's width
+    (COLUMNS=120 from the autouse fixture), its last character an ellipsis."""
+    with EventStore.open(url) as store:
+        store.append("s-1", [RawEvent(type="Big", data={"text": "x" * 500})])
+    code, out, _ = run(capsys, "read", "s-1", "--url", url)
+    assert code == 0
+    _header, row = out.splitlines()
+    assert len(row) == 120 and row.endswith('{"text":"' + "x" * 43 + "…")
+
+
+def test_tail_table_columns(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """tail's table: POSITION, [TENANT,] STREAM, VERSION, TYPE, RECORDED_AT and DATA, at fixed
+    widths (8, 10, 16, 7, 20, 24), two spaces apart."""
+    seed(url, "s-1", 1)
+    code, out, _ = run(capsys, "tail", "--from-position", "1", "--limit", "1", "--url", url)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header == ("POSITION  " + "STREAM".ljust(16) + "  VERSION  " + "TYPE".ljust(20)
+                      + "  " + "RECORDED_AT".ljust(24) + "  DATA")
+    assert row.startswith("       1  " + "s-1".ljust(16) + "        1  " + "Seeded".ljust(20))
+    code, out, _ = run(capsys, "tail", "--from-position", "1", "--limit", "1", "--all-tenants",
+                       "--url", url)
+    assert code == 0
+    assert out.splitlines()[0].startswith("POSITION  " + "TENANT".ljust(10) + "  STREAM  ")
+
+
+def test_busy_timeout_takes_the_whole_range_sqlite_takes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """?busy_timeout= is accepted up to 2**31 - 1 milliseconds (SQLite's int), refused above."""
+    path = tmp_path / "es.db"
+    EventStore.open(f"sqlite:///{path}").close()
+    code, _, err = run(capsys, "stats", "--url", f"sqlite:///{path}?busy_timeout=2147483647")
+    assert code == 0, err
+    code, _, err = run(capsys, "stats", "--url", f"sqlite:///{path}?busy_timeout=1073741824")
+    assert code == 0, err
+    code, _, err = run(capsys, "stats", "--url", f"sqlite:///{path}?busy_timeout=2147483648")
+    assert code == 2 and "busy_timeout must be 0 to 2**31 - 1" in err
+
+
+def test_projections_run_once_leaves_another_applications_sqlite_file_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``projections run --once``, like ``run``, refuses a SQLite file without the store's
+    tables (exit 4) rather than add them to another application's database."""
+    import sqlite3
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.close()
+    code, out, err = run(capsys, "projections", "run", "--once", "--url", f"sqlite:///{foreign}")
+    assert (code, out) == (4, "") and "is not an eventstore database" in err, err
+    with sqlite3.connect(foreign) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["orders"]
+
+
+def test_read_of_an_empty_stream_says_so(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """read of a stream without events prints the header and "(no events)" (exit 0)."""
+    seed(url, "other-1", 1)
+    code, out, _ = run(capsys, "read", "s-1", "--url", url)
+    assert code == 0
+    assert out.splitlines()[1:] == ["(no events)"]
+
+
+def test_a_password_option_is_masked_exactly(capsys: pytest.CaptureFixture[str]) -> None:
+    """The password of a ``password=`` option in a URL that does not parse is replaced by
+    ``***`` and nothing else (the options after it kept)."""
+    code, _, err = run(capsys, "stats", "--url",
+                       "postgresql+psycopg://app@db:5432x/app?password=hunter2&sslmode=x")
+    assert code == 2
+    assert "'postgresql+psycopg://app@db:5432x/app?password=***&sslmode=x'" in err, err
+
+
+def test_projections_run_leaves_another_applications_sqlite_file_alone(tmp_path: Path) -> None:
+    """``projections run`` (the long-running worker) refuses a SQLite file without the
+    store's tables at once (exit 4) rather than migrate it and run on it."""
+    import sqlite3
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.close()
+    proc = _cli("projections", "run", "--url", f"sqlite:///{foreign}")
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("projections run ran on another application's database")
+    assert (proc.returncode, out) == (4, ""), err
+    assert "is not an eventstore database" in err
+    with sqlite3.connect(foreign) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["orders"]
