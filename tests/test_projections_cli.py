@@ -91,6 +91,23 @@ def test_status_prints_a_table_of_projections(url: str, capsys: pytest.CaptureFi
     assert line.split()[:5] == ["conversations", "running", "1", "3", "0"]
 
 
+def test_status_table_shows_a_rebuild_in_progress(url: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A projection whose rebuild is under way shows the generation it builds and how far."""
+    seed_conversations(url)
+    with EventStore.open(url) as store, begin_write(store.engine) as conn:
+        conn.execute(update(engine.projections).where(
+            engine.projections.c.name == "conversations").values(
+            rebuild_generation=2, rebuild_position=1, rebuild_code_version=1))
+    code, out, err = run(capsys, "projections", "status", "--url", url)
+    assert code == 0, err
+    (line,) = [r for r in out.splitlines() if r.startswith("conversations")]
+    assert line.endswith("  rebuilding gen 2 at 1; -")
+    code, out, _ = run(capsys, "projections", "status", "--url", url, "--json")
+    (st,) = json_lines(out)
+    assert (st["rebuild_generation"], st["rebuild_position"]) == (2, 1)
+
+
 def test_status_table_marks_an_owner_whose_lease_ran_out(
         url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A worker killed while holding the lease stays the owner on record; the table says its
@@ -267,6 +284,27 @@ def test_verify_json_lists_each_difference(url: str, capsys: pytest.CaptureFixtu
     assert (diff["tenant_id"], diff["stream_id"]) == ("acme", "conversation-c2")
     assert diff["live"]["variables"] == {"lang": "xx"}
     assert diff["rebuilt"]["variables"] == {"lang": "fr"}
+
+
+def test_verify_names_a_row_column_that_differs_when_the_states_are_equal(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A live row whose state is right but whose version column is wrong: verify prints the
+    differing column, live and rebuilt (text), and lists it with both values (JSON)."""
+    seed_conversations(url)
+    with EventStore.open(url) as store, begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).where(
+            projection_rows.c.projection == "conversations",
+            projection_rows.c.stream_id == "conversation-c2").values(version=7))
+    code, out, err = run(capsys, "projections", "verify", "conversations", "--url", url)
+    assert code == 1, err
+    assert out.splitlines()[:3] == ["acme/conversation-c2:", '  live:    {"version":7}',
+                                    '  rebuilt: {"version":1}']
+    code, out, _ = run(capsys, "projections", "verify", "conversations", "--url", url, "--json")
+    assert code == 1
+    (diff,) = json_lines(out)
+    assert diff["live"] == diff["rebuilt"]
+    assert (diff["columns"], diff["live_columns"], diff["rebuilt_columns"]) == (
+        ["version"], {"version": 7}, {"version": 1})
 
 
 def test_verify_reports_a_row_that_does_not_decode_as_a_difference(
