@@ -154,7 +154,17 @@ class EventStoreFlowPersistence(FlowPersistence):
     def __init__(self, store: EventStore | str | URL | None = None, /, **data: Any) -> None:
         given: str | None = None
         if isinstance(store, EventStore):
-            data.setdefault("url", _without_password(store.url))
+            own = _without_password(store.url)
+            other = data.get("url")
+            if other is not None and (not isinstance(other, str)
+                                      or _without_password(other) != own):
+                # (Kept, it would be what CrewAI's checkpoints name, and not where the flows
+                # are: a persistence rebuilt from one would open that other database.)
+                raise InvalidArgument(
+                    f"EventStoreFlowPersistence got a store and url="
+                    f"{_without_password(other) if isinstance(other, str) else repr(other)}, "
+                    f"which is not the store's URL ({own}): pass one of them")
+            data["url"] = own
         elif isinstance(store, str):
             given = store
         elif isinstance(store, URL):

@@ -26,7 +26,7 @@ from crewai.flow.flow import FlowState
 from crewai.flow.persistence import SQLiteFlowPersistence
 from sqlalchemy.engine import make_url
 
-from eventstore import EventStore, InvalidArgument, InvalidEvent
+from eventstore import EventStore, InvalidArgument, InvalidEvent, WrongExpectedVersion
 from projections.crewai_persistence import EventStoreFlowPersistence, import_crewai_sqlite
 from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows
@@ -658,3 +658,276 @@ def test_flows_of_crewai_sqlite_backend_are_imported_and_go_on_here(
     resumed = review_flow(persistence).from_pending(review_id, persistence)
     assert resumed.resume("ok") == "Draft about legacy [ok]"
     assert legacy.load_pending_feedback(review_id) is not None  # the SQLite file is untouched
+
+
+ME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _last_feedback(store: EventStore, flow_id: str, tenant_id: str = "default") -> object:
+    return list(store.read_stream(Flows.stream_id(flow_id), tenant_id=tenant_id))[-1].data
+
+
+def test_clear_records_who_withdrew_the_request(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """clear_pending_feedback on an open request appends one FeedbackResolved recording
+    ``cleared_by`` (host:pid), not ``resumed_by``: a withdrawal is not a claim."""
+    persistence.save_pending_feedback("f-c", pending_context("f-c"), {"id": "f-c"})
+    persistence.clear_pending_feedback("f-c")
+    assert event_types(store, "f-c") == ["FeedbackRequested", "FlowStateSaved",
+                                         "FeedbackResolved"]
+    assert _last_feedback(store, "f-c").feedback == {"cleared_by": ME}  # type: ignore[attr-defined]
+
+
+def test_reopen_works_in_the_persistence_s_own_tenant(store: EventStore) -> None:
+    """A claimed-but-abandoned request of a flow in tenant "acme" is reopened in "acme" (and
+    claimable there again); the same flow id in the default tenant is not touched."""
+    acme = EventStoreFlowPersistence(store, tenant_id="acme")
+    default = EventStoreFlowPersistence(store)
+    context = pending_context("f-t")
+    acme.save_pending_feedback("f-t", context, {"id": "f-t", "n": 1})
+    assert acme.load_pending_feedback("f-t") is not None  # claimed; the resumer "dies"
+
+    assert acme.reopen_pending_feedback("f-t") == context
+    assert acme.peek_pending_feedback("f-t") == ({"id": "f-t", "n": 1}, context)
+    assert store.stream_version(Flows.stream_id("f-t")) == 0  # default tenant: nothing
+    with pytest.raises(NoPendingFeedback) as none:
+        default.reopen_pending_feedback("f-t")
+    assert none.value.reason == "none"
+    assert acme.load_pending_feedback("f-t") == ({"id": "f-t", "n": 1}, context)
+
+
+def test_reopen_decides_again_when_the_stream_moved_under_it(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another process saves a step (the slow resumer went on) between reopen's read and its
+    append: the append conflicts, reopen reads again and refuses with reason "progressed"; it
+    does not reopen a request whose resume went on."""
+    context = pending_context("f-r")
+    persistence.save_pending_feedback("f-r", context, {"id": "f-r"})
+    assert persistence.load_pending_feedback("f-r") is not None
+    real_append = store.append
+    calls: list[int] = []
+
+    def racing_append(stream_id, events, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:  # the slow resumer saves its next step first
+            real_append(stream_id, [_saved("f-r")],
+                        tenant_id=kw.get("tenant_id", "default"))
+        return real_append(stream_id, events, **kw)
+
+    monkeypatch.setattr(store, "append", racing_append)
+    with pytest.raises(Conflict) as moved:
+        persistence.reopen_pending_feedback("f-r")
+    assert moved.value.reason == "progressed"
+    monkeypatch.undo()
+    assert event_types(store, "f-r") == ["FeedbackRequested", "FlowStateSaved",
+                                         "FeedbackResolved", "FlowStateSaved"]
+    assert persistence.peek_pending_feedback("f-r") is None
+
+
+def _saved(flow_id: str) -> object:
+    from datetime import UTC, datetime
+
+    from projections.events import FlowStateSaved
+    from projections.typed_json import to_json
+
+    return FlowStateSaved(flow_id=flow_id, method_name="publish", state=to_json({"id": flow_id}),
+                          at=datetime(2026, 5, 1, tzinfo=UTC))
+
+
+def test_reopen_gives_up_with_the_conflict_after_its_attempts(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When every append conflicts, reopen retries a bounded number of times (50) and then
+    raises the last WrongExpectedVersion (not an AssertionError, not silently returning),
+    writing nothing."""
+    persistence.save_pending_feedback("f-x", pending_context("f-x"), {"id": "f-x"})
+    assert persistence.load_pending_feedback("f-x") is not None
+    version = store.stream_version(Flows.stream_id("f-x"))
+    attempts: list[int] = []
+
+    def always_conflicts(stream_id, events, **kw):  # type: ignore[no-untyped-def]
+        attempts.append(kw["expected_version"])
+        raise WrongExpectedVersion(stream_id=stream_id, tenant_id=kw.get("tenant_id", "default"),
+                                   expected=kw["expected_version"], actual=version + 1)
+
+    monkeypatch.setattr(store, "append", always_conflicts)
+    with pytest.raises(WrongExpectedVersion):
+        persistence.reopen_pending_feedback("f-x")
+    monkeypatch.undo()
+    assert attempts == [version] * 50
+    assert store.stream_version(Flows.stream_id("f-x")) == version
+
+
+def test_a_claim_that_finds_nothing_logs_why(
+    persistence: EventStoreFlowPersistence,
+) -> None:
+    """load_pending_feedback returning None logs crewai_feedback_not_claimed (debug) with the
+    tenant, flow id and reason: "none" for a flow that never paused, "resolved" once claimed,
+    as its docstring says."""
+    from structlog.testing import capture_logs
+
+    persistence.save_pending_feedback("f-l", pending_context("f-l"), {"id": "f-l"})
+    assert persistence.load_pending_feedback("f-l") is not None
+    with capture_logs() as logs:
+        assert persistence.load_pending_feedback("never") is None
+        assert persistence.load_pending_feedback("f-l") is None
+    lines = [(e["tenant"], e["flow_id"], e["reason"], e["log_level"]) for e in logs
+             if e["event"] == "crewai_feedback_not_claimed"]
+    assert lines == [("default", "never", "none", "debug"),
+                     ("default", "f-l", "resolved", "debug")]
+
+
+def test_a_pause_with_an_unusable_method_name_is_refused_naming_it(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """A PendingFeedbackContext whose method_name the store cannot hold (empty, NUL) is
+    refused with InvalidArgument naming method_name, and nothing is written."""
+    from eventstore import InvalidArgument
+
+    for bad in ("", "re\x00view"):
+        context = pending_context("f-m")
+        context.method_name = bad
+        with pytest.raises(InvalidArgument, match=r"^method_name "):
+            persistence.save_pending_feedback("f-m", context, {"id": "f-m"})
+    assert event_types(store, "f-m") == []
+
+
+def test_a_boolean_flow_id_is_refused_not_taken_as_text(
+    persistence: EventStoreFlowPersistence, store: EventStore,
+) -> None:
+    """Integer flow ids are kept as their digits (CrewAI's SQLite backend does so), but a bool
+    (an int subclass) is no flow id: refused with InvalidArgument, not stored as "True"."""
+    from eventstore import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        persistence.save_state(True, "step", {"n": 1})  # type: ignore[arg-type]
+    assert store.stream_version(Flows.stream_id("True")) == 0
+    persistence.save_state(7, "step", {"n": 1})  # type: ignore[arg-type]
+    assert persistence.load_state("7") == {"n": 1}
+
+
+def test_with_no_argument_it_opens_eventstore_url_and_close_closes_it(
+    url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EventStoreFlowPersistence() (what CrewAI's registry may build) opens EVENTSTORE_URL on
+    first use, serializes url as None, and close() closes the store it opened (a later use
+    opens a new one)."""
+    monkeypatch.setenv("EVENTSTORE_URL", url)
+    persistence = EventStoreFlowPersistence()
+    assert persistence.model_dump(mode="json")["url"] is None
+    persistence.save_state("f-env", "step", {"n": 1})
+    opened = persistence.store
+    persistence.close()
+    assert opened._closed
+    assert persistence.load_state("f-env") == {"n": 1}  # opens again
+    again = persistence.store
+    assert again is not opened
+    persistence.close()
+    assert again._closed
+    with EventStore.open(url) as store:
+        assert Flows(store).load("f-env") == {"n": 1}
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_url_assigned_later_is_opened_with_its_password_and_kept_without_it(url: str) -> None:
+    """persistence.url = <URL with password> after construction: the field holds the URL
+    without the password (it is what CrewAI serializes), and the store is opened with the
+    password (the existing test only checks that it connects, which a loopback server that
+    trusts every connection allows without one)."""
+    from sqlalchemy.engine import make_url
+
+    secret = "s3cr3t-pw"
+    with_password = make_url(url).set(password=secret).render_as_string(hide_password=False)
+    persistence = EventStoreFlowPersistence("sqlite:///unused.db", tenant_id="acme")
+    persistence.url = with_password
+    try:
+        assert persistence.url == url
+        assert persistence.store.url.password == secret
+    finally:
+        persistence.close()
+
+
+def test_a_malformed_url_is_refused_on_first_use_not_replaced_by_the_default_store(
+    tmp_path, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """A URL that is no database URL (a port that is no number) keeps a masked form in
+    ``url`` and is refused (InvalidArgument) when the store is first needed; the persistence
+    does not fall back to EVENTSTORE_URL or ./eventstore.db and write the flow there."""
+    from eventstore import InvalidArgument
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EVENTSTORE_URL", raising=False)
+    persistence = EventStoreFlowPersistence("postgresql+psycopg://u:pw@127.0.0.1:notaport/db")
+    assert persistence.url is not None and "notaport" in persistence.url
+    assert "pw" not in persistence.url
+    with pytest.raises(InvalidArgument, match="not a database URL"):
+        persistence.save_state("f-1", "step", {"n": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_imported_row_without_a_timestamp_gets_the_import_time(
+    tmp_path, persistence: EventStoreFlowPersistence,  # type: ignore[no-untyped-def]
+) -> None:
+    """A CrewAI SQLite row whose timestamp is empty (written by another tool) is imported with
+    the time of the import, as an aware UTC datetime."""
+    import contextlib
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from crewai.flow.persistence import SQLiteFlowPersistence
+
+    from projections.crewai_persistence import import_crewai_sqlite
+
+    db = tmp_path / "flow_states.db"
+    SQLiteFlowPersistence(str(db)).save_state("f-ok", "begin", {"n": 1})
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("INSERT INTO flow_states (flow_uuid, method_name, timestamp, state_json) "
+                     "VALUES ('f-blank', 'm', '', '{\"n\": 2}')")
+        conn.execute("INSERT INTO flow_states (flow_uuid, method_name, timestamp, state_json) "
+                     "VALUES ('f-naive', 'm', '2026-01-01T10:00:00', '{}')")
+    before = datetime.now(UTC)
+    result = import_crewai_sqlite(db, persistence)
+    after = datetime.now(UTC)
+    assert sorted(result.imported) == ["f-blank", "f-naive", "f-ok"] and result.failed == {}
+    (saved,) = persistence.history("f-blank")
+    assert saved.state == {"n": 2} and before <= saved.at <= after
+    (naive,) = persistence.history("f-naive")  # a naive timestamp is taken as UTC
+    assert naive.at == datetime(2026, 1, 1, 10, 0, tzinfo=UTC) and naive.at.tzinfo is not None
+
+
+def test_an_import_goes_into_the_persistence_s_tenant(
+    tmp_path, store: EventStore,  # type: ignore[no-untyped-def]
+) -> None:
+    """import_crewai_sqlite(db, EventStoreFlowPersistence(store, tenant_id="acme")) writes the
+    flows into tenant "acme" (checked up front, used for every flow), not the default one."""
+    from crewai.flow.persistence import SQLiteFlowPersistence
+
+    from projections.crewai_persistence import import_crewai_sqlite
+
+    db = tmp_path / "flow_states.db"
+    SQLiteFlowPersistence(str(db)).save_state("f-1", "begin", {"n": 1})
+    acme = EventStoreFlowPersistence(store, tenant_id="acme")
+    result = import_crewai_sqlite(db, acme)
+    assert (result.imported, result.states, result.pending) == (["f-1"], 1, 0)
+    assert acme.load_state("f-1") == {"n": 1}
+    assert EventStoreFlowPersistence(store).load_state("f-1") is None
+    assert import_crewai_sqlite(db, acme).skipped == ["f-1"]
+
+
+def test_a_store_and_another_url_are_refused(url: str, tmp_path: Path) -> None:
+    """Given a store and ``url=`` naming another database, the persistence kept that URL (its
+    password too): what CrewAI's checkpoints then named was not where the flows were.  It is
+    refused now; the store's own URL is taken, and is what is serialized."""
+    with EventStore.open(url) as store:
+        with pytest.raises(InvalidArgument, match="not the store's URL"):
+            EventStoreFlowPersistence(
+                store, url=f"sqlite:///{tmp_path / 'other.db'}")
+        with pytest.raises(InvalidArgument, match="not the store's URL"):
+            EventStoreFlowPersistence(store, url="postgresql+psycopg://app:s3cret@db.example/app")
+        same = EventStoreFlowPersistence(store, url=str(store.url))
+        assert same.model_dump()["url"] == EventStoreFlowPersistence(store).model_dump()["url"]
+        assert "s3cret" not in repr(same)
