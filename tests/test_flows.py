@@ -264,3 +264,109 @@ def test_a_malformed_typed_value_is_refused_at_append_and_typed_at_read(
         flows.load("f")
     with pytest.raises(EventDecodeError, match="malformed typed value"):
         flows.pending_feedback("f")
+
+
+def test_the_flows_row_lists_flows_awaiting_feedback_and_is_cleared_on_resolution(
+    store: EventStore,
+) -> None:
+    """The "flows" projection row is what an application queries to list the flows waiting for
+    a human (query_rows(status="awaiting_feedback")): it holds the open request while it is
+    open, and once resolved the flow is "running" again with the request cleared, the answer
+    kept and the resolution counted."""
+    from projections import load_row, query_rows
+    from projections.flows import FlowProjection
+    from projections.typed_json import to_json
+
+    clock = Clock()
+    flows = Flows(store, clock=clock)
+    flows.save("f1", "start", {"n": 1})
+    asked_at = clock.advance(minutes=1)
+    flows.request_feedback("f1", {"q": "ok?"}, {"n": 1})
+    flows.save("f2", "start", {"n": 2})
+    projection = FlowProjection()
+
+    waiting = query_rows(store, projection, tenant_id="default", status="awaiting_feedback")
+    assert [(stream, version) for _t, stream, _s, version in waiting] == [("flow-f1", 2)]
+    row = waiting[0][2]
+    assert (row.flow_id, row.method_name, row.saves, row.feedback_pending) == (
+        "f1", "start", 1, True)
+    assert (row.feedback_context, row.feedback_state, row.feedback_requested_at) == (
+        to_json({"q": "ok?"}), to_json({"n": 1}), asked_at)
+    running = query_rows(store, projection, tenant_id="default", status="running")
+    assert [stream for _t, stream, _s, _v in running] == ["flow-f2"]
+
+    flows.resolve_feedback("f1", {"answer": "yes"})
+    assert query_rows(store, projection, tenant_id="default", status="awaiting_feedback") == []
+    loaded = load_row(store, projection, "default", Flows.stream_id("f1"))
+    assert loaded is not None
+    row, version = loaded
+    assert version == 3
+    assert (row.feedback_pending, row.feedback_context, row.feedback_state,
+            row.feedback_requested_at) == (False, None, None, None)
+    assert (row.last_feedback, row.resolutions, row.saves) == (to_json({"answer": "yes"}), 1, 1)
+    flows.save("f1", "finish", {"n": 3})
+    row = load_row(store, projection, "default", Flows.stream_id("f1"))[0]  # type: ignore[index]
+    assert (row.saves, row.method_name, row.saved_at) == (2, "finish", asked_at)
+
+
+def test_a_feedback_request_lands_in_its_tenant(flows: Flows) -> None:
+    """request_feedback(tenant_id="t1") opens the request in t1 -- visible and resolvable
+    there -- and in no other tenant, the default one included (the existing per-tenant test
+    only checks that t2 sees nothing, which a request written to the default tenant passes)."""
+    flows.request_feedback("f1", {"q": 1}, {"s": 1}, tenant_id="t1")
+    assert flows.pending_feedback("f1") is None
+    pending = flows.pending_feedback("f1", tenant_id="t1")
+    assert pending is not None and (pending.context, pending.state) == ({"q": 1}, {"s": 1})
+    assert flows.resolve_feedback("f1", "ok", tenant_id="t1").context == {"q": 1}
+    with pytest.raises(NoPendingFeedback):
+        flows.resolve_feedback("f1", "ok")
+
+
+def test_a_flow_lives_in_the_stream_flow_dash_id_and_the_flows_projection_is_registered(
+    flows: Flows, store: EventStore,
+) -> None:
+    """The stream name ``flow-<flow id>`` (the module docstring's contract, which data written
+    by earlier releases and CrewAI imports depend on) and the projection's name "flows",
+    registered so ``eventstore projections rebuild flows`` finds it."""
+    from projections import registered, status
+    from projections.flows import FlowProjection
+
+    assert Flows.stream_id("f1") == "flow-f1"
+    flows.save("f1", "start", {"n": 1})
+    assert [(e.stream_id, e.type) for e in store.read_all()] == [("flow-f1", "FlowStateSaved")]
+    assert "flows" in registered() and isinstance(registered()["flows"](), FlowProjection)
+    assert [s.name for s in status(store, "flows")] == ["flows"]
+
+
+def test_flows_refuses_an_async_store_naming_the_async_twin(url: str) -> None:
+    """Flows(AsyncEventStore) is refused with InvalidArgument pointing at AsyncFlows, and
+    something that is no store at all is refused too."""
+    import asyncio
+
+    from eventstore import InvalidArgument
+    from eventstore.aio import AsyncEventStore
+
+    async def refused() -> None:
+        async with await AsyncEventStore.open(url) as astore:
+            with pytest.raises(InvalidArgument, match="AsyncFlows"):
+                Flows(astore)  # type: ignore[arg-type]
+
+    asyncio.run(refused())
+    with pytest.raises(InvalidArgument, match="takes an EventStore"):
+        Flows(object())  # type: ignore[arg-type]
+
+
+def test_an_event_of_another_kind_in_a_flow_stream_is_ignored(
+    flows: Flows, store: EventStore,
+) -> None:
+    """An event the flow fold does not know, appended to a flow stream (another tool, a later
+    release's event type), leaves the flow's state and pending request as they were."""
+    from tests._events import NoteAdded
+
+    flows.save("f1", "start", {"n": 1})
+    flows.request_feedback("f1", {"q": 1}, {"n": 1})
+    store.append(Flows.stream_id("f1"), [NoteAdded(text="annotated by an operator")])
+    assert flows.load("f1") == {"n": 1}
+    pending = flows.pending_feedback("f1")
+    assert pending is not None and pending.context == {"q": 1}
+    assert flows.resolve_feedback("f1", "ok").state == {"n": 1}
