@@ -346,3 +346,187 @@ def test_each_command_answers_with_the_state_its_own_append_made(
     then("ResumeReleased", lambda: conts.claim("c2", "u1"))
     released = conts.release("c2", "u1", claim_id=claim.claim_id)
     assert released.status == "pending" and released.claim_id is None
+
+
+def test_release_checks_the_claim_as_complete_does(conts: Continuations,
+                                                   store: EventStore) -> None:
+    """release of a pause nobody claimed, or with another resumer's claim id, raises the typed
+    errors complete raises (not a bare AssertionError) and writes nothing; with the holder's
+    claim id it puts the pause back."""
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.release("conv-1", "u1")
+    assert info.value.reason == "absent"
+    pause(conts)
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.release("conv-1", "u1", error="boom")
+    assert info.value.reason == "not_claimed"
+    claimed = conts.claim("conv-1", "u1")
+    written = store.stream_version(conts.stream_id("conv-1", "u1"))
+    with pytest.raises(ResumeInProgress):
+        conts.release("conv-1", "u1", claim_id="someone-else")
+    with pytest.raises(ResumeInProgress):
+        conts.complete("conv-1", "u1", tool_results=[], claim_id="someone-else")
+    assert store.stream_version(conts.stream_id("conv-1", "u1")) == written
+    back = conts.release("conv-1", "u1", claim_id=claimed.claim_id)
+    assert back.status == "pending" and back.claim_id is None and back.claimed_at is None
+
+
+def test_sweep_rechecks_each_candidate_when_it_writes(conts: Continuations, clock: Clock,
+                                                      store: EventStore,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause found expired, or a claim found stale, that changed before the sweep writes (the
+    pause made afresh, the claim released and made again) is left alone: the sweep's
+    compare-and-set decides on the state it writes at, not on the query's rows."""
+    pause(conts, "conv-a")
+    pause(conts, "conv-b")
+    conts.claim("conv-b", "u1")
+    clock.advance(hours=1)  # conv-a past its ttl, conv-b's claim stale
+    real = conts._sweep_candidates
+
+    def candidates(kind: str, at: datetime, tenant_id: str | None) -> Any:
+        found = real(kind, at, tenant_id)
+        if kind == "claim":
+            conts.release("conv-b", "u1")
+            conts.claim("conv-b", "u1")  # a fresh claim, at clock.now
+        else:
+            pause(conts, "conv-a")  # a fresh pause, expiring in 30 minutes
+        return found
+
+    monkeypatch.setattr(conts, "_sweep_candidates", candidates)
+    assert conts.sweep() == SweepResult(reverted=[], expired=[])
+    got = conts.get("conv-a", "u1")
+    assert got is not None and got.status == "pending"
+    assert conts.get("conv-b", "u1").status == "resuming"  # type: ignore[union-attr]
+    types = [e.type for e in store.read_all()]
+    assert "ContinuationExpired" not in types and "ResumeTimedOut" not in types
+
+
+def test_a_claim_exactly_the_claim_timeout_old_is_not_put_back(
+        conts: Continuations, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stale means older than the claim timeout: a claim made exactly ``claim_timeout`` before
+    the sweep's ``now`` stays, whether the query finds it or a stale claim found by the query
+    was made again at that instant before the sweep wrote."""
+    pause(conts, "conv-a")
+    conts.claim("conv-a", "u1")
+    at = clock.now + timedelta(minutes=10)
+    assert conts.sweep(now=at).reverted == []
+    clock.advance(minutes=1)
+    real = conts._sweep_candidates
+
+    def candidates(kind: str, when: datetime, tenant_id: str | None) -> Any:
+        found = real(kind, when, tenant_id)
+        if kind == "claim" and found:
+            conts.release("conv-a", "u1")
+            conts.claim("conv-a", "u1")  # made again at clock.now, exactly the timeout old
+        return found
+
+    monkeypatch.setattr(conts, "_sweep_candidates", candidates)
+    assert conts.sweep(now=clock.now + timedelta(minutes=10)).reverted == []
+    assert conts.get("conv-a", "u1").status == "resuming"  # type: ignore[union-attr]
+
+
+def test_only_a_put_back_claim_is_told_it_was_released_or_timed_out(
+        conts: Continuations) -> None:
+    """The "released, or timed out" hint is for a resumer whose claim was put back (a
+    ``claim_id`` and a pending pause), not for a completion without a claim id nor for a
+    consumed continuation."""
+    pause(conts)
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.complete("conv-1", "u1", tool_results=[])
+    assert info.value.reason == "not_claimed" and "timed out" not in str(info.value)
+    claimed = conts.claim("conv-1", "u1")
+    conts.complete("conv-1", "u1", tool_results=[], claim_id=claimed.claim_id)
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.complete("conv-1", "u1", tool_results=[], claim_id=claimed.claim_id)
+    assert info.value.reason == "consumed" and "timed out" not in str(info.value)
+
+
+def test_pending_for_user_refuses_a_bad_user_id(conts: Continuations) -> None:
+    """An empty or non-text user id is refused as get's is (not answered with an empty list)."""
+    for bad in ("", 5, None):
+        with pytest.raises(InvalidArgument, match="user_id"):
+            conts.pending_for_user(bad)  # type: ignore[arg-type]
+
+
+def test_each_id_and_agent_config_are_checked(conts: Continuations, store: EventStore) -> None:
+    """An empty or non-text user id is refused by every command, as the conversation id is, and
+    an agent_config that is not a dict by pause; nothing is written."""
+    for bad in ("", 5):
+        with pytest.raises(InvalidArgument, match="user_id"):
+            pause(conts, "conv-1", bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="user_id"):
+            conts.get("conv-1", bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="user_id"):
+            conts.claim("conv-1", bad)  # type: ignore[arg-type]
+    for config in ([("model", "m")], "model=m", None):
+        with pytest.raises(InvalidArgument, match="agent_config must be a dict"):
+            conts.pause("conv-1", "u1", messages=[], pending_tool_calls=[], tools=[],
+                        tool_schemas=[], agent_config=config)  # type: ignore[arg-type]
+    assert store.stats()["events"] == 0
+
+
+def test_the_whole_execution_state_is_kept_through_claim_and_release(
+        conts: Continuations) -> None:
+    """get, claim and release give back every part of the paused state: messages, tool
+    calls, tools, schemas, config, client tools and the pause's ttl."""
+    paused = pause(conts, client_tools=[{"name": "browser"}], ttl=timedelta(hours=1),
+                   messages=[{"role": "user", "content": "hi"}, {"role": "assistant"}])
+    expected = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}],
+                "pending_tool_calls": [{"id": "call-1", "name": "approve"}],
+                "tools": ["approve"], "tool_schemas": [{"name": "approve"}],
+                "agent_config": {"model": "m"}, "client_tools": [{"name": "browser"}],
+                "pause_id": paused.pause_id, "ttl": timedelta(hours=1)}
+
+    def kept(c: Any) -> dict[str, Any]:
+        return {k: getattr(c, k) for k in expected}
+
+    assert kept(conts.get("conv-1", "u1")) == expected
+    assert kept(conts.claim("conv-1", "u1")) == expected
+    assert kept(conts.release("conv-1", "u1", error="x")) == expected
+    assert kept(conts.pending_for_user("u1")[0]) == expected
+
+
+def test_the_projection_is_registered_for_the_command_line() -> None:
+    """``eventstore projections … continuations`` knows the projection by name."""
+    from projections import registered
+    from projections.continuations import ContinuationProjection
+
+    factory = registered()["continuations"]
+    assert isinstance(factory(), ContinuationProjection)
+    assert factory().name == "continuations"
+
+
+def test_a_late_resumer_is_told_why_and_the_pause_records_it(conts: Continuations,
+                                                             clock: Clock) -> None:
+    """A claim put back by the sweep leaves ``last_error`` "claim timed out"; once the pause
+    has expired (and the sweep recorded it) a complete or release by that resumer says
+    ``reason="expired"``, not ``not_claimed``."""
+    pause(conts)
+    claimed = conts.claim("conv-1", "u1")
+    clock.advance(minutes=11)
+    conts.sweep()
+    back = conts.get("conv-1", "u1")
+    assert back is not None and back.status == "pending" and back.last_error == "claim timed out"
+    clock.advance(minutes=31)
+    assert conts.sweep().expired == [("default", "conv-1", "u1")]
+    for command in (lambda: conts.complete("conv-1", "u1", tool_results=[],
+                                           claim_id=claimed.claim_id),
+                    lambda: conts.release("conv-1", "u1", claim_id=claimed.claim_id)):
+        with pytest.raises(NoPendingContinuation) as info:
+            command()
+        assert info.value.reason == "expired"
+
+
+def test_an_expiry_recorded_ahead_of_the_facade_clock_is_final(conts: Continuations,
+                                                               clock: Clock) -> None:
+    """A sweep given a later ``now`` (another process's clock) records an expiry before this
+    facade's clock reaches ``expires_at``; the recorded expiry holds: get is None, claim says
+    expired, pending_for_user leaves it out."""
+    pause(conts)
+    assert conts.sweep(now=clock.now + timedelta(hours=1)).expired == [
+        ("default", "conv-1", "u1")]
+    assert conts.get("conv-1", "u1") is None
+    assert conts.pending_for_user("u1") == []
+    with pytest.raises(NoPendingContinuation) as info:
+        conts.claim("conv-1", "u1")
+    assert info.value.reason == "expired"
