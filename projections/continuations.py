@@ -176,7 +176,9 @@ class Continuations:
         tenant_id: str = "default",
         ttl: timedelta | None = None,
     ) -> ToolCallsPaused:
-        """Keep the execution state until the client resumes; replaces a pending pause.
+        """Keep the execution state until the client resumes; replaces the pause there,
+        pending or claimed (a resumer still holding the old claim is then refused:
+        ``NoPendingContinuation``, ``reason="not_claimed"``).
 
         Returns the ``ToolCallsPaused`` event recorded (its ``pause_id``, ``expires_at``, ...);
         :meth:`get` gives the continuation it made pending."""

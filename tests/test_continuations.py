@@ -530,3 +530,21 @@ def test_an_expiry_recorded_ahead_of_the_facade_clock_is_final(conts: Continuati
     with pytest.raises(NoPendingContinuation) as info:
         conts.claim("conv-1", "u1")
     assert info.value.reason == "expired"
+
+
+def test_a_new_pause_replaces_a_claimed_one_and_the_old_claim_is_refused(
+        conts: Continuations) -> None:
+    """The agent paused again while a resumer held the claim: the new pause is pending, and
+    the old claim can neither complete nor release it."""
+    old = conts.claim("conv-1", "u1") if pause(conts) else None
+    assert old is not None
+    again = pause(conts, messages=[{"role": "user", "content": "again"}])
+    got = conts.get("conv-1", "u1")
+    assert got is not None and got.status == "pending" and got.claim_id is None
+    assert got.pause_id == again.pause_id != old.pause_id
+    for finish in (lambda: conts.complete("conv-1", "u1", tool_results=[], claim_id=old.claim_id),
+                   lambda: conts.release("conv-1", "u1", claim_id=old.claim_id)):
+        with pytest.raises(NoPendingContinuation) as refused:
+            finish()
+        assert refused.value.reason == "not_claimed"
+    assert conts.claim("conv-1", "u1").pause_id == again.pause_id
