@@ -1187,24 +1187,35 @@ def test_savers_refuse_a_bad_tenant_id_when_built(url: str, tenant: Any) -> None
     asyncio.run(build())
 
 
+def _commit_at_call(monkeypatch: pytest.MonkeyPatch, url: str, function: str,
+                    change: Callable[[EventStoreSaver], None], *, call: int = 1) -> list[int]:
+    """Make the ``call``-th next call of ``projections.langgraph_saver.<function>`` first
+    commit ``change`` through another store (once: the change may call it too).  Returns a
+    list that holds 1 once the change ran."""
+    import projections.langgraph_saver as lg
+
+    real = getattr(lg, function)
+    calls: list[int] = []
+    done: list[int] = []
+
+    def change_then_call(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == call and not done:
+            done.append(1)
+            with EventStore.open(url) as other_store:
+                change(EventStoreSaver(other_store))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lg, function, change_then_call)
+    return done
+
+
 def _delete_between_the_page_and_its_values(monkeypatch: pytest.MonkeyPatch, url: str,
                                             thread_id: str) -> list[int]:
     """Make ``list``'s first page commit a ``delete_thread`` (another store's connection)
     after reading the page's checkpoints and before looking up their values and writes."""
-    import projections.langgraph_saver as lg
-
-    real = lg._resolve
-    deletes: list[int] = []
-
-    def resolve_after_a_delete(*args: Any, **kwargs: Any) -> Any:
-        if not deletes:
-            with EventStore.open(url) as other_store:
-                EventStoreSaver(other_store).delete_thread(thread_id)
-            deletes.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lg, "_resolve", resolve_after_a_delete)
-    return deletes
+    return _commit_at_call(monkeypatch, url, "_resolve",
+                           lambda other: other.delete_thread(thread_id))
 
 
 def _three_checkpoints_with_writes(saver: EventStoreSaver, thread_id: str) -> None:
@@ -1272,21 +1283,7 @@ def _commit_after_the_first_namespace_page(monkeypatch: pytest.MonkeyPatch, url:
                                            ) -> list[int]:
     """Make the next ``list`` of a whole thread commit ``change`` (through another store)
     after reading its first namespace's page and before reading the next one's."""
-    import projections.langgraph_saver as lg
-
-    real = lg.list_page
-    done: list[int] = []
-
-    def page_then_a_change(*args: Any, **kwargs: Any) -> Any:
-        page = real(*args, **kwargs)
-        if not done:
-            done.append(1)  # (first: the change may list too)
-            with EventStore.open(url) as other_store:
-                change(EventStoreSaver(other_store))
-        return page
-
-    monkeypatch.setattr(lg, "list_page", page_then_a_change)
-    return done
+    return _commit_at_call(monkeypatch, url, "list_page", change, call=2)
 
 
 def _listed(tuples: Iterator[Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -1342,20 +1339,7 @@ def _commit_between_get_tuple_statements(monkeypatch: pytest.MonkeyPatch, url: s
                                           ) -> list[int]:
     """Make the next ``get_tuple`` commit ``change`` (through another store) after reading the
     checkpoint's row and before reading its values and writes."""
-    import projections.langgraph_saver as lg
-
-    real = lg._refs_args
-    done: list[int] = []
-
-    def refs_after_a_change(*args: Any, **kwargs: Any) -> Any:
-        if not done:
-            with EventStore.open(url) as other_store:
-                change(EventStoreSaver(other_store))
-            done.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lg, "_refs_args", refs_after_a_change)
-    return done
+    return _commit_at_call(monkeypatch, url, "_refs_args", change)
 
 
 def _checkpoint_of_run_with_writes(saver: EventStoreSaver, thread_id: str) -> RunnableConfig:
