@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from eventstore import EventStore, InvalidArgument
-from projections.continuations import Continuations, SweepResult
+from projections import registered
+from projections.continuations import ContinuationProjection, Continuations, SweepResult
 from projections.errors import NoPendingContinuation, ResumeInProgress
 from tests._clock import Clock
 
@@ -488,9 +489,6 @@ def test_the_whole_execution_state_is_kept_through_claim_and_release(
 
 def test_the_projection_is_registered_for_the_command_line() -> None:
     """``eventstore projections … continuations`` knows the projection by name."""
-    from projections import registered
-    from projections.continuations import ContinuationProjection
-
     factory = registered()["continuations"]
     assert isinstance(factory(), ContinuationProjection)
     assert factory().name == "continuations"

@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum, StrEnum
 from pathlib import Path, PurePosixPath
@@ -25,11 +25,14 @@ from crewai.flow import HumanFeedbackPending, PendingFeedbackContext
 from crewai.flow.flow import FlowState
 from crewai.flow.persistence import SQLiteFlowPersistence
 from sqlalchemy.engine import make_url
+from structlog.testing import capture_logs
 
 from eventstore import EventStore, InvalidArgument, InvalidEvent, WrongExpectedVersion
 from projections.crewai_persistence import EventStoreFlowPersistence, import_crewai_sqlite
 from projections.errors import Conflict, NoPendingFeedback
+from projections.events import FlowStateSaved
 from projections.flows import Flows
+from projections.typed_json import to_json
 from tests import _crewai_workers
 from tests._crewai_flows import (
     NO_MEMORY,
@@ -728,11 +731,6 @@ def test_reopen_decides_again_when_the_stream_moved_under_it(
 
 
 def _saved(flow_id: str) -> object:
-    from datetime import UTC, datetime
-
-    from projections.events import FlowStateSaved
-    from projections.typed_json import to_json
-
     return FlowStateSaved(flow_id=flow_id, method_name="publish", state=to_json({"id": flow_id}),
                           at=datetime(2026, 5, 1, tzinfo=UTC))
 
@@ -768,8 +766,6 @@ def test_a_claim_that_finds_nothing_logs_why(
     """load_pending_feedback returning None logs crewai_feedback_not_claimed (debug) with the
     tenant, flow id and reason: "none" for a flow that never paused, "resolved" once claimed,
     as its docstring says."""
-    from structlog.testing import capture_logs
-
     persistence.save_pending_feedback("f-l", pending_context("f-l"), {"id": "f-l"})
     assert persistence.load_pending_feedback("f-l") is not None
     with capture_logs() as logs:
@@ -786,8 +782,6 @@ def test_a_pause_with_an_unusable_method_name_is_refused_naming_it(
 ) -> None:
     """A PendingFeedbackContext whose method_name the store cannot hold (empty, NUL) is
     refused with InvalidArgument naming method_name, and nothing is written."""
-    from eventstore import InvalidArgument
-
     for bad in ("", "re\x00view"):
         context = pending_context("f-m")
         context.method_name = bad
@@ -801,8 +795,6 @@ def test_a_boolean_flow_id_is_refused_not_taken_as_text(
 ) -> None:
     """Integer flow ids are kept as their digits (CrewAI's SQLite backend does so), but a bool
     (an int subclass) is no flow id: refused with InvalidArgument, not stored as "True"."""
-    from eventstore import InvalidArgument
-
     with pytest.raises(InvalidArgument):
         persistence.save_state(True, "step", {"n": 1})  # type: ignore[arg-type]
     assert store.stream_version(Flows.stream_id("True")) == 0
@@ -838,8 +830,6 @@ def test_a_url_assigned_later_is_opened_with_its_password_and_kept_without_it(ur
     without the password (it is what CrewAI serializes), and the store is opened with the
     password (the existing test only checks that it connects, which a loopback server that
     trusts every connection allows without one)."""
-    from sqlalchemy.engine import make_url
-
     secret = "s3cr3t-pw"
     with_password = make_url(url).set(password=secret).render_as_string(hide_password=False)
     persistence = EventStoreFlowPersistence("sqlite:///unused.db", tenant_id="acme")
@@ -857,8 +847,6 @@ def test_a_malformed_url_is_refused_on_first_use_not_replaced_by_the_default_sto
     """A URL that is no database URL (a port that is no number) keeps a masked form in
     ``url`` and is refused (InvalidArgument) when the store is first needed; the persistence
     does not fall back to EVENTSTORE_URL or ./eventstore.db and write the flow there."""
-    from eventstore import InvalidArgument
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EVENTSTORE_URL", raising=False)
     persistence = EventStoreFlowPersistence("postgresql+psycopg://u:pw@127.0.0.1:notaport/db")
@@ -874,14 +862,6 @@ def test_an_imported_row_without_a_timestamp_gets_the_import_time(
 ) -> None:
     """A CrewAI SQLite row whose timestamp is empty (written by another tool) is imported with
     the time of the import, as an aware UTC datetime."""
-    import contextlib
-    import sqlite3
-    from datetime import UTC, datetime
-
-    from crewai.flow.persistence import SQLiteFlowPersistence
-
-    from projections.crewai_persistence import import_crewai_sqlite
-
     db = tmp_path / "flow_states.db"
     SQLiteFlowPersistence(str(db)).save_state("f-ok", "begin", {"n": 1})
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
@@ -904,10 +884,6 @@ def test_an_import_goes_into_the_persistence_s_tenant(
 ) -> None:
     """import_crewai_sqlite(db, EventStoreFlowPersistence(store, tenant_id="acme")) writes the
     flows into tenant "acme" (checked up front, used for every flow), not the default one."""
-    from crewai.flow.persistence import SQLiteFlowPersistence
-
-    from projections.crewai_persistence import import_crewai_sqlite
-
     db = tmp_path / "flow_states.db"
     SQLiteFlowPersistence(str(db)).save_state("f-1", "begin", {"n": 1})
     acme = EventStoreFlowPersistence(store, tenant_id="acme")

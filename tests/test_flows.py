@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import threading
@@ -11,9 +12,13 @@ from decimal import Decimal
 import pytest
 
 from eventstore import EventStore, InvalidArgument, InvalidEvent
+from eventstore.aio import AsyncEventStore
+from projections import load_row, query_rows, registered, status
 from projections.errors import NoPendingFeedback
-from projections.flows import Flows
+from projections.flows import FlowProjection, Flows
+from projections.typed_json import to_json
 from tests._clock import Clock
+from tests._events import NoteAdded
 
 
 @pytest.fixture
@@ -273,10 +278,6 @@ def test_the_flows_row_lists_flows_awaiting_feedback_and_is_cleared_on_resolutio
     a human (query_rows(status="awaiting_feedback")): it holds the open request while it is
     open, and once resolved the flow is "running" again with the request cleared, the answer
     kept and the resolution counted."""
-    from projections import load_row, query_rows
-    from projections.flows import FlowProjection
-    from projections.typed_json import to_json
-
     clock = Clock()
     flows = Flows(store, clock=clock)
     flows.save("f1", "start", {"n": 1})
@@ -328,9 +329,6 @@ def test_a_flow_lives_in_the_stream_flow_dash_id_and_the_flows_projection_is_reg
     """The stream name ``flow-<flow id>`` (the module docstring's contract, which data written
     by earlier releases and CrewAI imports depend on) and the projection's name "flows",
     registered so ``eventstore projections rebuild flows`` finds it."""
-    from projections import registered, status
-    from projections.flows import FlowProjection
-
     assert Flows.stream_id("f1") == "flow-f1"
     flows.save("f1", "start", {"n": 1})
     assert [(e.stream_id, e.type) for e in store.read_all()] == [("flow-f1", "FlowStateSaved")]
@@ -341,10 +339,6 @@ def test_a_flow_lives_in_the_stream_flow_dash_id_and_the_flows_projection_is_reg
 def test_flows_refuses_an_async_store_naming_the_async_twin(url: str) -> None:
     """Flows(AsyncEventStore) is refused with InvalidArgument pointing at AsyncFlows, and
     something that is no store at all is refused too."""
-    import asyncio
-
-    from eventstore import InvalidArgument
-    from eventstore.aio import AsyncEventStore
 
     async def refused() -> None:
         async with await AsyncEventStore.open(url) as astore:
@@ -361,8 +355,6 @@ def test_an_event_of_another_kind_in_a_flow_stream_is_ignored(
 ) -> None:
     """An event the flow fold does not know, appended to a flow stream (another tool, a later
     release's event type), leaves the flow's state and pending request as they were."""
-    from tests._events import NoteAdded
-
     flows.save("f1", "start", {"n": 1})
     flows.request_feedback("f1", {"q": 1}, {"n": 1})
     store.append(Flows.stream_id("f1"), [NoteAdded(text="annotated by an operator")])
