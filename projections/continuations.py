@@ -256,13 +256,14 @@ class Continuations:
                        uid: str) -> None:
         where = f"conversation {cid}, user {uid}"
         if state.status != "resuming":
-            reason = state.status if state.status in ("absent", "consumed", "expired") else (
-                "not_claimed")
+            # A pending pause past its expiry is expired for every command, swept or not.
+            status = "expired" if self._expired(state, self.now()) else state.status
+            reason = status if status in ("absent", "consumed", "expired") else "not_claimed"
             why = ""
             if reason == "not_claimed" and claim_id is not None:
                 why = (" (this claim was released, or timed out and was put back by a sweep; "
                        "claim it again to resume)")
-            raise NoPendingContinuation(f"the continuation of {where} is {state.status}, "
+            raise NoPendingContinuation(f"the continuation of {where} is {status}, "
                                         f"not being resumed{why}", reason=reason)
         if claim_id is not None and claim_id != state.claim_id:
             raise ResumeInProgress(f"the continuation of {where} is claimed by another resumer")
@@ -272,8 +273,9 @@ class Continuations:
         """resuming -> consumed, recording the tool results.
 
         Raises :class:`NoPendingContinuation` when nothing is being resumed: ``reason``
-        absent, expired or consumed, or ``not_claimed`` when the pause is pending again (the
-        claim was released, or timed out and a sweep put it back); :class:`ResumeInProgress`
+        absent, expired (also a pending pause past its ``expires_at`` that no sweep recorded)
+        or consumed, or ``not_claimed`` when the pause is pending again (the claim was released,
+        or timed out and a sweep put it back); :class:`ResumeInProgress`
         when another resumer's claim holds it (``claim_id`` differs).
         """
         stream = self._ids(conversation_id, user_id)

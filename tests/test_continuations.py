@@ -515,6 +515,25 @@ def test_a_late_resumer_is_told_why_and_the_pause_records_it(conts: Continuation
         assert info.value.reason == "expired"
 
 
+def test_a_late_resumer_is_told_expired_before_any_sweep_records_it(conts: Continuations,
+                                                                    clock: Clock) -> None:
+    """Once a pause put back by a sweep is past its ``expires_at``, complete and release by the
+    old claim say ``reason="expired"`` as claim does, whether or not a sweep recorded it."""
+    pause(conts)
+    claimed = conts.claim("conv-1", "u1")
+    clock.advance(minutes=11)
+    assert conts.sweep().reverted == [("default", "conv-1", "u1")]
+    clock.advance(minutes=31)
+    for command in (lambda: conts.claim("conv-1", "u1"),
+                    lambda: conts.complete("conv-1", "u1", tool_results=[],
+                                           claim_id=claimed.claim_id),
+                    lambda: conts.release("conv-1", "u1", claim_id=claimed.claim_id)):
+        with pytest.raises(NoPendingContinuation, match="expired") as info:
+            command()
+        assert info.value.reason == "expired"
+    assert conts.sweep().expired == [("default", "conv-1", "u1")]
+
+
 def test_an_expiry_recorded_ahead_of_the_facade_clock_is_final(conts: Continuations,
                                                                clock: Clock) -> None:
     """A sweep given a later ``now`` (another process's clock) records an expiry before this
