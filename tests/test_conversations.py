@@ -6,12 +6,14 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from eventstore import EventStore, IdempotencyKeyReused, InvalidArgument, WrongExpectedVersion
 from eventstore.store import DEFAULT_TENANT
-from projections import Conversations
+from projections import ConversationProjection, Conversations
 from projections.events import VariablesAssigned, VariablesDeleted, VariableValue
+from tests._events import NoteAdded
 
 
 class Clock:
@@ -100,6 +102,8 @@ def test_reset_and_delete_are_events(conversations: Conversations,
     assert conversations.get("c-1").variables == {"count": 0, "topic": "x"}
     assert [e.type for e in conv_store.read_stream("conversation-c-1")] == [
         "VariablesAssigned", "VariablesReset", "VariablesDeleted"]
+    conversations.delete("c-1", "topic")  # one name, not its letters
+    assert conversations.get("c-1").variables == {"count": 0}
 
 
 def test_a_retry_with_the_same_variables_in_another_order_is_a_duplicate(
@@ -117,6 +121,8 @@ def test_a_retry_with_the_same_variables_in_another_order_is_a_duplicate(
     assert c.get("c-1").variables == {"b": 0}
     with pytest.raises(IdempotencyKeyReused):  # other values are still another request
         c.assign("c-1", {"c": 3, "a": 2, "b": 2}, idempotency_key="k1")
+    with pytest.raises(IdempotencyKeyReused):  # also in name order
+        c.assign("c-1", {"a": 2, "b": 2, "c": 3}, idempotency_key="k1")
 
 
 def test_a_retry_of_a_key_recorded_in_the_calls_own_order_is_still_a_duplicate(
@@ -193,6 +199,13 @@ def test_tenants_do_not_see_each_other(conversations: Conversations) -> None:
     assert conversations.get("c-1", tenant_id="b").variables == {}
     assert conversations.get("c-1", tenant_id=DEFAULT_TENANT).variables == {}
     assert conversations.history("c-1", tenant_id="b") == []
+    assert conversations.get("c-1", tenant_id="a", at_version=1).variables == {"secret": "a"}
+    assert [h.new for h in conversations.history("c-1", tenant_id="a")] == ["a"]
+    conversations.reset("c-1", {"secret": "r", "other": 1}, tenant_id="a")
+    conversations.delete("c-1", ["other"], tenant_id="a")
+    assert conversations.get("c-1", tenant_id="a").variables == {"secret": "r"}
+    assert conversations.get("c-1").variables == {}
+    assert conversations.snapshot("c-1", tenant_id="a") == 3
 
 
 def test_bad_input_writes_nothing(conversations: Conversations, conv_store: EventStore) -> None:
@@ -200,6 +213,9 @@ def test_bad_input_writes_nothing(conversations: Conversations, conv_store: Even
     for bad in ({}, {"": 1}, {1: "x"}, ["a"]):
         with pytest.raises(InvalidArgument):
             conversations.assign("c-1", bad)  # type: ignore[arg-type]
+    for read in (conversations.get, conversations.history, conversations.snapshot):
+        with pytest.raises(InvalidArgument):
+            read("")
     with pytest.raises(InvalidArgument):
         conversations.assign("", {"a": 1})
     with pytest.raises(InvalidArgument, match="longer than 200 characters"):
@@ -227,6 +243,10 @@ def test_failed_append_raises_and_leaves_state(conversations: Conversations) -> 
     conversations.assign("c-1", {"a": 1})
     with pytest.raises(WrongExpectedVersion):
         conversations.assign("c-1", {"a": 2}, expected_version=0)
+    with pytest.raises(WrongExpectedVersion):
+        conversations.reset("c-1", {"a": 0}, expected_version=0)
+    with pytest.raises(WrongExpectedVersion):
+        conversations.delete("c-1", ["a"], expected_version=0)
     assert conversations.get("c-1").variables == {"a": 1}
 
 
@@ -252,8 +272,6 @@ def test_version_is_the_streams_also_after_other_events(conversations: Conversat
     """An event on the conversation's stream that changes no variable (an engine's own note)
     still moves the version: ``get().version`` is what read-modify-write must pass as
     ``expected_version``, now and as of an earlier version or time."""
-    from tests._events import NoteAdded
-
     conversations.assign("c-1", {"count": 1})
     clock.now += timedelta(minutes=1)
     conv_store.append("conversation-c-1", [NoteAdded(text="engine note")])
@@ -310,10 +328,20 @@ def test_value_type_is_the_json_type_a_value_is_stored_as(
         RED = "red"
         TWO = 2
 
+    class Point(msgspec.Struct, array_like=True):
+        x: int
+        y: int
+
+    class Pair(msgspec.Struct):
+        x: int
+
     values = {"set": {1, 2}, "frozen": frozenset({3}), "tuple": (1,), "when": datetime.now(UTC),
               "day": datetime.now(UTC).date(), "id": uuid.uuid4(),
               "price": decimal.Decimal("1.5"), "blob": b"\x00\xff", "colour": Colour.RED,
-              "two": Colour.TWO, "map": {"a": 1}, "none": None, "flag": True, "n": 3, "x": 1.5}
+              "two": Colour.TWO, "map": {"a": 1}, "none": None, "flag": True, "n": 3, "x": 1.5,
+              "time": datetime.now(UTC).time(), "span": timedelta(minutes=5),
+              "buf": bytearray(b"ab"), "view": memoryview(b"cd"), "point": Point(1, 2),
+              "pair": Pair(x=1)}
     conversations.assign("c-t", values)
     state = conversations.get("c-t")
     json_type = {str: "string", list: "array", dict: "object", type(None): "null",
@@ -322,3 +350,82 @@ def test_value_type_is_the_json_type_a_value_is_stored_as(
                                  for name, value in state.variables.items()}
     assert state.value_types["set"] == "array" and state.value_types["blob"] == "string"
     assert state.value_types["two"] == "integer"
+    assert state.value_types["point"] == "array" and state.value_types["pair"] == "object"
+
+
+def test_history_lists_each_events_variables_in_name_order_with_type_origin_and_position(
+        conversations: Conversations, conv_store: EventStore) -> None:
+    conversations.assign("other", {"x": 1})  # positions != versions
+    assert conversations.assign("c-1", {"b": 1, "a": "x"}, workflow_run_id="r1",
+                                node_id="n1") == 1
+    conversations.reset("c-1", {"b": 0}, workflow_run_id="r2", node_id="n2")
+    conversations.delete("c-1", ["a"], workflow_run_id="r3", node_id="n3")
+    conversations.assign("c-1", {"b": 2, "a": "y"})
+    events = list(conv_store.read_stream("conversation-c-1"))
+    assert [v.name for v in events[0].data.variables] == ["a", "b"]
+    hist = conversations.history("c-1")
+    assert [(h.name, h.kind, h.old, h.new, h.value_type, h.version, h.workflow_run_id,
+             h.node_id) for h in hist] == [
+        ("a", "assigned", None, "x", "string", 1, "r1", "n1"),
+        ("b", "assigned", None, 1, "integer", 1, "r1", "n1"),
+        ("b", "reset", 1, 0, "integer", 2, "r2", "n2"),
+        ("a", "deleted", "x", None, None, 3, "r3", "n3"),
+        ("a", "assigned", None, "y", "string", 4, None, None),
+        ("b", "assigned", 0, 2, "integer", 4, None, None)]
+    positions = {e.version: e.position for e in events}
+    assert [h.position for h in hist] == [positions[h.version] for h in hist]
+    state = conversations.get("c-1", at_version=3)
+    assert (state.workflow_run_id, state.node_id) == ("r3", "n3")
+    assert (state.variables, state.value_types) == ({"b": 0}, {"b": "integer"})
+
+
+def test_state_has_the_last_changes_run_node_and_time_now_and_as_of_a_version(
+        conversations: Conversations, conv_store: EventStore, clock: Clock) -> None:
+    t0 = clock.now
+    conversations.assign("c-1", {"a": 1}, workflow_run_id="r1", node_id="n1")
+    clock.now += timedelta(minutes=1)
+    conv_store.append("conversation-c-1", [NoteAdded(text="engine note")])
+    for state in (conversations.get("c-1"), conversations.get("c-1", at_version=2)):
+        assert (state.version, state.updated_at, state.workflow_run_id, state.node_id) == (
+            2, t0, "r1", "n1")
+    clock.now += timedelta(minutes=1)
+    conversations.assign("c-1", {"a": 2}, workflow_run_id="r2", node_id="n2")
+    state = conversations.get("c-1")
+    assert (state.version, state.updated_at, state.workflow_run_id, state.node_id) == (
+        3, clock.now, "r2", "n2")
+
+
+def test_get_with_both_a_version_and_a_time_is_the_state_at_the_earlier(
+        conversations: Conversations, clock: Clock) -> None:
+    t0 = clock.now
+    for i in range(1, 4):
+        conversations.assign("c-1", {"n": i})
+        clock.now += timedelta(minutes=5)
+    assert conversations.get("c-1", at_version=1, at_time=t0 + timedelta(minutes=7)).version == 1
+    assert conversations.get("c-1", at_version=3, at_time=t0 + timedelta(minutes=7)).version == 2
+
+
+def test_value_types_names_a_variables_type(conversations: Conversations) -> None:
+    conversations.assign("c-1", {"day": "2026-01-01", "n": 1}, value_types={"day": "date"})
+    assert conversations.get("c-1").value_types == {"day": "date", "n": "integer"}
+    assert [h.value_type for h in conversations.history("c-1")] == ["date", "integer"]
+
+
+def test_assign_records_its_metadata(conversations: Conversations,
+                                     conv_store: EventStore) -> None:
+    conversations.assign("c-1", {"a": 1}, metadata={"trace": "t-1"})
+    (ev,) = conv_store.read_stream("conversation-c-1")
+    assert ev.metadata.get("trace") == "t-1"
+
+
+def test_the_fold_leaves_the_state_it_is_given_unchanged(conversations: Conversations,
+                                                          conv_store: EventStore) -> None:
+    conversations.assign("c-1", {"a": 1})
+    conversations.delete("c-1", ["a"])
+    first, second = conv_store.read_stream("conversation-c-1")
+    projection = ConversationProjection()
+    empty = projection.initial(DEFAULT_TENANT, "conversation-c-1")
+    assigned = projection.evolve(empty, first)
+    assert (empty.variables, empty.value_types) == ({}, {})
+    assert projection.evolve(assigned, second).variables == {}
+    assert (assigned.variables, assigned.value_types) == ({"a": 1}, {"a": "integer"})

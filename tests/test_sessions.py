@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from eventstore import EventStore, InvalidArgument
-from projections.sessions import AgentSessions, SessionKey
+from projections.sessions import AgentSessions, SessionEntry, SessionKey
 from tests._clock import Clock
 
 
@@ -133,6 +133,8 @@ def test_tenants_are_isolated(sessions: AgentSessions) -> None:
     sessions.save(key(tenant="a"), snapshot={"t": "a"}, layer_specs=[])
     assert sessions.active(key(tenant="b")) is None
     assert sessions.finish_run("b", "run-1", "done") == []
+    assert sessions.active_in_run("b", "run-1") == []
+    assert sessions.active_in_run("a", "run-1") == [key(tenant="a")]
     assert sessions.active(key(tenant="a")) is not None
 
 
@@ -142,4 +144,66 @@ def test_bad_key_is_rejected(sessions: AgentSessions, store: EventStore) -> None
         sessions.save(SessionKey("acme", "", "n", "b", "a"), snapshot={}, layer_specs=[])
     with pytest.raises(InvalidArgument):
         sessions.save("not a key", snapshot={}, layer_specs=[])  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        SessionKey("", "r", "n", "b", "a").stream_id()
     assert store.stats()["events"] == 0
+
+
+def test_retire_of_a_session_never_saved_is_false_and_writes_nothing(
+        sessions: AgentSessions, store: EventStore) -> None:
+    assert sessions.retire(key(), reason="cancelled") is False
+    assert sessions.history(key()) == []
+    assert store.stats()["events"] == 0
+
+
+def test_state_counts_saves_and_shows_the_retirement_until_the_next_save(
+        store: EventStore) -> None:
+    clock = Clock()
+    sessions = AgentSessions(store, clock=clock)
+    sessions.save(key(), snapshot={"s": 1}, layer_specs=[])
+    sessions.save(key(), snapshot={"s": 2}, layer_specs=[])
+    state = sessions.state(key())
+    assert (state.active, state.saves, state.retired_reason, state.retired_at) == (
+        True, 2, None, None)
+    retired_at = clock.advance(minutes=1)
+    sessions.retire(key(), reason="cancelled")
+    state = sessions.state(key())
+    assert (state.active, state.saves, state.retired_reason, state.retired_at) == (
+        False, 2, "cancelled", retired_at)
+    assert state.key == key() and state.latest is not None and state.latest.snapshot == {"s": 2}
+    clock.advance(minutes=1)
+    sessions.save(key(), snapshot={"s": 3}, layer_specs=[])
+    state = sessions.state(key())
+    assert (state.active, state.saves, state.retired_reason, state.retired_at) == (
+        True, 3, None, None)
+
+
+def test_save_returns_what_active_and_history_give_back(store: EventStore) -> None:
+    clock = Clock()
+    sessions = AgentSessions(store, clock=lambda: clock.advance(seconds=1))
+    sessions.save(key(agent="other"), snapshot={}, layer_specs=[])  # positions != versions
+    first = sessions.save(key(), snapshot={"s": 1}, layer_specs=[{"kind": "memory"}],
+                          pending_form_id="form-1", pending_tool_call_id="call-1")
+    assert sessions.active(key()) == first
+    second = sessions.save(key(), snapshot={"s": 2}, layer_specs=[])
+    assert sessions.active(key()) == second
+    assert (first.version, second.version) == (1, 2)
+    assert (first.pending_form_id, first.pending_tool_call_id) == ("form-1", "call-1")
+    sessions.retire(key(), reason="done")
+    assert sessions.history(key()) == [
+        SessionEntry(kind="saved", version=1, at=first.saved_at, snapshot=first),
+        SessionEntry(kind="saved", version=2, at=second.saved_at, snapshot=second),
+        SessionEntry(kind="retired", version=3, at=clock.now, reason="done")]
+
+
+def test_run_queries_refuse_bad_run_ids_and_statuses(sessions: AgentSessions) -> None:
+    sessions.save(key(), snapshot={}, layer_specs=[])
+    for bad_run in ("", "r" * 201, None):
+        with pytest.raises(InvalidArgument):
+            sessions.active_in_run("acme", bad_run)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            sessions.finish_run("acme", bad_run, "done")  # type: ignore[arg-type]
+    for bad_status in ("", None, "nul\x00"):
+        with pytest.raises(InvalidArgument):
+            sessions.finish_run("acme", "run-1", bad_status)  # type: ignore[arg-type]
+    assert sessions.active(key()) is not None
