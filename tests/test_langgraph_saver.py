@@ -1454,3 +1454,367 @@ def test_the_sync_saver_s_async_methods_fail_on_a_stop_iteration_instead_of_hang
     asyncio.run(attempt())
     tup = saver.get_tuple(config("stop"))
     assert tup is not None and tup.checkpoint["channel_values"] == {"v": 1}
+
+
+# -- ids, namespaces and retention: details a caller sees -----------------------------------------
+
+
+def test_checkpoint_ids_differing_in_case_only_are_two_checkpoints(saver: EventStoreSaver
+                                                                  ) -> None:
+    upper = "1EF4F797-8335-6428-8001-8A1503F9B875"  # a UUID, not in str(UUID)'s lowercase
+    stored = {}
+    for checkpoint_id in (upper, upper.lower()):
+        cp = empty_checkpoint()
+        cp["id"] = checkpoint_id
+        stored[checkpoint_id] = saver.put(config("case"), cp, {"source": "loop", "step": 0}, {})
+    for checkpoint_id, conf in stored.items():
+        got = saver.get_tuple(conf)
+        assert got is not None and got.checkpoint["id"] == checkpoint_id
+    assert len(list(saver.list(config("case")))) == 2
+
+
+def test_prune_keeps_a_latest_checkpoint_whose_id_has_a_uuid_s_dashes_and_spaces(
+        saver: EventStoreSaver) -> None:
+    first = put(saver, "spaced", None, {}, {}, {})
+    cp = empty_checkpoint()
+    cp["id"] = "ff ff ff-ffff-ffff-ffff-ffffffffffff"  # not hex: kept as text
+    latest = saver.put(config("spaced", first["configurable"]["checkpoint_id"]), cp,
+                       {"source": "loop", "step": 1}, {})
+    saver.prune(["spaced"])
+    assert [t.config for t in saver.list(config("spaced"))] == [latest]
+
+
+def test_a_namespace_too_long_for_an_index_key_in_utf8_is_refused(saver: EventStoreSaver,
+                                                                  store: EventStore) -> None:
+    from eventstore import InvalidArgument
+
+    ns = "\U0001f600" * 700  # 700 characters, 2,800 bytes in UTF-8
+    cp = empty_checkpoint()
+    before = store.last_position()
+    with pytest.raises(InvalidArgument, match="PostgreSQL's b-tree limit"):
+        saver.put(config("t", ns=ns), cp, {"source": "loop", "step": 0}, {})
+    assert store.last_position() == before
+
+
+def test_a_split_checkpoint_of_a_subgraph_namespace_loads_whole_with_its_updated_channels(
+        url: str) -> None:
+    with EventStore.open(url, migrate=True, max_event_bytes=8192) as small:
+        saver = EventStoreSaver(small)
+        values = {f"c{i}": str(i) * 3000 for i in range(4)}
+        cp = empty_checkpoint()
+        cp["channel_values"] = values
+        cp["channel_versions"] = dict.fromkeys(values, 1)
+        cp["updated_channels"] = sorted(values)
+        stored = saver.put(config("big", ns="child:1"), cp, {"source": "loop", "step": 0},
+                           dict.fromkeys(values, 1))
+        assert ChannelValuesSaved in stream_types(small, "big")
+        got = saver.get_tuple(stored)
+        assert got is not None and got.checkpoint["channel_values"] == values
+        assert got.checkpoint["updated_channels"] == sorted(values)
+        (listed,) = saver.list(config("big", ns="child:1"))
+        assert listed.checkpoint["channel_values"] == values
+
+
+def test_delete_for_runs_takes_the_pending_writes_of_the_checkpoints_it_deletes(
+        saver: EventStoreSaver, store: EventStore) -> None:
+    cp = empty_checkpoint()
+    md: Any = {"source": "loop", "step": 0, "run_id": "run-1"}
+    stored = saver.put(config("runs-w"), cp, md, {})
+    saver.put_writes(stored, [("a", "old")], "task")
+    saver.delete_for_runs(["run-1"])
+    assert _rows_of_thread(store, "runs-w")["writes"] == 0
+    saver.put(config("runs-w"), cp, {**md, "run_id": "run-2"}, {})  # the same checkpoint again
+    got = saver.get_tuple(stored)
+    assert got is not None and got.pending_writes == []
+
+
+def test_prune_leaves_no_parent_when_only_another_namespace_has_its_id(
+        saver: EventStoreSaver) -> None:
+    md: Any = {"source": "loop", "step": 0, "parents": {}}
+
+    def put_id(checkpoint_id: str, parent: str | None, ns: str) -> RunnableConfig:
+        cp = empty_checkpoint()
+        cp["id"] = checkpoint_id
+        return saver.put(config("ns-ids", parent, ns), cp, md, {})
+
+    put_id("step-1", None, "")
+    latest = put_id("step-2", "step-1", "")
+    put_id("step-1", None, "other")  # another namespace, the same id: kept there
+    saver.prune(["ns-ids"])
+    got = saver.get_tuple(config("ns-ids"))
+    assert got is not None and got.config == latest
+    assert got.parent_config is None
+    assert saver.get_tuple(config("ns-ids", ns="other")) is not None
+
+
+def test_get_tuple_sees_a_re_put_of_its_last_checkpoint_at_new_versions(url: str) -> None:
+    a_store = EventStore.open(url, migrate=True)
+    b_store = EventStore.open(url)
+    try:
+        a, b = EventStoreSaver(a_store), EventStoreSaver(b_store)
+        first = put(a, "re-put", None, {"n": 0}, {"n": 1}, {"n": 1})
+        cp = empty_checkpoint()
+        cp["id"] = first["configurable"]["checkpoint_id"]
+        cp["channel_values"] = {"n": 0, "extra": "x"}
+        cp["channel_versions"] = {"n": 1, "extra": 2}  # a version a's last put did not have
+        b.put(config("re-put"), cp, {"source": "loop", "step": 0, "parents": {}}, {"extra": 2})
+        for read in (config("re-put"), first):
+            got = a.get_tuple(read)
+            assert got is not None
+            assert got.checkpoint["channel_values"] == {"n": 0, "extra": "x"}
+    finally:
+        a_store.close()
+        b_store.close()
+
+
+def test_copy_thread_again_adds_what_the_source_put_since(saver: EventStoreSaver) -> None:
+    c1 = put(saver, "src2", None, {"a": "v1"}, {"a": 1}, {"a": 1})
+    saver.put_writes(c1, [("a", "w")], "task")
+    saver.copy_thread("src2", "dst2")
+    c2 = put(saver, "src2", c1, {"a": "v2"}, {"a": 2}, {"a": 2})
+    saver.copy_thread("src2", "dst2")
+    copied = list(saver.list(config("dst2")))
+    assert [t.config["configurable"]["checkpoint_id"] for t in copied] == [
+        c2["configurable"]["checkpoint_id"], c1["configurable"]["checkpoint_id"]]
+    assert [t.checkpoint["channel_values"] for t in copied] == [{"a": "v2"}, {"a": "v1"}]
+    assert copied[1].pending_writes == [("task", "a", "w")]
+
+
+def test_checkpoints_sharing_an_id_list_by_thread_then_namespace_newest_first(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import projections.langgraph_saver as lg
+
+    monkeypatch.setattr(lg, "_LIST_PAGE", 2)
+    monkeypatch.setattr(lg, "_LIST_PAGE_MAX", 4)
+    md: Any = {"source": "loop", "step": 0, "parents": {}}
+    with EventStore.open(url, migrate=True) as store:
+        saver = EventStoreSaver(store)
+        for ns in ("", "a", "b"):
+            parent = None
+            for i in range(3):
+                cp = empty_checkpoint()
+                cp["id"] = f"k-{i}"
+                saver.put(config("same-ids", parent, ns), cp, md, {})
+                parent = cp["id"]
+        saver.copy_thread("same-ids", "same-ids-copy")
+        expected = sorted(((f"k-{i}", thread, ns) for thread in ("same-ids", "same-ids-copy")
+                           for ns in ("", "a", "b") for i in range(3)), reverse=True)
+
+        def keys(tuples: Any) -> list[tuple[str, str, str]]:
+            return [(t.config["configurable"]["checkpoint_id"], t.config["configurable"]
+                     ["thread_id"], t.config["configurable"]["checkpoint_ns"]) for t in tuples]
+
+        assert keys(saver.list(None)) == expected
+        whole_thread: Any = {"configurable": {"thread_id": "same-ids"}}
+        assert keys(saver.list(whole_thread)) == [k for k in expected if k[1] == "same-ids"]
+        one_id: Any = {"configurable": {"thread_id": "same-ids", "checkpoint_id": "k-1"}}
+        assert keys(saver.list(one_id)) == [("k-1", "same-ids", ns) for ns in ("b", "a", "")]
+        assert keys(saver.list(config("same-ids", "k-1", "a"))) == [("k-1", "same-ids", "a")]
+
+
+def test_pending_writes_come_in_task_path_task_and_index_order(saver: EventStoreSaver) -> None:
+    c1 = put(saver, "order", None, {}, {}, {})
+    saver.put_writes(c1, [("out", 1), (INTERRUPT, "why")], "task-b", "path-2")
+    saver.put_writes(c1, [("out", 2), ("more", 3)], "task-a", "path-2")
+    saver.put_writes(c1, [("out", 4)], "task-c", "path-1")
+    expected = [("task-c", "out", 4), ("task-a", "out", 2), ("task-a", "more", 3),
+                ("task-b", INTERRUPT, "why"), ("task-b", "out", 1)]
+    got = saver.get_tuple(c1)
+    assert got is not None and got.pending_writes == expected
+    (listed,) = saver.list(config("order"))
+    assert listed.pending_writes == expected
+    alone = put(saver, "order-1", None, {}, {}, {})
+    saver.put_writes(alone, [("out", 1), (INTERRUPT, "why")], "task")  # one event
+    got = saver.get_tuple(alone)
+    assert got is not None and got.pending_writes == [("task", INTERRUPT, "why"),
+                                                      ("task", "out", 1)]
+
+
+def test_special_writes_in_one_call_replace_each_other_as_in_two_calls(
+        saver: EventStoreSaver) -> None:
+    c1 = put(saver, "special", None, {}, {}, {})
+    saver.put_writes(c1, [(INTERRUPT, "first"), (INTERRUPT, "second")], "task")
+    got = saver.get_tuple(c1)
+    assert got is not None and got.pending_writes == [("task", INTERRUPT, "second")]
+
+
+def test_a_regular_write_is_not_replaced_by_a_later_call_that_also_writes_a_special_channel(
+        saver: EventStoreSaver) -> None:
+    c1 = put(saver, "mixed", None, {}, {}, {})
+    saver.put_writes(c1, [("out", 1)], "task")
+    saver.put_writes(c1, [("out", 2), (INTERRUPT, "why")], "task")
+    got = saver.get_tuple(c1)
+    assert got is not None
+    assert got.pending_writes == [("task", INTERRUPT, "why"), ("task", "out", 1)]
+
+
+
+def test_put_writes_of_nothing_records_nothing(saver: EventStoreSaver, store: EventStore
+                                               ) -> None:
+    c1 = put(saver, "no-writes", None, {}, {}, {})
+    saver.put_writes(c1, [], "task")
+    assert stream_types(store, "no-writes") == [CheckpointSaved]
+
+
+def test_a_value_stored_at_a_new_version_the_checkpoint_does_not_list_loads_later(
+        saver: EventStoreSaver) -> None:
+    c1 = put(saver, "ahead", None, {"a": 1, "b": "early"}, {"a": 1}, {"a": 1, "b": 5})
+    c2 = put(saver, "ahead", c1, {"a": 1, "b": "early"}, {"a": 1, "b": 5}, {})
+    got = saver.get_tuple(c2)
+    assert got is not None and got.checkpoint["channel_values"] == {"a": 1, "b": "early"}
+
+
+def test_a_channel_with_a_new_version_and_no_value_loads_as_absent(
+        saver: EventStoreSaver) -> None:
+    c1 = put(saver, "emptied", None, {"a": 1, "b": 2}, {"a": 1, "b": 1}, {"a": 1, "b": 1})
+    c2 = put(saver, "emptied", c1, {"a": 1}, {"a": 1, "b": 2}, {"b": 2})  # b has no value now
+    got = saver.get_tuple(c2)
+    assert got is not None and got.checkpoint["channel_values"] == {"a": 1}
+    (latest, _first) = saver.list(config("emptied"))
+    assert latest.checkpoint["channel_values"] == {"a": 1}
+
+
+@pytest.mark.parametrize("updated", [["a", "b"], ["b", "a"], ["a"], ["a", "b", "c"], []])
+def test_updated_channels_come_back_as_put(saver: EventStoreSaver, updated: list[str]
+                                           ) -> None:
+    cp = empty_checkpoint()
+    cp["channel_values"] = {"a": 1, "b": 2}
+    cp["channel_versions"] = {"a": 1, "b": 1}
+    cp["updated_channels"] = updated
+    new_versions = {"b": 1, "a": 1}  # not in sorted order
+    stored = saver.put(config("updated"), cp, {"source": "loop", "step": 0}, new_versions)
+    got = saver.get_tuple(stored)
+    assert got is not None and got.checkpoint["updated_channels"] == updated
+
+
+def test_listed_checkpoints_sharing_a_mutable_value_do_not_share_the_object(
+        saver: EventStoreSaver) -> None:
+    c1 = put(saver, "shared-list", None, {"items": [1], "n": 1}, {"items": 1, "n": 1},
+             {"items": 1, "n": 1})
+    put(saver, "shared-list", c1, {"items": [1], "n": 2}, {"items": 1, "n": 2}, {"n": 2})
+    newer, older = saver.list(config("shared-list"))
+    newer.checkpoint["channel_values"]["items"].append(2)
+    assert older.checkpoint["channel_values"]["items"] == [1]
+
+
+def test_retention_of_a_thread_only_another_tenant_has_records_nothing(
+        store: EventStore) -> None:
+    acme, other = EventStoreSaver(store, tenant_id="acme"), EventStoreSaver(store)
+    put(acme, "acme-thread", None, {"a": 1}, {"a": 1}, {"a": 1})
+    events_of_default = store.stats(tenant_id="default")["events"]
+    other.delete_thread("acme-thread")
+    other.prune(["acme-thread"], strategy="delete")
+    other.copy_thread("acme-thread", "copy")
+    assert store.stats(tenant_id="default")["events"] == events_of_default
+    assert acme.get_tuple(config("acme-thread")) is not None
+
+
+@pytest.mark.asyncio
+async def test_alist_before_an_empty_checkpoint_id_lists_nothing(url: str) -> None:
+    astore = await AsyncEventStore.open(url, migrate=True)
+    try:
+        asaver = AsyncEventStoreSaver(astore)
+        cp = empty_checkpoint()
+        await asaver.aput(config("before-empty"), cp, {"source": "loop", "step": 0}, {})
+        assert len([t async for t in asaver.alist(None)]) == 1
+        empty_id: Any = {"configurable": {"checkpoint_id": ""}}
+        assert [t async for t in asaver.alist(None, before=empty_id)] == []
+        assert [t async for t in asaver.alist(config("before-empty"), before=empty_id)] == []
+    finally:
+        await astore.close()
+
+
+def test_prune_keeps_the_chain_back_to_the_oldest_snapshot_of_several_delta_channels(
+        saver: EventStoreSaver) -> None:
+    def since(*channels: str) -> dict[str, Any]:
+        return {"counters_since_delta_snapshot": {ch: [1, 1] for ch in channels}}
+
+    root = put(saver, "deltas", None, {}, {}, {})
+    c0 = put(saver, "deltas", root, {}, {}, {})  # both channels snapshot here
+    c1 = put(saver, "deltas", c0, {}, {}, {}, since("b"))  # "a" snapshots here, "b" not
+    c2 = put(saver, "deltas", c1, {}, {}, {}, since("a", "b"))
+    c3 = put(saver, "deltas", c2, {}, {}, {}, since("a", "b"))
+    saver.prune(["deltas"])
+    assert [t.config for t in saver.list(config("deltas"))] == [c3, c2, c1, c0]
+
+
+def test_prune_keeps_a_subgraph_namespace_whose_root_checkpoint_the_index_never_had(
+        saver: EventStoreSaver) -> None:
+    root1 = put(saver, "sub2", None, {"n": 1}, {"n": 1}, {"n": 1})
+    put(saver, "sub2", root1, {"n": 2}, {"n": 2}, {"n": 2})
+    unknown = {"parents": {"": "no-such-checkpoint"}}
+    put(saver, "sub2", None, {"m": 1}, {"m": 1}, {"m": 1}, unknown, ns="child:task")
+    # A namespace without ":" is not a subgraph call's, whatever its metadata says.
+    gone_root = {"parents": {"": root1["configurable"]["checkpoint_id"]}}
+    put(saver, "sub2", None, {"m": 1}, {"m": 1}, {"m": 1}, gone_root, ns="plain")
+    saver.prune(["sub2"])
+    left = {t.config["configurable"]["checkpoint_ns"]
+            for t in saver.list({"configurable": {"thread_id": "sub2"}})}
+    assert left == {"", "child:task", "plain"}
+
+
+def test_copy_thread_records_nothing_for_an_empty_source_or_onto_itself(
+        saver: EventStoreSaver, store: EventStore) -> None:
+    put(saver, "self", None, {"a": 1}, {"a": 1}, {"a": 1})
+    saver.copy_thread("self", "self")
+    saver.copy_thread("nothing-here", "target")
+    assert stream_types(store, "self") == [CheckpointSaved]
+    assert store.stream_version(stream_id_of("target")) == 0
+
+
+def test_thread_copied_records_the_source_version_it_copied(saver: EventStoreSaver,
+                                                            store: EventStore) -> None:
+    c1 = put(saver, "versioned", None, {"a": 1}, {"a": 1}, {"a": 1})
+    saver.put_writes(c1, [("a", 2)], "task")
+    saver.copy_thread("versioned", "copy-of-versioned")
+    (event,) = store.read_stream(stream_id_of("copy-of-versioned"))
+    assert event.data == ThreadCopied(source_thread_id="versioned", source_version=2)
+
+
+def test_delete_thread_of_a_thread_with_only_pending_writes_records_it(
+        saver: EventStoreSaver, store: EventStore) -> None:
+    saver.put_writes(config("writes-only", "never-put"), [("a", 1)], "task")
+    saver.delete_thread("writes-only")
+    assert stream_types(store, "writes-only") == [WritesSaved, ThreadDeleted]
+    assert _rows_of_thread(store, "writes-only")["writes"] == 0
+
+
+def test_an_imported_subgraph_namespace_stores_only_the_channels_that_changed(
+        saver: EventStoreSaver, store: EventStore) -> None:
+    source = InMemorySaver()
+    cfg = put(source, "imp-ns", None, {"big": "x" * 1000, "n": 0}, {"big": 1, "n": 1},
+              {"big": 1, "n": 1}, ns="child:1")
+    put(source, "imp-ns", cfg, {"big": "x" * 1000, "n": 1}, {"big": 1, "n": 2}, {"n": 2},
+        ns="child:1")
+    assert import_checkpoints(source, saver) == 2
+    stored = [sorted(b.channel for b in e.data.blobs) for e in store.read_stream(
+        stream_id_of("imp-ns")) if isinstance(e.data, CheckpointSaved)]
+    assert stored == [["big", "n"], ["n"]]
+
+
+@pytest.mark.asyncio
+async def test_async_retention_of_nothing_records_nothing(url: str) -> None:
+    astore = await AsyncEventStore.open(url, migrate=True)
+    try:
+        asaver = AsyncEventStoreSaver(astore)
+        cp = empty_checkpoint()
+        stored = await asaver.aput(config("a-self"), cp, {"source": "loop", "step": 0}, {})
+        await asaver.aput_writes(stored, [], "task")
+        await asaver.acopy_thread("a-self", "a-self")
+        await asaver.adelete_thread("a-nothing")
+        await asaver.aprune(["a-nothing"], strategy="delete")
+        assert await astore.stream_version(stream_id_of("a-self")) == 1
+        assert await astore.stream_version(stream_id_of("a-nothing")) == 0
+    finally:
+        await astore.close()
+
+
+def test_put_refuses_a_parent_checkpoint_id_that_is_not_a_string(saver: EventStoreSaver,
+                                                                  store: EventStore) -> None:
+    from eventstore import InvalidArgument
+
+    before = store.last_position()
+    with pytest.raises(InvalidArgument, match="checkpoint_id must be a string"):
+        saver.put({"configurable": {"thread_id": "t", "checkpoint_id": 5}}, empty_checkpoint(),
+                  {"source": "loop", "step": 0}, {})
+    assert store.last_position() == before
