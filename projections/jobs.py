@@ -919,7 +919,8 @@ class Jobs:
             for s in wanted:
                 if not isinstance(s, str) or s not in STATUSES:
                     raise InvalidArgument(f"unknown job status {s!r}; one of {STATUSES}")
-        if limit is not None and (not isinstance(limit, int) or limit < 0):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 0):
             raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")
         rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
                           status=wanted if wanted is not None else builtins.list(STATUSES))
