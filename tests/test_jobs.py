@@ -930,6 +930,7 @@ def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
                                                               job_store: EventStore) -> None:
     """Malformed arguments raise InvalidArgument before anything is appended."""
     job = running(jobs)
+    jobs.submit("wf", {}, user_id="u1", dedupe_key="open")
     written = job_store.stats()["events"]
     naive = datetime(2026, 1, 2, 12, 0)
     bad: list[Callable[[], Any]] = [
@@ -961,6 +962,21 @@ def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
         lambda: Jobs(job_store, lease=timedelta.max),  # (every claim overflowed the datetime)
         lambda: Jobs(job_store, lease=timedelta(days=36_526)),
         lambda: Jobs(job_store, clock=lambda: naive).submit("wf", {}, user_id="u1"),
+        lambda: Jobs(job_store, max_attempts=True),
+        lambda: jobs.events(job.job_id, after=True),
+        lambda: jobs.events(job.job_id, follow="yes"),  # type: ignore[arg-type]
+        lambda: jobs.events(job.job_id, follow=True, poll_interval=86_400),
+        lambda: jobs.events(job.job_id, follow=True, timeout=True),
+        lambda: jobs.cancel(job.job_id, 5),  # type: ignore[arg-type]
+        lambda: jobs.resume(job.job_id, request_id="", input=1),
+        lambda: jobs.list(limit="2"),  # type: ignore[arg-type]
+        lambda: jobs.list(limit=True),
+        # bad input is refused before the job's state is looked at
+        lambda: jobs.submit("wf", {"x": object()}, user_id="u1", dedupe_key="open"),
+        lambda: jobs.record(job.job_id, "w2", {"at": object()}),
+        lambda: jobs.complete(job.job_id, "w2", object()),
+        lambda: jobs.suspend(job.job_id, "w2", request_id="r", prompt=object()),
+        lambda: jobs.resume(job.job_id, request_id="r", input=object()),
     ]
     for call in bad:
         with pytest.raises(InvalidArgument):
@@ -1036,3 +1052,203 @@ def test_the_facade_saves_no_snapshots_it_would_never_read(jobs: Jobs,
         jobs.heartbeat(job.job_id, "w1")
     with job_store.engine.connect() as c:
         assert c.execute(select(snapshots.c.version)).all() == []
+
+
+# -- fields the fold keeps (added by mutation testing) --
+
+
+def test_defaults_are_a_30_second_lease_and_3_attempts(job_store: EventStore,
+                                                        clock: Clock) -> None:
+    jobs = Jobs(job_store, clock=clock)
+    job = jobs.submit("wf", {}, user_id="u1")
+    assert job.max_attempts == 3
+    claimed = jobs.claim("w1")
+    assert claimed is not None and claimed.lease_until == T0 + timedelta(seconds=30)
+
+
+def test_a_job_keeps_the_max_attempts_of_the_facade_that_submitted_it(
+        job_store: EventStore, clock: Clock) -> None:
+    once = Jobs(job_store, lease=LEASE, max_attempts=1, clock=clock)
+    job = once.submit("wf", {}, user_id="u1")
+    assert (job.max_attempts, once.get(job.job_id).max_attempts) == (1, 1)
+    assert once.claim("w1") is not None
+    clock.advance(seconds=31)
+    (swept,) = Jobs(job_store, lease=LEASE, max_attempts=5, clock=clock).sweep()
+    assert (swept.action, swept.reason) == ("failed", "worker lost")
+
+
+def test_a_dedupe_key_s_job_id_is_its_hash_and_a_count(jobs: Jobs) -> None:
+    import hashlib
+
+    from projections.jobs import dedupe_group
+
+    job = jobs.submit("wf", {}, user_id="u1", dedupe_key="order-7")
+    digest = hashlib.sha256(b"order-7").hexdigest()[:24]
+    assert (job.job_id, job.dedupe_key, dedupe_group("order-7")) == (
+        f"{digest}-1", "order-7", digest)
+    assert jobs.get(job.job_id).dedupe_key == "order-7"
+
+
+def test_updated_at_is_the_time_of_the_last_change(jobs: Jobs, clock: Clock) -> None:
+    job = jobs.submit("wf", {}, user_id="u1")
+    assert job.updated_at == T0
+    clock.advance(seconds=1)
+    assert (c := jobs.claim("w1")) is not None and c.updated_at == clock.now
+    clock.advance(seconds=1)
+    assert jobs.heartbeat(job.job_id, "w1").updated_at == clock.now
+    clock.advance(seconds=1)
+    assert jobs.record(job.job_id, "w1", "half").updated_at == clock.now
+    clock.advance(seconds=1)
+    held = jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    assert held.updated_at == clock.now
+    assert held.pending is not None and (held.pending.worker_id,
+                                         held.pending.requested_at) == ("w1", clock.now)
+    clock.advance(seconds=1)
+    assert jobs.resume(job.job_id, request_id="r1", input=1).updated_at == clock.now
+    assert jobs.get(job.job_id).updated_at == clock.now
+
+
+def test_a_requeued_job_has_no_owner_and_queues_behind_jobs_that_waited_longer(
+        jobs: Jobs, clock: Clock) -> None:
+    lost = running(jobs)
+    clock.advance(seconds=10)
+    waiting = jobs.submit("wf", {}, user_id="u1")
+    when = T0 + timedelta(seconds=40)  # a sweep at a time of its own, not the clock's
+    assert [s.job_id for s in jobs.sweep(when)] == [lost.job_id]
+    again = jobs.get(lost.job_id)
+    assert (again.status, again.worker_id, again.lease_until, again.queued_at, again.lost) == (
+        "queued", None, None, when, 1)
+    assert [j.job_id for j in (jobs.claim("w2"), jobs.claim("w3")) if j] == [
+        waiting.job_id, lost.job_id]
+
+
+def test_a_finished_job_holds_no_lease_or_request_and_has_its_finish_time(
+        jobs: Jobs, clock: Clock) -> None:
+    failed = running(jobs)
+    cancelled = running(jobs, "w2")
+    doomed = running(jobs, "w3")
+    asked = running(jobs, "w4")
+    jobs.suspend(doomed.job_id, "w3", request_id="r1", prompt="?",
+                 deadline=T0 + timedelta(minutes=1))
+    jobs.suspend(asked.job_id, "w4", request_id="r1", prompt="?")
+    clock.advance(seconds=5)
+    done = [jobs.fail(failed.job_id, "w1", "boom"), jobs.cancel(cancelled.job_id),
+            jobs.cancel(asked.job_id)]
+    when = T0 + timedelta(minutes=5)  # a sweep at a time of its own, not the clock's
+    assert [s.job_id for s in jobs.sweep(when)] == [doomed.job_id]
+    done.append(jobs.get(doomed.job_id))
+    assert [(j.status, j.lease_until, j.pending, j.finished_at) for j in done] == [
+        ("failed", None, None, T0 + timedelta(seconds=5)),
+        ("cancelled", None, None, T0 + timedelta(seconds=5)),
+        ("cancelled", None, None, T0 + timedelta(seconds=5)),
+        ("failed", None, None, when)]
+    assert [jobs.get(j.job_id) for j in done] == done
+    assert list(jobs.events(failed.job_id))[-1].data.worker_id == "w1"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("end", ["cancel", "fail"])
+def test_events_follow_ends_after_a_cancel_or_a_failure(jobs: Jobs, end: str) -> None:
+    job = running(jobs)
+    if end == "cancel":
+        jobs.cancel(job.job_id)
+    else:
+        jobs.fail(job.job_id, "w1", "boom")
+    started = time.monotonic()
+    seen = [e.type for e in jobs.events(job.job_id, follow=True, timeout=10,
+                                        poll_interval=0.01)]
+    assert seen[-1] == {"cancel": "JobCancelled", "fail": "JobFailed"}[end]
+    assert time.monotonic() - started < 5
+
+
+def test_heartbeat_times_follow_the_jobs_clock(url: str, clock: Clock) -> None:
+    with EventStore.open(url) as real_time_store:
+        jobs = Jobs(real_time_store, lease=LEASE, clock=clock)
+        job = running(jobs)
+        clock.advance(seconds=5)
+        beat = jobs.heartbeat(job.job_id, "w1")
+        assert beat.updated_at == clock.now == list(jobs.events(job.job_id))[-1].at
+
+
+def test_expiry_is_strictly_after_the_lease_end_and_the_deadline(jobs: Jobs,
+                                                                 clock: Clock) -> None:
+    held = running(jobs)
+    jobs.suspend(held.job_id, "w1", request_id="r1", prompt="?",
+                 deadline=T0 + timedelta(seconds=30))
+    other = running(jobs, "w2")
+    asked = running(jobs, "w3")
+    jobs.suspend(asked.job_id, "w3", request_id="r1", prompt="?",
+                 deadline=T0 + timedelta(seconds=30))
+    clock.now = T0 + LEASE  # the instant other's lease ends and both deadlines are due
+    assert other.lease_until == clock.now
+    assert jobs.sweep() == []
+    assert jobs.resume(held.job_id, request_id="r1", input=1).status == "queued"
+    assert jobs.cancel(asked.job_id, "no").status == "cancelled"
+    assert jobs.get(other.job_id).status == "running"
+
+
+def test_resume_of_a_finished_job_says_its_status(jobs: Jobs) -> None:
+    done = running(jobs)
+    jobs.complete(done.job_id, "w1")
+    failed = running(jobs)
+    jobs.fail(failed.job_id, "w1", "boom")
+    for job_id, status in ((done.job_id, "completed"), (failed.job_id, "failed")):
+        with pytest.raises(Conflict) as e:
+            jobs.resume(job_id, request_id="r1", input=1)
+        assert e.value.reason == status
+
+
+def test_cancel_of_a_resumed_job_a_sweep_requeued_is_a_plain_cancel(jobs: Jobs,
+                                                                    clock: Clock) -> None:
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.resume(job.job_id, request_id="r1", input="yes")
+    assert jobs.claim("w2") is not None
+    clock.advance(seconds=31)
+    assert [s.action for s in jobs.sweep()] == ["requeued"]
+    assert jobs.cancel(job.job_id, "stop").status == "cancelled"
+
+
+def test_attempts_a_resume_took_do_not_count_as_lost_leases(job_store: EventStore,
+                                                            clock: Clock) -> None:
+    jobs = Jobs(job_store, lease=LEASE, max_attempts=2, clock=clock)
+    job = running(jobs)
+    jobs.suspend(job.job_id, "w1", request_id="r1", prompt="?")
+    jobs.resume(job.job_id, request_id="r1", input="yes")
+    claimed = jobs.claim("w2")
+    assert claimed is not None and claimed.attempt == 2
+    clock.advance(seconds=31)
+    assert [(s.action, s.attempt) for s in jobs.sweep()] == [("requeued", 2)]
+    jobs.claim("w3")
+    clock.advance(seconds=31)
+    assert [(s.action, s.reason) for s in jobs.sweep()] == [("failed", "worker lost")]
+    final = list(jobs.events(job.job_id))[-1]
+    assert (final.type, final.data.worker_id) == ("JobFailed", "w3")  # type: ignore[union-attr]
+
+
+def test_events_follow_takes_a_timeout_from_0_to_a_century(jobs: Jobs) -> None:
+    job = running(jobs)
+    assert [e.seq for e in jobs.events(job.job_id, follow=True, timeout=0)] == [1, 2]
+    jobs.complete(job.job_id, "w1")
+    century = 36_525 * 86_400
+    assert [e.seq for e in jobs.events(job.job_id, follow=True, timeout=century)] == [1, 2, 3]
+
+
+def test_events_follow_never_sleeps_past_its_timeout(jobs: Jobs) -> None:
+    job = running(jobs)
+    started = time.monotonic()
+    assert len(list(jobs.events(job.job_id, follow=True, timeout=0.05, poll_interval=30))) == 2
+    assert time.monotonic() - started < 10
+
+
+def test_list_is_in_submission_order_and_takes_a_limit(jobs: Jobs, clock: Clock) -> None:
+    first = running(jobs)
+    jobs.suspend(first.job_id, "w1", request_id="r1", prompt="?")
+    clock.advance(seconds=1)
+    second = jobs.submit("wf", {}, user_id="u1")
+    clock.advance(seconds=1)
+    jobs.resume(first.job_id, request_id="r1", input=1)  # queued again after the second
+    ties = sorted(jobs.submit("wf", {}, user_id="u1").job_id for _ in range(4))
+    ids = [first.job_id, second.job_id, *ties]
+    assert [j.job_id for j in jobs.list()] == ids
+    assert [j.job_id for j in jobs.list("queued", limit=2)] == ids[:2]
+    assert jobs.list(limit=0) == []
