@@ -1818,3 +1818,25 @@ def test_put_refuses_a_parent_checkpoint_id_that_is_not_a_string(saver: EventSto
         saver.put({"configurable": {"thread_id": "t", "checkpoint_id": 5}}, empty_checkpoint(),
                   {"source": "loop", "step": 0}, {})
     assert store.last_position() == before
+
+
+def test_a_legacy_checkpoints_sends_take_the_highest_channel_version(
+        saver: EventStoreSaver) -> None:
+    """A checkpoint before LangGraph 0.3 (v < 4) with Send objects in pending_sends: the tasks
+    channel gets the highest of its channel versions, as PostgresSaver gives it on load."""
+    from langgraph.constants import TASKS
+    from langgraph.types import Send
+
+    low = saver.get_next_version(None, None)
+    high = saver.get_next_version(saver.get_next_version(low, None), None)
+    cp = empty_checkpoint()
+    cp["v"] = 1
+    cp["channel_values"] = {"a": 1, "b": 2}
+    cp["channel_versions"] = {"b": high, "a": low}
+    cp["pending_sends"] = [Send("worker", {"x": 1})]  # type: ignore[typeddict-unknown-key]
+    saver.put(config("t"), cp, {"source": "loop", "step": 1, "parents": {}},
+              dict(cp["channel_versions"]))
+    got = saver.get_tuple(config("t"))
+    assert got is not None and got.checkpoint["channel_values"][TASKS] == [
+        Send("worker", {"x": 1})]
+    assert got.checkpoint["channel_versions"][TASKS] == high
