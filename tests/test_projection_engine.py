@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from eventstore import Event, EventStore, RawEvent, RecordedEvent
+from eventstore import Event, EventStore, InvalidArgument, RawEvent, RecordedEvent
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows
 from eventstore._time import to_micros
@@ -19,9 +19,11 @@ from projections import (
     ProjectionFailed,
     Projector,
     RowIndex,
+    current,
     fold_live,
     inline,
     rebuild,
+    restart,
     status,
     verify,
 )
@@ -1358,7 +1360,8 @@ def test_database_errors_say_whether_trying_again_may_help(store: EventStore,
 
 @pytest.mark.parametrize("kwargs", [
     {"lease_seconds": float("nan")}, {"lease_seconds": float("inf")}, {"lease_seconds": 0},
-    {"lease_seconds": 1e300}, {"lease_seconds": "10"}, {"poll_interval": -1},
+    {"lease_seconds": 1e300}, {"lease_seconds": "10"}, {"lease_seconds": 0.0009},
+    {"poll_interval": -1},
     {"batch_size": 0}, {"batch_size": 2.5}, {"worker_id": "w" * 256}, {"worker_id": ""}])
 def test_projector_arguments_are_checked(store: EventStore, kwargs: dict[str, Any]) -> None:
     """Lease, poll interval, batch size and worker id out of range are InvalidArgument (NaN
@@ -2573,3 +2576,255 @@ def test_a_projector_whose_rebuild_fails_leaves_the_rows_to_the_release_that_kee
             worker.catch_up()
         (st,) = status(new, "tally")
         assert (st.status, st.code_version, st.failed_position) == ("running", 1, 3)
+
+
+class EveryTally(TallyProjection):
+    categories = ()
+
+
+class GroupedTally(TallyProjection):
+    def index(self, state: Tally) -> RowIndex:
+        return RowIndex(status="big" if state.total >= 10 else "small",
+                        group_key=state.writers[-1] if state.writers else None,
+                        sort_key=state.total)
+
+
+def test_status_lists_projections_by_name_with_the_head_and_the_events_up_to_it(
+        store: EventStore) -> None:
+    bump(store, "a", 2)
+    Projector(store, [TallyProjection("tally_b"), TallyProjection("tally_a")]).catch_up()
+    bump(store, "a", 1)  # the head: an event of their category
+    sts = status(store)
+    assert [(st.name, st.head, st.position, st.lag) for st in sts] == [
+        ("tally_a", 3, 2, 1), ("tally_b", 3, 2, 1)]
+    assert [st.name for st in status(store, "tally_b")] == ["tally_b"]
+
+
+def test_lag_of_a_projection_of_every_category_counts_every_later_event(
+        store: EventStore) -> None:
+    bump(store, "a", 2)
+    Projector(store, [EveryTally("tally_every")]).catch_up()
+    store.append("note-1", [NoteAdded(text="another category")])
+    bump(store, "b", 1)
+    (st,) = status(store, "tally_every")
+    assert (st.categories, st.position, st.head, st.lag) == ((), 2, 4, 2)
+
+
+def test_restart_of_a_projection_the_store_does_not_know_is_refused(store: EventStore) -> None:
+    with pytest.raises(InvalidArgument):
+        restart(store, "never_registered")
+
+
+def test_query_rows_by_group_and_statuses_with_versions_limit_and_ties_in_log_order(
+        store: EventStore) -> None:
+    p = GroupedTally()
+    inline(store, p)
+    store.append("counter-b", [CounterIncremented(by=5, writer="w1")])
+    store.append("counter-a", [CounterIncremented(by=5, writer="w1")])
+    store.append("counter-c", [CounterIncremented(by=4, writer="w2")] * 3)
+    store.append("counter-d", [CounterIncremented(by=1, writer="w1")])
+    w1 = query_rows(store, p, tenant_id="default", group_key="w1")
+    assert [(s, v) for _t, s, _st, v in w1] == [("counter-d", 1), ("counter-b", 1),
+                                                  ("counter-a", 1)]
+    both = query_rows(store, p, tenant_id="default", status=["small", "big"])
+    assert [(s, v) for _t, s, _st, v in both] == [("counter-d", 1), ("counter-b", 1),
+                                                    ("counter-a", 1), ("counter-c", 3)]
+    assert [s for _t, s, _st, _v in query_rows(store, p, tenant_id="default", status="small",
+                                                limit=2)] == ["counter-d", "counter-b"]
+    assert query_rows(store, p, tenant_id="default", limit=0) == []
+    for bad in ("", "g" * 256, 5):
+        with pytest.raises(InvalidArgument):
+            query_rows(store, p, tenant_id="default", group_key=bad)  # type: ignore[arg-type]
+
+
+def test_query_rows_reads_on_the_callers_connection(store: EventStore) -> None:
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 1)
+    with begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).values(status="held"))
+        held = query_rows(store, p, tenant_id=None, status="held", conn=conn)
+        assert [s for _t, s, _st, _v in held] == ["counter-a"]
+
+
+def test_an_index_at_the_limits_of_the_row_columns_is_stored(store: EventStore) -> None:
+    extremes = RowIndex(status="s" * 64, group_key="g" * 255, sort_key=-2**63)
+
+    class AtTheLimits(TallyProjection):
+        def index(self, state: Tally) -> RowIndex:
+            return extremes
+
+    p = AtTheLimits("tally_limits")
+    inline(store, p)
+    bump(store, "a", 1)
+    rows = query_rows(store, p, tenant_id="default", status="s" * 64, group_key="g" * 255,
+                      sort_before=-2**63 + 1)
+    assert [s for _t, s, _st, _v in rows] == ["counter-a"]
+
+
+def test_load_row_reads_the_row_of_the_tenant_asked_for(store: EventStore) -> None:
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 1, by=2, tenant="t1")
+    bump(store, "a", 2, by=3, tenant="t2")
+    one, two = load_row(store, p, "t1", "counter-a"), load_row(store, p, "t2", "counter-a")
+    assert one is not None and (one[0].total, one[1]) == (2, 1)
+    assert two is not None and (two[0].total, two[1]) == (6, 2)
+    assert load_row(store, p, "t3", "counter-a") is None
+
+
+def test_current_tops_the_row_up_from_the_log_and_gives_the_version_it_reached(
+        store: EventStore) -> None:
+    p = TallyProjection()
+    bump(store, "a", 2)
+    Projector(store, [p]).catch_up()
+    bump(store, "a", 1, by=5)
+    state, version = current(store, p, "counter-a", tenant_id="default")
+    assert (state.count, state.total, version) == (3, 7, 3)
+
+
+def _snapshot_versions(store: EventStore) -> list[int]:
+    from eventstore._schema import snapshots
+
+    with store.engine.connect() as c:
+        return list(c.execute(select(snapshots.c.version).order_by(snapshots.c.version))
+                    .scalars())
+
+
+def test_live_folds_snapshot_once_every_events_are_folded_and_never_when_time_travelling(
+        store: EventStore) -> None:
+    p = TallyProjection(snapshot_every=5)
+    bump(store, "a", 5)
+    assert fold_live(store, p, "counter-a", tenant_id="default", use_snapshots=False)[1] == 5
+    later = datetime(2999, 1, 1, tzinfo=UTC)
+    assert fold_live(store, p, "counter-a", tenant_id="default", at_time=later)[1] == 5
+    assert fold_live(store, p, "counter-a", tenant_id="default", at_version=5)[1] == 5
+    assert _snapshot_versions(store) == []
+    assert fold_live(store, p, "counter-a", tenant_id="default")[1] == 5
+    assert _snapshot_versions(store) == [5]
+    bump(store, "a", 4)
+    assert fold_live(store, p, "counter-a", tenant_id="default")[1] == 9
+    assert _snapshot_versions(store) == [5]
+    bump(store, "a", 1)
+    assert fold_live(store, p, "counter-a", tenant_id="default")[1] == 10
+    assert _snapshot_versions(store) == [5, 10]
+
+
+def test_a_live_fold_without_snapshots_folds_the_whole_stream(store: EventStore) -> None:
+    from eventstore._schema import snapshots
+
+    p = TallyProjection(snapshot_every=None)
+    assert snapshot_now(store, p, "counter-a", tenant_id="default") == 0
+    bump(store, "a", 3)
+    assert snapshot_now(store, p, "counter-a", tenant_id="default") == 3
+    with begin_write(store.engine) as conn:
+        conn.execute(update(snapshots).values(
+            state=b'{"count":999,"total":0,"writers":[],"last_version":3}'))
+    assert fold_live(store, p, "counter-a", tenant_id="default")[0].count == 999
+    assert fold_live(store, p, "counter-a", tenant_id="default",
+                     use_snapshots=False)[0].count == 3
+
+
+def test_time_travel_starts_from_no_snapshot_taken_after_its_time(url: str) -> None:
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    times = iter([base + timedelta(minutes=m) for m in range(3)])
+    with EventStore.open(url, clock=lambda: next(times, base + timedelta(hours=1))) as store:
+        p = TallyProjection(snapshot_every=None)
+        bump(store, "a", 3)
+        assert snapshot_now(store, p, "counter-a", tenant_id="default") == 3
+        state, version = fold_live(store, p, "counter-a", tenant_id="default", at_time=base)
+        assert (state.count, version) == (1, 1)
+        assert fold_live(store, p, "counter-a", tenant_id="default", at_version=0) == (Tally(), 0)
+
+
+def test_a_snapshot_of_new_fold_code_drops_the_stream_snapshots_of_older_code(
+        store: EventStore) -> None:
+    from eventstore._schema import snapshots
+
+    class TallyV2(TallyProjection):
+        version = 2
+
+    bump(store, "a", 3)
+    bump(store, "b", 3)
+    snapshot_now(store, TallyProjection(), "counter-a", tenant_id="default")
+    snapshot_now(store, TallyProjection(), "counter-b", tenant_id="default")
+    snapshot_now(store, TallyV2(), "counter-a", tenant_id="default")
+    with store.engine.connect() as c:
+        kept = c.execute(select(snapshots.c.stream_id, snapshots.c.code_version)
+                         .order_by(snapshots.c.stream_id)).all()
+    assert [tuple(r) for r in kept] == [("counter-a", 2), ("counter-b", 1)]
+
+
+def test_catch_up_raises_the_failure_of_the_first_failing_projection(store: EventStore) -> None:
+    bump(store, "a", 1, by=7)
+    bump(store, "a", 1, by=13)
+    projector = Projector(store, [TallyProjection("tally_x", poison=13),
+                                  TallyProjection("tally_y", poison=7)])
+    with pytest.raises(ProjectionFailed) as info:
+        projector.catch_up()
+    assert (info.value.projection, info.value.position) == ("tally_x", 2)
+
+
+def test_a_worker_leaves_the_lease_of_an_older_worker_once_the_rows_are_its_version(
+        store: EventStore) -> None:
+    bump(store, "a", 2)
+    old = Projector(store, [TallyProjection()], worker_id="old", lease_seconds=600)
+    old.catch_up()
+    rebuild(store, TallyV2())
+    bump(store, "a", 1)
+    new = Projector(store, [TallyV2()], worker_id="new", lease_seconds=600)
+    assert new.run_once(new.projections[0]) == 0
+    (st,) = status(store, "tally")
+    assert (st.owner, st.code_version, st.position) == ("old", 2, 2)
+
+
+def test_release_gives_up_only_this_workers_leases(store: EventStore) -> None:
+    bump(store, "a", 1)
+    holder = Projector(store, [TallyProjection()], worker_id="holder", lease_seconds=600)
+    holder.catch_up()
+    other = Projector(store, [TallyProjection(), TallyProjection("tally_other")],
+                      worker_id="other", lease_seconds=600)
+    other.catch_up()
+    other.release()
+    assert {st.name: st.owner for st in status(store)} == {"tally": "holder",
+                                                           "tally_other": None}
+    Projector(store, [TallyProjection("tally_other")], worker_id="holder",
+              lease_seconds=600).catch_up()
+    holder.release()
+    assert {st.name: st.owner for st in status(store)} == {"tally": None,
+                                                           "tally_other": "holder"}
+
+
+def test_a_projector_refuses_two_projections_of_one_name(store: EventStore) -> None:
+    with pytest.raises(InvalidArgument):
+        Projector(store, [TallyProjection("tally_twice"), TallyProjection("tally_twice")])
+    assert status(store, "tally_twice") == []
+
+
+def test_stall_seconds_default_to_three_leases_and_at_least_a_minute(store: EventStore) -> None:
+    assert Projector(store, [TallyProjection()], lease_seconds=30).stall_ms == 90_000
+    assert Projector(store, [TallyProjection()], lease_seconds=10).stall_ms == 60_000
+
+
+def test_rebuild_reports_its_progress_and_returns_the_generation_it_swapped_in(
+        store: EventStore) -> None:
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3)
+    store.append("note-1", [NoteAdded(text="another category")])
+    seen: list[tuple[int, int]] = []
+    assert rebuild(store, p, progress=lambda at, bound: seen.append((at, bound))) == 2
+    assert seen == [(3, 4), (3, 3)]
+    (st,) = status(store, "tally")
+    assert (st.generation, st.position, st.rebuild_generation, st.rebuild_position) == (
+        2, 3, None, None)
+
+
+def test_a_projection_whose_categories_change_records_them(store: EventStore) -> None:
+    class TallyAndNotes(TallyProjection):
+        categories = ("counter", "note")
+
+    Projector(store, [TallyProjection()])
+    Projector(store, [TallyAndNotes()])
+    (st,) = status(store, "tally")
+    assert st.categories == ("counter", "note")
