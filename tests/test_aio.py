@@ -1075,3 +1075,165 @@ async def test_a_second_cancellation_does_not_cut_short_the_hand_back_of_a_conne
             await task
         await store.stream_version("x")
         assert (opened, invalidated) == ([], [])
+
+
+async def test_a_preparation_runs_once_before_the_next_append_and_a_final_failure_is_kept(
+        url: str) -> None:
+    async with await AsyncEventStore.open(url) as store:
+        runs: list[str] = []
+        prep = store.prepare_before_use(lambda: runs.append("ran"))
+        assert runs == [] and not prep.done
+        await store.append("s-1", [NoteAdded(text="a")])
+        assert runs == ["ran"] and prep.done and prep.failed is None
+        await store.append("s-1", [NoteAdded(text="b")])
+        assert runs == ["ran"]
+
+        def fails() -> None:
+            runs.append("failed")
+            raise RuntimeError("rebuild failed")
+
+        broken = store.prepare_before_use(fails)
+        assert (await store.append("s-1", [NoteAdded(text="c")])).stream_version == 3
+        assert isinstance(broken.failed, RuntimeError) and broken.done
+        assert await store.stream_version("s-1") == 3
+        assert runs == ["ran", "failed"]
+
+
+@pytest.mark.parametrize("call", ["run_read", "run_sync"])
+async def test_reads_and_transactions_wait_for_a_preparation(url: str, call: str) -> None:
+    async with await AsyncEventStore.open(url) as store:
+        runs: list[str] = []
+        prep = store.prepare_before_use(lambda: runs.append("ran"))
+        await getattr(store, call)(lambda conn: None)
+        assert runs == ["ran"] and prep.done
+
+
+async def test_a_preparation_failing_transiently_fails_its_call_and_runs_again_on_the_next(
+        url: str) -> None:
+    from eventstore.errors import DatabaseError
+
+    busy = DatabaseError("database is locked")
+    busy.transient = True
+    failures = [busy]
+    runs: list[str] = []
+
+    def prepare() -> None:
+        runs.append("ran")
+        if failures:
+            raise failures.pop()
+
+    async with await AsyncEventStore.open(url) as store:
+        prep = store.prepare_before_use(prepare)
+        with pytest.raises(DatabaseError, match="locked"):
+            await store.append("s-1", [NoteAdded(text="a")])
+        assert not prep.done and prep.failed is None
+        assert await store.stream_version("s-1") == 0
+        await store.append("s-1", [NoteAdded(text="a")])
+        assert runs == ["ran", "ran"] and prep.done and prep.failed is None
+        assert await store.stream_version("s-1") == 1
+
+
+async def test_open_without_migrate_refuses_a_missing_sqlite_file_and_creates_none(
+        tmp_path: Any) -> None:
+    from eventstore.errors import SchemaVersionMismatch
+
+    path = tmp_path / "missing.db"
+    with pytest.raises(SchemaVersionMismatch, match="no file"):
+        await AsyncEventStore.open(f"sqlite:///{path}", migrate=False)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+async def test_open_without_migrate_refuses_a_database_without_the_schema(
+        backend_name: str, tmp_path: Any, request: pytest.FixtureRequest) -> None:
+    import sqlite3
+
+    from eventstore.errors import SchemaVersionMismatch
+
+    if backend_name == "sqlite":
+        sqlite3.connect(tmp_path / "empty.db").close()
+        url = f"sqlite:///{tmp_path}/empty.db"
+    else:
+        url = request.getfixturevalue("fresh_pg")
+    with pytest.raises(SchemaVersionMismatch, match="no eventstore schema"):
+        await AsyncEventStore.open(url, migrate=False)
+
+
+async def test_open_names_the_missing_folder_of_a_sqlite_file(tmp_path: Any) -> None:
+    from eventstore.errors import DatabaseError
+
+    path = tmp_path / "no-such-folder" / "events.db"
+    with pytest.raises(DatabaseError, match="does not exist"):
+        await AsyncEventStore.open(f"sqlite:///{path}")
+
+
+async def test_open_applies_its_size_limit_clock_and_poll_interval(url: str) -> None:
+    import datetime as dt
+
+    from eventstore.errors import EventTooLarge, InvalidArgument
+    from tests._events import Blob
+
+    when = dt.datetime(2300, 5, 6, 7, 8, 9, 123457, tzinfo=dt.UTC)
+    async with await AsyncEventStore.open(url, max_event_bytes=100,
+                                          clock=lambda: when) as store:
+        await store.append("c-1", [Blob(payload="x" * 50)])
+        with pytest.raises(EventTooLarge):
+            await store.append("c-1", [Blob(payload="x" * 200)])
+        assert [e.recorded_at async for e in store.read_stream("c-1")] == [when]
+    with pytest.raises(InvalidArgument, match="poll_interval"):
+        await AsyncEventStore.open(url, poll_interval=5)
+    with pytest.raises(InvalidArgument, match="pool_size"):
+        await AsyncEventStore.open(url, pool_size=0)
+
+
+async def test_every_call_after_close_raises_store_closed(url: str) -> None:
+    async with await AsyncEventStore.open(url) as store:
+        await store.append("s-1", [NoteAdded(text="a")])
+    with pytest.raises(StoreClosed):
+        store.engine  # noqa: B018
+    await store.close()  # a second close is a no-op
+    with pytest.raises(StoreClosed):
+        await store.append("s-1", [NoteAdded(text="b")])
+    with pytest.raises(StoreClosed):
+        await store.stream_version("s-1")
+    with pytest.raises(StoreClosed):
+        await store.run_sync(lambda conn: None)
+    with pytest.raises(StoreClosed):
+        [e async for e in store.read_stream("s-1")]
+    with pytest.raises(StoreClosed):
+        [e async for e in store.read_all()]
+
+
+async def test_run_sync_with_write_holds_the_sqlite_write_lock_from_its_start(
+        tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "w.db"
+
+    def another_writer_is_locked_out(conn: Any) -> bool:
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return True
+        else:
+            other.execute("ROLLBACK")
+            return False
+        finally:
+            other.close()
+
+    async with await AsyncEventStore.open(f"sqlite:///{path}") as store:
+        assert await store.run_sync(another_writer_is_locked_out, write=True) is True
+        assert await store.run_sync(another_writer_is_locked_out) is False
+
+
+async def test_an_async_append_logs_tenant_stream_and_position(url: str) -> None:
+    from structlog.testing import capture_logs
+
+    async with await AsyncEventStore.open(url) as store:
+        with capture_logs() as logs:
+            await store.append("conversation-1", [NoteAdded(text="a"), NoteAdded(text="b")],
+                               tenant_id="acme")
+    (entry,) = [e for e in logs if e["event"] == "events_appended"]
+    assert (entry["tenant"], entry["stream"], entry["position"], entry["count"]) == (
+        "acme", "conversation-1", 2, 2)

@@ -170,3 +170,24 @@ def test_subscribe_raises_a_database_error_that_is_not_transient(store: EventSto
     _failing_fetch(store, [DatabaseError("no such table: es_events")])
     with pytest.raises(DatabaseError, match="no such table"):
         next(iter(store.subscribe(stop=threading.Event())))
+
+
+def test_subscribe_filters_by_tenant_and_type(store: EventStore) -> None:
+    """subscribe(tenant_id=…) and subscribe(types=…) yield only those events."""
+    store.append("c-1", [NoteAdded(text="a")], tenant_id="a")
+    store.append("c-1", [NoteAdded(text="b")], tenant_id="b")
+    store.append("counter-1", [CounterIncremented(by=1)], tenant_id="a")
+    store.append("c-2", [NoteAdded(text="a")], tenant_id="a")
+    assert _first_positions(store, 3, tenant_id="a") == [1, 3, 4]
+    assert _first_positions(store, 3, types=["test.NoteAdded"]) == [1, 2, 4]
+
+
+def _first_positions(store: EventStore, n: int, **filters: Any) -> list[int]:
+    """The positions of the first ``n`` events a filtered subscription gives."""
+    stop = threading.Event()
+    got = []
+    for ev in store.subscribe(stop=stop, **filters):
+        got.append(ev.position)
+        if len(got) == n:
+            stop.set()
+    return got
