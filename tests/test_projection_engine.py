@@ -376,6 +376,45 @@ def test_catch_up_runs_the_other_projections_past_a_failing_one(store: EventStor
     assert status(store, "tally_good")[0].position == 4
 
 
+def test_catch_up_raises_a_transient_database_error_and_fails_no_projection(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock held too long or a lost connection during catch_up goes up to the caller (trying
+    again may pass); it is not recorded as the projection's failure."""
+    from eventstore.errors import DatabaseError
+
+    bump(store, "a", 2)
+    p = TallyProjection("tally_transient")
+    proj = Projector(store, [p])
+
+    def locked(self: Projector, projection: Any) -> int:
+        err = DatabaseError("database error: OperationalError: database is locked")
+        err.transient = True
+        raise err
+
+    monkeypatch.setattr(Projector, "run_once", locked)
+    for call in (proj.catch_up, proj.catch_up_each):
+        with pytest.raises(DatabaseError, match="locked"):
+            call()
+    assert [st.status for st in status(store) if st.name == "tally_transient"] in (
+        [], ["running"])
+    monkeypatch.undo()
+    assert proj.catch_up() == 2 and status(store, "tally_transient")[0].position == 2
+
+
+def test_renamed_is_a_copy_kept_in_its_own_rows(store: EventStore) -> None:
+    """renamed gives the same fold under another name; the original keeps its name, and the
+    two have their own rows and positions."""
+    first = TallyProjection("tally_first")
+    second = first.renamed("tally_second")
+    assert (first.name, second.name) == ("tally_first", "tally_second")
+    bump(store, "a", 2)
+    Projector(store, [first]).catch_up()
+    bump(store, "a", 1)
+    Projector(store, [second]).catch_up()
+    assert [(st.name, st.position) for st in status(store)] == [
+        ("tally_first", 2), ("tally_second", 3)]
+
+
 def test_restart_drops_a_dead_workers_lease(store: EventStore) -> None:
     """A worker that died holding a long lease keeps the others out until it runs out;
     restart drops it, so the next worker takes the projection at once."""
@@ -752,6 +791,11 @@ def test_verify_reports_rows_whose_index_columns_or_version_differ(store: EventS
     assert d.stream_id == "counter-a" and d.live == d.rebuilt
     assert (d.columns, d.live_columns, d.rebuilt_columns) == (
         ("version", "status"), (7, "small"), (3, "big"))
+    with begin_write(store.engine) as conn:
+        conn.execute(update(projection_rows).where(projection_rows.c.stream_id == "counter-a")
+                     .values(status="big", version=3, sort_key=-1))
+    (d,) = verify(store, p)
+    assert (d.columns, d.live_columns, d.rebuilt_columns) == (("sort_key",), (-1,), (60,))
 
 
 def test_verify_drops_the_scratch_rows_of_a_verify_killed_long_ago(store: EventStore) -> None:
