@@ -69,16 +69,60 @@ def test_the_stores_clock_is_checked_and_kept_in_utc(url: str) -> None:
         assert s.stream_version("n-2") == 0
 
 
+def test_the_stores_now_is_in_utc_whatever_the_clocks_zone(url: str) -> None:
+    with EventStore.open(url, migrate=True, clock=lambda: _at(PLUS2)) as s:
+        now = s.now()
+        assert now == _at(PLUS2) and now.tzinfo == dt.UTC
+
+
+def test_a_clock_stepping_back_never_moves_a_streams_time_back(url: str) -> None:
+    now = [_at(dt.UTC)]
+    handed: list[dt.datetime] = []
+    with EventStore.open(url, migrate=True, clock=lambda: now[0]) as s:
+        s.add_inline_handler(lambda conn, recorded: handed.extend(
+            e.recorded_at for e in recorded))
+        s.append("n-1", [_note()])
+        now[0] -= dt.timedelta(hours=1)
+        s.append("n-1", [_note()])
+        s.append("n-1", [_note()])
+        assert [e.recorded_at for e in s.read_stream("n-1")] == [_at(dt.UTC)] * 3
+        assert handed == [_at(dt.UTC)] * 3
+
+
+def test_reads_of_a_closed_store_raise_when_called(store: EventStore) -> None:
+    from eventstore import StoreClosed
+
+    store.close()
+    with pytest.raises(StoreClosed):
+        store.read_stream("n-1")
+    with pytest.raises(StoreClosed):
+        store.read_all()
+
+
 def _note() -> Any:
     from tests._events import NoteAdded
     return NoteAdded(text="x")
 
 
 @pytest.mark.parametrize("kwargs", [{"pool_size": 0}, {"pool_size": "5"}, {"migrate": "no"},
-                                    {"max_event_bytes": 0}, {"poll_interval": 2}])
+                                    {"max_event_bytes": 0}, {"poll_interval": 2},
+                                    {"poll_interval": 0}])
 def test_bad_open_arguments_are_refused(url: str, kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         EventStore.open(url, **kwargs)
+
+
+def test_a_poll_interval_of_exactly_half_a_second_is_accepted(url: str) -> None:
+    with EventStore.open(url, poll_interval=0.5) as store:
+        assert list(store.read_all()) == []
+
+
+def test_empty_setting_variables_mean_the_defaults(url: str, monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "")
+    monkeypatch.setenv("EVENTSTORE_POLL_INTERVAL", "")
+    with EventStore.open(url, migrate=True) as store:
+        assert store.append("n-1", [_note()]).stream_version == 1
 
 
 @pytest.mark.parametrize("at_version", [-1, "1", 1.5, True])

@@ -122,6 +122,15 @@ def test_the_size_limit_admits_exactly_its_bytes_and_counts_the_metadata(url: st
         assert [e.version for e in small.read_stream("c-1")] == [1, 2]
 
 
+def test_metadata_of_exactly_the_size_limit_goes_in(url: str) -> None:
+    with EventStore.open(url, max_event_bytes=100) as small:
+        with pytest.raises(EventTooLarge) as info:
+            small.append("c-1", [NoteAdded(text="ok")], metadata={"note": "x" * 200})
+        overhead = info.value.size - 200
+        small.append("c-1", [NoteAdded(text="ok")], metadata={"note": "x" * (100 - overhead)})
+        assert small.stream_version("c-1") == 1
+
+
 def test_failure_inside_the_transaction_rolls_back_the_batch(store: EventStore) -> None:
     """An error raised inside the append transaction leaves no event of the batch."""
 
@@ -136,6 +145,22 @@ def test_failure_inside_the_transaction_rolls_back_the_batch(store: EventStore) 
     assert list(store.read_all()) == []
     r = store.append("conversation-9", [NoteAdded(text="d")], expected_version=0)
     assert r.first_position == 1
+
+
+def test_an_inline_handler_added_twice_runs_once_and_not_after_removal(store: EventStore
+                                                                       ) -> None:
+    calls: list[list[int]] = []
+
+    def handler(conn: Connection, recorded: Sequence[RecordedEvent]) -> None:
+        calls.append([e.version for e in recorded])
+
+    store.add_inline_handler(handler)
+    store.add_inline_handler(handler)
+    store.append("c-1", [NoteAdded(text="a")])
+    assert calls == [[1]]
+    getattr(store, "inner", store).remove_inline_handler(handler)  # (the async shim's store)
+    store.append("c-1", [NoteAdded(text="b")])
+    assert calls == [[1]]
 
 
 def test_appends_never_change_committed_events(store: EventStore) -> None:

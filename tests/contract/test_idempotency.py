@@ -54,6 +54,14 @@ def test_key_reused_for_other_events_raises(store: EventStore) -> None:
     assert store.stream_version("c-1") == 1
 
 
+def test_key_reused_for_the_same_data_of_another_type_raises(store: EventStore) -> None:
+    from eventstore import RawEvent
+
+    store.append("c-1", [RawEvent(type="x.One", data={"type": "t"})], idempotency_key="k")
+    with pytest.raises(IdempotencyKeyReused):
+        store.append("c-1", [RawEvent(type="x.Two", data={"type": "t"})], idempotency_key="k")
+
+
 def test_the_same_events_in_another_form_are_a_duplicate(store: EventStore) -> None:
     """A retry that sends a typed event as a RawEvent of its type, or a raw event's keys in
     another order, sends the same events: a duplicate.  Other data, types or schema versions

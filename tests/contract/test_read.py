@@ -47,6 +47,11 @@ def test_read_stream_backwards(store: EventStore, small_pages: None) -> None:
         7, 6, 5, 4, 3]
 
 
+def test_from_version_zero_reads_the_whole_stream(store: EventStore) -> None:
+    store.append("c-1", [NoteAdded(text=str(i)) for i in range(3)])
+    assert versions(store.read_stream("c-1", from_version=0)) == [1, 2, 3]
+
+
 def test_read_stream_of_unknown_stream_is_empty(store: EventStore) -> None:
     """An absent stream reads as empty, not an error."""
     assert list(store.read_stream("nothing-1")) == []
@@ -93,6 +98,21 @@ def test_category_filter_is_not_a_pattern(store: EventStore) -> None:
     store.append("a%-1", [NoteAdded(text="z")])
     assert [e.stream_id for e in store.read_all(categories=["a_b"])] == ["a_b-1"]
     assert [e.stream_id for e in store.read_all(categories=["a%"])] == ["a%-1"]
+
+
+def test_a_category_is_the_stream_id_up_to_its_first_dash(store: EventStore) -> None:
+    store.append("order-1-line-2", [NoteAdded(text="x")])
+    store.append("order-2", [NoteAdded(text="y")])
+    assert [e.stream_id for e in store.read_all(categories=["order"])] == [
+        "order-1-line-2", "order-2"]
+    assert list(store.read_all(categories=["order-1-line"])) == []
+
+
+def test_a_single_name_filters_as_a_list_of_one(store: EventStore) -> None:
+    store.append("job-1", [CounterIncremented()])
+    store.append("j-1", [NoteAdded(text="x")])
+    assert [e.stream_id for e in store.read_all(categories="job")] == ["job-1"]
+    assert [e.stream_id for e in store.read_all(types="test.NoteAdded")] == ["j-1"]
 
 
 def test_unknown_type_reads_as_raw_event(store: EventStore) -> None:

@@ -37,3 +37,10 @@ def test_version_check_uses_the_callers_tenant(store: EventStore) -> None:
     with pytest.raises(WrongExpectedVersion) as info:
         store.append("c-1", [NoteAdded(text="b")], tenant_id="b", expected_version=1)
     assert info.value.actual == 0 and info.value.tenant_id == "b"
+
+
+def test_stats_count_each_tenant_once(store: EventStore) -> None:
+    store.append("c-1", [NoteAdded(text="a")], tenant_id="a")
+    store.append("c-2", [NoteAdded(text="a")], tenant_id="a")
+    store.append("c-1", [NoteAdded(text="b")], tenant_id="b")
+    assert store.stats() == {"events": 3, "streams": 3, "tenants": 2, "last_position": 3}

@@ -186,6 +186,14 @@ def test_inline_handlers_get_the_events_as_reads_give_them(store: EventStore) ->
     assert [e.data for e in store.read_stream("m-1")] == seen
 
 
+def test_inline_handlers_get_the_metadata_as_reads_give_it(store: EventStore) -> None:
+    seen: list[Any] = []
+    store.add_inline_handler(lambda conn, recorded: seen.extend(r.metadata for r in recorded))
+    store.append("m-1", [NoteAdded(text="x")], metadata={"span": (1, 2)})
+    assert seen == [{"span": [1, 2]}]
+    assert [e.metadata for e in store.read_stream("m-1")] == seen
+
+
 class MaybeMeasured(Event, tag="test.MaybeMeasured"):
     value: float | None = None
 
@@ -273,6 +281,17 @@ def test_bad_read_arguments_are_rejected(store: EventStore) -> None:
             call()
     assert list(store.read_stream("c-1", from_version=2**63 - 1)) == []
     assert list(store.read_all(from_position=2**63 - 1, limit=2**63 - 1)) == []
+
+
+def test_backwards_must_be_a_bool(store: EventStore) -> None:
+    with pytest.raises(InvalidArgument, match="backwards"):
+        store.read_stream("c-1", backwards="yes")  # type: ignore[arg-type]
+
+
+def test_filters_that_are_not_lists_of_names_are_rejected(store: EventStore) -> None:
+    for filters in ({"categories": 5}, {"types": 1.5}):
+        with pytest.raises(InvalidArgument):
+            store.read_all(**filters)
 
 
 @pytest.mark.parametrize("stream_id", HOSTILE)
