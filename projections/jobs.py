@@ -39,7 +39,7 @@ from typing import Any, TypeGuard
 import msgspec
 
 from eventstore import AppendResult, EventStore, RecordedEvent, WrongExpectedVersion
-from eventstore._core import check_int
+from eventstore._core import check_int, check_limit
 from eventstore._time import to_micros
 from eventstore.errors import InvalidArgument
 from eventstore.events import Event, RawEvent
@@ -919,9 +919,7 @@ class Jobs:
             for s in wanted:
                 if not isinstance(s, str) or s not in STATUSES:
                     raise InvalidArgument(f"unknown job status {s!r}; one of {STATUSES}")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                                  or limit < 0):
-            raise InvalidArgument(f"limit must be an int >= 0, got {limit!r}")
+        check_limit(limit)
         rows = query_rows(self.store, self.projection, tenant_id=tenant_id,
                           status=wanted if wanted is not None else builtins.list(STATUSES))
         jobs = [msgspec.structs.replace(state, version=v) for _t, _s, state, v in rows]
