@@ -8,14 +8,16 @@ import time
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from eventstore import EventStore, StoreClosed, WrongExpectedVersion
 from eventstore.aio import AsyncEventStore
+from eventstore.errors import DatabaseError, EventTooLarge, InvalidArgument, SchemaVersionMismatch
 from projections import ConversationProjection, inline
 from projections._engine import load_row
 from projections.aio import AsyncConversations
 from projections.events import VariablesAssigned, VariableValue
-from tests._events import NoteAdded
+from tests._events import Blob, NoteAdded
 
 pytestmark = pytest.mark.asyncio
 
@@ -224,7 +226,6 @@ async def test_failing_handler_on_a_known_stream_writes_nothing_async(url: str,
     """The async store's one-round-trip and pipelined appends (PostgreSQL) and its
     transactions on aiosqlite's thread (SQLite) leave nothing written when a handler's
     statement fails or the handler raises after its statement went out; appends go on."""
-    from eventstore.errors import DatabaseError
     from tests.test_append_path import _count_guesses, _FailingWriter, _RaisingWriter
 
     handler: Any = _FailingWriter() if failing == "statement-fails" else _RaisingWriter()
@@ -708,7 +709,6 @@ async def test_kept_write_connection_outlives_errors_and_is_replaced_when_killed
     one round trip again); a connection the server killed while idle is replaced before the
     next append uses it, and one killed during an append fails that append with a
     DatabaseError, the next opening a new one."""
-    from eventstore.errors import DatabaseError
     from tests.conftest import pg_url, reset_pg, terminate_other_sessions
 
     url = pg_url()
@@ -751,7 +751,6 @@ async def test_kept_write_connection_outlives_errors_and_is_replaced_when_killed
 
 async def test_close_waits_for_an_append_on_the_kept_connection(url: str) -> None:
     """close() lets an append in progress finish; appends after it raise StoreClosed."""
-    from eventstore.errors import StoreClosed
 
     store = await AsyncEventStore.open(url, migrate=True)
     await store.append("w-1", [NoteAdded(text="1")])
@@ -853,7 +852,6 @@ async def test_a_cancelled_close_leaves_the_rest_to_the_next_close(url: str) -> 
     from sqlalchemy.engine import make_url
 
     from eventstore._backend import APPEND_LOCK_ID
-    from eventstore.errors import StoreClosed
 
     store = await AsyncEventStore.open(url, migrate=True)
     await store.append("x-1", [NoteAdded(text="first")])
@@ -918,7 +916,6 @@ async def test_closing_while_reads_run_leaves_no_connection_open(url: str) -> No
     import psycopg
     from sqlalchemy.engine import make_url
 
-    from eventstore.errors import StoreClosed
 
     parsed = make_url(url)
     sqlite = parsed.get_backend_name() == "sqlite"
@@ -961,7 +958,6 @@ async def test_projection_reads_run_on_an_async_store_through_run_read(url: str)
     run for an AsyncEventStore through ``projections.aio.run_read`` and answer as on the sync
     store; called with the async store itself they (and the operators' tools) raise
     InvalidArgument naming that way, where they raised an untyped TypeError."""
-    from eventstore.errors import InvalidArgument
     from projections import current, fold_live, query_rows, rebuild, snapshot_now, status, verify
     from projections.aio import run_read
     from tests._events import CounterIncremented
@@ -1110,7 +1106,6 @@ async def test_reads_and_transactions_wait_for_a_preparation(url: str, call: str
 
 async def test_a_preparation_failing_transiently_fails_its_call_and_runs_again_on_the_next(
         url: str) -> None:
-    from eventstore.errors import DatabaseError
 
     busy = DatabaseError("database is locked")
     busy.transient = True
@@ -1135,7 +1130,6 @@ async def test_a_preparation_failing_transiently_fails_its_call_and_runs_again_o
 
 async def test_open_without_migrate_refuses_a_missing_sqlite_file_and_creates_none(
         tmp_path: Any) -> None:
-    from eventstore.errors import SchemaVersionMismatch
 
     path = tmp_path / "missing.db"
     with pytest.raises(SchemaVersionMismatch, match="no file"):
@@ -1148,7 +1142,6 @@ async def test_open_without_migrate_refuses_a_database_without_the_schema(
         backend_name: str, tmp_path: Any, request: pytest.FixtureRequest) -> None:
     import sqlite3
 
-    from eventstore.errors import SchemaVersionMismatch
 
     if backend_name == "sqlite":
         sqlite3.connect(tmp_path / "empty.db").close()
@@ -1160,7 +1153,6 @@ async def test_open_without_migrate_refuses_a_database_without_the_schema(
 
 
 async def test_open_names_the_missing_folder_of_a_sqlite_file(tmp_path: Any) -> None:
-    from eventstore.errors import DatabaseError
 
     path = tmp_path / "no-such-folder" / "events.db"
     with pytest.raises(DatabaseError, match="does not exist"):
@@ -1170,8 +1162,6 @@ async def test_open_names_the_missing_folder_of_a_sqlite_file(tmp_path: Any) -> 
 async def test_open_applies_its_size_limit_clock_and_poll_interval(url: str) -> None:
     import datetime as dt
 
-    from eventstore.errors import EventTooLarge, InvalidArgument
-    from tests._events import Blob
 
     when = dt.datetime(2300, 5, 6, 7, 8, 9, 123457, tzinfo=dt.UTC)
     async with await AsyncEventStore.open(url, max_event_bytes=100,
@@ -1228,7 +1218,6 @@ async def test_run_sync_with_write_holds_the_sqlite_write_lock_from_its_start(
 
 
 async def test_an_async_append_logs_tenant_stream_and_position(url: str) -> None:
-    from structlog.testing import capture_logs
 
     async with await AsyncEventStore.open(url) as store:
         with capture_logs() as logs:

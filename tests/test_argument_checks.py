@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from eventstore import EventStore, InvalidArgument, InvalidEvent
+from eventstore import EventStore, InvalidArgument, InvalidEvent, StoreClosed
 from projections import AgentSessions, Continuations, Conversations, Flows, Jobs, SessionKey
 
 PLUS2 = dt.timezone(dt.timedelta(hours=2))
@@ -90,7 +90,6 @@ def test_a_clock_stepping_back_never_moves_a_streams_time_back(url: str) -> None
 
 
 def test_reads_of_a_closed_store_raise_when_called(store: EventStore) -> None:
-    from eventstore import StoreClosed
 
     store.close()
     with pytest.raises(StoreClosed):

@@ -18,7 +18,7 @@ from eventstore import EventStore, InvalidArgument
 from projections import fold_live, verify
 from projections.errors import Conflict, LeaseLost, NotFound
 from projections.events import JobFailed, JobResumed
-from projections.jobs import Job, JobProjection, Jobs
+from projections.jobs import Job, JobProjection, Jobs, dedupe_group
 from tests._clock import Clock
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -1080,7 +1080,6 @@ def test_a_job_keeps_the_max_attempts_of_the_facade_that_submitted_it(
 def test_a_dedupe_key_s_job_id_is_its_hash_and_a_count(jobs: Jobs) -> None:
     import hashlib
 
-    from projections.jobs import dedupe_group
 
     job = jobs.submit("wf", {}, user_id="u1", dedupe_key="order-7")
     digest = hashlib.sha256(b"order-7").hexdigest()[:24]

@@ -16,9 +16,11 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import Capability
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.types import INTERRUPT, RESUME
+from langgraph.constants import TASKS
+from langgraph.types import Send
 from sqlalchemy import select
 
-from eventstore import EventStore
+from eventstore import EventStore, InvalidArgument
 from eventstore.aio import AsyncEventStore
 from projections.langgraph_saver import (
     AsyncEventStoreSaver,
@@ -840,7 +842,6 @@ def test_put_refuses_a_checkpoint_that_would_not_read_back(saver: EventStoreSave
     """The saver's events skip the store's round-trip check (decoding a large value again is
     as dear as encoding it), so put checks the fields JSON would change: a malformed checkpoint
     raises InvalidArgument and writes nothing (stored, it would fail every read of the log)."""
-    from eventstore import InvalidArgument
 
     cp: Any = empty_checkpoint()
     cp["channel_values"] = {"a": 1}
@@ -859,7 +860,6 @@ def test_a_thread_id_too_long_for_its_stream_is_refused_by_name(saver: EventStor
                                                                 store: EventStore) -> None:
     """Thread ids up to 246 characters work; a longer one gets an error that names the thread
     id and its limit (not the stream id's), and nothing is written."""
-    from eventstore import InvalidArgument
     from projections.langgraph_saver import MAX_THREAD_ID_LENGTH
 
     longest = "t" * MAX_THREAD_ID_LENGTH
@@ -875,7 +875,6 @@ def test_thread_ids_and_namespaces_the_databases_cannot_hold_are_refused(
         saver: EventStoreSaver, store: EventStore, bad: str) -> None:
     """A NUL (PostgreSQL's text refuses it) or a lone surrogate in a thread id or namespace is
     InvalidArgument on both backends, for reads, writes and retention, and writes nothing."""
-    from eventstore import InvalidArgument
 
     calls = [
         lambda: put(saver, bad, None, {"a": 1}, {"a": 1}, {"a": 1}),
@@ -897,7 +896,6 @@ def test_thread_ids_and_namespaces_the_databases_cannot_hold_are_refused(
 def test_channel_names_and_versions_with_nul_are_refused(saver: EventStoreSaver,
                                                          store: EventStore) -> None:
     """They are index columns: a NUL is InvalidArgument on both backends, nothing written."""
-    from eventstore import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="NUL"):
         put(saver, "t", None, {"a\x00b": 1}, {"a\x00b": 1}, {"a\x00b": 1})
@@ -924,7 +922,6 @@ def test_ids_too_long_for_an_index_key_are_refused_alike_on_both_backends(
     import random
     import string
 
-    from eventstore import InvalidArgument
     from projections.langgraph_saver import MAX_KEY_BYTES
 
     rng = random.Random(where)
@@ -969,7 +966,6 @@ def test_read_arguments_of_the_wrong_type_are_invalid_argument(saver: EventStore
                                                                 store: EventStore) -> None:
     """As put's: a checkpoint id that is not a string, a limit that is not an int, a filter that
     is not a mapping, put_writes without a checkpoint's config: InvalidArgument."""
-    from eventstore import InvalidArgument
 
     put(saver, "t", None, {"a": 1}, {"a": 1}, {"a": 1})
     before = store.last_position()
@@ -1163,7 +1159,6 @@ def test_savers_refuse_a_bad_tenant_id_when_built(url: str, tenant: Any) -> None
     was taken, and reads found nothing, retention calls did nothing, or a bare TypeError,
     UnicodeEncodeError or DatabaseError came out later.  InvalidArgument when built, as the
     facades and the CrewAI persistence do (from_url: before the store is opened)."""
-    from eventstore import InvalidArgument
 
     with EventStore.open(url, migrate=True) as store, \
             pytest.raises(InvalidArgument, match="tenant_id"):
@@ -1486,7 +1481,6 @@ def test_prune_keeps_a_latest_checkpoint_whose_id_has_a_uuid_s_dashes_and_spaces
 
 def test_a_namespace_too_long_for_an_index_key_in_utf8_is_refused(saver: EventStoreSaver,
                                                                   store: EventStore) -> None:
-    from eventstore import InvalidArgument
 
     ns = "\U0001f600" * 700  # 700 characters, 2,800 bytes in UTF-8
     cp = empty_checkpoint()
@@ -1711,8 +1705,7 @@ def test_retention_of_a_thread_only_another_tenant_has_records_nothing(
 
 @pytest.mark.asyncio
 async def test_alist_before_an_empty_checkpoint_id_lists_nothing(url: str) -> None:
-    astore = await AsyncEventStore.open(url, migrate=True)
-    try:
+    async with await AsyncEventStore.open(url, migrate=True) as astore:
         asaver = AsyncEventStoreSaver(astore)
         cp = empty_checkpoint()
         await asaver.aput(config("before-empty"), cp, {"source": "loop", "step": 0}, {})
@@ -1720,8 +1713,6 @@ async def test_alist_before_an_empty_checkpoint_id_lists_nothing(url: str) -> No
         empty_id: Any = {"configurable": {"checkpoint_id": ""}}
         assert [t async for t in asaver.alist(None, before=empty_id)] == []
         assert [t async for t in asaver.alist(config("before-empty"), before=empty_id)] == []
-    finally:
-        await astore.close()
 
 
 def test_prune_keeps_the_chain_back_to_the_oldest_snapshot_of_several_delta_channels(
@@ -1794,8 +1785,7 @@ def test_an_imported_subgraph_namespace_stores_only_the_channels_that_changed(
 
 @pytest.mark.asyncio
 async def test_async_retention_of_nothing_records_nothing(url: str) -> None:
-    astore = await AsyncEventStore.open(url, migrate=True)
-    try:
+    async with await AsyncEventStore.open(url, migrate=True) as astore:
         asaver = AsyncEventStoreSaver(astore)
         cp = empty_checkpoint()
         stored = await asaver.aput(config("a-self"), cp, {"source": "loop", "step": 0}, {})
@@ -1805,13 +1795,10 @@ async def test_async_retention_of_nothing_records_nothing(url: str) -> None:
         await asaver.aprune(["a-nothing"], strategy="delete")
         assert await astore.stream_version(stream_id_of("a-self")) == 1
         assert await astore.stream_version(stream_id_of("a-nothing")) == 0
-    finally:
-        await astore.close()
 
 
 def test_put_refuses_a_parent_checkpoint_id_that_is_not_a_string(saver: EventStoreSaver,
                                                                   store: EventStore) -> None:
-    from eventstore import InvalidArgument
 
     before = store.last_position()
     with pytest.raises(InvalidArgument, match="checkpoint_id must be a string"):
@@ -1824,8 +1811,6 @@ def test_a_legacy_checkpoints_sends_take_the_highest_channel_version(
         saver: EventStoreSaver) -> None:
     """A checkpoint before LangGraph 0.3 (v < 4) with Send objects in pending_sends: the tasks
     channel gets the highest of its channel versions, as PostgresSaver gives it on load."""
-    from langgraph.constants import TASKS
-    from langgraph.types import Send
 
     low = saver.get_next_version(None, None)
     high = saver.get_next_version(saver.get_next_version(low, None), None)

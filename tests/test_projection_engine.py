@@ -12,8 +12,9 @@ from sqlalchemy import select, update
 
 from eventstore import Event, EventStore, InvalidArgument, RawEvent, RecordedEvent
 from eventstore._backend import begin_write
-from eventstore._schema import projection_rows
+from eventstore._schema import projection_rows, snapshots
 from eventstore._time import to_micros
+from eventstore.errors import DatabaseError
 from projections import (
     Conversations,
     ProjectionFailed,
@@ -298,7 +299,6 @@ def test_failing_projection_stops_at_the_event(store: EventStore) -> None:
     assert rows_of(store, bad)[("default", "counter-a")].count == 2
     assert ("default", "counter-b") not in rows_of(store, bad)
     assert proj.run_once(bad) == 0
-    from projections import restart
 
     restart(store, "tally_async")
     fixed = TallyProjection("tally_async")
@@ -380,7 +380,6 @@ def test_catch_up_raises_a_transient_database_error_and_fails_no_projection(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lock held too long or a lost connection during catch_up goes up to the caller (trying
     again may pass); it is not recorded as the projection's failure."""
-    from eventstore.errors import DatabaseError
 
     bump(store, "a", 2)
     p = TallyProjection("tally_transient")
@@ -418,7 +417,6 @@ def test_renamed_is_a_copy_kept_in_its_own_rows(store: EventStore) -> None:
 def test_restart_drops_a_dead_workers_lease(store: EventStore) -> None:
     """A worker that died holding a long lease keeps the others out until it runs out;
     restart drops it, so the next worker takes the projection at once."""
-    from projections import restart
 
     p = TallyProjection("tally_async")
     bump(store, "a", 1)
@@ -515,7 +513,6 @@ def test_snapshots_are_taken_and_used(store: EventStore) -> None:
     assert (state.count, version) == (25, 25)
     from sqlalchemy import select
 
-    from eventstore._schema import snapshots
 
     with store.engine.connect() as c:
         snaps = c.execute(select(snapshots.c.version)).scalars().all()
@@ -531,7 +528,6 @@ def test_inline_projections_save_a_snapshot_every_n_events_of_a_stream(url: str)
     then starts from it, and gives what a fold from the start gives."""
     from sqlalchemy import select
 
-    from eventstore._schema import snapshots
 
     p = TallyProjection("tally_snap", snapshot_every=4)
     with EventStore.open(url) as store:
@@ -567,7 +563,6 @@ def test_snapshot_of_changed_code_is_ignored(store: EventStore) -> None:
     p = TallyProjection(snapshot_every=5)
     bump(store, "a", 6)
     assert snapshot_now(store, p, "counter-a", tenant_id="default") == 6
-    from eventstore._schema import snapshots
 
     with begin_write(store.engine) as conn:  # corrupt the snapshot's state
         conn.execute(update(snapshots).values(state=b'{"count":999,"total":0,"writers":[],'
@@ -858,7 +853,6 @@ def test_query_rows_by_index(store: EventStore) -> None:
     assert len(query_rows(store, p, tenant_id=None, status="big")) == 3
     before = query_rows(store, p, tenant_id="default", status="big", sort_before=20)
     assert [s for _t, s, _st, _v in before] == ["counter-c"]  # (strictly before: not a's 20)
-    from eventstore import InvalidArgument
 
     assert len(query_rows(store, p, tenant_id="default", status=(s for s in ["big"]))) == 2
     for bad in ({"limit": -1}, {"limit": "2"}, {"sort_before": 2**63}, {"status": ""},
@@ -1004,7 +998,6 @@ def test_slice_fold_saves_snapshots_at_the_right_position(store: EventStore) -> 
     """A snapshot saved by a slice fold records the last event's version and position."""
     from sqlalchemy import select
 
-    from eventstore._schema import snapshots
 
     store.append("other-x", [NoteAdded(text="moves positions away from versions")] * 3)
     bump(store, "a", 12)
@@ -1258,7 +1251,6 @@ def test_a_running_projector_resumes_a_projection_once_restarted(store: EventSto
     again once an operator restarts it (after the fix), without being restarted itself."""
     import threading
 
-    from projections import restart
 
     store.append("counter-a", [CounterIncremented(by=13)])
     bump(store, "a", 1)
@@ -1292,7 +1284,6 @@ def test_a_projector_outlives_database_errors_and_gives_up_its_leases_on_others(
     given up on the way out so another worker takes over at once."""
     import threading
 
-    from eventstore.errors import DatabaseError
 
     bump(store, "a", 2)
     p = TallyProjection("tally_retry")
@@ -1374,7 +1365,6 @@ def test_database_errors_say_whether_trying_again_may_help(store: EventStore,
     from sqlalchemy import text
 
     from eventstore._backend import translate
-    from eventstore.errors import DatabaseError
 
     with pytest.raises(DatabaseError) as refused, translate(), store.engine.connect() as conn:
         conn.execute(text("SELECT * FROM no_such_table"))
@@ -1410,7 +1400,6 @@ def test_database_errors_say_whether_trying_again_may_help(store: EventStore,
 def test_projector_arguments_are_checked(store: EventStore, kwargs: dict[str, Any]) -> None:
     """Lease, poll interval, batch size and worker id out of range are InvalidArgument (NaN
     and infinity passed `<= 0`, and a long worker id failed in PostgreSQL only)."""
-    from eventstore import InvalidArgument
 
     with pytest.raises(InvalidArgument):
         Projector(store, [TallyProjection("tally_args")], **kwargs)
@@ -1727,7 +1716,6 @@ def test_a_worker_frozen_in_a_batch_is_taken_over_on_postgres(fresh_pg: str) -> 
     import threading
     import time
 
-    from eventstore.errors import DatabaseError
 
     gate, inside = threading.Event(), threading.Event()
 
@@ -1868,7 +1856,6 @@ def test_a_batch_whose_fold_outlasts_stall_seconds_gets_through_in_smaller_batch
     connection rather than the server's reason."""
     import time
 
-    from eventstore.errors import DatabaseError
 
     class Slow(TallyProjection):
         def evolve(self, state: Tally, event: Any) -> Tally:
@@ -1896,7 +1883,6 @@ def test_a_batch_whose_fold_outlasts_stall_seconds_gets_through_in_smaller_batch
 def test_stall_seconds_stay_within_what_postgres_takes(fresh_pg: str) -> None:
     """A lease of a million seconds gives a default stall PostgreSQL's timeout can hold (it
     failed every batch); a stall_seconds past it is refused when the projector is made."""
-    from eventstore.errors import InvalidArgument
 
     with EventStore.open(fresh_pg, migrate=True) as store:
         bump(store, "a", 2)
@@ -2239,8 +2225,6 @@ def test_projection_arguments_and_settings_are_checked_before_anything_is_writte
     """Not a projection, one projection where a list is taken, no projections, and settings the
     engine cannot use (version, snapshot_every, categories) are InvalidArgument, and nothing
     is registered or written."""
-    from eventstore import InvalidArgument
-    from projections import Conversations
     from projections.aio import AsyncConversations
 
     class BadVersion(TallyProjection):
@@ -2334,7 +2318,6 @@ def test_a_rebuild_outside_a_projector_folds_under_the_sessions_idle_limit(
     longer than 1 s fails under 1 s and goes through under none (0)."""
     import time
 
-    from eventstore.errors import DatabaseError
 
     class Slow(TallyProjection):
         def evolve(self, state: Tally, event: Any) -> Tally:
@@ -2427,7 +2410,6 @@ def test_on_demand_snapshots_are_used_by_live_folds(store: EventStore) -> None:
     """With ``snapshot_every = None`` (on demand only), a live fold starts from the snapshot
     snapshot_now saved (it folded the whole stream, the snapshot unread); a snapshot that does
     not decode is passed over, the fold reads the log."""
-    from eventstore._schema import snapshots
 
     p = TallyProjection("tally_on_demand", snapshot_every=None)
     bump(store, "a", 30)
@@ -2448,7 +2430,6 @@ def test_on_demand_snapshots_are_used_by_live_folds(store: EventStore) -> None:
 def test_current_names_the_event_a_fold_fails_on(store: EventStore) -> None:
     """current() (row + the log's tail) raises ProjectionFailed naming the event, as
     fold_live does (it let the fold's own exception out)."""
-    from projections import current
 
     p = TallyProjection("tally_current", poison=13)
     bump(store, "a", 1)
@@ -2526,7 +2507,6 @@ def test_a_snapshot_that_does_not_decode_is_replaced_by_the_next_current_read(
         store: EventStore) -> None:
     """A damaged snapshot is passed over, and the next current read stores a good one in its
     place (every read folded the whole stream and tried to save, in vain)."""
-    from eventstore._schema import snapshots
 
     p = TallyProjection("tally_damaged", snapshot_every=10)
     bump(store, "a", 20)
@@ -2595,7 +2575,6 @@ def test_a_projector_whose_rebuild_fails_leaves_the_rows_to_the_release_that_kee
     every inline append of the category until an operator's restart).  The worker then stands
     aside instead of replaying the log to the same failure each turn; after a restart it tries
     again."""
-    from projections import restart
 
     with EventStore.open(url) as old, EventStore.open(url) as new:
         inline(old, TallyProjection())
@@ -2728,7 +2707,6 @@ def test_current_tops_the_row_up_from_the_log_and_gives_the_version_it_reached(
 
 
 def _snapshot_versions(store: EventStore) -> list[int]:
-    from eventstore._schema import snapshots
 
     with store.engine.connect() as c:
         return list(c.execute(select(snapshots.c.version).order_by(snapshots.c.version))
@@ -2755,7 +2733,6 @@ def test_live_folds_snapshot_once_every_events_are_folded_and_never_when_time_tr
 
 
 def test_a_live_fold_without_snapshots_folds_the_whole_stream(store: EventStore) -> None:
-    from eventstore._schema import snapshots
 
     p = TallyProjection(snapshot_every=None)
     assert snapshot_now(store, p, "counter-a", tenant_id="default") == 0
@@ -2783,7 +2760,6 @@ def test_time_travel_starts_from_no_snapshot_taken_after_its_time(url: str) -> N
 
 def test_a_snapshot_of_new_fold_code_drops_the_stream_snapshots_of_older_code(
         store: EventStore) -> None:
-    from eventstore._schema import snapshots
 
     class TallyV2(TallyProjection):
         version = 2

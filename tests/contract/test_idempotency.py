@@ -7,7 +7,7 @@ import threading
 import msgspec
 import pytest
 
-from eventstore import Event, EventStore, IdempotencyKeyReused, WrongExpectedVersion
+from eventstore import Event, EventStore, IdempotencyKeyReused, RawEvent, WrongExpectedVersion
 from tests._events import NoteAdded
 
 
@@ -55,7 +55,6 @@ def test_key_reused_for_other_events_raises(store: EventStore) -> None:
 
 
 def test_key_reused_for_the_same_data_of_another_type_raises(store: EventStore) -> None:
-    from eventstore import RawEvent
 
     store.append("c-1", [RawEvent(type="x.One", data={"type": "t"})], idempotency_key="k")
     with pytest.raises(IdempotencyKeyReused):
@@ -66,7 +65,6 @@ def test_the_same_events_in_another_form_are_a_duplicate(store: EventStore) -> N
     """A retry that sends a typed event as a RawEvent of its type, or a raw event's keys in
     another order, sends the same events: a duplicate.  Other data, types or schema versions
     stay IdempotencyKeyReused."""
-    from eventstore import RawEvent
 
     first = store.append("c-1", [NoteAdded(text="a")], idempotency_key="k1")
     again = store.append("c-1", [RawEvent(type="test.NoteAdded", data={"text": "a"})],
@@ -105,7 +103,6 @@ def test_a_retry_counts_by_the_json_stored(store: EventStore, url: str) -> None:
     too), whether or not the process knows the type; what is stored differently counts as
     other events: another value, an int for a float, a field beyond the type's, a field an
     upcaster would overwrite."""
-    from eventstore import RawEvent
 
     first = store.append("s-1", [Scored(score=2.0)], idempotency_key="k")
     for retry in ([Scored(score=2.0, note="")],
@@ -147,7 +144,6 @@ def test_a_retry_from_code_without_the_class_is_a_duplicate(url: str) -> None:
     import sys
     import textwrap
 
-    from eventstore import RawEvent
 
     script = textwrap.dedent(f"""
         from eventstore import EventStore, RawEvent
