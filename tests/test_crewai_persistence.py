@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import socket
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -59,6 +60,13 @@ def no_network() -> Iterator[None]:
     with offline() as guard:
         yield
     assert guard.attempts == [], f"network access: {guard.attempts}"
+
+
+@pytest.fixture(autouse=True)
+def crewai_lock_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CrewAI's SQLiteFlowPersistence locks through a file it leaves in the temp directory:
+    have those land in the test's own directory, not in the machine's /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture
