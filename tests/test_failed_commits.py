@@ -439,3 +439,53 @@ def test_async_an_error_caught_inside_the_transaction_is_not_a_silent_rollback(
             assert isinstance(ran, DatabaseError)
         else:
             assert ran == "returned"
+
+
+def _refusing_trigger(conn: Connection, prefix: str) -> str:
+    """A trigger refusing the insert of an event into a stream named ``prefix...``; returns the
+    statement that drops it (the PostgreSQL test database outlives a test)."""
+    name = f"refuse_{uuid.uuid4().hex[:8]}"
+    if conn.dialect.name == "sqlite":
+        conn.execute(text(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON es_events "
+            f"WHEN NEW.stream_id LIKE '{prefix}%' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the trigger'); END"))
+        return f"DROP TRIGGER {name}"
+    conn.execute(text(
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.stream_id LIKE '{prefix}%' THEN RAISE EXCEPTION 'refused by the trigger'; "
+        "END IF; RETURN NEW; END $$"))
+    conn.execute(text(f"CREATE TRIGGER {name} BEFORE INSERT ON es_events "
+                      f"FOR EACH ROW EXECUTE FUNCTION {name}()"))
+    return f"DROP TRIGGER {name} ON es_events; DROP FUNCTION {name}()"
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_insert_the_database_refuses_raises_and_writes_nothing(url: str, face: str) -> None:
+    """An append whose INSERT the database refuses (a trigger here): the caller gets a
+    DatabaseError each time, nothing of it is written, and appends around it go on -- on the
+    store's every append path (a first append, then the one-round-trip guesses; several runs,
+    psycopg preparing statements on their fifth)."""
+    prefix = f"refused{uuid.uuid4().hex[:8]}-"
+    with EventStore.open(url, migrate=True) as admin:
+        with admin.engine.begin() as conn:
+            drop = _refusing_trigger(conn, prefix)
+        try:
+            store: Any = (BlockingAsyncStore(url) if face == "async" else EventStore.open(url))
+            try:
+                for i in range(6):
+                    before = store.last_position()
+                    with pytest.raises(DatabaseError, match="refused by the trigger"):
+                        store.append(f"{prefix}{i % 2}", [NoteAdded(text=f"no {i}")],
+                                     expected_version=0)
+                    assert store.last_position() == before
+                    store.append(f"ok-{prefix}", [NoteAdded(text=f"ok {i}")])
+            finally:
+                store.close()
+            assert admin.stream_version(f"{prefix}0") == 0
+            assert admin.stream_version(f"{prefix}1") == 0
+            assert _texts(admin, f"ok-{prefix}") == [f"ok {i}" for i in range(6)]
+        finally:
+            with admin.engine.begin() as conn:
+                for statement in drop.split("; "):
+                    conn.execute(text(statement))
