@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import multiprocessing
 import queue as queue_mod
@@ -18,6 +19,8 @@ from structlog.testing import capture_logs
 from eventstore import EventStore, InvalidArgument, SchemaVersionMismatch, _migrate
 from eventstore._migrate import known_revisions, migrate_url
 from eventstore._schema import VERSION_TABLE
+from eventstore.aio import AsyncEventStore
+from eventstore.errors import DatabaseError
 from tests import _workers
 from tests._events import NoteAdded
 from tests.conftest import drop_pg_database, fresh_pg_database
@@ -395,3 +398,22 @@ def test_projection_categories_recorded_by_a_migrated_database(fresh_url: str) -
         inline(store, TallyProjection("tally_old"))
         (st,) = status(store, "tally_old")
         assert (st.categories, st.lag) == (("counter",), 0)
+
+
+@pytest.mark.parametrize("migrate", [False, True])
+def test_a_server_refusing_the_connection_at_open_is_a_transient_database_error(
+        migrate: bool) -> None:
+    """Opening a store, sync or async, with or without migrating, on a PostgreSQL address where
+    nothing listens: the store's DatabaseError (transient: worth a retry), not the driver's."""
+    url = "postgresql+psycopg://app@127.0.0.1:1/app"
+    with pytest.raises(DatabaseError) as sync_refused:
+        EventStore.open(url, migrate=migrate)
+
+    async def open_async() -> None:
+        await AsyncEventStore.open(url, migrate=migrate)
+
+    with pytest.raises(DatabaseError) as async_refused:
+        asyncio.run(open_async())
+    for refused in (sync_refused.value, async_refused.value):
+        assert refused.transient is True
+        assert "connection failed" in str(refused)
