@@ -88,6 +88,56 @@ def test_times_of_a_named_zone_come_back_in_that_zone(flows: Flows) -> None:
     assert flows.history("f-tz")[-1].state == {"edges": edges}
 
 
+def test_typed_state_keeps_each_value_s_exact_type(flows: Flows) -> None:
+    """Bools stay bools, sets stay sets (not frozensets), decimals keep their digits, and
+    keys of any type (mixed with strings, tuples, dates) come back as they were."""
+    state = {"flag": True, "off": False, "tags": {"a"}, "frozen": frozenset({"b"}),
+             "price": Decimal("19.990"), "precise": Decimal("0.1000000000000000000001"),
+             "mixed": {"a": 1, 2: "b"}, "keyed": {(1, 2): "pair", dt.date(2020, 1, 1): "day"},
+             "blob": b"\x00", "buffer": bytearray(b"\x01")}
+    flows.save("f1", "step", state)
+    loaded = flows.load("f1")
+    assert loaded == {**state, "buffer": b"\x01"}
+    assert {k: type(v) for k, v in loaded.items()} == {
+        "flag": bool, "off": bool, "tags": set, "frozen": frozenset, "price": Decimal,
+        "precise": Decimal, "mixed": dict, "keyed": dict, "blob": bytes, "buffer": bytes}
+    assert [str(loaded["price"]), str(loaded["precise"])] == ["19.990",
+                                                              "0.1000000000000000000001"]
+    assert [type(k) for k in loaded["mixed"]] == [str, int]
+
+
+def test_equal_sets_are_stored_as_equal_json() -> None:
+    # 8 and 16 share a hash slot: the two sets iterate in their insertion order
+    assert list({8, 16}) != list({16, 8})
+    assert to_json({8, 16}) == to_json({16, 8})
+    assert to_json(frozenset({"b", "a"})) == to_json(frozenset({"a", "b"}))
+
+
+def test_a_time_of_a_zone_this_machine_cannot_load_comes_back_at_its_offset(
+        flows: Flows, store: EventStore) -> None:
+    from eventstore import RawEvent
+
+    at = {"$type": "datetime", "value": "2026-01-01T12:00:00+02:00"}
+    state = {"unknown": {**at, "zone": "Mars/Olympus_Mons"}, "bad": {**at, "zone": "../x"}}
+    store.append(Flows.stream_id("f"), [RawEvent(type="FlowStateSaved", data={
+        "flow_id": "f", "at": "2026-01-01T00:00:00+00:00", "method_name": "m", "state": state})])
+    noon = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    loaded = flows.load("f")
+    assert loaded == {"unknown": noon, "bad": noon}
+    assert [v.utcoffset() for v in loaded.values()] == [dt.timedelta(hours=2)] * 2
+
+
+def test_a_pydantic_model_in_state_is_stored_as_its_fields(flows: Flows) -> None:
+    import pydantic
+
+    class Step(pydantic.BaseModel):
+        n: int
+        on: dt.date
+
+    flows.save("f1", "step", {"step": Step(n=1, on=dt.date(2026, 1, 1))})
+    assert flows.load("f1") == {"step": {"n": 1, "on": dt.date(2026, 1, 1)}}
+
+
 def test_unstorable_state_is_rejected(flows: Flows, store: EventStore) -> None:
     """A value that cannot be stored raises InvalidArgument and writes nothing."""
     with pytest.raises(InvalidArgument):

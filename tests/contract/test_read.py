@@ -13,8 +13,8 @@ import eventstore._core as core_module
 from eventstore import Event, EventDecodeError, EventStore, RawEvent, upcaster
 from eventstore._backend import begin_write
 from eventstore._schema import events as events_table
-from eventstore.events import _registry
-from tests._events import CounterIncremented, NoteAdded
+from eventstore.events import _registry, _upcasters
+from tests._events import Anything, CounterIncremented, NoteAdded
 
 
 @pytest.fixture
@@ -226,6 +226,86 @@ def test_an_upcast_event_reads_as_the_json_decoder_reads_it(store: EventStore) -
     finally:
         for tag in ("test.Scores", "test.Wrapped", "test.Described"):
             _registry.pop(tag, None)
+
+
+def test_upcast_data_fills_int_keys_and_raw_fields_in_unions_and_tuples(store: EventStore
+                                                                         ) -> None:
+    """Upcast data read as the current schema is: int keys of a type with no
+    ``msgspec.Raw`` (from their JSON strings), a Raw in an optional struct or in a tuple; a
+    stream of old rows that also fit the new type is still upcast."""
+    store.append("u-1", [RawEvent(type="test.Levels", data={"by_level": {"1": 10}},
+                                  schema_version=1)])
+    store.append("u-2", [RawEvent(type="test.MaybeBody", data={
+        "body": {"kind": "k", "inner": {"x": 1}}}, schema_version=1)])
+    store.append("u-3", [RawEvent(type="test.Paired", data={"pair": [1, [2]]},
+                                  schema_version=1)])
+
+    class Levels(Event, tag="test.Levels", schema_version=2):
+        by_level: dict[int, int]
+
+    class MaybeBody(Event, tag="test.MaybeBody", schema_version=2):
+        body: Envelope | None
+
+    class Paired(Event, tag="test.Paired", schema_version=2):
+        pair: tuple[int, msgspec.Raw]
+
+    @upcaster("test.Levels", from_version=1)
+    def _levels(data: dict[str, Any]) -> dict[str, Any]:
+        return {"by_level": {k: v + 1 for k, v in data["by_level"].items()}}
+
+    for tag in ("test.MaybeBody", "test.Paired"):
+        upcaster(tag, from_version=1)(lambda data: data)
+    try:
+        assert [e.data for e in store.read_stream("u-1")] == [Levels(by_level={1: 11})]
+        (ev,) = store.read_stream("u-2")
+        assert isinstance(ev.data, MaybeBody) and ev.data.body is not None
+        assert (ev.data.body.kind, bytes(ev.data.body.inner)) == ("k", b'{"x":1}')
+        (paired,) = store.read_stream("u-3")
+        assert isinstance(paired.data, Paired)
+        assert (paired.data.pair[0], bytes(paired.data.pair[1])) == (1, b"[2]")
+    finally:
+        for tag in ("test.Levels", "test.MaybeBody", "test.Paired"):
+            _registry.pop(tag, None)
+            _upcasters.pop((tag, 1), None)
+
+
+def test_a_read_of_rows_of_one_type_names_the_one_that_does_not_decode(store: EventStore
+                                                                        ) -> None:
+    store.append("s-1", [RawEvent(type="test.Sided", data={"sides": 3}),
+                         RawEvent(type="test.Sided", data={"sides": "many"})])
+
+    class Sided(Event, tag="test.Sided"):
+        sides: int
+
+    try:
+        for events in (store.read_stream("s-1"), store.read_all()):
+            with pytest.raises(EventDecodeError) as info:
+                list(events)
+            assert (info.value.position, info.value.type) == (2, "test.Sided")
+    finally:
+        _registry.pop("test.Sided", None)
+
+
+def test_data_nested_too_deeply_to_decode_is_the_typed_error(store: EventStore, url: str
+                                                              ) -> None:
+    """Data deeper than the stack takes (an older release's, or changed in the database)
+    raises EventDecodeError naming the event, not RecursionError."""
+    store.append("d-1", [Anything(value=1)])
+    deep = b'{"type":"test.Anything","value":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with EventStore.open(url) as other, begin_write(other.engine) as conn:
+        conn.execute(update(events_table).where(events_table.c.position == 1).values(data=deep))
+    for events in (store.read_stream("d-1"), store.read_all()):
+        with pytest.raises(EventDecodeError) as info:
+            list(events)
+        assert (info.value.position, info.value.type) == (1, "test.Anything")
+
+
+def test_events_appended_without_metadata_read_back_an_empty_dict(store: EventStore) -> None:
+    seen: list[Any] = []
+    store.add_inline_handler(lambda conn, recorded: seen.extend(r.metadata for r in recorded))
+    store.append("m-1", [NoteAdded(text="a")])
+    store.append("m-1", [NoteAdded(text="b")], metadata={})
+    assert [e.metadata for e in store.read_stream("m-1")] == [{}, {}] == seen
 
 
 @pytest.mark.parametrize("with_raw", [False, True])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
+import attrs
 import msgspec
 import pytest
 
@@ -28,6 +30,20 @@ HOSTILE = [
     "conversation-%_*?[]{}$1 :name ?",
     "x" * 255,
 ]
+
+
+class _Point(msgspec.Struct):
+    x: float
+
+
+@dataclasses.dataclass
+class _Reading:
+    value: float
+
+
+@attrs.define
+class _AttrsReading:
+    value: float
 
 
 @pytest.mark.parametrize(
@@ -59,6 +75,9 @@ def test_bad_stream_id_is_rejected(store: EventStore, stream_id: Any,
         {"metadata": ["not", "a", "dict"]},
         {"metadata": {1: "non-string key"}},
         {"metadata": {"trace": {"spans": [{7: "nested non-string key"}]}}},
+        {"metadata": {"pairs": ({7: "in a tuple"},)}},
+        {"metadata": {"big": 10**5000}},  # past the digits Python writes as text
+        {"metadata": {"o": object()}},
     ],
 )
 def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, Any]) -> None:
@@ -81,7 +100,11 @@ def test_bad_append_arguments_are_rejected(store: EventStore, kwargs: dict[str, 
      [RawEvent(type="X", data={}, schema_version=2**70)],
      [RawEvent(type="X", data={}, schema_version=1.0)],  # type: ignore[arg-type]
      [RawEvent(type="X", data={1: "one"})],  # JSON keys are text: 1 would read back "1"
-     [RawEvent(type="X", data={"a": [{"b": {2: "two"}}]})]],  # at any depth
+     [RawEvent(type="X", data={"a": [{"b": {2: "two"}}]})],  # at any depth
+     [RawEvent(type="X", data={"a": ({2: "two"},)})],  # in tuples too
+     [RawEvent(type="X", data={"a": [({2: "two"},)]})],
+     [RawEvent(type="X", data=_Point(x=1.0))],  # type: ignore[arg-type]  # not a dict
+     [Anything(value=10**5000)], [RawEvent(type="X", data={"a": 10**5000})]],
 )
 def test_bad_events_are_rejected(store: EventStore, events: Any) -> None:
     """An empty batch, a non-event or an unencodable payload raises InvalidEvent."""
@@ -194,6 +217,54 @@ def test_inline_handlers_get_the_metadata_as_reads_give_it(store: EventStore) ->
     assert [e.metadata for e in store.read_stream("m-1")] == seen
 
 
+def test_inline_handlers_get_raw_events_as_reads_give_them(store: EventStore) -> None:
+    seen: list[Any] = []
+    store.add_inline_handler(lambda conn, recorded: seen.extend(r.data for r in recorded))
+    store.append("r-1", [RawEvent(type="test.Unknown", data={"span": (1, 2)})])
+    assert seen == [RawEvent(type="test.Unknown", data={"span": [1, 2]})]
+    assert [e.data for e in store.read_stream("r-1")] == seen
+
+
+class Checked(Event, tag="test.Checked"):
+    n: int
+
+    def __check_appended__(self) -> None:
+        if self.n < 0:
+            raise ValueError("n must not be negative")
+
+
+def test_an_event_its_type_s_own_check_refuses_is_not_stored(store: EventStore) -> None:
+    """``__check_appended__`` runs on typed and raw events alike; what it raises is an
+    InvalidEvent (its own InvalidEvent as it is), and nothing is written."""
+    for event in (Checked(n=-1), RawEvent(type="test.Checked", data={"n": -1})):
+        with pytest.raises(InvalidEvent, match="refused by its type's check: n must not"):
+            store.append("c-1", [Checked(n=1), event])
+    assert store.stream_version("c-1") == 0
+    store.append("c-1", [Checked(n=0), RawEvent(type="test.Checked", data={"n": 2})])
+    assert [e.data for e in store.read_stream("c-1")] == [Checked(n=0), Checked(n=2)]
+
+
+class AtVersion2(Event, tag="test.AtVersion2", schema_version=2):
+    text: str
+
+
+def test_a_raw_event_at_its_type_s_current_schema_version_reads_back_typed(store: EventStore
+                                                                          ) -> None:
+    store.append("v-1", [RawEvent(type="test.AtVersion2", data={"text": "t"},
+                                  schema_version=2)])
+    (ev,) = store.read_stream("v-1")
+    assert (ev.schema_version, ev.data) == (2, AtVersion2(text="t"))
+
+
+def test_the_largest_schema_version_and_longest_type_name_are_stored(store: EventStore
+                                                                     ) -> None:
+    longest = "T" * 255
+    store.append("c-1", [RawEvent(type=longest, data={"n": 1}, schema_version=2**31 - 1)])
+    (ev,) = store.read_stream("c-1")
+    assert (ev.type, ev.schema_version) == (longest, 2**31 - 1)
+    assert ev.data == RawEvent(type=longest, data={"n": 1}, schema_version=2**31 - 1)
+
+
 class MaybeMeasured(Event, tag="test.MaybeMeasured"):
     value: float | None = None
 
@@ -208,9 +279,14 @@ class MaybeMeasured(Event, tag="test.MaybeMeasured"):
      (NoteAdded(text="ok"), {"range": (0.0, float("inf"))}),
      (Anything(value=[2**70, float("nan")]), None),  # past msgpack's ints: looked at in Python
      (RawEvent(type="test.Unknown", data={"json": msgspec.Raw(b"[1]"), "x": float("inf")}),
-      None)],  # to_builtins refuses msgspec.Raw
+      None),  # to_builtins refuses msgspec.Raw
+     # beside a msgspec.Raw, in each kind of value the walk opens
+     *[(RawEvent(type="test.Unknown", data={"json": msgspec.Raw(b"[1]"), "v": value}), None)
+       for value in ({float("nan")}, frozenset([float("inf")]), _Point(x=float("nan")),
+                     _Reading(value=float("-inf")), _AttrsReading(value=float("nan")))]],
     ids=["any-field", "optional-float", "raw-unknown-type", "metadata", "tuple", "metadata-tuple",
-         "huge-int", "beside-msgspec-raw"])
+         "huge-int", "beside-msgspec-raw", "raw-set", "raw-frozenset", "raw-struct",
+         "raw-dataclass", "raw-attrs"])
 def test_nan_and_infinity_are_refused_not_stored_as_null(store: EventStore, event: Any,
                                                          metadata: Any) -> None:
     """JSON has no NaN or infinity (msgspec writes null): an event or metadata holding one
@@ -381,3 +457,10 @@ def test_escapes_in_strings_do_not_change_the_depth_counted(store: EventStore, w
     stored = (rec.metadata if where == "metadata" else
               rec.data.value if where == "typed" else rec.data.data)  # type: ignore[union-attr]
     assert stored == {**escapes, "v": [brackets, '\\"[[[', "\\"], "z": "\t"}
+    # One escaped quote (an odd count) before balanced brackets in a string: still shallow.
+    lone = ['a "quote', "[" * 300 + "]" * 300]
+    append("deep-3", lone)
+    (rec,) = store.read_stream("deep-3")
+    stored = (rec.metadata if where == "metadata" else
+              rec.data.value if where == "typed" else rec.data.data)  # type: ignore[union-attr]
+    assert stored["v"] == lone
