@@ -131,6 +131,9 @@ def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
                     f"{registered.__module__}.{registered.__qualname__}, the class registered "
                     f"for tag {tag!r} now (two event classes share the tag?): "
                     f"{e.__cause__ or e}") from e
+        if registered is cls and _may_hold_mappings(cls) and _encoder.encode(read) != data:
+            # (Read back, written again, the same JSON: no key was lost.  Else, a look.)
+            _check_no_keys_merged(event, read, f"{tag} event")
         _check_finite(event, data, f"{tag} event")
         _check_appended(read, tag)
         return tag, sv, data, read
@@ -180,6 +183,10 @@ def encode_checked(event: object) -> tuple[str, int, bytes, Event | RawEvent]:
         _check_depth(data, f"{event.type} event")  # (valid JSON by now)
         if known is None:  # (a known type's own field types say what its keys are)
             _check_keys(event.data, f"raw event {event.type} data")
+        else:  # (but two keys written as one JSON key lose a value before any type reads it)
+            stored = _dict_decoder.decode(data)
+            if _encoder.encode(stored) != data:
+                _check_no_keys_merged(event.data, stored, f"raw event {event.type} data")
         _check_finite(event.data, data, f"{event.type} event")
         return event.type, event.schema_version, data, read
     raise InvalidEvent(
@@ -214,6 +221,115 @@ def _check_keys(value: object, what: str) -> None:
         elif isinstance(item, (list, tuple)):
             stack.extend((child, (*path, i)) for i, child in enumerate(item)
                          if isinstance(child, (dict, list, tuple)))
+
+
+def _check_no_keys_merged(given: object, read: object, what: str) -> None:
+    """Refuse a typed event with a mapping two of whose keys JSON writes as one: keys are
+    text there, so ``{1: "a", "1": "b"}`` would read back as ``{"1": "b"}``, a value lost
+    without a word.  (A lone int key in a field typed ``Any`` reads back as its string, as
+    msgspec converts; a ``dict[int, ...]`` field gives it back as an int.)  Walks the event as
+    given beside the event as read back: a mapping that read back smaller lost a key."""
+    stack: list[tuple[object, object, tuple[object, ...]]] = [(given, read, ())]
+    while stack:
+        g, r, path = stack.pop()
+        if isinstance(g, dict):
+            if not isinstance(r, dict):
+                continue
+            if len(r) != len(g):
+                raise InvalidEvent(f"{what}: {_merged_keys(g)}"
+                                   + (f" at {_where(path)}" if path else "")
+                                   + " are one key in JSON (keys are written as text): one "
+                                   "of their values would be lost")
+            # (JSON keeps the order of a mapping's keys: the pairs line up.)
+            stack.extend((child, other, (*path, key)) for (key, child), other
+                         in zip(g.items(), r.values(), strict=True)
+                         if _walked(child))
+        elif isinstance(g, (list, tuple)):
+            if isinstance(r, (list, tuple)) and len(r) == len(g):
+                stack.extend((child, r[i], (*path, i)) for i, child in enumerate(g)
+                             if _walked(child))
+        else:  # a struct, dataclass or attrs instance: read back as such, or as a dict
+            for name, encoded in _field_names(type(g)):
+                child = getattr(g, name, None)
+                if _walked(child):
+                    other = (r.get(encoded) if isinstance(r, dict)
+                             else getattr(r, name, None))
+                    stack.append((child, other, (*path, encoded)))
+
+
+def _where(path: tuple[object, ...]) -> str:
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def _merged_keys(mapping: dict[Any, Any]) -> str:
+    """The first keys of ``mapping`` that JSON writes as one (for the error message)."""
+    seen: dict[str, Any] = {}
+    for key in mapping:
+        try:
+            (text,) = _any_decoder.decode(_encoder.encode({key: None}))
+        except Exception:  # pragma: no cover - it was encoded once already
+            continue
+        if text in seen:
+            return f"the keys {seen[text]!r} and {key!r}"
+        seen[text] = key
+    return "two keys"  # pragma: no cover - a mapping read back smaller has two such keys
+
+
+# What _check_no_keys_merged walks into (a set's elements are hashable: no mapping in them),
+# besides dataclasses and attrs classes; and what it never does.
+_KEYED = (dict, list, tuple, msgspec.Struct)
+_LEAF = (str, int, float, bytes, type(None))
+
+
+def _walked(value: object) -> bool:
+    if isinstance(value, _KEYED):
+        return True
+    return not isinstance(value, _LEAF) and bool(_field_names(type(value)))
+
+
+_fields_cache: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[tuple[str, str], ...]:
+    """A struct's, dataclass's or attrs class's fields: (attribute, name in JSON); none for
+    other types."""
+    names = _fields_cache.get(cls)
+    if names is None:
+        if issubclass(cls, msgspec.Struct):
+            names = tuple((f.name, f.encode_name) for f in msgspec.structs.fields(cls))
+        elif dataclasses.is_dataclass(cls):
+            names = tuple((f.name, f.name) for f in dataclasses.fields(cls))
+        else:
+            attributes = getattr(cls, "__attrs_attrs__", None)
+            names = (tuple((a.name, a.name) for a in attributes)
+                     if isinstance(attributes, tuple) else ())
+        _fields_cache[cls] = names
+    return names
+
+
+@functools.cache
+def _may_hold_mappings(cls: type[Event]) -> bool:
+    """Whether a mapping can be anywhere in the type's values (a dict or Any field, nested
+    structs, dataclasses and containers included): if not, no key needs checking."""
+    try:
+        return _reaches(msgspec.inspect.type_info(cls), set())
+    except Exception:  # a type msgspec cannot describe: check its values
+        return True
+
+
+def _reaches(info: Any, seen: set[int]) -> bool:
+    if isinstance(info, (msgspec.inspect.DictType, msgspec.inspect.AnyType,
+                         msgspec.inspect.CustomType)):
+        return True
+    if id(info) in seen:  # (a recursive type)
+        return False
+    seen.add(id(info))
+    fields = getattr(info, "fields", None)
+    if fields is not None:
+        return any(_reaches(f.type, seen) for f in fields)
+    inner = [getattr(info, a, None) for a in ("item_type", "key_type", "value_type", "type")]
+    inner += [*(getattr(info, "item_types", None) or ()), *(getattr(info, "types", None) or ())]
+    return any(_reaches(t, seen) for t in inner if t is not None)
 
 
 def _check_finite(value: object, encoded: bytes, what: str) -> None:

@@ -235,6 +235,8 @@ def test_bad_input_writes_nothing(conversations: Conversations, conv_store: Even
         conversations.assign("c-1", {"a": float("nan")})
     with pytest.raises(InvalidArgument):
         conversations.assign("c-1", {"a": {"deep": [1.0, float("inf")]}})
+    with pytest.raises(InvalidArgument, match="are one key in JSON"):
+        conversations.assign("c-1", {"a": {1: "lost", "1": "kept"}})  # one JSON key
     assert conv_store.stream_version("conversation-c-1") == 0
 
 

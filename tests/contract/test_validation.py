@@ -36,6 +36,10 @@ class _Point(msgspec.Struct):
     x: float
 
 
+class _Mapped(msgspec.Struct):
+    m: dict[str, int]
+
+
 @dataclasses.dataclass
 class _Reading:
     value: float
@@ -263,6 +267,54 @@ def test_the_largest_schema_version_and_longest_type_name_are_stored(store: Even
     (ev,) = store.read_stream("c-1")
     assert (ev.type, ev.schema_version) == (longest, 2**31 - 1)
     assert ev.data == RawEvent(type=longest, data={"n": 1}, schema_version=2**31 - 1)
+
+
+class NamesByNumber(Event, tag="test.NamesByNumber"):
+    names: dict[int, str] = msgspec.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Box:
+    content: Any
+
+
+@attrs.define
+class _AttrsBox:
+    content: Any
+
+
+@pytest.mark.parametrize(
+    ("event", "where"),
+    [(Anything(value={1: "a", "1": "b"}), "['value']"),
+     (Anything(value={"a": [{"b": ({2: "x", "2": "y"},)}]}), "['value']['a'][0]['b'][0]"),
+     (Anything(value=_Mapped(m={3: 0, "3": 1})), "['value']['m']"),
+     (Anything(value=_Box(content={4: 0, "4": 1})), "['value']['content']"),
+     (Anything(value=[_AttrsBox(content={5: 0, "5": 1})]), "['value'][0]['content']"),
+     (NamesByNumber(names={1: "a", "1": "b"}), "['names']"),
+     (RawEvent(type="test.Anything", data={"value": {6: "a", "6": "b"}}), "['value']"),
+     (RawEvent(type="test.NamesByNumber", data={"names": {7: "a", "7": "b"}}), "['names']")],
+    ids=["any-field", "nested", "struct", "dataclass", "attrs", "int-keyed-field",
+         "raw-known-type", "raw-int-keyed"])
+def test_two_keys_json_writes_as_one_are_refused(store: EventStore, event: Any,
+                                                 where: str) -> None:
+    """JSON keys are text: {1: "a", "1": "b"} would read back as {"1": "b"}, a value lost
+    without a word.  Such an event (typed, or raw of a known type) raises InvalidEvent naming
+    the keys and where, and writes nothing."""
+    with pytest.raises(InvalidEvent, match="are one key in JSON") as refused:
+        store.append("c-1", [NoteAdded(text="first"), event])
+    assert f"at {where}" in str(refused.value)
+    assert store.stream_version("c-1") == 0
+
+
+def test_keys_json_gives_back_or_turns_to_text_without_loss_are_stored(store: EventStore
+                                                                      ) -> None:
+    """A lone int key in a field typed Any reads back as its text (msgspec's JSON); one in a
+    dict[int, ...] field reads back as the int."""
+    store.append("c-1", [Anything(value={1: "a", "b": {2: [3]}}), NamesByNumber(names={1: "a"}),
+                         RawEvent(type="test.NamesByNumber", data={"names": {2: "b"}})])
+    assert [e.data for e in store.read_stream("c-1")] == [
+        Anything(value={"1": "a", "b": {"2": [3]}}), NamesByNumber(names={1: "a"}),
+        NamesByNumber(names={2: "b"})]
 
 
 class MaybeMeasured(Event, tag="test.MaybeMeasured"):
