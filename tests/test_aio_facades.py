@@ -585,3 +585,23 @@ async def test_async_sweeps_change_each_item_in_its_own_transaction(
         changed = len(result) if facade == "jobs" else len(result.expired)
         assert changed == 3
         assert transactions == [["change"]] * 3
+
+
+@pytest.mark.asyncio
+async def test_async_sweeps_check_the_time_given_and_record_it_in_utc(url: str) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        jobs, conts = AsyncJobs(store, clock=clock), AsyncContinuations(store, clock=clock)
+        job = await jobs.submit("wf", {}, user_id="u")
+        await jobs.claim("w1")
+        for sweeper in (jobs, conts):
+            with pytest.raises(InvalidArgument, match="timezone-aware"):
+                await sweeper.sweep(datetime(2026, 1, 2))
+        later = (clock.now + timedelta(days=1)).astimezone(timezone(timedelta(hours=-5)))
+        swept = await jobs.sweep(later)
+        assert [(s.job_id, s.action) for s in swept] == [(job.job_id, "requeued")]
+        requeued = [e async for e in jobs.events(job.job_id)][-1]
+        assert requeued.type == "JobRequeued" and requeued.data.at == later  # type: ignore[union-attr]
+        assert requeued.data.at.utcoffset() == timedelta(0)  # type: ignore[union-attr]

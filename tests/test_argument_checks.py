@@ -56,6 +56,25 @@ def test_a_clock_giving_naive_times_is_refused_and_writes_nothing(store: EventSt
     assert list(store.read_all()) == []
 
 
+class _NoOffset(dt.tzinfo):
+    """A zone that does not know its offset: its times are naive as far as Python goes."""
+
+    def utcoffset(self, when: dt.datetime | None) -> None:
+        return None
+
+    def dst(self, when: dt.datetime | None) -> None:
+        return None
+
+
+@pytest.mark.parametrize("bad", [dt.datetime(2026, 1, 1, 12, tzinfo=_NoOffset()),
+                                 dt.date(2026, 1, 1), "2026-01-01T12:00:00+00:00"])
+def test_a_clock_giving_no_aware_datetime_is_refused_and_writes_nothing(
+        store: EventStore, bad: Any) -> None:
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        Flows(store, clock=lambda: bad).request_feedback("f-1", {}, {})
+    assert list(store.read_all()) == []
+
+
 def test_the_stores_clock_is_checked_and_kept_in_utc(url: str) -> None:
     with pytest.raises(InvalidArgument, match="clock"):
         EventStore.open(url, migrate=True, clock=5)  # type: ignore[arg-type]

@@ -278,6 +278,13 @@ def test_ids_cannot_be_confused(conts: Continuations) -> None:
     assert conts.get("a", "b.c") is None
 
 
+def test_a_continuation_s_stream_is_named_by_its_length_prefixed_ids(
+        conts: Continuations, store: EventStore) -> None:
+    pause(conts, "conv-1", "alice")
+    (ev,) = store.read_all()
+    assert ev.stream_id == "continuation-6:conv-1.5:alice"
+
+
 def test_pending_for_user_lists_pending_pauses(conts: Continuations) -> None:
     """pending_for_user lists only that user's pending pauses."""
     pause(conts, "conv-1", "alice")

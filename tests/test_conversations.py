@@ -208,6 +208,14 @@ def test_tenants_do_not_see_each_other(conversations: Conversations) -> None:
     assert conversations.snapshot("c-1", tenant_id="a") == 3
 
 
+def test_ids_of_200_characters_are_taken_and_ids_that_are_not_text_refused(
+        conversations: Conversations) -> None:
+    conversations.assign("c" * 200, {"a": 1})
+    assert conversations.get("c" * 200).variables == {"a": 1}
+    with pytest.raises(InvalidArgument):
+        conversations.assign(7, {"a": 1})  # type: ignore[arg-type]
+
+
 def test_bad_input_writes_nothing(conversations: Conversations, conv_store: EventStore) -> None:
     """Empty or malformed variables raise InvalidArgument and append nothing."""
     for bad in ({}, {"": 1}, {1: "x"}, ["a"]):
@@ -431,3 +439,72 @@ def test_the_fold_leaves_the_state_it_is_given_unchanged(conversations: Conversa
     assert (empty.variables, empty.value_types) == ({}, {})
     assert projection.evolve(assigned, second).variables == {}
     assert (assigned.variables, assigned.value_types) == ({"a": 1}, {"a": "integer"})
+
+
+# The stored shape of every event type of the catalogue (projections.events): tag -> field ->
+# its type, or (type, default) for a field with a default.  Tags never change and a field
+# never changes type; an added field's default is what older events read with.
+CATALOGUE: dict[str, dict[str, Any]] = {
+    "VariablesAssigned": {"conversation_id": str, "variables": list[VariableValue],
+                          "workflow_run_id": (str | None, None), "node_id": (str | None, None)},
+    "VariablesReset": {"conversation_id": str, "variables": list[VariableValue],
+                       "workflow_run_id": (str | None, None), "node_id": (str | None, None)},
+    "VariablesDeleted": {"conversation_id": str, "names": list[str],
+                         "workflow_run_id": (str | None, None), "node_id": (str | None, None)},
+    "ToolCallsPaused": {"conversation_id": str, "user_id": str, "pause_id": str,
+                        "messages": list[Any], "pending_tool_calls": list[Any],
+                        "tools": list[Any], "tool_schemas": list[Any],
+                        "agent_config": dict[str, Any], "expires_at": datetime,
+                        "client_tools": (list[Any] | None, None),
+                        "paused_at": (datetime | None, None), "ttl": (timedelta | None, None)},
+    "ResumeStarted": {"pause_id": str, "claim_id": str, "claimed_at": datetime},
+    "ToolCallsResumed": {"pause_id": str, "claim_id": str, "tool_results": list[Any]},
+    "ResumeReleased": {"pause_id": str, "claim_id": str, "expires_at": datetime,
+                       "error": (str | None, None)},
+    "ResumeTimedOut": {"pause_id": str, "claim_id": str, "expires_at": datetime},
+    "ContinuationExpired": {"pause_id": str, "expired_at": datetime},
+    "SessionSnapshotSaved": {"tenant_id": str, "workflow_run_id": str, "node_id": str,
+                             "binding_id": str, "agent_id": str, "snapshot": Any,
+                             "layer_specs": Any, "saved_at": datetime,
+                             "pending_form_id": (str | None, None),
+                             "pending_tool_call_id": (str | None, None)},
+    "SessionRetired": {"reason": str, "retired_at": datetime},
+    "JobSubmitted": {"job_id": str, "workflow_id": str, "inputs": Any, "user_id": str,
+                     "submitted_at": datetime, "dedupe_key": (str | None, None),
+                     "max_attempts": (int, 3)},
+    "JobClaimed": {"worker_id": str, "attempt": int, "lease_until": datetime,
+                   "at": (datetime | None, None)},
+    "JobHeartbeat": {"worker_id": str, "lease_until": datetime, "at": (datetime | None, None)},
+    "MilestoneRecorded": {"worker_id": str, "milestone": Any, "at": datetime},
+    "JobSuspended": {"worker_id": str, "request_id": str, "prompt": Any,
+                     "deadline": (datetime | None, None), "at": (datetime | None, None)},
+    "JobResumed": {"request_id": str, "input": Any, "at": datetime},
+    "JobRequeued": {"reason": str, "at": datetime},
+    "JobCompleted": {"worker_id": str, "at": datetime, "result": (Any, None)},
+    "JobFailed": {"error": str, "at": datetime, "worker_id": (str | None, None)},
+    "JobCancelled": {"at": datetime, "reason": (str | None, None)},
+    "FlowStateSaved": {"flow_id": str, "method_name": str, "state": Any, "at": datetime},
+    "FeedbackRequested": {"flow_id": str, "context": Any, "state": Any, "at": datetime},
+    "FeedbackResolved": {"flow_id": str, "feedback": Any, "at": datetime},
+}
+
+
+def test_the_event_catalogue_keeps_its_tags_field_types_and_defaults() -> None:
+    import projections.events as catalogue
+    from eventstore import Event
+
+    stored = {cls.event_tag(): {f.name: f.type if f.default is msgspec.NODEFAULT
+                                else (f.type, f.default) for f in msgspec.structs.fields(cls)}
+              for cls in vars(catalogue).values()
+              if isinstance(cls, type) and issubclass(cls, Event) and cls is not Event}
+    assert stored == CATALOGUE
+
+
+def test_a_variable_value_is_frozen_keyword_only_and_needs_its_type() -> None:
+    value = VariableValue(name="n", value=1, value_type="integer")
+    with pytest.raises(AttributeError):
+        value.value = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        VariableValue("n", 1, "integer")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        VariableValue(name="n", value=1)  # type: ignore[call-arg]

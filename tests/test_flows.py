@@ -284,6 +284,22 @@ MALFORMED = [{"$type": "uuid", "value": "not-a-uuid"}, {"$type": "datetime"},
              {"$type": "uuid", "value": 5}]
 
 
+def test_feedback_and_its_context_with_a_malformed_typed_value_are_refused_at_append(
+        store: EventStore) -> None:
+    from eventstore import RawEvent
+
+    at = "2026-01-01T00:00:00+00:00"
+    stream = Flows.stream_id("f")
+    for event in (RawEvent(type="FeedbackResolved", data={"flow_id": "f", "at": at,
+                                                          "feedback": [MALFORMED[0]]}),
+                  RawEvent(type="FeedbackRequested", data={"flow_id": "f", "at": at,
+                                                           "context": MALFORMED[0],
+                                                           "state": {}})):
+        with pytest.raises(InvalidEvent, match="malformed typed value"):
+            store.append(stream, [event])
+    assert store.stream_version(stream) == 0
+
+
 @pytest.mark.parametrize("bad", MALFORMED, ids=["uuid", "no-value", "timedelta", "decimal",
                                                 "unhashable", "unknown", "uuid-int"])
 def test_a_malformed_typed_value_is_refused_at_append_and_typed_at_read(

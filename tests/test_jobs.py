@@ -926,6 +926,13 @@ def test_times_are_aware_utc(job_store: EventStore) -> None:
     assert job.submitted_at == T0
 
 
+def test_a_lease_of_exactly_a_century_is_the_longest_taken(job_store: EventStore,
+                                                          clock: Clock) -> None:
+    century = timedelta(days=36_525)
+    claimed = running(Jobs(job_store, lease=century, clock=clock))
+    assert claimed.lease_until == clock.now + century
+
+
 def test_bad_input_raises_invalid_argument_and_writes_nothing(jobs: Jobs,
                                                               job_store: EventStore) -> None:
     """Malformed arguments raise InvalidArgument before anything is appended."""

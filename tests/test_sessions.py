@@ -64,6 +64,14 @@ def test_retire_makes_active_none(sessions: AgentSessions) -> None:
             sessions.retire(key(), reason=bad)  # type: ignore[arg-type]
 
 
+def test_a_retire_reason_that_is_not_text_is_refused(sessions: AgentSessions) -> None:
+    sessions.save(key(), snapshot={"s": 1}, layer_specs=[])
+    for bad in (5, ["run failed"]):
+        with pytest.raises(InvalidArgument):
+            sessions.retire(key(), reason=bad)  # type: ignore[arg-type]
+    assert sessions.active(key()) is not None
+
+
 def test_pause_keeps_session_active_with_pending_ids(sessions: AgentSessions) -> None:
     """A save with pending form and tool-call ids keeps the session active."""
     sessions.save(key(), snapshot={"s": 1}, layer_specs=[], pending_form_id="form-1",

@@ -10,10 +10,17 @@ import pytest
 from sqlalchemy import update
 
 import eventstore._core as core_module
-from eventstore import Event, EventDecodeError, EventStore, RawEvent, upcaster
+from eventstore import (
+    Event,
+    EventDecodeError,
+    EventStore,
+    RawEvent,
+    event_type,
+    upcaster,
+)
 from eventstore._backend import begin_write
 from eventstore._schema import events as events_table
-from eventstore.events import _registry, _upcasters
+from eventstore.events import _registry, _upcasters, registered_types
 from tests._events import Anything, CounterIncremented, NoteAdded
 
 
@@ -106,6 +113,12 @@ def test_a_category_is_the_stream_id_up_to_its_first_dash(store: EventStore) -> 
     assert [e.stream_id for e in store.read_all(categories=["order"])] == [
         "order-1-line-2", "order-2"]
     assert list(store.read_all(categories=["order-1-line"])) == []
+
+
+def test_a_record_s_category_is_its_stream_id_up_to_its_first_dash(store: EventStore) -> None:
+    store.append("order-1-line-2", [NoteAdded(text="x")])
+    store.append("nodash", [NoteAdded(text="y")])
+    assert [e.category for e in store.read_all()] == ["order", "nodash"]
 
 
 def test_a_single_name_filters_as_a_list_of_one(store: EventStore) -> None:
@@ -422,6 +435,20 @@ def test_a_read_gives_the_events_before_one_that_does_not_decode(
         _registry.pop("test.Shape", None)
 
 
+def test_an_event_stored_at_a_version_no_upcaster_leaves_fails_the_read(
+        store: EventStore) -> None:
+    store.append("c-1", [RawEvent(type="test.NoUpcaster", data={"a": 1})])
+
+    class NoUpcaster(Event, tag="test.NoUpcaster", schema_version=2):
+        a: int
+
+    try:
+        with pytest.raises(EventDecodeError, match="no upcaster"):
+            list(store.read_stream("c-1"))
+    finally:
+        _registry.pop("test.NoUpcaster", None)
+
+
 def test_adding_a_field_with_a_default_keeps_old_events_readable(store: EventStore) -> None:
     """An event written before a field was added reads with the field's default."""
     store.append("c-1", [RawEvent(type="test.Grown", data={"a": 1})])
@@ -442,6 +469,159 @@ def test_event_type_without_tag_is_rejected() -> None:
     with pytest.raises(TypeError, match="stable tag"):
         class NoTag(Event):
             x: int
+
+
+@pytest.mark.parametrize("tag", ["", 7, "t" * 256, "nul\x00tag", "lone \ud800 surrogate"])
+def test_an_event_tag_must_be_non_empty_text_of_at_most_255_characters(tag: Any) -> None:
+    with pytest.raises(TypeError, match="an event tag must"):
+        class BadTag(Event, tag=tag):
+            x: int
+    assert tag not in registered_types()
+
+
+def test_an_event_tag_of_255_characters_is_registered_under_it() -> None:
+    tag = "t" * 255
+
+    class LongTag(Event, tag=tag):
+        x: int
+
+    try:
+        assert LongTag.event_tag() == tag and event_type(tag) is LongTag
+    finally:
+        _registry.pop(tag, None)
+
+
+def test_an_event_type_cannot_choose_its_own_tag_field() -> None:
+    try:
+        with pytest.raises(TypeError, match="share the tag field"):
+            class OwnTagField(Event, tag="test.OwnTagField", tag_field="kind"):
+                x: int
+        assert event_type("test.OwnTagField") is None
+    finally:
+        _registry.pop("test.OwnTagField", None)
+
+
+@pytest.mark.parametrize("version", [0, -1, True, 2**31, "2", 2.0])
+def test_a_schema_version_must_be_an_int_from_1_to_2_31_minus_1(version: Any) -> None:
+    try:
+        with pytest.raises(TypeError, match="schema_version must be an int"):
+            class BadVersion(Event, tag="test.BadVersion", schema_version=version):
+                x: int
+        assert event_type("test.BadVersion") is None
+    finally:
+        _registry.pop("test.BadVersion", None)
+
+
+def test_the_last_schema_version_is_taken(store: EventStore) -> None:
+    class Newest(Event, tag="test.Newest", schema_version=2**31 - 1):
+        x: int
+
+    try:
+        store.append("c-1", [Newest(x=1)])
+        (ev,) = store.read_stream("c-1")
+        assert ev.schema_version == 2**31 - 1 and ev.data == Newest(x=1)
+    finally:
+        _registry.pop("test.Newest", None)
+
+
+def test_a_tagged_subclass_of_a_versioned_type_is_at_schema_version_1(
+        store: EventStore) -> None:
+    class Versioned(Event, tag="test.Versioned", schema_version=2):
+        text: str
+
+    class Derived(Versioned, tag="test.Derived"):
+        extra: int = 0
+
+    try:
+        store.append("c-1", [Derived(text="x")])
+        (ev,) = store.read_stream("c-1")
+        assert ev.type == "test.Derived" and ev.schema_version == 1
+        assert ev.data == Derived(text="x")
+    finally:
+        _registry.pop("test.Versioned", None)
+        _registry.pop("test.Derived", None)
+
+
+@pytest.mark.parametrize(("tag", "from_version"), [
+    ("", 1), (None, 1), ("test.Up", 0), ("test.Up", True), ("test.Up", 2**31 - 1),
+    ("test.Up", "1")])
+def test_upcaster_arguments_are_checked(tag: Any, from_version: Any) -> None:
+    with pytest.raises(TypeError):
+        upcaster(tag, from_version=from_version)
+    assert (tag, from_version) not in _upcasters
+
+
+def test_upcaster_returns_the_function_it_registers() -> None:
+    def up(data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
+    try:
+        assert upcaster("test.Up", from_version=2**31 - 2)(up) is up
+    finally:
+        _upcasters.pop(("test.Up", 2**31 - 2), None)
+
+
+def test_event_tag_is_the_tag_given_not_the_class_name() -> None:
+    class ClassNameIsNotTag(Event, tag="test.TagNotName"):
+        x: int
+
+    try:
+        assert ClassNameIsNotTag.event_tag() == "test.TagNotName"
+    finally:
+        _registry.pop("test.TagNotName", None)
+
+
+def test_registered_types_is_a_copy_of_the_registry() -> None:
+    types = registered_types()
+    assert types["test.NoteAdded"] is NoteAdded and event_type("test.NoteAdded") is NoteAdded
+    assert event_type("test.NeverDefined") is None
+    del types["test.NoteAdded"]
+    assert registered_types()["test.NoteAdded"] is NoteAdded
+
+
+def test_events_and_raw_events_are_frozen_and_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        NoteAdded("positional")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        RawEvent("test.NoteAdded", {"text": "a"})  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        NoteAdded(text="a").text = "b"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        RawEvent(type="t", data={}).type = "u"  # type: ignore[misc]
+    assert RawEvent(type="t", data={}).schema_version == 1
+
+
+def test_records_and_append_results_are_frozen(store: EventStore) -> None:
+    result = store.append("c-1", [NoteAdded(text="a")])
+    assert result.duplicate is False
+    with pytest.raises(AttributeError):
+        result.stream_version = 5  # type: ignore[misc]
+    (ev,) = store.read_stream("c-1")
+    with pytest.raises(AttributeError):
+        ev.version = 5  # type: ignore[misc]
+
+
+def test_redefining_a_tag_warns_and_reads_decode_into_the_last_class(
+        store: EventStore) -> None:
+    from structlog.testing import capture_logs
+
+    class First(Event, tag="test.Redefined"):
+        a: int
+
+    try:
+        store.append("c-1", [First(a=1)])
+        assert [e.data for e in store.read_stream("c-1")] == [First(a=1)]
+        with capture_logs() as logs:
+            class Second(Event, tag="test.Redefined"):
+                a: int
+                b: str = "new"
+        (entry,) = [e for e in logs if e["event"] == "event_type_replaced"]
+        assert entry["log_level"] == "warning" and entry["tag"] == "test.Redefined"
+        assert entry["previous"].endswith("First") and entry["current"].endswith("Second")
+        assert event_type("test.Redefined") is Second
+        assert [e.data for e in store.read_stream("c-1")] == [Second(a=1)]
+    finally:
+        _registry.pop("test.Redefined", None)
 
 
 def test_recorded_times_far_from_1970_read_back_to_the_microsecond(url: str) -> None:
