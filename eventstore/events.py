@@ -107,6 +107,10 @@ class _EventMeta(msgspec.StructMeta):
         ):
             raise TypeError(f"{name}: schema_version must be an int from 1 to "
                             f"{MAX_SCHEMA_VERSION}")
+        if tag is None:
+            # With a tag field, msgspec would tag the class with its name: an abstract type
+            # (and Event itself) has no tag, so that it can be neither stored nor read as one.
+            kwargs["tag"] = False
         cls: Any = super().__new__(mcls, name, bases, namespace, **kwargs)
         if schema_version is not None:
             cls.__event_schema_version__ = schema_version

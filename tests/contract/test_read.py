@@ -14,6 +14,7 @@ from eventstore import (
     Event,
     EventDecodeError,
     EventStore,
+    InvalidEvent,
     RawEvent,
     event_type,
     upcaster,
@@ -707,3 +708,30 @@ def _page_sizes(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> list[int]
 
     monkeypatch.setattr(inner, "_fetch_on", spy)
     return pages
+
+
+class _AbstractBase(Event):
+    __abstract_event__ = True
+    x: int = 0
+
+
+class _Leaf(_AbstractBase, tag="test.Leaf"):
+    y: int = 0
+
+
+def test_abstract_event_types_have_no_tag_and_are_not_stored(store: EventStore) -> None:
+    """Event and an __abstract_event__ base have no tag (msgspec would have tagged them with
+    their class names, and such events were stored and read back as raw events under a Python
+    name): event_tag() raises TypeError, and an append of one raises InvalidEvent and writes
+    nothing.  A tagged subclass of the base is stored with the base's fields."""
+    for cls in (Event, _AbstractBase):
+        with pytest.raises(TypeError, match="not a concrete event type"):
+            cls.event_tag()
+    for event in (_AbstractBase(x=1), Event()):
+        with pytest.raises(InvalidEvent, match="has no tag"):
+            store.append("s-1", [NoteAdded(text="first"), event])
+    assert list(store.read_all()) == []
+    store.append("s-1", [_Leaf(x=1, y=2)])
+    (read,) = store.read_stream("s-1")
+    assert (read.type, read.data) == ("test.Leaf", _Leaf(x=1, y=2))
+    assert _Leaf.event_tag() == "test.Leaf"
