@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 import projections
 import projections.aio
-from eventstore import InvalidArgument, WrongExpectedVersion
+from eventstore import EventStore, InvalidArgument, WrongExpectedVersion
+from eventstore._bound import BoundStore
 from eventstore.aio import AsyncEventStore
+from eventstore.errors import DatabaseError, StoreClosed
+from projections import (
+    Continuations,
+    ConversationProjection,
+    Conversations,
+    Jobs,
+    ProjectionFailed,
+    ProjectionStopped,
+    inline,
+    status,
+)
+from projections import _engine as engine_module
+from projections._engine import load_row
 from projections.aio import (
     AsyncAgentSessions,
     AsyncContinuations,
@@ -20,10 +37,20 @@ from projections.aio import (
     AsyncFlows,
     AsyncJobs,
 )
-from projections.errors import Conflict, NoPendingFeedback, ResumeInProgress
+from projections.continuations import SweepResult
+from projections.errors import (
+    Conflict,
+    LeaseLost,
+    NoPendingFeedback,
+    NotFound,
+    ResumeInProgress,
+)
+from projections.flows import PendingFeedback
+from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
 from projections.sessions import SessionKey
 from tests._clock import Clock
-from tests._events import NoteAdded
+from tests._events import CounterIncremented, NoteAdded
+from tests._projections import TallyProjection
 
 
 @pytest.mark.asyncio
@@ -179,7 +206,6 @@ async def test_flows_feedback_race_one_wins(url: str) -> None:
 @pytest.mark.asyncio
 async def test_jobs_lifecycle_and_follow(url: str) -> None:
     """Submit, claim, milestone and complete; events(follow=True) ends after the terminal one."""
-    from projections.aio import AsyncJobs
 
     async with await AsyncEventStore.open(url) as store:
         jobs = AsyncJobs(store)
@@ -208,7 +234,6 @@ async def test_jobs_lifecycle_and_follow(url: str) -> None:
 async def test_twins_refuse_a_closed_store_as_the_sync_facades_do(url: str) -> None:
     """Making a twin on a closed AsyncEventStore raises StoreClosed, as making a sync facade
     on a closed EventStore does (the twins were made, and failed at their first call)."""
-    from eventstore.errors import StoreClosed
 
     store = await AsyncEventStore.open(url)
     await store.close()
@@ -222,8 +247,6 @@ def test_a_sync_facade_on_a_closed_store_raises_also_when_made_before(url: str) 
     """Making a sync facade on a closed EventStore raises StoreClosed, also when a facade of
     the same kind was made on it before (its projection was inline already, and the second
     was made without a word, failing at its first call)."""
-    from eventstore import EventStore
-    from eventstore.errors import StoreClosed
 
     store = EventStore.open(url, migrate=True)
     kinds = (projections.Conversations, projections.Flows, projections.Jobs,
@@ -264,9 +287,6 @@ async def test_a_follow_gets_the_events_that_finish_the_job_during_its_poll(
     """A job's last events committed between a poll's read of its events and its check for
     the end: the follow still yields them, the terminal one last (on PostgreSQL the check read
     the finished job in a later snapshot and ended the follow without them)."""
-    from eventstore import EventStore
-    from projections import Jobs
-    from projections.aio import AsyncJobs
 
     async with await AsyncEventStore.open(url) as store:
         jobs = AsyncJobs(store)
@@ -297,9 +317,7 @@ async def test_a_follow_gets_the_events_that_finish_the_job_during_its_poll(
 async def test_an_async_cancel_past_the_deadline_records_the_failure(url: str) -> None:
     """As the sync cancel: the failure is committed before Conflict(deadline_passed) is raised
     (raised inside the twin's transaction, it rolled the failure back)."""
-    from datetime import timedelta
 
-    from projections.aio import AsyncJobs
 
     clock = Clock()
     async with await AsyncEventStore.open(url) as store:
@@ -321,7 +339,6 @@ async def test_an_async_cancel_past_the_deadline_records_the_failure(url: str) -
 async def test_tenant_ids_take_the_stores_limit_in_every_facade(url: str) -> None:
     """A tenant id is the store's (at most 255 characters), not a facade id: every facade
     takes one of 230 (two refused it, two wrote it) and refuses one of 256."""
-    from projections.aio import AsyncJobs
 
     async with await AsyncEventStore.open(url) as store:
         key = "t" * 230
@@ -347,11 +364,7 @@ async def test_tenant_ids_take_the_stores_limit_in_every_facade(url: str) -> Non
 async def test_async_facades_rebuild_rows_of_another_fold_version(url: str) -> None:
     """As the sync facades do at construction: rows built by another version of the fold are
     rebuilt before use (an async-only deployment used to see an empty queue)."""
-    from sqlalchemy import create_engine, text
 
-    from eventstore import EventStore
-    from projections import Jobs
-    from projections.aio import AsyncJobs
 
     with EventStore.open(url, migrate=True) as store:
         Jobs(store).submit("wf", {}, user_id="u", tenant_id="acme")
@@ -369,10 +382,7 @@ async def test_async_facades_rebuild_rows_of_another_fold_version(url: str) -> N
 
 def _stale_conversation_rows(url: str) -> None:
     """A conversation, its rows as if an older version of the fold built them."""
-    from sqlalchemy import create_engine, text
 
-    from eventstore import EventStore
-    from projections import Conversations
 
     with EventStore.open(url, migrate=True) as store:
         Conversations(store).assign("c-1", {"n": 1})
@@ -392,14 +402,8 @@ async def test_the_rebuild_of_stale_rows_runs_off_the_event_loop_before_first_us
     version, and their rebuild, run on a worker thread before the store's next call, which
     waits for it.  A rebuild that fails raises in the call that waited; the next call tries
     again."""
-    import threading
 
-    from sqlalchemy import text
 
-    from eventstore import EventStore
-    from eventstore.errors import DatabaseError
-    from projections import ConversationProjection
-    from projections import _engine as engine_module
 
     _stale_conversation_rows(url)
     loop_thread = threading.get_ident()
@@ -444,7 +448,6 @@ async def test_a_rebuild_that_fails_for_good_fails_its_facade_not_the_store(
     affected: a rebuild of stale rows whose fold raises is raised by each call of that async
     facade, while the store's other appends and reads go on (each used to replay the log again
     and fail)."""
-    from projections import ConversationProjection, ProjectionFailed
 
     _stale_conversation_rows(url)
     replays = []
@@ -477,12 +480,6 @@ async def test_inline_of_a_fold_that_cannot_rebuild_refuses_its_events_on_an_asy
     kept, and nothing told the caller.  Now each append of its events raises
     ProjectionStopped, caused by the rebuild's failure, and writes nothing; other streams go
     on; inline() with a fold that rebuilds takes it up again."""
-    from eventstore import EventStore
-    from eventstore._bound import BoundStore
-    from projections import ProjectionFailed, ProjectionStopped, inline, status
-    from projections._engine import load_row
-    from tests._events import CounterIncremented
-    from tests._projections import TallyProjection
 
     class V2(TallyProjection):
         version = 2
@@ -515,9 +512,6 @@ async def test_inline_of_a_fold_that_cannot_rebuild_refuses_its_events_on_an_asy
 async def test_a_facade_refuses_the_other_kind_of_store_and_names_its_twin(url: str) -> None:
     """A sync facade given an AsyncEventStore, or an async one given an EventStore, raises
     InvalidArgument naming the class to use instead (it would fail later, on first use)."""
-    from eventstore import EventStore
-    from eventstore.errors import InvalidArgument
-    from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
 
     pairs = [(getattr(projections, n), getattr(projections.aio, f"Async{n}"))
              for n in ("Conversations", "Continuations", "AgentSessions", "Flows", "Jobs")]
@@ -548,8 +542,6 @@ async def test_async_sweeps_change_each_item_in_its_own_transaction(
     so other writers get in between (one transaction for the whole sweep held PostgreSQL's
     append lock, and SQLite's write lock, until its last change: an outage's hundreds of
     expired leases stalled every append of the database)."""
-    from projections import Continuations, Jobs
-    from projections.aio import AsyncJobs
 
     clock = Clock()
     async with await AsyncEventStore.open(url, migrate=True) as store:
@@ -589,7 +581,6 @@ async def test_async_sweeps_change_each_item_in_its_own_transaction(
 
 @pytest.mark.asyncio
 async def test_async_sweeps_check_the_time_given_and_record_it_in_utc(url: str) -> None:
-    from datetime import datetime, timedelta, timezone
 
     clock = Clock()
     async with await AsyncEventStore.open(url) as store:
@@ -605,3 +596,343 @@ async def test_async_sweeps_check_the_time_given_and_record_it_in_utc(url: str) 
         requeued = [e async for e in jobs.events(job.job_id)][-1]
         assert requeued.type == "JobRequeued" and requeued.data.at == later  # type: ignore[union-attr]
         assert requeued.data.at.utcoffset() == timedelta(0)  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_conversation_twin_passes_each_option_to_the_facade(url: str) -> None:
+    """Tenant, expected version, run and node ids, value types, idempotency keys, metadata,
+    at_version, at_time and name reach the sync facade from every conversation method."""
+    async with await AsyncEventStore.open(url) as store:
+        conv = AsyncConversations(store)
+        run = {"tenant_id": "acme", "workflow_run_id": "run-1", "node_id": "n-1"}
+        for _ in range(2):  # the second time a retry, by its idempotency key: the same version
+            assert await conv.assign("c-1", {"a": 1, "b": "x"}, value_types={"a": "count"},
+                                     idempotency_key="k-1", metadata={"by": "ann"},
+                                     **run) == 1
+            assert await conv.reset("c-1", {"a": 0}, idempotency_key="k-2", **run) == 2
+            assert await conv.delete("c-1", ["b"], idempotency_key="k-3", **run) == 3
+        for stale in (conv.assign("c-1", {"a": 5}, tenant_id="acme", expected_version=2),
+                      conv.reset("c-1", {"a": 5}, tenant_id="acme", expected_version=2),
+                      conv.delete("c-1", ["a"], tenant_id="acme", expected_version=2)):
+            with pytest.raises(WrongExpectedVersion):
+                await stale
+        with pytest.raises(InvalidArgument, match="names"):
+            await conv.delete("c-1", 5, tenant_id="acme")  # type: ignore[arg-type]
+        assert await conv.snapshot("c-1", tenant_id="acme") == 3
+        assert (await conv.get("c-1", tenant_id="acme")).variables == {"a": 0}
+        assert (await conv.get("c-1")).version == 0  # the default tenant has none
+        changes = await conv.history("c-1", tenant_id="acme")
+        assert [(c.kind, c.name, c.value_type, c.workflow_run_id, c.node_id, c.version)
+                for c in changes] == [
+            ("assigned", "a", "count", "run-1", "n-1", 1),
+            ("assigned", "b", changes[1].value_type, "run-1", "n-1", 1),
+            ("reset", "a", changes[2].value_type, "run-1", "n-1", 2),
+            ("deleted", "b", None, "run-1", "n-1", 3)]
+        assert [c.version for c in await conv.history("c-1", tenant_id="acme", name="b")] == [
+            1, 3]
+        first = {"a": 1, "b": "x"}
+        assert (await conv.get("c-1", tenant_id="acme", at_version=1)).variables == first
+        assert (await conv.get("c-1", tenant_id="acme", at_time=changes[0].at)).variables == (
+            first)
+        assert [e.metadata.get("by") async for e in store.read_stream(
+            conv.stream_id("c-1"), tenant_id="acme")] == ["ann", None, None]
+
+
+@pytest.mark.asyncio
+async def test_continuation_twin_passes_each_option_to_the_facade(url: str) -> None:
+    """The constructor's ttl and clock, and pause's payload, ttl and tenant, reach the sync
+    facade; get, claim, release (error, claim id), complete (results, claim id) and
+    pending_for_user act on the tenant given."""
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        conts = AsyncContinuations(store, ttl=timedelta(minutes=5), clock=clock)
+        payload: dict[str, Any] = {
+            "messages": [{"role": "user"}], "pending_tool_calls": [{"id": "t"}],
+            "tools": ["search"], "tool_schemas": [{"name": "search"}],
+            "agent_config": {"model": "m"}, "client_tools": [{"name": "ui"}]}
+        paused = await conts.pause("c-1", "u1", tenant_id="acme", ttl=timedelta(minutes=1),
+                                   **payload)
+        await conts.pause("c-2", "u1", tenant_id="acme", **{**payload, "client_tools": None})
+        assert await conts.get("c-1", "u1") is None  # the default tenant has none
+        got = await conts.get("c-1", "u1", tenant_id="acme")
+        assert got is not None and got.pause_id == paused.pause_id
+        assert {k: getattr(got, k) for k in payload} == payload
+        assert got.expires_at == clock.now + timedelta(minutes=1)
+        pending = await conts.pending_for_user("u1", tenant_id="acme")
+        assert [(c.conversation_id, c.expires_at) for c in pending] == [
+            ("c-1", clock.now + timedelta(minutes=1)), ("c-2", clock.now + timedelta(minutes=5))]
+        assert await conts.pending_for_user("u1") == []
+        first = await conts.claim("c-1", "u1", tenant_id="acme")
+        with pytest.raises(ResumeInProgress):
+            await conts.release("c-1", "u1", claim_id="another", tenant_id="acme")
+        released = await conts.release("c-1", "u1", error="tool timed out",
+                                       claim_id=first.claim_id, tenant_id="acme")
+        assert (released.status, released.last_error) == ("pending", "tool timed out")
+        second = await conts.claim("c-1", "u1", tenant_id="acme")
+        with pytest.raises(ResumeInProgress):
+            await conts.complete("c-1", "u1", tool_results=[], claim_id=first.claim_id,
+                                 tenant_id="acme")
+        done = await conts.complete("c-1", "u1", tool_results=[{"ok": True}],
+                                    claim_id=second.claim_id, tenant_id="acme")
+        assert (done.status, done.tool_results) == ("consumed", [{"ok": True}])
+
+
+_PAUSE: dict[str, Any] = {"messages": [], "pending_tool_calls": [], "tools": [],
+                          "tool_schemas": [], "agent_config": {}}
+
+
+@pytest.mark.asyncio
+async def test_continuation_twin_sweeps_at_the_time_and_in_the_tenant_given(url: str) -> None:
+    """sweep(now, tenant_id=...) reverts stale claims and expires pauses as of ``now`` (the
+    facade's clock without it), in that tenant only or in every one, by the facade's claim
+    timeout."""
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        conts = AsyncContinuations(store, ttl=timedelta(minutes=10),
+                                   claim_timeout=timedelta(minutes=1), clock=clock)
+        for tenant, cid in [("acme", "c-1"), ("acme", "c-2"), ("globex", "c-3")]:
+            await conts.pause(cid, "u1", tenant_id=tenant, **_PAUSE)
+        await conts.claim("c-1", "u1", tenant_id="acme")
+        with pytest.raises(InvalidArgument):
+            await conts.sweep(datetime(2026, 1, 1, 12, 30))  # naive
+        assert await conts.sweep() == SweepResult(reverted=[], expired=[])
+        stale = await conts.sweep(clock.now + timedelta(minutes=2), tenant_id="acme")
+        assert stale == SweepResult(reverted=[("acme", "c-1", "u1")], expired=[])
+        late = await conts.sweep(clock.now + timedelta(minutes=11), tenant_id="acme")
+        assert late == SweepResult(reverted=[], expired=[("acme", "c-2", "u1")])
+        assert await conts.get("c-3", "u1", tenant_id="globex") is not None
+        everyone = await conts.sweep(clock.now + timedelta(minutes=13))
+        assert sorted(everyone.expired) == [("acme", "c-1", "u1"), ("globex", "c-3", "u1")]
+
+
+@pytest.mark.asyncio
+async def test_session_twin_passes_each_option_to_the_facade(url: str) -> None:
+    """save's layer specs and pending ids, the clock, retire's reason and finish_run's status
+    reach the sync facade, and each answer comes back as it gave it."""
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        sessions = AsyncAgentSessions(store, clock=clock)
+        key = SessionKey("acme", "run-1", "n", "b", "a")
+        saved = await sessions.save(key, snapshot={"turn": 1}, layer_specs=[{"layer": "base"}],
+                                    pending_form_id="form-1", pending_tool_call_id="call-1")
+        assert (saved.snapshot, saved.layer_specs, saved.pending_form_id,
+                saved.pending_tool_call_id, saved.saved_at, saved.version) == (
+            {"turn": 1}, [{"layer": "base"}], "form-1", "call-1", clock.now, 1)
+        assert await sessions.active(key) == saved
+        assert await sessions.retire(key, reason="user cancelled")
+        assert not await sessions.retire(key, reason="again")
+        state = await sessions.state(key)
+        assert (state.active, state.retired_reason, state.latest) == (
+            False, "user cancelled", saved)
+        assert [(e.kind, e.version, e.reason) for e in await sessions.history(key)] == [
+            ("saved", 1, None), ("retired", 2, "user cancelled")]
+        other = SessionKey("acme", "run-2", "n", "b", "a")
+        await sessions.save(other, snapshot={}, layer_specs=[])
+        assert await sessions.finish_run("acme", "run-2", "failed") == [other]
+        assert (await sessions.state(other)).retired_reason == "run failed"
+
+
+@pytest.mark.asyncio
+async def test_flow_twin_passes_each_option_to_the_facade(url: str) -> None:
+    """Every flow method acts on the tenant given, with the facade's clock, and answers what
+    the sync facade answers."""
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        flows = AsyncFlows(store, clock=clock)
+        assert await flows.save("f-1", "plan", {"step": 1}, tenant_id="acme") == 1
+        assert await flows.save("f-1", "act", {"step": 2}, tenant_id="acme") == 2
+        assert await flows.load("f-1") is None and await flows.history("f-1") == []
+        assert await flows.load("f-1", tenant_id="acme") == {"step": 2}
+        assert [(s.method_name, s.state, s.at, s.version)
+                for s in await flows.history("f-1", tenant_id="acme")] == [
+            ("plan", {"step": 1}, clock.now, 1), ("act", {"step": 2}, clock.now, 2)]
+        assert await flows.request_feedback("f-1", {"q": "ok?"}, {"draft": 1},
+                                            tenant_id="acme") == 3
+        assert await flows.pending_feedback("f-1") is None
+        pending = await flows.pending_feedback("f-1", tenant_id="acme")
+        assert pending == PendingFeedback(flow_id="f-1", context={"q": "ok?"},
+                                          state={"draft": 1}, requested_at=clock.now)
+        with pytest.raises(NoPendingFeedback):
+            await flows.resolve_feedback("f-1", "yes")
+        assert await flows.resolve_feedback("f-1", "yes", tenant_id="acme") == pending
+        assert await flows.pending_feedback("f-1", tenant_id="acme") is None
+
+
+@pytest.mark.asyncio
+async def test_job_twin_passes_tenant_attempt_and_payloads_to_the_facade(url: str) -> None:
+    """Each job command acts on the tenant given, refuses an attempt the job has left, and
+    records what it is given (dedupe key, deadline, resume input, result, error)."""
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store, clock=clock)
+        job = await jobs.submit("wf", {"x": 1}, user_id="u1", dedupe_key="d-1", tenant_id="acme")
+        assert (job.tenant_id, job.dedupe_key, job.submitted_at) == ("acme", "d-1", clock.now)
+        assert (await jobs.submit("wf", {"x": 1}, user_id="u1", dedupe_key="d-1",
+                                  tenant_id="acme")).job_id == job.job_id
+        with pytest.raises(NotFound):
+            await jobs.get(job.job_id)
+        assert await jobs.claim("w1") is None
+        claimed = await jobs.claim("w1", tenant_id="acme")
+        assert claimed is not None and claimed.job_id == job.job_id
+        deadline = clock.now + timedelta(hours=1)
+        steps = [
+            lambda a: jobs.heartbeat(job.job_id, "w1", tenant_id="acme", attempt=a),
+            lambda a: jobs.record(job.job_id, "w1", {"step": 1}, tenant_id="acme", attempt=a),
+            lambda a: jobs.suspend(job.job_id, "w1", request_id="r-1", prompt="?",
+                                   deadline=deadline, tenant_id="acme", attempt=a)]
+        for step in steps:
+            with pytest.raises(LeaseLost):
+                await step(claimed.attempt + 1)
+            await step(claimed.attempt)
+        suspended = await jobs.get(job.job_id, tenant_id="acme")
+        assert suspended.pending is not None and suspended.pending.deadline == deadline
+        resumed = await jobs.resume(job.job_id, request_id="r-1", input={"answer": 42},
+                                    tenant_id="acme")
+        assert (resumed.status, resumed.resume_input) == ("queued", {"answer": 42})
+        again = await jobs.claim("w1", tenant_id="acme")
+        assert again is not None
+        with pytest.raises(LeaseLost):
+            await jobs.complete(job.job_id, "w1", {"ok": 1}, tenant_id="acme",
+                                attempt=claimed.attempt)
+        done = await jobs.complete(job.job_id, "w1", {"ok": 1}, tenant_id="acme",
+                                   attempt=again.attempt)
+        assert (done.status, done.result) == ("completed", {"ok": 1})
+        other = await jobs.submit("wf", {}, user_id="u1", tenant_id="acme")
+        first = await jobs.claim("w1", tenant_id="acme")
+        assert first is not None and first.job_id == other.job_id
+        with pytest.raises(LeaseLost):
+            await jobs.fail(other.job_id, "w1", "boom", tenant_id="acme",
+                            attempt=first.attempt + 1)
+        failed = await jobs.fail(other.job_id, "w1", "boom", tenant_id="acme",
+                                 attempt=first.attempt)
+        assert (failed.status, failed.error) == ("failed", "boom")
+        assert [e.seq async for e in jobs.events(job.job_id, tenant_id="acme", after=5)] == [
+            6, 7, 8]
+
+
+@pytest.mark.asyncio
+async def test_job_twin_lists_by_status_tenant_and_limit(url: str) -> None:
+    """list(status, tenant_id=..., limit=...) filters and bounds as the sync facade does."""
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store)
+        ids = [(await jobs.submit("wf", {"i": i}, user_id="u", tenant_id="acme")).job_id
+               for i in range(3)]
+        await jobs.submit("wf", {}, user_id="u")
+        await jobs.claim("w1", tenant_id="acme")
+        assert [j.job_id for j in await jobs.list(tenant_id="acme")] == ids
+        assert [j.job_id for j in await jobs.list("queued", tenant_id="acme")] == ids[1:]
+        assert [j.job_id for j in await jobs.list("queued", tenant_id="acme", limit=1)] == [
+            ids[1]]
+        assert [j.job_id for j in await jobs.list(tenant_id="acme", limit=2)] == ids[:2]
+
+
+@pytest.mark.asyncio
+async def test_job_twin_cancel_passes_reason_tenant_and_force(url: str) -> None:
+    """A resumed, queued job is the resume's: cancel refuses it unless ``force``; the reason
+    is recorded, in the tenant given."""
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store)
+        job = await jobs.submit("wf", {}, user_id="u", tenant_id="acme")
+        await jobs.claim("w1", tenant_id="acme")
+        await jobs.suspend(job.job_id, "w1", request_id="r-1", prompt="?", tenant_id="acme")
+        await jobs.resume(job.job_id, request_id="r-1", input="yes", tenant_id="acme")
+        with pytest.raises(Conflict) as refused:
+            await jobs.cancel(job.job_id, "not needed", tenant_id="acme")
+        assert refused.value.reason == "already_resumed"
+        cancelled = await jobs.cancel(job.job_id, "not needed", tenant_id="acme", force=True)
+        assert (cancelled.status, cancelled.cancel_reason) == ("cancelled", "not needed")
+
+
+@pytest.mark.asyncio
+async def test_job_twin_sweeps_at_the_time_and_in_the_tenant_given(url: str) -> None:
+    """sweep(now, tenant_id=...) requeues or fails expired leases, by the facade's lease,
+    attempts and clock, and fails suspended jobs past their deadline, in that tenant only or
+    in every one."""
+    clock = Clock()
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store, lease=timedelta(minutes=1), max_attempts=2, clock=clock)
+        a = await jobs.submit("wf", {}, user_id="u", tenant_id="acme")
+        b = await jobs.submit("wf", {}, user_id="u", tenant_id="globex")
+        await jobs.claim("w1", tenant_id="acme")
+        await jobs.claim("w1", tenant_id="globex")
+        with pytest.raises(InvalidArgument):
+            await jobs.sweep(datetime(2026, 1, 1, 12, 30))  # naive
+        assert await jobs.sweep() == []
+        assert await jobs.sweep(clock.now + timedelta(seconds=45)) == []
+        swept = await jobs.sweep(clock.now + timedelta(minutes=2), tenant_id="acme")
+        assert [(s.job_id, s.tenant_id, s.action) for s in swept] == [
+            (a.job_id, "acme", "requeued")]
+        assert (await jobs.get(b.job_id, tenant_id="globex")).status == "running"
+        clock.advance(minutes=2)
+        await jobs.claim("w1", tenant_id="acme")
+        c = await jobs.submit("wf", {}, user_id="u")
+        await jobs.claim("w2")
+        await jobs.suspend(c.job_id, "w2", request_id="r-1", prompt="?",
+                           deadline=clock.now + timedelta(minutes=1))
+        swept = await jobs.sweep(clock.now + timedelta(minutes=2))
+        assert sorted((s.job_id, s.tenant_id, s.action) for s in swept) == sorted([
+            (a.job_id, "acme", "failed"), (b.job_id, "globex", "requeued"),
+            (c.job_id, "default", "failed")])
+        assert {s.reason for s in swept if s.job_id != b.job_id} == {
+            "worker lost", "deadline passed"}
+
+
+@pytest.mark.parametrize(("twin", "option", "value"), [
+    (AsyncConversations, "snapshot_every", 0),
+    (AsyncContinuations, "ttl", timedelta(0)),
+    (AsyncContinuations, "claim_timeout", timedelta(0)),
+    (AsyncContinuations, "clock", "noon"),
+    (AsyncAgentSessions, "clock", "noon"),
+    (AsyncFlows, "clock", "noon"),
+    (AsyncJobs, "lease", timedelta(0)),
+    (AsyncJobs, "max_attempts", 0),
+    (AsyncJobs, "clock", "noon"),
+])
+@pytest.mark.asyncio
+async def test_twin_constructors_pass_their_options_to_the_facade(
+        url: str, twin: Any, option: str, value: Any) -> None:
+    """An option the sync facade refuses is refused by its twin's constructor too."""
+    async with await AsyncEventStore.open(url) as store:
+        with pytest.raises(InvalidArgument, match=option):
+            twin(store, **{option: value})
+
+
+@pytest.mark.asyncio
+async def test_a_rebuild_that_fails_for_good_fails_the_first_call_and_only_its_facade(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call of a twin whose stale rows cannot be rebuilt (nothing ran on the store
+    before it) waits for the rebuild and raises its failure, also for a conversation the fold
+    has no quarrel with; a twin of another kind, made while that rebuild was pending, works."""
+
+    _stale_conversation_rows(url)
+    real_evolve = ConversationProjection.evolve
+
+    def refusing(self: Any, state: Any, event: Any) -> Any:
+        if event.stream_id == "conversation-c-1":
+            raise ValueError("this fold refuses an old event")
+        return real_evolve(self, state, event)
+
+    monkeypatch.setattr(ConversationProjection, "evolve", refusing)
+    async with await AsyncEventStore.open(url) as astore:
+        conversations = AsyncConversations(astore)
+        jobs = AsyncJobs(astore)
+        with pytest.raises(ProjectionFailed, match="refuses an old event"):
+            await conversations.get("c-2")
+        job = await jobs.submit("wf", {}, user_id="u")
+        assert [j.job_id for j in await jobs.list()] == [job.job_id]
+
+@pytest.mark.asyncio
+async def test_job_twin_reads_of_an_unfinished_job_end_without_waiting_a_poll(
+        url: str) -> None:
+    """A follow whose timeout comes before its next poll ends at the timeout, not after the
+    poll interval; a read without follow ends once it has the events there are."""
+    async with await AsyncEventStore.open(url) as store:
+        jobs = AsyncJobs(store)
+        job = await jobs.submit("wf", {}, user_id="u", tenant_id="acme")
+
+        async def read(**follow: Any) -> list[str]:
+            return [ev.type async for ev in jobs.events(job.job_id, tenant_id="acme",
+                                                        poll_interval=60, **follow)]
+
+        assert await asyncio.wait_for(read(follow=True, timeout=0.2), 20) == ["JobSubmitted"]
+        assert await asyncio.wait_for(read(), 20) == ["JobSubmitted"]  # no follow: at once
