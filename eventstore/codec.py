@@ -307,29 +307,17 @@ def _field_names(cls: type) -> tuple[tuple[str, str], ...]:
     return names
 
 
+_MAPPING_KINDS = (msgspec.inspect.DictType, msgspec.inspect.AnyType, msgspec.inspect.CustomType)
+
+
 @functools.cache
 def _may_hold_mappings(cls: type[Event]) -> bool:
     """Whether a mapping can be anywhere in the type's values (a dict or Any field, nested
     structs, dataclasses and containers included): if not, no key needs checking."""
     try:
-        return _reaches(msgspec.inspect.type_info(cls), set())
+        return _reaches(msgspec.inspect.type_info(cls), _MAPPING_KINDS, set())
     except Exception:  # a type msgspec cannot describe: check its values
         return True
-
-
-def _reaches(info: Any, seen: set[int]) -> bool:
-    if isinstance(info, (msgspec.inspect.DictType, msgspec.inspect.AnyType,
-                         msgspec.inspect.CustomType)):
-        return True
-    if id(info) in seen:  # (a recursive type)
-        return False
-    seen.add(id(info))
-    fields = getattr(info, "fields", None)
-    if fields is not None:
-        return any(_reaches(f.type, seen) for f in fields)
-    inner = [getattr(info, a, None) for a in ("item_type", "key_type", "value_type", "type")]
-    inner += [*(getattr(info, "item_types", None) or ()), *(getattr(info, "types", None) or ())]
-    return any(_reaches(t, seen) for t in inner if t is not None)
 
 
 def _check_finite(value: object, encoded: bytes, what: str) -> None:
@@ -512,24 +500,25 @@ def _has_raw_field(cls: type[Event]) -> bool:
     """Whether a ``msgspec.Raw`` is anywhere in the type (nested structs, dataclasses and
     containers included)."""
     try:
-        return _holds_raw(msgspec.inspect.type_info(cls), set())
+        return _reaches(msgspec.inspect.type_info(cls), (msgspec.inspect.RawType,), set())
     except Exception:  # a type msgspec cannot describe: the JSON path, which takes anything
         return True
 
 
-def _holds_raw(info: Any, seen: set[int]) -> bool:
-    if isinstance(info, msgspec.inspect.RawType):
+def _reaches(info: Any, kinds: tuple[type, ...], seen: set[int]) -> bool:
+    """Whether a type msgspec describes as ``info`` is, or holds anywhere, one of ``kinds``."""
+    if isinstance(info, kinds):
         return True
     if id(info) in seen:  # (a recursive type)
         return False
     seen.add(id(info))
     fields = getattr(info, "fields", None)
     if fields is not None:
-        return any(_holds_raw(f.type, seen) for f in fields)
+        return any(_reaches(f.type, kinds, seen) for f in fields)
     # ("type": what an Annotated[..., msgspec.Meta(...)] wraps.)
     inner = [getattr(info, a, None) for a in ("item_type", "key_type", "value_type", "type")]
     inner += [*(getattr(info, "item_types", None) or ()), *(getattr(info, "types", None) or ())]
-    return any(_holds_raw(t, seen) for t in inner if t is not None)
+    return any(_reaches(t, kinds, seen) for t in inner if t is not None)
 
 
 def decode_events(tags: Sequence[str], schema_versions: Sequence[int], raws: Sequence[bytes]
