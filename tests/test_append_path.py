@@ -6,19 +6,24 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Connection
+from sqlalchemy.engine import make_url
 
 from eventstore import EventStore, RecordedEvent
+from eventstore._backend import APPEND_LOCK_ID
 from eventstore.errors import DatabaseError, InvalidArgument, WrongExpectedVersion
 
 from ._between import AfterFirstStatement
@@ -1438,3 +1443,50 @@ def test_an_interrupt_as_an_append_begins_leaves_the_next_append_working(
     store.append("s-1", [NoteAdded(text="after")])
     assert [e.data.text for e in store.read_stream("s-1")] == [  # type: ignore[attr-defined]
         "before", "after"]
+
+
+def test_a_stream_s_times_never_go_back_when_the_clock_does(url: str) -> None:
+    def at(second: int) -> datetime:
+        return datetime(2030, 1, 1, 0, 0, second, tzinfo=UTC)
+
+    now = [at(30)]
+    with EventStore.open(url, migrate=True, clock=lambda: now[0]) as a, \
+            EventStore.open(url, clock=lambda: now[0]) as b:
+        a.append("t-1", [NoteAdded(text="1")])
+        now[0] = at(10)  # the clock steps back: a's next append is on a stream it knows
+        a.append("t-1", [NoteAdded(text="2")])
+        now[0] = at(50)
+        a.append("t-1", [NoteAdded(text="3")])
+        now[0] = at(40)  # another store appends after the stream's last time
+        b.append("t-1", [NoteAdded(text="4")])
+        assert [e.recorded_at for e in a.read_stream("t-1")] == [at(30), at(30), at(50), at(50)]
+
+
+def test_appends_to_a_known_stream_wait_while_another_session_holds_the_append_lock(
+        url: str) -> None:
+    parsed = make_url(url)
+    with EventStore.open(url, migrate=True) as store:
+        store.append("l-1", [NoteAdded(text="1")])
+        store.append("l-1", [NoteAdded(text="2")])  # known to the store (PostgreSQL: guesses)
+        for batch in ([NoteAdded(text="3")], [NoteAdded(text="4"), NoteAdded(text="5")]):
+            holder: Any
+            if parsed.get_backend_name() == "sqlite":
+                holder = sqlite3.connect(parsed.database or "", isolation_level=None)
+                holder.execute("BEGIN IMMEDIATE")
+            else:
+                holder = psycopg.connect(parsed.set(drivername="postgresql").render_as_string(
+                    hide_password=False), autocommit=True)
+                holder.execute("SELECT pg_advisory_lock(%s)", (APPEND_LOCK_ID,))
+            done = threading.Event()
+            appender = threading.Thread(
+                target=lambda batch=batch, done=done: (store.append("l-1", batch), done.set()))
+            appender.start()
+            try:
+                assert not done.wait(0.3)  # held up by the lock
+            finally:
+                holder.execute("COMMIT" if isinstance(holder, sqlite3.Connection)
+                               else f"SELECT pg_advisory_unlock({APPEND_LOCK_ID})")
+                holder.close()
+                appender.join()
+            assert done.is_set()
+        assert _texts(store, "l-1") == ["1", "2", "3", "4", "5"]

@@ -141,6 +141,22 @@ def test_a_handler_breaking_a_deferred_constraint_on_a_known_stream_is_a_typed_e
     assert store.last_position() == 5
 
 
+def test_an_append_after_a_refused_keyed_commit_takes_the_next_version_and_position(
+        checked_store: EventStore) -> None:
+    store = checked_store
+    handler = _DeferredWriter(_deferred_table(store.engine))
+    stream = f"r-{uuid.uuid4().hex[:6]}"
+    store.append(stream, [NoteAdded(text="1")])
+    store.append(stream, [NoteAdded(text="2")])
+    store.add_inline_handler(handler)
+    with pytest.raises(DatabaseError):
+        store.append(stream, [NoteAdded(text="refused")], idempotency_key="refused-key")
+    store.remove_inline_handler(handler)
+    result = store.append(stream, [NoteAdded(text="3")])
+    assert (result.first_position, result.stream_version) == (3, 3)
+    assert [(e.position, e.version) for e in store.read_stream(stream)] == [(1, 1), (2, 2), (3, 3)]
+
+
 def test_an_interrupt_right_after_begin_leaves_the_store_usable(
         checked_store: EventStore, url: str) -> None:
     """Ctrl-C delivered just after the append's BEGIN (IMMEDIATE, on SQLite: the write lock is

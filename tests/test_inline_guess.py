@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from sqlalchemy import text
 
 from eventstore import EventStore, RecordedEvent
 from eventstore.errors import DatabaseError
@@ -202,8 +203,6 @@ def test_after_the_database_lost_commits_appends_leave_no_gaps(url: str) -> None
     """A failover to a standby that lacks the last commits (simulated: they are deleted and
     every connection is cut) must not leave appends guessed from what this process committed
     before: positions and versions go on from what the database holds."""
-    from sqlalchemy import text
-
     a = EventStore.open(url, migrate=True)
     try:
         for _ in range(4):
@@ -334,3 +333,29 @@ def test_a_stale_guess_is_recognised_through_sqlalchemy_s_wrapping() -> None:
     other = SimpleNamespace(diag=SimpleNamespace(constraint_name="some_other_key"),
                             sqlstate="23505")
     assert not _stale_guess(IntegrityError("INSERT ...", {}, other))  # type: ignore[arg-type]
+
+
+def test_after_the_database_lost_commits_appends_to_each_stream_go_on_from_what_it_holds(
+        url: str) -> None:
+    a = EventStore.open(url, migrate=True)
+    try:
+        for stream in ("counter-x", "counter-x", "counter-y", "counter-y", "counter-y"):
+            _bump(a, stream)
+        with a.engine.begin() as conn:  # counter-y loses its last event; no connection goes on
+            conn.execute(text("DELETE FROM es_events WHERE position > 4"))
+            conn.execute(text("UPDATE es_streams SET version = 2"))
+            if a.backend == "postgresql":
+                conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+        for stream in ("counter-x", "counter-x", "counter-y", "counter-x", "counter-y"):
+            try:
+                _bump(a, stream)
+            except DatabaseError as e:
+                assert e.transient and a.backend == "postgresql"
+        assert [e.position for e in a.read_all()] == list(range(1, a.last_position() + 1))
+        for stream in ("counter-x", "counter-y"):
+            versions = [e.version for e in a.read_stream(stream)]
+            assert versions == list(range(1, a.stream_version(stream) + 1))
+    finally:
+        a.close()
