@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 from typing import Any
 
@@ -11,11 +12,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from eventstore import EventStore, StoreClosed, WrongExpectedVersion
+from eventstore._bound import BoundStore
 from eventstore.aio import AsyncEventStore
 from eventstore.errors import DatabaseError, EventTooLarge, InvalidArgument, SchemaVersionMismatch
 from projections import ConversationProjection, inline
 from projections._engine import load_row
-from projections.aio import AsyncConversations
+from projections.aio import AsyncConversations, run_read
 from projections.events import VariablesAssigned, VariableValue
 from tests._events import Blob, NoteAdded
 
@@ -959,7 +961,6 @@ async def test_projection_reads_run_on_an_async_store_through_run_read(url: str)
     store; called with the async store itself they (and the operators' tools) raise
     InvalidArgument naming that way, where they raised an untyped TypeError."""
     from projections import current, fold_live, query_rows, rebuild, snapshot_now, status, verify
-    from projections.aio import run_read
     from tests._events import CounterIncremented
     from tests._projections import TallyProjection
 
@@ -1000,7 +1001,6 @@ async def test_a_live_fold_in_an_async_read_survives_a_commit_made_meanwhile(
 
     from projections import _engine as engine_module
     from projections import fold_live
-    from projections.aio import run_read
     from tests._events import CounterIncremented
     from tests._projections import TallyProjection
 
@@ -1106,7 +1106,6 @@ async def test_reads_and_transactions_wait_for_a_preparation(url: str, call: str
 
 async def test_a_preparation_failing_transiently_fails_its_call_and_runs_again_on_the_next(
         url: str) -> None:
-
     busy = DatabaseError("database is locked")
     busy.transient = True
     failures = [busy]
@@ -1130,7 +1129,6 @@ async def test_a_preparation_failing_transiently_fails_its_call_and_runs_again_o
 
 async def test_open_without_migrate_refuses_a_missing_sqlite_file_and_creates_none(
         tmp_path: Any) -> None:
-
     path = tmp_path / "missing.db"
     with pytest.raises(SchemaVersionMismatch, match="no file"):
         await AsyncEventStore.open(f"sqlite:///{path}", migrate=False)
@@ -1153,16 +1151,12 @@ async def test_open_without_migrate_refuses_a_database_without_the_schema(
 
 
 async def test_open_names_the_missing_folder_of_a_sqlite_file(tmp_path: Any) -> None:
-
     path = tmp_path / "no-such-folder" / "events.db"
     with pytest.raises(DatabaseError, match="does not exist"):
         await AsyncEventStore.open(f"sqlite:///{path}")
 
 
 async def test_open_applies_its_size_limit_clock_and_poll_interval(url: str) -> None:
-    import datetime as dt
-
-
     when = dt.datetime(2300, 5, 6, 7, 8, 9, 123457, tzinfo=dt.UTC)
     async with await AsyncEventStore.open(url, max_event_bytes=100,
                                           clock=lambda: when) as store:
@@ -1218,7 +1212,6 @@ async def test_run_sync_with_write_holds_the_sqlite_write_lock_from_its_start(
 
 
 async def test_an_async_append_logs_tenant_stream_and_position(url: str) -> None:
-
     async with await AsyncEventStore.open(url) as store:
         with capture_logs() as logs:
             await store.append("conversation-1", [NoteAdded(text="a"), NoteAdded(text="b")],
@@ -1226,3 +1219,46 @@ async def test_an_async_append_logs_tenant_stream_and_position(url: str) -> None
     (entry,) = [e for e in logs if e["event"] == "events_appended"]
     assert (entry["tenant"], entry["stream"], entry["position"], entry["count"]) == (
         "acme", "conversation-1", 2, 2)
+
+
+async def test_a_bound_store_passes_every_argument_through(url: str) -> None:
+    """The BoundStore that runs sync code inside the async store's transactions (run_sync,
+    run_read, the async facades) hands every argument of append and of the reads through."""
+
+
+    noon = dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC)
+    async with await AsyncEventStore.open(url, clock=lambda: noon) as store:
+        def writes(conn: Any) -> list[Any]:
+            bound = BoundStore(store, conn)
+            notes = [NoteAdded(text=t) for t in "abcd"]
+            first = bound.append("note-1", notes, tenant_id="acme", expected_version=0,
+                                 idempotency_key="k-1", metadata={"by": "me"})
+            again = bound.append("note-1", notes, tenant_id="acme", idempotency_key="k-1")
+            bound.append("blob-1", [Blob(payload="p")])
+            with pytest.raises(WrongExpectedVersion):
+                bound.append("blob-1", [Blob(payload="q")], expected_version=0)
+            return [first.stream_version, again.duplicate, again.stream_version]
+
+        assert await store.run_sync(writes, write=True) == [4, True, 4]
+
+        def reads(bound: Any) -> list[Any]:
+            return [
+                [e.data.text for e in bound.read_stream("note-1", tenant_id="acme",
+                                                        from_version=2, to_version=3)],
+                [e.version for e in bound.read_stream("note-1", tenant_id="acme",
+                                                      backwards=True, limit=2)],
+                [e.metadata.get("by") for e in bound.read_stream("note-1", tenant_id="acme")],
+                [e.position for e in bound.read_all(from_position=2, limit=2)],
+                [e.stream_id for e in bound.read_all(categories=["blob"])],
+                [e.type for e in bound.read_all(types=["test.Blob"])],
+                [e.position for e in bound.read_all(tenant_id="default")],
+                bound.stream_version("note-1", tenant_id="acme"),
+                bound.stats(tenant_id="acme")["events"],
+                bound.last_position(),
+                bound.now(),
+                bound.backend,
+            ]
+
+        assert await run_read(store, reads) == [
+            ["b", "c"], [4, 3], ["me"] * 4, [2, 3], ["blob-1"], ["test.Blob"], [5], 4, 4, 5, noon,
+            store.backend]

@@ -4,12 +4,17 @@ times they record are UTC whatever the clock's zone."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
-from eventstore import EventStore, InvalidArgument, InvalidEvent, StoreClosed
+from eventstore import EventStore, EventTooLarge, InvalidArgument, InvalidEvent, StoreClosed
 from projections import AgentSessions, Continuations, Conversations, Flows, Jobs, SessionKey
+from tests._events import Blob
+from tests.conftest import pg_url
 
 PLUS2 = dt.timezone(dt.timedelta(hours=2))
 PAUSE: dict[str, Any] = {"messages": [], "pending_tool_calls": [{"id": "t"}], "tools": [],
@@ -109,12 +114,80 @@ def test_a_clock_stepping_back_never_moves_a_streams_time_back(url: str) -> None
 
 
 def test_reads_of_a_closed_store_raise_when_called(store: EventStore) -> None:
-
     store.close()
     with pytest.raises(StoreClosed):
         store.read_stream("n-1")
     with pytest.raises(StoreClosed):
         store.read_all()
+
+
+def test_every_call_of_a_closed_store_raises_store_closed(url: str) -> None:
+    with EventStore.open(url, migrate=True) as store:
+        store.append("n-1", [_note()])
+        unread = store.read_stream("n-1")
+        assert store.stream_version("n-1") == 1
+    with pytest.raises(StoreClosed):  # a read made before the close, iterated after it
+        list(unread)
+    calls: list[Callable[[], object]] = [
+        lambda: store.engine, lambda: store.append("n-1", [_note()]),
+        lambda: store.stream_version("n-1"), store.last_position, store.stats,
+        lambda: next(store.subscribe())]
+    for close_again in (False, True):
+        if close_again:
+            store.close()  # a no-op
+        for call in calls:
+            with pytest.raises(StoreClosed):
+                call()
+
+
+class _WaitRecorder(threading.Event):
+    """A stop event that records how long subscribe waits for new events, then stops it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        self.set()
+        return True
+
+
+def test_subscribe_polls_every_poll_interval_from_the_argument_else_the_variable(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTSTORE_POLL_INTERVAL", "0.3")
+    for poll_interval, waited in [(0.05, 0.05), (None, 0.3)]:
+        with EventStore.open(url, migrate=True, poll_interval=poll_interval) as store:
+            stop = _WaitRecorder()
+            assert list(store.subscribe(stop=stop)) == []
+            assert stop.waits == [waited]
+
+
+def test_max_event_bytes_from_the_argument_else_the_variable(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "5000")
+    big = [Blob(payload="x" * 200)]
+    with EventStore.open(url, migrate=True, max_event_bytes=100) as store:
+        with pytest.raises(EventTooLarge):
+            store.append("b-1", big)
+        assert store.stream_version("b-1") == 0
+    monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "100")
+    with EventStore.open(url, migrate=True) as store, pytest.raises(EventTooLarge):
+        store.append("b-1", big)
+    with EventStore.open(url, migrate=True, max_event_bytes=5000) as store:
+        assert store.append("b-1", big).stream_version == 1
+
+
+def test_pool_size_sizes_the_postgresql_pool() -> None:
+    with EventStore.open(pg_url(), migrate=True, pool_size=2) as store:
+        assert store.engine.pool.size() == 2  # type: ignore[attr-defined]
+    with EventStore.open(pg_url(), migrate=True) as store:
+        assert store.engine.pool.size() == 5  # type: ignore[attr-defined]
+
+
+def test_the_stores_repr_hides_the_password() -> None:
+    with EventStore.open(make_url(pg_url()).set(password="s3cret"), migrate=True) as store:
+        assert "s3cret" not in repr(store) and "***" in repr(store)
 
 
 def _note() -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection
+from structlog.testing import capture_logs
 
 from eventstore import EventStore, RecordedEvent
 from eventstore.errors import DatabaseError
@@ -129,20 +130,21 @@ def test_subscriber_sees_every_event_once_while_writers_commit_late(store: Event
     assert seen == list(range(1, total + 1))
 
 
-def _failing_fetch(store: Any, errors: list[Exception]) -> Any:
-    """Make the store's page reads raise ``errors`` first, one per read, then read."""
+def _failing_fetch(store: Any, errors: list[Exception | None]) -> Any:
+    """Make the store's page reads raise ``errors`` first, one per read (``None``: read),
+    then read."""
     target = getattr(store, "inner", store)  # the AsyncEventStore behind the blocking shim
     real = target._fetch
     if inspect.iscoroutinefunction(real):
         async def afetch(*args: Any) -> Any:
-            if errors:
-                raise errors.pop(0)
+            if errors and (error := errors.pop(0)) is not None:
+                raise error
             return await real(*args)
         target._fetch = afetch
     else:
         def fetch(*args: Any) -> Any:
-            if errors:
-                raise errors.pop(0)
+            if errors and (error := errors.pop(0)) is not None:
+                raise error
             return real(*args)
         target._fetch = fetch
     return target
@@ -163,6 +165,22 @@ def test_subscribe_rides_out_transient_database_errors(store: EventStore) -> Non
         if ev.position == 3:
             stop.set()
     assert got == [2, 3] and lost == []
+
+
+def test_subscribe_pauses_from_50_ms_again_after_a_read_that_worked(store: EventStore) -> None:
+    store.append("c-1", [NoteAdded(text="1")])
+    lost = DatabaseError("the connection is lost")
+    lost.transient = True
+    _failing_fetch(store, [lost, lost, None, lost])
+    stop = threading.Event()
+    with capture_logs() as logs:
+        for ev in store.subscribe(stop=stop):
+            if ev.position == 1:
+                store.append("c-1", [NoteAdded(text="2")])
+            else:
+                stop.set()
+    assert [e["retry_in"] for e in logs if e["event"] == "subscribe_retrying"] == [
+        0.05, 0.1, 0.05]
 
 
 def test_subscribe_raises_a_database_error_that_is_not_transient(store: EventStore) -> None:
