@@ -199,6 +199,18 @@ def test_a_fold_failing_on_stale_memory_falls_back_to_the_rows(url: str) -> None
         b.close()
 
 
+def _lose_commits(store: EventStore, *, after_position: int) -> None:
+    """What a failover to a standby lacking the last commits does: the events past
+    ``after_position`` are gone, every stream is at version 2, and no connection goes on."""
+    with store.engine.begin() as conn:
+        conn.execute(text(f"DELETE FROM es_events WHERE position > {after_position}"))
+        conn.execute(text("UPDATE es_streams SET version = 2"))
+        if store.backend == "postgresql":
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+
+
 def test_after_the_database_lost_commits_appends_leave_no_gaps(url: str) -> None:
     """A failover to a standby that lacks the last commits (simulated: they are deleted and
     every connection is cut) must not leave appends guessed from what this process committed
@@ -207,13 +219,7 @@ def test_after_the_database_lost_commits_appends_leave_no_gaps(url: str) -> None
     try:
         for _ in range(4):
             _bump(a, "counter-x")
-        with a.engine.begin() as conn:
-            conn.execute(text("DELETE FROM es_events WHERE position > 2"))
-            conn.execute(text("UPDATE es_streams SET version = 2"))
-            if a.backend == "postgresql":
-                conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+        _lose_commits(a, after_position=2)
         try:  # the probing path (an idempotency key) meets the cut connection first
             a.append("counter-x", [CounterIncremented(by=1, writer="w")], idempotency_key="k")
         except DatabaseError:
@@ -341,13 +347,7 @@ def test_after_the_database_lost_commits_appends_to_each_stream_go_on_from_what_
     try:
         for stream in ("counter-x", "counter-x", "counter-y", "counter-y", "counter-y"):
             _bump(a, stream)
-        with a.engine.begin() as conn:  # counter-y loses its last event; no connection goes on
-            conn.execute(text("DELETE FROM es_events WHERE position > 4"))
-            conn.execute(text("UPDATE es_streams SET version = 2"))
-            if a.backend == "postgresql":
-                conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+        _lose_commits(a, after_position=4)  # counter-y loses its last event
         for stream in ("counter-x", "counter-x", "counter-y", "counter-x", "counter-y"):
             try:
                 _bump(a, stream)
