@@ -19,12 +19,18 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 
 from eventstore import EventStore, RecordedEvent
 from eventstore._backend import APPEND_LOCK_ID
-from eventstore.errors import DatabaseError, InvalidArgument, WrongExpectedVersion
+from eventstore.aio import AsyncEventStore
+from eventstore.errors import (
+    DatabaseError,
+    InvalidArgument,
+    SchemaVersionMismatch,
+    WrongExpectedVersion,
+)
 
 from ._between import AfterFirstStatement
 from ._events import NoteAdded
@@ -265,7 +271,6 @@ def test_a_sqlite_file_that_cannot_be_opened_or_locked_says_which_and_why(
     '~' the URL does not expand), or the busy_timeout option; sync and async."""
     import sqlite3
 
-    from eventstore.aio import AsyncEventStore
 
     async def open_async(url: str) -> None:
         store = await AsyncEventStore.open(url)
@@ -725,7 +730,6 @@ def test_appends_race_as_promised_where_the_database_defaults_to_repeatable_read
     concurrent appends to streams of their own failed with a unique violation, and a lost
     version race with DatabaseError instead of WrongExpectedVersion.)  Sync and async stores,
     the store's own BEGIN and SQLAlchemy's (also after a REPEATABLE READ snapshot read)."""
-    from sqlalchemy import create_engine, text
 
     from eventstore._backend import begin_snapshot, begin_write
     from tests._async_shim import BlockingAsyncStore
@@ -794,7 +798,6 @@ def test_a_client_encoding_other_than_utf8_is_not_the_stores(
     environment: the store's sessions are UTF-8 all the same, so any Unicode id and payload
     goes in and reads back (they raised a bare UnicodeEncodeError; a projector's batch was
     refused by the server, and marked its projection failed for every process)."""
-    from sqlalchemy import create_engine, text
 
     from projections import Conversations
     from tests._async_shim import BlockingAsyncStore
@@ -874,10 +877,9 @@ def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
     appends go on; the frozen one's next statement fails instead of committing."""
     import time
 
-    from sqlalchemy import select, text
+    from sqlalchemy import select
     from sqlalchemy.exc import DBAPIError
 
-    from eventstore import AsyncEventStore
     from eventstore._backend import lock_appends
     from eventstore._core import _pipeline
 
@@ -960,7 +962,6 @@ def test_postgres_connections_give_up_on_a_silent_server_within_a_minute(
     """Sync and async connections carry libpq's TCP keepalive and user timeout (a network
     partition fails a call, as a transient error, in about a minute instead of the operating
     system's hours); settings the URL gives are kept."""
-    from eventstore.aio import AsyncEventStore
 
     def settings(conn: Any) -> dict[str, str]:
         params = conn.connection.driver_connection.info.get_parameters()
@@ -1490,3 +1491,45 @@ def test_appends_to_a_known_stream_wait_while_another_session_holds_the_append_l
                 appender.join()
             assert done.is_set()
         assert _texts(store, "l-1") == ["1", "2", "3", "4", "5"]
+
+
+def _client_sessions(url: str) -> int:
+    """Client sessions on the URL's database other than the one asking, once those ending have
+    gone (a closed connection's server process exits a moment later): at most 10 s."""
+    watcher = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with watcher.connect() as conn:
+            deadline = time.monotonic() + 10
+            while True:
+                n = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).scalar()
+                if n == 0 or time.monotonic() > deadline:
+                    return int(n or 0)
+                time.sleep(0.05)
+    finally:
+        watcher.dispose()
+
+
+def test_a_refused_open_and_a_close_leave_no_session_on_the_server(fresh_pg: str) -> None:
+    """An open refused for a database without the schema, and a close after appends, on the
+    sync and async stores: no connection of theirs stays open on the server."""
+    for open_refused in (lambda: EventStore.open(fresh_pg, migrate=False),
+                         lambda: asyncio.run(AsyncEventStore.open(fresh_pg, migrate=False))):
+        with pytest.raises(SchemaVersionMismatch):
+            open_refused()
+        assert _client_sessions(fresh_pg) == 0
+    store = EventStore.open(fresh_pg, migrate=True)
+    store.append("s-1", [NoteAdded(text="1")])
+    assert list(store.read_stream("s-1"))
+    store.close()
+    assert _client_sessions(fresh_pg) == 0
+
+    async def append_then_close() -> None:
+        astore = await AsyncEventStore.open(fresh_pg)
+        await astore.append("s-1", [NoteAdded(text="2")])
+        assert [e async for e in astore.read_stream("s-1")]
+        await astore.close()
+
+    asyncio.run(append_then_close())
+    assert _client_sessions(fresh_pg) == 0
