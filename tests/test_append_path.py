@@ -1122,6 +1122,18 @@ def test_inline_handlers_get_metadata_and_raw_data_as_readers_do(store: EventSto
                                       data={"pair": [1, 2], "at": "2024-01-01T00:00:00Z"})
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever the process was
+    started with (a job started in the background ignores SIGINT) or a library installed since
+    (CrewAI's telemetry, set up over an ignored SIGINT, exits the process instead)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_at(code: Any, line: str, raise_: Callable[[], None]) -> Callable[[], None]:
     """Trace ``code`` and call ``raise_`` (a signal) once, when it reaches the line whose text
     is ``line``: where CPython runs the handler of a signal that arrived just before.
@@ -1140,7 +1152,8 @@ def _interrupt_at(code: Any, line: str, raise_: Callable[[], None]) -> Callable[
     return lambda: sys.settrace(None)
 
 
-def test_a_ctrl_c_as_the_append_begins_leaves_the_store_usable(url: str) -> None:
+def test_a_ctrl_c_as_the_append_begins_leaves_the_store_usable(url: str,
+                                                               default_sigint: None) -> None:
     """Ctrl-C landing just after SQLAlchemy attached the append's transaction to the kept
     connection: later appends work (every one failed: 'already initialized a Transaction')."""
     from sqlalchemy.engine.base import RootTransaction
@@ -1207,7 +1220,8 @@ def test_close_inside_a_command_holding_the_append_lock_returns(store: EventStor
     assert not other.is_alive() and writer._conn is None  # closed by the append's end
 
 
-def test_a_generator_closed_in_a_handler_is_not_taken_for_an_interrupt() -> None:
+def test_a_generator_closed_in_a_handler_is_not_taken_for_an_interrupt(
+        default_sigint: None) -> None:
     """A driver error raised while a generator closes (GeneratorExit in its context) is the
     store's DatabaseError, as before; nor is a task's cancellation an interrupt; only
     SQLAlchemy's assertion over a real interrupt gives the interrupt back."""
@@ -1267,7 +1281,7 @@ def test_each_event_handed_to_a_handler_has_its_own_metadata(store: EventStore) 
 
 @pytest.mark.parametrize("where", ["queuing the Sync", "sending"])
 def test_a_ctrl_c_as_an_append_pipeline_ends_neither_hangs_nor_holds_the_lock(
-        fresh_pg: str, where: str) -> None:
+        fresh_pg: str, where: str, default_sigint: None) -> None:
     """PostgreSQL: Ctrl-C landing while the append's pipeline ends (psycopg queuing its Sync,
     or about to send what it queued): the append raises KeyboardInterrupt, the append lock is
     free for another store, and this store appends again (it waited for results that never
