@@ -224,11 +224,12 @@ def _check_keys(value: object, what: str) -> None:
 
 
 def _check_no_keys_merged(given: object, read: object, what: str) -> None:
-    """Refuse a typed event with a mapping two of whose keys JSON writes as one: keys are
-    text there, so ``{1: "a", "1": "b"}`` would read back as ``{"1": "b"}``, a value lost
-    without a word.  (A lone int key in a field typed ``Any`` reads back as its string, as
-    msgspec converts; a ``dict[int, ...]`` field gives it back as an int.)  Walks the event as
-    given beside the event as read back: a mapping that read back smaller lost a key."""
+    """Refuse an event (typed, or raw of a known type) with a mapping two of whose keys JSON
+    writes as one: keys are text there, so ``{1: "a", "1": "b"}`` would read back as
+    ``{"1": "b"}``, a value lost without a word.  (A lone int key in a field typed ``Any``
+    reads back as its string, as msgspec converts; a ``dict[int, ...]`` field gives it back as
+    an int.)  Walks the event as given beside the event as read back: a mapping that read back
+    smaller lost a key."""
     stack: list[tuple[object, object, tuple[object, ...]]] = [(given, read, ())]
     while stack:
         g, r, path = stack.pop()
