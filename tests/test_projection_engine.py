@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+import projections._engine as engine_module
 from eventstore import Event, EventStore, InvalidArgument, RawEvent, RecordedEvent
 from eventstore._backend import begin_write
 from eventstore._schema import projection_rows, snapshots
@@ -28,7 +29,8 @@ from projections import (
     status,
     verify,
 )
-from projections._engine import lease_clock, load_row, query_rows, snapshot_now
+from projections._engine import _PAGE, _rebuild, lease_clock, load_row, query_rows, snapshot_now
+from projections.errors import RebuildInProgress
 from tests._between import AfterFirstStatement
 from tests._events import CounterIncremented, NoteAdded
 from tests._projections import SlicedTally, Tally, TallyProjection
@@ -2848,3 +2850,213 @@ def test_a_projection_whose_categories_change_records_them(store: EventStore) ->
     Projector(store, [TallyAndNotes()])
     (st,) = status(store, "tally")
     assert st.categories == ("counter", "note")
+
+
+def test_verify_of_a_projector_behind_the_log_compares_only_what_it_applied(
+        store: EventStore) -> None:
+    """verify folds the log up to the projection's checkpoint, not to the log's head: events a
+    projector has yet to apply are no difference."""
+    p = TallyProjection("tally_async")
+    bump(store, "a", 3)
+    Projector(store, [p]).catch_up()
+    bump(store, "a", 2)
+    bump(store, "b", 1)
+    assert verify(store, p) == []
+    (st,) = status(store, "tally_async")
+    assert st.position == 3 and st.lag == 3
+
+
+def test_a_rebuild_swapped_in_during_a_verify_leaves_the_verifys_rows_alone(
+        store: EventStore) -> None:
+    """A rebuild's swap deletes the rows of the generations before the new one, never the
+    scratch rows of a verify running meanwhile (which would then report every row missing)."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3)
+    bump(store, "b", 2)
+    swapped: list[int] = []
+
+    def rebuild_once(_at: int, _bound: int) -> None:
+        if not swapped:
+            swapped.append(rebuild(store, p))
+
+    assert verify(store, p, progress=rebuild_once) == []
+    assert swapped == [2]
+    assert {k: v.count for k, v in rows_of(store, p).items()} == {
+        ("default", "counter-a"): 3, ("default", "counter-b"): 2}
+
+
+def test_a_projector_batch_finds_the_rows_of_every_tenant_it_touches(store: EventStore) -> None:
+    """A batch looks up the rows of its streams by tenant and stream: a tenant with several
+    streams in the batch, and tenants with one each, all continue from their stored rows."""
+    p = TallyProjection("tally_async")
+    proj = Projector(store, [p])
+    keys = [("acme", "a1"), ("acme", "a2"), ("solo", "s"), ("other", "o"), ("acme", "a3")]
+    for round_ in (1, 2):
+        for tenant, stream in keys:
+            bump(store, stream, 1, by=round_, tenant=tenant)
+        assert proj.catch_up() == len(keys)
+    assert {k: (v.count, v.total, v.last_version) for k, v in rows_of(store, p).items()} == {
+        (tenant, f"counter-{stream}"): (2, 3, 2) for tenant, stream in keys}
+
+
+def test_an_inline_projection_catches_up_on_more_history_than_a_page(store: EventStore) -> None:
+    """The catch-up of history appended without the projection goes on past a full page."""
+    n = _PAGE + 5
+    bump(store, "a", n, per_append=500)
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 1)
+    row = load_row(store, p, "default", "counter-a")
+    assert row is not None and row[0].count == n + 1 and row[1] == n + 1
+    (st,) = status(store, "tally")
+    assert st.position == n + 1 and st.lag == 0
+
+
+def test_catch_up_each_counts_the_events_applied_before_a_failure(store: EventStore) -> None:
+    """A batch that fails still applies its events before the failing one: catch_up_each
+    counts them in its total, beside the failure."""
+    bump(store, "a", 3)
+    store.append("counter-b", [CounterIncremented(by=13)])
+    bump(store, "a", 2)
+    p = TallyProjection("tally_async", poison=13)
+    total, failures = Projector(store, [p], batch_size=10).catch_up_each()
+    assert [(type(f), getattr(f, "position", None)) for f in failures] == [(ProjectionFailed, 4)]
+    assert total == 3
+    (st,) = status(store, "tally_async")
+    assert (st.status, st.position) == ("failed", 3)
+
+
+def test_a_stale_rebuild_leaves_rows_newer_code_rebuilt_before_it_took_the_lock(
+        store: EventStore) -> None:
+    """A process of the old release that found rows of another version stale, but whose
+    rebuild takes the projection's lock only after a newer release rebuilt them, leaves them:
+    rebuilding them back to its version would start the two releases taking turns."""
+    inline(store, TallyProjection())
+    bump(store, "a", 2)
+    assert rebuild(store, TallyV2()) == 2
+    assert _rebuild(store, TallyProjection(), progress=None, only_if_stale=True) == 2
+    (st,) = status(store, TallyProjection.name)
+    assert (st.generation, st.code_version, st.rebuild_generation) == (2, 2, None)
+    row = load_row(store, TallyV2(), "default", "counter-a")
+    assert row is not None and row[1] == 2
+
+
+def test_rows_of_one_stream_name_in_two_tenants_stay_apart(store: EventStore) -> None:
+    """Inline and by a projector, a stream's row is looked up by tenant and stream: a stream
+    of the same name in another tenant neither lends its row nor takes it."""
+    kept_inline = TallyProjection()
+    inline(store, kept_inline)
+    by_batches = TallyProjection("tally_async")
+    proj = Projector(store, [by_batches])
+    for tenant, n, by in (("x", 2, 1), ("y", 1, 5), ("x", 1, 1)):
+        bump(store, "a", n, by=by, tenant=tenant)
+        assert proj.catch_up() == n
+    expected = {("x", "counter-a"): (3, 3, 3), ("y", "counter-a"): (1, 5, 1)}
+    for p in (kept_inline, by_batches):
+        assert {k: (v.count, v.total, v.last_version)
+                for k, v in rows_of(store, p).items()} == expected
+
+
+def test_a_rebuild_that_lost_its_generation_writes_no_more_rows(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once another rebuild has resumed and swapped in the generation a rebuild was filling,
+    the first one stops before its next page writes anything: the live rows never go back to
+    the state of its page, and the bookkeeping shows no rebuild under way."""
+    monkeypatch.setattr(engine_module, "_PAGE", 2)  # a rebuild's pages of 10 events
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 25, per_append=5)
+    seen: list[int] = []
+
+    def another_rebuild_takes_over(done: int, total: int) -> None:
+        if not seen:
+            assert done < total
+            assert rebuild(store, TallyProjection()) == 2
+        seen.append(rows_of(store, p)[("default", "counter-a")].count)
+
+    with pytest.raises(RebuildInProgress):
+        rebuild(store, p, progress=another_rebuild_takes_over)
+    assert seen == [25]
+    (st,) = status(store, "tally")
+    assert (st.generation, st.position, st.rebuild_generation, st.rebuild_position) == (
+        2, 25, None, None)
+    assert verify(store, p) == []
+
+
+def test_an_inline_append_of_several_events_moves_the_checkpoint_past_the_last(
+        store: EventStore) -> None:
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3, per_append=3)
+    bump(store, "b", 2, per_append=2)
+    (st,) = status(store, "tally")
+    assert (st.position, st.lag) == (5, 0)
+    assert {k: v.count for k, v in rows_of(store, p).items()} == {
+        ("default", "counter-a"): 3, ("default", "counter-b"): 2}
+
+
+def test_a_rebuild_with_a_fixed_fold_runs_a_failed_projection_again(store: EventStore) -> None:
+    """A rebuild's swap clears a failure a projector recorded, as a restart does: the
+    projection runs again from the rebuilt rows."""
+    bump(store, "a", 2)
+    store.append("counter-a", [CounterIncremented(by=13)])
+    proj = Projector(store, [TallyProjection("tally_async", poison=13)])
+    with pytest.raises(ProjectionFailed):
+        proj.catch_up()
+    assert status(store, "tally_async")[0].status == "failed"
+    fixed = TallyProjection("tally_async")
+    rebuild(store, fixed)
+    (st,) = status(store, "tally_async")
+    assert (st.status, st.error, st.failed_position, st.position) == ("running", None, None, 3)
+    proj.release()
+    bump(store, "a", 1)
+    assert Projector(store, [fixed]).catch_up() == 1
+    assert rows_of(store, fixed)[("default", "counter-a")].count == 4
+
+
+def test_a_rebuild_failing_after_some_pages_shows_it_and_drops_its_rows(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild that committed pages before the failing event still owns its generation:
+    the failure shows in status and its partial rows go, so the next rebuild starts over."""
+    monkeypatch.setattr(engine_module, "_PAGE", 2)  # a rebuild's pages of 10 events
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 12)
+    store.append("counter-b", [CounterIncremented(by=13)])
+    with pytest.raises(ProjectionFailed):
+        rebuild(store, TallyProjection(poison=13))
+    (st,) = status(store, "tally")
+    assert (st.status, st.generation, st.failed_position) == ("running", 1, 13)
+    assert st.rebuild_generation is None and "rebuild of generation 2" in (st.error or "")
+    with store.engine.connect() as conn:
+        gens = set(conn.execute(select(projection_rows.c.generation)).scalars())
+    assert gens == {1}
+    assert rebuild(store, p) == 2
+    assert status(store, "tally")[0].error is None
+
+
+def test_events_appended_as_a_rebuild_finishes_its_pages_are_in_its_rows(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append landing after a rebuild's last page and before its swap is folded by the
+    swap itself (under the projection's lock): the new rows and checkpoint include it."""
+    p = TallyProjection()
+    inline(store, p)
+    bump(store, "a", 3)
+    ends: list[int] = []
+    log_end = store.last_position
+
+    def log_end_then_an_append() -> int:
+        end = log_end()
+        ends.append(end)
+        if len(ends) == 2:  # the fill found its last page done: append before the swap
+            bump(store, "a", 1)
+        return end
+
+    monkeypatch.setattr(store, "last_position", log_end_then_an_append)
+    assert rebuild(store, p) == 2
+    monkeypatch.undo()
+    assert ends == [3, 3]
+    (st,) = status(store, "tally")
+    assert (st.generation, st.position, st.lag) == (2, 4, 0)
+    assert rows_of(store, p)[("default", "counter-a")].count == 4
