@@ -4,22 +4,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
+import gc
+import os
+import random
+import sqlite3
+import threading
 import time
+import warnings
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
+import aiosqlite
+import psycopg
 import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from eventstore import EventStore, StoreClosed, WrongExpectedVersion
+import eventstore._backend as backend
+import eventstore._core as core
+import eventstore._pg_async as pg_async
+from eventstore import AsyncEventStore as Exported
+from eventstore import EventStore, StoreClosed, WrongExpectedVersion, _migrate, aio
+from eventstore._backend import APPEND_LOCK_ID
 from eventstore._bound import BoundStore
-from eventstore.aio import AsyncEventStore
+from eventstore.aio import AsyncEventStore, _wait
 from eventstore.errors import DatabaseError, EventTooLarge, InvalidArgument, SchemaVersionMismatch
-from projections import ConversationProjection, inline
+from projections import (
+    ConversationProjection,
+    current,
+    fold_live,
+    inline,
+    query_rows,
+    rebuild,
+    snapshot_now,
+    status,
+    verify,
+)
+from projections import _engine as engine_module
 from projections._engine import load_row
-from projections.aio import AsyncConversations, run_read
+from projections.aio import AsyncConversations, AsyncJobs, run_read
 from projections.events import VariablesAssigned, VariableValue
-from tests._events import Blob, NoteAdded
+from tests._events import Blob, CounterIncremented, NoteAdded
+from tests._projections import TallyProjection
+from tests.conftest import pg_url, reset_pg, terminate_other_sessions
+from tests.test_append_path import _ConstantWriter, _count_guesses, _FailingWriter, _RaisingWriter
 
 pytestmark = pytest.mark.asyncio
 
@@ -104,7 +136,6 @@ async def test_sync_and_async_stores_share_one_log(url: str) -> None:
 
 async def test_async_store_is_exported_from_the_package() -> None:
     """``from eventstore import AsyncEventStore`` gives the asyncio store."""
-    from eventstore import AsyncEventStore as Exported
 
     assert Exported is AsyncEventStore
 
@@ -113,9 +144,7 @@ async def test_sqlite_transactions_take_one_trip_to_aiosqlites_thread(tmp_path: 
     """On SQLite an async append or read runs whole on the aiosqlite connection's thread, not
     one hand-over per statement: an append one (on the kept write connection), a read one too
     (the pool's rollback of a connection with no transaction open is skipped)."""
-    import aiosqlite
 
-    from eventstore import aio
 
     trips: list[str] = []
     real = aiosqlite.Connection._execute
@@ -150,7 +179,6 @@ async def test_sqlite_transactions_take_one_trip_to_aiosqlites_thread(tmp_path: 
 async def test_async_transactions_see_the_callers_context_variables(url: str) -> None:
     """Inline handlers run with the context of the task that appends (structlog's bound
     context lives there), on SQLite's worker thread as on PostgreSQL's event loop."""
-    import contextvars
 
     request: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
     seen: list[str] = []
@@ -195,7 +223,6 @@ async def test_postgresql_async_append_pipelines_like_the_sync_store() -> None:
     """On psycopg's async driver the append's statements go out in pipelines as on the sync
     store: the second append to a stream is one pipeline and no statement on its own (one
     round trip), its events and the inline projection's rows committed together."""
-    from tests.conftest import pg_url, reset_pg
 
     url = pg_url()
     reset_pg(url)
@@ -228,7 +255,6 @@ async def test_failing_handler_on_a_known_stream_writes_nothing_async(url: str,
     """The async store's one-round-trip and pipelined appends (PostgreSQL) and its
     transactions on aiosqlite's thread (SQLite) leave nothing written when a handler's
     statement fails or the handler raises after its statement went out; appends go on."""
-    from tests.test_append_path import _count_guesses, _FailingWriter, _RaisingWriter
 
     handler: Any = _FailingWriter() if failing == "statement-fails" else _RaisingWriter()
     error = DatabaseError if failing == "statement-fails" else ValueError
@@ -266,7 +292,6 @@ async def test_two_async_stores_interleave_and_keep_prepared_statements_in_step(
     """Two async stores append to one database: stale guesses (PostgreSQL) fall back, failed
     pipelines leave psycopg's prepared statements usable, and every event lands once, in
     order."""
-    from tests.test_append_path import _ConstantWriter
 
     a = await AsyncEventStore.open(url)
     b = await AsyncEventStore.open(url)
@@ -295,11 +320,7 @@ async def test_async_postgresql_connections_are_not_kept_alive_by_the_store() ->
     connections alive: after bursts of concurrent appends (the kept write connection's, and
     facade commands' in transactions of their own, for which the pool opens and drops overflow
     connections) and close(), every psycopg connection it used can be collected."""
-    import gc
-    import weakref
 
-    import eventstore._pg_async as pg_async
-    from tests.conftest import pg_url, reset_pg
 
     url = pg_url()
     reset_pg(url)
@@ -312,8 +333,6 @@ async def test_async_postgresql_connections_are_not_kept_alive_by_the_store() ->
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pg_async, "facade_of", tracking)
-        import eventstore._backend as backend
-        import eventstore._core as core
         mp.setattr(backend, "facade_of", tracking)
         mp.setattr(core, "facade_of", tracking)
         store = await AsyncEventStore.open(url, pool_size=1)
@@ -337,7 +356,6 @@ async def test_cancelled_async_appends_roll_back_or_complete_never_fail_otherwis
     one-round-trip guess fails) gives either a completed append or CancelledError, never a
     DatabaseError; every completed append committed (a cancellation that comes after the
     commit may hide one that did), and the log stays dense."""
-    import random
 
     rng = random.Random(5)
     a = await AsyncEventStore.open(url)
@@ -373,9 +391,7 @@ async def test_a_task_cancelled_as_its_pipeline_opens_leaves_no_connection_astra
     ``sleep(0)``), leaving a connection on which each statement reads another's result.  Such
     a connection is closed and replaced: the calls after it answer right (stream versions
     read 0 and job lists failed, from the pool and from the store's kept connection)."""
-    import psycopg
 
-    from projections.aio import AsyncJobs
 
     real_enter = psycopg.AsyncPipeline.__aenter__
     cancels = 0
@@ -416,10 +432,7 @@ async def test_close_during_a_call_closes_its_connection_when_the_call_ends(
     event loop, which takes a pooled connection): when the call ends, its connection is
     closed, not put back in the discarded pool (where it stayed open until the garbage
     collector came by)."""
-    import threading
 
-    import psycopg
-    from sqlalchemy.engine import make_url
 
     dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
     sync = EventStore.open(fresh_pg, migrate=True)
@@ -493,12 +506,7 @@ async def test_close_from_another_loop_closes_the_kept_connection_on_its_own_loo
     """The kept write connection belongs to the loop that first appended; a close from another
     loop closes it on that loop while it runs (it was dropped, for the garbage collector to
     close with SQLAlchemy's warning)."""
-    import gc
-    import threading
-    import warnings
 
-    import psycopg
-    from sqlalchemy.engine import make_url
 
     dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
     EventStore.open(fresh_pg, migrate=True).close()
@@ -528,8 +536,6 @@ async def test_cancelled_sqlite_append_waiting_for_the_write_lock_rolls_back(
         tmp_path: Any) -> None:
     """On SQLite the append runs on aiosqlite's thread; when its caller gives up (a timeout)
     while it waits for the write lock, it rolls back instead of committing later."""
-    import sqlite3
-    import threading
 
     path = tmp_path / "lock.db"
     async with await AsyncEventStore.open(f"sqlite:///{path}") as store:
@@ -555,10 +561,7 @@ async def test_a_sqlite_append_cancelled_during_its_commit_is_settled_when_it_ra
     """A cancellation that lands while the commit is under way on aiosqlite's thread waits for
     it: the caller hears of the cancellation with the append committed, so a read right after
     agrees with every read later (it saw nothing, and then the whole batch)."""
-    import contextlib
-    from collections.abc import Iterator
 
-    import eventstore.aio as aio
 
     real_begin = aio._begin
 
@@ -586,7 +589,6 @@ async def test_a_sqlite_append_cancelled_with_every_other_task_rolls_back(
     """A shutdown cancels every task at once (asyncio.run's end, a SIGTERM handler), in any
     order: an append whose body is still running on aiosqlite's thread rolls back instead of
     committing after its caller was cancelled."""
-    import threading
 
     async with await AsyncEventStore.open(f"sqlite:///{tmp_path / 'all.db'}") as store:
         await store.append("warm-1", [NoteAdded(text="x")])
@@ -612,7 +614,6 @@ async def test_a_sqlite_append_cancelled_with_every_other_task_rolls_back(
 async def test_run_sync_is_one_transaction_on_both_backends(url: str) -> None:
     """run_sync(fn) (a read transaction by default) rolls back what fn wrote when fn raises;
     run_read runs reads only."""
-    from sqlalchemy import text
 
     async with await AsyncEventStore.open(url) as store:
         await store.append("r-1", [NoteAdded(text="x")])
@@ -658,7 +659,6 @@ async def test_handler_that_breaks_the_connection_keeps_its_own_error(url: str,
 
 def _count_trips(mp: pytest.MonkeyPatch) -> tuple[list[int], list[str]]:
     """Count psycopg async pipelines, and statements sent outside one (a round trip each)."""
-    import psycopg
 
     alone: list[str] = []
     pipelines: list[int] = []
@@ -684,7 +684,6 @@ async def test_overlapping_async_appends_each_take_one_round_trip() -> None:
     reads going on beside them, each still take one round trip: they share the store's kept
     write connection, on which the store knows the end of the log.  (On pooled connections
     they were spread over several, and nearly every one missed its guess: three trips.)"""
-    from tests.conftest import pg_url, reset_pg
 
     url = pg_url()
     reset_pg(url)
@@ -711,7 +710,6 @@ async def test_kept_write_connection_outlives_errors_and_is_replaced_when_killed
     one round trip again); a connection the server killed while idle is replaced before the
     next append uses it, and one killed during an append fails that append with a
     DatabaseError, the next opening a new one."""
-    from tests.conftest import pg_url, reset_pg, terminate_other_sessions
 
     url = pg_url()
     reset_pg(url)
@@ -777,7 +775,6 @@ async def test_close_waits_for_an_append_on_the_kept_connection(url: str) -> Non
 async def test_appends_from_another_event_loop_use_a_pooled_connection(url: str) -> None:
     """The kept connection belongs to the loop that first appended; a store used from a second
     loop (another thread) appends there on pooled connections, both correctly."""
-    import threading
 
     async with await AsyncEventStore.open(url, migrate=True) as store:
         await store.append("l-1", [NoteAdded(text="main")])
@@ -808,7 +805,6 @@ async def test_close_while_the_first_append_opens_the_kept_connection(
         url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """close() called while the first append is still opening the kept connection waits for
     that append (which commits) and then closes the connection: none is left checked out."""
-    from eventstore import aio
 
     real_open = aio._KeptWriter._open
 
@@ -832,9 +828,7 @@ async def test_close_while_the_first_append_opens_the_kept_connection(
 async def test_a_long_pause_still_ends_soon_after_a_threading_stop_is_set() -> None:
     """A subscription's retry pause (up to 5 s) with a threading.Event as ``stop``: the wait
     looks at it at least every 0.5 s, as the README promises for ``stop``."""
-    import threading
 
-    from eventstore.aio import _wait
 
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
@@ -848,12 +842,8 @@ async def test_a_cancelled_close_leaves_the_rest_to_the_next_close(url: str) -> 
     """close() waits for an append in progress; cancelled meanwhile (a shutdown's deadline),
     the store refuses new calls, and a second close() still releases the kept connection and
     the pool (it returned at once before, leaving both open)."""
-    import sqlite3
 
-    import psycopg
-    from sqlalchemy.engine import make_url
 
-    from eventstore._backend import APPEND_LOCK_ID
 
     store = await AsyncEventStore.open(url, migrate=True)
     await store.append("x-1", [NoteAdded(text="first")])
@@ -907,16 +897,32 @@ async def test_calls_begun_before_close_raise_store_closed_not_a_new_empty_datab
             repr(outcome)
 
 
+async def test_transactions_begun_before_close_that_reach_the_database_after_it_are_refused(
+        url: str) -> None:
+    """A read, a ``run_sync`` or an append begun before close() (waiting for a preparation)
+    that gets to the database after it raises StoreClosed on both backends: it opens no new
+    connection on the closed store's engine (the append: no new kept write connection, left
+    open for good), and does not answer as if the store were open."""
+    store = await AsyncEventStore.open(url)
+    await store.append("s-1", [NoteAdded(text="a")])
+    store.prepare_before_use(lambda: time.sleep(0.3))
+    calls = [asyncio.create_task(store.stream_version("s-1")),
+             asyncio.create_task(store.run_sync(lambda conn: "ran")),
+             asyncio.create_task(store.run_sync(lambda conn: "wrote", write=True)),
+             asyncio.create_task(store.append("s-1", [NoteAdded(text="b")]))]
+    await asyncio.sleep(0.05)  # all have begun, waiting for the preparation
+    await store.close()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert [type(o) for o in outcomes] == [StoreClosed] * 4, outcomes
+    assert store._engine.pool.checkedout() == 0  # (the append opened no kept connection)
+
+
 @pytest.mark.asyncio
 async def test_closing_while_reads_run_leaves_no_connection_open(url: str) -> None:
     """close() while other tasks read: every connection is closed, also one a read was handing
     back to the pool as close disposed of it.  That one went into the discarded pool, open
     (on SQLite for good: aiosqlite's thread holds it, one thread and one file each store)."""
-    import os
-    import random
 
-    import psycopg
-    from sqlalchemy.engine import make_url
 
 
     parsed = make_url(url)
@@ -960,9 +966,6 @@ async def test_projection_reads_run_on_an_async_store_through_run_read(url: str)
     run for an AsyncEventStore through ``projections.aio.run_read`` and answer as on the sync
     store; called with the async store itself they (and the operators' tools) raise
     InvalidArgument naming that way, where they raised an untyped TypeError."""
-    from projections import current, fold_live, query_rows, rebuild, snapshot_now, status, verify
-    from tests._events import CounterIncremented
-    from tests._projections import TallyProjection
 
     tally = TallyProjection(snapshot_every=2)
     with EventStore.open(url, migrate=True) as sync_store:
@@ -997,12 +1000,7 @@ async def test_a_live_fold_in_an_async_read_survives_a_commit_made_meanwhile(
     facade's read) failed on SQLite with "database is locked" when another connection
     committed while it folded: SQLite cannot turn a read transaction into a write one then.
     The snapshot is a cache: on SQLite such a read folds and answers without saving one."""
-    import threading
 
-    from projections import _engine as engine_module
-    from projections import fold_live
-    from tests._events import CounterIncremented
-    from tests._projections import TallyProjection
 
     with EventStore.open(url, migrate=True) as sync_store:
         sync_store.append("counter-1", [CounterIncremented(by=1) for _ in range(5)])
@@ -1046,9 +1044,7 @@ async def test_a_second_cancellation_does_not_cut_short_the_hand_back_of_a_conne
     cancellation meanwhile (a timeout around a timeout) no longer interrupts that: the
     connection went back invalidated, with an error in the log, and the next call opened a
     new one."""
-    import time
 
-    from sqlalchemy import event
 
     url = f"sqlite:///{tmp_path / 'twice.db'}"
 
@@ -1138,7 +1134,6 @@ async def test_open_without_migrate_refuses_a_missing_sqlite_file_and_creates_no
 @pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
 async def test_open_without_migrate_refuses_a_database_without_the_schema(
         backend_name: str, tmp_path: Any, request: pytest.FixtureRequest) -> None:
-    import sqlite3
 
 
     if backend_name == "sqlite":
@@ -1190,7 +1185,6 @@ async def test_every_call_after_close_raises_store_closed(url: str) -> None:
 
 async def test_run_sync_with_write_holds_the_sqlite_write_lock_from_its_start(
         tmp_path: Any) -> None:
-    import sqlite3
 
     path = tmp_path / "w.db"
 
@@ -1209,6 +1203,35 @@ async def test_run_sync_with_write_holds_the_sqlite_write_lock_from_its_start(
     async with await AsyncEventStore.open(f"sqlite:///{path}") as store:
         assert await store.run_sync(another_writer_is_locked_out, write=True) is True
         assert await store.run_sync(another_writer_is_locked_out) is False
+
+
+async def test_open_migrates_a_new_sqlite_file_holding_the_write_lock_from_its_start(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The migration that ``open`` runs on a new SQLite file takes the write lock before its
+    first statement (``BEGIN IMMEDIATE``), as the sync store's: two processes opening the same
+    new file wait for each other instead of deadlocking on a read lock each."""
+
+
+    path = tmp_path / "new.db"
+    real = _migrate.migrate_on
+    locked_out: list[bool] = []
+
+    def migrate_on(conn: Any) -> str:
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            locked_out.append(False)
+        except sqlite3.OperationalError:
+            locked_out.append(True)
+        finally:
+            other.close()
+        return real(conn)
+
+    monkeypatch.setattr(_migrate, "migrate_on", migrate_on)
+    async with await AsyncEventStore.open(f"sqlite:///{path}", migrate=True) as store:
+        assert (await store.append("m-1", [NoteAdded(text="x")])).stream_version == 1
+    assert locked_out == [True]
 
 
 async def test_an_async_append_logs_tenant_stream_and_position(url: str) -> None:

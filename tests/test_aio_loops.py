@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -14,10 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.util.queue import Empty
 
 from eventstore import EventStore
 from eventstore import aio as aio_module
-from eventstore.aio import AsyncEventStore
+from eventstore.aio import AsyncEventStore, _AnyLoopQueue
 from eventstore.errors import StoreClosed
 
 from ._events import NoteAdded
@@ -115,9 +117,7 @@ def test_the_pool_queue_passes_on_a_wake_up_its_waiter_did_not_use() -> None:
     to the next waiter (else that one waits until its timeout with a connection idle); a
     waiter whose time is up gets the pool's Empty, and a waiter on another thread's loop is
     woken by a put from here."""
-    from sqlalchemy.util.queue import Empty
 
-    from eventstore.aio import _AnyLoopQueue
 
     async def cancelled_after_wake_up() -> object:
         q = _AnyLoopQueue(2)
@@ -158,7 +158,6 @@ def test_a_loop_that_is_not_running_does_not_hold_back_another_loop_s_waiter() -
     waiter, on that loop: a waiter of a running loop waited out its whole timeout beside an
     idle connection.  Now the oldest waiter of each loop is woken; the stalled one, run
     again, finds none left and waits on for the next."""
-    from eventstore.aio import _AnyLoopQueue
 
     q = _AnyLoopQueue(2)
     stalled = asyncio.new_event_loop()
@@ -180,6 +179,66 @@ def test_a_loop_that_is_not_running_does_not_hold_back_another_loop_s_waiter() -
         stalled.close()
 
 
+def test_a_waiter_whose_time_runs_out_takes_a_connection_put_back_meanwhile() -> None:
+    """A connection put back as a waiter's time runs out, its wake-up not yet there (here:
+    never sent), goes to that waiter instead of the pool's Empty (a "pool limit reached"
+    error beside an idle connection)."""
+
+    async def put_back_unannounced() -> object:
+        q = _AnyLoopQueue(2)
+        waiting = asyncio.ensure_future(q._wait_for_one(0.05))
+        await asyncio.sleep(0)  # it waits
+        with q._mutex:
+            q._items.append("conn")  # put back, its wake-up still on the way
+        return await waiting
+
+    assert asyncio.run(put_back_unannounced()) == "conn"
+
+
+def test_a_waiter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    """A waiter whose wake-up has come (its future set) but that is cancelled before it runs
+    again takes no connection: it passes the wake-up on, and the next waiter gets the idle
+    connection instead of waiting beside it until its timeout."""
+
+    async def cancelled_once_woken() -> object:
+        q = _AnyLoopQueue(2)
+        first = asyncio.ensure_future(q._wait_for_one(None))
+        second = asyncio.ensure_future(q._wait_for_one(None))
+        await asyncio.sleep(0.01)  # both wait
+        q.put_nowait("conn")
+        await asyncio.sleep(0)  # the wake-up is handed to the first waiter, not yet run
+        assert q._waiters and not first.done()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await asyncio.wait_for(second, 2)
+
+    assert asyncio.run(cancelled_once_woken()) == "conn"
+
+
+def test_a_waiter_left_on_a_closed_loop_does_not_stop_a_connection_put_back() -> None:
+    """A loop closed while a task of it still waited for a connection (stopped, then closed,
+    its tasks never cancelled) leaves that waiter behind.  A connection put back wakes the
+    other loops' waiters as ever: the put does not fail on the closed loop, and the waiter of
+    a running loop (another thread's) gets the connection."""
+
+    q = _AnyLoopQueue(2)
+    gone = asyncio.new_event_loop()
+    left = gone.create_task(q._wait_for_one(None))
+    gone.run_until_complete(asyncio.sleep(0.01))  # it waits; its loop stops, then closes
+    gone.close()
+    assert not left.done()
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(asyncio.run(q._wait_for_one(10))))
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while len(q._waiters) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.put_nowait("conn")
+    waiting.join(10)
+    assert got == ["conn"] and q.qsize() == 0
+
+
 @pytest.mark.parametrize("kept", [False, True])
 def test_an_append_given_up_in_a_loop_that_then_ends_leaves_its_connection_usable(
         kept: bool, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,7 +248,6 @@ def test_an_append_given_up_in_a_loop_that_then_ends_leaves_its_connection_usabl
     to the closed loop, which raised there and ended the thread: the connection (pooled, or
     the kept write connection when the store's first append ran on that loop) answered no
     call again, and later reads and ``close`` waited for ever."""
-    import sqlite3
 
     thread_errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook",
@@ -399,4 +457,102 @@ def test_a_close_from_another_loop_that_ends_just_as_close_looks_releases_everyt
     assert time.monotonic() - started < 5
     t.join(10)
     monkeypatch.undo()
+    assert _left_open(backend_name, url, threads_before) == 0
+
+
+class _Refused(Exception):
+    """A connection the server would not open (here: refused once, on purpose)."""
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_the_kept_connection_goes_to_a_later_loop_only_once_its_loop_closed_without_it(
+        backend_name: str, request: pytest.FixtureRequest, tmp_path: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first loop to append adopts the kept write connection.  When it could not open one
+    (refused), it keeps the claim while it is open: another loop's append goes on a pooled
+    connection, handed back after it.  Once that first loop has closed, still without a
+    connection, the next loop to append adopts the kept connection (which stays checked out),
+    with turns of its own: appends that overlap there wait for each other on that loop, not
+    on a lock the closed loop had waited on."""
+    url = _migrated(backend_name, request, tmp_path, "adopt-later")
+    store = asyncio.run(AsyncEventStore.open(url))
+    real_open = aio_module._KeptWriter._open
+    refusals = [_Refused("no connection for now") for _ in range(2)]
+
+    async def refused_twice(self: Any) -> Any:
+        if refusals:
+            await asyncio.sleep(0.01)  # (the other append waits for its turn meanwhile)
+            raise refusals.pop()
+        return await real_open(self)
+
+    monkeypatch.setattr(aio_module._KeptWriter, "_open", refused_twice)
+
+    async def append_and_count(*texts: str) -> int:
+        await asyncio.gather(*(store.append("s-1", [NoteAdded(text=t)]) for t in texts))
+        return store._engine.pool.checkedout()
+
+    async def both_refused() -> list[BaseException | Any]:
+        return await asyncio.gather(
+            *(store.append("s-1", [NoteAdded(text="refused")]) for _ in range(2)),
+            return_exceptions=True)
+
+    first = asyncio.new_event_loop()
+    try:
+        refused = first.run_until_complete(both_refused())
+        assert [type(e) for e in refused] == [_Refused, _Refused]
+        # The first loop is open (not running): another loop appends on a pooled connection.
+        assert asyncio.run(append_and_count("pooled")) == 0
+    finally:
+        first.close()
+    # Closed without a connection: the next loop adopts the kept one, and keeps it.
+    assert asyncio.run(append_and_count("kept 1", "kept 2", "kept 3")) == 1
+    # That loop closed with the connection: the next one appends on a pooled connection.
+    assert asyncio.run(append_and_count("pooled again")) == 1
+    asyncio.run(store.close())
+    with EventStore.open(url) as check:
+        assert sorted(e.data.text for e in check.read_stream("s-1")) == [  # type: ignore[attr-defined]
+            "kept 1", "kept 2", "kept 3", "pooled", "pooled again"]
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_a_close_that_stops_waiting_for_another_loop_s_append_closes_the_kept_one_after_it(
+        backend_name: str, request: pytest.FixtureRequest, tmp_path: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close`` from another loop waits a while for an append in progress on the kept
+    connection's loop; when that append is still running after the wait, ``close`` returns
+    and leaves the connection's close to that loop, once the append is done: the append
+    commits, and the connection is closed then (no aiosqlite thread, no server session)."""
+    url = _migrated(backend_name, request, tmp_path, "close-later")
+    monkeypatch.setattr(aio_module, "_CLOSE_ELSEWHERE_WAIT", 0.1)
+    threads_before = threading.active_count()
+    store = asyncio.run(AsyncEventStore.open(url))
+    in_append, release = threading.Event(), threading.Event()
+    results: list[object] = []
+
+    def slow(conn: Any, recorded: Any) -> None:
+        in_append.set()
+        release.wait(10)
+
+    def owner() -> None:
+        async def appends() -> None:
+            await store.append("s-1", [NoteAdded(text="first")])
+            store.add_inline_handler(slow)
+            results.append(await store.append("s-1", [NoteAdded(text="slow")]))
+            writer: Any = store._writer
+            deadline = time.monotonic() + 5
+            while writer._conn is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # (this loop goes on while its close runs)
+
+        asyncio.run(appends())
+
+    t = threading.Thread(target=owner, daemon=True)
+    t.start()
+    assert in_append.wait(10)
+    started = time.monotonic()
+    asyncio.run(store.close())
+    assert time.monotonic() - started < 5  # it did not wait for the append
+    release.set()
+    t.join(10)
+    assert not t.is_alive()
+    assert [r.stream_version for r in results] == [2]  # type: ignore[attr-defined]
     assert _left_open(backend_name, url, threads_before) == 0
