@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import gc
+import inspect
 import os
 import signal
 import sqlite3
@@ -15,22 +18,38 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from select import select as wait_readable
 from typing import Any
 
 import psycopg
+import psycopg._pipeline_base as pipeline_base
 import pytest
-from sqlalchemy import Connection, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, create_engine, event, make_url, select, text
+from sqlalchemy.engine.base import RootTransaction
+from sqlalchemy.exc import DBAPIError
 
-from eventstore import EventStore, RecordedEvent
-from eventstore._backend import APPEND_LOCK_ID
+from eventstore import EventStore, RawEvent, RecordedEvent, _backend, _migrate
+from eventstore._backend import (
+    APPEND_LOCK_ID,
+    Writer,
+    begin_snapshot,
+    begin_write,
+    lock_appends,
+    pg_idle_timeout_ms,
+    translate,
+)
+from eventstore._core import _pipeline
 from eventstore.aio import AsyncEventStore
 from eventstore.errors import (
     DatabaseError,
     InvalidArgument,
     SchemaVersionMismatch,
+    StoreClosed,
     WrongExpectedVersion,
 )
+from projections import Conversations, Jobs
+from tests._async_shim import BlockingAsyncStore
+from tests.conftest import terminate_other_sessions
 
 from ._between import AfterFirstStatement
 from ._events import NoteAdded
@@ -138,7 +157,6 @@ def test_inline_projection_rows_commit_with_the_append(store: EventStore) -> Non
     """The conversation projection's row is written in the append's transaction, on both the
     pipelined (PostgreSQL) and the plain path: a query right after append sees it, and a
     refused append leaves the row as it was."""
-    from projections import Conversations
 
     conversations = Conversations(store)
     v = conversations.assign("c-1", {"n": 1})
@@ -195,7 +213,6 @@ def test_an_in_memory_database_named_as_a_uri_is_one_database_too(flavour: str) 
     connection was a database of its own, or threads shared one connection at once: appends
     acknowledged and then missing, untyped errors, or every read failing with "no such
     table".)  Sync and async stores."""
-    from tests._async_shim import BlockingAsyncStore
 
     url = (f"sqlite:///file:mem{uuid.uuid4().hex}?mode=memory&uri=true"
            if flavour == "mode=memory" else "sqlite:///file::memory:?uri=true")
@@ -231,7 +248,6 @@ def test_sqlite_url_options_the_store_would_override_or_cannot_use(tmp_path: Pat
     """The driver's ``timeout`` (seconds) is the busy timeout unless ``busy_timeout`` is given
     (the store's default replaced it at each connect: 30 s waits for ``?timeout=1``); a shared
     cache is refused up front (its table locks failed appends at once)."""
-    import sqlite3
 
     path = tmp_path / "t.db"
     EventStore.open(f"sqlite:///{path}").close()
@@ -269,7 +285,6 @@ def test_a_sqlite_file_that_cannot_be_opened_or_locked_says_which_and_why(
     """SQLite says only "unable to open database file", or "database is locked": the store's
     error (still a DatabaseError) names the file and the likely reason (a folder missing, a
     '~' the URL does not expand), or the busy_timeout option; sync and async."""
-    import sqlite3
 
 
     async def open_async(url: str) -> None:
@@ -368,7 +383,6 @@ def test_a_failing_hook_keeps_an_in_memory_store() -> None:
 
 def test_append_after_close_is_refused(store: EventStore) -> None:
     """Appends after close raise StoreClosed, also one that got past the first check."""
-    from eventstore.errors import StoreClosed
 
     store.append("x-1", [NoteAdded(text="1")])
     writer = store._writer
@@ -615,9 +629,7 @@ def test_an_interrupt_as_a_pipeline_opens_leaves_no_connection_astray(fresh_pg: 
     connection is closed and replaced, in the store's kept connection and in the pool, and
     the calls after it answer right (the sync twin of test_aio's cancelled pipeline, where
     such a connection made later statements read others' results)."""
-    import psycopg
 
-    from projections import Jobs
 
     real_enter = psycopg.Pipeline.__enter__
     interrupts = 0
@@ -657,13 +669,7 @@ def test_connections_lost_again_as_the_pool_replaces_them_are_a_transient_error(
     place is lost as well: SQLAlchemy gives up ("This connection is closed"), a lost
     connection like any other, so the error is transient, and a subscription rides it out (it
     ended, and a projector failed its projection)."""
-    import select
-    import threading
-    import time
 
-    import psycopg
-    from sqlalchemy import event
-    from sqlalchemy.engine import make_url
 
     dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
     with EventStore.open(fresh_pg, migrate=True, poll_interval=0.05) as store, \
@@ -676,7 +682,7 @@ def test_connections_lost_again_as_the_pool_replaces_them_are_a_transient_error(
             if to_kill[0] > 0:
                 to_kill[0] -= 1
                 side.execute("SELECT pg_terminate_backend(%s)", (dbapi_conn.info.backend_pid,))
-                select.select([dbapi_conn.pgconn.socket], [], [], 5)  # until it hangs up
+                wait_readable([dbapi_conn.pgconn.socket], [], [], 5)  # until it hangs up
 
         def lose_the_pool() -> None:
             side.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
@@ -708,7 +714,6 @@ def test_connections_the_server_closed_while_idle_are_replaced(fresh_pg: str) ->
     """After the server ends idle sessions (a restart, ``idle_session_timeout``, an operator's
     pg_terminate_backend), the next append and the next reads open new connections instead
     of failing once each: the kept write connection and pooled ones are checked before use."""
-    from tests.conftest import terminate_other_sessions
 
     with EventStore.open(fresh_pg, migrate=True) as store:
         store.append("idle-1", [NoteAdded(text="1")])
@@ -731,8 +736,6 @@ def test_appends_race_as_promised_where_the_database_defaults_to_repeatable_read
     version race with DatabaseError instead of WrongExpectedVersion.)  Sync and async stores,
     the store's own BEGIN and SQLAlchemy's (also after a REPEATABLE READ snapshot read)."""
 
-    from eventstore._backend import begin_snapshot, begin_write
-    from tests._async_shim import BlockingAsyncStore
 
     monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", idle_limit)
     EventStore.open(fresh_pg, migrate=True).close()
@@ -799,8 +802,6 @@ def test_a_client_encoding_other_than_utf8_is_not_the_stores(
     goes in and reads back (they raised a bare UnicodeEncodeError; a projector's batch was
     refused by the server, and marked its projection failed for every process)."""
 
-    from projections import Conversations
-    from tests._async_shim import BlockingAsyncStore
 
     EventStore.open(fresh_pg, migrate=True).close()
     if where == "database":
@@ -833,12 +834,7 @@ def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler(fresh_pg
     "none", and the first statement failed with a bare TypeError), for poolers that hand server
     sessions to other clients between transactions, where a statement one session prepared is
     missing, or already there, on the next (PgBouncer before 1.21).  That error names the fix."""
-    import psycopg
-    from sqlalchemy import make_url
 
-    from eventstore._backend import translate
-    from eventstore.errors import InvalidArgument
-    from tests._async_shim import BlockingAsyncStore
 
     EventStore.open(fresh_pg, migrate=True).close()
     for value, expected in (("none", None), ("0", 0)):
@@ -875,13 +871,8 @@ def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
     """PostgreSQL: a transaction that holds the append lock and goes quiet (a stopped process,
     a host gone silent) is ended by the server after EVENTSTORE_PG_IDLE_TIMEOUT, so other
     appends go on; the frozen one's next statement fails instead of committing."""
-    import time
 
-    from sqlalchemy import select
-    from sqlalchemy.exc import DBAPIError
 
-    from eventstore._backend import lock_appends
-    from eventstore._core import _pipeline
 
     monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "1")
     with EventStore.open(fresh_pg, migrate=True) as frozen, EventStore.open(fresh_pg) as other:
@@ -914,7 +905,6 @@ def test_an_appender_frozen_in_its_transaction_does_not_stop_the_others(
         monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0")  # the server's own setting
         assert setting(fresh_pg) == "0"
         # Under a millisecond is one, not 0 (which would be the server's: no limit at all).
-        from eventstore._backend import pg_idle_timeout_ms
         monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0.0001")
         assert pg_idle_timeout_ms() == 1
         monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "soon")
@@ -940,7 +930,6 @@ def test_events_of_tens_of_megabytes_are_appended(url: str) -> None:
     knows (PostgreSQL's one-round-trip path), and another store appends after it.  A statement
     that large does not fit the socket at once; the pipeline's end once waited for results
     before the rest of it was sent, for ever, holding the append lock."""
-    import faulthandler
 
     big = "x" * 30_000_000
     faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the test, not the run
@@ -1026,7 +1015,6 @@ def test_close_from_inside_an_append_on_its_thread_ends_after_it(url: str, where
     hook, an inline handler, a signal handler: a graceful shutdown) returns at once; the
     append completes, and later calls raise StoreClosed (it waited for the append lock its own
     thread held: for ever)."""
-    from eventstore.errors import StoreClosed
 
     store = EventStore.open(url)
     closed: list[bool] = []
@@ -1080,9 +1068,7 @@ def test_an_interrupt_a_driver_error_replaced_is_raised_not_translated() -> None
     error while ending a pipeline ("cannot exit pipeline mode while busy") reaches the caller
     as itself, not as a transient DatabaseError (the append may have committed: a retry would
     write it twice); an interrupt the caller was already handling is not ours to raise."""
-    import sqlite3
 
-    from eventstore._backend import translate
 
     def driver_error_over(interrupt: BaseException) -> None:
         try:
@@ -1105,9 +1091,7 @@ def test_inline_handlers_get_metadata_and_raw_data_as_readers_do(store: EventSto
     """An inline handler is handed the metadata, and an unknown type's raw data, as every
     reader gets them (decoded from what was stored: a datetime as its ISO string, a tuple as
     a list); it got the caller's objects, so inline rows and a rebuild could differ."""
-    from datetime import UTC, datetime
 
-    from eventstore import RawEvent
 
     handed: list[RecordedEvent] = []
     store.add_inline_handler(lambda _conn, recorded: handed.extend(recorded))
@@ -1156,7 +1140,6 @@ def test_a_ctrl_c_as_the_append_begins_leaves_the_store_usable(url: str,
                                                                default_sigint: None) -> None:
     """Ctrl-C landing just after SQLAlchemy attached the append's transaction to the kept
     connection: later appends work (every one failed: 'already initialized a Transaction')."""
-    from sqlalchemy.engine.base import RootTransaction
 
     with EventStore.open(url) as store:
         store.append("k-1", [NoteAdded(text="a")])
@@ -1173,8 +1156,6 @@ def test_a_ctrl_c_as_the_append_begins_leaves_the_store_usable(url: str,
 def test_close_from_a_signal_as_the_append_takes_its_lock_returns(url: str) -> None:
     """A signal handler closing the store when the append has just taken the kept connection's
     lock (before it noted that it holds it): close() returns (it waited for that lock)."""
-    from eventstore import _backend
-    from eventstore.errors import StoreClosed
 
     store = EventStore.open(url)
     store.append("s-1", [NoteAdded(text="a")])
@@ -1225,10 +1206,7 @@ def test_a_generator_closed_in_a_handler_is_not_taken_for_an_interrupt(
     """A driver error raised while a generator closes (GeneratorExit in its context) is the
     store's DatabaseError, as before; nor is a task's cancellation an interrupt; only
     SQLAlchemy's assertion over a real interrupt gives the interrupt back."""
-    import asyncio
-    import sqlite3
 
-    from eventstore._backend import translate
 
     def steps() -> Iterator[int]:
         try:
@@ -1255,7 +1233,6 @@ def test_a_generator_closed_in_a_handler_is_not_taken_for_an_interrupt(
     # of its own, is the caller's to see; SQLAlchemy's, over an interrupt, gives that back.
     with pytest.raises(AssertionError), translate():
         over(SystemExit(2), AssertionError("the hook's own"))
-    from sqlalchemy.engine.base import RootTransaction
 
     with EventStore.open("sqlite://") as store:
         store.append("a-1", [NoteAdded(text="a")])
@@ -1286,9 +1263,7 @@ def test_a_ctrl_c_as_an_append_pipeline_ends_neither_hangs_nor_holds_the_lock(
     or about to send what it queued): the append raises KeyboardInterrupt, the append lock is
     free for another store, and this store appends again (it waited for results that never
     came, with neither a Sync nor a Flush sent, holding the append lock for ever)."""
-    import psycopg._pipeline_base as pipeline_base
 
-    from eventstore import _migrate
 
     _migrate.migrate_url(fresh_pg)
     with EventStore.open(fresh_pg) as store, EventStore.open(fresh_pg) as other:
@@ -1324,10 +1299,7 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_session_alone(
     PostgreSQL session: closing a connection handed back to a closed store's pool (done so
     that none is left open) is for the process that opened it; psycopg closing the parent's
     connection in the child said goodbye to the server on the socket both share."""
-    import gc
 
-    import psycopg
-    from sqlalchemy.engine import make_url
 
     store = EventStore.open(fresh_pg, migrate=True)
     store.append("fork-1", [NoteAdded(text="warm")])  # the kept write connection, open
@@ -1369,9 +1341,7 @@ def test_a_child_forked_while_its_parent_writes_to_sqlite_is_refused_at_once(
     transient, for good.  Now it is refused, not transient, naming the fork (the first write
     after probing for the busy timeout, later ones at once); the parent, and a child forked
     while nothing writes, append as before."""
-    import threading
 
-    from eventstore.errors import DatabaseError
 
     url = f"sqlite:///{tmp_path}/forked.db?busy_timeout=1000"
     store = EventStore.open(url, migrate=True)
@@ -1428,9 +1398,7 @@ def test_an_interrupt_as_an_append_begins_leaves_the_next_append_working(
     connection marked this thread as appending: the thread's later appends were refused for
     good, as if nested in an append.  Here the interrupt is raised at the next line of
     ``Writer.begin`` after that mark, as a signal handler's exception would surface there."""
-    import inspect
 
-    from eventstore._backend import Writer
 
     source, first = inspect.getsourcelines(Writer.begin)
     marked = next(first + i for i, line in enumerate(source) if "self._owner = me" in line)
@@ -1547,3 +1515,30 @@ def test_a_refused_open_and_a_close_leave_no_session_on_the_server(fresh_pg: str
 
     asyncio.run(append_then_close())
     assert _client_sessions(fresh_pg) == 0
+
+
+def test_a_stream_s_version_and_time_are_its_own_tenant_s(url: str) -> None:
+    """One stream id in two tenants: an append moves only its own tenant's stream (version and
+    time), and only that stream's last time holds its clock back."""
+    def at(second: int) -> datetime:
+        return datetime(2030, 1, 1, 0, 0, second, tzinfo=UTC)
+
+    now = [at(50)]
+    with EventStore.open(url, migrate=True, clock=lambda: now[0]) as first, \
+            EventStore.open(url, clock=lambda: now[0]) as second:
+        first.append("c-1", [NoteAdded(text="a1")], tenant_id="a")
+        now[0] = at(10)
+        first.append("c-1", [NoteAdded(text="b1")], tenant_id="b")
+        # A store that has not seen the streams probes them before it appends.
+        now[0] = at(20)
+        second.append("c-1", [NoteAdded(text="b2"), NoteAdded(text="b3")], tenant_id="b",
+                      expected_version=1)
+        now[0] = at(55)
+        second.append("c-1", [NoteAdded(text="a2")], tenant_id="a", expected_version=1)
+        now[0] = at(30)
+        first.append("c-1", [NoteAdded(text="b4")], tenant_id="b", expected_version=3)
+        assert [second.stream_version("c-1", tenant_id=t) for t in ("a", "b")] == [2, 4]
+        assert [(e.data.text, e.recorded_at) for e in second.read_stream("c-1", tenant_id="a")
+                ] == [("a1", at(50)), ("a2", at(55))]
+        assert [(e.data.text, e.recorded_at) for e in second.read_stream("c-1", tenant_id="b")
+                ] == [("b1", at(10)), ("b2", at(20)), ("b3", at(20)), ("b4", at(30))]

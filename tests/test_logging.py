@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
 from eventstore import EventStore, WrongExpectedVersion
+from eventstore.aio import AsyncEventStore
+from eventstore.logs import get_logger
+from projections.aio import AsyncConversations, AsyncJobs
 from tests._events import NoteAdded
 
 
@@ -78,8 +84,6 @@ def test_library_writes_nothing_to_stdout_when_logging_is_configured(
 async def test_async_facades_log_their_appends_once_committed(url: str) -> None:
     """The async facades' appends (run inside the async store's transactions) log
     events_appended with tenant, stream and position, as the sync facades' do."""
-    from eventstore.aio import AsyncEventStore
-    from projections.aio import AsyncConversations, AsyncJobs
 
     store = await AsyncEventStore.open(url)
     try:
@@ -127,3 +131,109 @@ def test_the_cli_run_in_process_leaves_logging_as_it_found_it(tmp_path: Path) ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out
+
+
+def test_a_bound_logger_adds_its_context_and_leaves_its_parent_alone() -> None:
+    """``bind`` returns a logger whose lines carry the parent's context plus the new keys (a
+    key bound again takes the new value); the parent's lines stay as they were."""
+    base = get_logger("eventstore.test")
+    worker = base.bind(worker="w-1")
+    task = worker.bind(task="t-9")
+    moved = task.bind(worker="w-2")
+    with capture_logs() as logs:
+        base.info("plain", n=1)
+        worker.info("bound", n=2)
+        task.info("bound_twice", n=3)
+        moved.info("rebound", n=4)
+    assert [(e["event"], e.get("worker"), e.get("task"), e["n"]) for e in logs] == [
+        ("plain", None, None, 1), ("bound", "w-1", None, 2), ("bound_twice", "w-1", "t-9", 3),
+        ("rebound", "w-2", "t-9", 4)]
+
+
+def test_each_method_logs_at_its_own_level() -> None:
+    log = get_logger("eventstore.test")
+    with capture_logs() as logs:
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("d", "debug"), ("i", "info"), ("w", "warning"), ("e", "error")]
+
+
+class _Sink:
+    """A structlog logger that keeps what it is given."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def _keep(self, message: str) -> None:
+        self.lines.append(message)
+
+    debug = info = warning = error = _keep
+
+
+def test_the_logger_is_built_once_per_configuration_under_its_name() -> None:
+    """The structlog logger is made by the application's factory under the library's name,
+    once for many lines, and once more after structlog is configured again."""
+    made: list[tuple[Any, ...]] = []
+    lines: list[str] = []
+
+    def factory(*args: Any) -> _Sink:
+        made.append(args)
+        return _Sink(lines)
+
+    log = get_logger("eventstore.test")
+    old = structlog.get_config()
+    try:
+        structlog.configure(processors=[_render], logger_factory=factory)
+        log.info("one")
+        log.info("two")
+        log.bind(k=1).info("three")
+        assert made == [("eventstore.test",), ("eventstore.test",)]  # the bound one is new
+        structlog.configure(processors=[_render], logger_factory=factory)
+        log.info("four")
+    finally:
+        structlog.configure(**old)
+    assert lines == ["one", "two", "three k=1", "four"]
+    assert made == [("eventstore.test",)] * 3
+
+
+def _render(logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+    return " ".join([event_dict.pop("event"), *(f"{k}={v}" for k, v in event_dict.items())])
+
+
+def test_a_logger_follows_each_setting_configured_after_its_first_line() -> None:
+    """A logger that has logged picks up a later configure() that changes only the level
+    filter, only the logger factory, or only the context class."""
+    first: list[str] = []
+    second: list[str] = []
+    seen: list[type] = []
+
+    def render(logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+        seen.append(type(event_dict))
+        return _render(logger, method, event_dict)
+
+    log = get_logger("eventstore.test")
+    old = structlog.get_config()
+    try:
+        structlog.configure(processors=[render], logger_factory=lambda *a: _Sink(first),
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+                            context_class=dict)
+        log.debug("debug_before")
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+        log.debug("debug_after")
+        log.info("info_after")
+        structlog.configure(logger_factory=lambda *a: _Sink(second))
+        log.info("to_the_new_factory")
+        structlog.configure(context_class=_OrderedContext)
+        log.info("in_the_new_context_class")
+    finally:
+        structlog.configure(**old)
+    assert first == ["debug_before", "info_after"]
+    assert second == ["to_the_new_factory", "in_the_new_context_class"]
+    assert seen[-1] is _OrderedContext and _OrderedContext not in seen[:-1]
+
+
+class _OrderedContext(OrderedDict):  # type: ignore[type-arg]
+    """A context class other than dict (its copies keep the class)."""

@@ -6,12 +6,15 @@ import asyncio
 import io
 import multiprocessing
 import queue as queue_mod
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from structlog.testing import capture_logs
@@ -19,10 +22,13 @@ from structlog.testing import capture_logs
 from eventstore import EventStore, InvalidArgument, SchemaVersionMismatch, _migrate
 from eventstore._migrate import known_revisions, migrate_url
 from eventstore._schema import VERSION_TABLE
+from eventstore._schema import metadata as schema_metadata
 from eventstore.aio import AsyncEventStore
 from eventstore.errors import DatabaseError
+from projections import inline, langgraph_saver, status
 from tests import _workers
 from tests._events import NoteAdded
+from tests._projections import TallyProjection
 from tests.conftest import drop_pg_database, fresh_pg_database
 
 CTX = multiprocessing.get_context("spawn")
@@ -273,7 +279,6 @@ def test_open_without_url_or_env_uses_eventstore_db_in_cwd(
 def test_bad_environment_settings_raise_typed_errors(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """EVENTSTORE_MAX_EVENT_BYTES / _POLL_INTERVAL that are not numbers raise InvalidArgument."""
-    from eventstore import InvalidArgument
 
     url = f"sqlite:///{tmp_path}/env.db"
     monkeypatch.setenv("EVENTSTORE_MAX_EVENT_BYTES", "lots")
@@ -315,7 +320,6 @@ def test_auto_migrate_env_reads_on_and_off(fresh_url: str, monkeypatch: pytest.M
 def test_auto_migrate_env_refuses_other_values(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A value that is neither on nor off is an InvalidArgument, not a silent off."""
-    from eventstore import InvalidArgument
 
     monkeypatch.setenv("EVENTSTORE_AUTO_MIGRATE", "enabled")
     with pytest.raises(InvalidArgument, match="EVENTSTORE_AUTO_MIGRATE"):
@@ -330,7 +334,6 @@ async def test_a_store_that_will_not_migrate_creates_no_sqlite_file(
     """migrate=False (or EVENTSTORE_AUTO_MIGRATE=off) on a SQLite path that is not there is
     refused, sync and async, and leaves no file (an empty one made the CLI call the path
     another application's database)."""
-    from eventstore.aio import AsyncEventStore
 
     path = tmp_path / "missing.db"
     url = f"sqlite:///{path}"
@@ -352,9 +355,7 @@ async def test_opening_a_current_sqlite_database_does_not_wait_for_a_writer(
         tmp_path: Path) -> None:
     """Auto-migrate only reads a database already at the newest schema: a store opens (sync
     and async) while another connection holds SQLite's write lock, with a short busy timeout."""
-    import sqlite3
 
-    from eventstore.aio import AsyncEventStore
 
     path = tmp_path / "busy.db"
     with EventStore.open(f"sqlite:///{path}") as store:
@@ -379,8 +380,6 @@ async def test_opening_a_current_sqlite_database_does_not_wait_for_a_writer(
 def test_projection_categories_recorded_by_a_migrated_database(fresh_url: str) -> None:
     """A projection row from before migration 0005 has no categories (its lag counts every
     event after it); once code of its fold registers it again, they are recorded."""
-    from projections import inline, status
-    from tests._projections import TallyProjection
 
     migrate_to(fresh_url, "0004")
     engine = create_engine(fresh_url)
@@ -417,3 +416,29 @@ def test_a_server_refusing_the_connection_at_open_is_a_transient_database_error(
     for refused in (sync_refused.value, async_refused.value):
         assert refused.transient is True
         assert "connection failed" in str(refused)
+
+
+def test_the_core_tables_declare_what_the_migrations_build(fresh_url: str) -> None:
+    """The tables of ``eventstore._schema`` (and the LangGraph index tables) describe the
+    database the migrations build: same columns, types, nullability, primary keys, indexes and
+    unique constraints.  The migrations, not the tables, make the schema, so a table edited
+    without a migration (or the other way round) would only show as statements failing."""
+
+    migrate_url(fresh_url)
+    engine = create_engine(fresh_url)
+    try:
+        with engine.connect() as conn:
+            diffs = []
+            for declared in (schema_metadata, langgraph_saver.metadata):
+                context = MigrationContext.configure(conn, opts={
+                    "compare_type": True,
+                    "include_name": lambda name, kind, parent, tables=declared.tables: (
+                        kind != "table" or name in tables)})
+                diffs += compare_metadata(context, declared)
+                for table in declared.tables.values():
+                    built = inspect(conn).get_pk_constraint(table.name)["constrained_columns"]
+                    if built != [c.name for c in table.primary_key.columns]:
+                        diffs.append(("primary key", table.name, built))
+    finally:
+        engine.dispose()
+    assert diffs == []

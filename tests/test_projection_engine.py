@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
+import time
+import time as _time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import select, update
+from psycopg import errors as pg
+from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy import exc as sa_exc
 
+import eventstore._core as core
+import projections._engine as engine
 import projections._engine as engine_module
-from eventstore import Event, EventStore, InvalidArgument, RawEvent, RecordedEvent
-from eventstore._backend import begin_write
-from eventstore._schema import projection_rows, snapshots
+from eventstore import Event, EventStore, InvalidArgument, RawEvent, RecordedEvent, upcaster
+from eventstore._backend import begin_write, is_transient, translate
+from eventstore._backend import begin_write as _begin_write
+from eventstore._bound import BoundStore, transaction
+from eventstore._schema import events, projection_rows, snapshots
+from eventstore._schema import events as event_table
+from eventstore._schema import projections as bookkeeping
+from eventstore._schema import projections as engine_projections
+from eventstore._schema import projections as projections_table
 from eventstore._time import to_micros
-from eventstore.errors import DatabaseError
+from eventstore.errors import DatabaseError, EventDecodeError
 from projections import (
+    ConversationProjection,
     Conversations,
     ProjectionFailed,
+    ProjectionStopped,
     Projector,
     RowIndex,
+    _engine,
     current,
     fold_live,
     inline,
@@ -29,7 +47,17 @@ from projections import (
     status,
     verify,
 )
-from projections._engine import _PAGE, _rebuild, lease_clock, load_row, query_rows, snapshot_now
+from projections._engine import (
+    _PAGE,
+    _fast,
+    _rebuild,
+    lease_clock,
+    load_row,
+    query_rows,
+    snapshot_now,
+)
+from projections._engine import ProjectionFailed as Failed
+from projections.aio import AsyncConversations
 from projections.errors import RebuildInProgress
 from tests._between import AfterFirstStatement
 from tests._events import CounterIncremented, NoteAdded
@@ -108,7 +136,6 @@ def test_inline_catch_up_failing_on_another_writers_event_stops_the_projection(
     stops the projection there in ``status`` (as a projector's would): the append that met it
     goes through, later ones get ProjectionStopped, and a restart with fixed code folds all.
     The other writer's events before that one are folded: it stops exactly there."""
-    from projections import ProjectionStopped, restart
 
     with EventStore.open(url) as runner, EventStore.open(url) as other:
         inline(runner, TallyProjection("tally_catch_up", poison=13))
@@ -139,8 +166,6 @@ def test_inline_catch_up_stop_holds_when_one_transaction_appends_twice(url: str)
     """The catch-up that stops the projection records it in the append's transaction; a second
     append of the same transaction (a facade's command, a sweep) goes through the same way
     instead of refusing and rolling that record back with it."""
-    from eventstore._bound import BoundStore, transaction
-    from projections import ProjectionStopped
 
     with EventStore.open(url) as runner, EventStore.open(url) as other:
         inline(runner, TallyProjection("tally_twice", poison=13))
@@ -161,8 +186,6 @@ def test_inline_catch_up_stop_holds_when_one_transaction_appends_twice(url: str)
 def test_inline_catch_up_meeting_an_unreadable_event_stops_the_projection(url: str) -> None:
     """An event this code cannot read, appended without the projection, stops it as a fold
     that raises does (in status, naming the event), not every later append unseen."""
-    from eventstore._schema import events as event_table
-    from projections import ProjectionStopped
 
     with EventStore.open(url) as runner, EventStore.open(url) as other:
         inline(runner, TallyProjection("tally_unreadable"))
@@ -217,7 +240,6 @@ def test_expired_lease_is_taken_over(store: EventStore) -> None:
     bump(store, "a", 1)
     Projector(store, [p], worker_id="dead", lease_seconds=0.05).run_once(p)
     bump(store, "a", 1)
-    import time
 
     time.sleep(0.1)
     assert Projector(store, [p], worker_id="alive").run_once(p) == 1
@@ -228,7 +250,6 @@ def test_leases_run_on_real_time_not_on_a_store_clock(store: EventStore, url: st
     """A lease is timed by the database server's clock (PostgreSQL) or the machine's (SQLite),
     never by a store's clock: a worker whose clock runs an hour ahead (another host's, or one
     set on its store) neither takes a live worker's lease nor keeps a dead one's an hour."""
-    import time
 
     ahead = EventStore.open(url, clock=lambda: datetime.now(UTC) + timedelta(hours=1))
     try:
@@ -254,9 +275,7 @@ def test_leases_run_on_real_time_not_on_a_store_clock(store: EventStore, url: st
 def test_a_lease_given_after_a_wait_for_the_row_runs_its_whole_time(store: EventStore) -> None:
     """A worker that waited for the projection's row (another transaction held it) is given a
     lease that starts when it is given, not when its wait began."""
-    import time
 
-    from eventstore._schema import projections as bookkeeping
 
     p = TallyProjection("tally_async")
     bump(store, "a", 1)
@@ -437,8 +456,6 @@ def test_an_event_the_code_cannot_read_stops_the_projector_there(store: EventSto
     """An undecodable event (stored by code whose type had another shape) fails the projection
     at that event as a failing fold does: position, type and stream in the error and in
     status; a plain read names the event too."""
-    from eventstore._schema import events as event_table
-    from eventstore.errors import EventDecodeError
 
     bump(store, "a", 2)
     store.append("counter-b", [CounterIncremented(by=1)])
@@ -468,8 +485,6 @@ def test_an_event_of_a_newer_schema_stops_this_projector_but_not_the_projection(
     """In a rolling deploy newer code appends schema 2 of a type this code knows as 1: this
     projector stops with the decode error, but the projection is not marked failed, so a
     projector on the newer code (which can read it) carries on."""
-    from eventstore._schema import events as event_table
-    from eventstore.errors import EventDecodeError
 
     bump(store, "a", 2)
     with begin_write(store.engine) as conn:  # as newer code (CounterIncremented v2) wrote it
@@ -487,7 +502,6 @@ def test_lag_counts_the_events_a_registered_projection_has_yet_to_apply(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A caught-up projection has lag 0 even when the log goes on with other categories (its
     position is its last event's, the head the log's); events of its categories count."""
-    import projections._engine as engine
 
     monkeypatch.setitem(engine._registry, "tally_lag", lambda: TallyProjection("tally_lag"))
     conversations = Conversations(store)
@@ -513,7 +527,6 @@ def test_snapshots_are_taken_and_used(store: EventStore) -> None:
     bump(store, "a", 25)
     state, version = fold_live(store, p, "counter-a", tenant_id="default")
     assert (state.count, version) == (25, 25)
-    from sqlalchemy import select
 
 
     with store.engine.connect() as c:
@@ -528,7 +541,6 @@ def test_inline_projections_save_a_snapshot_every_n_events_of_a_stream(url: str)
     """An inline projection's policy: the append that takes a stream past a multiple of
     snapshot_every saves the row's state as a snapshot, in the same transaction; time travel
     then starts from it, and gives what a fold from the start gives."""
-    from sqlalchemy import select
 
 
     p = TallyProjection("tally_snap", snapshot_every=4)
@@ -607,9 +619,7 @@ def test_rows_a_rebuild_swapped_out_go_even_if_it_stopped_before_deleting_them(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild interrupted between its swap and its delete of the old rows (Ctrl-C, a kill)
     leaves them behind: the next rebuild drops them with the generation it swaps out."""
-    from sqlalchemy import func
 
-    from projections import _engine
 
     def generations() -> dict[int, int]:
         pr = projection_rows
@@ -645,9 +655,7 @@ def test_rebuild_looks_rows_up_by_their_whole_key_in_few_statements(
     a search also once the tables are analyzed.  On PostgreSQL a chunk of 200 keys is a few
     statements whatever its tenants (a statement a tenant made one per stream where every
     stream has its own tenant: 20,000 streams, 71 s against 9 s)."""
-    from sqlalchemy import event
 
-    from projections._engine import _fast
 
     p = TallyProjection()
     inline(store, p)
@@ -702,7 +710,6 @@ def test_verify_reports_differences(store: EventStore) -> None:
     diffs = verify(store, p)
     assert [(d.stream_id, d.live.count, d.rebuilt.count) for d in diffs] == [("counter-b", 7, 2)]
     with store.engine.connect() as c:  # the scratch rows are gone
-        from sqlalchemy import select
 
         gens = set(c.execute(select(projection_rows.c.generation)).scalars())
     assert gens == {1}
@@ -728,7 +735,6 @@ def test_verify_reports_a_value_that_changed_type_but_compares_equal(
         store: EventStore) -> None:
     """A row whose value became ``true`` or ``1.0`` where the log gives ``1`` is a difference
     (Python's == took them for one another)."""
-    from projections import ConversationProjection, Conversations
 
     conversations = Conversations(store)
     for cid in ("c0", "c1", "c2"):
@@ -750,9 +756,7 @@ def test_a_row_an_operator_edited_by_sql_as_text_reads_verifies_and_folds(
     """A state written back by SQL (``replace()`` gives text on SQLite, which then sits as TEXT
     in the BLOB column) is read as the reads read it: verify reports it as a difference (it
     raised a bare TypeError) and an inline append folds onto it (it stopped the projection)."""
-    from sqlalchemy import text
 
-    from projections import ConversationProjection, Conversations
 
     conversations = Conversations(store)
     conversations.assign("c", {"a": 7})
@@ -798,7 +802,6 @@ def test_verify_reports_rows_whose_index_columns_or_version_differ(store: EventS
 def test_verify_drops_the_scratch_rows_of_a_verify_killed_long_ago(store: EventStore) -> None:
     """A verify killed mid-run (its cleanup never ran) leaves scratch rows; the next verify
     deletes them once they are a day old, and leaves a running verify's fresh ones."""
-    from sqlalchemy import insert, select
 
     p = TallyProjection()
     inline(store, p)
@@ -821,7 +824,6 @@ def test_a_verify_on_a_store_clock_days_ahead_leaves_a_running_verifys_rows(
     """Scratch rows are stamped and aged on the machine's clock, not on a store's: a verify
     from a store whose clock is set days ahead leaves the rows of a verify running beside it
     (which, without them, reported every stream of its first pages missing)."""
-    from projections import _engine
 
     monkeypatch.setattr(_engine, "_PAGE", 2)  # verify's pages of 10 events
     p = TallyProjection()
@@ -902,7 +904,6 @@ def test_old_fold_code_never_extends_newer_rows(url: str) -> None:
         bump(new, "a", 1, by=1)
         bump(old, "a", 1, by=1)  # v1 handler sees v2 rows and skips them
         assert load_row(old, TallyProjection(), "default", "counter-a") is None
-        from projections._engine import current
 
         assert current(new, TallyV2(), "counter-a", tenant_id="default")[0].total == 4
         bump(new, "a", 1, by=1)  # v2 handler catches up what v1 skipped
@@ -915,7 +916,6 @@ def test_start_up_rebuild_is_skipped_when_another_process_did_it_meanwhile(
     """Processes of a new release starting together each saw v1 rows; the first to get the
     projection's lock rebuilds them, the others find v2 rows under the lock and leave them
     (each rebuilt again: wasted replays).  An explicit rebuild still always rebuilds."""
-    from projections._engine import _rebuild
 
     inline(store, TallyProjection())
     bump(store, "a", 2, by=1)
@@ -926,7 +926,6 @@ def test_start_up_rebuild_is_skipped_when_another_process_did_it_meanwhile(
     (st,) = status(store, TallyProjection.name)
     assert (st.generation, st.code_version) == (2, 2)
     # The start-up path itself, as a process that read the v1 status before the rebuild.
-    import projections._engine as engine
 
     monkeypatch.setattr(engine, "status", lambda *_a, **_k: stale)
     engine._rebuild_if_stale(store, TallyV2())
@@ -953,7 +952,6 @@ def test_projector_rebuilds_rows_of_another_fold_version(store: EventStore) -> N
 def test_slice_fold_equals_the_record_fold_across_pages(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pages of columns give what evolve gives record by record, time travel included."""
-    import projections._engine as engine
 
     monkeypatch.setattr(engine, "SLICE_PAGE", 4)  # many pages, one partly filled at the end
     for i in range(11):
@@ -979,7 +977,6 @@ def test_slice_fold_equals_the_record_fold_across_pages(
 def test_slice_fold_failure_names_the_event(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """When evolve_slice raises, the error names the event evolve fails on, not the slice."""
-    import projections._engine as engine
 
     monkeypatch.setattr(engine, "SLICE_PAGE", 100)
     bump(store, "a", 3)
@@ -998,7 +995,6 @@ def test_slice_fold_failure_names_the_event(
 
 def test_slice_fold_saves_snapshots_at_the_right_position(store: EventStore) -> None:
     """A snapshot saved by a slice fold records the last event's version and position."""
-    from sqlalchemy import select
 
 
     store.append("other-x", [NoteAdded(text="moves positions away from versions")] * 3)
@@ -1020,8 +1016,6 @@ def test_slice_fold_saves_snapshots_at_the_right_position(store: EventStore) -> 
 def test_slice_fold_decodes_upcast_unknown_and_mixed_rows(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of several types, old schema versions and unknown types decode as records do."""
-    import projections._engine as engine
-    from eventstore import RawEvent, upcaster
 
     class Counted(Event, tag="test.SliceCounted", schema_version=2):
         by: int
@@ -1057,8 +1051,6 @@ def test_slice_fold_reports_undecodable_rows(store: EventStore, damage: str) -> 
     """A stored row that no longer decodes (or one a newer release wrote at a newer schema
     version) raises the typed decode error naming the event, as a read does (the slice fold
     named none: position, type and stream were None)."""
-    from eventstore._schema import events
-    from eventstore.errors import EventDecodeError
 
     bump(store, "b", 1)
     bump(store, "a", 3)
@@ -1109,9 +1101,7 @@ def test_stream_times_never_go_back_and_both_folds_agree_at_a_time(url: str) -> 
     lock) cannot make a stream's times go back; "as of time T" is a prefix of the stream and
     the slice and record folds give the same state at any T, even over rows stored out of
     order before that rule."""
-    from datetime import UTC, datetime
 
-    from eventstore._schema import events
 
     base = datetime(2024, 1, 1, tzinfo=UTC)
     times = iter([base + timedelta(seconds=s) for s in (3, 1, 2, 5)])
@@ -1163,9 +1153,7 @@ def test_a_fold_cut_short_leaves_prepared_statements_alone(url: str,
     """A live fold that stops inside its read-ahead (time travel cut in the second page) ends
     the pipeline as a reader that is done, not as a failure: psycopg's prepared statements are
     kept (the failure path drops them all, which costs round trips and re-preparing)."""
-    from datetime import UTC, datetime
 
-    import eventstore._core as core
 
     forgets: list[Any] = []
     monkeypatch.setattr(core, "_forget_prepared", forgets.append)
@@ -1192,8 +1180,6 @@ def test_a_second_rebuild_started_meanwhile_never_loses_the_live_rows(store: Eve
     other is filling (here: from the first one's progress callback), whichever moves the
     generation first carries on, and the other stops with RebuildInProgress: the rows the
     winner swapped in stay (they used to be deleted as the loser's "old" generation)."""
-    from projections._engine import _PAGE
-    from projections.errors import RebuildInProgress
 
     bump(store, "a", 5 * _PAGE + 7, per_append=100)
     bump(store, "b", 5 * _PAGE + 3, per_append=100)
@@ -1219,14 +1205,11 @@ def test_a_projector_leaves_a_rebuild_in_progress_elsewhere_alone(
         store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A projector that finds rows of another fold version and starts to rebuild them, while
     another process already is, idles (run_once returns 0) instead of stopping with an error."""
-    import projections._engine as engine_module
-    from projections.errors import RebuildInProgress
 
     bump(store, "a", 3)
     projection = TallyProjection("tally_elsewhere")
     Projector(store, [projection]).catch_up()
     with begin_write(store.engine) as conn:  # rows of another version of the fold
-        from eventstore._schema import projections as projections_table
         conn.execute(update(projections_table).where(
             projections_table.c.name == "tally_elsewhere").values(code_version=0))
 
@@ -1240,7 +1223,6 @@ def test_a_projector_leaves_a_rebuild_in_progress_elsewhere_alone(
 
 
 def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    import time
 
     deadline = time.monotonic() + timeout
     while not condition():
@@ -1251,7 +1233,6 @@ def _wait_for(condition: Any, timeout: float = 10.0) -> None:
 def test_a_running_projector_resumes_a_projection_once_restarted(store: EventStore) -> None:
     """Projector.run leaves a failed projection alone while the others go on, and takes it up
     again once an operator restarts it (after the fix), without being restarted itself."""
-    import threading
 
 
     store.append("counter-a", [CounterIncremented(by=13)])
@@ -1284,7 +1265,6 @@ def test_a_projector_outlives_database_errors_and_gives_up_its_leases_on_others(
     """A database error (a lock held past the busy timeout, a dropped connection) is retried
     after a pause instead of ending Projector.run; an error it cannot retry ends it, leases
     given up on the way out so another worker takes over at once."""
-    import threading
 
 
     bump(store, "a", 2)
@@ -1364,15 +1344,12 @@ def test_database_errors_say_whether_trying_again_may_help(store: EventStore,
                                                            tmp_path: Any) -> None:
     """DatabaseError.transient: true for a write lock held past the busy timeout (SQLite) or
     a lock not available (PostgreSQL), false for an error the same call would meet again."""
-    from sqlalchemy import text
 
-    from eventstore._backend import translate
 
     with pytest.raises(DatabaseError) as refused, translate(), store.engine.connect() as conn:
         conn.execute(text("SELECT * FROM no_such_table"))
     assert refused.value.transient is False
     if store.backend == "sqlite":
-        import sqlite3
 
         path = tmp_path / "locked.db"
         other = EventStore.open(f"sqlite:///{path}?busy_timeout=20")
@@ -1412,11 +1389,7 @@ def test_a_failed_rebuild_leaves_a_generation_another_rebuild_moved_on(
     """Two processes rebuilding one projection: the one whose fold fails drops the partial
     generation only if that generation is still where its own last page left it; one the other
     process has moved on since (its rows, its position) is left alone."""
-    from sqlalchemy import select
 
-    from eventstore._backend import begin_write as _begin_write
-    from projections import _engine as engine
-    from projections._engine import ProjectionFailed as Failed
 
     bump(store, "a", 3)
     p = TallyProjection("tally_two_rebuilds")
@@ -1465,10 +1438,7 @@ def test_an_upcaster_that_fails_names_the_event_and_stops_the_projector(
     """An upcaster that raises (any exception) or returns no dict is an EventDecodeError naming
     the event, on reads and in a projector, which records the failure in status; a rebuild
     stops there too and shows it."""
-    import uuid
 
-    from eventstore import RawEvent, upcaster
-    from eventstore.errors import EventDecodeError
 
     tag = f"test.Upcounted.{uuid.uuid4().hex[:8]}"
     # Stored by the release before, when the type was at schema 1 (unknown here till now).
@@ -1501,7 +1471,6 @@ def test_older_code_leaves_rows_a_newer_fold_built(store: EventStore) -> None:
     rebuild) on rows a newer fold version built, and its inline() leaves them too, instead of
     the two releases rebuilding the rows back and forth; a fold version never goes back by
     itself (an old worker holding the lease gives it up): rolling back is a rebuild."""
-    from eventstore._schema import projections as engine_projections
 
     bump(store, "a", 3)
 
@@ -1550,7 +1519,6 @@ def test_new_release_projectors_take_over_from_old_ones_still_running(
     Two workers of the new release never take the lease from each other."""
     bump(store, "a", 3)
     old, new = TallyProjection("tally_roll"), TallyV2("tally_roll")
-    from eventstore._schema import projections as engine_projections
 
     old_workers = [Projector(store, [old], worker_id=f"old-{i}") for i in range(2)]
     for w in old_workers[1:]:  # a worker of the release before migration 0006 ...
@@ -1614,7 +1582,6 @@ def test_an_interrupted_rebuild_resumes_only_with_the_same_fold(
     """A rebuild cut off after its first page resumes where it stopped when run again by the
     same fold version; another version (a release rolled out or back meanwhile) starts over,
     so no generation mixes rows of two folds."""
-    import projections._engine as engine
 
     class Doubled(TallyProjection):
         version = 2
@@ -1654,12 +1621,8 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
     """is_transient: lock waits (also through a statement timeout), lost or unreachable
     connections, serialization failures and shutdowns are; a full disk, a protocol violation,
     a refused value, a missing table and a caller's misuse are not."""
-    import sqlite3
 
-    import psycopg
-    from psycopg import errors as pg
 
-    from eventstore._backend import is_transient
 
     transient = [pg.SerializationFailure(), pg.DeadlockDetected(), pg.LockNotAvailable(),
                  pg.AdminShutdown(), pg.TooManyConnections(), pg.ConnectionTimeout("x"),
@@ -1682,7 +1645,6 @@ def test_transient_errors_are_the_ones_a_retry_may_pass() -> None:
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
     # The pool's own give-up on connections lost at checkout, not a closed Connection in use.
-    from sqlalchemy import exc as sa_exc
 
     assert is_transient(sa_exc.InvalidRequestError("This connection is closed"))
     assert not is_transient(sa_exc.ResourceClosedError("This Connection is closed"))
@@ -1692,7 +1654,6 @@ def test_appends_through_a_stopped_inline_projection_are_refused_until_restart(
         store: EventStore) -> None:
     """An inline projection a projector failed stops appends to its categories with the typed
     ProjectionStopped (its rows never run past the failed event) until it is restarted."""
-    from projections import ProjectionStopped, restart
 
     bump(store, "a", 1)
     store.append("counter-a", [CounterIncremented(by=13)])
@@ -1715,8 +1676,6 @@ def test_a_worker_frozen_in_a_batch_is_taken_over_on_postgres(fresh_pg: str) -> 
     holds the projection's row lock; the server ends its transaction after ``stall_seconds``
     idle, so another worker takes over (it waited for ever before), and every event is applied
     once.  (SQLite has no such limit: a frozen writer holds its database's write lock.)"""
-    import threading
-    import time
 
 
     gate, inside = threading.Event(), threading.Event()
@@ -1771,7 +1730,6 @@ def test_a_stopping_projector_leaves_a_rebuild_off_after_a_page(
     """A projector told to stop (SIGTERM) while it rebuilds rows of an older fold version
     stops after the page under way instead of replaying the rest of the log first; the next
     worker resumes the rebuild where it left off."""
-    import threading
 
 
     bump(store, "a", 50)  # (a worker's rebuild pages are its batches: 10 events here)
@@ -1835,7 +1793,6 @@ def test_an_index_the_row_columns_cannot_hold_fails_the_projection_at_its_event(
     assert st.status == "failed" and st.failed_position == 3 and st.position == 2
     # Inline, meeting that event in the log (a catch-up): it stops there, as a fold that
     # raises on an event in the log does; the append that met it goes through.
-    from projections import ProjectionStopped
 
     with EventStore.open(store.url) as inline_store:
         inline(inline_store, Misindexed("tally_inline_catch_up"))
@@ -1856,7 +1813,6 @@ def test_a_batch_whose_fold_outlasts_stall_seconds_gets_through_in_smaller_batch
     slow fold still gets through instead of failing the same batch for ever.  Also when the
     batch's rows go out together (events of two streams), where psycopg reports a closed
     connection rather than the server's reason."""
-    import time
 
 
     class Slow(TallyProjection):
@@ -1900,7 +1856,6 @@ def test_a_stored_row_that_does_not_decode_fails_its_projection_at_the_next_even
     the projection at the next event of that stream, in status, and the others go on (it
     ended the worker with a decode error before); inline, the append of such an event is
     refused and writes nothing."""
-    from sqlalchemy import update
 
     bump(store, "a", 1)
     bump(store, "b", 1)
@@ -1939,7 +1894,6 @@ def test_a_workers_rebuild_goes_in_slices_beside_its_other_projections(
     """A projector rebuilding rows of an older fold version replays half a lease at a time
     and resumes on its next turn, so its other projections keep up meanwhile (they waited
     for the whole rebuild) and its lease is renewed each turn; catch_up runs it to the end."""
-    import time
 
 
     bump(store, "a", 60)
@@ -1976,7 +1930,6 @@ def test_a_workers_rebuild_goes_in_slices_beside_its_other_projections(
 def test_a_stopping_worker_takes_no_more_projections(store: EventStore) -> None:
     """A stop that comes during one projection's batch ends the round there: the worker's
     next projection is not leased or run (it went through them all first)."""
-    import threading
 
     bump(store, "a", 3)
     stop = threading.Event()
@@ -1995,7 +1948,6 @@ def test_a_stopping_worker_takes_no_more_projections(store: EventStore) -> None:
 def _lock_projection_row(conn: Any, name: str) -> None:
     """Hold projection ``name``'s bookkeeping row in ``conn``'s transaction (as another worker's
     batch, a rebuild page or an operator's transaction does)."""
-    from sqlalchemy import text
 
     conn.execute(text("SELECT 1 FROM es_projections WHERE name = :name FOR UPDATE"),
                  {"name": name})
@@ -2014,7 +1966,6 @@ def test_a_row_another_worker_holds_is_left_for_now_on_postgres(fresh_pg: str) -
     """PostgreSQL: a batch waits at most a second for the projection's row lock another
     transaction holds (a worker busy with it, or frozen in it), then leaves the projection
     for now instead of blocking the worker's other projections and its stop."""
-    import time
 
     with EventStore.open(fresh_pg, migrate=True) as store:
         p, projector = _caught_up(store, "tally_held")
@@ -2048,9 +1999,7 @@ def test_a_rebuild_page_folds_before_it_takes_the_projections_lock_on_postgres(
     """PostgreSQL: a rebuild page folds its events before it locks the projection, so a fold
     slower than stall_seconds (the idle limit of a transaction holding the lock) still
     rebuilds, and meanwhile the others are not kept waiting for the lock."""
-    import time
 
-    from projections import _engine as engine
 
     monkeypatch.setattr(engine, "_PAGE", 2)  # pages of 10 events
 
@@ -2077,7 +2026,6 @@ def test_catch_up_waits_for_a_row_another_transaction_holds_on_postgres(
         fresh_pg: str) -> None:
     """PostgreSQL: a batch leaves a row held past its lock wait for now, but catch_up (and
     `run --once`) tries again: it applies the whole log, not 0 events reported as done."""
-    import threading
 
     with EventStore.open(fresh_pg, migrate=True) as store:
         _p, projector = _caught_up(store, "tally_waited")
@@ -2107,7 +2055,6 @@ def test_a_rebuild_that_lost_its_generation_does_not_fail_the_projection(
     that is the other rebuild's generation, not a failure of the projection, which keeps
     running on its live rows (it was marked failed)."""
 
-    from projections import _engine as engine
 
     for stream in ("a", "b"):  # a's 6,000 events, then b's: rebuild pages are 5,000
         for _ in range(12):
@@ -2156,10 +2103,7 @@ def test_catch_up_leaves_a_row_held_past_a_frozen_workers_limit(fresh_pg: str) -
     """PostgreSQL: catch_up tries a row another transaction holds again, but not for ever:
     once a frozen worker's transaction would have been ended (stall_seconds and a margin) it
     leaves that projection and goes on with the others."""
-    import threading
-    import time
 
-    from projections import _engine as engine
 
     with EventStore.open(fresh_pg, migrate=True) as store:
         bump(store, "a", 2)
@@ -2194,10 +2138,7 @@ def test_catch_up_counts_its_wait_for_a_held_row_from_when_it_finds_it_held(
         fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL: a catch-up that has run longer than the wait it allows for a held row
     still waits for a row first found held late in it (it gave up at once, events left)."""
-    import threading
-    import time
 
-    from projections import _engine as engine
 
     monkeypatch.setattr(engine, "_BUSY_MARGIN_SECONDS", 0.5)  # a wait of 1.5 s in all
     holding = threading.Event()
@@ -2227,7 +2168,6 @@ def test_projection_arguments_and_settings_are_checked_before_anything_is_writte
     """Not a projection, one projection where a list is taken, no projections, and settings the
     engine cannot use (version, snapshot_every, categories) are InvalidArgument, and nothing
     is registered or written."""
-    from projections.aio import AsyncConversations
 
     class BadVersion(TallyProjection):
         version = "2"  # type: ignore[assignment]
@@ -2283,7 +2223,6 @@ def test_a_rebuild_page_folds_under_the_projectors_stall_limit_not_the_sessions(
     """PostgreSQL ends a transaction idle past the session's limit (EVENTSTORE_PG_IDLE_TIMEOUT,
     1 s here); a rebuild page, whose fold leaves its transaction idle, runs under the
     projector's stall_seconds instead, as its batches do."""
-    import time
 
     class Slow(TallyProjection):
         def evolve(self, state: Tally, event: Any) -> Tally:
@@ -2318,7 +2257,6 @@ def test_a_rebuild_outside_a_projector_folds_under_the_sessions_idle_limit(
     """``rebuild`` (and the command line's) folds each page under the session's idle limit,
     EVENTSTORE_PG_IDLE_TIMEOUT (or the server's), not a limit of its own: a page folding
     longer than 1 s fails under 1 s and goes through under none (0)."""
-    import time
 
 
     class Slow(TallyProjection):
@@ -2526,9 +2464,7 @@ def test_a_process_that_finds_another_rebuilding_waits_for_its_rows(url: str) ->
     workers of a new release starting together): the constructor returns once rows of its
     version are in, so its queries see every stream (the one that lost the race to the other
     returned at once and found no rows, not even its own appends, until the swap)."""
-    import time as _time
 
-    from projections.errors import RebuildInProgress
 
     class SlowTally(TallyProjection):
         version = 2

@@ -44,3 +44,15 @@ def test_stats_count_each_tenant_once(store: EventStore) -> None:
     store.append("c-2", [NoteAdded(text="a")], tenant_id="a")
     store.append("c-1", [NoteAdded(text="b")], tenant_id="b")
     assert store.stats() == {"events": 3, "streams": 3, "tenants": 2, "last_position": 3}
+
+
+def test_stream_reads_bound_and_order_by_version_among_other_streams(store: EventStore) -> None:
+    """A stream's range is in its own versions, also when other streams' events sit between its
+    own in the log (versions and positions then differ)."""
+    for i in range(1, 4):
+        store.append("c-1", [NoteAdded(text=f"other{i}")], tenant_id="a")
+        store.append("c-1", [NoteAdded(text=f"own{i}")], tenant_id="b")
+    read = store.read_stream("c-1", tenant_id="b", from_version=2, to_version=3)
+    assert [(e.version, e.position) for e in read] == [(2, 4), (3, 6)]
+    read = store.read_stream("c-1", tenant_id="b", from_version=1, to_version=2, backwards=True)
+    assert [e.data.text for e in read] == ["own2", "own1"]  # type: ignore[union-attr]
