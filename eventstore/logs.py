@@ -51,7 +51,10 @@ class Logger:
         if key is None or key != self._key or logger is None:
             logger = structlog.get_logger(self._name).bind()
             self._cached, self._key = logger, key
-        getattr(logger, level)(event, **self._context, **kwargs)
+        # A key given on the line replaces the same key bound on the logger (as structlog's
+        # own bind does), rather than failing as a repeated keyword argument.
+        getattr(logger, level)(event, **({**self._context, **kwargs} if self._context
+                                         else kwargs))
 
     def debug(self, event: str, **kwargs: Any) -> None:
         self._emit("debug", event, kwargs)

@@ -150,6 +150,15 @@ def test_a_bound_logger_adds_its_context_and_leaves_its_parent_alone() -> None:
         ("rebound", "w-2", "t-9", 4)]
 
 
+def test_a_key_given_on_the_line_replaces_the_one_bound() -> None:
+    """A line that repeats a key bound on its logger logs the line's value (as structlog's own
+    bound loggers do) instead of failing with a repeated keyword argument."""
+    log = get_logger("eventstore.test").bind(worker="w-1", tenant="acme")
+    with capture_logs() as logs:
+        log.info("moved", worker="w-2")
+    assert [(e["event"], e["worker"], e["tenant"]) for e in logs] == [("moved", "w-2", "acme")]
+
+
 def test_each_method_logs_at_its_own_level() -> None:
     log = get_logger("eventstore.test")
     with capture_logs() as logs:
