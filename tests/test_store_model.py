@@ -4,17 +4,20 @@ Hypothesis runs sequences of appends (one to three events, every kind of expecte
 idempotency keys reused for the same or other events and streams, metadata) and reads
 (``read_stream`` forwards and backwards with bounds and limits, ``read_all`` by position,
 category, type and tenant, ``stream_version``, ``last_position``, ``stats``) over a few streams
-of two tenants.  Each call goes to one of two stores opened on the same database, so each store
-keeps meeting appends it did not make (its guesses of a stream's version and of the log's end
-go stale).  A plain model predicts every answer: versions, global positions (gap-free, in
-commit order), the typed errors of refused appends (which write nothing), and the first
-answer given back for a repeated idempotency key.
+of two tenants.  Each call goes to one of two stores opened on the same database (two
+EventStores, or an EventStore and an AsyncEventStore), so each store keeps meeting appends it
+did not make (its guesses of a stream's version and of the log's end go stale).  A plain model
+predicts every answer: versions, global positions (gap-free, in commit order), the typed errors
+of refused appends (which write nothing), and the first answer given back for a repeated
+idempotency key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +32,7 @@ from eventstore import (
     IdempotencyKeyReused,
     WrongExpectedVersion,
 )
+from eventstore.aio import AsyncEventStore
 from tests._events import CounterIncremented, NoteAdded
 
 STREAMS = ["order-1", "order-2", "chat-1"]
@@ -107,7 +111,7 @@ def recorded(events: Iterator[Any]) -> list[tuple[Any, ...]]:
             for e in events]
 
 
-def run_operation(stores: list[EventStore], model: Model, op: tuple[Any, ...]) -> None:
+def run_operation(stores: list[Any], model: Model, op: tuple[Any, ...]) -> None:
     name, which, *args = op
     store = stores[which]
     tenants = model.tenants
@@ -164,20 +168,70 @@ def run_operation(stores: list[EventStore], model: Model, op: tuple[Any, ...]) -
         assert store.last_position() == model.base + len(model.log)
 
 
-@pytest.fixture
-def two_stores(store: EventStore, url: str) -> Iterator[list[EventStore]]:
-    other = EventStore.open(url)
+class AsyncAsSync:
+    """An AsyncEventStore called from sync code: each call runs on the store's loop."""
+
+    def __init__(self, store: AsyncEventStore, on_loop: Callable[[Any], Any]) -> None:
+        self.store, self.on_loop = store, on_loop
+
+    def _collected(self, events: Any) -> Iterator[Any]:
+        async def collect() -> list[Any]:
+            return [e async for e in events]
+        return iter(self.on_loop(collect()))
+
+    def append(self, *args: Any, **kwargs: Any) -> Any:
+        return self.on_loop(self.store.append(*args, **kwargs))
+
+    def read_stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return self._collected(self.store.read_stream(*args, **kwargs))
+
+    def read_all(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return self._collected(self.store.read_all(*args, **kwargs))
+
+    def stream_version(self, *args: Any, **kwargs: Any) -> Any:
+        return self.on_loop(self.store.stream_version(*args, **kwargs))
+
+    def stats(self, *args: Any, **kwargs: Any) -> Any:
+        return self.on_loop(self.store.stats(*args, **kwargs))
+
+    def last_position(self) -> Any:
+        return self.on_loop(self.store.last_position())
+
+
+@pytest.fixture(params=["sync", "async"])
+def two_stores(request: pytest.FixtureRequest, store: EventStore, url: str
+               ) -> Iterator[list[Any]]:
+    """The ``store`` fixture and a second store on its database: an EventStore, or an
+    AsyncEventStore (on a loop of its own in another thread)."""
+    if request.param == "sync":
+        other = EventStore.open(url)
+        try:
+            yield [store, other]
+        finally:
+            other.close()
+        return
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    astore = on_loop(AsyncEventStore.open(url))
     try:
-        yield [store, other]
+        yield [store, AsyncAsSync(astore, on_loop)]
     finally:
-        other.close()
+        on_loop(astore.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(operations=OPERATIONS)
 def test_two_stores_on_one_database_answer_as_the_model(
-        two_stores: list[EventStore], operations: list[tuple[Any, ...]]) -> None:
+        two_stores: list[Any], operations: list[tuple[Any, ...]]) -> None:
     """Every append's result or error and every read of either store equal the model's."""
     base = f"t-{uuid.uuid4().hex[:12]}"
     model = Model(two_stores[0].last_position(), [f"{base}-a", f"{base}-b"])
