@@ -15,6 +15,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiosqlite
@@ -22,6 +23,7 @@ import psycopg
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 from structlog.testing import capture_logs
 
 import eventstore._backend as backend
@@ -350,6 +352,71 @@ async def test_async_postgresql_connections_are_not_kept_alive_by_the_store() ->
     assert [r for r in seen if r() is not None] == []
 
 
+async def test_the_async_postgresql_pool_keeps_pool_size_idle_connections_after_a_burst(
+        ) -> None:
+    """Reads that overlap beyond ``pool_size`` open overflow connections; once they are done
+    the pool keeps ``pool_size`` of them idle and closes the others."""
+
+    url = pg_url()
+    reset_pg(url)
+    async with await AsyncEventStore.open(url, pool_size=2) as store:
+        opened: list[int] = []
+        event.listen(store.engine.sync_engine, "connect", lambda *a: opened.append(1))
+        await asyncio.gather(*(store.stream_version(f"p-{i}") for i in range(6)))
+        assert len(opened) > 2  # overflow connections were opened
+        assert store.engine.sync_engine.pool.checkedout() == 0
+        assert store.engine.sync_engine.pool.checkedin() == 2
+
+
+async def test_a_kept_connection_that_fails_to_switch_to_autocommit_is_not_left_checked_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: the kept write connection's switch to autocommit cancelled (or failing)
+    fails that append and hands the connection back (it was left to the garbage collector,
+    with SQLAlchemy's warning); the next append opens one anew."""
+
+    url = pg_url()
+    reset_pg(url)
+    real = AsyncConnection.execution_options
+    failures = [asyncio.CancelledError()]
+
+    async def switch(self: Any, **options: Any) -> Any:
+        if options.get("isolation_level") == "AUTOCOMMIT" and failures:
+            raise failures.pop()
+        return await real(self, **options)
+
+    async with await AsyncEventStore.open(url) as store:
+        monkeypatch.setattr(AsyncConnection, "execution_options", switch)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(asyncio.CancelledError):
+                await store.append("a-1", [NoteAdded(text="never")])
+            gc.collect()
+        assert [str(w.message) for w in seen if "non-checked-in" in str(w.message)] == []
+        assert store.engine.sync_engine.pool.checkedout() == 0
+        assert (await store.append("a-1", [NoteAdded(text="1")])).stream_version == 1
+
+
+async def test_async_transactions_run_at_read_committed_where_the_database_defaults_otherwise(
+        fresh_pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database whose default isolation is REPEATABLE READ, and no session setting of the
+    store's (``EVENTSTORE_PG_IDLE_TIMEOUT=0``, for a pooler's shared sessions): the async
+    store's transactions begun by SQLAlchemy still run at READ COMMITTED."""
+
+    monkeypatch.setenv("EVENTSTORE_PG_IDLE_TIMEOUT", "0")
+    EventStore.open(fresh_pg, migrate=True).close()
+    dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{make_url(fresh_pg).database}" SET '
+                      "default_transaction_isolation = 'repeatable read'")
+
+    def isolation(conn: Any) -> str:
+        return str(conn.exec_driver_sql("SHOW transaction_isolation").scalar())
+
+    async with await AsyncEventStore.open(fresh_pg) as store:
+        for _ in range(3):
+            assert await store.run_sync(isolation, write=True) == "read committed"
+
+
 async def test_cancelled_async_appends_roll_back_or_complete_never_fail_otherwise(
         url: str) -> None:
     """Cancelling async appends at random moments (PostgreSQL: also while a stale
@@ -423,6 +490,42 @@ async def test_a_task_cancelled_as_its_pipeline_opens_leaves_no_connection_astra
         r = await store.append("s-2", [NoteAdded(text="z")], expected_version=0)
         assert (r.first_position, r.stream_version) == (5, 1)
         assert [j.inputs for j in await jobs.list()] == [{"k": 2}]
+
+
+async def test_an_append_cancelled_while_it_waits_for_the_append_lock_drops_the_kept_connection(
+        fresh_pg: str) -> None:
+    """PostgreSQL: an append cancelled while it waits for the append lock (psycopg cancels the
+    query, and the rollback after it works) writes nothing, and the kept write connection,
+    whose state after a cancellation is not known, is closed for good (not handed back to the
+    pool) and replaced for the next append."""
+
+    dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
+    async with await AsyncEventStore.open(fresh_pg, migrate=True) as store:
+        await store.append("c-1", [NoteAdded(text="1")])
+        writer: Any = store._writer
+        kept = writer._conn.sync_connection.connection.driver_connection
+        holder = psycopg.connect(dsn, autocommit=True)
+        try:
+            holder.execute("SELECT pg_advisory_lock(%s)", (APPEND_LOCK_ID,))
+            task = asyncio.create_task(store.append("c-1", [NoteAdded(text="cancelled")]))
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = " \
+                      "current_database() AND wait_event_type = 'Lock'"
+            deadline = time.monotonic() + 10
+            while holder.execute(waiting).fetchone() != (1,):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            holder.execute("SELECT pg_advisory_unlock(%s)", (APPEND_LOCK_ID,))
+        finally:
+            holder.close()
+        assert kept.closed
+        assert writer._conn is None
+        assert store.engine.sync_engine.pool.checkedout() == 0
+        assert (await store.append("c-1", [NoteAdded(text="2")])).stream_version == 2
+        assert writer._conn.sync_connection.connection.driver_connection is not kept
+        assert [e.data.text async for e in store.read_stream("c-1")] == ["1", "2"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("flavour", ["sync-read", "async-read", "async-append-other-loop"])
@@ -517,9 +620,12 @@ async def test_close_from_another_loop_closes_the_kept_connection_on_its_own_loo
     try:
         asyncio.run_coroutine_threadsafe(
             store.append("s-1", [NoteAdded(text="x")]), other).result(10)  # the writer's loop
+        writer: Any = store._writer
+        kept = writer._conn.sync_connection.connection.driver_connection
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             await store.close()
+            assert kept.closed  # closed by the time close returns (that loop was idle)
             gc.collect()
         assert [str(w.message) for w in caught if "garbage collector" in str(w.message)] == []
         with psycopg.connect(dsn, autocommit=True) as watcher:
@@ -768,6 +874,41 @@ async def test_close_waits_for_an_append_on_the_kept_connection(url: str) -> Non
     assert appending.done() and (await appending).stream_version == 2
     with pytest.raises(StoreClosed):
         await store.append("w-1", [NoteAdded(text="3")])
+    async with await AsyncEventStore.open(url) as again:
+        assert await again.stream_version("w-1") == 2
+
+
+async def test_close_from_another_loop_waits_for_an_append_in_progress_there(url: str) -> None:
+    """close() called from another loop than the kept connection's, while an append runs on
+    it there: it returns once that append is done, with the kept connection closed."""
+
+    store = await AsyncEventStore.open(url, migrate=True)
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(
+            store.append("w-1", [NoteAdded(text="1")]), other).result(10)  # the writer's loop
+        writer: Any = store._writer
+        kept = writer._conn
+        slow_started = threading.Event()
+
+        def slow(conn: Any, recorded: Any) -> None:
+            slow_started.set()
+            time.sleep(0.3)  # a slow handler, inside the append's transaction
+
+        store.add_inline_handler(slow)
+        appending = asyncio.run_coroutine_threadsafe(
+            store.append("w-1", [NoteAdded(text="2")]), other)
+        assert await asyncio.to_thread(slow_started.wait, 10)
+        await store.close()
+        assert appending.done() and appending.result().stream_version == 2
+        assert kept.closed or kept.invalidated
+        assert writer._conn is None
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join(10)
+        other.close()
     async with await AsyncEventStore.open(url) as again:
         assert await again.stream_version("w-1") == 2
 
@@ -1067,6 +1208,79 @@ async def test_a_second_cancellation_does_not_cut_short_the_hand_back_of_a_conne
             await task
         await store.stream_version("x")
         assert (opened, invalidated) == ([], [])
+
+
+async def test_a_call_on_a_closed_aiosqlite_connection_raises_instead_of_waiting_for_ever(
+        tmp_path: Any) -> None:
+    """A transaction sent to an aiosqlite connection already closed (its thread gone) fails
+    at once, as aiosqlite's own calls do, instead of waiting for an answer that never
+    comes."""
+
+    conn = await aiosqlite.connect(str(tmp_path / "closed.db"))
+    await conn.close()
+    with pytest.raises(ValueError, match="closed"):
+        await asyncio.wait_for(aio._on_thread(conn, lambda: 1), 5)
+
+
+def _in_a_transaction_closing_until(release: asyncio.Event, closers: list[Any]) -> Any:
+    """A stand-in for a pooled aiosqlite connection still in a transaction, whose close (the
+    pool's rollback) lasts until ``release`` is set; the task running that close is noted."""
+
+    async def close() -> None:
+        closers.append(asyncio.current_task())
+        await release.wait()
+
+    driver = SimpleNamespace(in_transaction=True)
+    return SimpleNamespace(sync_connection=SimpleNamespace(
+        connection=SimpleNamespace(driver_connection=driver)), close=close)
+
+
+async def test_a_cancellation_during_the_hand_back_of_a_connection_is_raised_once_it_is_back(
+        ) -> None:
+    """The caller of a hand-back cancelled while the connection's close (shielded) goes on is
+    cancelled once the close is done: the cancellation is not lost (the call returned as if
+    nothing had happened)."""
+
+    release = asyncio.Event()
+    closers: list[Any] = []
+    handing = asyncio.create_task(aio._hand_back(
+        _in_a_transaction_closing_until(release, closers)))
+    while not closers:
+        await asyncio.sleep(0)
+    handing.cancel()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not handing.done()  # the close goes on
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(handing, 5)
+    assert closers[0].done() and not closers[0].cancelled()
+
+
+async def test_a_hand_back_whose_close_is_cancelled_raises_instead_of_waiting_again() -> None:
+    """A hand-back whose close is itself cancelled (a loop's shutdown cancels every task)
+    raises the cancellation at once: it does not wait again for the close that ended (an
+    endless loop that never gave the event loop back)."""
+
+    outcome: list[str] = []
+
+    async def main() -> None:
+        closers: list[Any] = []
+        handing = asyncio.create_task(aio._hand_back(
+            _in_a_transaction_closing_until(asyncio.Event(), closers)))
+        while not closers:
+            await asyncio.sleep(0)
+        closers[0].cancel()
+        try:
+            await handing
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive(), "the hand-back went round for ever"
+    assert outcome == ["cancelled"]
 
 
 async def test_a_preparation_runs_once_before_the_next_append_and_a_final_failure_is_kept(

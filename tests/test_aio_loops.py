@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sqlite3
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
-from sqlalchemy.util.queue import Empty
+from sqlalchemy.util.queue import Empty, Full
 
 from eventstore import EventStore
 from eventstore import aio as aio_module
@@ -152,6 +153,44 @@ def test_the_pool_queue_passes_on_a_wake_up_its_waiter_did_not_use() -> None:
     assert got == ["conn"] and q.qsize() == 0
 
 
+def test_the_pool_queue_keeps_sqlalchemy_s_size_and_order() -> None:
+    """As SQLAlchemy's queue: full at ``maxsize`` items (a put beyond raises Full, and the
+    pool closes that connection), first in first out, or last in first out with
+    ``use_lifo``."""
+
+    for use_lifo, order in ((False, ["a", "b", "c"]), (True, ["c", "b", "a"])):
+        q = _AnyLoopQueue(3, use_lifo=use_lifo)
+        for conn in ("a", "b"):
+            q.put_nowait(conn)
+            assert not q.full()
+        q.put_nowait("c")
+        assert q.full()
+        with pytest.raises(Full):
+            q.put_nowait("d")
+        assert [q.get_nowait() for _ in range(3)] == order
+        with pytest.raises(Empty):
+            q.get_nowait()
+
+
+def test_the_pool_queue_serves_the_waiters_of_one_loop_in_the_order_they_came() -> None:
+    """Connections put back one at a time go to one loop's waiters oldest first."""
+
+    async def main() -> None:
+        q = _AnyLoopQueue(3)
+        waiters = [asyncio.ensure_future(q._wait_for_one(None)) for _ in range(3)]
+        while len(q._waiters) < 3:
+            await asyncio.sleep(0)
+        pending = set(waiters)
+        for waiter, conn in zip(waiters, ("a", "b", "c"), strict=True):
+            q.put_nowait(conn)
+            done, pending = await asyncio.wait(pending, timeout=5,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            assert done == {waiter}
+            assert waiter.result() == conn
+
+    asyncio.run(main())
+
+
 def test_a_loop_that_is_not_running_does_not_hold_back_another_loop_s_waiter() -> None:
     """A loop kept between ``run_until_complete`` calls can be left with a task waiting for
     a connection while it does not run.  A connection put back used to wake only the oldest
@@ -237,6 +276,11 @@ def test_a_waiter_left_on_a_closed_loop_does_not_stop_a_connection_put_back() ->
     q.put_nowait("conn")
     waiting.join(10)
     assert got == ["conn"] and q.qsize() == 0
+    # The waiter left on the closed loop can never finish: drop it here, quietly, rather than
+    # have asyncio log "Task was destroyed but it is pending!" in whichever test collects it.
+    left._log_destroy_pending = False  # type: ignore[attr-defined]
+    del left
+    gc.collect()
 
 
 @pytest.mark.parametrize("kept", [False, True])
