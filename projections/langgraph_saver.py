@@ -771,8 +771,17 @@ def _copy_rows(conn: Connection, ids: dict[str, str], source: str) -> None:
     insert = _insert_fn(conn.dialect.name)
     for table in _TABLES:
         cols = [c for c in table.c if c.name != "thread_id"]
-        sel = select(*cols, literal(ids["thread_id"], String).label("thread_id")).where(
-            table.c.tenant_id == ids["tenant_id"], table.c.thread_id == source)
+        where = [table.c.tenant_id == ids["tenant_id"], table.c.thread_id == source]
+        if table is writes:
+            # Only the writes of checkpoints the source has: writes a late task put on a
+            # checkpoint already deleted there stay behind (the target may hold a checkpoint
+            # of that id, copied before, which never had them).
+            cp = checkpoints.c
+            where.append(exists().where(
+                cp.tenant_id == table.c.tenant_id, cp.thread_id == source,
+                cp.checkpoint_ns == table.c.checkpoint_ns,
+                cp.checkpoint_id == table.c.checkpoint_id))
+        sel = select(*cols, literal(ids["thread_id"], String).label("thread_id")).where(*where)
         stmt = insert(table).from_select([c.name for c in cols] + ["thread_id"], sel)
         conn.execute(stmt.on_conflict_do_nothing())
 

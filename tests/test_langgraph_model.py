@@ -11,9 +11,10 @@ threads, with ``before``, ``limit`` and metadata filters) must equal the referen
 
 The reference is LangGraph's own ``InMemorySaver`` for puts, writes and reads.  It has no
 ``copy_thread``, ``delete_for_runs`` or ``prune``; ``Reference`` adds them over its storage as the
-README's "Retention is recorded" paragraph states them (a checkpoint whose parent went is left
-without one; ``keep_latest`` keeps each namespace's latest checkpoint and drops a subgraph
-namespace whose root checkpoint went; channel values no kept checkpoint refers to go).
+README's "Retention is recorded" paragraph states them (``copy_thread`` merges the source's
+checkpoints, with their writes, into the target; a checkpoint whose parent went is left without
+one; ``keep_latest`` keeps each namespace's latest checkpoint and drops a subgraph namespace
+whose root checkpoint went; channel values no kept checkpoint refers to go).
 Pending writes are kept as LangGraph's SQL savers keep them (see ``Reference.put_writes``).
 A listing over a thread's namespaces is compared newest first by checkpoint id, as LangGraph's
 SQL savers order it (``InMemorySaver`` goes namespace by namespace); one across threads as a
@@ -84,7 +85,7 @@ class Reference(InMemorySaver):
             for cid, entry in saved.items():
                 self.storage[target][ns].setdefault(cid, entry)
         for (thread, ns, cid), stored in list(self.writes.items()):
-            if thread == source:
+            if thread == source and cid in self.storage[source].get(ns, {}):
                 into = self.writes[(target, ns, cid)]
                 for key, write in stored.items():
                     into.setdefault(key, write)

@@ -1574,6 +1574,26 @@ def test_copy_thread_again_adds_what_the_source_put_since(saver: EventStoreSaver
     assert copied[1].pending_writes == [("task", "a", "w")]
 
 
+def test_copy_thread_leaves_behind_writes_put_on_a_checkpoint_deleted_in_the_source(
+        saver: EventStoreSaver, store: EventStore) -> None:
+    """A task still running when its thread was deleted puts its writes on a checkpoint gone
+    from the source; copying the source again does not hang them on the target's copy of that
+    checkpoint (which never had them), before or after the index is rebuilt."""
+    c1 = put(saver, "src3", None, {"a": "v1"}, {"a": 1}, {"a": 1})
+    saver.copy_thread("src3", "dst3")
+    saver.delete_thread("src3")
+    saver.put_writes(c1, [("a", "late")], "task")  # the late task's writes
+    c2 = put(saver, "src3", None, {"a": "v2"}, {"a": 2}, {"a": 2})
+    saver.put_writes(c2, [("a", "kept")], "task")
+    saver.copy_thread("src3", "dst3")
+    for _ in ("as appended", "rebuilt"):
+        copied = {t.config["configurable"]["checkpoint_id"]: t.pending_writes
+                  for t in saver.list(config("dst3"))}
+        assert copied == {c1["configurable"]["checkpoint_id"]: [],
+                          c2["configurable"]["checkpoint_id"]: [("task", "a", "kept")]}
+        rebuild_index(store)
+
+
 def test_checkpoints_sharing_an_id_list_by_thread_then_namespace_newest_first(
         url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import projections.langgraph_saver as lg
