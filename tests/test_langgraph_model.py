@@ -111,6 +111,7 @@ class Reference(InMemorySaver):
                 continue
             by_ns = self.storage.get(thread, {})
             heads = {ns: max(saved) for ns, saved in by_ns.items() if saved}
+            had = set(heads)  # the namespaces with checkpoints
             kept = {ns: {head} for ns, head in heads.items()}
             for ns, head in heads.items():
                 if ":" not in ns:
@@ -125,7 +126,10 @@ class Reference(InMemorySaver):
                 for cid in [c for c in saved if c not in kept.get(ns, ())]:
                     del saved[cid]
                     self.writes.pop((thread, ns, cid), None)
-            for key in [k for k in self.writes if k[0] == thread and k[1] not in kept]:
+            # A namespace that keeps no checkpoint loses its writes; writes put on a checkpoint
+            # the thread does not have (yet) stay, elsewhere.
+            for key in [k for k in self.writes
+                        if k[0] == thread and k[1] in had and k[1] not in kept]:
                 del self.writes[key]
             self._orphan(thread)
             referenced = {
