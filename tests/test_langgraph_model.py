@@ -23,8 +23,6 @@ set (a copied thread shares its checkpoint ids with its source).
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,8 +36,8 @@ from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.memory import InMemorySaver
 
 from eventstore import EventStore
-from eventstore.aio import AsyncEventStore
 from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
+from tests._async_shim import BlockingAsyncStore
 
 THREADS = ["t0", "thread-ü"]
 NAMESPACES = ["", "sub:task-1"]
@@ -340,24 +338,15 @@ def saver_for(request: pytest.FixtureRequest, url: str) -> Iterator[Callable[[st
         finally:
             store.close()
         return
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def on_loop(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
 
     async def make(tenant: str) -> AsyncEventStoreSaver:
-        return AsyncEventStoreSaver(astore, tenant_id=tenant)
+        return AsyncEventStoreSaver(on_loop.inner, tenant_id=tenant)
 
-    astore = on_loop(AsyncEventStore.open(url, migrate=True))
+    on_loop = BlockingAsyncStore(url, migrate=True)
     try:
-        yield lambda tenant: on_loop(make(tenant))
+        yield lambda tenant: on_loop._run(make(tenant))
     finally:
-        on_loop(astore.close())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        on_loop.close()
 
 
 @settings(max_examples=60, deadline=None,

@@ -14,10 +14,8 @@ idempotency key.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,7 +30,7 @@ from eventstore import (
     IdempotencyKeyReused,
     WrongExpectedVersion,
 )
-from eventstore.aio import AsyncEventStore
+from tests._async_shim import BlockingAsyncStore
 from tests._events import CounterIncremented, NoteAdded
 
 STREAMS = ["order-1", "order-2", "chat-1"]
@@ -168,63 +166,16 @@ def run_operation(stores: list[Any], model: Model, op: tuple[Any, ...]) -> None:
         assert store.last_position() == model.base + len(model.log)
 
 
-class AsyncAsSync:
-    """An AsyncEventStore called from sync code: each call runs on the store's loop."""
-
-    def __init__(self, store: AsyncEventStore, on_loop: Callable[[Any], Any]) -> None:
-        self.store, self.on_loop = store, on_loop
-
-    def _collected(self, events: Any) -> Iterator[Any]:
-        async def collect() -> list[Any]:
-            return [e async for e in events]
-        return iter(self.on_loop(collect()))
-
-    def append(self, *args: Any, **kwargs: Any) -> Any:
-        return self.on_loop(self.store.append(*args, **kwargs))
-
-    def read_stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        return self._collected(self.store.read_stream(*args, **kwargs))
-
-    def read_all(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        return self._collected(self.store.read_all(*args, **kwargs))
-
-    def stream_version(self, *args: Any, **kwargs: Any) -> Any:
-        return self.on_loop(self.store.stream_version(*args, **kwargs))
-
-    def stats(self, *args: Any, **kwargs: Any) -> Any:
-        return self.on_loop(self.store.stats(*args, **kwargs))
-
-    def last_position(self) -> Any:
-        return self.on_loop(self.store.last_position())
-
-
 @pytest.fixture(params=["sync", "async"])
 def two_stores(request: pytest.FixtureRequest, store: EventStore, url: str
                ) -> Iterator[list[Any]]:
     """The ``store`` fixture and a second store on its database: an EventStore, or an
-    AsyncEventStore (on a loop of its own in another thread)."""
-    if request.param == "sync":
-        other = EventStore.open(url)
-        try:
-            yield [store, other]
-        finally:
-            other.close()
-        return
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def on_loop(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
-
-    astore = on_loop(AsyncEventStore.open(url))
+    AsyncEventStore (driven from this thread on a loop of its own)."""
+    other = EventStore.open(url) if request.param == "sync" else BlockingAsyncStore(url)
     try:
-        yield [store, AsyncAsSync(astore, on_loop)]
+        yield [store, other]
     finally:
-        on_loop(astore.close())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        other.close()
 
 
 @settings(max_examples=150, deadline=None,
