@@ -159,7 +159,7 @@ def outcome(call: Any, *args: Any, **kwargs: Any) -> Any:
     return got
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(OPERATIONS, min_size=10, max_size=40))
 def test_continuations_behave_as_documented(store: EventStore,

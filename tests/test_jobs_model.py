@@ -525,7 +525,7 @@ def expand(op: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     return [op]
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(first=st.lists(SUBMIT, min_size=1, max_size=3),
        ops=st.lists(OPERATIONS, min_size=10, max_size=40))

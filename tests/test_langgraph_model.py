@@ -349,7 +349,7 @@ def saver_for(request: pytest.FixtureRequest, url: str) -> Iterator[Callable[[st
         on_loop.close()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(operations=OPERATIONS)
 def test_saver_reads_match_the_reference_after_any_sequence_of_calls(

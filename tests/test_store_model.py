@@ -178,7 +178,7 @@ def two_stores(request: pytest.FixtureRequest, store: EventStore, url: str
         other.close()
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(operations=OPERATIONS)
 def test_two_stores_on_one_database_answer_as_the_model(
