@@ -12,7 +12,8 @@ threads, with ``before``, ``limit`` and metadata filters) must equal the referen
 The reference is LangGraph's own ``InMemorySaver`` for puts, writes and reads.  It has no
 ``copy_thread``, ``delete_for_runs`` or ``prune``; ``Reference`` adds them over its storage as the
 README's "Retention is recorded" paragraph states them (``copy_thread`` merges the source's
-checkpoints, with their writes, into the target; a checkpoint whose parent went is left without
+checkpoints, with their writes, into the target, a checkpoint both have getting both threads'
+``put_writes`` calls in the order they were made; a checkpoint whose parent went is left without
 one; ``keep_latest`` keeps each namespace's latest checkpoint and drops a subgraph namespace
 whose root checkpoint went; channel values no kept checkpoint refers to go).
 Pending writes are kept as LangGraph's SQL savers keep them (see ``Reference.put_writes``).
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import WRITES_IDX_MAP, CheckpointTuple
@@ -38,6 +39,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from eventstore import EventStore
 from projections.langgraph_saver import AsyncEventStoreSaver, EventStoreSaver
 from tests._async_shim import BlockingAsyncStore
+from tests._examples import examples
 
 THREADS = ["t0", "thread-ü"]
 NAMESPACES = ["", "sub:task-1"]
@@ -62,31 +64,57 @@ class Reference(InMemorySaver):
     """InMemorySaver plus the retention calls, as the README states them for our saver, and
     with pending writes stored as LangGraph's SQL savers store them."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Every put_writes call, by the checkpoint it wrote to: call number -> (task id, task
+        # path, writes, whether the batch replaces); ``self.writes`` is their fold.
+        self.batches: dict[tuple[str, str, str], dict[int, Any]] = {}
+        self.calls = 0
+
     def put_writes(self, config: RunnableConfig, writes: Any, task_id: str,
                    task_path: str = "") -> None:
         """A batch of special channels only replaces what a task wrote there before; any other
         batch keeps what is stored, key by key (``SqliteSaver``'s ``INSERT OR REPLACE`` /
         ``INSERT OR IGNORE``; ``InMemorySaver`` replaces special channels in any batch)."""
         c = config["configurable"]
-        stored = self.writes[(c["thread_id"], c.get("checkpoint_ns", ""), c["checkpoint_id"])]
+        key = (c["thread_id"], c.get("checkpoint_ns", ""), c["checkpoint_id"])
+        self.calls += 1
         replace = all(channel in WRITES_IDX_MAP for channel, _ in writes)
-        for idx, (channel, value) in enumerate(writes):
-            key = (task_id, WRITES_IDX_MAP.get(channel, idx))
-            if replace or key not in stored:
-                stored[key] = (task_id, channel, self.serde.dumps_typed(value), task_path)
+        self.batches.setdefault(key, {})[self.calls] = (task_id, task_path, list(writes), replace)
+        self._fold(key)
+
+    def _fold(self, key: tuple[str, str, str]) -> None:
+        """A checkpoint's writes: its batches applied in the order they were put."""
+        stored: dict[tuple[str, int], Any] = {}
+        for _call, (task_id, task_path, writes, replace) in sorted(self.batches[key].items()):
+            for idx, (channel, value) in enumerate(writes):
+                at = (task_id, WRITES_IDX_MAP.get(channel, idx))
+                if replace or at not in stored:
+                    stored[at] = (task_id, channel, self.serde.dumps_typed(value), task_path)
+        self.writes[key] = stored
+
+    def _drop_writes(self, key: tuple[str, str, str]) -> None:
+        self.writes.pop(key, None)
+        self.batches.pop(key, None)
+
+    def delete_thread(self, thread_id: str) -> None:
+        super().delete_thread(thread_id)
+        for key in [k for k in self.batches if k[0] == thread_id]:
+            del self.batches[key]
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """The source's checkpoints join the target's; where both have a checkpoint, its
+        writes are both threads' batches, applied in the order they were put."""
         source, target = source_thread_id, target_thread_id
         if source == target or not any(self.storage.get(source, {}).values()):
             return
         for ns, saved in list(self.storage[source].items()):
             for cid, entry in saved.items():
                 self.storage[target][ns].setdefault(cid, entry)
-        for (thread, ns, cid), stored in list(self.writes.items()):
+        for (thread, ns, cid), batches in list(self.batches.items()):
             if thread == source and cid in self.storage[source].get(ns, {}):
-                into = self.writes[(target, ns, cid)]
-                for key, write in stored.items():
-                    into.setdefault(key, write)
+                self.batches.setdefault((target, ns, cid), {}).update(batches)
+                self._fold((target, ns, cid))
         for (thread, ns, channel, version), blob in list(self.blobs.items()):
             if thread == source:
                 self.blobs.setdefault((target, ns, channel, version), blob)
@@ -98,7 +126,7 @@ class Reference(InMemorySaver):
                       if self.serde.loads_typed(entry[1]).get("run_id") in runs]
             for ns, cid in doomed:
                 del by_ns[ns][cid]
-                self.writes.pop((thread, ns, cid), None)
+                self._drop_writes((thread, ns, cid))
             if doomed:
                 self._orphan(thread)
 
@@ -123,12 +151,12 @@ class Reference(InMemorySaver):
             for ns, saved in by_ns.items():
                 for cid in [c for c in saved if c not in kept.get(ns, ())]:
                     del saved[cid]
-                    self.writes.pop((thread, ns, cid), None)
+                    self._drop_writes((thread, ns, cid))
             # A namespace that keeps no checkpoint loses its writes; writes put on a checkpoint
             # the thread does not have (yet) stay, elsewhere.
             for key in [k for k in self.writes
                         if k[0] == thread and k[1] in had and k[1] not in kept]:
-                del self.writes[key]
+                self._drop_writes(key)
             self._orphan(thread)
             referenced = {
                 (ns, version)
@@ -349,9 +377,19 @@ def saver_for(request: pytest.FixtureRequest, url: str) -> Iterator[Callable[[st
         on_loop.close()
 
 
-@settings(max_examples=20, deadline=None,
+@settings(max_examples=examples(20), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(operations=OPERATIONS)
+# A checkpoint copied twice, its task's error rewritten in the source between the copies: the
+# target's writes are both copies' batches in the order they were put (found in CI).
+@example(operations=[
+    ("put", "thread-ü", "", None, {}, {"source": "input", "step": 0}, 0, False),
+    ("put_writes", 0, [("messages", None), ("__error__", None)], "task-b", ""),
+    ("copy_thread", "thread-ü", "t0"),
+    ("put_writes", 0, [("__error__", None)], "task-b", "~__pregel_pull, node"),
+    ("copy_thread", "thread-ü", "t0"),
+    ("put", "t0", "", None, {}, {"source": "input", "step": 0}, 0, False),
+]).via("discovered failure")
 def test_saver_reads_match_the_reference_after_any_sequence_of_calls(
         saver_for: Callable[[str], Any], operations: list[tuple[Any, ...]]) -> None:
     """Every read of our savers equals the reference's after random puts, writes and retention
