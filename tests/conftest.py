@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from eventstore import EventStore
 from eventstore._migrate import migrate_url
+from tests import _examples  # noqa: F401  (loads the suite's Hypothesis profile)
 
 BACKENDS = ["sqlite", "postgres"]
 

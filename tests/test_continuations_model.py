@@ -23,6 +23,7 @@ from eventstore import EventStore
 from projections.continuations import Continuation, Continuations
 from projections.errors import Conflict, NoPendingContinuation, ResumeInProgress
 from tests._clock import Clock
+from tests._examples import examples
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TTL = timedelta(seconds=60)
@@ -159,7 +160,7 @@ def outcome(call: Any, *args: Any, **kwargs: Any) -> Any:
     return got
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=examples(25), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(OPERATIONS, min_size=10, max_size=40))
 def test_continuations_behave_as_documented(store: EventStore,

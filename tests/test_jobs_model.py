@@ -23,6 +23,7 @@ from eventstore import EventStore
 from projections.errors import Conflict, LeaseLost, NotFound
 from projections.jobs import Job, Jobs, dedupe_group
 from tests._clock import Clock
+from tests._examples import examples
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=30)
@@ -525,7 +526,7 @@ def expand(op: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     return [op]
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=examples(25), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(first=st.lists(SUBMIT, min_size=1, max_size=3),
        ops=st.lists(OPERATIONS, min_size=10, max_size=40))

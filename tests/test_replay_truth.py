@@ -32,6 +32,7 @@ from projections import (
     verify,
 )
 from projections._engine import load_row, save_snapshot
+from tests._examples import examples
 
 CONVERSATIONS = ["c0", "c-1", "ü-😀", "c3"]
 
@@ -162,7 +163,7 @@ def row_state(store: EventStore, projection: Projection[ConversationState], tena
     return row if row is not None else (projection.initial(tenant, stream), 0)
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=examples(25), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(history=histories())

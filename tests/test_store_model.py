@@ -32,6 +32,7 @@ from eventstore import (
 )
 from tests._async_shim import BlockingAsyncStore
 from tests._events import CounterIncremented, NoteAdded
+from tests._examples import examples
 
 STREAMS = ["order-1", "order-2", "chat-1"]
 KEYS = ["k-1", "k-2"]
@@ -178,7 +179,7 @@ def two_stores(request: pytest.FixtureRequest, store: EventStore, url: str
         other.close()
 
 
-@settings(max_examples=50, deadline=None,
+@settings(max_examples=examples(50), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(operations=OPERATIONS)
 def test_two_stores_on_one_database_answer_as_the_model(
