@@ -604,22 +604,35 @@ async def test_close_during_a_call_closes_its_connection_when_the_call_ends(
         watcher.close()
 
 
+@contextlib.contextmanager
+def writer_on_another_loop(store: AsyncEventStore, stream: str = "s-1"
+                           ) -> Iterator[asyncio.AbstractEventLoop]:
+    """A second event loop in a thread of its own, on which ``store`` appends first (to
+    ``stream``), so the store's kept write connection belongs to it; stopped and closed on
+    exit."""
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(
+            store.append(stream, [NoteAdded(text="1")]), other).result(10)
+        yield other
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join(10)
+        other.close()
+
+
 async def test_close_from_another_loop_closes_the_kept_connection_on_its_own_loop(
         fresh_pg: str) -> None:
     """The kept write connection belongs to the loop that first appended; a close from another
     loop closes it on that loop while it runs (it was dropped, for the garbage collector to
     close with SQLAlchemy's warning)."""
 
-
     dsn = make_url(fresh_pg).set(drivername="postgresql").render_as_string(hide_password=False)
     EventStore.open(fresh_pg, migrate=True).close()
     store = await AsyncEventStore.open(fresh_pg)
-    other = asyncio.new_event_loop()
-    runner = threading.Thread(target=other.run_forever)
-    runner.start()
-    try:
-        asyncio.run_coroutine_threadsafe(
-            store.append("s-1", [NoteAdded(text="x")]), other).result(10)  # the writer's loop
+    with writer_on_another_loop(store):
         writer: Any = store._writer
         kept = writer._conn.sync_connection.connection.driver_connection
         with warnings.catch_warnings(record=True) as caught:
@@ -632,10 +645,6 @@ async def test_close_from_another_loop_closes_the_kept_connection_on_its_own_loo
             left = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                                    "current_database() AND pid <> pg_backend_pid()").fetchone()
         assert left == (0,)
-    finally:
-        other.call_soon_threadsafe(other.stop)
-        runner.join(10)
-        other.close()
 
 
 async def test_cancelled_sqlite_append_waiting_for_the_write_lock_rolls_back(
@@ -883,12 +892,7 @@ async def test_close_from_another_loop_waits_for_an_append_in_progress_there(url
     it there: it returns once that append is done, with the kept connection closed."""
 
     store = await AsyncEventStore.open(url, migrate=True)
-    other = asyncio.new_event_loop()
-    runner = threading.Thread(target=other.run_forever)
-    runner.start()
-    try:
-        asyncio.run_coroutine_threadsafe(
-            store.append("w-1", [NoteAdded(text="1")]), other).result(10)  # the writer's loop
+    with writer_on_another_loop(store, "w-1") as other:
         writer: Any = store._writer
         kept = writer._conn
         slow_started = threading.Event()
@@ -905,10 +909,6 @@ async def test_close_from_another_loop_waits_for_an_append_in_progress_there(url
         assert appending.done() and appending.result().stream_version == 2
         assert kept.closed or kept.invalidated
         assert writer._conn is None
-    finally:
-        other.call_soon_threadsafe(other.stop)
-        runner.join(10)
-        other.close()
     async with await AsyncEventStore.open(url) as again:
         assert await again.stream_version("w-1") == 2
 
