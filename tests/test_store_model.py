@@ -9,11 +9,17 @@ EventStores, or an EventStore and an AsyncEventStore), so each store keeps meeti
 did not make (its guesses of a stream's version and of the log's end go stale).  A plain model
 predicts every answer: versions, global positions (gap-free, in commit order), the typed errors
 of refused appends (which write nothing), and the first answer given back for a repeated
-idempotency key.
+idempotency key.  Subscriptions opened on both stores when the example starts (each with its
+own start, tenant, category and type filters) are read a few events at a time between the
+calls: each yields exactly the model's matching events, once, in position order, whether it
+learns of them from its own store's appends or by polling for the other's, and nothing more
+once stopped.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -60,7 +66,13 @@ READ_ALL = st.tuples(
     st.one_of(st.none(), st.sampled_from([["test.NoteAdded"], ["test.CounterIncremented"]])))
 SMALL_READ = st.tuples(st.sampled_from(["stream_version", "stats"]), st.integers(0, 1),
                        st.integers(0, 1), st.sampled_from(STREAMS))
-OPERATIONS = st.lists(st.one_of(APPEND, APPEND, APPEND, READ_STREAM, READ_ALL, SMALL_READ),
+# A subscription: on which store, from which position after the example's start, and filters.
+SUBSCRIPTION = st.tuples(
+    st.integers(0, 1), st.integers(0, 3), st.one_of(st.none(), st.integers(0, 1)),
+    st.one_of(st.none(), st.sampled_from([["order"], ["chat"]])),
+    st.one_of(st.none(), st.sampled_from([["test.NoteAdded"], ["test.CounterIncremented"]])))
+PULL = st.tuples(st.just("pull"), st.integers(0, 1), st.integers(1, 4))  # subscription, count
+OPERATIONS = st.lists(st.one_of(APPEND, APPEND, APPEND, READ_STREAM, READ_ALL, SMALL_READ, PULL),
                       min_size=8, max_size=40)
 
 
@@ -75,6 +87,14 @@ class Model:
 
     def version(self, tenant: str, stream: str) -> int:
         return sum(1 for r in self.log if (r["tenant"], r["stream"]) == (tenant, stream))
+
+    def matching(self, after: int, tenant: str | None, categories: list[str] | None,
+                 types: list[str] | None) -> list[dict[str, Any]]:
+        """The example's events past position ``after`` that pass the filters, in order."""
+        return [r for r in self.log
+                if r["position"] > after and (tenant is None or r["tenant"] == tenant)
+                and (categories is None or r["stream"].split("-", 1)[0] in categories)
+                and (types is None or r["data"].__struct_config__.tag in types)]
 
     def append(self, tenant: str, stream: str, events: list[Any], expected: Any,
                key: str | None, metadata: dict[str, Any] | None) -> AppendResult | type:
@@ -110,8 +130,51 @@ def recorded(events: Iterator[Any]) -> list[tuple[Any, ...]]:
             for e in events]
 
 
-def run_operation(stores: list[Any], model: Model, op: tuple[Any, ...]) -> None:
+class Subscription:
+    """A store's subscription, read from a thread of its own so that a read waiting for an
+    event that never comes fails the test (after 10 s) instead of hanging it."""
+
+    def __init__(self, store: Any, model: Model, spec: tuple[Any, ...]) -> None:
+        _which, offset, t, self.categories, self.types = spec
+        self.tenant = model.tenants[t] if t is not None else None
+        self.model = model
+        self.delivered = model.base + offset  # the last position it yielded or skips
+        self.stop = threading.Event()
+        self.events = iter(store.subscribe(
+            from_position=self.delivered + 1, categories=self.categories, types=self.types,
+            tenant_id=self.tenant, stop=self.stop))
+        self.reader = concurrent.futures.ThreadPoolExecutor(1)
+
+    def due(self) -> list[dict[str, Any]]:
+        return self.model.matching(self.delivered, self.tenant, self.categories, self.types)
+
+    def pull(self, n: int) -> None:
+        """The next ``n`` events it yields (no more than the model has for it) are the model's."""
+        want = self.due()[:n]
+        got = [self.reader.submit(next, self.events).result(timeout=10) for _ in want]
+        assert recorded(iter(got)) == seen(want)
+        if want:
+            self.delivered = want[-1]["position"]
+
+    def finish(self) -> None:
+        """Everything still due comes, then, once stopped, nothing more."""
+        self.pull(len(self.due()))
+        self.stop.set()
+        rest = self.reader.submit(list, self.events).result(timeout=10)
+        assert recorded(iter(rest)) == []
+
+    def close(self) -> None:
+        self.stop.set()
+        self.reader.shutdown(wait=True)
+
+
+def run_operation(stores: list[Any], model: Model, op: tuple[Any, ...],
+                  subscriptions: list[Subscription] | None = None) -> None:
     name, which, *args = op
+    if name == "pull":
+        if subscriptions:
+            subscriptions[which].pull(args[0])
+        return
     store = stores[which]
     tenants = model.tenants
     if name == "append":
@@ -143,11 +206,7 @@ def run_operation(stores: list[Any], model: Model, op: tuple[Any, ...]) -> None:
     elif name == "read_all":
         t, offset, limit, categories, types = args
         tenant = tenants[t] if t is not None else None
-        want = [r for r in model.log
-                if r["position"] > model.base + offset
-                and (tenant is None or r["tenant"] == tenant)
-                and (categories is None or r["stream"].split("-", 1)[0] in categories)
-                and (types is None or r["data"].__struct_config__.tag in types)]
+        want = model.matching(model.base + offset, tenant, categories, types)
         got = recorded(store.read_all(from_position=model.base + 1 + offset, limit=limit,
                                       categories=categories, types=types, tenant_id=tenant))
         if tenant is None:  # other tests' events are older than the example's (base)
@@ -171,8 +230,10 @@ def run_operation(stores: list[Any], model: Model, op: tuple[Any, ...]) -> None:
 def two_stores(request: pytest.FixtureRequest, store: EventStore, url: str
                ) -> Iterator[list[Any]]:
     """The ``store`` fixture and a second store on its database: an EventStore, or an
-    AsyncEventStore (driven from this thread on a loop of its own)."""
-    other = EventStore.open(url) if request.param == "sync" else BlockingAsyncStore(url)
+    AsyncEventStore (driven from this thread on a loop of its own).  The second polls every
+    20 ms, so that its subscriptions meet the first store's appends quickly."""
+    other = (EventStore.open(url, poll_interval=0.02) if request.param == "sync"
+             else BlockingAsyncStore(url, poll_interval=0.02))
     try:
         yield [store, other]
     finally:
@@ -181,13 +242,22 @@ def two_stores(request: pytest.FixtureRequest, store: EventStore, url: str
 
 @settings(max_examples=examples(50), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(operations=OPERATIONS)
+@given(operations=OPERATIONS, specs=st.lists(SUBSCRIPTION, min_size=2, max_size=2))
 def test_two_stores_on_one_database_answer_as_the_model(
-        two_stores: list[Any], operations: list[tuple[Any, ...]]) -> None:
-    """Every append's result or error and every read of either store equal the model's."""
+        two_stores: list[Any], operations: list[tuple[Any, ...]],
+        specs: list[tuple[Any, ...]]) -> None:
+    """Every append's result or error, every read and every subscription of either store
+    equal the model's."""
     base = f"t-{uuid.uuid4().hex[:12]}"
     model = Model(two_stores[0].last_position(), [f"{base}-a", f"{base}-b"])
-    for op in operations:
-        run_operation(two_stores, model, op)
-    for which in (0, 1):  # the whole of the example's log, from either store
-        run_operation(two_stores, model, ("read_all", which, None, 0, None, None, None))
+    subscriptions = [Subscription(two_stores[spec[0]], model, spec) for spec in specs]
+    try:
+        for op in operations:
+            run_operation(two_stores, model, op, subscriptions)
+        for which in (0, 1):  # the whole of the example's log, from either store
+            run_operation(two_stores, model, ("read_all", which, None, 0, None, None, None))
+        for subscription in subscriptions:
+            subscription.finish()
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
