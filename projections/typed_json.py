@@ -120,6 +120,28 @@ def check_typed(value: Any, what: str) -> None:
                            f"{error_text(e)[:200]}") from None
 
 
+def _in_zone(when: dt.datetime, zone: str) -> dt.datetime:
+    """``when`` (a wall time and its offset) as the time of ``zone`` it was saved as.
+
+    The wall time in the zone, with the fold whose offset is the saved one: so a wall time the
+    zone skips (02:30 on the night clocks go forward, which Python allows) comes back as
+    itself, and one of a repeated hour with its fold.  Times of one zone compare by wall time,
+    so the instant alone (``astimezone``: 03:30 for that skipped 02:30) would not be equal."""
+    try:
+        tz = zoneinfo.ZoneInfo(zone)
+        for fold in (0, 1):
+            local = when.replace(tzinfo=tz, fold=fold)
+            if local.utcoffset() == when.utcoffset():
+                return local
+        # The zone's rules no longer give that offset at that wall time (the time zone
+        # database changed since): the same instant in the zone.
+        return when.astimezone(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError, OSError):
+        # A zone this machine does not know, or a time at the edge of the datetime range
+        # (datetime.max in a zone west of UTC): the same instant, at its offset.
+        return when
+
+
 def _from_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_json(v) for v in value]
@@ -143,12 +165,7 @@ def _from_json(value: Any) -> Any:
         when = dt.datetime.fromisoformat(raw)
         zone = value.get("zone")
         if isinstance(zone, str):
-            try:
-                return when.astimezone(zoneinfo.ZoneInfo(zone))  # (its offset picks the fold)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError, OSError):
-                # A zone this machine does not know, or a time at the edge of the datetime
-                # range (datetime.max in a zone west of UTC): the same instant, at its offset.
-                pass
+            return _in_zone(when, zone)
         return when
     if kind == "date":
         return dt.date.fromisoformat(raw)

@@ -65,7 +65,8 @@ def test_typed_state_round_trips_equal(flows: Flows) -> None:
 def test_times_of_a_named_zone_come_back_in_that_zone(flows: Flows) -> None:
     """A datetime of a ZoneInfo zone loads back in that zone, so it compares equal also in a
     repeated hour (Python never finds a time of that hour equal to one of another zone, its
-    fixed offset included); a fixed offset stays one."""
+    fixed offset included) and at a wall time the zone skips (times of one zone compare by wall
+    time: the same instant at 03:30 is not equal to 02:30); a fixed offset stays one."""
     from datetime import datetime, timedelta, timezone
     from zoneinfo import ZoneInfo
 
@@ -73,18 +74,22 @@ def test_times_of_a_named_zone_come_back_in_that_zone(flows: Flows) -> None:
     times = [datetime(2024, 6, 1, 12, 0, tzinfo=paris),
              datetime(2024, 10, 27, 2, 30, tzinfo=paris),  # the hour that comes twice
              datetime(2024, 10, 27, 2, 30, fold=1, tzinfo=paris),
+             datetime(2024, 3, 31, 2, 30, tzinfo=paris),  # the hour that never comes
+             datetime(2024, 3, 31, 2, 30, fold=1, tzinfo=paris),
              datetime(2024, 10, 27, 2, 30, tzinfo=timezone(timedelta(hours=5)))]
     flows.save("f-tz", "step", {"times": times})
     back = flows.load("f-tz")["times"]
     assert back == times
-    assert [t.tzinfo for t in back] == [paris, paris, paris, timezone(timedelta(hours=5))]
-    assert [t.utcoffset() for t in back] == [t.utcoffset() for t in times]
-    assert [t.fold for t in back[1:3]] == [0, 1]
+    assert [t.tzinfo for t in back] == [paris] * 5 + [timezone(timedelta(hours=5))]
+    assert [(t.hour, t.minute, t.utcoffset()) for t in back] == \
+        [(t.hour, t.minute, t.utcoffset()) for t in times]
+    assert [t.fold for t in back[1:5]] == [0, 1, 0, 1]
     # The range's edges in a zone, where converting to the zone overflows ("no deadline").
     edges = [datetime.max.replace(tzinfo=ZoneInfo("America/New_York")),
              datetime.min.replace(tzinfo=ZoneInfo("Asia/Tokyo"))]
     flows.save("f-tz", "edges", {"edges": edges})
     assert flows.load("f-tz")["edges"] == edges
+    assert [t.tzinfo for t in flows.load("f-tz")["edges"]] == [t.tzinfo for t in edges]
     assert flows.history("f-tz")[-1].state == {"edges": edges}
 
 
