@@ -137,10 +137,15 @@ class AgentSessions:
              pending_tool_call_id: str | None = None) -> SessionSnapshot:
         """Append a snapshot; the session becomes (or stays) active.
 
-        A pause saves with its pending form and tool-call ids; the session stays active.  Racing
-        saves of one key are all kept, in the order they committed.
+        A pause saves with its pending form and tool-call ids (ids as the facades' others: at
+        most 200 characters, no NUL); the session stays active.  Racing saves of one key are
+        all kept, in the order they committed.
         """
         key = _check_key(key)
+        for pending, what in ((pending_form_id, "pending_form_id"),
+                              (pending_tool_call_id, "pending_tool_call_id")):
+            if pending is not None:
+                check_text(pending, what)
         event = SessionSnapshotSaved(
             tenant_id=key.tenant_id, workflow_run_id=key.workflow_run_id, node_id=key.node_id,
             binding_id=key.binding_id, agent_id=key.agent_id, snapshot=snapshot,

@@ -81,6 +81,20 @@ def test_pause_keeps_session_active_with_pending_ids(sessions: AgentSessions) ->
     assert (snap.pending_form_id, snap.pending_tool_call_id) == ("form-1", "call-9")
 
 
+@pytest.mark.parametrize("field", ["pending_form_id", "pending_tool_call_id"])
+@pytest.mark.parametrize("bad", ["form\x001", "", "f" * 201, "\ud800", 7])
+def test_a_bad_pending_id_is_refused_and_nothing_is_saved(
+        sessions: AgentSessions, store: EventStore, field: str, bad: object) -> None:
+    """Pending form and tool-call ids are ids like the facade's others (no NUL, which the
+    README allows in no id; not empty; at most 200 characters); a bad one writes nothing."""
+    sessions.save(key(), snapshot={"s": 1}, layer_specs=[])
+    with pytest.raises(InvalidArgument, match=field):
+        sessions.save(key(), snapshot={"s": 2}, layer_specs=[], **{field: bad})
+    assert store.stream_version(key().stream_id(), tenant_id="acme") == 1
+    assert sessions.save(key(), snapshot={"s": 3}, layer_specs=[],
+                         **{field: "f" * 200}).version == 2
+
+
 def test_finish_run_retires_each_active_session_once(sessions: AgentSessions) -> None:
     """finish_run retires the run's active sessions and returns them; a second call none."""
     sessions.save(key(agent="a"), snapshot={}, layer_specs=[])
