@@ -55,6 +55,7 @@ from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows, FlowSave, PendingFeedback
 from tests._clock import Clock
 from tests._examples import examples
+from tests._ids import is_id
 
 PLUS2 = timezone(timedelta(hours=2))
 MINUS530 = timezone(-timedelta(hours=5, minutes=30))
@@ -169,16 +170,6 @@ class MFlow:
 
     def load_view(self) -> Any:
         return canon(self.saves[-1][1] if self.saves else None)  # a saved None loads as None
-
-
-def is_id(value: Any, limit: int) -> bool:
-    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Model:

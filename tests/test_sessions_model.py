@@ -58,6 +58,7 @@ from projections.sessions import (
 )
 from tests._clock import Clock
 from tests._examples import examples
+from tests._ids import is_id, is_text
 
 PLUS2 = timezone(timedelta(hours=2))
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=PLUS2)
@@ -77,28 +78,6 @@ class Refused(Exception):
     def __init__(self, kind: type[Exception]) -> None:
         super().__init__(kind.__name__)
         self.kind = kind
-
-
-def is_id(value: Any, limit: int = 255) -> bool:
-    """An id the README's limits let through."""
-    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def is_text(value: Any) -> bool:
-    """A string JSON can hold."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_key(key: Any) -> None:
