@@ -144,7 +144,7 @@ class AgentSessions:
         key = _check_key(key)
         for pending, what in ((pending_form_id, "pending_form_id"),
                               (pending_tool_call_id, "pending_tool_call_id")):
-            if pending is not None:
+            if isinstance(pending, str):  # (another type: the event's InvalidEvent, below)
                 check_text(pending, what)
         event = SessionSnapshotSaved(
             tenant_id=key.tenant_id, workflow_run_id=key.workflow_run_id, node_id=key.node_id,
