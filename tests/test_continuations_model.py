@@ -24,19 +24,13 @@ from projections.continuations import Continuation, Continuations
 from projections.errors import Conflict, NoPendingContinuation, ResumeInProgress
 from tests._clock import Clock
 from tests._examples import examples
+from tests._model import Refused
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TTL = timedelta(seconds=60)
 CLAIM_TIMEOUT = timedelta(seconds=20)
 USER = "alice"
 CONVERSATIONS = ["c0", "c1", "c2"]
-
-
-class Refused(Exception):
-    def __init__(self, kind: type[Exception], reason: str) -> None:
-        super().__init__(kind.__name__, reason)
-        self.kind = kind
-        self.reason = reason
 
 
 @dataclass

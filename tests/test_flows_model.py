@@ -55,7 +55,7 @@ from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows, FlowSave, PendingFeedback
 from tests._clock import Clock
 from tests._examples import examples
-from tests._ids import is_id
+from tests._model import Refused, is_id
 
 PLUS2 = timezone(timedelta(hours=2))
 MINUS530 = timezone(-timedelta(hours=5, minutes=30))
@@ -82,16 +82,6 @@ class Color(enum.Enum):
     """An enum of neither str nor int: no plain value to keep."""
 
     RED = 1
-
-
-class Refused(Exception):
-    """What the model expects a refused call to raise: the error type (a subclass will do for
-    ``InvalidArgument``) and, for a ``Conflict``, its ``reason``."""
-
-    def __init__(self, kind: type[Exception], reason: str | None = None) -> None:
-        super().__init__(kind.__name__, reason)
-        self.kind = kind
-        self.reason = reason
 
 
 # -- what the documents say a value comes back as --

@@ -24,6 +24,7 @@ from projections.errors import Conflict, LeaseLost, NotFound
 from projections.jobs import Job, Jobs, dedupe_group
 from tests._clock import Clock
 from tests._examples import examples
+from tests._model import Refused
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=30)
@@ -33,15 +34,6 @@ REQUESTS = ["r1", "r2", "r3"]
 KEYS = [None, "key-a", "key-b"]
 UNKNOWN = "no-such-job"
 FINISHED = ("completed", "failed", "cancelled")
-
-
-class Refused(Exception):
-    """What the model expects a refused call to raise: the error type and its ``reason``."""
-
-    def __init__(self, kind: type[Exception], reason: str | None) -> None:
-        super().__init__(kind.__name__, reason)
-        self.kind = kind
-        self.reason = reason
 
 
 @dataclass

@@ -58,7 +58,7 @@ from projections.sessions import (
 )
 from tests._clock import Clock
 from tests._examples import examples
-from tests._ids import is_id, is_text
+from tests._model import Refused, is_id, is_text
 
 PLUS2 = timezone(timedelta(hours=2))
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=PLUS2)
@@ -70,14 +70,6 @@ PARTS = [("node-1", "binding-1", "agent-1"), ("node-1", "binding-1", "agent-2"),
 SLOTS = [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 1, 0), (0, 1, 1), (1, 0, 0)]
 NUL = "a\x00b"
 SURROGATE = "a\ud800"
-
-
-class Refused(Exception):
-    """What the model expects a refused call to raise."""
-
-    def __init__(self, kind: type[Exception]) -> None:
-        super().__init__(kind.__name__)
-        self.kind = kind
 
 
 def check_key(key: Any) -> None:
