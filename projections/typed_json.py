@@ -1,4 +1,5 @@
-"""JSON that keeps Python types: datetimes, dates, times, UUIDs, decimals, sets, tuples, bytes.
+"""JSON that keeps Python types: datetimes, dates, times, UUIDs, decimals, sets, tuples, bytes,
+and strings holding lone surrogates (which UTF-8, and so the store's JSON, cannot hold).
 
 Flow state is arbitrary Python data; plain JSON would turn a ``set`` into a list and a
 ``datetime`` into a string.  Values JSON cannot hold are written as ``{"$type": name, "value":
@@ -38,8 +39,10 @@ def to_json(value: Any) -> Any:
 
 def _to_json(value: Any, depth: int) -> Any:
     kind = type(value)
-    if value is None or kind is bool or kind is int or kind is str:
+    if value is None or kind is bool or kind is int:
         return value
+    if kind is str:
+        return value if _utf8(value) else _surrogates(value)
     # A subclass (numpy.float64, an IntEnum, a str enum) is stored as its plain value, as JSON
     # would hold it: the store's encoder refuses the subclass itself.
     # (The base type's own conversion: a subclass's override is not asked.)
@@ -47,7 +50,8 @@ def _to_json(value: Any, depth: int) -> Any:
         if isinstance(value, int):
             return int.__int__(value)
         if isinstance(value, str):
-            return str.__str__(value)
+            plain = str.__str__(value)
+            return plain if _utf8(plain) else _surrogates(plain)
         if isinstance(value, float):
             value = float.__float__(value)
     if isinstance(value, float):
@@ -59,7 +63,7 @@ def _to_json(value: Any, depth: int) -> Any:
                            "itself)")
     depth += 1
     if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value) and _TAG not in value:
+        if all(isinstance(k, str) and _utf8(k) for k in value) and _TAG not in value:
             return {k: _to_json(v, depth) for k, v in value.items()}
         return {_TAG: "dict", "value": [[_to_json(k, depth), _to_json(v, depth)]
                                         for k, v in value.items()]}
@@ -94,6 +98,25 @@ def _to_json(value: Any, depth: int) -> Any:
     if callable(dump):
         return _to_json(dump(), depth)
     raise InvalidArgument(f"cannot store a value of type {type(value).__name__} in flow state")
+
+
+def _utf8(text: str) -> bool:
+    """Whether UTF-8 holds ``text``: not if it has a lone surrogate (say, a file name that
+    ``os.fsdecode`` read with ``surrogateescape``, or ``json.loads`` of a cut ``"\\ud83d"``)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogates(text: str) -> dict[str, str]:
+    # UTF-8 with the lone surrogates as three bytes each ("surrogatepass"), which only
+    # decoding with the same handler reads back: in base64, as bytes are.
+    encoded = base64.b64encode(text.encode("utf-8", "surrogatepass")).decode()
+    return {_TAG: "str", "value": encoded}
 
 
 def from_json(value: Any) -> Any:
@@ -179,5 +202,7 @@ def _from_json(value: Any) -> Any:
         return decimal.Decimal(raw)
     if kind == "bytes":
         return base64.b64decode(raw)
+    if kind == "str":
+        return base64.b64decode(raw).decode("utf-8", "surrogatepass")
     raise InvalidArgument(f"unknown stored value type {kind!r}")
 

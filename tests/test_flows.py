@@ -16,7 +16,7 @@ from eventstore.aio import AsyncEventStore
 from projections import load_row, query_rows, registered, status
 from projections.errors import NoPendingFeedback
 from projections.flows import FlowProjection, Flows
-from projections.typed_json import to_json
+from projections.typed_json import from_json, to_json
 from tests._clock import Clock
 from tests._events import NoteAdded
 
@@ -109,6 +109,28 @@ def test_typed_state_keeps_each_value_s_exact_type(flows: Flows) -> None:
     assert [str(loaded["price"]), str(loaded["precise"])] == ["19.990",
                                                               "0.1000000000000000000001"]
     assert [type(k) for k in loaded["mixed"]] == [str, int]
+
+
+def test_strings_with_lone_surrogates_come_back_as_they_were(flows: Flows) -> None:
+    """A str UTF-8 cannot hold (a file name os.fsdecode read with surrogateescape, a cut
+    surrogate pair) is kept, as a value, a key, in a set or tuple, in a request's context and
+    state and in its answer; other non-ASCII text is stored as plain JSON text."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    cut = "\ud83d"
+    state = {"files": [name, "ok.txt"], name: cut, "seen": {cut, "x"}, "pair": (cut, 1),
+             "label": Label.SPAM, "plain": "caf\u00e9 \U0001f600", "keyed": {cut: 1, 2: name}}
+    flows.save("f1", "scan", state)
+    assert flows.load("f1") == {**state, "label": "spam"}
+    assert flows.history("f1")[-1].state == {**state, "label": "spam"}
+    flows.request_feedback("f1", {"message": f"rename {name}?"}, {"files": [name]})
+    pending = flows.pending_feedback("f1")
+    assert pending is not None and pending.context == {"message": f"rename {name}?"}
+    assert pending.state == {"files": [name]}
+    assert flows.resolve_feedback("f1", cut).state == {"files": [name]}
+    answer = list(flows.store.read_stream(Flows.stream_id("f1")))[-1].data
+    assert from_json(answer.feedback) == cut  # type: ignore[attr-defined]
+    assert to_json({"plain": "caf\u00e9"}) == {"plain": "caf\u00e9"}
+    assert to_json(name) != name  # a wrapper, as for the types JSON does not have
 
 
 def test_equal_sets_are_stored_as_equal_json() -> None:
