@@ -356,6 +356,23 @@ def test_nan_and_infinity_are_refused_not_stored_as_null(store: EventStore, even
 
 
 @pytest.mark.parametrize(
+    ("events", "metadata"),
+    [([NoteAdded(text="caf\udce9")], None),
+     ([Anything(value={"k\ud800": 1})], None),
+     ([RawEvent(type="test.Unknown", data={"v": ["\udfff"]})], None),
+     ([NoteAdded(text="ok")], {"file": "caf\udce9"})],
+    ids=["field", "key", "raw", "metadata"])
+def test_a_lone_surrogate_in_a_payload_is_refused_and_writes_nothing(
+        store: EventStore, events: list[Any], metadata: Any) -> None:
+    """UTF-8 (and so the stored JSON) cannot hold a lone surrogate: an event or metadata with
+    one in a string raises InvalidEvent (README, "Nothing swallowed") and writes nothing, the
+    other events of the append included."""
+    with pytest.raises(InvalidEvent, match="surrogate"):
+        store.append("c-1", [NoteAdded(text="first"), *events], metadata=metadata)
+    assert store.stream_version("c-1") == 0 and list(store.read_all()) == []
+
+
+@pytest.mark.parametrize(
     "call",
     [lambda s: s.append("c-\ud800", [NoteAdded(text="a")]),
      lambda s: s.append("c-1", [NoteAdded(text="a")], tenant_id="t\udfff"),
