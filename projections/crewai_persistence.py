@@ -107,6 +107,11 @@ def _storable(state_data: dict[str, Any] | BaseModel) -> dict[str, Any]:
             return state_data.model_dump(mode="json")
         jsonable = pydantic_core.to_jsonable_python(data)
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as e:
+        if "Circular reference" in str(e):
+            # pydantic's words for a state nested deeper than it walks ("depth exceeded", a
+            # little short of the store's 256 levels) or holding itself ("id repeated"): a
+            # nesting error, as the type-keeping form raises when it meets it first.
+            raise InvalidEvent(f"flow state is nested too deeply (or holds itself): {e}") from e
         raise InvalidArgument(f"cannot store this flow state: {e}") from e
     if not isinstance(jsonable, dict):  # pragma: no cover - a dict stays a dict
         raise InvalidArgument("flow state did not serialize to an object")

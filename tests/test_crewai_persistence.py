@@ -132,6 +132,25 @@ def test_state_json_cannot_type_is_stored_in_pydantic_json_form(
     assert event_types(store, "f-4") == []
 
 
+@pytest.mark.parametrize("enum_first", [True, False])
+def test_a_state_too_deep_or_holding_itself_is_invalid_event_whatever_else_it_holds(
+    persistence: EventStoreFlowPersistence, store: EventStore, enum_first: bool,
+) -> None:
+    """Nesting is refused with InvalidEvent also when the state holds a value only pydantic's
+    JSON form can store (an Enum) and that value comes first, so that pydantic's form meets the
+    nesting before the type-keeping form does (it raised InvalidArgument then)."""
+    deep: object = 1
+    for _ in range(300):
+        deep = [deep]
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    for inner in (deep, cyclic):
+        state = {"mood": Mood.CALM, "x": inner} if enum_first else {"x": inner, "mood": Mood.CALM}
+        with pytest.raises(InvalidEvent):
+            persistence.save_state("f-5", "step", {"id": "f-5", **state})
+    assert event_types(store, "f-5") == []
+
+
 class Tone(StrEnum):
     WARM = "warm"
 
