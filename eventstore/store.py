@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,9 @@ from ._core import (
 from ._sql import Compiled
 from .errors import DatabaseError, InvalidArgument
 from .events import ANY, AppendResult, Event, RawEvent, RecordedEvent
+from .logs import get_logger
+
+_log = get_logger("eventstore")
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_TENANT", "EventStore", "InlineHandler",
            "category_of"]
@@ -68,6 +72,12 @@ class EventStore(StoreCore):
         self._engine = engine
         self._url = url
         self._writer = Writer(engine)
+        # Dropped without close(): the connections go when the collector frees the store.  A
+        # store sits in a reference cycle as soon as a facade's inline handler refers back to
+        # it, and the kept write connection's own clean-up handed it back to the pool, which
+        # then lived on for one more full collection, sessions and files open.
+        self._dropped = weakref.finalize(self, _let_go, self._writer, engine)
+        self._dropped.atexit = False  # (at exit the process's end closes them)
 
     # -- opening and closing ----------------------------------------------------------------------
 
@@ -119,6 +129,7 @@ class EventStore(StoreCore):
         """Release every connection; later calls raise :class:`StoreClosed`."""
         if not self._closed:
             self._closed = True
+            self._dropped.detach()
             retire(self._engine)
             # (An in-memory database: once no transaction uses its one connection.)
             when_alone(self._engine, self._release)
@@ -303,3 +314,12 @@ class EventStore(StoreCore):
     def __repr__(self) -> str:
         return f"EventStore({shown_url(self._url)!r})"
 
+
+def _let_go(writer: Writer, engine: Engine) -> None:
+    """Close a store the collector freed unclosed (nothing can be using it any more)."""
+    try:
+        retire(engine)
+        writer.close()
+        engine.dispose()
+    except Exception as e:  # (in the collector: nobody to raise to)
+        _log.warning("store_release_failed", error=f"{type(e).__name__}: {e}")
