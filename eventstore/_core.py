@@ -1262,6 +1262,15 @@ def _exit_without_flush(pipeline: Any) -> None:
             pipeline._enqueue_sync()
             synced = True
             yield from pipeline._communicate_gen()
+        except IndexError as lost:
+            # The server refused the implicit transaction's commit, and its error came in one
+            # read with the results before it: psycopg took it for the Sync's result (keeping
+            # the error to raise once the read is done), then found nothing queued for the
+            # Sync's own and failed on that.  Its traceback still has the error it kept.
+            kept = _kept_server_error(lost)
+            if kept is None:
+                raise
+            raise kept from lost
         finally:
             # An interrupt (Ctrl-C) before the Sync was queued: no result will come, and the
             # wait below would never end (holding the append lock); the connection, left in
@@ -1333,6 +1342,8 @@ def _in_implicit_transaction(dbapi: Any, send: Callable[[], None]) -> None:
         if failed is None:
             refused = _refused_commit(e)
             if refused is None:
+                if isinstance(e.__cause__, IndexError):  # (see _exit_without_flush)
+                    dbapi.close()  # psycopg lost count of the pipeline's results
                 raise
             dbapi.close()  # psycopg lost count of the pipeline's results: a new connection
             raise refused from e
@@ -1362,6 +1373,20 @@ def _refused_commit(error: Exception) -> Exception | None:
             "failing at commit, as an inline handler's write may); nothing was written, and "
             "the driver could not read the server's reason")
     return None
+
+
+def _kept_server_error(error: BaseException) -> Exception | None:
+    """The server error (one with a SQLSTATE) a frame of ``error``'s traceback holds in a
+    local named ``exception``, as psycopg's pipeline keeps one while it reads a batch of
+    results (psycopg 3.1 to 3.3); else None."""
+    tb = error.__traceback__
+    kept = None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("exception")
+        if isinstance(candidate, Exception) and getattr(candidate, "sqlstate", None):
+            kept = candidate
+        tb = tb.tb_next
+    return kept
 
 
 def _call(handler: InlineHandler, recorded: Sequence[RecordedEvent], conn: Connection) -> None:

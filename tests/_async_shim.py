@@ -49,6 +49,9 @@ class BlockingAsyncStore:
     def add_inline_handler(self, handler: Any) -> None:
         self.inner.add_inline_handler(handler)
 
+    def remove_inline_handler(self, handler: Any) -> None:
+        self.inner.remove_inline_handler(handler)
+
     def append_with(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.inner.append_with(*args, **kwargs))
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from eventstore._backend import dbapi_cursor
 from eventstore.aio import AsyncEventStore
 from eventstore.errors import DatabaseError
 from tests._async_shim import BlockingAsyncStore
+from tests.conftest import pg_url, reset_pg
 
 from ._events import NoteAdded
 
@@ -139,6 +141,46 @@ def test_a_handler_breaking_a_deferred_constraint_on_a_known_stream_is_a_typed_e
     for i in range(3, 6):
         assert store.append(stream, [NoteAdded(text=str(i))]).stream_version == i
     assert store.last_position() == 5
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_refused_commit_whose_answer_came_in_one_read_keeps_the_server_s_reason(
+        face: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: when the server's refusal of the one-round-trip append's commit arrives in
+    the same read as the results before it (a client slower than the server: a loaded
+    machine), psycopg takes it for the Sync's result and then fails on its own bookkeeping (an
+    IndexError).  The append still raises the server's error, with its SQLSTATE (it gave a
+    DatabaseError with no reason; the test above met it under load), and the store goes on.
+    Here the client waits for every answer before it reads (psycopg's Sync, then a pause)."""
+    from psycopg._pipeline_base import BasePipeline
+
+    url = pg_url()
+    reset_pg(url)
+    store: Any = BlockingAsyncStore(url) if face == "async" else EventStore.open(url)
+    try:
+        stream = f"k-{uuid.uuid4().hex[:6]}"
+        store.append(stream, [NoteAdded(text="1")])
+        store.append(stream, [NoteAdded(text="2")])  # the store now knows the stream's end
+        with EventStore.open(url) as side:
+            handler = _DeferredWriter(_deferred_table(side.engine))
+        store.add_inline_handler(handler)
+        sync = BasePipeline._enqueue_sync
+
+        def sync_then_pause(pipeline: Any) -> None:
+            sync(pipeline)
+            pipeline.command_queue.append(lambda: time.sleep(0.2))
+
+        monkeypatch.setattr(BasePipeline, "_enqueue_sync", sync_then_pause)
+        for _ in range(2):
+            with pytest.raises(DatabaseError) as refused:
+                store.append(stream, [NoteAdded(text="refused")])
+            assert _is_the_constraint(refused.value), refused.value
+        monkeypatch.undo()
+        store.remove_inline_handler(handler)
+        assert store.append(stream, [NoteAdded(text="3")]).stream_version == 3
+        assert [e.data.text for e in store.read_stream(stream)] == ["1", "2", "3"]
+    finally:
+        store.close()
 
 
 def test_an_append_after_a_refused_keyed_commit_takes_the_next_version_and_position(
