@@ -11,12 +11,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import pytest
 from crewai.flow import (
     Flow,
     HumanFeedbackPending,
@@ -210,3 +213,20 @@ def review_flow(persistence: FlowPersistence) -> type[Flow[ReviewState]]:
 
     return ReviewFlow
 
+
+# Autouse fixtures of the CrewAI test modules (imported there by name).
+
+
+@pytest.fixture(autouse=True)
+def no_network() -> Iterator[None]:
+    """CrewAI's opt-outs set, and no connection or lookup beyond loopback during the test."""
+    with offline() as guard:
+        yield
+    assert guard.attempts == [], f"network access: {guard.attempts}"
+
+
+@pytest.fixture(autouse=True)
+def crewai_lock_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CrewAI's SQLiteFlowPersistence locks through a file it leaves in the temp directory:
+    have those land in the test's own directory, not in the machine's /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

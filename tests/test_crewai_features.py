@@ -22,9 +22,8 @@ import asyncio
 import contextlib
 import multiprocessing
 import sqlite3
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from enum import Enum, IntEnum, StrEnum
@@ -57,26 +56,16 @@ from tests._crewai_feature_flows import (
     join_flow,
     order_flow,
 )
-from tests._crewai_flows import NO_MEMORY, offline
+from tests._crewai_flows import (  # the autouse fixtures too
+    NO_MEMORY,
+    crewai_lock_files_in_tmp_path,  # noqa: F401
+    no_network,  # noqa: F401
+)
 from tests.conftest import Children, collect
 
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["tests._crewai_workers", "tests._crewai_feature_flows"])
 RESULT_TIMEOUT = 180.0
-
-
-@pytest.fixture(autouse=True)
-def no_network() -> Iterator[None]:
-    """CrewAI's opt-outs set, and no connection or lookup beyond loopback during the test."""
-    with offline() as guard:
-        yield
-    assert guard.attempts == [], f"network access: {guard.attempts}"
-
-
-@pytest.fixture(autouse=True)
-def crewai_lock_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CrewAI's SQLiteFlowPersistence locks through a file in the temp directory: the test's."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture

@@ -13,9 +13,7 @@ import multiprocessing
 import os
 import socket
 import sqlite3
-import tempfile
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum, StrEnum
@@ -40,7 +38,8 @@ from tests._crewai_flows import (
     STARTED_AT,
     CounterState,
     counter_flow,
-    offline,
+    crewai_lock_files_in_tmp_path,  # noqa: F401 (an autouse fixture)
+    no_network,  # noqa: F401 (an autouse fixture)
     review_flow,
 )
 from tests.conftest import Children, collect
@@ -52,21 +51,6 @@ CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["tests._crewai_workers"])
 RACERS = 3
 RESULT_TIMEOUT = 180.0
-
-
-@pytest.fixture(autouse=True)
-def no_network() -> Iterator[None]:
-    """CrewAI's opt-outs set, and no connection or lookup beyond loopback during the test."""
-    with offline() as guard:
-        yield
-    assert guard.attempts == [], f"network access: {guard.attempts}"
-
-
-@pytest.fixture(autouse=True)
-def crewai_lock_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CrewAI's SQLiteFlowPersistence locks through a file it leaves in the temp directory:
-    have those land in the test's own directory, not in the machine's /tmp."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture

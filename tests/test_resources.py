@@ -206,6 +206,35 @@ def newer_pg(backend: str) -> Iterator[str]:
         drop_pg_database(url)
 
 
+def failing_opens(backend: str, url: str, tmp_path: Path, newer_pg: str,
+                  request: pytest.FixtureRequest
+                  ) -> list[tuple[str, bool | None, type[Exception]]]:
+    """Opens that fail, sync and async alike: (url, migrate, the error): a bad URL, a refused
+    connection (wrong port, unknown role), a SQLite path in a missing directory, a database
+    without the schema (not migrating) and one newer than the code (the SQLite one at
+    ``tmp_path/newer.db``)."""
+    EventStore.open(url, migrate=True).close()
+    unmigrated = unmigrated_url(backend, tmp_path, request)
+    newer_url = f"sqlite:///{tmp_path}/newer.db"
+    EventStore.open(newer_url, migrate=True).close()
+    newer_schema(newer_url)
+    pg = make_url(os.environ.get("EVENTSTORE_TEST_PG_URL", "postgresql+psycopg://x@127.0.0.1/x"))
+    attempts: list[tuple[str, bool | None, type[Exception]]] = [
+        ("nosuchdriver://x/y", None, EventStoreError),
+        (pg.set(port=1).render_as_string(hide_password=False), None, DatabaseError),
+        (pg.set(username="no_such_role", password="wrong").render_as_string(
+            hide_password=False), None, DatabaseError),
+        (f"sqlite:///{tmp_path}/missing-dir/x.db", None, DatabaseError),
+        (unmigrated, False, SchemaVersionMismatch),
+        (newer_url, None, SchemaVersionMismatch),
+        (newer_url, True, SchemaVersionMismatch),
+    ]
+    if backend == "postgres":
+        attempts += [(newer_pg, None, SchemaVersionMismatch),
+                     (newer_pg, True, SchemaVersionMismatch)]
+    return attempts
+
+
 # -- 1. the sync store ---------------------------------------------------------------------------
 
 
@@ -274,28 +303,10 @@ def test_opens_that_fail_leave_nothing_open(backend: str, url: str, held: Held,
     """A bad URL, a refused connection (wrong port, unknown role), a SQLite path in a missing
     directory, a database without the schema (not migrating) and one newer than the code
     (migrating or not), tried again and again."""
-    EventStore.open(url, migrate=True).close()
-    unmigrated = unmigrated_url(backend, tmp_path, request)
-    newer = str(tmp_path / "newer.db")
-    newer_url = f"sqlite:///{newer}"
-    EventStore.open(newer_url, migrate=True).close()
-    newer_schema(newer_url)
-    pg = make_url(os.environ.get("EVENTSTORE_TEST_PG_URL", "postgresql+psycopg://x@127.0.0.1/x"))
-    attempts: list[tuple[str, bool | None, type[Exception]]] = [
-        ("nosuchdriver://x/y", None, EventStoreError),
-        (pg.set(port=1).render_as_string(hide_password=False), None, DatabaseError),
-        (pg.set(username="no_such_role", password="wrong").render_as_string(
-            hide_password=False), None, DatabaseError),
-        (f"sqlite:///{tmp_path}/missing-dir/x.db", None, DatabaseError),
-        (f"sqlite:///{tmp_path}/missing-dir/x.db", False, SchemaVersionMismatch),
-        (unmigrated, False, SchemaVersionMismatch),
-        (newer_url, None, SchemaVersionMismatch),
-        (newer_url, True, SchemaVersionMismatch),
-        (newer_url, False, SchemaVersionMismatch),
-    ]
-    if backend == "postgres":
-        attempts += [(newer_pg, None, SchemaVersionMismatch),
-                     (newer_pg, True, SchemaVersionMismatch)]
+    attempts = failing_opens(backend, url, tmp_path, newer_pg, request)
+    newer_url = f"sqlite:///{tmp_path}/newer.db"
+    attempts += [(f"sqlite:///{tmp_path}/missing-dir/x.db", False, SchemaVersionMismatch),
+                 (newer_url, False, SchemaVersionMismatch)]
 
     def scenario() -> None:
         for target, migrate, error in attempts:
@@ -447,25 +458,7 @@ def test_cancelled_async_calls_leave_nothing_open(url: str, held: Held) -> None:
 def test_async_opens_that_fail_leave_nothing_open(backend: str, url: str, held: Held,
                                                   tmp_path: Path, newer_pg: str,
                                                   request: pytest.FixtureRequest) -> None:
-    EventStore.open(url, migrate=True).close()
-    unmigrated = unmigrated_url(backend, tmp_path, request)
-    newer_url = f"sqlite:///{tmp_path}/newer.db"
-    EventStore.open(newer_url, migrate=True).close()
-    newer_schema(newer_url)
-    pg = make_url(os.environ.get("EVENTSTORE_TEST_PG_URL", "postgresql+psycopg://x@127.0.0.1/x"))
-    attempts: list[tuple[str, bool | None, type[Exception]]] = [
-        ("nosuchdriver://x/y", None, EventStoreError),
-        (pg.set(port=1).render_as_string(hide_password=False), None, DatabaseError),
-        (pg.set(username="no_such_role", password="wrong").render_as_string(
-            hide_password=False), None, DatabaseError),
-        (f"sqlite:///{tmp_path}/missing-dir/x.db", None, DatabaseError),
-        (unmigrated, False, SchemaVersionMismatch),
-        (newer_url, None, SchemaVersionMismatch),
-        (newer_url, True, SchemaVersionMismatch),
-    ]
-    if backend == "postgres":
-        attempts += [(newer_pg, None, SchemaVersionMismatch),
-                     (newer_pg, True, SchemaVersionMismatch)]
+    attempts = failing_opens(backend, url, tmp_path, newer_pg, request)
 
     async def attempt() -> None:
         for target, migrate, error in attempts:
