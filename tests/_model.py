@@ -1,8 +1,12 @@
-"""What the model tests share: the refusal a model predicts, and what the README's limits let
-through."""
+"""What the model tests share: the refusal a model predicts, what the README's limits let
+through, and values compared with their exact types."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from datetime import datetime, time
+from decimal import Decimal
 from typing import Any
 
 
@@ -30,3 +34,28 @@ class Refused(Exception):
         super().__init__(kind.__name__, reason)
         self.kind = kind
         self.reason = reason
+
+
+
+def canon(value: Any, more: Callable[[Any], Any] | None = None) -> Any:
+    """A value compared with its exact types (NaN equal to NaN, a decimal by its digits, a
+    time by its zone and offset as well as its instant).  ``more``: the canonical form of a
+    type of the caller's own (None for any other value), applied at every level."""
+    kind = type(value).__name__
+    if isinstance(value, float):
+        return (kind, "nan" if math.isnan(value) else repr(value))
+    if isinstance(value, Decimal):
+        return (kind, str(value))
+    if isinstance(value, (datetime, time)):
+        # The offset in the ISO form tells a fold that matters (a repeated hour) from one that
+        # does not (Python finds the two equal).
+        zone = value.tzinfo
+        return (kind, value.isoformat(), type(zone).__name__, str(zone))
+    if isinstance(value, (list, tuple)):
+        return (kind, [canon(v, more) for v in value])
+    if isinstance(value, (set, frozenset)):
+        return (kind, sorted(repr(canon(v, more)) for v in value))
+    if isinstance(value, dict):
+        return (kind, sorted((repr(canon(k, more)), canon(v, more)) for k, v in value.items()))
+    special = None if more is None else more(value)
+    return (kind, value) if special is None else special

@@ -63,7 +63,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import math
 import os
 import socket
 import threading
@@ -88,6 +87,7 @@ from projections.flows import Flows, FlowSave
 from tests._crewai_flows import no_network  # noqa: F401 (an autouse fixture)
 from tests._examples import examples
 from tests._model import Refused, is_id
+from tests._model import canon as _canon
 
 ME = f"{socket.gethostname()}:{os.getpid()}"
 PLUS2 = timezone(timedelta(hours=2))
@@ -172,26 +172,15 @@ def kept(value: Any) -> Any:
 
 
 def canon(value: Any) -> Any:
-    """A value compared with its exact types (NaN equal to NaN, a decimal by its digits, a
-    time by its zone and offset as well as its instant)."""
-    kind = type(value).__name__
-    if isinstance(value, float):
-        return (kind, "nan" if math.isnan(value) else repr(value))
-    if isinstance(value, Decimal):
-        return (kind, str(value))
-    if isinstance(value, (datetime, time)):
-        zone = value.tzinfo
-        return (kind, value.isoformat(), type(zone).__name__, str(zone))
-    if isinstance(value, (list, tuple)):
-        return (kind, [canon(v) for v in value])
-    if isinstance(value, (set, frozenset)):
-        return (kind, sorted(repr(canon(v)) for v in value))
-    if isinstance(value, dict):
-        return (kind, sorted((repr(canon(k)), canon(v)) for k, v in value.items()))
+    """A value compared with its exact types (tests/_model.py), a context by its fields."""
+    return _canon(value, _context_fields)
+
+
+def _context_fields(value: Any) -> Any:
     if isinstance(value, PendingFeedbackContext):
-        return (kind, canon({f.name: getattr(value, f.name)
-                             for f in dataclasses.fields(value)}))
-    return (kind, value)
+        return (type(value).__name__, canon({f.name: getattr(value, f.name)
+                                             for f in dataclasses.fields(value)}))
+    return None
 
 
 def crewai_round_trip(context: PendingFeedbackContext) -> Any:

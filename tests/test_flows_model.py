@@ -39,7 +39,6 @@ Ambiguities settled (the README and docstrings leave them open):
 from __future__ import annotations
 
 import enum
-import math
 import pathlib
 import uuid
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows, FlowSave, PendingFeedback
 from tests._clock import Clock
 from tests._examples import examples
-from tests._model import Refused, is_id
+from tests._model import Refused, canon, is_id
 
 PLUS2 = timezone(timedelta(hours=2))
 MINUS530 = timezone(-timedelta(hours=5, minutes=30))
@@ -121,26 +120,6 @@ def kept(value: Any, depth: int = 0, path: tuple[int, ...] = ()) -> Any:
     raise Refused(InvalidArgument)
 
 
-def canon(value: Any) -> Any:
-    """A value compared with its exact types (NaN equal to NaN, a decimal by its digits, a
-    time by its zone and offset as well as its instant)."""
-    kind = type(value).__name__
-    if isinstance(value, float):
-        return (kind, "nan" if math.isnan(value) else repr(value))
-    if isinstance(value, Decimal):
-        return (kind, str(value))
-    if isinstance(value, (datetime, time)):
-        # The offset in the ISO form tells a fold that matters (a repeated hour) from one that
-        # does not (Python finds the two equal).
-        zone = value.tzinfo
-        return (kind, value.isoformat(), type(zone).__name__, str(zone))
-    if isinstance(value, (list, tuple)):
-        return (kind, [canon(v) for v in value])
-    if isinstance(value, (set, frozenset)):
-        return (kind, sorted(repr(canon(v)) for v in value))
-    if isinstance(value, dict):
-        return (kind, sorted((repr(canon(k)), canon(v)) for k, v in value.items()))
-    return (kind, value)
 
 
 # -- the model --
