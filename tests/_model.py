@@ -3,6 +3,7 @@ through, and values compared with their exact types."""
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from datetime import datetime, time
@@ -59,3 +60,25 @@ def canon(value: Any, more: Callable[[Any], Any] | None = None) -> Any:
         return (kind, sorted((repr(canon(k, more)), canon(v, more)) for k, v in value.items()))
     special = None if more is None else more(value)
     return (kind, value) if special is None else special
+
+
+# Values of the types the facades store as a plain value (a float, str or int subclass), or
+# cannot keep (an enum of neither str nor int).
+
+
+class Score(float):
+    """A float subclass, as numpy.float64 is."""
+
+
+class Label(enum.StrEnum):
+    SPAM = "spam"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Color(enum.Enum):
+    """An enum of neither str nor int: type-keeping JSON has no plain value to keep."""
+
+    RED = 1

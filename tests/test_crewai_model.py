@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import os
 import socket
 import threading
@@ -86,7 +85,7 @@ from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows, FlowSave
 from tests._crewai_flows import no_network  # noqa: F401 (an autouse fixture)
 from tests._examples import examples
-from tests._model import Refused, is_id
+from tests._model import Color, Label, Level, Refused, Score, is_id
 from tests._model import canon as _canon
 
 ME = f"{socket.gethostname()}:{os.getpid()}"
@@ -99,24 +98,6 @@ TOO_LONG = "f" * 201
 # The flows: (tenant index, flow id as called); 7 and "7" are one flow.
 FLOWS = [(0, "f-1"), (0, LONG), (0, 7), (0, "7"), (1, "f-1")]
 METHODS = ["begin", "next", "étape"]
-
-
-class Score(float):
-    """A float subclass, as numpy.float64 is."""
-
-
-class Label(enum.StrEnum):
-    SPAM = "spam"
-
-
-class Level(enum.IntEnum):
-    HIGH = 3
-
-
-class Color(enum.Enum):
-    """An enum of neither str nor int: type-keeping JSON cannot hold it."""
-
-    RED = 1
 
 
 class TypedState(FlowState):

@@ -55,7 +55,7 @@ from projections.errors import Conflict, NoPendingFeedback
 from projections.flows import Flows, FlowSave, PendingFeedback
 from tests._clock import Clock
 from tests._examples import examples
-from tests._model import Refused, canon, is_id
+from tests._model import Color, Label, Level, Refused, Score, canon, is_id
 
 PLUS2 = timezone(timedelta(hours=2))
 MINUS530 = timezone(-timedelta(hours=5, minutes=30))
@@ -64,24 +64,6 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=PLUS2)
 NUL = "a\x00b"
 SURROGATE = "a\ud800"
 METHODS = ["start", "next", "étape"]
-
-
-class Score(float):
-    """A float subclass, as numpy.float64 is."""
-
-
-class Label(enum.StrEnum):
-    SPAM = "spam"
-
-
-class Level(enum.IntEnum):
-    HIGH = 3
-
-
-class Color(enum.Enum):
-    """An enum of neither str nor int: no plain value to keep."""
-
-    RED = 1
 
 
 # -- what the documents say a value comes back as --
@@ -118,8 +100,6 @@ def kept(value: Any, depth: int = 0, path: tuple[int, ...] = ()) -> Any:
     if isinstance(value, dict):
         return {kept(k, depth + 1, inner): kept(v, depth + 1, inner) for k, v in value.items()}
     raise Refused(InvalidArgument)
-
-
 
 
 # -- the model --
