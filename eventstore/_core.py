@@ -1341,11 +1341,11 @@ def _in_implicit_transaction(dbapi: Any, send: Callable[[], None]) -> None:
     except Exception as e:
         if failed is None:
             refused = _refused_commit(e)
+            # (The server's error recovered from psycopg's IndexError: _exit_without_flush.)
+            if refused is not None or isinstance(e.__cause__, IndexError):
+                dbapi.close()  # psycopg lost count of the pipeline's results: a new connection
             if refused is None:
-                if isinstance(e.__cause__, IndexError):  # (see _exit_without_flush)
-                    dbapi.close()  # psycopg lost count of the pipeline's results
                 raise
-            dbapi.close()  # psycopg lost count of the pipeline's results: a new connection
             raise refused from e
     if failed is not None:
         raise failed
